@@ -1,0 +1,32 @@
+# The project's entry points. `make test` and `make demo` work on a fresh
+# machine: `setup` installs everything they need and is idempotent.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test bench lint demo clean
+
+setup: $(STAMP)
+	@sh scripts/setup-system.sh
+
+$(STAMP): pyproject.toml
+	@sh scripts/setup-system.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check offload tests bench
+	$(VENV)/bin/ruff format --check offload tests bench
+	$(VENV)/bin/mypy
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,52 @@
+"""offload: the umbrella command (pki, lab; later issues add theirs)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from offload import log as log_module
+from offload.errors import OffloadError
+
+log = logging.getLogger("offload")
+
+
+def _pki_init(args: argparse.Namespace) -> int:
+    from offload import pki
+
+    for line in pki.init(Path(args.dir), args.node, force=args.force):
+        print(line)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="offload", description="DPU offload runtime for libvirtd.")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pki_parser = commands.add_parser("pki", help="certificates for mutual TLS between host and DPU")
+    pki_commands = pki_parser.add_subparsers(dest="pki_command", required=True, metavar="COMMAND")
+    init = pki_commands.add_parser("init", help="create a CA and one certificate per node")
+    init.add_argument("--dir", required=True, help="where to write the CA and node directories")
+    init.add_argument("--node", action="append", required=True, help="node name (repeatable), e.g. host, dpu")
+    init.add_argument("--force", action="store_true", help="replace existing node certificates")
+    init.set_defaults(handler=_pki_init)
+
+    from offload.lab import cli as lab_cli
+
+    lab_cli.add_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    log_module.setup("offload", args.log_level)
+    try:
+        sys.exit(args.handler(args))
+    except OffloadError as exc:
+        print(f"offload: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,74 @@
+"""The project's one exception tree.
+
+Every error the package raises on purpose derives from `OffloadError` and
+carries structured attributes, so callers and log lines can name the thing
+that failed without parsing messages.  Foreign exceptions (OSError from a
+socket, ssl.SSLError, ...) are translated once, at the I/O seam.
+"""
+
+from __future__ import annotations
+
+
+class OffloadError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(OffloadError):
+    """A configuration file or command-line value is invalid."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+
+
+class ProtocolError(OffloadError):
+    """The framing or a session state machine was violated."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to send something the protocol does not allow (our bug)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol does not allow."""
+
+
+class TransportError(OffloadError):
+    """A connection could not be made or was broken."""
+
+    def __init__(self, message: str, *, address: str | None = None) -> None:
+        super().__init__(message)
+        self.address = address
+
+
+class AuthenticationError(TransportError):
+    """The peer could not prove who it is (TLS handshake or certificate)."""
+
+
+class LinkLost(TransportError):
+    """Keepalives stopped arriving: the link to the peer is gone."""
+
+
+class ClosedError(TransportError):
+    """We closed this connection ourselves and then tried to use it."""
+
+
+class RefusedError(OffloadError):
+    """A request was refused by policy (whitelist, user mapping, fd type)."""
+
+    def __init__(self, message: str, *, exit_code: int = 126) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class UnsupportedFdError(RefusedError):
+    """An inherited file descriptor cannot be carried to the other machine."""
+
+    def __init__(self, fd: int, kind: str) -> None:
+        super().__init__(f"fd {fd} is {kind}, which cannot be carried to the remote process")
+        self.fd = fd
+        self.kind = kind
+
+
+class LabError(OffloadError):
+    """Bringing the lab up or down failed."""

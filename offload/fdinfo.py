@@ -1,0 +1,110 @@
+"""What a process's open file descriptors are, as the stand-in reports them.
+
+The stand-in describes every fd it inherited; its agent decides, by policy,
+what the remote program gets at the same number.  Classification uses the
+facts the kernel gives: fstat for the file type, F_GETFL for the direction
+of a pipe (fstat reports 0600 for both pipe ends; the access mode does not
+lie), SO_ACCEPTCONN for listening sockets, and the /proc/self/fd link for
+naming what cannot be carried (``anon_inode:[eventfd]``, ``/dev/net/tun``).
+
+Imported by the stand-in on every start: stdlib only, nothing heavy.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import stat
+
+# Description types.
+NULL = "null"  # /dev/null
+FILE = "file"  # a regular file
+PIPE_READ = "pipe_r"  # read end of a pipe or FIFO
+PIPE_WRITE = "pipe_w"  # write end
+UNIX_STREAM = "unix_stream"  # a connected AF_UNIX stream socket
+UNIX_LISTENER = "unix_listener"  # a listening AF_UNIX stream socket
+STREAM = "stream"  # stdio only: a tty or any other byte stream, relayed one way
+OTHER = "other"  # cannot be carried; "what" names it
+
+_DEV_NULL = os.makedev(1, 3)
+
+
+def _access(flags: int) -> str:
+    mode = flags & os.O_ACCMODE
+    return {os.O_RDONLY: "r", os.O_WRONLY: "w"}.get(mode, "rw")
+
+
+def _link(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+
+
+def describe(fd: int) -> dict:
+    """Describe one open fd as a JSON-ready dict with at least fd and type."""
+    st = os.fstat(fd)
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    mode = st.st_mode
+    entry: dict = {"fd": fd, "access": _access(flags)}
+    if stat.S_ISCHR(mode) and st.st_rdev == _DEV_NULL:
+        entry["type"] = NULL
+    elif stat.S_ISREG(mode):
+        path = _link(fd)
+        entry.update(
+            type=FILE,
+            path=path,
+            deleted=path.endswith(" (deleted)") or not path.startswith("/"),
+            append=bool(flags & os.O_APPEND),
+            offset=os.lseek(fd, 0, os.SEEK_CUR),
+        )
+    elif stat.S_ISFIFO(mode):
+        access = entry["access"]
+        entry["type"] = {"r": PIPE_READ, "w": PIPE_WRITE}.get(access, OTHER)
+        if entry["type"] == OTHER:
+            entry["what"] = "a FIFO opened read-write"
+    elif stat.S_ISSOCK(mode):
+        entry.update(_describe_socket(fd))
+    else:
+        entry["type"] = OTHER
+        entry["what"] = _link(fd)
+    if fd <= 2 and entry["type"] in (OTHER, UNIX_STREAM) and (stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)):
+        # A terminal or a socket as stdio is carried as a one-way byte stream
+        # in the direction stdio implies, as ssh does; the remote program
+        # sees a pipe (isatty() is false there).
+        entry["type"] = STREAM
+    return entry
+
+
+def _describe_socket(fd: int) -> dict:
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        family = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    finally:
+        sock.close()
+    if family == socket.AF_UNIX and kind == socket.SOCK_STREAM:
+        return {"type": UNIX_LISTENER if listening else UNIX_STREAM}
+    names = {socket.AF_INET: "AF_INET", socket.AF_INET6: "AF_INET6", socket.AF_UNIX: "AF_UNIX"}
+    kinds = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram", socket.SOCK_SEQPACKET: "seqpacket"}
+    what = f"a {names.get(family, f'family {family}')} {kinds.get(kind, f'type {kind}')} socket"
+    return {"type": OTHER, "what": what}
+
+
+def open_fds() -> list[int]:
+    """The fd numbers this process has open, ascending.
+
+    The listing itself uses an fd, which is closed again by the time we
+    look: those numbers are dropped by checking each one.
+    """
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        fds.append(fd)
+    return sorted(fds)

@@ -1,0 +1,3 @@
+"""offload lab: placeholder until the lab lands."""
+def add_commands(commands):
+    pass

@@ -1,0 +1,43 @@
+"""Logging set-up, done only by entry points.
+
+Under systemd (JOURNAL_STREAM names our stderr) records go to the journal
+with their level; otherwise to stderr, one line each.  Library modules only
+call ``logging.getLogger(__name__)`` with lazy ``%s`` arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def _under_journal() -> bool:
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    if not stream:
+        return False
+    try:
+        device, inode = (int(part) for part in stream.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
+def setup(program: str, level: str = "INFO") -> None:
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    handler: logging.Handler
+    if _under_journal():
+        try:
+            from systemd.journal import JournalHandler
+
+            handler = JournalHandler(SYSLOG_IDENTIFIER=program)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+        except ImportError:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("<%(levelno)s>%(message)s"))
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {program}[%(process)d] %(levelname)s %(message)s"))
+    root.handlers[:] = [handler]

@@ -1,0 +1,200 @@
+"""Every child process the package starts goes through this module.
+
+Nothing else imports subprocess.  Remote programs are started through the
+``rexec-exec`` helper (native/rexec_exec.c), which puts inherited fds at
+their exact numbers and reports exec failures by stage and errno; lab
+daemons and tools are started with plain subprocess calls here.  A child is
+always reaped: `terminate` sends SIGTERM, waits a grace period, sends SIGKILL
+and waits again, also when the caller is being cancelled.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shlex
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from offload.errors import OffloadError
+
+log = logging.getLogger(__name__)
+
+_PACKAGE_HELPER = Path(__file__).parent / "_native" / "rexec-exec"
+_SYSTEM_HELPER = Path("/usr/libexec/offload/rexec-exec")
+
+
+def exec_helper() -> str:
+    """Path of the rexec-exec helper: the package's build, else the installed one."""
+    for candidate in (_PACKAGE_HELPER, _SYSTEM_HELPER):
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise OffloadError(f"the rexec-exec helper is missing (looked for {_PACKAGE_HELPER} and {_SYSTEM_HELPER}); run 'make setup'")
+
+
+class ExecFailed(OffloadError):
+    """The program could not be started; ``stage`` says which step failed."""
+
+    def __init__(self, stage: str, fd: int, err: int, program: str) -> None:
+        self.stage, self.fd, self.errno, self.program = stage, fd, err, program
+        reason = os.strerror(err)
+        if stage == "exec":
+            message = f"{program}: {reason}"
+        else:
+            message = f"{program}: cannot {stage} fd {fd}: {reason}"
+        super().__init__(message)
+
+    @property
+    def exit_code(self) -> int:
+        # The shell's convention: 127 for "not found", 126 for "found but not runnable".
+        return 127 if self.stage == "exec" and self.errno == errno.ENOENT else 126
+
+
+@dataclass(frozen=True)
+class ProgramPlan:
+    """How to start one remote program."""
+
+    path: str  # what to execute
+    argv: Sequence[str]  # argv[0] as the caller typed it
+    env: Mapping[str, str]
+    cwd: str
+    umask: int
+    uid: int
+    gid: int
+    groups: Sequence[int] = ()
+    dups: Mapping[int, int] = field(default_factory=dict)  # target fd -> our fd
+    opens: Sequence[tuple[int, str, int, int]] = ()  # (target fd, path, flags, offset)
+
+
+async def start_program(plan: ProgramPlan) -> trio.Process:
+    """Start ``plan``; raise ExecFailed if any step before the program runs fails."""
+    status_read, status_write = os.pipe2(os.O_CLOEXEC)
+    specs = [f"dup:{ours}:{target}" for target, ours in sorted(plan.dups.items())]
+    specs += [f"open:{target}:{flags}:{offset}:{path}" for target, path, flags, offset in plan.opens]
+    targets = set(plan.dups) | {target for target, *_ in plan.opens}
+    specs += [f"close:{fd}" for fd in (0, 1, 2) if fd not in targets]
+    command = [exec_helper(), str(status_write), *specs, "--", plan.path, *plan.argv]
+    as_root = plan.uid == 0
+    try:
+        process = await trio.lowlevel.open_process(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(status_write, *plan.dups.values()),
+            close_fds=True,
+            env=dict(plan.env),
+            cwd=plan.cwd,
+            umask=plan.umask,
+            user=None if as_root else plan.uid,
+            group=None if as_root else plan.gid,
+            extra_groups=None if as_root else list(plan.groups),
+            # Its own process group, so cleanup reaches helpers it starts.
+            process_group=0,
+            restore_signals=True,
+        )
+    except OSError as exc:
+        os.close(status_read)
+        raise ExecFailed("exec", -1, exc.errno or errno.EIO, plan.argv[0]) from None
+    finally:
+        os.close(status_write)
+    report = b""
+    async with trio.lowlevel.FdStream(status_read) as status:
+        while chunk := await status.receive_some(256):
+            report += chunk
+    if report:
+        await reap(process)
+        stage, fd, err = report.decode().split()
+        raise ExecFailed(stage, int(fd), int(err), plan.argv[0])
+    return process
+
+
+async def reap(process: trio.Process) -> int:
+    """Wait for ``process`` even if the caller is being cancelled."""
+    with trio.CancelScope(shield=True):
+        return await process.wait()
+
+
+async def terminate(process: trio.Process, grace: float = 2.0, *, group: bool = True) -> int:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; always reaps."""
+    with trio.CancelScope(shield=True):
+        if process.returncode is None:
+            _signal(process, signal.SIGTERM, group)
+            with trio.move_on_after(grace):
+                return await process.wait()
+            _signal(process, signal.SIGKILL, group)
+        return await process.wait()
+
+
+def _signal(process: trio.Process, signum: int, group: bool) -> None:
+    try:
+        if group:
+            os.killpg(process.pid, signum)
+        process.send_signal(signum)
+    except ProcessLookupError:
+        pass
+
+
+# Plain commands and daemons (lab, tests, benchmarks) ---------------------------
+
+
+def describe(argv: Sequence[str]) -> str:
+    """A copy-pasteable shell form of ``argv`` for logs and errors."""
+    return shlex.join(str(a) for a in argv)
+
+
+def run(argv: Sequence[str], *, check: bool = True, capture: bool = True, **options) -> subprocess.CompletedProcess:
+    """Run a command to completion; on failure raise OffloadError with its output."""
+    log.debug("running %s", describe(argv))
+    try:
+        result = subprocess.run(
+            list(argv),
+            stdin=options.pop("stdin", subprocess.DEVNULL),
+            capture_output=capture,
+            text=True,
+            **options,
+        )
+    except FileNotFoundError:
+        raise OffloadError(f"{argv[0]}: command not found (while running: {describe(argv)})") from None
+    if check and result.returncode != 0:
+        detail = (result.stderr or result.stdout or "").strip() if capture else ""
+        raise OffloadError(f"command failed with status {result.returncode}: {describe(argv)}" + (f"\n{detail}" if detail else ""))
+    return result
+
+
+def spawn(argv: Sequence[str], **options) -> subprocess.Popen:
+    """Start a long-running child; the caller owns it and must end it."""
+    log.debug("starting %s", describe(argv))
+    return subprocess.Popen(list(argv), **options)
+
+
+def in_netns(netns: str | None, argv: Sequence[str]) -> list[str]:
+    """``argv`` run inside the named network namespace (nsenter, from util-linux)."""
+    if netns is None:
+        return list(argv)
+    return ["nsenter", f"--net=/run/netns/{netns}", "--", *argv]
+
+
+def end_pid(pid: int, grace: float = 3.0) -> bool:
+    """SIGTERM, then SIGKILL a process that is not our child; True if it is gone."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        process.terminate()
+        try:
+            process.wait(grace)
+        except psutil.TimeoutExpired:
+            process.kill()
+            process.wait(grace)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.TimeoutExpired:
+        return False
+    return True

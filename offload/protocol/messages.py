@@ -1,0 +1,70 @@
+"""Control payload encoding shared by the rexec protocols.
+
+Control frames carry small JSON documents.  Strings that came from the
+operating system as bytes (argv, environment, paths) travel as
+``os.fsdecode`` text, so arbitrary bytes survive the trip as lone
+surrogates (``surrogateescape``) that JSON escapes and restores.  Signals
+and errno values travel by name, because their numbers differ between
+architectures.
+"""
+
+from __future__ import annotations
+
+import errno as errno_module
+import json
+import signal
+from typing import Any
+
+from offload.errors import RemoteProtocolError
+
+
+def dump(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode("ascii")
+
+
+def load(payload: bytes, what: str) -> dict[str, Any]:
+    """Parse one control payload; anything but a JSON object is the peer's error."""
+    try:
+        document = json.loads(payload.decode("ascii"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RemoteProtocolError(f"{what}: payload is not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise RemoteProtocolError(f"{what}: payload is not a JSON object")
+    return document
+
+
+def field(document: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
+    """Return ``document[name]`` if present and of ``kind``, else blame the peer."""
+    try:
+        value = document[name]
+    except KeyError:
+        raise RemoteProtocolError(f"{what}: missing field {name!r}") from None
+    # bool is an int subclass; a JSON true must never pass for a pid or a size.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise RemoteProtocolError(f"{what}: field {name!r} has the wrong type")
+    return value
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def signal_number(name: object, what: str) -> int:
+    if not isinstance(name, str) or not name.startswith("SIG"):
+        raise RemoteProtocolError(f"{what}: {name!r} is not a signal name")
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise RemoteProtocolError(f"{what}: unknown signal {name!r}") from None
+
+
+def errno_name(number: int) -> str:
+    return errno_module.errorcode.get(number, "EIO")
+
+
+def errno_number(name: object) -> int:
+    if isinstance(name, str) and hasattr(errno_module, name):
+        value = getattr(errno_module, name)
+        if isinstance(value, int):
+            return value
+    return errno_module.EIO

@@ -1,0 +1,663 @@
+"""The rexec session protocol between two rexec_servers, sans-io.
+
+One connection carries one session: the client side (the machine where the
+stand-in runs) asks the server side (where the program will run) to start a
+program, then both relay the program's file descriptors as channels and the
+server reports how the program ended.  A connection may sit idle in a warm
+pool before its session starts; keepalives run in every state.
+
+Events are frozen dataclasses that validate on construction.  `RexecConnection`
+turns events into bytes (`send`) and bytes into events (`receive_data`,
+`next_event`), and enforces the session's order and each channel's flow
+control window.  Misuse by our own code raises `LocalProtocolError`;
+anything wrong that the peer sent raises `RemoteProtocolError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from offload.errors import LocalProtocolError, RemoteProtocolError
+from offload.protocol import messages
+from offload.protocol.framing import CLOSED, NEED_DATA, Frame, FrameDecoder, encode_frame
+
+# Frame types.  Control frames use channel 0.
+T_HELLO = 0x01
+T_PING = 0x02
+T_PONG = 0x03
+T_EXEC = 0x10
+T_STARTED = 0x11
+T_REFUSED = 0x12
+T_EXITED = 0x13
+T_DAEMONIZED = 0x14
+T_SIGNAL = 0x15
+T_DATA = 0x20
+T_EOF = 0x21
+T_WINDOW = 0x22
+T_OPEN = 0x23
+T_RESET = 0x24
+
+CONTROL_CHANNEL = 0
+#: Channels at or above this number are bridged connections, allocated by
+#: the client as its listeners accept; below it they name inherited fds.
+FIRST_BRIDGE_CHANNEL = 0x10000
+#: Bytes a sender may have in flight on one channel before the receiver
+#: grants more.  It bounds what one stalled consumer can make a peer buffer.
+INITIAL_WINDOW = 1 << 20
+MAX_DATA_CHUNK = 256 << 10
+MAX_ARGC = 16384
+MAX_ENV = 1024
+MAX_FDS = 253  # SCM_MAX_FD: what one sendmsg can carry from the stand-in
+MAX_FD_NUMBER = 1 << 20
+MAX_PATH = 4096
+
+_WINDOW = struct.Struct("!I")
+
+
+class Role(enum.Enum):
+    CLIENT = "client"  # asks for a program to run
+    SERVER = "server"  # runs it
+
+
+class FdKind(enum.Enum):
+    NULL = "null"  # /dev/null, opened remotely with the same access mode
+    FILE = "file"  # a regular file on a shared path, re-opened remotely
+    PIPE_IN = "pipe_in"  # the remote program reads; data flows client -> server
+    PIPE_OUT = "pipe_out"  # the remote program writes; data flows server -> client
+    SOCKET = "socket"  # a connected AF_UNIX stream socket, relayed both ways
+    LISTENER = "listener"  # a listening AF_UNIX stream socket, bridged per connection
+
+
+RELAYED_KINDS = frozenset({FdKind.PIPE_IN, FdKind.PIPE_OUT, FdKind.SOCKET})
+ACCESS_MODES = frozenset({"r", "w", "rw"})
+
+
+@dataclass(frozen=True, slots=True)
+class FdSpec:
+    """What the remote program finds at fd number ``fd``."""
+
+    fd: int
+    kind: FdKind
+    channel: int = 0  # relayed kinds: the channel carrying its bytes
+    path: str = ""  # FILE
+    access: str = "r"  # NULL, FILE
+    append: bool = False  # FILE
+    offset: int = 0  # FILE
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fd < MAX_FD_NUMBER:
+            raise ValueError(f"fd number {self.fd} out of range")
+        if self.kind in RELAYED_KINDS:
+            if not 0 < self.channel < FIRST_BRIDGE_CHANNEL:
+                raise ValueError(f"fd {self.fd}: channel {self.channel} out of range")
+        elif self.channel:
+            raise ValueError(f"fd {self.fd}: a {self.kind.value} fd has no channel")
+        if self.access not in ACCESS_MODES:
+            raise ValueError(f"fd {self.fd}: access mode {self.access!r}")
+        if self.kind is FdKind.FILE:
+            check_path(self.path, f"fd {self.fd}")
+            if self.offset < 0 or self.offset >= 1 << 63:
+                raise ValueError(f"fd {self.fd}: offset {self.offset} out of range")
+
+    def to_json(self) -> dict[str, Any]:
+        document: dict[str, Any] = {"fd": self.fd, "kind": self.kind.value}
+        if self.kind in RELAYED_KINDS:
+            document["channel"] = self.channel
+        if self.kind in (FdKind.NULL, FdKind.FILE):
+            document["access"] = self.access
+        if self.kind is FdKind.FILE:
+            document.update(path=self.path, append=self.append, offset=self.offset)
+        return document
+
+    @classmethod
+    def from_json(cls, document: object) -> FdSpec:
+        what = "fd entry"
+        if not isinstance(document, dict):
+            raise RemoteProtocolError(f"{what}: not an object")
+        try:
+            kind = FdKind(messages.field(document, "kind", str, what))
+        except ValueError:
+            raise RemoteProtocolError(f"{what}: unknown kind {document.get('kind')!r}") from None
+        try:
+            return cls(
+                fd=messages.field(document, "fd", int, what),
+                kind=kind,
+                channel=document.get("channel", 0) if kind in RELAYED_KINDS else 0,
+                path=document.get("path", ""),
+                access=document.get("access", "r"),
+                append=bool(document.get("append", False)),
+                offset=document.get("offset", 0),
+            )
+        except (TypeError, ValueError) as exc:
+            raise RemoteProtocolError(f"{what}: {exc}") from None
+
+
+def check_path(path: str, what: str) -> None:
+    """Absolute, bounded, no NUL and no ``..`` component: the only paths we carry."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ValueError(f"{what}: path {path!r} is not absolute")
+    if len(path) > MAX_PATH or "\0" in path:
+        raise ValueError(f"{what}: path is too long or contains NUL")
+    if ".." in path.split("/"):
+        raise ValueError(f"{what}: path {path!r} has a '..' component")
+
+
+@dataclass(frozen=True, slots=True)
+class ExecRequest:
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str = "/"
+    umask: int = 0o022
+    user: str = "root"
+    fds: tuple[FdSpec, ...] = ()
+    daemon_pidfile: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.argv or len(self.argv) > MAX_ARGC:
+            raise ValueError(f"argv must have 1..{MAX_ARGC} entries")
+        if not all(isinstance(a, str) and "\0" not in a for a in self.argv):
+            raise ValueError("argv entries must be strings without NUL")
+        if not self.argv[0]:
+            raise ValueError("the program name is empty")
+        if len(self.env) > MAX_ENV:
+            raise ValueError(f"more than {MAX_ENV} environment variables")
+        for key, value in self.env.items():
+            if not key or "=" in key or "\0" in key or "\0" in value:
+                raise ValueError(f"environment variable {key!r} is malformed")
+        check_path(self.cwd, "cwd")
+        if not 0 <= self.umask <= 0o777:
+            raise ValueError(f"umask {self.umask:o} out of range")
+        if not self.user or "/" in self.user or "\0" in self.user:
+            raise ValueError(f"user name {self.user!r} is malformed")
+        if len(self.fds) > MAX_FDS:
+            raise ValueError(f"more than {MAX_FDS} file descriptors")
+        numbers = [spec.fd for spec in self.fds]
+        if len(set(numbers)) != len(numbers):
+            raise ValueError("an fd number appears twice")
+        channels = [spec.channel for spec in self.fds if spec.channel]
+        if len(set(channels)) != len(channels):
+            raise ValueError("a channel appears twice")
+        if self.daemon_pidfile is not None:
+            check_path(self.daemon_pidfile, "daemon pidfile")
+
+    @property
+    def program(self) -> str:
+        return self.argv[0]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "argv": list(self.argv),
+            "env": dict(self.env),
+            "cwd": self.cwd,
+            "umask": self.umask,
+            "user": self.user,
+            "fds": [spec.to_json() for spec in self.fds],
+            "daemon_pidfile": self.daemon_pidfile,
+        }
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> ExecRequest:
+        what = "exec request"
+        argv = messages.field(document, "argv", list, what)
+        env = messages.field(document, "env", dict, what)
+        fds = messages.field(document, "fds", list, what)
+        if len(fds) > MAX_FDS or len(argv) > MAX_ARGC or len(env) > MAX_ENV:
+            raise RemoteProtocolError(f"{what}: too many entries")
+        if not all(isinstance(v, str) for v in (*argv, *env.values())):
+            raise RemoteProtocolError(f"{what}: argv and environment must be strings")
+        pidfile = document.get("daemon_pidfile")
+        if pidfile is not None and not isinstance(pidfile, str):
+            raise RemoteProtocolError(f"{what}: daemon_pidfile must be a string")
+        try:
+            return cls(
+                argv=tuple(argv),
+                env=env,
+                cwd=messages.field(document, "cwd", str, what),
+                umask=messages.field(document, "umask", int, what),
+                user=messages.field(document, "user", str, what),
+                fds=tuple(FdSpec.from_json(entry) for entry in fds),
+                daemon_pidfile=pidfile,
+            )
+        except ValueError as exc:
+            raise RemoteProtocolError(f"{what}: {exc}") from None
+
+
+# Events ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    node: str
+    service: str = "rexec"
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    token: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    token: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Exec:
+    request: ExecRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    pid: int
+
+    def __post_init__(self) -> None:
+        if self.pid <= 0:
+            raise ValueError(f"pid {self.pid} out of range")
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The program was not started; ``code`` is the stand-in's exit status."""
+
+    code: int
+    reason: str
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.code <= 255:
+            raise ValueError(f"refusal exit code {self.code} out of range")
+
+
+@dataclass(frozen=True, slots=True)
+class Exited:
+    """Exactly one of ``code`` (normal exit) and ``signal`` (killed) is set."""
+
+    code: int | None = None
+    signal: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.code is None) == (self.signal is None):
+            raise ValueError("exactly one of code and signal must be set")
+        if self.code is not None and not 0 <= self.code <= 255:
+            raise ValueError(f"exit code {self.code} out of range")
+
+
+@dataclass(frozen=True, slots=True)
+class Daemonized:
+    """The foreground process exited with ``code``; daemon ``pid`` runs on."""
+
+    code: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    signum: int
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    channel: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Eof:
+    channel: int
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    channel: int
+    increment: int
+
+
+@dataclass(frozen=True, slots=True)
+class Open:
+    """The client accepted a connection on its listener for ``fd``."""
+
+    channel: int
+    fd: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """The channel is dead: no more data either way."""
+
+    channel: int
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    pass
+
+
+Event = (
+    Hello
+    | Ping
+    | Pong
+    | Exec
+    | Started
+    | Refused
+    | Exited
+    | Daemonized
+    | Signal
+    | Data
+    | Eof
+    | Window
+    | Open
+    | Reset
+    | ConnectionClosed
+)
+
+
+class State(enum.Enum):
+    HELLO = "hello"  # waiting for the peer's Hello
+    IDLE = "idle"  # authenticated, no session yet (warm pool)
+    STARTING = "starting"  # Exec sent or received
+    RUNNING = "running"  # the program runs; channels flow
+    DONE = "done"  # the session ended
+
+
+SESSION_EVENTS = (Data, Eof, Window, Open, Reset)
+
+# The state machine: (role of the sender, event type, state) -> next state.
+# Ping and Pong are allowed everywhere and are not listed.  Channel events are
+# allowed in RUNNING (and dropped after DONE, since they may cross Exited on
+# the wire).
+_TRANSITIONS: dict[tuple[Role, type, State], State] = {
+    (Role.CLIENT, Exec, State.IDLE): State.STARTING,
+    (Role.SERVER, Started, State.STARTING): State.RUNNING,
+    (Role.SERVER, Refused, State.STARTING): State.DONE,
+    (Role.SERVER, Exited, State.RUNNING): State.DONE,
+    (Role.SERVER, Daemonized, State.RUNNING): State.RUNNING,
+    (Role.CLIENT, Signal, State.RUNNING): State.RUNNING,
+    (Role.CLIENT, Signal, State.DONE): State.DONE,
+}
+
+
+def _encode(event: Event) -> bytes:
+    """The frame bytes of one event (no state checks)."""
+    match event:
+        case Data(channel, data):
+            return encode_frame(T_DATA, channel, data)
+        case Window(channel, increment):
+            return encode_frame(T_WINDOW, channel, _WINDOW.pack(increment))
+        case Eof(channel):
+            return encode_frame(T_EOF, channel)
+        case Ping(token):
+            return encode_frame(T_PING, CONTROL_CHANNEL, token)
+        case Pong(token):
+            return encode_frame(T_PONG, CONTROL_CHANNEL, token)
+        case Hello(node, service):
+            return _control(T_HELLO, {"node": node, "service": service})
+        case Exec(request):
+            return _control(T_EXEC, request.to_json())
+        case Started(pid):
+            return _control(T_STARTED, {"pid": pid})
+        case Refused(code, reason):
+            return _control(T_REFUSED, {"code": code, "reason": reason})
+        case Exited(code, signal):
+            if signal is not None:
+                return _control(T_EXITED, {"signal": messages.signal_name(signal)})
+            return _control(T_EXITED, {"code": code})
+        case Daemonized(code, pid):
+            return _control(T_DAEMONIZED, {"code": code, "pid": pid})
+        case Signal(signum):
+            return _control(T_SIGNAL, {"signal": messages.signal_name(signum)})
+        case Open(channel, fd):
+            return encode_frame(T_OPEN, channel, messages.dump({"fd": fd}))
+        case Reset(channel, reason):
+            return encode_frame(T_RESET, channel, messages.dump({"reason": reason}))
+    raise LocalProtocolError(f"cannot send {event!r}")
+
+
+def _control(type: int, document: dict[str, Any]) -> bytes:
+    return encode_frame(type, CONTROL_CHANNEL, messages.dump(document))
+
+
+def _decode(frame: Frame) -> Event:
+    """The event one frame carries; anything malformed is the peer's error."""
+    type, channel, payload = frame.type, frame.channel, frame.payload
+    if type in (T_DATA, T_EOF, T_WINDOW, T_OPEN, T_RESET):
+        if channel == CONTROL_CHANNEL:
+            raise RemoteProtocolError(f"frame type {type:#x} on the control channel")
+        if type == T_DATA:
+            if len(payload) > MAX_DATA_CHUNK:
+                raise RemoteProtocolError(f"data frame of {len(payload)} bytes is too large")
+            return Data(channel, payload)
+        if type == T_EOF:
+            return Eof(channel)
+        if type == T_WINDOW:
+            if len(payload) != _WINDOW.size:
+                raise RemoteProtocolError("window frame of the wrong size")
+            (increment,) = _WINDOW.unpack(payload)
+            return Window(channel, increment)
+        document = messages.load(payload, "channel frame")
+        if type == T_OPEN:
+            if channel < FIRST_BRIDGE_CHANNEL:
+                raise RemoteProtocolError(f"bridge channel {channel} is below {FIRST_BRIDGE_CHANNEL}")
+            return Open(channel, messages.field(document, "fd", int, "open"))
+        return Reset(channel, str(document.get("reason", ""))[:1024])
+    if channel != CONTROL_CHANNEL:
+        raise RemoteProtocolError(f"control frame type {type:#x} on channel {channel}")
+    if type == T_PING:
+        return Ping(payload[:64])
+    if type == T_PONG:
+        return Pong(payload[:64])
+    try:
+        return _decode_control(type, payload)
+    except ValueError as exc:
+        raise RemoteProtocolError(f"frame type {type:#x}: {exc}") from None
+
+
+def _decode_control(type: int, payload: bytes) -> Event:
+    if type == T_HELLO:
+        document = messages.load(payload, "hello")
+        return Hello(
+            node=messages.field(document, "node", str, "hello")[:256],
+            service=messages.field(document, "service", str, "hello")[:64],
+        )
+    if type == T_EXEC:
+        return Exec(ExecRequest.from_json(messages.load(payload, "exec")))
+    if type == T_STARTED:
+        return Started(messages.field(messages.load(payload, "started"), "pid", int, "started"))
+    if type == T_REFUSED:
+        document = messages.load(payload, "refused")
+        return Refused(
+            code=messages.field(document, "code", int, "refused"),
+            reason=messages.field(document, "reason", str, "refused")[:4096],
+        )
+    if type == T_EXITED:
+        document = messages.load(payload, "exited")
+        if "signal" in document:
+            return Exited(signal=messages.signal_number(document["signal"], "exited"))
+        return Exited(code=messages.field(document, "code", int, "exited"))
+    if type == T_DAEMONIZED:
+        document = messages.load(payload, "daemonized")
+        return Daemonized(
+            code=messages.field(document, "code", int, "daemonized"),
+            pid=messages.field(document, "pid", int, "daemonized"),
+        )
+    if type == T_SIGNAL:
+        document = messages.load(payload, "signal")
+        return Signal(messages.signal_number(document.get("signal"), "signal"))
+    raise RemoteProtocolError(f"unknown frame type {type:#x}")
+
+
+class RexecConnection:
+    """Sans-io state of one rexec connection, seen from ``role``."""
+
+    def __init__(self, role: Role, *, initial_window: int = INITIAL_WINDOW) -> None:
+        self.role = role
+        self.peer_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
+        self.state = State.HELLO
+        self.peer_hello: Hello | None = None
+        self._sent_hello = False
+        self._decoder = FrameDecoder()
+        self._initial_window = initial_window
+        # Bytes we may still send per channel, and bytes the peer may still
+        # send to us before we grant more.
+        self._send_credit: dict[int, int] = {}
+        self._receive_allowance: dict[int, int] = {}
+        # Bytes our consumer has taken since the last Window we sent.
+        self._consumed: dict[int, int] = {}
+        self._closed_channels: set[int] = set()
+
+    # -- channels -----------------------------------------------------------
+
+    def open_channel(self, channel: int) -> None:
+        """Start flow control for ``channel`` (both sides do this identically)."""
+        self._send_credit.setdefault(channel, self._initial_window)
+        self._receive_allowance.setdefault(channel, self._initial_window)
+        self._consumed.setdefault(channel, 0)
+
+    def close_channel(self, channel: int) -> None:
+        """Forget ``channel``; late frames for it are dropped, not errors."""
+        for table in (self._send_credit, self._receive_allowance, self._consumed):
+            table.pop(channel, None)
+        self._closed_channels.add(channel)
+
+    def send_credit(self, channel: int) -> int:
+        return self._send_credit.get(channel, 0)
+
+    def consumed(self, channel: int, count: int) -> bytes:
+        """Record that ``count`` bytes of ``channel`` left our buffers.
+
+        Returns the bytes of a Window frame once enough has been consumed to
+        be worth telling the peer (half a window), else ``b""``.
+        """
+        if channel not in self._consumed:
+            return b""
+        total = self._consumed[channel] + count
+        if total < self._initial_window // 2:
+            self._consumed[channel] = total
+            return b""
+        self._consumed[channel] = 0
+        self._receive_allowance[channel] += total
+        return _encode(Window(channel, total))
+
+    # -- sending -------------------------------------------------------------
+
+    def send(self, event: Event) -> bytes:
+        if isinstance(event, Hello):
+            if self._sent_hello:
+                raise LocalProtocolError("Hello sent twice")
+            self._sent_hello = True
+            return _encode(event)
+        if not self._sent_hello:
+            raise LocalProtocolError(f"{type(event).__name__} before Hello")
+        if isinstance(event, Ping | Pong):
+            return _encode(event)
+        if isinstance(event, SESSION_EVENTS):
+            self._check_channel_send(event)
+            return _encode(event)
+        self.state = self._transition(self.role, event, LocalProtocolError)
+        if isinstance(event, Exec):
+            self._open_request_channels(event.request)
+        return _encode(event)
+
+    def _check_channel_send(self, event: Data | Eof | Window | Open | Reset) -> None:
+        if self.state is not State.RUNNING:
+            raise LocalProtocolError(f"{type(event).__name__} in state {self.state.value}")
+        if isinstance(event, Open):
+            if self.role is not Role.CLIENT:
+                raise LocalProtocolError("only the client opens bridged connections")
+            self.open_channel(event.channel)
+        elif isinstance(event, Data):
+            credit = self._send_credit.get(event.channel)
+            if credit is None:
+                raise LocalProtocolError(f"data on unknown channel {event.channel}")
+            if len(event.data) > min(credit, MAX_DATA_CHUNK):
+                raise LocalProtocolError(f"data of {len(event.data)} bytes exceeds the credit of channel {event.channel}")
+            self._send_credit[event.channel] = credit - len(event.data)
+
+    def _transition(self, sender: Role, event: Event, error: type[Exception]) -> State:
+        key = (sender, type(event), self.state)
+        if key not in _TRANSITIONS:
+            raise error(f"{type(event).__name__} from the {sender.value} in state {self.state.value}")
+        return _TRANSITIONS[key]
+
+    # -- receiving -----------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        self._decoder.receive_data(data)
+
+    def next_event(self) -> Event | None:
+        """Return the next event, or None when more bytes are needed.
+
+        Channel events that arrive for a channel we already closed are
+        dropped here, so callers never see them.
+        """
+        while True:
+            frame = self._decoder.next_frame()
+            if frame is NEED_DATA:
+                return None
+            if frame is CLOSED:
+                return ConnectionClosed()
+            assert isinstance(frame, Frame)
+            event = self._receive(_decode(frame))
+            if event is not None:
+                return event
+
+    def _receive(self, event: Event) -> Event | None:
+        if isinstance(event, Hello):
+            if self.peer_hello is not None:
+                raise RemoteProtocolError("Hello received twice")
+            self.peer_hello = event
+            if self.state is State.HELLO:
+                self.state = State.IDLE
+            return event
+        if self.peer_hello is None:
+            raise RemoteProtocolError(f"{type(event).__name__} before Hello")
+        if isinstance(event, Ping | Pong):
+            return event
+        if isinstance(event, SESSION_EVENTS):
+            return self._receive_channel_event(event)
+        self.state = self._transition(self.peer_role, event, RemoteProtocolError)
+        if isinstance(event, Exec):
+            self._open_request_channels(event.request)
+        return event
+
+    def _open_request_channels(self, request: ExecRequest) -> None:
+        # Both sides open the request's channels at the same point of the
+        # exchange, so data may flow the moment the program starts.
+        for spec in request.fds:
+            if spec.channel:
+                self.open_channel(spec.channel)
+
+    def _receive_channel_event(self, event: Data | Eof | Window | Open | Reset) -> Event | None:
+        if self.state is State.DONE or event.channel in self._closed_channels:
+            return None  # crossed our Exited or our Reset on the wire
+        if self.state is not State.RUNNING:
+            raise RemoteProtocolError(f"{type(event).__name__} in state {self.state.value}")
+        if isinstance(event, Open):
+            if self.role is not Role.SERVER:
+                raise RemoteProtocolError("the server cannot open bridged connections")
+            if event.channel in self._send_credit:
+                raise RemoteProtocolError(f"channel {event.channel} opened twice")
+            self.open_channel(event.channel)
+            return event
+        if event.channel not in self._send_credit:
+            raise RemoteProtocolError(f"{type(event).__name__} on unknown channel {event.channel}")
+        if isinstance(event, Data):
+            allowance = self._receive_allowance[event.channel] - len(event.data)
+            if allowance < 0:
+                raise RemoteProtocolError(f"peer overran the window of channel {event.channel}")
+            self._receive_allowance[event.channel] = allowance
+        elif isinstance(event, Window):
+            credit = self._send_credit[event.channel] + event.increment
+            if credit > 1 << 31:
+                raise RemoteProtocolError(f"window of channel {event.channel} grew past 2 GiB")
+            self._send_credit[event.channel] = credit
+        return event
+
+
+def fs_text(value: bytes | str) -> str:
+    """Text form of an OS string for the wire (bytes survive via surrogateescape)."""
+    return value if isinstance(value, str) else os.fsdecode(value)

@@ -1,0 +1,185 @@
+"""rexec_server: runs on both machines.
+
+As a server it accepts authenticated links from its peer and runs the
+programs the peer asks for (whitelisted, as the caller's user).  As an
+agent it serves local stand-ins (``rexec``) on ``<run dir>/rexec.sock`` and
+carries their sessions to the peer over warm links.
+
+Signals: SIGHUP reloads the whitelist (a bad new file keeps the old list);
+SIGTERM and SIGINT stop the server, ending the programs it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import signal
+import sys
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from offload import aio
+
+from offload import config as config_module
+from offload import log as log_module
+from offload import sd
+from offload.config import RexecConfig
+from offload.errors import ConfigError, OffloadError, ProtocolError, TransportError
+from offload.net import Transport, listener_address, parse_address
+from offload.protocol.rexec import Role
+from offload.rexecd.agent import PeerPool, serve_stand_ins
+from offload.rexecd.executor import ServerState, serve_session
+from offload.rexecd.link import SessionLink, running
+from offload.rexecd.pidmap import PidmapDir
+from offload.rexecd.policy import Whitelist, ensure_private_dir
+
+log = logging.getLogger("rexec_server")
+
+
+def _take_singleton_lock(run_dir: Path) -> int:
+    """One rexec_server per run directory (the reference's rexec_uds.lock)."""
+    fd = os.open(run_dir / "rexec.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"another rexec_server already runs with run directory {run_dir}") from None
+    return fd
+
+
+async def _serve_peer(raw: trio.abc.Stream, transport: Transport, state: ServerState, where: str) -> None:
+    config = state.config
+    try:
+        connected = await transport.accept(raw, where)
+    except (TransportError, trio.TooSlowError) as exc:
+        log.warning("refused a connection from %s: %s", where, exc)
+        await trio.aclose_forcefully(raw)
+        return
+    link = SessionLink(connected, Role.SERVER, config.node_name, keepalive=config.keepalive)
+    try:
+        with trio.fail_after(10):
+            await link.handshake()
+        async with running(link):
+            await serve_session(link, state)
+    except (TransportError, ProtocolError, trio.TooSlowError) as exc:
+        log.warning("session with %s ended: %s", connected.peer, exc or type(exc).__name__)
+    finally:
+        await link.aclose()
+
+
+async def _accept_peers(listener: trio.SocketListener, transport: Transport, state: ServerState) -> None:
+    async with aio.open_nursery() as nursery:
+        while True:
+            try:
+                raw = await listener.accept()
+            except OSError as exc:
+                # EMFILE and friends: log, breathe, go on; never die of load.
+                log.error("accept failed: %s", exc)
+                await trio.sleep(0.1)
+                continue
+            try:
+                peer = raw.socket.getpeername()
+                where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix peer")
+            except OSError:
+                where = "?"
+            nursery.start_soon(aio.guarded, log, f"session from {where}", partial(_serve_peer, raw, transport, state, where))
+
+
+async def _handle_signals(state: ServerState, cancel: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                sd.notify("RELOADING=1")
+                try:
+                    state.whitelist = Whitelist.load(state.config.whitelist)
+                    log.info("reloaded the whitelist %s: %d programs", state.config.whitelist, len(state.whitelist.programs))
+                except ConfigError as exc:
+                    log.error("whitelist not reloaded, keeping the old one: %s", exc)
+                sd.notify("READY=1")
+            else:
+                log.info("stopping on %s", signal.Signals(signum).name)
+                sd.notify("STOPPING=1")
+                cancel.cancel()
+                return
+
+
+async def serve(
+    config: RexecConfig,
+    transport: Transport,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until cancelled; ``task_status.started`` gets the bound addresses."""
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(run_dir, 0o755)
+    lock = _take_singleton_lock(run_dir)
+    try:
+        state = ServerState(config, Whitelist.load(config.whitelist), run_dir / "bridges")
+        ensure_private_dir(state.bridges)
+        pidmaps = PidmapDir(run_dir / "pids")
+        pidmaps.prepare()
+        addresses = [parse_address(text) for text in config.listen]
+        listeners = []
+        for address in addresses:
+            listeners.extend(await transport.listen(address))
+        async with aio.open_nursery() as nursery:
+            pool = PeerPool(transport, config, nursery)
+            agent_socket = await nursery.start(serve_stand_ins, config, pool, pidmaps)
+            bound = [listener_address(listener) for listener in listeners]
+            for listener in listeners:
+                nursery.start_soon(_accept_peers, listener, transport, state)
+            log.info(
+                "rexec_server %s ready: peers on %s, stand-ins on %s, %d whitelisted programs%s",
+                config.node_name,
+                ", ".join(bound) or "(no listener)",
+                agent_socket,
+                len(state.whitelist.programs),
+                "" if transport.tls else " (INSECURE: no authentication)",
+            )
+            task_status.started(bound)
+            nursery.start_soon(_handle_signals, state, nursery.cancel_scope)
+    finally:
+        os.close(lock)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rexec_server",
+        description="Run whitelisted programs for the peer machine, and carry local rexec stand-ins to it.",
+    )
+    config_module.add_arguments(parser)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    log_module.setup("rexec_server", args.log_level)
+    try:
+        config = config_module.from_arguments(args)
+        transport = Transport.from_options(config.pki or None, config.insecure)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+
+    async def run() -> None:
+        async with aio.open_nursery() as nursery:
+            await nursery.start(serve, config, transport)
+            sd.notify("READY=1")
+
+    try:
+        trio.run(run)
+    except OffloadError as exc:
+        log.error("%s", exc)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,389 @@
+"""The agent: the local side of every session, serving stand-ins on a UNIX socket.
+
+A stand-in connects, sends its request with its fds, and from then on only
+waits.  The agent takes a warm authenticated link to the target from its
+pool, asks the peer to start the program, writes the pidmap file, relays
+the fds, forwards signals, and finally tells the stand-in how the program
+ended.  The caller's identity is SO_PEERCRED, never what the stand-in says.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import pwd
+import socket
+import struct
+from dataclasses import dataclass
+
+import psutil
+import trio
+
+from offload import aio
+
+from offload.config import RexecConfig
+from offload.errors import ConfigError, OffloadError, RefusedError, TransportError
+from offload.fdio import ByteEnd, StreamEnd, borrow
+from offload.net import Address, Transport, parse_address
+from offload.protocol import local
+from offload.protocol.framing import CLOSED, NEED_DATA, Frame, FrameDecoder
+from offload.protocol.rexec import (
+    FIRST_BRIDGE_CHANNEL,
+    MAX_FDS,
+    ConnectionClosed,
+    Daemonized,
+    Exec,
+    ExecRequest,
+    Exited,
+    FdKind,
+    FdSpec,
+    Open,
+    Refused,
+    Role,
+    Signal,
+    Started,
+)
+from offload.protocol import messages
+from offload.rexecd import policy
+from offload.rexecd.link import LinkFailed, SessionLink
+from offload.rexecd.pidmap import PidmapDir
+
+log = logging.getLogger(__name__)
+
+EXIT_FAILURE = 255
+
+
+class PeerPool:
+    """Authenticated links to peers, a few kept warm so a session starts at once."""
+
+    def __init__(self, transport: Transport, config: RexecConfig, nursery: trio.Nursery) -> None:
+        self.transport = transport
+        self.config = config
+        self.nursery = nursery
+        self._idle: dict[Address, collections.deque[SessionLink]] = collections.defaultdict(collections.deque)
+        self._filling: set[Address] = set()
+
+    async def take(self, address: Address) -> SessionLink:
+        idle = self._idle[address]
+        while idle:
+            link = idle.popleft()
+            if link.alive:
+                self._refill(address)
+                return link
+        link = await self._connect(address)
+        self._refill(address)
+        return link
+
+    async def _connect(self, address: Address) -> SessionLink:
+        connected = await self.transport.connect(address)
+        link = SessionLink(connected, Role.CLIENT, self.config.node_name, keepalive=self.config.keepalive)
+        try:
+            with trio.fail_after(10):
+                await link.handshake()
+        except BaseException:
+            await link.aclose()
+            raise
+        await self.nursery.start(link.run)
+        return link
+
+    def _refill(self, address: Address) -> None:
+        if address not in self._filling and self.config.warm:
+            self._filling.add(address)
+            self.nursery.start_soon(self._fill, address)
+
+    async def _fill(self, address: Address) -> None:
+        try:
+            idle = self._idle[address]
+            while sum(link.alive for link in idle) < self.config.warm:
+                idle.append(await self._connect(address))
+        except (TransportError, trio.TooSlowError) as exc:
+            log.debug("cannot warm a link to %s: %s", address, exc)
+        finally:
+            self._filling.discard(address)
+
+
+@dataclass(frozen=True)
+class Caller:
+    pid: int
+    uid: int
+    gid: int
+    user: str
+
+
+class AgentSession:
+    """One stand-in and its remote program."""
+
+    def __init__(self, sock: trio.socket.SocketType, pool: PeerPool, config: RexecConfig, pidmaps: PidmapDir) -> None:
+        self.sock = sock
+        self.pool = pool
+        self.config = config
+        self.pidmaps = pidmaps
+        self.decoder = FrameDecoder(max_payload=local.MAX_REQUEST)
+        self.fds: list[int] = []  # received from the stand-in, not yet owned by a relay
+        self.link: SessionLink | None = None
+        self.address: Address | None = None
+        self.pidmap_pids: list[int] = []
+        self.remote_pid = 0
+        self.pending_signals: list[int] = []
+        self.inbound_done: list[trio.Event] = []
+        self.bridge_channels = iter(range(FIRST_BRIDGE_CHANNEL, 1 << 32))
+
+    # -- talking to the stand-in -------------------------------------------------
+
+    async def tell(self, type: int, document: dict, fds: list[int] = ()) -> None:  # type: ignore[assignment]
+        data = local.encode(type, document)
+        with contextlib.suppress(OSError):
+            if fds:
+                await self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+            else:
+                await self.sock.send(data)
+
+    async def refuse(self, code: int, message: str) -> None:
+        log.info("stand-in refused: %s", message)
+        await self.tell(local.L_REFUSED, {"code": code, "message": message})
+
+    async def next_message(self) -> tuple[int, dict] | None:
+        """The next frame from the stand-in (collecting passed fds), or None at EOF."""
+        while True:
+            frame = self.decoder.next_frame()
+            if frame is CLOSED:
+                return None
+            if isinstance(frame, Frame):
+                return frame.type, local.decode(frame.payload)
+            assert frame is NEED_DATA
+            data, ancdata, flags, _ = await self.sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    usable = len(payload) - len(payload) % 4
+                    self.fds.extend(struct.unpack(f"{usable // 4}i", payload[:usable]))
+            if flags & socket.MSG_CTRUNC:
+                raise RefusedError("the stand-in passed more file descriptors than one message can carry")
+            self.decoder.receive_data(data)
+
+    # -- the session -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            caller = self._caller()
+            message = await self.next_message()
+            if message is None:
+                return
+            type, document = message
+            if type != local.L_REQUEST:
+                raise RefusedError(f"expected a request, got message {type:#x}", exit_code=EXIT_FAILURE)
+            request, relayed = self._request(document, caller)
+            await self._run_remote(caller, request, relayed)
+        except RefusedError as exc:
+            await self.refuse(exc.exit_code, str(exc))
+        except (ValueError, KeyError, TypeError, OffloadError) as exc:
+            await self.refuse(EXIT_FAILURE, f"bad request: {exc}")
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._cleanup()
+
+    def _caller(self) -> Caller:
+        creds = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", creds)
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            raise RefusedError(f"uid {uid} has no user name on this machine") from None
+        return Caller(pid, uid, gid, user)
+
+    def _request(self, document: dict, caller: Caller) -> tuple[ExecRequest, dict[int, tuple[FdSpec, int]]]:
+        target = document.get("target") or self.config.peer
+        if not target:
+            raise RefusedError("no remote rexec_server: set CMD_NET_ADDR or start rexec_server with --peer", exit_code=EXIT_FAILURE)
+        try:
+            self.address = parse_address(str(target))
+        except ConfigError as exc:
+            raise RefusedError(f"CMD_NET_ADDR: {exc}", exit_code=EXIT_FAILURE) from None
+        descriptions = document["fds"]
+        passed = [d["fd"] for d in descriptions if d.get("passed")]
+        if len(passed) != len(self.fds):
+            raise RefusedError(f"the stand-in announced {len(passed)} fds but passed {len(self.fds)}")
+        plan = policy.plan_fds(descriptions, self.config.shared_path, self.config.leave_behind)
+        # Pair each passed fd number with the fd we received for it.
+        received = dict(zip(passed, self.fds, strict=True))
+        relayed = {number: (spec, received[number]) for number, spec in plan.relayed.items()}
+        for number in passed:
+            if number not in plan.relayed:  # passed but left behind
+                os.close(received[number])
+        self.fds = []
+        self._relayed = relayed
+        request = ExecRequest(
+            argv=tuple(document["argv"]),
+            env=policy.filter_environment(dict(document["env"]), self.config.env),
+            cwd=document["cwd"] if str(document["cwd"]).startswith("/") else "/",
+            umask=int(document["umask"]),
+            user=caller.user,
+            fds=plan.specs,
+            daemon_pidfile=document.get("daemon_pidfile"),
+        )
+        return request, relayed
+
+    async def _run_remote(self, caller: Caller, request: ExecRequest, relayed: dict[int, tuple[FdSpec, int]]) -> None:
+        assert self.address is not None
+        try:
+            self.link = link = await self.pool.take(self.address)
+        except (TransportError, trio.TooSlowError) as exc:
+            raise RefusedError(f"cannot reach {self.address}: {exc}", exit_code=EXIT_FAILURE) from None
+        await link.send(Exec(request))
+        reply = await link.control.receive()
+        if isinstance(reply, Refused):
+            raise RefusedError(reply.reason, exit_code=reply.code)
+        if not isinstance(reply, Started):
+            # LinkFailed or ConnectionClosed: the state machine admits nothing else.
+            raise RefusedError(f"link to {self.address.display_host} lost", exit_code=EXIT_FAILURE)
+        self.remote_pid = reply.pid
+        await self._publish_pidmap(caller.pid)
+        async with aio.open_nursery() as nursery:
+            for number, (spec, fd) in relayed.items():
+                self._start_relay(nursery, spec, fd)
+            self._relayed = {}
+            nursery.start_soon(self._from_stand_in, nursery, caller)
+            await self._from_peer()
+            nursery.cancel_scope.cancel()
+
+    async def _publish_pidmap(self, pid: int) -> None:
+        fd = self.pidmaps.create(pid, self.remote_pid)
+        self.pidmap_pids.append(pid)
+        try:
+            await self.tell(local.L_STARTED, {"pid": self.remote_pid}, [fd])
+        finally:
+            os.close(fd)  # the stand-in's copy holds the lock from here on
+
+    def _start_relay(self, nursery: trio.Nursery, spec: FdSpec, fd: int) -> None:
+        assert self.link is not None
+        if spec.kind is FdKind.LISTENER:
+            nursery.start_soon(self._accept_loop, nursery, spec.fd, fd)
+            return
+        inbound = spec.kind in (FdKind.PIPE_OUT, FdKind.SOCKET)
+        outbound = spec.kind in (FdKind.PIPE_IN, FdKind.SOCKET)
+        end = borrow(fd, writing=inbound)
+        done = trio.Event()
+        if inbound:
+            self.inbound_done.append(done)
+        nursery.start_soon(self._relay, spec.channel, end, inbound, outbound, done)
+
+    async def _relay(self, channel: int, end: ByteEnd, inbound: bool, outbound: bool, done: trio.Event) -> None:
+        assert self.link is not None
+        try:
+            await self.link.relay(channel, end, inbound=inbound, outbound=outbound)
+        finally:
+            done.set()
+
+    async def _accept_loop(self, nursery: trio.Nursery, target_fd: int, fd: int) -> None:
+        """Carry each connection accepted on the caller's listener to the remote one."""
+        assert self.link is not None
+        # The stand-in never accepts on it and libvirt closed its copy, so
+        # making this description non-blocking disturbs nobody.
+        listener = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+        try:
+            while True:
+                conn, _ = await listener.accept()
+                channel = next(self.bridge_channels)
+                await self.link.send(Open(channel, target_fd))
+                nursery.start_soon(self._relay, channel, StreamEnd(trio.SocketStream(conn)), True, True, trio.Event())
+        finally:
+            listener.close()
+
+    async def _from_stand_in(self, nursery: trio.Nursery, caller: Caller) -> None:
+        assert self.link is not None
+        while True:
+            try:
+                message = await self.next_message()
+            except OSError:
+                message = None
+            if message is None:
+                # The stand-in is gone (killed, perhaps by SIGKILL): closing the
+                # link tells the peer to end the program.
+                log.info("stand-in %d for remote pid %d is gone; ending the session", caller.pid, self.remote_pid)
+                nursery.cancel_scope.cancel()
+                return
+            type, document = message
+            if type == local.L_SIGNAL:
+                await self.link.send(Signal(messages.signal_number(document.get("signal"), "stand-in")))
+            elif type == local.L_ADOPT:
+                await self._adopt(int(document.get("pid", 0)), caller)
+
+    async def _adopt(self, pid: int, caller: Caller) -> None:
+        """Daemon mode: the detached stand-in (a child of the first) takes over the pidmap."""
+        try:
+            if psutil.Process(pid).ppid() != caller.pid:
+                log.warning("stand-in %d claimed pid %d, which is not its child; ignored", caller.pid, pid)
+                return
+        except psutil.NoSuchProcess:
+            return
+        for old in self.pidmap_pids:
+            self.pidmaps.remove(old)
+        self.pidmap_pids.clear()
+        await self._publish_pidmap(pid)
+
+    async def _from_peer(self) -> None:
+        assert self.link is not None and self.address is not None
+        async for event in self.link.control:
+            if isinstance(event, Exited):
+                await self._drain_inbound()
+                if event.signal is not None:
+                    await self.tell(local.L_EXITED, {"signal": messages.signal_name(event.signal)})
+                else:
+                    await self.tell(local.L_EXITED, {"code": event.code})
+                return
+            if isinstance(event, Daemonized):
+                self.remote_pid = event.pid
+                await self._drain_inbound()
+                await self.tell(local.L_DAEMONIZED, {"code": event.code, "pid": event.pid})
+            elif isinstance(event, LinkFailed | ConnectionClosed):
+                await self.tell(local.L_LINK_LOST, {"message": f"link to {self.address.display_host} lost"})
+                return
+
+    async def _drain_inbound(self) -> None:
+        """Deliver every byte the program wrote before reporting how it ended."""
+        assert self.link is not None
+        self.link.finish_inbound()
+        for done in self.inbound_done:
+            await done.wait()
+        self.inbound_done.clear()
+
+    async def _cleanup(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        for _, fd in getattr(self, "_relayed", {}).values():
+            os.close(fd)
+        self._relayed = {}
+        for pid in self.pidmap_pids:
+            self.pidmaps.remove(pid)
+        if self.link is not None:
+            await self.link.aclose()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+async def serve_stand_ins(
+    config: RexecConfig,
+    pool: PeerPool,
+    pidmaps: PidmapDir,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept stand-ins on the agent socket until cancelled."""
+    from offload.net import listen_unix
+
+    # Anyone may ask; SO_PEERCRED says who asked, and the peer runs the
+    # program as that user (libvirt starts qemu as libvirt-qemu, not root).
+    listener = await listen_unix(config.agent_socket, 0o666)
+    task_status.started(config.agent_socket)
+    async with aio.open_nursery() as nursery:
+        try:
+            while True:
+                sock = await listener.socket.accept()
+                session = AgentSession(sock[0], pool, config, pidmaps)
+                nursery.start_soon(aio.guarded, log, "stand-in session", session.run)
+        finally:
+            listener.socket.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(config.agent_socket)

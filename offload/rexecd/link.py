@@ -1,0 +1,290 @@
+"""One rexec connection at run time: keepalives, control events and channels.
+
+`SessionLink` drives a `RexecConnection` over an authenticated stream.  One
+task receives and never blocks on a local consumer: channel data goes into
+per-channel buffers bounded by the flow-control window, so a stalled reader
+of one channel (a slow virtlogd, a QMP client that stopped reading) never
+stalls another channel or the keepalives.  Control events are queued for the
+session logic.  A keepalive task sends a ping every quarter of the timeout
+and declares the link lost when nothing at all has arrived for the timeout.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import math
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import trio
+
+from offload import aio
+
+from offload.errors import LinkLost, ProtocolError, RemoteProtocolError, TransportError
+from offload.fdio import CHUNK, ByteEnd
+from offload.net import Connected, translate_errors
+from offload.protocol.rexec import (
+    MAX_DATA_CHUNK,
+    ConnectionClosed,
+    Data,
+    Eof,
+    Event,
+    Hello,
+    Open,
+    Ping,
+    Pong,
+    Reset,
+    SESSION_EVENTS,
+    RexecConnection,
+    Role,
+    State,
+    Window,
+)
+
+log = logging.getLogger(__name__)
+
+#: Bridged connections one session may have open at once.
+MAX_OPEN_CHANNELS = 1024
+
+
+@dataclass(frozen=True)
+class LinkFailed:
+    """Delivered on `SessionLink.control` when the link broke; ``error`` says how."""
+
+    error: Exception
+
+
+@dataclass
+class ChannelState:
+    chunks: collections.deque[bytes] = field(default_factory=collections.deque)
+    eof: bool = False  # the peer will send no more
+    reset: bool = False  # dead both ways
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def wake(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class SessionLink:
+    def __init__(self, connected: Connected, role: Role, node: str, *, keepalive: float) -> None:
+        self.stream = connected.stream
+        self.peer = connected.peer
+        self.node = node
+        self.conn = RexecConnection(role)
+        self.keepalive = keepalive
+        self._send_lock = trio.Lock()
+        self._channels: dict[int, ChannelState] = {}
+        self._control_send, self.control = trio.open_memory_channel[Event | LinkFailed](math.inf)
+        self.failure: Exception | None = None
+        self.closed = False
+        self._last_receive = trio.current_time()
+
+    # -- plumbing --------------------------------------------------------------
+
+    async def send(self, event: Event) -> None:
+        if isinstance(event, SESSION_EVENTS) and self.conn.state is State.DONE:
+            return  # the session ended; the peer drops late channel frames anyway
+        async with self._send_lock:
+            await self._send_bytes(self.conn.send(event))
+
+    async def _send_bytes(self, data: bytes) -> None:
+        with translate_errors(self.peer, "sending to"):
+            await self.stream.send_all(data)
+
+    async def send_raw(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self._send_bytes(data)
+
+    async def handshake(self) -> Hello:
+        """Exchange Hello frames; return the peer's."""
+        await self.send(Hello(self.node))
+        while self.conn.peer_hello is None:
+            await self._receive_once()
+        return self.conn.peer_hello
+
+    async def _receive_once(self) -> bool:
+        with translate_errors(self.peer, "receiving from"):
+            data = await self.stream.receive_some(MAX_DATA_CHUNK + 64)
+        self._last_receive = trio.current_time()
+        self.conn.receive_data(data)
+        while (event := self.conn.next_event()) is not None:
+            await self._dispatch(event)
+            if isinstance(event, ConnectionClosed):
+                return False
+        return True
+
+    @property
+    def alive(self) -> bool:
+        return self.failure is None and not self.closed
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Receive and keep alive until the link ends.
+
+        Failures (lost link, broken stream, protocol violations) do not
+        raise: they are logged and delivered as `LinkFailed` on ``control``,
+        so whoever owns the session now hears of them, even when this task
+        was started by someone else (a warm pool).
+        """
+        try:
+            async with aio.open_nursery() as nursery:
+                nursery.start_soon(self._keepalive)
+                task_status.started()
+                while await self._receive_once():
+                    pass
+                nursery.cancel_scope.cancel()
+        except (TransportError, ProtocolError) as exc:
+            if self.conn.state is State.DONE:
+                # The session is over; the peer may drop the stream without
+                # ceremony (no TLS close_notify).  Nothing was lost.
+                self._control_send.send_nowait(ConnectionClosed())
+            elif not self.closed:
+                log.warning("link to %s: %s", self.peer, exc)
+                self.failure = exc
+                self._control_send.send_nowait(LinkFailed(exc))
+        finally:
+            self.closed = True
+
+    async def _keepalive(self) -> None:
+        interval = self.keepalive / 4
+        while True:
+            await trio.sleep(interval)
+            silent = trio.current_time() - self._last_receive
+            if silent > self.keepalive:
+                raise LinkLost(f"link to {self.peer} lost: nothing received for {silent:.1f} s", address=self.peer)
+            with trio.move_on_after(interval):
+                await self.send(Ping(b"k"))
+
+    async def _dispatch(self, event: Event) -> None:
+        match event:
+            case Hello():
+                pass  # recorded by the connection; the handshake waits for it
+            case Ping(token):
+                await self.send(Pong(token))
+            case Pong():
+                pass
+            case Data(channel, data):
+                # Data may arrive before our relay for the channel starts.
+                state = self._channels.setdefault(channel, ChannelState())
+                if not state.reset:
+                    state.chunks.append(data)
+                    state.wake()
+                elif data:
+                    # Nobody will consume it; give the window back at once.
+                    await self._give_back(channel, len(data))
+            case Eof(channel):
+                state = self._channels.setdefault(channel, ChannelState())
+                state.eof = True
+                state.wake()
+            case Window(channel):
+                if (state := self._channels.get(channel)) is not None:
+                    state.wake()
+            case Reset(channel, reason):
+                log.debug("channel %d reset by peer: %s", channel, reason)
+                state = self._channels.setdefault(channel, ChannelState())
+                state.reset = True
+                state.wake()
+            case Open(channel):
+                if len(self._channels) >= MAX_OPEN_CHANNELS:
+                    raise RemoteProtocolError(f"more than {MAX_OPEN_CHANNELS} channels open")
+                self.add_channel(channel)
+                self._control_send.send_nowait(event)
+            case _:
+                self._control_send.send_nowait(event)
+
+    async def _give_back(self, channel: int, count: int) -> None:
+        window = self.conn.consumed(channel, count)
+        if window:
+            await self.send_raw(window)
+
+    # -- channels ----------------------------------------------------------------
+
+    def add_channel(self, channel: int) -> ChannelState:
+        self.conn.open_channel(channel)
+        return self._channels.setdefault(channel, ChannelState())
+
+    def finish_inbound(self) -> None:
+        """The peer has said its last word: every channel's input ends after its buffer."""
+        for state in self._channels.values():
+            state.eof = True
+            state.wake()
+
+    def drop_channel(self, channel: int) -> None:
+        self._channels.pop(channel, None)
+        self.conn.close_channel(channel)
+
+    async def pump_out(self, channel: int, source: ByteEnd) -> None:
+        """Local source -> peer, within the channel's window, then Eof (or Reset)."""
+        state = self._channels[channel]
+        while True:
+            while not state.reset and self.conn.send_credit(channel) <= 0:
+                await state.changed.wait()
+            if state.reset:
+                return
+            try:
+                data = await source.read(min(self.conn.send_credit(channel), CHUNK))
+            except OSError as exc:
+                await self.send(Reset(channel, f"read failed: {os.strerror(exc.errno or 0)}"))
+                return
+            if not data:
+                await self.send(Eof(channel))
+                return
+            await self.send(Data(channel, data))
+
+    async def pump_in(self, channel: int, sink: ByteEnd) -> None:
+        """Peer -> local sink, granting window as the sink takes the bytes."""
+        state = self._channels[channel]
+        while True:
+            if state.chunks:
+                data = state.chunks.popleft()
+                try:
+                    await sink.write(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    state.reset = True
+                    state.chunks.clear()
+                    await self.send(Reset(channel, "reader closed"))
+                    return
+                await self._give_back(channel, len(data))
+            elif state.eof:
+                with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    await sink.shutdown_write()
+                return
+            elif state.reset:
+                return
+            else:
+                await state.changed.wait()
+
+    async def relay(self, channel: int, end: ByteEnd, *, inbound: bool, outbound: bool) -> None:
+        """Run the pumps of one channel and close ``end`` when they are done."""
+        self.add_channel(channel)
+        try:
+            async with aio.open_nursery() as nursery:
+                if outbound:
+                    nursery.start_soon(self.pump_out, channel, end)
+                if inbound:
+                    nursery.start_soon(self.pump_in, channel, end)
+        finally:
+            with trio.CancelScope(shield=True):
+                with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    await end.aclose()
+            self.drop_channel(channel)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        with contextlib.suppress(TransportError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await trio.aclose_forcefully(self.stream)
+
+
+@contextlib.asynccontextmanager
+async def running(link: SessionLink) -> AsyncIterator[trio.Nursery]:
+    """A nursery in which ``link`` receives and keeps alive; closes the link on exit."""
+    try:
+        async with aio.open_nursery() as nursery:
+            await nursery.start(link.run)
+            yield nursery
+            nursery.cancel_scope.cancel()
+    finally:
+        await link.aclose()

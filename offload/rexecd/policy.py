@@ -1,0 +1,186 @@
+"""What a session may do: the whitelist, environment, users and fds.
+
+Policy is enforced on the side that acts: the server checks the whitelist,
+maps the user and re-checks shared paths before it opens anything; the
+agent decides which of the stand-in's fds travel and how.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from offload import fdinfo
+from offload.errors import ConfigError, RefusedError, UnsupportedFdError
+from offload.protocol.rexec import FdKind, FdSpec, check_path
+
+log = logging.getLogger(__name__)
+
+#: PATH of remote programs: the server's, never the caller's.
+REMOTE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Variables a remote program may receive from its caller.
+ENV_NAMES = frozenset({"LANG", "LANGUAGE", "TZ", "HOME", "TERM", "COLUMNS", "LINES", "TMPDIR"})
+ENV_PREFIXES = ("LC_", "XDG_")
+#: Never passed, whatever the configuration says: they change what runs.
+ENV_FORBIDDEN = frozenset({"PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "PYTHONPATH", "IFS"})
+
+
+@dataclass(frozen=True)
+class Whitelist:
+    path: str
+    programs: frozenset[str]
+
+    @classmethod
+    def load(cls, path: str) -> Whitelist:
+        """Read the reference format: one absolute program path per line.
+
+        The file must be root-owned and writable by nobody else, or anyone
+        who could edit it could run anything here as any user.
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise ConfigError(f"cannot open the whitelist: {exc.strerror}", path=path) from None
+        with os.fdopen(fd) as stream:
+            st = os.fstat(stream.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError("the whitelist is not a regular file", path=path)
+            if st.st_uid != 0:
+                raise ConfigError(f"the whitelist must be owned by root (it is owned by uid {st.st_uid})", path=path)
+            if st.st_mode & 0o022:
+                raise ConfigError(f"the whitelist must not be group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o}); chmod 0400 it", path=path)
+            text = stream.read()
+        programs = set()
+        for number, line in enumerate(text.splitlines(), 1):
+            entry = line.strip()
+            if not entry or entry.startswith("#"):
+                continue
+            if not entry.startswith("/") or ".." in entry.split("/"):
+                log.warning("%s:%d: ignoring %r: entries must be absolute paths without '..'", path, number, entry)
+                continue
+            programs.add(entry)
+        return cls(path, frozenset(programs))
+
+    def resolve(self, program: str, node: str) -> str:
+        """The path to execute for ``program``, or RefusedError (126) / (127)."""
+        if "/" in program:
+            path = program
+            if not path.startswith("/"):
+                raise RefusedError(f"{program}: relative program paths are not allowed on {node}", exit_code=126)
+        else:
+            path = next(
+                (f"{d}/{program}" for d in REMOTE_PATH.split(":") if os.access(f"{d}/{program}", os.X_OK)),
+                "",
+            )
+            if not path:
+                raise RefusedError(f"{program}: not found on {node}", exit_code=127)
+        if path not in self.programs:
+            raise RefusedError(f"{program}: not allowed on {node}", exit_code=126)
+        return path
+
+
+def filter_environment(env: dict[str, str], extra: tuple[str, ...]) -> dict[str, str]:
+    """The caller's variables a remote program may see (an allowlist)."""
+    allowed = {}
+    for key, value in env.items():
+        if key in ENV_FORBIDDEN or key.startswith("LD_"):
+            continue
+        if key in ENV_NAMES or key in extra or key.startswith(ENV_PREFIXES):
+            allowed[key] = value
+    return allowed
+
+
+@dataclass(frozen=True)
+class RemoteUser:
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+
+
+def map_user(caller: str, users: dict[str, str], node: str) -> RemoteUser:
+    """The local account a caller's program runs as here; never root unless the caller was root."""
+    name = users.get(caller, caller)
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise RefusedError(f"user {name} does not exist on {node}", exit_code=126) from None
+    if entry.pw_uid == 0 and caller != "root":
+        raise RefusedError(f"user {caller} may not run programs as root on {node}", exit_code=126)
+    groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    return RemoteUser(entry.pw_name, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir)
+
+
+def is_shared(path: str, prefixes: tuple[str, ...]) -> bool:
+    """Prefix match on whole path components (``/a/b`` covers ``/a/b/c``, not ``/a/bc``)."""
+    try:
+        check_path(path, "path")
+    except ValueError:
+        return False
+    return any(path == p.rstrip("/") or path.startswith(p.rstrip("/") + "/") for p in prefixes)
+
+
+@dataclass(frozen=True)
+class FdPlan:
+    """The agent's decision for the stand-in's fds."""
+
+    specs: tuple[FdSpec, ...]  # what the remote program gets
+    relayed: dict[int, FdSpec]  # passed fd number -> its relayed spec
+    local_only: tuple[int, ...]  # fds that stay with the stand-in
+
+
+def plan_fds(descriptions: list[dict], shared: tuple[str, ...], leave_behind: tuple[str, ...]) -> FdPlan:
+    """Decide per fd from the stand-in's descriptions; raises UnsupportedFdError."""
+    specs: list[FdSpec] = []
+    relayed: dict[int, FdSpec] = {}
+    local_only: list[int] = []
+    for d in descriptions:
+        fd, kind, passed = d["fd"], d["type"], d.get("passed", False)
+        spec: FdSpec | None = None
+        if kind == fdinfo.NULL:
+            spec = FdSpec(fd, FdKind.NULL, access=d.get("access", "r"))
+        elif kind == fdinfo.FILE and not passed:
+            if not d.get("deleted") and is_shared(d["path"], shared):
+                spec = FdSpec(fd, FdKind.FILE, path=d["path"], access=d["access"], append=d["append"], offset=d["offset"])
+            else:
+                local_only.append(fd)  # e.g. libvirt's locked pidfile: it stays here
+                continue
+        elif passed and kind in (fdinfo.FILE, fdinfo.STREAM):
+            spec = FdSpec(fd, FdKind.PIPE_IN if fd == 0 else FdKind.PIPE_OUT, channel=fd + 1)
+        elif passed and kind == fdinfo.PIPE_READ:
+            spec = FdSpec(fd, FdKind.PIPE_IN, channel=fd + 1)
+        elif passed and kind == fdinfo.PIPE_WRITE:
+            spec = FdSpec(fd, FdKind.PIPE_OUT, channel=fd + 1)
+        elif passed and kind == fdinfo.UNIX_STREAM:
+            spec = FdSpec(fd, FdKind.SOCKET, channel=fd + 1)
+        elif passed and kind == fdinfo.UNIX_LISTENER:
+            spec = FdSpec(fd, FdKind.LISTENER)
+        else:
+            what = str(d.get("what", kind))
+            if "all" in leave_behind or what in leave_behind:
+                log.info("leaving fd %d (%s) behind, as configured", fd, what)
+                local_only.append(fd)
+                continue
+            raise UnsupportedFdError(fd, what)
+        specs.append(spec)
+        if passed:
+            relayed[fd] = spec
+    return FdPlan(tuple(specs), relayed, tuple(local_only))
+
+
+def open_flags(spec: FdSpec) -> int:
+    """Symbolic access from the wire to this machine's open(2) flags."""
+    flags = {"r": os.O_RDONLY, "w": os.O_WRONLY, "rw": os.O_RDWR}[spec.access]
+    if spec.append:
+        flags |= os.O_APPEND
+    return flags
+
+
+def ensure_private_dir(path: Path, mode: int = 0o700) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, mode)
