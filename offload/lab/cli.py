@@ -1,3 +1,68 @@
-"""offload lab: placeholder until the lab lands."""
-def add_commands(commands):
-    pass
+"""``offload lab``: bring the two-namespace lab up and down, and run commands in it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from offload.errors import LabError
+from offload.lab.lab import SERVICES, Lab
+
+_NAME_ENV = "OFFLOAD_LAB_NAME"
+
+
+def _lab(args: argparse.Namespace) -> Lab:
+    return Lab(args.name or os.environ.get(_NAME_ENV) or "offload")
+
+
+def _up(args: argparse.Namespace) -> int:
+    lab = _lab(args)
+    only = [s for item in args.only or [] for s in item.split(",") if s]
+    for line in lab.up(only=only or None, allow=args.allow or ()):
+        print(f"up: {line}")
+    print(f"lab {lab.name} is up; try: offload lab exec dpu -- rexec /bin/true")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    removed = _lab(args).down()
+    for line in removed:
+        print(f"removed: {line}")
+    if not removed:
+        print("nothing to remove")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    for line in _lab(args).status():
+        print(line)
+    return 0
+
+
+def _exec(args: argparse.Namespace) -> int:
+    lab = _lab(args)
+    if not lab.is_up:
+        raise LabError(f"lab {lab.name} is down (offload lab up first)")
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise LabError("no command given: offload lab exec {host|dpu} -- CMD ...")
+    command = lab.command(args.side, argv)
+    os.execvpe(command[0], command, lab.env(args.side))
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    lab = commands.add_parser("lab", help="the two-namespace lab: host and DPU on one machine")
+    lab.add_argument("--name", help=f"lab name (default $ {_NAME_ENV} or 'offload')")
+    sub = lab.add_subparsers(dest="lab_command", required=True, metavar="COMMAND")
+    up = sub.add_parser("up", help="create namespaces, PKI and services; return when all are ready")
+    up.add_argument("--only", action="append", metavar="SERVICES", help=f"comma-separated subset of: {', '.join(SERVICES)}")
+    up.add_argument("--allow", action="append", metavar="PROGRAM", help="add PROGRAM to both sides' rexec whitelists")
+    up.set_defaults(handler=_up)
+    down = sub.add_parser("down", help="remove every process, namespace and veth of the lab (idempotent)")
+    down.set_defaults(handler=_down)
+    status = sub.add_parser("status", help="show what runs where")
+    status.set_defaults(handler=_status)
+    exe = sub.add_parser("exec", help="run a command on one side, with CMD_NET_ADDR pointing at the other")
+    exe.add_argument("side", choices=["host", "dpu"])
+    exe.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    exe.set_defaults(handler=_exec)

@@ -1,0 +1,272 @@
+"""The lab: host and DPU as two network namespaces on one machine.
+
+``up`` makes the namespaces ``NAME-host`` and ``NAME-dpu`` joined by a veth
+pair, creates a PKI for both nodes, and starts each side's services with
+their own state directory under /run/offload-lab/NAME.  Every process it
+starts is recorded in the lab's state file before ``up`` waits for it, so
+``down`` can remove everything after a failed ``up`` too.  Services report
+readiness over sd_notify to a socket of the lab, as they would to systemd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from offload import pki, proc
+from offload.errors import LabError
+from offload.lab import netlink
+
+log = logging.getLogger(__name__)
+
+LAB_ROOT = Path("/run/offload-lab")
+REXEC_PORT = 7001
+READY_TIMEOUT = 30.0
+SERVICES = ("rexec",)
+#: Programs each side's whitelist allows besides --allow ones.
+DEFAULT_ALLOW = (
+    "/bin/true",
+    "/usr/bin/true",
+    "/bin/false",
+    "/usr/bin/false",
+    "/bin/cat",
+    "/usr/bin/cat",
+    "/bin/sh",
+    "/usr/bin/sh",
+    "/bin/sleep",
+    "/usr/bin/sleep",
+    "/usr/bin/head",
+    "/usr/bin/env",
+)
+
+
+@dataclass(frozen=True)
+class LabSide:
+    role: str  # host or dpu
+    link: netlink.Side
+    run_dir: Path
+
+    @property
+    def netns(self) -> str:
+        return self.link.netns
+
+
+class Lab:
+    def __init__(self, name: str = "offload", root: Path = LAB_ROOT) -> None:
+        if not name.replace("-", "").isalnum() or len(name) > 10:
+            raise LabError(f"lab name {name!r}: use up to 10 letters, digits or dashes")
+        self.name = name
+        self.dir = root / name
+        self.host = LabSide("host", netlink.Side(f"{name}-host", f"{name}-h", "169.254.77.1"), self.dir / "host")
+        self.dpu = LabSide("dpu", netlink.Side(f"{name}-dpu", f"{name}-d", "169.254.77.2"), self.dir / "dpu")
+        self.state_file = self.dir / "state.json"
+
+    # -- state ---------------------------------------------------------------
+
+    def side(self, role: str) -> LabSide:
+        if role not in ("host", "dpu"):
+            raise LabError(f"unknown side {role!r} (host or dpu)")
+        return self.host if role == "host" else self.dpu
+
+    def other(self, side: LabSide) -> LabSide:
+        return self.dpu if side is self.host else self.host
+
+    def _state(self) -> dict:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {"pids": {}}
+
+    def _record(self, key: str, pid: int) -> None:
+        state = self._state()
+        state["pids"][key] = pid
+        self.state_file.write_text(json.dumps(state, indent=1))
+
+    @property
+    def is_up(self) -> bool:
+        return self.state_file.exists()
+
+    # -- environment for commands ----------------------------------------------
+
+    def rexec_address(self, side: LabSide) -> str:
+        return f"tcp://{side.link.address}:{REXEC_PORT}"
+
+    def env(self, role: str) -> dict[str, str]:
+        """What an operator's unit file would give a program on that side."""
+        side = self.side(role)
+        bin_dir = str(Path(sys.executable).parent)
+        env = dict(os.environ)
+        env.update(
+            CMD_NET_ADDR=self.rexec_address(self.other(side)),
+            REXEC_AGENT_SOCKET=str(side.run_dir / "rexec.sock"),
+            PATH=f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}",
+        )
+        return env
+
+    def command(self, role: str, argv: list[str]) -> list[str]:
+        return proc.in_netns(self.side(role).netns, argv)
+
+    # -- up and down ---------------------------------------------------------------
+
+    def up(self, only: list[str] | None = None, allow: list[str] | tuple[str, ...] = ()) -> list[str]:
+        services = list(only or SERVICES)
+        unknown = set(services) - set(SERVICES)
+        if unknown:
+            raise LabError(f"unknown service(s) {', '.join(sorted(unknown))}; known: {', '.join(SERVICES)}")
+        if self.is_up:
+            raise LabError(f"lab {self.name} is already up (offload lab down first)")
+        if os.geteuid() != 0:
+            raise LabError("the lab needs root (network namespaces and veth)")
+        done = []
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.state_file.write_text(json.dumps({"pids": {}, "services": services}))
+            netlink.create_pair(self.host.link, self.dpu.link)
+            done.append(f"namespaces {self.host.netns} ({self.host.link.address}) and {self.dpu.netns} ({self.dpu.link.address}) joined by veth")
+            pki.init(self.dir / "pki", ["host", "dpu"])
+            done.append(f"PKI in {self.dir / 'pki'}")
+            (self.dir / "shared").mkdir(exist_ok=True)
+            for side in (self.host, self.dpu):
+                side.run_dir.mkdir(parents=True, exist_ok=True)
+                self._write_whitelist(side, allow)
+            if "rexec" in services:
+                for side in (self.host, self.dpu):
+                    self._start_rexec(side)
+                    done.append(f"rexec_server on {side.role} at {self.rexec_address(side)}")
+        except BaseException:
+            log.error("lab up failed; removing what was made")
+            with contextlib.suppress(Exception):
+                self.down()
+            raise
+        return done
+
+    def _write_whitelist(self, side: LabSide, allow: list[str] | tuple[str, ...]) -> None:
+        path = side.run_dir / "whitelist"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        path.write_text("".join(f"{p}\n" for p in dict.fromkeys([*DEFAULT_ALLOW, *allow])))
+        os.chmod(path, 0o400)
+
+    def _start_rexec(self, side: LabSide) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "offload.rexec_server",
+            "--node",
+            side.role,
+            "--listen",
+            self.rexec_address(side),
+            "--peer",
+            self.rexec_address(self.other(side)),
+            "--whitelist",
+            str(side.run_dir / "whitelist"),
+            "--pki",
+            str(self.dir / "pki" / side.role),
+            "--run-dir",
+            str(side.run_dir),
+            "--shared-path",
+            str(self.dir / "shared"),
+            "--keepalive",
+            "6",
+        ]
+        self.start_service(f"{side.role}-rexec", side, argv)
+
+    def start_service(self, key: str, side: LabSide, argv: list[str]) -> int:
+        """Start a daemon in ``side``'s namespace and wait for its READY=1."""
+        notify_path = self.dir / f"{key}.notify"
+        log_path = self.dir / f"{key}.log"
+        with contextlib.suppress(FileNotFoundError):
+            notify_path.unlink()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
+            notify.bind(str(notify_path))
+            env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+            env["NOTIFY_SOCKET"] = str(notify_path)
+            with open(log_path, "ab") as log_file:
+                child = proc.spawn(
+                    proc.in_netns(side.netns, argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                )
+            self._record(key, child.pid)
+            deadline = time.monotonic() + READY_TIMEOUT
+            notify.settimeout(0.2)
+            while True:
+                try:
+                    if b"READY=1" in notify.recv(4096):
+                        break
+                except TimeoutError:
+                    pass
+                if child.poll() is not None:
+                    raise LabError(f"{key} exited with status {child.returncode} before it was ready:\n{_tail(log_path)}")
+                if time.monotonic() > deadline:
+                    raise LabError(f"{key} was not ready after {READY_TIMEOUT:.0f} s:\n{_tail(log_path)}")
+        # It runs on after we return; it is ours to end in down(), by pid.
+        child.returncode = 0
+        return child.pid
+
+    def down(self) -> list[str]:
+        removed = []
+        pids = dict(self._state()["pids"])
+        for key, pid in pids.items():
+            if self._is_ours(pid):
+                proc.end_pid(pid)
+                removed.append(f"{key} (pid {pid})")
+        # Anything else started from this lab's directory (a state file lost
+        # in a crash) is ours too.
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            if process.info["pid"] not in pids.values() and self._is_ours(process.info["pid"], process.info["cmdline"]):
+                proc.end_pid(process.info["pid"])
+                removed.append(f"leftover pid {process.info['pid']}")
+        removed += netlink.remove(
+            [self.host.netns, self.dpu.netns],
+            [self.host.link.ifname, self.dpu.link.ifname],
+        )
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+            removed.append(str(self.dir))
+        return removed
+
+    def _is_ours(self, pid: int, cmdline: list[str] | None = None) -> bool:
+        try:
+            cmdline = cmdline if cmdline is not None else psutil.Process(pid).cmdline()
+        except psutil.Error:
+            return False
+        return any(str(self.dir) in arg for arg in cmdline or ())
+
+    def status(self) -> list[str]:
+        if not self.is_up:
+            return [f"lab {self.name} is down"]
+        lines = [f"lab {self.name}: {self.dir}"]
+        present = netlink.namespaces()
+        for side in (self.host, self.dpu):
+            state = "present" if side.netns in present else "MISSING"
+            lines.append(f"  {side.role}: netns {side.netns} {state}, {side.link.ifname} {side.link.address}")
+        for key, pid in self._state()["pids"].items():
+            alive = "running" if psutil.pid_exists(pid) and self._is_ours(pid) else "NOT RUNNING"
+            lines.append(f"  {key}: pid {pid} {alive}")
+        return lines
+
+    def set_link(self, up: bool) -> None:
+        """Cut (or restore) the link between the sides, as a pulled cable would."""
+        netlink.set_link(self.dpu.link, up)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
