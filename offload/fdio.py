@@ -106,11 +106,12 @@ class BorrowedSocketEnd(ByteEnd):
                 raise trio.BrokenResourceError(exc) from exc
 
     async def shutdown_write(self) -> None:
+        # Half-close only: the other direction may still be carrying data.
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        await self.aclose()
+        await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
         trio.lowlevel.notify_closing(self.sock)

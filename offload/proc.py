@@ -153,11 +153,12 @@ def run(argv: Sequence[str], *, check: bool = True, capture: bool = True, **opti
     """Run a command to completion; on failure raise OffloadError with its output."""
     log.debug("running %s", describe(argv))
     try:
+        if "input" not in options:
+            options.setdefault("stdin", subprocess.DEVNULL)
         result = subprocess.run(
             list(argv),
-            stdin=options.pop("stdin", subprocess.DEVNULL),
             capture_output=capture,
-            text=True,
+            text=options.pop("text", True),
             **options,
         )
     except FileNotFoundError:

@@ -83,12 +83,10 @@ def die_by_signal(signum: int) -> NoReturn:
 
     # The remote program may have dumped core; the stand-in must not.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    try:
+    if signum not in (signal.SIGKILL, signal.SIGSTOP):  # these have no handler to reset
         signal.signal(signum, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
-        os.kill(os.getpid(), signum)
-    except (OSError, ValueError):
-        pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+    os.kill(os.getpid(), signum)
     # Still alive: the signal does not terminate by default (or cannot be
     # raised here), so report it the way a shell would.
     os._exit(128 + signum)

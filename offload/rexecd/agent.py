@@ -17,6 +17,7 @@ import pwd
 import socket
 import struct
 from dataclasses import dataclass
+from functools import partial
 
 import psutil
 import trio
@@ -127,7 +128,7 @@ class AgentSession:
         self.pidmap_pids: list[int] = []
         self.remote_pid = 0
         self.pending_signals: list[int] = []
-        self.inbound_done: list[trio.Event] = []
+        self.inbound_channels: list[int] = []
         self.bridge_channels = iter(range(FIRST_BRIDGE_CHANNEL, 1 << 32))
 
     # -- talking to the stand-in -------------------------------------------------
@@ -177,6 +178,10 @@ class AgentSession:
             await self._run_remote(caller, request, relayed)
         except RefusedError as exc:
             await self.refuse(exc.exit_code, str(exc))
+        except TransportError as exc:
+            log.info("session to %s failed: %s", self.address, exc)
+            host = self.address.display_host if self.address else "the peer"
+            await self.tell(local.L_LINK_LOST, {"message": f"link to {host} lost"})
         except (ValueError, KeyError, TypeError, OffloadError) as exc:
             await self.refuse(EXIT_FAILURE, f"bad request: {exc}")
         finally:
@@ -263,17 +268,10 @@ class AgentSession:
         inbound = spec.kind in (FdKind.PIPE_OUT, FdKind.SOCKET)
         outbound = spec.kind in (FdKind.PIPE_IN, FdKind.SOCKET)
         end = borrow(fd, writing=inbound)
-        done = trio.Event()
         if inbound:
-            self.inbound_done.append(done)
-        nursery.start_soon(self._relay, spec.channel, end, inbound, outbound, done)
-
-    async def _relay(self, channel: int, end: ByteEnd, inbound: bool, outbound: bool, done: trio.Event) -> None:
-        assert self.link is not None
-        try:
-            await self.link.relay(channel, end, inbound=inbound, outbound=outbound)
-        finally:
-            done.set()
+            self.inbound_channels.append(spec.channel)
+        self.link.add_channel(spec.channel)
+        nursery.start_soon(partial(self.link.relay, spec.channel, end, inbound=inbound, outbound=outbound))
 
     async def _accept_loop(self, nursery: trio.Nursery, target_fd: int, fd: int) -> None:
         """Carry each connection accepted on the caller's listener to the remote one."""
@@ -286,7 +284,8 @@ class AgentSession:
                 conn, _ = await listener.accept()
                 channel = next(self.bridge_channels)
                 await self.link.send(Open(channel, target_fd))
-                nursery.start_soon(self._relay, channel, StreamEnd(trio.SocketStream(conn)), True, True, trio.Event())
+                end = StreamEnd(trio.SocketStream(conn))
+                nursery.start_soon(partial(self.link.relay, channel, end, inbound=True, outbound=True))
         finally:
             listener.close()
 
@@ -344,9 +343,9 @@ class AgentSession:
         """Deliver every byte the program wrote before reporting how it ended."""
         assert self.link is not None
         self.link.finish_inbound()
-        for done in self.inbound_done:
-            await done.wait()
-        self.inbound_done.clear()
+        for channel in self.inbound_channels:
+            await self.link.wait_drained(channel)
+        self.inbound_channels.clear()
 
     async def _cleanup(self) -> None:
         for fd in self.fds:

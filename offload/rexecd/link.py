@@ -63,6 +63,7 @@ class ChannelState:
     eof: bool = False  # the peer will send no more
     reset: bool = False  # dead both ways
     changed: trio.Event = field(default_factory=trio.Event)
+    drained: trio.Event = field(default_factory=trio.Event)  # pump_in delivered its last byte
 
     def wake(self) -> None:
         self.changed.set()
@@ -86,8 +87,22 @@ class SessionLink:
     # -- plumbing --------------------------------------------------------------
 
     async def send(self, event: Event) -> None:
-        if isinstance(event, SESSION_EVENTS) and self.conn.state is State.DONE:
-            return  # the session ended; the peer drops late channel frames anyway
+        """Send one event.
+
+        Channel events never raise transport errors: a broken link is
+        reported once, by `run`, as LinkFailed on ``control``; the pumps just
+        stop.  After the session ended they are not sent at all (the peer
+        would drop them).
+        """
+        if isinstance(event, SESSION_EVENTS):
+            if self.conn.state is State.DONE or self.failure is not None:
+                return
+            try:
+                async with self._send_lock:
+                    await self._send_bytes(self.conn.send(event))
+            except TransportError:
+                await trio.lowlevel.checkpoint()
+            return
         async with self._send_lock:
             await self._send_bytes(self.conn.send(event))
 
@@ -197,8 +212,9 @@ class SessionLink:
 
     async def _give_back(self, channel: int, count: int) -> None:
         window = self.conn.consumed(channel, count)
-        if window:
-            await self.send_raw(window)
+        if window and self.conn.state is not State.DONE:
+            with contextlib.suppress(TransportError):
+                await self.send_raw(window)
 
     # -- channels ----------------------------------------------------------------
 
@@ -237,6 +253,18 @@ class SessionLink:
     async def pump_in(self, channel: int, sink: ByteEnd) -> None:
         """Peer -> local sink, granting window as the sink takes the bytes."""
         state = self._channels[channel]
+        try:
+            await self._pump_in(channel, state, sink)
+        finally:
+            state.drained.set()
+
+    async def wait_drained(self, channel: int) -> None:
+        """Until everything received on ``channel`` reached its local sink."""
+        state = self._channels.get(channel)
+        if state is not None:
+            await state.drained.wait()
+
+    async def _pump_in(self, channel: int, state: ChannelState, sink: ByteEnd) -> None:
         while True:
             if state.chunks:
                 data = state.chunks.popleft()

@@ -1,0 +1,84 @@
+"""Shared fixtures: the lab, and helpers to run the stand-in on the DPU side."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from offload import proc
+from offload.lab.lab import Lab
+
+PYTHON = sys.executable
+#: A whitelisted program that does not exist: exec fails with ENOENT (127).
+MISSING = "/usr/bin/offload-test-no-such-program"
+NEEDS_ROOT = "needs root: network namespaces, veth and mounts (CI runs as root)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason=NEEDS_ROOT)
+    for item in items:
+        if "lab" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    lab = Lab("offt")
+    lab.down()  # whatever a crashed earlier run left
+    lab.up(allow=[PYTHON, MISSING])
+    try:
+        yield lab
+    finally:
+        # Keep the daemons' logs of this run for a post-mortem.
+        import shutil
+
+        keep = Path("/tmp/offload-test-logs")
+        shutil.rmtree(keep, ignore_errors=True)
+        keep.mkdir()
+        for log in lab.dir.glob("*.log"):
+            shutil.copy(log, keep)
+        lab.down()
+
+
+@pytest.fixture
+def shared(lab: Lab) -> Path:
+    """A directory that both sides see at the same path (configured as shared)."""
+    return lab.dir / "shared"
+
+
+def rexec(lab: Lab, *args: str, side: str = "dpu", timeout: float = 30, **options) -> subprocess.CompletedProcess:
+    """Run ``rexec ARGS`` on ``side`` (the DPU by default) and wait for it."""
+    options.setdefault("text", False)
+    return proc.run(lab.command(side, ["rexec", *args]), env=lab.env(side), check=False, timeout=timeout, **options)
+
+
+def start_rexec(lab: Lab, *args: str, side: str = "dpu", **options) -> subprocess.Popen:
+    """Start ``rexec ARGS`` on ``side``; the caller owns the process."""
+    options.setdefault("stdin", subprocess.DEVNULL)
+    return proc.spawn(lab.command(side, ["rexec", *args]), env=lab.env(side), **options)
+
+
+def server_pid(lab: Lab, role: str) -> int:
+    import json
+
+    return json.loads((lab.dir / "state.json").read_text())["pids"][f"{role}-rexec"]
+
+
+def free_fd(preferred: int) -> int:
+    """``preferred`` or the next fd number above it that nothing here uses."""
+    import fcntl
+
+    fd = preferred
+    while True:
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            return fd
+        fd += 1

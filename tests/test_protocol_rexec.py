@@ -1,0 +1,201 @@
+"""The rexec session state machine and its events, sans-io."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from offload.errors import LocalProtocolError, RemoteProtocolError
+from offload.protocol.framing import encode_frame
+from offload.protocol.rexec import (
+    INITIAL_WINDOW,
+    ConnectionClosed,
+    Data,
+    Eof,
+    Exec,
+    ExecRequest,
+    Exited,
+    FdKind,
+    FdSpec,
+    Hello,
+    Open,
+    Refused,
+    RexecConnection,
+    Role,
+    Signal,
+    Started,
+    State,
+    Window,
+)
+
+REQUEST = ExecRequest(
+    argv=("/usr/bin/qemu-kvm", "-name", "a b", "\udcff"),
+    env={"LANG": "C.UTF-8"},
+    cwd="/var/lib/libvirt",
+    umask=0o027,
+    user="libvirt-qemu",
+    fds=(
+        FdSpec(0, FdKind.NULL, access="r"),
+        FdSpec(1, FdKind.PIPE_OUT, channel=2),
+        FdSpec(2, FdKind.PIPE_OUT, channel=3),
+        FdSpec(5, FdKind.FILE, path="/var/lib/libvirt/x", access="rw", append=True, offset=1 << 40),
+        FdSpec(29, FdKind.LISTENER),
+    ),
+)
+
+
+def pair() -> tuple[RexecConnection, RexecConnection]:
+    client, server = RexecConnection(Role.CLIENT), RexecConnection(Role.SERVER)
+    feed(server, client.send(Hello("dpu")))
+    feed(client, server.send(Hello("host")))
+    return client, server
+
+
+def feed(conn: RexecConnection, data: bytes) -> list:
+    conn.receive_data(data)
+    events = []
+    while (event := conn.next_event()) is not None:
+        events.append(event)
+        if isinstance(event, ConnectionClosed):
+            break
+    return events
+
+
+def test_full_session() -> None:
+    client, server = pair()
+    assert client.state is server.state is State.IDLE
+    assert feed(server, client.send(Exec(REQUEST))) == [Exec(REQUEST)]
+    assert feed(client, server.send(Started(4242))) == [Started(4242)]
+    assert feed(server, client.send(Signal(signal.SIGTERM))) == [Signal(signal.SIGTERM)]
+    assert feed(client, server.send(Data(2, b"out"))) == [Data(2, b"out")]
+    assert feed(client, server.send(Eof(2))) == [Eof(2)]
+    assert feed(server, client.send(Open(0x10000, 29))) == [Open(0x10000, 29)]
+    assert feed(client, server.send(Exited(signal=signal.SIGKILL))) == [Exited(signal=signal.SIGKILL)]
+    assert client.state is server.state is State.DONE
+    # Frames that crossed Exited on the wire are dropped, not errors.
+    assert feed(server, client.send(Signal(signal.SIGTERM))) == [Signal(signal.SIGTERM)]
+
+
+def test_refusal_ends_the_session() -> None:
+    client, server = pair()
+    feed(server, client.send(Exec(REQUEST)))
+    assert feed(client, server.send(Refused(126, "x: not allowed on host"))) == [Refused(126, "x: not allowed on host")]
+    assert client.state is State.DONE
+
+
+@pytest.mark.parametrize(
+    "event",
+    [Started(1), Exited(code=0), Data(2, b"x"), Eof(2), Refused(1, "no")],
+)
+def test_out_of_order_from_the_server_is_refused(event) -> None:
+    client, server = pair()
+    # Forge the frame: the server's own state machine would not send it.
+    wire = {Started: 0x11, Exited: 0x13, Data: 0x20, Eof: 0x21, Refused: 0x12}[type(event)]
+    payload = b'{"pid":1}' if isinstance(event, Started) else b'{"code":0}' if isinstance(event, Exited) else b""
+    if isinstance(event, Refused):
+        payload = b'{"code":1,"reason":"no"}'
+    with pytest.raises(RemoteProtocolError):
+        feed(client, encode_frame(wire, 2 if isinstance(event, Data | Eof) else 0, payload))
+
+
+def test_nothing_before_hello() -> None:
+    server = RexecConnection(Role.SERVER)
+    with pytest.raises(RemoteProtocolError, match="before Hello"):
+        feed(server, encode_frame(0x02, 0, b"p"))
+
+
+def test_second_exec_refused() -> None:
+    client, server = pair()
+    feed(server, client.send(Exec(REQUEST)))
+    with pytest.raises(RemoteProtocolError):
+        feed(server, encode_frame(0x10, 0, b'{"argv":["/bin/true"],"env":{},"cwd":"/","umask":18,"user":"root","fds":[]}'))
+
+
+def test_local_misuse_raises_local_error() -> None:
+    client, server = pair()
+    with pytest.raises(LocalProtocolError):
+        client.send(Started(1))
+    with pytest.raises(LocalProtocolError):
+        server.send(Exited(code=0))
+
+
+def test_flow_control_window() -> None:
+    client, server = pair()
+    feed(server, client.send(Exec(REQUEST)))
+    feed(client, server.send(Started(7)))
+    chunk = b"x" * (256 << 10)
+    for _ in range(INITIAL_WINDOW // len(chunk)):
+        feed(client, server.send(Data(2, chunk)))
+    assert server.send_credit(2) == 0
+    with pytest.raises(LocalProtocolError, match="exceeds the credit"):
+        server.send(Data(2, b"y"))
+    # The client's consumer takes half a window: a Window frame is due.
+    assert client.consumed(2, INITIAL_WINDOW // 4) == b""
+    window = client.consumed(2, INITIAL_WINDOW // 4)
+    assert feed(server, window) == [Window(2, INITIAL_WINDOW // 2)]
+    assert server.send_credit(2) == INITIAL_WINDOW // 2
+
+
+def test_window_overrun_by_peer_detected() -> None:
+    client, server = pair()
+    feed(server, client.send(Exec(REQUEST)))
+    feed(client, server.send(Started(7)))
+    chunk = encode_frame(0x20, 2, b"x" * (256 << 10))
+    with pytest.raises(RemoteProtocolError, match="overran"):
+        feed(client, chunk * (INITIAL_WINDOW // (256 << 10) + 1))
+
+
+def test_exec_request_round_trip_keeps_odd_bytes() -> None:
+    assert ExecRequest.from_json(REQUEST.to_json()) == REQUEST
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"argv": []},
+        {"cwd": "relative"},
+        {"cwd": "/a/../b"},
+        {"umask": 0o1000},
+        {"user": "../root"},
+        {"env": {"A=B": "x"}},
+    ],
+)
+def test_bad_requests_refused_on_construction(change: dict) -> None:
+    fields = REQUEST.to_json() | change
+    with pytest.raises((RemoteProtocolError, ValueError)):
+        ExecRequest.from_json(fields)
+
+
+def test_file_spec_refuses_dotdot() -> None:
+    with pytest.raises(ValueError, match=r"'\.\.'"):
+        FdSpec(3, FdKind.FILE, path="/var/lib/../../etc/shadow")
+
+
+def test_signal_by_name_unknown_refused() -> None:
+    client, server = pair()
+    feed(server, client.send(Exec(REQUEST)))
+    feed(client, server.send(Started(7)))
+    with pytest.raises(RemoteProtocolError, match="unknown signal"):
+        feed(server, encode_frame(0x15, 0, b'{"signal":"SIGNOPE"}'))
+
+
+def test_peer_close_reported() -> None:
+    client, _ = pair()
+    client.receive_data(b"")
+    assert client.next_event() == ConnectionClosed()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 0x30), st.integers(0, 3), st.binary(max_size=64)), max_size=6))
+def test_server_on_arbitrary_frames(frames) -> None:
+    """Arbitrary well-framed garbage: events or RemoteProtocolError, nothing else."""
+    _, server = pair()
+    try:
+        for type, channel, payload in frames:
+            feed(server, encode_frame(type, channel, payload))
+        feed(server, b"")
+    except RemoteProtocolError:
+        pass

@@ -1,0 +1,370 @@
+"""rexec across the lab: the stand-in on the DPU side, programs on the host side."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from offload.lab.lab import Lab
+from tests.conftest import MISSING, PYTHON, free_fd, rexec, server_pid, start_rexec
+
+pytestmark = pytest.mark.lab
+
+#: dash (/bin/sh) takes only single-digit fds in redirections; bash takes any.
+BASH = ("/usr/bin/env", "bash", "-c")
+
+
+def host_netns_inode(lab: Lab) -> int:
+    return os.stat(f"/run/netns/{lab.host.netns}").st_ino
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def pidmap(lab: Lab, standin: int) -> Path:
+    return lab.dpu.run_dir / "pids" / str(standin)
+
+
+def remote_pid_of(lab: Lab, standin: int) -> int:
+    path = pidmap(lab, standin)
+    return int(wait_for(lambda: path.exists() and path.read_text(), 10, f"pidmap {path}"))
+
+
+@pytest.mark.parametrize(("script", "code"), [("exit 0", 0), ("exit 1", 1), ("exit 7", 7)])
+def test_exit_codes(lab: Lab, script: str, code: int) -> None:
+    assert rexec(lab, "/bin/sh", "-c", script).returncode == code
+
+
+def test_not_allowed_is_126_with_message(lab: Lab) -> None:
+    result = rexec(lab, "/usr/bin/id")
+    assert result.returncode == 126
+    assert result.stderr == b"rexec: /usr/bin/id: not allowed on host\n"
+
+
+@pytest.mark.parametrize("program", [MISSING, "no-such-program"])
+def test_missing_program_is_127(lab: Lab, program: str) -> None:
+    result = rexec(lab, program)
+    assert result.returncode == 127
+    assert program.encode() in result.stderr and b"host" in result.stderr
+
+
+def test_program_runs_in_the_host_namespace(lab: Lab) -> None:
+    result = rexec(lab, "/usr/bin/env", "sh", "-c", "readlink /proc/self/ns/net")
+    assert result.returncode == 0, result.stderr
+    # /run/netns/NAME is a bind mount of the namespace's nsfs inode.
+    assert result.stdout.decode().strip() == f"net:[{host_netns_inode(lab)}]"
+
+
+def test_stdin_to_stdout(lab: Lab) -> None:
+    result = rexec(lab, "cat", input=b"abc")
+    assert (result.returncode, result.stdout) == (0, b"abc")
+
+
+def test_stdin_eof_reaches_remote(lab: Lab) -> None:
+    # wc only prints once stdin ends; a lost EOF would hang until the timeout.
+    result = rexec(lab, "/bin/sh", "-c", "cat | wc -c", input=b"x" * 1000, timeout=20)
+    assert result.stdout.strip() == b"1000"
+
+
+def test_ten_mib_binary_output_intact(lab: Lab, shared: Path) -> None:
+    data = os.urandom(10 << 20)
+    (shared / "random.bin").write_bytes(data)
+    result = rexec(lab, "cat", str(shared / "random.bin"))
+    assert result.returncode == 0
+    assert result.stdout == data
+
+
+def test_ten_mib_both_ways_through_cat(lab: Lab) -> None:
+    data = os.urandom(10 << 20)
+    result = rexec(lab, "cat", input=data)
+    assert result.stdout == data
+
+
+def test_stdout_and_stderr_separate_and_complete(lab: Lab) -> None:
+    result = rexec(lab, "/bin/sh", "-c", "echo out; echo err >&2; head -c 300000 /dev/zero; exit 3")
+    assert result.returncode == 3
+    assert result.stdout == b"out\n" + bytes(300000)
+    assert result.stderr == b"err\n"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL, signal.SIGSEGV])
+def test_death_by_signal_seen_by_waitpid(lab: Lab, signum: int) -> None:
+    result = rexec(lab, "/bin/sh", "-c", f"kill -{signal.Signals(signum).name[3:]} $$")
+    assert result.returncode == -signum  # subprocess's form of WIFSIGNALED/WTERMSIG
+
+
+@pytest.mark.parametrize(
+    "signum",
+    [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT],
+)
+def test_signals_forwarded(lab: Lab, signum: int) -> None:
+    name = signal.Signals(signum).name[3:]
+    script = f"trap 'echo got {name}; exit 42' {name}; echo ready; while :; do sleep 0.05; done"
+    child = start_rexec(lab, "/bin/sh", "-c", script, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"ready\n"
+        child.send_signal(signum)
+        out, _ = child.communicate(timeout=15)
+        assert child.returncode == 42
+        assert out == f"got {name}\n".encode()
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_pidmap_file_locked_and_removed(lab: Lab) -> None:
+    child = start_rexec(lab, "/bin/sleep", "30")
+    try:
+        remote = remote_pid_of(lab, child.pid)
+        path = pidmap(lab, child.pid)
+        assert path.read_bytes() == str(remote).encode()  # decimal, no newline
+        assert psutil.Process(remote).cmdline() == ["/bin/sleep", "30"]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        child.terminate()
+        child.wait(timeout=10)
+        wait_for(lambda: not path.exists(), 5, "pidmap removal")
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_sigkill_of_stand_in_leaves_no_remote_process(lab: Lab) -> None:
+    child = start_rexec(lab, "/bin/sh", "-c", "trap '' TERM; sleep 60")
+    try:
+        remote = remote_pid_of(lab, child.pid)
+        assert psutil.pid_exists(remote)
+        child.kill()
+        child.wait()
+        start = time.monotonic()
+        # The script ignores SIGTERM: only the SIGKILL after the grace ends it.
+        wait_for(lambda: not psutil.pid_exists(remote) or psutil.Process(remote).status() == "zombie", 5, f"remote pid {remote} to go")
+        assert time.monotonic() - start < 5
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_regular_file_fd_at_offset(lab: Lab, shared: Path) -> None:
+    path = shared / "offset.txt"
+    path.write_bytes(b"0123456789abcdef")
+    with open(path, "rb") as stream:
+        stream.seek(10)
+        fd = os.dup2(stream.fileno(), free_fd(70))
+        try:
+            result = rexec(lab, *BASH, f"cat <&{fd}", pass_fds=[fd])
+        finally:
+            os.close(fd)
+    assert result.stdout == b"abcdef"
+
+
+def test_local_only_file_fd_stays_local(lab: Lab, tmp_path: Path) -> None:
+    path = tmp_path / "pidfile"
+    path.write_text("1")
+    opened = os.open(path, os.O_RDWR)
+    fd = os.dup2(opened, free_fd(60))
+    os.close(opened)
+    try:
+        result = rexec(lab, *BASH, f"test -e /proc/self/fd/{fd} && echo open || echo closed", pass_fds=[fd])
+    finally:
+        os.close(fd)
+    assert result.stdout == b"closed\n"
+
+
+def test_pipe_fds_both_directions(lab: Lab) -> None:
+    to_remote_r, to_remote_w = os.pipe()
+    from_remote_r, from_remote_w = os.pipe()
+    reader = os.dup2(to_remote_r, free_fd(90))
+    writer = os.dup2(from_remote_w, free_fd(80))
+    for fd in (to_remote_r, from_remote_w):
+        os.close(fd)
+    try:
+        script = f"read line <&{reader}; echo \"got $line\" >&{writer}"
+        child = start_rexec(lab, *BASH, script, pass_fds=[reader, writer])
+    finally:
+        os.close(reader)
+        os.close(writer)
+    os.write(to_remote_w, b"hello\n")
+    os.close(to_remote_w)
+    try:
+        assert child.wait(timeout=20) == 0
+        assert os.read(from_remote_r, 100) == b"got hello\n"
+        assert os.read(from_remote_r, 100) == b""  # every write end is closed
+    finally:
+        os.close(from_remote_r)
+        child.kill()
+        child.wait()
+
+
+def test_listening_socket_is_bridged(lab: Lab, tmp_path: Path) -> None:
+    """libvirt hands qemu its QMP listener as fd N; connections must reach the remote program."""
+    path = str(tmp_path / "monitor.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    fd = os.dup2(listener.fileno(), free_fd(29))
+    listener.close()
+    server = textwrap.dedent(
+        f"""
+        import socket
+        listener = socket.socket(fileno={fd})
+        for _ in range(2):
+            conn, _ = listener.accept()
+            line = conn.makefile("rb").readline()
+            conn.sendall(b"remote says " + line)
+            conn.close()
+        """
+    )
+    try:
+        child = start_rexec(lab, PYTHON, "-c", server, pass_fds=[fd], stderr=subprocess.PIPE)
+    finally:
+        os.close(fd)
+    try:
+        for word in (b"one", b"two"):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.settimeout(20)
+                client.connect(path)
+                client.sendall(word + b"\n")
+                assert client.makefile("rb").readline() == b"remote says " + word + b"\n"
+        assert child.wait(timeout=20) == 0, child.stderr.read()
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_connected_socket_relayed(lab: Lab) -> None:
+    ours, theirs = socket.socketpair()
+    fd = os.dup2(theirs.fileno(), free_fd(110))
+    theirs.close()
+    try:
+        child = start_rexec(lab, *BASH, f"read x <&{fd}; echo \"pong $x\" >&{fd}", pass_fds=[fd])
+    finally:
+        os.close(fd)
+    try:
+        ours.sendall(b"ping\n")
+        ours.settimeout(20)
+        assert ours.recv(100) == b"pong ping\n"
+        assert child.wait(timeout=20) == 0
+    finally:
+        ours.close()
+        child.kill()
+        child.wait()
+
+
+def test_eventfd_refused_naming_the_fd(lab: Lab) -> None:
+    efd = os.eventfd(0)
+    fd = os.dup2(efd, free_fd(100))
+    os.close(efd)
+    try:
+        result = rexec(lab, "/bin/true", pass_fds=[fd])
+    finally:
+        os.close(fd)
+    assert result.returncode == 126
+    assert f"fd {fd}".encode() in result.stderr and b"eventfd" in result.stderr
+
+
+def test_environment_allowlist_cwd_and_umask(lab: Lab, shared: Path) -> None:
+    env = lab.env("dpu") | {"LANG": "C.UTF-8", "LD_PRELOAD": "/nonexistent.so", "SECRET": "x", "XDG_RUNTIME_DIR": "/run/user/0"}
+    from offload import proc
+
+    result = proc.run(
+        lab.command("dpu", ["sh", "-c", "umask 027; exec rexec /usr/bin/env sh -c 'env; pwd; umask'"]),
+        env=env,
+        cwd=shared,
+        check=False,
+        timeout=30,
+    )
+    lines = result.stdout.splitlines()
+    assert "LANG=C.UTF-8" in lines and "XDG_RUNTIME_DIR=/run/user/0" in lines
+    assert not [line for line in lines if line.startswith(("LD_PRELOAD=", "SECRET=", "CMD_NET_ADDR="))]
+    assert "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" in lines
+    assert str(shared) in lines
+    assert "0027" in lines
+
+
+def test_daemon_mode(lab: Lab, shared: Path) -> None:
+    pidfile = shared / "daemon.pid"
+    script = f"sleep 60 </dev/null >/dev/null 2>&1 & echo $! > {pidfile}"
+    result = rexec(lab, "--daemon-pidfile", str(pidfile), "/bin/sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    standin = int(pidfile.read_text())
+    stand_in_process = psutil.Process(standin)
+    assert "rexec" in " ".join(stand_in_process.cmdline())
+    remote = remote_pid_of(lab, standin)
+    assert psutil.Process(remote).cmdline() == ["sleep", "60"]
+    os.kill(standin, signal.SIGKILL)
+    wait_for(lambda: not psutil.pid_exists(remote), 5, "the daemon to be ended")
+
+
+def test_unreachable_agent(lab: Lab) -> None:
+    env = lab.env("dpu") | {"REXEC_AGENT_SOCKET": "/nonexistent/rexec.sock"}
+    from offload import proc
+
+    result = proc.run(lab.command("dpu", ["rexec", "/bin/true"]), env=env, check=False, timeout=30)
+    assert result.returncode == 255
+    assert "cannot reach the local rexec_server at /nonexistent/rexec.sock" in result.stderr
+
+
+def test_hundred_concurrent_sessions_and_no_fd_leak(lab: Lab) -> None:
+    servers = {role: psutil.Process(server_pid(lab, role)) for role in ("host", "dpu")}
+    rexec(lab, "/bin/true")
+    time.sleep(0.5)  # let the warm pool refill
+    before = {role: p.num_fds() for role, p in servers.items()}
+    children = [
+        start_rexec(lab, "/bin/sh", "-c", "sleep 0.5; echo $0", str(n), stdout=subprocess.PIPE)
+        for n in range(100)
+    ]
+    try:
+        for n, child in enumerate(children):
+            out, _ = child.communicate(timeout=120)
+            assert (child.returncode, out) == (0, f"{n}\n".encode())
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+    time.sleep(1.0)
+    after = {role: p.num_fds() for role, p in servers.items()}
+    # The warm pool may hold a different number of idle links at any moment.
+    for role in servers:
+        assert after[role] <= before[role] + 4, (role, before, after)
+
+
+def test_link_cut_detected(lab: Lab) -> None:
+    child = start_rexec(lab, "/bin/sleep", "60", stderr=subprocess.PIPE)
+    try:
+        remote = remote_pid_of(lab, child.pid)
+        lab.set_link(up=False)
+        start = time.monotonic()
+        _, err = child.communicate(timeout=30)
+        elapsed = time.monotonic() - start
+        assert child.returncode == 255
+        assert err == f"rexec: link to {lab.host.link.address} lost\n".encode()
+        assert elapsed < 10 + 2
+        # The host side noticed too and ended the program by policy.
+        wait_for(lambda: not psutil.pid_exists(remote), 15, "the host side to end the program")
+    finally:
+        lab.set_link(up=True)
+        child.kill()
+        child.wait()
+    # A new session works once the link is back.
+    assert wait_for(lambda: rexec(lab, "/bin/true").returncode == 0, 20, "a session after the link came back")
