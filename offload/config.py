@@ -31,19 +31,60 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("listen", list, [], "address to accept peer links on (repeatable); default: $CMD_NET_ADDR", "ADDR"),
+    Setting(
+        "listen",
+        list,
+        [],
+        "address to accept peer links on (repeatable); default: $CMD_NET_ADDR",
+        "ADDR",
+    ),
     Setting("peer", str, "", "default remote rexec_server for stand-ins without CMD_NET_ADDR", "ADDR"),
-    Setting("whitelist", str, "/etc/rexec/whitelist", "programs peers may run here, one absolute path per line", "FILE"),
-    Setting("pki", str, "", "directory with ca.pem, cert.pem and key.pem (default /etc/offload/pki)", "DIR"),
-    Setting("insecure", bool, False, "plaintext links without authentication (tests only; warns at start)"),
+    Setting(
+        "whitelist",
+        str,
+        "/etc/rexec/whitelist",
+        "programs peers may run here, one absolute path per line",
+        "FILE",
+    ),
+    Setting(
+        "pki",
+        str,
+        "",
+        "directory with ca.pem, cert.pem and key.pem (default /etc/offload/pki)",
+        "DIR",
+    ),
+    Setting(
+        "insecure",
+        bool,
+        False,
+        "plaintext links without authentication (tests only; warns at start)",
+    ),
     Setting("node", str, "", "this machine's name in messages (default: the host name)", "NAME"),
     Setting("run_dir", str, "/var/run/rexec", "state directory: agent socket, pids/, bridges/", "DIR"),
-    Setting("shared_path", list, [], "prefix of paths that are the same file on both machines (repeatable)", "PREFIX"),
+    Setting(
+        "shared_path",
+        list,
+        [],
+        "prefix of paths that are the same file on both machines (repeatable)",
+        "PREFIX",
+    ),
     Setting("env", list, [], "extra environment variable passed to remote programs (repeatable)", "NAME"),
-    Setting("leave_behind", list, [], "fd type left behind instead of refused, e.g. 'anon_inode:[eventfd]' (repeatable)", "TYPE"),
+    Setting(
+        "leave_behind",
+        list,
+        [],
+        "fd type left behind instead of refused, e.g. 'anon_inode:[eventfd]' (repeatable)",
+        "TYPE",
+    ),
     Setting("user_map", list, [], "CALLER=REMOTE user mapping (repeatable)", "MAP"),
     Setting("keepalive", float, 10.0, "seconds without traffic after which a link is lost", "SECONDS"),
-    Setting("kill_grace", float, 2.0, "seconds between SIGTERM and SIGKILL when a session's caller is gone", "SECONDS"),
+    Setting(
+        "kill_grace",
+        float,
+        2.0,
+        "seconds between SIGTERM and SIGKILL when a session's caller is gone",
+        "SECONDS",
+    ),
     Setting("warm", int, 2, "idle authenticated connections kept open to each peer", "N"),
 )
 

@@ -87,8 +87,12 @@ def _describe_socket(fd: int) -> dict:
         sock.close()
     if family == socket.AF_UNIX and kind == socket.SOCK_STREAM:
         return {"type": UNIX_LISTENER if listening else UNIX_STREAM}
-    names = {socket.AF_INET: "AF_INET", socket.AF_INET6: "AF_INET6", socket.AF_UNIX: "AF_UNIX"}
-    kinds = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram", socket.SOCK_SEQPACKET: "seqpacket"}
+    names: dict[int, str] = {socket.AF_INET: "AF_INET", socket.AF_INET6: "AF_INET6", socket.AF_UNIX: "AF_UNIX"}
+    kinds: dict[int, str] = {
+        socket.SOCK_STREAM: "stream",
+        socket.SOCK_DGRAM: "datagram",
+        socket.SOCK_SEQPACKET: "seqpacket",
+    }
     what = f"a {names.get(family, f'family {family}')} {kinds.get(kind, f'type {kind}')} socket"
     return {"type": OTHER, "what": what}
 

@@ -18,6 +18,7 @@ Every class here owns the fd it wraps and closes it exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -59,7 +60,7 @@ class StreamEnd(ByteEnd):
 
     async def read(self, max_bytes: int = CHUNK) -> bytes:
         try:
-            return await self.stream.receive_some(max_bytes)
+            return bytes(await self.stream.receive_some(max_bytes))
         except trio.BrokenResourceError:
             return b""  # ECONNRESET on a socket: the same as end of file here
 
@@ -107,10 +108,8 @@ class BorrowedSocketEnd(ByteEnd):
 
     async def shutdown_write(self) -> None:
         # Half-close only: the other direction may still be carrying data.
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
         await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
@@ -183,7 +182,6 @@ def grow_pipe(fd: int, size: int = 1 << 20) -> None:
     """Ask for a larger pipe buffer: fewer wake-ups per megabyte relayed."""
     import fcntl
 
-    try:
+    # Over /proc/sys/fs/pipe-max-size for an unprivileged user: keep the default.
+    with contextlib.suppress(OSError):
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
-    except OSError:
-        pass  # over /proc/sys/fs/pipe-max-size for an unprivileged user: keep the default

@@ -87,11 +87,15 @@ def translate_errors(address: Address | str, action: str) -> Iterator[None]:
     try:
         yield
     except ssl.SSLError as exc:
-        raise AuthenticationError(f"{action} {address}: TLS failed: {exc.reason or exc}", address=str(address)) from None
+        raise AuthenticationError(
+            f"{action} {address}: TLS failed: {exc.reason or exc}", address=str(address)
+        ) from None
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         cause = exc.__cause__
         if isinstance(cause, ssl.SSLError):
-            raise AuthenticationError(f"{action} {address}: TLS failed: {cause.reason or cause}", address=str(address)) from None
+            raise AuthenticationError(
+                f"{action} {address}: TLS failed: {cause.reason or cause}", address=str(address)
+            ) from None
         raise TransportError(f"{action} {address}: connection broken ({cause or exc})", address=str(address)) from None
     except OSError as exc:
         raise TransportError(f"{action} {address}: {exc.strerror or exc}", address=str(address)) from None
@@ -117,14 +121,18 @@ class Transport:
     def from_options(cls, pki: str | None, insecure: bool) -> Transport:
         """The transport an entry point asked for; plaintext only when explicit."""
         if insecure:
-            log.warning("running with --insecure: links are neither authenticated nor encrypted; anyone who can reach the listening address can run whitelisted programs")
+            log.warning(
+                "running with --insecure: links are neither authenticated nor encrypted; anyone who can reach the listening address can run whitelisted programs"
+            )
             return cls(None)
         from pathlib import Path
 
         from offload.pki import DEFAULT_PKI_DIR
 
         if pki is None and not DEFAULT_PKI_DIR.exists():
-            raise ConfigError(f"no TLS credentials: {DEFAULT_PKI_DIR} does not exist; create them with 'offload pki init', pass --pki DIR, or run with --insecure")
+            raise ConfigError(
+                f"no TLS credentials: {DEFAULT_PKI_DIR} does not exist; create them with 'offload pki init', pass --pki DIR, or run with --insecure"
+            )
         return cls(TlsConfig.load(Path(pki) if pki else DEFAULT_PKI_DIR))
 
     async def connect(self, address: Address, *, timeout: float = HANDSHAKE_TIMEOUT) -> Connected:

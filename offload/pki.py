@@ -13,6 +13,7 @@ every rexec session opens a connection.  Private keys are written 0600.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -42,7 +43,9 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _name(common_name: str) -> x509.Name:
@@ -92,10 +95,8 @@ def _make_node(directory: Path, node: str, ca: x509.Certificate, ca_key: ec.Elli
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     names: list[x509.GeneralName] = [x509.DNSName(node)]
-    try:
+    with contextlib.suppress(ValueError):
         names.append(x509.IPAddress(ipaddress.ip_address(node)))
-    except ValueError:
-        pass
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(node))
@@ -157,7 +158,10 @@ class TlsConfig:
     def load(cls, directory: Path) -> TlsConfig:
         for name in ("ca.pem", "cert.pem", "key.pem"):
             if not (directory / name).is_file():
-                raise ConfigError(f"{name} is missing (create it with 'offload pki init --dir DIR --node NAME' and copy DIR/NAME here)", path=str(directory))
+                raise ConfigError(
+                    f"{name} is missing (create it with 'offload pki init --dir DIR --node NAME' and copy DIR/NAME here)",
+                    path=str(directory),
+                )
         return cls(directory)
 
     def _context(self, purpose: int) -> ssl.SSLContext:

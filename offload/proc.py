@@ -35,7 +35,9 @@ def exec_helper() -> str:
     for candidate in (_PACKAGE_HELPER, _SYSTEM_HELPER):
         if os.access(candidate, os.X_OK):
             return str(candidate)
-    raise OffloadError(f"the rexec-exec helper is missing (looked for {_PACKAGE_HELPER} and {_SYSTEM_HELPER}); run 'make setup'")
+    raise OffloadError(
+        f"the rexec-exec helper is missing (looked for {_PACKAGE_HELPER} and {_SYSTEM_HELPER}); run 'make setup'"
+    )
 
 
 class ExecFailed(OffloadError):
@@ -44,10 +46,7 @@ class ExecFailed(OffloadError):
     def __init__(self, stage: str, fd: int, err: int, program: str) -> None:
         self.stage, self.fd, self.errno, self.program = stage, fd, err, program
         reason = os.strerror(err)
-        if stage == "exec":
-            message = f"{program}: {reason}"
-        else:
-            message = f"{program}: cannot {stage} fd {fd}: {reason}"
+        message = f"{program}: {reason}" if stage == "exec" else f"{program}: cannot {stage} fd {fd}: {reason}"
         super().__init__(message)
 
     @property
@@ -118,7 +117,8 @@ async def start_program(plan: ProgramPlan) -> trio.Process:
 async def reap(process: trio.Process) -> int:
     """Wait for ``process`` even if the caller is being cancelled."""
     with trio.CancelScope(shield=True):
-        return await process.wait()
+        status = await process.wait()
+    return status
 
 
 async def terminate(process: trio.Process, grace: float = 2.0, *, group: bool = True) -> int:
@@ -127,9 +127,11 @@ async def terminate(process: trio.Process, grace: float = 2.0, *, group: bool = 
         if process.returncode is None:
             _signal(process, signal.SIGTERM, group)
             with trio.move_on_after(grace):
-                return await process.wait()
-            _signal(process, signal.SIGKILL, group)
-        return await process.wait()
+                await process.wait()
+            if process.returncode is None:
+                _signal(process, signal.SIGKILL, group)
+        status = await process.wait()
+    return status
 
 
 def _signal(process: trio.Process, signum: int, group: bool) -> None:
@@ -165,7 +167,9 @@ def run(argv: Sequence[str], *, check: bool = True, capture: bool = True, **opti
         raise OffloadError(f"{argv[0]}: command not found (while running: {describe(argv)})") from None
     if check and result.returncode != 0:
         detail = (result.stderr or result.stdout or "").strip() if capture else ""
-        raise OffloadError(f"command failed with status {result.returncode}: {describe(argv)}" + (f"\n{detail}" if detail else ""))
+        raise OffloadError(
+            f"command failed with status {result.returncode}: {describe(argv)}" + (f"\n{detail}" if detail else "")
+        )
     return result
 
 

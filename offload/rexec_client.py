@@ -126,7 +126,9 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def build_request(program: list[str], pidfile: str | None) -> tuple[dict, list[int]]:
     descriptions = [fdinfo.describe(fd) for fd in fdinfo.open_fds()]
-    passed = [d["fd"] for d in descriptions if d["type"] in _PASSED_TYPES or (d["type"] == fdinfo.FILE and d["fd"] <= 2)]
+    passed = [
+        d["fd"] for d in descriptions if d["type"] in _PASSED_TYPES or (d["type"] == fdinfo.FILE and d["fd"] <= 2)
+    ]
     for description in descriptions:
         description["passed"] = description["fd"] in passed
     try:
@@ -182,7 +184,7 @@ class StandIn:
             self.send(local.encode(local.L_SIGNAL, {"signal": name}))
 
     def send(self, data: bytes) -> None:
-        try:
+        try:  # noqa: SIM105 (contextlib costs start-up time here)
             self.sock.sendall(data)
         except OSError:
             pass  # the agent is gone; receive() reports it

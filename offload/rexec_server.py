@@ -22,11 +22,9 @@ from pathlib import Path
 
 import trio
 
-from offload import aio
-
+from offload import aio, sd
 from offload import config as config_module
 from offload import log as log_module
-from offload import sd
 from offload.config import RexecConfig
 from offload.errors import ConfigError, OffloadError, ProtocolError, TransportError
 from offload.net import Transport, listener_address, parse_address
@@ -86,7 +84,12 @@ async def _accept_peers(listener: trio.SocketListener, transport: Transport, sta
                 where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix peer")
             except OSError:
                 where = "?"
-            nursery.start_soon(aio.guarded, log, f"session from {where}", partial(_serve_peer, raw, transport, state, where))
+            nursery.start_soon(
+                aio.guarded,
+                log,
+                f"session from {where}",
+                partial(_serve_peer, raw, transport, state, where),
+            )
 
 
 async def _handle_signals(state: ServerState, cancel: trio.CancelScope) -> None:
@@ -96,7 +99,11 @@ async def _handle_signals(state: ServerState, cancel: trio.CancelScope) -> None:
                 sd.notify("RELOADING=1")
                 try:
                     state.whitelist = Whitelist.load(state.config.whitelist)
-                    log.info("reloaded the whitelist %s: %d programs", state.config.whitelist, len(state.whitelist.programs))
+                    log.info(
+                        "reloaded the whitelist %s: %d programs",
+                        state.config.whitelist,
+                        len(state.whitelist.programs),
+                    )
                 except ConfigError as exc:
                     log.error("whitelist not reloaded, keeping the old one: %s", exc)
                 sd.notify("READY=1")

@@ -56,7 +56,13 @@ def shared(lab: Lab) -> Path:
 def rexec(lab: Lab, *args: str, side: str = "dpu", timeout: float = 30, **options) -> subprocess.CompletedProcess:
     """Run ``rexec ARGS`` on ``side`` (the DPU by default) and wait for it."""
     options.setdefault("text", False)
-    return proc.run(lab.command(side, ["rexec", *args]), env=lab.env(side), check=False, timeout=timeout, **options)
+    return proc.run(
+        lab.command(side, ["rexec", *args]),
+        env=lab.env(side),
+        check=False,
+        timeout=timeout,
+        **options,
+    )
 
 
 def start_rexec(lab: Lab, *args: str, side: str = "dpu", **options) -> subprocess.Popen:

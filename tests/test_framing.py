@@ -23,7 +23,10 @@ from offload.protocol.framing import (
 CASES = [
     (Frame(0x01, 0, b""), b"OF\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00"),
     (Frame(0x20, 2, b"abc"), b"OF\x01\x20\x00\x00\x00\x02\x00\x00\x00\x03abc"),
-    (Frame(0xFF, 0xFFFFFFFF, b"\x00" * 5), b"OF\x01\xff\xff\xff\xff\xff\x00\x00\x00\x05" + b"\x00" * 5),
+    (
+        Frame(0xFF, 0xFFFFFFFF, b"\x00" * 5),
+        b"OF\x01\xff\xff\xff\xff\xff\x00\x00\x00\x05" + b"\x00" * 5,
+    ),
 ]
 
 
@@ -126,7 +129,12 @@ def test_decoder_on_arbitrary_bytes(data: bytes, step: int) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 255), st.integers(0, 2**32 - 1), st.binary(max_size=300)), max_size=8))
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 255), st.integers(0, 2**32 - 1), st.binary(max_size=300)),
+        max_size=8,
+    )
+)
 def test_round_trip(frames: list[tuple[int, int, bytes]]) -> None:
     wire = b"".join(encode_frame(t, c, p) for t, c, p in frames)
     decoder = FrameDecoder()

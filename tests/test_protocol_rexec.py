@@ -91,7 +91,7 @@ def test_refusal_ends_the_session() -> None:
     [Started(1), Exited(code=0), Data(2, b"x"), Eof(2), Refused(1, "no")],
 )
 def test_out_of_order_from_the_server_is_refused(event) -> None:
-    client, server = pair()
+    client, _server = pair()
     # Forge the frame: the server's own state machine would not send it.
     wire = {Started: 0x11, Exited: 0x13, Data: 0x20, Eof: 0x21, Refused: 0x12}[type(event)]
     payload = b'{"pid":1}' if isinstance(event, Started) else b'{"code":0}' if isinstance(event, Exited) else b""
@@ -111,7 +111,14 @@ def test_second_exec_refused() -> None:
     client, server = pair()
     feed(server, client.send(Exec(REQUEST)))
     with pytest.raises(RemoteProtocolError):
-        feed(server, encode_frame(0x10, 0, b'{"argv":["/bin/true"],"env":{},"cwd":"/","umask":18,"user":"root","fds":[]}'))
+        feed(
+            server,
+            encode_frame(
+                0x10,
+                0,
+                b'{"argv":["/bin/true"],"env":{},"cwd":"/","umask":18,"user":"root","fds":[]}',
+            ),
+        )
 
 
 def test_local_misuse_raises_local_error() -> None:

@@ -111,7 +111,16 @@ def test_death_by_signal_seen_by_waitpid(lab: Lab, signum: int) -> None:
 
 @pytest.mark.parametrize(
     "signum",
-    [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT],
+    [
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGHUP,
+        signal.SIGQUIT,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+        signal.SIGWINCH,
+        signal.SIGCONT,
+    ],
 )
 def test_signals_forwarded(lab: Lab, signum: int) -> None:
     name = signal.Signals(signum).name[3:]
@@ -158,7 +167,11 @@ def test_sigkill_of_stand_in_leaves_no_remote_process(lab: Lab) -> None:
         child.wait()
         start = time.monotonic()
         # The script ignores SIGTERM: only the SIGKILL after the grace ends it.
-        wait_for(lambda: not psutil.pid_exists(remote) or psutil.Process(remote).status() == "zombie", 5, f"remote pid {remote} to go")
+        wait_for(
+            lambda: not psutil.pid_exists(remote) or psutil.Process(remote).status() == "zombie",
+            5,
+            f"remote pid {remote} to go",
+        )
         assert time.monotonic() - start < 5
     finally:
         child.kill()
@@ -199,7 +212,7 @@ def test_pipe_fds_both_directions(lab: Lab) -> None:
     for fd in (to_remote_r, from_remote_w):
         os.close(fd)
     try:
-        script = f"read line <&{reader}; echo \"got $line\" >&{writer}"
+        script = f'read line <&{reader}; echo "got $line" >&{writer}'
         child = start_rexec(lab, *BASH, script, pass_fds=[reader, writer])
     finally:
         os.close(reader)
@@ -257,7 +270,7 @@ def test_connected_socket_relayed(lab: Lab) -> None:
     fd = os.dup2(theirs.fileno(), free_fd(110))
     theirs.close()
     try:
-        child = start_rexec(lab, *BASH, f"read x <&{fd}; echo \"pong $x\" >&{fd}", pass_fds=[fd])
+        child = start_rexec(lab, *BASH, f'read x <&{fd}; echo "pong $x" >&{fd}', pass_fds=[fd])
     finally:
         os.close(fd)
     try:
@@ -284,7 +297,12 @@ def test_eventfd_refused_naming_the_fd(lab: Lab) -> None:
 
 
 def test_environment_allowlist_cwd_and_umask(lab: Lab, shared: Path) -> None:
-    env = lab.env("dpu") | {"LANG": "C.UTF-8", "LD_PRELOAD": "/nonexistent.so", "SECRET": "x", "XDG_RUNTIME_DIR": "/run/user/0"}
+    env = lab.env("dpu") | {
+        "LANG": "C.UTF-8",
+        "LD_PRELOAD": "/nonexistent.so",
+        "SECRET": "x",
+        "XDG_RUNTIME_DIR": "/run/user/0",
+    }
     from offload import proc
 
     result = proc.run(
@@ -331,8 +349,7 @@ def test_hundred_concurrent_sessions_and_no_fd_leak(lab: Lab) -> None:
     time.sleep(0.5)  # let the warm pool refill
     before = {role: p.num_fds() for role, p in servers.items()}
     children = [
-        start_rexec(lab, "/bin/sh", "-c", "sleep 0.5; echo $0", str(n), stdout=subprocess.PIPE)
-        for n in range(100)
+        start_rexec(lab, "/bin/sh", "-c", "sleep 0.5; echo $0", str(n), stdout=subprocess.PIPE) for n in range(100)
     ]
     try:
         for n, child in enumerate(children):

@@ -133,7 +133,9 @@ class Lab:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.state_file.write_text(json.dumps({"pids": {}, "services": services}))
             netlink.create_pair(self.host.link, self.dpu.link)
-            done.append(f"namespaces {self.host.netns} ({self.host.link.address}) and {self.dpu.netns} ({self.dpu.link.address}) joined by veth")
+            done.append(
+                f"namespaces {self.host.netns} ({self.host.link.address}) and {self.dpu.netns} ({self.dpu.link.address}) joined by veth"
+            )
             pki.init(self.dir / "pki", ["host", "dpu"])
             done.append(f"PKI in {self.dir / 'pki'}")
             (self.dir / "shared").mkdir(exist_ok=True)
@@ -211,7 +213,9 @@ class Lab:
                 except TimeoutError:
                     pass
                 if child.poll() is not None:
-                    raise LabError(f"{key} exited with status {child.returncode} before it was ready:\n{_tail(log_path)}")
+                    raise LabError(
+                        f"{key} exited with status {child.returncode} before it was ready:\n{_tail(log_path)}"
+                    )
                 if time.monotonic() > deadline:
                     raise LabError(f"{key} was not ready after {READY_TIMEOUT:.0f} s:\n{_tail(log_path)}")
         # It runs on after we return; it is ours to end in down(), by pid.

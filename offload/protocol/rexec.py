@@ -574,7 +574,9 @@ class RexecConnection:
             if credit is None:
                 raise LocalProtocolError(f"data on unknown channel {event.channel}")
             if len(event.data) > min(credit, MAX_DATA_CHUNK):
-                raise LocalProtocolError(f"data of {len(event.data)} bytes exceeds the credit of channel {event.channel}")
+                raise LocalProtocolError(
+                    f"data of {len(event.data)} bytes exceeds the credit of channel {event.channel}"
+                )
             self._send_credit[event.channel] = credit - len(event.data)
 
     def _transition(self, sender: Role, event: Event, error: type[Exception]) -> State:

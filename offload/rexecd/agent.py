@@ -23,12 +23,11 @@ import psutil
 import trio
 
 from offload import aio
-
 from offload.config import RexecConfig
 from offload.errors import ConfigError, OffloadError, RefusedError, TransportError
-from offload.fdio import ByteEnd, StreamEnd, borrow
+from offload.fdio import StreamEnd, borrow
 from offload.net import Address, Transport, parse_address
-from offload.protocol import local
+from offload.protocol import local, messages
 from offload.protocol.framing import CLOSED, NEED_DATA, Frame, FrameDecoder
 from offload.protocol.rexec import (
     FIRST_BRIDGE_CHANNEL,
@@ -46,7 +45,6 @@ from offload.protocol.rexec import (
     Signal,
     Started,
 )
-from offload.protocol import messages
 from offload.rexecd import policy
 from offload.rexecd.link import LinkFailed, SessionLink
 from offload.rexecd.pidmap import PidmapDir
@@ -137,7 +135,10 @@ class AgentSession:
         data = local.encode(type, document)
         with contextlib.suppress(OSError):
             if fds:
-                await self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+                await self.sock.sendmsg(
+                    [data],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))],
+                )
             else:
                 await self.sock.send(data)
 
@@ -154,7 +155,9 @@ class AgentSession:
             if isinstance(frame, Frame):
                 return frame.type, local.decode(frame.payload)
             assert frame is NEED_DATA
-            data, ancdata, flags, _ = await self.sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+            data, ancdata, flags, _ = await self.sock.recvmsg(
+                65536, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+            )
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     usable = len(payload) - len(payload) % 4
@@ -200,7 +203,10 @@ class AgentSession:
     def _request(self, document: dict, caller: Caller) -> tuple[ExecRequest, dict[int, tuple[FdSpec, int]]]:
         target = document.get("target") or self.config.peer
         if not target:
-            raise RefusedError("no remote rexec_server: set CMD_NET_ADDR or start rexec_server with --peer", exit_code=EXIT_FAILURE)
+            raise RefusedError(
+                "no remote rexec_server: set CMD_NET_ADDR or start rexec_server with --peer",
+                exit_code=EXIT_FAILURE,
+            )
         try:
             self.address = parse_address(str(target))
         except ConfigError as exc:
@@ -245,7 +251,7 @@ class AgentSession:
         self.remote_pid = reply.pid
         await self._publish_pidmap(caller.pid)
         async with aio.open_nursery() as nursery:
-            for number, (spec, fd) in relayed.items():
+            for _number, (spec, fd) in relayed.items():
                 self._start_relay(nursery, spec, fd)
             self._relayed = {}
             nursery.start_soon(self._from_stand_in, nursery, caller)
@@ -299,7 +305,11 @@ class AgentSession:
             if message is None:
                 # The stand-in is gone (killed, perhaps by SIGKILL): closing the
                 # link tells the peer to end the program.
-                log.info("stand-in %d for remote pid %d is gone; ending the session", caller.pid, self.remote_pid)
+                log.info(
+                    "stand-in %d for remote pid %d is gone; ending the session",
+                    caller.pid,
+                    self.remote_pid,
+                )
                 nursery.cancel_scope.cancel()
                 return
             type, document = message

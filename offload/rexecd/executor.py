@@ -23,9 +23,7 @@ from pathlib import Path
 
 import trio
 
-from offload import aio
-
-from offload import proc
+from offload import aio, proc
 from offload.config import RexecConfig
 from offload.errors import OffloadError, RefusedError, TransportError
 from offload.fdio import ByteEnd, StreamEnd, grow_pipe
@@ -230,7 +228,11 @@ class Execution:
                 with trio.move_on_after(OUTPUT_LINGER):
                     await done.wait()
                 if not done.is_set() and end.count == before:
-                    log.info("session %d: output still open %.0f s after exit; not waiting for it", self.id, OUTPUT_LINGER)
+                    log.info(
+                        "session %d: output still open %.0f s after exit; not waiting for it",
+                        self.id,
+                        OUTPUT_LINGER,
+                    )
                     return
 
     async def _control_loop(self, nursery: trio.Nursery) -> None:
@@ -268,7 +270,11 @@ class Execution:
         assert self.request.daemon_pidfile is not None
         pid = await _read_pidfile(self.request.daemon_pidfile)
         if pid is None:
-            log.warning("session %d: %s holds no live pid after the foreground exited", self.id, self.request.daemon_pidfile)
+            log.warning(
+                "session %d: %s holds no live pid after the foreground exited",
+                self.id,
+                self.request.daemon_pidfile,
+            )
             return Exited(code=0)
         try:
             self.daemon_pidfd = os.pidfd_open(pid)

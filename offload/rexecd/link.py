@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 import trio
 
 from offload import aio
-
 from offload.errors import LinkLost, ProtocolError, RemoteProtocolError, TransportError
 from offload.fdio import CHUNK, ByteEnd
 from offload.net import Connected, translate_errors
 from offload.protocol.rexec import (
     MAX_DATA_CHUNK,
+    SESSION_EVENTS,
     ConnectionClosed,
     Data,
     Eof,
@@ -37,7 +37,6 @@ from offload.protocol.rexec import (
     Ping,
     Pong,
     Reset,
-    SESSION_EVENTS,
     RexecConnection,
     Role,
     State,
@@ -125,7 +124,7 @@ class SessionLink:
         with translate_errors(self.peer, "receiving from"):
             data = await self.stream.receive_some(MAX_DATA_CHUNK + 64)
         self._last_receive = trio.current_time()
-        self.conn.receive_data(data)
+        self.conn.receive_data(bytes(data))
         while (event := self.conn.next_event()) is not None:
             await self._dispatch(event)
             if isinstance(event, ConnectionClosed):
@@ -169,7 +168,10 @@ class SessionLink:
             await trio.sleep(interval)
             silent = trio.current_time() - self._last_receive
             if silent > self.keepalive:
-                raise LinkLost(f"link to {self.peer} lost: nothing received for {silent:.1f} s", address=self.peer)
+                raise LinkLost(
+                    f"link to {self.peer} lost: nothing received for {silent:.1f} s",
+                    address=self.peer,
+                )
             with trio.move_on_after(interval):
                 await self.send(Ping(b"k"))
 
@@ -195,8 +197,8 @@ class SessionLink:
                 state.eof = True
                 state.wake()
             case Window(channel):
-                if (state := self._channels.get(channel)) is not None:
-                    state.wake()
+                if channel in self._channels:
+                    self._channels[channel].wake()
             case Reset(channel, reason):
                 log.debug("channel %d reset by peer: %s", channel, reason)
                 state = self._channels.setdefault(channel, ChannelState())
@@ -295,9 +297,11 @@ class SessionLink:
                 if inbound:
                     nursery.start_soon(self.pump_in, channel, end)
         finally:
-            with trio.CancelScope(shield=True):
-                with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                    await end.aclose()
+            with (
+                trio.CancelScope(shield=True),
+                contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError),
+            ):
+                await end.aclose()
             self.drop_channel(channel)
 
     async def aclose(self) -> None:

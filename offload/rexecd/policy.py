@@ -50,9 +50,15 @@ class Whitelist:
             if not stat.S_ISREG(st.st_mode):
                 raise ConfigError("the whitelist is not a regular file", path=path)
             if st.st_uid != 0:
-                raise ConfigError(f"the whitelist must be owned by root (it is owned by uid {st.st_uid})", path=path)
+                raise ConfigError(
+                    f"the whitelist must be owned by root (it is owned by uid {st.st_uid})",
+                    path=path,
+                )
             if st.st_mode & 0o022:
-                raise ConfigError(f"the whitelist must not be group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o}); chmod 0400 it", path=path)
+                raise ConfigError(
+                    f"the whitelist must not be group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o}); chmod 0400 it",
+                    path=path,
+                )
             text = stream.read()
         programs = set()
         for number, line in enumerate(text.splitlines(), 1):
@@ -60,7 +66,12 @@ class Whitelist:
             if not entry or entry.startswith("#"):
                 continue
             if not entry.startswith("/") or ".." in entry.split("/"):
-                log.warning("%s:%d: ignoring %r: entries must be absolute paths without '..'", path, number, entry)
+                log.warning(
+                    "%s:%d: ignoring %r: entries must be absolute paths without '..'",
+                    path,
+                    number,
+                    entry,
+                )
                 continue
             programs.add(entry)
         return cls(path, frozenset(programs))
@@ -146,7 +157,14 @@ def plan_fds(descriptions: list[dict], shared: tuple[str, ...], leave_behind: tu
             spec = FdSpec(fd, FdKind.NULL, access=d.get("access", "r"))
         elif kind == fdinfo.FILE and not passed:
             if not d.get("deleted") and is_shared(d["path"], shared):
-                spec = FdSpec(fd, FdKind.FILE, path=d["path"], access=d["access"], append=d["append"], offset=d["offset"])
+                spec = FdSpec(
+                    fd,
+                    FdKind.FILE,
+                    path=d["path"],
+                    access=d["access"],
+                    append=d["append"],
+                    offset=d["offset"],
+                )
             else:
                 local_only.append(fd)  # e.g. libvirt's locked pidfile: it stays here
                 continue

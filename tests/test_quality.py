@@ -1,0 +1,37 @@
+"""Lint, format and type checks are part of the suite."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from offload import proc
+
+ROOT = Path(__file__).parent.parent
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["ruff", "check", "offload", "tests", "bench"],
+        ["ruff", "format", "--check", "offload", "tests", "bench"],
+        ["mypy"],
+    ],
+    ids=["ruff-check", "ruff-format", "mypy"],
+)
+def test_tool(command: list[str]) -> None:
+    result = proc.run([str(BIN / command[0]), *command[1:]], cwd=ROOT, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_nothing_else_imports_subprocess() -> None:
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "offload").rglob("*.py")
+        if path.name != "proc.py" and "import subprocess" in path.read_text()
+    ]
+    # The lab passes subprocess constants to proc.spawn; it starts nothing itself.
+    assert offenders == ["offload/lab/lab.py"]

@@ -1,0 +1,206 @@
+"""rexec_server against bad peers and bad input, in-process over real UNIX sockets."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import ssl
+from pathlib import Path
+
+import pytest
+import trio
+
+from offload import pki
+from offload.config import RexecConfig
+from offload.errors import ConfigError
+from offload.net import Transport, parse_address
+from offload.pki import TlsConfig
+from offload.protocol.framing import HEADER, VERSION, encode_frame
+from offload.protocol.rexec import (
+    ConnectionClosed,
+    Exec,
+    ExecRequest,
+    Exited,
+    Hello,
+    Refused,
+    RexecConnection,
+    Role,
+    Started,
+)
+from offload.rexec_server import serve
+from offload.rexecd.policy import Whitelist
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the whitelist must be root-owned")
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    pki.init(tmp_path / "pki", ["host", "dpu"])
+    pki.init(tmp_path / "rogue", ["dpu"])
+    whitelist = tmp_path / "whitelist"
+    whitelist.write_text("/bin/true\n/bin/sh\n")
+    whitelist.chmod(0o400)
+    return tmp_path
+
+
+def config(tree: Path) -> RexecConfig:
+    return RexecConfig(
+        listen=(f"unix://{tree}/peer.sock",),
+        whitelist=str(tree / "whitelist"),
+        run_dir=str(tree / "run"),
+        node="host",
+        keepalive=5.0,
+    )
+
+
+@pytest.fixture
+async def server(tree: Path, nursery: trio.Nursery) -> str:
+    transport = Transport(TlsConfig.load(tree / "pki" / "host"))
+    bound = await nursery.start(serve, config(tree), transport)
+    return bound[0]
+
+
+async def exec_once(tree: Path, argv: tuple[str, ...], identity: str = "pki/dpu") -> list:
+    transport = Transport(TlsConfig.load(tree / identity))
+    connected = await transport.connect(parse_address(f"unix://{tree}/peer.sock"))
+    conn = RexecConnection(Role.CLIENT)
+    events = []
+    async with connected.stream as stream:
+        await stream.send_all(conn.send(Hello("test")))
+        while conn.peer_hello is None:
+            conn.receive_data(await stream.receive_some())
+            while (event := conn.next_event()) is not None:
+                pass
+        await stream.send_all(conn.send(Exec(ExecRequest(argv=argv, user="root"))))
+        while not events or not isinstance(events[-1], Exited | Refused | ConnectionClosed):
+            conn.receive_data(await stream.receive_some())
+            while (event := conn.next_event()) is not None:
+                events.append(event)
+    return events
+
+
+async def test_authenticated_exec(tree: Path, server: str) -> None:
+    with trio.fail_after(20):
+        events = await exec_once(tree, ("/bin/sh", "-c", "exit 5"))
+    assert isinstance(events[0], Started)
+    assert events[-1] == Exited(code=5)
+
+
+async def test_certificate_from_another_ca_refused(tree: Path, server: str, caplog: pytest.LogCaptureFixture) -> None:
+    # The rogue client does not trust the server either; make it skip that
+    # check so that the server's verification is what is tested.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.load_cert_chain(tree / "rogue/dpu/cert.pem", tree / "rogue/dpu/key.pem")
+    with trio.fail_after(20):
+        raw = await trio.open_unix_socket(f"{tree}/peer.sock")
+        stream = trio.SSLStream(raw, context)
+        with pytest.raises((trio.BrokenResourceError, ssl.SSLError)):
+            await stream.do_handshake()
+            await stream.send_all(encode_frame(0x01, 0, b'{"node":"x","service":"rexec"}'))
+            assert await stream.receive_some() == b""
+            raise trio.BrokenResourceError("closed")
+        await trio.aclose_forcefully(stream)
+        # The server is still serving honest peers.
+        assert (await exec_once(tree, ("/bin/true",)))[-1] == Exited(code=0)
+    assert "refused a connection" in caplog.text
+
+
+async def test_plaintext_peer_refused(tree: Path, server: str, caplog: pytest.LogCaptureFixture) -> None:
+    with trio.fail_after(20):
+        async with await trio.open_unix_socket(f"{tree}/peer.sock") as raw:
+            await raw.send_all(encode_frame(0x01, 0, b'{"node":"x","service":"rexec"}'))
+            while await raw.receive_some():
+                pass
+        assert (await exec_once(tree, ("/bin/true",)))[-1] == Exited(code=0)
+    assert "refused a connection" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"XXXX" + bytes(8),  # bad magic
+        HEADER.pack(b"OF", VERSION, 0x10, 0, 64 << 20),  # oversized
+        encode_frame(0x10, 0, b"{not json"),  # malformed exec
+        encode_frame(0x11, 0, b'{"pid":1}'),  # a server-only frame from a client
+        encode_frame(0x20, 9, b"data"),  # data before exec
+    ],
+)
+async def test_malformed_frames_close_only_that_session(
+    tree: Path, server: str, garbage: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    transport = Transport(TlsConfig.load(tree / "pki/dpu"))
+    with trio.fail_after(20):
+        connected = await transport.connect(parse_address(f"unix://{tree}/peer.sock"))
+        async with connected.stream as stream:
+            await stream.send_all(RexecConnection(Role.CLIENT).send(Hello("bad")) + garbage)
+            with pytest.raises(trio.BrokenResourceError):
+                while await stream.receive_some():
+                    pass
+                raise trio.BrokenResourceError("closed")
+        assert (await exec_once(tree, ("/bin/true",)))[-1] == Exited(code=0)
+    assert "session with dpu ended" in caplog.text
+
+
+async def test_stalled_half_frame_does_not_block_others(tree: Path, server: str) -> None:
+    transport = Transport(TlsConfig.load(tree / "pki/dpu"))
+    with trio.fail_after(20):
+        connected = await transport.connect(parse_address(f"unix://{tree}/peer.sock"))
+        async with connected.stream as stream:
+            await stream.send_all(RexecConnection(Role.CLIENT).send(Hello("slow")) + b"OF\x01")
+            assert (await exec_once(tree, ("/bin/true",)))[-1] == Exited(code=0)
+
+
+async def test_sighup_reloads_whitelist(tree: Path, server: str) -> None:
+    with trio.fail_after(20):
+        refused = (await exec_once(tree, ("/bin/false",)))[-1]
+        assert refused == Refused(126, "/bin/false: not allowed on host")
+        whitelist = tree / "whitelist"
+        whitelist.chmod(0o600)
+        whitelist.write_text("/bin/true\n/bin/false\n")
+        whitelist.chmod(0o400)
+        os.kill(os.getpid(), signal.SIGHUP)
+        while (await exec_once(tree, ("/bin/false",)))[-1] != Exited(code=1):
+            await trio.sleep(0.05)
+
+
+def test_whitelist_must_be_root_owned_and_not_writable(tmp_path: Path) -> None:
+    path = tmp_path / "whitelist"
+    path.write_text("/bin/true\nrelative\n/a/../b\n")
+    path.chmod(0o664)
+    with pytest.raises(ConfigError, match="group- or world-writable"):
+        Whitelist.load(str(path))
+    path.chmod(0o400)
+    os.chown(path, 65534, 65534)
+    with pytest.raises(ConfigError, match="owned by root"):
+        Whitelist.load(str(path))
+    os.chown(path, 0, 0)
+    assert Whitelist.load(str(path)).programs == {"/bin/true"}
+    with pytest.raises(ConfigError, match="cannot open"):
+        Whitelist.load(str(tmp_path / "missing"))
+
+
+def test_insecure_warns(caplog: pytest.LogCaptureFixture) -> None:
+    Transport.from_options(None, insecure=True)
+    assert "--insecure" in caplog.text and "neither authenticated nor encrypted" in caplog.text
+
+
+def test_config_json_round_trip(tree: Path) -> None:
+    original = config(tree)
+    assert RexecConfig.from_json(original.to_json()) == original
+    with pytest.raises(ConfigError, match="unknown setting"):
+        RexecConfig.from_json({"nope": 1})
+    with pytest.raises(ConfigError, match="keepalive"):
+        RexecConfig.from_json({"keepalive": 0.1})
+
+
+def test_pki_layout_and_modes(tree: Path) -> None:
+    node = tree / "pki" / "dpu"
+    assert {p.name for p in node.iterdir()} == {"ca.pem", "cert.pem", "key.pem"}
+    assert (node / "key.pem").stat().st_mode & 0o777 == 0o600
+    assert (tree / "pki" / "ca-key.pem").stat().st_mode & 0o777 == 0o600
+    again = pki.init(tree / "pki", ["dpu"])
+    assert any("kept" in line for line in again)
