@@ -37,6 +37,14 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie that its (re)parent has not reaped yet."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def pidmap(lab: Lab, standin: int) -> Path:
     return lab.dpu.run_dir / "pids" / str(standin)
 
@@ -331,7 +339,7 @@ def test_daemon_mode(lab: Lab, shared: Path) -> None:
     remote = remote_pid_of(lab, standin)
     assert psutil.Process(remote).cmdline() == ["sleep", "60"]
     os.kill(standin, signal.SIGKILL)
-    wait_for(lambda: not psutil.pid_exists(remote), 5, "the daemon to be ended")
+    wait_for(lambda: gone(remote), 5, "the daemon to be ended")
 
 
 def test_unreachable_agent(lab: Lab) -> None:
@@ -378,7 +386,7 @@ def test_link_cut_detected(lab: Lab) -> None:
         assert err == f"rexec: link to {lab.host.link.address} lost\n".encode()
         assert elapsed < 10 + 2
         # The host side noticed too and ended the program by policy.
-        wait_for(lambda: not psutil.pid_exists(remote), 15, "the host side to end the program")
+        wait_for(lambda: gone(remote), 15, "the host side to end the program")
     finally:
         lab.set_link(up=True)
         child.kill()
