@@ -1,0 +1,229 @@
+"""make bench: rexec side by side with what an operator would use instead.
+
+Everything runs in one lab (its own namespaces, named "offb"), in one run:
+rexec from the DPU side to the host side, ssh over the same veth (sshd in
+the host namespace with a clean login shell, key authentication, plain and
+with ControlMaster), and a raw TCP stream (socat).  Figures are reported as
+ratios, because these machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+
+from offload import proc
+from offload.lab.lab import Lab
+
+SSH_PORT = 2222
+TCP_PORT = 2223
+GIB = 1 << 30
+
+
+def driver(lab: Lab, *args: str) -> dict:
+    argv = [sys.executable, "-m", "bench.driver", *args]
+    result = proc.run(lab.command("dpu", argv), env=lab.env("dpu"), cwd=Path(__file__).parent.parent, timeout=600)
+    document = json.loads(result.stdout)
+    if "error" in document:
+        raise SystemExit(f"bench: {document['error']}")
+    return document
+
+
+@contextlib.contextmanager
+def sshd(lab: Lab, work: Path) -> Iterator[list[str]]:
+    """sshd in the host namespace; yields the ssh command prefix for the DPU side."""
+    for name in ("host_key", "client_key"):
+        proc.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(work / name)])
+    (work / "authorized_keys").write_text((work / "client_key.pub").read_text())
+    (work / "empty_rc").write_text("")
+    config = work / "sshd_config"
+    config.write_text(
+        f"ListenAddress {lab.host.link.address}\nPort {SSH_PORT}\nHostKey {work}/host_key\n"
+        f"AuthorizedKeysFile {work}/authorized_keys\nPermitRootLogin prohibit-password\n"
+        f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+        f"PidFile {work}/sshd.pid\nLogLevel ERROR\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)
+    # root's .bashrc here runs pyenv init (over 100 ms per command): give ssh
+    # a clean login shell in a private mount namespace, as the issue asks.
+    script = (
+        f"mount --bind {work}/empty_rc /root/.bashrc 2>/dev/null; "
+        f"mount --bind {work}/empty_rc /root/.profile 2>/dev/null; "
+        f"exec /usr/sbin/sshd -D -e -f {config}"
+    )
+    server = proc.spawn(
+        lab.command("host", ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]),
+        stdin=subprocess.DEVNULL,
+        stderr=open(work / "sshd.log", "wb"),  # noqa: SIM115 (lives as long as sshd)
+        start_new_session=True,
+    )
+    ssh = [
+        "ssh",
+        "-i",
+        str(work / "client_key"),
+        "-p",
+        str(SSH_PORT),
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "LogLevel=ERROR",
+        f"root@{lab.host.link.address}",
+    ]
+    try:
+        deadline = time.monotonic() + 20
+        while proc.run(lab.command("dpu", [*ssh, "true"]), check=False, timeout=20).returncode != 0:
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit(f"bench: sshd did not come up: {(work / 'sshd.log').read_text()}")
+            time.sleep(0.2)
+        yield ssh
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@contextlib.contextmanager
+def control_master(lab: Lab, ssh: list[str], work: Path) -> Iterator[list[str]]:
+    socket_path = str(work / "cm.sock")
+    master = proc.spawn(
+        lab.command("dpu", [*ssh[:-1], "-M", "-S", socket_path, "-N", ssh[-1]]),
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(socket_path):
+            if time.monotonic() > deadline:
+                raise SystemExit("bench: ssh ControlMaster did not start")
+            time.sleep(0.05)
+        yield [*ssh[:-1], "-S", socket_path, ssh[-1]]
+    finally:
+        master.terminate()
+        master.wait(10)
+
+
+@contextlib.contextmanager
+def tcp_source(lab: Lab) -> Iterator[list[str]]:
+    """A raw TCP stream of 1 GiB from the host side; yields the DPU-side reader."""
+    server = proc.spawn(
+        lab.command("host", ["sh", "-c", f"head -c {GIB} /dev/zero | socat -u - TCP-LISTEN:{TCP_PORT},reuseaddr"]),
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        time.sleep(0.5)
+        yield ["socat", "-u", f"TCP:{lab.host.link.address}:{TCP_PORT}", "-"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, 15)
+        server.wait(10)
+
+
+def server_rss(lab: Lab, sessions: int) -> dict[str, float]:
+    state = json.loads((lab.dir / "state.json").read_text())["pids"]
+    servers = {role: psutil.Process(state[f"{role}-rexec"]) for role in ("host", "dpu")}
+    children = [
+        proc.spawn(lab.command("dpu", ["rexec", "/bin/sleep", "3"]), env=lab.env("dpu"), stdin=subprocess.DEVNULL)
+        for _ in range(sessions)
+    ]
+    peak = dict.fromkeys(servers, 0.0)
+    try:
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            for role, process in servers.items():
+                peak[role] = max(peak[role], process.memory_info().rss / (1 << 20))
+            time.sleep(0.1)
+    finally:
+        codes = [child.wait(60) for child in children]
+    if any(codes):
+        raise SystemExit(f"bench: {sum(1 for c in codes if c)} of {sessions} sessions failed")
+    return peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="make bench", description=__doc__)
+    parser.add_argument("--runs", type=int, default=30, help="sequential runs per latency figure")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench: needs root (network namespaces)")
+    for tool in ("ssh", "socat", "/usr/sbin/sshd"):
+        if not shutil.which(tool):
+            raise SystemExit(f"bench: {tool} is missing; run make setup")
+    lab = Lab("offb")
+    lab.down()
+    lab.up()
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="offload-bench-") as tmp:
+            work = Path(tmp)
+            os.chmod(work, 0o700)
+            with sshd(lab, work) as ssh, control_master(lab, ssh, work) as ssh_cm:
+                driver(lab, "latency", "5", "--", "rexec", "/bin/true")  # warm the pool
+                rexec_lat = driver(lab, "latency", str(args.runs), "--", "rexec", "/bin/true")["median"]
+                ssh_lat = driver(lab, "latency", str(max(5, args.runs // 3)), "--", *ssh, "/bin/true")["median"]
+                cm_lat = driver(lab, "latency", str(args.runs), "--", *ssh_cm, "/bin/true")["median"]
+                rows.append(("`rexec /bin/true` latency (median)", f"{rexec_lat * 1000:.1f} ms", ""))
+                rows.append(
+                    ("ssh, plain", f"{ssh_lat * 1000:.1f} ms", f"rexec = {rexec_lat / ssh_lat:.3f}x (target <= 0.15x)")
+                )
+                rows.append(
+                    (
+                        "ssh, ControlMaster",
+                        f"{cm_lat * 1000:.1f} ms",
+                        f"rexec = {rexec_lat / cm_lat:.2f}x (target <= 3x)",
+                    )
+                )
+                head = ["/usr/bin/head", "-c", str(GIB), "/dev/zero"]
+                rexec_tp = driver(lab, "throughput", "--", "rexec", *head)
+                ssh_tp = driver(lab, "throughput", "--", *ssh_cm, *head)
+                with tcp_source(lab) as reader:
+                    tcp_tp = driver(lab, "throughput", "--", *reader)
+                for name, result in (("rexec", rexec_tp), ("ssh", ssh_tp), ("raw TCP (socat)", tcp_tp)):
+                    if result["bytes"] != GIB:
+                        raise SystemExit(f"bench: {name} delivered {result['bytes']} bytes, not {GIB}")
+                rows.append(("1 GiB stdout: rexec", f"{rexec_tp['mib_s']:.0f} MiB/s", ""))
+                rows.append(
+                    (
+                        "1 GiB stdout: ssh",
+                        f"{ssh_tp['mib_s']:.0f} MiB/s",
+                        f"rexec = {rexec_tp['mib_s'] / ssh_tp['mib_s']:.2f}x (target >= 1.5x)",
+                    )
+                )
+                rows.append(
+                    (
+                        "1 GiB: raw TCP (socat)",
+                        f"{tcp_tp['mib_s']:.0f} MiB/s",
+                        f"rexec = {rexec_tp['mib_s'] / tcp_tp['mib_s']:.2f}x",
+                    )
+                )
+            rss = server_rss(lab, 100)
+            rows.append(
+                (
+                    "rexec_server RSS, 100 concurrent sessions",
+                    f"host {rss['host']:.0f} MB, DPU {rss['dpu']:.0f} MB",
+                    "target < 100 MB",
+                )
+            )
+    finally:
+        lab.down()
+    print("\n| measure | figure | ratio |\n|---|---|---|")
+    for row in rows:
+        print(f"| {row[0]} | {row[1]} | {row[2]} |")
+
+
+if __name__ == "__main__":
+    main()
