@@ -12,9 +12,9 @@ Imported by the stand-in on every start: stdlib only, nothing heavy.
 
 from __future__ import annotations
 
+import _socket  # not socket: its enums cost the stand-in start-up time
 import fcntl
 import os
-import socket
 import stat
 
 # Description types.
@@ -78,20 +78,20 @@ def describe(fd: int) -> dict:
 
 
 def _describe_socket(fd: int) -> dict:
-    sock = socket.socket(fileno=os.dup(fd))
+    sock = _socket.socket(fileno=os.dup(fd))
     try:
-        family = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
-        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        family = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_DOMAIN)
+        kind = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_TYPE)
+        listening = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ACCEPTCONN)
     finally:
         sock.close()
-    if family == socket.AF_UNIX and kind == socket.SOCK_STREAM:
+    if family == _socket.AF_UNIX and kind == _socket.SOCK_STREAM:
         return {"type": UNIX_LISTENER if listening else UNIX_STREAM}
-    names: dict[int, str] = {socket.AF_INET: "AF_INET", socket.AF_INET6: "AF_INET6", socket.AF_UNIX: "AF_UNIX"}
+    names: dict[int, str] = {_socket.AF_INET: "AF_INET", _socket.AF_INET6: "AF_INET6", _socket.AF_UNIX: "AF_UNIX"}
     kinds: dict[int, str] = {
-        socket.SOCK_STREAM: "stream",
-        socket.SOCK_DGRAM: "datagram",
-        socket.SOCK_SEQPACKET: "seqpacket",
+        _socket.SOCK_STREAM: "stream",
+        _socket.SOCK_DGRAM: "datagram",
+        _socket.SOCK_SEQPACKET: "seqpacket",
     }
     what = f"a {names.get(family, f'family {family}')} {kinds.get(kind, f'type {kind}')} socket"
     return {"type": OTHER, "what": what}

@@ -16,16 +16,22 @@ carried); 127 when it does not exist there; 255 for rexec's own failures
 
 from __future__ import annotations
 
+# Start-up time is this program's cost (the pipeline of every remote
+# program pays it), so it uses the C modules directly: `socket` and
+# `signal` would import enum, `typing` and `json` would import re.
+import _signal
+import _socket
 import os
 import select
-import signal
-import socket
 import sys
-from typing import NoReturn
 
 from offload import fdinfo
 from offload.protocol import local
 from offload.protocol.framing import CLOSED, NEED_DATA, Frame, FrameDecoder
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy: always_true)
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 USAGE = """\
 usage: rexec [--daemon-pidfile FILE] [--] PROGRAM [ARGS ...]
@@ -49,16 +55,39 @@ EXIT_FAILURE = 255
 
 #: Signals a caller may send to the stand-in that the remote program receives.
 FORWARDED_SIGNALS = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGWINCH,
-    signal.SIGCONT,
-    signal.SIGALRM,
+    _signal.SIGTERM,
+    _signal.SIGINT,
+    _signal.SIGHUP,
+    _signal.SIGQUIT,
+    _signal.SIGUSR1,
+    _signal.SIGUSR2,
+    _signal.SIGWINCH,
+    _signal.SIGCONT,
+    _signal.SIGALRM,
 )
+SIGNAL_NAMES = {
+    number: f"SIG{name}"
+    for name, number in (
+        ("TERM", _signal.SIGTERM),
+        ("INT", _signal.SIGINT),
+        ("HUP", _signal.SIGHUP),
+        ("QUIT", _signal.SIGQUIT),
+        ("USR1", _signal.SIGUSR1),
+        ("USR2", _signal.SIGUSR2),
+        ("WINCH", _signal.SIGWINCH),
+        ("CONT", _signal.SIGCONT),
+        ("ALRM", _signal.SIGALRM),
+    )
+}
+
+
+def signal_number(name: str) -> int:
+    """SIGTERM -> 15, by the C module's own constants (names travel, numbers differ by arch)."""
+    number = getattr(_signal, name, None) if name.startswith("SIG") and not name.startswith("SIG_") else None
+    if not isinstance(number, int):
+        fail(f"unknown signal {name!r} from the local rexec_server")
+    return number
+
 
 # fd types whose fd travels to the agent (it relays their bytes).
 _PASSED_TYPES = frozenset(
@@ -72,6 +101,10 @@ _PASSED_TYPES = frozenset(
 )
 
 
+def _ignore(signum: int, frame: object) -> None:
+    pass
+
+
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     os.write(2, f"rexec: {message}\n".encode(errors="surrogateescape"))
     os._exit(code)
@@ -83,9 +116,9 @@ def die_by_signal(signum: int) -> NoReturn:
 
     # The remote program may have dumped core; the stand-in must not.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if signum not in (signal.SIGKILL, signal.SIGSTOP):  # these have no handler to reset
-        signal.signal(signum, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+    if signum not in (_signal.SIGKILL, _signal.SIGSTOP):  # these have no handler to reset
+        _signal.signal(signum, _signal.SIG_DFL)
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {signum})
     os.kill(os.getpid(), signum)
     # Still alive: the signal does not terminate by default (or cannot be
     # raised here), so report it the way a shell would.
@@ -150,18 +183,18 @@ def build_request(program: list[str], pidfile: str | None) -> tuple[dict, list[i
 
 
 class StandIn:
-    def __init__(self, sock: socket.socket, pidfile: str | None) -> None:
+    def __init__(self, sock: _socket.socket, pidfile: str | None) -> None:
         self.sock = sock
         self.pidfile = pidfile
         self.decoder = FrameDecoder(max_payload=local.MAX_REQUEST)
-        self.pidmap_fds: list[int] = []
+        self.pidmap_fds: list[bytes] = []  # SCM_RIGHTS payloads; the fds stay open
         wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_read = wake_read
-        signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+        _signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
         for signum in FORWARDED_SIGNALS:
             # The C-level handler writes the number to the wakeup fd; the
             # Python-level one has nothing left to do.
-            signal.signal(signum, lambda *_: None)
+            _signal.signal(signum, _ignore)
 
     def run(self) -> NoReturn:
         poller = select.poll()
@@ -180,8 +213,8 @@ class StandIn:
         except BlockingIOError:
             return
         for signum in numbers:
-            name = signal.Signals(signum).name
-            self.send(local.encode(local.L_SIGNAL, {"signal": name}))
+            if signum in SIGNAL_NAMES:
+                self.send(local.encode(local.L_SIGNAL, {"signal": SIGNAL_NAMES[signum]}))
 
     def send(self, data: bytes) -> None:
         try:  # noqa: SIM105 (contextlib costs start-up time here)
@@ -191,10 +224,13 @@ class StandIn:
 
     def receive(self) -> None:
         try:
-            data, fds, _, _ = socket.recv_fds(self.sock, 65536, 4, socket.MSG_CMSG_CLOEXEC)
+            data, ancillary, _, _ = self.sock.recvmsg(65536, _socket.CMSG_SPACE(16), _socket.MSG_CMSG_CLOEXEC)
         except ConnectionResetError:
-            data, fds = b"", []
-        self.pidmap_fds.extend(fds)
+            data, ancillary = b"", []
+        for level, kind, payload in ancillary:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                # Held, never used: the pidmap file's lock lives with us.
+                self.pidmap_fds.append(payload)
         self.decoder.receive_data(data)
         while True:
             try:
@@ -223,7 +259,7 @@ class StandIn:
             fail(str(document.get("message", "link lost")))
         if type == local.L_EXITED:
             if "signal" in document:
-                die_by_signal(signal.Signals[document["signal"]])
+                die_by_signal(signal_number(str(document["signal"])))
             os._exit(int(document["code"]))
         if type == local.L_DAEMONIZED:
             self.daemonize(int(document["code"]))
@@ -262,7 +298,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     path = os.environ.get(local.AGENT_SOCKET_ENV) or local.DEFAULT_AGENT_SOCKET
     # Describe our fds before opening any of our own.
     request, passed = build_request(program, pidfile)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     stand_in = StandIn(sock, pidfile)
     try:
         sock.connect(path)
@@ -275,7 +311,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
     try:
         # The fds ride with the first bytes; the rest follows as plain data.
         head = message[:65536]
-        sent = socket.send_fds(sock, [head], passed) if passed else sock.send(head)
+        rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, b"".join(fd.to_bytes(4, sys.byteorder) for fd in passed))]
+        sent = sock.sendmsg([head], rights if passed else [])
         sock.sendall(message[sent:])
     except OSError as exc:
         fail(f"cannot send the request to the local rexec_server at {path}: {exc.strerror or exc}")

@@ -13,7 +13,7 @@ locked pidmap file), REFUSED, EXITED, DAEMONIZED, LINK_LOST.
 
 from __future__ import annotations
 
-import json
+import _json
 
 from offload.protocol.framing import encode_frame
 
@@ -33,14 +33,57 @@ AGENT_SOCKET_ENV = "REXEC_AGENT_SOCKET"
 MAX_REQUEST = 3 << 20
 
 
+# The stand-in starts for every remote program, and `import json` costs it
+# more than the rest of its start-up (json imports re, which imports enum).
+# These two functions drive the same C code json uses (_json) directly.
+
+
+def _dump(value: object) -> str:
+    if isinstance(value, str):
+        return _json.encode_basestring_ascii(value)
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, dict):
+        return "{" + ",".join(_dump(str(k)) + ":" + _dump(v) for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_dump(v) for v in value) + "]"
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+class _ScannerContext:
+    # The attributes _json.make_scanner reads from a json.JSONDecoder.
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    memo: dict = {}
+
+    @staticmethod
+    def parse_constant(name: str) -> object:
+        raise ValueError(f"{name} is not allowed")
+
+
+_scan = _json.make_scanner(_ScannerContext())  # type: ignore[arg-type]  # duck-typed JSONDecoder
+
+
 def encode(type: int, document: dict) -> bytes:
-    payload = json.dumps(document, separators=(",", ":")).encode("ascii")
-    return encode_frame(type, 0, payload, max_payload=MAX_REQUEST)
+    return encode_frame(type, 0, _dump(document).encode("ascii"), max_payload=MAX_REQUEST)
 
 
 def decode(payload: bytes) -> dict:
-    """Parse a control payload; raises ValueError when it is not a JSON object."""
-    document = json.loads(payload.decode("ascii"))
-    if not isinstance(document, dict):
-        raise ValueError("payload is not a JSON object")
+    """Parse a control payload; raises ValueError when it is not one JSON object."""
+    try:
+        text = payload.decode("ascii")
+        document, end = _scan(text, 0)
+    except (UnicodeDecodeError, StopIteration) as exc:
+        raise ValueError(f"payload is not JSON: {exc}") from None
+    if end != len(text) or not isinstance(document, dict):
+        raise ValueError("payload is not one JSON object")
     return document
