@@ -372,6 +372,11 @@ SESSION_EVENTS = (Data, Eof, Window, Open, Reset)
 # the wire).
 _TRANSITIONS: dict[tuple[Role, type, State], State] = {
     (Role.CLIENT, Exec, State.IDLE): State.STARTING,
+    # A connection carries sessions one after another.  Frames of the last
+    # session that cross the new Exec on the wire arrive before it (TCP keeps
+    # order) and are dropped in DONE; each side finishes a session's tasks
+    # before it sends or accepts the next Exec.
+    (Role.CLIENT, Exec, State.DONE): State.STARTING,
     (Role.SERVER, Started, State.STARTING): State.RUNNING,
     (Role.SERVER, Refused, State.STARTING): State.DONE,
     (Role.SERVER, Exited, State.RUNNING): State.DONE,
@@ -629,6 +634,9 @@ class RexecConnection:
     def _open_request_channels(self, request: ExecRequest) -> None:
         # Both sides open the request's channels at the same point of the
         # exchange, so data may flow the moment the program starts.
+        for table in (self._send_credit, self._receive_allowance, self._consumed):
+            table.clear()
+        self._closed_channels.clear()
         for spec in request.fds:
             if spec.channel:
                 self.open_channel(spec.channel)

@@ -44,6 +44,7 @@ from offload.protocol.rexec import (
     Role,
     Signal,
     Started,
+    State,
 )
 from offload.rexecd import policy
 from offload.rexecd.link import LinkFailed, SessionLink
@@ -63,6 +64,14 @@ class PeerPool:
         self.nursery = nursery
         self._idle: dict[Address, collections.deque[SessionLink]] = collections.defaultdict(collections.deque)
         self._filling: set[Address] = set()
+
+    def give_back(self, address: Address, link: SessionLink) -> bool:
+        """Keep a link whose session ended cleanly for the next session."""
+        idle = self._idle[address]
+        if not link.alive or link.conn.state is not State.DONE or len(idle) >= self.config.warm + 2:
+            return False
+        idle.append(link)
+        return True
 
     async def take(self, address: Address) -> SessionLink:
         idle = self._idle[address]
@@ -366,7 +375,7 @@ class AgentSession:
         self._relayed = {}
         for pid in self.pidmap_pids:
             self.pidmaps.remove(pid)
-        if self.link is not None:
+        if self.link is not None and not (self.address and self.pool.give_back(self.address, self.link)):
             await self.link.aclose()
         with contextlib.suppress(OSError):
             self.sock.close()

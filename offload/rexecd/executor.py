@@ -86,13 +86,16 @@ class CountingEnd(ByteEnd):
 
 
 async def serve_session(link: SessionLink, state: ServerState) -> None:
-    """Wait for an Exec on an authenticated link and run it to the end."""
-    event = await link.control.receive()
-    if isinstance(event, ConnectionClosed | LinkFailed):
-        return  # an idle warm connection being retired, or a dead one
-    if not isinstance(event, Exec):
-        raise TransportError(f"expected an exec request from {link.peer}, got {type(event).__name__}")
-    await Execution(link, event.request, state).run()
+    """Run the sessions an authenticated link asks for, one after another."""
+    while True:
+        event = await link.control.receive()
+        if isinstance(event, ConnectionClosed | LinkFailed):
+            return  # an idle connection being retired, or a dead one
+        if not isinstance(event, Exec):
+            raise TransportError(f"expected an exec request from {link.peer}, got {type(event).__name__}")
+        await Execution(link, event.request, state).run()
+        if not link.alive:
+            return
 
 
 class Execution:

@@ -32,6 +32,7 @@ from offload.protocol.rexec import (
     Data,
     Eof,
     Event,
+    Exec,
     Hello,
     Open,
     Ping,
@@ -94,7 +95,7 @@ class SessionLink:
         would drop them).
         """
         if isinstance(event, SESSION_EVENTS):
-            if self.conn.state is State.DONE or self.failure is not None:
+            if self.conn.state is not State.RUNNING or self.failure is not None:
                 return
             try:
                 async with self._send_lock:
@@ -102,6 +103,8 @@ class SessionLink:
             except TransportError:
                 await trio.lowlevel.checkpoint()
             return
+        if isinstance(event, Exec):
+            self._channels.clear()  # a new session on this connection
         async with self._send_lock:
             await self._send_bytes(self.conn.send(event))
 
@@ -208,6 +211,9 @@ class SessionLink:
                 if len(self._channels) >= MAX_OPEN_CHANNELS:
                     raise RemoteProtocolError(f"more than {MAX_OPEN_CHANNELS} channels open")
                 self.add_channel(channel)
+                self._control_send.send_nowait(event)
+            case Exec():
+                self._channels.clear()  # a new session on this connection
                 self._control_send.send_nowait(event)
             case _:
                 self._control_send.send_nowait(event)
