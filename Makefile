@@ -1,14 +1,22 @@
 # The project's entry points. `make test` and `make demo` work on a fresh
 # machine: `setup` installs everything they need and is idempotent.
 PYTHON ?= python3
+CC     ?= cc
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .PHONY: setup test bench lint demo clean
 
-setup: $(STAMP)
+setup: $(STAMP) offload/_native/rexec-exec
 	@sh scripts/setup-system.sh
+	@# What pip does on a real install; the stand-in starts for every remote
+	@# program and must not compile its modules each time.
+	@$(PY) -m compileall -q offload
+
+offload/_native/rexec-exec: native/rexec_exec.c
+	mkdir -p offload/_native
+	$(CC) -O2 -Wall -Wextra -Werror -o $@ $<
 
 $(STAMP): pyproject.toml
 	@sh scripts/setup-system.sh
