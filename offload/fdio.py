@@ -26,7 +26,7 @@ import stat
 
 import trio
 
-CHUNK = 256 << 10
+CHUNK = 1 << 20
 
 
 class ByteEnd:

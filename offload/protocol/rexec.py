@@ -48,8 +48,8 @@ CONTROL_CHANNEL = 0
 FIRST_BRIDGE_CHANNEL = 0x10000
 #: Bytes a sender may have in flight on one channel before the receiver
 #: grants more.  It bounds what one stalled consumer can make a peer buffer.
-INITIAL_WINDOW = 1 << 20
-MAX_DATA_CHUNK = 256 << 10
+INITIAL_WINDOW = 4 << 20
+MAX_DATA_CHUNK = 1 << 20
 MAX_ARGC = 16384
 MAX_ENV = 1024
 MAX_FDS = 253  # SCM_MAX_FD: what one sendmsg can carry from the stand-in
