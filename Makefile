@@ -36,5 +36,8 @@ test: setup
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)
 
+demo: setup
+	$(PY) -m offload.lab.demo
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -72,6 +72,8 @@ def parse_address(text: str) -> Address:
             raise ConfigError(f"address {original!r}: missing :PORT")
     if not host:
         raise ConfigError(f"address {original!r}: missing host")
+    if "/" in host:
+        raise ConfigError(f"address {original!r}: host {host!r} contains '/' (the form is tcp://HOST:PORT)")
     try:
         port = int(port_text)
     except ValueError:
