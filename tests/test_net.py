@@ -26,7 +26,8 @@ def test_parse(text: str, address: Address) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        X("udp://h:1", "unknown scheme"),
+        ("tcp//192.0.2.1:7777", "contains '/'"),  # the reference README's typo
+        ("udp://h:1", "unknown scheme"),
         ("tcp://h:99999", "out of range"),
         ("tcp://h:x", "not a number"),
         ("tcp://:1", "missing host"),
