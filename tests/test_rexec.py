@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from offload import proc
 from offload.lab.lab import Lab
 from tests.conftest import MISSING, PYTHON, free_fd, rexec, server_pid, start_rexec
 
@@ -311,8 +312,6 @@ def test_environment_allowlist_cwd_and_umask(lab: Lab, shared: Path) -> None:
         "SECRET": "x",
         "XDG_RUNTIME_DIR": "/run/user/0",
     }
-    from offload import proc
-
     result = proc.run(
         lab.command("dpu", ["sh", "-c", "umask 027; exec rexec /usr/bin/env sh -c 'env; pwd; umask'"]),
         env=env,
@@ -344,8 +343,6 @@ def test_daemon_mode(lab: Lab, shared: Path) -> None:
 
 def test_unreachable_agent(lab: Lab) -> None:
     env = lab.env("dpu") | {"REXEC_AGENT_SOCKET": "/nonexistent/rexec.sock"}
-    from offload import proc
-
     result = proc.run(lab.command("dpu", ["rexec", "/bin/true"]), env=env, check=False, timeout=30)
     assert result.returncode == 255
     assert "cannot reach the local rexec_server at /nonexistent/rexec.sock" in result.stderr
@@ -393,3 +390,12 @@ def test_link_cut_detected(lab: Lab) -> None:
         child.wait()
     # A new session works once the link is back.
     assert wait_for(lambda: rexec(lab, "/bin/true").returncode == 0, 20, "a session after the link came back")
+
+
+def test_remote_program_runs_as_the_callers_user(lab: Lab) -> None:
+    """SO_PEERCRED decides, not the request: an unprivileged caller gets an unprivileged program."""
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    argv = [*nobody, "rexec", "/usr/bin/env", "sh", "-c", "id -u; id -g"]
+    result = proc.run(lab.command("dpu", argv), env=lab.env("dpu"), check=False, timeout=30, text=False, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [b"65534", b"65534"]
