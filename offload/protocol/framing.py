@@ -133,7 +133,8 @@ class FrameDecoder:
         type, channel, length = self._header
         if len(buffer) < length:
             return self._end_or_need()
-        payload = bytes(buffer[:length])
+        with memoryview(buffer) as view:
+            payload = view[:length].tobytes()  # one copy; slicing the bytearray would make two
         del buffer[:length]
         self._header = None
         return Frame(type, channel, payload)
