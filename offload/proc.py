@@ -187,19 +187,30 @@ def in_netns(netns: str | None, argv: Sequence[str]) -> list[str]:
 
 
 def end_pid(pid: int, grace: float = 3.0) -> bool:
-    """SIGTERM, then SIGKILL a process that is not our child; True if it is gone."""
+    """SIGTERM, then SIGKILL a process that is not our child; True once it has exited.
+
+    A process that exited but is not our child stays a zombie until its
+    parent (often pid 1) reaps it; for us it is gone, so zombies count as
+    exited (psutil's wait() would keep waiting for them).
+    """
+    import time
+
     import psutil
 
-    try:
-        process = psutil.Process(pid)
-        process.terminate()
+    def exited() -> bool:
         try:
-            process.wait(grace)
-        except psutil.TimeoutExpired:
-            process.kill()
-            process.wait(grace)
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.TimeoutExpired:
-        return False
-    return True
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            return True
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if exited():
+                return True
+            time.sleep(0.02)
+    return exited()
