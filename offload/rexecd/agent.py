@@ -16,6 +16,7 @@ import os
 import pwd
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -129,7 +130,8 @@ class AgentSession:
         self.config = config
         self.pidmaps = pidmaps
         self.decoder = FrameDecoder(max_payload=local.MAX_REQUEST)
-        self.fds: list[int] = []  # received from the stand-in, not yet owned by a relay
+        self.fds: list[int] = []  # received from the stand-in, not yet paired with a spec
+        self._relayed: dict[int, tuple[FdSpec, int]] = {}  # paired, not yet owned by a relay
         self.link: SessionLink | None = None
         self.address: Address | None = None
         self.pidmap_pids: list[int] = []
@@ -140,7 +142,7 @@ class AgentSession:
 
     # -- talking to the stand-in -------------------------------------------------
 
-    async def tell(self, type: int, document: dict, fds: list[int] = ()) -> None:  # type: ignore[assignment]
+    async def tell(self, type: int, document: dict, fds: Sequence[int] = ()) -> None:
         data = local.encode(type, document)
         with contextlib.suppress(OSError):
             if fds:
@@ -370,7 +372,7 @@ class AgentSession:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
-        for _, fd in getattr(self, "_relayed", {}).values():
+        for _, fd in self._relayed.values():
             os.close(fd)
         self._relayed = {}
         for pid in self.pidmap_pids:
