@@ -187,6 +187,7 @@ class StandIn:
         self.sock = sock
         self.pidfile = pidfile
         self.decoder = FrameDecoder(max_payload=local.MAX_REQUEST)
+        self.started = 0  # STARTED messages: the first, then one per adoption
         self.pidmap_fds: list[bytes] = []  # SCM_RIGHTS payloads; the fds stay open
         wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_read = wake_read
@@ -252,6 +253,7 @@ class StandIn:
         if type == local.L_STARTED:
             # The agent wrote and locked /var/run/rexec/pids/<our pid>; holding
             # the passed fd holds the lock for as long as we live.
+            self.started += 1
             return
         if type == local.L_REFUSED:
             fail(str(document.get("message", "refused")), int(document.get("code", EXIT_REFUSED)))
@@ -289,7 +291,12 @@ class StandIn:
             except OSError as exc:
                 self.send(local.encode(local.L_SIGNAL, {"signal": "SIGTERM"}))
                 fail(f"cannot write the daemon pidfile {self.pidfile}: {exc}")
+        # The agent checks that we are the first stand-in's child, so the
+        # parent must live until the agent has answered with our pidmap.
+        expected = self.started + 1
         self.send(local.encode(local.L_ADOPT, {"pid": os.getpid()}))
+        while self.started < expected:
+            self.receive()
         os.close(ready_write)
 
 

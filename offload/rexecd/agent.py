@@ -332,10 +332,12 @@ class AgentSession:
     async def _adopt(self, pid: int, caller: Caller) -> None:
         """Daemon mode: the detached stand-in (a child of the first) takes over the pidmap."""
         try:
-            if psutil.Process(pid).ppid() != caller.pid:
-                log.warning("stand-in %d claimed pid %d, which is not its child; ignored", caller.pid, pid)
-                return
+            ours = psutil.Process(pid).ppid() == caller.pid
         except psutil.NoSuchProcess:
+            ours = False
+        if not ours:
+            log.warning("stand-in %d claimed pid %d, which is not its child; refused", caller.pid, pid)
+            await self.refuse(EXIT_FAILURE, f"pid {pid} is not a child of the stand-in {caller.pid}")
             return
         for old in self.pidmap_pids:
             self.pidmaps.remove(old)
