@@ -15,9 +15,8 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TypeVar
 
 import trio
 
@@ -27,7 +26,6 @@ from offload.pki import TlsConfig, peer_name
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -106,38 +104,56 @@ def translate_errors(address: Address | str, action: str) -> Iterator[None]:
 
 
 class TlsStream(trio.abc.Stream):
-    """TLS over a non-blocking ssl.SSLSocket, driven by trio.
+    """TLS through memory BIOs over a trio socket stream.
 
-    trio.SSLStream returns at most one TLS record (16 KiB) per
-    receive_some, so a relay pays its whole per-chunk cost sixty-four times
-    per MiB.  Here one receive drains every record the kernel already has,
-    up to ``max_bytes``, in a loop of C calls: the relay sees 256 KiB
-    chunks.  Sends and receives may run concurrently (one task each).
+    Two costs shape it.  trio.SSLStream returns at most one TLS record
+    (16 KiB) per receive_some, so a relay would pay its per-chunk cost
+    sixty-four times per MiB; and an ssl.SSLSocket makes one send or recv
+    system call per record.  Here a send encrypts the whole buffer into a
+    memory BIO and writes it with one call, and a receive reads up to 1 MiB
+    from the socket and decrypts every complete record it holds.  One task
+    may send while another receives.
     """
 
-    def __init__(self, sock: ssl.SSLSocket) -> None:
-        self.socket = sock
+    RAW_CHUNK = 1 << 20
+
+    def __init__(self, raw: trio.SocketStream, context: ssl.SSLContext, *, server_side: bool) -> None:
+        self.raw = raw
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
+        self._send_lock = trio.Lock()  # the raw stream allows one sender at a time
 
     @classmethod
     async def wrap(cls, raw: trio.SocketStream, context: ssl.SSLContext, *, server_side: bool) -> TlsStream:
-        plain = socket.socket(fileno=raw.socket.detach())
-        plain.setblocking(False)
-        stream = cls(context.wrap_socket(plain, server_side=server_side, do_handshake_on_connect=False))
+        stream = cls(raw, context, server_side=server_side)
         try:
-            await stream._retry(stream.socket.do_handshake)
+            while True:
+                try:
+                    stream._ssl.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await stream._flush()
+                    await stream._fill()
+            await stream._flush()
         except BaseException:
-            stream.socket.close()
+            await trio.aclose_forcefully(raw)
             raise
         return stream
 
-    async def _retry(self, call: Callable[..., T], *args: object) -> T:
-        while True:
-            try:
-                return call(*args)
-            except ssl.SSLWantReadError:
-                await trio.lowlevel.wait_readable(self.socket)
-            except ssl.SSLWantWriteError:
-                await trio.lowlevel.wait_writable(self.socket)
+    async def _flush(self) -> None:
+        """Send whatever the TLS engine has produced."""
+        async with self._send_lock:
+            data = self._outgoing.read()
+            if data:
+                await self.raw.send_all(data)
+
+    async def _fill(self) -> None:
+        data = await self.raw.receive_some(self.RAW_CHUNK)
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         limit = max_bytes or 1 << 18
@@ -145,44 +161,40 @@ class TlsStream(trio.abc.Stream):
         size = 0
         while size < limit:
             try:
-                chunk = self.socket.recv(limit - size)
+                chunk = self._ssl.read(limit - size)
             except ssl.SSLWantReadError:
                 if chunks:
                     break
-                await trio.lowlevel.wait_readable(self.socket)
+                await self._fill()
                 continue
             except ssl.SSLZeroReturnError:
-                chunk = b""
-            except (ssl.SSLError, OSError) as exc:
+                break  # the peer's close_notify: end of stream
+            except ssl.SSLError as exc:
                 raise trio.BrokenResourceError(exc) from exc
             if not chunk:
                 break
             chunks.append(chunk)
             size += len(chunk)
+        if self._outgoing.pending:
+            await self._flush()  # e.g. a KeyUpdate answer
         await trio.lowlevel.checkpoint_if_cancelled()
         return b"".join(chunks)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                sent = await self._retry(self.socket.send, view[: 1 << 20])
-            except (ssl.SSLError, OSError) as exc:
-                raise trio.BrokenResourceError(exc) from exc
-            view = view[sent:]
-        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self._ssl.write(data)
+        except ssl.SSLError as exc:
+            raise trio.BrokenResourceError(exc) from exc
+        await self._flush()
 
     async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.wait_writable(self.socket)
+        await self.raw.wait_send_all_might_not_block()
 
     def getpeercert(self) -> dict | None:
-        return self.socket.getpeercert()
+        return self._ssl.getpeercert()
 
     async def aclose(self) -> None:
-        if self.socket.fileno() >= 0:
-            trio.lowlevel.notify_closing(self.socket)
-            self.socket.close()
-        await trio.lowlevel.checkpoint()
+        await self.raw.aclose()
 
 
 @dataclass
