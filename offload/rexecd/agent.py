@@ -315,12 +315,10 @@ class AgentSession:
                 message = None
             if message is None:
                 # The stand-in is gone (killed, perhaps by SIGKILL): closing the
-                # link tells the peer to end the program.
-                log.info(
-                    "stand-in %d for remote pid %d is gone; ending the session",
-                    caller.pid,
-                    self.remote_pid,
-                )
+                # link tells the peer to end the program.  (After Exited it is
+                # just the stand-in exiting as told.)
+                if self.link.conn.state is not State.DONE:
+                    log.info("stand-in %d for remote pid %d is gone; ending the session", caller.pid, self.remote_pid)
                 nursery.cancel_scope.cancel()
                 return
             type, document = message

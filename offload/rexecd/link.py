@@ -82,6 +82,11 @@ class SessionLink:
         self._control_send, self.control = trio.open_memory_channel[Event | LinkFailed](math.inf)
         self.failure: Exception | None = None
         self.closed = False
+        # Sessions follow one another on a connection and reuse channel
+        # numbers (fd + 1).  A relay of the last session may still be in its
+        # cleanup when the next Exec arrives; the generation keeps it from
+        # touching the new session's channels.
+        self.generation = 0
         self._last_receive = trio.current_time()
 
     # -- plumbing --------------------------------------------------------------
@@ -95,16 +100,16 @@ class SessionLink:
         would drop them).
         """
         if isinstance(event, SESSION_EVENTS):
-            if self.conn.state is not State.RUNNING or self.failure is not None:
-                return
-            try:
-                async with self._send_lock:
-                    await self._send_bytes(self.conn.send(event))
-            except TransportError:
-                await trio.lowlevel.checkpoint()
+            async with self._send_lock:
+                # Checked under the lock: Exited may arrive while we wait for it.
+                if self.conn.state is not State.RUNNING or self.failure is not None:
+                    return
+                data = self.conn.send(event)
+                with contextlib.suppress(TransportError):
+                    await self._send_bytes(data)
             return
         if isinstance(event, Exec):
-            self._channels.clear()  # a new session on this connection
+            self._new_session()
         async with self._send_lock:
             await self._send_bytes(self.conn.send(event))
 
@@ -213,12 +218,18 @@ class SessionLink:
                 self.add_channel(channel)
                 self._control_send.send_nowait(event)
             case Exec():
-                self._channels.clear()  # a new session on this connection
+                self._new_session()
                 self._control_send.send_nowait(event)
             case _:
                 self._control_send.send_nowait(event)
 
-    async def _give_back(self, channel: int, count: int) -> None:
+    def _new_session(self) -> None:
+        self._channels.clear()
+        self.generation += 1
+
+    async def _give_back(self, channel: int, count: int, generation: int | None = None) -> None:
+        if generation is not None and generation != self.generation:
+            return  # a window for a session that is over
         window = self.conn.consumed(channel, count)
         if window and self.conn.state is not State.DONE:
             with contextlib.suppress(TransportError):
@@ -262,7 +273,7 @@ class SessionLink:
         """Peer -> local sink, granting window as the sink takes the bytes."""
         state = self._channels[channel]
         try:
-            await self._pump_in(channel, state, sink)
+            await self._pump_in(channel, state, sink, self.generation)
         finally:
             state.drained.set()
 
@@ -272,7 +283,7 @@ class SessionLink:
         if state is not None:
             await state.drained.wait()
 
-    async def _pump_in(self, channel: int, state: ChannelState, sink: ByteEnd) -> None:
+    async def _pump_in(self, channel: int, state: ChannelState, sink: ByteEnd, generation: int) -> None:
         while True:
             if state.chunks:
                 data = state.chunks.popleft()
@@ -283,7 +294,7 @@ class SessionLink:
                     state.chunks.clear()
                     await self.send(Reset(channel, "reader closed"))
                     return
-                await self._give_back(channel, len(data))
+                await self._give_back(channel, len(data), generation)
             elif state.eof:
                 with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                     await sink.shutdown_write()
@@ -295,6 +306,7 @@ class SessionLink:
 
     async def relay(self, channel: int, end: ByteEnd, *, inbound: bool, outbound: bool) -> None:
         """Run the pumps of one channel and close ``end`` when they are done."""
+        generation = self.generation
         self.add_channel(channel)
         try:
             async with aio.open_nursery() as nursery:
@@ -308,7 +320,8 @@ class SessionLink:
                 contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError),
             ):
                 await end.aclose()
-            self.drop_channel(channel)
+            if generation == self.generation:
+                self.drop_channel(channel)
 
     async def aclose(self) -> None:
         self.closed = True
