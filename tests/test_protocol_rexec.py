@@ -206,3 +206,12 @@ def test_server_on_arbitrary_frames(frames) -> None:
         feed(server, b"")
     except RemoteProtocolError:
         pass
+
+
+def test_send_data_parts_are_the_frame() -> None:
+    client, server = pair()
+    feed(server, client.send(Exec(REQUEST)))
+    feed(client, server.send(Started(7)))
+    header, payload = server.send_data(Data(2, b"abc"))
+    assert feed(client, header + payload) == [Data(2, b"abc")]
+    assert server.send_credit(2) == INITIAL_WINDOW - 3

@@ -84,6 +84,11 @@ def encode_frame(type: int, channel: int, payload: bytes = b"", *, max_payload: 
     return HEADER.pack(MAGIC, VERSION, type, channel, len(payload)) + payload
 
 
+def encode_header(type: int, channel: int, length: int) -> bytes:
+    """The header of a frame whose payload the caller sends separately (no copy)."""
+    return HEADER.pack(MAGIC, VERSION, type, channel, length)
+
+
 class FrameDecoder:
     """Splits a byte stream into frames, validating each header as it arrives."""
 

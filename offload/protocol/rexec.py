@@ -24,7 +24,7 @@ from typing import Any
 
 from offload.errors import LocalProtocolError, RemoteProtocolError
 from offload.protocol import messages
-from offload.protocol.framing import CLOSED, NEED_DATA, Frame, FrameDecoder, encode_frame
+from offload.protocol.framing import CLOSED, NEED_DATA, Frame, FrameDecoder, encode_frame, encode_header
 
 # Frame types.  Control frames use channel 0.
 T_HELLO = 0x01
@@ -566,6 +566,13 @@ class RexecConnection:
         if isinstance(event, Exec):
             self._open_request_channels(event.request)
         return _encode(event)
+
+    def send_data(self, event: Data) -> tuple[bytes, bytes]:
+        """Like send(Data), as (header, payload): the payload is not copied."""
+        if not self._sent_hello:
+            raise LocalProtocolError("Data before Hello")
+        self._check_channel_send(event)
+        return encode_header(T_DATA, event.channel, len(event.data)), event.data
 
     def _check_channel_send(self, event: Data | Eof | Window | Open | Reset) -> None:
         if self.state is not State.RUNNING:

@@ -24,7 +24,7 @@ import trio
 from offload import aio
 from offload.errors import LinkLost, ProtocolError, RemoteProtocolError, TransportError
 from offload.fdio import CHUNK, ByteEnd
-from offload.net import Connected, translate_errors
+from offload.net import Connected, TlsStream, translate_errors
 from offload.protocol.rexec import (
     MAX_DATA_CHUNK,
     SESSION_EVENTS,
@@ -104,18 +104,22 @@ class SessionLink:
                 # Checked under the lock: Exited may arrive while we wait for it.
                 if self.conn.state is not State.RUNNING or self.failure is not None:
                     return
-                data = self.conn.send(event)
+                parts = self.conn.send_data(event) if isinstance(event, Data) else (self.conn.send(event),)
                 with contextlib.suppress(TransportError):
-                    await self._send_bytes(data)
+                    await self._send_bytes(*parts)
             return
         if isinstance(event, Exec):
             self._new_session()
         async with self._send_lock:
             await self._send_bytes(self.conn.send(event))
 
-    async def _send_bytes(self, data: bytes) -> None:
+    async def _send_bytes(self, *parts: bytes) -> None:
         with translate_errors(self.peer, "sending to"):
-            await self.stream.send_all(data)
+            if len(parts) > 1 and isinstance(self.stream, TlsStream):
+                await self.stream.send_parts(parts)
+            else:
+                for part in parts:
+                    await self.stream.send_all(part)
 
     async def send_raw(self, data: bytes) -> None:
         async with self._send_lock:
