@@ -399,3 +399,53 @@ def test_remote_program_runs_as_the_callers_user(lab: Lab) -> None:
     result = proc.run(lab.command("dpu", argv), env=lab.env("dpu"), check=False, timeout=30, text=False, cwd="/")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [b"65534", b"65534"]
+
+
+def agent_exchange(lab: Lab, data: bytes, fds: list[int] = ()) -> bytes:  # type: ignore[assignment]
+    """Talk to the DPU agent's socket directly, as a misbehaving stand-in would."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(20)
+        sock.connect(str(lab.dpu.run_dir / "rexec.sock"))
+        socket.send_fds(sock, [data], list(fds)) if fds else sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        return reply
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"garbage that is not a frame",
+        b"OF\x01\x40\x00\x00\x00\x00\x00\x00\x00\x05{nope",
+        b"OF\x01\x40\x00\x00\x00\x00\x7f\xff\xff\xff",  # a 2 GiB request
+    ],
+    ids=["garbage", "bad-json", "oversized"],
+)
+def test_bad_stand_in_messages_leave_the_agent_serving(lab: Lab, data: bytes) -> None:
+    agent_exchange(lab, data)
+    assert rexec(lab, "/bin/true").returncode == 0
+
+
+def test_duplicate_fd_description_refused(lab: Lab) -> None:
+    from offload.protocol import local
+
+    read_end, write_end = os.pipe()
+    entry = {"fd": 0, "type": "pipe_r", "access": "r", "passed": True}
+    request = {
+        "target": None,
+        "argv": ["/bin/true"],
+        "env": {},
+        "cwd": "/",
+        "umask": 18,
+        "fds": [entry, entry],
+        "daemon_pidfile": None,
+    }
+    try:
+        reply = agent_exchange(lab, local.encode(local.L_REQUEST, request), [read_end, read_end])
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert b"described an fd number twice" in reply
+    assert rexec(lab, "/bin/true").returncode == 0

@@ -131,6 +131,7 @@ class AgentSession:
         self.pidmaps = pidmaps
         self.decoder = FrameDecoder(max_payload=local.MAX_REQUEST)
         self.fds: list[int] = []  # received from the stand-in, not yet paired with a spec
+        self.accepting_fds = True  # until the request has been read
         self._relayed: dict[int, tuple[FdSpec, int]] = {}  # paired, not yet owned by a relay
         self.link: SessionLink | None = None
         self.address: Address | None = None
@@ -172,7 +173,12 @@ class AgentSession:
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     usable = len(payload) - len(payload) % 4
-                    self.fds.extend(struct.unpack(f"{usable // 4}i", payload[:usable]))
+                    fds = struct.unpack(f"{usable // 4}i", payload[:usable])
+                    if self.accepting_fds:
+                        self.fds.extend(fds)
+                    else:
+                        for fd in fds:  # only the request may carry fds
+                            os.close(fd)
             if flags & socket.MSG_CTRUNC:
                 raise RefusedError("the stand-in passed more file descriptors than one message can carry")
             self.decoder.receive_data(data)
@@ -223,7 +229,10 @@ class AgentSession:
         except ConfigError as exc:
             raise RefusedError(f"CMD_NET_ADDR: {exc}", exit_code=EXIT_FAILURE) from None
         descriptions = document["fds"]
+        self.accepting_fds = False
         passed = [d["fd"] for d in descriptions if d.get("passed")]
+        if len(set(passed)) != len(passed):
+            raise RefusedError("the stand-in described an fd number twice")
         if len(passed) != len(self.fds):
             raise RefusedError(f"the stand-in announced {len(passed)} fds but passed {len(self.fds)}")
         plan = policy.plan_fds(descriptions, self.config.shared_path, self.config.leave_behind)
