@@ -8,7 +8,9 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup test bench lint demo clean
 
-setup: $(STAMP) offload/_native/rexec-exec
+NATIVE := offload/_native/rexec-exec offload/_native/libudsproxy.so offload/_native/.shim-built
+
+setup: $(STAMP) $(NATIVE)
 	@sh scripts/setup-system.sh
 	@# What pip does on a real install; the stand-in starts for every remote
 	@# program and must not compile its modules each time.
@@ -17,6 +19,17 @@ setup: $(STAMP) offload/_native/rexec-exec
 offload/_native/rexec-exec: native/rexec_exec.c
 	mkdir -p offload/_native
 	$(CC) -O2 -Wall -Wextra -Werror -o $@ $<
+
+# The LD_PRELOAD payload: plain C against libc, bound at load (-z now).
+offload/_native/libudsproxy.so: native/qtfs_shim.c
+	mkdir -p offload/_native
+	$(CC) -O2 -Wall -Wextra -Werror -fPIC -shared -Wl,-z,now -o $@ $< -ldl
+
+# The same source as a cffi module, for in-process tests of its helpers.
+offload/_native/.shim-built: native/qtfs_shim.c native/build_shim.py $(STAMP)
+	mkdir -p offload/_native
+	$(PY) native/build_shim.py
+	touch $@
 
 $(STAMP): pyproject.toml
 	@sh scripts/setup-system.sh

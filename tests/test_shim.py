@@ -1,0 +1,236 @@
+"""The LD_PRELOAD shim (native/qtfs_shim.c): its helpers in-process, the library in real programs.
+
+udsproxyd itself is not part of these tests: a small stand-in here answers
+the shim's request the way udsproxyd does (a connected socket by
+SCM_RIGHTS, or an errno), so what is tested is the shim in real programs.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from offload import proc
+from offload.protocol.framing import FrameDecoder, encode_frame
+
+NATIVE = Path(__file__).resolve().parent.parent / "offload" / "_native"
+LIBRARY = NATIVE / "libudsproxy.so"
+
+try:
+    from offload._native._shim import ffi, lib
+except ImportError:  # pragma: no cover - make setup builds it
+    ffi = lib = None
+
+pytestmark = pytest.mark.skipif(lib is None or not LIBRARY.exists(), reason="the shim is not built (run make setup)")
+
+
+@pytest.mark.parametrize(
+    ("path", "prefixes", "allowed"),
+    [
+        ("/var/lib/libvirt/qemu/mon.sock", "/var/lib/libvirt", True),
+        ("/var/lib/libvirt", "/var/lib/libvirt", True),
+        ("/var/lib/libvirtd/x.sock", "/var/lib/libvirt", False),
+        ("/var/lib/libvirt/qemu/x.sock", "/var/lib/libvirt/", True),  # the reference ignores this entry
+        ("/run/a.sock", "/var/lib/libvirt:/run", True),
+        ("/var/lib/libvirt/../../etc/x.sock", "/var/lib/libvirt", False),
+        ("/var/lib/libvirt/..", "", False),
+        ("/var/lib/libvirt/a..b.sock", "/var/lib/libvirt", True),
+        ("relative.sock", "", False),
+        ("/any/path.sock", "", True),
+    ],
+)
+def test_path_allowed(path: str, prefixes: str, allowed: bool) -> None:
+    assert bool(lib.shim_path_allowed(path.encode(), prefixes.encode())) is allowed
+
+
+def test_request_is_a_project_frame() -> None:
+    buffer = ffi.new("unsigned char[256]")
+    length = lib.shim_encode_request(buffer, 256, socket.SOCK_STREAM, b"/run/x.sock")
+    expected = encode_frame(0x50, 0, struct.pack("!H", socket.SOCK_STREAM) + b"/run/x.sock")
+    assert ffi.buffer(buffer, length)[:] == expected
+    assert lib.shim_encode_request(buffer, 256, 1, b"/" + b"x" * 200) == -1  # longer than sun_path
+    assert lib.shim_encode_request(buffer, 10, 1, b"/run/x.sock") == -1  # does not fit
+
+
+def test_reply_decoding() -> None:
+    ok = encode_frame(0x51, 0, struct.pack("!I", 0))
+    refused = encode_frame(0x51, 0, struct.pack("!I", errno.ECONNREFUSED))
+    assert lib.shim_decode_reply(ok, len(ok)) == 0
+    assert lib.shim_decode_reply(refused, len(refused)) == errno.ECONNREFUSED
+    for bad in (ok[:-1], b"XX" + ok[2:], encode_frame(0x52, 0, bytes(4)), encode_frame(0x51, 0, bytes(5))):
+        assert lib.shim_decode_reply(bad, len(bad)) == -1
+
+
+class FakeProxy:
+    """Answers shim requests as udsproxyd would; records what it was asked."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = str(directory / "udsproxy.sock")
+        self.requests: list[tuple[int, str]] = []
+        self.answer: int | str = 0  # 0: connect to self.target; an errno; or "silent" / "garbage"
+        self.target = ""
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(8)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                decoder = FrameDecoder()
+                frame = None
+                while frame is None or not hasattr(frame, "payload"):
+                    data = conn.recv(4096)
+                    if not data:
+                        break
+                    decoder.receive_data(data)
+                    frame = decoder.next_frame()
+                if frame is None or not hasattr(frame, "payload"):
+                    continue
+                (kind,) = struct.unpack("!H", frame.payload[:2])
+                self.requests.append((kind, frame.payload[2:].decode()))
+                if self.answer == "silent":
+                    conn.recv(1)  # until the shim gives up
+                elif self.answer == "garbage":
+                    conn.sendall(b"nonsense-reply!!")
+                elif self.answer:
+                    conn.sendall(encode_frame(0x51, 0, struct.pack("!I", int(self.answer))))
+                else:
+                    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as remote:
+                        remote.connect(self.target)
+                        reply = encode_frame(0x51, 0, struct.pack("!I", 0))
+                        socket.send_fds(conn, [reply], [remote.fileno()])
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def proxy(tmp_path: Path) -> Iterator[FakeProxy]:
+    echo_path = str(tmp_path / "echo.sock")
+    echo = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    echo.bind(echo_path)
+    echo.listen(8)
+
+    def serve_echo() -> None:
+        while True:
+            try:
+                conn, _ = echo.accept()
+            except OSError:
+                return
+            with conn:
+                while data := conn.recv(4096):
+                    conn.sendall(b"echo:" + data)
+
+    threading.Thread(target=serve_echo, daemon=True).start()
+    fake = FakeProxy(tmp_path)
+    fake.target = echo_path
+    yield fake
+    fake.close()
+    echo.close()
+
+
+def preload_env(proxy: FakeProxy | None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UDSPROXY_")}
+    env.update(LD_PRELOAD=str(LIBRARY), LD_BIND_NOW="1", **extra)
+    if proxy is not None:
+        env["UDSPROXY_SOCKET"] = proxy.path
+    return env
+
+
+CLIENT = textwrap.dedent(
+    """
+    import fcntl, os, socket, sys
+    kind = socket.SOCK_DGRAM if sys.argv[2] == "dgram" else socket.SOCK_STREAM
+    s = socket.socket(socket.AF_UNIX, kind)
+    if sys.argv[2] == "nonblocking":
+        s.setblocking(False)
+    try:
+        s.connect(sys.argv[1])
+    except OSError as e:
+        print("error", e.errno)
+        sys.exit(0)
+    flags = fcntl.fcntl(s.fileno(), fcntl.F_GETFL)
+    print("nonblocking", bool(flags & os.O_NONBLOCK), "cloexec", not s.get_inheritable())
+    s.setblocking(True)
+    s.sendall(b"ping")
+    print(s.recv(100).decode())
+    """
+)
+
+
+def run_client(env: dict[str, str], path: str, mode: str = "blocking") -> list[str]:
+    result = proc.run([sys.executable, "-c", CLIENT, path, mode], env=env, timeout=30)
+    return result.stdout.split("\n")
+
+
+def test_loads_under_bind_now_and_is_inert_without_configuration(tmp_path: Path) -> None:
+    out = run_client(preload_env(None), str(tmp_path / "missing.sock"))
+    assert out[0] == f"error {errno.ENOENT}"
+
+
+def test_missing_socket_is_carried(proxy: FakeProxy, tmp_path: Path) -> None:
+    remote_only = str(tmp_path / "elsewhere" / "monitor.sock")
+    out = run_client(preload_env(proxy), remote_only)
+    assert out[:2] == ["nonblocking False cloexec True", "echo:ping"]
+    assert proxy.requests == [(socket.SOCK_STREAM, remote_only)]
+
+
+def test_nonblocking_connect_keeps_its_flags(proxy: FakeProxy, tmp_path: Path) -> None:
+    out = run_client(preload_env(proxy), str(tmp_path / "nb.sock"), "nonblocking")
+    assert out[:2] == ["nonblocking True cloexec True", "echo:ping"]
+
+
+@pytest.mark.parametrize("code", [errno.ECONNREFUSED, errno.ENOENT, errno.EACCES])
+def test_remote_errno_reaches_the_caller(proxy: FakeProxy, tmp_path: Path, code: int) -> None:
+    proxy.answer = code
+    assert run_client(preload_env(proxy), str(tmp_path / "x.sock"))[0] == f"error {code}"
+
+
+def test_unresponsive_proxy_times_out(proxy: FakeProxy, tmp_path: Path) -> None:
+    proxy.answer = "silent"
+    out = run_client(preload_env(proxy, UDSPROXY_TIMEOUT_MS="300"), str(tmp_path / "x.sock"))
+    assert out[0] == f"error {errno.ETIMEDOUT}"
+
+
+def test_malformed_reply_is_an_error_not_a_crash(proxy: FakeProxy, tmp_path: Path) -> None:
+    proxy.answer = "garbage"
+    assert run_client(preload_env(proxy), str(tmp_path / "x.sock"))[0] == f"error {errno.EPROTO}"
+
+
+def test_prefixes_limit_what_is_carried(proxy: FakeProxy, tmp_path: Path) -> None:
+    out = run_client(preload_env(proxy, UDSPROXY_PREFIXES="/var/lib/libvirt"), str(tmp_path / "x.sock"))
+    assert out[0] == f"error {errno.ENOENT}"
+    assert proxy.requests == []
+
+
+def test_local_sockets_are_never_touched(proxy: FakeProxy) -> None:
+    out = run_client(preload_env(proxy), proxy.target)  # exists locally
+    assert out[:2] == ["nonblocking False cloexec True", "echo:ping"]
+    assert proxy.requests == []
+
+
+def test_datagram_sockets_refused_clearly(proxy: FakeProxy, tmp_path: Path) -> None:
+    assert run_client(preload_env(proxy), str(tmp_path / "x.sock"), "dgram")[0] == f"error {errno.EPROTOTYPE}"
+
+
+def test_socat_under_the_shim(proxy: FakeProxy, tmp_path: Path) -> None:
+    path = str(tmp_path / "remote" / "qmp.sock")
+    result = proc.run(
+        ["socat", "-t", "2", "-", f"UNIX-CONNECT:{path}"], env=preload_env(proxy), input="hello", timeout=30
+    )
+    assert result.stdout == "echo:hello"
