@@ -165,12 +165,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help=f"TOML settings file (default {DEFAULT_CONFIG} if present)")
     for setting in SETTINGS:
         flag = "--" + setting.name.replace("_", "-")
+        shown = (
+            f"{setting.help} (default: {setting.default})" if setting.default not in ([], "", False) else setting.help
+        )
         if setting.kind is bool:
             parser.add_argument(flag, action="store_true", default=None, help=setting.help)
         elif setting.kind is list:
-            parser.add_argument(flag, action="append", metavar=setting.metavar, help=setting.help)
+            parser.add_argument(flag, action="append", metavar=setting.metavar, help=shown)
         else:
-            parser.add_argument(flag, type=setting.kind, metavar=setting.metavar, help=setting.help)
+            parser.add_argument(flag, type=setting.kind, metavar=setting.metavar, help=shown)
 
 
 def from_arguments(args: argparse.Namespace, environ: dict[str, str] | None = None) -> RexecConfig:

@@ -49,10 +49,6 @@ class LinkLost(TransportError):
     """Keepalives stopped arriving: the link to the peer is gone."""
 
 
-class ClosedError(TransportError):
-    """We closed this connection ourselves and then tried to use it."""
-
-
 class RefusedError(OffloadError):
     """A request was refused by policy (whitelist, user mapping, fd type)."""
 

@@ -10,7 +10,6 @@ architectures.
 
 from __future__ import annotations
 
-import errno as errno_module
 import json
 import signal
 from typing import Any
@@ -56,15 +55,3 @@ def signal_number(name: object, what: str) -> int:
         return int(signal.Signals[name])
     except KeyError:
         raise RemoteProtocolError(f"{what}: unknown signal {name!r}") from None
-
-
-def errno_name(number: int) -> str:
-    return errno_module.errorcode.get(number, "EIO")
-
-
-def errno_number(name: object) -> int:
-    if isinstance(name, str) and hasattr(errno_module, name):
-        value = getattr(errno_module, name)
-        if isinstance(value, int):
-            return value
-    return errno_module.EIO

@@ -16,7 +16,6 @@ anything wrong that the peer sent raises `RemoteProtocolError`.
 from __future__ import annotations
 
 import enum
-import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -673,8 +672,3 @@ class RexecConnection:
                 raise RemoteProtocolError(f"window of channel {event.channel} grew past 2 GiB")
             self._send_credit[event.channel] = credit
         return event
-
-
-def fs_text(value: bytes | str) -> str:
-    """Text form of an OS string for the wire (bytes survive via surrogateescape)."""
-    return value if isinstance(value, str) else os.fsdecode(value)

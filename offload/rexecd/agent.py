@@ -137,7 +137,6 @@ class AgentSession:
         self.address: Address | None = None
         self.pidmap_pids: list[int] = []
         self.remote_pid = 0
-        self.pending_signals: list[int] = []
         self.inbound_channels: list[int] = []
         self.bridge_channels = iter(range(FIRST_BRIDGE_CHANNEL, 1 << 32))
 

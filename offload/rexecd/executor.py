@@ -60,7 +60,6 @@ class ServerState:
     config: RexecConfig
     whitelist: policy.Whitelist
     bridges: Path
-    sessions: int = 0
 
 
 class CountingEnd(ByteEnd):
