@@ -1,0 +1,197 @@
+"""udsproxyd: two daemons in-process over real sockets with TLS, and the real shim."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import trio
+
+from offload import pki
+from offload.pki import TlsConfig
+from offload.protocol.framing import FrameDecoder, encode_frame
+from offload.udsproxy.daemon import ProxyConfig, serve
+
+NATIVE = Path(__file__).resolve().parent.parent / "offload" / "_native"
+
+
+@pytest.fixture
+async def pair(tmp_path: Path, nursery: trio.Nursery) -> Path:
+    """Daemon A (the DPU side, shim socket) and B (the host side, where sockets live)."""
+    from offload.net import Transport
+
+    pki.init(tmp_path / "pki", ["host", "dpu"])
+    (tmp_path / "remote").mkdir()
+    (tmp_path / "other").mkdir()
+    host = ProxyConfig((f"unix://{tmp_path}/peer.sock",), "", (str(tmp_path / "remote"),), str(tmp_path / "b"), "host")
+    dpu = ProxyConfig((), f"unix://{tmp_path}/peer.sock", (str(tmp_path),), str(tmp_path / "a"), "dpu")
+    await nursery.start(serve, host, Transport(TlsConfig.load(tmp_path / "pki" / "host")))
+    await nursery.start(serve, dpu, Transport(TlsConfig.load(tmp_path / "pki" / "dpu")))
+    await nursery.start(echo_server, str(tmp_path / "remote" / "echo.sock"), socket.SOCK_STREAM)
+    await nursery.start(echo_server, str(tmp_path / "remote" / "packets.sock"), socket.SOCK_SEQPACKET)
+    return tmp_path
+
+
+async def echo_server(path: str, kind: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Stream: reads to end of file, then answers "got:" + everything.  Seqpacket: echoes each packet."""
+    listener = trio.socket.socket(socket.AF_UNIX, kind)
+    await listener.bind(path)
+    listener.listen(64)
+    task_status.started()
+
+    async def one(conn: trio.socket.SocketType) -> None:
+        with conn:
+            if kind == socket.SOCK_SEQPACKET:
+                while packet := await conn.recv(65536):
+                    await conn.send(b"echo:" + packet)
+                return
+            data = b""
+            while chunk := await conn.recv(65536):
+                data += chunk
+            await conn.send(b"got:" + data)
+
+    async with trio.open_nursery() as nursery:
+        while True:
+            conn, _ = await listener.accept()
+            nursery.start_soon(one, conn)
+
+
+async def ask(tree: Path, path: str, kind: int = socket.SOCK_STREAM) -> tuple[int, trio.socket.SocketType | None]:
+    """Speak the shim's request to daemon A, as libudsproxy.so does."""
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        await sock.connect(str(tree / "a" / "udsproxy.sock"))
+        await sock.send(encode_frame(0x50, 0, struct.pack("!H", kind) + path.encode()))
+        data, ancdata, _, _ = await sock.recvmsg(64, socket.CMSG_SPACE(8))
+    frame = FrameDecoder()
+    frame.receive_data(data)
+    reply = frame.next_frame()
+    (error,) = struct.unpack("!I", reply.payload)  # type: ignore[union-attr]
+    fds = [struct.unpack("i", payload[:4])[0] for _, _, payload in ancdata]
+    if not fds:
+        return error, None
+    return error, trio.socket.from_stdlib_socket(socket.socket(fileno=fds[0]))
+
+
+async def test_stream_round_trip_with_half_close(pair: Path) -> None:
+    with trio.fail_after(20):
+        error, sock = await ask(pair, str(pair / "remote" / "echo.sock"))
+        assert error == 0 and sock is not None
+        with sock:
+            await sock.send(b"hello ")
+            await sock.send(b"world")
+            sock.shutdown(socket.SHUT_WR)  # the server answers only after end of file
+            reply = b""
+            while chunk := await sock.recv(1024):
+                reply += chunk
+    assert reply == b"got:hello world"
+
+
+async def test_seqpacket_keeps_message_boundaries(pair: Path) -> None:
+    with trio.fail_after(20):
+        error, sock = await ask(pair, str(pair / "remote" / "packets.sock"), socket.SOCK_SEQPACKET)
+        assert error == 0 and sock is not None
+        with sock:
+            await sock.send(b"one")
+            await sock.send(b"two")
+            assert await sock.recv(100) == b"echo:one"
+            assert await sock.recv(100) == b"echo:two"
+
+
+@pytest.mark.parametrize(
+    ("relative", "expected"),
+    [
+        ("remote/missing.sock", errno.ENOENT),
+        ("other/x.sock", errno.EACCES),  # allowed on the DPU side, not on the host side
+        ("remote/../remote/echo.sock", errno.EINVAL),
+    ],
+)
+async def test_errors_reach_the_caller(pair: Path, relative: str, expected: int) -> None:
+    with trio.fail_after(20):
+        error, sock = await ask(pair, f"{pair}/{relative}")
+    assert (error, sock) == (expected, None)
+
+
+async def test_refused_connection(pair: Path) -> None:
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(pair / "remote" / "dead.sock"))  # bound, never listening
+    try:
+        with trio.fail_after(20):
+            assert (await ask(pair, str(pair / "remote" / "dead.sock")))[0] == errno.ECONNREFUSED
+    finally:
+        dead.close()
+
+
+async def test_outside_the_local_allowlist_never_leaves(pair: Path) -> None:
+    with trio.fail_after(20):
+        assert (await ask(pair, "/run/elsewhere.sock"))[0] == errno.EACCES
+
+
+async def test_many_connections_at_once(pair: Path) -> None:
+    results: list[bytes] = []
+
+    async def one(n: int) -> None:
+        error, sock = await ask(pair, str(pair / "remote" / "echo.sock"))
+        assert error == 0 and sock is not None
+        with sock:
+            await sock.send(str(n).encode())
+            sock.shutdown(socket.SHUT_WR)
+            results.append(await sock.recv(100))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for n in range(100):
+                nursery.start_soon(one, n)
+    assert sorted(results) == sorted(f"got:{n}".encode() for n in range(100))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a private mount namespace")
+@pytest.mark.skipif(not (NATIVE / "libudsproxy.so").exists(), reason="the shim is not built (run make setup)")
+async def test_real_program_under_the_shim(pair: Path) -> None:
+    """In its own mount namespace the socket's directory is empty: the path exists only "on the host"."""
+    client = textwrap.dedent(
+        """
+        import socket, sys
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(sys.argv[1])
+        s.sendall(b"from the dpu")
+        s.shutdown(socket.SHUT_WR)
+        print(s.recv(100).decode())
+        """
+    )
+    remote = pair / "remote"
+    script = f'mount -t tmpfs none {remote} && test ! -e {remote}/echo.sock && exec "$@"'
+    env = dict(
+        os.environ,
+        LD_PRELOAD=str(NATIVE / "libudsproxy.so"),
+        LD_BIND_NOW="1",
+        UDSPROXY_SOCKET=str(pair / "a" / "udsproxy.sock"),
+    )
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+                "sh",
+                sys.executable,
+                "-c",
+                client,
+                str(remote / "echo.sock"),
+            ],
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().strip() == "got:from the dpu"
