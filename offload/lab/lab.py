@@ -32,8 +32,10 @@ log = logging.getLogger(__name__)
 
 LAB_ROOT = Path("/run/offload-lab")
 REXEC_PORT = 7001
+UDSPROXY_PORT = 7002
+SHIM = Path(__file__).resolve().parent.parent / "_native" / "libudsproxy.so"
 READY_TIMEOUT = 30.0
-SERVICES = ("rexec",)
+SERVICES = ("rexec", "udsproxy")
 #: Programs each side's whitelist allows besides --allow ones.
 DEFAULT_ALLOW = (
     "/bin/true",
@@ -102,6 +104,14 @@ class Lab:
     def rexec_address(self, side: LabSide) -> str:
         return f"tcp://{side.link.address}:{REXEC_PORT}"
 
+    @property
+    def sockets(self) -> Path:
+        """Where the lab's UNIX sockets for udsproxy live (allowed on both sides)."""
+        return self.dir / "sockets"
+
+    def udsproxy_address(self, side: LabSide) -> str:
+        return f"tcp://{side.link.address}:{UDSPROXY_PORT}"
+
     def env(self, role: str) -> dict[str, str]:
         """What an operator's unit file would give a program on that side."""
         side = self.side(role)
@@ -112,6 +122,11 @@ class Lab:
             REXEC_AGENT_SOCKET=str(side.run_dir / "rexec.sock"),
             PATH=f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}",
         )
+        if "udsproxy" in self._state().get("services", ()):
+            env.update(
+                UDSPROXY_SOCKET=str(side.run_dir / "udsproxy" / "udsproxy.sock"),
+                LD_PRELOAD=str(SHIM),
+            )
         return env
 
     def command(self, role: str, argv: list[str]) -> list[str]:
@@ -146,6 +161,13 @@ class Lab:
                 for side in (self.host, self.dpu):
                     self._start_rexec(side)
                     done.append(f"rexec_server on {side.role} at {self.rexec_address(side)}")
+            if "udsproxy" in services:
+                if not SHIM.exists():
+                    raise LabError(f"{SHIM} is missing (run make setup)")
+                self.sockets.mkdir(exist_ok=True)
+                for side in (self.host, self.dpu):
+                    self._start_udsproxy(side)
+                    done.append(f"udsproxyd on {side.role} at {self.udsproxy_address(side)}")
         except BaseException:
             log.error("lab up failed; removing what was made")
             with contextlib.suppress(Exception):
@@ -183,6 +205,30 @@ class Lab:
             "6",
         ]
         self.start_service(f"{side.role}-rexec", side, argv)
+
+    def _start_udsproxy(self, side: LabSide) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "offload.udsproxy.daemon",
+            "--node",
+            side.role,
+            "--listen",
+            self.udsproxy_address(side),
+            "--peer",
+            self.udsproxy_address(self.other(side)),
+            "--allow",
+            str(self.sockets),
+            "--allow",
+            "/var/lib/libvirt",
+            "--allow",
+            "/run/libvirt",
+            "--pki",
+            str(self.dir / "pki" / side.role),
+            "--run-dir",
+            str(side.run_dir / "udsproxy"),
+        ]
+        self.start_service(f"{side.role}-udsproxy", side, argv)
 
     def start_service(self, key: str, side: LabSide, argv: list[str]) -> int:
         """Start a daemon in ``side``'s namespace and wait for its READY=1."""

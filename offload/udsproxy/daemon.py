@@ -319,3 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         pass
+
+
+if __name__ == "__main__":
+    main()
