@@ -123,6 +123,7 @@ class TlsStream(trio.abc.Stream):
         self._outgoing = ssl.MemoryBIO()
         self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
         self._send_lock = trio.Lock()  # the raw stream allows one sender at a time
+        self._buffer = bytearray(self.RAW_CHUNK)  # reused: no 1 MiB allocation per read
 
     @classmethod
     async def wrap(cls, raw: trio.SocketStream, context: ssl.SSLContext, *, server_side: bool) -> TlsStream:
@@ -149,9 +150,13 @@ class TlsStream(trio.abc.Stream):
                 await self.raw.send_all(data)
 
     async def _fill(self) -> None:
-        data = await self.raw.receive_some(self.RAW_CHUNK)
-        if data:
-            self._incoming.write(data)
+        try:
+            count = await self.raw.socket.recv_into(self._buffer)
+        except OSError as exc:
+            raise trio.BrokenResourceError(exc) from exc
+        if count:
+            with memoryview(self._buffer) as view:
+                self._incoming.write(view[:count])
         else:
             self._incoming.write_eof()
 
