@@ -24,6 +24,15 @@ def _under_journal() -> bool:
     return (st.st_dev, st.st_ino) == (device, inode)
 
 
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every relayed connection costs fds."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def setup(program: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.setLevel(level.upper())

@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     log_module.setup("rexec_server", args.log_level)
+    log_module.raise_fd_limit()
     try:
         config = config_module.from_arguments(args)
         transport = Transport.from_options(config.pki or None, config.insecure)

@@ -12,6 +12,10 @@ import pytest
 
 from offload import proc
 from offload.lab.lab import Lab
+from offload.log import raise_fd_limit
+
+# The in-process daemons of one test can hold thousands of connections.
+raise_fd_limit()
 
 PYTHON = sys.executable
 #: A whitelisted program that does not exist: exec fails with ENOENT (127).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -46,7 +47,7 @@ async def echo_server(path: str, kind: int, *, task_status=trio.TASK_STATUS_IGNO
     task_status.started()
 
     async def one(conn: trio.socket.SocketType) -> None:
-        with conn:
+        with conn, contextlib.suppress(OSError):  # a client may vanish (the restart test)
             if kind == socket.SOCK_SEQPACKET:
                 while packet := await conn.recv(65536):
                     await conn.send(b"echo:" + packet)
@@ -64,8 +65,14 @@ async def echo_server(path: str, kind: int, *, task_status=trio.TASK_STATUS_IGNO
 
 async def ask(tree: Path, path: str, kind: int = socket.SOCK_STREAM) -> tuple[int, trio.socket.SocketType | None]:
     """Speak the shim's request to daemon A, as libudsproxy.so does."""
+    return await ask_via(tree / "a", path, kind)
+
+
+async def ask_via(
+    run_dir: Path, path: str, kind: int = socket.SOCK_STREAM
+) -> tuple[int, trio.socket.SocketType | None]:
     with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        await sock.connect(str(tree / "a" / "udsproxy.sock"))
+        await sock.connect(str(run_dir / "udsproxy.sock"))
         await sock.send(encode_frame(0x50, 0, struct.pack("!H", kind) + path.encode()))
         data, ancdata, _, _ = await sock.recvmsg(64, socket.CMSG_SPACE(8))
     frame = FrameDecoder()
@@ -132,7 +139,7 @@ async def test_outside_the_local_allowlist_never_leaves(pair: Path) -> None:
         assert (await ask(pair, "/run/elsewhere.sock"))[0] == errno.EACCES
 
 
-async def test_many_connections_at_once(pair: Path) -> None:
+async def test_five_hundred_connections_at_once(pair: Path) -> None:
     results: list[bytes] = []
 
     async def one(n: int) -> None:
@@ -145,9 +152,9 @@ async def test_many_connections_at_once(pair: Path) -> None:
 
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            for n in range(100):
+            for n in range(500):
                 nursery.start_soon(one, n)
-    assert sorted(results) == sorted(f"got:{n}".encode() for n in range(100))
+    assert sorted(results) == sorted(f"got:{n}".encode() for n in range(500))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a private mount namespace")
@@ -195,3 +202,44 @@ async def test_real_program_under_the_shim(pair: Path) -> None:
         )
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode().strip() == "got:from the dpu"
+
+
+async def test_restart_of_the_peer_daemon(pair: Path, tmp_path: Path) -> None:
+    """Connections through a daemon that stops fail cleanly; new ones work once it is back."""
+    from offload.net import Transport
+
+    second = ProxyConfig(
+        (f"unix://{tmp_path}/peer2.sock",), "", (str(tmp_path / "remote"),), str(tmp_path / "b2"), "host2"
+    )
+    via = ProxyConfig((), f"unix://{tmp_path}/peer2.sock", (str(tmp_path),), str(tmp_path / "a2"), "dpu2")
+    host_tls = Transport(TlsConfig.load(tmp_path / "pki" / "host"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve, via, Transport(TlsConfig.load(tmp_path / "pki" / "dpu")))
+        with trio.fail_after(30):
+            peer_scope = trio.CancelScope()
+
+            async def run_peer(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                with peer_scope:
+                    await serve(second, host_tls, task_status=task_status)
+
+            await nursery.start(run_peer)
+            error, old = await ask_via(tmp_path / "a2", str(pair / "remote" / "echo.sock"))
+            assert error == 0 and old is not None
+            await old.send(b"before")
+            peer_scope.cancel()
+            # The old connection ends (end of file or reset), it does not hang.
+            with old:
+                try:
+                    while await old.recv(100):
+                        pass
+                except OSError:
+                    pass
+            assert (await ask_via(tmp_path / "a2", str(pair / "remote" / "echo.sock")))[0] == errno.EHOSTUNREACH
+            await nursery.start(serve, second, host_tls)
+            error, new = await ask_via(tmp_path / "a2", str(pair / "remote" / "echo.sock"))
+            assert error == 0 and new is not None
+            with new:
+                await new.send(b"after")
+                new.shutdown(socket.SHUT_WR)
+                assert await new.recv(100) == b"got:after"
+        nursery.cancel_scope.cancel()

@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("reference", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     log_module.setup("udsproxyd", args.log_level)
+    log_module.raise_fd_limit()
     if args.reference:
         # The reference's form: udsproxyd THREADS ADDR PORT PEER_ADDR PEER_PORT (TCP).
         if len(args.reference) != 5:
