@@ -243,3 +243,20 @@ async def test_restart_of_the_peer_daemon(pair: Path, tmp_path: Path) -> None:
                 new.shutdown(socket.SHUT_WR)
                 assert await new.recv(100) == b"got:after"
         nursery.cancel_scope.cancel()
+
+
+async def test_passed_fds_are_never_dropped_silently(pair: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with trio.fail_after(20):
+        error, sock = await ask(pair, str(pair / "remote" / "echo.sock"))
+        assert error == 0 and sock is not None
+        read_end, write_end = os.pipe()
+        try:
+            with sock:
+                await sock.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", read_end))])
+                with contextlib.suppress(OSError):
+                    while await sock.recv(100):
+                        pass
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+    assert "fd passing is not carried yet" in caplog.text

@@ -87,7 +87,26 @@ async def relay(peer: PeerStream, local: trio.socket.SocketType, seqpacket: bool
     """Bytes (or packets) both ways; end of file each way is carried as a half-close."""
 
     async def local_to_peer() -> None:
-        while data := await local.recv(wire.MAX_DATA):
+        while True:
+            data, ancdata, _, _ = await local.recvmsg(wire.MAX_DATA, socket.CMSG_SPACE(253 * 4))
+            passed = [
+                payload for level, kind, payload in ancdata if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+            ]
+            if passed:
+                # Carrying fds is not implemented yet; dropping them quietly
+                # would lose them, so the connection ends, loudly.
+                count = 0
+                for payload in passed:
+                    for (fd,) in struct.iter_unpack("i", payload[: len(payload) - len(payload) % 4]):
+                        os.close(fd)
+                        count += 1
+                log.error(
+                    "a program passed %d fd(s) over a proxied connection; fd passing is not carried yet, closing it",
+                    count,
+                )
+                raise TransportError("file descriptors cannot be carried yet")
+            if not data:
+                break
             await peer.send(wire.Data(data))
         await peer.send(wire.Eof())
 
