@@ -40,3 +40,29 @@ async def guarded(log: logging.Logger, what: str, job: Callable[[], Awaitable[ob
         await job()
     except Exception:
         log.exception("%s failed with an internal error", what)
+
+
+def run_service(log: logging.Logger, serve: Callable[..., Awaitable[object]], *args: object) -> None:
+    """Entry point of a daemon: run ``serve`` (a trio service), READY=1 once it started.
+
+    Exit status 1 with a logged reason for any OffloadError; 0 on SIGINT.
+    """
+    import sys
+
+    import trio
+
+    from offload import sd
+    from offload.errors import OffloadError
+
+    async def run() -> None:
+        async with open_nursery() as nursery:
+            await nursery.start(serve, *args)
+            sd.notify("READY=1")
+
+    try:
+        trio.run(run)
+    except OffloadError as exc:
+        log.error("%s", exc)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass

@@ -26,7 +26,7 @@ from offload import aio, sd
 from offload import config as config_module
 from offload import log as log_module
 from offload.config import RexecConfig
-from offload.errors import ConfigError, OffloadError, ProtocolError, TransportError
+from offload.errors import ConfigError, ProtocolError, TransportError
 from offload.net import Transport, listener_address, parse_address
 from offload.protocol.rexec import Role
 from offload.rexecd.agent import PeerPool, serve_stand_ins
@@ -174,19 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         log.error("%s", exc)
         sys.exit(2)
-
-    async def run() -> None:
-        async with aio.open_nursery() as nursery:
-            await nursery.start(serve, config, transport)
-            sd.notify("READY=1")
-
-    try:
-        trio.run(run)
-    except OffloadError as exc:
-        log.error("%s", exc)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        pass
+    aio.run_service(log, serve, config, transport)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import trio
 
-from offload import aio, sd
+from offload import aio
 from offload import log as log_module
-from offload.errors import ConfigError, OffloadError, ProtocolError, TransportError
+from offload.errors import ConfigError, ProtocolError, TransportError
 from offload.net import Address, Transport, listen_unix, listener_address, parse_address
 from offload.protocol import udsproxy as wire
 from offload.protocol.framing import NEED_DATA, Frame, FrameDecoder, encode_frame
@@ -326,19 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         log.error("%s", exc)
         sys.exit(2)
-
-    async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve, config, transport)
-            sd.notify("READY=1")
-
-    try:
-        trio.run(run)
-    except OffloadError as exc:
-        log.error("%s", exc)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        pass
+    aio.run_service(log, serve, config, transport)
 
 
 if __name__ == "__main__":
