@@ -157,17 +157,7 @@ def server_rss(lab: Lab, sessions: int) -> dict[str, float]:
 def uds_run(lab: Lab, role: str, path: str, hide: Path | None = None) -> dict:
     argv = [sys.executable, "-m", "bench.uds_client", path]
     if hide is not None:  # the socket must not exist on this side: a mount namespace hides it
-        argv = [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            f'mount -t tmpfs none {hide} && exec "$@"',
-            "sh",
-            *argv,
-        ]
+        argv = proc.with_hidden_dir(hide, argv)
     result = proc.run(lab.command(role, argv), env=lab.env(role), cwd=Path(__file__).parent.parent, timeout=600)
     return json.loads(result.stdout)
 

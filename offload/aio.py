@@ -42,17 +42,29 @@ async def guarded(log: logging.Logger, what: str, job: Callable[[], Awaitable[ob
         log.exception("%s failed with an internal error", what)
 
 
-def run_service(log: logging.Logger, serve: Callable[..., Awaitable[object]], *args: object) -> None:
-    """Entry point of a daemon: run ``serve`` (a trio service), READY=1 once it started.
+def run_service(
+    log: logging.Logger,
+    serve: Callable[..., Awaitable[object]],
+    build: Callable[[], tuple[object, ...]],
+) -> None:
+    """Entry point of a daemon: ``serve(*build())`` under trio, READY=1 once it started.
 
-    Exit status 1 with a logged reason for any OffloadError; 0 on SIGINT.
+    ``build`` turns the command line into serve's arguments; a ConfigError
+    from it exits with status 2, any other OffloadError with 1 (both logged);
+    SIGINT exits quietly.
     """
     import sys
 
     import trio
 
     from offload import sd
-    from offload.errors import OffloadError
+    from offload.errors import ConfigError, OffloadError
+
+    try:
+        args = build()
+    except ConfigError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
 
     async def run() -> None:
         async with open_nursery() as nursery:

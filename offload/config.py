@@ -23,9 +23,8 @@ DEFAULT_CONFIG = Path("/etc/offload/rexec.toml")
 
 @dataclass(frozen=True)
 class Setting:
-    name: str  # attribute and TOML key
+    name: str  # attribute and TOML key; its default is RexecConfig's
     kind: type  # str, int, float, bool, or list (of str)
-    default: Any
     help: str
     metavar: str | None = None
 
@@ -34,58 +33,51 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "listen",
         list,
-        [],
         "address to accept peer links on (repeatable); default: $CMD_NET_ADDR",
         "ADDR",
     ),
-    Setting("peer", str, "", "default remote rexec_server for stand-ins without CMD_NET_ADDR", "ADDR"),
+    Setting("peer", str, "default remote rexec_server for stand-ins without CMD_NET_ADDR", "ADDR"),
     Setting(
         "whitelist",
         str,
-        "/etc/rexec/whitelist",
         "programs peers may run here, one absolute path per line",
         "FILE",
     ),
     Setting(
         "pki",
         str,
-        "",
         "directory with ca.pem, cert.pem and key.pem (default /etc/offload/pki)",
         "DIR",
     ),
     Setting(
         "insecure",
         bool,
-        False,
         "plaintext links without authentication (tests only; warns at start)",
     ),
-    Setting("node", str, "", "this machine's name in messages (default: the host name)", "NAME"),
-    Setting("run_dir", str, "/var/run/rexec", "state directory: agent socket, pids/, bridges/", "DIR"),
+    Setting("node", str, "this machine's name in messages (default: the host name)", "NAME"),
+    Setting("run_dir", str, "state directory: agent socket, pids/, bridges/", "DIR"),
     Setting(
         "shared_path",
         list,
-        [],
         "prefix of paths that are the same file on both machines (repeatable)",
         "PREFIX",
     ),
-    Setting("env", list, [], "extra environment variable passed to remote programs (repeatable)", "NAME"),
+    Setting("env", list, "extra environment variable passed to remote programs (repeatable)", "NAME"),
     Setting(
         "leave_behind",
         list,
-        [],
         "fd type left behind instead of refused, e.g. 'anon_inode:[eventfd]' (repeatable)",
         "TYPE",
     ),
-    Setting("user_map", list, [], "CALLER=REMOTE user mapping (repeatable)", "MAP"),
-    Setting("keepalive", float, 10.0, "seconds without traffic after which a link is lost", "SECONDS"),
+    Setting("user_map", list, "CALLER=REMOTE user mapping (repeatable)", "MAP"),
+    Setting("keepalive", float, "seconds without traffic after which a link is lost", "SECONDS"),
     Setting(
         "kill_grace",
         float,
-        2.0,
         "seconds between SIGTERM and SIGKILL when a session's caller is gone",
         "SECONDS",
     ),
-    Setting("warm", int, 2, "idle authenticated connections kept open to each peer", "N"),
+    Setting("warm", int, "idle authenticated connections kept open to each peer", "N"),
 )
 
 
@@ -161,13 +153,15 @@ def _coerce(setting: Setting, value: Any, source: str) -> Any:
     return value
 
 
+_DEFAULTS = RexecConfig()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help=f"TOML settings file (default {DEFAULT_CONFIG} if present)")
     for setting in SETTINGS:
         flag = "--" + setting.name.replace("_", "-")
-        shown = (
-            f"{setting.help} (default: {setting.default})" if setting.default not in ([], "", False) else setting.help
-        )
+        default = getattr(_DEFAULTS, setting.name)
+        shown = f"{setting.help} (default: {default})" if default not in ((), "", False) else setting.help
         if setting.kind is bool:
             parser.add_argument(flag, action="store_true", default=None, help=setting.help)
         elif setting.kind is list:

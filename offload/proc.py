@@ -186,6 +186,16 @@ def in_netns(netns: str | None, argv: Sequence[str]) -> list[str]:
     return ["nsenter", f"--net=/run/netns/{netns}", "--", *argv]
 
 
+def with_hidden_dir(directory: str | os.PathLike[str], argv: Sequence[str]) -> list[str]:
+    """``argv`` in a private mount namespace where ``directory`` is an empty tmpfs.
+
+    The lab's sides share one filesystem; this is how a test or benchmark
+    makes a socket that exists "only on the other side" (util-linux unshare).
+    """
+    script = f'mount -t tmpfs none "{directory}" && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv]
+
+
 def end_pid(pid: int, grace: float = 3.0) -> bool:
     """SIGTERM, then SIGKILL a process that is not our child; True once it has exited.
 

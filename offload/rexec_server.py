@@ -16,7 +16,6 @@ import fcntl
 import logging
 import os
 import signal
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -168,13 +167,12 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     log_module.setup("rexec_server", args.log_level)
     log_module.raise_fd_limit()
-    try:
+
+    def build() -> tuple[RexecConfig, Transport]:
         config = config_module.from_arguments(args)
-        transport = Transport.from_options(config.pki or None, config.insecure)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        sys.exit(2)
-    aio.run_service(log, serve, config, transport)
+        return config, Transport.from_options(config.pki or None, config.insecure)
+
+    aio.run_service(log, serve, build)
 
 
 if __name__ == "__main__":

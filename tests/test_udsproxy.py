@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from offload import pki
+from offload import pki, proc
 from offload.pki import TlsConfig
 from offload.protocol.framing import FrameDecoder, encode_frame
 from offload.udsproxy.daemon import ProxyConfig, serve
@@ -163,7 +163,8 @@ async def test_real_program_under_the_shim(pair: Path) -> None:
     """In its own mount namespace the socket's directory is empty: the path exists only "on the host"."""
     client = textwrap.dedent(
         """
-        import socket, sys
+        import os, socket, sys
+        assert not os.path.exists(sys.argv[1])
         s = socket.socket(socket.AF_UNIX)
         s.connect(sys.argv[1])
         s.sendall(b"from the dpu")
@@ -172,7 +173,6 @@ async def test_real_program_under_the_shim(pair: Path) -> None:
         """
     )
     remote = pair / "remote"
-    script = f'mount -t tmpfs none {remote} && test ! -e {remote}/echo.sock && exec "$@"'
     env = dict(
         os.environ,
         LD_PRELOAD=str(NATIVE / "libudsproxy.so"),
@@ -181,20 +181,7 @@ async def test_real_program_under_the_shim(pair: Path) -> None:
     )
     with trio.fail_after(30):
         result = await trio.run_process(
-            [
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                script,
-                "sh",
-                sys.executable,
-                "-c",
-                client,
-                str(remote / "echo.sock"),
-            ],
+            proc.with_hidden_dir(remote, [sys.executable, "-c", client, str(remote / "echo.sock")]),
             env=env,
             capture_stdout=True,
             capture_stderr=True,

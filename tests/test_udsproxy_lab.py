@@ -52,8 +52,7 @@ def host_socket(lab: Lab) -> Iterator[Path]:
 
 def on_dpu_without(lab: Lab, hidden: Path, argv: list[str], stdin: str = "") -> subprocess.CompletedProcess:
     """Run argv on the DPU side in a mount namespace where ``hidden`` is an empty directory."""
-    script = f'mount -t tmpfs none {hidden} && exec "$@"'
-    command = lab.command("dpu", ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv])
+    command = lab.command("dpu", proc.with_hidden_dir(hidden, argv))
     return proc.run(command, env=lab.env("dpu"), check=False, input=stdin, timeout=30)
 
 

@@ -182,52 +182,51 @@ class Lab:
         path.write_text("".join(f"{p}\n" for p in dict.fromkeys([*DEFAULT_ALLOW, *allow])))
         os.chmod(path, 0o400)
 
-    def _start_rexec(self, side: LabSide) -> None:
-        argv = [
+    def _daemon_argv(self, module: str, side: LabSide, address: str, peer: str, *extra: str) -> list[str]:
+        """The command line both lab daemons share: node, addresses, credentials."""
+        return [
             sys.executable,
             "-m",
-            "offload.rexec_server",
+            module,
             "--node",
             side.role,
             "--listen",
-            self.rexec_address(side),
+            address,
             "--peer",
+            peer,
+            "--pki",
+            str(self.dir / "pki" / side.role),
+            *extra,
+        ]
+
+    def _start_rexec(self, side: LabSide) -> None:
+        argv = self._daemon_argv(
+            "offload.rexec_server",
+            side,
+            self.rexec_address(side),
             self.rexec_address(self.other(side)),
             "--whitelist",
             str(side.run_dir / "whitelist"),
-            "--pki",
-            str(self.dir / "pki" / side.role),
             "--run-dir",
             str(side.run_dir),
             "--shared-path",
             str(self.dir / "shared"),
             "--keepalive",
             "6",
-        ]
+        )
         self.start_service(f"{side.role}-rexec", side, argv)
 
     def _start_udsproxy(self, side: LabSide) -> None:
-        argv = [
-            sys.executable,
-            "-m",
+        allowed = [str(self.sockets), "/var/lib/libvirt", "/run/libvirt"]
+        argv = self._daemon_argv(
             "offload.udsproxy.daemon",
-            "--node",
-            side.role,
-            "--listen",
+            side,
             self.udsproxy_address(side),
-            "--peer",
             self.udsproxy_address(self.other(side)),
-            "--allow",
-            str(self.sockets),
-            "--allow",
-            "/var/lib/libvirt",
-            "--allow",
-            "/run/libvirt",
-            "--pki",
-            str(self.dir / "pki" / side.role),
             "--run-dir",
             str(side.run_dir / "udsproxy"),
-        ]
+            *(arg for prefix in allowed for arg in ("--allow", prefix)),
+        )
         self.start_service(f"{side.role}-udsproxy", side, argv)
 
     def start_service(self, key: str, side: LabSide, argv: list[str]) -> int:

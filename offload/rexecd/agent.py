@@ -193,8 +193,8 @@ class AgentSession:
             type, document = message
             if type != local.L_REQUEST:
                 raise RefusedError(f"expected a request, got message {type:#x}", exit_code=EXIT_FAILURE)
-            request, relayed = self._request(document, caller)
-            await self._run_remote(caller, request, relayed)
+            request = self._request(document, caller)
+            await self._run_remote(caller, request)
         except RefusedError as exc:
             await self.refuse(exc.exit_code, str(exc))
         except TransportError as exc:
@@ -216,7 +216,7 @@ class AgentSession:
             raise RefusedError(f"uid {uid} has no user name on this machine") from None
         return Caller(pid, uid, gid, user)
 
-    def _request(self, document: dict, caller: Caller) -> tuple[ExecRequest, dict[int, tuple[FdSpec, int]]]:
+    def _request(self, document: dict, caller: Caller) -> ExecRequest:
         target = document.get("target") or self.config.peer
         if not target:
             raise RefusedError(
@@ -237,12 +237,11 @@ class AgentSession:
         plan = policy.plan_fds(descriptions, self.config.shared_path, self.config.leave_behind)
         # Pair each passed fd number with the fd we received for it.
         received = dict(zip(passed, self.fds, strict=True))
-        relayed = {number: (spec, received[number]) for number, spec in plan.relayed.items()}
+        self._relayed = {number: (spec, received[number]) for number, spec in plan.relayed.items()}
         for number in passed:
             if number not in plan.relayed:  # passed but left behind
                 os.close(received[number])
         self.fds = []
-        self._relayed = relayed
         request = ExecRequest(
             argv=tuple(document["argv"]),
             env=policy.filter_environment(dict(document["env"]), self.config.env),
@@ -252,9 +251,9 @@ class AgentSession:
             fds=plan.specs,
             daemon_pidfile=document.get("daemon_pidfile"),
         )
-        return request, relayed
+        return request
 
-    async def _run_remote(self, caller: Caller, request: ExecRequest, relayed: dict[int, tuple[FdSpec, int]]) -> None:
+    async def _run_remote(self, caller: Caller, request: ExecRequest) -> None:
         assert self.address is not None
         try:
             self.link = link = await self.pool.take(self.address)
@@ -270,7 +269,7 @@ class AgentSession:
         self.remote_pid = reply.pid
         await self._publish_pidmap(caller.pid)
         async with aio.open_nursery() as nursery:
-            for _number, (spec, fd) in relayed.items():
+            for spec, fd in self._relayed.values():
                 self._start_relay(nursery, spec, fd)
             self._relayed = {}
             nursery.start_soon(self._from_stand_in, nursery, caller)

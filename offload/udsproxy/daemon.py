@@ -19,7 +19,6 @@ import logging
 import os
 import socket
 import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import trio
 
 from offload import aio
 from offload import log as log_module
-from offload.errors import ConfigError, ProtocolError, TransportError
+from offload.errors import ProtocolError, TransportError
 from offload.net import Address, Transport, listen_unix, listener_address, parse_address
 from offload.protocol import udsproxy as wire
 from offload.protocol.framing import NEED_DATA, Frame, FrameDecoder, encode_frame
@@ -320,13 +319,12 @@ def main(argv: list[str] | None = None) -> None:
         _, host, port, peer_host, peer_port = args.reference
         args.listen.append(f"tcp://{host}:{port}")
         args.peer = f"tcp://{peer_host}:{peer_port}"
-    try:
+
+    def build() -> tuple[ProxyConfig, Transport]:
         config = ProxyConfig(tuple(args.listen), args.peer, tuple(args.allow), args.run_dir, args.node)
-        transport = Transport.from_options(args.pki, args.insecure)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        sys.exit(2)
-    aio.run_service(log, serve, config, transport)
+        return config, Transport.from_options(args.pki, args.insecure)
+
+    aio.run_service(log, serve, build)
 
 
 if __name__ == "__main__":
