@@ -207,3 +207,41 @@ def test_pki_layout_and_modes(tree: Path) -> None:
     assert (tree / "pki" / "ca-key.pem").stat().st_mode & 0o777 == 0o600
     again = pki.init(tree / "pki", ["dpu"])
     assert any("kept" in line for line in again)
+
+
+def test_real_process_listens_on_cmd_net_addr_and_stops_on_sigterm(tree: Path) -> None:
+    """CMD_NET_ADDR is the default listening address; SIGTERM stops the server cleanly; --insecure warns."""
+    import subprocess
+    import sys
+    import time
+
+    from offload import proc
+
+    peer = tree / "env-peer.sock"
+    env = dict(os.environ, CMD_NET_ADDR=f"unix://{peer}")
+    env.pop("NOTIFY_SOCKET", None)
+    argv = [
+        sys.executable,
+        "-m",
+        "offload.rexec_server",
+        "--insecure",
+        "--whitelist",
+        str(tree / "whitelist"),
+        "--run-dir",
+        str(tree / "proc-run"),
+    ]
+    server = proc.spawn(argv, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not (peer.exists() and (tree / "proc-run" / "rexec.sock").exists()):
+            assert server.poll() is None and time.monotonic() < deadline, "rexec_server did not start"
+            time.sleep(0.05)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=10) == 0
+        log = server.stderr.read().decode()
+    finally:
+        server.kill()
+        server.wait()
+    assert "INSECURE" in log and "--insecure" in log
+    assert "stopping on SIGTERM" in log
+    assert not (tree / "proc-run" / "rexec.sock").exists()  # the agent socket is removed on the way out
