@@ -8,7 +8,9 @@ PACKAGES="
   build-essential pkg-config libsystemd-dev
   iproute2 util-linux procps
   openssh-server openssh-client socat
-  fuse3 libfuse3-dev
+  fuse3 libfuse3-dev sshfs
+  libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
+  debootstrap busybox-static cpio
 "
 
 missing=""

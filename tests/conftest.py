@@ -34,7 +34,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def lab() -> Iterator[Lab]:
-    lab = Lab("offt")
+    # Separate names let several checkouts run the suite on one machine at once.
+    lab = Lab(os.environ.get("OFFLOAD_TEST_LAB", "offt"))
     lab.down()  # whatever a crashed earlier run left
     lab.up(allow=[PYTHON, MISSING])
     try:
@@ -43,9 +44,9 @@ def lab() -> Iterator[Lab]:
         # Keep the daemons' logs of this run for a post-mortem.
         import shutil
 
-        keep = Path("/tmp/offload-test-logs")
+        keep = Path("/tmp/offload-test-logs") / lab.name
         shutil.rmtree(keep, ignore_errors=True)
-        keep.mkdir()
+        keep.mkdir(parents=True)
         for log in lab.dir.glob("*.log"):
             shutil.copy(log, keep)
         lab.down()
