@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psutil
 
+from bench.udsproxy_bench import udsproxy_rows
 from offload import proc
 from offload.lab.lab import Lab
 
@@ -152,72 +153,6 @@ def server_rss(lab: Lab, sessions: int) -> dict[str, float]:
     if any(codes):
         raise SystemExit(f"bench: {sum(1 for c in codes if c)} of {sessions} sessions failed")
     return peak
-
-
-def uds_run(lab: Lab, role: str, path: str, hide: Path | None = None) -> dict:
-    argv = [sys.executable, "-m", "bench.uds_client", path]
-    if hide is not None:  # the socket must not exist on this side: a mount namespace hides it
-        argv = proc.with_hidden_dir(hide, argv)
-    result = proc.run(lab.command(role, argv), env=lab.env(role), cwd=Path(__file__).parent.parent, timeout=600)
-    return json.loads(result.stdout)
-
-
-def udsproxy_rows(lab: Lab, work: Path) -> list[tuple[str, str, str]]:
-    """udsproxy against a socat relay over the same veth and a direct local socket."""
-    path = str(lab.sockets / "bench.sock")
-    relay = str(work / "relay.sock")
-    children = [
-        proc.spawn(
-            lab.command("host", [sys.executable, "-m", "bench.uds_server", path]),
-            cwd=Path(__file__).parent.parent,
-            stdin=subprocess.DEVNULL,
-        ),
-        proc.spawn(
-            lab.command("host", ["socat", f"TCP-LISTEN:{TCP_PORT + 1},reuseaddr,fork", f"UNIX-CONNECT:{path}"]),
-            stdin=subprocess.DEVNULL,
-        ),
-        proc.spawn(
-            lab.command("dpu", ["socat", f"UNIX-LISTEN:{relay},fork", f"TCP:{lab.host.link.address}:{TCP_PORT + 1}"]),
-            stdin=subprocess.DEVNULL,
-        ),
-    ]
-    try:
-        deadline = time.monotonic() + 20
-        while not (os.path.exists(path) and os.path.exists(relay)):
-            if time.monotonic() > deadline:
-                raise SystemExit("bench: the UNIX socket servers did not start")
-            time.sleep(0.05)
-        ours = uds_run(lab, "dpu", path, hide=lab.sockets)
-        socat = uds_run(lab, "dpu", relay)
-        direct = uds_run(lab, "host", path)
-    finally:
-        for child in children:
-            child.kill()
-            child.wait()
-    return [
-        ("UNIX socket round trip (64 B): udsproxy", f"{ours['rtt_us']:.0f} us", ""),
-        (
-            "socat relay over the veth",
-            f"{socat['rtt_us']:.0f} us",
-            f"udsproxy = {ours['rtt_us'] / socat['rtt_us']:.2f}x (target <= 2x)",
-        ),
-        (
-            "direct local UNIX socket",
-            f"{direct['rtt_us']:.0f} us",
-            f"udsproxy = {ours['rtt_us'] / direct['rtt_us']:.2f}x",
-        ),
-        ("1 GiB through a UNIX socket: udsproxy", f"{ours['mib_s']:.0f} MiB/s", ""),
-        (
-            "socat relay over the veth",
-            f"{socat['mib_s']:.0f} MiB/s",
-            f"udsproxy = {ours['mib_s'] / socat['mib_s']:.2f}x (target >= 1.5x)",
-        ),
-        (
-            "direct local UNIX socket",
-            f"{direct['mib_s']:.0f} MiB/s",
-            f"udsproxy = {ours['mib_s'] / direct['mib_s']:.2f}x",
-        ),
-    ]
 
 
 def main() -> None:

@@ -1,0 +1,114 @@
+"""The udsproxy benchmark, runnable alone: ``python -m bench.udsproxy_bench``.
+
+Side by side in one run, over the lab's veth: a program on the DPU side
+reaching a host-only UNIX socket through udsproxy, the same through a
+socat relay (UNIX-LISTEN -> TCP -> UNIX-CONNECT), and a direct local UNIX
+socket on the host side.  ``make bench`` calls `udsproxy_rows` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from offload import proc
+from offload.lab.lab import Lab
+
+RELAY_PORT = 2224
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def uds_run(lab: Lab, role: str, path: str, hide: Path | None = None) -> dict:
+    argv = [sys.executable, "-m", "bench.uds_client", path]
+    if hide is not None:  # the socket must not exist on this side: a mount namespace hides it
+        argv = proc.with_hidden_dir(hide, argv)
+    result = proc.run(lab.command(role, argv), env=lab.env(role), cwd=ROOT, timeout=600)
+    return json.loads(result.stdout)
+
+
+def udsproxy_rows(lab: Lab, work: Path) -> list[tuple[str, str, str]]:
+    """udsproxy against a socat relay over the same veth and a direct local socket."""
+    path = str(lab.sockets / "bench.sock")
+    relay = str(work / "relay.sock")
+    children = [
+        proc.spawn(
+            lab.command("host", [sys.executable, "-m", "bench.uds_server", path]),
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+        ),
+        proc.spawn(
+            lab.command("host", ["socat", f"TCP-LISTEN:{RELAY_PORT},reuseaddr,fork", f"UNIX-CONNECT:{path}"]),
+            stdin=subprocess.DEVNULL,
+        ),
+        proc.spawn(
+            lab.command("dpu", ["socat", f"UNIX-LISTEN:{relay},fork", f"TCP:{lab.host.link.address}:{RELAY_PORT}"]),
+            stdin=subprocess.DEVNULL,
+        ),
+    ]
+    try:
+        deadline = time.monotonic() + 20
+        while not (os.path.exists(path) and os.path.exists(relay)):
+            if time.monotonic() > deadline:
+                raise SystemExit("bench: the UNIX socket servers did not start")
+            time.sleep(0.05)
+        ours = uds_run(lab, "dpu", path, hide=lab.sockets)
+        socat = uds_run(lab, "dpu", relay)
+        direct = uds_run(lab, "host", path)
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+    return [
+        ("UNIX socket round trip (64 B): udsproxy", f"{ours['rtt_us']:.0f} us", ""),
+        (
+            "socat relay over the veth",
+            f"{socat['rtt_us']:.0f} us",
+            f"udsproxy = {ours['rtt_us'] / socat['rtt_us']:.2f}x (target <= 2x)",
+        ),
+        (
+            "direct local UNIX socket",
+            f"{direct['rtt_us']:.0f} us",
+            f"udsproxy = {ours['rtt_us'] / direct['rtt_us']:.2f}x",
+        ),
+        ("1 GiB through a UNIX socket: udsproxy", f"{ours['mib_s']:.0f} MiB/s", ""),
+        (
+            "socat relay over the veth",
+            f"{socat['mib_s']:.0f} MiB/s",
+            f"udsproxy = {ours['mib_s'] / socat['mib_s']:.2f}x (target >= 1.5x)",
+        ),
+        (
+            "direct local UNIX socket",
+            f"{direct['mib_s']:.0f} MiB/s",
+            f"udsproxy = {ours['mib_s'] / direct['mib_s']:.2f}x",
+        ),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.udsproxy_bench", description=__doc__)
+    parser.add_argument("--lab", default="offu", help="name of the lab to create (default offu)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench: needs root (network namespaces)")
+    lab = Lab(args.lab)
+    lab.down()
+    lab.up(only=["udsproxy"])
+    try:
+        with tempfile.TemporaryDirectory(prefix="offload-bench-") as tmp:
+            os.chmod(tmp, 0o700)
+            rows = udsproxy_rows(lab, Path(tmp))
+    finally:
+        lab.down()
+    print("\n| measure | figure | ratio |\n|---|---|---|")
+    for row in rows:
+        print(f"| {row[0]} | {row[1]} | {row[2]} |")
+
+
+if __name__ == "__main__":
+    main()
