@@ -34,7 +34,7 @@ GIB = 1 << 30
 
 def driver(lab: Lab, *args: str) -> dict:
     argv = [sys.executable, "-m", "bench.driver", *args]
-    result = proc.run(lab.command("dpu", argv), env=lab.env("dpu"), cwd=Path(__file__).parent.parent, timeout=600)
+    result = proc.run(lab.command("dpu", argv, cwd=Path(__file__).parent.parent), env=lab.env("dpu"), timeout=600)
     document = json.loads(result.stdout)
     if "error" in document:
         raise SystemExit(f"bench: {document['error']}")

@@ -313,9 +313,8 @@ def test_environment_allowlist_cwd_and_umask(lab: Lab, shared: Path) -> None:
         "XDG_RUNTIME_DIR": "/run/user/0",
     }
     result = proc.run(
-        lab.command("dpu", ["sh", "-c", "umask 027; exec rexec /usr/bin/env sh -c 'env; pwd; umask'"]),
+        lab.command("dpu", ["sh", "-c", "umask 027; exec rexec /usr/bin/env sh -c 'env; pwd; umask'"], cwd=shared),
         env=env,
-        cwd=shared,
         check=False,
         timeout=30,
     )
@@ -396,7 +395,7 @@ def test_remote_program_runs_as_the_callers_user(lab: Lab) -> None:
     """SO_PEERCRED decides, not the request: an unprivileged caller gets an unprivileged program."""
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     argv = [*nobody, "rexec", "/usr/bin/env", "sh", "-c", "id -u; id -g"]
-    result = proc.run(lab.command("dpu", argv), env=lab.env("dpu"), check=False, timeout=30, text=False, cwd="/")
+    result = proc.run(lab.command("dpu", argv, cwd="/"), env=lab.env("dpu"), check=False, timeout=30, text=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [b"65534", b"65534"]
 

@@ -26,7 +26,7 @@ import psutil
 
 from offload import pki, proc
 from offload.errors import LabError
-from offload.lab import netlink
+from offload.lab import mountns, netlink
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,12 @@ class Lab:
             )
         return env
 
-    def command(self, role: str, argv: list[str]) -> list[str]:
-        return proc.in_netns(self.side(role).netns, argv)
+    def command(self, role: str, argv: list[str], cwd: str | os.PathLike[str] | None = None) -> list[str]:
+        """``argv`` run on that side: in its network and mount namespaces, in ``cwd`` (default: ours)."""
+        holder = self._state()["pids"].get(f"{role}-ns")
+        if holder is None:
+            raise LabError(f"lab {self.name} has no {role} side (offload lab up first)")
+        return mountns.enter(holder, argv, str(cwd) if cwd is not None else None)
 
     # -- up and down ---------------------------------------------------------------
 
@@ -156,7 +160,13 @@ class Lab:
             (self.dir / "shared").mkdir(exist_ok=True)
             for side in (self.host, self.dpu):
                 side.run_dir.mkdir(parents=True, exist_ok=True)
+                (side.run_dir / "udsproxy").mkdir(exist_ok=True)
                 self._write_whitelist(side, allow)
+            for side in (self.host, self.dpu):
+                steps = mountns.plan(side.role, self.dir)
+                pid = mountns.start_holder(side.netns, steps, self.dir / f"{side.role}-ns.log")
+                self._record(f"{side.role}-ns", pid)
+                done.append(f"{side.role} mount namespace: " + ", ".join(_describe(step) for step in steps))
             if "rexec" in services:
                 for side in (self.host, self.dpu):
                     self._start_rexec(side)
@@ -241,7 +251,7 @@ class Lab:
             env["NOTIFY_SOCKET"] = str(notify_path)
             with open(log_path, "ab") as log_file:
                 child = proc.spawn(
-                    proc.in_netns(side.netns, argv),
+                    self.command(side.role, argv),
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
@@ -270,16 +280,27 @@ class Lab:
     def down(self) -> list[str]:
         removed = []
         pids = dict(self._state()["pids"])
+        holders = {key: pid for key, pid in pids.items() if key.endswith("-ns")}
         for key, pid in pids.items():
-            if self._is_ours(pid):
+            if key not in holders and self._is_ours(pid):
                 proc.end_pid(pid)
                 removed.append(f"{key} (pid {pid})")
-        # Anything else started from this lab's directory (a state file lost
-        # in a crash) is ours too.
+        # Everything else in the lab's namespaces (VMs, their stand-ins,
+        # FUSE servers), or started from the lab's directory (a state file
+        # lost in a crash), is ours too.  The holders go last: their
+        # namespaces, and every mount in them, end with them.
+        namespaces = self._namespace_ids()
         for process in psutil.process_iter(["pid", "cmdline"]):
-            if process.info["pid"] not in pids.values() and self._is_ours(process.info["pid"], process.info["cmdline"]):
-                proc.end_pid(process.info["pid"])
-                removed.append(f"leftover pid {process.info['pid']}")
+            pid = process.info["pid"]
+            if pid in pids.values() or pid == os.getpid():
+                continue
+            if self._is_ours(pid, process.info["cmdline"]) or (mountns.namespace_ids(pid) or ("",))[0] in namespaces:
+                proc.end_pid(pid)
+                removed.append(f"leftover pid {pid} ({' '.join((process.info['cmdline'] or ['?'])[:2])})")
+        for key, pid in holders.items():
+            if (mountns.namespace_ids(pid) or ("",))[0] in namespaces:
+                proc.end_pid(pid)
+                removed.append(f"{key} (pid {pid}) and its mounts")
         removed += netlink.remove(
             [self.host.netns, self.dpu.netns],
             [self.host.link.ifname, self.dpu.link.ifname],
@@ -288,6 +309,14 @@ class Lab:
             shutil.rmtree(self.dir)
             removed.append(str(self.dir))
         return removed
+
+    def _namespace_ids(self) -> set[str]:
+        """The identities of the lab's network namespaces (as /proc/PID/ns/net shows them)."""
+        ids = set()
+        for side in (self.host, self.dpu):
+            with contextlib.suppress(OSError):
+                ids.add(f"net:[{os.stat(f'/run/netns/{side.netns}').st_ino}]")
+        return ids
 
     def _is_ours(self, pid: int, cmdline: list[str] | None = None) -> bool:
         try:
@@ -305,13 +334,20 @@ class Lab:
             state = "present" if side.netns in present else "MISSING"
             lines.append(f"  {side.role}: netns {side.netns} {state}, {side.link.ifname} {side.link.address}")
         for key, pid in self._state()["pids"].items():
-            alive = "running" if psutil.pid_exists(pid) and self._is_ours(pid) else "NOT RUNNING"
+            in_lab = (mountns.namespace_ids(pid) or ("",))[0] in self._namespace_ids()
+            alive = "running" if in_lab or self._is_ours(pid) else "NOT RUNNING"
             lines.append(f"  {key}: pid {pid} {alive}")
         return lines
 
     def set_link(self, up: bool) -> None:
         """Cut (or restore) the link between the sides, as a pulled cable would."""
         netlink.set_link(self.dpu.link, up)
+
+
+def _describe(step: mountns.Tmpfs | mountns.Bind) -> str:
+    if isinstance(step, mountns.Bind):
+        return f"{step.path} (bound)" if step.source == step.path else f"{step.source} at {step.path}"
+    return f"private {step.path}"
 
 
 def _tail(path: Path, lines: int = 15) -> str:
