@@ -232,18 +232,24 @@ async def test_restart_of_the_peer_daemon(pair: Path, tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_passed_fds_are_never_dropped_silently(pair: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_uncarriable_fd_passed_without_the_shim_ends_the_connection(
+    pair: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without the shim nobody can fail the sendmsg: the connection ends, loudly, and the fd is closed."""
     with trio.fail_after(20):
         error, sock = await ask(pair, str(pair / "remote" / "echo.sock"))
         assert error == 0 and sock is not None
-        read_end, write_end = os.pipe()
+        one, other = socket.socketpair()  # a socket cannot be carried
         try:
             with sock:
-                await sock.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", read_end))])
+                await sock.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", one.fileno()))])
                 with contextlib.suppress(OSError):
                     while await sock.recv(100):
                         pass
         finally:
-            os.close(read_end)
-            os.close(write_end)
-    assert "fd passing is not carried yet" in caplog.text
+            one.close()
+        # The daemon's copy was closed: the other end sees end of file.
+        other.settimeout(5)
+        assert other.recv(1) == b""
+        other.close()
+    assert "cannot be carried; ending the connection" in caplog.text

@@ -6,6 +6,22 @@ Connect with the path; the server (where the socket lives) answers
 Connected, naming an errno on failure; then each side sends Data and one
 Eof (half-close carried as half-close).  Message boundaries of a
 SOCK_SEQPACKET connection survive because each Data frame is one message.
+
+Once open, the connection is multiplexed: channel 1 is the proxied socket;
+channels 2 and up are pipes that were passed with SCM_RIGHTS (the side that
+connected numbers its channels even, the other side odd, so they never
+collide).  Passed fds travel as an Fds frame describing them, followed by
+the Data frame they were sent with; the receiver answers every Fds frame,
+in order, with FdsResult (an errno name, or empty when it delivered them).
+A pipe channel carries Data and one Eof from the side that reads the local
+pipe to the side that writes into one; the writer returns Window credits
+as it writes, so a slow pipe reader never stalls the other channels.
+
+The local requests of the LD_PRELOAD shim (native/qtfs_shim.c) use the same
+frame header on the daemon's UNIX socket: Connect (0x50: u16 socket type,
+path), its answer (0x51: u32 errno; the connected socket by SCM_RIGHTS),
+SendFds (0x52: the bytes of one sendmsg; SCM_RIGHTS carries the proxied
+socket first, then the fds to pass) and its answer (0x53: u32 errno).
 """
 
 from __future__ import annotations
@@ -15,7 +31,7 @@ from dataclasses import dataclass
 
 from offload.errors import LocalProtocolError, RemoteProtocolError
 from offload.protocol import messages
-from offload.protocol.framing import CLOSED, NEED_DATA, Frame, FrameDecoder, encode_frame
+from offload.protocol.framing import HEADER, HEADER_SIZE, MAGIC, VERSION, Frame, encode_frame
 from offload.protocol.rexec import check_path
 
 T_HELLO = 0x01
@@ -23,9 +39,25 @@ T_CONNECT = 0x60
 T_CONNECTED = 0x61
 T_DATA = 0x20
 T_EOF = 0x21
+T_FDS = 0x22
+T_FDS_RESULT = 0x23
+T_WINDOW = 0x24
 DATA_CHANNEL = 1
 MAX_DATA = 256 << 10
+#: Frames larger than a Data frame are never legitimate.
+MAX_FRAME = MAX_DATA + 1024
 SOCKET_TYPES = ("stream", "seqpacket")
+#: SCM_MAX_FD in the kernel: no sendmsg carries more.
+MAX_FDS = 253
+MAX_CHANNEL = 1 << 31
+FD_KINDS = ("file", "null", "pipe_r", "pipe_w")
+ACCESS = ("r", "w", "rw")
+
+# The shim's requests to its local udsproxyd.
+SHIM_CONNECT = 0x50
+SHIM_CONNECTED = 0x51
+SHIM_SEND_FDS = 0x52
+SHIM_SENT = 0x53
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +100,154 @@ class Closed:
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class FdDescription:
+    """One passed fd as it crosses the link.
+
+    ``file``: re-opened by path over there (same access, O_APPEND, offset);
+    ``null``: /dev/null there; ``pipe_r``: the receiver gets the read end of
+    a new pipe that ``channel`` fills; ``pipe_w``: the receiver gets the
+    write end of a new pipe whose bytes go back on ``channel``.
+    """
+
+    kind: str
+    path: str = ""
+    access: str = "r"
+    append: bool = False
+    offset: int = 0
+    channel: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in FD_KINDS:
+            raise ValueError(f"fd kind {self.kind!r} is not carried")
+        if self.access not in ACCESS:
+            raise ValueError(f"access {self.access!r}")
+        if self.kind == "file":
+            check_path(self.path, "passed file")
+            if not 0 <= self.offset < 1 << 63:
+                raise ValueError(f"offset {self.offset} out of range")
+        # 0: a pipe end the sender has not numbered a channel for yet.
+        if self.kind.startswith("pipe") and not (self.channel == 0 or DATA_CHANNEL < self.channel < MAX_CHANNEL):
+            raise ValueError(f"pipe channel {self.channel} out of range")
+
+    def to_json(self) -> dict:
+        if self.kind == "file":
+            return {
+                "kind": "file",
+                "path": self.path,
+                "access": self.access,
+                "append": self.append,
+                "offset": self.offset,
+            }
+        if self.kind == "null":
+            return {"kind": "null", "access": self.access}
+        return {"kind": self.kind, "channel": self.channel}
+
+
+def encode_fds(fds: tuple[FdDescription, ...] | list[FdDescription]) -> bytes:
+    if not 0 < len(fds) <= MAX_FDS:
+        raise LocalProtocolError(f"{len(fds)} fds in one message")
+    if any(fd.kind.startswith("pipe") and not fd.channel for fd in fds):
+        raise LocalProtocolError("a pipe without a channel")
+    return encode_frame(T_FDS, DATA_CHANNEL, messages.dump({"fds": [fd.to_json() for fd in fds]}))
+
+
+def decode_fds(payload: bytes | memoryview) -> tuple[FdDescription, ...]:
+    entries = messages.field(messages.load(bytes(payload), "fds"), "fds", list, "fds")
+    if not 0 < len(entries) <= MAX_FDS:
+        raise RemoteProtocolError(f"fds: {len(entries)} fds in one message")
+    result = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise RemoteProtocolError("fds: an entry is not an object")
+        kind = messages.field(entry, "kind", str, "fds")
+        try:
+            if kind == "file":
+                fd = FdDescription(
+                    "file",
+                    path=messages.field(entry, "path", str, "fds"),
+                    access=messages.field(entry, "access", str, "fds"),
+                    append=messages.field(entry, "append", bool, "fds"),
+                    offset=messages.field(entry, "offset", int, "fds"),
+                )
+            elif kind == "null":
+                fd = FdDescription("null", access=messages.field(entry, "access", str, "fds"))
+            else:
+                fd = FdDescription(kind, channel=messages.field(entry, "channel", int, "fds"))
+                if not fd.channel:
+                    raise ValueError("a pipe without a channel")
+        except ValueError as exc:
+            raise RemoteProtocolError(f"fds: {exc}") from None
+        result.append(fd)
+    return tuple(result)
+
+
+def encode_fds_result(error: str = "") -> bytes:
+    return encode_frame(T_FDS_RESULT, DATA_CHANNEL, messages.dump({"error": error}))
+
+
+def decode_fds_result(payload: bytes | memoryview) -> str:
+    error = messages.field(messages.load(bytes(payload), "fds result"), "error", str, "fds result")
+    return error[:32]
+
+
+def encode_window(channel: int, count: int) -> bytes:
+    return encode_frame(T_WINDOW, channel, count.to_bytes(4, "big"))
+
+
+def decode_window(payload: bytes | memoryview) -> int:
+    if len(payload) != 4:
+        raise RemoteProtocolError(f"window of {len(payload)} bytes")
+    return int.from_bytes(payload, "big")
+
+
+def data_header(channel: int, length: int) -> bytes:
+    """The header of a Data frame whose payload the caller already holds (no copy)."""
+    return HEADER.pack(MAGIC, VERSION, T_DATA, channel, length)
+
+
+def split_frames(buffer: memoryview, max_payload: int = MAX_FRAME) -> tuple[list[tuple[int, int, memoryview]], int]:
+    """The complete frames at the start of ``buffer`` and how many bytes they use.
+
+    Payloads are views into ``buffer`` (no copy): the caller copies what it
+    keeps before it reuses the buffer.  A bad header is the peer's error.
+    """
+    frames = []
+    at = 0
+    end = len(buffer)
+    while end - at >= HEADER_SIZE:
+        magic, version, kind, channel, length = HEADER.unpack_from(buffer, at)
+        if magic != MAGIC:
+            raise RemoteProtocolError(f"bad frame magic {bytes(magic)!r}: peer is not speaking this protocol")
+        if version != VERSION:
+            raise RemoteProtocolError(f"unsupported protocol version {version} (we speak {VERSION})")
+        if length > max_payload:
+            raise RemoteProtocolError(f"frame of {length} bytes exceeds the limit of {max_payload}")
+        if end - at - HEADER_SIZE < length:
+            break
+        start = at + HEADER_SIZE
+        frames.append((kind, channel, buffer[start : start + length]))
+        at = start + length
+    return frames, at
+
+
+def shim_connect_request(payload: bytes) -> tuple[int, str]:
+    """Parse the shim's Connect payload: (socket type, path); ValueError names what is wrong."""
+    if len(payload) < 3:
+        raise ValueError(f"connect request of {len(payload)} bytes")
+    kind = int.from_bytes(payload[:2], "big")
+    raw = payload[2:]
+    if b"\0" in raw:
+        raise ValueError("path contains NUL")
+    if len(raw) > 107:
+        raise ValueError(f"path of {len(raw)} bytes does not fit a sockaddr_un")
+    return kind, raw.decode(errors="surrogateescape")
+
+
+def shim_reply(kind: int, error: int) -> bytes:
+    return encode_frame(kind, 0, error.to_bytes(4, "big"))
+
+
 Event = Hello | Connect | Connected | Data | Eof | Closed
 
 
@@ -85,7 +265,8 @@ class UdsProxyConnection:
         self.state = State.HELLO
         self._sent_hello = False
         self._peer_hello = False
-        self._decoder = FrameDecoder(max_payload=MAX_DATA + 1024)
+        self._buffer = bytearray()
+        self._eof = False
 
     def send(self, event: Event) -> bytes:
         if isinstance(event, Hello):
@@ -118,16 +299,32 @@ class UdsProxyConnection:
             raise error(f"{type(event).__name__} not allowed for the {side} in state {self.state.value}")
 
     def receive_data(self, data: bytes) -> None:
-        self._decoder.receive_data(data)
+        """Bytes from the peer; ``b""`` means it closed the stream."""
+        if data:
+            self._buffer += data
+        else:
+            self._eof = True
 
     def next_event(self) -> Event | None:
-        frame = self._decoder.next_frame()
-        if frame is NEED_DATA:
-            return None
-        if frame is CLOSED:
+        with memoryview(self._buffer) as view:
+            frames, _ = split_frames(view[: HEADER_SIZE + MAX_FRAME])
+            frame = Frame(frames[0][0], frames[0][1], frames[0][2].tobytes()) if frames else None
+            for _, _, payload in frames:
+                payload.release()
+        if frame is None:
+            if not self._eof:
+                return None
+            if self._buffer:
+                raise RemoteProtocolError("stream ended inside a frame (truncated)")
             return Closed()
-        assert isinstance(frame, Frame)
+        del self._buffer[: HEADER_SIZE + len(frame.payload)]
         return self._receive(frame)
+
+    def leftover(self) -> bytes:
+        """What was received beyond the frames returned so far: the relay takes it over."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
 
     def _receive(self, frame: Frame) -> Event:
         if frame.type == T_HELLO:

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import errno as errno_module
 import logging
+import math
 import os
 import socket
 import struct
@@ -26,17 +27,18 @@ import trio
 
 from offload import aio
 from offload import log as log_module
-from offload.errors import ProtocolError, TransportError
-from offload.net import Address, Transport, listen_unix, listener_address, parse_address
+from offload.errors import ProtocolError, TransportError, UnsupportedFdError
+from offload.net import Address, TlsStream, Transport, listen_unix, listener_address, parse_address
 from offload.protocol import udsproxy as wire
-from offload.protocol.framing import NEED_DATA, Frame, FrameDecoder, encode_frame
 from offload.rexecd.policy import is_shared
+from offload.udsproxy import fds as fd_policy
+from offload.udsproxy.relay import CONTROL_SPACE, Cipher, PlainCipher, Relay, Submission, TlsCipher, close_all, fds_of
 
 log = logging.getLogger("udsproxyd")
 
-SHIM_CONNECT = 0x50
-SHIM_CONNECTED = 0x51
 CONNECT_TIMEOUT = 5.0
+#: The biggest shim request: one sendmsg's bytes with fds (the shim sends at most this much at once).
+MAX_SHIM_REQUEST = wire.MAX_DATA
 _TYPES: dict[int, str] = {socket.SOCK_STREAM: "stream", socket.SOCK_SEQPACKET: "seqpacket"}
 
 
@@ -47,6 +49,8 @@ class ProxyConfig:
     allow: tuple[str, ...]
     run_dir: str = "/var/run/udsproxy"
     node: str = ""
+    #: Where regular files passed with SCM_RIGHTS are the same files on both machines.
+    share: tuple[str, ...] = ()
 
     @property
     def shim_socket(self) -> str:
@@ -67,7 +71,7 @@ def errno_number(name: str) -> int:
 
 
 class PeerStream:
-    """A udsproxy connection over an authenticated stream: events in, events out."""
+    """The setup of a udsproxy connection over an authenticated stream: events in, events out."""
 
     def __init__(self, stream: trio.abc.Stream, client: bool) -> None:
         self.stream = stream
@@ -78,58 +82,31 @@ class PeerStream:
 
     async def next(self) -> wire.Event:
         while (event := self.conn.next_event()) is None:
-            self.conn.receive_data(bytes(await self.stream.receive_some(wire.MAX_DATA + 64)))
+            self.conn.receive_data(bytes(await self.stream.receive_some(64 << 10)))
         return event
 
-
-async def relay(peer: PeerStream, local: trio.socket.SocketType, seqpacket: bool) -> None:
-    """Bytes (or packets) both ways; end of file each way is carried as a half-close."""
-
-    async def local_to_peer() -> None:
-        while True:
-            data, ancdata, _, _ = await local.recvmsg(wire.MAX_DATA, socket.CMSG_SPACE(253 * 4))
-            passed = [
-                payload for level, kind, payload in ancdata if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-            ]
-            if passed:
-                # Carrying fds is not implemented yet; dropping them quietly
-                # would lose them, so the connection ends, loudly.
-                count = 0
-                for payload in passed:
-                    for (fd,) in struct.iter_unpack("i", payload[: len(payload) - len(payload) % 4]):
-                        os.close(fd)
-                        count += 1
-                log.error(
-                    "a program passed %d fd(s) over a proxied connection; fd passing is not carried yet, closing it",
-                    count,
-                )
-                raise TransportError("file descriptors cannot be carried yet")
-            if not data:
-                break
-            await peer.send(wire.Data(data))
-        await peer.send(wire.Eof())
-
-    async def peer_to_local(cancel: trio.CancelScope) -> None:
-        while True:
-            event = await peer.next()
-            if isinstance(event, wire.Data):
-                view = memoryview(event.data)
-                if seqpacket:
-                    await local.send(view)
-                    continue
-                while view:
-                    view = view[await local.send(view) :]
-            elif isinstance(event, wire.Eof):
-                with contextlib.suppress(OSError):
-                    local.shutdown(socket.SHUT_WR)
-                return
-            else:  # the peer went away without an end of file
-                cancel.cancel()
-                return
-
-    async with aio.open_nursery() as nursery:
-        nursery.start_soon(local_to_peer)
-        nursery.start_soon(peer_to_local, nursery.cancel_scope)
+    def detach(self) -> tuple[socket.socket, Cipher, bytes]:
+        """The link socket, its cipher and the bytes received beyond setup, for a Relay."""
+        stream = self.stream
+        cipher: Cipher
+        raw: trio.abc.Stream
+        if isinstance(stream, TlsStream):
+            # The session the handshake made continues in the relay thread.
+            cipher = TlsCipher(stream._ssl, stream._incoming, stream._outgoing)
+            raw = stream.raw
+        else:
+            cipher = PlainCipher()
+            raw = stream
+        assert isinstance(raw, trio.SocketStream)
+        link = socket.socket(fileno=raw.socket.detach())
+        if link.family in (socket.AF_INET, socket.AF_INET6):
+            link.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # An idle proxied connection over a dead link ends within about a minute.
+            link.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            link.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+            link.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+            link.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        return link, cipher, self.conn.leftover()
 
 
 class Daemon:
@@ -137,47 +114,165 @@ class Daemon:
         self.config = config
         self.transport = transport
         self.peer: Address | None = parse_address(config.peer) if config.peer else None
+        #: Carried connections by the inode of the socket the shim holds.
+        self.relays: dict[int, Relay] = {}
+        # One thread per carried connection: trio's default limit (40) would
+        # make the 41st connection wait for another to end.
+        self.threads = trio.CapacityLimiter(math.inf)
+
+    async def run_relay(self, relay: Relay, key: int | None = None) -> None:
+        if key is not None:
+            self.relays[key] = relay
+        try:
+            async with aio.open_nursery() as nursery:
+
+                async def stop_when_cancelled() -> None:
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        relay.stop()
+
+                nursery.start_soon(stop_when_cancelled)
+                await trio.to_thread.run_sync(relay.run, limiter=self.threads)
+                nursery.cancel_scope.cancel()
+        finally:
+            if key is not None:
+                self.relays.pop(key, None)
 
     # -- the shim's side ---------------------------------------------------------------
 
     async def serve_shim(self, sock: trio.socket.SocketType) -> None:
-        with sock:
-            decoder = FrameDecoder(max_payload=1024)
-            frame: Frame | object = NEED_DATA
+        passed: list[int] = []
+        try:
             with trio.move_on_after(CONNECT_TIMEOUT):
-                while frame is NEED_DATA:
-                    data = await sock.recv(1024)
-                    decoder.receive_data(data)
-                    try:
-                        frame = decoder.next_frame()
-                    except ProtocolError as exc:
-                        log.warning("bad request from the shim: %s", exc)
-                        return
-            if not isinstance(frame, Frame) or frame.type != SHIM_CONNECT or len(frame.payload) < 3:
-                log.warning("bad request from the shim: %r", frame)
+                request = await self._shim_request(sock, passed)
+            if request is None:
                 return
-            (kind,) = struct.unpack("!H", frame.payload[:2])
-            path = frame.payload[2:].decode(errors="surrogateescape")
-            error, peer = await self._open(path, kind)
-            reply = encode_frame(SHIM_CONNECTED, 0, struct.pack("!I", error))
-            if peer is None:
-                await sock.send(reply)
-                return
-            ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
+            kind, payload = request
+            if kind == wire.SHIM_CONNECT:
+                close_all(passed)
+                passed = []
+                await self._shim_connect(sock, payload)
+            elif kind == wire.SHIM_SEND_FDS:
+                await self._shim_send_fds(sock, payload, passed)
+                passed = []
+            else:
+                log.warning("bad request from the shim: frame type %#x", kind)
+        finally:
+            close_all(passed)
+            sock.close()
+
+    async def _shim_request(self, sock: trio.socket.SocketType, passed: list[int]) -> tuple[int, bytes] | None:
+        """One request frame (and the fds that came with it), or None after logging why not."""
+        buffer = bytearray()
+        while True:
+            data, ancillary, flags, _ = await sock.recvmsg(64 << 10, CONTROL_SPACE, socket.MSG_CMSG_CLOEXEC)
+            passed.extend(fds_of(ancillary))
+            if flags & socket.MSG_CTRUNC:
+                log.warning("bad request from the shim: too many fds")
+                return None
+            if not data:
+                log.warning("bad request from the shim: it ended after %d bytes", len(buffer))
+                return None
+            buffer += data
             try:
-                await sock.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", theirs.fileno()))])
-            finally:
-                theirs.close()
-        async with peer.stream:
-            with (
-                trio.socket.from_stdlib_socket(ours) as local,
-                contextlib.suppress(TransportError, trio.BrokenResourceError, ProtocolError, OSError),
-            ):
-                await relay(peer, local, kind == socket.SOCK_SEQPACKET)
+                with memoryview(buffer) as view:
+                    frames, _ = wire.split_frames(view, MAX_SHIM_REQUEST + 1024)
+                    if frames:
+                        kind, _, payload = frames[0]
+                        result = (kind, payload.tobytes())
+                        for frame in frames:
+                            frame[2].release()
+                        return result
+            except ProtocolError as exc:
+                log.warning("bad request from the shim: %s", exc)
+                return None
+
+    async def _shim_connect(self, sock: trio.socket.SocketType, payload: bytes) -> None:
+        try:
+            kind, path = wire.shim_connect_request(payload)
+        except ValueError as exc:
+            log.warning("bad connect request from the shim: %s", exc)
+            await sock.send(wire.shim_reply(wire.SHIM_CONNECTED, errno_module.EINVAL))
+            return
+        error, peer = await self._open(path, kind)
+        reply = wire.shim_reply(wire.SHIM_CONNECTED, error)
+        if peer is None:
+            await sock.send(reply)
+            return
+        link, cipher, leftover = peer.detach()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+        try:
+            key = os.fstat(theirs.fileno()).st_ino
+            await sock.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", theirs.fileno()))])
+        except BaseException:
+            ours.close()
+            link.close()
+            raise
+        finally:
+            theirs.close()
+        relay = Relay(
+            link,
+            cipher,
+            ours,
+            seqpacket=kind == socket.SOCK_SEQPACKET,
+            client=True,
+            shared=self.config.share,
+            leftover=leftover,
+            name=path,
+        )
+        await self.run_relay(relay, key)
+
+    async def _shim_send_fds(self, sock: trio.socket.SocketType, payload: bytes, passed: list[int]) -> None:
+        """A sendmsg with SCM_RIGHTS on a carried socket: the fds travel in order with its bytes."""
+        error = 0
+        prepared: list[tuple[wire.FdDescription, int | None]] = []
+        relay = None
+        try:
+            if len(passed) < 2:
+                log.warning("bad fd request from the shim: %d fds", len(passed))
+                error = errno_module.EINVAL
+            else:
+                relay = self.relays.get(os.fstat(passed[0]).st_ino)
+                if relay is None:
+                    error = errno_module.EPIPE  # the connection has ended
+            if not error:
+                try:
+                    for fd in passed[1:]:
+                        prepared.append(fd_policy.prepare(fd, self.config.share))
+                except UnsupportedFdError as exc:
+                    log.error(
+                        "%s: refused a sendmsg passing fd #%d of %d: it is %s, which cannot be carried",
+                        relay.name if relay else "?",
+                        passed.index(exc.fd),
+                        len(passed) - 1,
+                        exc.kind,
+                    )
+                    error = errno_module.EOPNOTSUPP
+        finally:
+            close_all(passed)
+        if error or relay is None:
+            for _, kept in prepared:
+                if kept is not None:
+                    os.close(kept)
+            await sock.send(wire.shim_reply(wire.SHIM_SENT, error or errno_module.EPIPE))
+            return
+        # The relay thread answers once the far side has delivered the fds.
+        answer_to = socket.socket(fileno=sock.detach())
+
+        def answer(code: int) -> None:
+            with answer_to, contextlib.suppress(OSError):
+                answer_to.setblocking(True)
+                answer_to.send(wire.shim_reply(wire.SHIM_SENT, code))
+
+        submission = Submission(payload, prepared, answer)
+        if not relay.submit(submission):
+            submission.fail(errno_module.EPIPE)
 
     async def _open(self, path: str, kind: int) -> tuple[int, PeerStream | None]:
         """Ask the peer to connect to ``path``: (0, stream) or (errno, None)."""
         if kind not in _TYPES:
+            log.warning("refused %r: socket type %d is not carried", path, kind)
             return errno_module.EPROTOTYPE, None
         try:
             request = wire.Connect(path, _TYPES[kind])
@@ -224,17 +319,33 @@ class Daemon:
                     await peer.next()
                     request = await peer.next()
                 if not isinstance(request, wire.Connect):
+                    log.warning("%s sent %s instead of a connect request", connected.peer, type(request).__name__)
                     return
                 try:
                     local = await self._connect_here(request)
                 except OSError as exc:
                     await peer.send(wire.Connected(errno_name(exc.errno or errno_module.EIO)))
                     return
-                await peer.send(wire.Connected())
-                with local:
-                    await relay(peer, local, request.type == "seqpacket")
+                try:
+                    await peer.send(wire.Connected())
+                    link, cipher, leftover = peer.detach()
+                except BaseException:
+                    local.close()
+                    raise
             except (TransportError, ProtocolError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
                 log.warning("connection from %s ended: %s", connected.peer, exc or type(exc).__name__)
+                return
+        relay = Relay(
+            link,
+            cipher,
+            socket.socket(fileno=local.detach()),
+            seqpacket=request.type == "seqpacket",
+            client=False,
+            shared=self.config.share,
+            leftover=leftover,
+            name=request.path,
+        )
+        await self.run_relay(relay)
 
     async def _connect_here(self, request: wire.Connect) -> trio.socket.SocketType:
         """Connect to the requested socket on this machine; OSError carries the errno to answer."""
@@ -303,6 +414,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--allow", action="append", default=[], metavar="PREFIX", help="socket path prefix carried (repeatable)"
     )
+    parser.add_argument(
+        "--share",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="path prefix of files that are the same on both machines: passed fds of such files are re-opened there",
+    )
     parser.add_argument("--pki", metavar="DIR", help="TLS credentials (default /etc/offload/pki)")
     parser.add_argument("--insecure", action="store_true", help="plaintext, unauthenticated (tests only)")
     parser.add_argument("--run-dir", default="/var/run/udsproxy", metavar="DIR")
@@ -321,7 +439,9 @@ def main(argv: list[str] | None = None) -> None:
         args.peer = f"tcp://{peer_host}:{peer_port}"
 
     def build() -> tuple[ProxyConfig, Transport]:
-        config = ProxyConfig(tuple(args.listen), args.peer, tuple(args.allow), args.run_dir, args.node)
+        config = ProxyConfig(
+            tuple(args.listen), args.peer, tuple(args.allow), args.run_dir, args.node, tuple(args.share)
+        )
         return config, Transport.from_options(args.pki, args.insecure)
 
     aio.run_service(log, serve, build)

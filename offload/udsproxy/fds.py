@@ -1,0 +1,96 @@
+"""Which fds passed over a carried connection can cross the link, and how.
+
+The sender's side turns each passed fd into an `FdDescription` (classified
+with `offload.fdinfo`, as rexec does for inherited fds): a regular file
+under a ``--share`` prefix travels by path, access mode, O_APPEND and
+offset; /dev/null by access; a pipe end stays here and its bytes travel on
+a channel of its own.  Anything else (sockets, ttys, devices, eventfds,
+deleted files, files outside the shared prefixes) is refused, and the
+caller decides what refusing means (the shim's sendmsg fails, or the
+connection ends), so no fd is ever dropped quietly.
+
+The receiver's side makes the fd its program gets from a description,
+checking its own ``--share`` prefixes first: the side that acts decides.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+
+from offload import fdinfo
+from offload.errors import UnsupportedFdError
+from offload.protocol.udsproxy import FdDescription
+from offload.rexecd.policy import is_shared
+
+_ACCESS_FLAGS = {"r": os.O_RDONLY, "w": os.O_WRONLY, "rw": os.O_RDWR}
+
+
+def prepare(fd: int, shared: tuple[str, ...]) -> tuple[FdDescription, int | None]:
+    """Describe one passed fd; return it with the fd this side keeps (pipes).
+
+    ``fd`` itself stays open: the caller closes it either way.  Raises
+    UnsupportedFdError naming what the fd is when it cannot be carried.
+    """
+    try:
+        entry = fdinfo.describe(fd)
+    except OSError as exc:
+        raise UnsupportedFdError(fd, f"unreadable ({exc.strerror})") from None
+    kind = entry["type"]
+    if kind == fdinfo.NULL:
+        return FdDescription("null", access=entry["access"]), None
+    if kind == fdinfo.FILE:
+        path = entry["path"]
+        if entry["deleted"]:
+            raise UnsupportedFdError(fd, f"a deleted or unnamed file ({path})")
+        if not is_shared(path, shared):
+            raise UnsupportedFdError(fd, f"the file {path}, which is not under a --share prefix")
+        return (
+            FdDescription("file", path=path, access=entry["access"], append=entry["append"], offset=entry["offset"]),
+            None,
+        )
+    if kind in (fdinfo.PIPE_READ, fdinfo.PIPE_WRITE):
+        reading = kind == fdinfo.PIPE_READ
+        # Opening the pipe again through /proc gives this side its own open
+        # file description: O_NONBLOCK set here never changes the sender's.
+        flags = (os.O_RDONLY if reading else os.O_WRONLY) | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            kept = os.open(f"/proc/self/fd/{fd}", flags)
+        except OSError as exc:  # e.g. ENXIO: a write end whose readers are all gone
+            raise UnsupportedFdError(fd, f"a pipe that cannot be reopened ({exc.strerror})") from None
+        return FdDescription("pipe_r" if reading else "pipe_w"), kept
+    raise UnsupportedFdError(fd, str(entry.get("what", kind)))
+
+
+def materialize(description: FdDescription, shared: tuple[str, ...]) -> tuple[int, int | None]:
+    """The fd for this side's program and the fd this side keeps (pipes); OSError says why not."""
+    access = _ACCESS_FLAGS[description.access]
+    if description.kind == "null":
+        return os.open("/dev/null", access | os.O_CLOEXEC), None
+    if description.kind == "file":
+        if not is_shared(description.path, shared):
+            raise PermissionError(errno.EACCES, "not under a --share prefix here", description.path)
+        flags = access | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW | os.O_NONBLOCK
+        if description.append:
+            flags |= os.O_APPEND
+        # O_NONBLOCK so that a FIFO or device at that path cannot block us;
+        # only a regular file is what the sender had.
+        fd = os.open(description.path, flags)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EOPNOTSUPP, "not a regular file here", description.path)
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            if not description.append:
+                os.lseek(fd, description.offset, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, None
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    if description.kind == "pipe_r":  # the program reads what the channel brings
+        os.set_blocking(write_end, False)
+        return read_end, write_end
+    os.set_blocking(read_end, False)  # pipe_w: what the program writes goes back
+    return write_end, read_end

@@ -1,0 +1,698 @@
+"""The data path of one carried connection, in a thread of its own.
+
+Connection setup (TLS handshake, Hello, Connect, the allowlists) runs in
+trio; once a connection is open, its link socket, its TLS session and the
+local UNIX socket move to a `Relay`, a small poll loop in a dedicated
+thread.  The data path was measured to cost several trio checkpoints,
+wakeups and copies per message; here a small message costs one poll, one
+receive, one seal and one send per hop.  Each connection has its own
+thread, so a slow program or peer only ever stalls its own connection.
+
+Buffers are preallocated: local reads land after room for the frame header
+so a Data frame is sealed in one TLS record without joining bytes; link
+reads are decrypted straight into a frame buffer whose payloads are sent
+to the local socket as views.  Flow control: a side stops reading from
+where data comes while more than HIGH_WATER bytes wait to go out; pipe
+channels additionally use credit windows (see offload.protocol.udsproxy).
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import select
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Protocol, cast
+
+from offload.errors import ProtocolError, RemoteProtocolError, UnsupportedFdError
+from offload.protocol import udsproxy as wire
+from offload.protocol.framing import HEADER, HEADER_SIZE, MAGIC, VERSION
+from offload.udsproxy import fds as fd_policy
+
+log = logging.getLogger("udsproxyd")
+
+HIGH_WATER = 1 << 20
+#: Bytes a pipe channel's reader may send before the writer returns credit.
+WINDOW = 1 << 20
+CONTROL_SPACE = socket.CMSG_SPACE(wire.MAX_FDS * 4)
+_IN = select.POLLIN
+_OUT = select.POLLOUT
+
+
+class PeerClosed(Exception):
+    """The link ended (end of stream, reset, or the TLS session ended)."""
+
+
+class Cipher(Protocol):
+    def seal(self, data: memoryview | bytes) -> memoryview | bytes: ...
+    def fill(self, sock: socket.socket, into: memoryview) -> int: ...
+    def buffered(self) -> bool: ...
+    def output(self) -> bytes: ...
+
+
+class PlainCipher:
+    """--insecure: the link carries frames as they are."""
+
+    def seal(self, data: memoryview | bytes) -> memoryview | bytes:
+        return data
+
+    def fill(self, sock: socket.socket, into: memoryview) -> int:
+        try:
+            count = sock.recv_into(into)
+        except BlockingIOError:
+            return 0
+        if not count:
+            raise PeerClosed("end of stream")
+        return count
+
+    def buffered(self) -> bool:
+        return False
+
+    def output(self) -> bytes:
+        return b""
+
+
+class TlsCipher:
+    """The TLS session the handshake made, through its memory BIOs."""
+
+    RAW = 512 << 10
+
+    def __init__(self, session: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> None:
+        self.session = session
+        self.incoming = incoming
+        self.outgoing = outgoing
+        self._raw = bytearray(self.RAW)
+        self._raw_view = memoryview(self._raw)
+
+    def seal(self, data: memoryview | bytes) -> bytes:
+        self.session.write(data)
+        return self.outgoing.read()
+
+    def fill(self, sock: socket.socket, into: memoryview) -> int:
+        """Decrypt into ``into``: what is buffered, plus one receive from the socket."""
+        got = self._decrypt(into)
+        if got < len(into):
+            try:
+                count = sock.recv_into(self._raw_view)
+            except BlockingIOError:
+                return got
+            if count:
+                self.incoming.write(self._raw_view[:count])
+            else:
+                self.incoming.write_eof()
+            got += self._decrypt(into[got:])
+        return got
+
+    def _decrypt(self, into: memoryview) -> int:
+        got = 0
+        while got < len(into):
+            try:
+                # With a buffer, read() returns a count (typeshed says bytes).
+                count = cast(int, self.session.read(len(into) - got, into[got:]))
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError) as exc:
+                if got:
+                    break  # deliver what came before the end first
+                raise PeerClosed("the TLS session ended") from exc
+            if not count:
+                break
+            got += count
+        return got
+
+    def buffered(self) -> bool:
+        return self.incoming.pending > 0 or self.session.pending() > 0
+
+    def output(self) -> bytes:
+        return self.outgoing.read() if self.outgoing.pending else b""
+
+
+@dataclasses.dataclass
+class Submission:
+    """One sendmsg with fds that the shim handed to the daemon.
+
+    ``prepared`` are the described fds with what this side keeps (pipes);
+    ``answer`` gets the errno (0 when the far side delivered the fds).
+    """
+
+    data: bytes
+    prepared: list[tuple[wire.FdDescription, int | None]]
+    answer: Callable[[int], None]
+
+    def fail(self, code: int) -> None:
+        for _, kept in self.prepared:
+            if kept is not None:
+                os.close(kept)
+        self.prepared = []
+        self.answer(code)
+
+
+class _Pipe:
+    """One pipe channel: this side reads ``fd`` and sends, or receives and writes into it."""
+
+    __slots__ = ("credit", "ending", "fd", "pending", "reading", "unacknowledged")
+
+    def __init__(self, fd: int, reading: bool) -> None:
+        self.fd = fd
+        self.reading = reading
+        self.credit = WINDOW  # reader: bytes it may still send
+        self.pending: collections.deque[bytes] = collections.deque()  # writer: not yet written
+        self.ending = False  # writer: close once pending is written
+        self.unacknowledged = 0  # writer: written bytes not yet returned as credit
+
+
+class Relay:
+    def __init__(
+        self,
+        link: socket.socket,
+        cipher: Cipher,
+        local: socket.socket,
+        *,
+        seqpacket: bool,
+        client: bool,
+        shared: tuple[str, ...],
+        leftover: bytes = b"",
+        name: str = "",
+    ) -> None:
+        self.link = link
+        self.cipher = cipher
+        self.local = local
+        self.seqpacket = seqpacket
+        self.shared = shared
+        self.name = name
+        link.setblocking(False)
+        local.setblocking(False)
+        self._next_channel = 2 if client else 3  # the peer numbers the other parity
+        self._out = bytearray(HEADER_SIZE + wire.MAX_DATA)
+        self._out_view = memoryview(self._out)
+        self._in = bytearray(2 * (HEADER_SIZE + wire.MAX_FRAME))
+        self._in_view = memoryview(self._in)
+        self._in_start = self._in_end = 0
+        self._leftover = leftover
+        self._link_out: collections.deque[bytes | memoryview] = collections.deque()
+        self._link_out_bytes = 0
+        self._local_out: collections.deque[tuple[bytes, list[int]]] = collections.deque()
+        self._local_out_bytes = 0
+        self._reading_local = True  # no end of file from the program yet
+        self._reading_link = True
+        self._peer_eof = False  # the peer's Eof on the data channel
+        self._local_shut = False
+        self._pipes: dict[int, _Pipe] = {}
+        self._arriving_fds: list[int] | None = None  # delivered with the next Data frame
+        self._discard_next = False  # the next Data frame belonged to refused fds
+        self._awaiting: collections.deque[Submission | None] = collections.deque()
+        self._submissions: collections.deque[Submission] = collections.deque()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poll = select.poll()
+        self._masks: dict[int, int] = {}
+
+    # -- called from other threads ---------------------------------------------------
+
+    def submit(self, submission: Submission) -> bool:
+        """Queue a sendmsg with fds; False if the relay has ended (the caller answers)."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._submissions.append(submission)
+            self._wake()
+        return True
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            if not self._closed:
+                self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            if self._leftover:
+                size = len(self._leftover)
+                self._in[:size] = self._leftover
+                self._in_end = size
+                self._frames()
+            while not self._finished():
+                self._turn()
+        except PeerClosed as exc:
+            if not (self._peer_eof and not self._reading_local):
+                log.info("%s: the peer went away (%s)", self.name, exc)
+        except (OSError, ProtocolError, ssl.SSLError, UnsupportedFdError) as exc:
+            log.warning("%s: connection ended: %s", self.name, exc)
+        finally:
+            self._close()
+
+    def _finished(self) -> bool:
+        if self._stopping:
+            return True
+        data_done = not self._reading_local and self._peer_eof and not self._local_out
+        return (
+            data_done
+            and not self._pipes
+            and not self._awaiting
+            and not self._submissions
+            and not self._link_out
+            and not self._arriving_fds
+        )
+
+    def _want(self, fd: int, mask: int) -> None:
+        if self._masks.get(fd, 0) == mask:
+            return
+        if mask:
+            self._poll.register(fd, mask)
+            self._masks[fd] = mask
+        else:
+            self._poll.unregister(fd)
+            del self._masks[fd]
+
+    def _turn(self) -> None:
+        link_room = self._link_out_bytes < HIGH_WATER
+        local = (_IN if self._reading_local and link_room else 0) | (_OUT if self._local_out else 0)
+        self._want(self.local.fileno(), local)
+        reading_link = self._reading_link and self._local_out_bytes < HIGH_WATER
+        self._want(self.link.fileno(), (_IN if reading_link else 0) | (_OUT if self._link_out else 0))
+        for pipe in self._pipes.values():
+            if pipe.reading:
+                self._want(pipe.fd, _IN if pipe.credit > 0 and link_room else 0)
+            else:
+                self._want(pipe.fd, _OUT if pipe.pending else 0)
+        self._want(self._wake_r, _IN)
+        # Plaintext already decrypted (or records already received) does not
+        # make the socket readable again: do not wait for it.
+        timeout = 0 if reading_link and self.cipher.buffered() else None
+        ready = self._poll.poll(timeout)
+        if timeout == 0 and not any(fd == self.link.fileno() for fd, _ in ready):
+            ready.append((self.link.fileno(), _IN))
+        for fd, events in ready:
+            if fd == self.local.fileno():
+                if events & _OUT or (events & (select.POLLERR | select.POLLHUP) and self._local_out):
+                    self._flush_local()
+                if events & ~_OUT and self._reading_local:
+                    self._read_local()
+            elif fd == self.link.fileno():
+                if events & _OUT:
+                    self._flush_link()
+                if events & ~_OUT and self._reading_link:
+                    self._read_link()
+            elif fd == self._wake_r:
+                self._woken()
+            else:
+                channel = next((c for c, p in self._pipes.items() if p.fd == fd), None)
+                if channel is not None:
+                    self._pipe_ready(channel, self._pipes[channel])
+
+    # -- program -> peer ------------------------------------------------------------------
+
+    def _read_local(self) -> bool:
+        """One receive from the program; False when nothing was there."""
+        try:
+            count, ancillary, flags, _ = self.local.recvmsg_into(
+                [self._out_view[HEADER_SIZE:]], CONTROL_SPACE, socket.MSG_CMSG_CLOEXEC
+            )
+        except BlockingIOError:
+            return False
+        except (ConnectionResetError, BrokenPipeError):
+            count, ancillary, flags = 0, [], 0
+        passed = fds_of(ancillary)
+        if flags & socket.MSG_CTRUNC or (self.seqpacket and flags & socket.MSG_TRUNC):
+            close_all(passed)
+            raise OSError(errno.EMSGSIZE, "a message or its fds were truncated; ending the connection")
+        if passed:
+            self._carry_passed(passed)
+        if not count and not passed:
+            self._reading_local = False
+            self._send_link(wire.encode_frame(wire.T_EOF, wire.DATA_CHANNEL))
+            return True
+        HEADER.pack_into(self._out, 0, MAGIC, VERSION, wire.T_DATA, wire.DATA_CHANNEL, count)
+        self._send_link(self._out_view[: HEADER_SIZE + count])
+        return True
+
+    def _carry_passed(self, passed: list[int]) -> None:
+        """fds that arrived on the local socket itself (not through the shim's request)."""
+        prepared: list[tuple[wire.FdDescription, int | None]] = []
+        try:
+            for fd in passed:
+                prepared.append(fd_policy.prepare(fd, self.shared))
+        except UnsupportedFdError as exc:
+            for _, kept in prepared:
+                if kept is not None:
+                    os.close(kept)
+            log.error(
+                "%s: the program passed fd %d, %s, which cannot be carried; ending the connection",
+                self.name,
+                exc.fd,
+                exc.kind,
+            )
+            raise
+        finally:
+            close_all(passed)
+        self._send_fds(prepared, None)
+
+    def _send_fds(self, prepared: list[tuple[wire.FdDescription, int | None]], submission: Submission | None) -> None:
+        descriptions = []
+        for description, kept in prepared:
+            if kept is not None:
+                channel = self._next_channel
+                self._next_channel += 2
+                self._pipes[channel] = _Pipe(kept, reading=description.kind == "pipe_r")
+                description = dataclasses.replace(description, channel=channel)
+            descriptions.append(description)
+        self._send_link(wire.encode_fds(descriptions))
+        self._awaiting.append(submission)
+
+    def _woken(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 4096)
+        while True:
+            with self._lock:
+                if not self._submissions:
+                    return
+                submission = self._submissions.popleft()
+            self._submit(submission)
+
+    def _submit(self, submission: Submission) -> None:
+        # What the program wrote before its sendmsg is in the local socket
+        # already (a write returns once the bytes are queued): send it first.
+        while self._reading_local and self._read_local():
+            pass
+        if not self._reading_local:
+            submission.fail(errno.EPIPE)
+            return
+        self._send_fds(submission.prepared, submission)
+        submission.prepared = []
+        data = submission.data
+        for at in range(0, len(data), wire.MAX_DATA):
+            chunk = data[at : at + wire.MAX_DATA]
+            self._send_link(wire.data_header(wire.DATA_CHANNEL, len(chunk)) + chunk)
+
+    def _send_link(self, data: memoryview | bytes) -> None:
+        sealed = self.cipher.seal(data)
+        if not self._link_out:
+            try:
+                sent = self.link.send(sealed)
+            except BlockingIOError:
+                sent = 0
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise PeerClosed(exc.strerror) from None
+            if sent == len(sealed):
+                return
+            sealed = sealed[sent:]
+        rest = bytes(sealed)  # our buffers are reused: keep a copy
+        self._link_out.append(rest)
+        self._link_out_bytes += len(rest)
+
+    def _flush_link(self) -> None:
+        while self._link_out:
+            head = self._link_out[0]
+            try:
+                sent = self.link.send(head)
+            except BlockingIOError:
+                return
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise PeerClosed(exc.strerror) from None
+            self._link_out_bytes -= sent
+            if sent < len(head):
+                self._link_out[0] = memoryview(head)[sent:]
+                return
+            self._link_out.popleft()
+
+    # -- peer -> program ------------------------------------------------------------------
+
+    def _read_link(self) -> None:
+        if len(self._in) - self._in_end < HEADER_SIZE + wire.MAX_FRAME:
+            size = self._in_end - self._in_start
+            self._in[:size] = self._in[self._in_start : self._in_end]
+            self._in_start, self._in_end = 0, size
+        try:
+            count = self.cipher.fill(self.link, self._in_view[self._in_end :])
+        except PeerClosed:
+            self._reading_link = False
+            if not self._peer_eof:
+                raise
+            if not self._local_out and not self._pipes:
+                raise
+            return
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise PeerClosed(exc.strerror) from None
+        output = self.cipher.output()
+        if output:  # e.g. a TLS key update answer
+            self._link_out.append(output)
+            self._link_out_bytes += len(output)
+        self._in_end += count
+        self._frames()
+
+    def _frames(self) -> None:
+        frames, used = wire.split_frames(self._in_view[self._in_start : self._in_end])
+        try:
+            for kind, channel, payload in frames:
+                self._frame(kind, channel, payload)
+        finally:
+            for _, _, payload in frames:
+                payload.release()
+        self._in_start += used
+        if self._in_start == self._in_end:
+            self._in_start = self._in_end = 0
+
+    def _frame(self, kind: int, channel: int, payload: memoryview) -> None:
+        if channel == wire.DATA_CHANNEL:
+            if kind == wire.T_DATA:
+                if self._peer_eof:
+                    raise RemoteProtocolError("data after end of file")
+                if self._discard_next:
+                    self._discard_next = False
+                    return
+                passed, self._arriving_fds = self._arriving_fds or [], None
+                self._write_local(payload, passed)
+            elif kind == wire.T_EOF:
+                self._peer_eof = True
+                self._flush_local()
+            elif kind == wire.T_FDS:
+                self._receive_fds(wire.decode_fds(payload))
+            elif kind == wire.T_FDS_RESULT:
+                error = wire.decode_fds_result(payload)
+                if not self._awaiting:
+                    raise RemoteProtocolError("an fd result nobody waits for")
+                submission = self._awaiting.popleft()
+                code = _errno_number(error) if error else 0
+                if submission is not None:
+                    submission.answer(code)
+                elif code:
+                    log.error("%s: the peer could not deliver passed fds: %s", self.name, error)
+            else:
+                raise RemoteProtocolError(f"unknown frame type {kind:#x}")
+            return
+        pipe = self._pipes.get(channel)
+        if kind == wire.T_WINDOW:
+            if pipe is not None and pipe.reading:
+                pipe.credit += wire.decode_window(payload)
+        elif kind == wire.T_DATA:
+            if pipe is not None and not pipe.reading and not pipe.ending:
+                pipe.pending.append(bytes(payload))
+                self._write_pipe(channel, pipe)
+            # else: a channel this side already ended; its bytes have nowhere to go
+        elif kind == wire.T_EOF:
+            if pipe is None:
+                return
+            if pipe.reading:  # the far program closed its end: stop reading ours
+                self._end_pipe(channel, tell=False)
+            else:
+                pipe.ending = True
+                self._write_pipe(channel, pipe)
+        else:
+            raise RemoteProtocolError(f"unknown frame type {kind:#x} on channel {channel}")
+
+    def _receive_fds(self, descriptions: tuple[wire.FdDescription, ...]) -> None:
+        if self._arriving_fds is not None:
+            raise RemoteProtocolError("two fd messages without data between them")
+        made: list[tuple[int, int | None]] = []
+        try:
+            for description in descriptions:
+                if description.channel and (
+                    description.channel % 2 == self._next_channel % 2 or description.channel in self._pipes
+                ):
+                    raise RemoteProtocolError(f"pipe channel {description.channel} is not the peer's to open")
+                made.append(fd_policy.materialize(description, self.shared))
+        except OSError as exc:
+            for app_fd, kept in made:
+                os.close(app_fd)
+                if kept is not None:
+                    os.close(kept)
+            reason = errno.errorcode.get(exc.errno or errno.EIO, "EIO")
+            log.error("%s: cannot deliver passed fds here: %s", self.name, exc)
+            self._send_link(wire.encode_fds_result(reason))
+            self._discard_next = True
+            return
+        for description, (_, kept) in zip(descriptions, made, strict=True):
+            if kept is not None:
+                self._pipes[description.channel] = _Pipe(kept, reading=description.kind == "pipe_w")
+        self._arriving_fds = [app_fd for app_fd, _ in made]
+        self._send_link(wire.encode_fds_result())
+
+    def _write_local(self, data: memoryview | bytes, passed: list[int]) -> None:
+        if self._local_shut:
+            close_all(passed)
+            return
+        if not self._local_out:
+            sent = self._send_local(data, passed)
+            if sent is None:
+                return
+            if passed and sent:
+                close_all(passed)
+                passed = []
+            if sent == len(data):
+                return
+            data = data[sent:]
+        rest = bytes(data)
+        self._local_out.append((rest, passed))
+        self._local_out_bytes += len(rest)
+
+    def _send_local(self, data: memoryview | bytes, passed: list[int]) -> int | None:
+        """Bytes the program's socket took; None if the program is gone (the data is dropped)."""
+        try:
+            if passed:
+                rights = array.array("i", passed).tobytes()
+                return self.local.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+            return self.local.send(data)
+        except BlockingIOError:
+            return 0
+        except (BrokenPipeError, ConnectionResetError):
+            self._program_gone()
+            close_all(passed)
+            return None
+
+    def _program_gone(self) -> None:
+        self._local_shut = True
+        for _, passed in self._local_out:
+            close_all(passed)
+        self._local_out.clear()
+        self._local_out_bytes = 0
+
+    def _flush_local(self) -> None:
+        while self._local_out:
+            data, passed = self._local_out[0]
+            sent = self._send_local(data, passed)
+            if sent is None:
+                return
+            if passed and sent:
+                close_all(passed)
+                passed = []
+            self._local_out_bytes -= sent
+            if sent < len(data):
+                self._local_out[0] = (data[sent:], passed)
+                return
+            self._local_out.popleft()
+        if self._peer_eof and not self._local_shut:
+            self._local_shut = True
+            with contextlib.suppress(OSError):
+                self.local.shutdown(socket.SHUT_WR)
+
+    # -- pipe channels ----------------------------------------------------------------------
+
+    def _pipe_ready(self, channel: int, pipe: _Pipe) -> None:
+        if not pipe.reading:
+            self._write_pipe(channel, pipe)
+            return
+        limit = min(pipe.credit, wire.MAX_DATA)
+        try:
+            count = os.readv(pipe.fd, [self._out_view[HEADER_SIZE : HEADER_SIZE + limit]])
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.info("%s: pipe channel %d: %s", self.name, channel, exc.strerror)
+            count = 0
+        if not count:
+            self._end_pipe(channel, tell=True)
+            return
+        pipe.credit -= count
+        HEADER.pack_into(self._out, 0, MAGIC, VERSION, wire.T_DATA, channel, count)
+        self._send_link(self._out_view[: HEADER_SIZE + count])
+
+    def _write_pipe(self, channel: int, pipe: _Pipe) -> None:
+        written = 0
+        while pipe.pending:
+            head = pipe.pending[0]
+            try:
+                count = os.write(pipe.fd, head)
+            except BlockingIOError:
+                break
+            except OSError:  # EPIPE: the program closed its read end
+                self._end_pipe(channel, tell=True)
+                return
+            written += count
+            if count < len(head):
+                pipe.pending[0] = head[count:]
+                break
+            pipe.pending.popleft()
+        if written:
+            self._send_link(wire.encode_window(channel, written))
+        if pipe.ending and not pipe.pending:
+            self._end_pipe(channel, tell=False)
+
+    def _end_pipe(self, channel: int, *, tell: bool) -> None:
+        pipe = self._pipes.pop(channel)
+        self._want(pipe.fd, 0)
+        os.close(pipe.fd)
+        if tell:
+            self._send_link(wire.encode_frame(wire.T_EOF, channel))
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    def _close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pending = list(self._submissions)
+            self._submissions.clear()
+        for submission in pending:
+            submission.fail(errno.EPIPE)
+        for waiting in self._awaiting:
+            if waiting is not None:
+                waiting.answer(errno.ECONNRESET)
+        self._awaiting.clear()
+        close_all(self._arriving_fds or [])
+        for _, passed in self._local_out:
+            close_all(passed)
+        for pipe in self._pipes.values():
+            os.close(pipe.fd)
+        self._pipes.clear()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        self._out_view.release()
+        self._in_view.release()
+        self.local.close()
+        self.link.close()
+
+
+def fds_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    passed: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            numbers = array.array("i")
+            numbers.frombytes(data[: len(data) - len(data) % numbers.itemsize])
+            passed.extend(numbers)
+    return passed
+
+
+def close_all(passed: list[int]) -> None:
+    for fd in passed:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _errno_number(name: str) -> int:
+    value = getattr(errno, name, None) if name.startswith("E") else None
+    return value if isinstance(value, int) else errno.EIO
