@@ -68,3 +68,31 @@ class UnsupportedFdError(RefusedError):
 
 class LabError(OffloadError):
     """Bringing the lab up or down failed."""
+
+
+class MountError(OffloadError):
+    """A mount, unmount or device-node step failed.
+
+    ``errno`` is the kernel's error number (None when no syscall failed,
+    e.g. a helper program did); ``errno_name`` its symbolic name (EBUSY).
+    """
+
+    def __init__(self, message: str, *, path: str, errno: int | None = None) -> None:
+        import errno as errno_module
+
+        self.path = path
+        self.errno = errno
+        self.errno_name = errno_module.errorcode.get(errno, f"errno {errno}") if errno is not None else None
+        super().__init__(message)
+
+
+class MountConflict(MountError):
+    """Something other than what the plan wants is already mounted (or present) at a path."""
+
+
+class MountBusy(MountError):
+    """A mount cannot be unmounted because processes use it; ``holders`` names them."""
+
+    def __init__(self, message: str, *, path: str, errno: int | None, holders: tuple[str, ...]) -> None:
+        super().__init__(message, path=path, errno=errno)
+        self.holders = holders
