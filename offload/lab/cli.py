@@ -50,6 +50,24 @@ def _exec(args: argparse.Namespace) -> int:
     os.execvpe(command[0], command, lab.env(args.side))
 
 
+def _virsh(args: argparse.Namespace) -> int:
+    from offload.lab import dpu_libvirt
+
+    lab = _lab(args)
+    if "dpu-libvirtd" not in lab.status_keys():
+        raise LabError(f"lab {lab.name} runs no libvirtd (offload lab up, without --only)")
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    command = dpu_libvirt.virsh(lab).argv(*argv)
+    os.execvp(command[0], command)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from offload.lab import demo
+
+    demo.main(["--name", _lab(args).name, *args.demo_args])
+    return 0
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
     lab = commands.add_parser("lab", help="the two-namespace lab: host and DPU on one machine")
     lab.add_argument("--name", help=f"lab name (default $ {_NAME_ENV} or 'offload')")
@@ -76,3 +94,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     exe.add_argument("side", choices=["host", "dpu"])
     exe.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
     exe.set_defaults(handler=_exec)
+    virsh = sub.add_parser("virsh", help="virsh on the DPU side, against the chrooted libvirtd")
+    virsh.add_argument("argv", nargs=argparse.REMAINDER, metavar="ARGS")
+    virsh.set_defaults(handler=_virsh)
+    demo = sub.add_parser(
+        "demo", help="lab up, a VM defined and started from the DPU side runs on the host side, lab down"
+    )
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER, metavar="[--type kvm] [--keep]")
+    demo.set_defaults(handler=_demo)

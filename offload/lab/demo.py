@@ -1,70 +1,147 @@
-"""What `make demo` runs: the lab up, rexec from the DPU side to the host side, the lab down.
+"""What `make demo` runs: stock libvirt on the DPU side runs a VM on the host side.
 
-Each step prints its time; the last line says whether the demo succeeded
-or which step failed and why.  (The VM demo, stock libvirtd on the DPU side
-starting a guest on the host side, extends this once libvirt runs in the lab.)
+The lab comes up whole (both sides' daemons, /another_rootfs built and
+prepared, libvirtd chrooted in it on the DPU side); ``virsh`` on the DPU side
+defines and starts a small domain booting a Debian kernel, the guest's
+marker appears on its serial console, and the demo checks where everything
+runs before it destroys the domain and takes the lab down.  Each step prints
+its time; the last line says whether the demo succeeded or which step
+failed and why.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
 from collections.abc import Callable
 
+import psutil
+
 from offload import proc
 from offload.errors import OffloadError
-from offload.lab.lab import Lab
+from offload.lab import dpu_libvirt, guest
+from offload.lab.lab import SERVICES, Lab
+from offload.lab.libvirt import IMAGES, guest_domain, qemu_processes, wait_for_marker
+
+DOMAIN = "offload-demo"
+
+
+class DemoFailed(OffloadError):
+    pass
 
 
 def _step(title: str, action: Callable[[], str]) -> None:
     start = time.monotonic()
-    detail = action()
+    try:
+        detail = action()
+    except Exception as exc:
+        print(f"[{time.monotonic() - start:6.2f} s] {title}: FAILED", flush=True)
+        raise DemoFailed(f"step '{title}' failed: {exc}") from exc
     print(f"[{time.monotonic() - start:6.2f} s] {title}: {detail}", flush=True)
 
 
-def main() -> None:
-    lab = Lab("offload")
+def netns_of(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/net")
 
-    def rexec(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
-        command = lab.command("dpu", ["rexec", *args])
-        result = proc.run(command, env=lab.env("dpu"), check=False, input=stdin, timeout=60)
-        return result.returncode, result.stdout, result.stderr
 
-    def expect(condition: bool, message: str) -> None:
-        if not condition:
-            raise OffloadError(message)
+def where_qemu_runs(lab: Lab, name: str) -> str:
+    """Check the domain's qemu runs on the host side, under the host's rexec_server; describe it."""
+    found = qemu_processes(name)
+    if len(found) != 1:
+        raise DemoFailed(f"expected one qemu for {name}, found {len(found)}")
+    qemu = found[0]
+    host_net = f"net:[{lab.netns_inode('host')}]"
+    if netns_of(qemu.pid) != host_net:
+        raise DemoFailed(f"qemu pid {qemu.pid} runs in {netns_of(qemu.pid)}, not the host side's {host_net}")
+    server = lab.pid_of("host-rexec")
+    ancestors = [p.pid for p in qemu.parents()]
+    if server not in ancestors:
+        raise DemoFailed(f"qemu pid {qemu.pid}'s parents {ancestors} do not include the host rexec_server {server}")
+    libvirtd = lab.pid_of("dpu-libvirtd")
+    if netns_of(libvirtd) != f"net:[{lab.netns_inode('dpu')}]":
+        raise DemoFailed(f"libvirtd pid {libvirtd} is not on the DPU side")
+    return f"qemu pid {qemu.pid} in {lab.host.netns}, child of the host's rexec_server (pid {server}); libvirtd pid {libvirtd} in {lab.dpu.netns}"
 
-    def where() -> str:
-        code, out, err = rexec("/usr/bin/env", "sh", "-c", "readlink /proc/self/ns/net")
-        expected = f"net:[{os.stat(f'/run/netns/{lab.host.netns}').st_ino}]"
-        expect(code == 0 and out.strip() == expected, f"expected {expected}, got {out.strip() or err.strip()}")
-        return f"the program ran in {lab.host.netns} ({out.strip()})"
 
-    def pipe() -> str:
-        code, out, _ = rexec("cat", stdin="hello from the DPU\n")
-        expect((code, out) == (0, "hello from the DPU\n"), f"cat returned {code} {out!r}")
-        return "stdin carried there and stdout back"
+def run(lab: Lab, domain_type: str = "qemu") -> None:
+    virsh = dpu_libvirt.virsh(lab)
+    image = guest.build()
+    domain = guest_domain(DOMAIN, image, domain_type)
 
-    def status() -> str:
-        code, _, _ = rexec("/bin/sh", "-c", "exit 7")
-        expect(code == 7, f"exit status {code}, not 7")
-        code, _, err = rexec("/usr/bin/id")
-        expect(code == 126, f"a program off the whitelist returned {code}")
-        return f"exit status 7 carried; off-whitelist refused with 126 ({err.strip()})"
+    _step("lab down (leftovers)", lambda: ", ".join(lab.down()) or "nothing left over")
+    _step("guest kernel and initramfs", lambda: f"{image.version} (cached in {image.kernel.parent})")
+    _step("lab up", lambda: "\n    " + "\n    ".join(lab.up(only=list(SERVICES))))
 
-    try:
-        _step("lab down (leftovers)", lambda: ", ".join(lab.down()) or "nothing left over")
-        _step("lab up", lambda: "; ".join(lab.up()))
-        _step("rexec from the DPU side", where)
-        _step("stdio across the link", pipe)
-        _step("exit status and whitelist", status)
-    except (OffloadError, OSError) as exc:
-        print(f"demo FAILED: {exc}", flush=True)
-        lab.down()
-        sys.exit(1)
+    def images() -> str:
+        proc.run(lab.command("host", ["cp", str(image.kernel), str(image.initrd), str(IMAGES)]))
+        return f"vmlinuz and initrd.gz in {IMAGES} on the host side"
+
+    _step("images on the host", images)
+    def define() -> str:
+        virsh.define(domain)
+        return f"{DOMAIN}, type {domain.type}, emulator {domain.emulator}"
+
+    _step("virsh define (DPU side)", define)
+    _step("virsh start (DPU side)", lambda: virsh("start", DOMAIN).strip())
+    console = lab.path_on("host", domain.console_log)
+    _step(
+        "guest console (host side file)",
+        lambda: wait_for_marker(lambda: console.read_text(errors="replace") if console.exists() else ""),
+    )
+    _step("where it runs", lambda: where_qemu_runs(lab, DOMAIN))
+    _step("virsh list", lambda: " / ".join(line.strip() for line in virsh("list").splitlines() if line.strip()))
+    _step("virsh dominfo", lambda: _fields(virsh("dominfo", DOMAIN), ("State", "CPU(s)", "Max memory")))
+    _step(
+        "virsh domstats",
+        lambda: _fields(virsh("domstats", DOMAIN), ("state.state", "cpu.time", "balloon.current"), "="),
+    )
+    _step(
+        "qemu-monitor-command query-status",
+        lambda: " ".join(virsh("qemu-monitor-command", "--pretty", DOMAIN, '{"execute":"query-status"}').split()),
+    )
+
+    def destroy() -> str:
+        virsh("destroy", DOMAIN)
+        deadline = time.monotonic() + 10
+        while qemu_processes(DOMAIN):
+            if time.monotonic() > deadline:
+                raise DemoFailed("qemu still runs on the host 10 s after destroy")
+            time.sleep(0.05)
+        return f"state {virsh.state(DOMAIN)}; no qemu left on the host"
+
+    _step("virsh destroy", destroy)
+    _step("virsh undefine", lambda: virsh("undefine", DOMAIN).strip())
     _step("lab down", lambda: f"removed {len(lab.down())} things")
-    print("demo succeeded: programs started on the DPU side ran on the host side", flush=True)
+
+
+def _fields(text: str, names: tuple[str, ...], separator: str = ":") -> str:
+    found = {}
+    for line in text.splitlines():
+        key, _, value = line.strip().partition(separator)
+        if key.strip() in names:
+            found[key.strip()] = value.strip()
+    return ", ".join(f"{k} {v}" for k, v in found.items())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="offload lab demo", description=__doc__)
+    parser.add_argument("--name", default="offload", help="lab name (default offload)")
+    parser.add_argument("--type", default="qemu", choices=["qemu", "kvm"], help="domain type (default qemu, TCG)")
+    parser.add_argument("--keep", action="store_true", help="leave the lab up after a failure, for a look around")
+    args = parser.parse_args(argv)
+    lab = Lab(args.name)
+    try:
+        run(lab, args.type)
+    except (OffloadError, OSError, psutil.Error) as exc:
+        print(f"demo FAILED: {exc}", flush=True)
+        if args.keep:
+            print(f"the lab stays up: offload lab --name {lab.name} status / down", flush=True)
+        else:
+            lab.down()
+        sys.exit(1)
+    print("demo succeeded: virsh on the DPU side ran a VM whose qemu ran on the host side", flush=True)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,13 @@ REXEC_PORT = 7001
 UDSPROXY_PORT = 7002
 SHIM = Path(__file__).resolve().parent.parent / "_native" / "libudsproxy.so"
 READY_TIMEOUT = 30.0
-SERVICES = ("rexec", "udsproxy")
+QTFS_PORT = 7003
+#: Everything a side can run, in start order; libvirt needs all the others.
+SERVICES = ("rexec", "udsproxy", "qtfs", "libvirt")
+#: What ``up`` starts unless told otherwise.
+DEFAULT_SERVICES = ("rexec", "udsproxy")
+#: The host directory the DPU side's libvirtd works in, served by qtfs.
+LIBVIRT_EXPORTS = ("/var/lib/libvirt",)
 #: Programs each side's whitelist allows besides --allow ones.
 DEFAULT_ALLOW = (
     "/bin/true",
@@ -95,6 +101,10 @@ class Lab:
         state["pids"][key] = pid
         self.state_file.write_text(json.dumps(state, indent=1))
 
+    def status_keys(self) -> list[str]:
+        """Keys of the processes the lab started (host-rexec, dpu-libvirtd, ...)."""
+        return list(self._state()["pids"])
+
     @property
     def is_up(self) -> bool:
         return self.state_file.exists()
@@ -136,13 +146,34 @@ class Lab:
             raise LabError(f"lab {self.name} has no {role} side (offload lab up first)")
         return mountns.enter(holder, argv, str(cwd) if cwd is not None else None)
 
+    def pid_of(self, key: str) -> int:
+        """The pid of a process the lab started, by its key (e.g. host-rexec, dpu-libvirtd)."""
+        pid = self._state()["pids"].get(key)
+        if pid is None:
+            raise LabError(f"lab {self.name} runs no {key}")
+        return int(pid)
+
+    def netns_inode(self, role: str) -> int:
+        return os.stat(f"/run/netns/{self.side(role).netns}").st_ino
+
+    def path_on(self, role: str, path: str | os.PathLike[str]) -> Path:
+        """``path`` as that side's mount namespace shows it, reachable from here."""
+        holder = self._state()["pids"].get(f"{role}-ns")
+        if holder is None:
+            raise LabError(f"lab {self.name} has no {role} side (offload lab up first)")
+        return Path(f"/proc/{holder}/root") / Path(path).relative_to("/")
+
     # -- up and down ---------------------------------------------------------------
 
     def up(self, only: list[str] | None = None, allow: list[str] | tuple[str, ...] = ()) -> list[str]:
-        services = list(only or SERVICES)
+        services = list(only or DEFAULT_SERVICES)
         unknown = set(services) - set(SERVICES)
         if unknown:
             raise LabError(f"unknown service(s) {', '.join(sorted(unknown))}; known: {', '.join(SERVICES)}")
+        if "libvirt" in services and not set(SERVICES) <= set(services):
+            raise LabError(f"libvirt in the lab needs all of {', '.join(SERVICES)}")
+        if "libvirt" in services:
+            allow = (*allow, "/usr/bin/qemu-system-x86_64")
         if self.is_up:
             raise LabError(f"lab {self.name} is already up (offload lab down first)")
         if os.geteuid() != 0:
@@ -178,6 +209,13 @@ class Lab:
                 for side in (self.host, self.dpu):
                     self._start_udsproxy(side)
                     done.append(f"udsproxyd on {side.role} at {self.udsproxy_address(side)}")
+            if "qtfs" in services:
+                self._start_qtfs_server()
+                done.append(f"qtfs server on host at {self.qtfs_address} exporting {', '.join(LIBVIRT_EXPORTS)}")
+            if "libvirt" in services:
+                from offload.lab import dpu_libvirt
+
+                done += dpu_libvirt.start(self)
         except BaseException:
             log.error("lab up failed; removing what was made")
             with contextlib.suppress(Exception):
@@ -221,10 +259,30 @@ class Lab:
             str(side.run_dir),
             "--shared-path",
             str(self.dir / "shared"),
+            # Files libvirt opens there (console logs, disks) are the same
+            # files on both sides once qtfs serves them.
+            *(arg for export in LIBVIRT_EXPORTS for arg in ("--shared-path", export)),
             "--keepalive",
             "6",
         )
         self.start_service(f"{side.role}-rexec", side, argv)
+
+    @property
+    def qtfs_address(self) -> str:
+        return f"tcp://{self.host.link.address}:{QTFS_PORT}"
+
+    def _start_qtfs_server(self) -> None:
+        argv = [
+            str(Path(sys.executable).parent / "qtfs"),
+            "serve",
+            "--listen",
+            self.qtfs_address,
+            "--pki",
+            str(self.dir / "pki" / "host"),
+            *(arg for export in LIBVIRT_EXPORTS for arg in ("--export", export)),
+        ]
+        proc.run(self.command("host", ["mkdir", "-p", "/var/lib/libvirt/images", "/var/lib/libvirt/qemu"]))
+        self.start_service("host-qtfs", self.host, argv)
 
     def _start_udsproxy(self, side: LabSide) -> None:
         allowed = [str(self.sockets), "/var/lib/libvirt", "/run/libvirt"]

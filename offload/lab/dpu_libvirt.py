@@ -1,0 +1,131 @@
+"""The DPU side of the lab's libvirt: /another_rootfs, its mounts, and stock libvirtd in it.
+
+What an operator does on a DPU, done by the lab in the DPU side's
+namespaces: build the rootfs (overlay mode: seconds), prepare it (proc, sys,
+cgroups, a private /dev, the rexec and udsproxy state, and the host's
+/var/lib/libvirt through qtfs), then run Debian's own virtlogd and libvirtd
+chrooted there with the udsproxy shim preloaded into libvirtd.  Nothing here
+patches or reconfigures libvirt beyond the qemu.conf the rootfs builder
+writes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from offload import proc
+from offload.errors import LabError
+from offload.lab.libvirt import Virsh
+
+if TYPE_CHECKING:
+    from offload.lab.lab import Lab
+
+READY_TIMEOUT = 60.0
+#: Inside the rootfs, where the rootfs builder installs the shim.
+SHIM_IN_ROOTFS = "/usr/lib/offload/libudsproxy.so"
+#: Inside the rootfs, where the prepared mounts put udsproxyd's socket.
+UDSPROXY_SOCKET_IN_ROOTFS = "/run/udsproxy/udsproxy.sock"
+
+
+def target(lab: Lab) -> Path:
+    """The DPU side's /another_rootfs (inside the lab's directory, so down removes it)."""
+    return lab.dir / "another_rootfs"
+
+
+def libvirt_socket(lab: Lab) -> str:
+    return str(target(lab) / "run" / "libvirt" / "libvirt-sock")
+
+
+def virsh(lab: Lab) -> Virsh:
+    """virsh on the DPU side, talking to the chrooted libvirtd."""
+    return Virsh(libvirt_socket(lab), wrap=lambda argv: lab.command("dpu", argv), env=_clean_env())
+
+
+def prepare_config(lab: Lab) -> str:
+    """offload prepare's configuration for the lab: qtfs from the lab's host side."""
+    host_address = lab.host.link.address
+    exports = "".join(f'  {{ remote = "{path}", local = "{path}" }},\n' for path in _exports())
+    return (
+        "# Written by the lab: the host side serves /var/lib/libvirt over qtfs.\n"
+        f'host = "{host_address}"\n'
+        f'qtfs_address = "{lab.qtfs_address}"\n'
+        f'pki = "{lab.dir / "pki" / "dpu"}"\n'
+        f"exports = [\n{exports}]\n"
+    )
+
+
+def _exports() -> tuple[str, ...]:
+    from offload.lab.lab import LIBVIRT_EXPORTS
+
+    return LIBVIRT_EXPORTS
+
+
+def start(lab: Lab) -> list[str]:
+    root = target(lab)
+    done = []
+    offload_cli = [str(Path(sys.executable).parent / "offload")]
+
+    started = time.monotonic()
+    proc.run(
+        lab.command(
+            "dpu",
+            [*offload_cli, "rootfs", "build", "--mode", "overlay", "--host", lab.host.link.address, str(root)],
+        ),
+        timeout=600,
+    )
+    done.append(f"/another_rootfs built at {root} (overlay, {time.monotonic() - started:.1f} s)")
+
+    config = lab.dir / "prepare.toml"
+    config.write_text(prepare_config(lab))
+    started = time.monotonic()
+    proc.run(
+        lab.command("dpu", [*offload_cli, "prepare", "--target", str(root), "--config", str(config)]),
+        timeout=120,
+    )
+    done.append(f"{root} prepared ({time.monotonic() - started:.1f} s)")
+
+    _start_chrooted(lab, "dpu-virtlogd", root, ["/usr/sbin/virtlogd"], {})
+    _wait_for(lab.path_on("dpu", root / "run" / "libvirt" / "virtlogd-sock"), "virtlogd", lab.dir / "dpu-virtlogd.log")
+    done.append("virtlogd on dpu, chrooted")
+    shim_env = {"LD_PRELOAD": SHIM_IN_ROOTFS, "UDSPROXY_SOCKET": UDSPROXY_SOCKET_IN_ROOTFS}
+    _start_chrooted(lab, "dpu-libvirtd", root, ["/usr/sbin/libvirtd"], shim_env)
+    virsh(lab).wait_ready(READY_TIMEOUT)
+    done.append(f"libvirtd on dpu, chrooted in {root}, shim preloaded; virsh: {virsh(lab).uri}")
+    return done
+
+
+def _clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a unit file would give: no LD_PRELOAD or lab variables leaking in."""
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    env.update(extra or {})
+    return env
+
+
+def _start_chrooted(lab: Lab, key: str, root: Path, argv: list[str], env: dict[str, str]) -> None:
+    log_path = lab.dir / f"{key}.log"
+    with open(log_path, "ab") as log_file:
+        child = proc.spawn(
+            lab.command("dpu", ["chroot", str(root), *argv], cwd="/"),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=_clean_env(env),
+            start_new_session=True,
+        )
+    lab._record(key, child.pid)
+    time.sleep(0.05)
+    if child.poll() is not None:
+        raise LabError(f"{key} exited with status {child.returncode} at start: see {log_path}")
+    child.returncode = 0  # it runs on; the lab ends it by pid
+
+
+def _wait_for(path: Path, what: str, log_path: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise LabError(f"{what} did not create {path} in {READY_TIMEOUT:.0f} s (see {log_path})")
+        time.sleep(0.05)

@@ -1,0 +1,139 @@
+"""The lab's guest: a real Debian kernel and a tiny initramfs that says it booted.
+
+The kernel comes from Debian's ``linux-image-*-cloud-amd64`` package (the
+smallest one with virtio and the 8250 serial console built in), fetched with
+``apt-get download`` into a cache, so it is exactly what the distribution
+ships.  The initramfs is written here: busybox (static, from Debian's
+busybox-static) as /init's shell, and an /init that prints ``MARKER`` and
+the guest's uptime on the serial console, then idles until it is stopped.
+Both files are cached by package version; building them again is free.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import os
+import shutil
+import stat
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from offload import proc
+from offload.errors import LabError
+
+log = logging.getLogger(__name__)
+
+CACHE = Path("/var/cache/offload-lab/guest")
+KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
+BUSYBOX = Path("/bin/busybox")
+MARKER = "OFFLOAD-GUEST-UP"
+
+INIT = f"""#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t devtmpfs dev /dev
+echo "{MARKER} uptime $(/bin/busybox cut -d' ' -f1 /proc/uptime)"
+while :; do /bin/busybox sleep 3600; done
+"""
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    kernel: Path
+    initrd: Path
+    version: str
+
+
+def build(cache: Path = CACHE) -> GuestImage:
+    """The cached kernel and initramfs, made if missing."""
+    package = _kernel_package()
+    directory = cache / package
+    kernel, initrd = directory / "vmlinuz", directory / "initrd.gz"
+    if kernel.exists() and initrd.exists():
+        return GuestImage(kernel, initrd, package)
+    directory.mkdir(parents=True, exist_ok=True)
+    if not kernel.exists():
+        _fetch_kernel(package, directory, kernel)
+    if not initrd.exists():
+        _write_atomically(initrd, _initramfs())
+    return GuestImage(kernel, initrd, package)
+
+
+def _kernel_package() -> str:
+    """The versioned kernel package the meta package points at, e.g. linux-image-6.1.0-56-cloud-amd64."""
+    result = proc.run(["apt-cache", "depends", KERNEL_META_PACKAGE], check=False)
+    for line in result.stdout.splitlines():
+        name = line.strip().removeprefix("Depends:").strip()
+        if line.strip().startswith("Depends:") and name.startswith("linux-image-"):
+            return name
+    raise LabError(f"apt-cache knows no kernel behind {KERNEL_META_PACKAGE} (apt-get update?): {result.stderr.strip()}")
+
+
+def _fetch_kernel(package: str, directory: Path, kernel: Path) -> None:
+    log.info("fetching %s for the lab's guest", package)
+    download = directory / "download"
+    shutil.rmtree(download, ignore_errors=True)
+    download.mkdir()
+    try:
+        # apt drops to the _apt user for downloads; let it write here.
+        os.chmod(download, 0o777)
+        proc.run(["apt-get", "download", "-q", package], cwd=download)
+        debs = list(download.glob("*.deb"))
+        if len(debs) != 1:
+            raise LabError(f"apt-get download {package} left {len(debs)} packages in {download}")
+        data = proc.run(["dpkg-deb", "--fsys-tarfile", str(debs[0])], text=False).stdout
+        with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+            members = [m for m in archive.getmembers() if m.isfile() and Path(m.name).name.startswith("vmlinuz-")]
+            if not members:
+                raise LabError(f"{debs[0].name} has no /boot/vmlinuz-*")
+            source = archive.extractfile(members[0])
+            assert source is not None
+            _write_atomically(kernel, source.read())
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
+
+
+def _initramfs() -> bytes:
+    if not BUSYBOX.exists():
+        raise LabError(f"{BUSYBOX} is missing (Debian package busybox-static; run make setup)")
+    archive = NewcArchive()
+    for directory in ("bin", "dev", "proc"):
+        archive.add(directory, stat.S_IFDIR | 0o755)
+    archive.add("bin/busybox", stat.S_IFREG | 0o755, BUSYBOX.read_bytes())
+    archive.add("init", stat.S_IFREG | 0o755, INIT.encode())
+    return gzip.compress(archive.finish(), compresslevel=1)
+
+
+class NewcArchive:
+    """The kernel's initramfs format: cpio "newc" (see the kernel's ramfs-rootfs-initramfs.rst)."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._inode = 1
+
+    def add(self, name: str, mode: int, data: bytes = b"") -> None:
+        self._entry(name, mode, data, nlink=2 if stat.S_ISDIR(mode) else 1)
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0, b"", nlink=1)
+        return b"".join(self._parts)
+
+    def _entry(self, name: str, mode: int, data: bytes, nlink: int) -> None:
+        encoded = name.encode() + b"\0"
+        fields = [self._inode, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
+        self._inode += 1
+        header = b"070701" + b"".join(b"%08X" % value for value in fields)
+        self._parts.append(_pad4(header + encoded))
+        self._parts.append(_pad4(data))
+
+
+def _pad4(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % 4)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)

@@ -1,0 +1,130 @@
+"""Stock libvirt in the lab: domains, virsh, and a local libvirtd to compare with.
+
+The offloaded libvirtd is started by the lab (``Lab.up``) chrooted in the DPU
+side's /another_rootfs; this module holds what both the lab, the demo, the
+end-to-end tests and the benchmarks need around it: the domain XML of the
+lab's guest, running virsh against a libvirtd socket, waiting for the
+guest's console marker, and finding a domain's qemu process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import psutil
+
+from offload import proc
+from offload.errors import LabError
+from offload.lab.guest import MARKER, GuestImage
+
+#: Where images live on the host side (under the qtfs export /var/lib/libvirt).
+IMAGES = Path("/var/lib/libvirt/images")
+#: libvirt's own state directory, where serial console logs are kept.
+QEMU_STATE = Path("/var/lib/libvirt/qemu")
+QEMU_BINARY = "/usr/bin/qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    kernel: str
+    initrd: str
+    #: "qemu" (TCG) or "kvm".  Debian's kernels hang early in boot under
+    #: KVM on these machines (nested virtualization), so the lab uses TCG
+    #: unless asked otherwise; the offload path is the same for both.
+    type: str = "qemu"
+    memory_mib: int = 256
+    emulator: str = "/usr/bin/qemu-system-x86_64"
+
+    @property
+    def console_log(self) -> str:
+        return str(QEMU_STATE / f"{self.name}.console.log")
+
+    def xml(self) -> str:
+        name = escape(self.name)
+        return f"""<domain type='{self.type}'>
+  <name>{name}</name>
+  <memory unit='MiB'>{self.memory_mib}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{escape(self.kernel)}</kernel>
+    <initrd>{escape(self.initrd)}</initrd>
+    <cmdline>console=ttyS0 panic=-1 quiet</cmdline>
+  </os>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>{escape(self.emulator)}</emulator>
+    <serial type='file'>
+      <source path='{escape(self.console_log)}'/>
+    </serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def guest_domain(name: str, image: GuestImage, domain_type: str = "qemu") -> Domain:
+    """A domain booting the lab's guest from the images directory."""
+    return Domain(name, str(IMAGES / "vmlinuz"), str(IMAGES / "initrd.gz"), type=domain_type)
+
+
+class Virsh:
+    """virsh against one libvirtd, run through ``wrap`` (e.g. into a lab side's namespaces)."""
+
+    def __init__(self, socket: str, wrap: Callable[[list[str]], list[str]] = list, env: dict | None = None) -> None:
+        self.uri = f"qemu:///system?socket={socket}"
+        self._wrap = wrap
+        self._env = env
+
+    def argv(self, *args: str) -> list[str]:
+        return self._wrap(["virsh", "--quiet", "-c", self.uri, *args])
+
+    def __call__(self, *args: str, input: str | None = None, timeout: float = 120) -> str:
+        result = proc.run(self.argv(*args), check=False, input=input, timeout=timeout, env=self._env)
+        if result.returncode != 0:
+            raise LabError(f"virsh {' '.join(args)}: {(result.stderr or result.stdout).strip()}")
+        return result.stdout
+
+    def define(self, domain: Domain) -> None:
+        self("define", "/dev/stdin", input=domain.xml())
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            result = proc.run(self.argv("version"), check=False, timeout=30, env=self._env)
+            if result.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"libvirtd at {self.uri} did not answer in {timeout:.0f} s: {result.stderr.strip()}")
+            time.sleep(0.1)
+
+    def state(self, name: str) -> str:
+        return self("domstate", name).strip()
+
+
+def wait_for_marker(read: Callable[[], str], timeout: float = 120) -> str:
+    """Poll a console log (through ``read``) until the guest's marker line appears; return that line."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in read().splitlines():
+            if MARKER in line:
+                return line.strip()
+        if time.monotonic() > deadline:
+            tail = read()[-400:]
+            raise LabError(f"no {MARKER} on the guest's console after {timeout:.0f} s; console ends with: {tail!r}")
+        time.sleep(0.05)
+
+
+def qemu_processes(guest: str) -> list[psutil.Process]:
+    """qemu processes (not stand-ins) running the named guest, anywhere on the machine."""
+    found = []
+    for process in psutil.process_iter(["exe", "cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if process.info["exe"] == QEMU_BINARY and f"guest={guest}," in " ".join(cmdline):
+            found.append(process)
+    return found
