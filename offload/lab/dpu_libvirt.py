@@ -91,11 +91,23 @@ def start(lab: Lab) -> list[str]:
     _start_chrooted(lab, "dpu-virtlogd", root, ["/usr/sbin/virtlogd"], {})
     _wait_for(lab.path_on("dpu", root / "run" / "libvirt" / "virtlogd-sock"), "virtlogd", lab.dir / "dpu-virtlogd.log")
     done.append("virtlogd on dpu, chrooted")
-    shim_env = {"LD_PRELOAD": SHIM_IN_ROOTFS, "UDSPROXY_SOCKET": UDSPROXY_SOCKET_IN_ROOTFS}
-    _start_chrooted(lab, "dpu-libvirtd", root, ["/usr/sbin/libvirtd"], shim_env)
+    _start_libvirtd(lab, root)
     virsh(lab).wait_ready(READY_TIMEOUT)
     done.append(f"libvirtd on dpu, chrooted in {root}, shim preloaded; virsh: {virsh(lab).uri}")
     return done
+
+
+def restart_libvirtd(lab: Lab) -> int:
+    """Stop libvirtd (SIGTERM, as systemctl would) and start it again; the new pid."""
+    proc.end_pid(lab.pid_of("dpu-libvirtd"))
+    _start_libvirtd(lab, target(lab))
+    virsh(lab).wait_ready(READY_TIMEOUT)
+    return lab.pid_of("dpu-libvirtd")
+
+
+def _start_libvirtd(lab: Lab, root: Path) -> None:
+    shim_env = {"LD_PRELOAD": SHIM_IN_ROOTFS, "UDSPROXY_SOCKET": UDSPROXY_SOCKET_IN_ROOTFS}
+    _start_chrooted(lab, "dpu-libvirtd", root, ["/usr/sbin/libvirtd"], shim_env)
 
 
 def _clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:

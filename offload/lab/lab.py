@@ -299,6 +299,9 @@ class Lab:
 
     def start_service(self, key: str, side: LabSide, argv: list[str]) -> int:
         """Start a daemon in ``side``'s namespace and wait for its READY=1."""
+        state = self._state()
+        state.setdefault("argv", {})[key] = [side.role, argv]
+        self.state_file.write_text(json.dumps(state, indent=1))
         notify_path = self.dir / f"{key}.notify"
         log_path = self.dir / f"{key}.log"
         with contextlib.suppress(FileNotFoundError):
@@ -334,6 +337,16 @@ class Lab:
         # It runs on after we return; it is ours to end in down(), by pid.
         child.returncode = 0
         return child.pid
+
+    def restart_service(self, key: str) -> int:
+        """Stop a service the lab started (SIGTERM, as systemctl would) and start it again; the new pid."""
+        role, argv = self._state().get("argv", {}).get(key, (None, None))
+        if argv is None:
+            raise LabError(f"lab {self.name} has no service {key} to restart")
+        pid = self.pid_of(key)
+        if self._is_ours(pid):
+            proc.end_pid(pid)
+        return self.start_service(key, self.side(role), argv)
 
     def down(self) -> list[str]:
         removed = []

@@ -110,7 +110,7 @@ def script(steps: list[Tmpfs | Bind]) -> str:
     return "\n".join(body)
 
 
-def start_holder(netns: str, steps: list[Tmpfs | Bind], log_path: Path) -> int:
+def start_holder(netns: str | None, steps: list[Tmpfs | Bind], log_path: Path) -> int:
     """Start the holder of a new mount namespace in ``netns``; return its pid once set up."""
     argv = proc.in_netns(
         netns, ["unshare", "--mount", "--propagation", "private", "sh", "-c", script(steps), "offload-lab-ns"]

@@ -1,0 +1,129 @@
+"""VM start and destroy: offloaded libvirt against a local libvirtd, in one run.
+
+The offloaded side is the whole lab (virsh on the DPU side, qemu on the host
+side).  The local side is the same Debian libvirtd with the same qemu.conf
+(the one the rootfs builder wrote into the lab's /another_rootfs), run
+directly in a private mount namespace of this machine.  Both start the same
+TCG domain booting the same kernel; "start" is `virsh start` until the
+guest's marker is on its serial console, "destroy" is `virsh destroy` until
+the qemu process is gone.  Medians of several rounds; ratios matter, not
+absolutes, on these shared machines.
+
+Runnable alone: python -m bench.libvirt_bench [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from offload import proc
+from offload.lab import dpu_libvirt, guest, mountns
+from offload.lab.lab import SERVICES, Lab
+from offload.lab.libvirt import IMAGES, Domain, Virsh, guest_domain, qemu_processes, wait_for_marker
+
+
+def measure(virsh: Virsh, domain: Domain, console: Callable[[], Path], rounds: int) -> tuple[float, float]:
+    """Median seconds of (start until marker, destroy until qemu is gone)."""
+    starts, destroys = [], []
+    virsh.define(domain)
+    try:
+        for _ in range(rounds):
+            path = console()
+            if path.exists():
+                path.write_text("")
+            began = time.monotonic()
+            virsh("start", domain.name)
+            wait_for_marker(lambda: path.read_text(errors="replace") if path.exists() else "")
+            starts.append(time.monotonic() - began)
+            began = time.monotonic()
+            virsh("destroy", domain.name)
+            while qemu_processes(domain.name):
+                time.sleep(0.005)
+            destroys.append(time.monotonic() - began)
+    finally:
+        proc.run(virsh.argv("destroy", domain.name), check=False)
+        proc.run(virsh.argv("undefine", domain.name), check=False)
+    return statistics.median(starts), statistics.median(destroys)
+
+
+@contextlib.contextmanager
+def local_libvirtd(work: Path, qemu_conf: str, image: guest.GuestImage) -> Iterator[tuple[Virsh, int]]:
+    """Debian's libvirtd on this machine, in a private mount namespace with its own state."""
+    steps = [mountns.Tmpfs("/var/lib/libvirt"), mountns.Tmpfs("/run/libvirt"), mountns.Tmpfs("/etc/libvirt", keep=True)]
+    holder = mountns.start_holder(None, steps, work / "local-ns.log")
+    daemons: list[subprocess.Popen] = []
+    try:
+        enter = lambda argv: mountns.enter(holder, argv, "/")  # noqa: E731
+        proc.run(enter(["sh", "-c", 'cat > /etc/libvirt/qemu.conf; mkdir -p "$0"', str(IMAGES)]), input=qemu_conf)
+        proc.run(enter(["cp", str(image.kernel), str(image.initrd), str(IMAGES)]))
+        for daemon in ("/usr/sbin/virtlogd", "/usr/sbin/libvirtd"):
+            with open(work / f"local-{Path(daemon).name}.log", "ab") as log:
+                daemons.append(proc.spawn(enter([daemon]), stdout=log, stderr=subprocess.STDOUT))
+        virsh = Virsh("/run/libvirt/libvirt-sock", wrap=enter)
+        virsh.wait_ready()
+        yield virsh, holder
+    finally:
+        for daemon in reversed(daemons):
+            proc.end_pid(daemon.pid)
+            daemon.wait(5)
+        proc.end_pid(holder)
+
+
+def libvirt_rows(lab: Lab, work: Path, rounds: int = 3) -> list[tuple[str, str, str]]:
+    """Rows for `make bench`; ``lab`` must be up with every service."""
+    image = guest.build()
+    proc.run(lab.command("host", ["cp", str(image.kernel), str(image.initrd), str(IMAGES)]))
+    offloaded = guest_domain("bench-offload", image)
+    off_start, off_destroy = measure(
+        dpu_libvirt.virsh(lab), offloaded, lambda: lab.path_on("host", offloaded.console_log), rounds
+    )
+    qemu_conf = (dpu_libvirt.target(lab) / "etc" / "libvirt" / "qemu.conf").as_posix()
+    conf_text = lab.path_on("dpu", qemu_conf).read_text()
+    local = guest_domain("bench-local", image)
+    with local_libvirtd(work, conf_text, image) as (virsh, holder):
+        loc_start, loc_destroy = measure(
+            virsh, local, lambda: Path(f"/proc/{holder}/root") / local.console_log.lstrip("/"), rounds
+        )
+    return [
+        ("`virsh start` until the guest's marker: offloaded", f"{off_start:.2f} s", ""),
+        (
+            "`virsh start` until the guest's marker: local libvirtd",
+            f"{loc_start:.2f} s",
+            f"offloaded = {off_start / loc_start:.2f}x (target <= 1.3x)",
+        ),
+        ("`virsh destroy` until qemu is gone: offloaded", f"{off_destroy * 1000:.0f} ms", ""),
+        (
+            "`virsh destroy` until qemu is gone: local libvirtd",
+            f"{loc_destroy * 1000:.0f} ms",
+            f"offloaded = {off_destroy / loc_destroy:.2f}x",
+        ),
+    ]
+
+
+def main() -> None:
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog="python -m bench.libvirt_bench", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    lab = Lab("offbv")
+    lab.down()
+    try:
+        lab.up(only=list(SERVICES))
+        with tempfile.TemporaryDirectory(prefix="offload-bench-") as tmp:
+            rows = libvirt_rows(lab, Path(tmp), args.rounds)
+    finally:
+        lab.down()
+    print("\n| measure | figure | ratio |\n|---|---|---|")
+    for row in rows:
+        print(f"| {row[0]} | {row[1]} | {row[2]} |")
+
+
+if __name__ == "__main__":
+    main()

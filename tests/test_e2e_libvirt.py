@@ -1,0 +1,194 @@
+"""End to end: Debian's own libvirtd on the DPU side runs VMs whose qemu runs on the host side.
+
+One whole lab for the module (its name is the test lab's with a "v"):
+rexec, udsproxy and qtfs on both sides, /another_rootfs built and prepared
+on the DPU side, virtlogd and libvirtd chrooted there.  Guests are TCG
+domains booting a Debian kernel whose init prints a marker on the serial
+console (see offload/lab/guest.py for why TCG).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from offload import proc
+from offload.lab import dpu_libvirt, guest
+from offload.lab.lab import SERVICES, Lab
+from offload.lab.libvirt import IMAGES, Domain, Virsh, guest_domain, qemu_processes, wait_for_marker
+
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def vlab() -> Iterator[Lab]:
+    lab = Lab(os.environ.get("OFFLOAD_TEST_LAB", "offt")[:9] + "v")
+    lab.down()
+    image = guest.build()
+    try:
+        lab.up(only=list(SERVICES))
+        proc.run(lab.command("host", ["cp", str(image.kernel), str(image.initrd), str(IMAGES)]))
+        yield lab
+    finally:
+        keep = Path("/tmp/offload-test-logs") / lab.name
+        import shutil
+
+        shutil.rmtree(keep, ignore_errors=True)
+        keep.mkdir(parents=True)
+        for log in lab.dir.glob("*.log"):
+            shutil.copy(log, keep)
+        lab.down()
+
+
+@pytest.fixture
+def virsh(vlab: Lab) -> Virsh:
+    return dpu_libvirt.virsh(vlab)
+
+
+def netns(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/net")
+
+
+def start_guest(lab: Lab, virsh: Virsh, name: str) -> Domain:
+    domain = guest_domain(name, guest.build())
+    virsh.define(domain)
+    virsh("start", name)
+    return domain
+
+
+def console_of(lab: Lab, domain: Domain) -> str:
+    path = lab.path_on("host", domain.console_log)
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def stand_ins(lab: Lab, name: str) -> list[psutil.Process]:
+    """The DPU side's rexec stand-ins for a guest's qemu."""
+    dpu = f"net:[{lab.netns_inode('dpu')}]"
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if any(arg.endswith("rexec") for arg in cmdline[:2]) and f"guest={name}," in " ".join(cmdline):
+            try:
+                if netns(process.pid) == dpu:
+                    found.append(process)
+            except OSError:
+                pass
+    return found
+
+
+def wait_until(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+def cleanup(virsh: Virsh, *names: str) -> None:
+    for name in names:
+        proc.run(virsh.argv("destroy", name), check=False)
+        proc.run(virsh.argv("undefine", name), check=False)
+        wait_until(lambda name=name: not qemu_processes(name), 15, f"qemu of {name} gone")
+
+
+def test_lifecycle(vlab: Lab, virsh: Virsh) -> None:
+    name = "e2e-life"
+    try:
+        domain = start_guest(vlab, virsh, name)
+        marker = wait_for_marker(lambda: console_of(vlab, domain))
+        assert marker.startswith(guest.MARKER)
+
+        # qemu runs on the host side, under the host's rexec_server.
+        [qemu] = qemu_processes(name)
+        assert netns(qemu.pid) == f"net:[{vlab.netns_inode('host')}]"
+        assert vlab.pid_of("host-rexec") in [p.pid for p in qemu.parents()]
+        # libvirtd runs on the DPU side only, and its qemu is a stand-in there.
+        assert netns(vlab.pid_of("dpu-libvirtd")) == f"net:[{vlab.netns_inode('dpu')}]"
+        assert len(stand_ins(vlab, name)) == 1
+
+        assert name in virsh("list")
+        info = virsh("dominfo", name)
+        assert "running" in info
+        stats = virsh("domstats", name)
+        assert "state.state=1" in stats
+        status = virsh("qemu-monitor-command", "--pretty", name, '{"execute":"query-status"}')
+        assert '"running": true' in status
+
+        virsh("destroy", name)
+        wait_until(lambda: not qemu_processes(name), 10, "no qemu on the host after destroy")
+        wait_until(lambda: not stand_ins(vlab, name), 10, "no stand-in on the DPU after destroy")
+        assert virsh.state(name) == "shut off"
+        virsh("undefine", name)
+        assert name not in virsh("list", "--all")
+    finally:
+        cleanup(virsh, name)
+
+
+def test_two_domains_at_once(vlab: Lab, virsh: Virsh) -> None:
+    names = ["e2e-one", "e2e-two"]
+    try:
+        domains = [start_guest(vlab, virsh, name) for name in names]
+        for domain in domains:
+            wait_for_marker(lambda domain=domain: console_of(vlab, domain))
+        pids = {name: [p.pid for p in qemu_processes(name)] for name in names}
+        assert all(len(found) == 1 for found in pids.values()), pids
+        running = virsh("list", "--name").split()
+        assert set(names) <= set(running)
+    finally:
+        cleanup(virsh, *names)
+
+
+def test_sigkill_of_the_stand_in_leaves_no_qemu(vlab: Lab, virsh: Virsh) -> None:
+    name = "e2e-kill"
+    try:
+        domain = start_guest(vlab, virsh, name)
+        wait_for_marker(lambda: console_of(vlab, domain))
+        [stand_in] = stand_ins(vlab, name)
+        stand_in.send_signal(signal.SIGKILL)
+        wait_until(lambda: not qemu_processes(name), 15, "the host's qemu ended after its stand-in was killed")
+        wait_until(lambda: virsh.state(name) == "shut off", 15, "libvirt saw the domain end")
+    finally:
+        cleanup(virsh, name)
+
+
+def test_libvirtd_restart_keeps_the_running_domain(vlab: Lab, virsh: Virsh) -> None:
+    name = "e2e-relive"
+    try:
+        domain = start_guest(vlab, virsh, name)
+        wait_for_marker(lambda: console_of(vlab, domain))
+        [qemu] = qemu_processes(name)
+        dpu_libvirt.restart_libvirtd(vlab)
+        # The new libvirtd reads its status XML, finds the stand-in alive and
+        # reconnects to the monitor socket, still bridged by the stand-in.
+        assert virsh.state(name) == "running"
+        status = virsh("qemu-monitor-command", "--pretty", name, '{"execute":"query-status"}')
+        assert '"running": true' in status
+        assert [p.pid for p in qemu_processes(name)] == [qemu.pid]
+    finally:
+        cleanup(virsh, name)
+
+
+def test_host_rexec_server_restart(vlab: Lab, virsh: Virsh) -> None:
+    """Stopping the host's rexec_server ends the programs it runs (no orphans on the host).
+
+    What the operator sees: running domains on that host shut off (libvirt
+    logs that qemu ended); once rexec_server is back, domains start again.
+    """
+    name = "e2e-srv"
+    try:
+        domain = start_guest(vlab, virsh, name)
+        wait_for_marker(lambda: console_of(vlab, domain))
+        vlab.restart_service("host-rexec")
+        wait_until(lambda: not qemu_processes(name), 15, "qemu ended with its rexec_server")
+        wait_until(lambda: virsh.state(name) == "shut off", 30, "libvirt saw the domain end")
+        proc.run(vlab.command("host", ["truncate", "-s", "0", domain.console_log]))
+        virsh("start", name)
+        wait_for_marker(lambda: console_of(vlab, domain))
+    finally:
+        cleanup(virsh, name)
