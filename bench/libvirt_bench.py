@@ -39,7 +39,7 @@ def measure(virsh: Virsh, domain: Domain, console: Callable[[], Path], rounds: i
                 path.write_text("")
             began = time.monotonic()
             virsh("start", domain.name)
-            wait_for_marker(lambda: path.read_text(errors="replace") if path.exists() else "")
+            wait_for_marker(lambda path=path: path.read_text(errors="replace") if path.exists() else "")
             starts.append(time.monotonic() - began)
             began = time.monotonic()
             virsh("destroy", domain.name)
