@@ -11,6 +11,7 @@ PACKAGES="
   fuse3 libfuse3-dev sshfs
   libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
   debootstrap busybox-static cpio
+  fdisk
 "
 
 missing=""
