@@ -1,0 +1,418 @@
+"""The steps of a plan: small frozen objects that know how to do, check and describe themselves.
+
+Every step works on a machine path already resolved inside the target
+(offload/mounts/paths.py).  `check(entries)` compares the step with
+reality (/proc/self/mountinfo, the filesystem) without changing anything;
+`execute(ctx)` does the step unless it is already done, and registers how
+to undo exactly what it did; `describe()` gives the equivalent shell
+commands for ``--dry-run``.
+
+``layer`` is the step's position among the plan's mounts at the same path
+(0 for the first): a later mount may cover an earlier one on purpose, and
+an idempotent re-run must recognise both.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from offload.errors import MountConflict, MountError
+from offload.mounts import mountinfo, syscalls
+from offload.mounts.mountinfo import MountEntry
+
+# States a step can be in, as `offload status` prints them.
+MOUNTED = "mounted"  # a mount step that is in place
+PRESENT = "present"  # a node or link that is in place
+MISSING = "missing"
+WRONG = "wrong"
+SKIPPED = "skipped"
+
+# What `execute` reports.
+DONE = "done"
+ALREADY = "already"
+
+#: How userspace qtfs mounts show in mountinfo (FUSE, subtype qtfs) and the
+#: kernel module's filesystem type.
+QTFS_FSTYPES = ("fuse.qtfs", "qtfs")
+
+
+class Context(Protocol):
+    def entries(self) -> tuple[MountEntry, ...]: ...
+
+    def on_undo(self, what: str, undo: Callable[[], None]) -> None: ...
+
+    def run(self, argv: list[str]) -> tuple[int, str]: ...
+
+
+@dataclass(frozen=True)
+class Check:
+    state: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: str  # DONE, ALREADY or SKIPPED
+    detail: str = ""
+
+
+def _q(value: str) -> str:
+    return shlex.quote(value)
+
+
+def _conflict(path: str, detail: str) -> MountConflict:
+    return MountConflict(
+        f"{path}: {detail}; unmount it first (offload teardown, or umount {_q(path)}) or change the plan",
+        path=path,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Op:
+    path: str
+    layer: int = 0
+
+    @property
+    def mountpoint(self) -> str | None:
+        """The path this step mounts on, if it is a mount."""
+        return None
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """Other paths this step reads (a bind's source): mounts on them must come first."""
+        return ()
+
+    @property
+    def what(self) -> str:
+        raise NotImplementedError
+
+    def describe(self) -> list[str]:
+        raise NotImplementedError
+
+    def check(self, entries: tuple[MountEntry, ...]) -> Check:
+        raise NotImplementedError
+
+    def execute(self, ctx: Context) -> Result:
+        raise NotImplementedError
+
+
+class _MountStep(Op):
+    """Shared logic of the steps that mount something at ``path``."""
+
+    @property
+    def mountpoint(self) -> str | None:
+        return self.path
+
+    def mismatch(self, entry: MountEntry, entries: tuple[MountEntry, ...]) -> str | None:
+        raise NotImplementedError
+
+    def check(self, entries: tuple[MountEntry, ...]) -> Check:
+        stack = mountinfo.stack_at(entries, self.path)
+        if len(stack) <= self.layer:
+            return Check(MISSING)
+        problem = self.mismatch(stack[self.layer], entries)
+        return Check(WRONG, problem) if problem else Check(MOUNTED)
+
+    def _already(self, ctx: Context) -> bool:
+        """True when the mount is in place; raise when something else is."""
+        found = self.check(ctx.entries())
+        if found.state == WRONG:
+            raise _conflict(self.path, found.detail)
+        return found.state == MOUNTED
+
+    def _undo_umount(self, ctx: Context) -> None:
+        ctx.on_undo(f"umount {self.path}", lambda: syscalls.umount(self.path))
+
+
+@dataclass(frozen=True, kw_only=True)
+class MountOp(_MountStep):
+    """mount -t FSTYPE -o OPTIONS SOURCE PATH."""
+
+    fstype: str
+    source: str
+    options: str = ""
+    identity: tuple[str, ...] = ()  # superblock options that must show (cgroup controllers)
+    # Directories made inside the new mount before a read-only remount
+    # (systemd mounts /sys/fs/cgroup as a read-only tmpfs).
+    subdirs: tuple[str, ...] = ()
+
+    @property
+    def what(self) -> str:
+        if self.identity:
+            return f"{self.fstype} ({','.join(self.identity)})"
+        return self.fstype
+
+    def _split(self) -> tuple[int, str, bool]:
+        flags, data = syscalls.split_options(self.options)
+        late_ro = bool(self.subdirs) and bool(flags & syscalls.MS_RDONLY)
+        return flags & ~syscalls.MS_RDONLY if late_ro else flags, data, late_ro
+
+    def describe(self) -> list[str]:
+        late_ro = self._split()[2]
+        words = [w for w in self.options.split(",") if w and not (late_ro and w == "ro")]
+        options = f" -o {_q(','.join(words))}" if words else ""
+        lines = [f"mkdir -p {_q(self.path)}", f"mount -t {self.fstype}{options} {_q(self.source)} {_q(self.path)}"]
+        if self.subdirs:
+            lines.append("mkdir -p " + " ".join(_q(os.path.join(self.path, d)) for d in self.subdirs))
+        if late_ro:
+            lines.append(f"mount -o remount,bind,ro {_q(self.path)}")
+        return lines
+
+    def mismatch(self, entry: MountEntry, entries: tuple[MountEntry, ...]) -> str | None:
+        if entry.fstype != self.fstype or entry.source != self.source:
+            return f"{entry.fstype} ({entry.source}) is mounted there, expected {self.fstype} ({self.source})"
+        lacking = [o for o in self.identity if o not in entry.super_options]
+        if lacking:
+            return f"{entry.fstype} with {','.join(entry.filesystem_data)} is mounted there, expected {','.join(self.identity)}"
+        return None
+
+    def execute(self, ctx: Context) -> Result:
+        if self._already(ctx):
+            return Result(ALREADY)
+        flags, data, late_ro = self._split()
+        os.makedirs(self.path, exist_ok=True)
+        syscalls.mount(self.source, self.path, self.fstype, flags, data)
+        self._undo_umount(ctx)
+        for sub in self.subdirs:
+            os.makedirs(os.path.join(self.path, sub), exist_ok=True)
+        if late_ro:
+            # A bind remount changes only the per-mount flags; they are all
+            # given again, since the call replaces them.
+            syscalls.mount(None, self.path, None, flags | syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_RDONLY)
+        return Result(DONE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BindOp(_MountStep):
+    """mount --bind SOURCE PATH (``recursive``: --rbind), optionally read-only."""
+
+    source: str  # a machine path
+    recursive: bool = False
+    readonly: bool = False
+    missing: str = "error"  # source missing: "error", "skip", "create"
+    create_target: bool = True  # False where the target is in procfs/sysfs and cannot be made
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        return (self.source,)
+
+    @property
+    def what(self) -> str:
+        return f"{'rbind' if self.recursive else 'bind'}{' ro' if self.readonly else ''} {self.source}"
+
+    def describe(self) -> list[str]:
+        lines = []
+        if self.missing == "create":
+            lines.append(f"mkdir -p {_q(self.source)}")
+        if self.create_target:
+            if os.path.isdir(self.source) or not os.path.exists(self.source):
+                lines.append(f"mkdir -p {_q(self.path)}")
+            else:
+                lines.append(f"mkdir -p {_q(os.path.dirname(self.path))} && touch {_q(self.path)}")
+        lines.append(f"mount --{'rbind' if self.recursive else 'bind'} {_q(self.source)} {_q(self.path)}")
+        if self.readonly:
+            lines.append(f"mount -o remount,bind,ro {_q(self.path)}")
+        return lines
+
+    def mismatch(self, entry: MountEntry, entries: tuple[MountEntry, ...]) -> str | None:
+        expected = mountinfo.bind_root(entries, os.path.realpath(self.source))
+        if expected != (entry.device, entry.root):
+            shown = entry.source if entry.root == "/" else f"{entry.source}[{entry.root}]"
+            return f"{entry.fstype} {shown} is mounted there, expected a bind of {self.source}"
+        if self.readonly and "ro" not in entry.options:
+            return f"the bind of {self.source} there is read-write, expected read-only"
+        return None
+
+    def check(self, entries: tuple[MountEntry, ...]) -> Check:
+        found = super().check(entries)
+        if found.state == MISSING and self.missing == "skip" and not os.path.exists(self.source):
+            return Check(SKIPPED, f"{self.source} does not exist")
+        return found
+
+    def execute(self, ctx: Context) -> Result:
+        if not os.path.exists(self.source):
+            if self.missing == "skip":
+                return Result(SKIPPED, f"{self.source} does not exist")
+            if self.missing == "error":
+                raise MountError(f"bind source {self.source} does not exist", path=self.source, errno=2)
+            os.makedirs(self.source, mode=0o755, exist_ok=True)
+        if self._already(ctx):
+            return Result(ALREADY)
+        if not os.path.lexists(self.path):
+            if not self.create_target:
+                return Result(SKIPPED, f"{self.path} does not exist here")
+            if os.path.isdir(self.source):
+                os.makedirs(self.path, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                with open(self.path, "a"):
+                    pass
+        flags = syscalls.MS_BIND | (syscalls.MS_REC if self.recursive else 0)
+        syscalls.mount(self.source, self.path, None, flags)
+        if self.recursive:
+            ctx.on_undo(f"umount -R {self.path}", lambda: _umount_tree(self.path))
+        else:
+            self._undo_umount(ctx)
+        if self.readonly:
+            syscalls.mount(None, self.path, None, syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_RDONLY)
+        return Result(DONE)
+
+
+def _umount_tree(path: str) -> None:
+    """Unmount ``path`` and every mount below it, children first (an rbind brings its submounts)."""
+    for entry in reversed(mountinfo.under(mountinfo.read(), path)):
+        syscalls.umount(entry.mount_point)
+    syscalls.umount(path)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QtfsMount(_MountStep):
+    """The userspace qtfs client: ``qtfs mount [--proc|--sys] ADDR:REMOTE PATH`` (it stays in the background)."""
+
+    address: str
+    remote: str
+    mode: str = ""  # "", "proc" or "sys"
+    pki: str = "/etc/offload/pki"
+    insecure: bool = False
+    command: str = "qtfs"
+
+    @property
+    def what(self) -> str:
+        return f"qtfs{' --' + self.mode if self.mode else ''} {self.address}:{self.remote}"
+
+    def argv(self) -> list[str]:
+        security = ["--insecure"] if self.insecure else ["--pki", self.pki]
+        mode = [f"--{self.mode}"] if self.mode else []
+        return [self.command, "mount", *mode, *security, f"{self.address}:{self.remote}", self.path]
+
+    def describe(self) -> list[str]:
+        return [f"mkdir -p {_q(self.path)}", shlex.join(self.argv())]
+
+    def mismatch(self, entry: MountEntry, entries: tuple[MountEntry, ...]) -> str | None:
+        if entry.fstype in QTFS_FSTYPES:
+            return None
+        return f"{entry.fstype} ({entry.source}) is mounted there, expected qtfs from {self.address}:{self.remote}"
+
+    def execute(self, ctx: Context) -> Result:
+        if self._already(ctx):
+            return Result(ALREADY)
+        os.makedirs(self.path, exist_ok=True)
+        status, output = ctx.run(self.argv())
+        if status != 0:
+            raise MountError(
+                f"{shlex.join(self.argv())} failed with status {status}" + (f": {output.strip()}" if output else ""),
+                path=self.path,
+            )
+        ctx.on_undo(f"qtfs umount {self.path}", lambda: _qtfs_umount(ctx, self.command, self.path))
+        if self.check(ctx.entries()).state != MOUNTED:
+            raise MountError(f"qtfs returned but nothing is mounted at {self.path}", path=self.path)
+        return Result(DONE)
+
+
+def _qtfs_umount(ctx: Context, command: str, path: str) -> None:
+    # `qtfs umount` also ends the background client; a plain umount2 is the
+    # fallback (the FUSE client then ends on its own).
+    status, _ = ctx.run([command, "umount", path])
+    if status != 0 and mountinfo.stack_at(mountinfo.read(), path):
+        syscalls.umount(path)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MakeNode(Op):
+    """mknod PATH c MAJOR MINOR, with the machine's mode and owner."""
+
+    major: int
+    minor: int
+    mode: int
+    uid: int = 0
+    gid: int = 0
+
+    @property
+    def what(self) -> str:
+        return f"mknod c {self.major}:{self.minor}"
+
+    def describe(self) -> list[str]:
+        lines = [f"mknod -m {self.mode:04o} {_q(self.path)} c {self.major} {self.minor}"]
+        if (self.uid, self.gid) != (0, 0):
+            lines.append(f"chown {self.uid}:{self.gid} {_q(self.path)}")
+        return lines
+
+    def check(self, entries: tuple[MountEntry, ...]) -> Check:
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return Check(MISSING)
+        if stat.S_ISCHR(info.st_mode) and info.st_rdev == os.makedev(self.major, self.minor):
+            return Check(PRESENT)
+        return Check(WRONG, f"is not the character device {self.major}:{self.minor}")
+
+    def execute(self, ctx: Context) -> Result:
+        found = self.check(())
+        if found.state == WRONG:
+            raise _conflict(self.path, found.detail)
+        if found.state == PRESENT:
+            return Result(ALREADY)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        syscalls.mknod_char(self.path, self.major, self.minor, self.mode)
+        ctx.on_undo(f"rm {self.path}", lambda: os.unlink(self.path))
+        os.chown(self.path, self.uid, self.gid)
+        return Result(DONE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MakeLink(Op):
+    """ln -s LINK PATH."""
+
+    link: str
+
+    @property
+    def what(self) -> str:
+        return f"symlink -> {self.link}"
+
+    def describe(self) -> list[str]:
+        return [f"ln -s {_q(self.link)} {_q(self.path)}"]
+
+    def check(self, entries: tuple[MountEntry, ...]) -> Check:
+        try:
+            current = os.readlink(self.path)
+        except FileNotFoundError:
+            return Check(MISSING)
+        except OSError:
+            return Check(WRONG, "is not a symlink")
+        return Check(PRESENT) if current == self.link else Check(WRONG, f"points to {current}, expected {self.link}")
+
+    def execute(self, ctx: Context) -> Result:
+        found = self.check(())
+        if found.state == WRONG:
+            raise _conflict(self.path, found.detail)
+        if found.state == PRESENT:
+            return Result(ALREADY)
+        os.symlink(self.link, self.path)
+        ctx.on_undo(f"rm {self.path}", lambda: os.unlink(self.path))
+        return Result(DONE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Skipped(Op):
+    """A step the plan cannot do on this machine, kept so that output says why."""
+
+    name: str
+    reason: str
+
+    @property
+    def what(self) -> str:
+        return self.name
+
+    def describe(self) -> list[str]:
+        return [f"# skipped {self.name} on {self.path}: {self.reason}"]
+
+    def check(self, entries: tuple[MountEntry, ...]) -> Check:
+        return Check(SKIPPED, self.reason)
+
+    def execute(self, ctx: Context) -> Result:
+        return Result(SKIPPED, self.reason)

@@ -1,0 +1,315 @@
+"""Carrying out a plan, taking everything down, and comparing plan with reality.
+
+`prepare` runs the steps in order inside an ExitStack: each step that
+changed something registers its undo, and a failure anywhere unwinds
+exactly those, newest first, before the error goes up (naming the step and
+the kernel's errno).  `teardown` does not trust any plan: it unmounts
+whatever /proc/self/mountinfo shows below the target, newest mount first
+(so children before parents, and a covering mount before what it covers),
+and checks that nothing is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as errno_module
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from offload.errors import MountBusy, MountError, OffloadError
+from offload.mounts import mountinfo, ops, syscalls
+from offload.mounts.mountinfo import MountEntry
+from offload.mounts.plan import Plan
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[str], None]
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+class _Run:
+    """The `ops.Context` of one prepare run."""
+
+    def __init__(self, stack: contextlib.ExitStack, report: Report) -> None:
+        self.stack = stack
+        self.report = report
+        self.undone: list[str] = []
+        self.undo_failures: list[str] = []
+
+    def entries(self) -> tuple[MountEntry, ...]:
+        return mountinfo.read()
+
+    def on_undo(self, what: str, undo: Callable[[], None]) -> None:
+        def guarded() -> None:
+            try:
+                undo()
+            except (OffloadError, OSError) as exc:
+                # Keep unwinding: the rest can still be undone.
+                self.undo_failures.append(f"{what}: {exc}")
+                self.report(f"rollback: could not {what}: {exc}")
+            else:
+                self.undone.append(what)
+                self.report(f"rollback: {what}")
+
+        self.stack.callback(guarded)
+
+    def run(self, argv: list[str]) -> tuple[int, str]:
+        from offload import proc  # imports trio: only qtfs steps pay for it
+
+        result = proc.run(argv, check=False)
+        return result.returncode, (result.stderr or "") + (result.stdout or "")
+
+
+@dataclass
+class Summary:
+    done: int = 0
+    already: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+class StepFailed(MountError):
+    """A step of the plan failed; what this run had done is undone."""
+
+
+def prepare(plan: Plan, *, report: Report = _quiet, fail_at: int | None = None) -> Summary:
+    """Carry out ``plan``; on failure undo this run's changes and raise StepFailed.
+
+    ``fail_at`` (1-based) makes that step fail before it runs: the tests use
+    it to prove that a failure at any step leaves nothing behind.
+    """
+    if not os.path.isdir(plan.target):
+        raise MountError(
+            f"target {plan.target} does not exist (build it first: offload rootfs build)", path=plan.target
+        )
+    summary = Summary()
+    started = time.monotonic()
+    total = len(plan.steps)
+    width = len(str(total))
+    with contextlib.ExitStack() as stack:
+        run = _Run(stack, report)
+        for number, step in enumerate(plan.steps, 1):
+            where = f"[{number:>{width}}/{total}]"
+            try:
+                if number == fail_at:
+                    raise MountError(
+                        f"injected failure before {step.what} on {step.path} (ECANCELED)",
+                        path=step.path,
+                        errno=errno_module.ECANCELED,
+                    )
+                result = step.execute(run)
+            except (MountError, OSError) as exc:
+                failure = _as_mount_error(exc, step)
+                report(f"{where} FAILED  {step.what} on {step.path}: {failure}")
+                stack.close()  # undo, newest first, before reporting
+                undone = len(run.undone)
+                message = f"step {number}/{total} ({step.what} on {step.path}) failed: {failure}"
+                message += f"; undid the {undone} change{'s' if undone != 1 else ''} this run had made"
+                if run.undo_failures:
+                    message += "; could not undo: " + "; ".join(run.undo_failures)
+                raise StepFailed(message, path=failure.path, errno=failure.errno) from exc
+            if result.outcome == ops.DONE:
+                summary.done += 1
+                verb = "mounted" if step.mountpoint else "created"
+            elif result.outcome == ops.ALREADY:
+                summary.already += 1
+                verb = "already"
+            else:
+                summary.skipped += 1
+                summary.notes.append(f"{step.what} on {step.path}: {result.detail}")
+                verb = "skipped"
+            detail = f": {result.detail}" if result.detail else ""
+            report(f"{where} {verb:<8} {step.what} on {step.path}{detail}")
+        stack.pop_all()  # success: the mounts stay
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _as_mount_error(exc: BaseException, step: ops.Op) -> MountError:
+    if isinstance(exc, MountError):
+        return exc
+    assert isinstance(exc, OSError)
+    number = exc.errno or errno_module.EIO
+    path = exc.filename if isinstance(exc.filename, str) else step.path
+    return MountError(f"{path}: {os.strerror(number)} ({syscalls.errno_name(number)})", path=path, errno=number)
+
+
+# Teardown -------------------------------------------------------------------
+
+
+@dataclass
+class TeardownSummary:
+    unmounted: int = 0
+    lazily: int = 0
+    holders: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def targets_below(target: str, entries: tuple[MountEntry, ...]) -> list[MountEntry]:
+    """The mounts to take down, in the order to take them down (newest first)."""
+    return list(reversed(mountinfo.under(entries, target)))
+
+
+def teardown_commands(target: str) -> list[str]:
+    import shlex
+
+    return [f"umount {shlex.quote(e.mount_point)}" for e in targets_below(target, mountinfo.read())]
+
+
+def teardown(
+    target: str,
+    *,
+    force: bool = False,
+    report: Report = _quiet,
+    qtfs_command: str = "qtfs",
+) -> TeardownSummary:
+    """Unmount everything below ``target`` and check that nothing is left.
+
+    A busy mount is an error naming the processes that hold it, unless
+    ``force``: then it is detached lazily (it disappears from the tree now
+    and is freed when the last user lets go) and the holders are reported.
+    """
+    target = os.path.realpath(target)
+    summary = TeardownSummary()
+    started = time.monotonic()
+    busy: list[MountBusy] = []
+    # Repeat while a pass makes progress: a mount that could not be reached
+    # by its path (covered by another one that is gone now) gets its turn.
+    for _ in range(8):
+        progress = False
+        blocked: set[str] = set()
+        for entry in targets_below(target, mountinfo.read()):
+            point = entry.mount_point
+            if any(mountinfo.is_under(b, point, strict=False) for b in blocked):
+                continue  # a busy mount below it is still there
+            try:
+                _unmount_one(entry, qtfs_command)
+            except MountError as exc:
+                if exc.errno == errno_module.EBUSY:
+                    holders = holders_of(point)
+                    if force:
+                        syscalls.umount(point, syscalls.MNT_DETACH)
+                        summary.lazily += 1
+                        summary.holders += holders
+                        report(f"detached {point} (busy, freed when released by: {', '.join(holders) or 'unknown'})")
+                        progress = True
+                        continue
+                    blocked.add(point)
+                    busy.append(_busy_error(point, exc, holders))
+                    continue
+                if exc.errno in (errno_module.EINVAL, errno_module.ENOENT):
+                    continue  # not reachable now; the next pass may get it
+                raise
+            summary.unmounted += 1
+            report(f"unmounted {point} ({entry.fstype})")
+            progress = True
+        if busy or not progress:
+            break
+    if busy:
+        raise (
+            busy[0]
+            if len(busy) == 1
+            else MountBusy(
+                "; ".join(str(b) for b in busy),
+                path=busy[0].path,
+                errno=errno_module.EBUSY,
+                holders=tuple(h for b in busy for h in b.holders),
+            )
+        )
+    left = mountinfo.under(mountinfo.read(), target)
+    if left:
+        listing = ", ".join(f"{e.mount_point} ({e.fstype})" for e in left)
+        raise MountError(f"still mounted below {target} after teardown: {listing}", path=left[0].mount_point)
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _unmount_one(entry: MountEntry, qtfs_command: str) -> None:
+    if entry.fstype == "fuse.qtfs":
+        # The userspace client unmounts and then ends itself.
+        from offload import proc
+
+        try:
+            result = proc.run([qtfs_command, "umount", entry.mount_point], check=False)
+        except OffloadError:
+            result = None
+        if result is not None and result.returncode == 0:
+            return
+    syscalls.umount(entry.mount_point)
+
+
+def _busy_error(point: str, exc: MountError, holders: list[str]) -> MountBusy:
+    held = f"; held by {', '.join(holders)}" if holders else " (no process found holding it: a mount below it?)"
+    return MountBusy(
+        f"cannot unmount {point}: {os.strerror(errno_module.EBUSY)} (EBUSY){held}; "
+        "stop them, or use --force to detach it lazily",
+        path=point,
+        errno=errno_module.EBUSY,
+        holders=tuple(holders),
+    )
+
+
+def holders_of(point: str) -> list[str]:
+    """Processes whose cwd, root, executable or open files lie under ``point``: "pid 12 (sleep: cwd)"."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["pid", "name"]):
+        uses: list[str] = []
+        try:
+            if mountinfo.is_under(process.cwd(), point, strict=False):
+                uses.append("cwd")
+            if mountinfo.is_under(os.readlink(f"/proc/{process.pid}/root"), point, strict=False):
+                uses.append("root")
+            exe = process.exe()
+            if exe and mountinfo.is_under(exe, point, strict=False):
+                uses.append("exe")
+            if any(mountinfo.is_under(f.path, point, strict=False) for f in process.open_files()):
+                uses.append("open files")
+        except (psutil.Error, OSError):
+            pass  # gone, or a kernel thread
+        if uses:
+            found.append(f"pid {process.pid} ({process.info['name']}: {', '.join(uses)})")
+    return found
+
+
+# Status ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepStatus:
+    step: ops.Op | None  # None for a mount below the target that no step accounts for
+    state: str
+    detail: str = ""
+    path: str = ""
+    what: str = ""
+
+
+EXTRA = "extra"
+
+
+def status(plan: Plan) -> list[StepStatus]:
+    entries = mountinfo.read()
+    result = []
+    claimed: set[tuple[str, int]] = set()
+    for step in plan.steps:
+        found = step.check(entries)
+        if step.mountpoint and found.state in (ops.MOUNTED, ops.WRONG):
+            claimed.add((step.mountpoint, step.layer))
+        result.append(StepStatus(step, found.state, found.detail, step.path, step.what))
+    layers: dict[str, int] = {}
+    for entry in mountinfo.under(entries, plan.target):
+        layer = layers.get(entry.mount_point, 0)
+        layers[entry.mount_point] = layer + 1
+        if (entry.mount_point, layer) not in claimed:
+            result.append(
+                StepStatus(None, EXTRA, "not in the plan", entry.mount_point, f"{entry.fstype} ({entry.source})")
+            )
+    return result

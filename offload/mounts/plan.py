@@ -1,0 +1,287 @@
+"""The planner: configuration + facts about the machine -> an ordered tuple of steps.
+
+Pure: it reads only its arguments (`resolve` maps a path inside the target
+to a machine path; the CLI passes offload.mounts.paths.resolve, tests a
+plain join).  The default plan does in effect what the reference's
+virt_start.sh does (section 4.2 of the behaviour notes), without its faults:
+
+* proc and sysfs of this machine, nosuid/nodev/noexec;
+* the cgroup hierarchies exactly as this machine mounts them under
+  /sys/fs/cgroup (read from mountinfo, never a hard-coded list: controllers
+  are combined differently from kernel to kernel, and naming a combination
+  the kernel did not make fails);
+* a private /dev: a tmpfs with the device nodes libvirt and qemu need made
+  by mknod, devpts with newinstance, /dev/shm, mqueue, hugetlbfs (devtmpfs
+  would be the machine's own /dev, shared);
+* a tmpfs /run, and binds of the rexec and udsproxy state;
+* with a qtfs host configured: the host's exported directories, and the
+  host's /proc and /sys facts mounted whole in a staging directory and bound
+  over the target's own /proc files and /sys directories (LXCFS-style, so
+  /proc/self and the pids stay this machine's).
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from offload.errors import ConfigError
+from offload.mounts import mountinfo
+from offload.mounts.config import MountSpec, PrepareConfig
+from offload.mounts.machine import Facts
+from offload.mounts.ops import BindOp, MakeLink, MakeNode, MountOp, Op, QtfsMount, Skipped
+
+# The host's /proc files and /sys directories shown in the target come from
+# the userspace qtfs package when it provides them; until then this local
+# list (the files LXCFS virtualises, and the /sys parts libvirt reads about
+# CPUs, NUMA nodes and huge pages) stands in.
+LOCAL_PROC_FILES: tuple[str, ...] = ("cpuinfo", "meminfo", "stat", "uptime", "loadavg", "swaps")
+LOCAL_SYS_DIRS: tuple[str, ...] = (
+    "devices/system/cpu",
+    "devices/system/node",
+    "kernel/mm/hugepages",
+    "kernel/mm/transparent_hugepage",
+)
+try:
+    from offload.qtfs.facts import PROC_FILES as _PROC_FILES
+    from offload.qtfs.facts import SYS_DIRS as _SYS_DIRS
+except ImportError:
+    _PROC_FILES, _SYS_DIRS = LOCAL_PROC_FILES, LOCAL_SYS_DIRS
+
+
+def _relative(names: object, prefix: str) -> tuple[str, ...]:
+    # Accept "meminfo", "/proc/meminfo" or "proc/meminfo" alike.
+    result = []
+    for name in names:  # type: ignore[attr-defined]
+        text = str(name).strip("/")
+        if text.startswith(prefix + "/"):
+            text = text[len(prefix) + 1 :]
+        result.append(text)
+    return tuple(result)
+
+
+PROC_FILES = _relative(_PROC_FILES, "proc")
+SYS_DIRS = _relative(_SYS_DIRS, "sys")
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+Resolver = Callable[[str], str]
+
+
+@dataclass(frozen=True)
+class Plan:
+    target: str
+    steps: tuple[Op, ...]
+
+    def describe(self) -> list[str]:
+        lines = [f"# offload prepare --target {self.target}: {len(self.steps)} steps"]
+        for number, step in enumerate(self.steps, 1):
+            lines.append(f"# {number}: {step.what}")
+            lines += step.describe()
+        return lines
+
+
+def build(config: PrepareConfig, target: str, facts: Facts, resolve: Resolver) -> Plan:
+    steps: list[Op] = [
+        MountOp(path=resolve("/proc"), fstype="proc", source="proc", options="nosuid,nodev,noexec"),
+        MountOp(path=resolve("/sys"), fstype="sysfs", source="sysfs", options="nosuid,nodev,noexec"),
+    ]
+    if config.cgroups:
+        steps += cgroup_steps(facts, target, resolve)
+    steps += dev_steps(config, facts, resolve)
+    if config.run_tmpfs:
+        steps.append(MountOp(path=resolve("/run"), fstype="tmpfs", source="tmpfs", options="nosuid,nodev,mode=0755"))
+    steps += [_from_spec(spec, resolve) for spec in (*config.bind, *config.mount)]
+    if config.host:
+        steps += qtfs_steps(config, facts, resolve)
+    return Plan(target, order(steps))
+
+
+def _flag_words(entry: mountinfo.MountEntry) -> list[str]:
+    from offload.mounts.syscalls import FLAG_WORDS
+
+    return [o for o in entry.options if o in FLAG_WORDS and o != "rw"]
+
+
+def cgroup_steps(facts: Facts, target: str, resolve: Resolver) -> list[Op]:
+    """This machine's mounts at and under /sys/fs/cgroup, the same way, in the same order."""
+    tops: dict[str, tuple[int, mountinfo.MountEntry]] = {}
+    for index, entry in enumerate(facts.mounts):
+        if mountinfo.is_under(entry.mount_point, target, strict=False):
+            continue  # our own earlier work, not the machine's layout
+        if not mountinfo.is_under(entry.mount_point, CGROUP_ROOT, strict=False):
+            continue
+        if entry.fstype in ("cgroup", "cgroup2") or (entry.fstype == "tmpfs" and entry.mount_point == CGROUP_ROOT):
+            tops[entry.mount_point] = (index, entry)  # a later mount at the same point covers an earlier one
+    chosen = [entry for _, entry in sorted(tops.values(), key=lambda item: item[0])]
+    children = sorted(
+        {os.path.relpath(e.mount_point, CGROUP_ROOT).split("/")[0] for e in chosen if e.mount_point != CGROUP_ROOT}
+    )
+    steps: list[Op] = []
+    for entry in chosen:
+        data = list(entry.filesystem_data)
+        steps.append(
+            MountOp(
+                path=resolve(entry.mount_point),
+                fstype=entry.fstype,
+                source=entry.source,
+                options=",".join(_flag_words(entry) + data),
+                # A v1 mount is identified by its controllers (or name=):
+                # cpu mounted where cpuacct should be is wrong.
+                identity=tuple(data) if entry.fstype == "cgroup" else (),
+                subdirs=tuple(children) if entry.mount_point == CGROUP_ROOT and entry.fstype == "tmpfs" else (),
+            )
+        )
+    return steps
+
+
+def dev_steps(config: PrepareConfig, facts: Facts, resolve: Resolver) -> list[Op]:
+    dev = resolve("/dev")
+    steps: list[Op] = [MountOp(path=dev, fstype="tmpfs", source="tmpfs", options="nosuid,mode=0755,size=4m")]
+    wanted = set(config.devices)
+    for node in facts.devices:
+        if node.name in wanted:
+            steps.append(
+                MakeNode(
+                    path=os.path.join(dev, node.name),
+                    major=node.major,
+                    minor=node.minor,
+                    mode=node.mode,
+                    uid=node.uid,
+                    gid=node.gid,
+                )
+            )
+    # /dev/ptmx must be the devpts instance's own ptmx, or ptys opened in
+    # the target would come from the machine's instance.
+    links = {"ptmx": "pts/ptmx", "fd": "/proc/self/fd", "stdin": "/proc/self/fd/0"}
+    links |= {"stdout": "/proc/self/fd/1", "stderr": "/proc/self/fd/2"}
+    steps += [MakeLink(path=os.path.join(dev, name), link=link) for name, link in links.items()]
+    steps.append(
+        MountOp(
+            path=os.path.join(dev, "pts"),
+            fstype="devpts",
+            source="devpts",
+            options=f"nosuid,noexec,newinstance,ptmxmode=0666,mode=0620,gid={facts.tty_gid}",
+        )
+    )
+    steps.append(MountOp(path=os.path.join(dev, "shm"), fstype="tmpfs", source="shm", options="nosuid,nodev,mode=1777"))
+    for wanted_fs, fstype, name, options in (
+        (config.mqueue, "mqueue", "mqueue", "nosuid,nodev,noexec"),
+        (config.hugetlbfs, "hugetlbfs", "hugepages", "nosuid,nodev"),
+    ):
+        if not wanted_fs:
+            continue
+        path = os.path.join(dev, name)
+        if fstype in facts.filesystems:
+            steps.append(MountOp(path=path, fstype=fstype, source=fstype, options=options))
+        else:
+            steps.append(Skipped(path=path, name=fstype, reason=f"this kernel has no {fstype} (/proc/filesystems)"))
+    return steps
+
+
+def _from_spec(spec: MountSpec, resolve: Resolver) -> Op:
+    path = resolve(spec.where)
+    if spec.is_bind:
+        return BindOp(
+            path=path,
+            source=spec.source,
+            recursive=spec.type == "rbind",
+            readonly="ro" in spec.options.split(","),
+            missing=spec.missing,
+        )
+    return MountOp(path=path, fstype=spec.type, source=spec.source or spec.type, options=spec.options)
+
+
+def qtfs_steps(config: PrepareConfig, facts: Facts, resolve: Resolver) -> list[Op]:
+    kernel = config.qtfs_kernel == "yes" or (config.qtfs_kernel == "auto" and "qtfs" in facts.filesystems)
+
+    def qtfs(remote: str, path: str, mode: str = "") -> Op:
+        if kernel:
+            # The module's server address is a module parameter; the device
+            # string is the remote path, and "-o proc" its proc mode.
+            return MountOp(path=path, fstype="qtfs", source=remote, options="proc" if mode == "proc" else "")
+        return QtfsMount(
+            path=path,
+            address=config.host,
+            remote=remote,
+            mode=mode,
+            pki=config.pki,
+            insecure=config.insecure,
+            command=config.qtfs_command,
+        )
+
+    steps = [qtfs(export.remote, resolve(export.where)) for export in config.exports]
+    for enabled, kind, names in ((config.proc_facts, "proc", PROC_FILES), (config.sys_facts, "sys", SYS_DIRS)):
+        if not enabled:
+            continue
+        staging = resolve(f"{config.qtfs_staging}/qtfs-{kind}")
+        steps.append(qtfs(f"/{kind}", staging, kind))
+        # Only what exists on both sides is bound: procfs and sysfs cannot
+        # grow a missing file, and a host without it has nothing to show.
+        steps += [
+            BindOp(
+                path=resolve(f"/{kind}/{name}"),
+                source=os.path.join(staging, name),
+                missing="skip",
+                create_target=False,
+            )
+            for name in names
+        ]
+    return steps
+
+
+def order(steps: list[Op]) -> tuple[Op, ...]:
+    """Parents before children, otherwise the declared order; then number the layers.
+
+    Step B must follow a mount A when B's path lies below A's mount point (B
+    would be hidden under A otherwise) or B reads from below it (a bind's
+    source), and stacked mounts at one path keep their declared order.  One
+    exception: a mount on a path an earlier step already mounts on covers it
+    on purpose, so it does not move before steps declared ahead of it.
+    """
+    mounts = [(i, step.mountpoint) for i, step in enumerate(steps) if step.mountpoint]
+    seen: set[str] = set()
+    covers: set[int] = set()
+    for i, point in mounts:
+        if point in seen:
+            covers.add(i)
+        seen.add(point)
+    preds: list[set[int]] = [set() for _ in steps]
+    for j, step in enumerate(steps):
+        for i, point in mounts:
+            if i == j or (i in covers and i > j):
+                continue
+            below = mountinfo.is_under(step.path, point) or any(
+                mountinfo.is_under(need, point, strict=False) for need in step.needs
+            )
+            if below or (step.mountpoint == point and i < j):
+                preds[j].add(i)
+    succs: list[list[int]] = [[] for _ in steps]
+    for j, before in enumerate(preds):
+        for i in before:
+            succs[i].append(j)
+    waiting = [len(before) for before in preds]
+    ready = [j for j, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    ordered: list[Op] = []
+    while ready:
+        i = heapq.heappop(ready)
+        ordered.append(steps[i])
+        for j in succs[i]:
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                heapq.heappush(ready, j)
+    if len(ordered) != len(steps):
+        stuck = ", ".join(steps[j].path for j, count in enumerate(waiting) if count)
+        raise ConfigError(f"the mounts cannot be ordered (they depend on each other): {stuck}")
+    layers: dict[str, int] = {}
+    result = []
+    for step in ordered:
+        if step.mountpoint:
+            layer = layers.get(step.mountpoint, 0)
+            layers[step.mountpoint] = layer + 1
+            step = replace(step, layer=layer)
+        result.append(step)
+    return tuple(result)
