@@ -46,15 +46,14 @@ def virsh(lab: Lab) -> Virsh:
 
 
 def prepare_config(lab: Lab) -> str:
-    """offload prepare's configuration for the lab: qtfs from the lab's host side."""
-    host_address = lab.host.link.address
-    exports = "".join(f'  {{ remote = "{path}", local = "{path}" }},\n' for path in _exports())
+    """offload prepare's configuration for the lab: qtfs from the lab's host side (prepare.toml)."""
+    exports = ", ".join(f'"{path}"' for path in _exports())
     return (
         "# Written by the lab: the host side serves /var/lib/libvirt over qtfs.\n"
-        f'host = "{host_address}"\n'
-        f'qtfs_address = "{lab.qtfs_address}"\n'
+        f'host = "{lab.qtfs_address}"\n'
         f'pki = "{lab.dir / "pki" / "dpu"}"\n'
-        f"exports = [\n{exports}]\n"
+        f"exports = [{exports}]\n"
+        f'qtfs_command = "{Path(sys.executable).parent / "qtfs"}"\n'
     )
 
 
