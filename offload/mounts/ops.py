@@ -7,9 +7,9 @@ reality (/proc/self/mountinfo, the filesystem) without changing anything;
 to undo exactly what it did; `describe()` gives the equivalent shell
 commands for ``--dry-run``.
 
-``layer`` is the step's position among the plan's mounts at the same path
-(0 for the first): a later mount may cover an earlier one on purpose, and
-an idempotent re-run must recognise both.
+``layer`` is the step's position among the plan's ``layers`` mounts at the
+same path (0 for the first): a later mount may cover an earlier one on
+purpose, and an idempotent re-run must recognise both.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ def _conflict(path: str, detail: str) -> MountConflict:
 class Op:
     path: str
     layer: int = 0
+    layers: int = 1  # how many of the plan's mounts stack at this path
 
     @property
     def mountpoint(self) -> str | None:
@@ -113,6 +114,11 @@ class _MountStep(Op):
 
     def check(self, entries: tuple[MountEntry, ...]) -> Check:
         stack = mountinfo.stack_at(entries, self.path)
+        if len(stack) > self.layers:
+            # Something the plan does not make covers the plan's mounts here:
+            # whatever is done below it would land on the wrong filesystem.
+            top = stack[-1]
+            return Check(WRONG, f"{top.fstype} ({top.source}) is mounted there on top of the planned mounts")
         if len(stack) <= self.layer:
             return Check(MISSING)
         problem = self.mismatch(stack[self.layer], entries)

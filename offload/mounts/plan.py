@@ -276,12 +276,16 @@ def order(steps: list[Op]) -> tuple[Op, ...]:
     if len(ordered) != len(steps):
         stuck = ", ".join(steps[j].path for j, count in enumerate(waiting) if count)
         raise ConfigError(f"the mounts cannot be ordered (they depend on each other): {stuck}")
+    totals: dict[str, int] = {}
+    for step in ordered:
+        if step.mountpoint:
+            totals[step.mountpoint] = totals.get(step.mountpoint, 0) + 1
     layers: dict[str, int] = {}
     result = []
     for step in ordered:
         if step.mountpoint:
             layer = layers.get(step.mountpoint, 0)
             layers[step.mountpoint] = layer + 1
-            step = replace(step, layer=layer)
+            step = replace(step, layer=layer, layers=totals[step.mountpoint])
         result.append(step)
     return tuple(result)
