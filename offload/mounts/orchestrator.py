@@ -276,7 +276,8 @@ def holders_of(point: str) -> list[str]:
         except (psutil.Error, OSError):
             pass  # gone, or a kernel thread
         if uses:
-            found.append(f"pid {process.pid} ({process.info['name']}: {', '.join(uses)})")
+            me = ", this command" if process.pid == os.getpid() else ""
+            found.append(f"pid {process.pid} ({process.info['name']}: {', '.join(uses)}{me})")
     return found
 
 
