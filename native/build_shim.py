@@ -20,6 +20,8 @@ ffibuilder.cdef(
     int shim_path_allowed(const char *path, const char *prefixes);
     int shim_encode_request(unsigned char *buf, size_t cap, int socket_type, const char *path);
     int shim_decode_reply(const unsigned char *buf, size_t len);
+    int shim_decode_answer(const unsigned char *buf, size_t len, int type);
+    void shim_encode_send_header(unsigned char *buf, size_t length);
     """
 )
 ffibuilder.set_source(

@@ -11,10 +11,22 @@
  * O_NONBLOCK and FD_CLOEXEC.  No ".proxy" listener, so no race between two
  * connects to the same path.  On refusal the caller gets the remote errno.
  *
- * Request and reply use the project's frame header ("OF", version 1, type,
+ * A sendmsg() passing fds (SCM_RIGHTS) on a socket the shim carried does not
+ * go into that socket: its bytes and fds go to udsproxyd, which describes the
+ * fds, sends them to the far side in order with the connection's bytes, and
+ * answers once the far side delivered them, or refused them (a socket, a tty,
+ * a file outside the shared paths): then sendmsg fails with that errno
+ * (EOPNOTSUPP for an fd that cannot be carried) and nothing was sent.  The
+ * shim recognises carried sockets by inode, so dup()ed and fork()ed copies
+ * count too.  Receiving needs no hook: udsproxyd passes the far side's fds
+ * with real SCM_RIGHTS.
+ *
+ * Requests and replies use the project's frame header ("OF", version 1, type,
  * channel 0, length, network byte order):
- *   request  type 0x50: u16 socket type, then the path bytes (no NUL)
- *   reply    type 0x51: u32 errno (0 = connected, with one fd attached)
+ *   0x50 connect  u16 socket type, then the path bytes (no NUL)
+ *   0x51 answer   u32 errno (0 = connected, with one fd attached)
+ *   0x52 sendmsg  the message's bytes; SCM_RIGHTS: the carried socket, then the fds
+ *   0x53 answer   u32 errno (0 = sent)
  *
  * Like cwrap's socket_wrapper: every real call goes through a libc_ trampoline
  * resolved with dlsym(RTLD_NEXT); it never aborts its host process; it logs
@@ -36,6 +48,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -43,6 +56,10 @@
 #define SHIM_FRAME_HEADER 12
 #define SHIM_T_CONNECT 0x50
 #define SHIM_T_CONNECTED 0x51
+#define SHIM_T_SEND_FDS 0x52
+#define SHIM_T_SENT 0x53
+#define SHIM_MAX_SEND (256 << 10) /* the daemon's largest Data frame */
+#define SHIM_MAX_FDS 253          /* SCM_MAX_FD */
 #define SHIM_MAX_PATH (sizeof(((struct sockaddr_un *)0)->sun_path) - 1)
 
 /* Does PATH lie under one of the colon-separated PREFIXES, on a whole path
@@ -106,19 +123,58 @@ int shim_encode_request(unsigned char *buf, size_t cap, int socket_type, const c
     return (int)(SHIM_FRAME_HEADER + payload);
 }
 
-/* Decode a reply header and payload: return the errno it carries (0 for
- * connected) or -1 if the bytes are not a well-formed reply. */
-int shim_decode_reply(const unsigned char *buf, size_t len)
+/* Decode an answer of TYPE: return the errno it carries (0 for success) or
+ * -1 if the bytes are not a well-formed answer of that type. */
+int shim_decode_answer(const unsigned char *buf, size_t len, int type)
 {
-    if (len != SHIM_FRAME_HEADER + 4 || buf[0] != 'O' || buf[1] != 'F' || buf[2] != 1 ||
-        buf[3] != SHIM_T_CONNECTED || buf[8] || buf[9] || buf[10] || buf[11] != 4)
+    if (len != SHIM_FRAME_HEADER + 4 || buf[0] != 'O' || buf[1] != 'F' || buf[2] != 1 || buf[3] != type ||
+        buf[8] || buf[9] || buf[10] || buf[11] != 4)
         return -1;
     return (int)(((uint32_t)buf[12] << 24) | ((uint32_t)buf[13] << 16) | ((uint32_t)buf[14] << 8) | buf[15]);
+}
+
+/* The answer to a connect request. */
+int shim_decode_reply(const unsigned char *buf, size_t len)
+{
+    return shim_decode_answer(buf, len, SHIM_T_CONNECTED);
+}
+
+/* The header of a sendmsg request carrying LENGTH bytes into BUF (12 bytes). */
+void shim_encode_send_header(unsigned char *buf, size_t length)
+{
+    buf[0] = 'O';
+    buf[1] = 'F';
+    buf[2] = 1;
+    buf[3] = SHIM_T_SEND_FDS;
+    put_u32(buf + 4, 0);
+    put_u32(buf + 8, (uint32_t)length);
+}
+
+/* Collect the fds of every SCM_RIGHTS message in MSG after FIRST into FDS
+ * (FDS[0] = FIRST); return how many, or -1 if there are more than MAX. */
+int shim_collect_fds(const struct msghdr *msg, int first, int *fds, int max)
+{
+    struct msghdr copy = *msg; /* CMSG_FIRSTHDR wants a non-const header */
+    int count = 1;
+
+    fds[0] = first;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&copy); c; c = CMSG_NXTHDR(&copy, c)) {
+        size_t n;
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS || c->cmsg_len < CMSG_LEN(0))
+            continue;
+        n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        if (count + (int)n > max)
+            return -1;
+        memcpy(fds + count, CMSG_DATA(c), n * sizeof(int));
+        count += (int)n;
+    }
+    return count;
 }
 
 #ifndef SHIM_NO_HOOKS
 
 typedef int (*connect_fn)(int, const struct sockaddr *, socklen_t);
+typedef ssize_t (*sendmsg_fn)(int, const struct msghdr *, int);
 
 static int libc_connect(int fd, const struct sockaddr *addr, socklen_t len)
 {
@@ -130,6 +186,18 @@ static int libc_connect(int fd, const struct sockaddr *addr, socklen_t len)
         return -1;
     }
     return real(fd, addr, len);
+}
+
+static ssize_t libc_sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+    static sendmsg_fn real;
+    if (!real)
+        real = (sendmsg_fn)dlsym(RTLD_NEXT, "sendmsg");
+    if (!real) {
+        errno = ENOSYS;
+        return -1;
+    }
+    return real(fd, msg, flags);
 }
 
 static void shim_log(const char *format, ...)
@@ -155,6 +223,34 @@ static int timeout_ms(void)
     return value > 0 && value < 600000 ? (int)value : 5000;
 }
 
+/* Sockets this process carried, by inode (0 = free slot): a ring written
+ * with atomics, since connect() and sendmsg() run in any thread.  An inode
+ * stays unique while its socket is open; an old entry costs at most one
+ * question to udsproxyd. */
+#define SHIM_CARRIED 1024
+static unsigned long carried[SHIM_CARRIED];
+static unsigned int carried_next;
+
+static void remember_carried(int fd)
+{
+    struct stat st;
+    if (fstat(fd, &st) == 0) {
+        unsigned int slot = __atomic_fetch_add(&carried_next, 1, __ATOMIC_RELAXED) % SHIM_CARRIED;
+        __atomic_store_n(&carried[slot], (unsigned long)st.st_ino, __ATOMIC_RELEASE);
+    }
+}
+
+static int is_carried(int fd)
+{
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISSOCK(st.st_mode))
+        return 0;
+    for (unsigned int i = 0; i < SHIM_CARRIED; i++)
+        if (__atomic_load_n(&carried[i], __ATOMIC_ACQUIRE) == (unsigned long)st.st_ino)
+            return 1;
+    return 0;
+}
+
 /* Wait for FD to be readable (events POLLIN) or writable within *LEFT ms. */
 static int wait_fd(int fd, short events, int *left)
 {
@@ -175,18 +271,13 @@ static int wait_fd(int fd, short events, int *left)
     return rc < 0 ? -1 : 0;
 }
 
-/* Ask udsproxyd; on success return a new connected fd, else -1 with errno. */
-static int ask_proxy(const char *agent, const char *path, int socket_type)
+/* A connected (non-blocking) socket to udsproxyd, or -1 with errno. */
+static int agent_open(const char *agent, int *left)
 {
-    unsigned char request[SHIM_FRAME_HEADER + 2 + sizeof(((struct sockaddr_un *)0)->sun_path)];
-    unsigned char reply[SHIM_FRAME_HEADER + 4];
-    char control[CMSG_SPACE(sizeof(int))];
     struct sockaddr_un address = { .sun_family = AF_UNIX };
-    size_t have = 0;
-    int fd = -1, received = -1, left = timeout_ms(), len, result;
+    int fd, saved;
 
-    len = shim_encode_request(request, sizeof request, socket_type, path);
-    if (len < 0 || strlen(agent) >= sizeof address.sun_path) {
+    if (strlen(agent) >= sizeof address.sun_path) {
         errno = ENAMETOOLONG;
         return -1;
     }
@@ -194,54 +285,107 @@ static int ask_proxy(const char *agent, const char *path, int socket_type)
     fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0)
         return -1;
-    if (libc_connect(fd, (struct sockaddr *)&address, sizeof address) < 0 ||
-        wait_fd(fd, POLLOUT, &left) < 0 || send(fd, request, (size_t)len, MSG_NOSIGNAL) != len)
-        goto fail;
+    if (libc_connect(fd, (struct sockaddr *)&address, sizeof address) < 0 || wait_fd(fd, POLLOUT, left) < 0) {
+        saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}
+
+/* Send LEN bytes of BUF, the first part with CONTROL (may be NULL). */
+static int agent_send(int fd, const unsigned char *buf, size_t len, void *control, size_t control_len, int *left)
+{
+    size_t done = 0;
+    while (done < len) {
+        struct iovec iov = { .iov_base = (void *)(buf + done), .iov_len = len - done };
+        struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+        ssize_t sent;
+        if (done == 0 && control) {
+            msg.msg_control = control;
+            msg.msg_controllen = control_len;
+        }
+        sent = libc_sendmsg(fd, &msg, MSG_NOSIGNAL);
+        if (sent < 0 && (errno == EAGAIN || errno == EINTR)) {
+            if (wait_fd(fd, POLLOUT, left) < 0)
+                return -1;
+            continue;
+        }
+        if (sent < 0)
+            return -1;
+        done += (size_t)sent;
+    }
+    return 0;
+}
+
+/* Read the answer of TYPE; keep at most one passed fd in *RECEIVED (if not
+ * NULL), closing any other.  Return the answer's errno, or -1 with errno. */
+static int agent_answer(int fd, int type, int *received, int *left)
+{
+    unsigned char reply[SHIM_FRAME_HEADER + 4];
+    char control[CMSG_SPACE(sizeof(int))];
+    size_t have = 0;
+    int result;
+
     while (have < sizeof reply) {
         struct iovec iov = { .iov_base = reply + have, .iov_len = sizeof reply - have };
         struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
                               .msg_controllen = sizeof control };
         ssize_t got;
-        if (wait_fd(fd, POLLIN, &left) < 0)
-            goto fail;
+        if (wait_fd(fd, POLLIN, left) < 0)
+            return -1;
         got = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC);
         if (got < 0 && (errno == EAGAIN || errno == EINTR))
             continue;
         if (got <= 0) {
             errno = got == 0 ? ECONNRESET : errno;
-            goto fail;
+            return -1;
         }
         for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
             if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
                 int *fds = (int *)CMSG_DATA(c);
                 size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
                 for (size_t i = 0; i < count; i++) { /* keep one, never leak extras */
-                    if (received < 0)
-                        received = fds[i];
+                    if (received && *received < 0)
+                        *received = fds[i];
                     else
                         close(fds[i]);
                 }
             }
         have += (size_t)got;
     }
-    result = shim_decode_reply(reply, sizeof reply);
+    result = shim_decode_answer(reply, sizeof reply, type);
     if (result < 0) {
         errno = EPROTO;
-        goto fail;
+        return -1;
     }
-    if (result != 0 || received < 0) {
-        errno = result ? result : EPROTO;
-        goto fail;
+    return result;
+}
+
+/* Ask udsproxyd; on success return a new connected fd, else -1 with errno. */
+static int ask_proxy(const char *agent, const char *path, int socket_type)
+{
+    unsigned char request[SHIM_FRAME_HEADER + 2 + sizeof(((struct sockaddr_un *)0)->sun_path)];
+    int fd, received = -1, left = timeout_ms(), len, result, saved;
+
+    len = shim_encode_request(request, sizeof request, socket_type, path);
+    if (len < 0) {
+        errno = ENAMETOOLONG;
+        return -1;
     }
+    fd = agent_open(agent, &left);
+    if (fd < 0)
+        return -1;
+    result = agent_send(fd, request, (size_t)len, NULL, 0, &left) < 0 ? -1
+             : agent_answer(fd, SHIM_T_CONNECTED, &received, &left);
+    saved = errno;
     close(fd);
-    return received;
-fail:
-    result = errno;
+    if (result == 0 && received >= 0)
+        return received;
     if (received >= 0)
         close(received);
-    if (fd >= 0)
-        close(fd);
-    errno = result;
+    errno = result > 0 ? result : result == 0 ? EPROTO : saved;
     return -1;
 }
 
@@ -290,11 +434,104 @@ int connect(int fd, const struct sockaddr *addr, socklen_t len)
     close(proxied);
     if (status_flags >= 0)
         fcntl(fd, F_SETFL, status_flags & O_NONBLOCK ? O_NONBLOCK : 0);
+    remember_carried(fd);
     shim_log("udsproxy: %s: connected through udsproxyd\n", path);
     return 0;
 original:
     errno = saved;
     return rc;
+}
+
+static int passes_fds(const struct msghdr *msg)
+{
+    struct msghdr copy;
+    if (!msg || !msg->msg_control || msg->msg_controllen < sizeof(struct cmsghdr))
+        return 0;
+    copy = *msg;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&copy); c; c = CMSG_NXTHDR(&copy, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+            return 1;
+    return 0;
+}
+
+/* Hand one sendmsg with fds to udsproxyd; return the bytes sent or -1 with errno. */
+static ssize_t send_through_proxy(const char *agent, int fd, const struct msghdr *msg)
+{
+    int fds[SHIM_MAX_FDS + 1], count, left = timeout_ms(), agent_fd = -1, result = -1, saved, type;
+    socklen_t type_len = sizeof type;
+    size_t total = 0, at = SHIM_FRAME_HEADER, control_len;
+    unsigned char *buf = NULL;
+    char *control = NULL;
+
+    count = shim_collect_fds(msg, fd, fds, SHIM_MAX_FDS + 1);
+    if (count < 0) {
+        errno = EINVAL;
+        return -1;
+    }
+    for (size_t i = 0; i < (size_t)msg->msg_iovlen; i++)
+        total += msg->msg_iov[i].iov_len;
+    if (total == 0) {
+        errno = EINVAL; /* fds must travel with at least one byte on a stream */
+        return -1;
+    }
+    if (total > SHIM_MAX_SEND) {
+        if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &type_len) == 0 && type == SOCK_SEQPACKET) {
+            errno = EMSGSIZE;
+            return -1;
+        }
+        total = SHIM_MAX_SEND; /* a stream may take part of a message, as the kernel's does */
+    }
+    control_len = CMSG_SPACE(sizeof(int) * (size_t)count);
+    buf = malloc(SHIM_FRAME_HEADER + total);
+    control = calloc(1, control_len);
+    if (!buf || !control) {
+        errno = ENOMEM;
+        goto out;
+    }
+    shim_encode_send_header(buf, total);
+    for (size_t i = 0; i < (size_t)msg->msg_iovlen && at < SHIM_FRAME_HEADER + total; i++) {
+        size_t part = msg->msg_iov[i].iov_len;
+        if (part > SHIM_FRAME_HEADER + total - at)
+            part = SHIM_FRAME_HEADER + total - at;
+        memcpy(buf + at, msg->msg_iov[i].iov_base, part);
+        at += part;
+    }
+    {
+        struct cmsghdr *c = (struct cmsghdr *)control;
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)count);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)count);
+    }
+    agent_fd = agent_open(agent, &left);
+    if (agent_fd < 0 || agent_send(agent_fd, buf, SHIM_FRAME_HEADER + total, control, control_len, &left) < 0)
+        goto out;
+    result = agent_answer(agent_fd, SHIM_T_SENT, NULL, &left);
+    if (result > 0) {
+        errno = result;
+        result = -1;
+    }
+out:
+    saved = errno;
+    if (agent_fd >= 0)
+        close(agent_fd);
+    free(buf);
+    free(control);
+    if (result < 0) {
+        shim_log("udsproxy: sendmsg passing %d fd(s) on fd %d: %s\n", count - 1, fd, strerror(saved));
+        errno = saved;
+        return -1;
+    }
+    return (ssize_t)total;
+}
+
+ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+    const char *agent;
+
+    if (!passes_fds(msg) || !(agent = getenv("UDSPROXY_SOCKET")) || !*agent || !is_carried(fd))
+        return libc_sendmsg(fd, msg, flags);
+    return send_through_proxy(agent, fd, msg);
 }
 
 #endif /* SHIM_NO_HOOKS */

@@ -9,6 +9,7 @@ import socket
 import struct
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -30,8 +31,12 @@ async def pair(tmp_path: Path, nursery: trio.Nursery) -> Path:
     pki.init(tmp_path / "pki", ["host", "dpu"])
     (tmp_path / "remote").mkdir()
     (tmp_path / "other").mkdir()
-    host = ProxyConfig((f"unix://{tmp_path}/peer.sock",), "", (str(tmp_path / "remote"),), str(tmp_path / "b"), "host")
-    dpu = ProxyConfig((), f"unix://{tmp_path}/peer.sock", (str(tmp_path),), str(tmp_path / "a"), "dpu")
+    (tmp_path / "files").mkdir()
+    share = (str(tmp_path / "files"),)
+    host = ProxyConfig(
+        (f"unix://{tmp_path}/peer.sock",), "", (str(tmp_path / "remote"),), str(tmp_path / "b"), "host", share
+    )
+    dpu = ProxyConfig((), f"unix://{tmp_path}/peer.sock", (str(tmp_path),), str(tmp_path / "a"), "dpu", share)
     await nursery.start(serve, host, Transport(TlsConfig.load(tmp_path / "pki" / "host")))
     await nursery.start(serve, dpu, Transport(TlsConfig.load(tmp_path / "pki" / "dpu")))
     await nursery.start(echo_server, str(tmp_path / "remote" / "echo.sock"), socket.SOCK_STREAM)
@@ -253,3 +258,141 @@ async def test_uncarriable_fd_passed_without_the_shim_ends_the_connection(
         assert other.recv(1) == b""
         other.close()
     assert "cannot be carried; ending the connection" in caplog.text
+
+
+FD_CLIENT = textwrap.dedent(
+    """
+    import errno, os, socket, sys
+    path, files = sys.argv[1], sys.argv[2]
+    assert not os.path.exists(path)
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.sendall(b"before;")
+    f = os.open(files + "/data.txt", os.O_RDONLY)
+    os.lseek(f, 6, os.SEEK_SET)
+    to_far_r, to_far_w = os.pipe()  # the far side reads what we write
+    from_far_r, from_far_w = os.pipe()  # the far side writes, we read
+    assert socket.send_fds(s, [b"fds;"], [f, to_far_r, from_far_w]) == 4
+    for fd in (f, to_far_r, from_far_w):
+        os.close(fd)
+    os.write(to_far_w, b"through the pipe")
+    os.close(to_far_w)
+    s.sendall(b"after")
+    s.shutdown(socket.SHUT_WR)
+    reply = b""
+    while chunk := s.recv(1000):
+        reply += chunk
+    print(reply.decode())
+    back = b""
+    while chunk := os.read(from_far_r, 100):
+        back += chunk
+    print(back.decode())
+    # What cannot be carried fails that sendmsg (EOPNOTSUPP, which Python names ENOTSUP), and the connection goes on.
+    for bad in ("socket", "unshared file"):
+        s2 = socket.socket(socket.AF_UNIX)
+        s2.connect(path)
+        other = socket.socketpair()[0] if bad == "socket" else open("/etc/hostname")
+        try:
+            socket.send_fds(s2, [b"x"], [other.fileno()])
+            print(bad, "sent")
+        except OSError as exc:
+            print(bad, errno.errorcode[exc.errno])
+        s2.sendall(b"still works")
+        s2.shutdown(socket.SHUT_WR)
+        print(s2.recv(1000).decode())
+    """
+)
+
+
+def fd_server(path: str, stop: threading.Event) -> threading.Thread:
+    """Blocking server in a thread: collects bytes and fds to end of file, uses the fds, answers."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(8)
+    listener.settimeout(0.2)
+
+    def one(conn: socket.socket) -> None:
+        with conn:
+            data, received, with_fds = b"", [], b""
+            while True:
+                chunk, fds, _, _ = socket.recv_fds(conn, 4096, 16)
+                if not chunk:
+                    break
+                data += chunk
+                if fds:
+                    received += fds
+                    with_fds = data
+            if not received:
+                conn.sendall(b"got:" + data)
+                return
+            text = os.read(received[0], 100)
+            piped = b""
+            while part := os.read(received[1], 100):
+                piped += part
+            os.write(received[2], b"back through a pipe")
+            for fd in received:
+                os.close(fd)
+            conn.sendall(b"|".join([data, with_fds, text, piped, str(len(received)).encode()]))
+
+    def serve() -> None:
+        with listener:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                conn.settimeout(None)
+                threading.Thread(target=one, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a private mount namespace")
+@pytest.mark.skipif(not (NATIVE / "libudsproxy.so").exists(), reason="the shim is not built (run make setup)")
+async def test_fds_passed_by_a_real_program(pair: Path) -> None:
+    """A file and both ends of pipes cross over with the bytes they were sent with; others fail that sendmsg."""
+    (pair / "files" / "data.txt").write_bytes(b"0123456789abcdef")
+    stop = threading.Event()
+    server = fd_server(str(pair / "remote" / "fds.sock"), stop)
+    before = open_fds()
+    env = dict(
+        os.environ,
+        LD_PRELOAD=str(NATIVE / "libudsproxy.so"),
+        LD_BIND_NOW="1",
+        UDSPROXY_SOCKET=str(pair / "a" / "udsproxy.sock"),
+    )
+    remote = pair / "remote"
+    try:
+        with trio.fail_after(30):
+            result = await trio.run_process(
+                proc.with_hidden_dir(
+                    remote, [sys.executable, "-c", FD_CLIENT, str(remote / "fds.sock"), str(pair / "files")]
+                ),
+                env=env,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            assert result.returncode == 0, result.stderr
+            lines = result.stdout.decode().splitlines()
+            # All bytes in order; the fds came with the recvmsg that ended with the bytes they were sent with.
+            assert lines[0] == "before;fds;after|before;fds;|6789abcdef|through the pipe|3"
+            assert lines[1] == "back through a pipe"
+            assert lines[2:] == [
+                "socket ENOTSUP",
+                "got:still works",
+                "unshared file ENOTSUP",
+                "got:still works",
+            ]
+            # Every fd the daemons took or made is closed once the connections end.
+            while open_fds() - before:
+                await trio.sleep(0.05)
+    finally:
+        stop.set()
+        server.join()

@@ -40,6 +40,7 @@ from offload.udsproxy import fds as fd_policy
 log = logging.getLogger("udsproxyd")
 
 HIGH_WATER = 1 << 20
+LINGER_MS = 2000
 #: Bytes a pipe channel's reader may send before the writer returns credit.
 WINDOW = 1 << 20
 CONTROL_SPACE = socket.CMSG_SPACE(wire.MAX_FDS * 4)
@@ -203,6 +204,7 @@ class Relay:
         self._local_out_bytes = 0
         self._reading_local = True  # no end of file from the program yet
         self._reading_link = True
+        self._sending = True  # False once sending to the link failed
         self._peer_eof = False  # the peer's Eof on the data channel
         self._local_shut = False
         self._pipes: dict[int, _Pipe] = {}
@@ -249,9 +251,8 @@ class Relay:
                 self._frames()
             while not self._finished():
                 self._turn()
-        except PeerClosed as exc:
-            if not (self._peer_eof and not self._reading_local):
-                log.info("%s: the peer went away (%s)", self.name, exc)
+            if self._reading_link and not self._stopping:
+                self._linger()
         except (OSError, ProtocolError, ssl.SSLError, UnsupportedFdError) as exc:
             log.warning("%s: connection ended: %s", self.name, exc)
         finally:
@@ -260,6 +261,8 @@ class Relay:
     def _finished(self) -> bool:
         if self._stopping:
             return True
+        if not self._reading_link:  # the link ended: deliver what arrived, then end
+            return not self._local_out and not any(pipe.pending for pipe in self._pipes.values())
         data_done = not self._reading_local and self._peer_eof and not self._local_out
         return (
             data_done
@@ -390,7 +393,7 @@ class Relay:
         # already (a write returns once the bytes are queued): send it first.
         while self._reading_local and self._read_local():
             pass
-        if not self._reading_local:
+        if not self._reading_local or not self._sending:
             submission.fail(errno.EPIPE)
             return
         self._send_fds(submission.prepared, submission)
@@ -401,6 +404,8 @@ class Relay:
             self._send_link(wire.data_header(wire.DATA_CHANNEL, len(chunk)) + chunk)
 
     def _send_link(self, data: memoryview | bytes) -> None:
+        if not self._sending:
+            return
         sealed = self.cipher.seal(data)
         if not self._link_out:
             try:
@@ -408,7 +413,8 @@ class Relay:
             except BlockingIOError:
                 sent = 0
             except (BrokenPipeError, ConnectionResetError) as exc:
-                raise PeerClosed(exc.strerror) from None
+                self._send_failed(str(exc))
+                return
             if sent == len(sealed):
                 return
             sealed = sealed[sent:]
@@ -424,12 +430,35 @@ class Relay:
             except BlockingIOError:
                 return
             except (BrokenPipeError, ConnectionResetError) as exc:
-                raise PeerClosed(exc.strerror) from None
+                self._send_failed(str(exc))
+                return
             self._link_out_bytes -= sent
             if sent < len(head):
                 self._link_out[0] = memoryview(head)[sent:]
                 return
             self._link_out.popleft()
+
+    def _send_failed(self, why: str) -> None:
+        """Nothing more can go out; what the peer sent before it closed is still read."""
+        if not self._sending:
+            return
+        self._sending = False
+        if not (self._peer_eof and not self._reading_local):
+            log.info("%s: the peer went away (%s)", self.name, why)
+        self._link_out.clear()
+        self._link_out_bytes = 0
+        for channel, pipe in list(self._pipes.items()):
+            if pipe.reading:  # its bytes have nowhere to go
+                self._end_pipe(channel, tell=False)
+
+    def _link_down(self, why: str) -> None:
+        """The link ended: what arrived is still delivered, nothing more is sent."""
+        self._send_failed(why)
+        self._reading_link = False
+        for waiting in self._awaiting:
+            if waiting is not None:
+                waiting.answer(errno.ECONNRESET)
+        self._awaiting.clear()
 
     # -- peer -> program ------------------------------------------------------------------
 
@@ -440,17 +469,14 @@ class Relay:
             self._in_start, self._in_end = 0, size
         try:
             count = self.cipher.fill(self.link, self._in_view[self._in_end :])
-        except PeerClosed:
-            self._reading_link = False
-            if not self._peer_eof:
-                raise
-            if not self._local_out and not self._pipes:
-                raise
+        except PeerClosed as exc:
+            self._link_down(str(exc))
             return
         except (ConnectionResetError, BrokenPipeError) as exc:
-            raise PeerClosed(exc.strerror) from None
+            self._link_down(str(exc))
+            return
         output = self.cipher.output()
-        if output:  # e.g. a TLS key update answer
+        if output and self._sending:  # e.g. a TLS key update answer
             self._link_out.append(output)
             self._link_out_bytes += len(output)
         self._in_end += count
@@ -651,6 +677,21 @@ class Relay:
             self._send_link(wire.encode_frame(wire.T_EOF, channel))
 
     # -- the end ---------------------------------------------------------------------------------
+
+    def _linger(self) -> None:
+        """End the link without a reset: the peer may still be sending (credits, say).
+
+        Closing a socket with unread bytes resets the connection, and a
+        reset can make the peer lose what it has not read yet.  So: end our
+        direction, then read and drop until the peer ends its own, briefly.
+        """
+        with contextlib.suppress(OSError):
+            self.link.shutdown(socket.SHUT_WR)
+            poller = select.poll()
+            poller.register(self.link.fileno(), _IN)
+            for _ in range(64):
+                if not poller.poll(LINGER_MS) or not self.link.recv_into(self._in_view):
+                    return
 
     def _close(self) -> None:
         with self._lock:
