@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     from offload.lab import cli as lab_cli
 
     lab_cli.add_commands(commands)
+    from offload.rootfs_builder import cli as rootfs_cli
+
+    rootfs_cli.add_commands(commands)
     from offload.mounts import cli as mounts_cli
 
     mounts_cli.add_commands(commands)
