@@ -75,6 +75,8 @@ def test_dry_run_prints_the_shell_commands_and_changes_nothing(target: str) -> N
         f"mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666,mode=0620,gid=5 devpts {target}/dev/pts",
         f"mount -t mqueue -o nosuid,nodev,noexec mqueue {target}/dev/mqueue",
         f"mount --bind /var/run/rexec {target}/var/run/rexec",
+        f"if [ -e /etc/offload ]; then mkdir -p {target}/etc/offload; mount --bind /etc/offload {target}/etc/offload;"
+        f" mount -o remount,bind,ro {target}/etc/offload; fi",
     ):
         assert expected in lines, expected
     for entry in mountinfo.read():
@@ -104,7 +106,36 @@ def test_dry_run_with_a_host_prints_the_qtfs_commands(target: str, tmp_path: Pat
     assert f"qtfs mount --pki /run/pki 169.254.77.1:7003:/var/lib/libvirt {target}/var/lib/libvirt" in lines
     proc_staging = f"{target}/run/offload/qtfs-proc"
     assert f"qtfs mount --proc --pki /run/pki 169.254.77.1:7003:/proc {proc_staging}" in lines
-    assert f"mount --bind {proc_staging}/meminfo {target}/proc/meminfo" in lines
+    meminfo = f"{proc_staging}/meminfo {target}/proc/meminfo"
+    expected = f"if [ -e {proc_staging}/meminfo ] && [ -e {target}/proc/meminfo ]; then mount --bind {meminfo}; fi"
+    assert expected in lines
+
+
+def test_the_dry_run_script_builds_what_prepare_builds(target: str, tmp_path: Path) -> None:
+    script = tmp_path / "prepare.sh"
+    config = tmp_path / "prepare.toml"
+    source = tmp_path / "etc-state"
+    source.mkdir()
+    config.write_text(f'[[bind]]\nsource = "{source}"\ntarget = "/etc/state"\noptions = "ro"\n')
+    layout = f"awk '$5 ~ \"^{target}/\" {{print $5, $8, $9, $10, $6}}' /proc/self/mountinfo"
+    result = shell(
+        f"""
+        offload prepare --dry-run --target {target} --config {config} > {script}
+        sh -e {script}; echo "@@script rc=$?"
+        {layout}; echo "@@by-script rc=0"
+        ls -l {target}/dev | awk '{{print $1, $5, $6, $NF}}'; echo "@@dev-by-script rc=0"
+        offload teardown --target {target} >/dev/null; echo "@@down rc=$?"
+        offload prepare --target {target} --config {config} >/dev/null; echo "@@prepare rc=$?"
+        {layout}; echo "@@by-prepare rc=0"
+        ls -l {target}/dev | awk '{{print $1, $5, $6, $NF}}'; echo "@@dev-by-prepare rc=0"
+        """
+    )
+    out = sections(result.stdout)
+    assert out["script.rc"] == "0", result.stderr
+    assert out["down.rc"] == "0" and out["prepare.rc"] == "0"
+    assert out["by-script"] == out["by-prepare"]
+    assert "/etc/state" in out["by-script"] and "ro," in out["by-script"]
+    assert out["dev-by-script"] == out["dev-by-prepare"]
 
 
 def test_prepare_status_teardown_as_an_operator_runs_them(target: str) -> None:

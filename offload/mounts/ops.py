@@ -223,6 +223,11 @@ class BindOp(_MountStep):
         lines.append(f"mount --{'rbind' if self.recursive else 'bind'} {_q(self.source)} {_q(self.path)}")
         if self.readonly:
             lines.append(f"mount -o remount,bind,ro {_q(self.path)}")
+        # What execute() skips, the shell skips too.
+        tests = [f"[ -e {_q(self.source)} ]"] if self.missing == "skip" else []
+        tests += [] if self.create_target else [f"[ -e {_q(self.path)} ]"]
+        if tests:
+            return [f"if {' && '.join(tests)}; then {'; '.join(lines)}; fi"]
         return lines
 
     def mismatch(self, entry: MountEntry, entries: tuple[MountEntry, ...]) -> str | None:
@@ -337,13 +342,15 @@ class MakeNode(Op):
     mode: int
     uid: int = 0
     gid: int = 0
+    make_parent: bool = False  # the node is in a subdirectory (net/tun) that a fresh /dev lacks
 
     @property
     def what(self) -> str:
         return f"mknod c {self.major}:{self.minor}"
 
     def describe(self) -> list[str]:
-        lines = [f"mknod -m {self.mode:04o} {_q(self.path)} c {self.major} {self.minor}"]
+        lines = [f"mkdir -p {_q(os.path.dirname(self.path))}"] if self.make_parent else []
+        lines.append(f"mknod -m {self.mode:04o} {_q(self.path)} c {self.major} {self.minor}")
         if (self.uid, self.gid) != (0, 0):
             lines.append(f"chown {self.uid}:{self.gid} {_q(self.path)}")
         return lines

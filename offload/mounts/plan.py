@@ -151,6 +151,7 @@ def dev_steps(config: PrepareConfig, facts: Facts, resolve: Resolver) -> list[Op
                     mode=node.mode,
                     uid=node.uid,
                     gid=node.gid,
+                    make_parent="/" in node.name,
                 )
             )
     # /dev/ptmx must be the devpts instance's own ptmx, or ptys opened in
