@@ -46,6 +46,11 @@ WINDOW = 1 << 20
 CONTROL_SPACE = socket.CMSG_SPACE(wire.MAX_FDS * 4)
 _IN = select.POLLIN
 _OUT = select.POLLOUT
+_TROUBLE = select.POLLERR | select.POLLHUP
+# Plain ints: flag tests on the IntFlag members cost microseconds per message.
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 
 
 class PeerClosed(Exception):
@@ -114,7 +119,9 @@ class TlsCipher:
 
     def _decrypt(self, into: memoryview) -> int:
         got = 0
-        while got < len(into):
+        # Asking only when bytes are there saves raising SSLWantReadError
+        # per message, a measurable part of a small message's round trip.
+        while got < len(into) and (self.incoming.pending or self.session.pending() or self.incoming.eof):
             try:
                 # With a buffer, read() returns a count (typeshed says bytes).
                 count = cast(int, self.session.read(len(into) - got, into[got:]))
@@ -218,6 +225,9 @@ class Relay:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._poll = select.poll()
         self._masks: dict[int, int] = {}
+        self._local_fd = local.fileno()
+        self._link_fd = link.fileno()
+        self._want(self._wake_r, _IN)
 
     # -- called from other threads ---------------------------------------------------
 
@@ -284,30 +294,33 @@ class Relay:
             del self._masks[fd]
 
     def _turn(self) -> None:
+        local_fd, link_fd = self._local_fd, self._link_fd
         link_room = self._link_out_bytes < HIGH_WATER
         local = (_IN if self._reading_local and link_room else 0) | (_OUT if self._local_out else 0)
-        self._want(self.local.fileno(), local)
+        if self._masks.get(local_fd, 0) != local:
+            self._want(local_fd, local)
         reading_link = self._reading_link and self._local_out_bytes < HIGH_WATER
-        self._want(self.link.fileno(), (_IN if reading_link else 0) | (_OUT if self._link_out else 0))
+        link = (_IN if reading_link else 0) | (_OUT if self._link_out else 0)
+        if self._masks.get(link_fd, 0) != link:
+            self._want(link_fd, link)
         for pipe in self._pipes.values():
             if pipe.reading:
                 self._want(pipe.fd, _IN if pipe.credit > 0 and link_room else 0)
             else:
                 self._want(pipe.fd, _OUT if pipe.pending else 0)
-        self._want(self._wake_r, _IN)
         # Plaintext already decrypted (or records already received) does not
         # make the socket readable again: do not wait for it.
         timeout = 0 if reading_link and self.cipher.buffered() else None
         ready = self._poll.poll(timeout)
-        if timeout == 0 and not any(fd == self.link.fileno() for fd, _ in ready):
-            ready.append((self.link.fileno(), _IN))
+        if timeout == 0 and not any(fd == link_fd for fd, _ in ready):
+            ready.append((link_fd, _IN))
         for fd, events in ready:
-            if fd == self.local.fileno():
-                if events & _OUT or (events & (select.POLLERR | select.POLLHUP) and self._local_out):
+            if fd == local_fd:
+                if events & _OUT or (events & _TROUBLE and self._local_out):
                     self._flush_local()
                 if events & ~_OUT and self._reading_local:
                     self._read_local()
-            elif fd == self.link.fileno():
+            elif fd == link_fd:
                 if events & _OUT:
                     self._flush_link()
                 if events & ~_OUT and self._reading_link:
@@ -325,14 +338,14 @@ class Relay:
         """One receive from the program; False when nothing was there."""
         try:
             count, ancillary, flags, _ = self.local.recvmsg_into(
-                [self._out_view[HEADER_SIZE:]], CONTROL_SPACE, socket.MSG_CMSG_CLOEXEC
+                [self._out_view[HEADER_SIZE:]], CONTROL_SPACE, _MSG_CMSG_CLOEXEC
             )
         except BlockingIOError:
             return False
         except (ConnectionResetError, BrokenPipeError):
             count, ancillary, flags = 0, [], 0
         passed = fds_of(ancillary)
-        if flags & socket.MSG_CTRUNC or (self.seqpacket and flags & socket.MSG_TRUNC):
+        if flags & _MSG_CTRUNC or (self.seqpacket and flags & _MSG_TRUNC):
             close_all(passed)
             raise OSError(errno.EMSGSIZE, "a message or its fds were truncated; ending the connection")
         if passed:
