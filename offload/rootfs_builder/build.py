@@ -61,6 +61,15 @@ class Result:
 
 
 def build(request: Request, say: Say = print) -> Result:
+    try:
+        return _build(request, say)
+    except OSError as exc:
+        # Whatever step it was cleaned up after itself; name the file.
+        where = f" {exc.filename}" if exc.filename else ""
+        raise BuildError(f"building {request.target} failed:{where}: {exc.strerror or exc}") from None
+
+
+def _build(request: Request, say: Say) -> Result:
     if request.mode not in MODES:
         raise BuildError(f"unknown mode {request.mode!r}; one of {', '.join(MODES)}")
     if request.mode == "image" and not request.image:

@@ -50,7 +50,7 @@ def check(target: str, state_dir: str | None = None, *, run: bool = True) -> tup
             problems.append(f"libvirt missing: /{path} (apt-get install {' '.join(install.LIBVIRT_PACKAGES)})")
     if not os.path.lexists(root / install.PYTHON.lstrip("/")):
         problems.append(f"{install.PYTHON} missing: the rexec stand-in cannot run")
-    elif run and recorded.arch == machine_arch() and not problems:
+    elif run and recorded.arch == machine_arch() and not layout.marker().exists():
         result = proc.run(["chroot", str(root), install.PYTHON, "-IS", install.REXEC, "--help"], check=False)
         if result.returncode != 0:
             problems.append(f"rexec does not start in the rootfs: {(result.stderr or result.stdout).strip()}")

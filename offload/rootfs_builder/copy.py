@@ -32,7 +32,8 @@ from offload.errors import OffloadError
 
 FICLONE = 0x40049409  # <linux/fs.h> _IOW(0x94, 9, int)
 LINKABLE = frozenset({"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"})
-#: Filesystems that hold no files worth copying (kernel or run-time state).
+#: Filesystems that hold no files worth copying: kernel or run-time state,
+#: and overlays (another rootfs or a container's, not this system's files).
 PSEUDO = frozenset(
     [
         "proc",
@@ -58,6 +59,7 @@ PSEUDO = frozenset(
         "nsfs",
         "rpc_pipefs",
         "fuse.gvfsd-fuse",
+        "overlay",
     ]
 )
 
