@@ -229,3 +229,30 @@ def test_busy_teardown_from_the_command_line(target: str) -> None:
     assert out["busy.rc"] == "1", result.stderr
     assert f"cannot unmount {target}/dev/shm" in out["busy"] and f"pid {pid} (sleep: cwd)" in out["busy"]
     assert out["force.rc"] == "0" and f"detached {target}/dev/shm" in out["force"] and f"pid {pid}" in out["force"]
+
+
+def test_sigterm_during_prepare_undoes_the_run(target: str, tmp_path: Path) -> None:
+    # A qtfs client that hangs (a stand-in script: what is tested is how
+    # prepare handles systemd's SIGTERM, not qtfs) holds prepare at its
+    # first qtfs step, after all the local mounts.
+    marker = tmp_path / "qtfs-started"
+    hanging = tmp_path / "hanging-qtfs"
+    hanging.write_text(f"#!/bin/sh\ntouch {marker}\nexec sleep 30\n")
+    hanging.chmod(0o755)
+    config = tmp_path / "prepare.toml"
+    config.write_text(f'host = "127.0.0.1:9"\ninsecure = true\nqtfs_command = "{hanging}"\nqtfs_kernel = "no"\n')
+    result = shell(
+        f"""
+        offload prepare --target {target} --config {config} > {tmp_path}/out 2>&1 &
+        pid=$!
+        while [ ! -e {marker} ]; do sleep 0.05; done
+        grep -c " {target}/" /proc/self/mountinfo; echo "@@during rc=$?"
+        kill -TERM $pid; wait $pid; echo "@@prepare rc=$?"
+        grep -c " {target}/" /proc/self/mountinfo; echo "@@left rc=$?"
+        """
+    )
+    out = sections(result.stdout)
+    assert int(out["during"]) > 20, result.stderr
+    assert out["prepare.rc"] == "130", (tmp_path / "out").read_text()
+    assert out["left"].strip() == "0"
+    assert "rollback: umount" in (tmp_path / "out").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 
 from offload.mounts import config as config_module
 from offload.mounts import machine, ops, orchestrator, paths
@@ -30,7 +31,14 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    # systemd stops a unit with SIGTERM: unwind like ^C, so the run's
+    # mounts are undone instead of left half-made.
+    raise KeyboardInterrupt
+
+
 def _prepare(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _interrupted)
     config = _config(args)
     target = _target(args, config)
     plan = make_plan(config, target)

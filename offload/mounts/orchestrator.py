@@ -16,7 +16,7 @@ import errno as errno_module
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from offload.errors import MountBusy, MountError, OffloadError
@@ -79,6 +79,23 @@ class StepFailed(MountError):
     """A step of the plan failed; what this run had done is undone."""
 
 
+@contextlib.contextmanager
+def locked(target: str, report: Report = _quiet) -> Iterator[None]:
+    """One prepare or teardown of ``target`` at a time (flock on the directory itself)."""
+    import fcntl
+
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            report(f"waiting for another prepare or teardown of {target} to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def prepare(plan: Plan, *, report: Report = _quiet, fail_at: int | None = None) -> Summary:
     """Carry out ``plan``; on failure undo this run's changes and raise StepFailed.
 
@@ -93,7 +110,9 @@ def prepare(plan: Plan, *, report: Report = _quiet, fail_at: int | None = None) 
     started = time.monotonic()
     total = len(plan.steps)
     width = len(str(total))
-    with contextlib.ExitStack() as stack:
+    # An exception that is not a step failure (KeyboardInterrupt, SIGTERM
+    # turned into one by the CLI) unwinds the stack too: nothing half-done stays.
+    with locked(plan.target, report), contextlib.ExitStack() as stack:
         run = _Run(stack, report)
         for number, step in enumerate(plan.steps, 1):
             where = f"[{number:>{width}}/{total}]"
@@ -177,6 +196,13 @@ def teardown(
     and is freed when the last user lets go) and the holders are reported.
     """
     target = os.path.realpath(target)
+    if not os.path.isdir(target):
+        return TeardownSummary()
+    with locked(target, report):
+        return _teardown(target, force, report, qtfs_command)
+
+
+def _teardown(target: str, force: bool, report: Report, qtfs_command: str) -> TeardownSummary:
     summary = TeardownSummary()
     started = time.monotonic()
     busy: list[MountBusy] = []
