@@ -24,7 +24,8 @@
  * Requests and replies use the project's frame header ("OF", version 1, type,
  * channel 0, length, network byte order):
  *   0x50 connect  u16 socket type, then the path bytes (no NUL)
- *   0x51 answer   u32 errno (0 = connected, with one fd attached)
+ *   0x51 answer   u32 errno (0 = connected, with one fd attached; 0xFFFF = not
+ *                 carried by udsproxyd's --allow: connect() keeps its own error)
  *   0x52 sendmsg  the message's bytes; SCM_RIGHTS: the carried socket, then the fds
  *   0x53 answer   u32 errno (0 = sent)
  *
@@ -60,6 +61,7 @@
 #define SHIM_T_SENT 0x53
 #define SHIM_MAX_SEND (256 << 10) /* the daemon's largest Data frame */
 #define SHIM_MAX_FDS 253          /* SCM_MAX_FD */
+#define SHIM_NOT_CARRIED 0xFFFF   /* udsproxyd does not carry this path: keep our own error */
 #define SHIM_MAX_PATH (sizeof(((struct sockaddr_un *)0)->sun_path) - 1)
 
 /* Does PATH lie under one of the colon-separated PREFIXES, on a whole path
@@ -419,6 +421,10 @@ int connect(int fd, const struct sockaddr *addr, socklen_t len)
     fd_flags = fcntl(fd, F_GETFD);
     status_flags = fcntl(fd, F_GETFL);
     proxied = ask_proxy(agent, path, type);
+    if (proxied < 0 && errno == SHIM_NOT_CARRIED) {
+        shim_log("udsproxy: %s: not carried by udsproxyd\n", path);
+        goto original;
+    }
     if (proxied < 0) {
         saved = errno;
         shim_log("udsproxy: %s: %s\n", path, strerror(saved));

@@ -195,6 +195,39 @@ def test_nonblocking_connect_keeps_its_flags(proxy: FakeProxy, tmp_path: Path) -
     assert out[:2] == ["nonblocking True cloexec True", "echo:ping"]
 
 
+def test_send_header_and_answers() -> None:
+    buffer = ffi.new("unsigned char[12]")
+    lib.shim_encode_send_header(buffer, 70000)
+    assert ffi.buffer(buffer, 12)[:] == encode_frame(0x52, 0, bytes(70000))[:12]
+    sent = encode_frame(0x53, 0, struct.pack("!I", errno.EOPNOTSUPP))
+    assert lib.shim_decode_answer(sent, len(sent), 0x53) == errno.EOPNOTSUPP
+    assert lib.shim_decode_answer(sent, len(sent), 0x51) == -1  # an answer to something else
+
+
+def test_not_carried_keeps_the_callers_own_error(proxy: FakeProxy, tmp_path: Path) -> None:
+    proxy.answer = 0xFFFF  # udsproxyd's "not under my --allow prefixes"
+    assert run_client(preload_env(proxy), str(tmp_path / "x.sock"))[0] == f"error {errno.ENOENT}"
+    assert len(proxy.requests) == 1
+
+
+def test_local_fd_passing_is_untouched(proxy: FakeProxy) -> None:
+    """sendmsg with SCM_RIGHTS on a socket the shim did not carry goes straight to libc."""
+    program = textwrap.dedent(
+        """
+        import os, socket
+        a, b = socket.socketpair()
+        r, w = os.pipe()
+        socket.send_fds(a, [b"x"], [w])
+        _, fds, _, _ = socket.recv_fds(b, 10, 1)
+        os.write(fds[0], b"local")
+        print(os.read(r, 10).decode())
+        """
+    )
+    result = proc.run([sys.executable, "-c", program], env=preload_env(proxy), timeout=30)
+    assert result.stdout.strip() == "local"
+    assert proxy.requests == []
+
+
 @pytest.mark.parametrize("code", [errno.ECONNREFUSED, errno.ENOENT, errno.EACCES])
 def test_remote_errno_reaches_the_caller(proxy: FakeProxy, tmp_path: Path, code: int) -> None:
     proxy.answer = code

@@ -18,6 +18,7 @@ import trio
 from offload import pki, proc
 from offload.pki import TlsConfig
 from offload.protocol.framing import FrameDecoder, encode_frame
+from offload.protocol.udsproxy import SHIM_NOT_CARRIED
 from offload.udsproxy.daemon import ProxyConfig, serve
 
 NATIVE = Path(__file__).resolve().parent.parent / "offload" / "_native"
@@ -139,9 +140,11 @@ async def test_refused_connection(pair: Path) -> None:
         dead.close()
 
 
-async def test_outside_the_local_allowlist_never_leaves(pair: Path) -> None:
+async def test_outside_the_local_allowlist_never_leaves(pair: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Not carried here: the shim is told so and connect() keeps its own error (ENOENT, say)."""
     with trio.fail_after(20):
-        assert (await ask(pair, "/run/elsewhere.sock"))[0] == errno.EACCES
+        assert (await ask(pair, "/run/elsewhere.sock"))[0] == SHIM_NOT_CARRIED
+    assert "not carrying /run/elsewhere.sock: not under an --allow prefix here" in caplog.text
 
 
 async def test_five_hundred_connections_at_once(pair: Path) -> None:

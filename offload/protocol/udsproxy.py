@@ -58,6 +58,10 @@ SHIM_CONNECT = 0x50
 SHIM_CONNECTED = 0x51
 SHIM_SEND_FDS = 0x52
 SHIM_SENT = 0x53
+#: The answer to a Connect for a path this side does not carry (not under
+#: its --allow prefixes): the caller keeps the error its own connect() had,
+#: so, e.g., libvirt still sees ENOENT for a daemon it may start itself.
+SHIM_NOT_CARRIED = 0xFFFF
 
 
 @dataclass(frozen=True, slots=True)

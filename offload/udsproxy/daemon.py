@@ -280,8 +280,8 @@ class Daemon:
             log.warning("refused %r: %s", path, exc)
             return errno_module.EINVAL, None
         if not is_shared(path, self.config.allow):
-            log.warning("refused %s: not under an --allow prefix here", path)
-            return errno_module.EACCES, None
+            log.warning("not carrying %s: not under an --allow prefix here", path)
+            return wire.SHIM_NOT_CARRIED, None
         if self.peer is None:
             return errno_module.EHOSTUNREACH, None
         try:
