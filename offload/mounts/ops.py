@@ -41,6 +41,15 @@ ALREADY = "already"
 QTFS_FSTYPES = ("fuse.qtfs", "qtfs")
 
 
+def is_qtfs(entry: MountEntry) -> bool:
+    """A qtfs mount: the module's, or a FUSE one the qtfs client made (by subtype or source name)."""
+    return entry.fstype in QTFS_FSTYPES or (entry.fstype.startswith("fuse") and "qtfs" in entry.source)
+
+
+def is_userspace_qtfs(entry: MountEntry) -> bool:
+    return entry.fstype.startswith("fuse") and is_qtfs(entry)
+
+
 class Context(Protocol):
     def entries(self) -> tuple[MountEntry, ...]: ...
 
@@ -305,7 +314,7 @@ class QtfsMount(_MountStep):
         return [f"mkdir -p {_q(self.path)}", shlex.join(self.argv())]
 
     def mismatch(self, entry: MountEntry, entries: tuple[MountEntry, ...]) -> str | None:
-        if entry.fstype in QTFS_FSTYPES:
+        if is_qtfs(entry):
             return None
         return f"{entry.fstype} ({entry.source}) is mounted there, expected qtfs from {self.address}:{self.remote}"
 

@@ -258,7 +258,7 @@ def _teardown(target: str, force: bool, report: Report, qtfs_command: str) -> Te
 
 
 def _unmount_one(entry: MountEntry, qtfs_command: str) -> None:
-    if entry.fstype == "fuse.qtfs":
+    if ops.is_userspace_qtfs(entry):
         # The userspace client unmounts and then ends itself.
         from offload import proc
 

@@ -1,0 +1,109 @@
+"""prepare with a qtfs host: the real userspace qtfs server and client on loopback, in a private mount namespace."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.test_mounts_cli import sections, shell
+from tests.test_mounts_ns import needs_root
+
+BIN = Path(sys.executable).parent
+HAVE_QTFS = importlib.util.find_spec("offload.qtfs.cli") is not None and (BIN / "qtfs").exists()
+
+pytestmark = [
+    needs_root,
+    pytest.mark.skipif(not HAVE_QTFS, reason="the userspace qtfs command (offload.qtfs.cli) is not installed"),
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def qtfs_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    export = tmp_path / "host" / "var-lib-libvirt"
+    export.mkdir(parents=True)
+    (export / "hello.txt").write_text("from the host\n")
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [str(BIN / "qtfs"), "serve", "--listen", f"tcp://{address}", "--insecure", "--export", str(export)],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "server.log", "wb"),  # noqa: SIM115 (as long as the server)
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"qtfs serve did not start: {(tmp_path / 'server.log').read_text()}") from None
+                time.sleep(0.05)
+        yield address, export
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _end_clients(target: str) -> list[int]:
+    """qtfs clients still serving a mount under ``target`` (there should be none): end them, return their pids."""
+    left = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if any(target in arg for arg in process.info["cmdline"] or []) and process.pid != os.getpid():
+            left.append(process.pid)
+            process.kill()
+    return left
+
+
+def test_prepare_mounts_the_hosts_exports_and_teardown_ends_the_clients(qtfs_server, tmp_path: Path) -> None:
+    address, export = qtfs_server
+    target = tmp_path / "another_rootfs"
+    target.mkdir()
+    config = tmp_path / "prepare.toml"
+    config.write_text(
+        f'host = "{address}"\ninsecure = true\nexports = ["{export}"]\n'
+        f'proc_facts = false\nsys_facts = false\nqtfs_command = "{BIN / "qtfs"}"\n'
+    )
+    try:
+        result = shell(
+            f"""
+            offload prepare --target {target} --config {config} 2>&1; echo "@@prepare rc=$?"
+            cat {target}{export}/hello.txt; echo "@@read rc=$?"
+            offload status --target {target} --config {config}; echo "@@status rc=$?"
+            offload prepare --target {target} --config {config} | tail -1; echo "@@again rc=$?"
+            offload teardown --target {target} --config {config} 2>&1; echo "@@teardown rc=$?"
+            grep -c " {target}/" /proc/self/mountinfo; echo "@@left rc=$?"
+            """,
+            timeout=120,
+        )
+    finally:
+        leftover_clients = _end_clients(str(target))
+    out = sections(result.stdout)
+    assert out["prepare.rc"] == "0", out.get("prepare", result.stderr)
+    assert f"qtfs {address}:{export} on {target}{export}" in out["prepare"]
+    assert out["read"].strip() == "from the host"
+    assert out["status.rc"] == "0"
+    assert " 0 new," in out["again"]
+    assert out["teardown.rc"] == "0" and out["left"].strip() == "0"
+    assert leftover_clients == []
