@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import subprocess
 import textwrap
 import time
@@ -83,3 +86,205 @@ def test_missing_on_both_sides_is_enoent(lab: Lab) -> None:
     client = "import socket, sys\ntry:\n    socket.socket(socket.AF_UNIX).connect(sys.argv[1])\nexcept OSError as e:\n    print(e.errno)"
     result = on_dpu_without(lab, lab.sockets, [PYTHON, "-c", client, str(lab.sockets / "nobody.sock")])
     assert result.stdout.strip() == "2"
+
+
+def test_refused_is_econnrefused(lab: Lab) -> None:
+    """A socket that exists on the host side but nobody listens on: ECONNREFUSED reaches the caller."""
+    path = lab.sockets / "dead.sock"
+    path.unlink(missing_ok=True)
+    bound = [
+        "python3",
+        "-c",
+        f"import socket,time; s=socket.socket(socket.AF_UNIX); s.bind({str(path)!r}); time.sleep(60)",
+    ]
+    holder = proc.spawn(lab.command("host", bound), stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not path.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        client = "import socket, sys\ntry:\n    socket.socket(socket.AF_UNIX).connect(sys.argv[1])\nexcept OSError as e:\n    print(e.errno)"
+        result = on_dpu_without(lab, lab.sockets, [PYTHON, "-c", client, str(path)])
+        assert result.stdout.strip() == str(errno.ECONNREFUSED), result.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+        path.unlink(missing_ok=True)
+
+
+def test_nonblocking_connect_from_trio(lab: Lab, host_socket: Path) -> None:
+    client = textwrap.dedent(
+        """
+        import sys, trio
+        async def main():
+            stream = await trio.open_unix_socket(sys.argv[1])  # a non-blocking connect()
+            await stream.send_all(b"trio says hi")
+            await stream.send_eof()
+            data = b""
+            while chunk := await stream.receive_some():
+                data += chunk
+            print(data.decode())
+        trio.run(main)
+        """
+    )
+    result = on_dpu_without(lab, lab.sockets, [PYTHON, "-c", client, str(host_socket)])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "host got:trio says hi"
+
+
+@contextlib.contextmanager
+def host_program(lab: Lab, path: Path, argv: list[str]) -> Iterator[Path]:
+    """A server on the host side that creates ``path``; stopped and removed afterwards."""
+    path.unlink(missing_ok=True)
+    server = proc.spawn(lab.command("host", argv), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while not path.exists():
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            assert time.monotonic() < deadline, f"{argv[0]} did not create {path}"
+            time.sleep(0.05)
+        yield path
+    finally:
+        server.kill()
+        server.wait()
+        if server.stderr:
+            server.stderr.close()
+        path.unlink(missing_ok=True)
+
+
+QMP_CLIENT = textwrap.dedent(
+    """
+    import json, os, socket, sys
+    assert not os.path.exists(sys.argv[1])
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    stream = s.makefile("rwb")
+    greeting = json.loads(stream.readline())
+    print(json.dumps(greeting["QMP"]["version"]["qemu"]))
+    for command in ("qmp_capabilities", "query-status", "query-version"):
+        stream.write(json.dumps({"execute": command}).encode() + b"\\n")
+        stream.flush()
+        while "event" in (reply := json.loads(stream.readline())):
+            pass
+        print(json.dumps(reply))
+    """
+)
+
+
+@pytest.fixture
+def qmp_socket(lab: Lab) -> Iterator[Path]:
+    """qemu's QMP monitor on the host side only (-machine none needs no KVM)."""
+    path = lab.sockets / "qmp.sock"
+    qemu = [
+        "qemu-system-x86_64",
+        "-S",
+        "-nodefaults",
+        "-nographic",
+        "-machine",
+        "none",
+        "-qmp",
+        f"unix:{path},server=on,wait=off",
+    ]
+    with host_program(lab, path, qemu):
+        yield path
+
+
+def test_qemu_qmp_from_python(lab: Lab, qmp_socket: Path) -> None:
+    result = on_dpu_without(lab, lab.sockets, [PYTHON, "-c", QMP_CLIENT, str(qmp_socket)])
+    assert result.returncode == 0, result.stderr
+    version, capabilities, status, query_version = (json.loads(line) for line in result.stdout.splitlines())
+    assert capabilities == {"return": {}}
+    assert status["return"]["status"] == "prelaunch"  # -S: not started
+    assert query_version["return"]["qemu"] == version
+
+
+def test_qemu_qmp_from_socat(lab: Lab, qmp_socket: Path) -> None:
+    commands = '{"execute":"qmp_capabilities"}\\n{"execute":"query-status"}\\n'
+    # Keep socat's input open a moment: qemu drops answers to a monitor that already closed.
+    script = f"(printf '{commands}'; sleep 1) | socat -t 3 - UNIX-CONNECT:{qmp_socket}"
+    result = on_dpu_without(lab, lab.sockets, ["sh", "-c", script])
+    assert result.returncode == 0, result.stderr
+    replies = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert "QMP" in replies[0]
+    answers = [reply for reply in replies[1:] if "event" not in reply]
+    assert answers[0] == {"return": {}}
+    assert answers[1]["return"]["status"] == "prelaunch"
+
+
+SEQPACKET_SERVER = textwrap.dedent(
+    """
+    import socket, sys
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(sys.argv[1])
+    listener.listen(4)
+    conn, _ = listener.accept()
+    while packet := conn.recv(65536):
+        conn.send(b"echo:" + packet)
+    """
+)
+
+
+def test_seqpacket_keeps_boundaries_for_a_real_program(lab: Lab) -> None:
+    client = textwrap.dedent(
+        """
+        import socket, sys
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect(sys.argv[1])
+        for packet in (b"one", b"two", b"three" * 1000):
+            s.send(packet)
+        print([len(s.recv(100000)) for _ in range(3)])
+        """
+    )
+    path = lab.sockets / "packets.sock"
+    with host_program(lab, path, [PYTHON, "-c", SEQPACKET_SERVER, str(path)]):
+        result = on_dpu_without(lab, lab.sockets, [PYTHON, "-c", client, str(path)])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[8, 8, 5005]"
+
+
+PIPE_SERVER = textwrap.dedent(
+    """
+    import os, socket, sys
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(sys.argv[1])
+    listener.listen(4)
+    conn, _ = listener.accept()
+    data, fds, _, _ = socket.recv_fds(conn, 100, 4)
+    readable, writable = fds
+    piped = b""
+    while chunk := os.read(readable, 100):
+        piped += chunk
+    os.write(writable, b"pong through a pipe from the host")
+    os.close(writable)
+    conn.sendall(data + b"|" + piped)
+    conn.close()
+    """
+)
+
+PIPE_CLIENT = textwrap.dedent(
+    """
+    import os, socket, sys
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    to_host_r, to_host_w = os.pipe()
+    from_host_r, from_host_w = os.pipe()
+    socket.send_fds(s, [b"two pipes"], [to_host_r, from_host_w])
+    os.close(to_host_r)
+    os.close(from_host_w)
+    os.write(to_host_w, b"ping through a pipe from the dpu")
+    os.close(to_host_w)
+    print(s.recv(1000).decode())
+    print(os.read(from_host_r, 1000).decode())
+    """
+)
+
+
+def test_pipes_passed_across_the_lab(lab: Lab) -> None:
+    path = lab.sockets / "pipes.sock"
+    with host_program(lab, path, [PYTHON, "-c", PIPE_SERVER, str(path)]):
+        result = on_dpu_without(lab, lab.sockets, [PYTHON, "-c", PIPE_CLIENT, str(path)])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "two pipes|ping through a pipe from the dpu",
+        "pong through a pipe from the host",
+    ]
