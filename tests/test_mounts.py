@@ -112,8 +112,8 @@ def test_default_plan_without_a_host_has_no_qtfs_steps() -> None:
     assert "newinstance" in devpts.options and "ptmxmode=0666" in devpts.options
     assert not [s for s in steps if isinstance(s, MountOp) and s.fstype == "devtmpfs"]
     binds = [s for s in steps if isinstance(s, BindOp)]
-    assert [b.source for b in binds] == ["/var/run/rexec", "/var/run/udsproxy", "/etc/rexec", "/etc/offload"]
-    assert [b.readonly for b in binds] == [False, False, True, True]
+    assert [b.source for b in binds] == ["/var/run/rexec", "/var/run/udsproxy", "/etc/rexec"]
+    assert [b.readonly for b in binds] == [False, False, True]
 
 
 def test_every_step_comes_after_the_mounts_above_it() -> None:

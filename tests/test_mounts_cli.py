@@ -75,8 +75,8 @@ def test_dry_run_prints_the_shell_commands_and_changes_nothing(target: str) -> N
         f"mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666,mode=0620,gid=5 devpts {target}/dev/pts",
         f"mount -t mqueue -o nosuid,nodev,noexec mqueue {target}/dev/mqueue",
         f"mount --bind /var/run/rexec {target}/var/run/rexec",
-        f"if [ -e /etc/offload ]; then mkdir -p {target}/etc/offload; mount --bind /etc/offload {target}/etc/offload;"
-        f" mount -o remount,bind,ro {target}/etc/offload; fi",
+        f"if [ -e /etc/rexec ]; then mkdir -p {target}/etc/rexec; mount --bind /etc/rexec {target}/etc/rexec;"
+        f" mount -o remount,bind,ro {target}/etc/rexec; fi",
     ):
         assert expected in lines, expected
     for entry in mountinfo.read():

@@ -95,14 +95,17 @@ class MountSpec:
 
 #: The state rexec and udsproxy need inside the chroot: the stand-in talks
 #: to the local rexec_server through /var/run/rexec (and its pidmap lives
-#: there), the shim to udsproxyd through its run directory; both read their
-#: settings from /etc.  The run directories are created when missing (their
-#: daemons make them at start anyway); the /etc ones are skipped.
+#: there), the shim to udsproxyd through its run directory.  The run
+#: directories are created when missing (their daemons make them at start
+#: anyway); /etc/rexec is shown read-only where it exists.  The machine's
+#: /etc/offload is not bound: the rootfs builder writes the target's own
+#: (rexec.env for the qemu wrapper, libvirtd.env, the manifest), which a
+#: bind would hide, and the machine's holds private keys the chroot has no
+#: use for.  A [[bind]] list in prepare.toml replaces this one.
 DEFAULT_BINDS: tuple[MountSpec, ...] = (
     MountSpec(source="/var/run/rexec", missing="create"),
     MountSpec(source=UDSPROXY_RUN_DIR, missing="create"),
     MountSpec(source="/etc/rexec", options="ro", missing="skip"),
-    MountSpec(source="/etc/offload", options="ro", missing="skip"),
 )
 
 
