@@ -399,3 +399,172 @@ async def test_fds_passed_by_a_real_program(pair: Path) -> None:
     finally:
         stop.set()
         server.join()
+
+
+async def raw_shim_request(tree: Path, data: bytes, fds: list[int] | None = None) -> bytes:
+    """Send bytes (and fds) to daemon A's shim socket as a broken shim might; return the answer."""
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        await sock.connect(str(tree / "a" / "udsproxy.sock"))
+        if fds:
+            await sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+        else:
+            await sock.send(data)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := await sock.recv(100):
+            answer += chunk
+    return answer
+
+
+def answer_of(kind: int, code: int) -> bytes:
+    return encode_frame(kind, 0, struct.pack("!I", code))
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "answer", "logged"),
+    [
+        (b"GET / HTTP/1.0\r\n\r\n", b"", "bad frame magic"),
+        (encode_frame(0x50, 0, b"\x00\x01/run/x.sock")[:14], b"", "it ended after 14 bytes"),
+        (b"OF\x01\x50\x00\x00\x00\x00\xff\xff\xff\xff", b"", "exceeds the limit"),
+        (encode_frame(0x77, 0, b"what"), b"", "frame type 0x77"),
+        (encode_frame(0x50, 0, b"\x00"), answer_of(0x51, errno.EINVAL), "connect request of 1 bytes"),
+        (encode_frame(0x50, 0, b"\x00\x01/run/a\x00b.sock"), answer_of(0x51, errno.EINVAL), "path contains NUL"),
+        (encode_frame(0x50, 0, b"\x00\x01/" + b"x" * 200), answer_of(0x51, errno.EINVAL), "does not fit a sockaddr_un"),
+        (encode_frame(0x52, 0, b"data"), answer_of(0x53, errno.EINVAL), "bad fd request from the shim: 0 fds"),
+    ],
+    ids=["not-a-frame", "truncated", "oversized", "unknown-type", "short", "nul", "too-long", "fds-without-fds"],
+)
+async def test_malformed_shim_requests(
+    pair: Path, caplog: pytest.LogCaptureFixture, request_bytes: bytes, answer: bytes, logged: str
+) -> None:
+    with trio.fail_after(20):
+        assert await raw_shim_request(pair, request_bytes) == answer
+        assert logged in caplog.text
+        # The daemon goes on serving.
+        error, sock = await ask(pair, str(pair / "remote" / "echo.sock"))
+        assert error == 0 and sock is not None
+        sock.close()
+
+
+async def test_fd_request_for_a_socket_that_was_never_carried(pair: Path) -> None:
+    one, other = socket.socketpair()
+    read_end, write_end = os.pipe()
+    try:
+        with trio.fail_after(20):
+            answer = await raw_shim_request(pair, encode_frame(0x52, 0, b"x"), [one.fileno(), read_end])
+        assert answer == answer_of(0x53, errno.EPIPE)
+    finally:
+        for fd in (read_end, write_end):
+            os.close(fd)
+        one.close()
+        other.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "expected"),
+    [
+        (socket.SOCK_DGRAM, "remote/echo.sock", errno.EPROTOTYPE),  # a type that is not carried
+        (socket.SOCK_STREAM, "remote/./../remote/echo.sock", errno.EINVAL),
+    ],
+)
+async def test_refused_requests(pair: Path, kind: int, path: str, expected: int) -> None:
+    with trio.fail_after(20):
+        assert (await ask(pair, f"{pair}/{path}", kind))[0] == expected
+
+
+async def speak_to_peer_listener(tree: Path, frames: list[bytes]) -> bytes:
+    """Authenticate as the DPU to daemon B, say Hello, then send raw frames; return all it sent back."""
+    from offload.net import Transport, parse_address
+    from offload.protocol.udsproxy import Hello, UdsProxyConnection
+
+    transport = Transport(TlsConfig.load(tree / "pki" / "dpu"))
+    connected = await transport.connect(parse_address(f"unix://{tree}/peer.sock"))
+    answer = b""
+    async with connected.stream:
+        await connected.stream.send_all(UdsProxyConnection(client=True).send(Hello("tester")))
+        for frame in frames:
+            await connected.stream.send_all(frame)
+        with contextlib.suppress(trio.BrokenResourceError):
+            while chunk := await connected.stream.receive_some(65536):
+                answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("payload", "logged"),
+    [
+        ({"path": "/tmp/../etc/x.sock", "type": "stream"}, "has a '..' component"),
+        ({"path": "/" + "x" * 300, "type": "stream"}, "does not fit a sockaddr_un"),
+        ({"path": "/tmp/x.sock", "type": "dgram"}, "is not carried"),
+        ({"path": 7, "type": "stream"}, "wrong type"),
+    ],
+    ids=["dotdot", "too-long", "dgram", "not-a-string"],
+)
+async def test_malformed_requests_from_the_peer(
+    pair: Path, caplog: pytest.LogCaptureFixture, payload: dict, logged: str
+) -> None:
+    from offload.protocol import messages
+
+    with trio.fail_after(20):
+        answer = await speak_to_peer_listener(pair, [encode_frame(0x60, 0, messages.dump(payload))])
+        assert b"Connected" not in answer and answer.count(b"OF") == 1  # its Hello, then it hung up
+        assert logged in caplog.text
+        error, sock = await ask(pair, str(pair / "remote" / "echo.sock"))
+        assert error == 0 and sock is not None
+        sock.close()
+
+
+async def test_garbage_on_an_open_connection_ends_only_that_connection(
+    pair: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from offload.protocol import messages
+
+    connect = encode_frame(0x60, 0, messages.dump({"path": str(pair / "remote" / "echo.sock"), "type": "stream"}))
+    with trio.fail_after(20):
+        await speak_to_peer_listener(pair, [connect, encode_frame(0x99, 1, b"??")])
+        assert "unknown frame type 0x99" in caplog.text
+        error, sock = await ask(pair, str(pair / "remote" / "echo.sock"))
+        assert error == 0 and sock is not None
+        with sock:
+            await sock.send(b"fine")
+            sock.shutdown(socket.SHUT_WR)
+            assert await sock.recv(100) == b"got:fine"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a private mount namespace")
+@pytest.mark.skipif(not (NATIVE / "libudsproxy.so").exists(), reason="the shim is not built (run make setup)")
+async def test_errors_reach_a_real_program(pair: Path) -> None:
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(pair / "remote" / "dead.sock"))  # bound, never listening
+    client = textwrap.dedent(
+        """
+        import errno, socket, sys
+        for path in sys.argv[1:]:
+            try:
+                socket.socket(socket.AF_UNIX).connect(path)
+                print("connected")
+            except OSError as exc:
+                print(errno.errorcode[exc.errno])
+        """
+    )
+    paths = [
+        pair / "remote" / "missing.sock",
+        pair / "remote" / "dead.sock",
+        pair / "other" / "x.sock",
+        Path("/run/x.sock"),
+    ]
+    env = dict(os.environ, LD_PRELOAD=str(NATIVE / "libudsproxy.so"), UDSPROXY_SOCKET=str(pair / "a" / "udsproxy.sock"))
+    try:
+        with trio.fail_after(30):
+            result = await trio.run_process(
+                proc.with_hidden_dir(pair / "remote", [sys.executable, "-c", client, *map(str, paths)]),
+                env=env,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+    finally:
+        dead.close()
+    assert result.returncode == 0, result.stderr
+    # Missing and refused over there; refused by the host's allowlist; not carried here (its own ENOENT).
+    assert result.stdout.decode().split() == ["ENOENT", "ECONNREFUSED", "EACCES", "ENOENT"]
