@@ -256,3 +256,18 @@ def test_sigterm_during_prepare_undoes_the_run(target: str, tmp_path: Path) -> N
     assert out["prepare.rc"] == "130", (tmp_path / "out").read_text()
     assert out["left"].strip() == "0"
     assert "rollback: umount" in (tmp_path / "out").read_text()
+
+
+def test_a_second_prepare_waits_for_the_first(target: str) -> None:
+    # flock(1) on the target stands for a prepare or teardown in progress.
+    result = shell(
+        f"""
+        flock {target} sleep 1 &
+        sleep 0.2
+        offload prepare --target {target} 2>&1; echo "@@prepare rc=$?"
+        wait
+        """
+    )
+    out = sections(result.stdout)
+    assert out["prepare.rc"] == "0", result.stderr
+    assert out["prepare"].splitlines()[0] == f"waiting for another prepare or teardown of {target} to finish"
