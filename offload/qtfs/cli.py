@@ -1,0 +1,155 @@
+"""qtfs: ``qtfs serve`` on the host, ``qtfs mount`` / ``qtfs umount`` on the DPU."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from offload import aio
+from offload import log as log_module
+from offload.errors import ConfigError, OffloadError
+from offload.net import Address, Transport, parse_address
+
+log = logging.getLogger("qtfs")
+
+
+def split_source(text: str) -> tuple[Address, bytes]:
+    """``ADDR:/PATH`` split at the first ``:/``: ``169.254.77.1:7003:/var/lib/libvirt``, ``tcp://h:1:/x``."""
+    # The scheme's "://" is not the separator: look after it.
+    start = text.index("://") + 3 if "://" in text else 0
+    at = text.find(":/", start)
+    if at < 0:
+        raise ConfigError(f"source {text!r}: expected ADDR:/REMOTE_PATH (e.g. 169.254.77.1:7003:/var/lib/libvirt)")
+    address = parse_address(text[:at])
+    remote = text[at + 1 :]
+    if ".." in remote.split("/"):
+        raise ConfigError(f"source {text!r}: the remote path has a '..' component")
+    return address, os.fsencode(remote)
+
+
+def _security(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pki", metavar="DIR", help="TLS credentials of this node (default /etc/offload/pki)")
+    parser.add_argument("--insecure", action="store_true", help="plaintext, unauthenticated (tests only)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qtfs", description="Host directories and /proc, /sys facts on the DPU.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="host side: serve exported directories")
+    serve.add_argument("--listen", action="append", required=True, metavar="ADDR", help="address to listen on")
+    serve.add_argument(
+        "--export", action="append", required=True, metavar="PATH[:ro]", help="a directory to serve (repeatable)"
+    )
+    serve.add_argument("--whitelist", metavar="FILE", help="rules in the reference's /etc/qtfs/whitelist format")
+    serve.add_argument("--node", default="", metavar="NAME")
+    _security(serve)
+
+    mount = commands.add_parser("mount", help="DPU side: mount a host directory")
+    kind = mount.add_mutually_exclusive_group()
+    kind.add_argument("--proc", action="store_true", help="the host's /proc without per-process entries")
+    kind.add_argument("--sys", action="store_true", help="the host's /sys facts (devices/system, kernel/mm, kvm)")
+    mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    mount.add_argument("--keepalive", type=float, default=6.0, metavar="SEC", help="link loss is noticed after this")
+    mount.add_argument(
+        "--reconnect-timeout",
+        type=float,
+        default=None,
+        metavar="SEC",
+        help="how long a call waits for a lost link to return before EIO (default: the keepalive)",
+    )
+    mount.add_argument(
+        "--cache-timeout",
+        type=float,
+        default=0.0,
+        metavar="SEC",
+        help="kernel attribute/entry caching (default 0: always coherent with the host)",
+    )
+    mount.add_argument("--log-file", metavar="FILE", help="where the background process logs (default: nowhere)")
+    mount.add_argument("--node", default="", metavar="NAME")
+    mount.add_argument("source", metavar="ADDR:REMOTE_PATH")
+    mount.add_argument("mountpoint", metavar="LOCAL_DIR")
+    _security(mount)
+
+    umount = commands.add_parser("umount", help="unmount and end the background process")
+    umount.add_argument("mountpoint", metavar="LOCAL_DIR")
+    umount.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    log_module.setup("qtfs", args.log_level)
+    if args.command == "serve":
+        _serve(args)
+    elif args.command == "mount":
+        sys.exit(_mount(args))
+    else:
+        from offload.qtfs.mount import umount
+
+        try:
+            umount(os.path.abspath(args.mountpoint))
+        except OffloadError as exc:
+            print(f"qtfs umount: {exc}", file=sys.stderr)
+            sys.exit(1)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from offload.qtfs.backend import Export
+    from offload.qtfs.server import ServerConfig, serve
+    from offload.qtfs.whitelist import Whitelist, load
+
+    log_module.raise_fd_limit()
+
+    def build() -> tuple[ServerConfig, Transport]:
+        try:
+            exports = tuple(Export.parse(text) for text in args.export)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        for text in args.listen:
+            parse_address(text)
+        whitelist = load(args.whitelist) if args.whitelist else Whitelist()
+        config = ServerConfig(tuple(args.listen), exports, whitelist, args.node)
+        return config, Transport.from_options(args.pki, args.insecure)
+
+    aio.run_service(log, serve, build)
+
+
+def _mount(args: argparse.Namespace) -> int:
+    import trio
+
+    from offload.qtfs.mount import MountOptions, background, run_mount
+
+    try:
+        address, remote = split_source(args.source)
+        options = MountOptions(
+            address,
+            remote,
+            os.path.abspath(args.mountpoint),
+            "proc" if args.proc else "sys" if args.sys else "",
+            args.keepalive,
+            args.reconnect_timeout,
+            args.cache_timeout,
+            args.node,
+        )
+        transport = Transport.from_options(args.pki, args.insecure)
+    except ConfigError as exc:
+        print(f"qtfs mount: {exc}", file=sys.stderr)
+        return 2
+
+    def run(ready) -> None:
+        trio.run(run_mount, options, transport, ready)
+
+    if not args.foreground:
+        return background(run, args.log_file)
+    try:
+        run(lambda: None)
+    except OffloadError as exc:
+        print(f"qtfs mount: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0

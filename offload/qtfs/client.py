@@ -1,0 +1,284 @@
+"""The DPU side's link to a qtfs server: one authenticated connection, requests multiplexed by id.
+
+Any number of tasks call `Link.call` at once; each request gets an id, one
+reader task hands every reply to its caller, so a slow read never holds
+up a stat.  The link keeps itself alive:
+
+* a keepalive task pings every ``keepalive / 3`` seconds; when nothing has
+  arrived for ``keepalive`` seconds the link is declared lost (a pulled
+  cable is noticed in bounded time, never a hang);
+* a lost link is re-established in the background (a restarted server is
+  reconnected to, with backoff up to one second); calls made meanwhile wait
+  for it up to ``reconnect_timeout`` and then fail with EIO;
+* a request in flight when the link went down is sent again only if the
+  op is idempotent (`offload.protocol.qtfs.IDEMPOTENT`) and path-based;
+  otherwise its outcome is unknown and the caller gets EIO.
+
+Open file handles belong to one connection (`generation`): the filesystem
+layer re-opens files by path after a reconnect.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import dataclass
+
+import trio
+
+from offload import aio
+from offload.errors import ProtocolError, TransportError
+from offload.net import Address, Transport
+from offload.protocol import qtfs as wire
+
+log = logging.getLogger(__name__)
+
+RECEIVE_SIZE = 1 << 20
+CONNECT_TIMEOUT = 5.0
+
+
+class LinkDown(OSError):
+    """The link was lost while a request was in flight; its outcome is unknown."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EIO, "link to the qtfs server lost")
+
+
+class _Waiter:
+    __slots__ = ("event", "outcome")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.outcome: wire.Message | OSError | None = None
+
+
+@dataclass
+class _Connection:
+    stream: trio.abc.Stream
+    conn: wire.QtfsConnection
+    generation: int
+    lost: trio.Event
+    last_seen: float
+    next_id: int = 1
+
+
+@dataclass(frozen=True)
+class Mounted:
+    root: wire.Attr
+    readonly: bool
+    server: str
+    epoch: int
+
+
+class Link:
+    def __init__(
+        self,
+        transport: Transport,
+        address: Address,
+        remote: bytes,
+        *,
+        node: str = "",
+        keepalive: float = 6.0,
+        reconnect_timeout: float | None = None,
+    ) -> None:
+        self.transport = transport
+        self.address = address
+        self.remote = remote
+        self.node = node or os.uname().nodename
+        self.keepalive = keepalive
+        self.reconnect_timeout = keepalive if reconnect_timeout is None else reconnect_timeout
+        self.mounted: Mounted | None = None
+        self.generation = 0
+        self._current: _Connection | None = None
+        self._up = trio.Event()
+        self._send_lock = trio.Lock()
+        self._waiters: dict[int, _Waiter] = {}
+
+    @property
+    def is_up(self) -> bool:
+        return self._current is not None
+
+    # -- calls ------------------------------------------------------------------------------
+
+    async def call(self, request: wire.Message, *, retry: bool | None = None) -> wire.Message:
+        """Send ``request`` and return its reply; OSError (by the remote errno, or EIO) on failure.
+
+        ``retry``: send again after a lost link (default: the op is idempotent).
+        """
+        return (await self.call_on(request, retry=retry))[0]
+
+    async def call_on(self, request: wire.Message, *, retry: bool | None = None) -> tuple[wire.Message, int]:
+        """`call`, also naming the connection (generation) that answered: handles belong to it."""
+        if retry is None:
+            retry = wire.OP_OF[type(request)] in wire.IDEMPOTENT
+        deadline = trio.current_time() + self.reconnect_timeout
+        while True:
+            try:
+                return await self._call_once(request, deadline)
+            except LinkDown:
+                if not retry or trio.current_time() >= deadline:
+                    raise
+
+    async def _call_once(self, request: wire.Message, deadline: float) -> tuple[wire.Message, int]:
+        current = self._current
+        if current is None:
+            with trio.move_on_at(deadline):
+                await self._up.wait()
+            current = self._current
+            if current is None:
+                raise OSError(errno.EIO, f"no link to the qtfs server at {self.address}")
+        id = current.next_id
+        while id in self._waiters or id == 0:
+            id = id + 1 if id < wire.MAX_ID else 1
+        current.next_id = id + 1 if id < wire.MAX_ID else 1
+        waiter = _Waiter()
+        self._waiters[id] = waiter
+        try:
+            data = current.conn.send_call(id, request)
+            try:
+                async with self._send_lock:
+                    await current.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._lose(current, f"send failed: {exc}")
+            await waiter.event.wait()
+        finally:
+            del self._waiters[id]
+        outcome = waiter.outcome
+        if isinstance(outcome, OSError):
+            raise outcome
+        assert outcome is not None
+        return outcome, current.generation
+
+    # -- the connection ----------------------------------------------------------------------
+
+    async def connect(self) -> Mounted:
+        """Open a connection and mount; the first call's errors are the mount's errors."""
+        with trio.fail_after(CONNECT_TIMEOUT):
+            connected = await self.transport.connect(self.address, timeout=CONNECT_TIMEOUT)
+        stream = connected.stream
+        try:
+            conn = wire.QtfsConnection(client=True)
+            with trio.fail_after(CONNECT_TIMEOUT):
+                await stream.send_all(
+                    conn.send_hello(wire.Hello(self.node)) + conn.send_call(1, wire.Mount(self.remote))
+                )
+                hello: wire.Hello | None = None
+                reply: wire.Event | None = None
+                while reply is None:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                    conn.receive_data(data)
+                    while (event := conn.next_event()) is not None:
+                        if isinstance(event, wire.Hello):
+                            hello = event
+                        elif isinstance(event, wire.Result | wire.Failure) and event.id == 1:
+                            reply = event
+                        elif isinstance(event, wire.Closed):
+                            raise TransportError(f"{self.address} closed the connection", address=str(self.address))
+            if isinstance(reply, wire.Failure):
+                raise OSError(reply.errno, f"{self.address} refused to mount {os.fsdecode(self.remote)}")
+            assert isinstance(reply, wire.Result) and isinstance(reply.reply, wire.MountReply)
+            assert hello is not None
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        mounted = Mounted(
+            wire.Attr.decode_from(reply.reply.attr),
+            bool(reply.reply.flags & wire.MOUNT_READONLY),
+            hello.node,
+            hello.epoch,
+        )
+        if self.mounted is not None and mounted.epoch != self.mounted.epoch:
+            log.info("qtfs server %s restarted (new epoch); reconnected", self.address)
+        self.mounted = mounted
+        self.generation += 1
+        self._current = _Connection(stream, conn, self.generation, trio.Event(), trio.current_time(), 2)
+        self._up.set()
+        return mounted
+
+    def _lose(self, current: _Connection, why: str) -> None:
+        if self._current is not current:
+            return
+        log.warning("link to the qtfs server %s lost: %s", self.address, why)
+        self._current = None
+        self._up = trio.Event()
+        current.lost.set()
+        for waiter in self._waiters.values():
+            if waiter.outcome is None:
+                waiter.outcome = LinkDown()
+                waiter.event.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[Mounted] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect (errors propagate), then keep the link up until cancelled."""
+        mounted = await self.connect()
+        task_status.started(mounted)
+        while True:
+            current = self._current
+            assert current is not None
+            try:
+                async with aio.open_nursery() as nursery:
+                    nursery.start_soon(self._reader, current)
+                    nursery.start_soon(self._pinger, current)
+                    await current.lost.wait()
+                    nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(current.stream)
+            await self._reconnect()
+
+    async def _reconnect(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                await self.connect()
+                return
+            except (TransportError, ProtocolError, OSError, trio.TooSlowError) as exc:
+                log.debug("reconnecting to %s: %s", self.address, exc)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _reader(self, current: _Connection) -> None:
+        conn = current.conn
+        waiters = self._waiters
+        try:
+            while True:
+                data = await current.stream.receive_some(RECEIVE_SIZE)
+                current.last_seen = trio.current_time()
+                conn.receive_data(data)
+                while (event := conn.next_event()) is not None:
+                    if isinstance(event, wire.Result):
+                        waiter = waiters.get(event.id)
+                        if waiter is not None:
+                            waiter.outcome = event.reply
+                            waiter.event.set()
+                    elif isinstance(event, wire.Failure):
+                        waiter = waiters.get(event.id)
+                        if waiter is not None:
+                            waiter.outcome = OSError(event.errno, os.strerror(event.errno))
+                            waiter.event.set()
+                    elif isinstance(event, wire.Closed):
+                        self._lose(current, "the server closed the connection")
+                        return
+        except (TransportError, ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._lose(current, str(exc) or type(exc).__name__)
+
+    async def _pinger(self, current: _Connection) -> None:
+        interval = self.keepalive / 3
+        token = 0
+        while True:
+            await trio.sleep(interval)
+            if trio.current_time() - current.last_seen > self.keepalive:
+                self._lose(current, f"nothing heard for {self.keepalive:g} s")
+                return
+            token += 1
+            try:
+                with trio.move_on_after(interval) as scope:
+                    async with self._send_lock:
+                        await current.stream.send_all(current.conn.send_ping(token))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._lose(current, f"ping failed: {exc}")
+                return
+            if scope.cancelled_caught:
+                # A send cut short leaves the stream unusable, and a send this slow means a dead link.
+                self._lose(current, f"a ping could not be sent in {interval:g} s")
+                return

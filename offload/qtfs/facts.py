@@ -1,0 +1,63 @@
+"""Which of the host's /proc and /sys the DPU sees (LXCFS-style).
+
+`qtfs mount --proc HOST:/proc STAGING` shows the host's procfs minus every
+per-process entry; the mount orchestrator then binds ``STAGING/<f>`` over
+``TARGET/proc/<f>`` for each ``f`` in `PROC_FILES`, on top of the DPU's own
+procfs, so /proc/self, /proc/thread-self and /proc/PID stay the DPU's (the
+stand-in pids libvirt sees keep working) while the system-wide facts are
+the host's.  `qtfs mount --sys HOST:/sys STAGING` shows only the `SYS_DIRS`
+subtrees, bound the same way over ``TARGET/sys/<d>``; cgroups stay local.
+
+The lists are what libvirt 9 reads for node info and capabilities
+(virhostcpu.c, virhostmem.c, virnuma.c, the qemu capability probe; from the
+paths compiled into Debian's libvirt 9.0 and its qemu driver).
+Names are relative to /proc and /sys; a name missing on either side is
+skipped by the orchestrator.
+"""
+
+from __future__ import annotations
+
+#: /proc files (relative to /proc) whose host content replaces the DPU's.
+PROC_FILES: tuple[str, ...] = (
+    "cpuinfo",  # virHostCPUGetInfo: model, MHz, flags
+    "meminfo",  # virHostMemGetInfo, node memory
+    "stat",  # virHostCPUGetStats, boot time
+    "uptime",
+    "loadavg",
+    "vmstat",
+    "zoneinfo",
+    "buddyinfo",
+    "swaps",
+    "cmdline",  # host kernel options (iommu, SEV checks)
+    "sys/vm/nr_hugepages",
+    "sys/vm/nr_overcommit_hugepages",
+    "sys/vm/overcommit_memory",
+    "sys/crypto/fips_enabled",  # the qemu capability probe
+)
+
+#: /sys directories (relative to /sys) whose host content replaces the DPU's.
+SYS_DIRS: tuple[str, ...] = (
+    "devices/system",  # cpu/online, cpuN/topology, node/nodeN/{meminfo,hugepages,distance}
+    "kernel/mm",  # hugepages, transparent_hugepage, ksm
+    "module/kvm",
+    "module/kvm_intel",  # parameters/nested
+    "module/kvm_amd",  # parameters/nested, sev
+)
+
+#: Top-level /proc names that belong to processes: never served.
+PER_PROCESS = frozenset({b"self", b"thread-self"})
+
+
+def is_per_process(name: bytes) -> bool:
+    """A top-level /proc entry describing a process (a pid, self, thread-self)."""
+    return name.isdigit() or name in PER_PROCESS
+
+
+_SYS = tuple(d.encode() for d in SYS_DIRS)
+
+
+def sys_visible(path: bytes) -> bool:
+    """``path`` (relative to /sys) is one of `SYS_DIRS`, inside one, or on the way to one."""
+    if not path:
+        return True
+    return any(path == top or path.startswith(top + b"/") or top.startswith(path + b"/") for top in _SYS)

@@ -1,0 +1,445 @@
+"""The FUSE filesystem of `qtfs mount`: kernel requests -> qtfs requests over the link.
+
+Caching rules (why nothing stale survives a write from the host side):
+
+* entry and attribute timeouts are 0 by default (``--cache-timeout``
+  changes that, trading coherence for speed): every path walk and stat
+  asks the host, and a negative lookup is never cached;
+* every file is opened with direct_io and without keep_cache: reads and
+  writes go to the host as the caller issued them, never through the DPU's
+  page cache.  So a host-side write is seen by the next read here, a
+  write here is on the host when write(2) returns, each write(2) arrives
+  whole (cgroup-style files), and a file whose size the host reports as 0
+  (/proc, /sys) is read until the host says end-of-file, never cut at the
+  reported size.  The cost: no readahead, and shared writable mmap of
+  these files fails with ENODEV (libvirtd does not map them);
+* close reaches the host as FUSE's release (asynchronous, as for every
+  FUSE filesystem); flush does not make a round trip of its own.
+
+Sockets and FIFOs are shown with their types; their inodes are the DPU
+kernel's own objects, so a UNIX socket bound here (mknod S_IFSOCK on the
+host) is listened on and connected to here; reaching a host socket goes
+through udsproxy.  In ``--proc`` mode per-process entries are hidden, in
+``--sys`` mode only `offload.qtfs.facts.SYS_DIRS` is shown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import itertools
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from offload.protocol import qtfs as wire
+from offload.qtfs import facts
+from offload.qtfs.client import Link, LinkDown, Mounted
+from offload.qtfs.inodes import InodeTable, Node, join
+
+MODES = ("", "proc", "sys")
+#: Re-opens after a lost link before a read or write gives up with EIO.
+ATTEMPTS = 3
+_REOPEN_MASK = ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def errors(function: F) -> F:
+    """OSError (remote errno or EIO) becomes the FUSEError that fails the caller's syscall."""
+
+    @functools.wraps(function)
+    async def wrapper(*args: Any) -> Any:
+        try:
+            return await function(*args)
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclass
+class OpenFile:
+    inode: int
+    path: bytes
+    flags: int
+    handle: int
+    generation: int
+
+
+@dataclass
+class OpenDir:
+    path: bytes
+    entries: list[tuple[bytes, wire.Attr]]
+    handle: int
+    eof: bool
+    generation: int
+    server_count: int = 0  # entries the host has sent (before --proc/--sys filtering)
+
+
+class Filesystem(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, link: Link, mounted: Mounted, mode: str = "", timeout: float = 0.0) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}")
+        self.host = link
+        self.mode = mode
+        self.timeout = timeout
+        self.table = InodeTable((mounted.root.dev, mounted.root.ino))
+        self.files: dict[int, OpenFile] = {}
+        self.dirs: dict[int, OpenDir] = {}
+        self._numbers = itertools.count(1)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _entry(self, node: Node, attr: wire.Attr) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = node.inode
+        entry.generation = 0
+        entry.entry_timeout = self.timeout
+        entry.attr_timeout = self.timeout
+        entry.st_mode = attr.mode
+        entry.st_nlink = attr.nlink
+        entry.st_uid = attr.uid
+        entry.st_gid = attr.gid
+        entry.st_rdev = attr.rdev
+        entry.st_size = attr.size
+        entry.st_blksize = attr.blksize
+        entry.st_blocks = attr.blocks
+        entry.st_atime_ns = attr.atime_ns
+        entry.st_mtime_ns = attr.mtime_ns
+        entry.st_ctime_ns = attr.ctime_ns
+        return entry
+
+    def _remember(self, path: bytes, attr_bytes: bytes) -> pyfuse3.EntryAttributes:
+        attr = wire.Attr.decode_from(attr_bytes)
+        return self._entry(self.table.remember(path, (attr.dev, attr.ino)), attr)
+
+    def _visible(self, parent: bytes, name: bytes) -> bool:
+        if self.mode == "proc":
+            return bool(parent) or not facts.is_per_process(name)
+        if self.mode == "sys":
+            return facts.sys_visible(join(parent, name))
+        return True
+
+    def _child(self, parent_inode: int, name: bytes) -> bytes:
+        parent = self.table.path(parent_inode)
+        if not self._visible(parent, name):
+            raise OSError(errno.ENOENT, "not served")
+        return join(parent, name)
+
+    async def _handle(self, opened: OpenFile) -> int:
+        """The server's handle for ``opened`` on the current connection (re-opened after a reconnect)."""
+        if opened.generation != self.host.generation:
+            reply, generation = await self.host.call_on(wire.Open(opened.path, opened.flags & _REOPEN_MASK), retry=True)
+            assert isinstance(reply, wire.HandleReply)
+            opened.handle, opened.generation = reply.handle, generation
+        return opened.handle
+
+    async def _on_file(self, fh: int, make: Callable[[int], wire.Message], retry: bool) -> wire.Message:
+        opened = self.files.get(fh)
+        if opened is None:
+            raise OSError(errno.EBADF, "no such open file")
+        for attempt in range(ATTEMPTS):
+            handle = await self._handle(opened)
+            try:
+                reply, _ = await self.host.call_on(make(handle), retry=False)
+                return reply
+            except LinkDown:
+                if not retry or attempt == ATTEMPTS - 1:
+                    raise
+        raise OSError(errno.EIO, "unreachable")
+
+    # -- names and attributes -----------------------------------------------------------------
+
+    @errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        path = self._child(parent_inode, name)
+        reply = await self.host.call(wire.Lookup(path))
+        return self._remember(path, reply.attr)  # type: ignore[attr-defined]
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            self.table.forget(inode, count)
+
+    @errors
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        path = self.table.path(inode)
+        reply = await self.host.call(wire.Getattr(path))
+        attr = wire.Attr.decode_from(reply.attr)  # type: ignore[attr-defined]
+        node = self.table.node_at(path, (attr.dev, attr.ino)) if inode != pyfuse3.ROOT_INODE else self.table.root
+        entry = self._entry(node, attr)
+        entry.st_ino = inode  # the kernel asked about this inode
+        return entry
+
+    @errors
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        valid = 0
+        if fields.update_mode:
+            valid |= wire.SET_MODE
+        if fields.update_uid:
+            valid |= wire.SET_UID
+        if fields.update_gid:
+            valid |= wire.SET_GID
+        if fields.update_size:
+            valid |= wire.SET_SIZE
+        if fields.update_atime:
+            valid |= wire.SET_ATIME
+        if fields.update_mtime:
+            valid |= wire.SET_MTIME
+        path = self.table.path(inode)
+
+        def request(handle: int = 0) -> wire.Setattr:
+            return wire.Setattr(
+                path,
+                handle,
+                valid,
+                attr.st_mode & 0o7777 if valid & wire.SET_MODE else 0,
+                attr.st_uid if valid & wire.SET_UID else 0,
+                attr.st_gid if valid & wire.SET_GID else 0,
+                attr.st_size if valid & wire.SET_SIZE else 0,
+                attr.st_atime_ns if valid & wire.SET_ATIME else 0,
+                attr.st_mtime_ns if valid & wire.SET_MTIME else 0,
+            )
+
+        if fh is not None and fh in self.files:
+            reply = await self._on_file(fh, request, retry=True)
+        else:
+            reply = await self.host.call(request(), retry=True)
+        result = wire.Attr.decode_from(reply.attr)  # type: ignore[attr-defined]
+        entry = self._entry(self.table.root, result)
+        entry.st_ino = inode
+        return entry
+
+    @errors
+    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        reply = await self.host.call(wire.Readlink(self.table.path(inode)))
+        return reply.data  # type: ignore[attr-defined]
+
+    # -- files -------------------------------------------------------------------------------------
+
+    def _file_info(self, fh: int) -> pyfuse3.FileInfo:
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=False)
+
+    @errors
+    async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
+        path = self.table.path(inode)
+        reply, generation = await self.host.call_on(wire.Open(path, flags), retry=not flags & os.O_TRUNC)
+        fh = next(self._numbers)
+        self.files[fh] = OpenFile(inode, path, flags, reply.handle, generation)  # type: ignore[attr-defined]
+        return self._file_info(fh)
+
+    @errors
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        path = self._child(parent_inode, name)
+        reply, generation = await self.host.call_on(wire.Create(path, flags, mode, ctx.uid, ctx.gid), retry=False)
+        assert isinstance(reply, wire.HandleReply)
+        entry = self._remember(path, reply.attr)
+        fh = next(self._numbers)
+        self.files[fh] = OpenFile(entry.st_ino, path, flags, reply.handle, generation)
+        return self._file_info(fh), entry
+
+    @errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        reply = await self._on_file(fh, lambda handle: wire.Read(handle, off, min(size, wire.MAX_IO)), retry=True)
+        return reply.data  # type: ignore[attr-defined]
+
+    @errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        opened = self.files.get(fh)
+        # A write at an offset may be sent twice with the same result; an append may not.
+        retry = opened is not None and not opened.flags & os.O_APPEND
+        written = 0
+        view = memoryview(buf)
+        while written < len(buf):
+            chunk = bytes(view[written : written + wire.MAX_IO]) if len(buf) > wire.MAX_IO else buf
+
+            def request(handle: int, chunk: bytes = chunk, at: int = off + written) -> wire.Message:
+                return wire.Write(handle, at, chunk)
+
+            reply = await self._on_file(fh, request, retry)
+            count = reply.count  # type: ignore[attr-defined]
+            written += count
+            if count < len(chunk):
+                break
+        return written
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    async def release(self, fh: int) -> None:
+        opened = self.files.pop(fh, None)
+        if opened is not None and opened.generation == self.host.generation and self.host.is_up:
+            # On failure the connection, and the host's fd with it, is gone anyway.
+            with contextlib.suppress(OSError):
+                await self.host.call(wire.Release(opened.handle), retry=False)
+
+    @errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._on_file(fh, lambda handle: wire.Fsync(handle, int(bool(datasync))), retry=True)
+
+    # -- directories ----------------------------------------------------------------------------------
+
+    @errors
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        path = self.table.path(inode)
+        reply, generation = await self.host.call_on(wire.Opendir(path))
+        assert isinstance(reply, wire.DirReply)
+        fh = next(self._numbers)
+        listing = OpenDir(path, [], reply.handle, bool(reply.eof), generation)
+        self._add_page(listing, reply)
+        self.dirs[fh] = listing
+        return fh
+
+    def _add_page(self, listing: OpenDir, reply: wire.DirReply) -> None:
+        entries = wire.decode_entries(reply.entries)
+        listing.server_count += len(entries)
+        listing.eof, listing.handle = bool(reply.eof), reply.handle
+        if self.mode:
+            entries = [(name, attr) for name, attr in entries if self._visible(listing.path, name)]
+        listing.entries += entries
+
+    @errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        listing = self.dirs.get(fh)
+        if listing is None:
+            raise OSError(errno.EBADF, "no such directory handle")
+        index = start_id
+        while True:
+            if index >= len(listing.entries):
+                if listing.eof:
+                    return
+                await self._more(listing)
+                continue
+            name, attr = listing.entries[index]
+            node = self.table.node_at(join(listing.path, name), (attr.dev, attr.ino))
+            if not pyfuse3.readdir_reply(token, name, self._entry(node, attr), index + 1):
+                self.table.drop_unused(node)
+                return
+            node.lookups += 1
+            index += 1
+
+    async def _more(self, listing: OpenDir) -> None:
+        if listing.generation != self.host.generation:
+            # The host's listing went with the old connection: list again from
+            # the start and keep what follows the entries already returned.
+            reply, generation = await self.host.call_on(wire.Opendir(listing.path))
+            assert isinstance(reply, wire.DirReply)
+            fresh = OpenDir(listing.path, [], reply.handle, bool(reply.eof), generation)
+            self._add_page(fresh, reply)
+            while not fresh.eof and fresh.server_count <= listing.server_count:
+                page = await self.host.call(wire.Readdir(fresh.handle, fresh.server_count))
+                assert isinstance(page, wire.DirReply)
+                self._add_page(fresh, page)
+            fresh.entries[: len(listing.entries)] = listing.entries
+            listing.entries, listing.handle, listing.eof = fresh.entries, fresh.handle, fresh.eof
+            listing.generation, listing.server_count = generation, fresh.server_count
+            return
+        reply = await self.host.call(wire.Readdir(listing.handle, listing.server_count))
+        assert isinstance(reply, wire.DirReply)
+        self._add_page(listing, reply)
+
+    async def releasedir(self, fh: int) -> None:
+        listing = self.dirs.pop(fh, None)
+        if listing is not None and listing.handle and listing.generation == self.host.generation and self.host.is_up:
+            with contextlib.suppress(OSError):
+                await self.host.call(wire.Releasedir(listing.handle), retry=False)
+
+    # -- changing the namespace ------------------------------------------------------------------
+
+    @errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> Any:
+        path = self._child(parent_inode, name)
+        reply = await self.host.call(wire.Mkdir(path, mode, ctx.uid, ctx.gid))
+        return self._remember(path, reply.attr)  # type: ignore[attr-defined]
+
+    @errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> Any:
+        path = self._child(parent_inode, name)
+        reply = await self.host.call(wire.Mknod(path, mode, rdev, ctx.uid, ctx.gid))
+        return self._remember(path, reply.attr)  # type: ignore[attr-defined]
+
+    @errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> Any:
+        path = self._child(parent_inode, name)
+        reply = await self.host.call(wire.Symlink(path, target, ctx.uid, ctx.gid))
+        return self._remember(path, reply.attr)  # type: ignore[attr-defined]
+
+    @errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+        source = self.table.path(inode)
+        path = self._child(new_parent_inode, new_name)
+        reply = await self.host.call(wire.Link(source, path))
+        return self._remember(path, reply.attr)  # type: ignore[attr-defined]
+
+    @errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        path = self._child(parent_inode, name)
+        await self.host.call(wire.Unlink(path))
+        self.table.removed(path)
+
+    @errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        path = self._child(parent_inode, name)
+        await self.host.call(wire.Rmdir(path))
+        self.table.removed(path)
+
+    @errors
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int, ctx: Any
+    ) -> None:
+        old = self._child(parent_inode_old, name_old)
+        new = self._child(parent_inode_new, name_new)
+        await self.host.call(wire.Rename(old, new, flags))
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            self.table.exchanged(old, new)
+        else:
+            self.table.moved(old, new)
+
+    # -- the rest ------------------------------------------------------------------------------------------
+
+    @errors
+    async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
+        reply = await self.host.call(wire.Statfs(b""))
+        assert isinstance(reply, wire.StatfsReply)
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = reply.bsize
+        data.f_frsize = reply.frsize
+        data.f_blocks = reply.blocks
+        data.f_bfree = reply.bfree
+        data.f_bavail = reply.bavail
+        data.f_files = reply.files
+        data.f_ffree = reply.ffree
+        data.f_favail = reply.ffree
+        data.f_namemax = reply.namemax
+        return data
+
+    @errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        reply = await self.host.call(wire.Getxattr(self.table.path(inode), name))
+        return reply.data  # type: ignore[attr-defined]
+
+    @errors
+    async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        reply = await self.host.call(wire.Listxattr(self.table.path(inode)))
+        return [name for name in reply.data.split(b"\0") if name]  # type: ignore[attr-defined]
+
+    @errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any = None) -> None:
+        await self.host.call(wire.Setxattr(self.table.path(inode), name, value))
+
+    @errors
+    async def removexattr(self, inode: int, name: bytes, ctx: Any = None) -> None:
+        await self.host.call(wire.Removexattr(self.table.path(inode), name))

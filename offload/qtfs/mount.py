@@ -1,0 +1,268 @@
+"""Mounting and unmounting: the FUSE session's life, in the foreground or in the background.
+
+`qtfs mount` first connects and mounts on the server (so an unreachable
+host, a refused path or bad credentials fail the command with the reason),
+then mounts with FUSE, then checks that the mount answers (a stat of the
+mount point through the kernel), and only then reports success.  In the
+background (the default, like sshfs) the command forks before any of this;
+the parent waits for the child's one-line report on a pipe and exits 0 or
+non-zero with the reason; the child detaches (new session, stdio to
+/dev/null or --log-file) and serves until unmounted.
+
+A pid file, ``/run/qtfs/<st_dev of the mount>.pid``, lets `qtfs umount`
+wait until the background process has ended.  SIGTERM, SIGINT and SIGHUP
+unmount and end the process; a mount left dead by a killed client
+("Transport endpoint is not connected") is detached by the next mount on
+the same directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from offload import aio, proc, sd
+from offload.errors import OffloadError
+from offload.net import Address, Transport
+from offload.qtfs.client import Link, Mounted
+from offload.qtfs.fuse import Filesystem
+
+log = logging.getLogger("qtfs")
+
+PID_DIR = Path("/run/qtfs")
+READY_TIMEOUT = 15.0
+UMOUNT_WAIT = 10.0
+#: pyfuse3 starts a task per concurrent kernel request, up to this many.
+MAX_TASKS = 64
+
+
+class QtfsMountError(OffloadError):
+    """The mount could not be made; the message says why."""
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    address: Address
+    remote: bytes
+    mountpoint: str
+    mode: str = ""  # "", "proc", "sys"
+    keepalive: float = 6.0
+    reconnect_timeout: float | None = None
+    cache_timeout: float = 0.0
+    node: str = ""
+
+    @property
+    def source(self) -> str:
+        return f"{self.address}:{os.fsdecode(self.remote)}"
+
+
+def fuse_options(options: MountOptions, mounted: Mounted) -> set[str]:
+    result = {
+        f"fsname={options.source.replace(',', '_')}",
+        "subtype=qtfs",
+        # libvirtd's helpers and qemu's user reach these files too; the
+        # kernel checks permissions against the host's modes and owners.
+        "allow_other",
+        "default_permissions",
+    }
+    if mounted.readonly:
+        result.add("ro")
+    return result
+
+
+def _pidfile(dev: int) -> Path:
+    return PID_DIR / f"{dev}.pid"
+
+
+def _clear_dead_mount(path: str) -> None:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            log.info("%s is a dead FUSE mount (its process ended): detaching it", path)
+            proc.run(["fusermount3", "-u", "-z", path], check=False)
+
+
+async def run_mount(options: MountOptions, transport: Transport, ready: Callable[[], None] = lambda: None) -> None:
+    """Mount and serve until unmounted or signalled."""
+    if not os.path.isdir(options.mountpoint):
+        raise QtfsMountError(f"mount point {options.mountpoint} is not a directory")
+    _clear_dead_mount(options.mountpoint)
+    link = Link(
+        transport,
+        options.address,
+        options.remote,
+        node=options.node,
+        keepalive=options.keepalive,
+        reconnect_timeout=options.reconnect_timeout,
+    )
+    async with aio.open_nursery() as nursery:
+        try:
+            mounted = await nursery.start(link.run)
+        except OSError as exc:
+            raise QtfsMountError(f"{options.source}: {exc.strerror or exc}") from None
+        filesystem = Filesystem(link, mounted, options.mode, options.cache_timeout)
+        try:
+            pyfuse3.init(filesystem, options.mountpoint, fuse_options(options, mounted))
+        except RuntimeError as exc:
+            raise QtfsMountError(f"cannot mount FUSE on {options.mountpoint}: {exc}") from None
+        unmounted_by_kernel = False
+        pidfile: Path | None = None
+        try:
+
+            async def serve() -> None:
+                nonlocal unmounted_by_kernel
+                await pyfuse3.main(min_tasks=2, max_tasks=MAX_TASKS)
+                unmounted_by_kernel = True
+                log.info("%s was unmounted", options.mountpoint)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(serve)
+            nursery.start_soon(_signals, nursery.cancel_scope)
+            with trio.fail_after(READY_TIMEOUT):
+                st = await trio.to_thread.run_sync(os.stat, options.mountpoint)
+            pidfile = _write_pidfile(st.st_dev)
+            log.info(
+                "mounted %s on %s%s", options.source, options.mountpoint, " (read-only)" if mounted.readonly else ""
+            )
+            ready()
+            sd.notify("READY=1")
+            await trio.sleep_forever()
+        finally:
+            with contextlib.suppress(Exception):
+                pyfuse3.close(unmount=not unmounted_by_kernel)
+            if pidfile is not None:
+                with contextlib.suppress(OSError):
+                    pidfile.unlink()
+
+
+def _write_pidfile(dev: int) -> Path | None:
+    try:
+        PID_DIR.mkdir(parents=True, exist_ok=True)
+        path = _pidfile(dev)
+        path.write_text(f"{os.getpid()}\n")
+        return path
+    except OSError as exc:
+        log.debug("no pid file: %s", exc)
+        return None
+
+
+async def _signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+def background(run: Callable[[Callable[[], None]], None], log_file: str | None) -> int:
+    """Fork; the child calls ``run(ready)`` and serves on; the parent returns the exit status.
+
+    The child's ``ready()`` tells the parent "mounted" and detaches from the
+    terminal and from the caller's pipes (a caller capturing our output
+    must see EOF once we returned).
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        report = b""
+        with os.fdopen(read_end, "rb") as pipe:
+            report = pipe.read()
+        if report.startswith(b"ok"):
+            return 0
+        # The child failed before it was ready: reap it and pass its reason on.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        message = report.decode(errors="replace").strip() or "the mount process ended without a report"
+        print(f"qtfs mount: {message}", file=sys.stderr)
+        return 1
+    os.close(read_end)
+    os.setsid()
+    reported = False
+
+    def ready() -> None:
+        nonlocal reported
+        os.write(write_end, b"ok\n")
+        os.close(write_end)
+        reported = True
+        _detach(log_file)
+
+    status = 0
+    try:
+        run(ready)
+    except OffloadError as exc:
+        status = 1
+        if not reported:
+            os.write(write_end, str(exc).encode() + b"\n")
+        log.error("%s", exc)
+    except BaseException as exc:  # the report must reach the parent whatever happened
+        status = 1
+        if not reported:
+            os.write(write_end, f"internal error: {exc!r}\n".encode())
+        log.exception("the mount process failed")
+    finally:
+        if not reported:
+            with contextlib.suppress(OSError):
+                os.close(write_end)
+    os._exit(status)
+
+
+def _detach(log_file: str | None) -> None:
+    target = os.open(log_file or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(target, 1)
+    os.dup2(target, 2)
+    os.close(null)
+    os.close(target)
+
+
+def umount(path: str) -> None:
+    """Unmount a qtfs mount and wait for its process to end."""
+    try:
+        dev = os.stat(path).st_dev
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise QtfsMountError(f"{path}: {exc.strerror}") from None
+        proc.run(["fusermount3", "-u", "-z", path])
+        return
+    pid = None
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(_pidfile(dev).read_text())
+    try:
+        proc.run(["fusermount3", "-u", path])
+    except OffloadError as exc:
+        raise QtfsMountError(str(exc)) from None
+    if pid is None:
+        return
+    deadline = time.monotonic() + UMOUNT_WAIT
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return
+        time.sleep(0.02)
+    log.warning("the qtfs process %d did not end after the unmount: ending it", pid)
+    proc.end_pid(pid)
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` is still a running qtfs process (a stale pid file may name a reused pid)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            state = file.read().rpartition(")")[2].split()[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            ours = b"qtfs" in file.read()
+    except (OSError, IndexError):
+        return False
+    return ours and state != "Z"

@@ -1,0 +1,105 @@
+"""Opening paths below an export root without ever leaving it.
+
+Every path a client sends is relative to its mount root and was checked
+for ``..`` and empty components by the protocol.  What remains is symlinks:
+a component that is a symlink pointing outside the root (absolute, or
+climbing with ``..``) must not be followed.  openat2(2) with
+RESOLVE_BENEATH refuses exactly that in the kernel (EXDEV), race-free, and
+RESOLVE_NO_MAGICLINKS refuses /proc-style magic links.  Python has no
+os.openat2, so it is called through ctypes; where the kernel lacks it
+(before 5.6, ENOSYS) each directory component is opened with O_NOFOLLOW
+instead, which refuses every symlink on the way (stricter, still safe).
+The final component is never followed: FUSE resolves symlinks on the
+client side (readlink), so the server acts on the link itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+SYS_OPENAT2 = 437  # the same number on every architecture (asm-generic)
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_BENEATH = 0x08
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_have_openat2: bool | None = None
+
+
+class Escape(PermissionError):
+    """The path leaves the export (a symlink pointing out of it)."""
+
+
+def openat2(dirfd: int, path: bytes, flags: int, mode: int = 0) -> int:
+    """openat2(dirfd, path, flags, RESOLVE_BENEATH|RESOLVE_NO_MAGICLINKS); OSError on failure."""
+    global _have_openat2
+    if _have_openat2 is not False:
+        how = _OpenHow(flags | os.O_CLOEXEC, mode, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
+        for _ in range(8):
+            fd = _syscall(SYS_OPENAT2, dirfd, path, ctypes.byref(how), ctypes.sizeof(how))
+            if fd >= 0:
+                _have_openat2 = True
+                return fd
+            err = ctypes.get_errno()
+            if err == errno.EAGAIN:  # a concurrent rename or mount: the kernel asks us to retry
+                continue
+            if err == errno.ENOSYS:
+                _have_openat2 = False
+                break
+            if err == errno.EXDEV:
+                raise Escape(errno.EACCES, "path leaves the export", os.fsdecode(path))
+            raise OSError(err, os.strerror(err), os.fsdecode(path))
+        else:
+            raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN), os.fsdecode(path))
+    return _walk(dirfd, path, flags, mode)
+
+
+def _walk(dirfd: int, path: bytes, flags: int, mode: int) -> int:
+    """The fallback: one O_NOFOLLOW open per component."""
+    parts = path.split(b"/") if path else []
+    current = dirfd
+    try:
+        for part in parts[:-1]:
+            try:
+                fd = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=current)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(
+                    f"/proc/self/fd/{current}/{os.fsdecode(part)}"
+                ):
+                    raise Escape(errno.EACCES, "symlink on the way", os.fsdecode(path)) from None
+                raise
+            if current != dirfd:
+                os.close(current)
+            current = fd
+        last = parts[-1] if parts else b"."
+        return os.open(last, flags | os.O_CLOEXEC, mode, dir_fd=current)
+    finally:
+        if current != dirfd:
+            os.close(current)
+
+
+def open_parent(root: int, path: bytes) -> tuple[int, bytes]:
+    """(fd of the directory holding ``path``, last component); the fd is ``root`` itself for top-level names.
+
+    The caller closes the fd unless it is ``root``.
+    """
+    head, slash, name = path.rpartition(b"/")
+    if not slash:
+        return root, path
+    return openat2(root, head, _DIR_FLAGS), name
+
+
+def open_path(root: int, path: bytes) -> int:
+    """An O_PATH fd of ``path`` itself (a symlink stays a symlink)."""
+    if not path:
+        return os.dup(root)
+    return openat2(root, path, os.O_PATH | os.O_NOFOLLOW)

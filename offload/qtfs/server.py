@@ -1,0 +1,208 @@
+"""qtfs serve: the host side.  Serves exported directories to authenticated DPU clients.
+
+One connection is one mount.  Requests of a connection are read in
+batches and answered in order of completion: operations on local files
+run inline in the event loop (a stat, a page-cache read: microseconds, less
+than a thread hand-off costs), fsync runs in a thread so a slow flush never
+holds up the connection's other requests.  Replies of one batch leave in
+one send.  A read's data is read straight into the buffer that is sent,
+behind room for the frame header (no copy).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+
+import trio
+
+from offload import aio
+from offload.errors import ConfigError, ProtocolError, TransportError
+from offload.net import Transport, listener_address, parse_address
+from offload.protocol import qtfs as wire
+from offload.protocol.framing import HEADER_SIZE
+from offload.qtfs.backend import Backend, Export
+from offload.qtfs.whitelist import Whitelist
+
+log = logging.getLogger("qtfs")
+
+#: A client pings every few seconds; this much silence means it is gone,
+#: and its open files are closed.
+IDLE_TIMEOUT = 60.0
+RECEIVE_SIZE = 1 << 20
+#: Operations that may block for long run in a thread.
+THREADED = frozenset({wire.Op.FSYNC})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[str, ...]
+    exports: tuple[Export, ...]
+    whitelist: Whitelist = field(default_factory=Whitelist)
+    node: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.exports:
+            raise ConfigError("nothing to serve: give at least one --export PATH")
+        for export in self.exports:
+            if not os.path.isdir(export.path):
+                raise ConfigError(f"export {os.fsdecode(export.path)} is not a directory")
+
+    @property
+    def node_name(self) -> str:
+        return self.node or os.uname().nodename
+
+
+async def send_parts(stream: trio.abc.Stream, parts: list[bytes | memoryview]) -> None:
+    if len(parts) == 1:
+        await stream.send_all(parts[0])
+    elif hasattr(stream, "send_parts"):
+        await stream.send_parts(tuple(parts))
+    else:
+        await stream.send_all(b"".join(parts))
+
+
+class Session:
+    """One client connection: its backend (mount root, handles) and its request loop."""
+
+    def __init__(self, config: ServerConfig, stream: trio.abc.Stream, peer: str, epoch: int) -> None:
+        self.config = config
+        self.stream = stream
+        self.peer = peer
+        self.epoch = epoch
+        self.conn = wire.QtfsConnection(client=False)
+        self.backend = Backend(config.exports, config.whitelist)
+        self.handlers = self.backend.handlers()
+        self.send_lock = trio.Lock()
+
+    async def run(self) -> None:
+        try:
+            async with aio.open_nursery() as nursery:
+                await self.stream.send_all(self.conn.send_hello(wire.Hello(self.config.node_name, epoch=self.epoch)))
+                while True:
+                    with trio.fail_after(IDLE_TIMEOUT):
+                        data = await self.stream.receive_some(RECEIVE_SIZE)
+                    self.conn.receive_data(data)
+                    out: list[bytes | memoryview] = []
+                    closed = self._drain(out, nursery)
+                    if out:
+                        async with self.send_lock:
+                            await send_parts(self.stream, out)
+                    if closed:
+                        break
+                nursery.cancel_scope.cancel()
+        finally:
+            self.backend.close()
+
+    def _drain(self, out: list[bytes | memoryview], nursery: trio.Nursery) -> bool:
+        conn = self.conn
+        while True:
+            event = conn.next_event()
+            if event is None:
+                return False
+            if isinstance(event, wire.Closed):
+                return True
+            if isinstance(event, wire.Call):
+                self._call(event, out, nursery)
+            elif isinstance(event, wire.Ping):
+                out.append(conn.send_pong(event.token))
+
+    def _call(self, call: wire.Call, out: list[bytes | memoryview], nursery: trio.Nursery) -> None:
+        request = call.request
+        op = wire.OP_OF[type(request)]
+        try:
+            if op is wire.Op.READ:
+                out.append(self._read(call.id, request))  # type: ignore[arg-type]
+                return
+            if op in THREADED:
+                nursery.start_soon(self._threaded, call.id, op, request)
+                return
+            reply = self.handlers[op](request)
+        except OSError as exc:
+            out.append(self._failure(call.id, op, request, exc))
+            return
+        out.append(self.conn.send_result(call.id, reply))
+
+    def _read(self, id: int, request: wire.Read) -> memoryview:
+        fd = self.backend.files.get(request.handle)
+        size = min(request.size, wire.MAX_IO)
+        buffer = bytearray(HEADER_SIZE + size)
+        view = memoryview(buffer)
+        count = os.preadv(fd, [view[HEADER_SIZE:]], request.offset)
+        view[:HEADER_SIZE] = self.conn.result_header(id, count)
+        return view[: HEADER_SIZE + count]
+
+    def _failure(self, id: int, op: wire.Op, request: wire.Message, exc: OSError) -> bytes:
+        number = exc.errno or errno.EIO
+        if number not in (errno.ENOENT, errno.ENODATA, errno.EEXIST, errno.ENOTEMPTY):
+            log.debug("%s %s from %s: %s", op.name, request, self.peer, os.strerror(number))
+        return self.conn.send_failure(id, number)
+
+    async def _threaded(self, id: int, op: wire.Op, request: wire.Message) -> None:
+        try:
+            reply = await trio.to_thread.run_sync(self.handlers[op], request)
+            data = self.conn.send_result(id, reply)
+        except OSError as exc:
+            data = self._failure(id, op, request, exc)
+        async with self.send_lock:
+            await self.stream.send_all(data)
+
+
+async def serve(
+    config: ServerConfig,
+    transport: Transport,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    # The client's kernel applied the caller's umask already; ours must not
+    # apply a second one.
+    os.umask(0)
+    epoch = random.getrandbits(63) or 1
+    listeners = []
+    for text in config.listen:
+        listeners.extend(await transport.listen(parse_address(text)))
+
+    async def session(raw: trio.SocketStream) -> None:
+        where = _where(raw)
+        try:
+            connected = await transport.accept(raw, where)
+        except (TransportError, trio.TooSlowError) as exc:
+            log.warning("refused a connection from %s: %s", where, exc)
+            await trio.aclose_forcefully(raw)
+            return
+        async with connected.stream:
+            try:
+                await Session(config, connected.stream, connected.peer, epoch).run()
+            except (TransportError, ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.info("connection from %s ended: %s", connected.peer, exc or type(exc).__name__)
+            except trio.TooSlowError:
+                log.info("connection from %s idle for %.0f s: closed", connected.peer, IDLE_TIMEOUT)
+
+    async with aio.open_nursery() as nursery:
+
+        async def accept(listener: trio.SocketListener) -> None:
+            async with aio.open_nursery() as sessions:
+                while True:
+                    raw = await listener.accept()
+                    sessions.start_soon(aio.guarded, log, "qtfs connection", lambda r=raw: session(r))
+
+        for listener in listeners:
+            nursery.start_soon(accept, listener)
+        bound = [listener_address(listener) for listener in listeners]
+        log.info(
+            "qtfs ready on %s, exporting %s",
+            ", ".join(bound),
+            ", ".join(os.fsdecode(e.path) + (" (ro)" if e.readonly else "") for e in config.exports),
+        )
+        task_status.started(bound)
+
+
+def _where(raw: trio.SocketStream) -> str:
+    try:
+        name = raw.socket.getpeername()
+    except OSError:
+        return "?"
+    return f"{name[0]}:{name[1]}" if isinstance(name, tuple) else str(name or "unix peer")
