@@ -568,3 +568,84 @@ async def test_errors_reach_a_real_program(pair: Path) -> None:
     assert result.returncode == 0, result.stderr
     # Missing and refused over there; refused by the host's allowlist; not carried here (its own ENOENT).
     assert result.stdout.decode().split() == ["ENOENT", "ECONNREFUSED", "EACCES", "ENOENT"]
+
+
+BULK_PIPE_CLIENT = textwrap.dedent(
+    """
+    import hashlib, os, socket, sys, threading
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    r, w = os.pipe()
+    socket.send_fds(s, [b"P"], [r])
+    os.close(r)
+    block = bytes(range(256)) * 4096  # 1 MiB
+    digest = hashlib.sha256()
+    def feed():
+        for _ in range(24):
+            os.write(w, block)
+            digest.update(block)
+        os.close(w)
+    writer = threading.Thread(target=feed)
+    writer.start()
+    # While the pipe's bytes flow (and the far reader is slow), the socket still answers.
+    for n in range(20):
+        s.sendall(b"ping%d;" % n)
+        assert s.recv(100) == b"pong%d;" % n
+    writer.join()
+    s.shutdown(socket.SHUT_WR)
+    print(s.recv(100).decode() == digest.hexdigest())
+    """
+)
+
+
+def bulk_pipe_server(path: str) -> threading.Thread:
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+
+    def serve() -> None:
+        import hashlib
+        import time
+
+        conn, _ = listener.accept()
+        listener.close()
+        with conn:
+            _, fds, _, _ = socket.recv_fds(conn, 1, 1)
+            digest = hashlib.sha256()
+
+            def drain() -> None:
+                while chunk := os.read(fds[0], 65536):
+                    digest.update(chunk)
+                    time.sleep(0.002)  # a slow reader
+                os.close(fds[0])
+
+            reader = threading.Thread(target=drain)
+            reader.start()
+            while data := conn.recv(100):
+                conn.sendall(data.replace(b"ping", b"pong"))
+            reader.join()
+            conn.sendall(digest.hexdigest().encode())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a private mount namespace")
+@pytest.mark.skipif(not (NATIVE / "libudsproxy.so").exists(), reason="the shim is not built (run make setup)")
+async def test_a_slow_pipe_reader_does_not_stall_the_socket(pair: Path) -> None:
+    server = bulk_pipe_server(str(pair / "remote" / "bulk.sock"))
+    env = dict(os.environ, LD_PRELOAD=str(NATIVE / "libudsproxy.so"), UDSPROXY_SOCKET=str(pair / "a" / "udsproxy.sock"))
+    with trio.fail_after(60):
+        result = await trio.run_process(
+            proc.with_hidden_dir(
+                pair / "remote", [sys.executable, "-c", BULK_PIPE_CLIENT, str(pair / "remote" / "bulk.sock")]
+            ),
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    server.join(10)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().strip() == "True"
