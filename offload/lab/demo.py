@@ -79,6 +79,7 @@ def run(lab: Lab, domain_type: str = "qemu") -> None:
         return f"vmlinuz and initrd.gz in {IMAGES} on the host side"
 
     _step("images on the host", images)
+
     def define() -> str:
         virsh.define(domain)
         return f"{DOMAIN}, type {domain.type}, emulator {domain.emulator}"

@@ -72,7 +72,7 @@ def start(lab: Lab) -> list[str]:
     proc.run(
         lab.command(
             "dpu",
-            [*offload_cli, "rootfs", "build", "--mode", "overlay", "--host", lab.host.link.address, str(root)],
+            [*offload_cli, "rootfs", "build", "--mode", "overlay", "--host", lab.rexec_address(lab.host), str(root)],
         ),
         timeout=600,
     )
@@ -120,11 +120,15 @@ def _start_chrooted(lab: Lab, key: str, root: Path, argv: list[str], env: dict[s
     log_path = lab.dir / f"{key}.log"
     with open(log_path, "ab") as log_file:
         child = proc.spawn(
-            lab.command("dpu", ["chroot", str(root), *argv], cwd="/"),
+            # The environment is set inside the chroot: LD_PRELOAD names a
+            # path there, and `chroot` itself must not try to load it.
+            lab.command(
+                "dpu", ["chroot", str(root), "/usr/bin/env", *(f"{k}={v}" for k, v in env.items()), *argv], cwd="/"
+            ),
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env=_clean_env(env),
+            env=_clean_env(),
             start_new_session=True,
         )
     lab._record(key, child.pid)

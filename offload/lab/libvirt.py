@@ -96,7 +96,8 @@ class Virsh:
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            result = proc.run(self.argv("version"), check=False, timeout=30, env=self._env)
+            # `list` answers before the emulator's capabilities are probed.
+            result = proc.run(self.argv("list", "--all"), check=False, timeout=30, env=self._env)
             if result.returncode == 0:
                 return
             if time.monotonic() > deadline:
