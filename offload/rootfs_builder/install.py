@@ -210,8 +210,10 @@ def apply(root: Path, items: list[Payload], say: Say) -> list[str]:
 def missing_packages(root: Path) -> list[str]:
     needed = []
     if not os.path.lexists(inside(root, PYTHON)):
-        # The stand-in is Python; a minimal interpreter is 5 MB (debootstrap minbase has none).
-        needed.append("python3-minimal")
+        # The stand-in is Python (debootstrap minbase has none).  python3-minimal
+        # alone lacks _json, which the stand-in's messages use: python3 is
+        # python3-minimal plus the standard library's C modules.
+        needed.append("python3")
     if not all(os.path.lexists(root / path) for path in LIBVIRT_FILES):
         needed += LIBVIRT_PACKAGES
     return needed
@@ -223,7 +225,7 @@ def ensure_packages(root: Path, say: Say, *, apt: bool = True) -> list[str]:
     if not needed:
         return []
     if not apt:
-        if "python3-minimal" in needed:
+        if "python3" in needed:
             raise InstallError(f"{root} has no {PYTHON}, which the rexec stand-in needs (and --no-apt was given)")
         say(f"libvirt is missing in {root} ({', '.join(LIBVIRT_FILES)}); --no-apt: not installing it")
         return []
