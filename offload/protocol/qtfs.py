@@ -655,6 +655,14 @@ class Call:
 
 
 @dataclass(frozen=True, slots=True)
+class BadCall:
+    """A well-framed request whose fields are refused (a '..' component, a bad name): answer EACCES."""
+
+    id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Result:
     id: int
     reply: Message
@@ -687,7 +695,7 @@ class Closed:
         return "Closed()"
 
 
-Event = Hello | Call | Result | Failure | Ping | Pong | Closed
+Event = Hello | Call | BadCall | Result | Failure | Ping | Pong | Closed
 _TOKEN = struct.Struct("!Q")
 
 
@@ -780,7 +788,11 @@ class QtfsConnection:
                 raise RemoteProtocolError(f"unknown op {payload[0]}") from None
             if channel == 0:
                 raise RemoteProtocolError("request id 0")
-            return Call(channel, REQUESTS[op].decode(memoryview(payload)[1:], op.name))
+            try:
+                return Call(channel, REQUESTS[op].decode(memoryview(payload)[1:], op.name))
+            except RemoteProtocolError as exc:
+                # The frame is intact, so the stream stays in step: refuse this request only.
+                return BadCall(channel, str(exc))
         if kind in (T_REPLY, T_ERROR) and self.client:
             op_pending = self._pending.pop(channel, None)
             if op_pending is None:

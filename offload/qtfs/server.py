@@ -107,6 +107,9 @@ class Session:
                 return True
             if isinstance(event, wire.Call):
                 self._call(event, out, nursery)
+            elif isinstance(event, wire.BadCall):
+                log.warning("refused a request from %s: %s", self.peer, event.reason)
+                out.append(conn.send_failure(event.id, errno.EACCES))
             elif isinstance(event, wire.Ping):
                 out.append(conn.send_pong(event.token))
 

@@ -80,6 +80,8 @@ def parse(text: str, source: str = "whitelist") -> Whitelist:
             raise ConfigError(f"{where}: {key.strip()}= outside a section")
         if key.strip() != "Path":
             raise ConfigError(f"{where}: unknown key {key.strip()!r} (only Path=)")
+        if section in IGNORED:
+            continue  # [Kill] names programs, [Udsconnect] sockets: not ours to check
         for item in value.split(";"):
             item = item.strip()
             if not item:
