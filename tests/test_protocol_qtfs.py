@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 
@@ -197,7 +198,7 @@ def test_protocol_violations() -> None:
 
 
 def test_end_of_stream() -> None:
-    client, server = pair()
+    _client, server = pair()
     server.receive_data(b"")
     assert isinstance(server.next_event(), wire.Closed)
 
@@ -221,7 +222,5 @@ def test_any_request_survives_any_split(path: bytes, data: bytes, offset: int, s
 def test_junk_never_crashes_the_decoder(junk: bytes) -> None:
     _, server = pair()
     server.receive_data(encode_frame(wire.T_REQUEST, 1, junk))
-    try:
+    with contextlib.suppress(RemoteProtocolError):
         events(server)
-    except RemoteProtocolError:
-        pass
