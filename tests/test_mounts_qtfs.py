@@ -42,7 +42,10 @@ def qtfs_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     port = _free_port()
     address = f"127.0.0.1:{port}"
     server = subprocess.Popen(
-        [str(BIN / "qtfs"), "serve", "--listen", f"tcp://{address}", "--insecure", "--export", str(export)],
+        [
+            *(str(BIN / "qtfs"), "serve", "--listen", f"tcp://{address}", "--insecure"),
+            *("--export", str(export), "--export", "/proc:ro", "--export", "/sys:ro"),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=open(tmp_path / "server.log", "wb"),  # noqa: SIM115 (as long as the server)
     )
@@ -76,20 +79,21 @@ def _end_clients(target: str) -> list[int]:
     return left
 
 
-def test_prepare_mounts_the_hosts_exports_and_teardown_ends_the_clients(qtfs_server, tmp_path: Path) -> None:
+def test_prepare_mounts_the_hosts_exports_and_facts_and_teardown_ends_the_clients(qtfs_server, tmp_path: Path) -> None:
     address, export = qtfs_server
     target = tmp_path / "another_rootfs"
     target.mkdir()
     config = tmp_path / "prepare.toml"
-    config.write_text(
-        f'host = "{address}"\ninsecure = true\nexports = ["{export}"]\n'
-        f'proc_facts = false\nsys_facts = false\nqtfs_command = "{BIN / "qtfs"}"\n'
-    )
+    config.write_text(f'host = "{address}"\ninsecure = true\nexports = ["{export}"]\nqtfs_command = "{BIN / "qtfs"}"\n')
+    facts = f'awk \'$5 == "{target}/proc/meminfo" || $5 == "{target}/sys/devices/system" {{print $5, $8}}\' /proc/self/mountinfo'
     try:
         result = shell(
             f"""
             offload prepare --target {target} --config {config} 2>&1; echo "@@prepare rc=$?"
             cat {target}{export}/hello.txt; echo "@@read rc=$?"
+            {facts}; echo "@@facts rc=0"
+            sh -c 'echo $$; exec readlink {target}/proc/self'; echo "@@self rc=0"
+            head -1 {target}/proc/meminfo; echo "@@meminfo rc=$?"
             offload status --target {target} --config {config}; echo "@@status rc=$?"
             offload prepare --target {target} --config {config} | tail -1; echo "@@again rc=$?"
             offload teardown --target {target} --config {config} 2>&1; echo "@@teardown rc=$?"
@@ -103,6 +107,15 @@ def test_prepare_mounts_the_hosts_exports_and_teardown_ends_the_clients(qtfs_ser
     assert out["prepare.rc"] == "0", out.get("prepare", result.stderr)
     assert f"qtfs {address}:{export} on {target}{export}" in out["prepare"]
     assert out["read"].strip() == "from the host"
+    # the host's facts are bound over the target's own /proc and /sys ...
+    assert out["facts"].splitlines() == [
+        f"{target}/proc/meminfo fuse.qtfs",
+        f"{target}/sys/devices/system fuse.qtfs",
+    ]
+    assert out["meminfo"].startswith("MemTotal:")
+    # ... while /proc/self stays this machine's
+    pid, link = out["self"].split()
+    assert link == pid
     assert out["status.rc"] == "0"
     assert " 0 new," in out["again"]
     assert out["teardown.rc"] == "0" and out["left"].strip() == "0"

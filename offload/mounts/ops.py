@@ -47,7 +47,8 @@ def is_qtfs(entry: MountEntry) -> bool:
 
 
 def is_userspace_qtfs(entry: MountEntry) -> bool:
-    return entry.fstype.startswith("fuse") and is_qtfs(entry)
+    """A qtfs client's own FUSE mount (a bind of something inside one has another root)."""
+    return entry.fstype.startswith("fuse") and is_qtfs(entry) and entry.root == "/"
 
 
 class Context(Protocol):
