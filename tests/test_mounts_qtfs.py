@@ -120,3 +120,29 @@ def test_prepare_mounts_the_hosts_exports_and_facts_and_teardown_ends_the_client
     assert " 0 new," in out["again"]
     assert out["teardown.rc"] == "0" and out["left"].strip() == "0"
     assert leftover_clients == []
+
+
+def test_a_failure_after_the_qtfs_mounts_ends_their_clients(qtfs_server, tmp_path: Path) -> None:
+    address, export = qtfs_server
+    target = tmp_path / "another_rootfs"
+    target.mkdir()
+    config = tmp_path / "prepare.toml"
+    config.write_text(f'host = "{address}"\ninsecure = true\nexports = ["{export}"]\nqtfs_command = "{BIN / "qtfs"}"\n')
+    try:
+        result = shell(
+            f"""
+            last=$(offload prepare --dry-run --target {target} --config {config} | sed -n '1s/.*: \\([0-9]*\\) steps/\\1/p')
+            offload prepare --target {target} --config {config} --fail-at-step $last 2>&1; echo "@@prepare rc=$?"
+            grep -c " {target}/" /proc/self/mountinfo; echo "@@left rc=$?"
+            """,
+            timeout=120,
+        )
+    finally:
+        leftover_clients = _end_clients(str(target))
+    out = sections(result.stdout)
+    assert out["prepare.rc"] == "1"
+    assert "(ECANCELED)" in out["prepare"]
+    for mount in (f"{target}{export}", f"{target}/run/offload/qtfs-proc", f"{target}/run/offload/qtfs-sys"):
+        assert f"rollback: qtfs umount {mount}" in out["prepare"]
+    assert out["left"].strip() == "0"
+    assert leftover_clients == []
