@@ -217,35 +217,30 @@ class Backend:
             os.close(target)
 
     def _set_on_fd(self, fd: int, request: wire.Setattr, valid: int, by_path: bool = False) -> None:
-        # An O_PATH fd allows no fchmod or ftruncate; its /proc/self/fd link names
-        # exactly the inode it was opened on, so operating through it is race-free.
+        # An O_PATH fd allows no fchmod or ftruncate; its /proc/self/fd magic link
+        # resolves to exactly the inode it was opened on (a symlink stays that
+        # symlink, never its target), so operating through it is race-free.
         where: int | str = f"/proc/self/fd/{fd}" if by_path else fd
+        st = os.stat(fd)
         if valid & wire.SET_MODE:
-            if by_path and stat.S_ISLNK(os.stat(fd).st_mode):
+            if stat.S_ISLNK(st.st_mode):
                 raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")
             os.chmod(where, stat.S_IMODE(request.mode))
         if valid & (wire.SET_UID | wire.SET_GID):
             uid = request.uid if valid & wire.SET_UID else -1
             gid = request.gid if valid & wire.SET_GID else -1
-            if by_path:
-                os.chown(where, uid, gid, follow_symlinks=False)
-            else:
-                os.fchown(fd, uid, gid)
+            os.chown(where, uid, gid)
         if valid & wire.SET_SIZE:
             os.truncate(where, request.size)
         if valid & (wire.SET_ATIME | wire.SET_MTIME | wire.SET_ATIME_NOW | wire.SET_MTIME_NOW):
             now = time.time_ns()
-            st = os.stat(fd)
             atime = (
                 now if valid & wire.SET_ATIME_NOW else request.atime_ns if valid & wire.SET_ATIME else st.st_atime_ns
             )
             mtime = (
                 now if valid & wire.SET_MTIME_NOW else request.mtime_ns if valid & wire.SET_MTIME else st.st_mtime_ns
             )
-            if by_path and stat.S_ISLNK(st.st_mode):
-                os.utime(where, ns=(atime, mtime), follow_symlinks=False)
-            else:
-                os.utime(where, ns=(atime, mtime))
+            os.utime(where, ns=(atime, mtime))
 
     def readlink(self, request: wire.Readlink) -> wire.DataReply:
         return wire.DataReply(self._in_parent(request.path, lambda parent, name: os.readlink(name, dir_fd=parent)))

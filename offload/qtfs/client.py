@@ -176,7 +176,10 @@ class Link:
                         elif isinstance(event, wire.Closed):
                             raise TransportError(f"{self.address} closed the connection", address=str(self.address))
             if isinstance(reply, wire.Failure):
-                raise OSError(reply.errno, f"{self.address} refused to mount {os.fsdecode(self.remote)}")
+                raise OSError(
+                    reply.errno,
+                    f"{self.address} refused to mount {os.fsdecode(self.remote)}: {os.strerror(reply.errno)}",
+                )
             assert isinstance(reply, wire.Result) and isinstance(reply.reply, wire.MountReply)
             assert hello is not None
         except BaseException:

@@ -45,6 +45,8 @@ READY_TIMEOUT = 15.0
 UMOUNT_WAIT = 10.0
 #: pyfuse3 starts a task per concurrent kernel request, up to this many.
 MAX_TASKS = 64
+#: What a FUSE mount whose process died answers (ECONNABORTED on newer kernels).
+DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
 
 
 class QtfsMountError(OffloadError):
@@ -89,16 +91,16 @@ def _clear_dead_mount(path: str) -> None:
     try:
         os.stat(path)
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
+        if exc.errno in DEAD:
             log.info("%s is a dead FUSE mount (its process ended): detaching it", path)
             proc.run(["fusermount3", "-u", "-z", path], check=False)
 
 
 async def run_mount(options: MountOptions, transport: Transport, ready: Callable[[], None] = lambda: None) -> None:
     """Mount and serve until unmounted or signalled."""
+    _clear_dead_mount(options.mountpoint)
     if not os.path.isdir(options.mountpoint):
         raise QtfsMountError(f"mount point {options.mountpoint} is not a directory")
-    _clear_dead_mount(options.mountpoint)
     link = Link(
         transport,
         options.address,
@@ -234,7 +236,7 @@ def umount(path: str) -> None:
     try:
         dev = os.stat(path).st_dev
     except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
+        if exc.errno not in DEAD:
             raise QtfsMountError(f"{path}: {exc.strerror}") from None
         proc.run(["fusermount3", "-u", "-z", path])
         return
