@@ -59,3 +59,9 @@ def test_chrooted_libvirt_units_preload_the_shim_after_prepare() -> None:
         assert "LD_PRELOAD=/usr/lib/offload/libudsproxy.so" in unit["Environment"], name
         assert any(e.startswith("UDSPROXY_SOCKET=") for e in unit["Environment"]), name
         assert "offload-prepare.service" in unit["Requires"][0] and "offload-prepare.service" in unit["After"][0]
+
+
+def test_qtfs_server_unit_exists() -> None:
+    unit = next(u for u in UNITS if u.name == "qtfs-server.service")
+    text = unit.read_text()
+    assert "Type=notify" in text and "qtfs serve" in text
