@@ -44,6 +44,7 @@ def _inner(target: str, runs: int) -> dict[str, object]:
         "prepare": [],
         "teardown": [],
         "in_process": [],
+        "in_process_down": [],
         "module_up": [],
         "module_down": [],
         "sh_up": [],
@@ -59,7 +60,11 @@ def _inner(target: str, runs: int) -> dict[str, object]:
         figures["in_process"].append(float(done.stdout.splitlines()[-1].rsplit(" in ", 1)[1].split()[0]) / 1000)
         down = subprocess.run([OFFLOAD, "teardown", "--dry-run", *common], check=True, capture_output=True, text=True)
         mounts = len(down.stdout.splitlines())
-        figures["teardown"].append(_timed([OFFLOAD, "teardown", *common]))
+        started = time.perf_counter()
+        gone = subprocess.run([OFFLOAD, "teardown", *common], check=True, capture_output=True, text=True)
+        figures["teardown"].append(time.perf_counter() - started)
+        # "tore down T: N unmounted, in N ms; nothing is mounted below it"
+        figures["in_process_down"].append(float(gone.stdout.splitlines()[-1].split(" in ")[1].split()[0]) / 1000)
         figures["module_up"].append(_timed([*module, "prepare", *common]))
         figures["module_down"].append(_timed([*module, "teardown", *common]))
         figures["sh_up"].append(_timed(["sh", str(script)]))
@@ -95,6 +100,7 @@ def prepare_rows() -> list[tuple[str, str, str]]:
         ("`offload prepare` wall time", ms(m["prepare"]), f"{plan}; whole command incl. Python start"),
         ("  of which the plan itself", ms(m["in_process"]), "mount(2)/mknod(2) from one process"),
         ("`offload teardown` wall time", ms(m["teardown"]), "from mountinfo, newest first, then checked"),
+        ("  of which the teardown itself", ms(m["in_process_down"]), "umount2(2) from one process"),
         ("`python -m offload.mounts prepare`", ms(m["module_up"]), "the same without the umbrella command's imports"),
         ("`python -m offload.mounts teardown`", ms(m["module_down"]), ""),
         ("same plan as a shell script", ms(m["sh_up"]), "one mount(8)/mknod process per step (reference style)"),
