@@ -96,3 +96,7 @@ class MountBusy(MountError):
     def __init__(self, message: str, *, path: str, errno: int | None, holders: tuple[str, ...]) -> None:
         super().__init__(message, path=path, errno=errno)
         self.holders = holders
+
+
+class StepFailed(MountError):
+    """A step of `offload prepare` failed; what that run had done is undone."""

@@ -340,6 +340,19 @@ def test_qtfs_program_failure_is_reported_and_undone(target: str, tmp_path: Path
     assert "status 1" in message and left == []
 
 
+def test_a_missing_qtfs_program_fails_its_step(target: str) -> None:
+    cfg = config.PrepareConfig(host="127.0.0.1:9", qtfs_command="/nonexistent/qtfs", qtfs_kernel="no")
+
+    def body() -> tuple[str, list[str]]:
+        with pytest.raises(StepFailed) as caught:
+            orchestrator.prepare(make_plan(target, cfg))
+        return str(caught.value), [e.mount_point for e in below(target)]
+
+    message, left = in_private_namespace(body)
+    assert "(qtfs 127.0.0.1:9:/var/lib/libvirt on" in message and "status 127" in message
+    assert "command not found" in message and left == []
+
+
 def test_prepare_and_teardown_are_fast_enough_to_count_in_the_bench_only(target: str) -> None:
     # No timing assertion here (the bench measures); this checks the summary
     # carries the figure the CLI prints.

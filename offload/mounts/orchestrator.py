@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from offload.errors import MountBusy, MountError, OffloadError
+from offload.errors import MountBusy, MountError, OffloadError, StepFailed
 from offload.mounts import mountinfo, ops, syscalls
 from offload.mounts.mountinfo import MountEntry
 from offload.mounts.plan import Plan
@@ -62,7 +62,10 @@ class _Run:
     def run(self, argv: list[str]) -> tuple[int, str]:
         from offload import proc  # imports trio: only qtfs steps pay for it
 
-        result = proc.run(argv, check=False)
+        try:
+            result = proc.run(argv, check=False)
+        except OffloadError as exc:  # the program is not there
+            return 127, str(exc)
         return result.returncode, (result.stderr or "") + (result.stdout or "")
 
 
@@ -73,10 +76,6 @@ class Summary:
     skipped: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
-
-
-class StepFailed(MountError):
-    """A step of the plan failed; what this run had done is undone."""
 
 
 @contextlib.contextmanager
@@ -228,7 +227,7 @@ def _teardown(target: str, force: bool, report: Report, qtfs_command: str) -> Te
                         progress = True
                         continue
                     blocked.add(point)
-                    busy.append(_busy_error(point, exc, holders))
+                    busy.append(_busy_error(point, holders))
                     continue
                 if exc.errno in (errno_module.EINVAL, errno_module.ENOENT):
                     continue  # not reachable now; the next pass may get it
@@ -271,7 +270,7 @@ def _unmount_one(entry: MountEntry, qtfs_command: str) -> None:
     syscalls.umount(entry.mount_point)
 
 
-def _busy_error(point: str, exc: MountError, holders: list[str]) -> MountBusy:
+def _busy_error(point: str, holders: list[str]) -> MountBusy:
     held = f"; held by {', '.join(holders)}" if holders else " (no process found holding it: a mount below it?)"
     return MountBusy(
         f"cannot unmount {point}: {os.strerror(errno_module.EBUSY)} (EBUSY){held}; "
