@@ -304,3 +304,19 @@ def test_the_machine_facts_name_real_devices() -> None:
     found = {d.name: d for d in machine.devices(("null", "no-such-device"), "/nonexistent")}
     assert list(found) == ["null"]
     assert (found["null"].major, found["null"].minor) == (os.major(os.stat("/dev/null").st_rdev), 3)
+
+
+def test_device_groups_are_mapped_to_the_targets_numbers(tmp_path: Path) -> None:
+    import grp
+
+    from offload.mounts import machine
+
+    kvm = Path("/dev/kvm")
+    if not kvm.exists():
+        pytest.skip("this machine has no /dev/kvm")
+    name = grp.getgrgid(kvm.stat().st_gid).gr_name
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "group").write_text(f"root:x:0:\ntty:x:77:\n{name}:x:4242:\n")
+    (node,) = machine.devices(("kvm",), str(tmp_path))
+    assert node.gid == 4242  # libvirt in the target sees /dev/kvm as its own group kvm
+    assert machine.gather(str(tmp_path), ()).tty_gid == 77
