@@ -280,6 +280,8 @@ class Lab:
             "--pki",
             str(self.dir / "pki" / "host"),
             *(arg for export in LIBVIRT_EXPORTS for arg in ("--export", export)),
+            # The host's facts, which the DPU side binds over its own files.
+            *("--export", "/proc:ro", "--export", "/sys:ro"),
         ]
         proc.run(self.command("host", ["mkdir", "-p", "/var/lib/libvirt/images", "/var/lib/libvirt/qemu"]))
         self.start_service("host-qtfs", self.host, argv)
