@@ -73,7 +73,8 @@ def stand_ins(lab: Lab, name: str) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
-        if any(arg.endswith("rexec") for arg in cmdline[:2]) and f"guest={name}," in " ".join(cmdline):
+        # "/usr/bin/python3 -IS /usr/bin/rexec -- /usr/bin/qemu-system-x86_64 ..." in the rootfs
+        if any(arg.endswith("/rexec") for arg in cmdline[:3]) and f"guest={name}," in " ".join(cmdline):
             try:
                 if netns(process.pid) == dpu:
                     found.append(process)
