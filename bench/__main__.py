@@ -166,7 +166,7 @@ def main() -> None:
             raise SystemExit(f"bench: {tool} is missing; run make setup")
     lab = Lab("offb")
     lab.down()
-    lab.up()
+    lab.up(only=["rexec", "udsproxy"])
     rows = []
     try:
         with tempfile.TemporaryDirectory(prefix="offload-bench-") as tmp:

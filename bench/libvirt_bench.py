@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from offload import proc
-from offload.lab import dpu_libvirt, guest, mountns
-from offload.lab.lab import SERVICES, Lab
+from offload.lab import SERVICES, dpu_libvirt, guest, mountns
+from offload.lab.lab import Lab
 from offload.lab.libvirt import IMAGES, Domain, Virsh, guest_domain, qemu_processes, wait_for_marker
 
 

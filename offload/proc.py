@@ -19,15 +19,25 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import trio
+from typing import TYPE_CHECKING
 
 from offload.errors import OffloadError
+
+if TYPE_CHECKING:
+    # trio is imported where it is used: command-line tools that only run
+    # programs should not pay its import time at start.
+    import trio
 
 log = logging.getLogger(__name__)
 
 _PACKAGE_HELPER = Path(__file__).parent / "_native" / "rexec-exec"
 _SYSTEM_HELPER = Path("/usr/libexec/offload/rexec-exec")
+
+
+#: Redirection constants for spawn() and run(), so callers need not import subprocess.
+DEVNULL = subprocess.DEVNULL
+PIPE = subprocess.PIPE
+STDOUT = subprocess.STDOUT
 
 
 def exec_helper() -> str:
@@ -72,6 +82,8 @@ class ProgramPlan:
 
 
 async def start_program(plan: ProgramPlan) -> trio.Process:
+    import trio
+
     """Start ``plan``; raise ExecFailed if any step before the program runs fails."""
     status_read, status_write = os.pipe2(os.O_CLOEXEC)
     specs = [f"dup:{ours}:{target}" for target, ours in sorted(plan.dups.items())]
@@ -115,6 +127,8 @@ async def start_program(plan: ProgramPlan) -> trio.Process:
 
 
 async def reap(process: trio.Process) -> int:
+    import trio
+
     """Wait for ``process`` even if the caller is being cancelled."""
     with trio.CancelScope(shield=True):
         status = await process.wait()
@@ -122,6 +136,8 @@ async def reap(process: trio.Process) -> int:
 
 
 async def terminate(process: trio.Process, grace: float = 2.0, *, group: bool = True) -> int:
+    import trio
+
     """SIGTERM, then SIGKILL after ``grace`` seconds; always reaps."""
     with trio.CancelScope(shield=True):
         if process.returncode is None:

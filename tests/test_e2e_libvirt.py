@@ -19,8 +19,8 @@ import psutil
 import pytest
 
 from offload import proc
-from offload.lab import dpu_libvirt, guest
-from offload.lab.lab import SERVICES, Lab
+from offload.lab import SERVICES, dpu_libvirt, guest
+from offload.lab.lab import Lab
 from offload.lab.libvirt import IMAGES, Domain, Virsh, guest_domain, qemu_processes, wait_for_marker
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 from offload.errors import LabError
-from offload.lab.lab import SERVICES, Lab
+from offload.lab import SERVICES
+
+if TYPE_CHECKING:
+    from offload.lab.lab import Lab
 
 _NAME_ENV = "OFFLOAD_LAB_NAME"
 
 
 def _lab(args: argparse.Namespace) -> Lab:
+    # Imported here: the lab's modules (pyroute2, psutil) cost a third of a
+    # second, which every other `offload` command would pay at start.
+    from offload.lab.lab import Lab
+
     return Lab(args.name or os.environ.get(_NAME_ENV) or "offload")
 
 

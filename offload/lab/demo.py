@@ -21,8 +21,8 @@ import psutil
 
 from offload import proc
 from offload.errors import OffloadError
-from offload.lab import dpu_libvirt, guest
-from offload.lab.lab import SERVICES, Lab
+from offload.lab import SERVICES, dpu_libvirt, guest
+from offload.lab.lab import Lab
 from offload.lab.libvirt import IMAGES, guest_domain, qemu_processes, wait_for_marker
 
 DOMAIN = "offload-demo"
@@ -85,7 +85,7 @@ def run(lab: Lab, domain_type: str = "qemu") -> None:
         return f"{DOMAIN}, type {domain.type}, emulator {domain.emulator}"
 
     _step("virsh define (DPU side)", define)
-    _step("virsh start (DPU side)", lambda: (virsh("start", DOMAIN).strip() or f"{DOMAIN} started"))
+    _step("virsh start (DPU side)", lambda: virsh("start", DOMAIN).strip() or f"{DOMAIN} started")
     console = lab.path_on("host", domain.console_log)
     _step(
         "guest console (host side file)",
@@ -113,7 +113,7 @@ def run(lab: Lab, domain_type: str = "qemu") -> None:
         return f"state {virsh.state(DOMAIN)}; no qemu left on the host"
 
     _step("virsh destroy", destroy)
-    _step("virsh undefine", lambda: (virsh("undefine", DOMAIN).strip() or f"{DOMAIN} undefined"))
+    _step("virsh undefine", lambda: virsh("undefine", DOMAIN).strip() or f"{DOMAIN} undefined")
     _step("lab down", lambda: f"removed {len(lab.down())} things")
 
 

@@ -11,7 +11,6 @@ writes.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -125,9 +124,9 @@ def _start_chrooted(lab: Lab, key: str, root: Path, argv: list[str], env: dict[s
             lab.command(
                 "dpu", ["chroot", str(root), "/usr/bin/env", *(f"{k}={v}" for k, v in env.items()), *argv], cwd="/"
             ),
-            stdin=subprocess.DEVNULL,
+            stdin=proc.DEVNULL,
             stdout=log_file,
-            stderr=subprocess.STDOUT,
+            stderr=proc.STDOUT,
             env=_clean_env(),
             start_new_session=True,
         )

@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import psutil
 
 from offload import pki, proc
 from offload.errors import LabError
-from offload.lab import mountns, netlink
+from offload.lab import SERVICES, mountns, netlink
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +35,6 @@ UDSPROXY_PORT = 7002
 SHIM = Path(__file__).resolve().parent.parent / "_native" / "libudsproxy.so"
 READY_TIMEOUT = 30.0
 QTFS_PORT = 7003
-#: Everything a side can run, in start order; libvirt needs all the others.
-SERVICES = ("rexec", "udsproxy", "qtfs", "libvirt")
-#: What ``up`` starts unless told otherwise.
-DEFAULT_SERVICES = ("rexec", "udsproxy")
 #: The host directory the DPU side's libvirtd works in, served by qtfs.
 LIBVIRT_EXPORTS = ("/var/lib/libvirt",)
 #: Programs each side's whitelist allows besides --allow ones.
@@ -166,7 +161,7 @@ class Lab:
     # -- up and down ---------------------------------------------------------------
 
     def up(self, only: list[str] | None = None, allow: list[str] | tuple[str, ...] = ()) -> list[str]:
-        services = list(only or DEFAULT_SERVICES)
+        services = list(only or SERVICES)
         unknown = set(services) - set(SERVICES)
         if unknown:
             raise LabError(f"unknown service(s) {', '.join(sorted(unknown))}; known: {', '.join(SERVICES)}")
@@ -315,9 +310,9 @@ class Lab:
             with open(log_path, "ab") as log_file:
                 child = proc.spawn(
                     self.command(side.role, argv),
-                    stdin=subprocess.DEVNULL,
+                    stdin=proc.DEVNULL,
                     stdout=log_file,
-                    stderr=subprocess.STDOUT,
+                    stderr=proc.STDOUT,
                     env=env,
                     start_new_session=True,
                 )

@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import select
 import shlex
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,9 +115,7 @@ def start_holder(netns: str | None, steps: list[Tmpfs | Bind], log_path: Path) -
         netns, ["unshare", "--mount", "--propagation", "private", "sh", "-c", script(steps), "offload-lab-ns"]
     )
     with open(log_path, "ab") as log_file:
-        holder = proc.spawn(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file, start_new_session=True
-        )
+        holder = proc.spawn(argv, stdin=proc.DEVNULL, stdout=proc.PIPE, stderr=log_file, start_new_session=True)
     assert holder.stdout is not None
     deadline = time.monotonic() + READY_TIMEOUT
     line = b""
