@@ -171,10 +171,19 @@ QMP_CLIENT = textwrap.dedent(
 )
 
 
+#: A directory only the host side has: each side of the lab has its own /run.
+HOST_ONLY = Path("/run/libvirt/offload-test-qmp")
+
+
+def on_dpu(lab: Lab, argv: list[str]) -> subprocess.CompletedProcess:
+    return proc.run(lab.command("dpu", argv), env=lab.env("dpu"), check=False, timeout=30)
+
+
 @pytest.fixture
 def qmp_socket(lab: Lab) -> Iterator[Path]:
-    """qemu's QMP monitor on the host side only (-machine none needs no KVM)."""
-    path = lab.sockets / "qmp.sock"
+    """qemu's QMP monitor in a directory of the host side's own (-machine none needs no KVM)."""
+    proc.run(lab.command("host", ["mkdir", "-p", str(HOST_ONLY)]))
+    path = HOST_ONLY / "qmp.sock"
     qemu = [
         "qemu-system-x86_64",
         "-S",
@@ -185,12 +194,14 @@ def qmp_socket(lab: Lab) -> Iterator[Path]:
         "-qmp",
         f"unix:{path},server=on,wait=off",
     ]
-    with host_program(lab, path, qemu):
+    with host_program(lab, lab.path_on("host", path), qemu):
         yield path
+    proc.run(lab.command("host", ["rm", "-rf", str(HOST_ONLY)]))
 
 
 def test_qemu_qmp_from_python(lab: Lab, qmp_socket: Path) -> None:
-    result = on_dpu_without(lab, lab.sockets, [PYTHON, "-c", QMP_CLIENT, str(qmp_socket)])
+    assert not lab.path_on("dpu", HOST_ONLY).exists()
+    result = on_dpu(lab, [PYTHON, "-c", QMP_CLIENT, str(qmp_socket)])
     assert result.returncode == 0, result.stderr
     version, capabilities, status, query_version = (json.loads(line) for line in result.stdout.splitlines())
     assert capabilities == {"return": {}}
@@ -202,7 +213,7 @@ def test_qemu_qmp_from_socat(lab: Lab, qmp_socket: Path) -> None:
     commands = '{"execute":"qmp_capabilities"}\\n{"execute":"query-status"}\\n'
     # Keep socat's input open a moment: qemu drops answers to a monitor that already closed.
     script = f"(printf '{commands}'; sleep 1) | socat -t 3 - UNIX-CONNECT:{qmp_socket}"
-    result = on_dpu_without(lab, lab.sockets, ["sh", "-c", script])
+    result = on_dpu(lab, ["sh", "-c", script])
     assert result.returncode == 0, result.stderr
     replies = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     assert "QMP" in replies[0]
