@@ -1,0 +1,242 @@
+"""The qtfs benchmark, runnable alone: ``python -m bench.qtfs_bench``.
+
+Side by side in one run, over the lab's veth: the same host directory
+through qtfs (TLS, the coherent default: no attribute caching, direct I/O)
+and through sshfs (sshd in the host namespace, sshfs with its default
+caches), both mounted on the DPU side in one private mount namespace.  A
+second qtfs mount with ``--cache-timeout 1`` shows what coherence costs.
+``make bench`` calls `qtfs_rows` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from offload import proc
+from offload.lab.lab import Lab
+
+QTFS_PORT = 7023
+ROOT = Path(__file__).resolve().parent.parent
+BIG = 256 << 20
+
+# Runs on the DPU side in a private mount namespace: mounts, measures, unmounts.
+DRIVER = r"""
+import json, os, subprocess, sys, time
+spec = json.loads(sys.argv[1])
+results = {}
+mounted = []
+def timed(count, action):
+    best = None
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(count):
+            action()
+        took = (time.perf_counter() - start) / count
+        best = took if best is None else min(best, took)
+    return best
+def read_small(path):
+    fd = os.open(path, os.O_RDONLY)
+    os.read(fd, 8192)
+    os.close(fd)
+def sequential(path):
+    start = time.perf_counter()
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(1 << 20):
+            total += len(chunk)
+    return total / (time.perf_counter() - start) / (1 << 20), total
+try:
+    for name, argv, where in spec["mounts"]:
+        os.makedirs(where, exist_ok=True)
+        subprocess.run(argv, check=True, timeout=60)
+        mounted.append(where)
+        small, listing, big = where + "/small", where + "/dir1000", where + "/big"
+        os.stat(small); read_small(small); os.listdir(listing)  # warm up the connection
+        figures = {
+            "stat_us": timed(2000, lambda: os.stat(small)) * 1e6,
+            "small_us": timed(1000, lambda: read_small(small)) * 1e6,
+            "readdir_ms": timed(20, lambda: os.listdir(listing)) * 1e3,
+        }
+        rates = [sequential(big) for _ in range(2)]
+        if any(total != spec["big"] for _, total in rates):
+            raise SystemExit(f"{name}: read {rates} bytes, expected {spec['big']}")
+        figures["seq_mib_s"] = max(rate for rate, _ in rates)
+        results[name] = figures
+finally:
+    for where in reversed(mounted):
+        subprocess.run(["umount", "-l", where], check=False)
+print(json.dumps(results))
+"""
+
+
+def _prepare(data: Path) -> None:
+    data.mkdir()
+    (data / "small").write_bytes(os.urandom(4096))
+    listing = data / "dir1000"
+    listing.mkdir()
+    for i in range(1000):
+        (listing / f"entry-{i:04d}").write_bytes(b"x")
+    with open(data / "big", "wb") as big:
+        chunk = os.urandom(1 << 20)
+        for _ in range(BIG >> 20):
+            big.write(chunk)
+    os.chmod(data, 0o755)
+
+
+@contextlib.contextmanager
+def _qtfs_server(lab: Lab, data: Path, work: Path):  # type: ignore[no-untyped-def]
+    argv = [
+        str(Path(sys.executable).parent / "qtfs"),
+        "serve",
+        "--listen",
+        f"tcp://{lab.host.link.address}:{QTFS_PORT}",
+        "--export",
+        str(data),
+        "--pki",
+        str(lab.dir / "pki" / "host"),
+        "--log-level",
+        "WARNING",
+    ]
+    server = proc.spawn(
+        lab.command("host", argv),
+        stdin=subprocess.DEVNULL,
+        stderr=open(work / "qtfs-server.log", "wb"),  # noqa: SIM115 (lives as long as the server)
+    )
+    try:
+        time.sleep(1.0)
+        if server.poll() is not None:
+            raise SystemExit(f"bench: qtfs serve failed: {(work / 'qtfs-server.log').read_text()}")
+        yield f"{lab.host.link.address}:{QTFS_PORT}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def qtfs_rows(lab: Lab, work: Path) -> list[tuple[str, str, str]]:
+    """qtfs against sshfs over the same veth: stat, 4 KiB open+read+close, readdir of 1,000, 256 MiB read."""
+    from bench.__main__ import sshd
+
+    data = work / "qtfs-data"
+    _prepare(data)
+    mnt = work / "qtfs-mnt"
+    qtfs = str(Path(sys.executable).parent / "qtfs")
+    with sshd(lab, work) as ssh, _qtfs_server(lab, data, work) as address:
+        pki = str(lab.dir / "pki" / "dpu")
+        ssh_command = " ".join(ssh[:-1])
+        spec = {
+            "big": BIG,
+            "mounts": [
+                [
+                    "qtfs",
+                    [qtfs, "mount", "--log-level", "WARNING", "--pki", pki, f"{address}:{data}", f"{mnt}/qtfs"],
+                    f"{mnt}/qtfs",
+                ],
+                [
+                    "qtfs_cached",
+                    [
+                        qtfs,
+                        "mount",
+                        "--log-level",
+                        "WARNING",
+                        "--pki",
+                        pki,
+                        "--cache-timeout",
+                        "1",
+                        f"{address}:{data}",
+                        f"{mnt}/cached",
+                    ],
+                    f"{mnt}/cached",
+                ],
+                [
+                    "sshfs_coherent",
+                    [
+                        "sshfs",
+                        "-o",
+                        f"ssh_command={ssh_command}",
+                        "-o",
+                        "sftp_server=/usr/lib/openssh/sftp-server",
+                        # sshfs with qtfs's coherence: no kernel or sshfs caches
+                        "-o",
+                        "dir_cache=no,entry_timeout=0,attr_timeout=0,negative_timeout=0",
+                        f"{ssh[-1]}:{data}",
+                        f"{mnt}/sshfs-coherent",
+                    ],
+                    f"{mnt}/sshfs-coherent",
+                ],
+                [
+                    "sshfs",
+                    [
+                        "sshfs",
+                        "-o",
+                        f"ssh_command={ssh_command}",
+                        # the bench's sshd has no sftp subsystem configured: run the server directly
+                        "-o",
+                        "sftp_server=/usr/lib/openssh/sftp-server",
+                        f"{ssh[-1]}:{data}",
+                        f"{mnt}/sshfs",
+                    ],
+                    f"{mnt}/sshfs",
+                ],
+            ],
+        }
+        argv = ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", DRIVER, json.dumps(spec)]
+        result = proc.run(lab.command("dpu", argv), env=lab.env("dpu"), timeout=900)
+    figures = json.loads(result.stdout)
+    q, c, s, n = figures["qtfs"], figures["qtfs_cached"], figures["sshfs"], figures["sshfs_coherent"]
+    rows = []
+    for key, label, unit in (
+        ("stat_us", "stat of a file", "us"),
+        ("small_us", "open+read+close of a 4 KiB file", "us"),
+        ("readdir_ms", "readdir of 1,000 entries", "ms"),
+    ):
+        rows += [
+            (
+                f"{label}: qtfs (coherent default)",
+                f"{q[key]:.1f} {unit}",
+                f"{q[key] / n[key]:.2f}x sshfs without caches, {q[key] / s[key]:.2f}x default sshfs (target <= 1x)",
+            ),
+            (f"{label}: sshfs without caches", f"{n[key]:.1f} {unit}", ""),
+            (f"{label}: sshfs, default caches", f"{s[key]:.1f} {unit}", ""),
+            (f"{label}: qtfs --cache-timeout 1", f"{c[key]:.1f} {unit}", f"{c[key] / s[key]:.2f}x default sshfs"),
+        ]
+    rows += [
+        (
+            "sequential read of 256 MiB: qtfs",
+            f"{q['seq_mib_s']:.0f} MiB/s",
+            f"{q['seq_mib_s'] / s['seq_mib_s']:.2f}x default sshfs (target >= 0.8x)",
+        ),
+        ("sequential read of 256 MiB: sshfs, default caches", f"{s['seq_mib_s']:.0f} MiB/s", ""),
+        ("sequential read of 256 MiB: sshfs without caches", f"{n['seq_mib_s']:.0f} MiB/s", ""),
+    ]
+    return rows
+
+
+def main() -> None:
+    argparse.ArgumentParser(prog="python -m bench.qtfs_bench", description=__doc__).parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench: needs root (network namespaces)")
+    lab = Lab("offq")
+    lab.down()
+    lab.up(only=["rexec"])
+    try:
+        with tempfile.TemporaryDirectory(prefix="offload-qtfs-bench-") as tmp:
+            work = Path(tmp)
+            os.chmod(work, 0o755)
+            rows = qtfs_rows(lab, work)
+    finally:
+        lab.down()
+    print("\n| measure | figure | ratio |\n|---|---|---|")
+    for row in rows:
+        print(f"| {row[0]} | {row[1]} | {row[2]} |")
+
+
+if __name__ == "__main__":
+    main()
