@@ -24,7 +24,8 @@ QEMU = f"/usr/bin/qemu-system-{machine_arch()}"
 
 @pytest.fixture(scope="module")
 def offr_lab():
-    lab = Lab(os.environ.get("OFFLOAD_TEST_LAB", "offr"))
+    # Its own lab, beside the session one (whose name is OFFLOAD_TEST_LAB).
+    lab = Lab(os.environ.get("OFFLOAD_TEST_LAB", "offt")[:9] + "r")
     if lab.is_up:
         lab.down()
     try:
