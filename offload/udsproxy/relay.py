@@ -204,6 +204,7 @@ class Relay:
         self._in = bytearray(2 * (HEADER_SIZE + wire.MAX_FRAME))
         self._in_view = memoryview(self._in)
         self._in_start = self._in_end = 0
+        self._filled = True  # the handshake may have left records in the cipher
         self._leftover = leftover
         self._link_out: collections.deque[bytes | memoryview] = collections.deque()
         self._link_out_bytes = 0
@@ -310,7 +311,7 @@ class Relay:
                 self._want(pipe.fd, _OUT if pipe.pending else 0)
         # Plaintext already decrypted (or records already received) does not
         # make the socket readable again: do not wait for it.
-        timeout = 0 if reading_link and self.cipher.buffered() else None
+        timeout = 0 if reading_link and self._filled and self.cipher.buffered() else None
         ready = self._poll.poll(timeout)
         if timeout == 0 and not any(fd == link_fd for fd, _ in ready):
             ready.append((link_fd, _IN))
@@ -344,7 +345,7 @@ class Relay:
             return False
         except (ConnectionResetError, BrokenPipeError):
             count, ancillary, flags = 0, [], 0
-        passed = fds_of(ancillary)
+        passed = fds_of(ancillary) if ancillary else []
         if flags & _MSG_CTRUNC or (self.seqpacket and flags & _MSG_TRUNC):
             close_all(passed)
             raise OSError(errno.EMSGSIZE, "a message or its fds were truncated; ending the connection")
@@ -481,7 +482,10 @@ class Relay:
             self._in[:size] = self._in[self._in_start : self._in_end]
             self._in_start, self._in_end = 0, size
         try:
-            count = self.cipher.fill(self.link, self._in_view[self._in_end :])
+            into = self._in_view[self._in_end :]
+            count = self.cipher.fill(self.link, into)
+            # Only a full buffer can leave decrypted bytes behind in the cipher.
+            self._filled = count == len(into)
         except PeerClosed as exc:
             self._link_down(str(exc))
             return
