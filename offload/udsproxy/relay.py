@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import mmap
 import os
 import select
 import socket
@@ -40,6 +41,10 @@ from offload.udsproxy import fds as fd_policy
 log = logging.getLogger("udsproxyd")
 
 HIGH_WATER = 1 << 20
+#: Reads bigger than this touch enough buffer pages to give back when idle...
+BUSY = 32 << 10
+#: ...after this long without traffic.
+IDLE_MS = 1000
 LINGER_MS = 2000
 #: Bytes a pipe channel's reader may send before the writer returns credit.
 WINDOW = 1 << 20
@@ -58,6 +63,8 @@ class PeerClosed(Exception):
 
 
 class Cipher(Protocol):
+    scratch: mmap.mmap | None
+
     def seal(self, data: memoryview | bytes) -> memoryview | bytes: ...
     def fill(self, sock: socket.socket, into: memoryview) -> int: ...
     def buffered(self) -> bool: ...
@@ -66,6 +73,8 @@ class Cipher(Protocol):
 
 class PlainCipher:
     """--insecure: the link carries frames as they are."""
+
+    scratch: mmap.mmap | None = None
 
     def seal(self, data: memoryview | bytes) -> memoryview | bytes:
         return data
@@ -95,8 +104,12 @@ class TlsCipher:
         self.session = session
         self.incoming = incoming
         self.outgoing = outgoing
-        self._raw = bytearray(self.RAW)
-        self._raw_view = memoryview(self._raw)
+        raw = mmap.mmap(-1, self.RAW)
+        self.scratch: mmap.mmap | None = raw
+        self._raw_view = memoryview(raw)
+
+    def release(self) -> None:
+        self._raw_view.release()
 
     def seal(self, data: memoryview | bytes) -> bytes:
         self.session.write(data)
@@ -199,9 +212,13 @@ class Relay:
         link.setblocking(False)
         local.setblocking(False)
         self._next_channel = 2 if client else 3  # the peer numbers the other parity
-        self._out = bytearray(HEADER_SIZE + wire.MAX_DATA)
+        # Anonymous mappings, not bytearrays: an idle connection gives their
+        # pages back (see _idle), so a burst does not cost RSS forever.
+        self._out = mmap.mmap(-1, HEADER_SIZE + wire.MAX_DATA)
         self._out_view = memoryview(self._out)
-        self._in = bytearray(2 * (HEADER_SIZE + wire.MAX_FRAME))
+        self._in = mmap.mmap(-1, 2 * (HEADER_SIZE + wire.MAX_FRAME))
+        self._scratch = [self._out, self._in, *([cipher.scratch] if cipher.scratch is not None else [])]
+        self._busy = False  # the buffers hold pages worth giving back
         self._in_view = memoryview(self._in)
         self._in_start = self._in_end = 0
         self._filled = True  # the handshake may have left records in the cipher
@@ -312,7 +329,12 @@ class Relay:
         # Plaintext already decrypted (or records already received) does not
         # make the socket readable again: do not wait for it.
         timeout = 0 if reading_link and self._filled and self.cipher.buffered() else None
+        if timeout is None and self._busy:
+            timeout = IDLE_MS
         ready = self._poll.poll(timeout)
+        if not ready and timeout == IDLE_MS:
+            self._idle()
+            return
         if timeout == 0 and not any(fd == link_fd for fd, _ in ready):
             ready.append((link_fd, _IN))
         for fd, events in ready:
@@ -334,6 +356,14 @@ class Relay:
                     self._pipe_ready(channel, self._pipes[channel])
 
     # -- program -> peer ------------------------------------------------------------------
+
+    def _idle(self) -> None:
+        """Quiet for a while after bulk traffic: return the buffers' pages (they read as zeros)."""
+        self._busy = False
+        if self._in_start == self._in_end:
+            self._in_start = self._in_end = 0
+            for buffer in self._scratch:
+                buffer.madvise(mmap.MADV_DONTNEED)
 
     def _read_local(self) -> bool:
         """One receive from the program; False when nothing was there."""
@@ -357,6 +387,8 @@ class Relay:
             return True
         HEADER.pack_into(self._out, 0, MAGIC, VERSION, wire.T_DATA, wire.DATA_CHANNEL, count)
         self._send_link(self._out_view[: HEADER_SIZE + count])
+        if count > BUSY:
+            self._busy = True
         return True
 
     def _carry_passed(self, passed: list[int]) -> None:
@@ -486,6 +518,8 @@ class Relay:
             count = self.cipher.fill(self.link, into)
             # Only a full buffer can leave decrypted bytes behind in the cipher.
             self._filled = count == len(into)
+            if count > BUSY:
+                self._busy = True
         except PeerClosed as exc:
             self._link_down(str(exc))
             return
@@ -733,6 +767,14 @@ class Relay:
         self._in_view.release()
         self.local.close()
         self.link.close()
+        # Unmap now rather than whenever the relay object is collected.
+        with contextlib.suppress(BufferError):
+            self._in_view.release()
+            self._out_view.release()
+            if isinstance(self.cipher, TlsCipher):
+                self.cipher.release()
+            for buffer in self._scratch:
+                buffer.close()
 
 
 def fds_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
