@@ -649,3 +649,53 @@ async def test_a_slow_pipe_reader_does_not_stall_the_socket(pair: Path) -> None:
     server.join(10)
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode().strip() == "True"
+
+
+async def test_fds_passed_by_the_far_program_reach_the_caller(pair: Path, nursery: trio.Nursery) -> None:
+    """The side where the socket lives needs no shim: fds its program sends arrive with their bytes."""
+    (pair / "files" / "answer.txt").write_bytes(b"the file from over there")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(pair / "remote" / "giver.sock"))
+    listener.listen(1)
+
+    def give() -> None:
+        conn, _ = listener.accept()
+        listener.close()
+        with conn:
+            read_end, write_end = os.pipe()
+            fd = os.open(pair / "files" / "answer.txt", os.O_RDONLY)
+            os.lseek(fd, 4, os.SEEK_SET)
+            conn.sendall(b"first;")
+            socket.send_fds(conn, [b"with fds;"], [fd, read_end])
+            for each in (fd, read_end):
+                os.close(each)
+            os.write(write_end, b"piped from over there")
+            os.close(write_end)
+            conn.sendall(b"last")
+
+    giver = threading.Thread(target=give, daemon=True)
+    giver.start()
+    with trio.fail_after(20):
+        error, sock = await ask(pair, str(pair / "remote" / "giver.sock"))
+        assert error == 0 and sock is not None
+        received: list[int] = []
+        data = b""
+        with sock:
+            while True:
+                chunk, ancillary, _, _ = await sock.recvmsg(100, socket.CMSG_SPACE(16))
+                if not chunk:
+                    break
+                data += chunk
+                for _, _, payload in ancillary:
+                    received += list(struct.unpack(f"{len(payload) // 4}i", payload))
+                    assert data.endswith(b"with fds;")
+        assert data == b"first;with fds;last"
+        assert len(received) == 2
+        assert os.read(received[0], 100) == b"file from over there"
+        piped = b""
+        while part := await trio.to_thread.run_sync(os.read, received[1], 100):
+            piped += part
+        assert piped == b"piped from over there"
+        for fd in received:
+            os.close(fd)
+    giver.join(5)
