@@ -699,3 +699,21 @@ async def test_fds_passed_by_the_far_program_reach_the_caller(pair: Path, nurser
         for fd in received:
             os.close(fd)
     giver.join(5)
+
+
+def test_materialize_checks_the_receiving_sides_share(tmp_path: Path) -> None:
+    from offload.protocol.udsproxy import FdDescription
+    from offload.udsproxy.fds import materialize
+
+    share = tmp_path / "share"
+    share.mkdir()
+    (tmp_path / "secret").write_text("not shared")
+    (share / "ok.txt").write_text("0123456789")
+    (share / "escape").symlink_to(tmp_path)  # a directory link leading out of the share
+    fd, kept = materialize(FdDescription("file", path=str(share / "ok.txt"), offset=3), (str(share),))
+    assert kept is None and os.read(fd, 3) == b"345"
+    os.close(fd)
+    for path, code in ((share / "escape" / "secret", errno.EACCES), (tmp_path / "secret", errno.EACCES)):
+        with pytest.raises(OSError) as failure:
+            materialize(FdDescription("file", path=str(path)), (str(share),))
+        assert failure.value.errno == code

@@ -81,6 +81,10 @@ def materialize(description: FdDescription, shared: tuple[str, ...]) -> tuple[in
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError(errno.EOPNOTSUPP, "not a regular file here", description.path)
+            # A symlinked directory on the way could lead out of the shared
+            # tree: what was opened must lie in it too.
+            if not is_shared(os.readlink(f"/proc/self/fd/{fd}"), shared):
+                raise PermissionError(errno.EACCES, "leads out of the --share prefixes here", description.path)
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
             if not description.append:
                 os.lseek(fd, description.offset, os.SEEK_SET)
