@@ -32,7 +32,17 @@ from offload.net import Address, TlsStream, Transport, listen_unix, listener_add
 from offload.protocol import udsproxy as wire
 from offload.rexecd.policy import is_shared
 from offload.udsproxy import fds as fd_policy
-from offload.udsproxy.relay import CONTROL_SPACE, Cipher, PlainCipher, Relay, Submission, TlsCipher, close_all, fds_of
+from offload.udsproxy.relay import (
+    CONTROL_SPACE,
+    LOCAL_BUFFER,
+    Cipher,
+    PlainCipher,
+    Relay,
+    Submission,
+    TlsCipher,
+    close_all,
+    fds_of,
+)
 
 log = logging.getLogger("udsproxyd")
 
@@ -203,6 +213,8 @@ class Daemon:
         link, cipher, leftover = peer.detach()
         ours, theirs = socket.socketpair(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
         try:
+            # The program's end too: its writes reach the relay in bigger steps.
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_BUFFER)
             key = os.fstat(theirs.fileno()).st_ino
             await sock.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", theirs.fileno()))])
         except BaseException:

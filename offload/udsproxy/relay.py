@@ -41,6 +41,7 @@ from offload.udsproxy import fds as fd_policy
 log = logging.getLogger("udsproxyd")
 
 HIGH_WATER = 1 << 20
+LOCAL_BUFFER = 1 << 20
 #: Reads bigger than this touch enough buffer pages to give back when idle...
 BUSY = 32 << 10
 #: ...after this long without traffic.
@@ -211,6 +212,10 @@ class Relay:
         self.name = name
         link.setblocking(False)
         local.setblocking(False)
+        # A UNIX socket queues at most its sender's SO_SNDBUF (about 200 kB by
+        # default): bigger, and a 256 kB frame goes to the program in one send.
+        with contextlib.suppress(OSError):
+            local.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_BUFFER)
         self._next_channel = 2 if client else 3  # the peer numbers the other parity
         # Anonymous mappings, not bytearrays: an idle connection gives their
         # pages back (see _idle), so a burst does not cost RSS forever.
