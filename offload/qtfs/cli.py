@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SEC",
         help="kernel attribute/entry caching (default 0: always coherent with the host)",
     )
+    mount.add_argument(
+        "--dir-attr-timeout",
+        type=float,
+        default=1.0,
+        metavar="SEC",
+        help="how long directories' attributes (not their entries) are cached (default 1 s)",
+    )
     mount.add_argument("--log-file", metavar="FILE", help="where the background process logs (default: nowhere)")
     mount.add_argument("--node", default="", metavar="NAME")
     mount.add_argument("source", metavar="ADDR:REMOTE_PATH")
@@ -134,6 +141,7 @@ def _mount(args: argparse.Namespace) -> int:
             args.reconnect_timeout,
             args.cache_timeout,
             args.node,
+            args.dir_attr_timeout,
         )
         transport = Transport.from_options(args.pki, args.insecure)
     except ConfigError as exc:

@@ -4,7 +4,12 @@ Caching rules (why nothing stale survives a write from the host side):
 
 * entry and attribute timeouts are 0 by default (``--cache-timeout``
   changes that, trading coherence for speed): every path walk and stat
-  asks the host, and a negative lookup is never cached;
+  asks the host, and a negative lookup is never cached.  The one
+  exception is a directory's attributes (mode, owner, times; never its
+  entries), kept for ``--dir-attr-timeout`` (default 1 s): the kernel
+  checks them at every step of a path walk, and the LOOKUP of each step
+  refreshes them anyway, so only the mount root's and a stat of a
+  directory may show attributes up to that old;
 * every file is opened with direct_io and without keep_cache: reads and
   writes go to the host as the caller issued them, never through the DPU's
   page cache.  So a host-side write is seen by the next read here, a
@@ -30,6 +35,7 @@ import errno
 import functools
 import itertools
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -89,13 +95,16 @@ class Filesystem(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, link: Link, mounted: Mounted, mode: str = "", timeout: float = 0.0) -> None:
+    def __init__(
+        self, link: Link, mounted: Mounted, mode: str = "", timeout: float = 0.0, dir_attr_timeout: float = 1.0
+    ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}")
         self.host = link
         self.mode = mode
         self.timeout = timeout
+        self.dir_attr_timeout = max(timeout, dir_attr_timeout)
         self.table = InodeTable((mounted.root.dev, mounted.root.ino))
         self.files: dict[int, OpenFile] = {}
         self.dirs: dict[int, OpenDir] = {}
@@ -109,7 +118,11 @@ class Filesystem(pyfuse3.Operations):
         entry.st_ino = node.inode
         entry.generation = 0
         entry.entry_timeout = self.timeout
-        entry.attr_timeout = self.timeout
+        # A directory's attributes are what the kernel checks permissions
+        # against at every step of a path walk: with a timeout of 0 each step
+        # would cost a GETATTR round trip besides its LOOKUP (which refreshes
+        # them anyway).  See "Caching rules" above.
+        entry.attr_timeout = self.dir_attr_timeout if stat.S_ISDIR(attr.mode) else self.timeout
         entry.st_mode = attr.mode
         entry.st_nlink = attr.nlink
         entry.st_uid = attr.uid

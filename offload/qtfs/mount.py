@@ -63,6 +63,7 @@ class MountOptions:
     reconnect_timeout: float | None = None
     cache_timeout: float = 0.0
     node: str = ""
+    dir_attr_timeout: float = 1.0
 
     @property
     def source(self) -> str:
@@ -114,7 +115,7 @@ async def run_mount(options: MountOptions, transport: Transport, ready: Callable
             mounted = await nursery.start(link.run)
         except OSError as exc:
             raise QtfsMountError(f"{options.source}: {exc.strerror or exc}") from None
-        filesystem = Filesystem(link, mounted, options.mode, options.cache_timeout)
+        filesystem = Filesystem(link, mounted, options.mode, options.cache_timeout, options.dir_attr_timeout)
         try:
             pyfuse3.init(filesystem, options.mountpoint, fuse_options(options, mounted))
         except RuntimeError as exc:
