@@ -77,7 +77,10 @@ class Unmount:
 
 
 def _probe_fstype(device: str) -> str:
-    result = proc.run(["blkid", "-o", "value", "-s", "TYPE", device], check=False)
+    # -p probes the device itself: without it blkid may answer from its
+    # cache file, which remembers what an earlier user of the same loop
+    # device held.
+    result = proc.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device], check=False)
     fstype = result.stdout.strip()
     if result.returncode != 0 or not fstype:
         raise MountError(f"no filesystem found on {device} (blkid)", path=device)
