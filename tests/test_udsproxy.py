@@ -717,3 +717,23 @@ def test_materialize_checks_the_receiving_sides_share(tmp_path: Path) -> None:
         with pytest.raises(OSError) as failure:
             materialize(FdDescription("file", path=str(path)), (str(share),))
         assert failure.value.errno == code
+
+
+def test_a_chrooted_senders_files_are_named_as_it_sees_them(tmp_path: Path) -> None:
+    """libvirtd runs chrooted in /another_rootfs: its files travel by their path inside that root."""
+    from offload.udsproxy.fds import prepare
+
+    (tmp_path / "var" / "lib" / "libvirt").mkdir(parents=True)
+    image = tmp_path / "var" / "lib" / "libvirt" / "disk.img"
+    image.write_bytes(b"x" * 100)
+    fd = os.open(image, os.O_RDWR | os.O_APPEND)
+    try:
+        description, kept = prepare(fd, ("/var/lib/libvirt",), root=str(tmp_path))
+        assert (description.path, description.access, description.append, kept) == (
+            "/var/lib/libvirt/disk.img",
+            "rw",
+            True,
+            None,
+        )
+    finally:
+        os.close(fd)

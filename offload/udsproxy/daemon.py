@@ -211,6 +211,8 @@ class Daemon:
             await sock.send(reply)
             return
         link, cipher, leftover = peer.detach()
+        with socket.socket(fileno=os.dup(sock.fileno())) as plain:
+            root = fd_policy.peer_root(plain)  # of the program that connected
         ours, theirs = socket.socketpair(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
         try:
             # The program's end too: its writes reach the relay in bigger steps.
@@ -230,6 +232,7 @@ class Daemon:
             seqpacket=kind == socket.SOCK_SEQPACKET,
             client=True,
             shared=self.config.share,
+            root=root,
             leftover=leftover,
             name=path,
         )
@@ -250,8 +253,11 @@ class Daemon:
                     error = errno_module.EPIPE  # the connection has ended
             if not error:
                 try:
+                    plain = socket.socket(fileno=os.dup(sock.fileno()))
+                    with plain:
+                        root = fd_policy.peer_root(plain)
                     for fd in passed[1:]:
-                        prepared.append(fd_policy.prepare(fd, self.config.share))
+                        prepared.append(fd_policy.prepare(fd, self.config.share, root))
                 except UnsupportedFdError as exc:
                     log.error(
                         "%s: refused a sendmsg passing fd #%d of %d: it is %s, which cannot be carried",
@@ -347,13 +353,15 @@ class Daemon:
             except (TransportError, ProtocolError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
                 log.warning("connection from %s ended: %s", connected.peer, exc or type(exc).__name__)
                 return
+        accepted = socket.socket(fileno=local.detach())
         relay = Relay(
             link,
             cipher,
-            socket.socket(fileno=local.detach()),
+            accepted,
             seqpacket=request.type == "seqpacket",
             client=False,
             shared=self.config.share,
+            root=fd_policy.peer_root(accepted),
             leftover=leftover,
             name=request.path,
         )

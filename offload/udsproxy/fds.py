@@ -18,7 +18,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 import stat
+import struct
 
 from offload import fdinfo
 from offload.errors import UnsupportedFdError
@@ -28,10 +30,13 @@ from offload.rexecd.policy import is_shared
 _ACCESS_FLAGS = {"r": os.O_RDONLY, "w": os.O_WRONLY, "rw": os.O_RDWR}
 
 
-def prepare(fd: int, shared: tuple[str, ...]) -> tuple[FdDescription, int | None]:
+def prepare(fd: int, shared: tuple[str, ...], root: str = "/") -> tuple[FdDescription, int | None]:
     """Describe one passed fd; return it with the fd this side keeps (pipes).
 
-    ``fd`` itself stays open: the caller closes it either way.  Raises
+    ``root`` is the sending program's root directory: a file's path is
+    named as that program sees it (libvirtd runs chrooted in
+    /another_rootfs, and the far side knows nothing of that root).  ``fd``
+    itself stays open: the caller closes it either way.  Raises
     UnsupportedFdError naming what the fd is when it cannot be carried.
     """
     try:
@@ -43,6 +48,9 @@ def prepare(fd: int, shared: tuple[str, ...]) -> tuple[FdDescription, int | None
         return FdDescription("null", access=entry["access"]), None
     if kind == fdinfo.FILE:
         path = entry["path"]
+        root = root.rstrip("/")
+        if root and path.startswith(root + "/"):
+            path = path[len(root) :]
         if entry["deleted"]:
             raise UnsupportedFdError(fd, f"a deleted or unnamed file ({path})")
         if not is_shared(path, shared):
@@ -62,6 +70,23 @@ def prepare(fd: int, shared: tuple[str, ...]) -> tuple[FdDescription, int | None
             raise UnsupportedFdError(fd, f"a pipe that cannot be reopened ({exc.strerror})") from None
         return FdDescription("pipe_r" if reading else "pipe_w"), kept
     raise UnsupportedFdError(fd, str(entry.get("what", kind)))
+
+
+def root_of(pid: int) -> str:
+    """The root directory of process ``pid`` ("/" if it cannot be read)."""
+    try:
+        return os.readlink(f"/proc/{pid}/root")
+    except OSError:
+        return "/"
+
+
+def peer_root(sock: socket.socket) -> str:
+    """The root directory of the process at the other end of a UNIX socket."""
+    try:
+        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except OSError:
+        return "/"
+    return root_of(pid) if pid > 0 else "/"
 
 
 def materialize(description: FdDescription, shared: tuple[str, ...]) -> tuple[int, int | None]:

@@ -201,6 +201,7 @@ class Relay:
         seqpacket: bool,
         client: bool,
         shared: tuple[str, ...],
+        root: str = "/",
         leftover: bytes = b"",
         name: str = "",
     ) -> None:
@@ -209,6 +210,7 @@ class Relay:
         self.local = local
         self.seqpacket = seqpacket
         self.shared = shared
+        self.root = root  # of the program on the local socket: its files' paths are relative to it
         self.name = name
         link.setblocking(False)
         local.setblocking(False)
@@ -401,7 +403,7 @@ class Relay:
         prepared: list[tuple[wire.FdDescription, int | None]] = []
         try:
             for fd in passed:
-                prepared.append(fd_policy.prepare(fd, self.shared))
+                prepared.append(fd_policy.prepare(fd, self.shared, self.root))
         except UnsupportedFdError as exc:
             for _, kept in prepared:
                 if kept is not None:
