@@ -22,6 +22,8 @@ ffibuilder.cdef(
     int shim_decode_reply(const unsigned char *buf, size_t len);
     int shim_decode_answer(const unsigned char *buf, size_t len, int type);
     void shim_encode_send_header(unsigned char *buf, size_t length);
+    int shim_parse_config(const char *text, char *socket_out, size_t socket_cap, char *prefixes_out,
+                          size_t prefixes_cap);
     """
 )
 ffibuilder.set_source(

@@ -2,7 +2,9 @@
  * libudsproxy.so: connect() to a UNIX socket that lives on the other machine.
  *
  * Preloaded into libvirtd and its children.  Inert unless UDSPROXY_SOCKET
- * names the local udsproxyd; then an AF_UNIX stream or seqpacket connect()
+ * names the local udsproxyd, or the config file does (UDSPROXY_CONFIG,
+ * default /etc/offload/udsproxy-shim.conf: "socket = PATH" and
+ * "prefixes = P1:P2" lines, read once; the environment wins); then an AF_UNIX stream or seqpacket connect()
  * that fails locally with ENOENT or ECONNREFUSED, on a path (not an
  * abstract name) under one of UDSPROXY_PREFIXES (colon-separated; all paths
  * when unset), is handed to udsproxyd.  udsproxyd connects on the peer and
@@ -42,6 +44,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -63,6 +66,48 @@
 #define SHIM_MAX_FDS 253          /* SCM_MAX_FD */
 #define SHIM_NOT_CARRIED 0xFFFF   /* udsproxyd does not carry this path: keep our own error */
 #define SHIM_MAX_PATH (sizeof(((struct sockaddr_un *)0)->sun_path) - 1)
+
+/* Parse the config file's TEXT: "socket = PATH" and "prefixes = LIST" lines,
+ * '#' comments.  Values that do not fit are ignored.  Returns 0. */
+int shim_parse_config(const char *text, char *socket_out, size_t socket_cap, char *prefixes_out, size_t prefixes_cap)
+{
+    const char *line = text;
+
+    while (line && *line) {
+        const char *end = strchr(line, '\n'), *eq, *key_end, *value;
+        size_t len = end ? (size_t)(end - line) : strlen(line), value_len;
+
+        while (len && (*line == ' ' || *line == '\t')) {
+            line++;
+            len--;
+        }
+        eq = memchr(line, '=', len);
+        if (*line != '#' && eq) {
+            key_end = eq;
+            while (key_end > line && (key_end[-1] == ' ' || key_end[-1] == '\t'))
+                key_end--;
+            value = eq + 1;
+            value_len = len - (size_t)(value - line);
+            while (value_len && (*value == ' ' || *value == '\t')) {
+                value++;
+                value_len--;
+            }
+            while (value_len && (value[value_len - 1] == ' ' || value[value_len - 1] == '\t' ||
+                                 value[value_len - 1] == '\r'))
+                value_len--;
+            if ((size_t)(key_end - line) == 6 && strncmp(line, "socket", 6) == 0 && value_len < socket_cap) {
+                memcpy(socket_out, value, value_len);
+                socket_out[value_len] = '\0';
+            } else if ((size_t)(key_end - line) == 8 && strncmp(line, "prefixes", 8) == 0 &&
+                       value_len < prefixes_cap) {
+                memcpy(prefixes_out, value, value_len);
+                prefixes_out[value_len] = '\0';
+            }
+        }
+        line = end ? end + 1 : NULL;
+    }
+    return 0;
+}
 
 /* Does PATH lie under one of the colon-separated PREFIXES, on a whole path
  * component?  "/var/lib/libvirt" covers "/var/lib/libvirt/qemu/x.sock" but
@@ -216,6 +261,46 @@ static void shim_log(const char *format, ...)
     va_end(args);
     if (len > 0)
         (void)!write(2, line, (size_t)len < sizeof line ? (size_t)len : sizeof line - 1);
+}
+
+static char config_socket[sizeof(((struct sockaddr_un *)0)->sun_path)];
+static char config_prefixes[4096];
+static pthread_once_t config_once = PTHREAD_ONCE_INIT;
+
+static void load_config(void)
+{
+    const char *path = getenv("UDSPROXY_CONFIG");
+    char text[8192];
+    ssize_t len;
+    int fd = open(path && *path ? path : "/etc/offload/udsproxy-shim.conf", O_RDONLY | O_CLOEXEC);
+
+    if (fd < 0)
+        return;
+    len = read(fd, text, sizeof text - 1);
+    close(fd);
+    if (len <= 0)
+        return;
+    text[len] = '\0';
+    shim_parse_config(text, config_socket, sizeof config_socket, config_prefixes, sizeof config_prefixes);
+}
+
+/* Where udsproxyd is: the environment, else the config file; NULL: inert. */
+static const char *agent_socket(void)
+{
+    const char *env = getenv("UDSPROXY_SOCKET");
+    if (env && *env)
+        return env;
+    pthread_once(&config_once, load_config);
+    return config_socket[0] ? config_socket : NULL;
+}
+
+static const char *allowed_prefixes(void)
+{
+    const char *env = getenv("UDSPROXY_PREFIXES");
+    if (env)
+        return env;
+    pthread_once(&config_once, load_config);
+    return config_prefixes;
 }
 
 static int timeout_ms(void)
@@ -394,13 +479,13 @@ static int ask_proxy(const char *agent, const char *path, int socket_type)
 int connect(int fd, const struct sockaddr *addr, socklen_t len)
 {
     const struct sockaddr_un *un = (const struct sockaddr_un *)addr;
-    const char *agent = getenv("UDSPROXY_SOCKET");
+    const char *agent;
     char path[sizeof un->sun_path + 1];
     int rc = libc_connect(fd, addr, len), saved = errno, type, fd_flags, status_flags, proxied;
     socklen_t type_len = sizeof type;
     size_t path_len;
 
-    if (rc == 0 || !agent || !*agent || !addr || addr->sa_family != AF_UNIX ||
+    if (rc == 0 || !addr || addr->sa_family != AF_UNIX || !(agent = agent_socket()) ||
         (saved != ENOENT && saved != ECONNREFUSED) || len <= offsetof(struct sockaddr_un, sun_path) ||
         un->sun_path[0] == '\0') /* abstract names are not carried */
         goto original;
@@ -409,7 +494,7 @@ int connect(int fd, const struct sockaddr *addr, socklen_t len)
         path_len = sizeof un->sun_path;
     memcpy(path, un->sun_path, path_len);
     path[path_len] = '\0'; /* sun_path need not be terminated */
-    if (strcmp(path, agent) == 0 || !shim_path_allowed(path, getenv("UDSPROXY_PREFIXES")))
+    if (strcmp(path, agent) == 0 || !shim_path_allowed(path, allowed_prefixes()))
         goto original;
     if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &type_len) < 0)
         goto original;
@@ -535,7 +620,7 @@ ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
 {
     const char *agent;
 
-    if (!passes_fds(msg) || !(agent = getenv("UDSPROXY_SOCKET")) || !*agent || !is_carried(fd))
+    if (!passes_fds(msg) || !(agent = agent_socket()) || !is_carried(fd))
         return libc_sendmsg(fd, msg, flags);
     return send_through_proxy(agent, fd, msg);
 }

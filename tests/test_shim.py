@@ -204,6 +204,27 @@ def test_send_header_and_answers() -> None:
     assert lib.shim_decode_answer(sent, len(sent), 0x51) == -1  # an answer to something else
 
 
+def test_config_file_parsing() -> None:
+    socket_out = ffi.new("char[108]")
+    prefixes_out = ffi.new("char[64]")
+    text = b"# udsproxy shim\n  socket = /var/run/udsproxy/udsproxy.sock \r\nprefixes=/var/lib/libvirt:/run/libvirt\nother = x\n"
+    assert lib.shim_parse_config(text, socket_out, 108, prefixes_out, 64) == 0
+    assert ffi.string(socket_out) == b"/var/run/udsproxy/udsproxy.sock"
+    assert ffi.string(prefixes_out) == b"/var/lib/libvirt:/run/libvirt"
+    socket_out[0] = b"\0"
+    lib.shim_parse_config(b"socket=/" + b"x" * 200, socket_out, 108, prefixes_out, 64)  # does not fit: ignored
+    assert ffi.string(socket_out) == b""
+
+
+def test_config_file_instead_of_the_environment(proxy: FakeProxy, tmp_path: Path) -> None:
+    config = tmp_path / "shim.conf"
+    config.write_text(f"socket = {proxy.path}\nprefixes = {tmp_path}/carried\n")
+    env = preload_env(None, UDSPROXY_CONFIG=str(config))
+    assert run_client(env, str(tmp_path / "carried" / "x.sock"))[:2] == ["nonblocking False cloexec True", "echo:ping"]
+    assert run_client(env, str(tmp_path / "elsewhere.sock"))[0] == f"error {errno.ENOENT}"  # not under prefixes
+    assert [path for _, path in proxy.requests] == [str(tmp_path / "carried" / "x.sock")]
+
+
 def test_not_carried_keeps_the_callers_own_error(proxy: FakeProxy, tmp_path: Path) -> None:
     proxy.answer = 0xFFFF  # udsproxyd's "not under my --allow prefixes"
     assert run_client(preload_env(proxy), str(tmp_path / "x.sock"))[0] == f"error {errno.ENOENT}"
