@@ -124,6 +124,11 @@ def qtfs_rows(lab: Lab, work: Path) -> list[tuple[str, str, str]]:
     """qtfs against sshfs over the same veth: stat, 4 KiB open+read+close, readdir of 1,000, 256 MiB read."""
     from bench.__main__ import sshd
 
+    # A directory of our own: sshd() writes its keys by fixed names, and the
+    # caller's work directory may hold another sshd's already.
+    work = work / "qtfs-bench"
+    work.mkdir()
+    os.chmod(work, 0o755)
     data = work / "qtfs-data"
     _prepare(data)
     mnt = work / "qtfs-mnt"
