@@ -229,14 +229,23 @@ def end_pid(pid: int, grace: float = 3.0) -> bool:
         except psutil.NoSuchProcess:
             return True
 
+    def reaped() -> bool:
+        # If it is our own child (a daemon started by this process and left
+        # to run), collect its status so no zombie stays behind.
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        return True
+
     for signum in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.kill(pid, signum)
         except ProcessLookupError:
-            return True
+            return reaped()
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             if exited():
-                return True
+                return reaped()
             time.sleep(0.02)
-    return exited()
+    return exited() and reaped()

@@ -349,24 +349,31 @@ class Lab:
         removed = []
         pids = dict(self._state()["pids"])
         holders = {key: pid for key, pid in pids.items() if key.endswith("-ns")}
+        namespaces = self._namespace_ids()
+
+        def belongs(pid: int, cmdline: list[str] | None = None) -> bool:
+            # Started from the lab's directory, or running in its namespaces
+            # (chrooted daemons, VMs, stand-ins, FUSE servers); a pid number
+            # alone may have been reused by now.
+            in_lab = (mountns.namespace_ids(pid) or ("",))[0] in namespaces
+            return in_lab or self._is_ours(pid, cmdline)
+
         for key, pid in pids.items():
-            if key not in holders and self._is_ours(pid):
+            if key not in holders and belongs(pid):
                 proc.end_pid(pid)
                 removed.append(f"{key} (pid {pid})")
-        # Everything else in the lab's namespaces (VMs, their stand-ins,
-        # FUSE servers), or started from the lab's directory (a state file
-        # lost in a crash), is ours too.  The holders go last: their
+        # Everything else of the lab (a state file lost in a crash, what the
+        # daemons started) is ours too.  The holders go last: their
         # namespaces, and every mount in them, end with them.
-        namespaces = self._namespace_ids()
         for process in psutil.process_iter(["pid", "cmdline"]):
             pid = process.info["pid"]
             if pid in pids.values() or pid == os.getpid():
                 continue
-            if self._is_ours(pid, process.info["cmdline"]) or (mountns.namespace_ids(pid) or ("",))[0] in namespaces:
+            if belongs(pid, process.info["cmdline"]):
                 proc.end_pid(pid)
                 removed.append(f"leftover pid {pid} ({' '.join((process.info['cmdline'] or ['?'])[:2])})")
         for key, pid in holders.items():
-            if (mountns.namespace_ids(pid) or ("",))[0] in namespaces:
+            if belongs(pid):
                 proc.end_pid(pid)
                 removed.append(f"{key} (pid {pid}) and its mounts")
         removed += netlink.remove(
