@@ -10,6 +10,7 @@ and waits again, also when the caller is being cancelled.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -232,10 +233,8 @@ def end_pid(pid: int, grace: float = 3.0) -> bool:
     def reaped() -> bool:
         # If it is our own child (a daemon started by this process and left
         # to run), collect its status so no zombie stays behind.
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
         return True
 
     for signum in (signal.SIGTERM, signal.SIGKILL):
