@@ -118,7 +118,7 @@ class TlsCipher:
 
     def fill(self, sock: socket.socket, into: memoryview) -> int:
         """Decrypt into ``into``: what is buffered, plus one receive from the socket."""
-        got = self._decrypt(into)
+        got = self._decrypt(into) if self.incoming.pending or self.session.pending() else 0
         if got < len(into):
             try:
                 count = sock.recv_into(self._raw_view)
@@ -328,11 +328,12 @@ class Relay:
         link = (_IN if reading_link else 0) | (_OUT if self._link_out else 0)
         if self._masks.get(link_fd, 0) != link:
             self._want(link_fd, link)
-        for pipe in self._pipes.values():
-            if pipe.reading:
-                self._want(pipe.fd, _IN if pipe.credit > 0 and link_room else 0)
-            else:
-                self._want(pipe.fd, _OUT if pipe.pending else 0)
+        if self._pipes:
+            for pipe in self._pipes.values():
+                if pipe.reading:
+                    self._want(pipe.fd, _IN if pipe.credit > 0 and link_room else 0)
+                else:
+                    self._want(pipe.fd, _OUT if pipe.pending else 0)
         # Plaintext already decrypted (or records already received) does not
         # make the socket readable again: do not wait for it.
         timeout = 0 if reading_link and self._filled and self.cipher.buffered() else None
@@ -541,13 +542,11 @@ class Relay:
         self._frames()
 
     def _frames(self) -> None:
+        # The payload views need no release: the buffer is a mapping that is
+        # never resized, and _close tolerates views still alive.
         frames, used = wire.split_frames(self._in_view[self._in_start : self._in_end])
-        try:
-            for kind, channel, payload in frames:
-                self._frame(kind, channel, payload)
-        finally:
-            for _, _, payload in frames:
-                payload.release()
+        for kind, channel, payload in frames:
+            self._frame(kind, channel, payload)
         self._in_start += used
         if self._in_start == self._in_end:
             self._in_start = self._in_end = 0
@@ -632,7 +631,16 @@ class Relay:
             close_all(passed)
             return
         if not self._local_out:
-            sent = self._send_local(data, passed)
+            if passed:
+                sent = self._send_local(data, passed)
+            else:  # the common case, without a call
+                try:
+                    sent = self.local.send(data)
+                except BlockingIOError:
+                    sent = 0
+                except (BrokenPipeError, ConnectionResetError):
+                    sent = None
+                    self._program_gone()
             if sent is None:
                 return
             if passed and sent:
