@@ -471,8 +471,11 @@ class Relay:
                 return
             if sent == len(sealed):
                 return
-            sealed = sealed[sent:]
-        rest = bytes(sealed)  # our buffers are reused: keep a copy
+        else:
+            sent = 0
+        # TLS output is a fresh object: keep a view of what is left.  Plain
+        # frames are views of our reused buffer: keep a copy.
+        rest = memoryview(sealed)[sent:] if isinstance(sealed, bytes) else bytes(sealed[sent:])
         self._link_out.append(rest)
         self._link_out_bytes += len(rest)
 
