@@ -124,6 +124,14 @@ class TlsStream(trio.abc.Stream):
         self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
         self._send_lock = trio.Lock()  # the raw stream allows one sender at a time
 
+    def session(self) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+        """The TLS session and its two memory BIOs, for code that carries it on without trio.
+
+        The caller takes over: this stream must not be used afterwards
+        (udsproxyd's relay thread continues a connection this way).
+        """
+        return self._ssl, self._incoming, self._outgoing
+
     @classmethod
     async def wrap(cls, raw: trio.SocketStream, context: ssl.SSLContext, *, server_side: bool) -> TlsStream:
         stream = cls(raw, context, server_side=server_side)

@@ -291,6 +291,8 @@ class Lab:
             "--run-dir",
             str(side.run_dir / "udsproxy"),
             *(arg for prefix in allowed for arg in ("--allow", prefix)),
+            # Files passed by SCM_RIGHTS from these are the same file on both sides.
+            *(arg for prefix in (str(self.dir / "shared"), *LIBVIRT_EXPORTS) for arg in ("--share", prefix)),
         )
         self.start_service(f"{side.role}-udsproxy", side, argv)
 

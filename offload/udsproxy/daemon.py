@@ -102,7 +102,7 @@ class PeerStream:
         raw: trio.abc.Stream
         if isinstance(stream, TlsStream):
             # The session the handshake made continues in the relay thread.
-            cipher = TlsCipher(stream._ssl, stream._incoming, stream._outgoing)
+            cipher = TlsCipher(*stream.session())
             raw = stream.raw
         else:
             cipher = PlainCipher()
