@@ -299,3 +299,59 @@ def test_pipes_passed_across_the_lab(lab: Lab) -> None:
         "two pipes|ping through a pipe from the dpu",
         "pong through a pipe from the host",
     ]
+
+
+FILE_SERVER = textwrap.dedent(
+    """
+    import os, socket, sys
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(sys.argv[1])
+    listener.listen(4)
+    conn, _ = listener.accept()
+    data, fds, _, _ = socket.recv_fds(conn, 100, 4)
+    [shared] = fds
+    # Read from where the sender left the offset, then append.
+    rest = os.read(shared, 100)
+    os.write(shared, b"+host")
+    conn.sendall(data + b"|" + rest + b"|" + os.readlink(f"/proc/self/fd/{shared}").encode())
+    conn.close()
+    """
+)
+
+FILE_CLIENT = textwrap.dedent(
+    """
+    import os, socket, sys
+    fd = os.open(sys.argv[2], os.O_RDWR)
+    os.lseek(fd, 6, os.SEEK_SET)
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    socket.send_fds(s, [b"a file"], [fd])
+    print(s.recv(1000).decode())
+    """
+)
+
+
+def test_a_shared_file_passed_across_the_lab(lab: Lab, shared: Path) -> None:
+    path = lab.sockets / "file.sock"
+    data = shared / "passed.txt"
+    data.write_bytes(b"hello world")
+    with host_program(lab, path, [PYTHON, "-c", FILE_SERVER, str(path)]):
+        result = on_dpu_without(lab, lab.sockets, [PYTHON, "-c", FILE_CLIENT, str(path), str(data)])
+    assert result.returncode == 0, result.stderr
+    # The host side got the same file, re-opened there at the sender's offset.
+    assert result.stdout.strip() == f"a file|world|{data}"
+    assert data.read_bytes() == b"hello world+host"
+
+
+def test_a_file_outside_the_shared_prefixes_is_refused_at_sendmsg(lab: Lab, tmp_path: Path) -> None:
+    path = lab.sockets / "file.sock"
+    data = tmp_path / "private.txt"
+    data.write_bytes(b"not shared")
+    client = FILE_CLIENT.replace(
+        'socket.send_fds(s, [b"a file"], [fd])',
+        'try:\n    socket.send_fds(s, [b"a file"], [fd])\nexcept OSError as exc:\n    print(exc.errno); sys.exit(0)',
+    )
+    with host_program(lab, path, [PYTHON, "-c", FILE_SERVER, str(path)]):
+        result = on_dpu_without(lab, lab.sockets, [PYTHON, "-c", client, str(path), str(data)])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(errno.EOPNOTSUPP)
