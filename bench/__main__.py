@@ -34,6 +34,7 @@ from pathlib import Path
 
 import psutil
 
+from bench.report import print_table
 from offload import proc
 from offload.lab.lab import Lab
 
@@ -260,9 +261,7 @@ def main() -> None:
     finally:
         lab.down()
     for section, rows in tables:
-        print(f"\n### {section}\n\n| measure | figure | ratio |\n|---|---|---|")
-        for row in rows:
-            print(f"| {row[0]} | {row[1]} | {row[2]} |")
+        print_table(rows, section)
 
 
 if __name__ == "__main__":

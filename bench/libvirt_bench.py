@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from bench.report import print_table
 from offload import proc
 from offload.lab import SERVICES, dpu_libvirt, guest, mountns
 from offload.lab.lab import Lab
@@ -120,9 +121,7 @@ def main() -> None:
             rows = libvirt_rows(lab, Path(tmp), args.rounds)
     finally:
         lab.down()
-    print("\n| measure | figure | ratio |\n|---|---|---|")
-    for row in rows:
-        print(f"| {row[0]} | {row[1]} | {row[2]} |")
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.report import print_table
 from offload import proc
 from offload.lab.lab import Lab
 
@@ -122,9 +123,7 @@ def main() -> None:
             rows = udsproxy_rows(lab, Path(tmp), args.repeat)
     finally:
         lab.down()
-    print("\n| measure | figure | ratio |\n|---|---|---|")
-    for row in rows:
-        print(f"| {row[0]} | {row[1]} | {row[2]} |")
+    print_table(rows)
 
 
 if __name__ == "__main__":

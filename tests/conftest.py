@@ -41,15 +41,19 @@ def lab() -> Iterator[Lab]:
     try:
         yield lab
     finally:
-        # Keep the daemons' logs of this run for a post-mortem.
-        import shutil
-
-        keep = Path("/tmp/offload-test-logs") / lab.name
-        shutil.rmtree(keep, ignore_errors=True)
-        keep.mkdir(parents=True)
-        for log in lab.dir.glob("*.log"):
-            shutil.copy(log, keep)
+        keep_logs(lab)
         lab.down()
+
+
+def keep_logs(lab: Lab) -> None:
+    """Copy the lab's daemon logs to /tmp/offload-test-logs/NAME for a post-mortem."""
+    import shutil
+
+    keep = Path("/tmp/offload-test-logs") / lab.name
+    shutil.rmtree(keep, ignore_errors=True)
+    keep.mkdir(parents=True)
+    for log in lab.dir.glob("*.log"):
+        shutil.copy(log, keep)
 
 
 @pytest.fixture

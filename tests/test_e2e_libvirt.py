@@ -13,7 +13,6 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import psutil
 import pytest
@@ -22,6 +21,7 @@ from offload import proc
 from offload.lab import SERVICES, dpu_libvirt, guest
 from offload.lab.lab import Lab
 from offload.lab.libvirt import IMAGES, Domain, Virsh, guest_domain, qemu_processes, wait_for_marker
+from tests.conftest import keep_logs
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
 
@@ -36,13 +36,7 @@ def vlab() -> Iterator[Lab]:
         proc.run(lab.command("host", ["cp", str(image.kernel), str(image.initrd), str(IMAGES)]))
         yield lab
     finally:
-        keep = Path("/tmp/offload-test-logs") / lab.name
-        import shutil
-
-        shutil.rmtree(keep, ignore_errors=True)
-        keep.mkdir(parents=True)
-        for log in lab.dir.glob("*.log"):
-            shutil.copy(log, keep)
+        keep_logs(lab)
         lab.down()
 
 
