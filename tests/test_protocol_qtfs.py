@@ -224,3 +224,50 @@ def test_junk_never_crashes_the_decoder(junk: bytes) -> None:
     server.receive_data(encode_frame(wire.T_REQUEST, 1, junk))
     with contextlib.suppress(RemoteProtocolError):
         events(server)
+
+
+# (Invalidate, the exact payload of its frame): one table for encoder and decoder.
+INVALIDATIONS = [
+    (wire.Invalidate(wire.Change.DATA, b"dir/file"), b"\x01dir/file"),
+    (wire.Invalidate(wire.Change.ATTR, b""), b"\x02"),
+    (wire.Invalidate(wire.Change.ENTRY, b"new"), b"\x03new"),
+    (wire.Invalidate(wire.Change.ALL), b"\x04"),
+    (wire.Invalidate(wire.Change.UNWATCHED), b"\x05"),
+]
+
+
+@pytest.mark.parametrize(("invalidate", "payload"), INVALIDATIONS, ids=lambda i: repr(i))
+def test_invalidate_bytes(invalidate: wire.Invalidate, payload: bytes) -> None:
+    client, server = pair()
+    data = server.send_invalidate(invalidate)
+    assert data == encode_frame(wire.T_INVALIDATE, 0, payload)
+    client.receive_data(data)
+    assert events(client) == [invalidate]
+    for byte in data:
+        client.receive_data(bytes([byte]))
+    assert events(client) == [invalidate]
+    # between a request and its reply, and with trailing bytes of the next frame
+    client.send_call(8, wire.Lookup(b"x"))
+    reply = server.send_result(8, wire.AttrReply(ATTR.encode()))
+    client.receive_data(data + reply + data[:3])
+    assert events(client) == [invalidate, wire.Result(8, wire.AttrReply(ATTR.encode()))]
+
+
+def test_invalidate_violations() -> None:
+    client, server = pair()
+    with pytest.raises(LocalProtocolError):
+        client.send_invalidate(wire.Invalidate(wire.Change.ALL))  # only the server sends them
+    for bad in (b"/abs", b"a/../b", b"a//b"):
+        with pytest.raises(ValueError):
+            wire.Invalidate(wire.Change.DATA, bad)
+    with pytest.raises(ValueError):
+        wire.Invalidate(wire.Change.ENTRY, b"")  # the root is nobody's entry
+    for payload in (b"", b"\x09x", b"\x01a/../b", b"\x03"):
+        fresh, _ = pair()
+        fresh.receive_data(encode_frame(wire.T_INVALIDATE, 0, payload))
+        with pytest.raises(RemoteProtocolError):
+            events(fresh)
+    server.receive_data(encode_frame(wire.T_INVALIDATE, 0, b"\x04"))
+    with pytest.raises(RemoteProtocolError):
+        events(server)  # a server never receives one
+    assert wire.MountReply(ATTR.encode(), wire.MOUNT_WATCHED | wire.MOUNT_READONLY).flags == 3

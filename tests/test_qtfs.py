@@ -232,6 +232,19 @@ def mount(agent: Agent, lab: Lab, source: str, where: Path, *options: str) -> No
     assert status == 0, error
 
 
+def eventually(agent: Agent, code: str, expected: object, within: float = 5.0) -> None:
+    """``code`` evaluates to ``expected`` on the DPU once the host's Invalidate has arrived.
+
+    With the coherent cache a host-side change reaches the DPU's kernel one
+    message later (milliseconds); ``within`` is far below the cache's
+    lifetime, so only that message can make the new state visible in time.
+    """
+    deadline = time.monotonic() + within
+    while (got := agent(code)) != expected:
+        assert time.monotonic() < deadline, f"{code}: still {got!r}, expected {expected!r}"
+        time.sleep(0.01)
+
+
 def test_operations_both_ways(lab: Lab, work: Path, server: Server, agent: Agent) -> None:
     host, mnt = work / "export", work / "mnt"
     (host / "from-host.txt").write_text("host says hi\n")
@@ -266,7 +279,7 @@ def test_operations_both_ways(lab: Lab, work: Path, server: Server, agent: Agent
     st = (host / "sub" / "moved").stat()
     assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_000, 2_000_000_000)
     os.utime(host / "from-host.txt", ns=(3_000_000_000, 4_000_000_000))
-    assert agent(f"os.stat({m + '/from-host.txt'!r}).st_mtime_ns") == 4_000_000_000
+    eventually(agent, f"os.stat({m + '/from-host.txt'!r}).st_mtime_ns", 4_000_000_000)
 
     # links
     agent.run(f"os.symlink('sub/moved', {m + '/sl'!r}); os.link({m + '/from-host.txt'!r}, {m + '/hard'!r})")
@@ -294,16 +307,16 @@ def test_operations_both_ways(lab: Lab, work: Path, server: Server, agent: Agent
     agent.run(f"os.unlink({m + '/hard'!r})")
     assert not (host / "hard").exists()
     (host / "from-host.txt").unlink()
-    assert agent(f"errname(os.stat, {m + '/from-host.txt'!r})") == "ENOENT"
+    eventually(agent, f"errname(os.stat, {m + '/from-host.txt'!r})", "ENOENT")
 
     # no stale data: the host rewrites a file the DPU has open and has read
     (host / "live").write_text("one")
     agent.run(f"live = open({m + '/live'!r}, 'rb'); first = live.read()")
     (host / "live").write_text("two, longer")
-    assert agent("first.decode() + '|' + live.seek(0).__str__() + '|' + live.read().decode()") == "one|0|two, longer"
+    eventually(agent, "first.decode() + '|' + live.seek(0).__str__() + '|' + live.read().decode()", "one|0|two, longer")
     agent.run("live.close()")
     (host / "live").write_text("three")
-    assert agent(f"read({m + '/live'!r})") == "three"
+    eventually(agent, f"read({m + '/live'!r})", "three")
     agent.run(f"write({m + '/live'!r}, 'four')")
     assert (host / "live").read_text() == "four"
 
@@ -645,3 +658,140 @@ def test_client_crash_is_recovered_by_remounting(lab: Lab, work: Path, server: S
     assert agent(f"errname(os.stat, {m + '/f'!r})") in ("ENOTCONN", "ECONNABORTED")  # dead, as FUSE reports it
     mount(agent, lab, f"{server.address}:{work / 'export'}", work / "mnt")
     assert agent(f"read({m + '/f'!r})") == "x"
+
+
+@contextlib.contextmanager
+def _stopped(server: Server) -> Iterator[None]:
+    """The server process frozen (SIGSTOP): whatever the DPU gets meanwhile comes from its own cache."""
+    assert server.process is not None
+    frozen = psutil.Process(_child_pid(server.process.pid))
+    frozen.suspend()
+    try:
+        yield
+    finally:
+        frozen.resume()
+
+
+def test_coherent_cache_sees_every_host_change(lab: Lab, work: Path, server: Server, agent: Agent) -> None:
+    host, m = work / "export", str(work / "mnt")
+    (host / "file").write_text("one")
+    (host / "dir").mkdir()
+    (host / "dir" / "a").write_text("a")
+    # A lifetime far longer than `eventually` waits: only the host's Invalidate can refresh in time.
+    mount(agent, lab, f"{server.address}:{host}", work / "mnt", "--coherent-cache", "600")
+    assert agent(f"read({m + '/file'!r})") == "one"
+    assert agent(f"sorted(os.listdir({m + '/dir'!r}))") == ["a"]
+    mode = agent(f"stat.S_IMODE(os.stat({m + '/file'!r}).st_mode)")
+
+    # It caches: with the server frozen, the stat, the lookups and the file's pages are still answered.
+    with _stopped(server):
+        assert agent(f"stat.S_IMODE(os.stat({m + '/file'!r}).st_mode)", timeout=5) == mode
+        assert agent(f"os.stat({m + '/dir/a'!r}).st_size", timeout=5) == 1
+    agent.run(f"held = open({m + '/file'!r}, 'rb'); held.read()")
+    with _stopped(server):
+        assert agent("held.seek(0) or held.read()", timeout=5) == "b'one'"
+
+    # Data: a rewrite on the host is seen by the next read, through an open file too.
+    (host / "file").write_text("two, longer")
+    eventually(agent, "held.seek(0) or held.read()", "b'two, longer'")
+    eventually(agent, f"read({m + '/file'!r})", "two, longer")
+    with open(host / "file", "r+b") as f:  # same size, new content: only the data event tells
+        f.write(b"TWO")
+    eventually(agent, f"read({m + '/file'!r})", "TWO, longer")
+    agent.run("held.close()")
+
+    # Attributes.
+    os.chmod(host / "file", 0o600)
+    eventually(agent, f"stat.S_IMODE(os.stat({m + '/file'!r}).st_mode)", 0o600)
+    os.utime(host / "file", ns=(5_000_000_000, 6_000_000_000))
+    eventually(agent, f"os.stat({m + '/file'!r}).st_mtime_ns", 6_000_000_000)
+
+    # Entries: create, delete, rename, in a directory the DPU has listed and looked into.
+    (host / "dir" / "b").write_text("b")
+    eventually(agent, f"sorted(os.listdir({m + '/dir'!r}))", ["a", "b"])
+    eventually(agent, f"read({m + '/dir/b'!r})", "b")
+    (host / "dir" / "a").unlink()
+    eventually(agent, f"errname(os.stat, {m + '/dir/a'!r})", "ENOENT")
+    os.rename(host / "dir" / "b", host / "dir" / "c")
+    eventually(agent, f"errname(os.stat, {m + '/dir/b'!r})", "ENOENT")
+    eventually(agent, f"read({m + '/dir/c'!r})", "b")
+    (host / "other").write_text("replaced")
+    os.rename(host / "other", host / "dir" / "c")  # over an entry the DPU has cached
+    eventually(agent, f"read({m + '/dir/c'!r})", "replaced")
+
+    # A directory made on the host and filled at once (before the server could watch it).
+    (host / "fresh").mkdir()
+    (host / "fresh" / "inner").mkdir()
+    (host / "fresh" / "inner" / "x").write_text("x1")
+    eventually(agent, f"read({m + '/fresh/inner/x'!r})", "x1")
+    (host / "fresh" / "inner" / "x").write_text("x2")
+    eventually(agent, f"read({m + '/fresh/inner/x'!r})", "x2")
+    # ... and a tree moved in from outside the export, then changed.
+    outside = work / "outside"
+    (outside / "deep").mkdir(parents=True)
+    (outside / "deep" / "y").write_text("y1")
+    os.rename(outside, host / "moved-in")
+    eventually(agent, f"read({m + '/moved-in/deep/y'!r})", "y1")
+    (host / "moved-in" / "deep" / "y").write_text("y2")
+    eventually(agent, f"read({m + '/moved-in/deep/y'!r})", "y2")
+    (host / "fresh" / "inner" / "x").unlink()
+    eventually(agent, f"os.listdir({m + '/fresh/inner'!r})", [])
+
+    # Writes from the DPU are on the host at once and read back fresh here.
+    agent.run(f"write({m + '/dir/c'!r}, 'from the dpu')")
+    assert (host / "dir" / "c").read_text() == "from the dpu"
+    assert agent(f"read({m + '/dir/c'!r})") == "from the dpu"
+
+
+def test_coherent_cache_dropped_on_reconnect(lab: Lab, work: Path, server: Server, agent: Agent) -> None:
+    host, m = work / "export", str(work / "mnt")
+    (host / "file").write_text("before")
+    mount(agent, lab, f"{server.address}:{host}", work / "mnt", "--coherent-cache", "600", "--keepalive", "2")
+    assert agent(f"read({m + '/file'!r})") == "before"
+    assert agent(f"stat.S_IMODE(os.stat({m + '/file'!r}).st_mode)") == 0o644
+    # Changes made while no server watches are announced by no one: the reconnect drops the cache.
+    server.stop()
+    (host / "file").write_text("after the restart")
+    os.chmod(host / "file", 0o640)
+    (host / "new").write_text("new")
+    server.start()
+    eventually(agent, f"errname(read, {m + '/file'!r}) or read({m + '/file'!r})", "after the restart", within=20)
+    assert agent(f"stat.S_IMODE(os.stat({m + '/file'!r}).st_mode)") == 0o640
+    assert agent(f"read({m + '/new'!r})") == "new"
+
+
+def test_no_cache_mode(lab: Lab, work: Path, server: Server, agent: Agent) -> None:
+    host, m = work / "export", str(work / "mnt")
+    (host / "file").write_text("one")
+    mount(agent, lab, f"{server.address}:{host}", work / "mnt", "--no-cache")
+    assert agent(f"read({m + '/file'!r})") == "one"
+    # Nothing cached: every call asks the host, so a frozen server holds up even a stat.
+    with _stopped(server), pytest.raises(AgentError):
+        agent(f"os.stat({m + '/file'!r})", timeout=1.5)
+    assert agent.process.stdout is not None
+    late = json.loads(agent.process.stdout.readline())  # the stat's answer, once the server went on
+    assert stat.S_ISREG(late["ok"][0]), late
+    assert agent("1") == 1
+    (host / "file").write_text("two")
+    assert agent(f"read({m + '/file'!r})") == "two"  # and with no window at all
+
+
+def test_coherent_cache_dropped_when_the_hosts_event_queue_overflows(
+    lab: Lab, work: Path, server: Server, agent: Agent
+) -> None:
+    host, m = work / "export", str(work / "mnt")
+    (host / "file").write_text("before")
+    (host / "a").write_text("")
+    (host / "b").write_text("")
+    mount(agent, lab, f"{server.address}:{host}", work / "mnt", "--coherent-cache", "600")
+    assert agent(f"read({m + '/file'!r})") == "before"
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    with _stopped(server):
+        # Fill the server's inotify queue (alternating files: the kernel merges only repeats),
+        # then change the file the DPU has cached: that event is lost.
+        for i in range(limit // 2 + 10):
+            os.utime(host / "a", ns=(i, i))
+            os.utime(host / "b", ns=(i, i))
+        (host / "file").write_text("after the overflow")
+    eventually(agent, f"read({m + '/file'!r})", "after the overflow")
+    assert "overflowed" in server.log()

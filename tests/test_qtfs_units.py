@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,57 @@ def test_export_syntax() -> None:
     assert Export.parse("/a/b/") == Export(b"/a/b", False)
     with pytest.raises(ValueError):
         Export.parse("a/b")
+
+
+def test_tree_watch_reports_host_changes_by_relative_path(tmp_path: Path) -> None:
+    from offload.qtfs import watch
+
+    root = tmp_path / "tree"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "f").write_text("x")
+    fd = os.open(root, os.O_PATH)
+    try:
+        assert watch.watchable(fd)  # tmp_path is on a local filesystem
+    finally:
+        os.close(fd)
+    proc_fd = os.open("/proc", os.O_PATH)
+    try:
+        assert not watch.watchable(proc_fd)  # changes to /proc raise no events
+    finally:
+        os.close(proc_fd)
+    tree = watch.TreeWatch(os.fsencode(root))
+    try:
+        assert len(tree) == 2
+        change = wire.Change
+        (root / "d" / "f").write_text("y")
+        os.chmod(root / "d" / "f", 0o600)
+        os.chmod(root / "d", 0o700)
+        assert tree.read() == [
+            wire.Invalidate(change.DATA, b"d/f"),
+            wire.Invalidate(change.ATTR, b"d/f"),
+            wire.Invalidate(change.ATTR, b"d"),
+        ]
+        assert tree.read() == []
+        # A new directory filled before its watch was added: the whole of it is announced.
+        (root / "n" / "m").mkdir(parents=True)
+        (root / "n" / "m" / "g").write_text("g")
+        assert tree.read() == [wire.Invalidate(change.ENTRY, b"n")]
+        (root / "n" / "m" / "g").write_text("h")
+        assert tree.read() == [wire.Invalidate(change.DATA, b"n/m/g")]
+        # A renamed directory is watched under its new name, not the old.
+        os.rename(root / "n", root / "d" / "n2")
+        assert tree.read() == [wire.Invalidate(change.ENTRY, b"n"), wire.Invalidate(change.ENTRY, b"d/n2")]
+        (root / "d" / "n2" / "m" / "g").write_text("i")
+        assert tree.read() == [wire.Invalidate(change.DATA, b"d/n2/m/g")]
+        # Moved out of the tree: no longer reported.
+        os.rename(root / "d" / "n2", tmp_path / "away")
+        assert tree.read() == [wire.Invalidate(change.ENTRY, b"d/n2")]
+        (tmp_path / "away" / "m" / "g").write_text("j")
+        assert tree.read() == []
+        # A lost event (the kernel's queue overflowed) means: forget everything.
+        overflow = struct.pack("iIII", -1, watch.IN_Q_OVERFLOW, 0, 0)
+        out: list[wire.Invalidate] = []
+        tree._parse(overflow, out)
+        assert out == [wire.Invalidate(change.ALL)]
+    finally:
+        tree.close()

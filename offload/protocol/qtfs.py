@@ -5,7 +5,10 @@ One authenticated connection per mount, on the shared frame layer
 requests, each in one Request frame whose channel is the request id; the
 server answers each id exactly once with a Reply or an Error frame, in any
 order, so a slow read never holds up a stat (requests are multiplexed).
-Ping/Pong (channel 0) keep the link proven alive.
+Ping/Pong (channel 0) keep the link proven alive.  Invalidate frames
+(channel 0, server to client only) say that something changed on the host
+behind the client's back, so a client may cache what the server said until
+told otherwise (see `Invalidate`).
 
 Payloads are binary, not JSON: a request is one op byte followed by its
 fields; numbers are fixed-width big-endian, strings a u32 length and the
@@ -40,6 +43,7 @@ T_REPLY = 0x82
 T_ERROR = 0x83
 T_PING = 0x84
 T_PONG = 0x85
+T_INVALIDATE = 0x86
 
 PROTOCOL_VERSION = 1
 #: The largest read or write one request carries (FUSE's max_write is 1 MiB).
@@ -64,6 +68,8 @@ SET_ALL = 255
 
 # MOUNT reply flags.
 MOUNT_READONLY = 1
+#: The server watches the mounted tree and sends Invalidate for every change made on the host.
+MOUNT_WATCHED = 2
 
 
 class Op(enum.IntEnum):
@@ -678,6 +684,40 @@ class Failure:
         return errno_number(self.error)
 
 
+class Change(enum.IntEnum):
+    """What an Invalidate says changed at its path."""
+
+    DATA = 1  # the file's content (and so its size and times)
+    ATTR = 2  # only attributes: mode, owner, times, xattrs, link count
+    ENTRY = 3  # the name appeared, went or now names another file; the parent's attributes changed too
+    ALL = 4  # events were lost (the host's queue overflowed): forget everything cached
+    UNWATCHED = 5  # the server can no longer watch the whole tree: stop caching
+
+
+_INVALIDATE = struct.Struct("!B")
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidate:
+    """The host changed ``path`` (relative to the mount root; ``b""`` is the root) in the way ``change`` says.
+
+    Wire payload: one change byte, then the path to the end of the frame.
+    """
+
+    change: Change
+    path: bytes = b""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.change, Change):
+            raise ValueError(f"Invalidate.change = {self.change!r} is not a Change")
+        check_relative(self.path, "Invalidate.path")
+        if self.change is Change.ENTRY and not self.path:
+            raise ValueError("Invalidate: an ENTRY change names an entry, not the root")
+
+    def encode(self) -> bytes:
+        return _INVALIDATE.pack(self.change) + self.path
+
+
 @dataclass(frozen=True, slots=True)
 class Ping:
     token: int
@@ -695,7 +735,7 @@ class Closed:
         return "Closed()"
 
 
-Event = Hello | Call | BadCall | Result | Failure | Ping | Pong | Closed
+Event = Hello | Call | BadCall | Result | Failure | Ping | Pong | Invalidate | Closed
 _TOKEN = struct.Struct("!Q")
 
 
@@ -750,6 +790,11 @@ class QtfsConnection:
         name = errno_name(error) if isinstance(error, int) else error.encode()
         return encode_frame(T_ERROR, id, name)
 
+    def send_invalidate(self, invalidate: Invalidate) -> bytes:
+        if self.client:
+            raise LocalProtocolError("only the server sends Invalidate")
+        return encode_frame(T_INVALIDATE, 0, invalidate.encode(), max_payload=MAX_PAYLOAD)
+
     def send_ping(self, token: int) -> bytes:
         return encode_frame(T_PING, 0, _TOKEN.pack(token))
 
@@ -779,6 +824,8 @@ class QtfsConnection:
                 raise RemoteProtocolError(f"ping of {len(payload)} bytes")
             (token,) = _TOKEN.unpack(payload)
             return Ping(token) if kind == T_PING else Pong(token)
+        if kind == T_INVALIDATE and self.client:
+            return self._invalidate(payload)
         if kind == T_REQUEST and not self.client:
             if not payload:
                 raise RemoteProtocolError("empty request")
@@ -803,6 +850,13 @@ class QtfsConnection:
                 return Failure(channel, payload.decode())
             return Result(channel, REPLIES[op_pending].decode(payload, f"{op_pending.name} reply"))
         raise RemoteProtocolError(f"unexpected frame type {kind:#04x} on the {'client' if self.client else 'server'}")
+
+    def _invalidate(self, payload: bytes) -> Invalidate:
+        try:
+            change = Change(payload[0])
+            return Invalidate(change, bytes(payload[1:]))
+        except (IndexError, ValueError) as exc:
+            raise RemoteProtocolError(f"malformed Invalidate: {exc}") from None
 
     def _hello(self, payload: bytes) -> Hello:
         if self._hello_seen:

@@ -61,12 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SEC",
         help="how long a call waits for a lost link to return before EIO (default: the keepalive)",
     )
+    cache = mount.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--coherent-cache",
+        type=float,
+        default=10.0,
+        metavar="SEC",
+        help="cache lifetime where the host announces its changes (default 10; see README: caching)",
+    )
+    cache.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="cache nothing: every stat, lookup, read and write asks the host",
+    )
     mount.add_argument(
         "--cache-timeout",
         type=float,
         default=0.0,
         metavar="SEC",
-        help="kernel attribute/entry caching (default 0: always coherent with the host)",
+        help="kernel attribute/entry caching without the host's announcements (--no-cache, /proc, /sys): "
+        "default 0, always coherent",
     )
     mount.add_argument(
         "--dir-attr-timeout",
@@ -142,6 +156,7 @@ def _mount(args: argparse.Namespace) -> int:
             args.cache_timeout,
             args.node,
             args.dir_attr_timeout,
+            0.0 if args.no_cache else args.coherent_cache,
         )
         transport = Transport.from_options(args.pki, args.insecure)
     except ConfigError as exc:

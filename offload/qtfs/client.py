@@ -16,6 +16,12 @@ up a stat.  The link keeps itself alive:
 
 Open file handles belong to one connection (`generation`): the filesystem
 layer re-opens files by path after a reconnect.
+
+The server's Invalidate messages go to ``on_invalidate`` in the order they
+arrive among the replies (an Invalidate that arrived before a reply is
+handled before that reply's caller resumes); ``on_reset`` is called when
+the link is lost and when it is re-established, since changes made on the
+host meanwhile were never announced.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -69,6 +76,7 @@ class Mounted:
     readonly: bool
     server: str
     epoch: int
+    watched: bool = False  # the server sends Invalidate for every change on the host
 
 
 class Link:
@@ -94,6 +102,8 @@ class Link:
         self._up = trio.Event()
         self._send_lock = trio.Lock()
         self._waiters: dict[int, _Waiter] = {}
+        self.on_invalidate: Callable[[wire.Invalidate], None] = lambda invalidate: None
+        self.on_reset: Callable[[], None] = lambda: None
 
     @property
     def is_up(self) -> bool:
@@ -190,12 +200,16 @@ class Link:
             bool(reply.reply.flags & wire.MOUNT_READONLY),
             hello.node,
             hello.epoch,
+            bool(reply.reply.flags & wire.MOUNT_WATCHED),
         )
         if self.mounted is not None and mounted.epoch != self.mounted.epoch:
             log.info("qtfs server %s restarted (new epoch); reconnected", self.address)
+        reconnected = self.mounted is not None
         self.mounted = mounted
         self.generation += 1
         self._current = _Connection(stream, conn, self.generation, trio.Event(), trio.current_time(), 2)
+        if reconnected:
+            self.on_reset()
         self._up.set()
         return mounted
 
@@ -206,6 +220,7 @@ class Link:
         self._current = None
         self._up = trio.Event()
         current.lost.set()
+        self.on_reset()
         for waiter in self._waiters.values():
             if waiter.outcome is None:
                 waiter.outcome = LinkDown()
@@ -259,6 +274,8 @@ class Link:
                         if waiter is not None:
                             waiter.outcome = OSError(event.errno, os.strerror(event.errno))
                             waiter.event.set()
+                    elif isinstance(event, wire.Invalidate):
+                        self.on_invalidate(event)
                     elif isinstance(event, wire.Closed):
                         self._lose(current, "the server closed the connection")
                         return

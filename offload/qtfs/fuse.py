@@ -2,14 +2,51 @@
 
 Caching rules (why nothing stale survives a write from the host side):
 
-* entry and attribute timeouts are 0 by default (``--cache-timeout``
-  changes that, trading coherence for speed): every path walk and stat
-  asks the host, and a negative lookup is never cached.  The one
-  exception is a directory's attributes (mode, owner, times; never its
-  entries), kept for ``--dir-attr-timeout`` (default 1 s): the kernel
-  checks them at every step of a path walk, and the LOOKUP of each step
-  refreshes them anyway, so only the mount root's and a stat of a
-  directory may show attributes up to that old;
+*Coherent cache* (the default, when the server watches the mounted tree:
+a local filesystem, not /proc or /sys, see `offload.qtfs.watch`): the
+kernel caches entries, negative lookups no, attributes and file data
+(keep_cache) for ``--coherent-cache`` seconds (default 10), and the server
+tells us of every change made on the host (an Invalidate per changed
+path), which we pass to the kernel at once: attributes are dropped in the
+reader task itself, before any reply that followed the Invalidate on the
+wire reaches its caller; directory entries and cached pages are dropped
+by pyfuse3's invalidation thread and a worker thread (those kernel calls
+may wait for requests we are serving).  So:
+
+* a change made on the host is seen on the DPU after at most the time the
+  Invalidate takes to arrive (one inotify read and one message on the
+  link: about a millisecond on the lab's veth); a stat or a read served
+  from the DPU's cache in that window shows the state before the change;
+* every request that reaches the host is a synchronisation point: the
+  server sends the Invalidates of everything changed before it answered
+  ahead of the answer, so an open(2) (always a round trip) after a host
+  change reads the new content, and a lookup, getattr, open or readdir
+  whose request was overtaken by an Invalidate is answered with timeouts of
+  0 and without keep_cache (nothing installed in the kernel after the
+  Invalidate was applied can outlive it);
+* when the link is lost, on reconnect, when the host's inotify queue
+  overflows, and when the server cannot watch a new directory (the
+  watch limit, fs.inotify.max_user_watches), everything cached is dropped;
+  after the last the mount stops caching altogether;
+* not covered (inotify(7) does not report them): writes through a shared
+  mmap on the host, and writes through a hard link whose name lies outside
+  the export.  Changes made through another mount of the same directory
+  are reported (watches are per inode).
+* Changes made on the DPU through the mount are known to its kernel anyway;
+  the host reports them too, which costs the DPU its cached pages of a file
+  it writes.
+
+*No cache* (``--no-cache``, and always for /proc, /sys and any tree the
+server cannot watch):
+
+* entry and attribute timeouts are 0 (``--cache-timeout`` changes that,
+  trading coherence for speed): every path walk and stat asks the host,
+  and a negative lookup is never cached.  The one exception is a
+  directory's attributes (mode, owner, times; never its entries), kept for
+  ``--dir-attr-timeout`` (default 1 s): the kernel checks them at every
+  step of a path walk, and the LOOKUP of each step refreshes them anyway,
+  so only the mount root's and a stat of a directory may show attributes
+  up to that old;
 * every file is opened with direct_io and without keep_cache: reads and
   writes go to the host as the caller issued them, never through the DPU's
   page cache.  So a host-side write is seen by the next read here, a
@@ -17,9 +54,10 @@ Caching rules (why nothing stale survives a write from the host side):
   whole (cgroup-style files), and a file whose size the host reports as 0
   (/proc, /sys) is read until the host says end-of-file, never cut at the
   reported size.  The cost: no readahead, and shared writable mmap of
-  these files fails with ENODEV (libvirtd does not map them);
-* close reaches the host as FUSE's release (asynchronous, as for every
-  FUSE filesystem); flush does not make a round trip of its own.
+  these files fails with ENODEV (libvirtd does not map them).
+
+In both, close reaches the host as FUSE's release (asynchronous, as for
+every FUSE filesystem); flush does not make a round trip of its own.
 
 Sockets and FIFOs are shown with their types; their inodes are the DPU
 kernel's own objects, so a UNIX socket bound here (mknod S_IFSOCK on the
@@ -34,6 +72,7 @@ import contextlib
 import errno
 import functools
 import itertools
+import logging
 import os
 import stat
 import time
@@ -42,6 +81,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from offload.protocol import qtfs as wire
 from offload.qtfs import facts
@@ -54,8 +94,11 @@ ATTEMPTS = 3
 _REOPEN_MASK = ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
 #: How long a LOOKUP's attributes may answer the GETATTR that follows it (see getattr).
 LOOKUP_REUSE = 0.001
+#: Default lifetime of the kernel's caches when the host announces its changes.
+COHERENT_TIMEOUT = 10.0
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+log = logging.getLogger(__name__)
 
 
 def errors(function: F) -> F:
@@ -87,6 +130,7 @@ class OpenDir:
     handle: int
     eof: bool
     generation: int
+    since: int  # `Filesystem.changes` before the listing was asked for
     server_count: int = 0  # entries the host has sent (before --proc/--sys filtering)
 
 
@@ -96,15 +140,36 @@ class Filesystem(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(
-        self, link: Link, mounted: Mounted, mode: str = "", timeout: float = 0.0, dir_attr_timeout: float = 1.0
+        self,
+        link: Link,
+        mounted: Mounted,
+        mode: str = "",
+        timeout: float = 0.0,
+        dir_attr_timeout: float = 1.0,
+        coherent_timeout: float = COHERENT_TIMEOUT,
+        mountpoint: str = "",
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}")
         self.host = link
         self.mode = mode
+        self.mountpoint = os.fsencode(mountpoint.rstrip("/"))
+        #: Caching with the host's invalidations (see "Caching rules").
+        self.coherent = mounted.watched and not mode and coherent_timeout > 0
+        if self.coherent:
+            timeout = dir_attr_timeout = coherent_timeout
         self.timeout = timeout
         self.dir_attr_timeout = max(timeout, dir_attr_timeout)
+        #: Counts the host's changes (and resets) heard of: a reply computed
+        #: before the latest one is not cached by the kernel.
+        self.changes = 0
+        #: pyfuse3.init has run: the kernel may be told to invalidate.
+        self.live = False
+        self._stale_pages: set[int] = set()
+        self._pages_wanted = trio.Event()
+        link.on_invalidate = self._invalidated
+        link.on_reset = self._reset
         self.table = InodeTable((mounted.root.dev, mounted.root.ino))
         self.files: dict[int, OpenFile] = {}
         self.dirs: dict[int, OpenDir] = {}
@@ -113,16 +178,23 @@ class Filesystem(pyfuse3.Operations):
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _entry(self, node: Node, attr: wire.Attr) -> pyfuse3.EntryAttributes:
+    def _entry(self, node: Node, attr: wire.Attr, since: int = -1) -> pyfuse3.EntryAttributes:
+        """The kernel's entry for ``attr``; ``since``: `changes` before the request was sent."""
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = node.inode
         entry.generation = 0
-        entry.entry_timeout = self.timeout
-        # A directory's attributes are what the kernel checks permissions
-        # against at every step of a path walk: with a timeout of 0 each step
-        # would cost a GETATTR round trip besides its LOOKUP (which refreshes
-        # them anyway).  See "Caching rules" above.
-        entry.attr_timeout = self.dir_attr_timeout if stat.S_ISDIR(attr.mode) else self.timeout
+        if self.coherent and since != self.changes:
+            # The host changed something after this reply may have been
+            # computed, and the kernel may have applied that Invalidate
+            # already: this reply must not outlive it.
+            entry.entry_timeout = entry.attr_timeout = 0
+        else:
+            entry.entry_timeout = self.timeout
+            # A directory's attributes are what the kernel checks permissions
+            # against at every step of a path walk: with a timeout of 0 each step
+            # would cost a GETATTR round trip besides its LOOKUP (which refreshes
+            # them anyway).  See "Caching rules" above.
+            entry.attr_timeout = self.dir_attr_timeout if stat.S_ISDIR(attr.mode) else self.timeout
         entry.st_mode = attr.mode
         entry.st_nlink = attr.nlink
         entry.st_uid = attr.uid
@@ -136,9 +208,101 @@ class Filesystem(pyfuse3.Operations):
         entry.st_ctime_ns = attr.ctime_ns
         return entry
 
-    def _remember(self, path: bytes, attr_bytes: bytes) -> pyfuse3.EntryAttributes:
+    def _remember(self, path: bytes, attr_bytes: bytes, since: int) -> pyfuse3.EntryAttributes:
         attr = wire.Attr.decode_from(attr_bytes)
-        return self._entry(self.table.remember(path, (attr.dev, attr.ino)), attr)
+        return self._entry(self.table.remember(path, (attr.dev, attr.ino)), attr, since)
+
+    # -- the host's changes ----------------------------------------------------------------------
+
+    def _invalidated(self, change: wire.Invalidate) -> None:
+        """An Invalidate from the server (called by the link's reader, in wire order)."""
+        self.changes += 1
+        if not self.live:
+            return
+        kind, path = change.change, change.path
+        if kind is wire.Change.ALL or kind is wire.Change.UNWATCHED:
+            if kind is wire.Change.UNWATCHED and self.coherent:
+                log.warning("the host can no longer watch the whole tree: caching stops")
+                self.coherent = False
+                self.timeout, self.dir_attr_timeout = 0.0, 0.0
+            self._drop_all()
+            return
+        node = self.table.find(path)
+        if node is not None:
+            self._drop_attributes(node.inode)
+            if kind is wire.Change.DATA:
+                self._drop_pages(node.inode)
+        if kind is wire.Change.ENTRY:
+            parent_path, _, name = path.rpartition(b"/")
+            parent = self.table.find(parent_path)
+            if parent is not None:
+                self._drop_attributes(parent.inode)  # its times and link count changed
+                pyfuse3.invalidate_entry_async(parent.inode, name, ignore_enoent=True)
+
+    def _reset(self) -> None:
+        """The link went or came back: what happened on the host meanwhile was not announced."""
+        self.changes += 1
+        if self.live and self.coherent:
+            self._drop_all()
+
+    def _drop_all(self) -> None:
+        # Dropping a directory's entry detaches whatever is mounted below it
+        # (d_invalidate), even where nothing changed: spare the mount points
+        # under ours and the directories leading to them.
+        spared = self._mounted_below()
+        for node in self.table.nodes():
+            self._drop_attributes(node.inode)
+            self._drop_pages(node.inode)
+            if node.path and node.path not in spared:
+                parent_path, _, name = node.path.rpartition(b"/")
+                parent = self.table.find(parent_path)
+                if parent is not None:
+                    pyfuse3.invalidate_entry_async(parent.inode, name, ignore_enoent=True)
+
+    def _mounted_below(self) -> set[bytes]:
+        """Paths (relative to the mount root) of the mount points below ours, and their ancestors."""
+        spared: set[bytes] = set()
+        if not self.mountpoint:
+            return spared
+        prefix = self.mountpoint + b"/"
+        try:
+            with open("/proc/self/mountinfo", "rb") as mountinfo:
+                lines = mountinfo.read().splitlines()
+        except OSError:
+            return spared
+        for line in lines:
+            fields = line.split(b" ")
+            if len(fields) < 5:
+                continue
+            # mountinfo escapes space, tab, newline and backslash as octal
+            where = fields[4].decode("unicode_escape").encode("latin-1")
+            if where.startswith(prefix):
+                parts = where[len(prefix) :].split(b"/")
+                spared.update(b"/".join(parts[: i + 1]) for i in range(len(parts)))
+        return spared
+
+    @staticmethod
+    def _drop_attributes(inode: int) -> None:
+        # Attributes only: the kernel bumps the inode's attr_version and
+        # forgets them under a spinlock, never waiting for a request, so this
+        # is safe in the event loop (a reply that raced it is discarded by
+        # the kernel for its older attr_version).
+        with contextlib.suppress(OSError):
+            pyfuse3.invalidate_inode(inode, True)
+
+    def _drop_pages(self, inode: int) -> None:
+        # Dropping pages waits for page locks that a read we are serving may
+        # hold: done by `drop_pages_forever` in a thread.
+        self._stale_pages.add(inode)
+        self._pages_wanted.set()
+
+    async def drop_pages_forever(self) -> None:
+        """Hand the kernel the page invalidations `_invalidated` queued (a task of the mount)."""
+        while True:
+            await self._pages_wanted.wait()
+            self._pages_wanted = trio.Event()
+            inodes, self._stale_pages = self._stale_pages, set()
+            await trio.to_thread.run_sync(_invalidate_pages, inodes)
 
     def _visible(self, parent: bytes, name: bytes) -> bool:
         if self.mode == "proc":
@@ -180,8 +344,9 @@ class Filesystem(pyfuse3.Operations):
     @errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         path = self._child(parent_inode, name)
+        since = self.changes
         reply = await self.host.call(wire.Lookup(path))
-        entry = self._remember(path, reply.attr)  # type: ignore[attr-defined]
+        entry = self._remember(path, reply.attr, since)  # type: ignore[attr-defined]
         if ctx is not None:
             self._just_looked_up[entry.st_ino] = (ctx.pid, time.monotonic(), entry)
         return entry
@@ -205,10 +370,11 @@ class Filesystem(pyfuse3.Operations):
         if len(self._just_looked_up) > 1024:
             self._just_looked_up.clear()
         path = self.table.path(inode)
+        since = self.changes
         reply = await self.host.call(wire.Getattr(path))
         attr = wire.Attr.decode_from(reply.attr)  # type: ignore[attr-defined]
         node = self.table.node_at(path, (attr.dev, attr.ino)) if inode != pyfuse3.ROOT_INODE else self.table.root
-        entry = self._entry(node, attr)
+        entry = self._entry(node, attr, since)
         entry.st_ino = inode  # the kernel asked about this inode
         return entry
 
@@ -244,12 +410,13 @@ class Filesystem(pyfuse3.Operations):
                 attr.st_mtime_ns if valid & wire.SET_MTIME else 0,
             )
 
+        since = self.changes
         if fh is not None and fh in self.files:
             reply = await self._on_file(fh, request, retry=True)
         else:
             reply = await self.host.call(request(), retry=True)
         result = wire.Attr.decode_from(reply.attr)  # type: ignore[attr-defined]
-        entry = self._entry(self.table.root, result)
+        entry = self._entry(self.table.root, result, since)
         entry.st_ino = inode
         return entry
 
@@ -260,28 +427,34 @@ class Filesystem(pyfuse3.Operations):
 
     # -- files -------------------------------------------------------------------------------------
 
-    def _file_info(self, fh: int) -> pyfuse3.FileInfo:
-        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=False)
+    def _file_info(self, fh: int, since: int) -> pyfuse3.FileInfo:
+        if not self.coherent:
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=False)
+        # The pages cached stay valid unless the host changed something since
+        # the open was sent (the kernel then drops them now, in open(2)).
+        return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=since == self.changes, nonseekable=False)
 
     @errors
     async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
         path = self.table.path(inode)
+        since = self.changes
         reply, generation = await self.host.call_on(wire.Open(path, flags), retry=not flags & os.O_TRUNC)
         fh = next(self._numbers)
         self.files[fh] = OpenFile(inode, path, flags, reply.handle, generation)  # type: ignore[attr-defined]
-        return self._file_info(fh)
+        return self._file_info(fh, since)
 
     @errors
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         path = self._child(parent_inode, name)
+        since = self.changes
         reply, generation = await self.host.call_on(wire.Create(path, flags, mode, ctx.uid, ctx.gid), retry=False)
         assert isinstance(reply, wire.HandleReply)
-        entry = self._remember(path, reply.attr)
+        entry = self._remember(path, reply.attr, since)
         fh = next(self._numbers)
         self.files[fh] = OpenFile(entry.st_ino, path, flags, reply.handle, generation)
-        return self._file_info(fh), entry
+        return self._file_info(fh, since), entry
 
     @errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -329,10 +502,11 @@ class Filesystem(pyfuse3.Operations):
     @errors
     async def opendir(self, inode: int, ctx: Any = None) -> int:
         path = self.table.path(inode)
+        since = self.changes
         reply, generation = await self.host.call_on(wire.Opendir(path))
         assert isinstance(reply, wire.DirReply)
         fh = next(self._numbers)
-        listing = OpenDir(path, [], reply.handle, bool(reply.eof), generation)
+        listing = OpenDir(path, [], reply.handle, bool(reply.eof), generation, since)
         self._add_page(listing, reply)
         self.dirs[fh] = listing
         return fh
@@ -359,7 +533,7 @@ class Filesystem(pyfuse3.Operations):
                 continue
             name, attr = listing.entries[index]
             node = self.table.node_at(join(listing.path, name), (attr.dev, attr.ino))
-            if not pyfuse3.readdir_reply(token, name, self._entry(node, attr), index + 1):
+            if not pyfuse3.readdir_reply(token, name, self._entry(node, attr, listing.since), index + 1):
                 self.table.drop_unused(node)
                 return
             node.lookups += 1
@@ -371,7 +545,7 @@ class Filesystem(pyfuse3.Operations):
             # the start and keep what follows the entries already returned.
             reply, generation = await self.host.call_on(wire.Opendir(listing.path))
             assert isinstance(reply, wire.DirReply)
-            fresh = OpenDir(listing.path, [], reply.handle, bool(reply.eof), generation)
+            fresh = OpenDir(listing.path, [], reply.handle, bool(reply.eof), generation, listing.since)
             self._add_page(fresh, reply)
             while not fresh.eof and fresh.server_count <= listing.server_count:
                 page = await self.host.call(wire.Readdir(fresh.handle, fresh.server_count))
@@ -396,27 +570,31 @@ class Filesystem(pyfuse3.Operations):
     @errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> Any:
         path = self._child(parent_inode, name)
+        since = self.changes
         reply = await self.host.call(wire.Mkdir(path, mode, ctx.uid, ctx.gid))
-        return self._remember(path, reply.attr)  # type: ignore[attr-defined]
+        return self._remember(path, reply.attr, since)  # type: ignore[attr-defined]
 
     @errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> Any:
         path = self._child(parent_inode, name)
+        since = self.changes
         reply = await self.host.call(wire.Mknod(path, mode, rdev, ctx.uid, ctx.gid))
-        return self._remember(path, reply.attr)  # type: ignore[attr-defined]
+        return self._remember(path, reply.attr, since)  # type: ignore[attr-defined]
 
     @errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> Any:
         path = self._child(parent_inode, name)
+        since = self.changes
         reply = await self.host.call(wire.Symlink(path, target, ctx.uid, ctx.gid))
-        return self._remember(path, reply.attr)  # type: ignore[attr-defined]
+        return self._remember(path, reply.attr, since)  # type: ignore[attr-defined]
 
     @errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
         source = self.table.path(inode)
         path = self._child(new_parent_inode, new_name)
+        since = self.changes
         reply = await self.host.call(wire.Link(source, path))
-        return self._remember(path, reply.attr)  # type: ignore[attr-defined]
+        return self._remember(path, reply.attr, since)  # type: ignore[attr-defined]
 
     @errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -477,3 +655,10 @@ class Filesystem(pyfuse3.Operations):
     @errors
     async def removexattr(self, inode: int, name: bytes, ctx: Any = None) -> None:
         await self.host.call(wire.Removexattr(self.table.path(inode), name))
+
+
+def _invalidate_pages(inodes: set[int]) -> None:
+    for inode in inodes:
+        # ENOENT: the kernel has forgotten the inode already.
+        with contextlib.suppress(OSError):
+            pyfuse3.invalidate_inode(inode, False)

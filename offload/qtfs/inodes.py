@@ -53,6 +53,13 @@ class InodeTable:
             raise OSError(errno.ESTALE, "stale inode")
         return node.path
 
+    def find(self, path: bytes) -> Node | None:
+        """The node last seen at ``path``, if any."""
+        return self._by_path.get(path)
+
+    def nodes(self) -> list[Node]:
+        return list(self._nodes.values())
+
     def node_at(self, path: bytes, key: tuple[int, int]) -> Node:
         """The node for the file ``key`` seen at ``path`` (made if new; its count unchanged)."""
         node = self._by_key.get(key)

@@ -64,6 +64,8 @@ class MountOptions:
     cache_timeout: float = 0.0
     node: str = ""
     dir_attr_timeout: float = 1.0
+    #: Cache lifetime when the host announces its changes (0: no caching, as --no-cache).
+    coherent_timeout: float = 10.0
 
     @property
     def source(self) -> str:
@@ -115,11 +117,21 @@ async def run_mount(options: MountOptions, transport: Transport, ready: Callable
             mounted = await nursery.start(link.run)
         except OSError as exc:
             raise QtfsMountError(f"{options.source}: {exc.strerror or exc}") from None
-        filesystem = Filesystem(link, mounted, options.mode, options.cache_timeout, options.dir_attr_timeout)
+        filesystem = Filesystem(
+            link,
+            mounted,
+            options.mode,
+            options.cache_timeout,
+            options.dir_attr_timeout,
+            options.coherent_timeout,
+            options.mountpoint,
+        )
         try:
             pyfuse3.init(filesystem, options.mountpoint, fuse_options(options, mounted))
         except RuntimeError as exc:
             raise QtfsMountError(f"cannot mount FUSE on {options.mountpoint}: {exc}") from None
+        filesystem.live = True
+        nursery.start_soon(filesystem.drop_pages_forever)
         unmounted_by_kernel = False
         pidfile: Path | None = None
         try:
@@ -137,7 +149,11 @@ async def run_mount(options: MountOptions, transport: Transport, ready: Callable
                 st = await trio.to_thread.run_sync(os.stat, options.mountpoint)
             pidfile = _write_pidfile(st.st_dev)
             log.info(
-                "mounted %s on %s%s", options.source, options.mountpoint, " (read-only)" if mounted.readonly else ""
+                "mounted %s on %s%s%s",
+                options.source,
+                options.mountpoint,
+                " (read-only)" if mounted.readonly else "",
+                ", coherent cache" if filesystem.coherent else ", no cache",
             )
             ready()
             sd.notify("READY=1")

@@ -7,6 +7,12 @@ than a thread hand-off costs), fsync runs in a thread so a slow flush never
 holds up the connection's other requests.  Replies of one batch leave in
 one send.  A read's data is read straight into the buffer that is sent,
 behind room for the frame header (no copy).
+
+When the mounted tree is on a local filesystem, the session watches it
+(`offload.qtfs.watch`) and tells its client of every change with an
+Invalidate, so the client may cache.  The watch is read before every
+batch of replies and its news sent first: a change made on the host before
+a request was answered is announced before that answer.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from offload.net import Transport, listener_address, parse_address
 from offload.protocol import qtfs as wire
 from offload.protocol.framing import HEADER_SIZE
 from offload.qtfs.backend import Backend, Export
+from offload.qtfs.watch import TreeWatch, watchable
 from offload.qtfs.whitelist import Whitelist
 
 log = logging.getLogger("qtfs")
@@ -77,6 +84,7 @@ class Session:
         self.backend = Backend(config.exports, config.whitelist)
         self.handlers = self.backend.handlers()
         self.send_lock = trio.Lock()
+        self.watch: TreeWatch | None = None
 
     async def run(self) -> None:
         try:
@@ -88,6 +96,8 @@ class Session:
                     self.conn.receive_data(data)
                     out: list[bytes | memoryview] = []
                     closed = self._drain(out, nursery)
+                    if out and self.watch is not None:
+                        out[:0] = self._invalidations()
                     if out:
                         async with self.send_lock:
                             await send_parts(self.stream, out)
@@ -95,7 +105,47 @@ class Session:
                         break
                 nursery.cancel_scope.cancel()
         finally:
+            if self.watch is not None:
+                self.watch.close()
             self.backend.close()
+
+    def _start_watch(self, reply: wire.MountReply, nursery: trio.Nursery) -> wire.MountReply:
+        """Watch the mounted tree if inotify can see its changes; the reply says whether it is watched."""
+        if self.watch is not None:
+            trio.lowlevel.notify_closing(self.watch.fd)
+            self.watch.close()
+            self.watch = None
+        if self.backend.hide_processes or not watchable(self.backend.root):
+            return reply
+        try:
+            watch = TreeWatch(self.backend.base)
+        except OSError as exc:
+            log.warning("not watching %s (clients will not cache): %s", os.fsdecode(self.backend.base), exc)
+            return reply
+        if not watch.complete:
+            watch.close()
+            return reply
+        self.watch = watch
+        nursery.start_soon(self._watching, watch)
+        log.debug("watching %d directories under %s", len(watch), os.fsdecode(self.backend.base))
+        return wire.MountReply(reply.attr, reply.flags | wire.MOUNT_WATCHED)
+
+    def _invalidations(self) -> list[bytes | memoryview]:
+        assert self.watch is not None
+        return [self.conn.send_invalidate(item) for item in self.watch.read()]
+
+    async def _watching(self, watch: TreeWatch) -> None:
+        while self.watch is watch:
+            try:
+                await trio.lowlevel.wait_readable(watch.fd)
+            except trio.ClosedResourceError:
+                return  # a second Mount replaced it
+            if self.watch is not watch:
+                return
+            out = self._invalidations()
+            if out:
+                async with self.send_lock:
+                    await send_parts(self.stream, out)
 
     def _drain(self, out: list[bytes | memoryview], nursery: trio.Nursery) -> bool:
         conn = self.conn
@@ -124,6 +174,8 @@ class Session:
                 nursery.start_soon(self._threaded, call.id, op, request)
                 return
             reply = self.handlers[op](request)
+            if op is wire.Op.MOUNT:
+                reply = self._start_watch(reply, nursery)  # type: ignore[arg-type]
         except OSError as exc:
             out.append(self._failure(call.id, op, request, exc))
             return

@@ -1,0 +1,236 @@
+"""Watching an exported tree with inotify(7), so clients may cache and be told of host changes.
+
+`TreeWatch` puts a watch on every directory of a tree (and on each new one
+as it appears), reads the events without blocking and turns them into
+`offload.protocol.qtfs.Invalidate` messages with paths relative to the
+tree's root.  No I/O loop here: the server waits for the fd to be readable
+and calls `read`, and also calls it before every batch of replies, so a
+reply never overtakes the news of a change made before it was computed.
+
+What inotify does and does not see (inotify(7)): watches are per inode,
+so a change made through another path to the same directory (a bind
+mount, a second mount of the filesystem) is seen.  A file's IN_MODIFY and
+IN_ATTRIB go to the watch of the directory the writer named it by, so a
+write through a hard link whose name lies outside the tree is not seen.
+Writes through a shared mmap raise no event.  Pseudo and network
+filesystems (/proc, /sys, NFS, FUSE) change without events: `watchable`
+refuses them and they are served uncached.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import struct
+
+from offload.protocol import qtfs as wire
+
+log = logging.getLogger(__name__)
+
+IN_MODIFY = 0x00000002
+IN_ATTRIB = 0x00000004
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_FROM = 0x00000040
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
+IN_DELETE_SELF = 0x00000400
+IN_MOVE_SELF = 0x00000800
+IN_Q_OVERFLOW = 0x00004000
+IN_IGNORED = 0x00008000
+IN_ONLYDIR = 0x01000000
+IN_DONT_FOLLOW = 0x02000000
+IN_ISDIR = 0x40000000
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+
+MASK = (
+    IN_MODIFY
+    | IN_ATTRIB
+    | IN_CLOSE_WRITE
+    | IN_MOVED_FROM
+    | IN_MOVED_TO
+    | IN_CREATE
+    | IN_DELETE
+    | IN_DELETE_SELF
+    | IN_MOVE_SELF
+    | IN_ONLYDIR
+    | IN_DONT_FOLLOW
+)
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (native: the kernel's struct inotify_event)
+_ENTRY_EVENTS = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO
+
+# statfs(2) f_type of filesystems whose changes all pass through the local
+# kernel's VFS (inotify sees them).  Anything else (procfs, sysfs, cgroupfs,
+# NFS, FUSE...) is served uncached.
+LOCAL_FILESYSTEMS = frozenset(
+    {
+        0xEF53,  # ext2/3/4
+        0x58465342,  # xfs
+        0x9123683E,  # btrfs
+        0x01021994,  # tmpfs
+        0x794C7630,  # overlayfs
+        0xF2F52010,  # f2fs
+        0x858458F6,  # ramfs
+    }
+)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.inotify_init1.argtypes = [ctypes.c_int]
+_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+_libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+
+
+def _fail(what: str) -> OSError:
+    number = ctypes.get_errno()
+    return OSError(number, f"{what}: {os.strerror(number)}")
+
+
+def filesystem_type(fd: int) -> int:
+    buffer = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if _libc.fstatfs(fd, buffer) != 0:
+        raise _fail("fstatfs")
+    return int(ctypes.c_long.from_buffer(buffer).value) & 0xFFFFFFFF
+
+
+def watchable(fd: int) -> bool:
+    """Does inotify see every change to the tree at ``fd``?"""
+    try:
+        return filesystem_type(fd) in LOCAL_FILESYSTEMS
+    except OSError:
+        return False
+
+
+def _join(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name if parent else name
+
+
+class TreeWatch:
+    """inotify watches on every directory below ``root`` (a host path); events as Invalidate messages."""
+
+    def __init__(self, root: bytes) -> None:
+        self.root = root
+        self.fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if self.fd < 0:
+            raise _fail("inotify_init1")
+        self._paths: dict[int, bytes] = {}  # wd -> directory relative to root
+        self._wds: dict[bytes, int] = {}
+        #: A watch could not be added (the limit, fs.inotify.max_user_watches): the tree is no longer covered.
+        self.complete = True
+        try:
+            self._add_tree(b"")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def _add_tree(self, top: bytes) -> None:
+        """Watch ``top`` and the directories below it (watch first, then list: nothing created between is missed)."""
+        pending = [top]
+        while pending:
+            relative = pending.pop()
+            host = _join(self.root, relative) if relative else self.root
+            wd = _libc.inotify_add_watch(self.fd, host, MASK)
+            if wd < 0:
+                number = ctypes.get_errno()
+                if number in (errno.ENOENT, errno.ENOTDIR):
+                    continue  # gone again, or replaced by a file: its own events say so
+                if not relative:
+                    raise _fail(f"inotify_add_watch {os.fsdecode(host)}")
+                log.warning("cannot watch %s: %s; clients stop caching", os.fsdecode(host), os.strerror(number))
+                self.complete = False
+                return
+            old = self._paths.get(wd)
+            if old is not None and self._wds.get(old) == wd:
+                del self._wds[old]
+            self._paths[wd] = relative
+            self._wds[relative] = wd
+            try:
+                with os.scandir(host) as entries:
+                    for entry in entries:
+                        if entry.is_dir(follow_symlinks=False):
+                            pending.append(_join(relative, os.fsencode(entry.name)))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+
+    def _drop_tree(self, top: bytes) -> None:
+        """Stop watching ``top`` and below (moved out of its place: re-added where it went, if in the tree)."""
+        prefix = top + b"/"
+        for relative in [p for p in self._wds if p == top or p.startswith(prefix)]:
+            wd = self._wds.pop(relative)
+            self._paths.pop(wd, None)
+            _libc.inotify_rm_watch(self.fd, wd)  # its IN_IGNORED finds no path: ignored
+
+    def read(self) -> list[wire.Invalidate]:
+        """What changed since the last call, in order and without repeats; [] when nothing did."""
+        out: list[wire.Invalidate] = []
+        while True:
+            try:
+                data = os.read(self.fd, 64 * 1024)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            self._parse(data, out)
+        if not out:
+            return out
+        seen: set[wire.Invalidate] = set()
+        unique = []
+        for item in out:
+            if item not in seen:
+                seen.add(item)
+                unique.append(item)
+        return unique
+
+    def _parse(self, data: bytes, out: list[wire.Invalidate]) -> None:
+        at = 0
+        while at + _EVENT.size <= len(data):
+            wd, mask, _cookie, length = _EVENT.unpack_from(data, at)
+            at += _EVENT.size
+            name = data[at : at + length].rstrip(b"\0")
+            at += length
+            if mask & IN_Q_OVERFLOW:
+                log.warning("inotify queue overflowed under %s: clients drop their caches", os.fsdecode(self.root))
+                out.append(wire.Invalidate(wire.Change.ALL))
+                continue
+            directory = self._paths.get(wd)
+            if directory is None:
+                continue
+            if mask & IN_IGNORED:
+                self._paths.pop(wd, None)
+                if self._wds.get(directory) == wd:
+                    del self._wds[directory]
+                continue
+            if not name:
+                # An event on a watched directory itself.
+                if mask & (IN_DELETE_SELF | IN_MOVE_SELF) and not directory:
+                    out.append(wire.Invalidate(wire.Change.ALL))  # the root went: everything is stale
+                elif mask & IN_ATTRIB:
+                    out.append(wire.Invalidate(wire.Change.ATTR, directory))
+                continue
+            path = _join(directory, name)
+            if mask & _ENTRY_EVENTS:
+                out.append(wire.Invalidate(wire.Change.ENTRY, path))
+                if mask & IN_ISDIR:
+                    if mask & (IN_MOVED_FROM | IN_DELETE):
+                        self._drop_tree(path)
+                    if mask & (IN_CREATE | IN_MOVED_TO):
+                        self._add_tree(path)
+                        # Entries made in it before its watch was in place were reported by no one.
+                        out.append(wire.Invalidate(wire.Change.ENTRY, path))
+                        if not self.complete:
+                            out.append(wire.Invalidate(wire.Change.UNWATCHED))
+            elif mask & (IN_MODIFY | IN_CLOSE_WRITE):
+                out.append(wire.Invalidate(wire.Change.DATA, path))
+            elif mask & IN_ATTRIB:
+                out.append(wire.Invalidate(wire.Change.ATTR, path))
