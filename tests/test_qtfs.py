@@ -335,13 +335,17 @@ def test_close_reaches_the_host(lab: Lab, work: Path, server: Server, agent: Age
     def open_files() -> int:
         return sum(1 for f in psutil.Process(host_pid).open_files() if f.path == str(work / "export" / "f"))
 
-    agent.run(f"held = open({str(work / 'mnt' / 'f')!r}, 'rb')")
-    assert open_files() == 1
-    agent.run("held.close()")
-    deadline = time.monotonic() + 5
-    while open_files() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert open_files() == 0
+    for how in (
+        "'r+b'); ",
+        "'rb'); held.read(); ",
+    ):  # an open for writing asks the host at once, one for reading at its first read
+        agent.run(f"held = open({str(work / 'mnt' / 'f')!r}, {how}")
+        assert open_files() == 1
+        agent.run("held.close()")
+        deadline = time.monotonic() + 5
+        while open_files() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert open_files() == 0
 
 
 def _child_pid(pid: int) -> int:

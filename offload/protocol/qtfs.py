@@ -70,6 +70,8 @@ SET_ALL = 255
 MOUNT_READONLY = 1
 #: The server watches the mounted tree and sends Invalidate for every change made on the host.
 MOUNT_WATCHED = 2
+#: Opens are checked by rules (a whitelist): the client must ask at every open.
+MOUNT_OPEN_CHECKED = 4
 
 
 class Op(enum.IntEnum):

@@ -77,6 +77,7 @@ class Mounted:
     server: str
     epoch: int
     watched: bool = False  # the server sends Invalidate for every change on the host
+    open_checked: bool = False  # the server checks opens against rules: every open must ask it
 
 
 class Link:
@@ -201,6 +202,7 @@ class Link:
             hello.node,
             hello.epoch,
             bool(reply.reply.flags & wire.MOUNT_WATCHED),
+            bool(reply.reply.flags & wire.MOUNT_OPEN_CHECKED),
         )
         if self.mounted is not None and mounted.epoch != self.mounted.epoch:
             log.info("qtfs server %s restarted (new epoch); reconnected", self.address)

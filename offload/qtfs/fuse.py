@@ -96,6 +96,10 @@ _REOPEN_MASK = ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
 LOOKUP_REUSE = 0.001
 #: Default lifetime of the kernel's caches when the host announces its changes.
 COHERENT_TIMEOUT = 10.0
+#: The generation of a file opened for reading without asking the host yet (see open).
+LAZY = -1
+#: Directory listings kept (coherent cache), the oldest dropped first.
+LISTINGS = 256
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 log = logging.getLogger(__name__)
@@ -132,6 +136,11 @@ class OpenDir:
     generation: int
     since: int  # `Filesystem.changes` before the listing was asked for
     server_count: int = 0  # entries the host has sent (before --proc/--sys filtering)
+    cached: list[CachedEntry] | None = None  # the coherent cache's listing (the host keeps nothing open)
+
+
+#: A directory entry as the coherent cache keeps it: name, path, host key, the kernel's entry.
+CachedEntry = tuple[bytes, bytes, tuple[int, int], pyfuse3.EntryAttributes]
 
 
 class Filesystem(pyfuse3.Operations):
@@ -161,6 +170,12 @@ class Filesystem(pyfuse3.Operations):
             timeout = dir_attr_timeout = coherent_timeout
         self.timeout = timeout
         self.dir_attr_timeout = max(timeout, dir_attr_timeout)
+        #: Opens for reading need no round trip (the host's file is opened at
+        #: the first read the page cache cannot answer), unless the host
+        #: checks opens against a whitelist.
+        self.lazy_open = self.coherent and not mounted.open_checked
+        #: Whole directory listings by path (coherent cache only).
+        self.listings: dict[bytes, list[CachedEntry]] = {}
         #: Counts the host's changes (and resets) heard of: a reply computed
         #: before the latest one is not cached by the kernel.
         self.changes = 0
@@ -220,6 +235,8 @@ class Filesystem(pyfuse3.Operations):
         if not self.live:
             return
         kind, path = change.change, change.path
+        if self.listings:
+            self._drop_listings(kind, path)
         if kind is wire.Change.ALL or kind is wire.Change.UNWATCHED:
             if kind is wire.Change.UNWATCHED and self.coherent:
                 log.warning("the host can no longer watch the whole tree: caching stops")
@@ -239,9 +256,22 @@ class Filesystem(pyfuse3.Operations):
                 self._drop_attributes(parent.inode)  # its times and link count changed
                 pyfuse3.invalidate_entry_async(parent.inode, name, ignore_enoent=True)
 
+    def _drop_listings(self, kind: wire.Change, path: bytes) -> None:
+        if kind is wire.Change.ALL or kind is wire.Change.UNWATCHED:
+            self.listings.clear()
+            return
+        # The parent's listing holds this entry's name and attributes.
+        self.listings.pop(path.rpartition(b"/")[0], None)
+        if kind is wire.Change.ENTRY and path:
+            # A directory that went or moved: its listings and those below are stale.
+            prefix = path + b"/"
+            for stale in [p for p in self.listings if p == path or p.startswith(prefix)]:
+                del self.listings[stale]
+
     def _reset(self) -> None:
         """The link went or came back: what happened on the host meanwhile was not announced."""
         self.changes += 1
+        self.listings.clear()
         if self.live and self.coherent:
             self._drop_all()
 
@@ -320,6 +350,10 @@ class Filesystem(pyfuse3.Operations):
     async def _handle(self, opened: OpenFile) -> int:
         """The server's handle for ``opened`` on the current connection (re-opened after a reconnect)."""
         if opened.generation != self.host.generation:
+            if opened.generation == LAZY:
+                # Opened without asking the host: open the file where it is now.
+                with contextlib.suppress(OSError):
+                    opened.path = self.table.path(opened.inode)
             reply, generation = await self.host.call_on(wire.Open(opened.path, opened.flags & _REOPEN_MASK), retry=True)
             assert isinstance(reply, wire.HandleReply)
             opened.handle, opened.generation = reply.handle, generation
@@ -437,6 +471,14 @@ class Filesystem(pyfuse3.Operations):
     @errors
     async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
         path = self.table.path(inode)
+        if self.lazy_open and flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC:
+            # With the coherent cache an open for reading needs nothing from the
+            # host: the kernel checked the (coherent) permissions and the
+            # entry, and the pages it keeps are current.  The host's file is
+            # opened when a read misses the page cache (`_handle`).
+            fh = next(self._numbers)
+            self.files[fh] = OpenFile(inode, path, flags, 0, LAZY)
+            return self._file_info(fh, self.changes)
         since = self.changes
         reply, generation = await self.host.call_on(wire.Open(path, flags), retry=not flags & os.O_TRUNC)
         fh = next(self._numbers)
@@ -503,6 +545,13 @@ class Filesystem(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: Any = None) -> int:
         path = self.table.path(inode)
         since = self.changes
+        if self.coherent:
+            cached = self.listings.get(path)
+            if cached is None:
+                cached = await self._whole_listing(path, since)
+            fh = next(self._numbers)
+            self.dirs[fh] = OpenDir(path, [], 0, True, self.host.generation, since, cached=cached)
+            return fh
         reply, generation = await self.host.call_on(wire.Opendir(path))
         assert isinstance(reply, wire.DirReply)
         fh = next(self._numbers)
@@ -510,6 +559,28 @@ class Filesystem(pyfuse3.Operations):
         self._add_page(listing, reply)
         self.dirs[fh] = listing
         return fh
+
+    async def _whole_listing(self, path: bytes, since: int) -> list[CachedEntry]:
+        """A directory's listing, kept unless the host changed something while it was read."""
+        reply, generation = await self.host.call_on(wire.Opendir(path))
+        assert isinstance(reply, wire.DirReply)
+        listing = OpenDir(path, [], reply.handle, bool(reply.eof), generation, since)
+        self._add_page(listing, reply)
+        while not listing.eof:
+            page, generation = await self.host.call_on(wire.Readdir(listing.handle, listing.server_count))
+            assert isinstance(page, wire.DirReply)
+            if generation != listing.generation:
+                raise OSError(errno.EIO, "the link was lost while listing a directory")
+            self._add_page(listing, page)
+        cached = []
+        for name, attr in listing.entries:
+            entry = self._entry(self.table.root, attr, since)
+            cached.append((name, join(path, name), (attr.dev, attr.ino), entry))
+        if since == self.changes:
+            if len(self.listings) >= LISTINGS:
+                del self.listings[next(iter(self.listings))]
+            self.listings[path] = cached
+        return cached
 
     def _add_page(self, listing: OpenDir, reply: wire.DirReply) -> None:
         entries = wire.decode_entries(reply.entries)
@@ -524,6 +595,9 @@ class Filesystem(pyfuse3.Operations):
         listing = self.dirs.get(fh)
         if listing is None:
             raise OSError(errno.EBADF, "no such directory handle")
+        if listing.cached is not None:
+            self._readdir_cached(listing.cached, start_id, token)
+            return
         index = start_id
         while True:
             if index >= len(listing.entries):
@@ -538,6 +612,17 @@ class Filesystem(pyfuse3.Operations):
                 return
             node.lookups += 1
             index += 1
+
+    def _readdir_cached(self, entries: list[CachedEntry], start: int, token: pyfuse3.ReaddirToken) -> None:
+        node_at, reply = self.table.node_at, pyfuse3.readdir_reply
+        for index in range(start, len(entries)):
+            name, path, key, entry = entries[index]
+            node = node_at(path, key)
+            entry.st_ino = node.inode  # the node may have been forgotten and made anew
+            if not reply(token, name, entry, index + 1):
+                self.table.drop_unused(node)
+                return
+            node.lookups += 1
 
     async def _more(self, listing: OpenDir) -> None:
         if listing.generation != self.host.generation:

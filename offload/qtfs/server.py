@@ -128,7 +128,10 @@ class Session:
         self.watch = watch
         nursery.start_soon(self._watching, watch)
         log.debug("watching %d directories under %s", len(watch), os.fsdecode(self.backend.base))
-        return wire.MountReply(reply.attr, reply.flags | wire.MOUNT_WATCHED)
+        flags = reply.flags | wire.MOUNT_WATCHED
+        if self.config.whitelist.enforced:
+            flags |= wire.MOUNT_OPEN_CHECKED
+        return wire.MountReply(reply.attr, flags)
 
     def _invalidations(self) -> list[bytes | memoryview]:
         assert self.watch is not None
