@@ -118,6 +118,7 @@ class TreeWatch:
             raise _fail("inotify_init1")
         self._paths: dict[int, bytes] = {}  # wd -> directory relative to root
         self._wds: dict[bytes, int] = {}
+        self._devices: set[int] = set()  # filesystems found watchable
         #: A watch could not be added (the limit, fs.inotify.max_user_watches): the tree is no longer covered.
         self.complete = True
         try:
@@ -156,12 +157,30 @@ class TreeWatch:
             self._paths[wd] = relative
             self._wds[relative] = wd
             try:
+                if not self._same_kind(host):
+                    log.warning("%s is on a filesystem inotify cannot watch; clients stop caching", os.fsdecode(host))
+                    self.complete = False
+                    return
                 with os.scandir(host) as entries:
                     for entry in entries:
                         if entry.is_dir(follow_symlinks=False):
                             pending.append(_join(relative, os.fsencode(entry.name)))
             except (FileNotFoundError, NotADirectoryError):
                 continue
+
+    def _same_kind(self, host: bytes) -> bool:
+        """Is the directory ``host`` on a filesystem inotify can watch?  (Something may be mounted in the tree.)"""
+        fd = os.open(host, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            device = os.fstat(fd).st_dev
+            if device in self._devices:
+                return True
+            if not watchable(fd):
+                return False
+            self._devices.add(device)
+            return True
+        finally:
+            os.close(fd)
 
     def _drop_tree(self, top: bytes) -> None:
         """Stop watching ``top`` and below (moved out of its place: re-added where it went, if in the tree)."""
