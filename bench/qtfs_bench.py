@@ -1,10 +1,11 @@
 """The qtfs benchmark, runnable alone: ``python -m bench.qtfs_bench``.
 
 Side by side in one run, over the lab's veth: the same host directory
-through qtfs (TLS, the coherent default: no attribute caching, direct I/O)
-and through sshfs (sshd in the host namespace, sshfs with its default
-caches), both mounted on the DPU side in one private mount namespace.  A
-second qtfs mount with ``--cache-timeout 1`` shows what coherence costs.
+through qtfs (TLS, its default coherent cache: the kernel caches, the host
+announces every change) and through sshfs (sshd in the host namespace,
+sshfs with its default caches, which may serve stale data for 20 s), all
+mounted on the DPU side in one private mount namespace.  Extra rows: qtfs
+``--no-cache`` (every call asks the host) and sshfs without caches.
 ``make bench`` calls `qtfs_rows` too.
 """
 
@@ -68,6 +69,7 @@ try:
         rates = [sequential(big) for _ in range(2)]
         if any(total != spec["big"] for _, total in rates):
             raise SystemExit(f"{name}: read {rates} bytes, expected {spec['big']}")
+        figures["seq_cold_mib_s"] = rates[0][0]  # nothing of it in the DPU's page cache yet
         figures["seq_mib_s"] = max(rate for rate, _ in rates)
         results[name] = figures
 finally:
@@ -145,7 +147,7 @@ def qtfs_rows(lab: Lab, work: Path) -> list[tuple[str, str, str]]:
                     f"{mnt}/qtfs",
                 ],
                 [
-                    "qtfs_cached",
+                    "qtfs_nocache",
                     [
                         qtfs,
                         "mount",
@@ -153,12 +155,11 @@ def qtfs_rows(lab: Lab, work: Path) -> list[tuple[str, str, str]]:
                         "WARNING",
                         "--pki",
                         pki,
-                        "--cache-timeout",
-                        "1",
+                        "--no-cache",
                         f"{address}:{data}",
-                        f"{mnt}/cached",
+                        f"{mnt}/nocache",
                     ],
-                    f"{mnt}/cached",
+                    f"{mnt}/nocache",
                 ],
                 [
                     "sshfs_coherent",
@@ -195,7 +196,7 @@ def qtfs_rows(lab: Lab, work: Path) -> list[tuple[str, str, str]]:
         argv = ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", DRIVER, json.dumps(spec)]
         result = proc.run(lab.command("dpu", argv), env=lab.env("dpu"), timeout=900)
     figures = json.loads(result.stdout)
-    q, c, s, n = figures["qtfs"], figures["qtfs_cached"], figures["sshfs"], figures["sshfs_coherent"]
+    q, c, s, n = figures["qtfs"], figures["qtfs_nocache"], figures["sshfs"], figures["sshfs_coherent"]
     rows = []
     for key, label, unit in (
         ("stat_us", "stat of a file", "us"),
@@ -204,22 +205,29 @@ def qtfs_rows(lab: Lab, work: Path) -> list[tuple[str, str, str]]:
     ):
         rows += [
             (
-                f"{label}: qtfs (coherent default)",
+                f"{label}: qtfs (coherent cache, the default)",
                 f"{q[key]:.1f} {unit}",
-                f"{q[key] / n[key]:.2f}x sshfs without caches, {q[key] / s[key]:.2f}x default sshfs (target <= 1x)",
+                f"{q[key] / s[key]:.2f}x default sshfs (target <= 1x)",
             ),
-            (f"{label}: sshfs without caches", f"{n[key]:.1f} {unit}", ""),
             (f"{label}: sshfs, default caches", f"{s[key]:.1f} {unit}", ""),
-            (f"{label}: qtfs --cache-timeout 1", f"{c[key]:.1f} {unit}", f"{c[key] / s[key]:.2f}x default sshfs"),
+            (f"{label}: qtfs --no-cache", f"{c[key]:.1f} {unit}", f"{c[key] / n[key]:.2f}x sshfs without caches"),
+            (f"{label}: sshfs without caches", f"{n[key]:.1f} {unit}", ""),
         ]
     rows += [
         (
-            "sequential read of 256 MiB: qtfs",
-            f"{q['seq_mib_s']:.0f} MiB/s",
-            f"{q['seq_mib_s'] / s['seq_mib_s']:.2f}x default sshfs (target >= 0.8x)",
+            "sequential read of 256 MiB, first read: qtfs",
+            f"{q['seq_cold_mib_s']:.0f} MiB/s",
+            f"{q['seq_cold_mib_s'] / s['seq_cold_mib_s']:.2f}x default sshfs (target >= 0.8x)",
         ),
-        ("sequential read of 256 MiB: sshfs, default caches", f"{s['seq_mib_s']:.0f} MiB/s", ""),
-        ("sequential read of 256 MiB: sshfs without caches", f"{n['seq_mib_s']:.0f} MiB/s", ""),
+        ("sequential read of 256 MiB, first read: sshfs, default caches", f"{s['seq_cold_mib_s']:.0f} MiB/s", ""),
+        (
+            "sequential read of 256 MiB, best of two: qtfs (the second from the DPU's page cache)",
+            f"{q['seq_mib_s']:.0f} MiB/s",
+            f"{q['seq_mib_s'] / s['seq_mib_s']:.2f}x default sshfs",
+        ),
+        ("sequential read of 256 MiB, best of two: sshfs, default caches", f"{s['seq_mib_s']:.0f} MiB/s", ""),
+        ("sequential read of 256 MiB, best of two: qtfs --no-cache", f"{c['seq_mib_s']:.0f} MiB/s", ""),
+        ("sequential read of 256 MiB, best of two: sshfs without caches", f"{n['seq_mib_s']:.0f} MiB/s", ""),
     ]
     return rows
 

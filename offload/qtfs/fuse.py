@@ -19,18 +19,24 @@ may wait for requests we are serving).  So:
   from the DPU's cache in that window shows the state before the change;
 * every request that reaches the host is a synchronisation point: the
   server sends the Invalidates of everything changed before it answered
-  ahead of the answer, so an open(2) (always a round trip) after a host
-  change reads the new content, and a lookup, getattr, open or readdir
-  whose request was overtaken by an Invalidate is answered with timeouts of
-  0 and without keep_cache (nothing installed in the kernel after the
-  Invalidate was applied can outlive it);
+  ahead of the answer, and a lookup, getattr, open or listing whose
+  request was overtaken by an Invalidate is answered with timeouts of 0
+  and without keep_cache, and not kept (nothing installed in the kernel
+  after the Invalidate was applied can outlive it).  An open for reading
+  is not such a request: it is answered here, and the host's file is
+  opened at the first read the page cache cannot answer (unless the host
+  enforces a whitelist, which must see every open).  Whole directory
+  listings are kept here until an Invalidate names the directory or an
+  entry of it;
 * when the link is lost, on reconnect, when the host's inotify queue
   overflows, and when the server cannot watch a new directory (the
   watch limit, fs.inotify.max_user_watches), everything cached is dropped;
   after the last the mount stops caching altogether;
 * not covered (inotify(7) does not report them): writes through a shared
-  mmap on the host, and writes through a hard link whose name lies outside
-  the export.  Changes made through another mount of the same directory
+  mmap on the host, writes through a hard link whose name lies outside
+  the export, and filesystems mounted on the host inside the export after
+  the mount (one there at mount time that inotify cannot watch leaves the
+  tree uncached).  Changes made through another mount of the same directory
   are reported (watches are per inode).
 * Changes made on the DPU through the mount are known to its kernel anyway;
   the host reports them too, which costs the DPU its cached pages of a file
