@@ -338,7 +338,9 @@ class Filesystem(pyfuse3.Operations):
             await self._pages_wanted.wait()
             self._pages_wanted = trio.Event()
             inodes, self._stale_pages = self._stale_pages, set()
-            await trio.to_thread.run_sync(_invalidate_pages, inodes)
+            # Abandoned at unmount: a page lock it waits for is released when
+            # the kernel aborts the connection, not by us.
+            await trio.to_thread.run_sync(_invalidate_pages, inodes, abandon_on_cancel=True)
 
     def _visible(self, parent: bytes, name: bytes) -> bool:
         if self.mode == "proc":

@@ -104,6 +104,14 @@ def watchable(fd: int) -> bool:
         return False
 
 
+def _change(change: wire.Change, path: bytes) -> wire.Invalidate:
+    try:
+        return wire.Invalidate(change, path)
+    except ValueError:
+        # A path the protocol cannot carry (longer than MAX_PATH): say "everything".
+        return wire.Invalidate(wire.Change.ALL)
+
+
 def _join(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
 
@@ -235,21 +243,21 @@ class TreeWatch:
                 if mask & (IN_DELETE_SELF | IN_MOVE_SELF) and not directory:
                     out.append(wire.Invalidate(wire.Change.ALL))  # the root went: everything is stale
                 elif mask & IN_ATTRIB:
-                    out.append(wire.Invalidate(wire.Change.ATTR, directory))
+                    out.append(_change(wire.Change.ATTR, directory))
                 continue
             path = _join(directory, name)
             if mask & _ENTRY_EVENTS:
-                out.append(wire.Invalidate(wire.Change.ENTRY, path))
+                out.append(_change(wire.Change.ENTRY, path))
                 if mask & IN_ISDIR:
                     if mask & (IN_MOVED_FROM | IN_DELETE):
                         self._drop_tree(path)
                     if mask & (IN_CREATE | IN_MOVED_TO):
                         self._add_tree(path)
                         # Entries made in it before its watch was in place were reported by no one.
-                        out.append(wire.Invalidate(wire.Change.ENTRY, path))
+                        out.append(_change(wire.Change.ENTRY, path))
                         if not self.complete:
                             out.append(wire.Invalidate(wire.Change.UNWATCHED))
             elif mask & (IN_MODIFY | IN_CLOSE_WRITE):
-                out.append(wire.Invalidate(wire.Change.DATA, path))
+                out.append(_change(wire.Change.DATA, path))
             elif mask & IN_ATTRIB:
-                out.append(wire.Invalidate(wire.Change.ATTR, path))
+                out.append(_change(wire.Change.ATTR, path))
