@@ -415,7 +415,20 @@ class Filesystem(pyfuse3.Operations):
         since = self.changes
         reply = await self.host.call(wire.Getattr(path))
         attr = wire.Attr.decode_from(reply.attr)  # type: ignore[attr-defined]
-        node = self.table.node_at(path, (attr.dev, attr.ino)) if inode != pyfuse3.ROOT_INODE else self.table.root
+        key = (attr.dev, attr.ino)
+        known = self.table.get(inode)
+        if inode == pyfuse3.ROOT_INODE:
+            node = self.table.root
+        elif self.coherent and known is not None and known.key != key:
+            # The host replaced the file at this path, and the kernel still
+            # maps the name to the old inode until the Invalidate already on
+            # its way lands.  Until then the old inode stands for the path
+            # (what the host has there now, uncached): moving the path to a
+            # new node would leave the kernel's entry naming a file we no
+            # longer know (ESTALE).
+            node, since = known, -2
+        else:
+            node = self.table.node_at(path, key)
         entry = self._entry(node, attr, since)
         entry.st_ino = inode  # the kernel asked about this inode
         return entry

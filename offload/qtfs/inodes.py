@@ -53,6 +53,9 @@ class InodeTable:
             raise OSError(errno.ESTALE, "stale inode")
         return node.path
 
+    def get(self, inode: int) -> Node | None:
+        return self._nodes.get(inode)
+
     def find(self, path: bytes) -> Node | None:
         """The node last seen at ``path``, if any."""
         return self._by_path.get(path)

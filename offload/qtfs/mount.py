@@ -45,6 +45,8 @@ READY_TIMEOUT = 15.0
 UMOUNT_WAIT = 10.0
 #: pyfuse3 starts a task per concurrent kernel request, up to this many.
 MAX_TASKS = 64
+#: Readahead of a cached mount, as large as one read request may be (the kernel's default is 128 KiB).
+READAHEAD_KIB = 1024
 #: What a FUSE mount whose process died answers (ECONNABORTED on newer kernels).
 DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
 
@@ -148,6 +150,8 @@ async def run_mount(options: MountOptions, transport: Transport, ready: Callable
             with trio.fail_after(READY_TIMEOUT):
                 st = await trio.to_thread.run_sync(os.stat, options.mountpoint)
             pidfile = _write_pidfile(st.st_dev)
+            if filesystem.coherent:
+                _set_readahead(st.st_dev, READAHEAD_KIB)
             log.info(
                 "mounted %s on %s%s%s",
                 options.source,
@@ -164,6 +168,14 @@ async def run_mount(options: MountOptions, transport: Transport, ready: Callable
             if pidfile is not None:
                 with contextlib.suppress(OSError):
                     pidfile.unlink()
+
+
+def _set_readahead(dev: int, kib: int) -> None:
+    """Let sequential reads through the page cache go in requests of up to ``kib`` (best effort)."""
+    try:
+        Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").write_text(f"{kib}\n")
+    except OSError as exc:
+        log.debug("readahead left as it is: %s", exc)
 
 
 def _write_pidfile(dev: int) -> Path | None:
