@@ -28,7 +28,11 @@ def _up(args: argparse.Namespace) -> int:
     only = [s for item in args.only or [] for s in item.split(",") if s]
     for line in lab.up(only=only or None, allow=args.allow or ()):
         print(f"up: {line}")
-    print(f"lab {lab.name} is up; try: offload lab exec dpu -- rexec /bin/true")
+    name = "" if lab.name == "offload" else f" --name {lab.name}"
+    hint = f"offload lab{name} exec dpu -- rexec /bin/true"
+    if "dpu-libvirtd" in lab.status_keys():
+        hint = f"offload lab{name} virsh list --all, or {hint}"
+    print(f"lab {lab.name} is up; try: {hint}")
     return 0
 
 
