@@ -259,6 +259,15 @@ class Transport:
                 stream = await TlsStream.wrap(raw, self._client_context, server_side=False)
                 return Connected(stream, peer_name(stream.getpeercert()))
 
+    async def admit(self, raw: trio.abc.Stream, where: str, logger: logging.Logger) -> Connected | None:
+        """``accept``, or refuse: log why, close the connection and return None."""
+        try:
+            return await self.accept(raw, where)
+        except (TransportError, trio.TooSlowError) as exc:
+            logger.warning("refused a connection from %s: %s", where, exc)
+            await trio.aclose_forcefully(raw)
+            return None
+
     async def accept(self, raw: trio.abc.Stream, where: str) -> Connected:
         """Authenticate a connection a listener accepted."""
         if self._server_context is None:
@@ -279,6 +288,15 @@ class Transport:
             await sock.bind((int(address.host), address.port))
             sock.listen(128)
             return [trio.SocketListener(sock)]
+
+
+def remote_name(raw: trio.SocketStream) -> str:
+    """Who is on the other end of an accepted connection, for log lines."""
+    try:
+        name = raw.socket.getpeername()
+    except OSError:
+        return "?"
+    return f"{name[0]}:{name[1]}" if isinstance(name, tuple) else str(name or "unix peer")
 
 
 async def _open_raw(address: Address) -> trio.SocketStream:

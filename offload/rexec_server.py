@@ -26,7 +26,7 @@ from offload import config as config_module
 from offload import log as log_module
 from offload.config import RexecConfig
 from offload.errors import ConfigError, ProtocolError, TransportError
-from offload.net import Transport, listener_address, parse_address
+from offload.net import Transport, listener_address, parse_address, remote_name
 from offload.protocol.rexec import Role
 from offload.rexecd.agent import PeerPool, serve_stand_ins
 from offload.rexecd.executor import ServerState, serve_session
@@ -50,11 +50,8 @@ def _take_singleton_lock(run_dir: Path) -> int:
 
 async def _serve_peer(raw: trio.abc.Stream, transport: Transport, state: ServerState, where: str) -> None:
     config = state.config
-    try:
-        connected = await transport.accept(raw, where)
-    except (TransportError, trio.TooSlowError) as exc:
-        log.warning("refused a connection from %s: %s", where, exc)
-        await trio.aclose_forcefully(raw)
+    connected = await transport.admit(raw, where, log)
+    if connected is None:
         return
     link = SessionLink(connected, Role.SERVER, config.node_name, keepalive=config.keepalive)
     try:
@@ -78,11 +75,7 @@ async def _accept_peers(listener: trio.SocketListener, transport: Transport, sta
                 log.error("accept failed: %s", exc)
                 await trio.sleep(0.1)
                 continue
-            try:
-                peer = raw.socket.getpeername()
-                where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix peer")
-            except OSError:
-                where = "?"
+            where = remote_name(raw)
             nursery.start_soon(
                 aio.guarded,
                 log,

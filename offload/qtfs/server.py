@@ -27,7 +27,7 @@ import trio
 
 from offload import aio
 from offload.errors import ConfigError, ProtocolError, TransportError
-from offload.net import Transport, listener_address, parse_address
+from offload.net import Transport, listener_address, parse_address, remote_name
 from offload.protocol import qtfs as wire
 from offload.protocol.framing import HEADER_SIZE
 from offload.qtfs.backend import Backend, Export
@@ -224,12 +224,8 @@ async def serve(
         listeners.extend(await transport.listen(parse_address(text)))
 
     async def session(raw: trio.SocketStream) -> None:
-        where = _where(raw)
-        try:
-            connected = await transport.accept(raw, where)
-        except (TransportError, trio.TooSlowError) as exc:
-            log.warning("refused a connection from %s: %s", where, exc)
-            await trio.aclose_forcefully(raw)
+        connected = await transport.admit(raw, remote_name(raw), log)
+        if connected is None:
             return
         async with connected.stream:
             try:
@@ -256,11 +252,3 @@ async def serve(
             ", ".join(os.fsdecode(e.path) + (" (ro)" if e.readonly else "") for e in config.exports),
         )
         task_status.started(bound)
-
-
-def _where(raw: trio.SocketStream) -> str:
-    try:
-        name = raw.socket.getpeername()
-    except OSError:
-        return "?"
-    return f"{name[0]}:{name[1]}" if isinstance(name, tuple) else str(name or "unix peer")

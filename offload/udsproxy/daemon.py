@@ -28,7 +28,7 @@ import trio
 from offload import aio
 from offload import log as log_module
 from offload.errors import ProtocolError, TransportError, UnsupportedFdError
-from offload.net import Address, TlsStream, Transport, listen_unix, listener_address, parse_address
+from offload.net import Address, TlsStream, Transport, listen_unix, listener_address, parse_address, remote_name
 from offload.protocol import udsproxy as wire
 from offload.rexecd.policy import is_shared
 from offload.udsproxy import fds as fd_policy
@@ -323,11 +323,8 @@ class Daemon:
     # -- the peer's side ----------------------------------------------------------------
 
     async def serve_peer(self, raw: trio.SocketStream, where: str) -> None:
-        try:
-            connected = await self.transport.accept(raw, where)
-        except (TransportError, trio.TooSlowError) as exc:
-            log.warning("refused a connection from %s: %s", where, exc)
-            await trio.aclose_forcefully(raw)
+        connected = await self.transport.admit(raw, where, log)
+        if connected is None:
             return
         async with connected.stream:
             peer = PeerStream(connected.stream, client=False)
@@ -400,7 +397,7 @@ async def serve(
                 while True:
                     raw = await listener.accept()
                     sessions.start_soon(
-                        aio.guarded, log, "peer connection", lambda r=raw: daemon.serve_peer(r, _where(r))
+                        aio.guarded, log, "peer connection", lambda r=raw: daemon.serve_peer(r, remote_name(r))
                     )
 
         async def accept_shims() -> None:
@@ -415,14 +412,6 @@ async def serve(
         bound = [listener_address(listener) for listener in listeners]
         log.info("udsproxyd ready: peers on %s, shim on %s", ", ".join(bound) or "-", config.shim_socket)
         task_status.started(bound)
-
-
-def _where(raw: trio.SocketStream) -> str:
-    try:
-        name = raw.socket.getpeername()
-    except OSError:
-        return "?"
-    return f"{name[0]}:{name[1]}" if isinstance(name, tuple) else str(name or "unix peer")
 
 
 def main(argv: list[str] | None = None) -> None:
