@@ -47,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    run(build_parser(), argv)
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None:
+    """Parse, set up logging, run the chosen command's handler; errors become exit statuses."""
+    args = parser.parse_args(argv)
     log_module.setup("offload", args.log_level)
     try:
         sys.exit(args.handler(args))

@@ -8,10 +8,8 @@ command-line code (the bench shows both).
 from __future__ import annotations
 
 import argparse
-import sys
 
-from offload import log as log_module
-from offload.errors import OffloadError
+from offload import cli as offload_cli
 from offload.mounts import cli
 
 
@@ -20,15 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cli.add_commands(commands)
-    args = parser.parse_args(argv)
-    log_module.setup("offload", args.log_level)
-    try:
-        sys.exit(args.handler(args))
-    except OffloadError as exc:
-        print(f"offload: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    offload_cli.run(parser, argv)
 
 
 if __name__ == "__main__":
