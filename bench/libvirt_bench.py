@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from bench.report import print_table
+from bench.report import run_alone
 from offload import proc
 from offload.lab import SERVICES, dpu_libvirt, guest, mountns
 from offload.lab.lab import Lab
@@ -40,7 +40,7 @@ def measure(virsh: Virsh, domain: Domain, console: Callable[[], Path], rounds: i
                 path.write_text("")
             began = time.monotonic()
             virsh("start", domain.name)
-            wait_for_marker(lambda path=path: path.read_text(errors="replace") if path.exists() else "")
+            wait_for_marker(_reader(path))
             starts.append(time.monotonic() - began)
             began = time.monotonic()
             virsh("destroy", domain.name)
@@ -51,6 +51,11 @@ def measure(virsh: Virsh, domain: Domain, console: Callable[[], Path], rounds: i
         proc.run(virsh.argv("destroy", domain.name), check=False)
         proc.run(virsh.argv("undefine", domain.name), check=False)
     return statistics.median(starts), statistics.median(destroys)
+
+
+def _reader(path: Path) -> Callable[[], str]:
+    """What the console log holds so far (nothing before qemu made it)."""
+    return lambda: path.read_text(errors="replace") if path.exists() else ""
 
 
 @contextlib.contextmanager
@@ -108,20 +113,10 @@ def libvirt_rows(lab: Lab, work: Path, rounds: int = 3) -> list[tuple[str, str, 
 
 
 def main() -> None:
-    import tempfile
-
     parser = argparse.ArgumentParser(prog="python -m bench.libvirt_bench", description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    lab = Lab("offbv")
-    lab.down()
-    try:
-        lab.up(only=list(SERVICES))
-        with tempfile.TemporaryDirectory(prefix="offload-bench-") as tmp:
-            rows = libvirt_rows(lab, Path(tmp), args.rounds)
-    finally:
-        lab.down()
-    print_table(rows)
+    run_alone("offbv", list(SERVICES), lambda lab, work: libvirt_rows(lab, work, args.rounds))
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
+from bench.report import run_alone
 from offload import proc
 from offload.lab.lab import Lab
 
@@ -94,7 +93,7 @@ def _prepare(data: Path) -> None:
 
 
 @contextlib.contextmanager
-def _qtfs_server(lab: Lab, data: Path, work: Path):  # type: ignore[no-untyped-def]
+def _qtfs_server(lab: Lab, data: Path) -> Iterator[str]:
     argv = [
         str(Path(sys.executable).parent / "qtfs"),
         "serve",
@@ -107,19 +106,12 @@ def _qtfs_server(lab: Lab, data: Path, work: Path):  # type: ignore[no-untyped-d
         "--log-level",
         "WARNING",
     ]
-    server = proc.spawn(
-        lab.command("host", argv),
-        stdin=subprocess.DEVNULL,
-        stderr=open(work / "qtfs-server.log", "wb"),  # noqa: SIM115 (lives as long as the server)
-    )
+    # Started as the lab starts its services: it returns once qtfs said READY=1.
+    pid = lab.start_service("host-qtfs-bench", lab.host, argv)
     try:
-        time.sleep(1.0)
-        if server.poll() is not None:
-            raise SystemExit(f"bench: qtfs serve failed: {(work / 'qtfs-server.log').read_text()}")
         yield f"{lab.host.link.address}:{QTFS_PORT}"
     finally:
-        server.terminate()
-        server.wait(10)
+        proc.end_pid(pid)
 
 
 def qtfs_rows(lab: Lab, work: Path) -> list[tuple[str, str, str]]:
@@ -135,7 +127,7 @@ def qtfs_rows(lab: Lab, work: Path) -> list[tuple[str, str, str]]:
     _prepare(data)
     mnt = work / "qtfs-mnt"
     qtfs = str(Path(sys.executable).parent / "qtfs")
-    with sshd(lab, work) as ssh, _qtfs_server(lab, data, work) as address:
+    with sshd(lab, work) as ssh, _qtfs_server(lab, data) as address:
         pki = str(lab.dir / "pki" / "dpu")
         ssh_command = " ".join(ssh[:-1])
         spec = {
@@ -234,21 +226,7 @@ def qtfs_rows(lab: Lab, work: Path) -> list[tuple[str, str, str]]:
 
 def main() -> None:
     argparse.ArgumentParser(prog="python -m bench.qtfs_bench", description=__doc__).parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("bench: needs root (network namespaces)")
-    lab = Lab("offq")
-    lab.down()
-    lab.up(only=["rexec"])
-    try:
-        with tempfile.TemporaryDirectory(prefix="offload-qtfs-bench-") as tmp:
-            work = Path(tmp)
-            os.chmod(work, 0o755)
-            rows = qtfs_rows(lab, work)
-    finally:
-        lab.down()
-    print("\n| measure | figure | ratio |\n|---|---|---|")
-    for row in rows:
-        print(f"| {row[0]} | {row[1]} | {row[2]} |")
+    run_alone("offq", ["rexec"], qtfs_rows)
 
 
 if __name__ == "__main__":

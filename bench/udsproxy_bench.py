@@ -14,11 +14,10 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench.report import print_table
+from bench.report import run_alone
 from offload import proc
 from offload.lab.lab import Lab
 
@@ -112,18 +111,7 @@ def main() -> None:
     parser.add_argument("--lab", default="offu", help="name of the lab to create (default offu)")
     parser.add_argument("--repeat", type=int, default=3, help="turns of each contender (median reported)")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("bench: needs root (network namespaces)")
-    lab = Lab(args.lab)
-    lab.down()
-    lab.up(only=["udsproxy"])
-    try:
-        with tempfile.TemporaryDirectory(prefix="offload-bench-") as tmp:
-            os.chmod(tmp, 0o700)
-            rows = udsproxy_rows(lab, Path(tmp), args.repeat)
-    finally:
-        lab.down()
-    print_table(rows)
+    run_alone(args.lab, ["udsproxy"], lambda lab, work: udsproxy_rows(lab, work, args.repeat))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import os
 import select
 import shlex
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def plan(role: str, lab_dir: Path) -> list[Tmpfs | Bind]:
     ]
 
 
-def script(steps: list[Tmpfs | Bind]) -> str:
+def script(steps: Sequence[Tmpfs | Bind]) -> str:
     """The shell program the holder runs: set-up, then binds, then wait forever.
 
     Bind sources are opened before the tmpfs mounts that would hide them and
@@ -109,7 +110,7 @@ def script(steps: list[Tmpfs | Bind]) -> str:
     return "\n".join(body)
 
 
-def start_holder(netns: str | None, steps: list[Tmpfs | Bind], log_path: Path) -> int:
+def start_holder(netns: str | None, steps: Sequence[Tmpfs | Bind], log_path: Path) -> int:
     """Start the holder of a new mount namespace in ``netns``; return its pid once set up."""
     argv = proc.in_netns(
         netns, ["unshare", "--mount", "--propagation", "private", "sh", "-c", script(steps), "offload-lab-ns"]
