@@ -26,7 +26,7 @@ from bench.report import run_alone
 from offload import proc
 from offload.lab import SERVICES, dpu_libvirt, guest, mountns
 from offload.lab.lab import Lab
-from offload.lab.libvirt import IMAGES, Domain, Virsh, guest_domain, qemu_processes, wait_for_marker
+from offload.lab.libvirt import IMAGES, Domain, Virsh, guest_domain, install_argv, qemu_processes, wait_for_marker
 
 
 def measure(virsh: Virsh, domain: Domain, console: Callable[[], Path], rounds: int) -> tuple[float, float]:
@@ -67,7 +67,7 @@ def local_libvirtd(work: Path, qemu_conf: str, image: guest.GuestImage) -> Itera
     try:
         enter = lambda argv: mountns.enter(holder, argv, "/")  # noqa: E731
         proc.run(enter(["sh", "-c", 'cat > /etc/libvirt/qemu.conf; mkdir -p "$0"', str(IMAGES)]), input=qemu_conf)
-        proc.run(enter(["cp", str(image.kernel), str(image.initrd), str(IMAGES)]))
+        proc.run(enter(install_argv(image)))
         for daemon in ("/usr/sbin/virtlogd", "/usr/sbin/libvirtd"):
             with open(work / f"local-{Path(daemon).name}.log", "ab") as log:
                 daemons.append(proc.spawn(enter([daemon]), stdout=log, stderr=subprocess.STDOUT))
@@ -84,7 +84,7 @@ def local_libvirtd(work: Path, qemu_conf: str, image: guest.GuestImage) -> Itera
 def libvirt_rows(lab: Lab, work: Path, rounds: int = 3) -> list[tuple[str, str, str]]:
     """Rows for `make bench`; ``lab`` must be up with every service."""
     image = guest.build()
-    proc.run(lab.command("host", ["cp", str(image.kernel), str(image.initrd), str(IMAGES)]))
+    proc.run(lab.command("host", install_argv(image)))
     offloaded = guest_domain("bench-offload", image)
     off_start, off_destroy = measure(
         dpu_libvirt.virsh(lab), offloaded, lambda: lab.path_on("host", offloaded.console_log), rounds

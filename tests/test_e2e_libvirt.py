@@ -20,7 +20,7 @@ import pytest
 from offload import proc
 from offload.lab import SERVICES, dpu_libvirt, guest
 from offload.lab.lab import Lab
-from offload.lab.libvirt import IMAGES, Domain, Virsh, guest_domain, qemu_processes, wait_for_marker
+from offload.lab.libvirt import Domain, Virsh, guest_domain, install_argv, qemu_processes, wait_for_marker
 from tests.conftest import keep_logs
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
@@ -33,7 +33,7 @@ def vlab() -> Iterator[Lab]:
     image = guest.build()
     try:
         lab.up(only=list(SERVICES))
-        proc.run(lab.command("host", ["cp", str(image.kernel), str(image.initrd), str(IMAGES)]))
+        proc.run(lab.command("host", install_argv(image)))
         yield lab
     finally:
         keep_logs(lab)
@@ -63,7 +63,7 @@ def console_of(lab: Lab, domain: Domain) -> str:
 
 def stand_ins(lab: Lab, name: str) -> list[psutil.Process]:
     """The DPU side's rexec stand-ins for a guest's qemu."""
-    dpu = f"net:[{lab.netns_inode('dpu')}]"
+    dpu = lab.netns_id("dpu")
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
@@ -101,10 +101,10 @@ def test_lifecycle(vlab: Lab, virsh: Virsh) -> None:
 
         # qemu runs on the host side, under the host's rexec_server.
         [qemu] = qemu_processes(name)
-        assert netns(qemu.pid) == f"net:[{vlab.netns_inode('host')}]"
+        assert netns(qemu.pid) == vlab.netns_id("host")
         assert vlab.pid_of("host-rexec") in [p.pid for p in qemu.parents()]
         # libvirtd runs on the DPU side only, and its qemu is a stand-in there.
-        assert netns(vlab.pid_of("dpu-libvirtd")) == f"net:[{vlab.netns_inode('dpu')}]"
+        assert netns(vlab.pid_of("dpu-libvirtd")) == vlab.netns_id("dpu")
         assert len(stand_ins(vlab, name)) == 1
 
         assert name in virsh("list")

@@ -12,7 +12,7 @@ from offload import proc
 from offload.errors import LabError
 from offload.lab import dpu_libvirt, guest
 from offload.lab.lab import Lab
-from offload.lab.libvirt import IMAGES, guest_domain, qemu_processes, wait_for_marker
+from offload.lab.libvirt import guest_domain, install_argv, qemu_processes, wait_for_marker
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(300)]
 
@@ -50,7 +50,7 @@ def lab_traces(lab: Lab, namespaces: set[str], holders: list[int]) -> list[str]:
 
 
 def identities(lab: Lab) -> tuple[set[str], list[int]]:
-    namespaces = {f"net:[{lab.netns_inode(role)}]" for role in ("host", "dpu")}
+    namespaces = {lab.netns_id(role) for role in ("host", "dpu")}
     return namespaces, [lab.pid_of("host-ns"), lab.pid_of("dpu-ns")]
 
 
@@ -59,7 +59,7 @@ def test_down_with_a_running_vm_leaves_nothing(dlab: Lab) -> None:
     try:
         dlab.up()
         namespaces, holders = identities(dlab)
-        proc.run(dlab.command("host", ["cp", str(image.kernel), str(image.initrd), str(IMAGES)]))
+        proc.run(dlab.command("host", install_argv(image)))
         domain = guest_domain("lab-down", image)
         virsh = dpu_libvirt.virsh(dlab)
         virsh.define(domain)

@@ -60,7 +60,7 @@ def test_the_wrapper_runs_qemu_on_the_host_side(offr_lab: Lab, tmp_path: Path) -
     assert version.startswith("QEMU emulator version")
     assert "Supported machines are:" in machines
     # rexec in the rootfs runs programs in the host side's network namespace.
-    assert remote_ns.strip() == f"net:[{lab.netns_inode('host')}]"
-    assert dpu_ns.strip() == f"net:[{lab.netns_inode('dpu')}]"
+    assert remote_ns.strip() == lab.netns_id("host")
+    assert dpu_ns.strip() == lab.netns_id("dpu")
     # The wrapper is only in the rootfs: the machine's qemu (the host side's) is the real one.
     assert b"rexec" not in Path(QEMU).read_bytes()[:4096]

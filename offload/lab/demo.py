@@ -23,7 +23,7 @@ from offload import proc
 from offload.errors import OffloadError
 from offload.lab import SERVICES, dpu_libvirt, guest
 from offload.lab.lab import Lab
-from offload.lab.libvirt import IMAGES, guest_domain, qemu_processes, wait_for_marker
+from offload.lab.libvirt import IMAGES, guest_domain, install_argv, qemu_processes, wait_for_marker
 
 DOMAIN = "offload-demo"
 
@@ -52,7 +52,7 @@ def where_qemu_runs(lab: Lab, name: str) -> str:
     if len(found) != 1:
         raise DemoFailed(f"expected one qemu for {name}, found {len(found)}")
     qemu = found[0]
-    host_net = f"net:[{lab.netns_inode('host')}]"
+    host_net = lab.netns_id("host")
     if netns_of(qemu.pid) != host_net:
         raise DemoFailed(f"qemu pid {qemu.pid} runs in {netns_of(qemu.pid)}, not the host side's {host_net}")
     server = lab.pid_of("host-rexec")
@@ -60,7 +60,7 @@ def where_qemu_runs(lab: Lab, name: str) -> str:
     if server not in ancestors:
         raise DemoFailed(f"qemu pid {qemu.pid}'s parents {ancestors} do not include the host rexec_server {server}")
     libvirtd = lab.pid_of("dpu-libvirtd")
-    if netns_of(libvirtd) != f"net:[{lab.netns_inode('dpu')}]":
+    if netns_of(libvirtd) != lab.netns_id("dpu"):
         raise DemoFailed(f"libvirtd pid {libvirtd} is not on the DPU side")
     return f"qemu pid {qemu.pid} in {lab.host.netns}, child of the host's rexec_server (pid {server}); libvirtd pid {libvirtd} in {lab.dpu.netns}"
 
@@ -75,7 +75,7 @@ def run(lab: Lab, domain_type: str = "qemu") -> None:
     _step("lab up", lambda: "\n    " + "\n    ".join(lab.up(only=list(SERVICES))))
 
     def images() -> str:
-        proc.run(lab.command("host", ["cp", str(image.kernel), str(image.initrd), str(IMAGES)]))
+        proc.run(lab.command("host", install_argv(image)))
         return f"vmlinuz and initrd.gz in {IMAGES} on the host side"
 
     _step("images on the host", images)

@@ -14,14 +14,13 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from offload import proc
 from offload.errors import LabError
-from offload.lab.libvirt import Virsh
 
-if TYPE_CHECKING:
-    from offload.lab.lab import Lab
+# lab.py imports this module only inside Lab.up, so this is no cycle.
+from offload.lab.lab import LIBVIRT_EXPORTS, Lab
+from offload.lab.libvirt import Virsh
 
 READY_TIMEOUT = 60.0
 #: Inside the rootfs, where the rootfs builder installs the shim.
@@ -46,7 +45,7 @@ def virsh(lab: Lab) -> Virsh:
 
 def prepare_config(lab: Lab) -> str:
     """offload prepare's configuration for the lab: qtfs from the lab's host side (prepare.toml)."""
-    exports = ", ".join(f'"{path}"' for path in _exports())
+    exports = ", ".join(f'"{path}"' for path in LIBVIRT_EXPORTS)
     return (
         "# Written by the lab: the host side serves /var/lib/libvirt over qtfs.\n"
         f'host = "{lab.qtfs_address}"\n'
@@ -54,12 +53,6 @@ def prepare_config(lab: Lab) -> str:
         f"exports = [{exports}]\n"
         f'qtfs_command = "{Path(sys.executable).parent / "qtfs"}"\n'
     )
-
-
-def _exports() -> tuple[str, ...]:
-    from offload.lab.lab import LIBVIRT_EXPORTS
-
-    return LIBVIRT_EXPORTS
 
 
 def start(lab: Lab) -> list[str]:

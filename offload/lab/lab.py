@@ -148,8 +148,9 @@ class Lab:
             raise LabError(f"lab {self.name} runs no {key}")
         return int(pid)
 
-    def netns_inode(self, role: str) -> int:
-        return os.stat(f"/run/netns/{self.side(role).netns}").st_ino
+    def netns_id(self, role: str) -> str:
+        """That side's network namespace as /proc/PID/ns/net names it (net:[INODE])."""
+        return f"net:[{os.stat(f'/run/netns/{self.side(role).netns}').st_ino}]"
 
     def path_on(self, role: str, path: str | os.PathLike[str]) -> Path:
         """``path`` as that side's mount namespace shows it, reachable from here."""
@@ -390,9 +391,9 @@ class Lab:
     def _namespace_ids(self) -> set[str]:
         """The identities of the lab's network namespaces (as /proc/PID/ns/net shows them)."""
         ids = set()
-        for side in (self.host, self.dpu):
+        for role in ("host", "dpu"):
             with contextlib.suppress(OSError):
-                ids.add(f"net:[{os.stat(f'/run/netns/{side.netns}').st_ino}]")
+                ids.add(self.netns_id(role))
         return ids
 
     def _is_ours(self, pid: int, cmdline: list[str] | None = None) -> bool:

@@ -69,8 +69,13 @@ class Domain:
 
 
 def guest_domain(name: str, image: GuestImage, domain_type: str = "qemu") -> Domain:
-    """A domain booting the lab's guest from the images directory."""
-    return Domain(name, str(IMAGES / "vmlinuz"), str(IMAGES / "initrd.gz"), type=domain_type)
+    """A domain booting the lab's guest from the images directory (see ``install_argv``)."""
+    return Domain(name, str(IMAGES / image.kernel.name), str(IMAGES / image.initrd.name), type=domain_type)
+
+
+def install_argv(image: GuestImage) -> list[str]:
+    """The command that puts the guest's kernel and initramfs into the images directory, run where qemu runs."""
+    return ["cp", str(image.kernel), str(image.initrd), str(IMAGES)]
 
 
 class Virsh:
