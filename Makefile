@@ -9,8 +9,9 @@ STAMP  := $(VENV)/.installed
 .PHONY: setup test bench lint demo clean
 
 NATIVE := offload/_native/rexec-exec offload/_native/libudsproxy.so offload/_native/.shim-built
+PYFUSE3 := $(VENV)/.pyfuse3-cache-readdir
 
-setup: $(STAMP) $(NATIVE)
+setup: $(STAMP) $(NATIVE) $(PYFUSE3)
 	@sh scripts/setup-system.sh
 	@# What pip does on a real install; the stand-in starts for every remote
 	@# program and must not compile its modules each time.
@@ -29,6 +30,11 @@ offload/_native/libudsproxy.so: native/qtfs_shim.c
 offload/_native/.shim-built: native/qtfs_shim.c native/build_shim.py $(STAMP)
 	mkdir -p offload/_native
 	$(PY) native/build_shim.py
+	touch $@
+
+# pyfuse3 with the kernel's directory listing cache (native/pyfuse3/).
+$(PYFUSE3): native/pyfuse3/cache-readdir.patch scripts/build-pyfuse3 $(STAMP)
+	sh scripts/build-pyfuse3 $(PY)
 	touch $@
 
 $(STAMP): pyproject.toml

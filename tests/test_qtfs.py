@@ -389,6 +389,47 @@ def test_readdir_of_1000_entries(lab: Lab, work: Path, server: Server, agent: Ag
     assert sizes == sorted([name, len(name)] for name in names)
 
 
+def test_kernel_keeps_listings_and_drops_them_on_host_changes(
+    lab: Lab, work: Path, server: Server, agent: Agent
+) -> None:
+    """The DPU kernel answers a repeated listing itself (no READDIR reaches the
+    client), and a change on the host ends that at once, for a new open and
+    for a handle held open and rewound."""
+    host, m = work / "export", str(work / "mnt")
+    (host / "dir").mkdir()
+    (host / "dir" / "a").write_text("a")
+    log_file = work / "client.log"
+    mount(agent, lab, f"{server.address}:{host}", work / "mnt", "--coherent-cache", "600",
+          "--log-level", "DEBUG", "--log-file", str(log_file))  # fmt: skip
+
+    def readdirs() -> int:
+        return log_file.read_text().count("readdir b'dir'")
+
+    assert agent(f"os.listdir({m + '/dir'!r})") == ["a"]
+    served = readdirs()
+    assert served >= 1
+    for _ in range(3):
+        assert agent(f"os.listdir({m + '/dir'!r})") == ["a"]
+    assert readdirs() == served, "the kernel asked again for a listing it should keep"
+
+    agent.run(f"held = os.open({m + '/dir'!r}, os.O_RDONLY | os.O_DIRECTORY)")
+    assert agent("os.listdir(held)") == ["a"]  # listdir(fd) rewinds the open directory
+    (host / "dir" / "b").write_text("b")
+    eventually(agent, f"sorted(os.listdir({m + '/dir'!r}))", ["a", "b"])
+    eventually(agent, "sorted(os.listdir(held))", ["a", "b"])
+    assert readdirs() > served
+    (host / "dir" / "a").unlink()
+    eventually(agent, "os.listdir(held)", ["b"])
+    eventually(agent, f"os.listdir({m + '/dir'!r})", ["b"])
+    agent.run("os.close(held)")
+
+    # A change made from the DPU is its kernel's own: seen by the very next listing.
+    agent.run(f"write({m + '/dir/c'!r}, 'c')")
+    assert sorted(agent(f"os.listdir({m + '/dir'!r})")) == ["b", "c"]  # type: ignore[arg-type]
+    agent.run(f"os.unlink({m + '/dir/b'!r})")
+    assert agent(f"os.listdir({m + '/dir'!r})") == ["c"]
+
+
 def test_proc_mode_prepared_tree(lab: Lab, work: Path, agent: Agent) -> None:
     tree = work / "fakeproc"
     (tree / "sys" / "vm").mkdir(parents=True)

@@ -27,7 +27,12 @@ may wait for requests we are serving).  So:
   opened at the first read the page cache cannot answer (unless the host
   enforces a whitelist, which must see every open).  Whole directory
   listings are kept here until an Invalidate names the directory or an
-  entry of it;
+  entry of it; the kernel keeps them too (cache_readdir), so a repeated
+  listing costs one OPENDIR round trip to this process and none to the
+  host.  Each opendir keeps the kernel's listing only if it was filled
+  from the listing this process holds now; otherwise (the host changed the
+  directory since, perhaps while the kernel was filling it) the kernel
+  drops it at that open, before the READDIRs that follow;
 * when the link is lost, on reconnect, when the host's inotify queue
   overflows, and when the server cannot watch a new directory (the
   watch limit, fs.inotify.max_user_watches), everything cached is dropped;
@@ -106,6 +111,8 @@ COHERENT_TIMEOUT = 10.0
 LAZY = -1
 #: Directory listings kept (coherent cache), the oldest dropped first.
 LISTINGS = 256
+#: pyfuse3 lets opendir switch on the kernel's listing cache (FOPEN_CACHE_DIR).
+KERNEL_LISTINGS = hasattr(pyfuse3.FileInfo, "cache_readdir")
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 log = logging.getLogger(__name__)
@@ -182,6 +189,9 @@ class Filesystem(pyfuse3.Operations):
         self.lazy_open = self.coherent and not mounted.open_checked
         #: Whole directory listings by path (coherent cache only).
         self.listings: dict[bytes, list[CachedEntry]] = {}
+        #: The listing each directory's kernel cache was last filled from,
+        #: while no change to the directory has been heard of since.
+        self.kernel_listings: dict[bytes, list[CachedEntry]] = {}
         #: Counts the host's changes (and resets) heard of: a reply computed
         #: before the latest one is not cached by the kernel.
         self.changes = 0
@@ -241,7 +251,7 @@ class Filesystem(pyfuse3.Operations):
         if not self.live:
             return
         kind, path = change.change, change.path
-        if self.listings:
+        if self.listings or self.kernel_listings:
             self._drop_listings(kind, path)
         if kind is wire.Change.ALL or kind is wire.Change.UNWATCHED:
             if kind is wire.Change.UNWATCHED and self.coherent:
@@ -261,23 +271,30 @@ class Filesystem(pyfuse3.Operations):
             if parent is not None:
                 self._drop_attributes(parent.inode)  # its times and link count changed
                 pyfuse3.invalidate_entry_async(parent.inode, name, ignore_enoent=True)
+                if KERNEL_LISTINGS:
+                    # For a handle already open that starts over (rewinddir):
+                    # the kernel would keep its listing while the directory's
+                    # mtime looks unchanged (coarse timestamps).
+                    self._drop_pages(parent.inode)
 
     def _drop_listings(self, kind: wire.Change, path: bytes) -> None:
-        if kind is wire.Change.ALL or kind is wire.Change.UNWATCHED:
-            self.listings.clear()
-            return
-        # The parent's listing holds this entry's name and attributes.
-        self.listings.pop(path.rpartition(b"/")[0], None)
-        if kind is wire.Change.ENTRY and path:
-            # A directory that went or moved: its listings and those below are stale.
-            prefix = path + b"/"
-            for stale in [p for p in self.listings if p == path or p.startswith(prefix)]:
-                del self.listings[stale]
+        for listings in (self.listings, self.kernel_listings):
+            if kind is wire.Change.ALL or kind is wire.Change.UNWATCHED:
+                listings.clear()
+                continue
+            # The parent's listing holds this entry's name and attributes.
+            listings.pop(path.rpartition(b"/")[0], None)
+            if kind is wire.Change.ENTRY and path:
+                # A directory that went or moved: its listings and those below are stale.
+                prefix = path + b"/"
+                for stale in [p for p in listings if p == path or p.startswith(prefix)]:
+                    del listings[stale]
 
     def _reset(self) -> None:
         """The link went or came back: what happened on the host meanwhile was not announced."""
         self.changes += 1
         self.listings.clear()
+        self.kernel_listings.clear()
         if self.live and self.coherent:
             self._drop_all()
 
@@ -563,7 +580,7 @@ class Filesystem(pyfuse3.Operations):
     # -- directories ----------------------------------------------------------------------------------
 
     @errors
-    async def opendir(self, inode: int, ctx: Any = None) -> int:
+    async def opendir(self, inode: int, ctx: Any = None) -> int | pyfuse3.FileInfo:
         path = self.table.path(inode)
         since = self.changes
         if self.coherent:
@@ -572,7 +589,15 @@ class Filesystem(pyfuse3.Operations):
                 cached = await self._whole_listing(path, since)
             fh = next(self._numbers)
             self.dirs[fh] = OpenDir(path, [], 0, True, self.host.generation, since, cached=cached)
-            return fh
+            if not KERNEL_LISTINGS:
+                return fh
+            # The kernel keeps the listing in the directory's page cache.
+            # What it holds from earlier opens is kept only if it is this
+            # very listing: otherwise (the host changed the directory since,
+            # perhaps while the kernel was filling its cache) it is dropped
+            # here, at open, in order with the readdirs that follow.
+            current = self.kernel_listings.get(path) is cached
+            return pyfuse3.FileInfo(fh=fh, keep_cache=current, cache_readdir=True)
         reply, generation = await self.host.call_on(wire.Opendir(path))
         assert isinstance(reply, wire.DirReply)
         fh = next(self._numbers)
@@ -616,7 +641,15 @@ class Filesystem(pyfuse3.Operations):
         listing = self.dirs.get(fh)
         if listing is None:
             raise OSError(errno.EBADF, "no such directory handle")
+        log.debug("readdir %r from %d", listing.path, start_id)
         if listing.cached is not None:
+            if start_id == 0 and self.listings.get(listing.path) is not listing.cached:
+                # A new pass over a handle opened earlier (rewinddir) shows
+                # the directory as it is now, as POSIX asks.
+                fresh = self.listings.get(listing.path)
+                listing.cached = fresh if fresh is not None else await self._whole_listing(listing.path, self.changes)
+            if KERNEL_LISTINGS:
+                self._note_kernel_listing(listing.path, listing.cached)
             self._readdir_cached(listing.cached, start_id, token)
             return
         index = start_id
@@ -633,6 +666,12 @@ class Filesystem(pyfuse3.Operations):
                 return
             node.lookups += 1
             index += 1
+
+    def _note_kernel_listing(self, path: bytes, cached: list[CachedEntry]) -> None:
+        if self.kernel_listings.get(path) is not cached:
+            if len(self.kernel_listings) >= LISTINGS:
+                del self.kernel_listings[next(iter(self.kernel_listings))]
+            self.kernel_listings[path] = cached
 
     def _readdir_cached(self, entries: list[CachedEntry], start: int, token: pyfuse3.ReaddirToken) -> None:
         node_at, reply = self.table.node_at, pyfuse3.readdir_reply

@@ -36,7 +36,7 @@ from offload import aio, proc, sd
 from offload.errors import OffloadError
 from offload.net import Address, Transport
 from offload.qtfs.client import Link, Mounted
-from offload.qtfs.fuse import Filesystem
+from offload.qtfs.fuse import KERNEL_LISTINGS, Filesystem
 
 log = logging.getLogger("qtfs")
 
@@ -133,6 +133,8 @@ async def run_mount(options: MountOptions, transport: Transport, ready: Callable
         except RuntimeError as exc:
             raise QtfsMountError(f"cannot mount FUSE on {options.mountpoint}: {exc}") from None
         filesystem.live = True
+        if filesystem.coherent and not KERNEL_LISTINGS:
+            log.info("this pyfuse3 cannot let the kernel cache listings (scripts/build-pyfuse3 adds it)")
         nursery.start_soon(filesystem.drop_pages_forever)
         unmounted_by_kernel = False
         pidfile: Path | None = None
