@@ -992,8 +992,11 @@ def posix_steps(base):
 """
 
 
-def test_posix_steps_match_the_hosts_filesystem(lab: Lab, work: Path, server: Server, agent: Agent) -> None:
-    mount(agent, lab, f"{server.address}:{work / 'export'}", work / "mnt")
+@pytest.mark.parametrize("cache", [[], ["--no-cache"]], ids=["coherent-cache", "no-cache"])
+def test_posix_steps_match_the_hosts_filesystem(
+    lab: Lab, work: Path, server: Server, agent: Agent, cache: list[str]
+) -> None:
+    mount(agent, lab, f"{server.address}:{work / 'export'}", work / "mnt", *cache)
     (work / "local").mkdir()
     agent.run(POSIX_STEPS)
     # The same filesystem as the export's, reached directly: what qtfs must reproduce.
