@@ -58,16 +58,17 @@ try:
         small, listing = where + "/small", where + "/dir1000"
         os.stat(small); read_small(small); os.listdir(listing)  # warm up the connection
         results[name] = {}
-    # The metadata measures take turns across the mounts, round by round, so
-    # the machine's load falls on all of them alike; each keeps its best round.
+    # The metadata measures take turns across the mounts, round by round and
+    # in alternating order, so the machine's load falls on all of them alike;
+    # each keeps its best round.
     measures = (
         ("stat_us", 2000, 1e6, lambda where: os.stat(where + "/small")),
         ("small_us", 1000, 1e6, lambda where: read_small(where + "/small")),
         ("readdir_ms", 20, 1e3, lambda where: os.listdir(where + "/dir1000")),
     )
     for key, count, scale, action in measures:
-        for _ in range(5):
-            for name, where in mounted:
+        for turn in range(6):
+            for name, where in mounted[:: 1 if turn % 2 else -1]:
                 took = timed(count, lambda: action(where)) * scale
                 results[name][key] = min(results[name].get(key, took), took)
     for name, where in mounted:
