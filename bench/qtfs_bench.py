@@ -5,7 +5,8 @@ through qtfs (TLS, its default coherent cache: the kernel caches, the host
 announces every change) and through sshfs (sshd in the host namespace,
 sshfs with its default caches, which may serve stale data for 20 s), all
 mounted on the DPU side in one private mount namespace.  Extra rows: qtfs
-``--no-cache`` (every call asks the host) and sshfs without caches.
+``--no-cache`` (every call asks the host), sshfs without caches, and the
+same files read directly on the DPU side (no FUSE: the floor for a cache).
 ``make bench`` calls `qtfs_rows` too.
 """
 
@@ -58,6 +59,7 @@ try:
         small, listing = where + "/small", where + "/dir1000"
         os.stat(small); read_small(small); os.listdir(listing)  # warm up the connection
         results[name] = {}
+    results["local"] = {}  # the same files without FUSE: the floor for what a kernel cache can do
     # The metadata measures take turns across the mounts, round by round and
     # in alternating order, so the machine's load falls on all of them alike;
     # each keeps its best round.
@@ -68,7 +70,7 @@ try:
     )
     for key, count, scale, action in measures:
         for turn in range(6):
-            for name, where in mounted[:: 1 if turn % 2 else -1]:
+            for name, where in (mounted + [("local", spec["local"])])[:: 1 if turn % 2 else -1]:
                 took = timed(count, lambda: action(where)) * scale
                 results[name][key] = min(results[name].get(key, took), took)
     for name, where in mounted:
@@ -138,6 +140,7 @@ def qtfs_rows(lab: Lab, work: Path) -> list[tuple[str, str, str]]:
         ssh_command = " ".join(ssh[:-1])
         spec = {
             "big": BIG,
+            "local": str(data),
             "mounts": [
                 [
                     "qtfs",
@@ -195,6 +198,7 @@ def qtfs_rows(lab: Lab, work: Path) -> list[tuple[str, str, str]]:
         result = proc.run(lab.command("dpu", argv), env=lab.env("dpu"), timeout=900)
     figures = json.loads(result.stdout)
     q, c, s, n = figures["qtfs"], figures["qtfs_nocache"], figures["sshfs"], figures["sshfs_coherent"]
+    local = figures["local"]
     rows = []
     for key, label, unit in (
         ("stat_us", "stat of a file", "us"),
@@ -210,6 +214,7 @@ def qtfs_rows(lab: Lab, work: Path) -> list[tuple[str, str, str]]:
             (f"{label}: sshfs, default caches", _figure(s[key], unit), ""),
             (f"{label}: qtfs --no-cache", _figure(c[key], unit), f"{c[key] / n[key]:.2f}x sshfs without caches"),
             (f"{label}: sshfs without caches", _figure(n[key], unit), ""),
+            (f"{label}: directly on the DPU side (the same filesystem, no FUSE)", _figure(local[key], unit), ""),
         ]
     rows += [
         (
