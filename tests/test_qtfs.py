@@ -423,11 +423,64 @@ def test_kernel_keeps_listings_and_drops_them_on_host_changes(
     eventually(agent, f"os.listdir({m + '/dir'!r})", ["b"])
     agent.run("os.close(held)")
 
+    # A change that leaves the directory's mtime as it was (tar and rsync restore
+    # it): the kernel's own check of the mtime cannot tell, the client must.
+    agent.run("held = os.open(%r, os.O_RDONLY | os.O_DIRECTORY); os.listdir(held)" % (m + "/dir"))
+    assert agent(f"os.listdir({m + '/dir'!r})") == ["b"]
+    before = os.stat(host / "dir")
+    (host / "dir" / "quiet").write_text("")
+    os.utime(host / "dir", ns=(before.st_atime_ns, before.st_mtime_ns))
+    eventually(agent, "sorted(os.listdir(held))", ["b", "quiet"])  # before any new open
+    eventually(agent, f"sorted(os.listdir({m + '/dir'!r}))", ["b", "quiet"])
+    (host / "dir" / "quiet").unlink()
+    os.utime(host / "dir", ns=(before.st_atime_ns, before.st_mtime_ns))
+    eventually(agent, "sorted(os.listdir(held))", ["b"])
+    eventually(agent, f"sorted(os.listdir({m + '/dir'!r}))", ["b"])
+    agent.run("os.close(held)")
+
     # A change made from the DPU is its kernel's own: seen by the very next listing.
     agent.run(f"write({m + '/dir/c'!r}, 'c')")
     assert sorted(agent(f"os.listdir({m + '/dir'!r})")) == ["b", "c"]  # type: ignore[arg-type]
     agent.run(f"os.unlink({m + '/dir/b'!r})")
     assert agent(f"os.listdir({m + '/dir'!r})") == ["c"]
+
+
+def test_listings_settle_on_the_hosts_state_after_a_storm_of_changes(
+    lab: Lab, work: Path, server: Server, agent: Agent
+) -> None:
+    """The DPU lists a directory over and over while the host changes it; once
+    the host stops, every listing (new opens and a held, rewound handle) is
+    the host's, however the changes fell between the kernel's cache fills."""
+    host, m = work / "export", str(work / "mnt")
+    (host / "dir").mkdir()
+    for i in range(300):
+        (host / "dir" / f"base-{i:03d}").write_text("")
+    mount(agent, lab, f"{server.address}:{host}", work / "mnt", "--coherent-cache", "600")
+    agent.run(
+        f"held = os.open({m + '/dir'!r}, os.O_RDONLY | os.O_DIRECTORY); listings = [0]; stop = threading.Event()\n"
+        "def keep_listing():\n"
+        "    while not stop.is_set():\n"
+        f"        os.listdir({m + '/dir'!r}); os.listdir(held); listings[0] += 1\n"
+        "lister = threading.Thread(target=keep_listing); lister.start()"
+    )
+    try:
+        for i in range(400):
+            (host / "dir" / f"new-{i:03d}").write_text("")
+            if i % 3 == 0:
+                (host / "dir" / f"base-{i % 300:03d}").unlink(missing_ok=True)
+            if i % 7 == 0:
+                os.rename(host / "dir" / f"new-{i:03d}", host / "dir" / f"renamed-{i:03d}")
+            time.sleep(0.005)  # spread over about two seconds: many listings fall in between
+    finally:
+        agent.run("stop.set(); lister.join()")
+    assert agent("listings[0]") > 5  # type: ignore[operator]
+    expected = sorted(os.listdir(host / "dir"))
+    eventually(agent, f"sorted(os.listdir({m + '/dir'!r}))", expected)
+    eventually(agent, "sorted(os.listdir(held))", expected)
+    for _ in range(3):  # and it stays so, from the kernel's cache
+        assert agent(f"sorted(os.listdir({m + '/dir'!r}))") == expected
+        assert agent("sorted(os.listdir(held))") == expected
+    agent.run("os.close(held)")
 
 
 def test_proc_mode_prepared_tree(lab: Lab, work: Path, agent: Agent) -> None:

@@ -272,9 +272,10 @@ class Filesystem(pyfuse3.Operations):
                 self._drop_attributes(parent.inode)  # its times and link count changed
                 pyfuse3.invalidate_entry_async(parent.inode, name, ignore_enoent=True)
                 if KERNEL_LISTINGS:
-                    # For a handle already open that starts over (rewinddir):
-                    # the kernel would keep its listing while the directory's
-                    # mtime looks unchanged (coarse timestamps).
+                    # The kernel checks its listing against the directory's
+                    # mtime only, which a change need not move (coarse
+                    # timestamps; tar and rsync restore it): drop it, also for
+                    # a handle opened earlier that starts over (rewinddir).
                     self._drop_pages(parent.inode)
 
     def _drop_listings(self, kind: wire.Change, path: bytes) -> None:
