@@ -61,3 +61,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

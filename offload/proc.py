@@ -17,6 +17,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,29 @@ def _signal(process: trio.Process, signum: int, group: bool) -> None:
 
 
 # Plain commands and daemons (lab, tests, benchmarks) ---------------------------
+
+
+#: The package's own programs (pyproject.toml's [project.scripts]): the module each one runs.
+PROGRAMS = {
+    "offload": "offload.cli",
+    "qtfs": "offload.qtfs.cli",
+    "rexec": "offload.rexec_client",
+    "rexec_server": "offload.rexec_server",
+    "udsproxyd": "offload.udsproxy.daemon",
+}
+
+
+def program(name: str) -> list[str]:
+    """The command line that starts this package's program ``name``, never looked up through PATH.
+
+    The running interpreter runs the program's module, so the program is the
+    one installed with the code that starts it, whatever PATH holds (a venv
+    that is not activated, a unit's or sudo's minimal PATH, a system install
+    whose scripts are not next to the interpreter).  ``-P``: the caller's
+    working directory stays out of ``sys.path``, so a directory named
+    ``offload`` there cannot stand in for the package.
+    """
+    return [sys.executable, "-P", "-m", PROGRAMS[name]]
 
 
 def describe(argv: Sequence[str]) -> str:

@@ -34,3 +34,15 @@ def test_nothing_else_imports_subprocess() -> None:
         if path.name != "proc.py" and "import subprocess" in path.read_text()
     ]
     assert offenders == []
+
+
+def test_the_packages_programs_are_its_console_scripts_and_start_without_path() -> None:
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {name: target.partition(":")[0] for name, target in scripts.items()} == proc.PROGRAMS
+    # Run from an unrelated directory with a PATH that has no venv in it:
+    # what an unactivated venv, a unit file or sudo gives.
+    for name in proc.PROGRAMS:
+        result = proc.run([*proc.program(name), "--help"], check=False, cwd="/", env={"PATH": "/usr/bin:/bin"})
+        assert result.returncode == 0, (name, result.stderr)

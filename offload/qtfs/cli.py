@@ -176,3 +176,7 @@ def _mount(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+if __name__ == "__main__":
+    main()
