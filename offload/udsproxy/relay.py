@@ -128,7 +128,13 @@ class TlsCipher:
                 self.incoming.write(self._raw_view[:count])
             else:
                 self.incoming.write_eof()
-            got += self._decrypt(into[got:])
+            try:
+                got += self._decrypt(into[got:])
+            except PeerClosed:
+                # The end arrived right behind plaintext decrypted above:
+                # deliver that first; the next fill finds the end again.
+                if not got:
+                    raise
         return got
 
     def _decrypt(self, into: memoryview) -> int:
@@ -510,6 +516,9 @@ class Relay:
 
     def _link_down(self, why: str) -> None:
         """The link ended: what arrived is still delivered, nothing more is sent."""
+        if not self._peer_eof:
+            # The program here will read an end of file the far program never sent.
+            log.warning("%s: the link ended before the far program's end of stream (%s)", self.name, why)
         self._send_failed(why)
         self._reading_link = False
         for waiting in self._awaiting:
