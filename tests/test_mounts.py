@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from pathlib import Path
 
@@ -306,17 +307,49 @@ def test_the_machine_facts_name_real_devices() -> None:
     assert (found["null"].major, found["null"].minor) == (os.major(os.stat("/dev/null").st_rdev), 3)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mknod and chown of a device node")
 def test_device_groups_are_mapped_to_the_targets_numbers(tmp_path: Path) -> None:
+    """A device's group is found by name in the target's /etc/group, whatever this machine's /dev/kvm is.
+
+    The nodes are made on a fixture directory (the same character device as
+    /dev/null), so the test sets the state it checks: a node whose group has
+    a name here gets the target's number for that name; a group the target
+    does not know, and root, keep their numbers.
+    """
     import grp
 
     from offload.mounts import machine
 
-    kvm = Path("/dev/kvm")
-    if not kvm.exists():
-        pytest.skip("this machine has no /dev/kvm")
-    name = grp.getgrgid(kvm.stat().st_gid).gr_name
+    named = next(group for group in grp.getgrall() if group.gr_gid != 0)
+    unknown = next(gid for gid in range(60000, 65000) if not _group_exists(gid))
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    for name, gid in (("kvm", named.gr_gid), ("vhost-net", 0), ("net/tun", unknown)):
+        node = dev / name
+        node.parent.mkdir(exist_ok=True)
+        os.mknod(node, 0o660 | stat.S_IFCHR, os.makedev(1, 3))
+        os.chown(node, 0, gid)
+        os.chmod(node, 0o660)  # mknod applies the umask
     (tmp_path / "etc").mkdir()
-    (tmp_path / "etc" / "group").write_text(f"root:x:0:\ntty:x:77:\n{name}:x:4242:\n")
-    (node,) = machine.devices(("kvm",), str(tmp_path))
-    assert node.gid == 4242  # libvirt in the target sees /dev/kvm as its own group kvm
+    (tmp_path / "etc" / "group").write_text(f"root:x:0:\ntty:x:77:\n{named.gr_name}:x:4242:\n")
+
+    nodes = {
+        node.name: node for node in machine.devices(("kvm", "vhost-net", "net/tun", "absent"), str(tmp_path), str(dev))
+    }
+
+    assert set(nodes) == {"kvm", "vhost-net", "net/tun"}
+    assert nodes["kvm"].gid == 4242  # libvirt in the target sees it as its own group of that name
+    assert nodes["vhost-net"].gid == 0
+    assert nodes["net/tun"].gid == unknown
+    assert (nodes["kvm"].major, nodes["kvm"].minor, nodes["kvm"].mode) == (1, 3, 0o660)
     assert machine.gather(str(tmp_path), ()).tty_gid == 77
+
+
+def _group_exists(gid: int) -> bool:
+    import grp
+
+    try:
+        grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return True
