@@ -309,6 +309,7 @@ class AgentSession:
                 channel = next(self.bridge_channels)
                 await self.link.send(Open(channel, target_fd))
                 end = StreamEnd(trio.SocketStream(conn))
+                self.inbound_channels.append(channel)  # its last bytes, too, arrive before the exit status
                 nursery.start_soon(partial(self.link.relay, channel, end, inbound=True, outbound=True))
         finally:
             listener.close()

@@ -193,7 +193,7 @@ class Execution:
         )
 
     def _add_end(self, channel: int, end: ByteEnd, *, inbound: bool, outbound: bool) -> None:
-        if outbound and not inbound:
+        if outbound:
             end = CountingEnd(end)
         self.ends[channel] = (end, inbound, outbound)
 
@@ -201,10 +201,7 @@ class Execution:
         assert self.process is not None
         async with aio.open_nursery() as nursery:
             for channel, (end, inbound, outbound) in self.ends.items():
-                done = trio.Event()
-                if isinstance(end, CountingEnd):
-                    self.outputs.append((end, done))
-                nursery.start_soon(self._relay, channel, end, inbound, outbound, done)
+                nursery.start_soon(self._relay, channel, end, inbound, outbound, self._output(end))
             self.ends.clear()  # the relays own them now
             nursery.start_soon(self._control_loop, nursery)
             status = await self.process.wait()
@@ -216,14 +213,24 @@ class Execution:
             await self.link.send(exited)
             nursery.cancel_scope.cancel()
 
-    async def _relay(self, channel: int, end: ByteEnd, inbound: bool, outbound: bool, done: trio.Event) -> None:
-        try:
-            await self.link.relay(channel, end, inbound=inbound, outbound=outbound)
-        finally:
-            done.set()
+    def _output(self, end: ByteEnd) -> trio.Event | None:
+        """For an end the program writes to: the event set once all it wrote was sent."""
+        if not isinstance(end, CountingEnd):
+            return None
+        done = trio.Event()
+        self.outputs.append((end, done))
+        return done
+
+    async def _relay(self, channel: int, end: ByteEnd, inbound: bool, outbound: bool, done: trio.Event | None) -> None:
+        await self.link.relay(channel, end, inbound=inbound, outbound=outbound, outbound_done=done)
 
     async def _await_output(self) -> None:
-        """Wait for the program's output to reach end of file, unless it stalls."""
+        """Wait until what the program wrote (pipes, sockets, bridged connections) was sent, unless it stalls.
+
+        A program that writes and exits at once leaves its last bytes in
+        our ends; Exited must follow them, and ending the session cancels
+        every relay.
+        """
         for end, done in self.outputs:
             while not done.is_set():
                 before = end.count
@@ -265,7 +272,8 @@ class Execution:
             await self.link.send(Reset(event.channel, str(exc)))
             self.link.drop_channel(event.channel)
             return
-        await self.link.relay(event.channel, StreamEnd(stream), inbound=True, outbound=True)
+        end = CountingEnd(StreamEnd(stream))
+        await self._relay(event.channel, end, True, True, self._output(end))
 
     async def _follow_daemon(self) -> Exited:
         """The foreground exited 0: find the daemon from its pidfile and follow it."""

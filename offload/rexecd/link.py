@@ -255,9 +255,15 @@ class SessionLink:
         self._channels.pop(channel, None)
         self.conn.close_channel(channel)
 
-    async def pump_out(self, channel: int, source: ByteEnd) -> None:
-        """Local source -> peer, within the channel's window, then Eof (or Reset)."""
-        state = self._channels[channel]
+    async def pump_out(self, channel: int, source: ByteEnd, done: trio.Event | None = None) -> None:
+        """Local source -> peer, within the channel's window, then Eof (or Reset); sets ``done`` after."""
+        try:
+            await self._pump_out(channel, self._channels[channel], source)
+        finally:
+            if done is not None:
+                done.set()
+
+    async def _pump_out(self, channel: int, state: ChannelState, source: ByteEnd) -> None:
         while True:
             while not state.reset and self.conn.send_credit(channel) <= 0:
                 await state.changed.wait()
@@ -308,14 +314,20 @@ class SessionLink:
             else:
                 await state.changed.wait()
 
-    async def relay(self, channel: int, end: ByteEnd, *, inbound: bool, outbound: bool) -> None:
-        """Run the pumps of one channel and close ``end`` when they are done."""
+    async def relay(
+        self, channel: int, end: ByteEnd, *, inbound: bool, outbound: bool, outbound_done: trio.Event | None = None
+    ) -> None:
+        """Run the pumps of one channel and close ``end`` when they are done.
+
+        ``outbound_done`` is set once everything read from ``end`` was sent,
+        with the Eof behind it: the session's end must not overtake it.
+        """
         generation = self.generation
         self.add_channel(channel)
         try:
             async with aio.open_nursery() as nursery:
                 if outbound:
-                    nursery.start_soon(self.pump_out, channel, end)
+                    nursery.start_soon(self.pump_out, channel, end, outbound_done)
                 if inbound:
                     nursery.start_soon(self.pump_in, channel, end)
         finally:
