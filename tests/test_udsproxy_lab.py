@@ -210,14 +210,31 @@ def test_qemu_qmp_from_python(lab: Lab, qmp_socket: Path) -> None:
 
 
 def test_qemu_qmp_from_socat(lab: Lab, qmp_socket: Path) -> None:
-    commands = '{"execute":"qmp_capabilities"}\\n{"execute":"query-status"}\\n'
-    # Keep socat's input open a moment: qemu drops answers to a monitor that already closed.
-    script = f"(printf '{commands}'; sleep 1) | socat -t 3 - UNIX-CONNECT:{qmp_socket}"
-    result = on_dpu(lab, ["sh", "-c", script])
-    assert result.returncode == 0, result.stderr
-    replies = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    # socat's input stays open until both answers arrived: qemu drops
+    # answers to a monitor that already closed.
+    socat = proc.spawn(
+        lab.command("dpu", ["socat", "-", f"UNIX-CONNECT:{qmp_socket}"]),
+        env=lab.env("dpu"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert socat.stdin is not None and socat.stdout is not None
+    try:
+        replies = [json.loads(socat.stdout.readline())]
+        socat.stdin.write(b'{"execute":"qmp_capabilities"}\n{"execute":"query-status"}\n')
+        socat.stdin.flush()
+        answers = []
+        while len(answers) < 2:
+            reply = json.loads(socat.stdout.readline())
+            if "event" not in reply:
+                answers.append(reply)
+        socat.stdin.close()
+        assert socat.wait(timeout=30) == 0
+    finally:
+        socat.kill()
+        socat.wait()
+        socat.stdout.close()
     assert "QMP" in replies[0]
-    answers = [reply for reply in replies[1:] if "event" not in reply]
     assert answers[0] == {"return": {}}
     assert answers[1]["return"]["status"] == "prelaunch"
 
