@@ -129,6 +129,8 @@ async def test_plaintext_peer_refused(tree: Path, server: str, caplog: pytest.Lo
         encode_frame(0x10, 0, b"{not json"),  # malformed exec
         encode_frame(0x11, 0, b'{"pid":1}'),  # a server-only frame from a client
         encode_frame(0x20, 9, b"data"),  # data before exec
+        encode_frame(0x10, 0, b"[" * 20000 + b"]" * 20000),  # nested past the decoder's recursion limit
+        encode_frame(0x10, 0, b'{"a":' * 20000 + b"1" + b"}" * 20000),
     ],
 )
 async def test_malformed_frames_close_only_that_session(

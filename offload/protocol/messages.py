@@ -27,6 +27,10 @@ def load(payload: bytes, what: str) -> dict[str, Any]:
         document = json.loads(payload.decode("ascii"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise RemoteProtocolError(f"{what}: payload is not JSON: {exc}") from None
+    except RecursionError:
+        # json's decoder recurses per level of nesting: a peer's "[[[[..."
+        # must end its own connection, not the daemon.
+        raise RemoteProtocolError(f"{what}: payload is nested too deeply") from None
     if not isinstance(document, dict):
         raise RemoteProtocolError(f"{what}: payload is not a JSON object")
     return document

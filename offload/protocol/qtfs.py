@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import enum
 import errno as errno_module
-import json
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 from offload.errors import LocalProtocolError, RemoteProtocolError
+from offload.protocol import messages
 from offload.protocol.framing import CLOSED, NEED_DATA, FrameDecoder, encode_frame, encode_header
 
 T_HELLO = 0x80
@@ -762,7 +762,7 @@ class QtfsConnection:
 
     def send_hello(self, hello: Hello) -> bytes:
         document = {"node": hello.node, "version": hello.version, "epoch": hello.epoch}
-        return encode_frame(T_HELLO, 0, json.dumps(document).encode(), max_payload=MAX_PAYLOAD)
+        return encode_frame(T_HELLO, 0, messages.dump(document), max_payload=MAX_PAYLOAD)
 
     def send_call(self, id: int, request: Message) -> bytes:
         if not self.client:
@@ -863,8 +863,8 @@ class QtfsConnection:
     def _hello(self, payload: bytes) -> Hello:
         if self._hello_seen:
             raise RemoteProtocolError("a second Hello")
+        document = messages.load(bytes(payload), "Hello")
         try:
-            document = json.loads(payload)
             hello = Hello(str(document["node"]), int(document["version"]), int(document.get("epoch", 0)))
         except (ValueError, KeyError, TypeError) as exc:
             raise RemoteProtocolError(f"malformed Hello: {exc}") from None
