@@ -21,8 +21,10 @@ from __future__ import annotations
 # `signal` would import enum, `typing` and `json` would import re.
 import _signal
 import _socket
+import errno
 import os
 import select
+import stat
 import sys
 
 from offload import fdinfo
@@ -157,6 +159,24 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     return pidfile, program
 
 
+def write_pidfile(path: str, pid: int) -> None:
+    """Write ``pid`` to ``path``, never through a link and never into anything but a regular file.
+
+    The pidfile's directory may be served by the other machine (libvirt's
+    probe puts it under /var/lib/libvirt, a qtfs mount), and we run as
+    root: a symlink or FIFO planted there must not steer or stall the write.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o644)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{pid}\n".encode())
+    finally:
+        os.close(fd)
+
+
 def build_request(program: list[str], pidfile: str | None) -> tuple[dict, list[int]]:
     descriptions = [fdinfo.describe(fd) for fd in fdinfo.open_fds()]
     passed = [
@@ -274,20 +294,14 @@ class StandIn:
         pid = os.fork()
         if pid:
             os.close(ready_write)
-            os.read(ready_read, 1)  # the child has written the pidfile
-            os._exit(foreground_code)
+            # A byte: the child stands in for the daemon.  None: it failed
+            # (and said why on our stderr, which it still shared).
+            os._exit(foreground_code if os.read(ready_read, 1) else EXIT_FAILURE)
         os.close(ready_read)
         os.setsid()
-        # Like the remote daemon, let go of the caller's stdio so that a
-        # caller waiting for EOF on our stdout or stderr is not held up.
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.close(null)
         if self.pidfile:
             try:
-                with open(self.pidfile, "w") as stream:
-                    stream.write(f"{os.getpid()}\n")
+                write_pidfile(self.pidfile, os.getpid())
             except OSError as exc:
                 self.send(local.encode(local.L_SIGNAL, {"signal": "SIGTERM"}))
                 fail(f"cannot write the daemon pidfile {self.pidfile}: {exc}")
@@ -297,6 +311,13 @@ class StandIn:
         self.send(local.encode(local.L_ADOPT, {"pid": os.getpid()}))
         while self.started < expected:
             self.receive()
+        # Like the remote daemon, let go of the caller's stdio so that a
+        # caller waiting for EOF on our stdout or stderr is not held up.
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        os.write(ready_write, b"x")
         os.close(ready_write)
 
 
