@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pwd
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ from pathlib import Path
 from offload import fdinfo
 from offload.errors import ConfigError, RefusedError, UnsupportedFdError
 from offload.protocol.rexec import FdKind, FdSpec, check_path
+from offload.users import RemoteUser as RemoteUser  # shared with udsproxy; rexecd names it here
+from offload.users import map_user as map_user
 
 log = logging.getLogger(__name__)
 
@@ -103,28 +104,6 @@ def filter_environment(env: dict[str, str], extra: tuple[str, ...]) -> dict[str,
         if key in ENV_NAMES or key in extra or key.startswith(ENV_PREFIXES):
             allowed[key] = value
     return allowed
-
-
-@dataclass(frozen=True)
-class RemoteUser:
-    name: str
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-    home: str
-
-
-def map_user(caller: str, users: dict[str, str], node: str) -> RemoteUser:
-    """The local account a caller's program runs as here; never root unless the caller was root."""
-    name = users.get(caller, caller)
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        raise RefusedError(f"user {name} does not exist on {node}", exit_code=126) from None
-    if entry.pw_uid == 0 and caller != "root":
-        raise RefusedError(f"user {caller} may not run programs as root on {node}", exit_code=126)
-    groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
-    return RemoteUser(entry.pw_name, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir)
 
 
 def is_shared(path: str, prefixes: tuple[str, ...]) -> bool:
