@@ -8,6 +8,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
+from offload.errors import ConfigError, OffloadError, ProtocolError, TransportError
+
+#: How a link or a connection ends: the stream broke or went silent (TransportError,
+#: LinkLost), or one side broke the protocol.  trio's own stream errors count for the
+#: code that uses trio streams without the translating seam of `offload.net`.
+LINK_FAILURES: tuple[type[Exception], ...] = (
+    TransportError,
+    ProtocolError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+)
+
 
 def _leaves(error: BaseException) -> list[BaseException]:
     if isinstance(error, BaseExceptionGroup):
@@ -17,29 +29,41 @@ def _leaves(error: BaseException) -> list[BaseException]:
 
 @contextlib.asynccontextmanager
 async def open_nursery() -> AsyncIterator[trio.Nursery]:
-    """A nursery whose single failure surfaces as itself, not as a group.
+    """A nursery whose failure surfaces as itself, not as a group.
 
     trio wraps whatever a nursery's tasks raise in an ExceptionGroup.  Most
     of our nurseries are "one job and its helpers", where the one failure
     that ended them is what the caller wants to catch (LinkLost,
-    TransportError).  A group with several real failures stays a group.
+    TransportError).  When a link breaks, every task using it may fail in
+    the same scheduling step (the receiver finds the stream broken while the
+    keepalive finds it silent): that is still one failure, surfaced as the
+    first of them.  A group with any other mix of real failures stays a
+    group.
     """
     try:
         async with trio.open_nursery() as nursery:
             yield nursery
     except BaseExceptionGroup as group:
         real = [leaf for leaf in _leaves(group) if not isinstance(leaf, trio.Cancelled)]
-        if len(real) == 1:
+        if len(real) == 1 or (real and all(isinstance(leaf, LINK_FAILURES) for leaf in real)):
             raise real[0] from None
         raise
 
 
 async def guarded(log: logging.Logger, what: str, job: Callable[[], Awaitable[object]]) -> None:
-    """Run one session's job; a bug in it is logged, never fatal to the daemon."""
+    """Run one connection's or session's job; whatever it raises is logged, never fatal to the daemon.
+
+    A link failure the job left to us ended only that job; anything else is a
+    bug, logged with its traceback; either may come alone or grouped with
+    others.  Cancellation passes through: it is how the daemon stops.
+    """
     try:
         await job()
-    except Exception:
-        log.exception("%s failed with an internal error", what)
+    except* LINK_FAILURES as group:
+        log.warning("%s ended: %s", what, _leaves(group)[0])
+    except* Exception as group:
+        bugs = _leaves(group)
+        log.error("%s failed with an internal error", what, exc_info=bugs[0] if len(bugs) == 1 else group)
 
 
 def run_service(
@@ -55,10 +79,7 @@ def run_service(
     """
     import sys
 
-    import trio
-
     from offload import sd
-    from offload.errors import ConfigError, OffloadError
 
     try:
         args = build()

@@ -11,21 +11,29 @@ BrokenResourceError) are translated here, once, into `TransportError` and
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
+from offload import aio
 from offload.errors import AuthenticationError, ConfigError, TransportError
 from offload.pki import TlsConfig, peer_name
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
+#: accept() errors that mean "out of resources for now", not "the listener broke"
+#: (the ones trio's serve_listeners retries).
+ACCEPT_RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: How long an accept loop that ran out of resources waits before it tries again.
+ACCEPT_PAUSE = 0.1
 
 
 @dataclass(frozen=True)
@@ -288,6 +296,34 @@ class Transport:
             await sock.bind((int(address.host), address.port))
             sock.listen(128)
             return [trio.SocketListener(sock)]
+
+
+async def serve_connections(
+    listener: trio.SocketListener,
+    handle: Callable[[trio.SocketStream], Awaitable[object]],
+    logger: logging.Logger,
+    what: str,
+) -> None:
+    """Accept on ``listener`` until cancelled, each connection handled in a task of its own.
+
+    Whatever one connection's ``handle`` raises ends that connection only
+    (`aio.guarded` logs it).  Running out of fds or memory is logged and
+    retried after a pause, so a flood never ends the daemon; any other
+    accept error means the listener itself broke, and propagates.
+    """
+    async with aio.open_nursery() as nursery:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_RETRY_ERRNOS:
+                    raise
+                logger.error("cannot accept a %s connection: %s", what, exc.strerror or exc)
+                await trio.sleep(ACCEPT_PAUSE)
+                continue
+            nursery.start_soon(
+                aio.guarded, logger, f"{what} connection from {remote_name(stream)}", partial(handle, stream)
+            )
 
 
 def remote_name(raw: trio.SocketStream) -> str:

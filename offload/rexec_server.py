@@ -26,7 +26,7 @@ from offload import config as config_module
 from offload import log as log_module
 from offload.config import RexecConfig
 from offload.errors import ConfigError, ProtocolError, TransportError
-from offload.net import Transport, listener_address, parse_address, remote_name
+from offload.net import Transport, listener_address, parse_address, remote_name, serve_connections
 from offload.protocol.rexec import Role
 from offload.rexecd.agent import PeerPool, serve_stand_ins
 from offload.rexecd.executor import ServerState, serve_session
@@ -48,9 +48,9 @@ def _take_singleton_lock(run_dir: Path) -> int:
     return fd
 
 
-async def _serve_peer(raw: trio.abc.Stream, transport: Transport, state: ServerState, where: str) -> None:
+async def _serve_peer(transport: Transport, state: ServerState, raw: trio.SocketStream) -> None:
     config = state.config
-    connected = await transport.admit(raw, where, log)
+    connected = await transport.admit(raw, remote_name(raw), log)
     if connected is None:
         return
     link = SessionLink(connected, Role.SERVER, config.node_name, keepalive=config.keepalive)
@@ -63,25 +63,6 @@ async def _serve_peer(raw: trio.abc.Stream, transport: Transport, state: ServerS
         log.warning("session with %s ended: %s", connected.peer, exc or type(exc).__name__)
     finally:
         await link.aclose()
-
-
-async def _accept_peers(listener: trio.SocketListener, transport: Transport, state: ServerState) -> None:
-    async with aio.open_nursery() as nursery:
-        while True:
-            try:
-                raw = await listener.accept()
-            except OSError as exc:
-                # EMFILE and friends: log, breathe, go on; never die of load.
-                log.error("accept failed: %s", exc)
-                await trio.sleep(0.1)
-                continue
-            where = remote_name(raw)
-            nursery.start_soon(
-                aio.guarded,
-                log,
-                f"session from {where}",
-                partial(_serve_peer, raw, transport, state, where),
-            )
 
 
 async def _handle_signals(state: ServerState, cancel: trio.CancelScope) -> None:
@@ -131,7 +112,7 @@ async def serve(
             agent_socket = await nursery.start(serve_stand_ins, config, pool, pidmaps)
             bound = [listener_address(listener) for listener in listeners]
             for listener in listeners:
-                nursery.start_soon(_accept_peers, listener, transport, state)
+                nursery.start_soon(serve_connections, listener, partial(_serve_peer, transport, state), log, "peer")
             log.info(
                 "rexec_server %s ready: peers on %s, stand-ins on %s, %d whitelisted programs%s",
                 config.node_name,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from offload import proc
@@ -97,3 +99,31 @@ def free_fd(preferred: int) -> int:
         except OSError:
             return fd
         fd += 1
+
+
+def wait_for(predicate, timeout: float, what: str):
+    """The first true value of ``predicate()`` within ``timeout`` seconds; fail naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie that its (re)parent has not reaped yet."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def pidmap(lab: Lab, standin: int) -> Path:
+    return lab.dpu.run_dir / "pids" / str(standin)
+
+
+def remote_pid_of(lab: Lab, standin: int) -> int:
+    path = pidmap(lab, standin)
+    return int(wait_for(lambda: path.exists() and path.read_text(), 10, f"pidmap {path}"))

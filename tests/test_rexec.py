@@ -16,39 +16,23 @@ import pytest
 
 from offload import proc
 from offload.lab.lab import Lab
-from tests.conftest import MISSING, PYTHON, free_fd, rexec, server_pid, start_rexec
+from tests.conftest import (
+    MISSING,
+    PYTHON,
+    free_fd,
+    gone,
+    pidmap,
+    remote_pid_of,
+    rexec,
+    server_pid,
+    start_rexec,
+    wait_for,
+)
 
 pytestmark = pytest.mark.lab
 
 #: dash (/bin/sh) takes only single-digit fds in redirections; bash takes any.
 BASH = ("/usr/bin/env", "bash", "-c")
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def gone(pid: int) -> bool:
-    """Exited: no such process, or a zombie that its (re)parent has not reaped yet."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def pidmap(lab: Lab, standin: int) -> Path:
-    return lab.dpu.run_dir / "pids" / str(standin)
-
-
-def remote_pid_of(lab: Lab, standin: int) -> int:
-    path = pidmap(lab, standin)
-    return int(wait_for(lambda: path.exists() and path.read_text(), 10, f"pidmap {path}"))
 
 
 @pytest.mark.parametrize(("script", "code"), [("exit 0", 0), ("exit 1", 1), ("exit 7", 7)])

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 LAB_ROOT = Path("/run/offload-lab")
 REXEC_PORT = 7001
+#: Seconds of silence after which the lab's rexec_servers declare a link lost.
+REXEC_KEEPALIVE = 6.0
 UDSPROXY_PORT = 7002
 SHIM = Path(__file__).resolve().parent.parent / "_native" / "libudsproxy.so"
 READY_TIMEOUT = 30.0
@@ -259,7 +262,7 @@ class Lab:
             # files on both sides once qtfs serves them.
             *(arg for export in LIBVIRT_EXPORTS for arg in ("--shared-path", export)),
             "--keepalive",
-            "6",
+            f"{REXEC_KEEPALIVE:g}",
         )
         self.start_service(f"{side.role}-rexec", side, argv)
 
@@ -338,14 +341,20 @@ class Lab:
         child.returncode = 0
         return child.pid
 
-    def restart_service(self, key: str) -> int:
-        """Stop a service the lab started (SIGTERM, as systemctl would) and start it again; the new pid."""
+    def restart_service(self, key: str, *, crash: bool = False) -> int:
+        """Stop a service the lab started and start it again; the new pid.
+
+        It stops on SIGTERM, as systemctl would stop it, or with ``crash`` on
+        SIGKILL, as a crash or the OOM killer would end it: no cleanup at all.
+        """
         role, argv = self._state().get("argv", {}).get(key, (None, None))
         if argv is None:
             raise LabError(f"lab {self.name} has no service {key} to restart")
         pid = self.pid_of(key)
         if self._is_ours(pid):
-            proc.end_pid(pid)
+            if crash:
+                os.kill(pid, signal.SIGKILL)
+            proc.end_pid(pid)  # waits until it is gone (and reaps it if it is our child)
         return self.start_service(key, self.side(role), argv)
 
     def down(self) -> list[str]:

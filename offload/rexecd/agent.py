@@ -25,9 +25,9 @@ import trio
 
 from offload import aio
 from offload.config import RexecConfig
-from offload.errors import ConfigError, OffloadError, RefusedError, TransportError
+from offload.errors import ConfigError, OffloadError, ProtocolError, RefusedError, TransportError
 from offload.fdio import StreamEnd, borrow
-from offload.net import Address, Transport, parse_address
+from offload.net import Address, Transport, listen_unix, parse_address, serve_connections
 from offload.protocol import local, messages
 from offload.protocol.framing import CLOSED, NEED_DATA, Frame, FrameDecoder
 from offload.protocol.rexec import (
@@ -94,20 +94,35 @@ class PeerPool:
         except BaseException:
             await link.aclose()
             raise
-        await self.nursery.start(link.run)
+        await self.nursery.start(self._run, address, link)
         return link
+
+    async def _run(
+        self, address: Address, link: SessionLink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run ``link`` in the daemon's nursery; it reports its own failures and never raises.
+
+        A link that ends while it waits in the pool (its peer restarted) is
+        closed and forgotten at once: its socket is not kept until a session
+        would have found it dead.
+        """
+        await link.run(task_status=task_status)
+        idle = self._idle[address]
+        if link in idle:
+            idle.remove(link)
+            await link.aclose()
 
     def _refill(self, address: Address) -> None:
         if address not in self._filling and self.config.warm:
             self._filling.add(address)
-            self.nursery.start_soon(self._fill, address)
+            self.nursery.start_soon(aio.guarded, log, f"warming links to {address}", partial(self._fill, address))
 
     async def _fill(self, address: Address) -> None:
         try:
             idle = self._idle[address]
             while sum(link.alive for link in idle) < self.config.warm:
                 idle.append(await self._connect(address))
-        except (TransportError, trio.TooSlowError) as exc:
+        except (TransportError, ProtocolError, trio.TooSlowError) as exc:
             log.debug("cannot warm a link to %s: %s", address, exc)
         finally:
             self._filling.discard(address)
@@ -257,7 +272,7 @@ class AgentSession:
         assert self.address is not None
         try:
             self.link = link = await self.pool.take(self.address)
-        except (TransportError, trio.TooSlowError) as exc:
+        except (TransportError, ProtocolError, trio.TooSlowError) as exc:
             raise RefusedError(f"cannot reach {self.address}: {exc}", exit_code=EXIT_FAILURE) from None
         await link.send(Exec(request))
         reply = await link.control.receive()
@@ -399,19 +414,17 @@ async def serve_stand_ins(
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept stand-ins on the agent socket until cancelled."""
-    from offload.net import listen_unix
+
+    async def session(stream: trio.SocketStream) -> None:
+        await AgentSession(stream.socket, pool, config, pidmaps).run()
 
     # Anyone may ask; SO_PEERCRED says who asked, and the peer runs the
     # program as that user (libvirt starts qemu as libvirt-qemu, not root).
     listener = await listen_unix(config.agent_socket, 0o666)
     task_status.started(config.agent_socket)
-    async with aio.open_nursery() as nursery:
-        try:
-            while True:
-                sock = await listener.socket.accept()
-                session = AgentSession(sock[0], pool, config, pidmaps)
-                nursery.start_soon(aio.guarded, log, "stand-in session", session.run)
-        finally:
-            listener.socket.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(config.agent_socket)
+    try:
+        await serve_connections(listener, session, log, "stand-in")
+    finally:
+        listener.socket.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(config.agent_socket)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import trio
 
 from offload import aio
-from offload.errors import LinkLost, ProtocolError, RemoteProtocolError, TransportError
+from offload.errors import LinkLost, RemoteProtocolError, TransportError
 from offload.fdio import CHUNK, ByteEnd
 from offload.net import Connected, TlsStream, translate_errors
 from offload.protocol.rexec import (
@@ -148,12 +148,13 @@ class SessionLink:
         return self.failure is None and not self.closed
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Receive and keep alive until the link ends.
+        """Receive and keep alive until the link ends; never raises (but Cancelled).
 
-        Failures (lost link, broken stream, protocol violations) do not
-        raise: they are logged and delivered as `LinkFailed` on ``control``,
-        so whoever owns the session now hears of them, even when this task
-        was started by someone else (a warm pool).
+        Failures (lost link, broken stream, protocol violations, and bugs in
+        handling what arrived) end this link only: they are logged and
+        delivered as `LinkFailed` on ``control``, so whoever owns the session
+        now hears of them, even when this task was started by someone else (a
+        warm pool, in the daemon's own nursery).
         """
         try:
             async with aio.open_nursery() as nursery:
@@ -162,17 +163,23 @@ class SessionLink:
                 while await self._receive_once():
                     pass
                 nursery.cancel_scope.cancel()
-        except (TransportError, ProtocolError) as exc:
+        except aio.LINK_FAILURES as exc:
             if self.conn.state is State.DONE:
                 # The session is over; the peer may drop the stream without
                 # ceremony (no TLS close_notify).  Nothing was lost.
                 self._control_send.send_nowait(ConnectionClosed())
             elif not self.closed:
                 log.warning("link to %s: %s", self.peer, exc)
-                self.failure = exc
-                self._control_send.send_nowait(LinkFailed(exc))
+                self._fail(exc)
+        except Exception as exc:
+            log.exception("link to %s failed with an internal error", self.peer)
+            self._fail(exc)
         finally:
             self.closed = True
+
+    def _fail(self, exc: Exception) -> None:
+        self.failure = exc
+        self._control_send.send_nowait(LinkFailed(exc))
 
     async def _keepalive(self) -> None:
         interval = self.keepalive / 4
