@@ -53,13 +53,18 @@ def squashing_root(users: Mapping[str, str]) -> dict[str, str]:
     return {"root": SQUASHED, **users}
 
 
-def local_user(uid: int, gid: int) -> RemoteUser:
-    """A local caller (SO_PEERCRED) as an account: its name travels, its ids act here."""
+def local_user(uid: int, gid: int, groups: tuple[int, ...] | None = None) -> RemoteUser:
+    """A local caller (SO_PEERCRED) as an account: its name travels, its own ids act here.
+
+    ``groups`` are the caller's own (SO_PEERGROUPS); None: its account's.
+    """
     try:
         entry = pwd.getpwuid(uid)
     except KeyError:
         raise RefusedError(f"uid {uid} has no user name on this machine", exit_code=126) from None
-    return RemoteUser(entry.pw_name, uid, gid, tuple(os.getgrouplist(entry.pw_name, gid)), entry.pw_dir)
+    if groups is None:
+        groups = tuple(os.getgrouplist(entry.pw_name, gid))
+    return RemoteUser(entry.pw_name, uid, gid, groups, entry.pw_dir)
 
 
 # Raw system calls, not os.setresuid & co: glibc applies those to every

@@ -56,7 +56,9 @@ def test_oversized_frame_is_refused_before_its_payload_arrives() -> None:
 
 def test_fd_descriptions_round_trip() -> None:
     fds = (
-        wire.FdDescription("file", path="/var/lib/libvirt/images/a.img", access="rw", append=False, offset=4096),
+        wire.FdDescription(
+            "file", path="/var/lib/libvirt/images/a.img", access="rw", append=False, offset=4096, dev=2049, ino=77
+        ),
         wire.FdDescription("null", access="w"),
         wire.FdDescription("pipe_r", channel=2),
         wire.FdDescription("pipe_w", channel=4),
@@ -67,15 +69,24 @@ def test_fd_descriptions_round_trip() -> None:
     assert wire.decode_fds(payload) == fds
 
 
+def file_entry(**changes: object) -> dict:
+    """A passed file's description as it travels, with ``changes``; None removes a field."""
+    entry = {"kind": "file", "path": "/a", "access": "r", "append": False, "offset": 0, "dev": 1, "ino": 2}
+    entry.update(changes)
+    return {key: value for key, value in entry.items() if value is not None}
+
+
 @pytest.mark.parametrize(
     "document",
     [
         {"fds": []},
         {"fds": [{"kind": "socket"}]},
-        {"fds": [{"kind": "file", "path": "/a/../etc/shadow", "access": "r", "append": False, "offset": 0}]},
-        {"fds": [{"kind": "file", "path": "relative", "access": "r", "append": False, "offset": 0}]},
-        {"fds": [{"kind": "file", "path": "/a", "access": "x", "append": False, "offset": 0}]},
-        {"fds": [{"kind": "file", "path": "/a", "access": "r", "append": False, "offset": -1}]},
+        {"fds": [file_entry(path="/a/../etc/shadow")]},
+        {"fds": [file_entry(path="relative")]},
+        {"fds": [file_entry(access="x")]},
+        {"fds": [file_entry(offset=-1)]},
+        {"fds": [file_entry(dev=None, ino=None)]},  # a file without its identity
+        {"fds": [file_entry(dev=-1)]},
         {"fds": [{"kind": "pipe_r", "channel": 0}]},
         {"fds": [{"kind": "pipe_r", "channel": 1}]},
         {"fds": [{"kind": "pipe_w", "channel": True}]},
@@ -126,9 +137,36 @@ def test_setup_hands_over_what_came_after_connected() -> None:
     assert client.next_event() == wire.Hello("host")
     server.receive_data(client.send(wire.Hello("dpu")) + client.send(wire.Connect("/run/x.sock")))
     assert server.next_event() == wire.Hello("dpu")
-    assert server.next_event() == wire.Connect("/run/x.sock")
+    assert server.next_event() == wire.Connect("/run/x.sock")  # the user: nobody unless named
     early = encode_frame(wire.T_DATA, 1, b"early")
     client.receive_data(server.send(wire.Connected()) + early[:5])
     assert client.next_event() == wire.Connected()
     assert client.next_event() is None
     assert client.leftover() == early[:5]  # the relay continues from here
+
+
+def test_connect_names_the_callers_user() -> None:
+    client = wire.UdsProxyConnection(client=True)
+    server = wire.UdsProxyConnection(client=False)
+    client.receive_data(server.send(wire.Hello("host")))
+    client.next_event()
+    server.receive_data(client.send(wire.Hello("dpu")) + client.send(wire.Connect("/run/x.sock", user="qemu")))
+    server.next_event()
+    assert server.next_event() == wire.Connect("/run/x.sock", user="qemu")
+
+
+@pytest.mark.parametrize("user", ["", "a/b", "a\0b", "x" * 257])
+def test_bad_user_names_are_refused(user: str) -> None:
+    with pytest.raises(ValueError):
+        wire.Connect("/run/x.sock", user=user)
+
+
+def test_a_connect_without_a_user_is_the_peers_fault() -> None:
+    server = wire.UdsProxyConnection(client=False)
+    server.receive_data(
+        encode_frame(wire.T_HELLO, 0, messages.dump({"node": "dpu", "service": "udsproxy"}))
+        + encode_frame(wire.T_CONNECT, 0, messages.dump({"path": "/run/x.sock", "type": "stream"}))
+    )
+    server.next_event()
+    with pytest.raises(RemoteProtocolError, match="user"):
+        server.next_event()

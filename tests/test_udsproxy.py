@@ -34,8 +34,15 @@ async def pair(tmp_path: Path, nursery: trio.Nursery) -> Path:
     (tmp_path / "other").mkdir()
     (tmp_path / "files").mkdir()
     share = (str(tmp_path / "files"),)
+    # These tests connect as root: the host side maps root to root (its default is nobody).
     host = ProxyConfig(
-        (f"unix://{tmp_path}/peer.sock",), "", (str(tmp_path / "remote"),), str(tmp_path / "b"), "host", share
+        (f"unix://{tmp_path}/peer.sock",),
+        "",
+        (str(tmp_path / "remote"),),
+        str(tmp_path / "b"),
+        "host",
+        share,
+        user_map=("root=root",),
     )
     dpu = ProxyConfig((), f"unix://{tmp_path}/peer.sock", (str(tmp_path),), str(tmp_path / "a"), "dpu", share)
     await nursery.start(serve, host, Transport(TlsConfig.load(tmp_path / "pki" / "host")))
@@ -204,7 +211,12 @@ async def test_restart_of_the_peer_daemon(pair: Path, tmp_path: Path) -> None:
     from offload.net import Transport
 
     second = ProxyConfig(
-        (f"unix://{tmp_path}/peer2.sock",), "", (str(tmp_path / "remote"),), str(tmp_path / "b2"), "host2"
+        (f"unix://{tmp_path}/peer2.sock",),
+        "",
+        (str(tmp_path / "remote"),),
+        str(tmp_path / "b2"),
+        "host2",
+        user_map=("root=root",),
     )
     via = ProxyConfig((), f"unix://{tmp_path}/peer2.sock", (str(tmp_path),), str(tmp_path / "a2"), "dpu2")
     host_tls = Transport(TlsConfig.load(tmp_path / "pki" / "host"))
@@ -493,10 +505,10 @@ async def speak_to_peer_listener(tree: Path, frames: list[bytes]) -> bytes:
 @pytest.mark.parametrize(
     ("payload", "logged"),
     [
-        ({"path": "/tmp/../etc/x.sock", "type": "stream"}, "has a '..' component"),
-        ({"path": "/" + "x" * 300, "type": "stream"}, "does not fit a sockaddr_un"),
-        ({"path": "/tmp/x.sock", "type": "dgram"}, "is not carried"),
-        ({"path": 7, "type": "stream"}, "wrong type"),
+        ({"path": "/tmp/../etc/x.sock", "type": "stream", "user": "root"}, "has a '..' component"),
+        ({"path": "/" + "x" * 300, "type": "stream", "user": "root"}, "does not fit a sockaddr_un"),
+        ({"path": "/tmp/x.sock", "type": "dgram", "user": "root"}, "is not carried"),
+        ({"path": 7, "type": "stream", "user": "root"}, "wrong type"),
     ],
     ids=["dotdot", "too-long", "dgram", "not-a-string"],
 )
@@ -519,7 +531,9 @@ async def test_garbage_on_an_open_connection_ends_only_that_connection(
 ) -> None:
     from offload.protocol import messages
 
-    connect = encode_frame(0x60, 0, messages.dump({"path": str(pair / "remote" / "echo.sock"), "type": "stream"}))
+    connect = encode_frame(
+        0x60, 0, messages.dump({"path": str(pair / "remote" / "echo.sock"), "type": "stream", "user": "root"})
+    )
     with trio.fail_after(20):
         await speak_to_peer_listener(pair, [connect, encode_frame(0x99, 1, b"??")])
         assert "unknown frame type 0x99" in caplog.text
@@ -702,21 +716,32 @@ async def test_fds_passed_by_the_far_program_reach_the_caller(pair: Path, nurser
 
 
 def test_materialize_checks_the_receiving_sides_share(tmp_path: Path) -> None:
+    from offload import users
     from offload.protocol.udsproxy import FdDescription
     from offload.udsproxy.fds import materialize
 
+    root = users.local_user(0, 0, (0,))
     share = tmp_path / "share"
     share.mkdir()
     (tmp_path / "secret").write_text("not shared")
     (share / "ok.txt").write_text("0123456789")
+    (share / "other.txt").write_text("another file")
     (share / "escape").symlink_to(tmp_path)  # a directory link leading out of the share
-    fd, kept = materialize(FdDescription("file", path=str(share / "ok.txt"), offset=3), (str(share),))
+    ok = (share / "ok.txt").stat()
+    fd, kept = materialize(
+        FdDescription("file", path=str(share / "ok.txt"), offset=3, dev=ok.st_dev, ino=ok.st_ino), (str(share),), root
+    )
     assert kept is None and os.read(fd, 3) == b"345"
     os.close(fd)
-    for path, code in ((share / "escape" / "secret", errno.EACCES), (tmp_path / "secret", errno.EACCES)):
+    refused = (
+        share / "escape" / "secret",  # a link out of the share, even for root
+        tmp_path / "secret",  # not under the share
+        share / "other.txt",  # under the share, but not the file the sender had
+    )
+    for path in refused:
         with pytest.raises(OSError) as failure:
-            materialize(FdDescription("file", path=str(path)), (str(share),))
-        assert failure.value.errno == code
+            materialize(FdDescription("file", path=str(path), dev=ok.st_dev, ino=ok.st_ino), (str(share),), root)
+        assert failure.value.errno == errno.EACCES
 
 
 def test_a_chrooted_senders_files_are_named_as_it_sees_them(tmp_path: Path) -> None:

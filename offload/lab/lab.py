@@ -297,6 +297,9 @@ class Lab:
             *(arg for prefix in allowed for arg in ("--allow", prefix)),
             # Files passed by SCM_RIGHTS from these are the same file on both sides.
             *(arg for prefix in (str(self.dir / "shared"), *LIBVIRT_EXPORTS) for arg in ("--share", prefix)),
+            # libvirtd runs as root on the DPU and its sockets on the host are
+            # root's: root acts as root, as a libvirt deployment configures it.
+            *("--user-map", "root=root"),
         )
         self.start_service(f"{side.role}-udsproxy", side, argv)
 

@@ -2,7 +2,8 @@
 
 One authenticated connection carries one proxied UNIX socket connection:
 Hello both ways, then the client (the side where connect() failed) sends
-Connect with the path; the server (where the socket lives) answers
+Connect with the path and the name of the user who called connect() (the
+server maps it and connects as that user); the server (where the socket lives) answers
 Connected, naming an errno on failure; then each side sends Data and one
 Eof (half-close carried as half-close).  Message boundaries of a
 SOCK_SEQPACKET connection survive because each Data frame is one message.
@@ -73,9 +74,13 @@ class Hello:
 class Connect:
     path: str
     type: str = "stream"
+    #: The caller's user name on the client's machine; the server maps it.
+    user: str = "nobody"
 
     def __post_init__(self) -> None:
         check_path(self.path, "socket")
+        if not 0 < len(self.user) <= 256 or "\0" in self.user or "/" in self.user:
+            raise ValueError(f"user name {self.user[:64]!r}")
         if len(self.path.encode()) > 107:
             raise ValueError(f"socket path of {len(self.path.encode())} bytes does not fit a sockaddr_un")
         if self.type not in SOCKET_TYPES:
@@ -108,7 +113,9 @@ class Closed:
 class FdDescription:
     """One passed fd as it crosses the link.
 
-    ``file``: re-opened by path over there (same access, O_APPEND, offset);
+    ``file``: re-opened by path over there (same access, O_APPEND, offset),
+    and delivered only if it is the file the sender had: ``dev`` and ``ino``
+    are its st_dev and st_ino as the sender sees them;
     ``null``: /dev/null there; ``pipe_r``: the receiver gets the read end of
     a new pipe that ``channel`` fills; ``pipe_w``: the receiver gets the
     write end of a new pipe whose bytes go back on ``channel``.
@@ -120,6 +127,8 @@ class FdDescription:
     append: bool = False
     offset: int = 0
     channel: int = 0
+    dev: int = 0
+    ino: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in FD_KINDS:
@@ -130,6 +139,8 @@ class FdDescription:
             check_path(self.path, "passed file")
             if not 0 <= self.offset < 1 << 63:
                 raise ValueError(f"offset {self.offset} out of range")
+            if not (0 <= self.dev < 1 << 64 and 0 <= self.ino < 1 << 64):
+                raise ValueError(f"file identity {self.dev}:{self.ino} out of range")
         # 0: a pipe end the sender has not numbered a channel for yet.
         if self.kind.startswith("pipe") and not (self.channel == 0 or DATA_CHANNEL < self.channel < MAX_CHANNEL):
             raise ValueError(f"pipe channel {self.channel} out of range")
@@ -142,6 +153,8 @@ class FdDescription:
                 "access": self.access,
                 "append": self.append,
                 "offset": self.offset,
+                "dev": self.dev,
+                "ino": self.ino,
             }
         if self.kind == "null":
             return {"kind": "null", "access": self.access}
@@ -173,6 +186,8 @@ def decode_fds(payload: bytes | memoryview) -> tuple[FdDescription, ...]:
                     access=messages.field(entry, "access", str, "fds"),
                     append=messages.field(entry, "append", bool, "fds"),
                     offset=messages.field(entry, "offset", int, "fds"),
+                    dev=messages.field(entry, "dev", int, "fds"),
+                    ino=messages.field(entry, "ino", int, "fds"),
                 )
             elif kind == "null":
                 fd = FdDescription("null", access=messages.field(entry, "access", str, "fds"))
@@ -283,7 +298,9 @@ class UdsProxyConnection:
         if isinstance(event, Connect):
             self._expect(self.client and self.state is State.IDLE, event, LocalProtocolError)
             self.state = State.CONNECTING
-            return encode_frame(T_CONNECT, 0, messages.dump({"path": event.path, "type": event.type}))
+            return encode_frame(
+                T_CONNECT, 0, messages.dump({"path": event.path, "type": event.type, "user": event.user})
+            )
         if isinstance(event, Connected):
             self._expect(not self.client and self.state is State.CONNECTING, event, LocalProtocolError)
             self.state = State.DONE if event.error else State.OPEN
@@ -349,6 +366,7 @@ class UdsProxyConnection:
                 event: Event = Connect(
                     messages.field(document, "path", str, "connect"),
                     messages.field(document, "type", str, "connect"),
+                    messages.field(document, "user", str, "connect"),
                 )
             except ValueError as exc:
                 raise RemoteProtocolError(f"connect: {exc}") from None

@@ -8,6 +8,15 @@ to the peer.  Towards the peer it is the acting side for requests that
 come from there.  Both sides enforce their own ``--allow`` prefixes; one
 authenticated connection per proxied connection, so a slow reader only
 ever slows its own connection (TCP flow control).
+
+Nothing is done as root for anyone.  The Connect request names the user
+who called connect() (SO_PEERCRED on the shim's socket); the acting side
+maps that name to a local account (``--user-map``, as rexec does; root is
+squashed to nobody unless the map names root) and connects as that
+account (`offload.users.run_as`), to the socket file resolved beneath the
+prefix that allows it (`offload.udsproxy.prefixes`).  Files passed over
+the connection are re-opened as that account too; on the side that
+called, as the calling program's own user.
 """
 
 from __future__ import annotations
@@ -19,19 +28,21 @@ import logging
 import math
 import os
 import socket
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
-from offload import aio
+from offload import aio, users
 from offload import log as log_module
-from offload.errors import ProtocolError, TransportError, UnsupportedFdError
+from offload.errors import ConfigError, ProtocolError, RefusedError, TransportError, UnsupportedFdError
 from offload.net import Address, TlsStream, Transport, listen_unix, listener_address, parse_address, remote_name
 from offload.protocol import udsproxy as wire
 from offload.rexecd.policy import is_shared
 from offload.udsproxy import fds as fd_policy
+from offload.udsproxy.prefixes import open_beneath
 from offload.udsproxy.relay import (
     CONTROL_SPACE,
     LOCAL_BUFFER,
@@ -50,6 +61,11 @@ CONNECT_TIMEOUT = 5.0
 #: The biggest shim request: one sendmsg's bytes with fds (the shim sends at most this much at once).
 MAX_SHIM_REQUEST = wire.MAX_DATA
 _TYPES: dict[int, str] = {socket.SOCK_STREAM: "stream", socket.SOCK_SEQPACKET: "seqpacket"}
+#: SO_PEERGROUPS (Linux 4.13): the peer's supplementary groups as they were at connect().
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+#: Python's getsockopt takes at most 1024 bytes: 256 groups.  A caller in
+#: more groups (ERANGE) acts with its account's groups instead.
+_GROUPS_SPACE = 1024
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,17 @@ class ProxyConfig:
     node: str = ""
     #: Where regular files passed with SCM_RIGHTS are the same files on both machines.
     share: tuple[str, ...] = ()
+    #: CALLER=LOCAL: the peer's user CALLER acts as LOCAL here (root acts as nobody unless mapped).
+    user_map: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for item in self.user_map:
+            if item.count("=") != 1 or not all(item.split("=")):
+                raise ConfigError(f"user map {item!r} is not CALLER=LOCAL")
+
+    @property
+    def users(self) -> dict[str, str]:
+        return users.squashing_root(dict(item.split("=", 1) for item in self.user_map))
 
     @property
     def shim_socket(self) -> str:
@@ -69,6 +96,17 @@ class ProxyConfig:
     @property
     def node_name(self) -> str:
         return self.node or os.uname().nodename
+
+
+def shim_caller(sock: trio.socket.SocketType) -> tuple[users.RemoteUser, str]:
+    """The program that asked the shim: its account (SO_PEERCRED, SO_PEERGROUPS) and its root directory."""
+    groups: tuple[int, ...] | None = None
+    with socket.socket(fileno=os.dup(sock.fileno())) as plain:
+        pid, uid, gid = struct.unpack("3i", plain.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        with contextlib.suppress(OSError):
+            raw = plain.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, _GROUPS_SPACE)
+            groups = struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) - len(raw) % 4])
+    return users.local_user(uid, gid, groups), fd_policy.root_of(pid) if pid > 0 else "/"
 
 
 def errno_name(number: int) -> str:
@@ -205,14 +243,19 @@ class Daemon:
             log.warning("bad connect request from the shim: %s", exc)
             await sock.send(wire.shim_reply(wire.SHIM_CONNECTED, errno_module.EINVAL))
             return
-        error, peer = await self._open(path, kind)
+        try:
+            # Whom the far side acts for; fds passed back are re-opened here as this user.
+            caller, root = shim_caller(sock)
+        except RefusedError as exc:
+            log.warning("refused %r: %s", path, exc)
+            await sock.send(wire.shim_reply(wire.SHIM_CONNECTED, errno_module.EACCES))
+            return
+        error, peer = await self._open(path, kind, caller.name)
         reply = wire.shim_reply(wire.SHIM_CONNECTED, error)
         if peer is None:
             await sock.send(reply)
             return
         link, cipher, leftover = peer.detach()
-        with socket.socket(fileno=os.dup(sock.fileno())) as plain:
-            root = fd_policy.peer_root(plain)  # of the program that connected
         ours, theirs = socket.socketpair(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
         try:
             # The program's end too: its writes reach the relay in bigger steps.
@@ -232,6 +275,7 @@ class Daemon:
             seqpacket=kind == socket.SOCK_SEQPACKET,
             client=True,
             shared=self.config.share,
+            user=caller,
             root=root,
             leftover=leftover,
             name=path,
@@ -287,13 +331,13 @@ class Daemon:
         if not relay.submit(submission):
             submission.fail(errno_module.EPIPE)
 
-    async def _open(self, path: str, kind: int) -> tuple[int, PeerStream | None]:
-        """Ask the peer to connect to ``path``: (0, stream) or (errno, None)."""
+    async def _open(self, path: str, kind: int, user: str) -> tuple[int, PeerStream | None]:
+        """Ask the peer to connect to ``path`` for ``user``: (0, stream) or (errno, None)."""
         if kind not in _TYPES:
             log.warning("refused %r: socket type %d is not carried", path, kind)
             return errno_module.EPROTOTYPE, None
         try:
-            request = wire.Connect(path, _TYPES[kind])
+            request = wire.Connect(path, _TYPES[kind], user)
         except ValueError as exc:
             log.warning("refused %r: %s", path, exc)
             return errno_module.EINVAL, None
@@ -337,7 +381,13 @@ class Daemon:
                     log.warning("%s sent %s instead of a connect request", connected.peer, type(request).__name__)
                     return
                 try:
-                    local = await self._connect_here(request)
+                    user = users.map_user(request.user, self.config.users, self.config.node_name)
+                except RefusedError as exc:
+                    log.warning("%s asked for %s for user %s: %s", connected.peer, request.path, request.user, exc)
+                    await peer.send(wire.Connected("EACCES"))
+                    return
+                try:
+                    local = await self._connect_here(request, user)
                 except OSError as exc:
                     await peer.send(wire.Connected(errno_name(exc.errno or errno_module.EIO)))
                     return
@@ -350,33 +400,52 @@ class Daemon:
             except (TransportError, ProtocolError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
                 log.warning("connection from %s ended: %s", connected.peer, exc or type(exc).__name__)
                 return
-        accepted = socket.socket(fileno=local.detach())
         relay = Relay(
             link,
             cipher,
-            accepted,
+            local,
             seqpacket=request.type == "seqpacket",
             client=False,
             shared=self.config.share,
-            root=fd_policy.peer_root(accepted),
+            user=user,
+            root=fd_policy.peer_root(local),
             leftover=leftover,
             name=request.path,
         )
         await self.run_relay(relay)
 
-    async def _connect_here(self, request: wire.Connect) -> trio.socket.SocketType:
-        """Connect to the requested socket on this machine; OSError carries the errno to answer."""
+    async def _connect_here(self, request: wire.Connect, user: users.RemoteUser) -> socket.socket:
+        """Connect to the requested socket on this machine as ``user``; OSError carries the errno to answer."""
         if not is_shared(request.path, self.config.allow):
             log.warning("peer asked for %s, which is not under an --allow prefix here", request.path)
             raise PermissionError(errno_module.EACCES, "not allowed")
         kind = socket.SOCK_SEQPACKET if request.type == "seqpacket" else socket.SOCK_STREAM
-        sock = trio.socket.socket(socket.AF_UNIX, kind)
+        allow = self.config.allow
+
+        def connect() -> socket.socket:
+            # The socket file is resolved beneath its prefix, then connected
+            # to through its O_PATH fd (Linux follows /proc/self/fd/N to the
+            # very inode): what was checked is what gets connected to.
+            target = open_beneath(request.path, allow, os.O_PATH)
+            try:
+                if not stat.S_ISSOCK(os.fstat(target).st_mode):
+                    raise ConnectionRefusedError(errno_module.ECONNREFUSED, "not a socket", request.path)
+                sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+                try:
+                    # Non-blocking: a full backlog answers EAGAIN rather than holding the thread.
+                    sock.connect(f"/proc/self/fd/{target}")
+                except BaseException:
+                    sock.close()
+                    raise
+                return sock
+            finally:
+                os.close(target)
+
         try:
-            await sock.connect(request.path)
-        except BaseException:
-            sock.close()
+            return await trio.to_thread.run_sync(users.run_as, user, connect, limiter=self.threads)
+        except PermissionError as exc:
+            log.warning("peer asked for %s as %s: refused here: %s", request.path, user.name, exc.strerror)
             raise
-        return sock
 
 
 async def serve(
@@ -430,6 +499,13 @@ def main(argv: list[str] | None = None) -> None:
         metavar="PREFIX",
         help="path prefix of files that are the same on both machines: passed fds of such files are re-opened there",
     )
+    parser.add_argument(
+        "--user-map",
+        action="append",
+        default=[],
+        metavar="CALLER=LOCAL",
+        help="the peer's user CALLER acts as LOCAL here (repeatable); root acts as nobody unless mapped, e.g. root=root",
+    )
     parser.add_argument("--pki", metavar="DIR", help="TLS credentials (default /etc/offload/pki)")
     parser.add_argument("--insecure", action="store_true", help="plaintext, unauthenticated (tests only)")
     parser.add_argument("--run-dir", default="/var/run/udsproxy", metavar="DIR")
@@ -449,7 +525,13 @@ def main(argv: list[str] | None = None) -> None:
 
     def build() -> tuple[ProxyConfig, Transport]:
         config = ProxyConfig(
-            tuple(args.listen), args.peer, tuple(args.allow), args.run_dir, args.node, tuple(args.share)
+            tuple(args.listen),
+            args.peer,
+            tuple(args.allow),
+            args.run_dir,
+            args.node,
+            tuple(args.share),
+            tuple(args.user_map),
         )
         return config, Transport.from_options(args.pki, args.insecure)
 

@@ -9,8 +9,14 @@ deleted files, files outside the shared prefixes) is refused, and the
 caller decides what refusing means (the shim's sendmsg fails, or the
 connection ends), so no fd is ever dropped quietly.
 
-The receiver's side makes the fd its program gets from a description,
-checking its own ``--share`` prefixes first: the side that acts decides.
+The receiver's side makes the fd its program gets from a description: a
+file is re-opened with the credentials of the user the connection acts
+for (`offload.users.run_as`), resolved beneath its own ``--share`` prefix
+(`offload.udsproxy.prefixes`), and delivered only if it is the very file
+the sender had (st_dev and st_ino).  A path string names nothing for sure:
+a sender in a mount namespace of its own can put any file of its own at
+a shared path, and re-opening that path as root would hand over whatever
+root-only file lies there on this side.  The side that acts decides.
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ import socket
 import stat
 import struct
 
-from offload import fdinfo
+from offload import fdinfo, users
 from offload.errors import UnsupportedFdError
 from offload.protocol.udsproxy import FdDescription
 from offload.rexecd.policy import is_shared
+from offload.udsproxy.prefixes import open_beneath
 
 _ACCESS_FLAGS = {"r": os.O_RDONLY, "w": os.O_WRONLY, "rw": os.O_RDWR}
 
@@ -55,10 +62,17 @@ def prepare(fd: int, shared: tuple[str, ...], root: str = "/") -> tuple[FdDescri
             raise UnsupportedFdError(fd, f"a deleted or unnamed file ({path})")
         if not is_shared(path, shared):
             raise UnsupportedFdError(fd, f"the file {path}, which is not under a --share prefix")
-        return (
-            FdDescription("file", path=path, access=entry["access"], append=entry["append"], offset=entry["offset"]),
-            None,
+        st = os.fstat(fd)
+        description = FdDescription(
+            "file",
+            path=path,
+            access=entry["access"],
+            append=entry["append"],
+            offset=entry["offset"],
+            dev=st.st_dev,
+            ino=st.st_ino,
         )
+        return description, None
     if kind in (fdinfo.PIPE_READ, fdinfo.PIPE_WRITE):
         reading = kind == fdinfo.PIPE_READ
         # Opening the pipe again through /proc gives this side its own open
@@ -89,27 +103,33 @@ def peer_root(sock: socket.socket) -> str:
     return root_of(pid) if pid > 0 else "/"
 
 
-def materialize(description: FdDescription, shared: tuple[str, ...]) -> tuple[int, int | None]:
-    """The fd for this side's program and the fd this side keeps (pipes); OSError says why not."""
+def materialize(description: FdDescription, shared: tuple[str, ...], user: users.RemoteUser) -> tuple[int, int | None]:
+    """The fd for this side's program and the fd this side keeps (pipes); OSError says why not.
+
+    ``user`` is whom the connection acts for on this side: a file is
+    re-opened with that user's credentials, never the daemon's.
+    """
     access = _ACCESS_FLAGS[description.access]
     if description.kind == "null":
         return os.open("/dev/null", access | os.O_CLOEXEC), None
     if description.kind == "file":
-        if not is_shared(description.path, shared):
-            raise PermissionError(errno.EACCES, "not under a --share prefix here", description.path)
-        flags = access | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW | os.O_NONBLOCK
+        flags = access | os.O_NOCTTY | os.O_NONBLOCK
         if description.append:
             flags |= os.O_APPEND
         # O_NONBLOCK so that a FIFO or device at that path cannot block us;
         # only a regular file is what the sender had.
-        fd = os.open(description.path, flags)
+        fd = users.run_as(user, lambda: open_beneath(description.path, shared, flags))
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EOPNOTSUPP, "not a regular file here", description.path)
-            # A symlinked directory on the way could lead out of the shared
-            # tree: what was opened must lie in it too.
-            if not is_shared(os.readlink(f"/proc/self/fd/{fd}"), shared):
-                raise PermissionError(errno.EACCES, "leads out of the --share prefixes here", description.path)
+            if (st.st_dev, st.st_ino) != (description.dev, description.ino):
+                raise PermissionError(
+                    errno.EACCES,
+                    f"not the file the sender passed (it had {description.dev}:{description.ino},"
+                    f" {st.st_dev}:{st.st_ino} is here)",
+                    description.path,
+                )
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
             if not description.append:
                 os.lseek(fd, description.offset, os.SEEK_SET)

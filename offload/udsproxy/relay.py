@@ -14,6 +14,10 @@ reads are decrypted straight into a frame buffer whose payloads are sent
 to the local socket as views.  Flow control: a side stops reading from
 where data comes while more than HIGH_WATER bytes wait to go out; pipe
 channels additionally use credit windows (see offload.protocol.udsproxy).
+A peer is never trusted to keep to either: a pipe channel's bytes beyond
+the window it was granted, or a peer that leaves more than LINK_OUT_LIMIT
+of our frames unread, end that connection, so a bad peer cannot grow the
+daemon's memory.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import threading
 from collections.abc import Callable
 from typing import Protocol, cast
 
+from offload import users
 from offload.errors import ProtocolError, RemoteProtocolError, UnsupportedFdError
 from offload.protocol import udsproxy as wire
 from offload.protocol.framing import HEADER, HEADER_SIZE, MAGIC, VERSION
@@ -49,6 +54,10 @@ IDLE_MS = 1000
 LINGER_MS = 2000
 #: Bytes a pipe channel's reader may send before the writer returns credit.
 WINDOW = 1 << 20
+#: Frames waiting for the peer to read them: local reads stop at HIGH_WATER,
+#: so only answers (credits, fd results) to a peer that keeps sending but
+#: never reads can pile up beyond a frame or two past it.
+LINK_OUT_LIMIT = 8 * HIGH_WATER
 CONTROL_SPACE = socket.CMSG_SPACE(wire.MAX_FDS * 4)
 _IN = select.POLLIN
 _OUT = select.POLLOUT
@@ -186,15 +195,17 @@ class Submission:
 class _Pipe:
     """One pipe channel: this side reads ``fd`` and sends, or receives and writes into it."""
 
-    __slots__ = ("credit", "ending", "fd", "pending", "reading", "unacknowledged")
+    __slots__ = ("credit", "ending", "fd", "pending", "queued", "reading")
 
     def __init__(self, fd: int, reading: bool) -> None:
         self.fd = fd
         self.reading = reading
         self.credit = WINDOW  # reader: bytes it may still send
         self.pending: collections.deque[bytes] = collections.deque()  # writer: not yet written
+        # writer: bytes in pending.  Credit goes back as soon as bytes are
+        # written, so a peer keeping to its window never makes this exceed WINDOW.
+        self.queued = 0
         self.ending = False  # writer: close once pending is written
-        self.unacknowledged = 0  # writer: written bytes not yet returned as credit
 
 
 class Relay:
@@ -207,6 +218,7 @@ class Relay:
         seqpacket: bool,
         client: bool,
         shared: tuple[str, ...],
+        user: users.RemoteUser,
         root: str = "/",
         leftover: bytes = b"",
         name: str = "",
@@ -216,6 +228,7 @@ class Relay:
         self.local = local
         self.seqpacket = seqpacket
         self.shared = shared
+        self.user = user  # whose credentials re-open the files the peer passes
         self.root = root  # of the program on the local socket: its files' paths are relative to it
         self.name = name
         link.setblocking(False)
@@ -484,6 +497,8 @@ class Relay:
         rest = memoryview(sealed)[sent:] if isinstance(sealed, bytes) else bytes(sealed[sent:])
         self._link_out.append(rest)
         self._link_out_bytes += len(rest)
+        if self._link_out_bytes > LINK_OUT_LIMIT:
+            raise RemoteProtocolError(f"the peer left {self._link_out_bytes} bytes unread; it does not read its link")
 
     def _flush_link(self) -> None:
         while self._link_out:
@@ -597,6 +612,11 @@ class Relay:
                 pipe.credit += wire.decode_window(payload)
         elif kind == wire.T_DATA:
             if pipe is not None and not pipe.reading and not pipe.ending:
+                pipe.queued += len(payload)
+                if pipe.queued > WINDOW:
+                    raise RemoteProtocolError(
+                        f"pipe channel {channel}: {pipe.queued} bytes are more than the window of {WINDOW}"
+                    )
                 pipe.pending.append(bytes(payload))
                 self._write_pipe(channel, pipe)
             # else: a channel this side already ended; its bytes have nowhere to go
@@ -621,7 +641,7 @@ class Relay:
                     description.channel % 2 == self._next_channel % 2 or description.channel in self._pipes
                 ):
                     raise RemoteProtocolError(f"pipe channel {description.channel} is not the peer's to open")
-                made.append(fd_policy.materialize(description, self.shared))
+                made.append(fd_policy.materialize(description, self.shared, self.user))
         except OSError as exc:
             for app_fd, kept in made:
                 os.close(app_fd)
@@ -738,6 +758,7 @@ class Relay:
                 self._end_pipe(channel, tell=True)
                 return
             written += count
+            pipe.queued -= count
             if count < len(head):
                 pipe.pending[0] = head[count:]
                 break

@@ -1,0 +1,53 @@
+"""Opening a peer's path beneath the prefix that allows it, never through a link out of it.
+
+A path from the peer (a socket to connect to, a passed file to re-open)
+is allowed by a prefix (``--allow``, ``--share``), but a string match
+proves nothing about what the kernel reaches: a symlink inside the prefix
+(which the DPU may plant through a shared qtfs tree) can point anywhere.
+So the prefix directory is opened first and the rest is resolved beneath
+it with openat2 RESOLVE_BENEATH (`offload.qtfs.resolve`, the same
+resolver qtfs serves its exports with): a link leading out is refused by
+the kernel, race-free, and the caller acts on the object it got.
+The prefix itself is the operator's configuration and is followed as
+written (``/var/run`` is often a link to ``/run``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+
+from offload.qtfs.resolve import openat2
+from offload.rexecd.policy import is_shared
+
+
+def split(path: str, prefixes: tuple[str, ...]) -> tuple[str, str] | None:
+    """(the directory to start from, the rest below it) for the longest prefix covering ``path``."""
+    covering = [p.rstrip("/") or "/" for p in prefixes if is_shared(path, (p,))]
+    if not covering:
+        return None
+    prefix = max(covering, key=len)
+    if path == prefix:  # the prefix names the object itself: start from its directory
+        return posixpath.dirname(prefix), posixpath.basename(prefix)
+    return prefix, path[len(prefix) :].lstrip("/")
+
+
+def open_beneath(path: str, prefixes: tuple[str, ...], flags: int) -> int:
+    """open ``path`` with ``flags`` (plus O_NOFOLLOW and O_CLOEXEC), resolved beneath its prefix.
+
+    PermissionError (EACCES) when no prefix covers it or a link on the way
+    leads out; the last component is never followed, so a link there is
+    refused by the caller's type check (or ELOOP).  Called with the
+    requester's credentials (`offload.users.run_as`), so each directory on
+    the way is searched as that user.
+    """
+    where = split(path, prefixes)
+    if where is None:
+        raise PermissionError(errno.EACCES, "not under an allowed prefix here", path)
+    start, rest = where
+    directory = os.open(start, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return openat2(directory, os.fsencode(rest), flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+    finally:
+        os.close(directory)
