@@ -184,7 +184,12 @@ def program(name: str) -> list[str]:
     working directory stays out of ``sys.path``, so a directory named
     ``offload`` there cannot stand in for the package.
     """
-    return [sys.executable, "-P", "-m", PROGRAMS[name]]
+    return run_module(PROGRAMS[name])
+
+
+def run_module(module: str) -> list[str]:
+    """The command line that runs the package's ``module`` with the running interpreter (see `program`)."""
+    return [sys.executable, "-P", "-m", module]
 
 
 def describe(argv: Sequence[str]) -> str:

@@ -103,9 +103,11 @@ def test_dry_run_with_a_host_prints_the_qtfs_commands(target: str, tmp_path: Pat
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert f"qtfs mount --pki /run/pki 169.254.77.1:7003:/var/lib/libvirt {target}/var/lib/libvirt" in lines
+    # This installation's qtfs, run by its interpreter: the dry run shows what prepare runs, PATH or not.
+    qtfs = f"{sys.executable} -P -m offload.qtfs.cli"
+    assert f"{qtfs} mount --pki /run/pki 169.254.77.1:7003:/var/lib/libvirt {target}/var/lib/libvirt" in lines
     proc_staging = f"{target}/run/offload/qtfs-proc"
-    assert f"qtfs mount --proc --pki /run/pki 169.254.77.1:7003:/proc {proc_staging}" in lines
+    assert f"{qtfs} mount --proc --pki /run/pki 169.254.77.1:7003:/proc {proc_staging}" in lines
     meminfo = f"{proc_staging}/meminfo {target}/proc/meminfo"
     expected = f"if [ -e {proc_staging}/meminfo ] && [ -e {target}/proc/meminfo ]; then mount --bind {meminfo}; fi"
     assert expected in lines

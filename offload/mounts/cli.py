@@ -61,10 +61,15 @@ def _teardown(args: argparse.Namespace) -> int:
         for line in orchestrator.teardown_commands(target):
             print(line)
         return 0
-    summary = orchestrator.teardown(target, force=args.force, report=_print, qtfs_command=config.qtfs_command)
+    summary = orchestrator.teardown(target, force=args.force, report=_print)
     lazily = f", {summary.lazily} detached lazily" if summary.lazily else ""
+    clients = (
+        f", {len(summary.clients)} qtfs client{'s' if len(summary.clients) != 1 else ''} ended"
+        if summary.clients
+        else ""
+    )
     print(
-        f"tore down {target}: {summary.unmounted} unmounted{lazily}, in {summary.seconds * 1000:.0f} ms; "
+        f"tore down {target}: {summary.unmounted} unmounted{lazily}{clients}, in {summary.seconds * 1000:.0f} ms; "
         "nothing is mounted below it"
     )
     return 0

@@ -141,7 +141,7 @@ class PrepareConfig:
     proc_facts: bool = True  # the host's /proc facts (meminfo, cpuinfo, ...) over the target's /proc files
     sys_facts: bool = True  # the host's /sys directories over the target's /sys
     qtfs_staging: str = "/run/offload"  # inside the target: where the host's /proc and /sys are mounted whole
-    qtfs_command: str = "qtfs"  # the userspace qtfs program
+    qtfs_command: str = ""  # the userspace qtfs program; "": this installation's (never looked up through PATH)
     qtfs_kernel: str = "auto"  # the qtfs kernel module: "auto" (when /proc/filesystems lists it), "yes", "no"
     # Local mounts.
     devices: tuple[str, ...] = DEFAULT_DEVICES

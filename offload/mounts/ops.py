@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from offload import proc
 from offload.errors import MountConflict, MountError
 from offload.mounts import mountinfo, syscalls
 from offload.mounts.mountinfo import MountEntry
@@ -300,7 +301,7 @@ class QtfsMount(_MountStep):
     mode: str = ""  # "", "proc" or "sys"
     pki: str = "/etc/offload/pki"
     insecure: bool = False
-    command: str = "qtfs"
+    command: str = ""  # "": this installation's qtfs (never looked up through PATH)
 
     @property
     def what(self) -> str:
@@ -309,7 +310,8 @@ class QtfsMount(_MountStep):
     def argv(self) -> list[str]:
         security = ["--insecure"] if self.insecure else ["--pki", self.pki]
         mode = [f"--{self.mode}"] if self.mode else []
-        return [self.command, "mount", *mode, *security, f"{self.address}:{self.remote}", self.path]
+        program = [self.command] if self.command else proc.program("qtfs")
+        return [*program, "mount", *mode, *security, f"{self.address}:{self.remote}", self.path]
 
     def describe(self) -> list[str]:
         return [f"mkdir -p {_q(self.path)}", shlex.join(self.argv())]
@@ -329,18 +331,17 @@ class QtfsMount(_MountStep):
                 f"{shlex.join(self.argv())} failed with status {status}" + (f": {output.strip()}" if output else ""),
                 path=self.path,
             )
-        ctx.on_undo(f"qtfs umount {self.path}", lambda: _qtfs_umount(ctx, self.command, self.path))
+        ctx.on_undo(f"qtfs umount {self.path}", lambda: _qtfs_umount(self.path))
         if self.check(ctx.entries()).state != MOUNTED:
             raise MountError(f"qtfs returned but nothing is mounted at {self.path}", path=self.path)
         return Result(DONE)
 
 
-def _qtfs_umount(ctx: Context, command: str, path: str) -> None:
-    # `qtfs umount` also ends the background client; a plain umount2 is the
-    # fallback (the FUSE client then ends on its own).
-    status, _ = ctx.run([command, "umount", path])
-    if status != 0 and mountinfo.stack_at(mountinfo.read(), path):
-        syscalls.umount(path)
+def _qtfs_umount(path: str) -> None:
+    # Unmounts and waits until the background client has ended.
+    from offload.qtfs import unmount  # its fusectl helpers: only qtfs steps load them
+
+    unmount.umount(path)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -6,7 +6,8 @@ exactly those, newest first, before the error goes up (naming the step and
 the kernel's errno).  `teardown` does not trust any plan: it unmounts
 whatever /proc/self/mountinfo shows below the target, newest mount first
 (so children before parents, and a covering mount before what it covers),
-and checks that nothing is left.
+and checks that nothing is left.  A userspace qtfs mount is taken down
+with its client: teardown returns once the clients have ended.
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ class TeardownSummary:
     unmounted: int = 0
     lazily: int = 0
     holders: list[str] = field(default_factory=list)
+    clients: list[int] = field(default_factory=list)  # the qtfs clients that ended with their mounts
     seconds: float = 0.0
 
 
@@ -186,22 +188,22 @@ def teardown(
     *,
     force: bool = False,
     report: Report = _quiet,
-    qtfs_command: str = "qtfs",
 ) -> TeardownSummary:
     """Unmount everything below ``target`` and check that nothing is left.
 
     A busy mount is an error naming the processes that hold it, unless
     ``force``: then it is detached lazily (it disappears from the tree now
-    and is freed when the last user lets go) and the holders are reported.
+    and is freed when the last user lets go) and the holders are reported;
+    a busy qtfs mount's client is ended all the same (their files there fail).
     """
     target = os.path.realpath(target)
     if not os.path.isdir(target):
         return TeardownSummary()
     with locked(target, report):
-        return _teardown(target, force, report, qtfs_command)
+        return _teardown(target, force, report)
 
 
-def _teardown(target: str, force: bool, report: Report, qtfs_command: str) -> TeardownSummary:
+def _teardown(target: str, force: bool, report: Report) -> TeardownSummary:
     summary = TeardownSummary()
     started = time.monotonic()
     busy: list[MountBusy] = []
@@ -215,15 +217,20 @@ def _teardown(target: str, force: bool, report: Report, qtfs_command: str) -> Te
             if any(mountinfo.is_under(b, point, strict=False) for b in blocked):
                 continue  # a busy mount below it is still there
             try:
-                _unmount_one(entry, qtfs_command)
+                ended = _unmount_one(entry, summary)
             except MountError as exc:
                 if exc.errno == errno_module.EBUSY:
                     holders = holders_of(point)
                     if force:
-                        syscalls.umount(point, syscalls.MNT_DETACH)
+                        ended = _unmount_one(entry, summary, lazy=True)
                         summary.lazily += 1
                         summary.holders += holders
-                        report(f"detached {point} (busy, freed when released by: {', '.join(holders) or 'unknown'})")
+                        held = ", ".join(holders) or "unknown"
+                        if ended:
+                            # The connection was aborted: nothing serves these files any more.
+                            report(f"detached {point} (busy, held by: {held}){ended}; their files there now fail")
+                        else:
+                            report(f"detached {point} (busy, freed when released by: {held})")
                         progress = True
                         continue
                     blocked.add(point)
@@ -233,7 +240,7 @@ def _teardown(target: str, force: bool, report: Report, qtfs_command: str) -> Te
                     continue  # not reachable now; the next pass may get it
                 raise
             summary.unmounted += 1
-            report(f"unmounted {point} ({entry.fstype})")
+            report(f"unmounted {point} ({entry.fstype}){ended}")
             progress = True
         if busy or not progress:
             break
@@ -256,18 +263,17 @@ def _teardown(target: str, force: bool, report: Report, qtfs_command: str) -> Te
     return summary
 
 
-def _unmount_one(entry: MountEntry, qtfs_command: str) -> None:
+def _unmount_one(entry: MountEntry, summary: TeardownSummary, *, lazy: bool = False) -> str:
+    """Unmount ``entry`` (``lazy``: detach it); what else ended with it, for the report."""
     if ops.is_userspace_qtfs(entry):
-        # The userspace client unmounts and then ends itself.
-        from offload import proc
+        from offload.qtfs import unmount  # its fusectl helpers: only qtfs mounts load them
 
-        try:
-            result = proc.run([qtfs_command, "umount", entry.mount_point], check=False)
-        except OffloadError:
-            result = None
-        if result is not None and result.returncode == 0:
-            return
-    syscalls.umount(entry.mount_point)
+        ended = unmount.umount(entry.mount_point, lazy=lazy)
+        if ended.pid is not None:
+            summary.clients.append(ended.pid)
+        return f"; {ended}"
+    syscalls.umount(entry.mount_point, syscalls.MNT_DETACH if lazy else 0)
+    return ""
 
 
 def _busy_error(point: str, holders: list[str]) -> MountBusy:

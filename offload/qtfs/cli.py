@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "mount":
         sys.exit(_mount(args))
     else:
-        from offload.qtfs.mount import umount
+        from offload.qtfs.unmount import umount
 
         try:
             umount(os.path.abspath(args.mountpoint))

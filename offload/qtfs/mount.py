@@ -10,10 +10,14 @@ non-zero with the reason; the child detaches (new session, stdio to
 /dev/null or --log-file) and serves until unmounted.
 
 A pid file, ``/run/qtfs/<st_dev of the mount>.pid``, lets `qtfs umount`
-wait until the background process has ended.  SIGTERM, SIGINT and SIGHUP
-unmount and end the process; a mount left dead by a killed client
-("Transport endpoint is not connected") is detached by the next mount on
-the same directory.
+wait until the background process has ended (offload.qtfs.unmount).
+SIGTERM, SIGINT and SIGHUP unmount and end the process.  However the
+process ends, it aborts its FUSE connection on the way out, and a guard
+process (offload.qtfs.guard) does it when the process is killed: a thread
+stuck in a kernel call on the connection would otherwise keep it open,
+the process a zombie and every caller waiting on the mount in D state.
+A mount left dead some other way ("Transport endpoint is not connected")
+is detached by the next mount on the same directory.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,14 +38,13 @@ import trio
 from offload import aio, proc, sd
 from offload.errors import OffloadError
 from offload.net import Address, Transport
+from offload.qtfs import fusectl, guard, unmount
 from offload.qtfs.client import Link, Mounted
 from offload.qtfs.fuse import KERNEL_LISTINGS, Filesystem
 
 log = logging.getLogger("qtfs")
 
-PID_DIR = Path("/run/qtfs")
 READY_TIMEOUT = 15.0
-UMOUNT_WAIT = 10.0
 #: pyfuse3 starts a task per concurrent kernel request, up to this many.
 MAX_TASKS = 64
 #: Readahead of a cached mount, as large as one read request may be (the kernel's default is 128 KiB).
@@ -86,10 +88,6 @@ def fuse_options(options: MountOptions, mounted: Mounted) -> set[str]:
     if mounted.readonly:
         result.add("ro")
     return result
-
-
-def _pidfile(dev: int) -> Path:
-    return PID_DIR / f"{dev}.pid"
 
 
 def _clear_dead_mount(path: str) -> None:
@@ -137,7 +135,9 @@ async def run_mount(options: MountOptions, transport: Transport, ready: Callable
             log.info("this pyfuse3 cannot let the kernel cache listings (scripts/build-pyfuse3 adds it)")
         nursery.start_soon(filesystem.drop_pages_forever)
         unmounted_by_kernel = False
-        pidfile: Path | None = None
+        pidfile = None
+        connection: fusectl.Connection | None = None
+        guarded = None
         try:
 
             async def serve() -> None:
@@ -151,7 +151,9 @@ async def run_mount(options: MountOptions, transport: Transport, ready: Callable
             nursery.start_soon(_signals, nursery.cancel_scope)
             with trio.fail_after(READY_TIMEOUT):
                 st = await trio.to_thread.run_sync(os.stat, options.mountpoint)
-            pidfile = _write_pidfile(st.st_dev)
+            pidfile = unmount.write_pidfile(st.st_dev)
+            # Opened now, while this process holds the connection: it is surely ours.
+            connection = fusectl.Connection.open_or_none(st.st_dev, f"the qtfs client of {options.mountpoint}")
             if filesystem.coherent:
                 _set_readahead(st.st_dev, READAHEAD_KIB)
             log.info(
@@ -162,14 +164,54 @@ async def run_mount(options: MountOptions, transport: Transport, ready: Callable
                 ", coherent cache" if filesystem.coherent else ", no cache",
             )
             ready()
+            if connection is not None:
+                # After ready(): the guard inherits the detached stdio, not the
+                # pipes of whoever ran `qtfs mount` (they wait for EOF).
+                guarded = _start_guard(connection, options.mountpoint)
             sd.notify("READY=1")
             await trio.sleep_forever()
         finally:
             with contextlib.suppress(Exception):
-                pyfuse3.close(unmount=not unmounted_by_kernel)
+                pyfuse3.close(unmount=not unmounted_by_kernel and _on_top(options.mountpoint, connection))
+            if connection is not None:
+                # Closing /dev/fuse ends the connection only if no thread of
+                # ours is stuck in a kernel call on it (see fusectl).
+                connection.abort()
+                connection.close()
+            if guarded is not None:
+                # Its work is done: ended and reaped here, so that whoever waits
+                # for this process to end (qtfs umount, teardown) waits for it too.
+                guarded.kill()
+                guarded.wait()
             if pidfile is not None:
                 with contextlib.suppress(OSError):
                     pidfile.unlink()
+
+
+def _on_top(mountpoint: str, connection: fusectl.Connection | None) -> bool:
+    """Our mount is the one on top at ``mountpoint``: libfuse unmounts by path, and
+    something mounted over ours since is not ours to detach (unknown: assume ours)."""
+    if connection is None:
+        return True
+    try:
+        found = unmount.device_on_top(mountpoint)
+    except OSError:
+        return True
+    return found is not None and found[0] == connection.device
+
+
+def _start_guard(connection: fusectl.Connection, mountpoint: str):
+    """Start the guard that aborts the connection if this process dies (offload.qtfs.guard).
+
+    Started from this, the main thread (the kernel signals the guard when the
+    thread that started it exits), with a session of its own.
+    """
+    return proc.spawn(
+        guard.command(connection, mountpoint),
+        stdin=proc.DEVNULL,
+        pass_fds=(connection.abort_fd, connection.waiting_fd),
+        start_new_session=True,
+    )
 
 
 def _set_readahead(dev: int, kib: int) -> None:
@@ -178,17 +220,6 @@ def _set_readahead(dev: int, kib: int) -> None:
         Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").write_text(f"{kib}\n")
     except OSError as exc:
         log.debug("readahead left as it is: %s", exc)
-
-
-def _write_pidfile(dev: int) -> Path | None:
-    try:
-        PID_DIR.mkdir(parents=True, exist_ok=True)
-        path = _pidfile(dev)
-        path.write_text(f"{os.getpid()}\n")
-        return path
-    except OSError as exc:
-        log.debug("no pid file: %s", exc)
-        return None
 
 
 async def _signals(scope: trio.CancelScope) -> None:
@@ -260,42 +291,3 @@ def _detach(log_file: str | None) -> None:
     os.dup2(target, 2)
     os.close(null)
     os.close(target)
-
-
-def umount(path: str) -> None:
-    """Unmount a qtfs mount and wait for its process to end."""
-    try:
-        dev = os.stat(path).st_dev
-    except OSError as exc:
-        if exc.errno not in DEAD:
-            raise QtfsMountError(f"{path}: {exc.strerror}") from None
-        proc.run(["fusermount3", "-u", "-z", path])
-        return
-    pid = None
-    with contextlib.suppress(OSError, ValueError):
-        pid = int(_pidfile(dev).read_text())
-    try:
-        proc.run(["fusermount3", "-u", path])
-    except OffloadError as exc:
-        raise QtfsMountError(str(exc)) from None
-    if pid is None:
-        return
-    deadline = time.monotonic() + UMOUNT_WAIT
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return
-        time.sleep(0.02)
-    log.warning("the qtfs process %d did not end after the unmount: ending it", pid)
-    proc.end_pid(pid)
-
-
-def _alive(pid: int) -> bool:
-    """``pid`` is still a running qtfs process (a stale pid file may name a reused pid)."""
-    try:
-        with open(f"/proc/{pid}/stat") as file:
-            state = file.read().rpartition(")")[2].split()[0]
-        with open(f"/proc/{pid}/cmdline", "rb") as file:
-            ours = b"qtfs" in file.read()
-    except (OSError, IndexError):
-        return False
-    return ours and state != "Z"

@@ -1,0 +1,108 @@
+"""The guard of a qtfs mount: when its client dies, however, abort the connection and detach the mount.
+
+A client that is killed while one of its threads is stuck in a kernel call
+on its FUSE connection cannot end the connection itself (see
+offload.qtfs.fusectl): it stays a zombie, and every caller waiting on the
+mount stays in D state.  So the client starts this small process once its
+mount answers, hands it the connection's held control files, and the
+guard waits for the client's death: then it aborts the connection (every
+waiting caller gets an error, the stuck thread returns and the zombie is
+freed) and detaches the mount if it is still there (the next prepare or
+mount finds the path free).
+
+The client's death is noticed by PR_SET_PDEATHSIG, which the kernel sends
+when the thread that started the guard exits: the client's main thread,
+which runs the FUSE loop and never blocks in such a call.  A process
+whose other threads are stuck never counts as exited for waitpid(2) or a
+pidfd, which is why those are not used.  The guard has a session of its
+own and ignores SIGTERM, SIGINT and SIGHUP from others: stopping the
+client's process group or unit must not stop it first.  It ends with its
+client (a client that ends normally has unmounted already, and the held
+files of an ended connection do nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import sys
+
+from offload import log as log_module
+from offload.qtfs import fusectl
+from offload.qtfs.unmount import detach_if_ours
+
+log = logging.getLogger("qtfs")
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+#: What the kernel sends the guard when its client's main thread exits.
+DEATH_SIGNAL = signal.SIGUSR1
+
+
+def command(connection: fusectl.Connection, mountpoint: str) -> list[str]:
+    """How the client starts its guard (it passes the connection's files at the same numbers)."""
+    from offload import proc
+
+    return [
+        *proc.run_module(__name__),
+        *("--client", str(os.getpid()), "--device", str(connection.device)),
+        *("--abort-fd", str(connection.abort_fd), "--waiting-fd", str(connection.waiting_fd)),
+        mountpoint,
+    ]
+
+
+def _watch_parent(parent: int) -> None:
+    """Return once the main thread of ``parent`` (the client that started this process) has exited."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {DEATH_SIGNAL})
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(DEATH_SIGNAL), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    # Set after the client may already have died.
+    if _main_thread_gone(parent):
+        return
+    while True:
+        info = signal.sigwaitinfo({DEATH_SIGNAL})
+        # The kernel sends it in the name of the exiting thread (si_pid: the
+        # client's pid).  While another thread of the client lives on, we are
+        # its child now, so getppid() does not change: it cannot tell.
+        if info.si_pid == parent or _main_thread_gone(parent):
+            return
+
+
+def _main_thread_gone(parent: int) -> bool:
+    if os.getppid() != parent:
+        return True
+    try:
+        with open(f"/proc/{parent}/stat") as file:
+            return file.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="qtfs-guard", description=__doc__)
+    parser.add_argument("--client", type=int, required=True, metavar="PID")
+    parser.add_argument("--device", type=int, required=True, metavar="ST_DEV")
+    parser.add_argument("--abort-fd", type=int, required=True, metavar="FD")
+    parser.add_argument("--waiting-fd", type=int, required=True, metavar="FD")
+    parser.add_argument("mountpoint")
+    args = parser.parse_args(argv)
+    log_module.setup("qtfs-guard", "INFO")
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    connection = fusectl.Connection(args.device, args.abort_fd, args.waiting_fd)
+    _watch_parent(args.client)
+    connection.abort()
+    if detach_if_ours(args.mountpoint, connection):
+        log.warning(
+            "the qtfs client %d of %s died without unmounting: its connection was aborted and the mount detached",
+            args.client,
+            args.mountpoint,
+        )
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
