@@ -14,11 +14,11 @@ The client's death is noticed by PR_SET_PDEATHSIG, which the kernel sends
 when the thread that started the guard exits: the client's main thread,
 which runs the FUSE loop and never blocks in such a call.  A process
 whose other threads are stuck never counts as exited for waitpid(2) or a
-pidfd, which is why those are not used.  The guard has a session of its
-own and ignores SIGTERM, SIGINT and SIGHUP from others: stopping the
-client's process group or unit must not stop it first.  It ends with its
-client (a client that ends normally has unmounted already, and the held
-files of an ended connection do nothing).
+pidfd of the process, which is why those are not used.  The guard has a session of its
+own (a terminal's ^C or hang-up is the client's business).  SIGTERM ends
+it without further ado: whoever sends it to everything (systemd stopping a
+unit, lab down) sends it to the client too, which then aborts the
+connection itself.  A client that ends normally ends and reaps its guard.
 """
 
 from __future__ import annotations
@@ -90,8 +90,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("mountpoint")
     args = parser.parse_args(argv)
     log_module.setup("qtfs-guard", "INFO")
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
     connection = fusectl.Connection(args.device, args.abort_fd, args.waiting_fd)
     _watch_parent(args.client)
     connection.abort()
