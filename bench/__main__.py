@@ -38,6 +38,8 @@ from bench.report import print_table
 from offload import proc
 from offload.lab.lab import Lab
 
+#: The stand-in, this installation's (never looked up through PATH).
+REXEC = proc.program("rexec")
 SSH_PORT = 2222
 TCP_PORT = 2223
 GIB = 1 << 30
@@ -149,7 +151,7 @@ def server_rss(lab: Lab, sessions: int) -> dict[str, float]:
     state = json.loads((lab.dir / "state.json").read_text())["pids"]
     servers = {role: psutil.Process(state[f"{role}-rexec"]) for role in ("host", "dpu")}
     children = [
-        proc.spawn(lab.command("dpu", ["rexec", "/bin/sleep", "3"]), env=lab.env("dpu"), stdin=subprocess.DEVNULL)
+        proc.spawn(lab.command("dpu", [*REXEC, "/bin/sleep", "3"]), env=lab.env("dpu"), stdin=subprocess.DEVNULL)
         for _ in range(sessions)
     ]
     peak = dict.fromkeys(servers, 0.0)
@@ -172,8 +174,8 @@ SECTIONS = ("rexec", "udsproxy", "qtfs", "prepare", "rootfs", "libvirt")
 def rexec_rows(lab: Lab, work: Path, runs: int) -> list[tuple[str, str, str]]:
     rows = []
     with sshd(lab, work) as ssh, control_master(lab, ssh, work) as ssh_cm:
-        driver(lab, "latency", "5", "--", "rexec", "/bin/true")  # warm the pool
-        rexec_lat = driver(lab, "latency", str(runs), "--", "rexec", "/bin/true")["median"]
+        driver(lab, "latency", "5", "--", *REXEC, "/bin/true")  # warm the pool
+        rexec_lat = driver(lab, "latency", str(runs), "--", *REXEC, "/bin/true")["median"]
         ssh_lat = driver(lab, "latency", str(max(5, runs // 3)), "--", *ssh, "/bin/true")["median"]
         cm_lat = driver(lab, "latency", str(runs), "--", *ssh_cm, "/bin/true")["median"]
         rows.append(("`rexec /bin/true` latency (median)", f"{rexec_lat * 1000:.1f} ms", ""))
@@ -182,7 +184,7 @@ def rexec_rows(lab: Lab, work: Path, runs: int) -> list[tuple[str, str, str]]:
             ("ssh, ControlMaster", f"{cm_lat * 1000:.1f} ms", f"rexec = {rexec_lat / cm_lat:.2f}x (target <= 3x)")
         )
         head = ["/usr/bin/head", "-c", str(GIB), "/dev/zero"]
-        rexec_tp = driver(lab, "throughput", "--", "rexec", *head)
+        rexec_tp = driver(lab, "throughput", "--", *REXEC, *head)
         ssh_tp = driver(lab, "throughput", "--", *ssh_cm, *head)
         with tcp_source(lab) as reader:
             tcp_tp = driver(lab, "throughput", "--", *reader)

@@ -113,7 +113,7 @@ def _prepare(data: Path) -> None:
 @contextlib.contextmanager
 def _qtfs_server(lab: Lab, data: Path) -> Iterator[str]:
     argv = [
-        str(Path(sys.executable).parent / "qtfs"),
+        *proc.program("qtfs"),
         "serve",
         "--listen",
         f"tcp://{lab.host.link.address}:{QTFS_PORT}",
@@ -144,7 +144,7 @@ def qtfs_rows(lab: Lab, work: Path) -> list[tuple[str, str, str]]:
     data = work / "qtfs-data"
     _prepare(data)
     mnt = work / "qtfs-mnt"
-    qtfs = str(Path(sys.executable).parent / "qtfs")
+    qtfs = proc.program("qtfs")
     with sshd(lab, work) as ssh, _qtfs_server(lab, data) as address:
         pki = str(lab.dir / "pki" / "dpu")
         ssh_command = " ".join(ssh[:-1])
@@ -154,13 +154,13 @@ def qtfs_rows(lab: Lab, work: Path) -> list[tuple[str, str, str]]:
             "mounts": [
                 [
                     "qtfs",
-                    [qtfs, "mount", "--log-level", "WARNING", "--pki", pki, f"{address}:{data}", f"{mnt}/qtfs"],
+                    [*qtfs, "mount", "--log-level", "WARNING", "--pki", pki, f"{address}:{data}", f"{mnt}/qtfs"],
                     f"{mnt}/qtfs",
                 ],
                 [
                     "qtfs_nocache",
                     [
-                        qtfs,
+                        *qtfs,
                         "mount",
                         "--log-level",
                         "WARNING",

@@ -68,7 +68,7 @@ def rexec(lab: Lab, *args: str, side: str = "dpu", timeout: float = 30, **option
     """Run ``rexec ARGS`` on ``side`` (the DPU by default) and wait for it."""
     options.setdefault("text", False)
     return proc.run(
-        lab.command(side, ["rexec", *args]),
+        lab.command(side, [*proc.program("rexec"), *args]),
         env=lab.env(side),
         check=False,
         timeout=timeout,
@@ -79,7 +79,7 @@ def rexec(lab: Lab, *args: str, side: str = "dpu", timeout: float = 30, **option
 def start_rexec(lab: Lab, *args: str, side: str = "dpu", **options) -> subprocess.Popen:
     """Start ``rexec ARGS`` on ``side``; the caller owns the process."""
     options.setdefault("stdin", subprocess.DEVNULL)
-    return proc.spawn(lab.command(side, ["rexec", *args]), env=lab.env(side), **options)
+    return proc.spawn(lab.command(side, [*proc.program("rexec"), *args]), env=lab.env(side), **options)
 
 
 def server_pid(lab: Lab, role: str) -> int:

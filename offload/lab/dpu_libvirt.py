@@ -11,7 +11,6 @@ writes.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -51,14 +50,13 @@ def prepare_config(lab: Lab) -> str:
         f'host = "{lab.qtfs_address}"\n'
         f'pki = "{lab.dir / "pki" / "dpu"}"\n'
         f"exports = [{exports}]\n"
-        f'qtfs_command = "{Path(sys.executable).parent / "qtfs"}"\n'
     )
 
 
 def start(lab: Lab) -> list[str]:
     root = target(lab)
     done = []
-    offload_cli = [str(Path(sys.executable).parent / "offload")]
+    offload_cli = proc.program("offload")
 
     started = time.monotonic()
     proc.run(

@@ -232,9 +232,7 @@ class Lab:
     def _daemon_argv(self, module: str, side: LabSide, address: str, peer: str, *extra: str) -> list[str]:
         """The command line both lab daemons share: node, addresses, credentials."""
         return [
-            sys.executable,
-            "-m",
-            module,
+            *proc.run_module(module),
             "--node",
             side.role,
             "--listen",
@@ -272,7 +270,7 @@ class Lab:
 
     def _start_qtfs_server(self) -> None:
         argv = [
-            str(Path(sys.executable).parent / "qtfs"),
+            *proc.program("qtfs"),
             "serve",
             "--listen",
             self.qtfs_address,

@@ -12,12 +12,13 @@ import os
 import sys
 from pathlib import Path
 
+from offload import proc
 from offload.mounts import syscalls
 
 
 def command(root: str | os.PathLike[str], argv: list[str]) -> list[str]:
     """The command line that runs ``argv`` chrooted in ``root``."""
-    return [sys.executable, "-m", "offload.rootfs_builder.chroot", str(root), "--", *argv]
+    return [*proc.run_module("offload.rootfs_builder.chroot"), str(root), "--", *argv]
 
 
 def _prepare(root: Path) -> None:
