@@ -866,7 +866,8 @@ class QtfsConnection:
         document = messages.load(bytes(payload), "Hello")
         try:
             hello = Hello(str(document["node"]), int(document["version"]), int(document.get("epoch", 0)))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+            # JSON's Infinity, a list for a document, nesting deeper than the stack: all the peer's fault.
             raise RemoteProtocolError(f"malformed Hello: {exc}") from None
         if hello.version != PROTOCOL_VERSION:
             raise RemoteProtocolError(f"peer speaks qtfs protocol {hello.version}, we speak {PROTOCOL_VERSION}")

@@ -1,10 +1,25 @@
 """The server's file operations for one mounted connection: requests in, replies out, no I/O loop.
 
 Every operation resolves its path below the connection's mount root with
-`offload.qtfs.resolve` (never leaving the export), is checked against the
-whitelist on the host path it touches, and raises OSError whose errno the
-server sends back by name.  A refusal by policy is EACCES (as the
-reference's); a write to a read-only export is EROFS.
+`offload.qtfs.resolve` (never leaving the export), and the policy is
+checked on where the path really leads: the directory holding the entry is
+opened first, the kernel's name for it (after every symlink on the way) is
+what the whitelist and the facts allowlist judge, and the operation then
+acts on the entry in that very directory, so check and use meet the same
+object.  An operation by handle is judged by the handle's own file.  Each
+refusal raises OSError whose errno the server sends back by name: EACCES
+for the whitelist (as the reference's), ENOENT for what a facts export does
+not serve, EROFS for a write to a read-only export.
+
+The peer is not trusted with privileges on the host (the DPU may be
+compromised): no setuid or setgid bit and no file capability is ever set
+or kept on its behalf (a directory still inherits its parent's setgid bit,
+as the kernel does it), nothing is given to uid 0 by chown, and by default
+uid and gid 0 of a request are squashed to nobody/nogroup (NFS's
+root_squash).  The /proc and /sys facts exports serve only the allowlists
+of `offload.qtfs.facts`, are mounted at their roots only, and are
+read-only.  A connection holds at most `MAX_HANDLES` open files and as many
+directory listings (`MAX_LISTING_BYTES` of them in all); beyond, EMFILE.
 
 The process runs as root with umask 0 (the client's kernel has applied the
 caller's umask already); new files are given to the calling DPU user (uid
@@ -23,13 +38,13 @@ import os
 import random
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from offload.protocol import qtfs as wire
 from offload.qtfs import facts
-from offload.qtfs.resolve import open_parent, open_path, openat2
+from offload.qtfs.resolve import PROC_SUPER_MAGIC, SYSFS_MAGIC, fs_type, open_parent, openat2, real_path
 from offload.qtfs.whitelist import Whitelist
 
 log = logging.getLogger(__name__)
@@ -40,6 +55,23 @@ DIR_PAGE = 256 * 1024
 OPEN_FLAGS = (
     os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME | os.O_DIRECT | os.O_NONBLOCK
 )
+#: Added to every open: a FIFO (or a device) named by a peer must never block the server,
+#: nor a terminal become its controlling one.  Neither changes anything for a regular file.
+OPEN_ALWAYS = os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Open files one connection may hold (a peer that never releases them runs into EMFILE, not the host's limits).
+MAX_HANDLES = 4096
+#: Bytes of directory listings one connection may hold between OPENDIR and its last READDIR.
+MAX_LISTING_BYTES = 32 << 20
+#: nobody/nogroup: who uid and gid 0 of a request become under root squash.
+SQUASHED = 65534
+#: Mode bits a peer never sets: they would run the peer's programs with the host owner's privileges.
+PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID
+#: Extended attribute namespaces a peer never writes: file capabilities, security labels, trusted data.
+PRIVILEGED_XATTRS = (b"security.", b"trusted.")
+#: Filesystems whose content is served only through a facts export's allowlist.
+FACT_FILESYSTEMS = {PROC_SUPER_MAGIC: facts.PROC_SERVED, SYSFS_MAGIC: facts.SYS_SERVED}
+#: The inode number of a procfs or sysfs root (PROC_ROOT_INO; kernfs numbers its root 1 too).
+FS_ROOT_INO = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -69,11 +101,16 @@ class Handles:
     """Open fds of one connection by number.  Numbers start at a random point, so a
     number from an earlier connection or server never names a file here by chance."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_HANDLES) -> None:
         self._fds: dict[int, int] = {}
         self._next = itertools.count(random.getrandbits(40) + 1)
+        self.limit = limit
 
     def add(self, fd: int) -> int:
+        """A number for ``fd``; EMFILE (and ``fd`` closed) when the connection holds its limit."""
+        if len(self._fds) >= self.limit:
+            os.close(fd)
+            raise OSError(errno.EMFILE, "too many open files on this connection")
         handle = next(self._next)
         self._fds[handle] = fd
         return handle
@@ -103,20 +140,25 @@ class Handles:
 class Backend:
     """One connection's view: its mount root, its open files and directory listings."""
 
-    def __init__(self, exports: tuple[Export, ...], whitelist: Whitelist) -> None:
+    def __init__(self, exports: tuple[Export, ...], whitelist: Whitelist, root_squash: bool = True) -> None:
         self.exports = exports
         self.whitelist = whitelist
+        self.root_squash = root_squash
         self.root = -1
         self.base = b""
+        self._root_real = b""  # the kernel's path of the mount root, what resolved paths begin with
         self.readonly = True
-        self.hide_processes = False
+        #: The allowlist of a facts mount (its root is a procfs or sysfs root), None for any other.
+        self.facts: tuple[bytes, ...] | None = None
         self.files = Handles()
-        self._dirs: dict[int, tuple[list[bytes], int]] = {}  # handle -> (encoded entries, next index)
+        self._dirs: dict[int, tuple[list[bytes], int, int]] = {}  # handle -> (encoded entries, next index, bytes)
+        self._listing_bytes = 0
         self._dir_numbers = itertools.count(random.getrandbits(40) + 1)
 
     def close(self) -> None:
         self.files.close_all()
         self._dirs.clear()
+        self._listing_bytes = 0
         if self.root >= 0:
             os.close(self.root)
             self.root = -1
@@ -128,47 +170,91 @@ class Backend:
             return self.base
         return (self.base if self.base != b"/" else b"") + b"/" + path
 
-    def _check(self, section: str, path: bytes) -> None:
-        if not self.whitelist.allows(section, self.host_path(path)):
-            raise _refused(section, self.host_path(path))
-
-    def _writable(self, section: str, path: bytes) -> None:
+    def _writable(self, path: bytes) -> None:
         if self.readonly:
             raise OSError(errno.EROFS, "read-only export", os.fsdecode(self.host_path(path)))
-        self._check(section, path)
 
-    def _visible(self, path: bytes) -> None:
-        # Per-process entries of the host's /proc are not served: the DPU keeps its own.
-        if self.hide_processes and facts.is_per_process(path.partition(b"/")[0]):
-            raise FileNotFoundError(errno.ENOENT, "per-process entries are not served")
+    @property
+    def _judged(self) -> bool:
+        """Some policy looks at paths: without one, resolving them for it would be wasted work."""
+        return self.whitelist.enforced or self.facts is not None
 
-    def _lstat(self, path: bytes) -> os.stat_result:
+    def _relative(self, real: bytes, path: bytes) -> bytes:
+        """``real`` (a kernel path) relative to the mount root; EACCES if it lies elsewhere now."""
+        if real == self._root_real:
+            return b""
+        prefix = self._root_real.rstrip(b"/") + b"/"
+        if not real.startswith(prefix):
+            # Moved out of the export since it was opened (or deleted): judge nothing we cannot name.
+            raise PermissionError(errno.EACCES, "no longer inside the export", os.fsdecode(path))
+        return real[len(prefix) :]
+
+    def _allow(self, where: bytes, sections: tuple[str, ...], path: bytes) -> None:
+        """The policy's verdict on ``where`` (resolved, relative to the mount root) for ``sections``."""
+        if self.facts is not None and not facts.allowed(self.facts, where):
+            raise FileNotFoundError(errno.ENOENT, "not served by a facts export", os.fsdecode(path))
+        for section in sections:
+            host = self.host_path(where)
+            if not self.whitelist.allows(section, host):
+                raise _refused(section, host)
+
+    def _no_facts_below(self, fd: int, path: bytes) -> None:
+        """A procfs or sysfs reached inside an ordinary export (one exporting "/", say) is not served."""
+        if self.facts is None and fs_type(fd) in FACT_FILESYSTEMS:
+            raise PermissionError(errno.EACCES, "procfs and sysfs are served by facts exports only", os.fsdecode(path))
+
+    @contextlib.contextmanager
+    def _at(self, path: bytes, *sections: str) -> Iterator[tuple[int, bytes]]:
+        """(directory fd, name) of ``path`` (the root is (root, b".")), once the policy allowed ``sections`` there.
+
+        The directory is opened beneath the mount root and judged by where the
+        kernel resolved it; the caller acts on ``name`` in that same directory
+        without following it.
+        """
         if self.root < 0:
             raise OSError(errno.EPROTO, "not mounted")
-        self._visible(path)
         if not path:
-            return os.stat(self.root)
+            self._allow(b"", sections, path)
+            yield self.root, b"."
+            return
         parent, name = open_parent(self.root, path)
         try:
-            return os.stat(name, dir_fd=parent, follow_symlinks=False)
+            if parent != self.root:
+                self._no_facts_below(parent, path)
+            if self._judged:
+                where = self._relative(real_path(parent), path) if parent != self.root else b""
+                self._allow(where + b"/" + name if where else name, sections, path)
+            yield parent, name
         finally:
             if parent != self.root:
                 os.close(parent)
 
-    def _in_parent(self, path: bytes, action):
-        """``action(parent_fd, name)`` on the directory holding ``path``."""
+    def _allow_handle(self, fd: int, section: str) -> None:
+        """An operation by handle is judged by the handle's own file, where it is now."""
+        if self._judged:
+            real = real_path(fd)
+            self._allow(self._relative(real, real), (section,), real)
+
+    def _in_parent(self, path: bytes, sections: tuple[str, ...], action):
+        """``action(parent_fd, name)`` on the directory holding ``path`` (never the mount root itself)."""
         if not path:
             raise OSError(errno.EBUSY, "the mount root itself")
-        self._visible(path)
-        parent, name = open_parent(self.root, path)
-        try:
+        with self._at(path, *sections) as (parent, name):
             return action(parent, name)
-        finally:
-            if parent != self.root:
-                os.close(parent)
+
+    def _lstat(self, path: bytes) -> os.stat_result:
+        with self._at(path) as (parent, name):
+            return os.stat(name, dir_fd=parent, follow_symlinks=False)
+
+    def _owner(self, uid: int, gid: int) -> tuple[int, int]:
+        """The host owner for a peer's uid and gid: root squashed to nobody/nogroup unless told otherwise."""
+        if self.root_squash:
+            return (SQUASHED if uid == 0 else uid), (SQUASHED if gid == 0 else gid)
+        return uid, gid
 
     def _give(self, parent: int, name: bytes, uid: int, gid: int) -> None:
         """Hand a new entry to the calling user; a setgid parent's group wins."""
+        uid, gid = self._owner(uid, gid)
         if os.stat(parent).st_mode & stat.S_ISGID:
             gid = -1
         if uid or gid:
@@ -187,14 +273,27 @@ class Backend:
         export_fd = os.open(export.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             rest = path[len(export.path) :].lstrip(b"/")
+            if rest and _facts_of(export_fd) is not None:
+                # Below its root, a procfs is the processes' own entries (/proc/1, /proc/self).
+                raise _refused_mount(path, "a facts export is mounted at its root only")
             root = openat2(export_fd, rest, os.O_PATH | os.O_DIRECTORY) if rest else os.dup(export_fd)
         finally:
             os.close(export_fd)
+        try:
+            served = _facts_of(root)
+            if served is None and fs_type(root) in FACT_FILESYSTEMS:
+                raise _refused_mount(path, "procfs and sysfs are mounted at their roots only")
+            root_real = real_path(root)
+        except BaseException:
+            os.close(root)
+            raise
         if self.root >= 0:
             os.close(self.root)
-        self.root, self.base, self.readonly = root, path, export.readonly
-        self.hide_processes = _is_procfs(root)
-        return wire.MountReply(wire.pack_stat(os.stat(root)), wire.MOUNT_READONLY if export.readonly else 0)
+        self.root, self.base, self._root_real = root, path, root_real
+        self.facts = served
+        # Facts are for reading: the host's kernel tunables are not the peer's to write.
+        self.readonly = export.readonly or served is not None
+        return wire.MountReply(wire.pack_stat(os.stat(root)), wire.MOUNT_READONLY if self.readonly else 0)
 
     def lookup(self, request: wire.Lookup | wire.Getattr) -> wire.AttrReply:
         if isinstance(request, wire.Getattr) and request.handle:
@@ -202,36 +301,42 @@ class Backend:
         return wire.AttrReply(wire.pack_stat(self._lstat(request.path)))
 
     def setattr(self, request: wire.Setattr) -> wire.AttrReply:
-        self._writable("Setattr", request.path)
-        self._visible(request.path)
-        valid = request.valid
+        self._writable(request.path)
         if request.handle:
             fd = self.files.get(request.handle)
-            self._set_on_fd(fd, request, valid)
+            self._allow_handle(fd, "Setattr")
+            self._set_on_fd(fd, request)
             return wire.AttrReply(wire.pack_stat(os.fstat(fd)))
-        target = open_path(self.root, request.path)
+        with self._at(request.path, "Setattr") as (parent, name):
+            target = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
         try:
-            self._set_on_fd(target, request, valid, by_path=True)
+            self._no_facts_below(target, request.path)
+            self._set_on_fd(target, request, by_path=True)
             return wire.AttrReply(wire.pack_stat(os.stat(target)))
         finally:
             os.close(target)
 
-    def _set_on_fd(self, fd: int, request: wire.Setattr, valid: int, by_path: bool = False) -> None:
+    def _set_on_fd(self, fd: int, request: wire.Setattr, by_path: bool = False) -> None:
         # An O_PATH fd allows no fchmod or ftruncate; its /proc/self/fd magic link
         # resolves to exactly the inode it was opened on (a symlink stays that
         # symlink, never its target), so operating through it is race-free.
         where: int | str = f"/proc/self/fd/{fd}" if by_path else fd
+        valid = request.valid
         st = os.stat(fd)
         if valid & wire.SET_MODE:
             if stat.S_ISLNK(st.st_mode):
                 raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")
-            os.chmod(where, stat.S_IMODE(request.mode))
+            os.chmod(where, _peer_mode(request.mode, st.st_mode))
         if valid & (wire.SET_UID | wire.SET_GID):
             uid = request.uid if valid & wire.SET_UID else -1
             gid = request.gid if valid & wire.SET_GID else -1
+            # A file handed to root by a peer is the first half of a setuid-root program.
+            if uid == 0 or (gid == 0 and self.root_squash):
+                raise PermissionError(errno.EPERM, "a peer does not give files to root")
             os.chown(where, uid, gid)
         if valid & wire.SET_SIZE:
             os.truncate(where, request.size)
+            _drop_privileges(where, os.stat(fd).st_mode)
         if valid & (wire.SET_ATIME | wire.SET_MTIME | wire.SET_ATIME_NOW | wire.SET_MTIME_NOW):
             now = time.time_ns()
             atime = (
@@ -243,31 +348,50 @@ class Backend:
             os.utime(where, ns=(atime, mtime))
 
     def readlink(self, request: wire.Readlink) -> wire.DataReply:
-        return wire.DataReply(self._in_parent(request.path, lambda parent, name: os.readlink(name, dir_fd=parent)))
+        with self._at(request.path) as (parent, name):
+            return wire.DataReply(os.readlink(name, dir_fd=parent))
 
     def open(self, request: wire.Open) -> wire.HandleReply:
         flags = request.flags & OPEN_FLAGS
         access = flags & os.O_ACCMODE
         writes = access != os.O_RDONLY or flags & os.O_TRUNC
-        self._visible(request.path)
-        self._check("Open", request.path)
+        sections = ["Open"]
         if writes:
-            self._writable("Write", request.path)
+            self._writable(request.path)
+            sections.append("Write")
         if access != os.O_WRONLY:
-            self._check("Read", request.path)
-        # O_NONBLOCK: a FIFO named by a client must never block the server;
-        # it changes nothing for regular files.
-        fd = openat2(self.root, request.path or b".", flags | os.O_NOFOLLOW | os.O_NONBLOCK)
+            sections.append("Read")
+        with self._at(request.path, *sections) as (parent, name):
+            fd = os.open(name, flags | OPEN_ALWAYS, dir_fd=parent)
+        try:
+            self._no_facts_below(fd, request.path)
+            if writes:
+                _drop_privileges(fd, os.fstat(fd).st_mode)
+        except BaseException:
+            os.close(fd)
+            raise
         return wire.HandleReply(self.files.add(fd), b"")
 
     def create(self, request: wire.Create) -> wire.HandleReply:
-        self._writable("Create", request.path)
-        flags = (request.flags & OPEN_FLAGS) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        if request.flags & os.O_EXCL:
-            flags |= os.O_EXCL
+        self._writable(request.path)
+        flags = (request.flags & OPEN_FLAGS) | OPEN_ALWAYS
+        sections = ("Create", "Write") if flags & os.O_ACCMODE != os.O_RDONLY else ("Create",)
+        mode = stat.S_IMODE(request.mode) & ~PRIVILEGE_BITS
 
         def create(parent: int, name: bytes) -> int:
-            fd = os.open(name, flags, stat.S_IMODE(request.mode), dir_fd=parent)
+            try:
+                fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, mode, dir_fd=parent)
+            except FileExistsError:
+                if request.flags & os.O_EXCL:
+                    raise
+                # Someone's existing file: opened as it is, never handed to the caller.
+                fd = os.open(name, flags, dir_fd=parent)
+                try:
+                    _drop_privileges(fd, os.fstat(fd).st_mode)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                return fd
             try:
                 self._give(parent, name, request.uid, request.gid)
             except BaseException:
@@ -275,8 +399,13 @@ class Backend:
                 raise
             return fd
 
-        fd = self._in_parent(request.path, create)
-        return wire.HandleReply(self.files.add(fd), wire.pack_stat(os.fstat(fd)))
+        fd = self._in_parent(request.path, sections, create)
+        try:
+            attr = wire.pack_stat(os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        return wire.HandleReply(self.files.add(fd), attr)
 
     def read(self, request: wire.Read) -> wire.DataReply:
         return wire.DataReply(os.pread(self.files.get(request.handle), request.size, request.offset))
@@ -297,17 +426,18 @@ class Backend:
         return wire.AttrReply(wire.pack_stat(self._lstat(path)))
 
     def mkdir(self, request: wire.Mkdir) -> wire.AttrReply:
-        self._writable("Mkdir", request.path)
+        self._writable(request.path)
 
         def make(parent: int, name: bytes) -> None:
-            os.mkdir(name, stat.S_IMODE(request.mode), dir_fd=parent)
+            # The kernel gives a new directory its parent's setgid bit itself; the peer gives none.
+            os.mkdir(name, stat.S_IMODE(request.mode) & ~PRIVILEGE_BITS, dir_fd=parent)
             self._give(parent, name, request.uid, request.gid)
 
-        self._in_parent(request.path, make)
+        self._in_parent(request.path, ("Mkdir",), make)
         return self._made(request.path)
 
     def mknod(self, request: wire.Mknod) -> wire.AttrReply:
-        self._writable("Create", request.path)
+        self._writable(request.path)
         kind = stat.S_IFMT(request.mode)
         # Sockets and FIFOs (libvirt binds its monitor sockets here) and plain
         # files; device nodes made from the DPU would open host devices.
@@ -315,78 +445,75 @@ class Backend:
             raise PermissionError(errno.EPERM, "device nodes are not made through qtfs")
 
         def make(parent: int, name: bytes) -> None:
-            os.mknod(name, kind | stat.S_IMODE(request.mode), 0, dir_fd=parent)
+            os.mknod(name, kind | (stat.S_IMODE(request.mode) & ~PRIVILEGE_BITS), 0, dir_fd=parent)
             self._give(parent, name, request.uid, request.gid)
 
-        self._in_parent(request.path, make)
+        self._in_parent(request.path, ("Create",), make)
         return self._made(request.path)
 
     def symlink(self, request: wire.Symlink) -> wire.AttrReply:
-        self._writable("Create", request.path)
+        self._writable(request.path)
 
         def make(parent: int, name: bytes) -> None:
             os.symlink(request.target, name, dir_fd=parent)
             self._give(parent, name, request.uid, request.gid)
 
-        self._in_parent(request.path, make)
+        self._in_parent(request.path, ("Create",), make)
         return self._made(request.path)
 
     def link(self, request: wire.Link) -> wire.AttrReply:
-        self._writable("Create", request.path)
-        self._visible(request.source)
-        source_dir, source_name = open_parent(self.root, request.source)
-        try:
+        self._writable(request.path)
+
+        # Both names are judged: a new name for a file the rules keep from the
+        # peer would be a way around them.
+        def link_from(source_dir: int, source_name: bytes) -> None:
             self._in_parent(
                 request.path,
+                ("Create",),
                 lambda parent, name: os.link(
                     source_name, name, src_dir_fd=source_dir, dst_dir_fd=parent, follow_symlinks=False
                 ),
             )
-        finally:
-            if source_dir != self.root:
-                os.close(source_dir)
+
+        self._in_parent(request.source, ("Create",), link_from)
         return self._made(request.path)
 
     def unlink(self, request: wire.Unlink) -> wire.Empty:
-        self._writable("Unlink", request.path)
-        self._in_parent(request.path, lambda parent, name: os.unlink(name, dir_fd=parent))
+        self._writable(request.path)
+        self._in_parent(request.path, ("Unlink",), lambda parent, name: os.unlink(name, dir_fd=parent))
         return wire.Empty()
 
     def rmdir(self, request: wire.Rmdir) -> wire.Empty:
-        self._writable("Rmdir", request.path)
-        self._in_parent(request.path, lambda parent, name: os.rmdir(name, dir_fd=parent))
+        self._writable(request.path)
+        self._in_parent(request.path, ("Rmdir",), lambda parent, name: os.rmdir(name, dir_fd=parent))
         return wire.Empty()
 
     def rename(self, request: wire.Rename) -> wire.Empty:
-        self._writable("Rename", request.old)
-        self._check("Rename", request.new)
-        self._visible(request.new)
-        old_dir, old_name = open_parent(self.root, request.old)
-        try:
+        self._writable(request.old)
 
+        def move_from(old_dir: int, old_name: bytes) -> None:
             def move(parent: int, name: bytes) -> None:
                 if request.flags:
                     _renameat2(old_dir, old_name, parent, name, request.flags)
                 else:
                     os.rename(old_name, name, src_dir_fd=old_dir, dst_dir_fd=parent)
 
-            self._in_parent(request.new, move)
-        finally:
-            if old_dir != self.root:
-                os.close(old_dir)
+            self._in_parent(request.new, ("Rename",), move)
+
+        self._in_parent(request.old, ("Rename",), move_from)
         return wire.Empty()
 
     def opendir(self, request: wire.Opendir) -> wire.DirReply:
-        self._visible(request.path)
-        self._check("Readdir", request.path)
-        fd = openat2(self.root, request.path or b".", os.O_RDONLY | os.O_DIRECTORY)
-        hide = self.hide_processes and not request.path
+        with self._at(request.path, "Readdir") as (parent, name):
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | OPEN_ALWAYS, dir_fd=parent)
         entries = []
         try:
+            self._no_facts_below(fd, request.path)
+            where = self._relative(real_path(fd), request.path) if self.facts is not None else b""
             with os.scandir(fd) as listing:
                 for entry in listing:
                     name = os.fsencode(entry.name)
-                    if hide and facts.is_per_process(name):
+                    if self.facts is not None and not facts.allowed(self.facts, where + b"/" + name if where else name):
                         continue
                     try:
                         st = entry.stat(follow_symlinks=False)
@@ -406,27 +533,40 @@ class Backend:
         page = b"".join(entries[start:end])
         if end >= len(entries):
             if handle:
-                self._dirs.pop(handle, None)
+                self._forget_listing(handle)
             return wire.DirReply(0, 1, page)
-        if not handle:
+        if handle:
+            held = self._dirs[handle][2]
+        else:
+            # A listing is held until its last page was read or it was released;
+            # a peer that never does either is held to these bounds.
+            held = sum(len(entry) for entry in entries)
+            if len(self._dirs) >= MAX_HANDLES or self._listing_bytes + held > MAX_LISTING_BYTES:
+                raise OSError(errno.EMFILE, "too many directory listings held on this connection")
             handle = next(self._dir_numbers)
-        self._dirs[handle] = (entries, end)
+            self._listing_bytes += held
+        self._dirs[handle] = (entries, end, held)
         return wire.DirReply(handle, 0, page)
+
+    def _forget_listing(self, handle: int) -> None:
+        listing = self._dirs.pop(handle, None)
+        if listing is not None:
+            self._listing_bytes -= listing[2]
 
     def readdir(self, request: wire.Readdir) -> wire.DirReply:
         try:
-            entries, _ = self._dirs[request.handle]
+            entries, _, _ = self._dirs[request.handle]
         except KeyError:
             raise OSError(errno.EBADF, "no such directory handle") from None
         return self._page(request.handle, entries, request.index)
 
     def releasedir(self, request: wire.Releasedir) -> wire.Empty:
-        self._dirs.pop(request.handle, None)
+        self._forget_listing(request.handle)
         return wire.Empty()
 
     def statfs(self, request: wire.Statfs) -> wire.StatfsReply:
-        self._visible(request.path)
-        fd = open_path(self.root, request.path)
+        with self._at(request.path) as (parent, name):
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
         try:
             st = os.statvfs(fd)
         finally:
@@ -435,34 +575,41 @@ class Backend:
             st.f_bsize, st.f_frsize, st.f_blocks, st.f_bfree, st.f_bavail, st.f_files, st.f_ffree, st.f_namemax
         )
 
-    def _xattr_path(self, path: bytes, action):
+    def _xattr_path(self, path: bytes, sections: tuple[str, ...], action):
         # The parent through its /proc/self/fd link, the entry itself not followed.
-        if not path:
-            return action(f"/proc/self/fd/{self.root}")
-        return self._in_parent(path, lambda parent, name: action(f"/proc/self/fd/{parent}/{os.fsdecode(name)}"))
+        with self._at(path, *sections) as (parent, name):
+            return action(f"/proc/self/fd/{parent}/{os.fsdecode(name)}")
 
     def getxattr(self, request: wire.Getxattr) -> wire.DataReply:
         name = os.fsdecode(request.name)
-        value = self._xattr_path(request.path, lambda where: os.getxattr(where, name, follow_symlinks=False))
+        value = self._xattr_path(request.path, (), lambda where: os.getxattr(where, name, follow_symlinks=False))
         return wire.DataReply(value)
 
     def listxattr(self, request: wire.Listxattr) -> wire.DataReply:
-        names = self._xattr_path(request.path, lambda where: os.listxattr(where, follow_symlinks=False))
+        names = self._xattr_path(request.path, (), lambda where: os.listxattr(where, follow_symlinks=False))
         return wire.DataReply(b"".join(os.fsencode(n) + b"\0" for n in names))
 
+    def _xattr_writable(self, request: wire.Setxattr | wire.Removexattr) -> str:
+        self._writable(request.path)
+        # security.capability is a file capability (root powers for whoever runs the
+        # file); security.* labels and trusted.* are the host's own business.
+        if request.name.startswith(PRIVILEGED_XATTRS):
+            log.warning("refused a peer's change of %s", os.fsdecode(request.name))
+            raise PermissionError(errno.EPERM, "privileged extended attribute", os.fsdecode(request.name))
+        return os.fsdecode(request.name)
+
     def setxattr(self, request: wire.Setxattr) -> wire.Empty:
-        self._writable("Setxattr", request.path)
-        name = os.fsdecode(request.name)
+        name = self._xattr_writable(request)
         self._xattr_path(
             request.path,
+            ("Setxattr",),
             lambda where: os.setxattr(where, name, request.value, request.flags, follow_symlinks=False),
         )
         return wire.Empty()
 
     def removexattr(self, request: wire.Removexattr) -> wire.Empty:
-        self._writable("Setxattr", request.path)
-        name = os.fsdecode(request.name)
-        self._xattr_path(request.path, lambda where: os.removexattr(where, name, follow_symlinks=False))
+        name = self._xattr_writable(request)
+        self._xattr_path(request.path, ("Setxattr",), lambda where: os.removexattr(where, name, follow_symlinks=False))
         return wire.Empty()
 
     def handlers(self) -> dict[wire.Op, Callable[[Any], wire.Message]]:
@@ -495,6 +642,37 @@ class Backend:
             wire.Op.LISTXATTR: self.listxattr,
             wire.Op.REMOVEXATTR: self.removexattr,
         }
+
+
+def _refused_mount(path: bytes, why: str) -> PermissionError:
+    log.warning("refused a mount of %s: %s", os.fsdecode(path), why)
+    return PermissionError(errno.EACCES, why, os.fsdecode(path))
+
+
+def _facts_of(fd: int) -> tuple[bytes, ...] | None:
+    """The allowlist served below ``fd`` when it is a procfs or sysfs root (or a tree made to look like a
+    procfs root, LXCFS-style); None for anything else, a directory inside a procfs included."""
+    served = FACT_FILESYSTEMS.get(fs_type(fd))
+    if served is not None:
+        return served if os.stat(fd).st_ino == FS_ROOT_INO else None
+    return facts.PROC_SERVED if _is_procfs(fd) else None
+
+
+def _peer_mode(mode: int, current: int) -> int:
+    """The permission bits a peer may set: never setuid or setgid, except that a directory keeps the
+    setgid bit it has (inherited from its parent, as the kernel gives it)."""
+    bits = stat.S_IMODE(mode) & ~PRIVILEGE_BITS
+    if stat.S_ISDIR(current) and current & mode & stat.S_ISGID:
+        bits |= stat.S_ISGID
+    return bits
+
+
+def _drop_privileges(where: int | str, mode: int) -> None:
+    """What the kernel does to a file an unprivileged user writes: its setuid bit goes, and its setgid bit
+    where it means setgid (group-executable).  The server writes with CAP_FSETID, which would keep them."""
+    setgid = stat.S_ISGID | stat.S_IXGRP
+    if stat.S_ISREG(mode) and (mode & stat.S_ISUID or mode & setgid == setgid):
+        os.chmod(where, stat.S_IMODE(mode) & ~PRIVILEGE_BITS)
 
 
 def _is_procfs(fd: int) -> bool:

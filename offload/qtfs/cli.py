@@ -46,6 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--whitelist", metavar="FILE", help="rules in the reference's /etc/qtfs/whitelist format")
     serve.add_argument("--node", default="", metavar="NAME")
+    squash = serve.add_mutually_exclusive_group()
+    squash.add_argument(
+        "--root-squash",
+        dest="root_squash",
+        action="store_true",
+        default=True,
+        help="uid and gid 0 of the DPU's requests become nobody/nogroup (65534) on the host (the default)",
+    )
+    squash.add_argument(
+        "--no-root-squash",
+        dest="root_squash",
+        action="store_false",
+        help="DPU root owns what it creates as root on the host (setuid, setgid and file capabilities "
+        "are never set for the DPU either way)",
+    )
     _security(serve)
 
     mount = commands.add_parser("mount", help="DPU side: mount a host directory")
@@ -133,7 +148,7 @@ def _serve(args: argparse.Namespace) -> None:
         for text in args.listen:
             parse_address(text)
         whitelist = load(args.whitelist) if args.whitelist else Whitelist()
-        config = ServerConfig(tuple(args.listen), exports, whitelist, args.node)
+        config = ServerConfig(tuple(args.listen), exports, whitelist, args.node, args.root_squash)
         return config, Transport.from_options(args.pki, args.insecure)
 
     aio.run_service(log, serve, build)

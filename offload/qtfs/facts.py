@@ -13,6 +13,12 @@ The lists are what libvirt 9 reads for node info and capabilities
 paths compiled into Debian's libvirt 9.0 and its qemu driver).
 Names are relative to /proc and /sys; a name missing on either side is
 skipped by the orchestrator.
+
+The server serves exactly these (`PROC_SERVED`, `SYS_SERVED`: the files,
+what lies below the /sys directories, and the directories on the way) of
+an exported procfs or sysfs, and nothing else: /proc/PID/environ, maps
+and mem of the host's processes, and the rest of /sys, are never read on a
+peer's behalf, whichever path or mount root the peer names.
 """
 
 from __future__ import annotations
@@ -47,17 +53,23 @@ SYS_DIRS: tuple[str, ...] = (
 #: Top-level /proc names that belong to processes: never served.
 PER_PROCESS = frozenset({b"self", b"thread-self"})
 
+#: What the server serves of a /proc export and of a /sys export (allowlists, relative to the export).
+PROC_SERVED: tuple[bytes, ...] = tuple(f.encode() for f in PROC_FILES)
+SYS_SERVED: tuple[bytes, ...] = tuple(d.encode() for d in SYS_DIRS)
+
 
 def is_per_process(name: bytes) -> bool:
     """A top-level /proc entry describing a process (a pid, self, thread-self)."""
     return name.isdigit() or name in PER_PROCESS
 
 
-_SYS = tuple(d.encode() for d in SYS_DIRS)
+def allowed(served: tuple[bytes, ...], path: bytes) -> bool:
+    """``path`` is one of ``served``, inside one, or a directory on the way to one (``b""``: the root)."""
+    if not path:
+        return True
+    return any(path == top or path.startswith(top + b"/") or top.startswith(path + b"/") for top in served)
 
 
 def sys_visible(path: bytes) -> bool:
     """``path`` (relative to /sys) is one of `SYS_DIRS`, inside one, or on the way to one."""
-    if not path:
-        return True
-    return any(path == top or path.startswith(top + b"/") or top.startswith(path + b"/") for top in _SYS)
+    return allowed(SYS_SERVED, path)

@@ -21,6 +21,9 @@ import os
 
 SYS_OPENAT2 = 437  # the same number on every architecture (asm-generic)
 RESOLVE_NO_MAGICLINKS = 0x02
+#: statfs(2) f_type of the kernel's fact filesystems (linux/magic.h).
+PROC_SUPER_MAGIC = 0x9FA0
+SYSFS_MAGIC = 0x62656572
 RESOLVE_BENEATH = 0x08
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -31,6 +34,7 @@ class _OpenHow(ctypes.Structure):
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
+_fstatfs = _libc.fstatfs
 _syscall.restype = ctypes.c_long
 _have_openat2: bool | None = None
 
@@ -103,3 +107,18 @@ def open_path(root: int, path: bytes) -> int:
     if not path:
         return os.dup(root)
     return openat2(root, path, os.O_PATH | os.O_NOFOLLOW)
+
+
+def fs_type(fd: int) -> int:
+    """fstatfs(2)'s f_type of the filesystem holding ``fd`` (os.statvfs has none)."""
+    # struct statfs begins with f_type, a C long; 256 bytes hold the whole struct on every ABI.
+    buffer = (ctypes.c_long * 32)()
+    if _fstatfs(fd, buffer) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(buffer[0]) & 0xFFFFFFFF
+
+
+def real_path(fd: int) -> bytes:
+    """Where the kernel says ``fd`` is now (its /proc/self/fd link): the path after every symlink."""
+    return os.fsencode(os.readlink(f"/proc/self/fd/{fd}"))

@@ -42,6 +42,9 @@ IDLE_TIMEOUT = 60.0
 RECEIVE_SIZE = 1 << 20
 #: Operations that may block for long run in a thread.
 THREADED = frozenset({wire.Op.FSYNC})
+#: What a request's well-formed but absurd fields make the os module raise (an offset
+#: past 2**63, a NUL inside a name or a link target): that request fails with EINVAL.
+ABSURD = (ValueError, OverflowError)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class ServerConfig:
     exports: tuple[Export, ...]
     whitelist: Whitelist = field(default_factory=Whitelist)
     node: str = ""
+    root_squash: bool = True  # uid and gid 0 of a request become nobody/nogroup (NFS's root_squash)
 
     def __post_init__(self) -> None:
         if not self.exports:
@@ -81,7 +85,7 @@ class Session:
         self.peer = peer
         self.epoch = epoch
         self.conn = wire.QtfsConnection(client=False)
-        self.backend = Backend(config.exports, config.whitelist)
+        self.backend = Backend(config.exports, config.whitelist, config.root_squash)
         self.handlers = self.backend.handlers()
         self.send_lock = trio.Lock()
         self.watch: TreeWatch | None = None
@@ -115,7 +119,7 @@ class Session:
             trio.lowlevel.notify_closing(self.watch.fd)
             self.watch.close()
             self.watch = None
-        if self.backend.hide_processes or not watchable(self.backend.root):
+        if self.backend.facts is not None or not watchable(self.backend.root):
             return reply
         try:
             watch = TreeWatch(self.backend.base)
@@ -182,6 +186,9 @@ class Session:
         except OSError as exc:
             out.append(self._failure(call.id, op, request, exc))
             return
+        except ABSURD as exc:
+            out.append(self._failure(call.id, op, request, OSError(errno.EINVAL, str(exc))))
+            return
         out.append(self.conn.send_result(call.id, reply))
 
     def _read(self, id: int, request: wire.Read) -> memoryview:
@@ -205,6 +212,8 @@ class Session:
             data = self.conn.send_result(id, reply)
         except OSError as exc:
             data = self._failure(id, op, request, exc)
+        except ABSURD as exc:
+            data = self._failure(id, op, request, OSError(errno.EINVAL, str(exc)))
         async with self.send_lock:
             await self.stream.send_all(data)
 

@@ -10,6 +10,11 @@ matches a path equal to it or below it on a component boundary
 section is missing or has no matching rule is refused; without one,
 everything inside the exports is allowed.  lookup, getattr, readlink,
 statfs and xattr reads are never gated, as in the reference.
+
+The server (`offload.qtfs.backend`) asks about the path an operation
+really touches, after symlinks, never the path as the peer spelled it; a
+link is asked about both names ([Create]), a rename too ([Rename]), and an
+operation by handle about the handle's own file.
 """
 
 from __future__ import annotations
