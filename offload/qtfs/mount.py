@@ -206,12 +206,17 @@ def _start_guard(connection: fusectl.Connection, mountpoint: str):
     Started from this, the main thread (the kernel signals the guard when the
     thread that started it exits), with a session of its own.
     """
-    return proc.spawn(
-        guard.command(connection, mountpoint),
-        stdin=proc.DEVNULL,
-        pass_fds=(connection.abort_fd, connection.waiting_fd),
-        start_new_session=True,
-    )
+    try:
+        return proc.spawn(
+            guard.command(connection, mountpoint),
+            stdin=proc.DEVNULL,
+            pass_fds=(connection.abort_fd, connection.waiting_fd),
+            start_new_session=True,
+        )
+    except OSError as exc:
+        # The mount serves on; only a SIGKILL of this process is left unguarded.
+        log.warning("no guard for %s (a SIGKILL of this process would not abort its connection): %s", mountpoint, exc)
+        return None
 
 
 def _set_readahead(dev: int, kib: int) -> None:
