@@ -277,6 +277,11 @@ class Lab:
             "--pki",
             str(self.dir / "pki" / "host"),
             *(arg for export in LIBVIRT_EXPORTS for arg in ("--export", export)),
+            # libvirtd is root on the DPU side and owns its state directories
+            # here (it chowns its files back to root): the lab loosens the
+            # default root squash on purpose.  setuid, setgid and file
+            # capabilities stay refused either way.
+            "--no-root-squash",
             # The host's facts, which the DPU side binds over its own files.
             *("--export", "/proc:ro", "--export", "/sys:ro"),
         ]
