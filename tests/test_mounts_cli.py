@@ -219,7 +219,7 @@ def test_busy_teardown_from_the_command_line(target: str) -> None:
         offload prepare --target {target} >/dev/null
         (cd {target}/dev/shm && exec sleep 60) &
         holder=$!
-        sleep 0.2
+        until [ "$(readlink /proc/$holder/cwd)" = {target}/dev/shm ]; do sleep 0.05; done
         offload teardown --target {target} 2>&1; echo "@@busy rc=$?"
         offload teardown --force --target {target} 2>&1; echo "@@force rc=$?"
         kill $holder; wait $holder
@@ -261,15 +261,22 @@ def test_sigterm_during_prepare_undoes_the_run(target: str, tmp_path: Path) -> N
 
 
 def test_a_second_prepare_waits_for_the_first(target: str) -> None:
-    # flock(1) on the target stands for a prepare or teardown in progress.
+    # flock(1) on the target stands for a prepare or teardown in progress;
+    # it lets go only once prepare said that it waits.
     result = shell(
         f"""
-        flock {target} sleep 1 &
-        sleep 0.2
-        offload prepare --target {target} 2>&1; echo "@@prepare rc=$?"
+        flock {target} sh -c 'touch {target}.locked; until [ -e {target}.go ]; do sleep 0.05; done' &
+        until [ -e {target}.locked ]; do sleep 0.05; done
+        offload prepare --target {target} > {target}.out 2>&1 &
+        prepare=$!
+        until grep -q "waiting for another" {target}.out; do sleep 0.05; done
+        touch {target}.go
+        wait $prepare; echo "@@prepare rc=$?"
         wait
+        cat {target}.out; echo "@@out rc=0"
+        rm -f {target}.locked {target}.go {target}.out
         """
     )
     out = sections(result.stdout)
-    assert out["prepare.rc"] == "0", result.stderr
-    assert out["prepare"].splitlines()[0] == f"waiting for another prepare or teardown of {target} to finish"
+    assert out["prepare.rc"] == "0", out["out"]
+    assert out["out"].splitlines()[0] == f"waiting for another prepare or teardown of {target} to finish"
