@@ -1,5 +1,5 @@
 /*
- * rexec-exec: put file descriptors at exact numbers, then exec a program.
+ * rexec-exec: put file descriptors at exact numbers, reset signals, then exec a program.
  *
  * rexec_server starts every remote program through this helper.  Python's
  * subprocess does the privileged set-up in C (user, groups, cwd, umask,
@@ -22,6 +22,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,6 +49,23 @@ static void report(const char *stage, int fd, int err)
     if (status_fd >= 0 && len > 0)
         (void)!write(status_fd, line, (size_t)len);
     _exit(127);
+}
+
+/* The program starts with every signal at its default action and none
+ * blocked, as libvirt's own children do (virFork resets them), not with
+ * what rexec_server inherited from whoever started it.  A background job of
+ * a non-interactive shell starts with SIGINT and SIGQUIT ignored; exec
+ * resets SIGINT because rexec_server catches it, but an ignored SIGQUIT
+ * would pass on to the program, and a shell silently refuses to trap a
+ * signal that was ignored when it started.  */
+static void reset_signals(void)
+{
+    sigset_t none;
+    for (int sig = 1; sig < NSIG; sig++)
+        if (sig != SIGKILL && sig != SIGSTOP)
+            (void)signal(sig, SIG_DFL); /* fails harmlessly for libc's reserved ones */
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
 }
 
 static int parse_int(const char *text, long long *out)
@@ -155,6 +173,7 @@ int main(int argc, char **argv)
         else if (dup2(s->src, s->dst) < 0) /* the copy at dst is inheritable */
             report("dup", s->dst, errno);
     }
+    reset_signals();
     execv(path, program_argv);
     report("exec", -1, errno);
     return 127;

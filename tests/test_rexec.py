@@ -112,18 +112,55 @@ def test_death_by_signal_seen_by_waitpid(lab: Lab, signum: int) -> None:
     ],
 )
 def test_signals_forwarded(lab: Lab, signum: int) -> None:
+    assert_trapped_remotely(lab, signum)
+
+
+def assert_trapped_remotely(lab: Lab, signum: int) -> None:
+    """``signum`` sent to the stand-in reaches the remote shell, whose trap decides how it ends."""
     name = signal.Signals(signum).name[3:]
     script = f"trap 'echo got {name}; exit 42' {name}; echo ready; while :; do sleep 0.05; done"
     child = start_rexec(lab, "/bin/sh", "-c", script, stdout=subprocess.PIPE)
     try:
         assert child.stdout.readline() == b"ready\n"
         child.send_signal(signum)
-        out, _ = child.communicate(timeout=15)
+        # Generous: only a lost signal takes anywhere near this long.
+        out, _ = child.communicate(timeout=60)
         assert child.returncode == 42
         assert out == f"got {name}\n".encode()
     finally:
         child.kill()
         child.wait()
+
+
+def signal_set(status: str, field: str) -> set[int]:
+    """The signals in a mask line of /proc/PID/status (SigIgn, SigBlk, ...)."""
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith(f"{field}:")), 16)
+    return {number for number in range(1, 65) if mask >> (number - 1) & 1}
+
+
+def test_program_gets_default_signals_whatever_its_server_inherited(lab: Lab) -> None:
+    """A daemon started as a background job of a non-interactive shell has SIGINT and SIGQUIT ignored.
+
+    The programs it runs must not inherit that: a remote shell would silently
+    ignore its trap for SIGQUIT, and the forwarded signal with it.
+    """
+    background = (signal.SIGINT, signal.SIGQUIT)
+    try:
+        ours = {signum: signal.signal(signum, signal.SIG_IGN) for signum in background}
+        try:
+            server = lab.restart_service("host-rexec")  # inherits our dispositions, as from such a shell
+        finally:
+            for signum, handler in ours.items():
+                signal.signal(signum, handler)
+        assert signal.SIGQUIT in signal_set(Path(f"/proc/{server}/status").read_text(), "SigIgn")
+        result = rexec(lab, "/bin/cat", "/proc/self/status")
+        assert result.returncode == 0, result.stderr
+        status = result.stdout.decode()
+        assert (signal_set(status, "SigIgn"), signal_set(status, "SigBlk")) == (set(), set())
+        for signum in background:
+            assert_trapped_remotely(lab, signum)
+    finally:
+        lab.restart_service("host-rexec")
 
 
 def test_pidmap_file_locked_and_removed(lab: Lab) -> None:
