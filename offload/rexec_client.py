@@ -341,7 +341,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
         head = message[:65536]
         rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, b"".join(fd.to_bytes(4, sys.byteorder) for fd in passed))]
         sent = sock.sendmsg([head], rights if passed else [])
-        sock.sendall(message[sent:])
+        # Only a rest that exists: sendall(b"") still makes one send(), and a
+        # quick program may have run and the agent closed by then (EPIPE).
+        if sent < len(message):
+            sock.sendall(message[sent:])
     except OSError as exc:
         fail(f"cannot send the request to the local rexec_server at {path}: {exc.strerror or exc}")
     # Our copies stay open: libvirt's pidfile lock and listeners live here.
