@@ -15,10 +15,26 @@ log = logging.getLogger("offload")
 
 def _pki_init(args: argparse.Namespace) -> int:
     from offload import pki
+    from offload.errors import ConfigError
 
-    for line in pki.init(Path(args.dir), args.node, force=args.force):
+    if not args.identities:
+        raise ConfigError("name at least one node: --node host|dpu, --host NAME or --dpu NAME")
+    for line in pki.init(Path(args.dir), args.identities, force=args.force):
         print(line)
     return 0
+
+
+def _identity(role: str | None):
+    """An argparse type: NAME into the Identity of ``role`` (None: inferred from NAME)."""
+    from offload import pki
+
+    def parse(name: str) -> pki.Identity:
+        try:
+            return pki.Identity.named(name) if role is None else pki.Identity(role, name)
+        except OffloadError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,9 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
     pki_commands = pki_parser.add_subparsers(dest="pki_command", required=True, metavar="COMMAND")
     init = pki_commands.add_parser("init", help="create a CA and one certificate per node")
     init.add_argument("--dir", required=True, help="where to write the CA and node directories")
-    init.add_argument("--node", action="append", required=True, help="node name (repeatable), e.g. host, dpu")
+    nodes = init.add_argument_group("nodes (at least one; each option repeatable)")
+    nodes.add_argument(
+        "--node",
+        action="append",
+        dest="identities",
+        type=_identity(None),
+        metavar="host|dpu",
+        help="a node named after its role: 'host' or 'dpu'",
+    )
+    nodes.add_argument(
+        "--host", action="append", dest="identities", type=_identity("host"), metavar="NAME", help="a host named NAME"
+    )
+    nodes.add_argument(
+        "--dpu", action="append", dest="identities", type=_identity("dpu"), metavar="NAME", help="a DPU named NAME"
+    )
     init.add_argument("--force", action="store_true", help="replace existing node certificates")
-    init.set_defaults(handler=_pki_init)
+    init.set_defaults(handler=_pki_init, identities=None)
 
     from offload.lab import cli as lab_cli
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from offload.errors import ConfigError
+from offload.net import ConnectionLimits
 
 DEFAULT_CONFIG = Path("/etc/offload/rexec.toml")
 
@@ -78,6 +79,14 @@ SETTINGS: tuple[Setting, ...] = (
         "SECONDS",
     ),
     Setting("warm", int, "idle authenticated connections kept open to each peer", "N"),
+    Setting(
+        "peer_name",
+        list,
+        "the only peer node accepted or connected to (repeatable; default: any of the other role)",
+        "NAME",
+    ),
+    Setting("max_connections", int, "peer links, and stand-ins, served at once", "N"),
+    Setting("max_peer_connections", int, "links served at once per peer address (stand-ins: per uid)", "N"),
 )
 
 
@@ -97,8 +106,12 @@ class RexecConfig:
     keepalive: float = 10.0
     kill_grace: float = 2.0
     warm: int = 2
+    peer_name: tuple[str, ...] = ()
+    max_connections: int = ConnectionLimits.total
+    max_peer_connections: int = ConnectionLimits.per_peer
 
     def __post_init__(self) -> None:
+        _ = self.limits  # ConnectionLimits raises ConfigError for limits out of range
         if self.keepalive < 0.5:
             raise ConfigError(f"keepalive {self.keepalive} is below 0.5 seconds")
         if self.kill_grace < 0:
@@ -119,6 +132,10 @@ class RexecConfig:
     @property
     def agent_socket(self) -> str:
         return str(Path(self.run_dir) / "rexec.sock")
+
+    @property
+    def limits(self) -> ConnectionLimits:
+        return ConnectionLimits(self.max_connections, self.max_peer_connections)
 
     @property
     def users(self) -> dict[str, str]:

@@ -3,20 +3,30 @@
 Addresses: ``tcp://HOST:PORT`` (also bare ``HOST:PORT``, as the reference's
 CMD_NET_ADDR allows), ``vsock://CID:PORT`` and ``unix:///PATH``.  Links are
 mutual TLS 1.3 with certificates from `offload.pki` unless the operator asks
-for ``--insecure``.  Foreign exceptions (OSError, ssl.SSLError, trio's
+for ``--insecure``.  Who may be at the other end is decided here, once, at
+every handshake on both sides (`Transport`): a peer of the other role
+than ours (a host talks only to DPUs and a DPU only to hosts), and, when
+the configuration names peers (``--peer-name``), one of those.  Every
+listener of every daemon is served by one accept loop (`serve_listeners`),
+which outlives running out of fds and bounds connections per peer and in
+total.  Foreign exceptions (OSError, ssl.SSLError, trio's
 BrokenResourceError) are translated here, once, into `TransportError` and
 `AuthenticationError`, naming the address.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import logging
+import math
 import os
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterator
+import struct
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -24,7 +34,7 @@ import trio
 
 from offload import aio
 from offload.errors import AuthenticationError, ConfigError, TransportError
-from offload.pki import TlsConfig, peer_name
+from offload.pki import Identity, TlsConfig, peer_identity
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +42,33 @@ HANDSHAKE_TIMEOUT = 10.0
 #: accept() errors that mean "out of resources for now", not "the listener broke"
 #: (the ones trio's serve_listeners retries).
 ACCEPT_RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-#: How long an accept loop that ran out of resources waits before it tries again.
+#: How long an accept loop that ran out of resources waits before it tries again;
+#: the pause doubles while the shortage lasts, up to ACCEPT_PAUSE_MAX.
 ACCEPT_PAUSE = 0.1
+ACCEPT_PAUSE_MAX = 2.0
+#: What a TLS handshake reads at a time: a handshake is a few KiB, and an
+#: unauthenticated peer must not make us hold more (after it, TlsStream reads 1 MiB).
+HANDSHAKE_CHUNK = 16 << 10
+#: Refused connections are logged at most this often (seconds), with their count.
+REFUSAL_LOG_PAUSE = 10.0
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How many connections one listener set serves at once: per peer and in total.
+
+    A peer is an IP address, a vsock CID, or on a UNIX socket the caller's
+    uid.  Each rexec session, udsproxy connection and qtfs mount is one
+    connection, so ``per_peer`` is also how many programs, carried sockets
+    and mounts one peer may have at once.
+    """
+
+    total: int = 4096
+    per_peer: int = 256
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.per_peer <= self.total:
+            raise ConfigError(f"connection limits: need 1 <= per peer ({self.per_peer}) <= total ({self.total})")
 
 
 @dataclass(frozen=True)
@@ -150,12 +185,20 @@ class TlsStream(trio.abc.Stream):
                     break
                 except ssl.SSLWantReadError:
                     await stream._flush()
-                    await stream._fill()
+                    await stream._fill_handshake()
             await stream._flush()
         except BaseException:
             await trio.aclose_forcefully(raw)
             raise
         return stream
+
+    async def _fill_handshake(self) -> None:
+        """`_fill` in small steps: what an unauthenticated peer sends is held a record at a time."""
+        data = await self.raw.receive_some(HANDSHAKE_CHUNK)
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()
 
     async def _flush(self) -> None:
         """Send whatever the TLS engine has produced."""
@@ -229,25 +272,47 @@ class Connected:
     """An established, authenticated byte stream and who is at the other end."""
 
     stream: trio.abc.Stream
-    peer: str  # certificate CN, or the address when insecure
+    peer: str  # the node its certificate names, or the address when insecure
+    identity: Identity | None = None  # None when insecure
 
 
 class Transport:
-    """Makes authenticated connections and listeners from one node's credentials."""
+    """Makes authenticated connections and listeners from one node's credentials.
 
-    def __init__(self, tls: TlsConfig | None) -> None:
+    ``peer_names``: when not empty, the only nodes accepted or connected to
+    (besides being of the other role, which is always required).
+    ``limits``: what `serve_listeners` allows the daemon's listeners.
+    """
+
+    def __init__(
+        self,
+        tls: TlsConfig | None,
+        *,
+        peer_names: Iterable[str] = (),
+        limits: ConnectionLimits = ConnectionLimits(),
+    ) -> None:
         self.tls = tls
+        self.peer_names = frozenset(peer_names)
+        self.limits = limits
+        if tls is None and self.peer_names:
+            raise ConfigError("--peer-name needs certificates to check: it cannot be used with --insecure")
         self._server_context = tls.server_context() if tls else None
         self._client_context = tls.client_context() if tls else None
 
     @classmethod
-    def from_options(cls, pki: str | None, insecure: bool) -> Transport:
+    def from_options(
+        cls,
+        pki: str | None,
+        insecure: bool,
+        peer_names: Iterable[str] = (),
+        limits: ConnectionLimits = ConnectionLimits(),
+    ) -> Transport:
         """The transport an entry point asked for; plaintext only when explicit."""
         if insecure:
             log.warning(
                 "running with --insecure: links are neither authenticated nor encrypted; anyone who can reach the listening address can run whitelisted programs"
             )
-            return cls(None)
+            return cls(None, peer_names=peer_names, limits=limits)
         from pathlib import Path
 
         from offload.pki import DEFAULT_PKI_DIR
@@ -256,7 +321,43 @@ class Transport:
             raise ConfigError(
                 f"no TLS credentials: {DEFAULT_PKI_DIR} does not exist; create them with 'offload pki init', pass --pki DIR, or run with --insecure"
             )
-        return cls(TlsConfig.load(Path(pki) if pki else DEFAULT_PKI_DIR))
+        return cls(TlsConfig.load(Path(pki) if pki else DEFAULT_PKI_DIR), peer_names=peer_names, limits=limits)
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser, *, serving: bool) -> None:
+        """The options of `from_arguments`, for the daemons that take no config file (rexec's is SETTINGS)."""
+        parser.add_argument("--pki", metavar="DIR", help="TLS credentials of this node (default /etc/offload/pki)")
+        parser.add_argument("--insecure", action="store_true", help="plaintext, unauthenticated (tests only)")
+        parser.add_argument(
+            "--peer-name",
+            action="append",
+            default=[],
+            metavar="NAME",
+            help="the only peer node accepted or connected to (repeatable; default: any of the other role)",
+        )
+        if serving:
+            defaults = ConnectionLimits()
+            parser.add_argument(
+                "--max-connections",
+                type=int,
+                default=defaults.total,
+                metavar="N",
+                help=f"connections served at once per listener set (default {defaults.total})",
+            )
+            parser.add_argument(
+                "--max-peer-connections",
+                type=int,
+                default=defaults.per_peer,
+                metavar="N",
+                help=f"connections served at once per peer address or local uid (default {defaults.per_peer})",
+            )
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace) -> Transport:
+        limits = ConnectionLimits()
+        if hasattr(args, "max_connections"):
+            limits = ConnectionLimits(args.max_connections, args.max_peer_connections)
+        return cls.from_options(args.pki, args.insecure, args.peer_name, limits)
 
     async def connect(self, address: Address, *, timeout: float = HANDSHAKE_TIMEOUT) -> Connected:
         with translate_errors(address, "connecting to"):
@@ -265,7 +366,11 @@ class Transport:
                 if self._client_context is None:
                     return Connected(raw, str(address))
                 stream = await TlsStream.wrap(raw, self._client_context, server_side=False)
-                return Connected(stream, peer_name(stream.getpeercert()))
+        try:
+            return await self._authorize(stream, str(address))
+        except AuthenticationError as exc:
+            log.warning("refused to connect to %s: %s", address, exc)
+            raise
 
     async def admit(self, raw: trio.abc.Stream, where: str, logger: logging.Logger) -> Connected | None:
         """``accept``, or refuse: log why, close the connection and return None."""
@@ -284,7 +389,35 @@ class Transport:
         with translate_errors(where, "handshake with"):
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 stream = await TlsStream.wrap(raw, self._server_context, server_side=True)
-        return Connected(stream, peer_name(stream.getpeercert()))
+        return await self._authorize(stream, where)
+
+    async def _authorize(self, stream: TlsStream, where: str) -> Connected:
+        """Who the handshake proved is at ``where``, if this node deals with them; else AuthenticationError.
+
+        The CA vouches only that a certificate is ours; which of our
+        certificates may talk to us is decided here, for both directions:
+        the other role only (a second DPU never runs programs on a DPU, the
+        host never passes for a DPU), and a listed name when names are listed.
+        """
+        assert self.tls is not None
+        ours = self.tls.identity
+        why = ""
+        try:
+            peer = peer_identity(stream.getpeercert(), where)
+        except ConfigError as exc:
+            why = str(exc)
+        else:
+            if peer.role != ours.peer_role:
+                why = f"peer {peer.node} has role {peer.role}: a {ours.role} deals only with {ours.peer_role} peers"
+            elif self.peer_names and peer.node not in self.peer_names:
+                why = (
+                    f"peer {peer.node} (role {peer.role}) is not one of the configured peer names "
+                    f"({', '.join(sorted(self.peer_names))})"
+                )
+        if why:
+            await trio.aclose_forcefully(stream)
+            raise AuthenticationError(why, address=where)
+        return Connected(stream, peer.node, peer)
 
     async def listen(self, address: Address) -> list[trio.SocketListener]:
         with translate_errors(address, "listening on"):
@@ -298,19 +431,37 @@ class Transport:
             return [trio.SocketListener(sock)]
 
 
-async def serve_connections(
+async def serve_listeners(
+    listeners: Sequence[trio.SocketListener],
+    handle: Callable[[trio.SocketStream], Awaitable[object]],
+    logger: logging.Logger,
+    what: str,
+    limits: ConnectionLimits,
+) -> None:
+    """The accept loop of every daemon: accept on ``listeners`` until cancelled.
+
+    Each connection is handled in a task of its own, and whatever its
+    ``handle`` raises ends that connection only (`aio.guarded` logs it).
+    Running out of fds or memory (the errnos trio's serve_listeners
+    retries) pauses accepting, longer while it lasts, logged once per
+    shortage, so a flood never ends the daemon; any other accept error
+    means a listener itself broke, and propagates.  A connection beyond
+    ``limits`` is closed at once, unserved.
+    """
+    admission = _Admission(limits, logger, what)
+    async with aio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept_loop, listener, handle, logger, what, admission)
+
+
+async def _accept_loop(
     listener: trio.SocketListener,
     handle: Callable[[trio.SocketStream], Awaitable[object]],
     logger: logging.Logger,
     what: str,
+    admission: _Admission,
 ) -> None:
-    """Accept on ``listener`` until cancelled, each connection handled in a task of its own.
-
-    Whatever one connection's ``handle`` raises ends that connection only
-    (`aio.guarded` logs it).  Running out of fds or memory is logged and
-    retried after a pause, so a flood never ends the daemon; any other
-    accept error means the listener itself broke, and propagates.
-    """
+    pause = ACCEPT_PAUSE
     async with aio.open_nursery() as nursery:
         while True:
             try:
@@ -318,12 +469,99 @@ async def serve_connections(
             except OSError as exc:
                 if exc.errno not in ACCEPT_RETRY_ERRNOS:
                     raise
-                logger.error("cannot accept a %s connection: %s", what, exc.strerror or exc)
-                await trio.sleep(ACCEPT_PAUSE)
+                if pause == ACCEPT_PAUSE:
+                    logger.error(
+                        "cannot accept %s connections: %s; pausing until resources are freed",
+                        what,
+                        exc.strerror or exc,
+                    )
+                await trio.sleep(pause)
+                pause = min(pause * 2, ACCEPT_PAUSE_MAX)
+                continue
+            if pause != ACCEPT_PAUSE:
+                logger.warning("accepting %s connections again", what)
+                pause = ACCEPT_PAUSE
+            key = peer_key(stream.socket)
+            if not admission.enter(key):
+                stream.socket.close()
                 continue
             nursery.start_soon(
-                aio.guarded, logger, f"{what} connection from {remote_name(stream)}", partial(handle, stream)
+                _handle_one, handle, stream, logger, f"{what} connection from {remote_name(stream)}", admission, key
             )
+
+
+async def _handle_one(
+    handle: Callable[[trio.SocketStream], Awaitable[object]],
+    stream: trio.SocketStream,
+    logger: logging.Logger,
+    what: str,
+    admission: _Admission,
+    key: str,
+) -> None:
+    try:
+        await aio.guarded(logger, what, partial(handle, stream))
+    finally:
+        admission.leave(key)
+
+
+class _Admission:
+    """Counts the connections being served, per peer and in all.
+
+    Refusals are logged at most once per REFUSAL_LOG_PAUSE, with how many
+    there were: a flood must not turn into a flood of log lines.  Only peers
+    with open connections are remembered, so memory is bounded by the limits.
+    """
+
+    def __init__(self, limits: ConnectionLimits, logger: logging.Logger, what: str) -> None:
+        self.limits = limits
+        self.logger = logger
+        self.what = what
+        self.open: Counter[str] = Counter()
+        self.total = 0
+        self.unlogged = 0  # refusals since the last log line
+        self.quiet_until = -math.inf
+
+    def enter(self, key: str) -> bool:
+        if self.total < self.limits.total and self.open[key] < self.limits.per_peer:
+            self.open[key] += 1
+            self.total += 1
+            return True
+        self.unlogged += 1
+        now = trio.current_time()
+        if now >= self.quiet_until:
+            self.logger.warning(
+                "refused %d %s connection(s), the latest from %s: %d open from it, %d in all "
+                "(limits: %d per peer, %d in all)",
+                self.unlogged,
+                self.what,
+                key,
+                self.open[key],
+                self.total,
+                self.limits.per_peer,
+                self.limits.total,
+            )
+            self.unlogged = 0
+            self.quiet_until = now + REFUSAL_LOG_PAUSE
+        return False
+
+    def leave(self, key: str) -> None:
+        self.total -= 1
+        self.open[key] -= 1
+        if not self.open[key]:
+            del self.open[key]
+
+
+def peer_key(sock: trio.socket.SocketType) -> str:
+    """Whose a connection is, for the per-peer limit: an IP address, a vsock CID, a local uid."""
+    try:
+        if sock.family == socket.AF_UNIX:
+            # SO_PEERCRED is struct ucred: pid, uid, gid (socket(7)).
+            _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            return f"uid {uid}"
+        name = sock.getpeername()
+    except OSError:
+        return "?"  # already gone: counted together with the others that went
+    return f"cid {name[0]}" if sock.family == socket.AF_VSOCK else str(name[0])
 
 
 def remote_name(raw: trio.SocketStream) -> str:

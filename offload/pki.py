@@ -1,7 +1,14 @@
 """Certificates for mutual TLS between the two machines (`offload pki init`).
 
-One CA signs a certificate per node (host, dpu, ...), as libvirt's own TLS
-set-up does.  Layout of DIR after ``init``::
+One CA signs a certificate per node, as libvirt's own TLS set-up does.
+Every certificate names who holds it: the node's name is the subject's
+CN, and its role, ``host`` or ``dpu``, is a SubjectAltName URI
+``offload:role=host`` / ``offload:role=dpu``.  A service accepts only
+peers of the other role (`Transport` checks it at every handshake), so a
+second DPU's certificate from the same CA never runs programs on the first
+DPU, and the host's certificate never passes for a DPU.  Certificates made
+before roles existed name none; they are refused, and ``offload pki init
+--force`` re-issues them.  Layout of DIR after ``init``::
 
     DIR/ca.pem, DIR/ca-key.pem            the CA (keep ca-key.pem off the nodes)
     DIR/NODE/{ca.pem,cert.pem,key.pem}    what node NODE needs: copy this
@@ -18,6 +25,7 @@ import datetime
 import ipaddress
 import os
 import ssl
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +38,46 @@ from offload.errors import ConfigError
 
 DEFAULT_PKI_DIR = Path("/etc/offload/pki")
 _VALIDITY = datetime.timedelta(days=3650)
+ROLES = ("host", "dpu")
+#: The SubjectAltName URI that names a certificate's role: ``offload:role=dpu``.
+ROLE_URI = "offload:role="
+REISSUE = "re-issue the certificates with 'offload pki init --force' (see README: deployment)"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who holds a certificate: a role (host or dpu) and a node name."""
+
+    role: str
+    node: str
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ConfigError(f"role {self.role!r} is neither host nor dpu")
+        if not self.node or "/" in self.node or self.node.startswith("."):
+            raise ConfigError(f"node name {self.node!r} is not a plain name")
+
+    @classmethod
+    def named(cls, node: str) -> Identity:
+        """The identity of ``--node NAME``: the names host and dpu say their role themselves."""
+        if node not in ROLES:
+            raise ConfigError(
+                f"node name {node!r} names no role: use --host {node} or --dpu {node} "
+                "(--node takes only 'host' or 'dpu')"
+            )
+        return cls(node, node)
+
+    @property
+    def peer_role(self) -> str:
+        """The role this one's peers have: a host talks to DPUs, a DPU to hosts."""
+        return "dpu" if self.role == "host" else "host"
+
+    def __str__(self) -> str:
+        return f"{self.role} {self.node}"
+
+
+#: The two certificates of the usual pair (the lab, the README's steps).
+HOST_AND_DPU = (Identity("host", "host"), Identity("dpu", "dpu"))
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
@@ -91,10 +139,14 @@ def _make_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
     return cert, key
 
 
-def _make_node(directory: Path, node: str, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey) -> None:
+def _make_node(directory: Path, identity: Identity, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey) -> None:
+    node = identity.node
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    names: list[x509.GeneralName] = [x509.DNSName(node)]
+    names: list[x509.GeneralName] = [
+        x509.UniformResourceIdentifier(ROLE_URI + identity.role),
+        x509.DNSName(node),
+    ]
     with contextlib.suppress(ValueError):
         names.append(x509.IPAddress(ipaddress.ip_address(node)))
     cert = (
@@ -120,16 +172,18 @@ def _make_node(directory: Path, node: str, ca: x509.Certificate, ca_key: ec.Elli
     _write(node_dir / "ca.pem", ca.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
-def init(directory: Path, nodes: list[str], *, force: bool = False) -> list[str]:
+def init(directory: Path, nodes: Sequence[Identity], *, force: bool = False) -> list[str]:
     """Create the CA (unless present) and a certificate for each node.
 
     Returns what was done, one line per item, for the caller to print.
-    Existing node certificates are kept unless ``force``.
+    Existing node certificates are kept unless ``force``; a kept one that
+    names no role (made before roles existed) is an error that says to
+    re-issue it.
     """
     done = []
-    for node in nodes:
-        if not node or "/" in node or node.startswith("."):
-            raise ConfigError(f"node name {node!r} is not a plain name")
+    names = [identity.node for identity in nodes]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a node name is given twice: {', '.join(names)}")
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     loaded = _load_ca(directory)
@@ -139,13 +193,46 @@ def init(directory: Path, nodes: list[str], *, force: bool = False) -> list[str]
     else:
         done.append(f"kept CA {directory / 'ca.pem'}")
     ca, ca_key = loaded
-    for node in nodes:
-        if (directory / node / "cert.pem").exists() and not force:
-            done.append(f"kept {directory / node}/cert.pem")
+    for identity in nodes:
+        cert_path = directory / identity.node / "cert.pem"
+        if cert_path.exists() and not force:
+            kept = certificate_identity(x509.load_pem_x509_certificate(cert_path.read_bytes()), str(cert_path))
+            if kept != identity:
+                raise ConfigError(f"{cert_path} is for {kept}, not {identity}: {REISSUE}")
+            done.append(f"kept {cert_path}")
             continue
-        _make_node(directory, node, ca, ca_key)
-        done.append(f"created {directory / node}/cert.pem for node {node}")
+        _make_node(directory, identity, ca, ca_key)
+        done.append(f"created {cert_path} for {identity}")
     return done
+
+
+def certificate_identity(cert: x509.Certificate, where: str) -> Identity:
+    """The role and node a certificate names; ConfigError if it names no role (or several)."""
+    try:
+        alternatives = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = alternatives.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    common_names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    node = str(common_names[0].value) if common_names else "?"
+    return _identity(node, uris, where)
+
+
+def peer_identity(certificate: dict | None, where: str) -> Identity:
+    """`certificate_identity` of a peer certificate as SSLObject.getpeercert() returns it."""
+    uris = [value for kind, value in (certificate or {}).get("subjectAltName", ()) if kind == "URI"]
+    return _identity(peer_name(certificate), uris, where)
+
+
+def _identity(node: str, uris: Iterable[str], where: str) -> Identity:
+    roles = {uri.removeprefix(ROLE_URI) for uri in uris if uri.startswith(ROLE_URI)}
+    if len(roles) != 1:
+        what = "names no role" if not roles else f"names several roles ({', '.join(sorted(roles))})"
+        raise ConfigError(f"the certificate of {node} ({where}) {what}: {REISSUE}")
+    try:
+        return Identity(roles.pop(), node)
+    except ConfigError as exc:
+        raise ConfigError(f"the certificate of {node} ({where}): {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -153,16 +240,23 @@ class TlsConfig:
     """One node's credentials: its certificate and key, and the CA it trusts."""
 
     directory: Path
+    identity: Identity  # what our own certificate names
 
     @classmethod
     def load(cls, directory: Path) -> TlsConfig:
         for name in ("ca.pem", "cert.pem", "key.pem"):
             if not (directory / name).is_file():
                 raise ConfigError(
-                    f"{name} is missing (create it with 'offload pki init --dir DIR --node NAME' and copy DIR/NAME here)",
+                    f"{name} is missing (create it with 'offload pki init --dir DIR --host NAME' "
+                    "or '--dpu NAME' and copy DIR/NAME here)",
                     path=str(directory),
                 )
-        return cls(directory)
+        path = directory / "cert.pem"
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the certificate: {exc}", path=str(path)) from None
+        return cls(directory, certificate_identity(cert, str(path)))
 
     def _context(self, purpose: int) -> ssl.SSLContext:
         side = ssl.PROTOCOL_TLS_SERVER if purpose == 0 else ssl.PROTOCOL_TLS_CLIENT

@@ -26,7 +26,7 @@ from offload import config as config_module
 from offload import log as log_module
 from offload.config import RexecConfig
 from offload.errors import ConfigError, ProtocolError, TransportError
-from offload.net import Transport, listener_address, parse_address, remote_name, serve_connections
+from offload.net import Transport, listener_address, parse_address, remote_name, serve_listeners
 from offload.protocol.rexec import Role
 from offload.rexecd.agent import PeerPool, serve_stand_ins
 from offload.rexecd.executor import ServerState, serve_session
@@ -111,8 +111,9 @@ async def serve(
             pool = PeerPool(transport, config, nursery)
             agent_socket = await nursery.start(serve_stand_ins, config, pool, pidmaps)
             bound = [listener_address(listener) for listener in listeners]
-            for listener in listeners:
-                nursery.start_soon(serve_connections, listener, partial(_serve_peer, transport, state), log, "peer")
+            nursery.start_soon(
+                serve_listeners, listeners, partial(_serve_peer, transport, state), log, "peer", transport.limits
+            )
             log.info(
                 "rexec_server %s ready: peers on %s, stand-ins on %s, %d whitelisted programs%s",
                 config.node_name,
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def build() -> tuple[RexecConfig, Transport]:
         config = config_module.from_arguments(args)
-        return config, Transport.from_options(config.pki or None, config.insecure)
+        transport = Transport.from_options(config.pki or None, config.insecure, config.peer_name, config.limits)
+        return config, transport
 
     aio.run_service(log, serve, build)
 

@@ -37,8 +37,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the white
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    pki.init(tmp_path / "pki", ["host", "dpu"])
-    pki.init(tmp_path / "rogue", ["dpu"])
+    pki.init(tmp_path / "pki", pki.HOST_AND_DPU)
+    pki.init(tmp_path / "rogue", [pki.Identity("dpu", "dpu")])
     whitelist = tmp_path / "whitelist"
     whitelist.write_text("/bin/true\n/bin/sh\n")
     whitelist.chmod(0o400)
@@ -207,7 +207,7 @@ def test_pki_layout_and_modes(tree: Path) -> None:
     assert {p.name for p in node.iterdir()} == {"ca.pem", "cert.pem", "key.pem"}
     assert (node / "key.pem").stat().st_mode & 0o777 == 0o600
     assert (tree / "pki" / "ca-key.pem").stat().st_mode & 0o777 == 0o600
-    again = pki.init(tree / "pki", ["dpu"])
+    again = pki.init(tree / "pki", [pki.Identity("dpu", "dpu")])
     assert any("kept" in line for line in again)
 
 

@@ -27,9 +27,11 @@ NATIVE = Path(__file__).resolve().parent.parent / "offload" / "_native"
 @pytest.fixture
 async def pair(tmp_path: Path, nursery: trio.Nursery) -> Path:
     """Daemon A (the DPU side, shim socket) and B (the host side, where sockets live)."""
-    from offload.net import Transport
+    from offload.net import ConnectionLimits, Transport
 
-    pki.init(tmp_path / "pki", ["host", "dpu"])
+    # Five hundred connections at once from one uid and one peer: above the default per-peer limit.
+    limits = ConnectionLimits(per_peer=1024)
+    pki.init(tmp_path / "pki", pki.HOST_AND_DPU)
     (tmp_path / "remote").mkdir()
     (tmp_path / "other").mkdir()
     (tmp_path / "files").mkdir()
@@ -45,8 +47,8 @@ async def pair(tmp_path: Path, nursery: trio.Nursery) -> Path:
         user_map=("root=root",),
     )
     dpu = ProxyConfig((), f"unix://{tmp_path}/peer.sock", (str(tmp_path),), str(tmp_path / "a"), "dpu", share)
-    await nursery.start(serve, host, Transport(TlsConfig.load(tmp_path / "pki" / "host")))
-    await nursery.start(serve, dpu, Transport(TlsConfig.load(tmp_path / "pki" / "dpu")))
+    await nursery.start(serve, host, Transport(TlsConfig.load(tmp_path / "pki" / "host"), limits=limits))
+    await nursery.start(serve, dpu, Transport(TlsConfig.load(tmp_path / "pki" / "dpu"), limits=limits))
     await nursery.start(echo_server, str(tmp_path / "remote" / "echo.sock"), socket.SOCK_STREAM)
     await nursery.start(echo_server, str(tmp_path / "remote" / "packets.sock"), socket.SOCK_SEQPACKET)
     return tmp_path

@@ -185,7 +185,7 @@ class Lab:
             done.append(
                 f"namespaces {self.host.netns} ({self.host.link.address}) and {self.dpu.netns} ({self.dpu.link.address}) joined by veth"
             )
-            pki.init(self.dir / "pki", ["host", "dpu"])
+            pki.init(self.dir / "pki", pki.HOST_AND_DPU)
             done.append(f"PKI in {self.dir / 'pki'}")
             (self.dir / "shared").mkdir(exist_ok=True)
             for side in (self.host, self.dpu):

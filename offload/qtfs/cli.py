@@ -29,9 +29,8 @@ def split_source(text: str) -> tuple[Address, bytes]:
     return address, os.fsencode(remote)
 
 
-def _security(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pki", metavar="DIR", help="TLS credentials of this node (default /etc/offload/pki)")
-    parser.add_argument("--insecure", action="store_true", help="plaintext, unauthenticated (tests only)")
+def _security(parser: argparse.ArgumentParser, *, serving: bool) -> None:
+    Transport.add_arguments(parser, serving=serving)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -61,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="DPU root owns what it creates as root on the host (setuid, setgid and file capabilities "
         "are never set for the DPU either way)",
     )
-    _security(serve)
+    _security(serve, serving=True)
 
     mount = commands.add_parser("mount", help="DPU side: mount a host directory")
     kind = mount.add_mutually_exclusive_group()
@@ -108,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--node", default="", metavar="NAME")
     mount.add_argument("source", metavar="ADDR:REMOTE_PATH")
     mount.add_argument("mountpoint", metavar="LOCAL_DIR")
-    _security(mount)
+    _security(mount, serving=False)
 
     umount = commands.add_parser("umount", help="unmount and end the background process")
     umount.add_argument("mountpoint", metavar="LOCAL_DIR")
@@ -149,7 +148,7 @@ def _serve(args: argparse.Namespace) -> None:
             parse_address(text)
         whitelist = load(args.whitelist) if args.whitelist else Whitelist()
         config = ServerConfig(tuple(args.listen), exports, whitelist, args.node, args.root_squash)
-        return config, Transport.from_options(args.pki, args.insecure)
+        return config, Transport.from_arguments(args)
 
     aio.run_service(log, serve, build)
 
@@ -173,7 +172,7 @@ def _mount(args: argparse.Namespace) -> int:
             args.dir_attr_timeout,
             0.0 if args.no_cache else args.coherent_cache,
         )
-        transport = Transport.from_options(args.pki, args.insecure)
+        transport = Transport.from_arguments(args)
     except ConfigError as exc:
         print(f"qtfs mount: {exc}", file=sys.stderr)
         return 2

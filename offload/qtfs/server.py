@@ -27,7 +27,7 @@ import trio
 
 from offload import aio
 from offload.errors import ConfigError, ProtocolError, TransportError
-from offload.net import Transport, listener_address, parse_address, remote_name
+from offload.net import Transport, listener_address, parse_address, remote_name, serve_listeners
 from offload.protocol import qtfs as wire
 from offload.protocol.framing import HEADER_SIZE
 from offload.qtfs.backend import Backend, Export
@@ -245,15 +245,7 @@ async def serve(
                 log.info("connection from %s idle for %.0f s: closed", connected.peer, IDLE_TIMEOUT)
 
     async with aio.open_nursery() as nursery:
-
-        async def accept(listener: trio.SocketListener) -> None:
-            async with aio.open_nursery() as sessions:
-                while True:
-                    raw = await listener.accept()
-                    sessions.start_soon(aio.guarded, log, "qtfs connection", lambda r=raw: session(r))
-
-        for listener in listeners:
-            nursery.start_soon(accept, listener)
+        nursery.start_soon(serve_listeners, listeners, session, log, "qtfs", transport.limits)
         bound = [listener_address(listener) for listener in listeners]
         log.info(
             "qtfs ready on %s, exporting %s",

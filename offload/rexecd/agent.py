@@ -27,7 +27,7 @@ from offload import aio
 from offload.config import RexecConfig
 from offload.errors import ConfigError, OffloadError, ProtocolError, RefusedError, TransportError
 from offload.fdio import StreamEnd, borrow
-from offload.net import Address, Transport, listen_unix, parse_address, serve_connections
+from offload.net import Address, Transport, listen_unix, parse_address, serve_listeners
 from offload.protocol import local, messages
 from offload.protocol.framing import CLOSED, NEED_DATA, Frame, FrameDecoder
 from offload.protocol.rexec import (
@@ -423,7 +423,7 @@ async def serve_stand_ins(
     listener = await listen_unix(config.agent_socket, 0o666)
     task_status.started(config.agent_socket)
     try:
-        await serve_connections(listener, session, log, "stand-in")
+        await serve_listeners([listener], session, log, "stand-in", config.limits)
     finally:
         listener.socket.close()
         with contextlib.suppress(FileNotFoundError):

@@ -38,7 +38,16 @@ import trio
 from offload import aio, users
 from offload import log as log_module
 from offload.errors import ConfigError, ProtocolError, RefusedError, TransportError, UnsupportedFdError
-from offload.net import Address, TlsStream, Transport, listen_unix, listener_address, parse_address, remote_name
+from offload.net import (
+    Address,
+    TlsStream,
+    Transport,
+    listen_unix,
+    listener_address,
+    parse_address,
+    remote_name,
+    serve_listeners,
+)
 from offload.protocol import udsproxy as wire
 from offload.rexecd.policy import is_shared
 from offload.udsproxy import fds as fd_policy
@@ -461,23 +470,14 @@ async def serve(
     shim = await listen_unix(config.shim_socket, 0o666)
     async with aio.open_nursery() as nursery:
 
-        async def accept_peers(listener: trio.SocketListener) -> None:
-            async with aio.open_nursery() as sessions:
-                while True:
-                    raw = await listener.accept()
-                    sessions.start_soon(
-                        aio.guarded, log, "peer connection", lambda r=raw: daemon.serve_peer(r, remote_name(r))
-                    )
+        async def serve_peer(raw: trio.SocketStream) -> None:
+            await daemon.serve_peer(raw, remote_name(raw))
 
-        async def accept_shims() -> None:
-            async with aio.open_nursery() as sessions:
-                while True:
-                    sock, _ = await shim.socket.accept()
-                    sessions.start_soon(aio.guarded, log, "shim request", lambda s=sock: daemon.serve_shim(s))
+        async def serve_shim(stream: trio.SocketStream) -> None:
+            await daemon.serve_shim(stream.socket)
 
-        for listener in listeners:
-            nursery.start_soon(accept_peers, listener)
-        nursery.start_soon(accept_shims)
+        nursery.start_soon(serve_listeners, listeners, serve_peer, log, "peer", transport.limits)
+        nursery.start_soon(serve_listeners, [shim], serve_shim, log, "shim", transport.limits)
         bound = [listener_address(listener) for listener in listeners]
         log.info("udsproxyd ready: peers on %s, shim on %s", ", ".join(bound) or "-", config.shim_socket)
         task_status.started(bound)
@@ -506,8 +506,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="CALLER=LOCAL",
         help="the peer's user CALLER acts as LOCAL here (repeatable); root acts as nobody unless mapped, e.g. root=root",
     )
-    parser.add_argument("--pki", metavar="DIR", help="TLS credentials (default /etc/offload/pki)")
-    parser.add_argument("--insecure", action="store_true", help="plaintext, unauthenticated (tests only)")
+    Transport.add_arguments(parser, serving=True)
     parser.add_argument("--run-dir", default="/var/run/udsproxy", metavar="DIR")
     parser.add_argument("--node", default="", metavar="NAME")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -533,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
             tuple(args.share),
             tuple(args.user_map),
         )
-        return config, Transport.from_options(args.pki, args.insecure)
+        return config, Transport.from_arguments(args)
 
     aio.run_service(log, serve, build)
 

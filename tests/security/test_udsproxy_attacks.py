@@ -69,7 +69,7 @@ async def tree(nursery: trio.Nursery) -> AsyncIterator[Tree]:
         base.chmod(0o755)
         for name in ("allowed", "private", "share", "a", "b"):
             (base / name).mkdir(mode=0o755)
-        pki.init(base / "pki", ["host", "dpu"])
+        pki.init(base / "pki", pki.HOST_AND_DPU)
         from offload.net import Transport
 
         share = (str(base / "share"),)
