@@ -109,7 +109,11 @@ def test_dry_run_with_a_host_prints_the_qtfs_commands(target: str, tmp_path: Pat
     proc_staging = f"{target}/run/offload/qtfs-proc"
     assert f"{qtfs} mount --proc --pki /run/pki 169.254.77.1:7003:/proc {proc_staging}" in lines
     meminfo = f"{proc_staging}/meminfo {target}/proc/meminfo"
-    expected = f"if [ -e {proc_staging}/meminfo ] && [ -e {target}/proc/meminfo ]; then mount --bind {meminfo}; fi"
+    # read-only: the host's facts are shown, never written from here
+    remount = f"mount -o remount,bind,ro {target}/proc/meminfo"
+    expected = (
+        f"if [ -e {proc_staging}/meminfo ] && [ -e {target}/proc/meminfo ]; then mount --bind {meminfo}; {remount}; fi"
+    )
     assert expected in lines
 
 
@@ -190,7 +194,7 @@ def test_a_failing_step_exits_non_zero_naming_it_and_leaves_nothing(target: str,
     assert "undid the 2 changes this run had made" in out["injected"]
     assert "rollback: umount " in out["injected"]
     assert out["kernel.rc"] == "1"
-    assert f"mount -t tmpfs tmpfs {target}/var/tmp: Invalid argument (EINVAL)" in out["kernel"]
+    assert f"mount -t tmpfs tmpfs {target}/var/tmp: option size=lots: Invalid argument (EINVAL)" in out["kernel"]
     assert out["left"].strip() == "0"
 
 

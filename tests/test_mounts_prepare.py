@@ -154,7 +154,7 @@ def test_a_wrong_mount_found_on_its_own_is_a_conflict(target: str) -> None:
         step = make_plan(target).steps[0]
         assert step.check(mountinfo.read()).state == ops.WRONG
         with pytest.raises(MountConflict) as caught:
-            step.execute(orchestrator._Run(contextlib.ExitStack(), print))
+            step.execute(orchestrator._Run(contextlib.ExitStack(), print, target))
         # the right mount, covered by another one, is wrong too
         syscalls.umount(f"{target}/proc")
         syscalls.mount("proc", f"{target}/proc", "proc", 0, "")

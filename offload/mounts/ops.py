@@ -1,7 +1,10 @@
 """The steps of a plan: small frozen objects that know how to do, check and describe themselves.
 
 Every step works on a machine path already resolved inside the target
-(offload/mounts/paths.py).  `check(entries)` compares the step with
+(offload/mounts/paths.py), and opens it again when it runs, beneath the
+target without following any symlink, to mount onto that fd
+(`Context.attach`): what was planned is where the mount lands, or the step
+fails.  `check(entries)` compares the step with
 reality (/proc/self/mountinfo, the filesystem) without changing anything;
 `execute(ctx)` does the step unless it is already done, and registers how
 to undo exactly what it did; `describe()` gives the equivalent shell
@@ -14,6 +17,8 @@ purpose, and an idempotent re-run must recognise both.
 
 from __future__ import annotations
 
+import contextlib
+import errno as errno_module
 import os
 import shlex
 import stat
@@ -23,7 +28,7 @@ from typing import Protocol
 
 from offload import proc
 from offload.errors import MountConflict, MountError
-from offload.mounts import mountinfo, syscalls
+from offload.mounts import mountinfo, paths, syscalls
 from offload.mounts.mountinfo import MountEntry
 
 # States a step can be in, as `offload status` prints them.
@@ -53,7 +58,16 @@ def is_userspace_qtfs(entry: MountEntry) -> bool:
 
 
 class Context(Protocol):
+    #: The target every step's path lies below.
+    target: str
+
     def entries(self) -> tuple[MountEntry, ...]: ...
+
+    def attach(self, mount_fd: int, target_fd: int, path: str) -> None:
+        """Attach the detached mount ``mount_fd`` onto ``target_fd``, record its id, register its undo."""
+
+    def record(self, entry: MountEntry) -> None:
+        """Record a mount a program made (teardown finds it by its id)."""
 
     def on_undo(self, what: str, undo: Callable[[], None]) -> None: ...
 
@@ -142,8 +156,8 @@ class _MountStep(Op):
             raise _conflict(self.path, found.detail)
         return found.state == MOUNTED
 
-    def _undo_umount(self, ctx: Context) -> None:
-        ctx.on_undo(f"umount {self.path}", lambda: syscalls.umount(self.path))
+    def _open_target(self, ctx: Context, make: str) -> int:
+        return paths.open_inside(ctx.target, self.path, make=make)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,16 +206,26 @@ class MountOp(_MountStep):
         if self._already(ctx):
             return Result(ALREADY)
         flags, data, late_ro = self._split()
-        os.makedirs(self.path, exist_ok=True)
-        syscalls.mount(self.source, self.path, self.fstype, flags, data)
-        self._undo_umount(ctx)
-        for sub in self.subdirs:
-            os.makedirs(os.path.join(self.path, sub), exist_ok=True)
-        if late_ro:
-            # A bind remount changes only the per-mount flags; they are all
-            # given again, since the call replaces them.
-            syscalls.mount(None, self.path, None, flags | syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_RDONLY)
+        target = self._open_target(ctx, paths.DIRECTORY)
+        try:
+            mount = syscalls.new_mount(self.source, self.fstype, flags, data, at=self.path)
+            try:
+                for sub in self.subdirs:
+                    # Made in the detached mount: nothing outside it can be reached from there.
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(sub, 0o755, dir_fd=mount)
+                if late_ro:
+                    syscalls.set_attributes(mount, syscalls.MOUNT_ATTR_RDONLY)
+                ctx.attach(mount, target, self.path)
+            finally:
+                os.close(mount)
+        finally:
+            os.close(target)
         return Result(DONE)
+
+
+class _Refused(Exception):
+    """A bind source that must not be bound (a symlink a peer serves)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,6 +237,10 @@ class BindOp(_MountStep):
     readonly: bool = False
     missing: str = "error"  # source missing: "error", "skip", "create"
     create_target: bool = True  # False where the target is in procfs/sysfs and cannot be made
+    #: Non-empty: ``source`` lies below this directory (a mount of the host's
+    #: files) and is opened beneath it without following any symlink: what a
+    #: peer serves never chooses which of this machine's files is bound.
+    beneath: str = ""
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -256,40 +284,59 @@ class BindOp(_MountStep):
             return Check(SKIPPED, f"{self.source} does not exist")
         return found
 
+    def _open_source(self) -> int | None:
+        """An O_PATH fd of the source; None where it is missing (and may be)."""
+        try:
+            if self.beneath:
+                return paths.open_inside(self.beneath, self.source)
+            # The operator's own path on this machine (/var/run/rexec may be a link to /run/rexec).
+            return os.open(self.source, os.O_PATH | os.O_CLOEXEC)
+        except (MountError, FileNotFoundError) as exc:
+            if self.beneath and exc.errno == errno_module.ELOOP:
+                # The host serves a symlink where a fact should be: not
+                # followed, not bound (the target keeps this machine's own).
+                raise _Refused(f"{self.source} is a symlink on the host: {exc}") from None
+            if exc.errno != errno_module.ENOENT:
+                raise
+        if self.missing == "skip":
+            return None
+        if self.missing == "error":
+            raise MountError(f"bind source {self.source} does not exist", path=self.source, errno=errno_module.ENOENT)
+        os.makedirs(self.source, mode=0o755, exist_ok=True)
+        return os.open(self.source, os.O_PATH | os.O_CLOEXEC)
+
     def execute(self, ctx: Context) -> Result:
-        if not os.path.exists(self.source):
-            if self.missing == "skip":
-                return Result(SKIPPED, f"{self.source} does not exist")
-            if self.missing == "error":
-                raise MountError(f"bind source {self.source} does not exist", path=self.source, errno=2)
-            os.makedirs(self.source, mode=0o755, exist_ok=True)
-        if self._already(ctx):
-            return Result(ALREADY)
-        if not os.path.lexists(self.path):
-            if not self.create_target:
-                return Result(SKIPPED, f"{self.path} does not exist here")
-            if os.path.isdir(self.source):
-                os.makedirs(self.path, exist_ok=True)
-            else:
-                os.makedirs(os.path.dirname(self.path), exist_ok=True)
-                with open(self.path, "a"):
-                    pass
-        flags = syscalls.MS_BIND | (syscalls.MS_REC if self.recursive else 0)
-        syscalls.mount(self.source, self.path, None, flags)
-        if self.recursive:
-            ctx.on_undo(f"umount -R {self.path}", lambda: _umount_tree(self.path))
-        else:
-            self._undo_umount(ctx)
-        if self.readonly:
-            syscalls.mount(None, self.path, None, syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_RDONLY)
+        try:
+            source = self._open_source()
+        except _Refused as refused:
+            return Result(SKIPPED, str(refused))
+        if source is None:
+            return Result(SKIPPED, f"{self.source} does not exist")
+        try:
+            if self._already(ctx):
+                return Result(ALREADY)
+            is_dir = stat.S_ISDIR(os.fstat(source).st_mode)
+            make = "" if not self.create_target else paths.DIRECTORY if is_dir else paths.FILE
+            try:
+                target = self._open_target(ctx, make)
+            except MountError as exc:
+                if exc.errno == errno_module.ENOENT and not self.create_target:
+                    return Result(SKIPPED, f"{self.path} does not exist here")
+                raise
+            try:
+                tree = syscalls.clone_tree(source, recursive=self.recursive)
+                try:
+                    if self.readonly:
+                        # Set on the detached bind: it is never writable, not even for an instant.
+                        syscalls.set_attributes(tree, syscalls.MOUNT_ATTR_RDONLY, recursive=self.recursive)
+                    ctx.attach(tree, target, self.path)
+                finally:
+                    os.close(tree)
+            finally:
+                os.close(target)
+        finally:
+            os.close(source)
         return Result(DONE)
-
-
-def _umount_tree(path: str) -> None:
-    """Unmount ``path`` and every mount below it, children first (an rbind brings its submounts)."""
-    for entry in reversed(mountinfo.under(mountinfo.read(), path)):
-        syscalls.umount(entry.mount_point)
-    syscalls.umount(path)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -324,16 +371,27 @@ class QtfsMount(_MountStep):
     def execute(self, ctx: Context) -> Result:
         if self._already(ctx):
             return Result(ALREADY)
-        os.makedirs(self.path, exist_ok=True)
-        status, output = ctx.run(self.argv())
-        if status != 0:
-            raise MountError(
-                f"{shlex.join(self.argv())} failed with status {status}" + (f": {output.strip()}" if output else ""),
-                path=self.path,
-            )
-        ctx.on_undo(f"qtfs umount {self.path}", lambda: _qtfs_umount(self.path))
-        if self.check(ctx.entries()).state != MOUNTED:
-            raise MountError(f"qtfs returned but nothing is mounted at {self.path}", path=self.path)
+        # The client mounts by path (libfuse): the path is checked for
+        # symlinks right before, and the mount found afterwards must sit on
+        # the very directory checked.  Inside a qtfs mount no symlink is ever
+        # followed (nosymfollow), so what the host serves cannot move it.
+        target = self._open_target(ctx, paths.DIRECTORY)
+        try:
+            status, output = ctx.run(self.argv())
+            if status != 0:
+                raise MountError(
+                    f"{shlex.join(self.argv())} failed with status {status}"
+                    + (f": {output.strip()}" if output else ""),
+                    path=self.path,
+                )
+            ctx.on_undo(f"qtfs umount {self.path}", lambda: _qtfs_umount(self.path))
+            entries = ctx.entries()
+            stack = mountinfo.stack_at(entries, self.path)
+            if self.check(entries).state != MOUNTED or stack[-1].parent_id != syscalls.mount_id(target):
+                raise MountError(f"qtfs returned but nothing is mounted at {self.path}", path=self.path)
+            ctx.record(stack[-1])
+        finally:
+            os.close(target)
         return Result(DONE)
 
 

@@ -3,9 +3,11 @@
 `prepare` runs the steps in order inside an ExitStack: each step that
 changed something registers its undo, and a failure anywhere unwinds
 exactly those, newest first, before the error goes up (naming the step and
-the kernel's errno).  `teardown` does not trust any plan: it unmounts
-whatever /proc/self/mountinfo shows below the target, newest mount first
-(so children before parents, and a covering mount before what it covers),
+the kernel's errno).  Every mount it makes is recorded by its mount id
+(offload.mounts.records).  `teardown` does not trust any plan: it unmounts
+whatever /proc/self/mountinfo shows below the target and whatever the
+record names (and everything mounted below those), newest mount first (so
+children before parents, and a covering mount before what it covers),
 and checks that nothing is left.  A userspace qtfs mount is taken down
 with its client: teardown returns once the clients have ended.
 """
@@ -21,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from offload.errors import MountBusy, MountError, OffloadError, StepFailed
-from offload.mounts import mountinfo, ops, syscalls
+from offload.mounts import mountinfo, ops, paths, records, syscalls
 from offload.mounts.mountinfo import MountEntry
 from offload.mounts.plan import Plan
 
@@ -37,14 +39,36 @@ def _quiet(line: str) -> None:
 class _Run:
     """The `ops.Context` of one prepare run."""
 
-    def __init__(self, stack: contextlib.ExitStack, report: Report) -> None:
+    def __init__(self, stack: contextlib.ExitStack, report: Report, target: str) -> None:
         self.stack = stack
         self.report = report
+        self.target = target
         self.undone: list[str] = []
         self.undo_failures: list[str] = []
+        # What earlier runs made and is still there stays recorded.
+        self.made = records.present(target, mountinfo.read())
 
     def entries(self) -> tuple[MountEntry, ...]:
         return mountinfo.read()
+
+    def attach(self, mount_fd: int, target_fd: int, path: str) -> None:
+        mount_id = syscalls.mount_id(mount_fd)
+        syscalls.attach(mount_fd, target_fd, path)
+        entry = records.find(mountinfo.read(), mount_id)
+        if entry is None:  # cannot be: it was attached in our namespace a moment ago
+            raise MountError(f"the mount on {path} (id {mount_id}) is not in mountinfo", path=path)
+        self.record(entry)
+
+        def undo() -> None:
+            unmount_exactly(entry)
+            self.made.remove(entry)
+            records.save(self.target, self.made)
+
+        self.on_undo(f"umount {path}", undo)
+
+    def record(self, entry: MountEntry) -> None:
+        self.made.append(entry)
+        records.save(self.target, self.made)
 
     def on_undo(self, what: str, undo: Callable[[], None]) -> None:
         def guarded() -> None:
@@ -113,7 +137,7 @@ def prepare(plan: Plan, *, report: Report = _quiet, fail_at: int | None = None) 
     # An exception that is not a step failure (KeyboardInterrupt, SIGTERM
     # turned into one by the CLI) unwinds the stack too: nothing half-done stays.
     with locked(plan.target, report), contextlib.ExitStack() as stack:
-        run = _Run(stack, report)
+        run = _Run(stack, report, plan.target)
         for number, step in enumerate(plan.steps, 1):
             where = f"[{number:>{width}}/{total}]"
             try:
@@ -173,8 +197,37 @@ class TeardownSummary:
 
 
 def targets_below(target: str, entries: tuple[MountEntry, ...]) -> list[MountEntry]:
-    """The mounts to take down, in the order to take them down (newest first)."""
-    return list(reversed(mountinfo.under(entries, target)))
+    """The mounts to take down, in the order to take them down (newest first).
+
+    Those below the target, and those prepare recorded wherever they are
+    (with whatever is mounted below them), so that a mount a symlink took
+    elsewhere is not left behind.
+    """
+    recorded = {e.mount_id for e in records.with_descendants(records.present(target, entries), entries)}
+    return [e for e in reversed(entries) if e.mount_id in recorded or mountinfo.is_under(e.mount_point, target)]
+
+
+def unmount_exactly(entry: MountEntry, flags: int = 0) -> None:
+    """Unmount ``entry`` itself: its mount point reached without following a symlink, its id checked.
+
+    EINVAL when another mount covers it now (the caller takes that one first).
+    """
+    point = entry.mount_point
+    name = os.path.basename(point)
+    parent = paths.open_inside("/", os.path.dirname(point))
+    try:
+        mount = paths.open_inside("/", point)
+        try:
+            covered = syscalls.mount_id(mount) != entry.mount_id
+        finally:
+            os.close(mount)  # an fd on the mount would keep it busy
+        if covered:
+            raise MountError(
+                f"{point}: another mount covers mount {entry.mount_id}", path=point, errno=errno_module.EINVAL
+            )
+        syscalls.umount_at(parent, name, point, flags)
+    finally:
+        os.close(parent)
 
 
 def teardown_commands(target: str) -> list[str]:
@@ -255,10 +308,11 @@ def _teardown(target: str, force: bool, report: Report) -> TeardownSummary:
                 holders=tuple(h for b in busy for h in b.holders),
             )
         )
-    left = mountinfo.under(mountinfo.read(), target)
+    left = targets_below(target, mountinfo.read())
     if left:
         listing = ", ".join(f"{e.mount_point} ({e.fstype})" for e in left)
         raise MountError(f"still mounted below {target} after teardown: {listing}", path=left[0].mount_point)
+    records.save(target, [])
     summary.seconds = time.monotonic() - started
     return summary
 
@@ -272,7 +326,7 @@ def _unmount_one(entry: MountEntry, summary: TeardownSummary, *, lazy: bool = Fa
         if ended.pid is not None:
             summary.clients.append(ended.pid)
         return f"; {ended}"
-    syscalls.umount(entry.mount_point, syscalls.MNT_DETACH if lazy else 0)
+    unmount_exactly(entry, syscalls.MNT_DETACH if lazy else 0)
     return ""
 
 

@@ -16,8 +16,8 @@ virt_start.sh does (section 4.2 of the behaviour notes), without its faults:
 * a tmpfs /run, and binds of the rexec and udsproxy state;
 * with a qtfs host configured: the host's exported directories, and the
   host's /proc and /sys facts mounted whole in a staging directory and bound
-  over the target's own /proc files and /sys directories (LXCFS-style, so
-  /proc/self and the pids stay this machine's).
+  read-only over the target's own /proc files and /sys directories
+  (LXCFS-style, so /proc/self and the pids stay this machine's).
 """
 
 from __future__ import annotations
@@ -221,12 +221,18 @@ def qtfs_steps(config: PrepareConfig, facts: Facts, resolve: Resolver) -> list[O
         steps.append(qtfs(f"/{kind}", staging, kind))
         # Only what exists on both sides is bound: procfs and sysfs cannot
         # grow a missing file, and a host without it has nothing to show.
+        # Read-only, and opened beneath the staging mount without following
+        # any symlink: the host's facts are shown, never changed from here,
+        # and a link the host serves there never picks one of this
+        # machine's files to bind into the rootfs.
         steps += [
             BindOp(
                 path=resolve(f"/{kind}/{name}"),
                 source=os.path.join(staging, name),
                 missing="skip",
                 create_target=False,
+                readonly=True,
+                beneath=staging,
             )
             for name in names
         ]

@@ -138,3 +138,188 @@ def unshare_mount_namespace() -> None:
     if _libc.unshare(CLONE_NEWNS) != 0:
         raise _fail("unshare --mount", "/", ctypes.get_errno())
     mount(None, "/", None, MS_REC | MS_PRIVATE)
+
+
+# -- Mounting by file descriptor ---------------------------------------------
+#
+# A path handed to mount(2) is resolved by the kernel at the moment of the
+# call, following every symlink on the way: a link planted in the target (a
+# rootfs layer, a directory the host serves through qtfs) would take the
+# mount outside it.  So every mount of a plan is made in two steps that
+# never resolve a path after it was checked: the new mount is made detached
+# (fsopen/fsmount for a filesystem, open_tree(OPEN_TREE_CLONE) for a bind),
+# with its per-mount flags already set (a read-only bind is never writable,
+# not even for an instant), and then attached with move_mount(2) onto a
+# directory fd that was opened beneath the target with openat2
+# RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS.  The detached mount's id is known
+# before it is attached: teardown finds the mount by that id wherever it is.
+
+_SYS_OPEN_TREE = 428  # asm-generic numbers: the same on every architecture
+_SYS_MOVE_MOUNT = 429
+_SYS_FSOPEN = 430
+_SYS_FSCONFIG = 431
+_SYS_FSMOUNT = 432
+_SYS_MOUNT_SETATTR = 442
+
+OPEN_TREE_CLONE = 1
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+FSOPEN_CLOEXEC = 1
+FSMOUNT_CLOEXEC = 1
+FSCONFIG_SET_FLAG = 0
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+MOVE_MOUNT_F_EMPTY_PATH = 0x04
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+
+MOUNT_ATTR_RDONLY = 0x01
+MOUNT_ATTR_NOSUID = 0x02
+MOUNT_ATTR_NODEV = 0x04
+MOUNT_ATTR_NOEXEC = 0x08
+MOUNT_ATTR_NOATIME = 0x10
+MOUNT_ATTR_STRICTATIME = 0x20
+MOUNT_ATTR_NODIRATIME = 0x80
+MOUNT_ATTR_NOSYMFOLLOW = 0x200000
+
+#: MS_* per-mount flags -> MOUNT_ATTR_*.  MS_RELATIME is the default (0).
+_ATTRS = {
+    MS_RDONLY: MOUNT_ATTR_RDONLY,
+    MS_NOSUID: MOUNT_ATTR_NOSUID,
+    MS_NODEV: MOUNT_ATTR_NODEV,
+    MS_NOEXEC: MOUNT_ATTR_NOEXEC,
+    MS_NOATIME: MOUNT_ATTR_NOATIME,
+    MS_STRICTATIME: MOUNT_ATTR_STRICTATIME,
+    MS_NODIRATIME: MOUNT_ATTR_NODIRATIME,
+    MS_NOSYMFOLLOW: MOUNT_ATTR_NOSYMFOLLOW,
+}
+#: MS_* flags of the superblock: fsconfig(2) takes them as flag keys.
+_SUPER_FLAGS = {MS_SYNCHRONOUS: "sync", MS_DIRSYNC: "dirsync", MS_LAZYTIME: "lazytime", MS_MANDLOCK: "mand"}
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def _call(what: str, path: str, number: int, *args: object) -> int:
+    result = _syscall(number, *args)
+    if result < 0:
+        raise _fail(what, path, ctypes.get_errno())
+    return int(result)
+
+
+def mount_attributes(flags: int) -> int:
+    """The MOUNT_ATTR_* bits of mount(2)-style MS_* ``flags``."""
+    return sum(attr for flag, attr in _ATTRS.items() if flags & flag)
+
+
+def fd_path(fd: int) -> str:
+    """The /proc/self/fd link of ``fd``: where the kernel says it is, for messages."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"fd {fd}"
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount ``fd`` lies on (its fdinfo's mnt_id, the first field of mountinfo)."""
+    with open(f"/proc/self/fdinfo/{fd}") as file:
+        for line in file:
+            if line.startswith("mnt_id:"):
+                return int(line.split()[1])
+    raise MountError(f"fd {fd}: no mnt_id in its fdinfo", path=fd_path(fd), errno=errno_module.EIO)
+
+
+def new_mount(source: str, fstype: str, flags: int = 0, data: str = "", *, at: str = "") -> int:
+    """A detached mount of a new ``fstype`` filesystem (fsopen, fsconfig, fsmount); its fd.
+
+    ``flags`` are mount(2)'s MS_*, ``data`` its comma-separated options:
+    each ``key=value`` and each bare ``key`` is given to fsconfig(2).
+    ``at``, where it is going to be attached, is for messages.
+    """
+    what = f"mount -t {fstype} {source} {at}".rstrip()
+    path = at or source
+    fs = _call(what, path, _SYS_FSOPEN, os.fsencode(fstype), FSOPEN_CLOEXEC)
+    try:
+        settings = [("source", source)] + [
+            (key, value if sep else None) for key, sep, value in (w.partition("=") for w in data.split(",") if w)
+        ]
+        settings += [(key, None) for flag, key in _SUPER_FLAGS.items() if flags & flag]
+        for key, value in settings:
+            if value is None:
+                _call(f"{what}: option {key}", path, _SYS_FSCONFIG, fs, FSCONFIG_SET_FLAG, key.encode(), None, 0)
+            else:
+                _call(
+                    f"{what}: option {key}={value}",
+                    path,
+                    _SYS_FSCONFIG,
+                    fs,
+                    FSCONFIG_SET_STRING,
+                    key.encode(),
+                    os.fsencode(value),
+                    0,
+                )
+        _call(what, path, _SYS_FSCONFIG, fs, FSCONFIG_CMD_CREATE, None, None, 0)
+        return _call(what, path, _SYS_FSMOUNT, fs, FSMOUNT_CLOEXEC, mount_attributes(flags))
+    finally:
+        os.close(fs)
+
+
+def clone_tree(source_fd: int, *, recursive: bool = False) -> int:
+    """A detached bind of what ``source_fd`` names (open_tree OPEN_TREE_CLONE); its fd."""
+    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    path = fd_path(source_fd)
+    return _call(f"mount --{'r' if recursive else ''}bind {path}", path, _SYS_OPEN_TREE, source_fd, b"", flags)
+
+
+def set_attributes(mount_fd: int, attributes: int, *, recursive: bool = False) -> None:
+    """mount_setattr(2): set MOUNT_ATTR_* on the mount ``mount_fd`` (and below it if ``recursive``)."""
+    attr = _MountAttr(attributes, 0, 0, 0)
+    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    path = fd_path(mount_fd)
+    _call(
+        f"mount -o remount,bind{' -R' if recursive else ''} {path}",
+        path,
+        _SYS_MOUNT_SETATTR,
+        mount_fd,
+        b"",
+        flags,
+        ctypes.byref(attr),
+        ctypes.sizeof(attr),
+    )
+
+
+def attach(mount_fd: int, target_fd: int, shown: str) -> None:
+    """move_mount(2) the detached mount ``mount_fd`` onto the directory or file ``target_fd``."""
+    _call(
+        f"move_mount onto {shown}",
+        shown,
+        _SYS_MOVE_MOUNT,
+        mount_fd,
+        b"",
+        target_fd,
+        b"",
+        MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+    )
+
+
+def umount_at(parent_fd: int, name: str, shown: str, flags: int = 0) -> None:
+    """umount2(2) of the mount on ``name`` in the directory ``parent_fd``, never following a symlink there.
+
+    The directory is reached through its /proc/self/fd magic link, which
+    names the very directory the caller opened (no path resolved again),
+    and only the last component is looked up, with UMOUNT_NOFOLLOW.  An fd
+    of the mount itself would not do: it keeps the mount busy.
+    """
+    if _libc.umount2(_b(f"/proc/self/fd/{parent_fd}/{name}"), flags | UMOUNT_NOFOLLOW) != 0:
+        number = ctypes.get_errno()
+        lazy = " (lazy)" if flags & MNT_DETACH else ""
+        raise _fail(f"umount{lazy} {shown}", shown, number)

@@ -21,6 +21,7 @@ import os
 
 SYS_OPENAT2 = 437  # the same number on every architecture (asm-generic)
 RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
 #: statfs(2) f_type of the kernel's fact filesystems (linux/magic.h).
 PROC_SUPER_MAGIC = 0x9FA0
 SYSFS_MAGIC = 0x62656572
@@ -43,11 +44,17 @@ class Escape(PermissionError):
     """The path leaves the export (a symlink pointing out of it)."""
 
 
-def openat2(dirfd: int, path: bytes, flags: int, mode: int = 0) -> int:
-    """openat2(dirfd, path, flags, RESOLVE_BENEATH|RESOLVE_NO_MAGICLINKS); OSError on failure."""
+def openat2(dirfd: int, path: bytes, flags: int, mode: int = 0, *, no_symlinks: bool = False) -> int:
+    """openat2(dirfd, path, flags, RESOLVE_BENEATH|RESOLVE_NO_MAGICLINKS); OSError on failure.
+
+    ``no_symlinks`` adds RESOLVE_NO_SYMLINKS: no symlink at all is followed
+    (ELOOP), not even one that stays below ``dirfd`` (the fallback is that
+    strict anyway).
+    """
     global _have_openat2
     if _have_openat2 is not False:
-        how = _OpenHow(flags | os.O_CLOEXEC, mode, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
+        resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | (RESOLVE_NO_SYMLINKS if no_symlinks else 0)
+        how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
         for _ in range(8):
             fd = _syscall(SYS_OPENAT2, dirfd, path, ctypes.byref(how), ctypes.sizeof(how))
             if fd >= 0:
