@@ -18,6 +18,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,13 @@ class ExecFailed(OffloadError):
         return 127 if self.stage == "exec" and self.errno == errno.ENOENT else 126
 
 
+#: Programs `start_program` started, by pid, until collected: `reap_orphans` must leave them to trio.
+_programs: weakref.WeakValueDictionary[int, trio.Process] = weakref.WeakValueDictionary()
+#: `start_program` calls between fork and registration (a reap now could steal a program's status).
+_starting = 0
+_reap_deferred = False
+
+
 @dataclass(frozen=True)
 class ProgramPlan:
     """How to start one remote program."""
@@ -94,6 +102,8 @@ async def start_program(plan: ProgramPlan) -> trio.Process:
     specs += [f"close:{fd}" for fd in (0, 1, 2) if fd not in targets]
     command = [exec_helper(), str(status_write), *specs, "--", plan.path, *plan.argv]
     as_root = plan.uid == 0
+    global _starting
+    _starting += 1
     try:
         process = await trio.lowlevel.open_process(
             command,
@@ -117,6 +127,10 @@ async def start_program(plan: ProgramPlan) -> trio.Process:
         raise ExecFailed("exec", -1, exc.errno or errno.EIO, plan.argv[0]) from None
     finally:
         os.close(status_write)
+        _starting -= 1
+    _programs[process.pid] = process
+    if _reap_deferred:
+        reap_orphans()
     report = b""
     async with trio.lowlevel.FdStream(status_read) as status:
         while chunk := await status.receive_some(256):
@@ -150,6 +164,61 @@ async def terminate(process: trio.Process, grace: float = 2.0, *, group: bool = 
                 _signal(process, signal.SIGKILL, group)
         status = await process.wait()
     return status
+
+
+def is_program(pid: int) -> bool:
+    """Whether ``pid`` is a program `start_program` started that has not been collected."""
+    process = _programs.get(pid)
+    return process is not None and process.returncode is None
+
+
+# PR_SET_CHILD_SUBREAPER, <linux/prctl.h>.
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def adopt_orphans(enable: bool) -> None:
+    """Make this process the parent of its programs' orphans (a child subreaper), or stop.
+
+    A program that daemonizes (qemu -daemonize: fork, setsid, fork again)
+    leaves a process whose parents have exited; the kernel hands it to the
+    nearest subreaper instead of pid 1.  So a daemon a program started stays
+    our child, which is how we can tell it from any other process on this
+    machine (see prctl(2)).  Whoever enables this must call `reap_orphans`
+    on every SIGCHLD.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, int(enable), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+
+
+def reap_orphans() -> list[int]:
+    """Collect exited children that are not programs trio waits for; their pids.
+
+    Programs stay trio's to reap (their status is the session's result); the
+    orphans we adopted have nobody else.  While a program is being started
+    its pid is not registered yet, so the scan waits for the registration.
+    """
+    import psutil
+
+    global _reap_deferred
+    if _starting:
+        _reap_deferred = True
+        return []
+    _reap_deferred = False
+    reaped = []
+    for child in psutil.Process().children():
+        try:
+            exited = child.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            continue
+        if exited and not is_program(child.pid):
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(child.pid, os.WNOHANG)[0]:
+                    reaped.append(child.pid)
+    return reaped
 
 
 def _signal(process: trio.Process, signum: int, group: bool) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import trio
 
-from offload import aio, sd
+from offload import aio, proc, sd
 from offload import config as config_module
 from offload import log as log_module
 from offload.config import RexecConfig
@@ -63,6 +63,24 @@ async def _serve_peer(transport: Transport, state: ServerState, raw: trio.Socket
         log.warning("session with %s ended: %s", connected.peer, exc or type(exc).__name__)
     finally:
         await link.aclose()
+
+
+async def _reap_orphans(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Adopt our programs' orphans for as long as we serve, and collect each as it exits.
+
+    Adopted, a program's daemon stays our child: that is how a daemon
+    pidfile is checked to name a process the program started (see
+    `proc.adopt_orphans`).
+    """
+    with trio.open_signal_receiver(signal.SIGCHLD) as exits:
+        proc.adopt_orphans(True)
+        try:
+            task_status.started()
+            proc.reap_orphans()
+            async for _ in exits:
+                proc.reap_orphans()
+        finally:
+            proc.adopt_orphans(False)
 
 
 async def _handle_signals(state: ServerState, cancel: trio.CancelScope) -> None:
@@ -108,6 +126,7 @@ async def serve(
         for address in addresses:
             listeners.extend(await transport.listen(address))
         async with aio.open_nursery() as nursery:
+            await nursery.start(_reap_orphans)
             pool = PeerPool(transport, config, nursery)
             agent_socket = await nursery.start(serve_stand_ins, config, pool, pidmaps)
             bound = [listener_address(listener) for listener in listeners]

@@ -261,6 +261,9 @@ class Lab:
             *(arg for export in LIBVIRT_EXPORTS for arg in ("--shared-path", export)),
             "--keepalive",
             f"{REXEC_KEEPALIVE:g}",
+            # libvirtd (root on the DPU side) runs qemu as root here, as
+            # qemu.conf says; rexec_server squashes root callers otherwise.
+            *("--user-map", "root=root"),
         )
         self.start_service(f"{side.role}-rexec", side, argv)
 

@@ -261,7 +261,7 @@ class Started:
 
 @dataclass(frozen=True, slots=True)
 class Refused:
-    """The program was not started; ``code`` is the stand-in's exit status."""
+    """The program was not started, or its daemon not followed; ``code`` is the stand-in's exit status."""
 
     code: int
     reason: str
@@ -378,6 +378,9 @@ _TRANSITIONS: dict[tuple[Role, type, State], State] = {
     (Role.CLIENT, Exec, State.DONE): State.STARTING,
     (Role.SERVER, Started, State.STARTING): State.RUNNING,
     (Role.SERVER, Refused, State.STARTING): State.DONE,
+    # After Started: the program ran, but what the caller asked for after it
+    # (following its daemon) was refused; the stand-in reports the reason.
+    (Role.SERVER, Refused, State.RUNNING): State.DONE,
     (Role.SERVER, Exited, State.RUNNING): State.DONE,
     (Role.SERVER, Daemonized, State.RUNNING): State.RUNNING,
     (Role.CLIENT, Signal, State.RUNNING): State.RUNNING,

@@ -232,16 +232,7 @@ class AgentSession:
         return Caller(pid, uid, gid, user)
 
     def _request(self, document: dict, caller: Caller) -> ExecRequest:
-        target = document.get("target") or self.config.peer
-        if not target:
-            raise RefusedError(
-                "no remote rexec_server: set CMD_NET_ADDR or start rexec_server with --peer",
-                exit_code=EXIT_FAILURE,
-            )
-        try:
-            self.address = parse_address(str(target))
-        except ConfigError as exc:
-            raise RefusedError(f"CMD_NET_ADDR: {exc}", exit_code=EXIT_FAILURE) from None
+        self.address = self._target(document.get("target"))
         descriptions = document["fds"]
         self.accepting_fds = False
         passed = [d["fd"] for d in descriptions if d.get("passed")]
@@ -267,6 +258,27 @@ class AgentSession:
             daemon_pidfile=document.get("daemon_pidfile"),
         )
         return request
+
+    def _target(self, asked: object) -> Address:
+        """The configured peer; the stand-in's CMD_NET_ADDR may only name it.
+
+        We connect as root with this node's certificate: the address must be
+        the operator's choice, never the caller's (a listener of theirs would
+        get our handshake and could answer as it likes).
+        """
+        if not self.config.peer:
+            raise RefusedError("no remote rexec_server: start rexec_server with --peer", exit_code=EXIT_FAILURE)
+        peer = parse_address(self.config.peer)
+        if not asked:
+            return peer
+        try:
+            address = parse_address(str(asked))
+        except ConfigError as exc:
+            raise RefusedError(f"CMD_NET_ADDR: {exc}", exit_code=EXIT_FAILURE) from None
+        if address != peer:
+            log.warning("stand-in asked for %s, which is not a configured peer; refused", address)
+            raise RefusedError(f"{asked} is not a configured peer", exit_code=EXIT_FAILURE)
+        return peer
 
     async def _run_remote(self, caller: Caller, request: ExecRequest) -> None:
         assert self.address is not None
@@ -374,6 +386,10 @@ class AgentSession:
                     await self.tell(local.L_EXITED, {"signal": messages.signal_name(event.signal)})
                 else:
                     await self.tell(local.L_EXITED, {"code": event.code})
+                return
+            if isinstance(event, Refused):  # the program ran, its daemon was not followed
+                await self._drain_inbound()
+                await self.refuse(event.code, event.reason)
                 return
             if isinstance(event, Daemonized):
                 self.remote_pid = event.pid

@@ -13,17 +13,21 @@ period, SIGKILL: no orphans on this machine.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
 import signal
 import socket
+import stat
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import psutil
 import trio
 
-from offload import aio, proc
+from offload import aio, proc, users
 from offload.config import RexecConfig
 from offload.errors import OffloadError, RefusedError, TransportError
 from offload.fdio import ByteEnd, StreamEnd, grow_pipe
@@ -43,12 +47,16 @@ from offload.protocol.rexec import (
 )
 from offload.rexecd import policy
 from offload.rexecd.link import LinkFailed, SessionLink
+from offload.udsproxy.prefixes import open_beneath
 
 log = logging.getLogger(__name__)
 
 #: After the program exits, how long its output may go without progress
 #: before we stop waiting for end of file (a background child may hold it).
 OUTPUT_LINGER = 2.0
+
+#: A daemon pidfile holds a decimal pid and a newline; anything longer is not one.
+MAX_PIDFILE = 32
 
 _session_ids = itertools.count(1)
 
@@ -106,6 +114,8 @@ class Execution:
         self.node = state.config.node_name
         self.id = next(_session_ids)
         self.process: trio.Process | None = None
+        self.user: policy.RemoteUser | None = None
+        self.started_at = 0.0  # the program's start time, in psutil's clock
         self.daemon_pidfd: int | None = None
         self.ends: dict[int, tuple[ByteEnd, bool, bool]] = {}  # channel -> (end, inbound, outbound)
         self.bridges: dict[int, str] = {}  # fd -> path of our private listener
@@ -115,7 +125,8 @@ class Execution:
         request = self.request
         try:
             path = self.state.whitelist.resolve(request.program, self.node)
-            user = policy.map_user(request.user, self.config.users, self.node)
+            # A root caller acts as nobody here unless the operator maps root.
+            user = policy.map_user(request.user, users.squashing_root(self.config.users), self.node)
         except RefusedError as exc:
             log.warning("session %d from %s: refused %s: %s", self.id, self.link.peer, request.program, exc)
             await self.link.send(Refused(exc.exit_code, str(exc)))
@@ -127,6 +138,9 @@ class Execution:
                     self.process = await proc.start_program(plan)
                 except proc.ExecFailed as exc:
                     raise RefusedError(f"{exc} on {self.node}", exit_code=exc.exit_code) from None
+            self.user = user
+            with contextlib.suppress(psutil.NoSuchProcess):
+                self.started_at = psutil.Process(self.process.pid).create_time()
             log.info(
                 "session %d from %s: %s runs as pid %d (user %s)",
                 self.id,
@@ -206,7 +220,7 @@ class Execution:
             nursery.start_soon(self._control_loop, nursery)
             status = await self.process.wait()
             await self._await_output()
-            exited = _exited(status)
+            exited: Exited | Refused = _exited(status)
             if self.request.daemon_pidfile and status == 0:
                 exited = await self._follow_daemon()
             log.info("session %d: %s", self.id, _describe_exit(exited))
@@ -254,7 +268,12 @@ class Execution:
                 raise TransportError(f"session {self.id}: {_why_gone(event)}")
 
     def _signal(self, signum: int) -> None:
-        log.debug("session %d: forwarding %s", self.id, signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if signum not in policy.FORWARDED_SIGNALS:
+            # A stand-in forwards only these; anything else (SIGSTOP, SIGSEGV...) is not a caller's.
+            log.warning("session %d: refused %s from %s: not a forwarded signal", self.id, name, self.link.peer)
+            return
+        log.debug("session %d: forwarding %s", self.id, name)
         with contextlib.suppress(ProcessLookupError):
             if self.daemon_pidfd is not None:
                 signal.pidfd_send_signal(self.daemon_pidfd, signum)
@@ -275,26 +294,58 @@ class Execution:
         end = CountingEnd(StreamEnd(stream))
         await self._relay(event.channel, end, True, True, self._output(end))
 
-    async def _follow_daemon(self) -> Exited:
-        """The foreground exited 0: find the daemon from its pidfile and follow it."""
+    async def _follow_daemon(self) -> Exited | Refused:
+        """The foreground exited 0: follow the daemon its pidfile names, if the program started it.
+
+        Anything else (a pid the program did not start, a pidfile we may not
+        read) is refused: the stand-in reports it and no daemon is followed,
+        so no signal of the caller's ever reaches that process.
+        """
         assert self.request.daemon_pidfile is not None
-        pid = await _read_pidfile(self.request.daemon_pidfile)
-        if pid is None:
-            log.warning(
-                "session %d: %s holds no live pid after the foreground exited",
-                self.id,
-                self.request.daemon_pidfile,
-            )
-            return Exited(code=0)
         try:
-            self.daemon_pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return Exited(code=0)
+            pid, self.daemon_pidfd = await self._open_daemon(self.request.daemon_pidfile)
+        except RefusedError as exc:
+            log.warning("session %d from %s: no daemon followed: %s", self.id, self.link.peer, exc)
+            return Refused(exc.exit_code, f"no daemon followed on {self.node}: {exc}")
         log.info("session %d: daemon pid %d from %s", self.id, pid, self.request.daemon_pidfile)
         await self.link.send(Daemonized(0, pid))
         await trio.lowlevel.wait_readable(self.daemon_pidfd)
-        # The daemon is not our child, so its status is not ours to read.
+        # The daemon is not the program, so its status is not the session's.
         return Exited(code=0)
+
+    async def _open_daemon(self, path: str) -> tuple[int, int]:
+        """The pid and a pidfd of the daemon ``path`` names, once it is known to be the program's; RefusedError otherwise."""
+        assert self.user is not None and self.process is not None
+        pid = await self._read_daemon_pid(path, self.user)
+        try:
+            # Opened before the checks: from here on it names this process,
+            # whatever happens to the pid, and the checks are about it.
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise RefusedError(f"{path} names pid {pid}, which is not running") from None
+        try:
+            # Once reaped, the program's pid may name someone else's process.
+            program = self.process.pid if self.process.returncode is None else None
+            _check_started_by(pid, program, self.started_at, self.user)
+            signal.pidfd_send_signal(pidfd, 0)  # still alive: the checks saw this process, not a successor
+        except ProcessLookupError:
+            os.close(pidfd)
+            raise RefusedError(f"{path} names pid {pid}, which is not running") from None
+        except BaseException:
+            os.close(pidfd)
+            raise
+        return pid, pidfd
+
+    async def _read_daemon_pid(self, path: str, user: policy.RemoteUser) -> int:
+        """The pid in ``path``, read as ``user``; qemu writes it before its foreground exits, allow a moment anyway."""
+        read = partial(users.run_as, user, partial(_read_pidfile, path, self.config.shared_path, self.node))
+        for _ in range(50):
+            # In a thread: a file on a network or FUSE mount may take its time.
+            pid = await trio.to_thread.run_sync(read)
+            if pid is not None:
+                return pid
+            await trio.sleep(0.02)
+        raise RefusedError(f"{path} holds no pid after the foreground exited")
 
     async def _cleanup(self) -> None:
         if self.process is not None and self.process.returncode is None:
@@ -324,16 +375,67 @@ class Execution:
             os.close(pidfd)
 
 
-async def _read_pidfile(path: str) -> int | None:
-    """qemu writes its pidfile before its foreground exits; allow a moment anyway."""
-    for _ in range(50):
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(Path(path).read_text().strip())
-            if pid > 0:
-                os.kill(pid, 0)
-                return pid
-        await trio.sleep(0.02)
-    return None
+def _read_pidfile(path: str, shared: tuple[str, ...], node: str) -> int | None:
+    """The pid in the daemon pidfile ``path``, None while it is missing or empty; RefusedError otherwise.
+
+    Called as the requester's user.  The file must be a regular file of a
+    pid's size beneath a --shared-path prefix (the pidfile names the same
+    file on both machines; the caller's cwd is theirs to choose, so it
+    bounds nothing).  O_NONBLOCK: a FIFO planted there must not stall us;
+    no link is followed out of the prefix, nor at the file itself.
+    """
+    try:
+        fd = open_beneath(path, shared, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except PermissionError as exc:
+        raise RefusedError(f"{path}: {exc.strerror} (pidfiles must be beneath a shared path on {node})") from None
+    except OSError as exc:
+        reason = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+        raise RefusedError(f"{path}: {reason}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RefusedError(f"{path} is not a regular file")
+        if st.st_size > MAX_PIDFILE:
+            raise RefusedError(f"{path} is {st.st_size} bytes, too long for a pid")
+        text = os.read(fd, MAX_PIDFILE + 1).strip()
+    finally:
+        os.close(fd)
+    if not text:
+        return None
+    if not text.isdigit() or int(text) <= 0:
+        raise RefusedError(f"{path} does not hold a pid")
+    return int(text)
+
+
+def _check_started_by(pid: int, program: int | None, since: float, user: policy.RemoteUser) -> None:
+    """RefusedError unless ``pid`` is the program or a process it started, running as ``user``.
+
+    Its parent chain must reach the program, or, once the program has
+    exited, this server with an orphan we adopted (`proc.adopt_orphans`:
+    a daemon's parents have exited) that started no earlier than the
+    program.  Another session's program, or any process that is not our
+    descendant (the host's own daemons), never qualifies.
+    """
+    server = os.getpid()
+    try:
+        process = psutil.Process(pid)
+        if set(process.uids()[:2]) != {user.uid}:
+            raise RefusedError(f"pid {pid} does not run as {user.name}")
+        while process.pid != program:
+            parent = process.ppid()
+            if parent == server:
+                if proc.is_program(process.pid) or process.create_time() < since:
+                    raise RefusedError(f"pid {pid} was not started by the program")
+                return
+            if parent <= 1:
+                raise RefusedError(f"pid {pid} was not started by the program")
+            process = psutil.Process(parent)
+    except psutil.NoSuchProcess:
+        raise RefusedError(f"pid {pid} was not started by the program (a process on its way is gone)") from None
+    except psutil.AccessDenied:
+        raise RefusedError(f"pid {pid} cannot be inspected") from None
 
 
 def _why_gone(event: ConnectionClosed | LinkFailed) -> str:
@@ -346,7 +448,9 @@ def _exited(status: int) -> Exited:
     return Exited(signal=-status) if status < 0 else Exited(code=status & 0xFF)
 
 
-def _describe_exit(event: Exited | Daemonized) -> str:
+def _describe_exit(event: Exited | Daemonized | Refused) -> str:
+    if isinstance(event, Refused):
+        return f"refused: {event.reason}"
     if isinstance(event, Daemonized):
         return f"daemonized as pid {event.pid}"
     if event.signal is not None:

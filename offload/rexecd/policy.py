@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,24 @@ ENV_NAMES = frozenset({"LANG", "LANGUAGE", "TZ", "HOME", "TERM", "COLUMNS", "LIN
 ENV_PREFIXES = ("LC_", "XDG_")
 #: Never passed, whatever the configuration says: they change what runs.
 ENV_FORBIDDEN = frozenset({"PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "PYTHONPATH", "IFS"})
+#: Signals a caller may have delivered to its program: those the stand-in
+#: forwards (rexec_client.FORWARDED_SIGNALS, which keeps its own copy to stay
+#: quick to start), and SIGKILL to end it.  A peer asking for any other
+#: (SIGSTOP, SIGSEGV, ...) is refused.
+FORWARDED_SIGNALS = frozenset(
+    {
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGHUP,
+        signal.SIGQUIT,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+        signal.SIGWINCH,
+        signal.SIGCONT,
+        signal.SIGALRM,
+        signal.SIGKILL,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -40,16 +59,22 @@ class Whitelist:
         """Read the reference format: one absolute program path per line.
 
         The file must be root-owned and writable by nobody else, or anyone
-        who could edit it could run anything here as any user.
+        who could edit it could run anything here as any user.  No file
+        means an empty list: nothing runs here for the peer (a DPU needs
+        none).
         """
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            log.info("no whitelist at %s: no program runs here for the peer", path)
+            return cls(path, frozenset())
         except OSError as exc:
             raise ConfigError(f"cannot open the whitelist: {exc.strerror}", path=path) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)  # before fdopen, which refuses a directory with its own error
+            raise ConfigError("the whitelist is not a regular file", path=path)
         with os.fdopen(fd) as stream:
-            st = os.fstat(stream.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise ConfigError("the whitelist is not a regular file", path=path)
             if st.st_uid != 0:
                 raise ConfigError(
                     f"the whitelist must be owned by root (it is owned by uid {st.st_uid})",
