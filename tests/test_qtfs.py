@@ -60,7 +60,8 @@ def errname(call, *args):
         return errno.errorcode[exc.errno]
     return None
 env = {"os": os, "socket": socket, "stat": stat, "time": time, "threading": threading, "errno": errno,
-       "mount": mount, "umount": umount, "read": read, "write": write, "errname": errname, "json": json}
+       "mount": mount, "umount": umount, "read": read, "write": write, "errname": errname, "json": json,
+       "subprocess": subprocess}
 try:
     for line in sys.stdin:
         request = json.loads(line)
@@ -1069,9 +1070,15 @@ def test_posix_steps_match_the_hosts_filesystem(lab: Lab, work: Path, agent: Age
     try:
         mount(agent, lab, f"{running.address}:{work / 'export'}", work / "mnt", *cache)
         (work / "local").mkdir()
+        local = str(work / "local")
+        # Every qtfs mount is nosymfollow (no symlink the host serves is
+        # followed on the DPU), so the reference is too (in the agent's own
+        # mount namespace: gone with it).
+        for argv in (["mount", "--bind", local, local], ["mount", "-o", "remount,bind,nosymfollow", local]):
+            agent(f"subprocess.run({argv!r}, check=True).returncode")
         agent.run(POSIX_STEPS)
         # The same filesystem as the export's, reached directly: what qtfs must reproduce.
-        reference = agent(f"posix_steps({str(work / 'local')!r})")
+        reference = agent(f"posix_steps({local!r})")
         through_qtfs = agent(f"posix_steps({str(work / 'mnt')!r})")
     finally:
         running.stop()

@@ -29,13 +29,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
 from offload import aio
-from offload.errors import ProtocolError, TransportError
+from offload.errors import ProtocolError, RemoteProtocolError, TransportError
 from offload.net import Address, Transport
 from offload.protocol import qtfs as wire
 
@@ -43,6 +44,11 @@ log = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 1 << 20
 CONNECT_TIMEOUT = 5.0
+#: How long a request may wait for its reply.  A server that leaves one
+#: unanswered this long while answering pings is not trusted with the
+#: link's state any more: the call fails with EIO and the link is
+#: re-established.
+REQUEST_TIMEOUT = 60.0
 
 
 class LinkDown(OSError):
@@ -90,6 +96,7 @@ class Link:
         node: str = "",
         keepalive: float = 6.0,
         reconnect_timeout: float | None = None,
+        request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
         self.transport = transport
         self.address = address
@@ -97,6 +104,7 @@ class Link:
         self.node = node or os.uname().nodename
         self.keepalive = keepalive
         self.reconnect_timeout = keepalive if reconnect_timeout is None else reconnect_timeout
+        self.request_timeout = request_timeout
         self.mounted: Mounted | None = None
         self.generation = 0
         self._current: _Connection | None = None
@@ -152,7 +160,11 @@ class Link:
                     await current.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self._lose(current, f"send failed: {exc}")
-            await waiter.event.wait()
+            with trio.move_on_after(self.request_timeout):
+                await waiter.event.wait()
+            if waiter.outcome is None:
+                self._lose(current, f"no reply to a {type(request).__name__} in {self.request_timeout:g} s")
+                raise OSError(errno.EIO, f"the qtfs server at {self.address} did not answer in time")
         finally:
             del self._waiters[id]
         outcome = waiter.outcome
@@ -191,13 +203,17 @@ class Link:
                     reply.errno,
                     f"{self.address} refused to mount {os.fsdecode(self.remote)}: {os.strerror(reply.errno)}",
                 )
-            assert isinstance(reply, wire.Result) and isinstance(reply.reply, wire.MountReply)
-            assert hello is not None
+            if hello is None or not isinstance(reply, wire.Result) or not isinstance(reply.reply, wire.MountReply):
+                raise RemoteProtocolError("the server answered the mount out of order")
+            try:
+                root = wire.Attr.decode_from(reply.reply.attr)
+            except struct.error as exc:
+                raise RemoteProtocolError(f"malformed mount reply: {exc}") from None
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
         mounted = Mounted(
-            wire.Attr.decode_from(reply.reply.attr),
+            root,
             bool(reply.reply.flags & wire.MOUNT_READONLY),
             hello.node,
             hello.epoch,
@@ -277,7 +293,11 @@ class Link:
                             waiter.outcome = OSError(event.errno, os.strerror(event.errno))
                             waiter.event.set()
                     elif isinstance(event, wire.Invalidate):
-                        self.on_invalidate(event)
+                        try:
+                            self.on_invalidate(event)
+                        except Exception as exc:  # what the host named does not fit: resync
+                            self._lose(current, f"an Invalidate could not be applied: {exc!r}")
+                            return
                     elif isinstance(event, wire.Closed):
                         self._lose(current, "the server closed the connection")
                         return

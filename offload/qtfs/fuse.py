@@ -111,6 +111,8 @@ COHERENT_TIMEOUT = 10.0
 LAZY = -1
 #: Directory listings kept (coherent cache), the oldest dropped first.
 LISTINGS = 256
+#: Entries one directory listing may hold: a bound on what a host's pages may fill.
+MAX_LISTING = 1 << 20
 #: pyfuse3 lets opendir switch on the kernel's listing cache (FOPEN_CACHE_DIR).
 KERNEL_LISTINGS = hasattr(pyfuse3.FileInfo, "cache_readdir")
 
@@ -119,14 +121,26 @@ log = logging.getLogger(__name__)
 
 
 def errors(function: F) -> F:
-    """OSError (remote errno or EIO) becomes the FUSEError that fails the caller's syscall."""
+    """OSError (remote errno or EIO) becomes the FUSEError that fails the caller's syscall.
+
+    So does anything else: an exception that leaves a handler ends
+    pyfuse3.main, the process and its mount, and most of what a handler
+    works on came from the host (a reply that decodes but does not fit, an
+    attribute block of the wrong size).  One bad reply fails one call with
+    EIO, never the mount.
+    """
 
     @functools.wraps(function)
     async def wrapper(*args: Any) -> Any:
         try:
             return await function(*args)
+        except pyfuse3.FUSEError:
+            raise
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception as exc:
+            log.warning("%s: the host's reply does not fit (%s: %s): EIO", function.__name__, type(exc).__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -631,6 +645,9 @@ class Filesystem(pyfuse3.Operations):
 
     def _add_page(self, listing: OpenDir, reply: wire.DirReply) -> None:
         entries = wire.decode_entries(reply.entries)
+        if listing.server_count + len(entries) > MAX_LISTING:
+            # A host that never says end-of-file must not fill this process's memory.
+            raise OSError(errno.EIO, f"the host's listing of {listing.path!r} exceeds {MAX_LISTING} entries")
         listing.server_count += len(entries)
         listing.eof, listing.handle = bool(reply.eof), reply.handle
         if self.mode:

@@ -11,7 +11,9 @@ non-zero with the reason; the child detaches (new session, stdio to
 
 A pid file, ``/run/qtfs/<st_dev of the mount>.pid``, lets `qtfs umount`
 wait until the background process has ended (offload.qtfs.unmount).
-SIGTERM, SIGINT and SIGHUP unmount and end the process.  However the
+SIGTERM, SIGINT and SIGHUP unmount and end the process; an end for any
+other reason (an error no call could absorb) leaves the mount in place,
+dead, so that the DPU's own directory below it never shows.  However the
 process ends, it aborts its FUSE connection on the way out, and a guard
 process (offload.qtfs.guard) does it when the process is killed: a thread
 stuck in a kernel call on the connection would otherwise keep it open,
@@ -37,6 +39,7 @@ import trio
 
 from offload import aio, proc, sd
 from offload.errors import OffloadError
+from offload.mounts import syscalls
 from offload.net import Address, Transport
 from offload.qtfs import fusectl, guard, unmount
 from offload.qtfs.client import Link, Mounted
@@ -135,6 +138,13 @@ async def run_mount(options: MountOptions, transport: Transport, ready: Callable
             log.info("this pyfuse3 cannot let the kernel cache listings (scripts/build-pyfuse3 adds it)")
         nursery.start_soon(filesystem.drop_pages_forever)
         unmounted_by_kernel = False
+        # Unmounted on the way out only when asked to stop (a signal) or
+        # before it was ever reported ready.  A client that cannot go on for
+        # any other reason leaves its mount in place, dead (ENOTCONN): an
+        # unmount would show the DPU's own directory below it, and libvirtd
+        # would go on writing there as if it were the host's.
+        stop_requested = False
+        reported_ready = False
         pidfile = None
         connection: fusectl.Connection | None = None
         guarded = None
@@ -147,9 +157,16 @@ async def run_mount(options: MountOptions, transport: Transport, ready: Callable
                 log.info("%s was unmounted", options.mountpoint)
                 nursery.cancel_scope.cancel()
 
+            async def stop_on_signal() -> None:
+                nonlocal stop_requested
+                await _signals()
+                stop_requested = True
+                nursery.cancel_scope.cancel()
+
             nursery.start_soon(serve)
-            nursery.start_soon(_signals, nursery.cancel_scope)
+            nursery.start_soon(stop_on_signal)
             with trio.fail_after(READY_TIMEOUT):
+                await trio.to_thread.run_sync(_no_symlinks_followed, options.mountpoint)
                 st = await trio.to_thread.run_sync(os.stat, options.mountpoint)
             pidfile = unmount.write_pidfile(st.st_dev)
             # Opened now, while this process holds the connection: it is surely ours.
@@ -164,6 +181,7 @@ async def run_mount(options: MountOptions, transport: Transport, ready: Callable
                 ", coherent cache" if filesystem.coherent else ", no cache",
             )
             ready()
+            reported_ready = True
             if connection is not None:
                 # After ready(): the guard inherits the detached stdio, not the
                 # pipes of whoever ran `qtfs mount` (they wait for EOF).
@@ -171,8 +189,11 @@ async def run_mount(options: MountOptions, transport: Transport, ready: Callable
             sd.notify("READY=1")
             await trio.sleep_forever()
         finally:
+            detach = (stop_requested or not reported_ready) and not unmounted_by_kernel
+            if not detach and not unmounted_by_kernel:
+                log.error("%s stays mounted, dead, until unmounted (qtfs umount or a new mount)", options.mountpoint)
             with contextlib.suppress(Exception):
-                pyfuse3.close(unmount=not unmounted_by_kernel and _on_top(options.mountpoint, connection))
+                pyfuse3.close(unmount=detach and _on_top(options.mountpoint, connection))
             if connection is not None:
                 # Closing /dev/fuse ends the connection only if no thread of
                 # ours is stuck in a kernel call on it (see fusectl).
@@ -227,12 +248,30 @@ def _set_readahead(dev: int, kib: int) -> None:
         log.debug("readahead left as it is: %s", exc)
 
 
-async def _signals(scope: trio.CancelScope) -> None:
+async def _signals() -> None:
+    """Return at the first SIGTERM, SIGINT or SIGHUP."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("%s: unmounting", signal.Signals(signum).name)
-            scope.cancel()
             return
+
+
+def _no_symlinks_followed(mountpoint: str) -> None:
+    """Set MOUNT_ATTR_NOSYMFOLLOW on our new mount at ``mountpoint``.
+
+    A symlink the host serves is shown (readlink works) but never followed
+    by a path walk on the DPU: otherwise the host would choose which of the
+    DPU's files a process opening a path in the mount reaches, root's
+    included.  libfuse 3 takes no "nosymfollow" option, so it is set on the
+    mount after libfuse made it, before the mount is reported ready
+    (mount_setattr(2), Linux 5.12; without it the mount fails).  Refusing
+    such links in the client instead would change what readlink shows.
+    """
+    fd = os.open(mountpoint, os.O_PATH | os.O_CLOEXEC)
+    try:
+        syscalls.set_attributes(fd, syscalls.MOUNT_ATTR_NOSYMFOLLOW)
+    finally:
+        os.close(fd)
 
 
 def background(run: Callable[[Callable[[], None]], None], log_file: str | None) -> int:
