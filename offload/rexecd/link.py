@@ -191,8 +191,17 @@ class SessionLink:
                     f"link to {self.peer} lost: nothing received for {silent:.1f} s",
                     address=self.peer,
                 )
-            with trio.move_on_after(interval):
+            # A send cancelled halfway leaves part of a TLS record on the
+            # stream, and the peer would fail the link later on a bad record:
+            # the ping gets the whole period, and a link that cannot take it
+            # in that time is lost (then nothing more is sent on it).
+            with trio.move_on_after(self.keepalive) as waited:
                 await self.send(Ping(b"k"))
+            if waited.cancelled_caught:
+                raise LinkLost(
+                    f"link to {self.peer} lost: a keepalive could not be sent for {self.keepalive:.1f} s",
+                    address=self.peer,
+                )
 
     async def _dispatch(self, event: Event) -> None:
         match event:
