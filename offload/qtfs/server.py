@@ -113,7 +113,22 @@ class Session:
                 self.watch.close()
             self.backend.close()
 
-    def _start_watch(self, reply: wire.MountReply, nursery: trio.Nursery) -> wire.MountReply:
+    async def _watch_and_answer(
+        self, id: int, request: wire.Message, reply: wire.MountReply, nursery: trio.Nursery
+    ) -> None:
+        """Answer a Mount once its tree is watched (or found unwatchable).
+
+        Adding a watch on every directory of a big export takes a while: it
+        runs in a thread, so other connections are served meanwhile.
+        """
+        try:
+            data = self.conn.send_result(id, await self._start_watch(reply, nursery))
+        except OSError as exc:
+            data = self._failure(id, wire.Op.MOUNT, request, exc)
+        async with self.send_lock:
+            await self.stream.send_all(data)
+
+    async def _start_watch(self, reply: wire.MountReply, nursery: trio.Nursery) -> wire.MountReply:
         """Watch the mounted tree if inotify can see its changes; the reply says whether it is watched."""
         if self.watch is not None:
             trio.lowlevel.notify_closing(self.watch.fd)
@@ -121,12 +136,13 @@ class Session:
             self.watch = None
         if self.backend.facts is not None or not watchable(self.backend.root):
             return reply
+        base = self.backend.base
         try:
-            watch = TreeWatch(self.backend.base)
+            watch = await trio.to_thread.run_sync(TreeWatch, base, abandon_on_cancel=False)
         except OSError as exc:
-            log.warning("not watching %s (clients will not cache): %s", os.fsdecode(self.backend.base), exc)
+            log.warning("not watching %s (clients will not cache): %s", os.fsdecode(base), exc)
             return reply
-        if not watch.complete:
+        if not watch.complete or self.watch is not None:  # unwatchable, or a later Mount won
             watch.close()
             return reply
         self.watch = watch
@@ -181,8 +197,9 @@ class Session:
                 nursery.start_soon(self._threaded, call.id, op, request)
                 return
             reply = self.handlers[op](request)
-            if op is wire.Op.MOUNT:
-                reply = self._start_watch(reply, nursery)  # type: ignore[arg-type]
+            if isinstance(reply, wire.MountReply):
+                nursery.start_soon(self._watch_and_answer, call.id, request, reply, nursery)
+                return
         except OSError as exc:
             out.append(self._failure(call.id, op, request, exc))
             return
@@ -225,8 +242,16 @@ async def serve(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     # The client's kernel applied the caller's umask already; ours must not
-    # apply a second one.
-    os.umask(0)
+    # apply a second one.  (Given back when serving ends: serve may run in a
+    # process that goes on.)
+    umask = os.umask(0)
+    try:
+        await _serve(config, transport, task_status)
+    finally:
+        os.umask(umask)
+
+
+async def _serve(config: ServerConfig, transport: Transport, task_status: trio.TaskStatus[list[str]]) -> None:
     epoch = random.getrandbits(63) or 1
     listeners = []
     for text in config.listen:
