@@ -26,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #define MAX_SPECS 512
@@ -58,12 +59,23 @@ static void report(const char *stage, int fd, int err)
  * resets SIGINT because rexec_server catches it, but an ignored SIGQUIT
  * would pass on to the program, and a shell silently refuses to trap a
  * signal that was ignored when it started.  */
+static void reset_reserved(int sig)
+{
+    /* glibc refuses signal() for the two real-time signals it keeps for its
+     * threads (32 and 33); the kernel does not, and an ignored one passes
+     * on through exec (GNU make, for one, starts its commands so).  An
+     * all-zero kernel sigaction is SIG_DFL with no flags and an empty mask
+     * on every architecture, whatever its layout. */
+    unsigned long dfl[4] = {0, 0, 0, 0};
+    (void)syscall(SYS_rt_sigaction, sig, dfl, NULL, sizeof(unsigned long));
+}
+
 static void reset_signals(void)
 {
     sigset_t none;
     for (int sig = 1; sig < NSIG; sig++)
-        if (sig != SIGKILL && sig != SIGSTOP)
-            (void)signal(sig, SIG_DFL); /* fails harmlessly for libc's reserved ones */
+        if (sig != SIGKILL && sig != SIGSTOP && signal(sig, SIG_DFL) == SIG_ERR)
+            reset_reserved(sig);
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
 }
