@@ -84,6 +84,9 @@ def decode(payload: bytes) -> dict:
         document, end = _scan(text, 0)
     except (UnicodeDecodeError, StopIteration) as exc:
         raise ValueError(f"payload is not JSON: {exc}") from None
+    except RecursionError:
+        # json's scanner recurses per level: any local user can nest deeply.
+        raise ValueError("payload is nested too deeply") from None
     if end != len(text) or not isinstance(document, dict):
         raise ValueError("payload is not one JSON object")
     return document
