@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from offload.errors import ConfigError
-from offload.net import ConnectionLimits
+from offload.net import REQUEST_TIMEOUT, ConnectionLimits
 
 DEFAULT_CONFIG = Path("/etc/offload/rexec.toml")
 
@@ -78,6 +78,12 @@ SETTINGS: tuple[Setting, ...] = (
         "seconds between SIGTERM and SIGKILL when a session's caller is gone",
         "SECONDS",
     ),
+    Setting(
+        "request_timeout",
+        float,
+        "seconds a stand-in has to send its request on the agent socket before it is closed",
+        "SECONDS",
+    ),
     Setting("warm", int, "idle authenticated connections kept open to each peer", "N"),
     Setting(
         "peer_name",
@@ -105,6 +111,7 @@ class RexecConfig:
     user_map: tuple[str, ...] = ()
     keepalive: float = 10.0
     kill_grace: float = 2.0
+    request_timeout: float = REQUEST_TIMEOUT
     warm: int = 2
     peer_name: tuple[str, ...] = ()
     max_connections: int = ConnectionLimits.total
@@ -114,6 +121,8 @@ class RexecConfig:
         _ = self.limits  # ConnectionLimits raises ConfigError for limits out of range
         if self.keepalive < 0.5:
             raise ConfigError(f"keepalive {self.keepalive} is below 0.5 seconds")
+        if not self.request_timeout > 0:
+            raise ConfigError(f"request timeout {self.request_timeout} must be positive")
         if self.kill_grace < 0:
             raise ConfigError("kill_grace must not be negative")
         if not 0 <= self.warm <= 64:

@@ -39,6 +39,9 @@ from offload.pki import Identity, TlsConfig, peer_identity
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
+#: How long a local client (a stand-in, the udsproxy shim) has to send its
+#: complete first request; after it, a session may wait as long as it likes.
+REQUEST_TIMEOUT = HANDSHAKE_TIMEOUT
 #: accept() errors that mean "out of resources for now", not "the listener broke"
 #: (the ones trio's serve_listeners retries).
 ACCEPT_RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -549,6 +552,24 @@ class _Admission:
         self.open[key] -= 1
         if not self.open[key]:
             del self.open[key]
+
+
+@contextlib.contextmanager
+def first_request(timeout: float, logger: logging.Logger, what: str) -> Iterator[trio.CancelScope]:
+    """Bound the time a local client takes to send its first request.
+
+    The accept loop of a local socket hands each connection to its handler
+    at once; a client that connects and never speaks, or stops in the middle
+    of its request, would hold its slot (`ConnectionLimits`) for ever.  The
+    handler reads its request inside this block; when ``timeout`` passes
+    first, the read is cancelled, it is logged, and the scope's
+    ``cancelled_caught`` tells the handler to close the connection.  What
+    follows the request (a session that waits for days) is not bounded.
+    """
+    with trio.move_on_after(timeout) as scope:
+        yield scope
+    if scope.cancelled_caught:
+        logger.warning("closed %s: no complete request within %g seconds", what, timeout)
 
 
 def peer_key(sock: trio.socket.SocketType) -> str:

@@ -27,7 +27,7 @@ from offload import aio
 from offload.config import RexecConfig
 from offload.errors import ConfigError, OffloadError, ProtocolError, RefusedError, TransportError
 from offload.fdio import StreamEnd, borrow
-from offload.net import Address, Transport, listen_unix, parse_address, serve_listeners
+from offload.net import Address, Transport, first_request, listen_unix, parse_address, serve_listeners
 from offload.protocol import local, messages
 from offload.protocol.framing import CLOSED, NEED_DATA, Frame, FrameDecoder
 from offload.protocol.rexec import (
@@ -202,7 +202,10 @@ class AgentSession:
     async def run(self) -> None:
         try:
             caller = self._caller()
-            message = await self.next_message()
+            message = None
+            what = f"the stand-in connection of pid {caller.pid} (uid {caller.uid})"
+            with first_request(self.config.request_timeout, log, what):
+                message = await self.next_message()
             if message is None:
                 return
             type, document = message

@@ -39,9 +39,11 @@ from offload import aio, users
 from offload import log as log_module
 from offload.errors import ConfigError, ProtocolError, RefusedError, TransportError, UnsupportedFdError
 from offload.net import (
+    REQUEST_TIMEOUT,
     Address,
     TlsStream,
     Transport,
+    first_request,
     listen_unix,
     listener_address,
     parse_address,
@@ -88,8 +90,12 @@ class ProxyConfig:
     share: tuple[str, ...] = ()
     #: CALLER=LOCAL: the peer's user CALLER acts as LOCAL here (root acts as nobody unless mapped).
     user_map: tuple[str, ...] = ()
+    #: Seconds the shim has to send its whole request before its connection is closed.
+    request_timeout: float = REQUEST_TIMEOUT
 
     def __post_init__(self) -> None:
+        if not self.request_timeout > 0:
+            raise ConfigError(f"request timeout {self.request_timeout} must be positive")
         for item in self.user_map:
             if item.count("=") != 1 or not all(item.split("=")):
                 raise ConfigError(f"user map {item!r} is not CALLER=LOCAL")
@@ -201,7 +207,8 @@ class Daemon:
     async def serve_shim(self, sock: trio.socket.SocketType) -> None:
         passed: list[int] = []
         try:
-            with trio.move_on_after(CONNECT_TIMEOUT):
+            request = None
+            with first_request(self.config.request_timeout, log, "a shim connection"):
                 request = await self._shim_request(sock, passed)
             if request is None:
                 return
@@ -508,6 +515,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     Transport.add_arguments(parser, serving=True)
     parser.add_argument("--run-dir", default="/var/run/udsproxy", metavar="DIR")
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=REQUEST_TIMEOUT,
+        metavar="SECONDS",
+        help=f"seconds the shim has to send its request before its connection is closed (default {REQUEST_TIMEOUT:g})",
+    )
     parser.add_argument("--node", default="", metavar="NAME")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("reference", nargs="*", help=argparse.SUPPRESS)
@@ -531,6 +545,7 @@ def main(argv: list[str] | None = None) -> None:
             args.node,
             tuple(args.share),
             tuple(args.user_map),
+            args.request_timeout,
         )
         return config, Transport.from_arguments(args)
 

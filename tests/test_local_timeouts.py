@@ -1,0 +1,109 @@
+"""A local client has a bounded time to send its first request; a session after it has none.
+
+In-process daemons (real sockets, real programs): the agent of a DPU-side
+rexec_server with a short request timeout, a host-side rexec_server it
+reaches, and a udsproxyd pair.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+
+from offload import pki, proc
+from offload.config import RexecConfig
+from offload.errors import ConfigError
+from offload.net import Transport
+from offload.pki import TlsConfig
+from offload.protocol import local
+from offload.rexec_server import serve as serve_rexec
+from offload.udsproxy.daemon import ProxyConfig
+from offload.udsproxy.daemon import serve as serve_udsproxy
+
+TIMEOUT = 1.0
+#: Far beyond TIMEOUT: how long a test waits for the daemon to close a silent connection.
+DEADLINE = 20.0
+
+
+@pytest.fixture
+async def rexec_pair(tmp_path: Path, nursery: trio.Nursery) -> Path:
+    """A host rexec_server and a DPU rexec_server whose agent allows TIMEOUT for a request."""
+    pki.init(tmp_path / "pki", pki.HOST_AND_DPU)
+    whitelist = tmp_path / "whitelist"
+    whitelist.write_text("/bin/sh\n")
+    whitelist.chmod(0o400)
+    host = RexecConfig(
+        listen=(f"unix://{tmp_path}/peer.sock",),
+        whitelist=str(whitelist),
+        run_dir=str(tmp_path / "host"),
+        node="host",
+        user_map=("root=root",),
+    )
+    dpu = RexecConfig(
+        peer=f"unix://{tmp_path}/peer.sock",
+        whitelist=str(whitelist),
+        run_dir=str(tmp_path / "dpu"),
+        node="dpu",
+        request_timeout=TIMEOUT,
+    )
+    await nursery.start(serve_rexec, host, Transport(TlsConfig.load(tmp_path / "pki" / "host")))
+    await nursery.start(serve_rexec, dpu, Transport(TlsConfig.load(tmp_path / "pki" / "dpu")))
+    return tmp_path
+
+
+async def closed_by_daemon(path: str, sent: bytes = b"") -> None:
+    """Connect to ``path``, send ``sent`` (perhaps half a request), then wait for the daemon to close."""
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        await sock.connect(path)
+        if sent:
+            await sock.send(sent)
+        with trio.fail_after(DEADLINE):
+            try:
+                assert await sock.recv(4096) == b""
+            except OSError as exc:
+                assert exc.errno == errno.ECONNRESET
+
+
+@pytest.mark.parametrize("sent", [b"", b"half"], ids=["silent", "half-request"])
+async def test_agent_closes_a_connection_without_a_request(
+    rexec_pair: Path, sent: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    request = local.encode(local.L_REQUEST, {"argv": ["/bin/true"]})
+    await closed_by_daemon(str(rexec_pair / "dpu" / "rexec.sock"), sent and request[: len(request) // 2])
+    assert "no complete request within" in caplog.text
+
+
+async def test_a_session_outlives_the_request_timeout(rexec_pair: Path) -> None:
+    env = dict(os.environ, **{local.AGENT_SOCKET_ENV: str(rexec_pair / "dpu" / "rexec.sock")})
+    env.pop("CMD_NET_ADDR", None)
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [*proc.program("rexec"), "/bin/sh", "-c", f"sleep {TIMEOUT + 5:g}; exit 7"],
+            env=env,
+            check=False,
+            stdin=None,
+        )
+    assert done.returncode == 7
+
+
+async def test_udsproxy_closes_a_shim_connection_without_a_request(
+    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    pki.init(tmp_path / "pki", pki.HOST_AND_DPU)
+    config = ProxyConfig((), "", (str(tmp_path),), str(tmp_path / "run"), "dpu", request_timeout=TIMEOUT)
+    await nursery.start(serve_udsproxy, config, Transport(TlsConfig.load(tmp_path / "pki" / "dpu")))
+    await closed_by_daemon(config.shim_socket)
+    await closed_by_daemon(config.shim_socket, b"\x01")
+    assert caplog.text.count("no complete request within") == 2
+
+
+def test_request_timeout_must_be_positive() -> None:
+    with pytest.raises(ConfigError):
+        RexecConfig(request_timeout=0)
+    with pytest.raises(ConfigError):
+        ProxyConfig((), "", (), request_timeout=-1)
