@@ -29,8 +29,12 @@ UDSPROXY_SOCKET_IN_ROOTFS = "/run/udsproxy/udsproxy.sock"
 
 
 def target(lab: Lab) -> Path:
-    """The DPU side's /another_rootfs (inside the lab's directory, so down removes it)."""
-    return lab.dir / "another_rootfs"
+    """The DPU side's /another_rootfs (inside the lab's directory, so down removes it).
+
+    Its overlay layers are made beside it, in a directory the host side's
+    mount namespace hides (``Lab.rootfs_dir``).
+    """
+    return lab.rootfs_dir / "another_rootfs"
 
 
 def libvirt_socket(lab: Lab) -> str:

@@ -6,6 +6,23 @@ their own state directory under /run/offload-lab/NAME.  Every process it
 starts is recorded in the lab's state file before ``up`` waits for it, so
 ``down`` can remove everything after a failed ``up`` too.  Services report
 readiness over sd_notify to a socket of the lab, as they would to systemd.
+
+The two sides cannot see each other's private files: each side's mount
+namespace hides the other side's key (pki/NODE/key.pem with all of
+pki/NODE), run directory (NODE/: whitelist, agent and shim sockets,
+pidmaps), and from the host side the DPU's rootfs (dpu-rootfs/: the
+overlay's upper and work layers and /another_rootfs); the CA's key is hidden
+from both.  The controlling process (``offload lab``, the tests), outside
+both namespaces, sees everything.  Still shared on purpose, as the
+offload machinery or the lab's control needs it:
+
+- ``shared/``, the directory both sides' rexec_servers and udsproxyds name
+  as shared (a stand-in for a directory that is the same on both machines);
+- ``sockets/``, the UNIX sockets the tests serve through udsproxy;
+- the CA certificate (pki/ca.pem) and each node's certificate, public;
+- the daemons' logs (KEY.log, written by the controlling process's file
+  handles) and readiness sockets (KEY.notify), the state file and
+  prepare.toml, which name no secret.
 """
 
 from __future__ import annotations
@@ -109,6 +126,19 @@ class Lab:
 
     # -- environment for commands ----------------------------------------------
 
+    def private(self, role: str) -> list[Path]:
+        """What only ``role``'s side may see of the lab's directory (hidden from the other side)."""
+        side = self.side(role)
+        paths = [side.run_dir, self.dir / "pki" / role]
+        if role == "dpu":
+            paths.append(self.rootfs_dir)
+        return paths
+
+    @property
+    def rootfs_dir(self) -> Path:
+        """Where the DPU side's /another_rootfs and its overlay layers live (the DPU's alone)."""
+        return self.dir / "dpu-rootfs"
+
     def rexec_address(self, side: LabSide) -> str:
         return f"tcp://{side.link.address}:{REXEC_PORT}"
 
@@ -188,12 +218,14 @@ class Lab:
             pki.init(self.dir / "pki", pki.HOST_AND_DPU)
             done.append(f"PKI in {self.dir / 'pki'}")
             (self.dir / "shared").mkdir(exist_ok=True)
+            self.rootfs_dir.mkdir(exist_ok=True)
             for side in (self.host, self.dpu):
                 side.run_dir.mkdir(parents=True, exist_ok=True)
                 (side.run_dir / "udsproxy").mkdir(exist_ok=True)
                 self._write_whitelist(side, allow)
             for side in (self.host, self.dpu):
-                steps = mountns.plan(side.role, self.dir)
+                hide = [*self.private(self.other(side).role), self.dir / "pki" / "ca-key.pem"]
+                steps = mountns.plan(side.role, self.dir, hide)
                 pid = mountns.start_holder(side.netns, steps, self.dir / f"{side.role}-ns.log")
                 self._record(f"{side.role}-ns", pid)
                 done.append(f"{side.role} mount namespace: " + ", ".join(_describe(step) for step in steps))
@@ -440,7 +472,9 @@ class Lab:
         netlink.set_link(self.dpu.link, up)
 
 
-def _describe(step: mountns.Tmpfs | mountns.Bind) -> str:
+def _describe(step: mountns.Step) -> str:
+    if isinstance(step, mountns.Hide):
+        return f"{step.path} hidden"
     if isinstance(step, mountns.Bind):
         return f"{step.path} (bound)" if step.source == step.path else f"{step.source} at {step.path}"
     return f"private {step.path}"

@@ -16,6 +16,12 @@ On the DPU side the lab's rexec and udsproxy state directories are also
 bound at the default paths (/run/rexec, /run/udsproxy), where a deployed
 DPU has them and where the rootfs configuration looks for them.
 
+Last, each side's namespace hides what is the other side's alone (``Hide``
+steps, which the lab names: the other side's key, run directory and, on the
+host side, the DPU's rootfs and its layers): an empty read-only tmpfs is
+mounted over a directory, /dev/null over a file.  Only the lab's
+controlling process, outside both namespaces, sees everything.
+
 A namespace lives as long as a process is in it: the holder runs ``sleep``
 after its set-up and is the first thing the lab starts on each side and the
 last thing it ends; every mount in the namespace goes with it, so no
@@ -77,40 +83,63 @@ class Bind:
         )
 
 
-def plan(role: str, lab_dir: Path) -> list[Tmpfs | Bind]:
-    """The namespace set-up of one side, in order."""
+@dataclass(frozen=True)
+class Hide:
+    """``path`` (which must exist) covered, after every bind: an empty read-only
+    tmpfs over a directory, /dev/null over a file."""
+
+    path: str
+
+    def script(self, index: int) -> str:
+        path = shlex.quote(self.path)
+        return (
+            f"if [ -d {path} ]; then mount -t tmpfs -o ro,mode=0555,size=4k offload-lab-hidden {path}; "
+            f"else mount --no-canonicalize --bind /dev/null {path}; fi"
+        )
+
+
+Step = Tmpfs | Bind | Hide
+
+
+def plan(role: str, lab_dir: Path, hide: Sequence[str | os.PathLike[str]] = ()) -> list[Step]:
+    """The namespace set-up of one side, in order; ``hide`` names the other side's private paths."""
+    steps: list[Step]
     if role == "host":
-        return [Tmpfs("/var/lib/libvirt"), Tmpfs("/run/libvirt")]
-    return [
-        Bind(str(lab_dir), str(lab_dir)),
-        Bind(str(lab_dir / "dpu"), "/run/rexec"),
-        Bind(str(lab_dir / "dpu" / "udsproxy"), "/run/udsproxy"),
-        Tmpfs("/run"),
-        Tmpfs("/var/lib/libvirt"),
-        Tmpfs("/etc/libvirt", keep=True),
-    ]
+        steps = [Tmpfs("/var/lib/libvirt"), Tmpfs("/run/libvirt")]
+    else:
+        steps = [
+            Bind(str(lab_dir), str(lab_dir)),
+            Bind(str(lab_dir / "dpu"), "/run/rexec"),
+            Bind(str(lab_dir / "dpu" / "udsproxy"), "/run/udsproxy"),
+            Tmpfs("/run"),
+            Tmpfs("/var/lib/libvirt"),
+            Tmpfs("/etc/libvirt", keep=True),
+        ]
+    return steps + [Hide(str(path)) for path in hide]
 
 
-def script(steps: Sequence[Tmpfs | Bind]) -> str:
-    """The shell program the holder runs: set-up, then binds, then wait forever.
+def script(steps: Sequence[Step]) -> str:
+    """The shell program the holder runs: set-up, then binds, then hiding, then wait forever.
 
     Bind sources are opened before the tmpfs mounts that would hide them and
     bound (through /proc/self/fd) after, so a directory can be kept visible
-    at its own path under a fresh /run.
+    at its own path under a fresh /run.  Hide steps come last, so that a
+    bind does not uncover what they cover.
     """
     body = ["set -eu", '__binds=""']
-    body += [step.script(i) for i, step in enumerate(steps)]
+    body += [step.script(i) for i, step in enumerate(steps) if not isinstance(step, Hide)]
     body.append(
         "for __b in $__binds; do __fd=${__b%%:*}; __path=${__b#*:}; "
         'mkdir -p "$__path"; mount --no-canonicalize --bind "/proc/self/fd/$__fd" "$__path"; done'
     )
+    body += [step.script(i) for i, step in enumerate(steps) if isinstance(step, Hide)]
     body.append(f"printf '{READY_LINE.decode().strip()}\\n'")
     # stdout is the lab's pipe; close it so the lab's read sees EOF if we die.
     body.append("exec sleep infinity >/dev/null")
     return "\n".join(body)
 
 
-def start_holder(netns: str | None, steps: Sequence[Tmpfs | Bind], log_path: Path) -> int:
+def start_holder(netns: str | None, steps: Sequence[Step], log_path: Path) -> int:
     """Start the holder of a new mount namespace in ``netns``; return its pid once set up."""
     argv = proc.in_netns(
         netns, ["unshare", "--mount", "--propagation", "private", "sh", "-c", script(steps), "offload-lab-ns"]
