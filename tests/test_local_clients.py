@@ -1,8 +1,9 @@
-"""A local client has a bounded time to send its first request; a session after it has none.
+"""Local clients of the daemons: a bounded time for the first request, none for a session after it,
+and the agent's bridge of a caller's listener.
 
 In-process daemons (real sockets, real programs): the agent of a DPU-side
 rexec_server with a short request timeout, a host-side rexec_server it
-reaches, and a udsproxyd pair.
+reaches, and udsproxyd.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -35,7 +39,7 @@ async def rexec_pair(tmp_path: Path, nursery: trio.Nursery) -> Path:
     """A host rexec_server and a DPU rexec_server whose agent allows TIMEOUT for a request."""
     pki.init(tmp_path / "pki", pki.HOST_AND_DPU)
     whitelist = tmp_path / "whitelist"
-    whitelist.write_text("/bin/sh\n")
+    whitelist.write_text(f"/bin/sh\n{sys.executable}\n")
     whitelist.chmod(0o400)
     host = RexecConfig(
         listen=(f"unix://{tmp_path}/peer.sock",),
@@ -78,9 +82,14 @@ async def test_agent_closes_a_connection_without_a_request(
     assert "no complete request within" in caplog.text
 
 
-async def test_a_session_outlives_the_request_timeout(rexec_pair: Path) -> None:
-    env = dict(os.environ, **{local.AGENT_SOCKET_ENV: str(rexec_pair / "dpu" / "rexec.sock")})
+def stand_in_env(tree: Path) -> dict[str, str]:
+    env = dict(os.environ, **{local.AGENT_SOCKET_ENV: str(tree / "dpu" / "rexec.sock")})
     env.pop("CMD_NET_ADDR", None)
+    return env
+
+
+async def test_a_session_outlives_the_request_timeout(rexec_pair: Path) -> None:
+    env = stand_in_env(rexec_pair)
     with trio.fail_after(60):
         done = await trio.run_process(
             [*proc.program("rexec"), "/bin/sh", "-c", f"sleep {TIMEOUT + 5:g}; exit 7"],
@@ -107,3 +116,76 @@ def test_request_timeout_must_be_positive() -> None:
         RexecConfig(request_timeout=0)
     with pytest.raises(ConfigError):
         ProxyConfig((), "", (), request_timeout=-1)
+
+
+#: The remote program: serves connection A, closes its listener (so the next
+#: bridged connection is refused on the far side), answers A, and when told
+#: listens again at the same path and serves one more.
+BRIDGED = """
+import os, socket, sys
+listener = socket.socket(fileno={fd})
+path = listener.getsockname()
+a, _ = listener.accept()
+listener.close()
+print("closed", flush=True)
+a.sendall(b"remote says " + a.makefile("rb").readline())
+a.close()
+sys.stdin.readline()
+os.unlink(path)
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(path)
+listener.listen(4)
+print("again", flush=True)
+c, _ = listener.accept()
+c.sendall(b"remote says " + c.makefile("rb").readline())
+c.close()
+"""
+
+
+async def read_line(stream: trio.abc.ReceiveStream) -> bytes:
+    line = b""
+    while not line.endswith(b"\n"):
+        data = await stream.receive_some(1)
+        assert data, f"end of output after {line!r}"
+        line += data
+    return line
+
+
+async def test_a_refused_bridged_connection_ends_only_itself(rexec_pair: Path, tmp_path: Path) -> None:
+    path = str(tmp_path / "monitor.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    fd = listener.fileno()
+    program = [*proc.program("rexec"), sys.executable, "-c", textwrap.dedent(BRIDGED.format(fd=fd))]
+    try:
+        process = await trio.lowlevel.open_process(
+            program,
+            env=stand_in_env(rexec_pair),
+            pass_fds=[fd],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+    finally:
+        listener.close()
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        with trio.fail_after(60):
+            async with await trio.open_unix_socket(path) as first:
+                assert await read_line(process.stdout) == b"closed\n"
+                # The far side refuses this one: it ends, alone.
+                async with await trio.open_unix_socket(path) as refused:
+                    await refused.send_all(b"two\n")
+                    assert await refused.receive_some(100) == b""
+                await first.send_all(b"one\n")
+                assert await read_line(first) == b"remote says one\n"
+            await process.stdin.send_all(b"\n")
+            assert await read_line(process.stdout) == b"again\n"
+            async with await trio.open_unix_socket(path) as third:
+                await third.send_all(b"three\n")
+                assert await read_line(third) == b"remote says three\n"
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

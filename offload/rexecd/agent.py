@@ -317,7 +317,7 @@ class AgentSession:
     def _start_relay(self, nursery: trio.Nursery, spec: FdSpec, fd: int) -> None:
         assert self.link is not None
         if spec.kind is FdKind.LISTENER:
-            nursery.start_soon(self._accept_loop, nursery, spec.fd, fd)
+            nursery.start_soon(self._bridge_listener, spec.fd, fd)
             return
         inbound = spec.kind in (FdKind.PIPE_OUT, FdKind.SOCKET)
         outbound = spec.kind in (FdKind.PIPE_IN, FdKind.SOCKET)
@@ -327,22 +327,42 @@ class AgentSession:
         self.link.add_channel(spec.channel)
         nursery.start_soon(partial(self.link.relay, spec.channel, end, inbound=inbound, outbound=outbound))
 
-    async def _accept_loop(self, nursery: trio.Nursery, target_fd: int, fd: int) -> None:
-        """Carry each connection accepted on the caller's listener to the remote one."""
-        assert self.link is not None
+    async def _bridge_listener(self, target_fd: int, fd: int) -> None:
+        """Carry each connection accepted on the caller's listener to the remote one.
+
+        The daemons' one accept loop serves it: running out of fds pauses
+        accepting instead of ending the session, and whatever ends one
+        bridged connection (a remote side that refused it, a broken local
+        peer) ends that connection only, logged.
+        """
         # The stand-in never accepts on it and libvirt closed its copy, so
         # making this description non-blocking disturbs nobody.
-        listener = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
         try:
-            while True:
-                conn, _ = await listener.accept()
-                channel = next(self.bridge_channels)
-                await self.link.send(Open(channel, target_fd))
-                end = StreamEnd(trio.SocketStream(conn))
-                self.inbound_channels.append(channel)  # its last bytes, too, arrive before the exit status
-                nursery.start_soon(partial(self.link.relay, channel, end, inbound=True, outbound=True))
+            what = f"bridged fd {target_fd} of remote pid {self.remote_pid}"
+            await serve_listeners([listener], partial(self._bridge_one, target_fd), log, what, self.config.limits)
         finally:
-            listener.close()
+            listener.socket.close()
+
+    async def _bridge_one(self, target_fd: int, stream: trio.SocketStream) -> None:
+        assert self.link is not None
+        end = StreamEnd(stream)
+        try:
+            channel = next(self.bridge_channels)
+            await self.link.send(Open(channel, target_fd))
+        except BaseException:
+            await end.aclose()
+            raise
+        state = self.link.add_channel(channel)
+        self.inbound_channels.append(channel)  # its last bytes, too, arrive before the exit status
+        try:
+            await self.link.relay(channel, end, inbound=True, outbound=True)
+        finally:
+            # A session lives for days and libvirt connects for every command.
+            with contextlib.suppress(ValueError):
+                self.inbound_channels.remove(channel)
+        if state.reset:
+            log.info("a bridged connection to fd %d of remote pid %d was reset", target_fd, self.remote_pid)
 
     async def _from_stand_in(self, nursery: trio.Nursery, caller: Caller) -> None:
         assert self.link is not None
@@ -406,7 +426,7 @@ class AgentSession:
         """Deliver every byte the program wrote before reporting how it ended."""
         assert self.link is not None
         self.link.finish_inbound()
-        for channel in self.inbound_channels:
+        for channel in list(self.inbound_channels):
             await self.link.wait_drained(channel)
         self.inbound_channels.clear()
 

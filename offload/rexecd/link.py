@@ -64,10 +64,20 @@ class ChannelState:
     reset: bool = False  # dead both ways
     changed: trio.Event = field(default_factory=trio.Event)
     drained: trio.Event = field(default_factory=trio.Event)  # pump_in delivered its last byte
+    #: The outbound pump's read of its local source, while it waits.
+    reading: trio.CancelScope | None = None
 
     def wake(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+
+    def kill(self) -> None:
+        """Dead both ways: a read of the local source that waits ends too (a client waiting
+        for an answer that will never come gets its end of file)."""
+        self.reset = True
+        if self.reading is not None:
+            self.reading.cancel()
+        self.wake()
 
 
 class SessionLink:
@@ -229,9 +239,7 @@ class SessionLink:
                     self._channels[channel].wake()
             case Reset(channel, reason):
                 log.debug("channel %d reset by peer: %s", channel, reason)
-                state = self._channels.setdefault(channel, ChannelState())
-                state.reset = True
-                state.wake()
+                self._channels.setdefault(channel, ChannelState()).kill()
             case Open(channel):
                 if len(self._channels) >= MAX_OPEN_CHANNELS:
                     raise RemoteProtocolError(f"more than {MAX_OPEN_CHANNELS} channels open")
@@ -285,10 +293,15 @@ class SessionLink:
                 await state.changed.wait()
             if state.reset:
                 return
-            try:
-                data = await source.read(min(self.conn.send_credit(channel), CHUNK))
-            except OSError as exc:
-                await self.send(Reset(channel, f"read failed: {os.strerror(exc.errno or 0)}"))
+            with trio.CancelScope() as state.reading:
+                try:
+                    data = await source.read(min(self.conn.send_credit(channel), CHUNK))
+                except OSError as exc:
+                    await self.send(Reset(channel, f"read failed: {os.strerror(exc.errno or 0)}"))
+                    return
+                finally:
+                    state.reading = None
+            if state.reset:
                 return
             if not data:
                 await self.send(Eof(channel))
@@ -316,7 +329,7 @@ class SessionLink:
                 try:
                     await sink.write(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    state.reset = True
+                    state.kill()
                     state.chunks.clear()
                     await self.send(Reset(channel, "reader closed"))
                     return
