@@ -155,6 +155,24 @@ def test_window_overrun_by_peer_detected() -> None:
         feed(client, chunk * (INITIAL_WINDOW // (256 << 10) + 1))
 
 
+def test_window_enforced_on_receive_after_it_was_granted_again() -> None:
+    """The allowance is what was granted, not a fixed size: a peer that sends past the
+    initial window plus every Window given back is refused, on a bridged channel too."""
+    client, server = pair()
+    feed(server, client.send(Exec(REQUEST)))
+    feed(client, server.send(Started(7)))
+    feed(server, client.send(Open(0x10000, 29)))
+    chunk = 256 << 10
+    frame = encode_frame(0x20, 0x10000, b"x" * chunk)
+    feed(server, frame * (INITIAL_WINDOW // chunk))  # the whole window
+    half = INITIAL_WINDOW // 2
+    window = server.consumed(0x10000, half)
+    assert feed(client, window) == [Window(0x10000, half)]
+    feed(server, frame * (half // chunk))  # exactly what was granted again
+    with pytest.raises(RemoteProtocolError, match="overran the window of channel 65536"):
+        feed(server, encode_frame(0x20, 0x10000, b"y"))
+
+
 def test_exec_request_round_trip_keeps_odd_bytes() -> None:
     assert ExecRequest.from_json(REQUEST.to_json()) == REQUEST
 
