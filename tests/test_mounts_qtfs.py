@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from offload import proc
 from tests.test_mounts_cli import sections, shell
 from tests.test_mounts_ns import needs_root
 
@@ -35,21 +36,15 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture
-def qtfs_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    export = tmp_path / "host" / "var-lib-libvirt"
-    export.mkdir(parents=True)
-    (export / "hello.txt").write_text("from the host\n")
+@contextlib.contextmanager
+def qtfs_serve(tmp_path: Path, *exports: Path | str) -> Iterator[str]:
+    """A real `qtfs serve` on loopback (plaintext) exporting ``exports``; its address."""
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [
-            *(str(BIN / "qtfs"), "serve", "--listen", f"tcp://{address}", "--insecure"),
-            *("--export", str(export), "--export", "/proc:ro", "--export", "/sys:ro"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "server.log", "wb"),  # noqa: SIM115 (as long as the server)
-    )
+    argv = [*proc.program("qtfs"), "serve", "--listen", f"tcp://{address}", "--insecure"]
+    argv += [arg for export in exports for arg in ("--export", str(export))]
+    with open(tmp_path / "server.log", "wb") as log:
+        server = proc.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -60,14 +55,23 @@ def qtfs_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"qtfs serve did not start: {(tmp_path / 'server.log').read_text()}") from None
                 time.sleep(0.05)
-        yield address, export
+        yield address
     finally:
-        server.send_signal(signal.SIGTERM)
+        server.terminate()
         try:
-            server.wait(5)
+            server.wait(10)
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+@pytest.fixture
+def qtfs_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    export = tmp_path / "host" / "var-lib-libvirt"
+    export.mkdir(parents=True)
+    (export / "hello.txt").write_text("from the host\n")
+    with qtfs_serve(tmp_path, export, "/proc:ro", "/sys:ro") as address:
+        yield address, export
 
 
 #: A shell command: how many qtfs clients and guards serve mounts below {target} ([q]: not this script's own line).

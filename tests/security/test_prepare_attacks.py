@@ -11,15 +11,9 @@ the rootfs shows, what teardown leaves.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import os
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,9 +24,8 @@ from offload.mounts import mountinfo, orchestrator
 from offload.mounts.cli import make_plan
 from offload.mounts.ops import QtfsMount
 from tests.test_mounts_ns import in_private_namespace, needs_root
-from tests.test_mounts_qtfs import HAVE_QTFS, _end_clients, _free_port
+from tests.test_mounts_qtfs import HAVE_QTFS, _end_clients, qtfs_serve
 
-BIN = Path(sys.executable).parent
 needs_qtfs = pytest.mark.skipif(
     not HAVE_QTFS or not os.path.exists("/dev/fuse"), reason="needs the userspace qtfs command and /dev/fuse"
 )
@@ -40,35 +33,6 @@ pytestmark = needs_root
 
 #: What every test's plan leaves out: the machine's cgroups and devices are not what is attacked.
 SMALL = "cgroups = false\ndevices = []\nhugetlbfs = false\nmqueue = false\nbind = []\n"
-
-
-@contextlib.contextmanager
-def qtfs_serve(tmp_path: Path, *exports: Path) -> Iterator[str]:
-    """A real `qtfs serve` on loopback (plaintext) exporting ``exports``: what the host serves."""
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    argv = [str(BIN / "qtfs"), "serve", "--listen", f"tcp://{address}", "--insecure"]
-    argv += [arg for export in exports for arg in ("--export", str(export))]
-    with open(tmp_path / "server.log", "wb") as log:
-        server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"qtfs serve did not start: {(tmp_path / 'server.log').read_text()}") from None
-                time.sleep(0.05)
-        yield address
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def _outside(target: str) -> set[tuple[int, str]]:
