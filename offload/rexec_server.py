@@ -16,6 +16,7 @@ import fcntl
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
@@ -65,6 +66,32 @@ async def _serve_peer(transport: Transport, state: ServerState, raw: trio.Socket
         await link.aclose()
 
 
+#: The process-wide jobs a serve() of this process already does.
+_process_jobs: set[str] = set()
+
+
+async def _once_per_process(
+    job: Callable[..., Awaitable[None]], *args: object, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run ``job`` unless another serve() of this process runs it already.
+
+    Signal handling and orphan adoption belong to the process.  trio
+    restores a signal's handler correctly only when the receivers of one
+    signal close in the reverse order of their opening, and two servers in
+    one process (tests) need not end so: a handler of a finished trio.run
+    left behind would raise in whatever the process runs next.
+    """
+    name = job.__name__
+    if name in _process_jobs:
+        task_status.started()
+        await trio.sleep_forever()
+    _process_jobs.add(name)
+    try:
+        await job(*args, task_status=task_status)
+    finally:
+        _process_jobs.discard(name)
+
+
 async def _reap_orphans(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Adopt our programs' orphans for as long as we serve, and collect each as it exits.
 
@@ -83,8 +110,11 @@ async def _reap_orphans(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS
             proc.adopt_orphans(False)
 
 
-async def _handle_signals(state: ServerState, cancel: trio.CancelScope) -> None:
+async def _handle_signals(
+    state: ServerState, cancel: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
         async for signum in signals:
             if signum == signal.SIGHUP:
                 sd.notify("RELOADING=1")
@@ -126,7 +156,7 @@ async def serve(
         for address in addresses:
             listeners.extend(await transport.listen(address))
         async with aio.open_nursery() as nursery:
-            await nursery.start(_reap_orphans)
+            await nursery.start(_once_per_process, _reap_orphans)
             pool = PeerPool(transport, config, nursery)
             agent_socket = await nursery.start(serve_stand_ins, config, pool, pidmaps)
             bound = [listener_address(listener) for listener in listeners]
@@ -142,7 +172,7 @@ async def serve(
                 "" if transport.tls else " (INSECURE: no authentication)",
             )
             task_status.started(bound)
-            nursery.start_soon(_handle_signals, state, nursery.cancel_scope)
+            nursery.start_soon(_once_per_process, _handle_signals, state, nursery.cancel_scope)
     finally:
         os.close(lock)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -249,3 +250,42 @@ def test_real_process_listens_on_cmd_net_addr_and_stops_on_sigterm(tree: Path) -
     assert "INSECURE" in log and "--insecure" in log
     assert "stopping on SIGTERM" in log
     assert not (tree / "proc-run" / "rexec.sock").exists()  # the agent socket is removed on the way out
+
+
+@pytest.mark.parametrize("first_ends_first", [True, False])
+def test_two_servers_in_one_process_leave_its_signal_handlers_as_they_were(tree: Path, first_ends_first: bool) -> None:
+    """Signal handling belongs to the process: a second server must not leave a finished run's handler behind.
+
+    (One was left when two servers ended in the order they started; the
+    next SIGCHLD then raised RunFinishedError in whatever ran.)
+    """
+    watched = (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+    before = {signum: signal.getsignal(signum) for signum in watched}
+
+    async def main() -> None:
+        transport = Transport(TlsConfig.load(tree / "pki" / "host"))
+        async with trio.open_nursery() as outer:
+            scopes = []
+            for name in ("one", "two"):
+                scope = trio.CancelScope()
+                scopes.append(scope)
+                settings = dataclasses.replace(
+                    config(tree), listen=(f"unix://{tree}/{name}.sock",), run_dir=str(tree / name)
+                )
+
+                async def run(
+                    settings: RexecConfig = settings,
+                    scope: trio.CancelScope = scope,
+                    *,
+                    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+                ) -> None:
+                    with scope:
+                        await serve(settings, transport, task_status=task_status)
+
+                await outer.start(run)
+            for scope in scopes if first_ends_first else reversed(scopes):
+                scope.cancel()
+                await trio.sleep(0)
+
+    trio.run(main)
+    assert {signum: signal.getsignal(signum) for signum in watched} == before
