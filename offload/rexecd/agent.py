@@ -54,6 +54,8 @@ from offload.rexecd.pidmap import PidmapDir
 log = logging.getLogger(__name__)
 
 EXIT_FAILURE = 255
+#: How long an Exec may go unanswered before it is logged (again).
+SLOW_ANSWER = 10.0
 
 
 class PeerPool:
@@ -290,7 +292,7 @@ class AgentSession:
         except (TransportError, ProtocolError, trio.TooSlowError) as exc:
             raise RefusedError(f"cannot reach {self.address}: {exc}", exit_code=EXIT_FAILURE) from None
         await link.send(Exec(request))
-        reply = await link.control.receive()
+        reply = await self._answer_to(link, request)
         if isinstance(reply, Refused):
             raise RefusedError(reply.reason, exit_code=reply.code)
         if not isinstance(reply, Started):
@@ -305,6 +307,28 @@ class AgentSession:
             nursery.start_soon(self._from_stand_in, nursery, caller)
             await self._from_peer()
             nursery.cancel_scope.cancel()
+
+    async def _answer_to(self, link: SessionLink, request: ExecRequest) -> object:
+        """The peer's answer to our Exec (Started, Refused, or the link's end), however long it takes.
+
+        A program starts within milliseconds; an answer that keeps us
+        waiting is logged every SLOW_ANSWER seconds, with what identifies
+        the link, so that a stall can be told from a slow machine.
+        """
+        waited = 0.0
+        while True:
+            with trio.move_on_after(SLOW_ANSWER):
+                return await link.control.receive()
+            waited += SLOW_ANSWER
+            log.warning(
+                "no answer from %s to the exec of %s for %.0f s (link generation %d, state %s, alive %s)",
+                link.peer,
+                request.argv[0] if request.argv else "?",
+                waited,
+                link.generation,
+                link.conn.state.value,
+                link.alive,
+            )
 
     async def _publish_pidmap(self, pid: int) -> None:
         fd = self.pidmaps.create(pid, self.remote_pid)

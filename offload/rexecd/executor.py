@@ -217,13 +217,18 @@ class Execution:
             for channel, (end, inbound, outbound) in self.ends.items():
                 nursery.start_soon(self._relay, channel, end, inbound, outbound, self._output(end))
             self.ends.clear()  # the relays own them now
-            nursery.start_soon(self._control_loop, nursery)
+            control = trio.CancelScope()
+            nursery.start_soon(self._control_loop, nursery, control)
             status = await self.process.wait()
             await self._await_output()
             exited: Exited | Refused = _exited(status)
             if self.request.daemon_pidfile and status == 0:
                 exited = await self._follow_daemon()
             log.info("session %d: %s", self.id, _describe_exit(exited))
+            # Once the peer reads our last word it may send the next
+            # session's Exec on this link at once: our control loop must
+            # not be there to swallow it.
+            control.cancel()
             await self.link.send(exited)
             nursery.cancel_scope.cancel()
 
@@ -258,14 +263,15 @@ class Execution:
                     )
                     return
 
-    async def _control_loop(self, nursery: trio.Nursery) -> None:
-        async for event in self.link.control:
-            if isinstance(event, Signal):
-                self._signal(event.signum)
-            elif isinstance(event, Open):
-                nursery.start_soon(self._bridge, event)
-            elif isinstance(event, ConnectionClosed | LinkFailed):
-                raise TransportError(f"session {self.id}: {_why_gone(event)}")
+    async def _control_loop(self, nursery: trio.Nursery, scope: trio.CancelScope) -> None:
+        with scope:
+            async for event in self.link.control:
+                if isinstance(event, Signal):
+                    self._signal(event.signum)
+                elif isinstance(event, Open):
+                    nursery.start_soon(self._bridge, event)
+                elif isinstance(event, ConnectionClosed | LinkFailed):
+                    raise TransportError(f"session {self.id}: {_why_gone(event)}")
 
     def _signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
