@@ -127,3 +127,17 @@ def pidmap(lab: Lab, standin: int) -> Path:
 def remote_pid_of(lab: Lab, standin: int) -> int:
     path = pidmap(lab, standin)
     return int(wait_for(lambda: path.exists() and path.read_text(), 10, f"pidmap {path}"))
+
+
+def listener_at_fd(path: str, preferred: int) -> int:
+    """A listening AF_UNIX stream socket bound at ``path``, as fd ``preferred`` (or the next free number).
+
+    libvirt hands qemu its QMP listener at a fixed number (29); the caller owns the fd.
+    """
+    import os
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(4)
+        return os.dup2(listener.fileno(), free_fd(preferred))

@@ -21,6 +21,7 @@ from tests.conftest import (
     PYTHON,
     free_fd,
     gone,
+    listener_at_fd,
     pidmap,
     remote_pid_of,
     rexec,
@@ -258,11 +259,7 @@ def test_pipe_fds_both_directions(lab: Lab) -> None:
 def test_listening_socket_is_bridged(lab: Lab, tmp_path: Path) -> None:
     """libvirt hands qemu its QMP listener as fd N; connections must reach the remote program."""
     path = str(tmp_path / "monitor.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(4)
-    fd = os.dup2(listener.fileno(), free_fd(29))
-    listener.close()
+    fd = listener_at_fd(path, 29)
     server = textwrap.dedent(
         f"""
         import socket

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from offload.lab.lab import Lab
-from tests.conftest import PYTHON, free_fd, rexec, start_rexec
+from tests.conftest import PYTHON, free_fd, listener_at_fd, rexec, start_rexec
 
 pytestmark = pytest.mark.lab
 
@@ -83,11 +83,7 @@ def receive_all(sock: socket.socket) -> bytes:
 def test_bridged_socket_whose_far_end_closes_right_after_writing(lab: Lab, tmp_path: Path) -> None:
     plan = rounds(100, 2026)
     path = str(tmp_path / "bridged.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(4)
-    fd = os.dup2(listener.fileno(), free_fd(29))
-    listener.close()
+    fd = listener_at_fd(path, 29)
     try:
         child = start_rexec(
             lab, PYTHON, "-c", CLOSE_AFTER_WRITING, str(fd), str(len(plan)), pass_fds=[fd], stderr=subprocess.PIPE
