@@ -192,12 +192,24 @@ async def run_mount(options: MountOptions, transport: Transport, ready: Callable
             detach = (stop_requested or not reported_ready) and not unmounted_by_kernel
             if not detach and not unmounted_by_kernel:
                 log.error("%s stays mounted, dead, until unmounted (qtfs umount or a new mount)", options.mountpoint)
-            with contextlib.suppress(Exception):
-                pyfuse3.close(unmount=detach and _on_top(options.mountpoint, connection))
-            if connection is not None:
-                # Closing /dev/fuse ends the connection only if no thread of
-                # ours is stuck in a kernel call on it (see fusectl).
+            if connection is None:
+                with contextlib.suppress(Exception):
+                    # No fusectl: libfuse unmounts by path, as best it can.
+                    pyfuse3.close(unmount=detach)
+            else:
+                # Aborted before the unmount, never after: a thread of ours
+                # stuck in a page invalidation holds the connection's killsb
+                # lock while it waits for a page lock that only an answer or
+                # an abort releases, and the unmount of the last reference
+                # waits for that lock in this thread.  Closing /dev/fuse would
+                # not do: it ends the connection only once no thread of ours
+                # is in a kernel call on it (see fusectl).
                 connection.abort()
+                with contextlib.suppress(Exception):
+                    # libfuse leaves an aborted connection mounted: detached below.
+                    pyfuse3.close(unmount=False)
+                if detach:
+                    unmount.detach_if_ours(options.mountpoint, connection)
                 connection.close()
             if guarded is not None:
                 # Its work is done: ended and reaped here, so that whoever waits
@@ -207,18 +219,6 @@ async def run_mount(options: MountOptions, transport: Transport, ready: Callable
             if pidfile is not None:
                 with contextlib.suppress(OSError):
                     pidfile.unlink()
-
-
-def _on_top(mountpoint: str, connection: fusectl.Connection | None) -> bool:
-    """Our mount is the one on top at ``mountpoint``: libfuse unmounts by path, and
-    something mounted over ours since is not ours to detach (unknown: assume ours)."""
-    if connection is None:
-        return True
-    try:
-        found = unmount.device_on_top(mountpoint)
-    except OSError:
-        return True
-    return found is not None and found[0] == connection.device
 
 
 def _start_guard(connection: fusectl.Connection, mountpoint: str):
