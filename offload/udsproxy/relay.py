@@ -836,9 +836,18 @@ def fds_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
 
 
 def close_all(passed: list[int]) -> None:
+    """Close the fds and empty the list, so that a list closed once is never closed again.
+
+    A second close of the same numbers would close whatever the daemon opened
+    under them meanwhile (another connection's socket): serve_shim's cleanup
+    closed again the fds _shim_send_fds had closed when its answer to a shim
+    that had already left failed, and a relay flushing to a program that was
+    gone closed one queued message's fds twice.
+    """
     for fd in passed:
         with contextlib.suppress(OSError):
             os.close(fd)
+    passed.clear()
 
 
 def _errno_number(name: str) -> int:
