@@ -239,6 +239,9 @@ class AgentSession:
     def _request(self, document: dict, caller: Caller) -> ExecRequest:
         self.address = self._target(document.get("target"))
         descriptions = document["fds"]
+        # Any local user may send this: entries that are not objects are the request's fault (a refusal).
+        if not isinstance(descriptions, list) or not all(isinstance(d, dict) for d in descriptions):
+            raise ValueError("fds must be a list of objects")
         self.accepting_fds = False
         passed = [d["fd"] for d in descriptions if d.get("passed")]
         if len(set(passed)) != len(passed):
