@@ -121,10 +121,12 @@ def gone(pid: int) -> bool:
 
 
 def pidmap(lab: Lab, standin: int) -> Path:
-    return lab.dpu.run_dir / "pids" / str(standin)
+    """The pidmap file of a stand-in (``standin``: numbered here; the file is named by the DPU's number)."""
+    return lab.dpu.run_dir / "pids" / str(lab.pid_on("dpu", standin))
 
 
 def remote_pid_of(lab: Lab, standin: int) -> int:
+    """The host's pid of the program behind a stand-in (numbered here, or the `command` that started it)."""
     path = pidmap(lab, standin)
     return int(wait_for(lambda: path.exists() and path.read_text(), 10, f"pidmap {path}"))
 

@@ -345,7 +345,8 @@ def test_daemon_mode(lab: Lab, shared: Path) -> None:
     script = f"sleep 60 </dev/null >/dev/null 2>&1 & echo $! > {pidfile}"
     result = rexec(lab, "--daemon-pidfile", str(pidfile), "/bin/sh", "-c", script)
     assert result.returncode == 0, result.stderr
-    standin = int(pidfile.read_text())
+    # The stand-in wrote its own pid: the DPU side's number for it.
+    standin = lab.pid_here("dpu", int(pidfile.read_text()))
     stand_in_process = psutil.Process(standin)
     assert "rexec" in " ".join(stand_in_process.cmdline())
     remote = remote_pid_of(lab, standin)

@@ -1,4 +1,4 @@
-"""The lab: host and DPU as two network namespaces on one machine.
+"""The lab: host and DPU as two network namespaces on one machine; the DPU's with its own pids and cgroups.
 
 ``up`` makes the namespaces ``NAME-host`` and ``NAME-dpu`` joined by a veth
 pair, creates a PKI for both nodes, and starts each side's services with
@@ -43,7 +43,7 @@ import psutil
 
 from offload import pki, proc
 from offload.errors import LabError
-from offload.lab import SERVICES, mountns, netlink
+from offload.lab import SERVICES, cgroups, mountns, netlink
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,16 @@ class Lab:
         state["pids"][key] = pid
         self.state_file.write_text(json.dumps(state, indent=1))
 
+    def _record_cgroups(self, places: list[Path]) -> None:
+        state = self._state()
+        state["cgroups"] = [str(place) for place in places]
+        self.state_file.write_text(json.dumps(state, indent=1))
+
+    @property
+    def dpu_cgroups(self) -> list[Path]:
+        """The DPU side's cgroups, one per hierarchy: the roots its cgroup namespace shows (offload.lab.cgroups)."""
+        return [Path(place) for place in self._state().get("cgroups", [])]
+
     def status_keys(self) -> list[str]:
         """Keys of the processes the lab started (host-rexec, dpu-libvirtd, ...)."""
         return list(self._state()["pids"])
@@ -181,6 +191,30 @@ class Lab:
             raise LabError(f"lab {self.name} runs no {key}")
         return int(pid)
 
+    def pid_on(self, role: str, pid: int) -> int:
+        """The number ``role``'s side gives process ``pid`` (numbered here).
+
+        For a process started with `command`, the program it runs: on the
+        DPU side that is the entering process's child (offload.lab.pidns).
+        """
+        return mountns.pid_in_namespace(self._program(role, pid))
+
+    def pid_here(self, role: str, pid: int) -> int:
+        """The number here of the process that ``role``'s side numbers ``pid`` (a pidfile's, a pidmap's)."""
+        holder = self._state()["pids"].get(f"{role}-ns")
+        if holder is None:
+            raise LabError(f"lab {self.name} has no {role} side (offload lab up first)")
+        found = mountns.pid_outside(holder, pid)
+        if found is None:
+            raise LabError(f"no process {pid} on the {role} side of lab {self.name}")
+        return found
+
+    def _program(self, role: str, pid: int) -> int:
+        holder = self._state()["pids"].get(f"{role}-ns")
+        if holder is None or mountns.init_of(holder) is None:
+            return pid
+        return mountns.entered_program(pid)
+
     def netns_id(self, role: str) -> str:
         """That side's network namespace as /proc/PID/ns/net names it (net:[INODE])."""
         return f"net:[{os.stat(f'/run/netns/{self.side(role).netns}').st_ino}]"
@@ -226,7 +260,13 @@ class Lab:
             for side in (self.host, self.dpu):
                 hide = [*self.private(self.other(side).role), self.dir / "pki" / "ca-key.pem"]
                 steps = mountns.plan(side.role, self.dir, hide)
-                pid = mountns.start_holder(side.netns, steps, self.dir / f"{side.role}-ns.log")
+                # The DPU side has pids, cgroups and ptys of its own, as on a second machine.
+                own_cgroups = None
+                if side.role == "dpu":
+                    own_cgroups = cgroups.subtree(f"offload-lab-{self.name}-dpu")
+                    self._record_cgroups(own_cgroups)
+                    cgroups.create(own_cgroups)
+                pid = mountns.start_holder(side.netns, steps, self.dir / f"{side.role}-ns.log", own_cgroups)
                 self._record(f"{side.role}-ns", pid)
                 done.append(f"{side.role} mount namespace: " + ", ".join(_describe(step) for step in steps))
             if "rexec" in services:
@@ -402,6 +442,11 @@ class Lab:
         removed = []
         pids = dict(self._state()["pids"])
         holders = {key: pid for key, pid in pids.items() if key.endswith("-ns")}
+        # A side's pid namespace ends with its init, which its holder ends.
+        inits: set[int | None] = set()
+        for pid in holders.values():
+            with contextlib.suppress(LabError):
+                inits.add(mountns.init_of(pid))
         namespaces = self._namespace_ids()
 
         def belongs(pid: int, cmdline: list[str] | None = None) -> bool:
@@ -420,7 +465,7 @@ class Lab:
         # namespaces, and every mount in them, end with them.
         for process in psutil.process_iter(["pid", "cmdline"]):
             pid = process.info["pid"]
-            if pid in pids.values() or pid == os.getpid():
+            if pid in pids.values() or pid in inits or pid == os.getpid():
                 continue
             if belongs(pid, process.info["cmdline"]):
                 proc.end_pid(pid)
@@ -429,6 +474,11 @@ class Lab:
             if belongs(pid):
                 proc.end_pid(pid)
                 removed.append(f"{key} (pid {pid}) and its mounts")
+        made = self._state().get("cgroups", [])
+        left = cgroups.remove(made)
+        removed += [f"cgroup {place}" for place in made if place not in left]
+        if left:
+            log.warning("cgroups of the lab still hold processes, left in place: %s", ", ".join(left))
         removed += netlink.remove(
             [self.host.netns, self.dpu.netns],
             [self.host.link.ifname, self.dpu.link.ifname],

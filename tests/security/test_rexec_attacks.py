@@ -219,7 +219,8 @@ def test_a_legitimate_daemon_is_still_followed_and_ended(lab: Lab, attack_dir: P
     script = f"setsid sh -c 'sleep 300 </dev/null >/dev/null 2>&1 & echo $! > {pidfile}' </dev/null >/dev/null 2>&1"
     result = rexec_as(lab, "nobody", "--daemon-pidfile", str(pidfile), "/bin/sh", "-c", script)
     assert result.returncode == 0, result.stderr
-    standin = int(pidfile.read_text())
+    # The stand-in wrote its own pid: the DPU side's number for it.
+    standin = lab.pid_here("dpu", int(pidfile.read_text()))
     assert "offload.rexec_client" in psutil.Process(standin).cmdline()
     remote = remote_pid_of(lab, standin)
     assert psutil.Process(remote).cmdline() == ["sleep", "300"]
