@@ -636,6 +636,11 @@ class RexecConnection:
         if isinstance(event, SESSION_EVENTS):
             return self._receive_channel_event(event)
         self.state = self._transition(self.peer_role, event, RemoteProtocolError)
+        if isinstance(event, Signal) and self.state is State.DONE:
+            # It crossed our Exited on the wire (a stand-in's signal as the
+            # program ended): nothing is left to signal, and the link goes
+            # on to carry the next session.
+            return None
         if isinstance(event, Exec):
             self._open_request_channels(event.request)
         return event
