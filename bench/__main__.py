@@ -148,8 +148,7 @@ def tcp_source(lab: Lab) -> Iterator[list[str]]:
 
 
 def server_rss(lab: Lab, sessions: int) -> dict[str, float]:
-    state = json.loads((lab.dir / "state.json").read_text())["pids"]
-    servers = {role: psutil.Process(state[f"{role}-rexec"]) for role in ("host", "dpu")}
+    servers = {role: psutil.Process(lab.program_pid(f"{role}-rexec")) for role in ("host", "dpu")}
     children = [
         proc.spawn(lab.command("dpu", [*REXEC, "/bin/sleep", "3"]), env=lab.env("dpu"), stdin=subprocess.DEVNULL)
         for _ in range(sessions)

@@ -83,9 +83,8 @@ def start_rexec(lab: Lab, *args: str, side: str = "dpu", **options) -> subproces
 
 
 def server_pid(lab: Lab, role: str) -> int:
-    import json
-
-    return json.loads((lab.dir / "state.json").read_text())["pids"][f"{role}-rexec"]
+    """The pid of ``role``'s rexec_server itself (not of what entered the DPU side for it)."""
+    return lab.program_pid(f"{role}-rexec")
 
 
 def free_fd(preferred: int) -> int:

@@ -21,6 +21,8 @@ from offload.errors import LabError
 from offload.mounts import mountinfo
 
 CGROUP_ROOT = "/sys/fs/cgroup"
+#: cgroup v1's cpu.shares of a group that nobody set.
+DEFAULT_SHARES = 1024
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,12 @@ def create(places: list[Path]) -> None:
             for knob in ("cpuset.cpus", "cpuset.mems"):
                 if (place / knob).exists() and not (place / knob).read_text().strip():
                     (place / knob).write_text((place.parent / knob).read_text())
+            if (place / "cpu.shares").exists():
+                # A DPU has CPUs of its own.  Here its whole side is one
+                # group, which by default weighs as much as one busy task of
+                # the host side: give it the weight of as many as this
+                # machine has CPUs, so the DPU side is not starved by the host.
+                (place / "cpu.shares").write_text(str(DEFAULT_SHARES * (os.cpu_count() or 1)))
         except OSError as exc:
             raise LabError(f"cannot make the lab's cgroup {place}: {exc}") from None
 

@@ -57,6 +57,8 @@ READY_TIMEOUT = 30.0
 QTFS_PORT = 7003
 #: The host directory the DPU side's libvirtd works in, served by qtfs.
 LIBVIRT_EXPORTS = ("/var/lib/libvirt",)
+#: The controllers whose cgroups libvirt on the DPU side makes on the host side (the rootfs's qemu.conf).
+TUNED_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "blkio")
 #: Programs each side's whitelist allows besides --allow ones.
 DEFAULT_ALLOW = (
     "/bin/true",
@@ -120,6 +122,29 @@ class Lab:
         state = self._state()
         state["cgroups"] = [str(place) for place in places]
         self.state_file.write_text(json.dumps(state, indent=1))
+
+    @property
+    def host_partitions(self) -> dict[str, Path]:
+        """Controller -> the host side's cgroup that the DPU side's libvirt sees as its /machine."""
+        return {name: Path(place) for name, place in self._state().get("host_partitions", {}).items()}
+
+    def _make_host_partitions(self) -> dict[str, Path]:
+        """The host side's cgroups libvirt's domains are made in, one per tuned controller.
+
+        Below the lab's own cgroups, named after the lab: the machine's
+        /machine (a local libvirtd's) is never the lab's.  `down` removes them.
+        """
+        places = {}
+        for place in cgroups.subtree(f"offload-lab-{self.name}-machine"):
+            controllers = set(place.parts[4].split(",")) if len(place.parts) > 5 else set()
+            for name in TUNED_CONTROLLERS:
+                if name in controllers and name not in places:
+                    places[name] = place
+        state = self._state()
+        state["host_partitions"] = {name: str(place) for name, place in places.items()}
+        self.state_file.write_text(json.dumps(state, indent=1))
+        cgroups.create(sorted(set(places.values())))
+        return places
 
     @property
     def dpu_cgroups(self) -> list[Path]:
@@ -190,6 +215,17 @@ class Lab:
         if pid is None:
             raise LabError(f"lab {self.name} runs no {key}")
         return int(pid)
+
+    def program_pid(self, key: str) -> int:
+        """The pid of the program a process the lab started runs (e.g. the DPU's rexec_server itself).
+
+        `pid_of` names what the lab started and ends; on the DPU side that is
+        the process that entered the side's pid namespace, the parent of the
+        program (offload.lab.pidns), which lives exactly as long as it.
+        """
+        pid = self.pid_of(key)
+        role = key.split("-", 1)[0]
+        return self._program(role, pid) if role in ("host", "dpu") else pid
 
     def pid_on(self, role: str, pid: int) -> int:
         """The number ``role``'s side gives process ``pid`` (numbered here).
@@ -359,6 +395,10 @@ class Lab:
             "--no-root-squash",
             # The host's facts, which the DPU side binds over its own files.
             *("--export", "/proc:ro", "--export", "/sys:ro"),
+            # The cgroups libvirt makes for its domains, and the programs the
+            # DPU side started, which alone may be placed in them.
+            *(arg for place in sorted(set(self._make_host_partitions().values())) for arg in ("--export", str(place))),
+            *("--programs-of", str(self.host.run_dir / "rexec.lock")),
         ]
         proc.run(self.command("host", ["mkdir", "-p", "/var/lib/libvirt/images", "/var/lib/libvirt/qemu"]))
         self.start_service("host-qtfs", self.host, argv)
@@ -474,7 +514,7 @@ class Lab:
             if belongs(pid):
                 proc.end_pid(pid)
                 removed.append(f"{key} (pid {pid}) and its mounts")
-        made = self._state().get("cgroups", [])
+        made = self._state().get("cgroups", []) + sorted(set(self._state().get("host_partitions", {}).values()))
         left = cgroups.remove(made)
         removed += [f"cgroup {place}" for place in made if place not in left]
         if left:

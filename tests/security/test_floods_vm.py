@@ -118,7 +118,7 @@ def test_daemons_and_a_running_vm_outlive_floods_from_the_network_and_a_local_us
         domain = start_guest(vlab, virsh, name)
         wait_for_marker(lambda: console_of(vlab, domain))
         [qemu] = qemu_processes(name)
-        daemons = {key: psutil.Process(vlab.pid_of(key)) for key in DAEMONS}
+        daemons = {key: psutil.Process(vlab.program_pid(key)) for key in DAEMONS}
         host = vlab.host.link.address
         network = [f"tcp:{host}:{port}" for port in (REXEC_PORT, UDSPROXY_PORT, QTFS_PORT)]
         local = [f"unix:{vlab.dpu.run_dir / 'rexec.sock'}", f"unix:{vlab.dpu.run_dir / 'udsproxy' / 'udsproxy.sock'}"]
