@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench.report import run_alone
+from bench.ssh import sshd
 from offload import proc
 from offload.lab.lab import Lab
 
@@ -134,7 +135,6 @@ def _qtfs_server(lab: Lab, data: Path) -> Iterator[str]:
 
 def qtfs_rows(lab: Lab, work: Path) -> list[tuple[str, str, str]]:
     """qtfs against sshfs over the same veth: stat, 4 KiB open+read+close, readdir of 1,000, 256 MiB read."""
-    from bench.__main__ import sshd
 
     # A directory of our own: sshd() writes its keys by fixed names, and the
     # caller's work directory may hold another sshd's already.

@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from offload import proc
 from offload.errors import LabError
-
-# lab.py imports this module only inside Lab.up, so this is no cycle.
-from offload.lab.lab import LIBVIRT_EXPORTS, Lab
+from offload.lab import LIBVIRT_EXPORTS
 from offload.lab.libvirt import Virsh
+
+if TYPE_CHECKING:  # the lab starts this part; this part only uses the lab it is given
+    from offload.lab.lab import Lab
 
 READY_TIMEOUT = 60.0
 #: Inside the rootfs, where the rootfs builder installs the shim.
 SHIM_IN_ROOTFS = "/usr/lib/offload/libudsproxy.so"
+#: Inside the rootfs, where offload prepare mounts the host's /proc (its qtfs staging directory).
+HOST_PROC_IN_ROOTFS = "/run/offload/qtfs-proc"
 #: Inside the rootfs, where the prepared mounts put udsproxyd's socket.
 UDSPROXY_SOCKET_IN_ROOTFS = "/run/udsproxy/udsproxy.sock"
 
@@ -49,11 +53,18 @@ def virsh(lab: Lab) -> Virsh:
 def prepare_config(lab: Lab) -> str:
     """offload prepare's configuration for the lab: qtfs from the lab's host side (prepare.toml)."""
     exports = ", ".join(f'"{path}"' for path in LIBVIRT_EXPORTS)
+    # libvirt's /machine in each tuned controller (the DPU side mounts them
+    # as this machine does: /sys/fs/cgroup/<controller>) is the host side's.
+    partitions = "".join(
+        f'\n[[cgroup_partitions]]\nremote = "{place}"\nlocal = "/sys/fs/cgroup/{name}/machine"\n'
+        for name, place in lab.host_partitions.items()
+    )
     return (
         "# Written by the lab: the host side serves /var/lib/libvirt over qtfs.\n"
         f'host = "{lab.qtfs_address}"\n'
         f'pki = "{lab.dir / "pki" / "dpu"}"\n'
         f"exports = [{exports}]\n"
+        f"{partitions}"
     )
 
 
@@ -99,7 +110,12 @@ def restart_libvirtd(lab: Lab) -> int:
 
 
 def _start_libvirtd(lab: Lab, root: Path) -> None:
-    shim_env = {"LD_PRELOAD": SHIM_IN_ROOTFS, "UDSPROXY_SOCKET": UDSPROXY_SOCKET_IN_ROOTFS}
+    shim_env = {
+        "LD_PRELOAD": SHIM_IN_ROOTFS,
+        "UDSPROXY_SOCKET": UDSPROXY_SOCKET_IN_ROOTFS,
+        # The host's /proc, where the shim reads a remote program's statistics and affinity.
+        "OFFLOAD_HOST_PROC": HOST_PROC_IN_ROOTFS,
+    }
     _start_chrooted(lab, "dpu-libvirtd", root, ["/usr/sbin/libvirtd"], shim_env)
 
 
@@ -125,7 +141,7 @@ def _start_chrooted(lab: Lab, key: str, root: Path, argv: list[str], env: dict[s
             env=_clean_env(),
             start_new_session=True,
         )
-    lab._record(key, child.pid)
+    lab.record(key, child.pid)
     time.sleep(0.05)
     if child.poll() is not None:
         raise LabError(f"{key} exited with status {child.returncode} at start: see {log_path}")

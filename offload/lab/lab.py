@@ -43,7 +43,7 @@ import psutil
 
 from offload import pki, proc
 from offload.errors import LabError
-from offload.lab import SERVICES, cgroups, mountns, netlink
+from offload.lab import LIBVIRT_EXPORTS, SERVICES, cgroups, dpu_libvirt, mountns, netlink
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,6 @@ UDSPROXY_PORT = 7002
 SHIM = Path(__file__).resolve().parent.parent / "_native" / "libudsproxy.so"
 READY_TIMEOUT = 30.0
 QTFS_PORT = 7003
-#: The host directory the DPU side's libvirtd works in, served by qtfs.
-LIBVIRT_EXPORTS = ("/var/lib/libvirt",)
 #: The controllers whose cgroups libvirt on the DPU side makes on the host side (the rootfs's qemu.conf).
 TUNED_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "blkio")
 #: Programs each side's whitelist allows besides --allow ones.
@@ -113,7 +111,8 @@ class Lab:
         except (OSError, ValueError):
             return {"pids": {}}
 
-    def _record(self, key: str, pid: int) -> None:
+    def record(self, key: str, pid: int) -> None:
+        """Note a process the lab started, by key, for status, restart and down."""
         state = self._state()
         state["pids"][key] = pid
         self.state_file.write_text(json.dumps(state, indent=1))
@@ -303,7 +302,7 @@ class Lab:
                     self._record_cgroups(own_cgroups)
                     cgroups.create(own_cgroups)
                 pid = mountns.start_holder(side.netns, steps, self.dir / f"{side.role}-ns.log", own_cgroups)
-                self._record(f"{side.role}-ns", pid)
+                self.record(f"{side.role}-ns", pid)
                 done.append(f"{side.role} mount namespace: " + ", ".join(_describe(step) for step in steps))
             if "rexec" in services:
                 for side in (self.host, self.dpu):
@@ -320,8 +319,6 @@ class Lab:
                 self._start_qtfs_server()
                 done.append(f"qtfs server on host at {self.qtfs_address} exporting {', '.join(LIBVIRT_EXPORTS)}")
             if "libvirt" in services:
-                from offload.lab import dpu_libvirt
-
                 done += dpu_libvirt.start(self)
         except BaseException:
             log.error("lab up failed; removing what was made")
@@ -443,7 +440,7 @@ class Lab:
                     env=env,
                     start_new_session=True,
                 )
-            self._record(key, child.pid)
+            self.record(key, child.pid)
             deadline = time.monotonic() + READY_TIMEOUT
             notify.settimeout(0.2)
             while True:
