@@ -22,6 +22,8 @@ ffibuilder.cdef(
     int shim_decode_reply(const unsigned char *buf, size_t len);
     int shim_decode_answer(const unsigned char *buf, size_t len, int type);
     void shim_encode_send_header(unsigned char *buf, size_t length);
+    long shim_proc_pid(const char *path, const char **rest);
+    int shim_parse_cpumask(const char *hex, unsigned char *bits, size_t cap);
     int shim_parse_config(const char *text, char *socket_out, size_t socket_cap, char *prefixes_out,
                           size_t prefixes_cap);
     """

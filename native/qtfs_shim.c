@@ -44,7 +44,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <limits.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -216,6 +218,69 @@ int shim_collect_fds(const struct msghdr *msg, int first, int *fds, int max)
         count += (int)n;
     }
     return count;
+}
+
+/* libvirt reads a domain's statistics from /proc/PID/stat and
+ * /proc/PID/task/TID/stat, PID being the emulator's, which here is a
+ * stand-in.  If PATH is one of these, return PID and point *REST at what
+ * follows "/proc/PID/"; -1 otherwise. */
+long shim_proc_pid(const char *path, const char **rest)
+{
+    const char *at = path + 6, *after;
+    long pid = 0;
+
+    if (strncmp(path, "/proc/", 6) != 0 || *at < '1' || *at > '9')
+        return -1;
+    while (*at >= '0' && *at <= '9' && pid < 100000000)
+        pid = pid * 10 + (*at++ - '0');
+    if (*at != '/')
+        return -1;
+    after = ++at;
+    if (strcmp(after, "stat") != 0) {
+        if (strncmp(after, "task/", 5) != 0 || after[5] < '1' || after[5] > '9')
+            return -1;
+        at = after + 5;
+        while (*at >= '0' && *at <= '9')
+            at++;
+        if (at - (after + 5) > 9 || strcmp(at, "/stat") != 0)
+            return -1;
+    }
+    *rest = after;
+    return pid;
+}
+
+/* HEX is a cpumask as /proc shows it ("f" or "ff,00000001", most
+ * significant group first).  Sets bit N of BITS (CAP bytes, cleared first)
+ * for CPU N; returns how many CPUs the mask covers, -1 if it is malformed. */
+int shim_parse_cpumask(const char *hex, unsigned char *bits, size_t cap)
+{
+    size_t len = 0, digits = 0, i;
+
+    memset(bits, 0, cap);
+    while (*hex == ' ' || *hex == '\t')
+        hex++;
+    while (hex[len] && hex[len] != '\n')
+        len++;
+    for (i = len; i-- > 0;) {
+        char c = hex[i];
+        int value, bit;
+
+        if (c == ',')
+            continue;
+        if (c >= '0' && c <= '9')
+            value = c - '0';
+        else if (c >= 'a' && c <= 'f')
+            value = c - 'a' + 10;
+        else
+            return -1;
+        for (bit = 0; bit < 4; bit++) {
+            size_t cpu = digits * 4 + (size_t)bit;
+            if ((value >> bit) & 1 && cpu / 8 < cap)
+                bits[cpu / 8] |= (unsigned char)(1u << (cpu % 8));
+        }
+        digits++;
+    }
+    return digits ? (int)(digits * 4) : -1;
 }
 
 #ifndef SHIM_NO_HOOKS
@@ -625,4 +690,254 @@ ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
     return send_through_proxy(agent, fd, msg);
 }
 
+/* ---- The host's view of a remote program (statistics and affinity) ----
+ *
+ * Inert unless OFFLOAD_HOST_PROC names where the host's /proc is mounted
+ * (the qtfs proc staging mount: the host serves there the stat and status
+ * of the programs the DPU started, and of their threads, nothing of its
+ * other processes).  OFFLOAD_PIDMAP is rexec's pidmap (default
+ * /var/run/rexec/pids: a file per stand-in pid holding its program's host
+ * pid).
+ *
+ * - open() of /proc/PID/stat or /proc/PID/task/TID/stat, PID a stand-in,
+ *   opens the host's /proc/HOSTPID/... instead: libvirt's RSS and CPU times
+ *   are the host program's.  If the host's file cannot be opened the call
+ *   fails; the stand-in's figures are never given in its place.
+ * - sched_setaffinity() and sched_getaffinity() of a stand-in, or of a
+ *   thread id the host serves (a thread qemu reported over QMP), never touch
+ *   this machine's task of that number.  The host's affinity is set by the
+ *   cpuset of the host cgroup libvirt wrote just before (the cgroups libvirt
+ *   makes are the host's, see offload.qtfs.tasks); the setter checks that
+ *   the host's mask is the one asked for, and fails with EPERM otherwise.
+ *   The getter reads the host's mask.  pid 0 and the caller's own children
+ *   (libvirt's child that has not yet exec'ed the stand-in) are local.
+ */
+
+typedef int (*open_fn)(const char *, int, ...);
+typedef int (*openat_fn)(int, const char *, int, ...);
+typedef int (*setaffinity_fn)(pid_t, size_t, const cpu_set_t *);
+typedef int (*getaffinity_fn)(pid_t, size_t, cpu_set_t *);
+
+#define SHIM_NEXT(type, name)                                                                                 \
+    static type real_##name;                                                                                  \
+    if (!real_##name)                                                                                         \
+        real_##name = (type)dlsym(RTLD_NEXT, #name);                                                          \
+    if (!real_##name) {                                                                                       \
+        errno = ENOSYS;                                                                                       \
+        return -1;                                                                                            \
+    }
+
+static int libc_open(const char *path, int flags, mode_t mode)
+{
+    SHIM_NEXT(open_fn, open)
+    return real_open(path, flags, mode);
+}
+
+static int libc_openat(int dirfd, const char *path, int flags, mode_t mode)
+{
+    SHIM_NEXT(openat_fn, openat)
+    return real_openat(dirfd, path, flags, mode);
+}
+
+static int libc_sched_setaffinity(pid_t pid, size_t size, const cpu_set_t *mask)
+{
+    SHIM_NEXT(setaffinity_fn, sched_setaffinity)
+    return real_sched_setaffinity(pid, size, mask);
+}
+
+static int libc_sched_getaffinity(pid_t pid, size_t size, cpu_set_t *mask)
+{
+    SHIM_NEXT(getaffinity_fn, sched_getaffinity)
+    return real_sched_getaffinity(pid, size, mask);
+}
+
+static const char *host_proc(void)
+{
+    const char *env = getenv("OFFLOAD_HOST_PROC");
+    return env && *env == '/' ? env : NULL;
+}
+
+/* Reads at most CAP-1 bytes of PATH (not following a final symlink); -1 on failure. */
+static ssize_t read_small(const char *path, char *buf, size_t cap)
+{
+    int fd = libc_open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK, 0);
+    ssize_t len;
+
+    if (fd < 0)
+        return -1;
+    len = read(fd, buf, cap - 1);
+    close(fd);
+    if (len >= 0)
+        buf[len] = '\0';
+    return len;
+}
+
+/* The host pid of the program whose stand-in is PID; -1: PID is no stand-in. */
+static long standin_remote(long pid)
+{
+    const char *dir = getenv("OFFLOAD_PIDMAP");
+    char path[PATH_MAX], text[16];
+    long remote = 0;
+    ssize_t len, i;
+
+    if ((size_t)snprintf(path, sizeof path, "%s/%ld", dir && *dir ? dir : "/var/run/rexec/pids", pid) >= sizeof path)
+        return -1;
+    len = read_small(path, text, sizeof text);
+    if (len <= 0 || len > 10)
+        return -1;
+    for (i = 0; i < len; i++) {
+        if (text[i] < '0' || text[i] > '9')
+            return -1;
+        remote = remote * 10 + (text[i] - '0');
+    }
+    return remote > 0 ? remote : -1;
+}
+
+int open(const char *path, int flags, ...);
+int open64(const char *path, int flags, ...);
+int openat(int dirfd, const char *path, int flags, ...);
+int openat64(int dirfd, const char *path, int flags, ...);
+
+/* Where to open PATH instead (into OUT), or 0 to open PATH itself. */
+static int host_proc_path(const char *path, char *out, size_t cap)
+{
+    const char *root = host_proc(), *rest;
+    long pid, remote;
+
+    if (!root || (pid = shim_proc_pid(path, &rest)) < 0 || (remote = standin_remote(pid)) < 0)
+        return 0;
+    if ((size_t)snprintf(out, cap, "%s/%ld/%s", root, remote, rest) >= cap)
+        return 0;
+    shim_log("offload: %s is read on the host as %s\n", path, out);
+    return 1;
+}
+
+#define SHIM_MODE(flags, mode)                                                                                \
+    do {                                                                                                      \
+        if ((flags) & (O_CREAT | O_TMPFILE)) {                                                                \
+            va_list args;                                                                                     \
+            va_start(args, flags);                                                                            \
+            mode = (mode_t)va_arg(args, int);                                                                 \
+            va_end(args);                                                                                     \
+        }                                                                                                     \
+    } while (0)
+
+int open(const char *path, int flags, ...)
+{
+    char host[PATH_MAX];
+    mode_t mode = 0;
+
+    SHIM_MODE(flags, mode);
+    return libc_open(host_proc_path(path, host, sizeof host) ? host : path, flags, mode);
+}
+
+int open64(const char *path, int flags, ...)
+{
+    char host[PATH_MAX];
+    mode_t mode = 0;
+
+    SHIM_MODE(flags, mode);
+    return libc_open(host_proc_path(path, host, sizeof host) ? host : path, flags, mode);
+}
+
+int openat(int dirfd, const char *path, int flags, ...)
+{
+    char host[PATH_MAX];
+    mode_t mode = 0;
+
+    SHIM_MODE(flags, mode);
+    if (*path == '/' && host_proc_path(path, host, sizeof host))
+        return libc_open(host, flags, mode);
+    return libc_openat(dirfd, path, flags, mode);
+}
+
+int openat64(int dirfd, const char *path, int flags, ...)
+{
+    char host[PATH_MAX];
+    mode_t mode = 0;
+
+    SHIM_MODE(flags, mode);
+    if (*path == '/' && host_proc_path(path, host, sizeof host))
+        return libc_open(host, flags, mode);
+    return libc_openat(dirfd, path, flags, mode);
+}
+
+/* The host task PID names (a stand-in's program, or a thread the host serves
+ * as one of its programs'); -1: PID is this machine's. */
+static long remote_task(pid_t pid)
+{
+    const char *root = host_proc();
+    char path[PATH_MAX], stat_text[512];
+    const char *close_paren;
+    long remote;
+    int ppid = 0;
+
+    if (!root || pid <= 0)
+        return -1;
+    if ((remote = standin_remote(pid)) > 0)
+        return remote;
+    /* A child of ours (libvirt's, before it execs the stand-in) is local. */
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    if (read_small(path, stat_text, sizeof stat_text) > 0 && (close_paren = strrchr(stat_text, ')')) &&
+        sscanf(close_paren + 1, " %*c %d", &ppid) == 1 && ppid == getpid())
+        return -1;
+    if ((size_t)snprintf(path, sizeof path, "%s/%d/status", root, (int)pid) >= sizeof path)
+        return -1;
+    return access(path, R_OK) == 0 ? (long)pid : -1;
+}
+
+/* The host's mask of task REMOTE into BITS (CAP bytes); how many CPUs it covers, -1 on failure. */
+static int host_affinity(long remote, unsigned char *bits, size_t cap)
+{
+    char path[PATH_MAX], status[8192], *line;
+
+    if ((size_t)snprintf(path, sizeof path, "%s/%ld/status", host_proc(), remote) >= sizeof path)
+        return -1;
+    if (read_small(path, status, sizeof status) <= 0 || !(line = strstr(status, "\nCpus_allowed:")))
+        return -1;
+    return shim_parse_cpumask(line + strlen("\nCpus_allowed:"), bits, cap);
+}
+
+int sched_setaffinity(pid_t pid, size_t size, const cpu_set_t *mask)
+{
+    unsigned char bits[1024];
+    long remote = remote_task(pid);
+    int cpus, cpu;
+
+    if (remote < 0)
+        return libc_sched_setaffinity(pid, size, mask);
+    if ((cpus = host_affinity(remote, bits, sizeof bits)) < 0) {
+        errno = ESRCH;
+        return -1;
+    }
+    for (cpu = 0; cpu < cpus && (size_t)cpu < size * 8; cpu++) {
+        if (!CPU_ISSET_S((size_t)cpu, size, mask) != !(bits[cpu / 8] & (1u << (cpu % 8)))) {
+            shim_log("offload: host task %ld: its cpuset does not give the affinity asked for\n", remote);
+            errno = EPERM;
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int sched_getaffinity(pid_t pid, size_t size, cpu_set_t *mask)
+{
+    unsigned char bits[1024];
+    long remote = remote_task(pid);
+    int cpus, cpu;
+
+    if (remote < 0)
+        return libc_sched_getaffinity(pid, size, mask);
+    if ((cpus = host_affinity(remote, bits, sizeof bits)) < 0) {
+        errno = ESRCH;
+        return -1;
+    }
+    CPU_ZERO_S(size, mask);
+    for (cpu = 0; cpu < cpus && (size_t)cpu < size * 8 && (size_t)cpu < sizeof bits * 8; cpu++)
+        if (bits[cpu / 8] & (1u << (cpu % 8)))
+            CPU_SET_S((size_t)cpu, size, mask);
+    return 0;
+}
+
 #endif /* SHIM_NO_HOOKS */
+

@@ -143,6 +143,10 @@ class PrepareConfig:
     qtfs_staging: str = "/run/offload"  # inside the target: where the host's /proc and /sys are mounted whole
     qtfs_command: str = ""  # the userspace qtfs program; "": this installation's (never looked up through PATH)
     qtfs_kernel: str = "auto"  # the qtfs kernel module: "auto" (when /proc/filesystems lists it), "yes", "no"
+    # Host cgroup directories (the host's /machine of a controller) mounted over the target's, so that
+    # libvirt's cgroups are made on the host and hold its programs: {remote = HOST DIR, local = TARGET DIR}.
+    cgroup_partitions: tuple[Export, ...] = ()
+    pidmap: str = "/var/run/rexec/pids"  # rexec's pidmap on this machine: stand-in pid -> host pid
     # Local mounts.
     devices: tuple[str, ...] = DEFAULT_DEVICES
     hugetlbfs: bool = True  # /dev/hugepages (skipped with a note where the kernel has no hugetlbfs)

@@ -345,10 +345,11 @@ class QtfsMount(_MountStep):
 
     address: str
     remote: str
-    mode: str = ""  # "", "proc" or "sys"
+    mode: str = ""  # "", "proc", "sys" or "cgroup"
     pki: str = "/etc/offload/pki"
     insecure: bool = False
     command: str = ""  # "": this installation's qtfs (never looked up through PATH)
+    pidmap: str = ""  # cgroup mode: rexec's pidmap directory, where stand-in pids are translated
 
     @property
     def what(self) -> str:
@@ -357,6 +358,8 @@ class QtfsMount(_MountStep):
     def argv(self) -> list[str]:
         security = ["--insecure"] if self.insecure else ["--pki", self.pki]
         mode = [f"--{self.mode}"] if self.mode else []
+        if self.mode == "cgroup":
+            mode.append(self.pidmap)
         program = [self.command] if self.command else proc.program("qtfs")
         return [*program, "mount", *mode, *security, f"{self.address}:{self.remote}", self.path]
 

@@ -214,6 +214,23 @@ def qtfs_steps(config: PrepareConfig, facts: Facts, resolve: Resolver) -> list[O
         )
 
     steps = [qtfs(export.remote, resolve(export.where)) for export in config.exports]
+    # Over this machine's own cgroup mounts (libvirt finds its controllers in
+    # /proc/mounts, where only a real cgroup mount counts), the directory
+    # libvirt makes its groups in is the host's: placement and limits reach
+    # the host's programs, with stand-in pids translated (offload.qtfs.tasks).
+    steps += [
+        QtfsMount(
+            path=resolve(partition.where),
+            address=config.host,
+            remote=partition.remote,
+            mode="cgroup",
+            pidmap=config.pidmap,
+            pki=config.pki,
+            insecure=config.insecure,
+            command=config.qtfs_command,
+        )
+        for partition in config.cgroup_partitions
+    ]
     for enabled, kind, names in ((config.proc_facts, "proc", PROC_FILES), (config.sys_facts, "sys", SYS_DIRS)):
         if not enabled:
             continue

@@ -36,6 +36,7 @@ import itertools
 import logging
 import os
 import random
+import re
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +45,7 @@ from typing import Any
 
 from offload.protocol import qtfs as wire
 from offload.qtfs import facts
+from offload.qtfs.programs import Programs, status_fields
 from offload.qtfs.resolve import PROC_SUPER_MAGIC, SYSFS_MAGIC, fs_type, open_parent, openat2, real_path
 from offload.qtfs.whitelist import Whitelist
 
@@ -70,6 +72,12 @@ PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID
 PRIVILEGED_XATTRS = (b"security.", b"trusted.")
 #: Filesystems whose content is served only through a facts export's allowlist.
 FACT_FILESYSTEMS = {PROC_SUPER_MAGIC: facts.PROC_SERVED, SYSFS_MAGIC: facts.SYS_SERVED}
+#: cgroup v1 and v2: served only by a cgroup export, where placing a task is checked.
+CGROUP_FILESYSTEMS = frozenset({0x27E0EB, 0x63677270})
+#: The files of a cgroup that take a task: a tid (tasks) or a whole process (cgroup.procs).
+TASK_FILES = (b"tasks", b"cgroup.procs")
+#: Below /proc/PID of a program the DPU started, what its statistics and affinity are read from.
+PROGRAM_ENTRIES = re.compile(rb"[0-9]+(/(stat|status|task(/[0-9]+(/(stat|status))?)?))?")
 #: The inode number of a procfs or sysfs root (PROC_ROOT_INO; kernfs numbers its root 1 too).
 FS_ROOT_INO = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -140,10 +148,22 @@ class Handles:
 class Backend:
     """One connection's view: its mount root, its open files and directory listings."""
 
-    def __init__(self, exports: tuple[Export, ...], whitelist: Whitelist, root_squash: bool = True) -> None:
+    def __init__(
+        self,
+        exports: tuple[Export, ...],
+        whitelist: Whitelist,
+        root_squash: bool = True,
+        programs: Programs | None = None,
+    ) -> None:
         self.exports = exports
         self.whitelist = whitelist
         self.root_squash = root_squash
+        #: The host processes the DPU may place in cgroups and read /proc/PID of; None: none.
+        self.programs = programs
+        #: The mount root is a cgroup directory: task placement is checked (`_place`).
+        self.cgroup = False
+        #: Handles of open tasks / cgroup.procs files -> (file name, fd of the directory's cgroup.procs).
+        self._task_files: dict[int, tuple[bytes, int]] = {}
         self.root = -1
         self.base = b""
         self._root_real = b""  # the kernel's path of the mount root, what resolved paths begin with
@@ -156,6 +176,9 @@ class Backend:
         self._dir_numbers = itertools.count(random.getrandbits(40) + 1)
 
     def close(self) -> None:
+        for _, procs in self._task_files.values():
+            os.close(procs)
+        self._task_files.clear()
         self.files.close_all()
         self._dirs.clear()
         self._listing_bytes = 0
@@ -191,17 +214,30 @@ class Backend:
 
     def _allow(self, where: bytes, sections: tuple[str, ...], path: bytes) -> None:
         """The policy's verdict on ``where`` (resolved, relative to the mount root) for ``sections``."""
-        if self.facts is not None and not facts.allowed(self.facts, where):
+        if self.facts is not None and not self._served(where):
             raise FileNotFoundError(errno.ENOENT, "not served by a facts export", os.fsdecode(path))
         for section in sections:
             host = self.host_path(where)
             if not self.whitelist.allows(section, host):
                 raise _refused(section, host)
 
+    def _served(self, where: bytes) -> bool:
+        """``where`` (relative to a facts export's root) is served: an allowlisted fact, or, in a procfs,
+        what libvirt reads of a program the DPU started (its stat and status, its threads')."""
+        assert self.facts is not None
+        if facts.allowed(self.facts, where):
+            return True
+        if self.facts is not facts.PROC_SERVED or self.programs is None or not PROGRAM_ENTRIES.fullmatch(where):
+            return False
+        return self.programs.started(int(where.split(b"/")[0]))
+
     def _no_facts_below(self, fd: int, path: bytes) -> None:
-        """A procfs or sysfs reached inside an ordinary export (one exporting "/", say) is not served."""
-        if self.facts is None and fs_type(fd) in FACT_FILESYSTEMS:
+        """A procfs, sysfs or cgroupfs reached inside an ordinary export (one exporting "/", say) is not served."""
+        kind = fs_type(fd)
+        if self.facts is None and kind in FACT_FILESYSTEMS:
             raise PermissionError(errno.EACCES, "procfs and sysfs are served by facts exports only", os.fsdecode(path))
+        if not self.cgroup and kind in CGROUP_FILESYSTEMS:
+            raise PermissionError(errno.EACCES, "cgroups are served by cgroup exports only", os.fsdecode(path))
 
     @contextlib.contextmanager
     def _at(self, path: bytes, *sections: str) -> Iterator[tuple[int, bytes]]:
@@ -291,6 +327,7 @@ class Backend:
             os.close(self.root)
         self.root, self.base, self._root_real = root, path, root_real
         self.facts = served
+        self.cgroup = fs_type(root) in CGROUP_FILESYSTEMS
         # Facts are for reading: the host's kernel tunables are not the peer's to write.
         self.readonly = export.readonly or served is not None
         return wire.MountReply(wire.pack_stat(os.stat(root)), wire.MOUNT_READONLY if self.readonly else 0)
@@ -364,16 +401,29 @@ class Backend:
             sections.append("Write")
         if access != os.O_WRONLY:
             sections.append("Read")
+        procs = -1
         with self._at(request.path, *sections) as (parent, name):
             fd = os.open(name, flags | OPEN_ALWAYS, dir_fd=parent)
+            try:
+                if self.cgroup and name in TASK_FILES and access != os.O_RDONLY:
+                    # A process is placed whole (cgroup.procs) when a tid named in
+                    # `tasks` is its leader: see `_place`.
+                    procs = os.open(b"cgroup.procs", os.O_WRONLY | OPEN_ALWAYS, dir_fd=parent)
+            except BaseException:
+                os.close(fd)
+                raise
         try:
             self._no_facts_below(fd, request.path)
             if writes:
                 _drop_privileges(fd, os.fstat(fd).st_mode)
+            handle = self.files.add(fd)
         except BaseException:
-            os.close(fd)
+            if procs >= 0:
+                os.close(procs)
             raise
-        return wire.HandleReply(self.files.add(fd), b"")
+        if procs >= 0:
+            self._task_files[handle] = (name, procs)
+        return wire.HandleReply(handle, b"")
 
     def create(self, request: wire.Create) -> wire.HandleReply:
         self._writable(request.path)
@@ -414,9 +464,39 @@ class Backend:
         return wire.DataReply(os.pread(self.files.get(request.handle), request.size, request.offset))
 
     def write(self, request: wire.Write) -> wire.CountReply:
-        return wire.CountReply(os.pwrite(self.files.get(request.handle), request.data, request.offset))
+        fd = self.files.get(request.handle)
+        task_file = self._task_files.get(request.handle)
+        if task_file is not None:
+            return self._place(fd, task_file, request.data)
+        return wire.CountReply(os.pwrite(fd, request.data, request.offset))
+
+    def _place(self, fd: int, task_file: tuple[bytes, int], data: bytes) -> wire.CountReply:
+        """Put a task into this cgroup: only a program the DPU started (or one of its threads).
+
+        The DPU writes one task id per write(2), as libvirt does.  libvirt's
+        cgroup v1 code writes the emulator's pid into ``tasks``, which moves
+        that one thread; its other threads would follow from the placement
+        libvirt made before exec, which was of the DPU's stand-in, not of the
+        host's program.  So the leader of a thread group moves its whole
+        process, and its vcpu threads are moved out again by their own writes.
+        """
+        name, procs = task_file
+        text = data.strip()
+        if not text.isdigit() or len(text) > 10:
+            raise OSError(errno.EINVAL, "expected one task id")
+        task = int(text)
+        if self.programs is None:
+            log.warning("refused placing host task %d: this server has no --programs-of", task)
+            raise PermissionError(errno.EPERM, "this server places no tasks")
+        self.programs.check(task, "placing")
+        leader = name == b"cgroup.procs" or _is_leader(task)
+        os.write(procs if leader else fd, b"%d" % task)
+        return wire.CountReply(len(data))
 
     def release(self, request: wire.Release) -> wire.Empty:
+        task_file = self._task_files.pop(request.handle, None)
+        if task_file is not None:
+            os.close(task_file[1])
         self.files.close(request.handle)
         return wire.Empty()
 
@@ -676,6 +756,14 @@ def _drop_privileges(where: int | str, mode: int) -> None:
     setgid = stat.S_ISGID | stat.S_IXGRP
     if stat.S_ISREG(mode) and (mode & stat.S_ISUID or mode & setgid == setgid):
         os.chmod(where, stat.S_IMODE(mode) & ~PRIVILEGE_BITS)
+
+
+def _is_leader(task: int) -> bool:
+    """``task`` leads its thread group (its tid is its process's pid)."""
+    try:
+        return int(status_fields(task, "Tgid")["Tgid"]) == task
+    except (OSError, KeyError, ValueError):
+        return False
 
 
 def _is_procfs(fd: int) -> bool:

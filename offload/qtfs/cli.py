@@ -60,12 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="DPU root owns what it creates as root on the host (setuid, setgid and file capabilities "
         "are never set for the DPU either way)",
     )
+    serve.add_argument(
+        "--programs-of",
+        metavar="LOCKFILE",
+        default="",
+        help="the host rexec_server's lock file (RUN_DIR/rexec.lock): the programs it runs for the DPU may be "
+        "placed in exported cgroups, and their /proc/PID stat and status are served; no other process is",
+    )
     _security(serve, serving=True)
 
     mount = commands.add_parser("mount", help="DPU side: mount a host directory")
     kind = mount.add_mutually_exclusive_group()
     kind.add_argument("--proc", action="store_true", help="the host's /proc without per-process entries")
     kind.add_argument("--sys", action="store_true", help="the host's /sys facts (devices/system, kernel/mm, kvm)")
+    kind.add_argument(
+        "--cgroup",
+        metavar="PIDMAP_DIR",
+        help="a host cgroup directory: a stand-in's pid written to tasks or cgroup.procs (found in PIDMAP_DIR, "
+        "rexec's pids/) is its host program's",
+    )
     mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     mount.add_argument("--keepalive", type=float, default=6.0, metavar="SEC", help="link loss is noticed after this")
     mount.add_argument(
@@ -147,7 +160,7 @@ def _serve(args: argparse.Namespace) -> None:
         for text in args.listen:
             parse_address(text)
         whitelist = load(args.whitelist) if args.whitelist else Whitelist()
-        config = ServerConfig(tuple(args.listen), exports, whitelist, args.node, args.root_squash)
+        config = ServerConfig(tuple(args.listen), exports, whitelist, args.node, args.root_squash, args.programs_of)
         return config, Transport.from_arguments(args)
 
     aio.run_service(log, serve, build)
@@ -164,13 +177,14 @@ def _mount(args: argparse.Namespace) -> int:
             address,
             remote,
             os.path.abspath(args.mountpoint),
-            "proc" if args.proc else "sys" if args.sys else "",
+            "proc" if args.proc else "sys" if args.sys else "cgroup" if args.cgroup else "",
             args.keepalive,
             args.reconnect_timeout,
             args.cache_timeout,
             args.node,
             args.dir_attr_timeout,
             0.0 if args.no_cache else args.coherent_cache,
+            pidmap=os.path.abspath(args.cgroup) if args.cgroup else "",
         )
         transport = Transport.from_arguments(args)
     except ConfigError as exc:

@@ -95,11 +95,11 @@ import pyfuse3
 import trio
 
 from offload.protocol import qtfs as wire
-from offload.qtfs import facts
+from offload.qtfs import facts, tasks
 from offload.qtfs.client import Link, LinkDown, Mounted
 from offload.qtfs.inodes import InodeTable, Node, join
 
-MODES = ("", "proc", "sys")
+MODES = ("", "proc", "sys", "cgroup")
 #: Re-opens after a lost link before a read or write gives up with EIO.
 ATTEMPTS = 3
 _REOPEN_MASK = ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
@@ -184,12 +184,18 @@ class Filesystem(pyfuse3.Operations):
         dir_attr_timeout: float = 1.0,
         coherent_timeout: float = COHERENT_TIMEOUT,
         mountpoint: str = "",
+        pidmap: str = "",
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}")
         self.host = link
         self.mode = mode
+        #: cgroup mode: rexec's pidmap directory, and the open tasks files -> the pid that opened each.
+        self.pidmap = pidmap
+        self.task_files: dict[int, int] = {}
+        #: Placements of libvirt's fork before it execs the stand-in: (tasks file, pid), carried once mapped.
+        self._placements_in, self._placements_out = trio.open_memory_channel[tuple[bytes, int]](256)
         self.mountpoint = os.fsencode(mountpoint.rstrip("/"))
         #: Caching with the host's invalidations (see "Caching rules").
         self.coherent = mounted.watched and not mode and coherent_timeout > 0
@@ -376,7 +382,8 @@ class Filesystem(pyfuse3.Operations):
 
     def _visible(self, parent: bytes, name: bytes) -> bool:
         if self.mode == "proc":
-            return bool(parent) or not facts.is_per_process(name)
+            # A pid is looked up by number (the host serves only its programs'); self is the host server's.
+            return bool(parent) or name not in facts.PER_PROCESS
         if self.mode == "sys":
             return facts.sys_visible(join(parent, name))
         return True
@@ -536,6 +543,8 @@ class Filesystem(pyfuse3.Operations):
         reply, generation = await self.host.call_on(wire.Open(path, flags), retry=not flags & os.O_TRUNC)
         fh = next(self._numbers)
         self.files[fh] = OpenFile(inode, path, flags, reply.handle, generation)  # type: ignore[attr-defined]
+        if self.mode == "cgroup" and path.rpartition(b"/")[2] in tasks.TASK_FILES:
+            self.task_files[fh] = tasks.process_of(ctx.pid) if ctx is not None else 0
         return self._file_info(fh, since)
 
     @errors
@@ -553,11 +562,26 @@ class Filesystem(pyfuse3.Operations):
 
     @errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        if fh in self.task_files:
+            # The listing is translated whole (see offload.qtfs.tasks), then cut at the offset.
+            reply = await self._on_file(fh, lambda handle: wire.Read(handle, 0, wire.MAX_IO), retry=True)
+            return tasks.incoming(self.pidmap, reply.data)[off : off + size]  # type: ignore[attr-defined]
         reply = await self._on_file(fh, lambda handle: wire.Read(handle, off, min(size, wire.MAX_IO)), retry=True)
         return reply.data  # type: ignore[attr-defined]
 
     @errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        writer = self.task_files.get(fh)
+        if writer is not None:
+            carried = tasks.outgoing(self.pidmap, writer, buf)
+            if carried is not None:
+                await self._on_file(fh, lambda handle: wire.Write(handle, 0, carried), retry=False)
+            else:
+                # libvirt placed its fork, which keeps its pid when it execs the stand-in:
+                # the host program goes where the stand-in would have been.
+                with contextlib.suppress(trio.WouldBlock):
+                    self._placements_in.send_nowait((self.files[fh].path, int(buf.strip())))
+            return len(buf)
         opened = self.files.get(fh)
         # A write at an offset may be sent twice with the same result; an append may not.
         retry = opened is not None and not opened.flags & os.O_APPEND
@@ -576,12 +600,36 @@ class Filesystem(pyfuse3.Operations):
                 break
         return written
 
+    async def carry_placements_forever(self) -> None:
+        """Place each host program where libvirt placed the fork that became its stand-in."""
+        async for path, pid in self._placements_out:
+            remote = None
+            # The stand-in maps its pid once its program runs on the host,
+            # shortly after libvirt lets the fork exec; a fork that ends first is dropped.
+            with trio.move_on_after(tasks.PLACEMENT_WAIT):
+                while remote is None and os.path.exists(f"/proc/{pid}"):
+                    remote = tasks.host_pid(self.pidmap, pid)
+                    if remote is None:
+                        await trio.sleep(tasks.PLACEMENT_POLL)
+            if remote is None:
+                continue
+            try:
+                reply, _ = await self.host.call_on(wire.Open(path, os.O_WRONLY), retry=True)
+                try:
+                    await self.host.call(wire.Write(reply.handle, 0, b"%d" % remote), retry=False)  # type: ignore[attr-defined]
+                finally:
+                    with contextlib.suppress(OSError):
+                        await self.host.call(wire.Release(reply.handle), retry=False)  # type: ignore[attr-defined]
+            except OSError as exc:
+                log.warning("host program %d (stand-in %d) not placed in %s: %s", remote, pid, os.fsdecode(path), exc)
+
     async def flush(self, fh: int) -> None:
         # Nothing is buffered here (direct I/O); ENOSYS tells the kernel to stop
         # sending FLUSH on every close, which saves a trip through userspace.
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def release(self, fh: int) -> None:
+        self.task_files.pop(fh, None)
         opened = self.files.pop(fh, None)
         if opened is not None and opened.generation == self.host.generation and self.host.is_up:
             # On failure the connection, and the host's fd with it, is gone anyway.

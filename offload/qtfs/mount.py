@@ -65,7 +65,7 @@ class MountOptions:
     address: Address
     remote: bytes
     mountpoint: str
-    mode: str = ""  # "", "proc", "sys"
+    mode: str = ""  # "", "proc", "sys", "cgroup"
     keepalive: float = 6.0
     reconnect_timeout: float | None = None
     cache_timeout: float = 0.0
@@ -73,6 +73,8 @@ class MountOptions:
     dir_attr_timeout: float = 1.0
     #: Cache lifetime when the host announces its changes (0: no caching, as --no-cache).
     coherent_timeout: float = 10.0
+    #: cgroup mode: rexec's pidmap directory (stand-in pid -> host pid).
+    pidmap: str = ""
 
     @property
     def source(self) -> str:
@@ -128,6 +130,7 @@ async def run_mount(options: MountOptions, transport: Transport, ready: Callable
             options.dir_attr_timeout,
             options.coherent_timeout,
             options.mountpoint,
+            options.pidmap,
         )
         try:
             pyfuse3.init(filesystem, options.mountpoint, fuse_options(options, mounted))
@@ -137,6 +140,7 @@ async def run_mount(options: MountOptions, transport: Transport, ready: Callable
         if filesystem.coherent and not KERNEL_LISTINGS:
             log.info("this pyfuse3 cannot let the kernel cache listings (scripts/build-pyfuse3 adds it)")
         nursery.start_soon(filesystem.drop_pages_forever)
+        nursery.start_soon(filesystem.carry_placements_forever)
         unmounted_by_kernel = False
         # Unmounted on the way out only when asked to stop (a signal) or
         # before it was ever reported ready.  A client that cannot go on for

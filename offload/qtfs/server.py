@@ -31,6 +31,7 @@ from offload.net import Transport, listener_address, parse_address, remote_name,
 from offload.protocol import qtfs as wire
 from offload.protocol.framing import HEADER_SIZE
 from offload.qtfs.backend import Backend, Export
+from offload.qtfs.programs import Programs
 from offload.qtfs.watch import TreeWatch, watchable
 from offload.qtfs.whitelist import Whitelist
 
@@ -54,6 +55,7 @@ class ServerConfig:
     whitelist: Whitelist = field(default_factory=Whitelist)
     node: str = ""
     root_squash: bool = True  # uid and gid 0 of a request become nobody/nogroup (NFS's root_squash)
+    programs_of: str = ""  # the host rexec_server's lock file: its programs are the DPU's to tune and watch
 
     def __post_init__(self) -> None:
         if not self.exports:
@@ -85,7 +87,8 @@ class Session:
         self.peer = peer
         self.epoch = epoch
         self.conn = wire.QtfsConnection(client=False)
-        self.backend = Backend(config.exports, config.whitelist, config.root_squash)
+        programs = Programs(config.programs_of) if config.programs_of else None
+        self.backend = Backend(config.exports, config.whitelist, config.root_squash, programs)
         self.handlers = self.backend.handlers()
         self.send_lock = trio.Lock()
         self.watch: TreeWatch | None = None

@@ -1,0 +1,205 @@
+"""Resource control and statistics of a running guest, from the DPU side, by their effect on the host side.
+
+One whole lab for the module (the test lab's name with an "n").  virsh on
+the DPU side tunes a running guest; the proof is the host's own view: the
+cgroup files of the host's qemu (found with qemu_processes, read from the
+host's cgroupfs) and the affinity of its threads.  The statistics libvirt
+reports are compared with the host's /proc of that qemu.  A host process
+that the DPU did not start is out of reach.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from offload import proc
+from offload.lab import SERVICES, dpu_libvirt, guest
+from offload.lab.lab import Lab
+from offload.lab.libvirt import Domain, Virsh, guest_domain, install_argv, qemu_processes, wait_for_marker
+from tests.conftest import keep_logs
+
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
+
+GUEST = "tune1"
+CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def tlab() -> Iterator[Lab]:
+    lab = Lab(os.environ.get("OFFLOAD_TEST_LAB", "offt")[:8] + "n")
+    lab.down()
+    image = guest.build()
+    try:
+        lab.up(only=list(SERVICES))
+        proc.run(lab.command("host", install_argv(image)))
+        yield lab
+    finally:
+        keep_logs(lab)
+        lab.down()
+
+
+@pytest.fixture(scope="module")
+def virsh(tlab: Lab) -> Virsh:
+    return dpu_libvirt.virsh(tlab)
+
+
+@pytest.fixture(scope="module")
+def qemu(tlab: Lab, virsh: Virsh) -> Iterator[psutil.Process]:
+    """The host's qemu of a running guest started from the DPU side."""
+    domain: Domain = guest_domain(GUEST, guest.build())
+    virsh.define(domain)
+    virsh("start", GUEST)
+    try:
+        path = tlab.path_on("host", domain.console_log)
+        wait_for_marker(lambda: path.read_text(errors="replace") if path.exists() else "")
+        (found,) = qemu_processes(GUEST)
+        yield found
+    finally:
+        virsh("destroy", GUEST, timeout=60) if GUEST in virsh("list", "--name") else None
+        virsh("undefine", GUEST)
+
+
+def domain_group(lab: Lab) -> str:
+    """libvirt's name for the guest's cgroup below its partition (machine name "qemu-ID-NAME", no systemd)."""
+    (found,) = lab.host_partitions["cpu"].glob(f"qemu-*-{GUEST}.libvirt-qemu")
+    return found.name
+
+
+def group(lab: Lab, controller: str, *below: str) -> Path:
+    """The host's cgroup directory libvirt made for the guest in ``controller``."""
+    return lab.host_partitions[controller].joinpath(domain_group(lab), *below)
+
+
+def vcpu_tid(qemu: psutil.Process) -> int:
+    """The host thread running vcpu 0 (qemu names it "CPU 0/TCG" or "CPU 0/KVM")."""
+    for thread in qemu.threads():
+        with open(f"/proc/{qemu.pid}/task/{thread.id}/comm") as comm:
+            if comm.read().startswith("CPU 0/"):
+                return thread.id
+    raise AssertionError("qemu has no vcpu 0 thread")
+
+
+def test_qemu_is_placed_in_the_hosts_cgroups(tlab: Lab, qemu: psutil.Process) -> None:
+    tid = vcpu_tid(qemu)
+    for controller in ("cpu", "cpuacct", "cpuset"):
+        assert str(tid) in group(tlab, controller, "vcpu0", "tasks").read_text().split()
+        assert str(qemu.pid) in group(tlab, controller, "emulator", "cgroup.procs").read_text().split()
+    for controller in ("memory", "blkio"):
+        assert str(qemu.pid) in group(tlab, controller, "cgroup.procs").read_text().split()
+
+
+def test_schedinfo_sets_the_hosts_cpu_cgroups(tlab: Lab, virsh: Virsh, qemu: psutil.Process) -> None:
+    virsh("schedinfo", GUEST, "--live", "--set", "cpu_shares=512")
+    virsh("schedinfo", GUEST, "--live", "--set", "vcpu_period=50000")
+    virsh("schedinfo", GUEST, "--live", "--set", "vcpu_quota=20000")
+    assert group(tlab, "cpu", "cpu.shares").read_text().strip() == "512"
+    assert group(tlab, "cpu", "vcpu0", "cpu.cfs_period_us").read_text().strip() == "50000"
+    assert group(tlab, "cpu", "vcpu0", "cpu.cfs_quota_us").read_text().strip() == "20000"
+    shown = virsh("schedinfo", GUEST, "--live")
+    assert re.search(r"cpu_shares\s*:\s*512", shown) and re.search(r"vcpu_quota\s*:\s*20000", shown)
+
+
+def test_memtune_sets_the_hosts_memory_limit(tlab: Lab, virsh: Virsh, qemu: psutil.Process) -> None:
+    virsh("memtune", GUEST, "--live", "--hard-limit", str(1024 * 1024))  # KiB
+    assert int(group(tlab, "memory", "memory.limit_in_bytes").read_text()) == 1 << 30
+
+
+def test_blkiotune_weight_where_the_host_has_it(tlab: Lab, virsh: Virsh, qemu: psutil.Process) -> None:
+    knobs = [name for name in ("blkio.bfq.weight", "blkio.weight") if group(tlab, "blkio", name).exists()]
+    if not knobs:
+        pytest.skip("the host's blkio controller has no weight here (no BFQ or CFQ scheduler)")
+    virsh("blkiotune", GUEST, "--live", "--weight", "300")
+    assert group(tlab, "blkio", knobs[0]).read_text().split()[-1] == "300"
+
+
+def test_vcpupin_and_emulatorpin_set_the_host_threads_affinity(tlab: Lab, virsh: Virsh, qemu: psutil.Process) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    last, first = cpus[-1], cpus[0]
+    tid = vcpu_tid(qemu)
+    virsh("vcpupin", GUEST, "0", str(last), "--live")
+    assert os.sched_getaffinity(tid) == {last}
+    virsh("emulatorpin", GUEST, str(first), "--live")
+    assert os.sched_getaffinity(qemu.pid) == {first}
+    assert os.sched_getaffinity(tid) == {last}  # the vcpu keeps its own pin
+    assert re.search(rf"CPU Affinity:\s*{'-' * last}y", virsh("vcpuinfo", GUEST))
+
+
+def host_cpu_seconds(pid: int, tid: int | None = None) -> float:
+    path = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
+    with open(path) as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICK  # utime, stime
+
+
+def test_statistics_are_the_host_qemus(tlab: Lab, virsh: Virsh, qemu: psutil.Process) -> None:
+    # The guest has run for a while: its qemu's time is far from a stand-in's.
+    wait_until(lambda: host_cpu_seconds(qemu.pid) > 1.0, 120, "the host's qemu used a second of CPU")
+    rss_kib = int(re.search(r"rss (\d+)", virsh("dommemstat", GUEST)).group(1))  # type: ignore[union-attr]
+    with open(f"/proc/{qemu.pid}/status") as status:
+        host_rss = int(re.search(r"VmRSS:\s*(\d+)", status.read()).group(1))  # type: ignore[union-attr]
+    assert abs(rss_kib - host_rss) <= host_rss * 0.1, (rss_kib, host_rss)
+
+    before = host_cpu_seconds(qemu.pid)
+    reported = int(re.search(r"cpu\.time=(\d+)", virsh("domstats", "--cpu-total", GUEST)).group(1)) / 1e9  # type: ignore[union-attr]
+    after = host_cpu_seconds(qemu.pid)
+    # The cgroup counts from libvirt's placement, just after qemu started.
+    assert before * 0.8 - 0.5 <= reported <= after + 0.5, (before, reported, after)
+
+    tid = vcpu_tid(qemu)
+    before = host_cpu_seconds(qemu.pid, tid)
+    shown = virsh("vcpuinfo", GUEST)
+    after = host_cpu_seconds(qemu.pid, tid)
+    vcpu_time = float(re.search(r"CPU time:\s*([\d.]+)s", shown).group(1))  # type: ignore[union-attr]
+    assert before - 0.2 <= vcpu_time <= after + 0.2, (before, vcpu_time, after)
+
+    total = virsh("cpu-stats", GUEST, "--total")
+    cpu_total = float(re.search(r"cpu_time\s+([\d.]+) seconds", total).group(1))  # type: ignore[union-attr]
+    assert cpu_total >= reported - 0.5, (cpu_total, reported)
+
+
+def test_a_host_process_the_dpu_did_not_start_is_out_of_reach(tlab: Lab, qemu: psutil.Process) -> None:
+    bystander = proc.spawn(tlab.command("host", ["sleep", "300"]))
+    try:
+
+        def sleeper() -> int | None:
+            # The side's command may exec sleep itself or start it as its child.
+            for process in [psutil.Process(bystander.pid), *psutil.Process(bystander.pid).children(recursive=True)]:
+                if process.name() == "sleep":
+                    return process.pid
+            return None
+
+        wait_until(sleeper, 10, "sleep started on the host side")
+        pid = sleeper()
+        assert pid is not None
+        with open(f"/proc/{pid}/cgroup") as file:
+            cgroups_before = file.read()
+        affinity_before = os.sched_getaffinity(pid)
+        root = dpu_libvirt.target(tlab)
+        machine = root / "sys" / "fs" / "cgroup" / "cpu" / "machine" / domain_group(tlab) / "tasks"
+        placing = proc.run(tlab.command("dpu", ["sh", "-c", f"echo {pid} > {machine}"]), check=False)
+        assert placing.returncode != 0
+        reading = proc.run(tlab.command("dpu", ["cat", f"{root}/run/offload/qtfs-proc/{pid}/status"]), check=False)
+        assert reading.returncode != 0
+        with open(f"/proc/{pid}/cgroup") as file:
+            assert file.read() == cgroups_before
+        assert os.sched_getaffinity(pid) == affinity_before
+        # The DPU's own numbers never reach the host either way: qemu's are shown as its stand-in's.
+        listed = proc.run(tlab.command("dpu", ["cat", str(machine.parent / "emulator" / "tasks")])).stdout.split()
+        assert str(qemu.pid) not in listed
+    finally:
+        proc.end_pid(bystander.pid)
