@@ -1,17 +1,24 @@
-"""Which fds passed over a carried connection can cross the link, and how.
+"""Carrying an fd passed by SCM_RIGHTS to the other machine: the one implementation.
+
+Two carriers use it: udsproxy's carried connections (`offload.udsproxy.relay`,
+`offload.udsproxy.daemon`) and rexec's bridged connections
+(`offload.rexecd.link`; libvirt's QMP monitor, where ``getfd`` and
+``add-fd`` pass the pipes of save, restore and dump).  Each carrier frames
+the descriptions its own way (`offload.protocol.fdpass`).
 
 The sender's side turns each passed fd into an `FdDescription` (classified
 with `offload.fdinfo`, as rexec does for inherited fds): a regular file
-under a ``--share`` prefix travels by path, access mode, O_APPEND and
-offset; /dev/null by access; a pipe end stays here and its bytes travel on
-a channel of its own.  Anything else (sockets, ttys, devices, eventfds,
-deleted files, files outside the shared prefixes) is refused, and the
-caller decides what refusing means (the shim's sendmsg fails, or the
-connection ends), so no fd is ever dropped quietly.
+under a shared prefix travels by path, access mode, O_APPEND and offset;
+/dev/null by access; a pipe end stays here and its bytes travel on a
+flow-controlled channel of its own.  Anything else (sockets, ttys, devices,
+eventfds, deleted files, files outside the shared prefixes) is refused, and
+the caller decides what refusing means (the shim's sendmsg fails, a
+connection ends, a monitor command goes without its fd), so no fd is ever
+dropped quietly.
 
 The receiver's side makes the fd its program gets from a description: a
 file is re-opened with the credentials of the user the connection acts
-for (`offload.users.run_as`), resolved beneath its own ``--share`` prefix
+for (`offload.users.run_as`), resolved beneath its own shared prefix
 (`offload.udsproxy.prefixes`), and delivered only if it is the very file
 the sender had (st_dev and st_ino).  A path string names nothing for sure:
 a sender in a mount namespace of its own can put any file of its own at
@@ -21,16 +28,18 @@ root-only file lies there on this side.  The side that acts decides.
 
 from __future__ import annotations
 
+import array
 import errno
 import fcntl
 import os
 import socket
 import stat
 import struct
+from typing import Protocol
 
 from offload import fdinfo, users
 from offload.errors import UnsupportedFdError
-from offload.protocol.udsproxy import FdDescription
+from offload.protocol.fdpass import FdDescription
 from offload.rexecd.policy import is_shared
 from offload.udsproxy.prefixes import open_beneath
 
@@ -94,7 +103,11 @@ def root_of(pid: int) -> str:
         return "/"
 
 
-def peer_root(sock: socket.socket) -> str:
+class _Socket(Protocol):
+    def getsockopt(self, level: int, option: int, buflen: int, /) -> bytes: ...
+
+
+def peer_root(sock: _Socket) -> str:
     """The root directory of the process at the other end of a UNIX socket."""
     try:
         pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
@@ -143,3 +156,14 @@ def materialize(description: FdDescription, shared: tuple[str, ...], user: users
         return read_end, write_end
     os.set_blocking(read_end, False)  # pipe_w: what the program writes goes back
     return write_end, read_end
+
+
+def fds_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds an SCM_RIGHTS message brought (the caller owns them from here on)."""
+    passed: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            numbers = array.array("i")
+            numbers.frombytes(data[: len(data) - len(data) % numbers.itemsize])
+            passed.extend(numbers)
+    return passed

@@ -719,8 +719,8 @@ async def test_fds_passed_by_the_far_program_reach_the_caller(pair: Path, nurser
 
 def test_materialize_checks_the_receiving_sides_share(tmp_path: Path) -> None:
     from offload import users
-    from offload.protocol.udsproxy import FdDescription
-    from offload.udsproxy.fds import materialize
+    from offload.fdpass import materialize
+    from offload.protocol.fdpass import FdDescription
 
     root = users.local_user(0, 0, (0,))
     share = tmp_path / "share"
@@ -748,7 +748,7 @@ def test_materialize_checks_the_receiving_sides_share(tmp_path: Path) -> None:
 
 def test_a_chrooted_senders_files_are_named_as_it_sees_them(tmp_path: Path) -> None:
     """libvirtd runs chrooted in /another_rootfs: its files travel by their path inside that root."""
-    from offload.udsproxy.fds import prepare
+    from offload.fdpass import prepare
 
     (tmp_path / "var" / "lib" / "libvirt").mkdir(parents=True)
     image = tmp_path / "var" / "lib" / "libvirt" / "disk.img"

@@ -76,7 +76,7 @@ def run(lab: Lab, domain_type: str = "qemu") -> None:
 
     def images() -> str:
         proc.run(lab.command("host", install_argv(image)))
-        return f"vmlinuz and initrd.gz in {IMAGES} on the host side"
+        return f"{image.kernel.name} and {image.initrd.name} in {IMAGES} on the host side"
 
     _step("images on the host", images)
 

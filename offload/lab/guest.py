@@ -5,13 +5,17 @@ smallest one with virtio and the 8250 serial console built in), fetched with
 ``apt-get download`` into a cache, so it is exactly what the distribution
 ships.  The initramfs is written here: busybox (static, from Debian's
 busybox-static) as /init's shell, and an /init that prints ``MARKER`` and
-the guest's uptime on the serial console, then idles until it is stopped.
-Both files are cached by package version; building them again is free.
+the guest's uptime on the serial console, then ``TICK`` and a counter
+every second until it is stopped: a guest restored from a save image goes
+on counting from where it was, one that booted again starts over.  The
+kernel is cached by package version, the initramfs by its /init as well;
+building them again is free.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import logging
 import os
@@ -30,12 +34,14 @@ CACHE = Path("/var/cache/offload-lab/guest")
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = Path("/bin/busybox")
 MARKER = "OFFLOAD-GUEST-UP"
+TICK = "OFFLOAD-GUEST-TICK"
 
 INIT = f"""#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t devtmpfs dev /dev
 echo "{MARKER} uptime $(/bin/busybox cut -d' ' -f1 /proc/uptime)"
-while :; do /bin/busybox sleep 3600; done
+tick=0
+while :; do echo "{TICK} $tick"; tick=$((tick + 1)); /bin/busybox sleep 1; done
 """
 
 
@@ -50,7 +56,9 @@ def build(cache: Path = CACHE) -> GuestImage:
     """The cached kernel and initramfs, made if missing."""
     package = _kernel_package()
     directory = cache / package
-    kernel, initrd = directory / "vmlinuz", directory / "initrd.gz"
+    # A changed /init is a new initramfs, whatever the cache holds.
+    init_digest = hashlib.sha256(INIT.encode()).hexdigest()[:12]
+    kernel, initrd = directory / "vmlinuz", directory / f"initrd-{init_digest}.gz"
     if kernel.exists() and initrd.exists():
         return GuestImage(kernel, initrd, package)
     directory.mkdir(parents=True, exist_ok=True)
@@ -137,3 +145,13 @@ def _write_atomically(path: Path, data: bytes) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_bytes(data)
     os.replace(partial, path)
+
+
+def ticks(console: str) -> list[int]:
+    """The counter values the guest printed, in the order they appear on its console."""
+    found = []
+    for line in console.splitlines():
+        words = line.split()
+        if len(words) == 2 and words[0] == TICK and words[1].isdigit():
+            found.append(int(words[1]))
+    return found

@@ -16,6 +16,9 @@ from typing import Any
 
 from offload.errors import RemoteProtocolError
 
+#: The longest path any protocol carries (PATH_MAX).
+MAX_PATH = 4096
+
 
 def dump(document: dict[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode("ascii")
@@ -59,3 +62,13 @@ def signal_number(name: object, what: str) -> int:
         return int(signal.Signals[name])
     except KeyError:
         raise RemoteProtocolError(f"{what}: unknown signal {name!r}") from None
+
+
+def check_path(path: str, what: str) -> None:
+    """Absolute, bounded, no NUL and no ``..`` component: the only paths we carry."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ValueError(f"{what}: path {path!r} is not absolute")
+    if len(path) > MAX_PATH or "\0" in path:
+        raise ValueError(f"{what}: path is too long or contains NUL")
+    if ".." in path.split("/"):
+        raise ValueError(f"{what}: path {path!r} has a '..' component")

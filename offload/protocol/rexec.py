@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from offload.errors import LocalProtocolError, RemoteProtocolError
-from offload.protocol import messages
+from offload.protocol import fdpass, messages
+from offload.protocol.fdpass import MAX_FDS, FdDescription
 from offload.protocol.framing import CLOSED, NEED_DATA, Frame, FrameDecoder, encode_frame, encode_header
+from offload.protocol.messages import check_path
 
 # Frame types.  Control frames use channel 0.
 T_HELLO = 0x01
@@ -40,20 +42,24 @@ T_EOF = 0x21
 T_WINDOW = 0x22
 T_OPEN = 0x23
 T_RESET = 0x24
+T_FDS = 0x25
 
 CONTROL_CHANNEL = 0
 #: Channels at or above this number are bridged connections, allocated by
 #: the client as its listeners accept; below it they name inherited fds.
 FIRST_BRIDGE_CHANNEL = 0x10000
+#: Channels from here up carry pipes passed over bridged connections
+#: (`PassFds`): each side numbers its own, the client even, the server odd,
+#: so the two never pick the same number.
+FIRST_PASSED_CHANNEL = 1 << 31
+PASSED_CHANNELS = range(FIRST_PASSED_CHANNEL, 1 << 32)
 #: Bytes a sender may have in flight on one channel before the receiver
 #: grants more.  It bounds what one stalled consumer can make a peer buffer.
 INITIAL_WINDOW = 4 << 20
 MAX_DATA_CHUNK = 1 << 20
 MAX_ARGC = 16384
 MAX_ENV = 1024
-MAX_FDS = 253  # SCM_MAX_FD: what one sendmsg can carry from the stand-in
 MAX_FD_NUMBER = 1 << 20
-MAX_PATH = 4096
 
 _WINDOW = struct.Struct("!I")
 
@@ -134,16 +140,6 @@ class FdSpec:
             )
         except (TypeError, ValueError) as exc:
             raise RemoteProtocolError(f"{what}: {exc}") from None
-
-
-def check_path(path: str, what: str) -> None:
-    """Absolute, bounded, no NUL and no ``..`` component: the only paths we carry."""
-    if not isinstance(path, str) or not path.startswith("/"):
-        raise ValueError(f"{what}: path {path!r} is not absolute")
-    if len(path) > MAX_PATH or "\0" in path:
-        raise ValueError(f"{what}: path is too long or contains NUL")
-    if ".." in path.split("/"):
-        raise ValueError(f"{what}: path {path!r} has a '..' component")
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +320,30 @@ class Open:
 
 
 @dataclass(frozen=True, slots=True)
+class PassFds:
+    """fds the program at one end of bridged connection ``channel`` passed with its next bytes.
+
+    They belong to the next Data of that channel (libvirt's ``getfd``
+    command, say); a passed pipe's bytes travel on a channel of its own,
+    numbered by the sender and opened by this event.
+    """
+
+    channel: int
+    fds: tuple[FdDescription, ...]
+
+    def __post_init__(self) -> None:
+        if not FIRST_BRIDGE_CHANNEL <= self.channel < FIRST_PASSED_CHANNEL:
+            raise ValueError(f"fds passed on channel {self.channel}, which is not a bridged connection")
+        if not 0 < len(self.fds) <= MAX_FDS:
+            raise ValueError(f"{len(self.fds)} fds in one message")
+        for fd in self.fds:
+            if fd.is_pipe and fd.channel not in PASSED_CHANNELS:
+                raise ValueError(f"passed pipe on channel {fd.channel}, outside the passed pipes' channels")
+            if not fd.is_pipe and fd.channel:
+                raise ValueError(f"a passed {fd.kind} has no channel")
+
+
+@dataclass(frozen=True, slots=True)
 class Reset:
     """The channel is dead: no more data either way."""
 
@@ -350,6 +370,7 @@ Event = (
     | Eof
     | Window
     | Open
+    | PassFds
     | Reset
     | ConnectionClosed
 )
@@ -363,7 +384,7 @@ class State(enum.Enum):
     DONE = "done"  # the session ended
 
 
-SESSION_EVENTS = (Data, Eof, Window, Open, Reset)
+SESSION_EVENTS = (Data, Eof, Window, Open, PassFds, Reset)
 
 # The state machine: (role of the sender, event type, state) -> next state.
 # Ping and Pong are allowed everywhere and are not listed.  Channel events are
@@ -421,6 +442,8 @@ def _encode(event: Event) -> bytes:
             return encode_frame(T_OPEN, channel, messages.dump({"fd": fd}))
         case Reset(channel, reason):
             return encode_frame(T_RESET, channel, messages.dump({"reason": reason}))
+        case PassFds(channel, fds):
+            return encode_frame(T_FDS, channel, messages.dump({"fds": [fd.to_json() for fd in fds]}))
     raise LocalProtocolError(f"cannot send {event!r}")
 
 
@@ -431,7 +454,7 @@ def _control(type: int, document: dict[str, Any]) -> bytes:
 def _decode(frame: Frame) -> Event:
     """The event one frame carries; anything malformed is the peer's error."""
     type, channel, payload = frame.type, frame.channel, frame.payload
-    if type in (T_DATA, T_EOF, T_WINDOW, T_OPEN, T_RESET):
+    if type in (T_DATA, T_EOF, T_WINDOW, T_OPEN, T_RESET, T_FDS):
         if channel == CONTROL_CHANNEL:
             raise RemoteProtocolError(f"frame type {type:#x} on the control channel")
         if type == T_DATA:
@@ -447,9 +470,15 @@ def _decode(frame: Frame) -> Event:
             return Window(channel, increment)
         document = messages.load(payload, "channel frame")
         if type == T_OPEN:
-            if channel < FIRST_BRIDGE_CHANNEL:
-                raise RemoteProtocolError(f"bridge channel {channel} is below {FIRST_BRIDGE_CHANNEL}")
+            if not FIRST_BRIDGE_CHANNEL <= channel < FIRST_PASSED_CHANNEL:
+                raise RemoteProtocolError(f"bridge channel {channel} is not a bridged connection's")
             return Open(channel, messages.field(document, "fd", int, "open"))
+        if type == T_FDS:
+            fds = fdpass.decode(document.get("fds"), "passed fds", PASSED_CHANNELS)
+            try:
+                return PassFds(channel, fds)
+            except ValueError as exc:
+                raise RemoteProtocolError(f"passed fds: {exc}") from None
         return Reset(channel, str(document.get("reason", ""))[:1024])
     if channel != CONTROL_CHANNEL:
         raise RemoteProtocolError(f"control frame type {type:#x} on channel {channel}")
@@ -576,10 +605,12 @@ class RexecConnection:
         self._check_channel_send(event)
         return encode_header(T_DATA, event.channel, len(event.data)), event.data
 
-    def _check_channel_send(self, event: Data | Eof | Window | Open | Reset) -> None:
+    def _check_channel_send(self, event: Data | Eof | Window | Open | PassFds | Reset) -> None:
         if self.state is not State.RUNNING:
             raise LocalProtocolError(f"{type(event).__name__} in state {self.state.value}")
-        if isinstance(event, Open):
+        if isinstance(event, PassFds):
+            self._open_passed_pipes(event, self.role, LocalProtocolError)
+        elif isinstance(event, Open):
             if self.role is not Role.CLIENT:
                 raise LocalProtocolError("only the client opens bridged connections")
             self.open_channel(event.channel)
@@ -655,8 +686,25 @@ class RexecConnection:
             if spec.channel:
                 self.open_channel(spec.channel)
 
-    def _receive_channel_event(self, event: Data | Eof | Window | Open | Reset) -> Event | None:
+    def _open_passed_pipes(self, event: PassFds, sender: Role, error: type[Exception]) -> None:
+        """Open the channels of the pipes in ``event``, which ``sender`` numbered."""
+        if event.channel not in self._send_credit:
+            raise error(f"fds passed on unknown channel {event.channel}")
+        parity = 0 if sender is Role.CLIENT else 1
+        for fd in event.fds:
+            if not fd.is_pipe:
+                continue
+            if fd.channel % 2 != parity:
+                raise error(f"passed pipe channel {fd.channel} is not the {sender.value}'s to number")
+            if fd.channel in self._send_credit or fd.channel in self._closed_channels:
+                raise error(f"passed pipe channel {fd.channel} opened twice")
+            self.open_channel(fd.channel)
+
+    def _receive_channel_event(self, event: Data | Eof | Window | Open | PassFds | Reset) -> Event | None:
         if self.state is State.DONE or event.channel in self._closed_channels:
+            if isinstance(event, PassFds):
+                # Nobody will relay its pipes: their frames are dropped too.
+                self._closed_channels.update(fd.channel for fd in event.fds if fd.is_pipe)
             return None  # crossed our Exited or our Reset on the wire
         if self.state is not State.RUNNING:
             raise RemoteProtocolError(f"{type(event).__name__} in state {self.state.value}")
@@ -666,6 +714,9 @@ class RexecConnection:
             if event.channel in self._send_credit:
                 raise RemoteProtocolError(f"channel {event.channel} opened twice")
             self.open_channel(event.channel)
+            return event
+        if isinstance(event, PassFds):
+            self._open_passed_pipes(event, self.peer_role, RemoteProtocolError)
             return event
         if event.channel not in self._send_credit:
             raise RemoteProtocolError(f"{type(event).__name__} on unknown channel {event.channel}")

@@ -31,9 +31,10 @@ import enum
 from dataclasses import dataclass
 
 from offload.errors import LocalProtocolError, RemoteProtocolError
-from offload.protocol import messages
+from offload.protocol import fdpass, messages
+from offload.protocol.fdpass import MAX_FDS, FdDescription
 from offload.protocol.framing import HEADER, HEADER_SIZE, MAGIC, VERSION, Frame, encode_frame
-from offload.protocol.rexec import check_path
+from offload.protocol.messages import check_path
 
 T_HELLO = 0x01
 T_CONNECT = 0x60
@@ -48,11 +49,7 @@ MAX_DATA = 256 << 10
 #: Frames larger than a Data frame are never legitimate.
 MAX_FRAME = MAX_DATA + 1024
 SOCKET_TYPES = ("stream", "seqpacket")
-#: SCM_MAX_FD in the kernel: no sendmsg carries more.
-MAX_FDS = 253
 MAX_CHANNEL = 1 << 31
-FD_KINDS = ("file", "null", "pipe_r", "pipe_w")
-ACCESS = ("r", "w", "rw")
 
 # The shim's requests to its local udsproxyd.
 SHIM_CONNECT = 0x50
@@ -109,58 +106,6 @@ class Closed:
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class FdDescription:
-    """One passed fd as it crosses the link.
-
-    ``file``: re-opened by path over there (same access, O_APPEND, offset),
-    and delivered only if it is the file the sender had: ``dev`` and ``ino``
-    are its st_dev and st_ino as the sender sees them;
-    ``null``: /dev/null there; ``pipe_r``: the receiver gets the read end of
-    a new pipe that ``channel`` fills; ``pipe_w``: the receiver gets the
-    write end of a new pipe whose bytes go back on ``channel``.
-    """
-
-    kind: str
-    path: str = ""
-    access: str = "r"
-    append: bool = False
-    offset: int = 0
-    channel: int = 0
-    dev: int = 0
-    ino: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in FD_KINDS:
-            raise ValueError(f"fd kind {self.kind!r} is not carried")
-        if self.access not in ACCESS:
-            raise ValueError(f"access {self.access!r}")
-        if self.kind == "file":
-            check_path(self.path, "passed file")
-            if not 0 <= self.offset < 1 << 63:
-                raise ValueError(f"offset {self.offset} out of range")
-            if not (0 <= self.dev < 1 << 64 and 0 <= self.ino < 1 << 64):
-                raise ValueError(f"file identity {self.dev}:{self.ino} out of range")
-        # 0: a pipe end the sender has not numbered a channel for yet.
-        if self.kind.startswith("pipe") and not (self.channel == 0 or DATA_CHANNEL < self.channel < MAX_CHANNEL):
-            raise ValueError(f"pipe channel {self.channel} out of range")
-
-    def to_json(self) -> dict:
-        if self.kind == "file":
-            return {
-                "kind": "file",
-                "path": self.path,
-                "access": self.access,
-                "append": self.append,
-                "offset": self.offset,
-                "dev": self.dev,
-                "ino": self.ino,
-            }
-        if self.kind == "null":
-            return {"kind": "null", "access": self.access}
-        return {"kind": self.kind, "channel": self.channel}
-
-
 def encode_fds(fds: tuple[FdDescription, ...] | list[FdDescription]) -> bytes:
     if not 0 < len(fds) <= MAX_FDS:
         raise LocalProtocolError(f"{len(fds)} fds in one message")
@@ -171,34 +116,7 @@ def encode_fds(fds: tuple[FdDescription, ...] | list[FdDescription]) -> bytes:
 
 def decode_fds(payload: bytes | memoryview) -> tuple[FdDescription, ...]:
     entries = messages.field(messages.load(bytes(payload), "fds"), "fds", list, "fds")
-    if not 0 < len(entries) <= MAX_FDS:
-        raise RemoteProtocolError(f"fds: {len(entries)} fds in one message")
-    result = []
-    for entry in entries:
-        if not isinstance(entry, dict):
-            raise RemoteProtocolError("fds: an entry is not an object")
-        kind = messages.field(entry, "kind", str, "fds")
-        try:
-            if kind == "file":
-                fd = FdDescription(
-                    "file",
-                    path=messages.field(entry, "path", str, "fds"),
-                    access=messages.field(entry, "access", str, "fds"),
-                    append=messages.field(entry, "append", bool, "fds"),
-                    offset=messages.field(entry, "offset", int, "fds"),
-                    dev=messages.field(entry, "dev", int, "fds"),
-                    ino=messages.field(entry, "ino", int, "fds"),
-                )
-            elif kind == "null":
-                fd = FdDescription("null", access=messages.field(entry, "access", str, "fds"))
-            else:
-                fd = FdDescription(kind, channel=messages.field(entry, "channel", int, "fds"))
-                if not fd.channel:
-                    raise ValueError("a pipe without a channel")
-        except ValueError as exc:
-            raise RemoteProtocolError(f"fds: {exc}") from None
-        result.append(fd)
-    return tuple(result)
+    return fdpass.decode(entries, "fds", range(DATA_CHANNEL + 1, MAX_CHANNEL))
 
 
 def encode_fds_result(error: str = "") -> bytes:

@@ -23,15 +23,16 @@ from functools import partial
 import psutil
 import trio
 
-from offload import aio
+from offload import aio, fdpass, users
 from offload.config import RexecConfig
 from offload.errors import ConfigError, OffloadError, ProtocolError, RefusedError, TransportError
-from offload.fdio import StreamEnd, borrow
+from offload.fdio import PassingSocketEnd, borrow
 from offload.net import Address, Transport, first_request, listen_unix, parse_address, serve_listeners
 from offload.protocol import local, messages
 from offload.protocol.framing import CLOSED, NEED_DATA, Frame, FrameDecoder
 from offload.protocol.rexec import (
     FIRST_BRIDGE_CHANNEL,
+    FIRST_PASSED_CHANNEL,
     MAX_FDS,
     ConnectionClosed,
     Daemonized,
@@ -48,7 +49,7 @@ from offload.protocol.rexec import (
     State,
 )
 from offload.rexecd import policy
-from offload.rexecd.link import LinkFailed, SessionLink
+from offload.rexecd.link import LinkFailed, Passing, SessionLink
 from offload.rexecd.pidmap import PidmapDir
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ class AgentSession:
         self.pidmap_pids: list[int] = []
         self.remote_pid = 0
         self.inbound_channels: list[int] = []
-        self.bridge_channels = iter(range(FIRST_BRIDGE_CHANNEL, 1 << 32))
+        self.bridge_channels = iter(range(FIRST_BRIDGE_CHANNEL, FIRST_PASSED_CHANNEL))
 
     # -- talking to the stand-in -------------------------------------------------
 
@@ -305,7 +306,7 @@ class AgentSession:
         await self._publish_pidmap(caller.pid)
         async with aio.open_nursery() as nursery:
             for spec, fd in self._relayed.values():
-                self._start_relay(nursery, spec, fd)
+                self._start_relay(nursery, spec, fd, caller)
             self._relayed = {}
             nursery.start_soon(self._from_stand_in, nursery, caller)
             await self._from_peer()
@@ -341,10 +342,10 @@ class AgentSession:
         finally:
             os.close(fd)  # the stand-in's copy holds the lock from here on
 
-    def _start_relay(self, nursery: trio.Nursery, spec: FdSpec, fd: int) -> None:
+    def _start_relay(self, nursery: trio.Nursery, spec: FdSpec, fd: int, caller: Caller) -> None:
         assert self.link is not None
         if spec.kind is FdKind.LISTENER:
-            nursery.start_soon(self._bridge_listener, spec.fd, fd)
+            nursery.start_soon(self._bridge_listener, spec.fd, fd, nursery, caller)
             return
         inbound = spec.kind in (FdKind.PIPE_OUT, FdKind.SOCKET)
         outbound = spec.kind in (FdKind.PIPE_IN, FdKind.SOCKET)
@@ -354,7 +355,7 @@ class AgentSession:
         self.link.add_channel(spec.channel)
         nursery.start_soon(partial(self.link.relay, spec.channel, end, inbound=inbound, outbound=outbound))
 
-    async def _bridge_listener(self, target_fd: int, fd: int) -> None:
+    async def _bridge_listener(self, target_fd: int, fd: int, nursery: trio.Nursery, caller: Caller) -> None:
         """Carry each connection accepted on the caller's listener to the remote one.
 
         The daemons' one accept loop serves it: running out of fds pauses
@@ -367,14 +368,29 @@ class AgentSession:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
         try:
             what = f"bridged fd {target_fd} of remote pid {self.remote_pid}"
-            await serve_listeners([listener], partial(self._bridge_one, target_fd), log, what, self.config.limits)
+            serve = partial(self._bridge_one, target_fd, nursery, caller)
+            await serve_listeners([listener], serve, log, what, self.config.limits)
         finally:
             listener.socket.close()
 
-    async def _bridge_one(self, target_fd: int, stream: trio.SocketStream) -> None:
+    async def _bridge_one(
+        self, target_fd: int, nursery: trio.Nursery, caller: Caller, stream: trio.SocketStream
+    ) -> None:
+        """One connection to the caller's listener (libvirt's monitor), fds passed on it included.
+
+        Files passed back by the remote program are re-opened as the
+        caller; paths of files the program here passes are named as it
+        sees them (libvirtd runs chrooted).
+        """
         assert self.link is not None
-        end = StreamEnd(stream)
+        end = PassingSocketEnd(stream)
         try:
+            passing = Passing(
+                shared=self.config.shared_path,
+                user=users.local_user(caller.uid, caller.gid),
+                root=fdpass.peer_root(stream.socket),
+                nursery=nursery,
+            )
             channel = next(self.bridge_channels)
             await self.link.send(Open(channel, target_fd))
         except BaseException:
@@ -383,7 +399,7 @@ class AgentSession:
         state = self.link.add_channel(channel)
         self.inbound_channels.append(channel)  # its last bytes, too, arrive before the exit status
         try:
-            await self.link.relay(channel, end, inbound=True, outbound=True)
+            await self.link.relay(channel, end, inbound=True, outbound=True, passing=passing)
         finally:
             # A session lives for days and libvirt connects for every command.
             with contextlib.suppress(ValueError):

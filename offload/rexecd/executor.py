@@ -27,10 +27,10 @@ from pathlib import Path
 import psutil
 import trio
 
-from offload import aio, proc, users
+from offload import aio, fdpass, proc, users
 from offload.config import RexecConfig
 from offload.errors import OffloadError, RefusedError, TransportError
-from offload.fdio import ByteEnd, StreamEnd, grow_pipe
+from offload.fdio import ByteEnd, PassingSocketEnd, StreamEnd, grow_pipe
 from offload.net import bind_unix
 from offload.protocol.rexec import (
     ConnectionClosed,
@@ -46,7 +46,7 @@ from offload.protocol.rexec import (
     Started,
 )
 from offload.rexecd import policy
-from offload.rexecd.link import LinkFailed, SessionLink
+from offload.rexecd.link import LinkFailed, Passing, SessionLink
 from offload.udsproxy.prefixes import open_beneath
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,16 @@ class CountingEnd(ByteEnd):
         self.count += len(data)
         return data
 
+    async def read_message(self, max_bytes: int = 1 << 18) -> tuple[bytes, list[int]]:
+        data, fds = await self.inner.read_message(max_bytes)
+        self.count += len(data)
+        return data, fds
+
     async def write(self, data: bytes) -> None:
         await self.inner.write(data)
+
+    async def write_message(self, data: bytes, fds: list[int]) -> None:
+        await self.inner.write_message(data, fds)
 
     async def shutdown_write(self) -> None:
         await self.inner.shutdown_write()
@@ -240,8 +248,16 @@ class Execution:
         self.outputs.append((end, done))
         return done
 
-    async def _relay(self, channel: int, end: ByteEnd, inbound: bool, outbound: bool, done: trio.Event | None) -> None:
-        await self.link.relay(channel, end, inbound=inbound, outbound=outbound, outbound_done=done)
+    async def _relay(
+        self,
+        channel: int,
+        end: ByteEnd,
+        inbound: bool,
+        outbound: bool,
+        done: trio.Event | None,
+        passing: Passing | None = None,
+    ) -> None:
+        await self.link.relay(channel, end, inbound=inbound, outbound=outbound, outbound_done=done, passing=passing)
 
     async def _await_output(self) -> None:
         """Wait until what the program wrote (pipes, sockets, bridged connections) was sent, unless it stalls.
@@ -269,7 +285,7 @@ class Execution:
                 if isinstance(event, Signal):
                     self._signal(event.signum)
                 elif isinstance(event, Open):
-                    nursery.start_soon(self._bridge, event)
+                    nursery.start_soon(self._bridge, event, nursery)
                 elif isinstance(event, ConnectionClosed | LinkFailed):
                     raise TransportError(f"session {self.id}: {_why_gone(event)}")
 
@@ -286,7 +302,7 @@ class Execution:
             elif self.process is not None and self.process.returncode is None:
                 self.process.send_signal(signum)
 
-    async def _bridge(self, event: Open) -> None:
+    async def _bridge(self, event: Open, nursery: trio.Nursery) -> None:
         path = self.bridges.get(event.fd)
         try:
             if path is None:
@@ -297,8 +313,13 @@ class Execution:
             await self.link.send(Reset(event.channel, str(exc)))
             self.link.drop_channel(event.channel)
             return
-        end = CountingEnd(StreamEnd(stream))
-        await self._relay(event.channel, end, True, True, self._output(end))
+        assert self.user is not None and self.process is not None
+        # Files the caller's program passes are re-opened as the program's
+        # user; its own are named from its root.  Passed pipes are relayed
+        # for the session: qemu writes a save image long after getfd.
+        passing = Passing(self.config.shared_path, self.user, fdpass.root_of(self.process.pid), nursery)
+        end = CountingEnd(PassingSocketEnd(stream))
+        await self._relay(event.channel, end, True, True, self._output(end), passing)
 
     async def _follow_daemon(self) -> Exited | Refused:
         """The foreground exited 0: follow the daemon its pidfile names, if the program started it.

@@ -13,19 +13,23 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
+import itertools
 import logging
 import math
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
-from offload import aio
-from offload.errors import LinkLost, RemoteProtocolError, TransportError
-from offload.fdio import CHUNK, ByteEnd
+from offload import aio, fdpass, users
+from offload.errors import LinkLost, RemoteProtocolError, TransportError, UnsupportedFdError
+from offload.fdio import CHUNK, ByteEnd, StreamEnd
 from offload.net import Connected, TlsStream, translate_errors
 from offload.protocol.rexec import (
+    FIRST_PASSED_CHANNEL,
     MAX_DATA_CHUNK,
     SESSION_EVENTS,
     ConnectionClosed,
@@ -33,8 +37,10 @@ from offload.protocol.rexec import (
     Eof,
     Event,
     Exec,
+    FdDescription,
     Hello,
     Open,
+    PassFds,
     Ping,
     Pong,
     Reset,
@@ -57,9 +63,28 @@ class LinkFailed:
     error: Exception
 
 
+@dataclass(frozen=True)
+class Passing:
+    """How a bridged connection carries the fds its programs pass (`offload.fdpass`'s rules).
+
+    ``shared``: the prefixes of files both machines see; ``user``: whose
+    credentials re-open the files the peer passes; ``root``: the root
+    directory of the program on this side, whose files' paths are named
+    relative to it; ``nursery``: where passed pipes are relayed, since a
+    pipe outlives the message that passed it (and may outlive the
+    connection: qemu writes a save image long after ``getfd``).
+    """
+
+    shared: tuple[str, ...]
+    user: users.RemoteUser
+    root: str
+    nursery: trio.Nursery
+
+
 @dataclass
 class ChannelState:
-    chunks: collections.deque[bytes] = field(default_factory=collections.deque)
+    #: Bytes, and the fds (described) the peer passed with the bytes after them.
+    chunks: collections.deque[bytes | tuple[FdDescription, ...]] = field(default_factory=collections.deque)
     eof: bool = False  # the peer will send no more
     reset: bool = False  # dead both ways
     changed: trio.Event = field(default_factory=trio.Event)
@@ -98,6 +123,7 @@ class SessionLink:
         # touching the new session's channels.
         self.generation = 0
         self._last_receive = trio.current_time()
+        self._passed_channels = itertools.count(FIRST_PASSED_CHANNEL + (0 if role is Role.CLIENT else 1), 2)
 
     # -- plumbing --------------------------------------------------------------
 
@@ -221,6 +247,16 @@ class SessionLink:
                 await self.send(Pong(token))
             case Pong():
                 pass
+            case PassFds(channel, fds):
+                if len(self._channels) >= MAX_OPEN_CHANNELS:
+                    raise RemoteProtocolError(f"more than {MAX_OPEN_CHANNELS} channels open")
+                state = self._channels.setdefault(channel, ChannelState())
+                if state.reset:
+                    # Nobody will deliver them: the sender's pipe ends must not wait forever.
+                    await self._refuse_pipes(fds, "the connection they were passed on is gone")
+                else:
+                    state.chunks.append(fds)
+                    state.wake()
             case Data(channel, data):
                 # Data may arrive before our relay for the channel starts.
                 state = self._channels.setdefault(channel, ChannelState())
@@ -279,40 +315,148 @@ class SessionLink:
         self._channels.pop(channel, None)
         self.conn.close_channel(channel)
 
-    async def pump_out(self, channel: int, source: ByteEnd, done: trio.Event | None = None) -> None:
-        """Local source -> peer, within the channel's window, then Eof (or Reset); sets ``done`` after."""
+    async def pump_out(
+        self, channel: int, source: ByteEnd, done: trio.Event | None = None, passing: Passing | None = None
+    ) -> None:
+        """Local source -> peer, within the channel's window, then Eof (or Reset); sets ``done`` after.
+
+        With ``passing``, fds the program passes along with its bytes cross too.
+        """
         try:
-            await self._pump_out(channel, self._channels[channel], source)
+            await self._pump_out(channel, self._channels[channel], source, passing)
         finally:
             if done is not None:
                 done.set()
 
-    async def _pump_out(self, channel: int, state: ChannelState, source: ByteEnd) -> None:
+    async def _pump_out(self, channel: int, state: ChannelState, source: ByteEnd, passing: Passing | None) -> None:
         while True:
             while not state.reset and self.conn.send_credit(channel) <= 0:
                 await state.changed.wait()
             if state.reset:
                 return
+            fds: list[int] = []
             with trio.CancelScope() as state.reading:
                 try:
-                    data = await source.read(min(self.conn.send_credit(channel), CHUNK))
+                    limit = min(self.conn.send_credit(channel), CHUNK)
+                    if passing is None:
+                        data = await source.read(limit)
+                    else:
+                        data, fds = await source.read_message(limit)
                 except OSError as exc:
                     await self.send(Reset(channel, f"read failed: {os.strerror(exc.errno or 0)}"))
                     return
                 finally:
                     state.reading = None
+            if fds:
+                assert passing is not None
+                try:
+                    if not state.reset:
+                        await self._pass_out(channel, fds, passing)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
             if state.reset:
                 return
             if not data:
+                if fds:
+                    continue  # fds without bytes: they go with what follows
                 await self.send(Eof(channel))
                 return
             await self.send(Data(channel, data))
 
-    async def pump_in(self, channel: int, sink: ByteEnd) -> None:
-        """Peer -> local sink, granting window as the sink takes the bytes."""
+    async def _pass_out(self, channel: int, fds: list[int], passing: Passing) -> None:
+        """Describe the fds the program here passed on ``channel`` and send them ahead of its bytes.
+
+        All or none: if one cannot be carried, none is, the refusal is
+        logged naming it, and the bytes go on alone (a monitor command then
+        fails with qemu's own error; the connection and the VM stay up).
+        """
+        prepared: list[tuple[FdDescription, int | None]] = []
+
+        def prepare_all() -> None:
+            for fd in fds:
+                prepared.append(fdpass.prepare(fd, passing.shared, passing.root))
+
+        try:
+            # A file's fstat may go to a network or FUSE filesystem.
+            await trio.to_thread.run_sync(prepare_all)
+        except (UnsupportedFdError, OSError) as exc:
+            for _, kept in prepared:
+                if kept is not None:
+                    os.close(kept)
+            what = f"fd {exc.fd}, {exc.kind}," if isinstance(exc, UnsupportedFdError) else f"an fd ({exc}),"
+            log.error(
+                "link to %s: channel %d: the program passed %s which cannot be carried; its message goes on without fds",
+                self.peer,
+                channel,
+                what,
+            )
+            return
+        descriptions: list[FdDescription] = []
+        pipes: list[tuple[int, int, bool]] = []
+        for description, kept in prepared:
+            if kept is not None:
+                number = next(self._passed_channels)
+                description = dataclasses.replace(description, channel=number)
+                pipes.append((number, kept, description.kind == "pipe_r"))
+            descriptions.append(description)
+        try:
+            await self.send(PassFds(channel, tuple(descriptions)))
+        except BaseException:
+            for _, kept, _ in pipes:
+                os.close(kept)
+            raise
+        for number, kept, reading in pipes:
+            self._relay_pipe(passing, number, kept, outbound=reading)
+
+    def _relay_pipe(self, passing: Passing, channel: int, fd: int, *, outbound: bool) -> None:
+        """Relay our end of a passed pipe: we read it (``outbound``) or write into it what arrives."""
+        try:
+            end = StreamEnd.from_fd(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        passing.nursery.start_soon(partial(self.relay, channel, end, inbound=not outbound, outbound=outbound))
+
+    async def _refuse_pipes(self, fds: tuple[FdDescription, ...], why: str) -> None:
+        for description in fds:
+            if description.is_pipe:
+                self.conn.open_channel(description.channel)
+                await self.send(Reset(description.channel, why))
+                self.drop_channel(description.channel)
+
+    async def _deliver_in(self, channel: int, fds: tuple[FdDescription, ...], passing: Passing | None) -> list[int]:
+        """The fds the peer passed, made here for the program; [] (logged) if they cannot be."""
+        if passing is None:
+            log.error("link to %s: channel %d carries no fds; the peer passed %d", self.peer, channel, len(fds))
+            await self._refuse_pipes(fds, "this connection carries no fds")
+            return []
+        made: list[tuple[int, int | None]] = []
+
+        def materialize_all() -> None:
+            for description in fds:
+                made.append(fdpass.materialize(description, passing.shared, passing.user))
+
+        try:
+            await trio.to_thread.run_sync(materialize_all)
+        except OSError as exc:
+            for app_fd, kept in made:
+                os.close(app_fd)
+                if kept is not None:
+                    os.close(kept)
+            log.error("link to %s: channel %d: cannot deliver passed fds here: %s", self.peer, channel, exc)
+            await self._refuse_pipes(fds, f"not delivered: {exc}")
+            return []
+        for description, (_, kept) in zip(fds, made, strict=True):
+            if kept is not None:
+                self._relay_pipe(passing, description.channel, kept, outbound=description.kind == "pipe_w")
+        return [app_fd for app_fd, _ in made]
+
+    async def pump_in(self, channel: int, sink: ByteEnd, passing: Passing | None = None) -> None:
+        """Peer -> local sink, granting window as the sink takes the bytes (and the fds passed with them)."""
         state = self._channels[channel]
         try:
-            await self._pump_in(channel, state, sink, self.generation)
+            await self._pump_in(channel, state, sink, self.generation, passing)
         finally:
             state.drained.set()
 
@@ -322,14 +466,45 @@ class SessionLink:
         if state is not None:
             await state.drained.wait()
 
-    async def _pump_in(self, channel: int, state: ChannelState, sink: ByteEnd, generation: int) -> None:
+    async def _pump_in(
+        self, channel: int, state: ChannelState, sink: ByteEnd, generation: int, passing: Passing | None
+    ) -> None:
+        passed: list[int] = []  # made here, delivered with the next bytes
+        try:
+            await self._pump_in_chunks(channel, state, sink, generation, passing, passed)
+        finally:
+            for fd in passed:
+                os.close(fd)
+
+    async def _pump_in_chunks(
+        self,
+        channel: int,
+        state: ChannelState,
+        sink: ByteEnd,
+        generation: int,
+        passing: Passing | None,
+        passed: list[int],
+    ) -> None:
         while True:
             if state.chunks:
                 data = state.chunks.popleft()
+                if isinstance(data, tuple):
+                    passed.extend(await self._deliver_in(channel, data, passing))
+                    continue
                 try:
-                    await sink.write(data)
+                    if passed and data:
+                        await sink.write_message(data, passed)
+                        # The program has its copies now; ours go.
+                        for fd in passed:
+                            os.close(fd)
+                        passed.clear()
+                    else:
+                        await sink.write(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     state.kill()
+                    for leftover in state.chunks:
+                        if isinstance(leftover, tuple):
+                            await self._refuse_pipes(leftover, "reader closed")
                     state.chunks.clear()
                     await self.send(Reset(channel, "reader closed"))
                     return
@@ -344,21 +519,29 @@ class SessionLink:
                 await state.changed.wait()
 
     async def relay(
-        self, channel: int, end: ByteEnd, *, inbound: bool, outbound: bool, outbound_done: trio.Event | None = None
+        self,
+        channel: int,
+        end: ByteEnd,
+        *,
+        inbound: bool,
+        outbound: bool,
+        outbound_done: trio.Event | None = None,
+        passing: Passing | None = None,
     ) -> None:
         """Run the pumps of one channel and close ``end`` when they are done.
 
         ``outbound_done`` is set once everything read from ``end`` was sent,
         with the Eof behind it: the session's end must not overtake it.
+        ``passing``: fds passed by SCM_RIGHTS on ``end`` cross both ways.
         """
         generation = self.generation
         self.add_channel(channel)
         try:
             async with aio.open_nursery() as nursery:
                 if outbound:
-                    nursery.start_soon(self.pump_out, channel, end, outbound_done)
+                    nursery.start_soon(self.pump_out, channel, end, outbound_done, passing)
                 if inbound:
-                    nursery.start_soon(self.pump_in, channel, end)
+                    nursery.start_soon(self.pump_in, channel, end, passing)
         finally:
             with (
                 trio.CancelScope(shield=True),

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import trio
 
-from offload import aio, users
+from offload import aio, fdpass, users
 from offload import log as log_module
 from offload.errors import ConfigError, ProtocolError, RefusedError, TransportError, UnsupportedFdError
 from offload.net import (
@@ -52,7 +52,6 @@ from offload.net import (
 )
 from offload.protocol import udsproxy as wire
 from offload.rexecd.policy import is_shared
-from offload.udsproxy import fds as fd_policy
 from offload.udsproxy.prefixes import open_beneath
 from offload.udsproxy.relay import (
     CONTROL_SPACE,
@@ -63,7 +62,6 @@ from offload.udsproxy.relay import (
     Submission,
     TlsCipher,
     close_all,
-    fds_of,
 )
 
 log = logging.getLogger("udsproxyd")
@@ -121,7 +119,7 @@ def shim_caller(sock: trio.socket.SocketType) -> tuple[users.RemoteUser, str]:
         with contextlib.suppress(OSError):
             raw = plain.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, _GROUPS_SPACE)
             groups = struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) - len(raw) % 4])
-    return users.local_user(uid, gid, groups), fd_policy.root_of(pid) if pid > 0 else "/"
+    return users.local_user(uid, gid, groups), fdpass.root_of(pid) if pid > 0 else "/"
 
 
 def errno_name(number: int) -> str:
@@ -231,7 +229,7 @@ class Daemon:
         buffer = bytearray()
         while True:
             data, ancillary, flags, _ = await sock.recvmsg(64 << 10, CONTROL_SPACE, socket.MSG_CMSG_CLOEXEC)
-            passed.extend(fds_of(ancillary))
+            passed.extend(fdpass.fds_of(ancillary))
             if flags & socket.MSG_CTRUNC:
                 log.warning("bad request from the shim: too many fds")
                 return None
@@ -315,9 +313,9 @@ class Daemon:
                 try:
                     plain = socket.socket(fileno=os.dup(sock.fileno()))
                     with plain:
-                        root = fd_policy.peer_root(plain)
+                        root = fdpass.peer_root(plain)
                     for fd in passed[1:]:
-                        prepared.append(fd_policy.prepare(fd, self.config.share, root))
+                        prepared.append(fdpass.prepare(fd, self.config.share, root))
                 except UnsupportedFdError as exc:
                     log.error(
                         "%s: refused a sendmsg passing fd #%d of %d: it is %s, which cannot be carried",
@@ -424,7 +422,7 @@ class Daemon:
             client=False,
             shared=self.config.share,
             user=user,
-            root=fd_policy.peer_root(local),
+            root=fdpass.peer_root(local),
             leftover=leftover,
             name=request.path,
         )

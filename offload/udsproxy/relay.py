@@ -37,11 +37,11 @@ import threading
 from collections.abc import Callable
 from typing import Protocol, cast
 
-from offload import users
+from offload import fdpass, users
 from offload.errors import ProtocolError, RemoteProtocolError, UnsupportedFdError
+from offload.fdpass import fds_of
 from offload.protocol import udsproxy as wire
 from offload.protocol.framing import HEADER, HEADER_SIZE, MAGIC, VERSION
-from offload.udsproxy import fds as fd_policy
 
 log = logging.getLogger("udsproxyd")
 
@@ -423,7 +423,7 @@ class Relay:
         prepared: list[tuple[wire.FdDescription, int | None]] = []
         try:
             for fd in passed:
-                prepared.append(fd_policy.prepare(fd, self.shared, self.root))
+                prepared.append(fdpass.prepare(fd, self.shared, self.root))
         except UnsupportedFdError as exc:
             for _, kept in prepared:
                 if kept is not None:
@@ -641,7 +641,7 @@ class Relay:
                     description.channel % 2 == self._next_channel % 2 or description.channel in self._pipes
                 ):
                     raise RemoteProtocolError(f"pipe channel {description.channel} is not the peer's to open")
-                made.append(fd_policy.materialize(description, self.shared, self.user))
+                made.append(fdpass.materialize(description, self.shared, self.user))
         except OSError as exc:
             for app_fd, kept in made:
                 os.close(app_fd)
@@ -823,16 +823,6 @@ class Relay:
                 self.cipher.release()
             for buffer in self._scratch:
                 buffer.close()
-
-
-def fds_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    passed: list[int] = []
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            numbers = array.array("i")
-            numbers.frombytes(data[: len(data) - len(data) % numbers.itemsize])
-            passed.extend(numbers)
-    return passed
 
 
 def close_all(passed: list[int]) -> None:

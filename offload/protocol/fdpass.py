@@ -1,0 +1,118 @@
+"""One passed file descriptor as it crosses a link, sans-io.
+
+Both carriers of SCM_RIGHTS use this description: udsproxy's carried
+connections and rexec's bridged connections (libvirt's QMP monitor, whose
+``getfd`` and ``add-fd`` commands come with an fd).  What each kind means,
+and how each side turns an fd into a description and back, is
+`offload.fdpass`; the framing around the list is each protocol's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from offload.errors import RemoteProtocolError
+from offload.protocol import messages
+from offload.protocol.framing import MAX_CHANNEL
+from offload.protocol.messages import check_path
+
+#: SCM_MAX_FD in the kernel: no sendmsg carries more.
+MAX_FDS = 253
+FD_KINDS = ("file", "null", "pipe_r", "pipe_w")
+ACCESS = ("r", "w", "rw")
+
+
+@dataclass(frozen=True, slots=True)
+class FdDescription:
+    """One passed fd as it crosses the link.
+
+    ``file``: re-opened by path over there (same access, O_APPEND, offset),
+    and delivered only if it is the file the sender had: ``dev`` and ``ino``
+    are its st_dev and st_ino as the sender sees them;
+    ``null``: /dev/null there; ``pipe_r``: the receiver gets the read end of
+    a new pipe that ``channel`` fills; ``pipe_w``: the receiver gets the
+    write end of a new pipe whose bytes go back on ``channel``.  Which
+    channel numbers a pipe may use is the carrying protocol's rule.
+    """
+
+    kind: str
+    path: str = ""
+    access: str = "r"
+    append: bool = False
+    offset: int = 0
+    channel: int = 0
+    dev: int = 0
+    ino: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in FD_KINDS:
+            raise ValueError(f"fd kind {self.kind!r} is not carried")
+        if self.access not in ACCESS:
+            raise ValueError(f"access {self.access!r}")
+        if self.kind == "file":
+            check_path(self.path, "passed file")
+            if not 0 <= self.offset < 1 << 63:
+                raise ValueError(f"offset {self.offset} out of range")
+            if not (0 <= self.dev < 1 << 64 and 0 <= self.ino < 1 << 64):
+                raise ValueError(f"file identity {self.dev}:{self.ino} out of range")
+        # 0: a pipe end the sender has not numbered a channel for yet.
+        if not 0 <= self.channel <= MAX_CHANNEL:
+            raise ValueError(f"pipe channel {self.channel} out of range")
+
+    @property
+    def is_pipe(self) -> bool:
+        return self.kind in ("pipe_r", "pipe_w")
+
+    def to_json(self) -> dict:
+        if self.kind == "file":
+            return {
+                "kind": "file",
+                "path": self.path,
+                "access": self.access,
+                "append": self.append,
+                "offset": self.offset,
+                "dev": self.dev,
+                "ino": self.ino,
+            }
+        if self.kind == "null":
+            return {"kind": "null", "access": self.access}
+        return {"kind": self.kind, "channel": self.channel}
+
+
+def decode(entries: object, what: str, channels: range) -> tuple[FdDescription, ...]:
+    """The descriptions a peer sent; a pipe's channel must lie in ``channels``.
+
+    Anything malformed, too many fds, or a pipe channel outside the range
+    is the peer's error.
+    """
+    if not isinstance(entries, list):
+        raise RemoteProtocolError(f"{what}: fds is not a list")
+    if not 0 < len(entries) <= MAX_FDS:
+        raise RemoteProtocolError(f"{what}: {len(entries)} fds in one message")
+    result = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise RemoteProtocolError(f"{what}: an entry is not an object")
+        kind = messages.field(entry, "kind", str, what)
+        try:
+            if kind == "file":
+                fd = FdDescription(
+                    "file",
+                    path=messages.field(entry, "path", str, what),
+                    access=messages.field(entry, "access", str, what),
+                    append=messages.field(entry, "append", bool, what),
+                    offset=messages.field(entry, "offset", int, what),
+                    dev=messages.field(entry, "dev", int, what),
+                    ino=messages.field(entry, "ino", int, what),
+                )
+            elif kind == "null":
+                fd = FdDescription("null", access=messages.field(entry, "access", str, what))
+            else:
+                channel = messages.field(entry, "channel", int, what)
+                if channel not in channels:
+                    raise ValueError(f"pipe channel {channel} out of range")
+                fd = FdDescription(kind, channel=channel)
+        except ValueError as exc:
+            raise RemoteProtocolError(f"{what}: {exc}") from None
+        result.append(fd)
+    return tuple(result)
