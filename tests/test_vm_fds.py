@@ -1,7 +1,7 @@
-"""fds passed over the bridged QMP monitor: save, restore, managedsave and dump from the DPU side.
+"""fds passed over the bridged QMP monitor: save, restore, managedsave, dump and memory snapshots from the DPU side.
 
 libvirt 9.0 passes qemu the write end of a pipe with ``getfd`` for ``virsh
-save``, ``managedsave`` and ``dump`` (libvirt_iohelper, on the DPU side,
+save``, ``managedsave``, ``dump`` and a snapshot's memory (libvirt_iohelper, on the DPU side,
 writes the image from the pipe's other end), and gives a restoring qemu
 the read end of a pipe at an inherited fd.  The first half of this module
 carries fds over one bridged channel between two real links, both ways,
@@ -442,3 +442,31 @@ def test_memory_only_dump(fdlab: Lab, virsh: Virsh) -> None:
     finally:
         cleanup(virsh, name)
         remove_on_host(fdlab, core)
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_snapshot_with_memory(fdlab: Lab, virsh: Virsh) -> None:
+    name = "fds-snap"
+    memory = f"/var/lib/libvirt/{name}.mem"
+    try:
+        domain = start_counting_guest(fdlab, virsh, name)
+        # Paused, its console holds still: the snapshot is taken after the last tick on it.
+        virsh("suspend", name)
+        before = console_of(fdlab, domain)
+        virsh("snapshot-create-as", name, "with-memory", "--memspec", f"file={memory},snapshot=external")
+        with on_host(fdlab, memory).open("rb") as saved:
+            assert saved.read(16) == b"LibvirtQemudSave"
+        virsh("resume", name)
+        last = guest.ticks(before)[-1]
+        wait_until(lambda: guest.ticks(console_of(fdlab, domain))[-1] > last, 60, "the guest counts on")
+
+        # The memory image brings the guest back to the moment of the snapshot.
+        virsh("snapshot-delete", name, "with-memory", "--metadata")
+        virsh("destroy", name)
+        virsh("restore", "--running", memory)
+        goes_on_from(fdlab, domain, before)
+    finally:
+        proc.run(virsh.argv("snapshot-delete", name, "with-memory", "--metadata"), check=False)
+        cleanup(virsh, name)
+        remove_on_host(fdlab, memory)
