@@ -87,17 +87,16 @@ def server_pid(lab: Lab, role: str) -> int:
     return lab.program_pid(f"{role}-rexec")
 
 
-def free_fd(preferred: int) -> int:
-    """``preferred`` or the next fd number above it that nothing here uses."""
+def dup_at(fd: int, preferred: int) -> int:
+    """A duplicate of ``fd`` at ``preferred`` or the next free number above it (inheritable).
+
+    One F_DUPFD call picks the number and takes it: looking for a free number
+    first and dup2() onto it after races with any thread opening files
+    meanwhile (dup2 then fails with EBUSY, or closes what the thread opened).
+    """
     import fcntl
 
-    fd = preferred
-    while True:
-        try:
-            fcntl.fcntl(fd, fcntl.F_GETFD)
-        except OSError:
-            return fd
-        fd += 1
+    return fcntl.fcntl(fd, fcntl.F_DUPFD, preferred)
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -135,10 +134,9 @@ def listener_at_fd(path: str, preferred: int) -> int:
 
     libvirt hands qemu its QMP listener at a fixed number (29); the caller owns the fd.
     """
-    import os
     import socket
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(path)
         listener.listen(4)
-        return os.dup2(listener.fileno(), free_fd(preferred))
+        return dup_at(listener.fileno(), preferred)

@@ -19,7 +19,7 @@ from offload.lab.lab import Lab
 from tests.conftest import (
     MISSING,
     PYTHON,
-    free_fd,
+    dup_at,
     gone,
     listener_at_fd,
     pidmap,
@@ -210,7 +210,7 @@ def test_regular_file_fd_at_offset(lab: Lab, shared: Path) -> None:
     path.write_bytes(b"0123456789abcdef")
     with open(path, "rb") as stream:
         stream.seek(10)
-        fd = os.dup2(stream.fileno(), free_fd(70))
+        fd = dup_at(stream.fileno(), 70)
         try:
             result = rexec(lab, *BASH, f"cat <&{fd}", pass_fds=[fd])
         finally:
@@ -222,7 +222,7 @@ def test_local_only_file_fd_stays_local(lab: Lab, tmp_path: Path) -> None:
     path = tmp_path / "pidfile"
     path.write_text("1")
     opened = os.open(path, os.O_RDWR)
-    fd = os.dup2(opened, free_fd(60))
+    fd = dup_at(opened, 60)
     os.close(opened)
     try:
         result = rexec(lab, *BASH, f"test -e /proc/self/fd/{fd} && echo open || echo closed", pass_fds=[fd])
@@ -234,8 +234,8 @@ def test_local_only_file_fd_stays_local(lab: Lab, tmp_path: Path) -> None:
 def test_pipe_fds_both_directions(lab: Lab) -> None:
     to_remote_r, to_remote_w = os.pipe()
     from_remote_r, from_remote_w = os.pipe()
-    reader = os.dup2(to_remote_r, free_fd(90))
-    writer = os.dup2(from_remote_w, free_fd(80))
+    reader = dup_at(to_remote_r, 90)
+    writer = dup_at(from_remote_w, 80)
     for fd in (to_remote_r, from_remote_w):
         os.close(fd)
     try:
@@ -290,7 +290,7 @@ def test_listening_socket_is_bridged(lab: Lab, tmp_path: Path) -> None:
 
 def test_connected_socket_relayed(lab: Lab) -> None:
     ours, theirs = socket.socketpair()
-    fd = os.dup2(theirs.fileno(), free_fd(110))
+    fd = dup_at(theirs.fileno(), 110)
     theirs.close()
     try:
         child = start_rexec(lab, *BASH, f'read x <&{fd}; echo "pong $x" >&{fd}', pass_fds=[fd])
@@ -309,7 +309,7 @@ def test_connected_socket_relayed(lab: Lab) -> None:
 
 def test_eventfd_refused_naming_the_fd(lab: Lab) -> None:
     efd = os.eventfd(0)
-    fd = os.dup2(efd, free_fd(100))
+    fd = dup_at(efd, 100)
     os.close(efd)
     try:
         result = rexec(lab, "/bin/true", pass_fds=[fd])

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from offload.lab.lab import Lab
-from tests.conftest import PYTHON, free_fd, listener_at_fd, rexec, start_rexec
+from tests.conftest import PYTHON, dup_at, listener_at_fd, rexec, start_rexec
 
 pytestmark = pytest.mark.lab
 
@@ -124,7 +124,7 @@ def test_relayed_socket_written_by_a_program_that_exits_at_once(lab: Lab) -> Non
     wrong = []
     for size, seed in rounds(20, 7):
         ours, theirs = socket.socketpair()
-        fd = os.dup2(theirs.fileno(), free_fd(110))
+        fd = dup_at(theirs.fileno(), 110)
         theirs.close()
         try:
             child = start_rexec(
