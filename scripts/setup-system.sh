@@ -9,7 +9,7 @@ PACKAGES="
   iproute2 util-linux procps
   openssh-server openssh-client socat
   fuse3 libfuse3-dev sshfs
-  libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
+  libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils python3-libvirt
   debootstrap busybox-static cpio
   fdisk
 "
