@@ -11,7 +11,7 @@ one section per part:
 - qtfs: against sshfs over the same veth (bench/qtfs_bench.py);
 - prepare: offload prepare / teardown of the default plan (bench/prepare_bench.py);
 - rootfs: each build mode against cp -a and debootstrap (bench/rootfs_bench.py);
-- libvirt: VM start and destroy, offloaded against a local libvirtd
+- libvirt: VM start, destroy, save and restore, offloaded against a local libvirtd
   (bench/libvirt_bench.py).
 
 Figures are reported as ratios, because these machines are shared and noisy.

@@ -1,4 +1,4 @@
-"""VM start and destroy: offloaded libvirt against a local libvirtd, in one run.
+"""VM start, destroy, save and restore: offloaded libvirt against a local libvirtd, in one run.
 
 The offloaded side is the whole lab (virsh on the DPU side, qemu on the host
 side).  The local side is the same Debian libvirtd with the same qemu.conf
@@ -6,7 +6,10 @@ side).  The local side is the same Debian libvirtd with the same qemu.conf
 directly in a private mount namespace of this machine.  Both start the same
 TCG domain booting the same kernel; "start" is `virsh start` until the
 guest's marker is on its serial console, "destroy" is `virsh destroy` until
-the qemu process is gone.  Medians of several rounds; ratios matter, not
+the qemu process is gone, "save and restore" is `virsh save` of the running
+256 MiB guest to a file in /var/lib/libvirt (the host's, through qtfs, when
+offloaded) followed by `virsh restore` of that file, which returns with the
+guest running again.  Medians of several rounds; ratios matter, not
 absolutes, on these shared machines.
 
 Runnable alone: python -m bench.libvirt_bench [--rounds N]
@@ -53,6 +56,35 @@ def measure(virsh: Virsh, domain: Domain, console: Callable[[], Path], rounds: i
     return statistics.median(starts), statistics.median(destroys)
 
 
+def measure_save_restore(virsh: Virsh, domain: Domain, here: Callable[[str], Path], rounds: int) -> float:
+    """Median seconds of `virsh save` then `virsh restore` of the running guest.
+
+    ``here`` is where a path of qemu's machine is reachable from this process.
+    """
+    image = f"/var/lib/libvirt/{domain.name}.save"
+    console = here(domain.console_log)
+    if console.exists():
+        console.write_text("")
+    took = []
+    virsh.define(domain)
+    try:
+        virsh("start", domain.name)
+        wait_for_marker(_reader(console))
+        for _ in range(rounds):
+            began = time.monotonic()
+            virsh("save", domain.name, image)
+            virsh("restore", image)
+            took.append(time.monotonic() - began)
+            if virsh.state(domain.name) != "running":
+                raise SystemExit(f"bench: {domain.name} is not running after its restore")
+            here(image).unlink()
+    finally:
+        proc.run(virsh.argv("destroy", domain.name), check=False)
+        proc.run(virsh.argv("undefine", domain.name), check=False)
+        here(image).unlink(missing_ok=True)
+    return statistics.median(took)
+
+
 def _reader(path: Path) -> Callable[[], str]:
     """What the console log holds so far (nothing before qemu made it)."""
     return lambda: path.read_text(errors="replace") if path.exists() else ""
@@ -86,16 +118,16 @@ def libvirt_rows(lab: Lab, work: Path, rounds: int = 3) -> list[tuple[str, str, 
     image = guest.build()
     proc.run(lab.command("host", install_argv(image)))
     offloaded = guest_domain("bench-offload", image)
-    off_start, off_destroy = measure(
-        dpu_libvirt.virsh(lab), offloaded, lambda: lab.path_on("host", offloaded.console_log), rounds
-    )
+    on_host = lambda path: lab.path_on("host", path)  # noqa: E731
+    off_start, off_destroy = measure(dpu_libvirt.virsh(lab), offloaded, lambda: on_host(offloaded.console_log), rounds)
+    off_save = measure_save_restore(dpu_libvirt.virsh(lab), offloaded, on_host, rounds)
     qemu_conf = (dpu_libvirt.target(lab) / "etc" / "libvirt" / "qemu.conf").as_posix()
     conf_text = lab.path_on("dpu", qemu_conf).read_text()
     local = guest_domain("bench-local", image)
     with local_libvirtd(work, conf_text, image) as (virsh, holder):
-        loc_start, loc_destroy = measure(
-            virsh, local, lambda: Path(f"/proc/{holder}/root") / local.console_log.lstrip("/"), rounds
-        )
+        in_ns = lambda path: Path(f"/proc/{holder}/root") / path.lstrip("/")  # noqa: E731
+        loc_start, loc_destroy = measure(virsh, local, lambda: in_ns(local.console_log), rounds)
+        loc_save = measure_save_restore(virsh, local, in_ns, rounds)
     return [
         ("`virsh start` until the guest's marker: offloaded", f"{off_start:.2f} s", ""),
         (
@@ -108,6 +140,12 @@ def libvirt_rows(lab: Lab, work: Path, rounds: int = 3) -> list[tuple[str, str, 
             "`virsh destroy` until qemu is gone: local libvirtd",
             f"{loc_destroy * 1000:.0f} ms",
             f"offloaded = {off_destroy / loc_destroy:.2f}x",
+        ),
+        (f"`virsh save` + `restore`, {offloaded.memory_mib} MiB guest: offloaded", f"{off_save:.2f} s", ""),
+        (
+            f"`virsh save` + `restore`, {local.memory_mib} MiB guest: local libvirtd",
+            f"{loc_save:.2f} s",
+            f"offloaded = {off_save / loc_save:.2f}x (target <= 1.3x)",
         ),
     ]
 
