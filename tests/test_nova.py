@@ -165,7 +165,11 @@ class NovaClient:
             )
         self._lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
-        assert self._answer(60) == "ready"
+        try:
+            assert self._answer(60) == "ready"
+        except BaseException:
+            self.close()
+            raise
 
     def _read(self) -> None:
         assert self._process.stdout is not None
@@ -214,8 +218,9 @@ class NovaClient:
         except (OSError, subprocess.TimeoutExpired):
             pass
         finally:
-            proc.end_pid(self._process.pid)
-            self._process.wait(10)
+            if self._process.poll() is None:  # a reaped child's pid may be another process's by now
+                proc.end_pid(self._process.pid)
+                self._process.wait(10)
 
 
 @dataclasses.dataclass
