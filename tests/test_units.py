@@ -12,20 +12,30 @@ from offload import proc
 
 UNITS = sorted((Path(__file__).parent.parent / "systemd").glob("*.service"))
 BIN = Path(sys.executable).parent
+#: Where the Debian package installs the programs the units start (debian/rules).
+INSTALLED = {
+    "/usr/sbin/rexec_server": "rexec_server",
+    "/usr/sbin/udsproxyd": "udsproxyd",
+    "/usr/bin/qtfs": "qtfs",
+    "/usr/bin/offload": "offload",
+}
+
+
+def _here(text: str) -> str:
+    """The unit with the package's programs replaced by this checkout's build (verify checks ExecStart exists)."""
+    for path, name in INSTALLED.items():
+        text = text.replace(f"={path} ", f"={BIN / name} ").replace(f"={path}\n", f"={BIN / name}\n")
+    return text
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 @pytest.mark.parametrize("unit", UNITS, ids=[u.name for u in UNITS])
 def test_unit_verifies(unit: Path, tmp_path: Path) -> None:
-    # Units name the installed paths; point them at this checkout's build,
-    # since verify checks that ExecStart exists.
-    text = unit.read_text().replace("/usr/local/bin/", f"{BIN}/")
     # The units name each other (Requires=offload-prepare.service): verify
     # each one among all of them.
     for other in UNITS:
-        (tmp_path / other.name).write_text(other.read_text().replace("/usr/local/bin/", f"{BIN}/"))
+        (tmp_path / other.name).write_text(_here(other.read_text()))
     copy = tmp_path / unit.name
-    copy.write_text(text)
     result = proc.run(["systemd-analyze", "verify", "--man=no", str(copy)], check=False)
     problems = [line for line in (result.stderr + result.stdout).splitlines() if unit.name in line or copy.name in line]
     assert result.returncode == 0 and not problems, result.stderr
@@ -33,6 +43,20 @@ def test_unit_verifies(unit: Path, tmp_path: Path) -> None:
 
 def test_units_exist() -> None:
     assert "rexec.service" in [u.name for u in UNITS]
+
+
+def test_units_start_the_installed_programs() -> None:
+    # Exec lines of the units that are not chrooted name the package's paths,
+    # never a developer's /usr/local or a venv.
+    starts = [
+        value.split()[0]
+        for unit in UNITS
+        if "RootDirectory" not in _settings(unit.name)
+        for key, values in _settings(unit.name).items()
+        if key.startswith("Exec") and key != "ExecReload"
+        for value in values
+    ]
+    assert starts and set(starts) <= set(INSTALLED), starts
 
 
 def _settings(unit: str) -> dict[str, list[str]]:
