@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test bench lint demo clean
+.PHONY: setup test bench lint demo clean deb
 
 NATIVE := offload/_native/rexec-exec offload/_native/libudsproxy.so offload/_native/.shim-built
 PYFUSE3 := $(VENV)/.pyfuse3-cache-readdir
@@ -57,6 +57,11 @@ bench: setup
 
 demo: setup
 	$(PY) -m offload.lab.demo
+
+# The Debian package (debian/), built from the working tree in build/deb/.
+deb:
+	@sh scripts/setup-system.sh
+	bash scripts/build-deb
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -12,6 +12,9 @@ PACKAGES="
   libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils python3-libvirt
   debootstrap busybox-static cpio
   fdisk
+  debhelper dh-python python3-all-dev python3-pip
+  python3-outcome python3-sortedcontainers python3-idna
+  dpkg-dev systemd-container
 "
 
 missing=""
