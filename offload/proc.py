@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _PACKAGE_HELPER = Path(__file__).parent / "_native" / "rexec-exec"
-_SYSTEM_HELPER = Path("/usr/libexec/offload/rexec-exec")
+#: Where the Debian package installs it (debian/offload.install).
+_SYSTEM_HELPER = Path("/usr/lib/offload/rexec-exec")
 
 
 #: Redirection constants for spawn() and run(), so callers need not import subprocess.
