@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from offload.errors import LocalProtocolError, RemoteProtocolError
 from offload.protocol.framing import encode_frame
 from offload.protocol.rexec import (
+    FIRST_BRIDGE_CHANNEL,
     INITIAL_WINDOW,
     ConnectionClosed,
     Data,
@@ -22,6 +23,7 @@ from offload.protocol.rexec import (
     FdSpec,
     Hello,
     Open,
+    OpenPty,
     Refused,
     RexecConnection,
     Role,
@@ -235,3 +237,43 @@ def test_send_data_parts_are_the_frame() -> None:
     header, payload = server.send_data(Data(2, b"abc"))
     assert feed(client, header + payload) == [Data(2, b"abc")]
     assert server.send_credit(2) == INITIAL_WINDOW - 3
+
+
+def test_open_pty_opens_a_channel_from_the_client_only() -> None:
+    client, server = pair()
+    feed(server, client.send(Exec(REQUEST)))
+    feed(client, server.send(Started(4242)))
+    frame = client.send(OpenPty(FIRST_BRIDGE_CHANNEL, 3))
+    # Whole, byte by byte, and with the next frame behind it.
+    assert feed(server, frame) == [OpenPty(FIRST_BRIDGE_CHANNEL, 3)]
+    assert feed(server, client.send(Data(FIRST_BRIDGE_CHANNEL, b"keys"))) == [Data(FIRST_BRIDGE_CHANNEL, b"keys")]
+    client2, server2 = pair()
+    feed(server2, client2.send(Exec(REQUEST)))
+    feed(client2, server2.send(Started(1)))
+    frame = client2.send(OpenPty(FIRST_BRIDGE_CHANNEL, 7))
+    events = []
+    for byte in frame:
+        events += feed(server2, bytes([byte]))
+    assert events == [OpenPty(FIRST_BRIDGE_CHANNEL, 7)]
+    with pytest.raises(LocalProtocolError):
+        server.send(OpenPty(FIRST_BRIDGE_CHANNEL + 1, 3))
+    with pytest.raises(RemoteProtocolError):
+        feed(client, encode_frame(0x26, FIRST_BRIDGE_CHANNEL + 2, b'{"index": 3}'))
+
+
+@pytest.mark.parametrize(
+    "channel, payload",
+    [
+        (5, b'{"index": 3}'),  # an inherited fd's channel, not a bridged one
+        (FIRST_BRIDGE_CHANNEL, b'{"index": -1}'),
+        (FIRST_BRIDGE_CHANNEL, b'{"index": 1048576}'),
+        (FIRST_BRIDGE_CHANNEL, b'{"index": "3"}'),
+        (FIRST_BRIDGE_CHANNEL, b"{}"),
+    ],
+)
+def test_open_pty_malformed_is_the_peers_error(channel: int, payload: bytes) -> None:
+    client, server = pair()
+    feed(server, client.send(Exec(REQUEST)))
+    feed(client, server.send(Started(4242)))
+    with pytest.raises(RemoteProtocolError):
+        feed(server, encode_frame(0x26, channel, payload))

@@ -43,6 +43,7 @@ T_WINDOW = 0x22
 T_OPEN = 0x23
 T_RESET = 0x24
 T_FDS = 0x25
+T_OPEN_PTY = 0x26
 
 CONTROL_CHANNEL = 0
 #: Channels at or above this number are bridged connections, allocated by
@@ -60,6 +61,8 @@ MAX_DATA_CHUNK = 1 << 20
 MAX_ARGC = 16384
 MAX_ENV = 1024
 MAX_FD_NUMBER = 1 << 20
+#: Unix98 pty numbers are below this (the kernel's own limit is far lower).
+MAX_PTY_INDEX = 1 << 20
 
 _WINDOW = struct.Struct("!I")
 
@@ -320,6 +323,24 @@ class Open:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenPty:
+    """The client asks for the pty whose master the program holds as number ``index``, relayed on ``channel``.
+
+    The server opens that pty's other end only if its program holds the
+    master (qemu's serial console), and answers a refusal with Reset.
+    """
+
+    channel: int
+    index: int
+
+    def __post_init__(self) -> None:
+        if not FIRST_BRIDGE_CHANNEL <= self.channel < FIRST_PASSED_CHANNEL:
+            raise ValueError(f"pty channel {self.channel} is not a bridged connection's")
+        if not 0 <= self.index < MAX_PTY_INDEX:
+            raise ValueError(f"pty index {self.index} out of range")
+
+
+@dataclass(frozen=True, slots=True)
 class PassFds:
     """fds the program at one end of bridged connection ``channel`` passed with its next bytes.
 
@@ -370,6 +391,7 @@ Event = (
     | Eof
     | Window
     | Open
+    | OpenPty
     | PassFds
     | Reset
     | ConnectionClosed
@@ -384,7 +406,7 @@ class State(enum.Enum):
     DONE = "done"  # the session ended
 
 
-SESSION_EVENTS = (Data, Eof, Window, Open, PassFds, Reset)
+SESSION_EVENTS = (Data, Eof, Window, Open, OpenPty, PassFds, Reset)
 
 # The state machine: (role of the sender, event type, state) -> next state.
 # Ping and Pong are allowed everywhere and are not listed.  Channel events are
@@ -440,6 +462,8 @@ def _encode(event: Event) -> bytes:
             return _control(T_SIGNAL, {"signal": messages.signal_name(signum)})
         case Open(channel, fd):
             return encode_frame(T_OPEN, channel, messages.dump({"fd": fd}))
+        case OpenPty(channel, index):
+            return encode_frame(T_OPEN_PTY, channel, messages.dump({"index": index}))
         case Reset(channel, reason):
             return encode_frame(T_RESET, channel, messages.dump({"reason": reason}))
         case PassFds(channel, fds):
@@ -454,7 +478,7 @@ def _control(type: int, document: dict[str, Any]) -> bytes:
 def _decode(frame: Frame) -> Event:
     """The event one frame carries; anything malformed is the peer's error."""
     type, channel, payload = frame.type, frame.channel, frame.payload
-    if type in (T_DATA, T_EOF, T_WINDOW, T_OPEN, T_RESET, T_FDS):
+    if type in (T_DATA, T_EOF, T_WINDOW, T_OPEN, T_OPEN_PTY, T_RESET, T_FDS):
         if channel == CONTROL_CHANNEL:
             raise RemoteProtocolError(f"frame type {type:#x} on the control channel")
         if type == T_DATA:
@@ -473,6 +497,11 @@ def _decode(frame: Frame) -> Event:
             if not FIRST_BRIDGE_CHANNEL <= channel < FIRST_PASSED_CHANNEL:
                 raise RemoteProtocolError(f"bridge channel {channel} is not a bridged connection's")
             return Open(channel, messages.field(document, "fd", int, "open"))
+        if type == T_OPEN_PTY:
+            try:
+                return OpenPty(channel, messages.field(document, "index", int, "open pty"))
+            except ValueError as exc:
+                raise RemoteProtocolError(f"open pty: {exc}") from None
         if type == T_FDS:
             fds = fdpass.decode(document.get("fds"), "passed fds", PASSED_CHANNELS)
             try:
@@ -605,12 +634,12 @@ class RexecConnection:
         self._check_channel_send(event)
         return encode_header(T_DATA, event.channel, len(event.data)), event.data
 
-    def _check_channel_send(self, event: Data | Eof | Window | Open | PassFds | Reset) -> None:
+    def _check_channel_send(self, event: Data | Eof | Window | Open | OpenPty | PassFds | Reset) -> None:
         if self.state is not State.RUNNING:
             raise LocalProtocolError(f"{type(event).__name__} in state {self.state.value}")
         if isinstance(event, PassFds):
             self._open_passed_pipes(event, self.role, LocalProtocolError)
-        elif isinstance(event, Open):
+        elif isinstance(event, Open | OpenPty):
             if self.role is not Role.CLIENT:
                 raise LocalProtocolError("only the client opens bridged connections")
             self.open_channel(event.channel)
@@ -700,7 +729,7 @@ class RexecConnection:
                 raise error(f"passed pipe channel {fd.channel} opened twice")
             self.open_channel(fd.channel)
 
-    def _receive_channel_event(self, event: Data | Eof | Window | Open | PassFds | Reset) -> Event | None:
+    def _receive_channel_event(self, event: Data | Eof | Window | Open | OpenPty | PassFds | Reset) -> Event | None:
         if self.state is State.DONE or event.channel in self._closed_channels:
             if isinstance(event, PassFds):
                 # Nobody will relay its pipes: their frames are dropped too.
@@ -708,7 +737,7 @@ class RexecConnection:
             return None  # crossed our Exited or our Reset on the wire
         if self.state is not State.RUNNING:
             raise RemoteProtocolError(f"{type(event).__name__} in state {self.state.value}")
-        if isinstance(event, Open):
+        if isinstance(event, Open | OpenPty):
             if self.role is not Role.SERVER:
                 raise RemoteProtocolError("the server cannot open bridged connections")
             if event.channel in self._send_credit:

@@ -26,7 +26,7 @@ import trio
 from offload import aio, fdpass, users
 from offload.config import RexecConfig
 from offload.errors import ConfigError, OffloadError, ProtocolError, RefusedError, TransportError
-from offload.fdio import PassingSocketEnd, borrow
+from offload.fdio import ByteEnd, PassingSocketEnd, borrow
 from offload.net import Address, Transport, first_request, listen_unix, parse_address, serve_listeners
 from offload.protocol import local, messages
 from offload.protocol.framing import CLOSED, NEED_DATA, Frame, FrameDecoder
@@ -42,13 +42,14 @@ from offload.protocol.rexec import (
     FdKind,
     FdSpec,
     Open,
+    OpenPty,
     Refused,
     Role,
     Signal,
     Started,
     State,
 )
-from offload.rexecd import policy
+from offload.rexecd import console, policy
 from offload.rexecd.link import LinkFailed, Passing, SessionLink
 from offload.rexecd.pidmap import PidmapDir
 
@@ -157,6 +158,8 @@ class AgentSession:
         self.remote_pid = 0
         self.inbound_channels: list[int] = []
         self.bridge_channels = iter(range(FIRST_BRIDGE_CHANNEL, FIRST_PASSED_CHANNEL))
+        self.monitors: set[int] = set()  # fd numbers of the program's QMP monitor listeners
+        self.consoles: console.SessionConsoles | None = None
 
     # -- talking to the stand-in -------------------------------------------------
 
@@ -304,7 +307,9 @@ class AgentSession:
             raise RefusedError(f"link to {self.address.display_host} lost", exit_code=EXIT_FAILURE)
         self.remote_pid = reply.pid
         await self._publish_pidmap(caller.pid)
+        self.monitors = console.monitor_fds(request.argv)
         async with aio.open_nursery() as nursery:
+            self.consoles = console.SessionConsoles(caller.pid, nursery, self._relay_pty)
             for spec, fd in self._relayed.values():
                 self._start_relay(nursery, spec, fd, caller)
             self._relayed = {}
@@ -383,7 +388,10 @@ class AgentSession:
         sees them (libvirtd runs chrooted).
         """
         assert self.link is not None
-        end = PassingSocketEnd(stream)
+        end: ByteEnd = PassingSocketEnd(stream)
+        if target_fd in self.monitors and self.consoles is not None:
+            # libvirt opens the ptys qemu names there: they must be ours.
+            end = console.PtyPathsEnd(end, self.consoles)
         try:
             passing = Passing(
                 shared=self.config.shared_path,
@@ -406,6 +414,20 @@ class AgentSession:
                 self.inbound_channels.remove(channel)
         if state.reset:
             log.info("a bridged connection to fd %d of remote pid %d was reset", target_fd, self.remote_pid)
+
+    async def _relay_pty(self, host_index: int, end: console.ConsoleEnd) -> None:
+        """Carry our pty standing for the program's pty ``host_index`` to it, for the session."""
+        assert self.link is not None
+        try:
+            channel = next(self.bridge_channels)
+            await self.link.send(OpenPty(channel, host_index))
+        except BaseException:
+            await end.aclose()
+            raise
+        state = self.link.add_channel(channel)
+        await self.link.relay(channel, end, inbound=True, outbound=True)
+        if state.reset:
+            log.warning("pty %d of remote pid %d: the peer refused or ended it", host_index, self.remote_pid)
 
     async def _from_stand_in(self, nursery: trio.Nursery, caller: Caller) -> None:
         assert self.link is not None
@@ -474,6 +496,8 @@ class AgentSession:
         self.inbound_channels.clear()
 
     async def _cleanup(self) -> None:
+        if self.consoles is not None:
+            self.consoles.close()
         for fd in self.fds:
             os.close(fd)
         self.fds = []

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import trio
 
-from offload import aio, fdpass, proc, users
+from offload import aio, fdpass, proc, ptys, users
 from offload.config import RexecConfig
 from offload.errors import OffloadError, RefusedError, TransportError
 from offload.fdio import ByteEnd, PassingSocketEnd, StreamEnd, grow_pipe
@@ -40,6 +40,7 @@ from offload.protocol.rexec import (
     Exited,
     FdKind,
     Open,
+    OpenPty,
     Refused,
     Reset,
     Signal,
@@ -286,6 +287,8 @@ class Execution:
                     self._signal(event.signum)
                 elif isinstance(event, Open):
                     nursery.start_soon(self._bridge, event, nursery)
+                elif isinstance(event, OpenPty):
+                    nursery.start_soon(self._pty, event)
                 elif isinstance(event, ConnectionClosed | LinkFailed):
                     raise TransportError(f"session {self.id}: {_why_gone(event)}")
 
@@ -320,6 +323,26 @@ class Execution:
         passing = Passing(self.config.shared_path, self.user, fdpass.root_of(self.process.pid), nursery)
         end = CountingEnd(PassingSocketEnd(stream))
         await self._relay(event.channel, end, True, True, self._output(end), passing)
+
+    async def _pty(self, event: OpenPty) -> None:
+        """Relay the other end of a pty whose master the program holds (qemu's serial console).
+
+        Only the program's own ptys: the peer names a number, and the end
+        is opened from the master the program holds (`offload.ptys`), never
+        by path; any other number is refused with a log line.
+        """
+        try:
+            if self.process is None or self.process.returncode is not None:
+                raise PermissionError(errno.ESRCH, "the program has ended")
+            fd = ptys.program_pty_peer(self.process.pid, event.index)
+        except OSError as exc:
+            log.warning("session %d: refused pty %d to %s: %s", self.id, event.index, self.link.peer, exc)
+            await self.link.send(Reset(event.channel, f"pty {event.index}: {exc.strerror or exc}"))
+            self.link.drop_channel(event.channel)
+            return
+        log.info("session %d: pty %d of pid %d relayed for %s", self.id, event.index, self.process.pid, self.link.peer)
+        # Not among the outputs the exit status waits for: a console is never finished.
+        await self._relay(event.channel, StreamEnd.from_fd(fd), True, True, None)
 
     async def _follow_daemon(self) -> Exited | Refused:
         """The foreground exited 0: follow the daemon its pidfile names, if the program started it.

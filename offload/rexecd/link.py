@@ -40,6 +40,7 @@ from offload.protocol.rexec import (
     FdDescription,
     Hello,
     Open,
+    OpenPty,
     PassFds,
     Ping,
     Pong,
@@ -276,7 +277,7 @@ class SessionLink:
             case Reset(channel, reason):
                 log.debug("channel %d reset by peer: %s", channel, reason)
                 self._channels.setdefault(channel, ChannelState()).kill()
-            case Open(channel):
+            case Open(channel) | OpenPty(channel):
                 if len(self._channels) >= MAX_OPEN_CHANNELS:
                     raise RemoteProtocolError(f"more than {MAX_OPEN_CHANNELS} channels open")
                 self.add_channel(channel)

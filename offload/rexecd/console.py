@@ -1,0 +1,270 @@
+"""The DPU's side of a remote program's ptys: one local pty per host pty, relayed on the session.
+
+libvirt learns a pty chardev's path from qemu's monitor and opens it itself
+(``virsh console``).  On the DPU that path must name a pty of the DPU: the
+agent rewrites the monitor's replies (`offload.protocol.ptypaths`), and for
+each host pty it sees it allocates a pty in the stand-in's devpts instance
+(libvirt's) and asks the host, with `OpenPty`, for the other end of the
+host pty, which the host opens only if the session's program holds its
+master.  The mapping lives as long as the session, so libvirt finds the
+same path after a restart of its own (it keeps the path in its status XML).
+
+A pty nobody has opened behaves as qemu's own does: what the guest prints
+is dropped, not queued (a guest must not stall on its serial port because
+nobody reads the console, and a console opened later must not start with
+stale output).  The master tells us whether its other end is open
+(POLLHUP once the last opener closed it); an inotify watch on the other
+end's inode wakes us when someone opens it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import itertools
+import json
+import logging
+import os
+import struct
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from offload import ptys
+from offload.fdio import CHUNK, ByteEnd
+from offload.protocol.ptypaths import PtyPathRewriter
+
+log = logging.getLogger(__name__)
+
+#: Ptys one session may have (a guest has a few serial ports and consoles).
+MAX_PTYS = 16
+IN_OPEN = 0x20
+IN_CLOSE = 0x18  # IN_CLOSE_WRITE | IN_CLOSE_NOWRITE
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _watch_opens(master: int) -> int:
+    """An inotify fd that becomes readable when the pty of ``master`` is opened or closed."""
+    peer = fcntl.ioctl(master, ptys.TIOCGPTPEER, os.O_PATH | os.O_CLOEXEC)  # not an opener itself
+    try:
+        watch = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if watch < 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error))
+        if _libc.inotify_add_watch(watch, f"/proc/self/fd/{peer}".encode(), IN_OPEN | IN_CLOSE) < 0:
+            error = ctypes.get_errno()
+            os.close(watch)
+            raise OSError(error, os.strerror(error))
+        return watch
+    finally:
+        os.close(peer)
+
+
+class ConsoleEnd(ByteEnd):
+    """The master of a DPU pty: what libvirt (or anyone) writes into its other end, and what it reads there.
+
+    Owns ``master`` and the inotify fd.  Reading waits while nobody has the
+    pty open; writing drops what nobody would read.
+    """
+
+    def __init__(self, master: int) -> None:
+        self.master = master
+        self.watch = -1
+        try:
+            self.watch = _watch_opens(master)
+        except BaseException:
+            os.close(master)
+            raise
+        # Until someone opens it: a fresh pty's master does not poll POLLHUP.
+        self.attached = False
+        self._waiting = trio.Lock()
+
+    async def _until_attached(self) -> None:
+        async with self._waiting:
+            while not self.attached:
+                await trio.lowlevel.wait_readable(self.watch)
+                opened = False
+                with contextlib.suppress(BlockingIOError):
+                    while events := os.read(self.watch, 4096):
+                        opened |= any(mask & IN_OPEN for mask in _masks(events))
+                if opened and not ptys.hung_up(self.master):
+                    self.attached = True
+
+    async def read(self, max_bytes: int = CHUNK) -> bytes:
+        while True:
+            await self._until_attached()
+            await trio.lowlevel.wait_readable(self.master)
+            try:
+                data = os.read(self.master, max_bytes)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                if exc.errno != errno.EIO:
+                    raise
+                self.attached = False  # the last opener closed it
+                continue
+            if data:
+                return data
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if not self.attached or ptys.hung_up(self.master):
+                self.attached = False
+                return  # nobody reads this console: dropped, as qemu drops it
+            try:
+                view = view[os.write(self.master, view) :]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.master)
+            except OSError as exc:
+                if exc.errno != errno.EIO:
+                    raise
+                self.attached = False
+                return
+
+    async def shutdown_write(self) -> None:
+        pass  # the host's end closing means qemu ended: the session ends the pty with it
+
+    async def aclose(self) -> None:
+        for name in ("master", "watch"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                setattr(self, name, -1)
+                trio.lowlevel.notify_closing(fd)
+                os.close(fd)
+        await trio.lowlevel.checkpoint()
+
+
+def _masks(events: bytes) -> list[int]:
+    """The mask of each inotify event in ``events`` (struct inotify_event: wd, mask, cookie, len, name)."""
+    masks = []
+    offset = 0
+    while offset + 16 <= len(events):
+        _, mask, _, length = struct.unpack_from("iIII", events, offset)
+        masks.append(mask)
+        offset += 16 + length
+    return masks
+
+
+class SessionConsoles:
+    """The DPU ptys standing for the host ptys of one session's program.
+
+    ``relay(host_index, end)`` carries one of them to the host; it owns
+    ``end`` and runs in ``nursery`` (the session's) until the session ends.
+    """
+
+    def __init__(
+        self, stand_in: int, nursery: trio.Nursery, relay: Callable[[int, ConsoleEnd], Awaitable[None]]
+    ) -> None:
+        self.stand_in = stand_in
+        self.nursery = nursery
+        self.relay = relay
+        self.local: dict[int, int] = {}  # host pty number -> ours
+        # A dup of each master, held for the session: our number must not
+        # name another session's pty while libvirt may still open it, even
+        # after its relay ended (the host refused it).
+        self._held: list[int] = []
+
+    def translate(self, host_index: int) -> int | None:
+        """Our pty for host pty ``host_index``, made at its first mention; None if none can be made."""
+        if host_index in self.local:
+            return self.local[host_index]
+        if len(self.local) >= MAX_PTYS:
+            log.warning("stand-in %d: more than %d ptys; pty %d left unmapped", self.stand_in, MAX_PTYS, host_index)
+            return None
+        try:
+            master, index = ptys.allocate_in_root(self.stand_in)
+        except OSError as exc:
+            log.error("stand-in %d: no pty for host pty %d: %s", self.stand_in, host_index, exc)
+            return None
+        try:
+            self._held.append(os.dup(master))
+            end = ConsoleEnd(master)
+        except OSError as exc:
+            log.error("stand-in %d: cannot watch pty %d: %s", self.stand_in, index, exc)
+            return None
+        self.local[host_index] = index
+        log.info("stand-in %d: host pty %d is /dev/pts/%d here", self.stand_in, host_index, index)
+        self.nursery.start_soon(self.relay, host_index, end)
+        return index
+
+    def close(self) -> None:
+        for fd in self._held:
+            os.close(fd)
+        self._held.clear()
+
+
+class PtyPathsEnd(ByteEnd):
+    """A bridged monitor connection's libvirt end: qemu's replies reach it with pty paths made ours."""
+
+    def __init__(self, inner: ByteEnd, consoles: SessionConsoles) -> None:
+        self.inner = inner
+        self.rewriter = PtyPathRewriter(consoles.translate)
+
+    async def read(self, max_bytes: int = CHUNK) -> bytes:
+        return await self.inner.read(max_bytes)
+
+    async def read_message(self, max_bytes: int = CHUNK) -> tuple[bytes, list[int]]:
+        return await self.inner.read_message(max_bytes)
+
+    async def write(self, data: bytes) -> None:
+        data = self.rewriter.feed(data)
+        if data:
+            await self.inner.write(data)
+
+    async def write_message(self, data: bytes, fds: list[int]) -> None:
+        data = self.rewriter.feed(data)
+        if fds and not data:
+            data = self.rewriter.feed(b"")  # fds travel with bytes: release what was held for them
+        if data:
+            await self.inner.write_message(data, fds)
+
+    async def shutdown_write(self) -> None:
+        rest = self.rewriter.feed(b"")
+        if rest:
+            await self.inner.write(rest)
+        await self.inner.shutdown_write()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def monitor_fds(argv: tuple[str, ...]) -> set[int]:
+    """The fds of the QMP monitors libvirt passes qemu: ``-chardev socket,id=ID,fd=N`` used by ``-mon chardev=ID,mode=control``.
+
+    Only a monitor's replies are rewritten: bytes on any other bridged
+    socket (a guest agent's channel) are the guest's, untouched.
+    """
+    chardev_fds: dict[str, int] = {}
+    monitors: set[str] = set()
+    for option, value in itertools.pairwise(argv):
+        if option == "-chardev":
+            fields = _chardev_fields(value)
+            if fields.get("backend") == "socket" and fields.get("fd", "").isdigit() and "id" in fields:
+                chardev_fds[fields["id"]] = int(fields["fd"])
+        elif option == "-mon":
+            fields = dict(part.partition("=")[::2] for part in value.split(","))
+            if fields.get("mode", "readline") == "control" and "chardev" in fields:
+                monitors.add(fields["chardev"])
+    return {fd for name, fd in chardev_fds.items() if name in monitors}
+
+
+def _chardev_fields(value: str) -> dict[str, str]:
+    """``socket,id=X,fd=N,...`` or its JSON form, as backend, id and fd."""
+    if value.startswith("{"):
+        try:
+            document = json.loads(value)
+            address = document.get("addr", {}).get("data", document.get("addr", {}))
+            return {
+                "backend": str(document.get("backend", "")),
+                "id": str(document.get("id", "")),
+                "fd": str(address.get("str", "")) if address.get("type") == "fd" else "",
+            }
+        except (ValueError, AttributeError):
+            return {}
+    backend, _, rest = value.partition(",")
+    fields = dict(part.partition("=")[::2] for part in rest.split(",") if part)
+    fields["backend"] = backend
+    return fields
