@@ -13,7 +13,7 @@ from offload import proc
 from offload.errors import ConfigError
 from offload.mounts import config, mountinfo, paths, plan, syscalls
 from offload.mounts.machine import DeviceNode, Facts
-from offload.mounts.ops import BindOp, MakeLink, MakeNode, MountOp, QtfsMount, Skipped
+from offload.mounts.ops import BindOp, MakeDir, MakeLink, MakeNode, MountOp, QtfsMount, Skipped
 
 # A cgroup v1 layout like this machine's (cpu and cpuacct apart, no
 # net_cls), a cgroup2 at unified, and an escaped path.
@@ -110,6 +110,8 @@ def test_default_plan_without_a_host_has_no_qtfs_steps() -> None:
     kinds = [(type(s).__name__, s.path) for s in steps]
     assert kinds[:2] == [("MountOp", "/t/proc"), ("MountOp", "/t/sys")]
     assert ("MakeNode", "/t/dev/kvm") in kinds and ("MakeLink", "/t/dev/ptmx") in kinds
+    # libvirt's console lock files, in the fresh /run, after it is mounted.
+    assert kinds.index(("MakeDir", "/t/run/lock")) > kinds.index(("MountOp", "/t/run"))
     devpts = next(s for s in steps if isinstance(s, MountOp) and s.fstype == "devpts")
     assert "newinstance" in devpts.options and "ptmxmode=0666" in devpts.options
     assert not [s for s in steps if isinstance(s, MountOp) and s.fstype == "devtmpfs"]
@@ -233,6 +235,7 @@ def test_describe_gives_shell_commands() -> None:
     node = MakeNode(path="/t/dev/kvm", major=10, minor=232, mode=0o660, gid=107)
     assert node.describe() == ["mknod -m 0660 /t/dev/kvm c 10 232", "chown 0:107 /t/dev/kvm"]
     assert MakeLink(path="/t/dev/ptmx", link="pts/ptmx").describe() == ["ln -s pts/ptmx /t/dev/ptmx"]
+    assert MakeDir(path="/t/run/lock", mode=0o1777).describe() == ["mkdir -m 1777 /t/run/lock"]
     bind = BindOp(path="/t/with space", source="/nonexistent-offm", readonly=True, recursive=True)
     assert bind.describe() == [
         "mkdir -p '/t/with space'",

@@ -288,3 +288,16 @@ def test_stand_in_modules_are_all_it_imports() -> None:
         assert result.stdout.startswith(str(copy))
     finally:
         shutil.rmtree(copy, ignore_errors=True)
+
+
+def test_the_rootfs_has_a_lock_directory_for_libvirts_consoles(tmp_path: Path) -> None:
+    said: list[str] = []
+    assert install.ensure_lock_dir(tmp_path, said.append)
+    assert os.readlink(tmp_path / "var" / "lock") == "/run/lock"
+    assert not install.ensure_lock_dir(tmp_path, said.append)  # a second build changes nothing
+    assert len(said) == 1
+    # One the rootfs already has (a directory of its own, or Debian's link) is kept.
+    other = tmp_path / "other"
+    (other / "var" / "lock").mkdir(parents=True)
+    assert not install.ensure_lock_dir(other, said.append)
+    assert (other / "var" / "lock").is_dir() and not (other / "var" / "lock").is_symlink()

@@ -7,7 +7,8 @@ ships.  The initramfs is written here: busybox (static, from Debian's
 busybox-static) as /init's shell, and an /init that prints ``MARKER`` and
 the guest's uptime on the serial console, then ``TICK`` and a counter
 every second until it is stopped: a guest restored from a save image goes
-on counting from where it was, one that booted again starts over.  The
+on counting from where it was, one that booted again starts over.  Each
+line typed on the serial console comes back as ``ECHO`` and the line.  The
 kernel is cached by package version, the initramfs by its /init as well;
 building them again is free.
 """
@@ -35,11 +36,14 @@ KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = Path("/bin/busybox")
 MARKER = "OFFLOAD-GUEST-UP"
 TICK = "OFFLOAD-GUEST-TICK"
+ECHO = "OFFLOAD-GUEST-ECHO"
 
 INIT = f"""#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t devtmpfs dev /dev
 echo "{MARKER} uptime $(/bin/busybox cut -d' ' -f1 /proc/uptime)"
+# A background list reads /dev/null unless told otherwise (no job control here).
+(while IFS= read -r line; do echo "{ECHO} $line"; done) </dev/console &
 tick=0
 while :; do echo "{TICK} $tick"; tick=$((tick + 1)); /bin/busybox sleep 1; done
 """

@@ -483,6 +483,40 @@ class MakeLink(Op):
 
 
 @dataclass(frozen=True, kw_only=True)
+class MakeDir(Op):
+    """mkdir -m MODE PATH (a directory programs expect in a fresh tmpfs, such as /run/lock)."""
+
+    mode: int
+
+    @property
+    def what(self) -> str:
+        return f"mkdir -m {self.mode:04o}"
+
+    def describe(self) -> list[str]:
+        return [f"mkdir -m {self.mode:04o} {_q(self.path)}"]
+
+    def check(self, entries: tuple[MountEntry, ...]) -> Check:
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return Check(MISSING)
+        if not stat.S_ISDIR(info.st_mode):
+            return Check(WRONG, "is not a directory")
+        return Check(PRESENT)
+
+    def execute(self, ctx: Context) -> Result:
+        found = self.check(())
+        if found.state == WRONG:
+            raise _conflict(self.path, found.detail)
+        if found.state == PRESENT:
+            return Result(ALREADY)
+        os.mkdir(self.path)
+        os.chmod(self.path, self.mode)  # mkdir's mode passes through the umask
+        ctx.on_undo(f"rmdir {self.path}", lambda: os.rmdir(self.path))
+        return Result(DONE)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Skipped(Op):
     """A step the plan cannot do on this machine, kept so that output says why."""
 

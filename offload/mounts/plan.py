@@ -31,7 +31,7 @@ from offload.errors import ConfigError
 from offload.mounts import mountinfo
 from offload.mounts.config import MountSpec, PrepareConfig
 from offload.mounts.machine import Facts
-from offload.mounts.ops import BindOp, MakeLink, MakeNode, MountOp, Op, QtfsMount, Skipped
+from offload.mounts.ops import BindOp, MakeDir, MakeLink, MakeNode, MountOp, Op, QtfsMount, Skipped
 
 # The host's /proc files and /sys directories shown in the target come from
 # the userspace qtfs package when it provides them; until then this local
@@ -93,6 +93,8 @@ def build(config: PrepareConfig, target: str, facts: Facts, resolve: Resolver) -
     steps += dev_steps(config, facts, resolve)
     if config.run_tmpfs:
         steps.append(MountOp(path=resolve("/run"), fstype="tmpfs", source="tmpfs", options="nosuid,nodev,mode=0755"))
+        # libvirt's console takes a lock file in /var/lock, which Debian links to /run/lock.
+        steps.append(MakeDir(path=resolve("/run/lock"), mode=0o1777))
     steps += [_from_spec(spec, resolve) for spec in (*config.bind, *config.mount)]
     if config.host:
         steps += qtfs_steps(config, facts, resolve)

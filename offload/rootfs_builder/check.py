@@ -48,6 +48,8 @@ def check(target: str, state_dir: str | None = None, *, run: bool = True) -> tup
     for path in install.LIBVIRT_FILES:
         if not os.path.lexists(root / path):
             problems.append(f"libvirt missing: /{path} (apt-get install {' '.join(install.LIBVIRT_PACKAGES)})")
+    if not os.path.lexists(root / install.LOCK_DIR):
+        problems.append(f"/{install.LOCK_DIR} missing: libvirt cannot lock a console (build again)")
     if not os.path.lexists(root / install.PYTHON.lstrip("/")):
         problems.append(f"{install.PYTHON} missing: the rexec stand-in cannot run")
     elif run and recorded.arch == machine_arch() and not layout.marker().exists():

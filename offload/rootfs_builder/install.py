@@ -198,8 +198,27 @@ def write_file(root: Path, payload: Payload) -> bool:
     return True
 
 
+#: libvirt takes a console's lock file in /var/lock; Debian links it to /run/lock,
+#: which offload prepare makes in the rootfs's fresh /run.
+LOCK_DIR = "var/lock"
+LOCK_DIR_LINK = "/run/lock"
+
+
+def ensure_lock_dir(root: Path, say: Say) -> bool:
+    """/var/lock in the rootfs (a link to /run/lock, as Debian has it) unless it has one; True if made."""
+    full = inside(root, LOCK_DIR)
+    if os.path.lexists(full):
+        return False
+    full.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(LOCK_DIR_LINK, inside(root, LOCK_DIR))
+    say(f"made /{LOCK_DIR} -> {LOCK_DIR_LINK} (libvirt's console lock files)")
+    return True
+
+
 def apply(root: Path, items: list[Payload], say: Say) -> list[str]:
     changed = []
+    if ensure_lock_dir(root, say):
+        changed.append(LOCK_DIR)
     for payload in items:
         if write_file(root, payload):
             changed.append(payload.path)

@@ -1,0 +1,367 @@
+"""The serial console of a domain whose qemu runs on the host, opened from the DPU side.
+
+One whole lab for the module (its name is the test lab's with a "c") and
+one running guest with a pty serial console.  The guest prints a tick every
+second and echoes each line typed on its console (offload/lab/guest.py), so
+every check is by effect: ticks arrive, a line typed comes back from the
+guest.  Clients are Debian's python3-libvirt with libvirt's default event
+loop (as nova's) and `virsh console` on a pty, both on the DPU side.
+
+The host's rule, that the DPU gets only the ptys of programs it runs, is
+tested against an in-process rexec_server speaking the raw protocol.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+import tty
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import pytest
+import trio
+
+from offload import pki, proc
+from offload.config import RexecConfig
+from offload.lab import SERVICES, dpu_libvirt, guest
+from offload.lab.lab import Lab
+from offload.lab.libvirt import IMAGES, Virsh, install_argv, qemu_processes
+from offload.net import Transport, parse_address
+from offload.pki import TlsConfig
+from offload.protocol.rexec import (
+    FIRST_BRIDGE_CHANNEL,
+    Data,
+    Exec,
+    ExecRequest,
+    FdKind,
+    FdSpec,
+    Hello,
+    OpenPty,
+    Reset,
+    RexecConnection,
+    Role,
+    Started,
+)
+from offload.rexec_server import serve
+from tests.conftest import keep_logs
+
+REPO = Path(__file__).resolve().parents[1]
+CLIENT = str(REPO / "tests" / "console_client.py")
+DOMAIN = "console-guest"
+#: What a unit file would give a client: no LD_PRELOAD or lab variables.
+CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+#: The DPU's own python, the one python3-libvirt is installed for.
+DPU_PYTHON = "/usr/bin/python3"
+
+
+def domain_xml(name: str, image: guest.GuestImage) -> str:
+    """A guest as nova defines one for its serial console: a pty serial port and the console on it."""
+    return f"""<domain type='qemu'>
+  <name>{escape(name)}</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{IMAGES / image.kernel.name}</kernel>
+    <initrd>{IMAGES / image.initrd.name}</initrd>
+    <cmdline>console=ttyS0 panic=-1 quiet</cmdline>
+  </os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <serial type='pty'><target port='0'/></serial>
+    <console type='pty'><target type='serial' port='0'/></console>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+@pytest.fixture(scope="module")
+def clab() -> Iterator[Lab]:
+    lab = Lab(os.environ.get("OFFLOAD_TEST_LAB", "offt")[:9] + "c")
+    lab.down()
+    image = guest.build()
+    try:
+        lab.up(only=list(SERVICES))
+        proc.run(lab.command("host", install_argv(image)))
+        virsh = dpu_libvirt.virsh(lab)
+        virsh("define", "/dev/stdin", input=domain_xml(DOMAIN, image))
+        virsh("start", DOMAIN)
+        yield lab
+    finally:
+        keep_logs(lab)
+        with contextlib.suppress(Exception):
+            dpu_libvirt.virsh(lab)("destroy", DOMAIN)
+        lab.down()
+
+
+@pytest.fixture
+def virsh(clab: Lab) -> Virsh:
+    return dpu_libvirt.virsh(clab)
+
+
+class Client:
+    """tests/console_client.py on the DPU side: one python-libvirt connection."""
+
+    def __init__(self, lab: Lab) -> None:
+        uri = f"qemu:///system?socket={dpu_libvirt.libvirt_socket(lab)}"
+        self.process = proc.spawn(
+            lab.command("dpu", [DPU_PYTHON, CLIENT, uri, DOMAIN], cwd="/"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=CLEAN_ENV,
+        )
+
+    def __call__(self, command: str) -> str:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(command.encode() + b"\n")
+        self.process.stdin.flush()
+        assert select.select([self.process.stdout], [], [], 120)[0], f"no answer to {command!r}"
+        return self.process.stdout.readline().decode().strip()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@contextlib.contextmanager
+def client(lab: Lab) -> Iterator[Client]:
+    made = Client(lab)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def round_trip(console: Client) -> None:
+    """Guest output arrives, and a line typed is echoed back by the guest."""
+    assert console("expect " + guest.TICK).startswith("found")
+    word = f"typed-{uuid.uuid4().hex[:8]}"
+    assert console(f"send {word}") == "sent"
+    assert console(f"expect {guest.ECHO} {word}") == f"found {guest.ECHO} {word}"
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_console_carries_output_and_keystrokes(clab: Lab, virsh: Virsh) -> None:
+    # libvirt names a pty of the DPU's rootfs, not the host's.
+    xml = virsh("dumpxml", DOMAIN)
+    [path] = {line.split("'")[1] for line in xml.splitlines() if "<source path='/dev/pts/" in line}
+    assert clab.path_on("dpu", str(dpu_libvirt.target(clab)) + path).is_char_device()
+    with client(clab) as console:
+        assert console("open") == "opened"
+        round_trip(console)
+        assert console("close") == "closed"
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_force_takes_the_console_over_and_it_reopens(clab: Lab) -> None:
+    with client(clab) as first, client(clab) as second:
+        assert first("open") == "opened"
+        assert first("expect " + guest.TICK).startswith("found")
+        refused = second("open")
+        assert refused.startswith("error") and "console" in refused.lower(), refused
+        assert second("open force") == "opened"
+        assert first("ended") == "ended"
+        round_trip(second)
+        assert second("close") == "closed"
+    with client(clab) as third:
+        assert third("open") == "opened"
+        round_trip(third)
+        assert third("close") == "closed"
+        # The same client again, on the same connection.
+        assert third("open") == "opened"
+        round_trip(third)
+
+
+def virsh_console(lab: Lab, *options: str) -> tuple[subprocess.Popen, int]:
+    """``virsh console DOMAIN`` on the DPU side with a terminal of its own: (process, the terminal's master)."""
+    master, terminal = pty.openpty()
+    try:
+        process = proc.spawn(
+            dpu_libvirt.virsh(lab).argv("console", *options, DOMAIN),
+            stdin=terminal,
+            stdout=terminal,
+            stderr=terminal,
+            env={**CLEAN_ENV, "TERM": "dumb"},
+            start_new_session=True,
+        )
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(terminal)
+    return process, master
+
+
+def read_until(master: int, words: str, timeout: float = 60) -> str:
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while words.encode() not in seen:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([master], [], [], remaining)[0]:
+            raise AssertionError(f"no {words!r} on the console in {timeout} s; it showed {seen[-300:]!r}")
+        try:
+            seen += os.read(master, 4096)
+        except OSError:
+            raise AssertionError(f"the console ended before {words!r}; it showed {seen[-300:]!r}") from None
+    return seen.decode(errors="replace")
+
+
+def end_virsh(process: subprocess.Popen, master: int) -> None:
+    try:
+        if process.poll() is None:
+            os.write(master, b"\x1d")  # Ctrl-], virsh console's escape
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    finally:
+        os.close(master)
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_virsh_console_on_a_terminal(clab: Lab) -> None:
+    process, master = virsh_console(clab)
+    try:
+        read_until(master, guest.TICK)
+        word = f"virsh-{uuid.uuid4().hex[:8]}"
+        os.write(master, word.encode() + b"\r")
+        read_until(master, f"{guest.ECHO} {word}")
+    finally:
+        end_virsh(process, master)
+    assert process.returncode == 0
+    # Another virsh takes it over from a python-libvirt client with --force.
+    with client(clab) as holder:
+        assert holder("open") == "opened"
+        process, master = virsh_console(clab, "--force")
+        try:
+            read_until(master, guest.TICK)
+            assert holder("ended") == "ended"
+            word = f"forced-{uuid.uuid4().hex[:8]}"
+            os.write(master, word.encode() + b"\r")
+            read_until(master, f"{guest.ECHO} {word}")
+        finally:
+            end_virsh(process, master)
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_console_after_libvirtd_restart(clab: Lab, virsh: Virsh) -> None:
+    [qemu] = qemu_processes(DOMAIN)
+    dpu_libvirt.restart_libvirtd(clab)
+    assert virsh.state(DOMAIN) == "running"
+    with client(clab) as console:
+        assert console("open") == "opened"
+        round_trip(console)
+    assert [p.pid for p in qemu_processes(DOMAIN)] == [qemu.pid]
+
+
+# -- the host's rule: only its own program's ptys -------------------------------------------
+
+#: The program the DPU runs: it makes a pty, says its number, and reports what arrives on it.
+PROGRAM = r"""
+import fcntl, os, struct, sys, tty
+master, slave = os.openpty()
+tty.setraw(slave)  # kept open: the master's reads wait for bytes instead of failing
+number = struct.unpack("I", fcntl.ioctl(master, 0x80045430, b"\0" * 4))[0]
+print(number, flush=True)
+while True:
+    try:
+        data = os.read(master, 4096)
+    except OSError:
+        break
+    print("got", data.decode().strip(), flush=True)
+"""
+
+
+@pytest.fixture
+def server_tree(tmp_path: Path) -> Path:
+    pki.init(tmp_path / "pki", pki.HOST_AND_DPU)
+    whitelist = tmp_path / "whitelist"
+    whitelist.write_text(f"{os.path.realpath(sys.executable)}\n")
+    whitelist.chmod(0o400)
+    return tmp_path
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the whitelist must be root-owned")
+async def test_the_dpu_gets_only_its_programs_ptys(server_tree: Path, nursery: trio.Nursery) -> None:
+    config = RexecConfig(
+        listen=(f"unix://{server_tree}/peer.sock",),
+        whitelist=str(server_tree / "whitelist"),
+        run_dir=str(server_tree / "run"),
+        node="host",
+        keepalive=5.0,
+        user_map=("root=root",),
+    )
+    await nursery.start(serve, config, Transport(TlsConfig.load(server_tree / "pki" / "host")))
+    # A pty of the host that the DPU's program does not hold: the test's own,
+    # its other end held open so that anything written there would wait to be read.
+    theirs, their_end = os.openpty()
+    tty.setraw(their_end)
+    os.set_blocking(theirs, False)
+    their_index = int(os.readlink(f"/proc/self/fd/{their_end}").rsplit("/", 1)[1])
+    connected = await Transport(TlsConfig.load(server_tree / "pki" / "dpu")).connect(
+        parse_address(f"unix://{server_tree}/peer.sock")
+    )
+    conn = RexecConnection(Role.CLIENT)
+    events: list = []
+
+    async def next_of(kind: type, channel: int | None = None, timeout: float = 20):  # type: ignore[no-untyped-def]
+        with trio.fail_after(timeout):
+            while True:
+                for event in events:
+                    if isinstance(event, kind) and (channel is None or getattr(event, "channel", None) == channel):
+                        events.remove(event)
+                        return event
+                conn.receive_data(bytes(await connected.stream.receive_some()))
+                while (event := conn.next_event()) is not None:
+                    events.append(event)
+
+    try:
+        async with connected.stream as stream:
+            await stream.send_all(conn.send(Hello("dpu")))
+            with trio.fail_after(20):
+                while conn.peer_hello is None:
+                    conn.receive_data(bytes(await stream.receive_some()))
+                    while (event := conn.next_event()) is not None:
+                        events.append(event)
+            request = ExecRequest(
+                argv=(os.path.realpath(sys.executable), "-c", PROGRAM),
+                user="root",
+                fds=(FdSpec(fd=1, kind=FdKind.PIPE_OUT, channel=1),),
+            )
+            await stream.send_all(conn.send(Exec(request)))
+            await next_of(Started)
+            own = int((await next_of(Data, 1)).data.split()[0])
+            # Another process's pty: refused, and what we send for it reaches nobody.
+            refused, other = FIRST_BRIDGE_CHANNEL, FIRST_BRIDGE_CHANNEL + 1
+            await stream.send_all(conn.send(OpenPty(refused, their_index)) + conn.send(Data(refused, b"intruder\r")))
+            reset = await next_of(Reset, refused)
+            assert "pty" in reset.reason
+            # The program's own pty: its bytes reach the program.
+            await stream.send_all(conn.send(OpenPty(other, own)) + conn.send(Data(other, b"hello\r")))
+            got = await next_of(Data, 1)
+            assert got.data.decode().strip() == "got hello"
+            with pytest.raises(BlockingIOError):
+                os.read(theirs, 4096)
+    finally:
+        os.close(theirs)
+        os.close(their_end)
