@@ -332,8 +332,11 @@ class Backend:
         self.readonly = export.readonly or served is not None
         return wire.MountReply(wire.pack_stat(os.stat(root)), wire.MOUNT_READONLY if self.readonly else 0)
 
-    def lookup(self, request: wire.Lookup | wire.Getattr) -> wire.AttrReply:
-        if isinstance(request, wire.Getattr) and request.handle:
+    def lookup(self, request: wire.Lookup) -> wire.AttrReply:
+        return wire.AttrReply(wire.pack_stat(self._lstat(request.path)))
+
+    def getattr(self, request: wire.Getattr) -> wire.AttrReply:
+        if request.handle:
             return wire.AttrReply(wire.pack_stat(os.fstat(self.files.get(request.handle))))
         return wire.AttrReply(wire.pack_stat(self._lstat(request.path)))
 
@@ -696,35 +699,8 @@ class Backend:
         return wire.Empty()
 
     def handlers(self) -> dict[wire.Op, Callable[[Any], wire.Message]]:
-        """The operation for each op (the server looks them up once per connection)."""
-        return {
-            wire.Op.MOUNT: self.mount,
-            wire.Op.LOOKUP: self.lookup,
-            wire.Op.GETATTR: self.lookup,
-            wire.Op.SETATTR: self.setattr,
-            wire.Op.READLINK: self.readlink,
-            wire.Op.OPEN: self.open,
-            wire.Op.CREATE: self.create,
-            wire.Op.READ: self.read,
-            wire.Op.WRITE: self.write,
-            wire.Op.RELEASE: self.release,
-            wire.Op.FSYNC: self.fsync,
-            wire.Op.MKDIR: self.mkdir,
-            wire.Op.MKNOD: self.mknod,
-            wire.Op.SYMLINK: self.symlink,
-            wire.Op.LINK: self.link,
-            wire.Op.UNLINK: self.unlink,
-            wire.Op.RMDIR: self.rmdir,
-            wire.Op.RENAME: self.rename,
-            wire.Op.OPENDIR: self.opendir,
-            wire.Op.READDIR: self.readdir,
-            wire.Op.RELEASEDIR: self.releasedir,
-            wire.Op.STATFS: self.statfs,
-            wire.Op.GETXATTR: self.getxattr,
-            wire.Op.SETXATTR: self.setxattr,
-            wire.Op.LISTXATTR: self.listxattr,
-            wire.Op.REMOVEXATTR: self.removexattr,
-        }
+        """The operation for each op, the method of its name (the server looks them up once per connection)."""
+        return {op: getattr(self, op.name.lower()) for op in wire.Op}
 
 
 def _refused_mount(path: bytes, why: str) -> PermissionError:

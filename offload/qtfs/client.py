@@ -32,6 +32,7 @@ import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import trio
 
@@ -39,6 +40,7 @@ from offload import aio
 from offload.errors import ProtocolError, RemoteProtocolError, TransportError
 from offload.net import Address, Transport
 from offload.protocol import qtfs as wire
+from offload.protocol.qtfs.messages import ReplyT
 
 log = logging.getLogger(__name__)
 
@@ -120,17 +122,17 @@ class Link:
 
     # -- calls ------------------------------------------------------------------------------
 
-    async def call(self, request: wire.Message, *, retry: bool | None = None) -> wire.Message:
+    async def call(self, request: wire.Request[ReplyT], *, retry: bool | None = None) -> ReplyT:
         """Send ``request`` and return its reply; OSError (by the remote errno, or EIO) on failure.
 
         ``retry``: send again after a lost link (default: the op is idempotent).
         """
         return (await self.call_on(request, retry=retry))[0]
 
-    async def call_on(self, request: wire.Message, *, retry: bool | None = None) -> tuple[wire.Message, int]:
+    async def call_on(self, request: wire.Request[ReplyT], *, retry: bool | None = None) -> tuple[ReplyT, int]:
         """`call`, also naming the connection (generation) that answered: handles belong to it."""
         if retry is None:
-            retry = wire.OP_OF[type(request)] in wire.IDEMPOTENT
+            retry = request.OP in wire.IDEMPOTENT
         deadline = trio.current_time() + self.reconnect_timeout
         while True:
             try:
@@ -139,7 +141,7 @@ class Link:
                 if not retry or trio.current_time() >= deadline:
                     raise
 
-    async def _call_once(self, request: wire.Message, deadline: float) -> tuple[wire.Message, int]:
+    async def _call_once(self, request: wire.Request[ReplyT], deadline: float) -> tuple[ReplyT, int]:
         current = self._current
         if current is None:
             with trio.move_on_at(deadline):
@@ -170,8 +172,8 @@ class Link:
         outcome = waiter.outcome
         if isinstance(outcome, OSError):
             raise outcome
-        assert outcome is not None
-        return outcome, current.generation
+        # The connection decoded the reply by the request's op: it is a ReplyT.
+        return cast(ReplyT, outcome), current.generation
 
     # -- the connection ----------------------------------------------------------------------
 

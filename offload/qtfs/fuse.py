@@ -87,14 +87,15 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
 from offload.protocol import qtfs as wire
+from offload.protocol.qtfs.messages import ReplyT
 from offload.qtfs import facts, tasks
 from offload.qtfs.client import Link, LinkDown, Mounted
 from offload.qtfs.inodes import InodeTable, Node, join
@@ -115,12 +116,15 @@ LISTINGS = 256
 MAX_LISTING = 1 << 20
 #: pyfuse3 lets opendir switch on the kernel's listing cache (FOPEN_CACHE_DIR).
 KERNEL_LISTINGS = hasattr(pyfuse3.FileInfo, "cache_readdir")
+#: The host's attributes the kernel is given: all but the host's inode and device numbers.
+ENTRY_FIELDS = tuple(name for name in wire.Attr._fields if name not in ("ino", "dev"))
 
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+P = ParamSpec("P")
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-def errors(function: F) -> F:
+def errors(function: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """OSError (remote errno or EIO) becomes the FUSEError that fails the caller's syscall.
 
     So does anything else: an exception that leaves a handler ends
@@ -131,9 +135,9 @@ def errors(function: F) -> F:
     """
 
     @functools.wraps(function)
-    async def wrapper(*args: Any) -> Any:
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
-            return await function(*args)
+            return await function(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except OSError as exc:
@@ -142,7 +146,7 @@ def errors(function: F) -> F:
             log.warning("%s: the host's reply does not fit (%s: %s): EIO", function.__name__, type(exc).__name__, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 @dataclass
@@ -246,17 +250,8 @@ class Filesystem(pyfuse3.Operations):
             # would cost a GETATTR round trip besides its LOOKUP (which refreshes
             # them anyway).  See "Caching rules" above.
             entry.attr_timeout = self.dir_attr_timeout if stat.S_ISDIR(attr.mode) else self.timeout
-        entry.st_mode = attr.mode
-        entry.st_nlink = attr.nlink
-        entry.st_uid = attr.uid
-        entry.st_gid = attr.gid
-        entry.st_rdev = attr.rdev
-        entry.st_size = attr.size
-        entry.st_blksize = attr.blksize
-        entry.st_blocks = attr.blocks
-        entry.st_atime_ns = attr.atime_ns
-        entry.st_mtime_ns = attr.mtime_ns
-        entry.st_ctime_ns = attr.ctime_ns
+        for name in ENTRY_FIELDS:
+            setattr(entry, "st_" + name, getattr(attr, name))
         return entry
 
     def _remember(self, path: bytes, attr_bytes: bytes, since: int) -> pyfuse3.EntryAttributes:
@@ -402,11 +397,10 @@ class Filesystem(pyfuse3.Operations):
                 with contextlib.suppress(OSError):
                     opened.path = self.table.path(opened.inode)
             reply, generation = await self.host.call_on(wire.Open(opened.path, opened.flags & _REOPEN_MASK), retry=True)
-            assert isinstance(reply, wire.HandleReply)
             opened.handle, opened.generation = reply.handle, generation
         return opened.handle
 
-    async def _on_file(self, fh: int, make: Callable[[int], wire.Message], retry: bool) -> wire.Message:
+    async def _on_file(self, fh: int, make: Callable[[int], wire.Request[ReplyT]], retry: bool) -> ReplyT:
         opened = self.files.get(fh)
         if opened is None:
             raise OSError(errno.EBADF, "no such open file")
@@ -427,7 +421,7 @@ class Filesystem(pyfuse3.Operations):
         path = self._child(parent_inode, name)
         since = self.changes
         reply = await self.host.call(wire.Lookup(path))
-        entry = self._remember(path, reply.attr, since)  # type: ignore[attr-defined]
+        entry = self._remember(path, reply.attr, since)
         if ctx is not None:
             self._just_looked_up[entry.st_ino] = (ctx.pid, time.monotonic(), entry)
         return entry
@@ -453,7 +447,7 @@ class Filesystem(pyfuse3.Operations):
         path = self.table.path(inode)
         since = self.changes
         reply = await self.host.call(wire.Getattr(path))
-        attr = wire.Attr.decode_from(reply.attr)  # type: ignore[attr-defined]
+        attr = wire.Attr.decode_from(reply.attr)
         key = (attr.dev, attr.ino)
         known = self.table.get(inode)
         if inode == pyfuse3.ROOT_INODE:
@@ -509,7 +503,7 @@ class Filesystem(pyfuse3.Operations):
             reply = await self._on_file(fh, request, retry=True)
         else:
             reply = await self.host.call(request(), retry=True)
-        result = wire.Attr.decode_from(reply.attr)  # type: ignore[attr-defined]
+        result = wire.Attr.decode_from(reply.attr)
         entry = self._entry(self.table.root, result, since)
         entry.st_ino = inode
         return entry
@@ -517,7 +511,7 @@ class Filesystem(pyfuse3.Operations):
     @errors
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
         reply = await self.host.call(wire.Readlink(self.table.path(inode)))
-        return reply.data  # type: ignore[attr-defined]
+        return reply.data
 
     # -- files -------------------------------------------------------------------------------------
 
@@ -542,7 +536,7 @@ class Filesystem(pyfuse3.Operations):
         since = self.changes
         reply, generation = await self.host.call_on(wire.Open(path, flags), retry=not flags & os.O_TRUNC)
         fh = next(self._numbers)
-        self.files[fh] = OpenFile(inode, path, flags, reply.handle, generation)  # type: ignore[attr-defined]
+        self.files[fh] = OpenFile(inode, path, flags, reply.handle, generation)
         if self.mode == "cgroup" and path.rpartition(b"/")[2] in tasks.TASK_FILES:
             self.task_files[fh] = tasks.process_of(ctx.pid) if ctx is not None else 0
         return self._file_info(fh, since)
@@ -554,7 +548,6 @@ class Filesystem(pyfuse3.Operations):
         path = self._child(parent_inode, name)
         since = self.changes
         reply, generation = await self.host.call_on(wire.Create(path, flags, mode, ctx.uid, ctx.gid), retry=False)
-        assert isinstance(reply, wire.HandleReply)
         entry = self._remember(path, reply.attr, since)
         fh = next(self._numbers)
         self.files[fh] = OpenFile(entry.st_ino, path, flags, reply.handle, generation)
@@ -565,9 +558,9 @@ class Filesystem(pyfuse3.Operations):
         if fh in self.task_files:
             # The listing is translated whole (see offload.qtfs.tasks), then cut at the offset.
             reply = await self._on_file(fh, lambda handle: wire.Read(handle, 0, wire.MAX_IO), retry=True)
-            return tasks.incoming(self.pidmap, reply.data)[off : off + size]  # type: ignore[attr-defined]
+            return tasks.incoming(self.pidmap, reply.data)[off : off + size]
         reply = await self._on_file(fh, lambda handle: wire.Read(handle, off, min(size, wire.MAX_IO)), retry=True)
-        return reply.data  # type: ignore[attr-defined]
+        return reply.data
 
     @errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -590,11 +583,11 @@ class Filesystem(pyfuse3.Operations):
         while written < len(buf):
             chunk = bytes(view[written : written + wire.MAX_IO]) if len(buf) > wire.MAX_IO else buf
 
-            def request(handle: int, chunk: bytes = chunk, at: int = off + written) -> wire.Message:
+            def request(handle: int, chunk: bytes = chunk, at: int = off + written) -> wire.Write:
                 return wire.Write(handle, at, chunk)
 
             reply = await self._on_file(fh, request, retry)
-            count = reply.count  # type: ignore[attr-defined]
+            count = reply.count
             written += count
             if count < len(chunk):
                 break
@@ -616,10 +609,10 @@ class Filesystem(pyfuse3.Operations):
             try:
                 reply, _ = await self.host.call_on(wire.Open(path, os.O_WRONLY), retry=True)
                 try:
-                    await self.host.call(wire.Write(reply.handle, 0, b"%d" % remote), retry=False)  # type: ignore[attr-defined]
+                    await self.host.call(wire.Write(reply.handle, 0, b"%d" % remote), retry=False)
                 finally:
                     with contextlib.suppress(OSError):
-                        await self.host.call(wire.Release(reply.handle), retry=False)  # type: ignore[attr-defined]
+                        await self.host.call(wire.Release(reply.handle), retry=False)
             except OSError as exc:
                 log.warning("host program %d (stand-in %d) not placed in %s: %s", remote, pid, os.fsdecode(path), exc)
 
@@ -662,7 +655,6 @@ class Filesystem(pyfuse3.Operations):
             current = self.kernel_listings.get(path) is cached
             return pyfuse3.FileInfo(fh=fh, keep_cache=current, cache_readdir=True)
         reply, generation = await self.host.call_on(wire.Opendir(path))
-        assert isinstance(reply, wire.DirReply)
         fh = next(self._numbers)
         listing = OpenDir(path, [], reply.handle, bool(reply.eof), generation, since)
         self._add_page(listing, reply)
@@ -672,12 +664,10 @@ class Filesystem(pyfuse3.Operations):
     async def _whole_listing(self, path: bytes, since: int) -> list[CachedEntry]:
         """A directory's listing, kept unless the host changed something while it was read."""
         reply, generation = await self.host.call_on(wire.Opendir(path))
-        assert isinstance(reply, wire.DirReply)
         listing = OpenDir(path, [], reply.handle, bool(reply.eof), generation, since)
         self._add_page(listing, reply)
         while not listing.eof:
             page, generation = await self.host.call_on(wire.Readdir(listing.handle, listing.server_count))
-            assert isinstance(page, wire.DirReply)
             if generation != listing.generation:
                 raise OSError(errno.EIO, "the link was lost while listing a directory")
             self._add_page(listing, page)
@@ -755,19 +745,16 @@ class Filesystem(pyfuse3.Operations):
             # The host's listing went with the old connection: list again from
             # the start and keep what follows the entries already returned.
             reply, generation = await self.host.call_on(wire.Opendir(listing.path))
-            assert isinstance(reply, wire.DirReply)
             fresh = OpenDir(listing.path, [], reply.handle, bool(reply.eof), generation, listing.since)
             self._add_page(fresh, reply)
             while not fresh.eof and fresh.server_count <= listing.server_count:
                 page = await self.host.call(wire.Readdir(fresh.handle, fresh.server_count))
-                assert isinstance(page, wire.DirReply)
                 self._add_page(fresh, page)
             fresh.entries[: len(listing.entries)] = listing.entries
             listing.entries, listing.handle, listing.eof = fresh.entries, fresh.handle, fresh.eof
             listing.generation, listing.server_count = generation, fresh.server_count
             return
         reply = await self.host.call(wire.Readdir(listing.handle, listing.server_count))
-        assert isinstance(reply, wire.DirReply)
         self._add_page(listing, reply)
 
     async def releasedir(self, fh: int) -> None:
@@ -783,21 +770,21 @@ class Filesystem(pyfuse3.Operations):
         path = self._child(parent_inode, name)
         since = self.changes
         reply = await self.host.call(wire.Mkdir(path, mode, ctx.uid, ctx.gid))
-        return self._remember(path, reply.attr, since)  # type: ignore[attr-defined]
+        return self._remember(path, reply.attr, since)
 
     @errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> Any:
         path = self._child(parent_inode, name)
         since = self.changes
         reply = await self.host.call(wire.Mknod(path, mode, rdev, ctx.uid, ctx.gid))
-        return self._remember(path, reply.attr, since)  # type: ignore[attr-defined]
+        return self._remember(path, reply.attr, since)
 
     @errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> Any:
         path = self._child(parent_inode, name)
         since = self.changes
         reply = await self.host.call(wire.Symlink(path, target, ctx.uid, ctx.gid))
-        return self._remember(path, reply.attr, since)  # type: ignore[attr-defined]
+        return self._remember(path, reply.attr, since)
 
     @errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
@@ -805,7 +792,7 @@ class Filesystem(pyfuse3.Operations):
         path = self._child(new_parent_inode, new_name)
         since = self.changes
         reply = await self.host.call(wire.Link(source, path))
-        return self._remember(path, reply.attr, since)  # type: ignore[attr-defined]
+        return self._remember(path, reply.attr, since)
 
     @errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -836,7 +823,6 @@ class Filesystem(pyfuse3.Operations):
     @errors
     async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
         reply = await self.host.call(wire.Statfs(b""))
-        assert isinstance(reply, wire.StatfsReply)
         data = pyfuse3.StatvfsData()
         data.f_bsize = reply.bsize
         data.f_frsize = reply.frsize
@@ -852,12 +838,12 @@ class Filesystem(pyfuse3.Operations):
     @errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
         reply = await self.host.call(wire.Getxattr(self.table.path(inode), name))
-        return reply.data  # type: ignore[attr-defined]
+        return reply.data
 
     @errors
     async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
         reply = await self.host.call(wire.Listxattr(self.table.path(inode)))
-        return [name for name in reply.data.split(b"\0") if name]  # type: ignore[attr-defined]
+        return [name for name in reply.data.split(b"\0") if name]
 
     @errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any = None) -> None:

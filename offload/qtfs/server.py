@@ -191,10 +191,10 @@ class Session:
 
     def _call(self, call: wire.Call, out: list[bytes | memoryview], nursery: trio.Nursery) -> None:
         request = call.request
-        op = wire.OP_OF[type(request)]
+        op = request.OP
         try:
-            if op is wire.Op.READ:
-                out.append(self._read(call.id, request))  # type: ignore[arg-type]
+            if isinstance(request, wire.Read):
+                out.append(self._read(call.id, request))
                 return
             if op in THREADED:
                 nursery.start_soon(self._threaded, call.id, op, request)
