@@ -1,80 +1,18 @@
 """The FUSE filesystem of `qtfs mount`: kernel requests -> qtfs requests over the link.
 
-Caching rules (why nothing stale survives a write from the host side):
+Two ways to cache (README.md, "qtfs", says what each promises):
 
-*Coherent cache* (the default, when the server watches the mounted tree:
-a local filesystem, not /proc or /sys, see `offload.qtfs.watch`): the
-kernel caches entries, negative lookups no, attributes and file data
-(keep_cache) for ``--coherent-cache`` seconds (default 10), and the server
-tells us of every change made on the host (an Invalidate per changed
-path), which we pass to the kernel at once: attributes are dropped in the
-reader task itself, before any reply that followed the Invalidate on the
-wire reaches its caller; directory entries and cached pages are dropped
-by pyfuse3's invalidation thread and a worker thread (those kernel calls
-may wait for requests we are serving).  So:
+* coherent (the server watches the tree and sends an Invalidate per change
+  on the host): the kernel caches entries, attributes, pages and listings,
+  and `offload.qtfs.cache` decides what each Invalidate drops and which
+  reply may be cached; attributes are dropped in the link's reader, in wire
+  order, pages in a worker thread (that kernel call may wait for a request
+  we are serving);
+* none (``--no-cache``, /proc, /sys, an unwatchable tree): timeouts of 0
+  (a directory's attributes excepted, see `CachePolicy`) and direct_io, so
+  every read and write(2) reaches the host whole and as issued.
 
-* a change made on the host is seen on the DPU after at most the time the
-  Invalidate takes to arrive (one inotify read and one message on the
-  link: about a millisecond on the lab's veth); a stat or a read served
-  from the DPU's cache in that window shows the state before the change;
-* every request that reaches the host is a synchronisation point: the
-  server sends the Invalidates of everything changed before it answered
-  ahead of the answer, and a lookup, getattr, open or listing whose
-  request was overtaken by an Invalidate is answered with timeouts of 0
-  and without keep_cache, and not kept (nothing installed in the kernel
-  after the Invalidate was applied can outlive it).  An open for reading
-  is not such a request: it is answered here, and the host's file is
-  opened at the first read the page cache cannot answer (unless the host
-  enforces a whitelist, which must see every open).  Whole directory
-  listings are kept here until an Invalidate names the directory or an
-  entry of it; the kernel keeps them too (cache_readdir), so a repeated
-  listing costs one OPENDIR round trip to this process and none to the
-  host.  Each opendir keeps the kernel's listing only if it was filled
-  from the listing this process holds now; otherwise (the host changed the
-  directory since, perhaps while the kernel was filling it) the kernel
-  drops it at that open, before the READDIRs that follow;
-* when the link is lost, on reconnect, when the host's inotify queue
-  overflows, and when the server cannot watch a new directory (the
-  watch limit, fs.inotify.max_user_watches), everything cached is dropped;
-  after the last the mount stops caching altogether;
-* not covered (inotify(7) does not report them): writes through a shared
-  mmap on the host, writes through a hard link whose name lies outside
-  the export, and filesystems mounted on the host inside the export after
-  the mount (one there at mount time that inotify cannot watch leaves the
-  tree uncached).  Changes made through another mount of the same directory
-  are reported (watches are per inode).
-* Changes made on the DPU through the mount are known to its kernel anyway;
-  the host reports them too, which costs the DPU its cached pages of a file
-  it writes.
-
-*No cache* (``--no-cache``, and always for /proc, /sys and any tree the
-server cannot watch):
-
-* entry and attribute timeouts are 0 (``--cache-timeout`` changes that,
-  trading coherence for speed): every path walk and stat asks the host,
-  and a negative lookup is never cached.  The one exception is a
-  directory's attributes (mode, owner, times; never its entries), kept for
-  ``--dir-attr-timeout`` (default 1 s): the kernel checks them at every
-  step of a path walk, and the LOOKUP of each step refreshes them anyway,
-  so only the mount root's and a stat of a directory may show attributes
-  up to that old;
-* every file is opened with direct_io and without keep_cache: reads and
-  writes go to the host as the caller issued them, never through the DPU's
-  page cache.  So a host-side write is seen by the next read here, a
-  write here is on the host when write(2) returns, each write(2) arrives
-  whole (cgroup-style files), and a file whose size the host reports as 0
-  (/proc, /sys) is read until the host says end-of-file, never cut at the
-  reported size.  The cost: no readahead, and shared writable mmap of
-  these files fails with ENODEV (libvirtd does not map them).
-
-In both, close reaches the host as FUSE's release (asynchronous, as for
-every FUSE filesystem); flush does not make a round trip of its own.
-
-Sockets and FIFOs are shown with their types; their inodes are the DPU
-kernel's own objects, so a UNIX socket bound here (mknod S_IFSOCK on the
-host) is listened on and connected to here; reaching a host socket goes
-through udsproxy.  In ``--proc`` mode per-process entries are hidden, in
-``--sys`` mode only `offload.qtfs.facts.SYS_DIRS` is shown.
+Handlers fail the caller's syscall through `errors`, never the mount.
 """
 
 from __future__ import annotations
@@ -85,7 +23,6 @@ import functools
 import itertools
 import logging
 import os
-import stat
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -97,6 +34,7 @@ import trio
 from offload.protocol import qtfs as wire
 from offload.protocol.qtfs.messages import ReplyT
 from offload.qtfs import facts, tasks
+from offload.qtfs.cache import CachePolicy
 from offload.qtfs.client import Link, LinkDown, Mounted
 from offload.qtfs.inodes import InodeTable, Node, join
 
@@ -110,8 +48,6 @@ LOOKUP_REUSE = 0.001
 COHERENT_TIMEOUT = 10.0
 #: The generation of a file opened for reading without asking the host yet (see open).
 LAZY = -1
-#: Directory listings kept (coherent cache), the oldest dropped first.
-LISTINGS = 256
 #: Entries one directory listing may hold: a bound on what a host's pages may fill.
 MAX_LISTING = 1 << 20
 #: pyfuse3 lets opendir switch on the kernel's listing cache (FOPEN_CACHE_DIR).
@@ -201,24 +137,14 @@ class Filesystem(pyfuse3.Operations):
         #: Placements of libvirt's fork before it execs the stand-in: (tasks file, pid), carried once mapped.
         self._placements_in, self._placements_out = trio.open_memory_channel[tuple[bytes, int]](256)
         self.mountpoint = os.fsencode(mountpoint.rstrip("/"))
-        #: Caching with the host's invalidations (see "Caching rules").
-        self.coherent = mounted.watched and not mode and coherent_timeout > 0
-        if self.coherent:
+        coherent = mounted.watched and not mode and coherent_timeout > 0
+        if coherent:
             timeout = dir_attr_timeout = coherent_timeout
-        self.timeout = timeout
-        self.dir_attr_timeout = max(timeout, dir_attr_timeout)
+        self.cache = CachePolicy[list[CachedEntry]](coherent, timeout, dir_attr_timeout, KERNEL_LISTINGS)
         #: Opens for reading need no round trip (the host's file is opened at
         #: the first read the page cache cannot answer), unless the host
         #: checks opens against a whitelist.
-        self.lazy_open = self.coherent and not mounted.open_checked
-        #: Whole directory listings by path (coherent cache only).
-        self.listings: dict[bytes, list[CachedEntry]] = {}
-        #: The listing each directory's kernel cache was last filled from,
-        #: while no change to the directory has been heard of since.
-        self.kernel_listings: dict[bytes, list[CachedEntry]] = {}
-        #: Counts the host's changes (and resets) heard of: a reply computed
-        #: before the latest one is not cached by the kernel.
-        self.changes = 0
+        self.lazy_open = coherent and not mounted.open_checked
         #: pyfuse3.init has run: the kernel may be told to invalidate.
         self.live = False
         self._stale_pages: set[int] = set()
@@ -234,22 +160,11 @@ class Filesystem(pyfuse3.Operations):
     # -- helpers ---------------------------------------------------------------------------
 
     def _entry(self, node: Node, attr: wire.Attr, since: int = -1) -> pyfuse3.EntryAttributes:
-        """The kernel's entry for ``attr``; ``since``: `changes` before the request was sent."""
+        """The kernel's entry for ``attr``; ``since``: the cache's `changes` before the request was sent."""
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = node.inode
         entry.generation = 0
-        if self.coherent and since != self.changes:
-            # The host changed something after this reply may have been
-            # computed, and the kernel may have applied that Invalidate
-            # already: this reply must not outlive it.
-            entry.entry_timeout = entry.attr_timeout = 0
-        else:
-            entry.entry_timeout = self.timeout
-            # A directory's attributes are what the kernel checks permissions
-            # against at every step of a path walk: with a timeout of 0 each step
-            # would cost a GETATTR round trip besides its LOOKUP (which refreshes
-            # them anyway).  See "Caching rules" above.
-            entry.attr_timeout = self.dir_attr_timeout if stat.S_ISDIR(attr.mode) else self.timeout
+        entry.entry_timeout, entry.attr_timeout = self.cache.timeouts(attr.mode, since)
         for name in ENTRY_FIELDS:
             setattr(entry, "st_" + name, getattr(attr, name))
         return entry
@@ -262,56 +177,25 @@ class Filesystem(pyfuse3.Operations):
 
     def _invalidated(self, change: wire.Invalidate) -> None:
         """An Invalidate from the server (called by the link's reader, in wire order)."""
-        self.changes += 1
+        drops = self.cache.heard(change)
         if not self.live:
             return
-        kind, path = change.change, change.path
-        if self.listings or self.kernel_listings:
-            self._drop_listings(kind, path)
-        if kind is wire.Change.ALL or kind is wire.Change.UNWATCHED:
-            if kind is wire.Change.UNWATCHED and self.coherent:
-                log.warning("the host can no longer watch the whole tree: caching stops")
-                self.coherent = False
-                self.timeout, self.dir_attr_timeout = 0.0, 0.0
+        if drops.everything:
             self._drop_all()
             return
-        node = self.table.find(path)
-        if node is not None:
-            self._drop_attributes(node.inode)
-            if kind is wire.Change.DATA:
-                self._drop_pages(node.inode)
-        if kind is wire.Change.ENTRY:
-            parent_path, _, name = path.rpartition(b"/")
-            parent = self.table.find(parent_path)
-            if parent is not None:
-                self._drop_attributes(parent.inode)  # its times and link count changed
+        for path in drops.attributes:
+            if (node := self.table.find(path)) is not None:
+                self._drop_attributes(node.inode)
+        for parent_path, name in drops.entries:
+            if (parent := self.table.find(parent_path)) is not None:
                 pyfuse3.invalidate_entry_async(parent.inode, name, ignore_enoent=True)
-                if KERNEL_LISTINGS:
-                    # The kernel checks its listing against the directory's
-                    # mtime only, which a change need not move (coarse
-                    # timestamps; tar and rsync restore it): drop it, also for
-                    # a handle opened earlier that starts over (rewinddir).
-                    self._drop_pages(parent.inode)
-
-    def _drop_listings(self, kind: wire.Change, path: bytes) -> None:
-        for listings in (self.listings, self.kernel_listings):
-            if kind is wire.Change.ALL or kind is wire.Change.UNWATCHED:
-                listings.clear()
-                continue
-            # The parent's listing holds this entry's name and attributes.
-            listings.pop(path.rpartition(b"/")[0], None)
-            if kind is wire.Change.ENTRY and path:
-                # A directory that went or moved: its listings and those below are stale.
-                prefix = path + b"/"
-                for stale in [p for p in listings if p == path or p.startswith(prefix)]:
-                    del listings[stale]
+        for path in drops.pages:
+            if (node := self.table.find(path)) is not None:
+                self._drop_pages(node.inode)
 
     def _reset(self) -> None:
         """The link went or came back: what happened on the host meanwhile was not announced."""
-        self.changes += 1
-        self.listings.clear()
-        self.kernel_listings.clear()
-        if self.live and self.coherent:
+        if self.cache.reset() and self.live:
             self._drop_all()
 
     def _drop_all(self) -> None:
@@ -419,7 +303,7 @@ class Filesystem(pyfuse3.Operations):
     @errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         path = self._child(parent_inode, name)
-        since = self.changes
+        since = self.cache.changes
         reply = await self.host.call(wire.Lookup(path))
         entry = self._remember(path, reply.attr, since)
         if ctx is not None:
@@ -445,14 +329,14 @@ class Filesystem(pyfuse3.Operations):
         if len(self._just_looked_up) > 1024:
             self._just_looked_up.clear()
         path = self.table.path(inode)
-        since = self.changes
+        since = self.cache.changes
         reply = await self.host.call(wire.Getattr(path))
         attr = wire.Attr.decode_from(reply.attr)
         key = (attr.dev, attr.ino)
         known = self.table.get(inode)
         if inode == pyfuse3.ROOT_INODE:
             node = self.table.root
-        elif self.coherent and known is not None and known.key != key:
+        elif self.cache.coherent and known is not None and known.key != key:
             # The host replaced the file at this path, and the kernel still
             # maps the name to the old inode until the Invalidate already on
             # its way lands.  Until then the old inode stands for the path
@@ -498,7 +382,7 @@ class Filesystem(pyfuse3.Operations):
                 attr.st_mtime_ns if valid & wire.SET_MTIME else 0,
             )
 
-        since = self.changes
+        since = self.cache.changes
         if fh is not None and fh in self.files:
             reply = await self._on_file(fh, request, retry=True)
         else:
@@ -516,11 +400,11 @@ class Filesystem(pyfuse3.Operations):
     # -- files -------------------------------------------------------------------------------------
 
     def _file_info(self, fh: int, since: int) -> pyfuse3.FileInfo:
-        if not self.coherent:
+        if not self.cache.coherent:
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=False)
         # The pages cached stay valid unless the host changed something since
         # the open was sent (the kernel then drops them now, in open(2)).
-        return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=since == self.changes, nonseekable=False)
+        return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=self.cache.keeps_pages(since), nonseekable=False)
 
     @errors
     async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
@@ -532,8 +416,8 @@ class Filesystem(pyfuse3.Operations):
             # opened when a read misses the page cache (`_handle`).
             fh = next(self._numbers)
             self.files[fh] = OpenFile(inode, path, flags, 0, LAZY)
-            return self._file_info(fh, self.changes)
-        since = self.changes
+            return self._file_info(fh, self.cache.changes)
+        since = self.cache.changes
         reply, generation = await self.host.call_on(wire.Open(path, flags), retry=not flags & os.O_TRUNC)
         fh = next(self._numbers)
         self.files[fh] = OpenFile(inode, path, flags, reply.handle, generation)
@@ -546,7 +430,7 @@ class Filesystem(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         path = self._child(parent_inode, name)
-        since = self.changes
+        since = self.cache.changes
         reply, generation = await self.host.call_on(wire.Create(path, flags, mode, ctx.uid, ctx.gid), retry=False)
         entry = self._remember(path, reply.attr, since)
         fh = next(self._numbers)
@@ -638,9 +522,9 @@ class Filesystem(pyfuse3.Operations):
     @errors
     async def opendir(self, inode: int, ctx: Any = None) -> int | pyfuse3.FileInfo:
         path = self.table.path(inode)
-        since = self.changes
-        if self.coherent:
-            cached = self.listings.get(path)
+        since = self.cache.changes
+        if self.cache.coherent:
+            cached = self.cache.listing(path)
             if cached is None:
                 cached = await self._whole_listing(path, since)
             fh = next(self._numbers)
@@ -652,7 +536,7 @@ class Filesystem(pyfuse3.Operations):
             # very listing: otherwise (the host changed the directory since,
             # perhaps while the kernel was filling its cache) it is dropped
             # here, at open, in order with the readdirs that follow.
-            current = self.kernel_listings.get(path) is cached
+            current = self.cache.kernel_current(path, cached)
             return pyfuse3.FileInfo(fh=fh, keep_cache=current, cache_readdir=True)
         reply, generation = await self.host.call_on(wire.Opendir(path))
         fh = next(self._numbers)
@@ -675,10 +559,7 @@ class Filesystem(pyfuse3.Operations):
         for name, attr in listing.entries:
             entry = self._entry(self.table.root, attr, since)
             cached.append((name, join(path, name), (attr.dev, attr.ino), entry))
-        if since == self.changes:
-            if len(self.listings) >= LISTINGS:
-                del self.listings[next(iter(self.listings))]
-            self.listings[path] = cached
+        self.cache.keep_listing(path, cached, since)
         return cached
 
     def _add_page(self, listing: OpenDir, reply: wire.DirReply) -> None:
@@ -699,13 +580,15 @@ class Filesystem(pyfuse3.Operations):
             raise OSError(errno.EBADF, "no such directory handle")
         log.debug("readdir %r from %d", listing.path, start_id)
         if listing.cached is not None:
-            if start_id == 0 and self.listings.get(listing.path) is not listing.cached:
+            if start_id == 0 and self.cache.listing(listing.path) is not listing.cached:
                 # A new pass over a handle opened earlier (rewinddir) shows
                 # the directory as it is now, as POSIX asks.
-                fresh = self.listings.get(listing.path)
-                listing.cached = fresh if fresh is not None else await self._whole_listing(listing.path, self.changes)
+                fresh = self.cache.listing(listing.path)
+                if fresh is None:
+                    fresh = await self._whole_listing(listing.path, self.cache.changes)
+                listing.cached = fresh
             if KERNEL_LISTINGS:
-                self._note_kernel_listing(listing.path, listing.cached)
+                self.cache.kernel_filled(listing.path, listing.cached)
             self._readdir_cached(listing.cached, start_id, token)
             return
         index = start_id
@@ -722,12 +605,6 @@ class Filesystem(pyfuse3.Operations):
                 return
             node.lookups += 1
             index += 1
-
-    def _note_kernel_listing(self, path: bytes, cached: list[CachedEntry]) -> None:
-        if self.kernel_listings.get(path) is not cached:
-            if len(self.kernel_listings) >= LISTINGS:
-                del self.kernel_listings[next(iter(self.kernel_listings))]
-            self.kernel_listings[path] = cached
 
     def _readdir_cached(self, entries: list[CachedEntry], start: int, token: pyfuse3.ReaddirToken) -> None:
         node_at, reply = self.table.node_at, pyfuse3.readdir_reply
@@ -768,21 +645,21 @@ class Filesystem(pyfuse3.Operations):
     @errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> Any:
         path = self._child(parent_inode, name)
-        since = self.changes
+        since = self.cache.changes
         reply = await self.host.call(wire.Mkdir(path, mode, ctx.uid, ctx.gid))
         return self._remember(path, reply.attr, since)
 
     @errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> Any:
         path = self._child(parent_inode, name)
-        since = self.changes
+        since = self.cache.changes
         reply = await self.host.call(wire.Mknod(path, mode, rdev, ctx.uid, ctx.gid))
         return self._remember(path, reply.attr, since)
 
     @errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> Any:
         path = self._child(parent_inode, name)
-        since = self.changes
+        since = self.cache.changes
         reply = await self.host.call(wire.Symlink(path, target, ctx.uid, ctx.gid))
         return self._remember(path, reply.attr, since)
 
@@ -790,7 +667,7 @@ class Filesystem(pyfuse3.Operations):
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
         source = self.table.path(inode)
         path = self._child(new_parent_inode, new_name)
-        since = self.changes
+        since = self.cache.changes
         reply = await self.host.call(wire.Link(source, path))
         return self._remember(path, reply.attr, since)
 

@@ -137,7 +137,7 @@ async def run_mount(options: MountOptions, transport: Transport, ready: Callable
         except RuntimeError as exc:
             raise QtfsMountError(f"cannot mount FUSE on {options.mountpoint}: {exc}") from None
         filesystem.live = True
-        if filesystem.coherent and not KERNEL_LISTINGS:
+        if filesystem.cache.coherent and not KERNEL_LISTINGS:
             log.info("this pyfuse3 cannot let the kernel cache listings (scripts/build-pyfuse3 adds it)")
         nursery.start_soon(filesystem.drop_pages_forever)
         nursery.start_soon(filesystem.carry_placements_forever)
@@ -175,14 +175,14 @@ async def run_mount(options: MountOptions, transport: Transport, ready: Callable
             pidfile = unmount.write_pidfile(st.st_dev)
             # Opened now, while this process holds the connection: it is surely ours.
             connection = fusectl.Connection.open_or_none(st.st_dev, f"the qtfs client of {options.mountpoint}")
-            if filesystem.coherent:
+            if filesystem.cache.coherent:
                 _set_readahead(st.st_dev, READAHEAD_KIB)
             log.info(
                 "mounted %s on %s%s%s",
                 options.source,
                 options.mountpoint,
                 " (read-only)" if mounted.readonly else "",
-                ", coherent cache" if filesystem.coherent else ", no cache",
+                ", coherent cache" if filesystem.cache.coherent else ", no cache",
             )
             ready()
             reported_ready = True
