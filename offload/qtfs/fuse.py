@@ -169,6 +169,12 @@ class Filesystem(pyfuse3.Operations):
             setattr(entry, "st_" + name, getattr(attr, name))
         return entry
 
+    async def _made(self, path: bytes, request: wire.Request[wire.AttrReply]) -> pyfuse3.EntryAttributes:
+        """The entry of ``path`` from the host's answer to ``request`` (a lookup, or what made it)."""
+        since = self.cache.changes
+        reply = await self.host.call(request)
+        return self._remember(path, reply.attr, since)
+
     def _remember(self, path: bytes, attr_bytes: bytes, since: int) -> pyfuse3.EntryAttributes:
         attr = wire.Attr.decode_from(attr_bytes)
         return self._entry(self.table.remember(path, (attr.dev, attr.ino)), attr, since)
@@ -303,9 +309,7 @@ class Filesystem(pyfuse3.Operations):
     @errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         path = self._child(parent_inode, name)
-        since = self.cache.changes
-        reply = await self.host.call(wire.Lookup(path))
-        entry = self._remember(path, reply.attr, since)
+        entry = await self._made(path, wire.Lookup(path))
         if ctx is not None:
             self._just_looked_up[entry.st_ino] = (ctx.pid, time.monotonic(), entry)
         return entry
@@ -643,33 +647,31 @@ class Filesystem(pyfuse3.Operations):
     # -- changing the namespace ------------------------------------------------------------------
 
     @errors
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> Any:
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         path = self._child(parent_inode, name)
-        since = self.cache.changes
-        reply = await self.host.call(wire.Mkdir(path, mode, ctx.uid, ctx.gid))
-        return self._remember(path, reply.attr, since)
+        return await self._made(path, wire.Mkdir(path, mode, ctx.uid, ctx.gid))
 
     @errors
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> Any:
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         path = self._child(parent_inode, name)
-        since = self.cache.changes
-        reply = await self.host.call(wire.Mknod(path, mode, rdev, ctx.uid, ctx.gid))
-        return self._remember(path, reply.attr, since)
+        return await self._made(path, wire.Mknod(path, mode, rdev, ctx.uid, ctx.gid))
 
     @errors
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> Any:
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         path = self._child(parent_inode, name)
-        since = self.cache.changes
-        reply = await self.host.call(wire.Symlink(path, target, ctx.uid, ctx.gid))
-        return self._remember(path, reply.attr, since)
+        return await self._made(path, wire.Symlink(path, target, ctx.uid, ctx.gid))
 
     @errors
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         source = self.table.path(inode)
         path = self._child(new_parent_inode, new_name)
-        since = self.cache.changes
-        reply = await self.host.call(wire.Link(source, path))
-        return self._remember(path, reply.attr, since)
+        return await self._made(path, wire.Link(source, path))
 
     @errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
