@@ -69,9 +69,20 @@ class Programs:
     def started(self, pid: int) -> bool:
         if pid <= 1:
             return False
+        if self._started_under(self._rexec_server(), pid):
+            return True
+        # The rexec_server we knew may have been restarted since (a new pid
+        # holds the lock, the old one may linger as a zombie): ask again.
+        self._server = None
         server = self._rexec_server()
         if server is None:
             log.warning("no rexec_server holds %s: no host process is the DPU's", self.lock_path)
+            return False
+        return self._started_under(server, pid)
+
+    @staticmethod
+    def _started_under(server: int | None, pid: int) -> bool:
+        if server is None:
             return False
         try:
             tgid = int(status_fields(pid, "Tgid")["Tgid"])
