@@ -16,6 +16,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import select
 import stat
 import struct
 import termios
@@ -145,8 +146,6 @@ def program_pty_peer(pid: int, index: int) -> int:
 
 def hung_up(master: int) -> bool:
     """True when no process has the pty's other end open (the master polls POLLHUP)."""
-    import select
-
     poller = select.poll()
     poller.register(master, select.POLLOUT)
     return any(events & select.POLLHUP for _, events in poller.poll(0))

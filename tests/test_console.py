@@ -155,12 +155,18 @@ def round_trip(console: Client) -> None:
     assert console(f"expect {guest.ECHO} {word}") == f"found {guest.ECHO} {word}"
 
 
+def pty_path(virsh: Virsh) -> str:
+    """The pty libvirt names for the domain's serial console (its live XML)."""
+    xml = virsh("dumpxml", DOMAIN)
+    [path] = {line.split("'")[1] for line in xml.splitlines() if "<source path='/dev/pts/" in line}
+    return path
+
+
 @pytest.mark.lab
 @pytest.mark.timeout(600)
 def test_console_carries_output_and_keystrokes(clab: Lab, virsh: Virsh) -> None:
     # libvirt names a pty of the DPU's rootfs, not the host's.
-    xml = virsh("dumpxml", DOMAIN)
-    [path] = {line.split("'")[1] for line in xml.splitlines() if "<source path='/dev/pts/" in line}
+    path = pty_path(virsh)
     assert clab.path_on("dpu", str(dpu_libvirt.target(clab)) + path).is_char_device()
     with client(clab) as console:
         assert console("open") == "opened"
@@ -266,8 +272,11 @@ def test_virsh_console_on_a_terminal(clab: Lab) -> None:
 @pytest.mark.timeout(600)
 def test_console_after_libvirtd_restart(clab: Lab, virsh: Virsh) -> None:
     [qemu] = qemu_processes(DOMAIN)
+    before = pty_path(virsh)
     dpu_libvirt.restart_libvirtd(clab)
     assert virsh.state(DOMAIN) == "running"
+    # libvirt read the path back from its status XML; it still names the same pty.
+    assert pty_path(virsh) == before
     with client(clab) as console:
         assert console("open") == "opened"
         round_trip(console)

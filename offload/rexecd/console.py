@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 MAX_PTYS = 16
 IN_OPEN = 0x20
 IN_CLOSE = 0x18  # IN_CLOSE_WRITE | IN_CLOSE_NOWRITE
+#: Events were lost: an open among them cannot be ruled out.
+IN_Q_OVERFLOW = 0x4000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -88,7 +90,7 @@ class ConsoleEnd(ByteEnd):
                 opened = False
                 with contextlib.suppress(BlockingIOError):
                     while events := os.read(self.watch, 4096):
-                        opened |= any(mask & IN_OPEN for mask in _masks(events))
+                        opened |= any(mask & (IN_OPEN | IN_Q_OVERFLOW) for mask in _masks(events))
                 if opened and not ptys.hung_up(self.master):
                     self.attached = True
 
@@ -127,13 +129,16 @@ class ConsoleEnd(ByteEnd):
     async def shutdown_write(self) -> None:
         pass  # the host's end closing means qemu ended: the session ends the pty with it
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         for name in ("master", "watch"):
             fd = getattr(self, name)
             if fd >= 0:
                 setattr(self, name, -1)
                 trio.lowlevel.notify_closing(fd)
                 os.close(fd)
+
+    async def aclose(self) -> None:
+        self.close()
         await trio.lowlevel.checkpoint()
 
 
@@ -180,14 +185,26 @@ class SessionConsoles:
             log.error("stand-in %d: no pty for host pty %d: %s", self.stand_in, host_index, exc)
             return None
         try:
-            self._held.append(os.dup(master))
-            end = ConsoleEnd(master)
+            held = os.dup(master)
         except OSError as exc:
+            os.close(master)
+            log.error("stand-in %d: no pty for host pty %d: %s", self.stand_in, host_index, exc)
+            return None
+        try:
+            end = ConsoleEnd(master)  # owns master from here, on failure too
+        except OSError as exc:
+            os.close(held)
             log.error("stand-in %d: cannot watch pty %d: %s", self.stand_in, index, exc)
             return None
+        try:
+            self.nursery.start_soon(self.relay, host_index, end)
+        except BaseException:
+            end.close()
+            os.close(held)
+            raise
+        self._held.append(held)
         self.local[host_index] = index
         log.info("stand-in %d: host pty %d is /dev/pts/%d here", self.stand_in, host_index, index)
-        self.nursery.start_soon(self.relay, host_index, end)
         return index
 
     def close(self) -> None:

@@ -341,8 +341,13 @@ class Execution:
             self.link.drop_channel(event.channel)
             return
         log.info("session %d: pty %d of pid %d relayed for %s", self.id, event.index, self.process.pid, self.link.peer)
+        try:
+            end = StreamEnd.from_fd(fd)
+        except BaseException:
+            os.close(fd)
+            raise
         # Not among the outputs the exit status waits for: a console is never finished.
-        await self._relay(event.channel, StreamEnd.from_fd(fd), True, True, None)
+        await self._relay(event.channel, end, True, True, None)
 
     async def _follow_daemon(self) -> Exited | Refused:
         """The foreground exited 0: follow the daemon its pidfile names, if the program started it.
