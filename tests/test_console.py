@@ -33,7 +33,7 @@ from offload import pki, proc
 from offload.config import RexecConfig
 from offload.lab import SERVICES, dpu_libvirt, guest
 from offload.lab.lab import Lab
-from offload.lab.libvirt import IMAGES, Virsh, install_argv, qemu_processes
+from offload.lab.libvirt import IMAGES, QEMU_STATE, Virsh, install_argv, qemu_processes
 from offload.net import Transport, parse_address
 from offload.pki import TlsConfig
 from offload.protocol.rexec import (
@@ -51,7 +51,7 @@ from offload.protocol.rexec import (
     Started,
 )
 from offload.rexec_server import serve
-from tests.conftest import keep_logs
+from tests.conftest import keep_logs, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENT = str(REPO / "tests" / "console_client.py")
@@ -63,7 +63,7 @@ DPU_PYTHON = "/usr/bin/python3"
 
 
 def domain_xml(name: str, image: guest.GuestImage) -> str:
-    """A guest as nova defines one for its serial console: a pty serial port and the console on it."""
+    """A guest as nova defines one for its serial console: a pty serial port with a log, and the console on it."""
     return f"""<domain type='qemu'>
   <name>{escape(name)}</name>
   <memory unit='MiB'>256</memory>
@@ -76,7 +76,10 @@ def domain_xml(name: str, image: guest.GuestImage) -> str:
   </os>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <serial type='pty'><target port='0'/></serial>
+    <serial type='pty'>
+      <log file='{QEMU_STATE / (name + ".console.log")}' append='off'/>
+      <target port='0'/>
+    </serial>
     <console type='pty'><target type='serial' port='0'/></console>
     <memballoon model='none'/>
   </devices>
@@ -193,6 +196,28 @@ def test_force_takes_the_console_over_and_it_reopens(clab: Lab) -> None:
         # The same client again, on the same connection.
         assert third("open") == "opened"
         round_trip(third)
+
+
+def logged_ticks(lab: Lab) -> list[int]:
+    """The ticks in the console log qemu writes on the host side."""
+    path = lab.path_on("host", str(QEMU_STATE / f"{DOMAIN}.console.log"))
+    return guest.ticks(path.read_text(errors="replace")) if path.exists() else []
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_a_console_nobody_reads_stalls_nothing_and_queues_nothing(clab: Lab) -> None:
+    """As with a local pty: the guest goes on printing (its log shows it), and a console opened later starts now."""
+    wait_for(lambda: len(logged_ticks(clab)) > 0, 120, "ticks in the host's console log")
+    start = logged_ticks(clab)[-1]
+    wait_for(lambda: logged_ticks(clab)[-1] >= start + 3, 30, "the guest ticking on with nobody on its console")
+    with client(clab) as console:
+        opened_at = logged_ticks(clab)[-1]
+        assert console("open") == "opened"
+        first = console("expect " + guest.TICK)
+        assert first.startswith("found"), first
+        # Nothing from before the console was opened waited in it.
+        assert int(first.split()[-1]) >= opened_at, (first, opened_at)
 
 
 def virsh_console(lab: Lab, *options: str) -> tuple[subprocess.Popen, int]:
