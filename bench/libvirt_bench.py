@@ -9,7 +9,9 @@ guest's marker is on its serial console, "destroy" is `virsh destroy` until
 the qemu process is gone, "save and restore" is `virsh save` of the running
 256 MiB guest to a file in /var/lib/libvirt (the host's, through qtfs, when
 offloaded) followed by `virsh restore` of that file, which returns with the
-guest running again.  Medians of several rounds; ratios matter, not
+guest running again, and "console round trip" is a line typed into a pty
+console opened with virDomainOpenConsole (python-libvirt, as nova's serial
+proxy) until the guest's echo of it comes back.  Medians of several rounds; ratios matter, not
 absolutes, on these shared machines.
 
 Runnable alone: python -m bench.libvirt_bench [--rounds N]
@@ -85,6 +87,64 @@ def measure_save_restore(virsh: Virsh, domain: Domain, here: Callable[[str], Pat
     return statistics.median(took)
 
 
+#: The python-libvirt console client the tests use (nova's way: virDomainOpenConsole, libvirt's event loop).
+CONSOLE_CLIENT = Path(__file__).resolve().parent.parent / "tests" / "console_client.py"
+#: The machine's python, the one Debian's python3-libvirt is for.
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def measure_console(
+    virsh: Virsh, domain: Domain, here: Callable[[str], Path], wrap: Callable[[list[str]], list[str]], rounds: int
+) -> float:
+    """Median seconds from a line typed into the console until the guest's echo of it arrives.
+
+    The domain has a pty serial console; the client opens it with
+    virDomainOpenConsole, as nova's serial proxy does.
+    """
+    console = here(domain.console_log)
+    if console.exists():
+        console.write_text("")
+    took = []
+    virsh.define(domain)
+    client = None
+    try:
+        virsh("start", domain.name)
+        wait_for_marker(_reader(console))
+        client = proc.spawn(
+            wrap([SYSTEM_PYTHON, str(CONSOLE_CLIENT), virsh.uri, domain.name]),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+        def ask(command: str) -> str:
+            assert client is not None and client.stdin is not None and client.stdout is not None
+            client.stdin.write(command + "\n")
+            client.stdin.flush()
+            return client.stdout.readline().strip()
+
+        if ask("open") != "opened":
+            raise SystemExit(f"bench: cannot open the console of {domain.name}")
+        for round_ in range(-1, rounds):  # round -1 warms the path up
+            line = f"bench{round_ + 1}x{time.monotonic_ns()}"
+            began = time.monotonic()
+            ask(f"send {line}")
+            if not ask(f"expect {guest.ECHO} {line}").startswith("found"):
+                raise SystemExit(f"bench: {domain.name} did not echo {line} on its console")
+            if round_ >= 0:
+                took.append(time.monotonic() - began)
+        ask("close")
+    finally:
+        if client is not None:
+            if client.stdin is not None:
+                client.stdin.close()
+            proc.end_pid(client.pid)
+            client.wait(5)
+        proc.run(virsh.argv("destroy", domain.name), check=False)
+        proc.run(virsh.argv("undefine", domain.name), check=False)
+    return statistics.median(took)
+
+
 def _reader(path: Path) -> Callable[[], str]:
     """What the console log holds so far (nothing before qemu made it)."""
     return lambda: path.read_text(errors="replace") if path.exists() else ""
@@ -113,6 +173,10 @@ def local_libvirtd(work: Path, qemu_conf: str, image: guest.GuestImage) -> Itera
         proc.end_pid(holder)
 
 
+#: Lines typed per console measure (each one echo).
+CONSOLE_ROUNDS = 20
+
+
 def libvirt_rows(lab: Lab, work: Path, rounds: int = 3) -> list[tuple[str, str, str]]:
     """Rows for `make bench`; ``lab`` must be up with every service."""
     image = guest.build()
@@ -121,6 +185,9 @@ def libvirt_rows(lab: Lab, work: Path, rounds: int = 3) -> list[tuple[str, str, 
     on_host = lambda path: lab.path_on("host", path)  # noqa: E731
     off_start, off_destroy = measure(dpu_libvirt.virsh(lab), offloaded, lambda: on_host(offloaded.console_log), rounds)
     off_save = measure_save_restore(dpu_libvirt.virsh(lab), offloaded, on_host, rounds)
+    on_dpu = lambda argv: lab.command("dpu", argv, cwd="/")  # noqa: E731
+    with_console = guest_domain("bench-console", image, serial="pty")
+    off_console = measure_console(dpu_libvirt.virsh(lab), with_console, on_host, on_dpu, CONSOLE_ROUNDS)
     qemu_conf = (dpu_libvirt.target(lab) / "etc" / "libvirt" / "qemu.conf").as_posix()
     conf_text = lab.path_on("dpu", qemu_conf).read_text()
     local = guest_domain("bench-local", image)
@@ -128,6 +195,9 @@ def libvirt_rows(lab: Lab, work: Path, rounds: int = 3) -> list[tuple[str, str, 
         in_ns = lambda path: Path(f"/proc/{holder}/root") / path.lstrip("/")  # noqa: E731
         loc_start, loc_destroy = measure(virsh, local, lambda: in_ns(local.console_log), rounds)
         loc_save = measure_save_restore(virsh, local, in_ns, rounds)
+        enter = lambda argv: mountns.enter(holder, argv, "/")  # noqa: E731
+        local_console = guest_domain("bench-console-local", image, serial="pty")
+        loc_console = measure_console(virsh, local_console, in_ns, enter, CONSOLE_ROUNDS)
     return [
         ("`virsh start` until the guest's marker: offloaded", f"{off_start:.2f} s", ""),
         (
@@ -146,6 +216,12 @@ def libvirt_rows(lab: Lab, work: Path, rounds: int = 3) -> list[tuple[str, str, 
             f"`virsh save` + `restore`, {local.memory_mib} MiB guest: local libvirtd",
             f"{loc_save:.2f} s",
             f"offloaded = {off_save / loc_save:.2f}x (target <= 1.3x)",
+        ),
+        ("console round trip (a line echoed by the guest, median): offloaded", f"{off_console * 1000:.1f} ms", ""),
+        (
+            "console round trip (a line echoed by the guest, median): local libvirtd",
+            f"{loc_console * 1000:.1f} ms",
+            f"offloaded = {off_console / loc_console:.2f}x (target <= 1.3x)",
         ),
     ]
 

@@ -39,6 +39,9 @@ class Domain:
     type: str = "qemu"
     memory_mib: int = 256
     emulator: str = "/usr/bin/qemu-system-x86_64"
+    #: "file": the serial port writes the console log only; "pty": a pty
+    #: serial port with the same log and a console on it, as nova defines one.
+    serial: str = "file"
 
     @property
     def console_log(self) -> str:
@@ -59,18 +62,26 @@ class Domain:
   <on_crash>destroy</on_crash>
   <devices>
     <emulator>{escape(self.emulator)}</emulator>
-    <serial type='file'>
-      <source path='{escape(self.console_log)}'/>
-    </serial>
+    {self._serial_xml()}
     <memballoon model='none'/>
   </devices>
 </domain>
 """
 
+    def _serial_xml(self) -> str:
+        log = escape(self.console_log)
+        if self.serial == "pty":
+            return (
+                f"<serial type='pty'><log file='{log}' append='off'/><target port='0'/></serial>\n"
+                "    <console type='pty'><target type='serial' port='0'/></console>"
+            )
+        return f"<serial type='file'><source path='{log}'/></serial>"
 
-def guest_domain(name: str, image: GuestImage, domain_type: str = "qemu") -> Domain:
+
+def guest_domain(name: str, image: GuestImage, domain_type: str = "qemu", serial: str = "file") -> Domain:
     """A domain booting the lab's guest from the images directory (see ``install_argv``)."""
-    return Domain(name, str(IMAGES / image.kernel.name), str(IMAGES / image.initrd.name), type=domain_type)
+    kernel, initrd = str(IMAGES / image.kernel.name), str(IMAGES / image.initrd.name)
+    return Domain(name, kernel, initrd, type=domain_type, serial=serial)
 
 
 def install_argv(image: GuestImage) -> list[str]:
