@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test bench lint demo clean deb
+.PHONY: setup test bench lint demo demo-systemd clean deb
 
 NATIVE := offload/_native/rexec-exec offload/_native/libudsproxy.so offload/_native/.shim-built
 PYFUSE3 := $(VENV)/.pyfuse3-cache-readdir
@@ -57,6 +57,12 @@ bench: setup
 
 demo: setup
 	$(PY) -m offload.lab.demo
+
+# The package built from the working tree, installed with apt into two
+# containers booted with systemd (host and DPU), every unit enabled, a VM
+# started from the DPU: offload/lab/systemd_lab.py.
+demo-systemd: setup
+	$(PY) -m offload.lab.systemd_cli demo
 
 # The Debian package (debian/), built from the working tree in build/deb/.
 deb:

@@ -114,3 +114,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("demo_args", nargs=argparse.REMAINDER, metavar="[--type kvm] [--keep]")
     demo.set_defaults(handler=_demo)
+    # A command group of its own: that lab boots containers and installs the
+    # package, and its up, down and exec share nothing with this one's.
+    from offload.lab import systemd_cli
+
+    systemd_cli.add_commands(sub)
