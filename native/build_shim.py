@@ -21,6 +21,8 @@ ffibuilder.cdef(
     int shim_encode_request(unsigned char *buf, size_t cap, int socket_type, const char *path);
     int shim_decode_reply(const unsigned char *buf, size_t len);
     int shim_decode_answer(const unsigned char *buf, size_t len, int type);
+    enum shim_status { SHIM_CARRIED, SHIM_FAILED, SHIM_NOT_CARRIED };
+    enum shim_status shim_answer_status(int answer);
     void shim_encode_send_header(unsigned char *buf, size_t length);
     long shim_proc_pid(const char *path, const char **rest);
     int shim_parse_cpumask(const char *hex, unsigned char *bits, size_t cap);
@@ -32,6 +34,7 @@ ffibuilder.set_source(
     "offload._native._shim",
     '#define SHIM_NO_HOOKS 1\n#include "qtfs_shim.c"\n',
     include_dirs=[str(HERE)],
+    extra_compile_args=["-Wall", "-Wextra"],
 )
 
 if __name__ == "__main__":

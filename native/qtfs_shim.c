@@ -1,5 +1,15 @@
 /*
- * libudsproxy.so: connect() to a UNIX socket that lives on the other machine.
+ * native/qtfs_shim.c builds libudsproxy.so, the LD_PRELOAD library that lets
+ * libvirtd on the DPU connect() to UNIX sockets that live on the host.
+ *
+ * Why that name: in the reference (openEuler dpu-utilities, qtfs/ipc/) the
+ * connect() hook uds_connector.c is built as libudsproxy.so and preloaded into
+ * libvirtd and virtlogd, and it hands the connects it cannot make to udsproxyd,
+ * the daemon that relays UNIX sockets between the machines.  The library keeps
+ * that name so that it pairs with our udsproxyd under the same name and an
+ * operator's LD_PRELOAD=.../libudsproxy.so line carries over; the source keeps
+ * the name qtfs_shim.c because it is the DPU side of the qtfs offload, which
+ * also reads /proc and affinity through qtfs (the end of this file).
  *
  * Preloaded into libvirtd and its children.  Inert unless UDSPROXY_SOCKET
  * names the local udsproxyd, or the config file does (UDSPROXY_CONFIG,
@@ -32,8 +42,12 @@
  *   0x53 answer   u32 errno (0 = sent)
  *
  * Like cwrap's socket_wrapper: every real call goes through a libc_ trampoline
- * resolved with dlsym(RTLD_NEXT); it never aborts its host process; it logs
- * (to stderr) only when UDSPROXY_LOG=1.  Built twice from this one source:
+ * whose symbol is resolved with dlsym(RTLD_NEXT) once for all, under
+ * pthread_once; it never aborts its host process; it logs (to stderr, each
+ * line starting "PROGRAM[PID]: ") only when UDSPROXY_LOG=1.  Whether udsproxyd
+ * (or the host) takes a call is a shim_status, never an errno value: on
+ * SHIM_NOT_CARRIED the hook gives the real call's result, on SHIM_FAILED it
+ * fails with a real errno.  Built twice from this one source:
  * as the preload library (plain C, -Wl,-z,now) and, with SHIM_NO_HOOKS, as
  * a cffi module whose pure helpers the tests call in-process.
  */
@@ -66,8 +80,17 @@
 #define SHIM_T_SENT 0x53
 #define SHIM_MAX_SEND (256 << 10) /* the daemon's largest Data frame */
 #define SHIM_MAX_FDS 253          /* SCM_MAX_FD */
-#define SHIM_NOT_CARRIED 0xFFFF   /* udsproxyd does not carry this path: keep our own error */
+#define SHIM_ANSWER_NOT_CARRIED 0xFFFF /* the wire's "not under udsproxyd's --allow" */
 #define SHIM_MAX_PATH (sizeof(((struct sockaddr_un *)0)->sun_path) - 1)
+
+/* What became of a call the shim could hand over.  "Not carried" is a status
+ * of its own, not an errno: it is no failure, the call is this machine's and
+ * the hook gives what the real call gives. */
+enum shim_status {
+    SHIM_CARRIED,     /* udsproxyd (or the host) took it */
+    SHIM_FAILED,      /* it was ours to carry and failed: errno says why */
+    SHIM_NOT_CARRIED, /* not ours to carry: the real call's result stands */
+};
 
 /* Parse the config file's TEXT: "socket = PATH" and "prefixes = LIST" lines,
  * '#' comments.  Values that do not fit are ignored.  Returns 0. */
@@ -188,6 +211,15 @@ int shim_decode_reply(const unsigned char *buf, size_t len)
     return shim_decode_answer(buf, len, SHIM_T_CONNECTED);
 }
 
+/* What the decoded ANSWER (0x51 or 0x53) says: carried (0), not carried
+ * (0xFFFF: connect() keeps its own error), or failed with ANSWER as errno. */
+enum shim_status shim_answer_status(int answer)
+{
+    if (answer == 0)
+        return SHIM_CARRIED;
+    return answer == SHIM_ANSWER_NOT_CARRIED ? SHIM_NOT_CARRIED : SHIM_FAILED;
+}
+
 /* The header of a sendmsg request carrying LENGTH bytes into BUF (12 bytes). */
 void shim_encode_send_header(unsigned char *buf, size_t length)
 {
@@ -285,47 +317,104 @@ int shim_parse_cpumask(const char *hex, unsigned char *bits, size_t cap)
 
 #ifndef SHIM_NO_HOOKS
 
-typedef int (*connect_fn)(int, const struct sockaddr *, socklen_t);
-typedef ssize_t (*sendmsg_fn)(int, const struct msghdr *, int);
+/* The real functions, bound once for all under pthread_once: a hook may run
+ * in any thread from the first call on, and a lazy per-call dlsym would let
+ * two threads write the same pointer while a third reads it. */
+static struct {
+    int (*connect)(int, const struct sockaddr *, socklen_t);
+    ssize_t (*sendmsg)(int, const struct msghdr *, int);
+    int (*open)(const char *, int, ...);
+    int (*openat)(int, const char *, int, ...);
+    int (*sched_setaffinity)(pid_t, size_t, const cpu_set_t *);
+    int (*sched_getaffinity)(pid_t, size_t, cpu_set_t *);
+} libc;
+static pthread_once_t libc_once = PTHREAD_ONCE_INIT;
+
+static void libc_bind(void)
+{
+#define LIBC_BIND(name) (libc.name = (__typeof__(libc.name))dlsym(RTLD_NEXT, #name))
+    LIBC_BIND(connect);
+    LIBC_BIND(sendmsg);
+    LIBC_BIND(open);
+    LIBC_BIND(openat);
+    LIBC_BIND(sched_setaffinity);
+    LIBC_BIND(sched_getaffinity);
+#undef LIBC_BIND
+}
+
+/* Bind once, then fail the call with ENOSYS if libc has no such symbol. */
+#define LIBC_BOUND(name)                                                                                      \
+    do {                                                                                                      \
+        pthread_once(&libc_once, libc_bind);                                                                  \
+        if (!libc.name) {                                                                                     \
+            errno = ENOSYS;                                                                                   \
+            return -1;                                                                                        \
+        }                                                                                                     \
+    } while (0)
 
 static int libc_connect(int fd, const struct sockaddr *addr, socklen_t len)
 {
-    static connect_fn real;
-    if (!real)
-        real = (connect_fn)dlsym(RTLD_NEXT, "connect");
-    if (!real) {
-        errno = ENOSYS;
-        return -1;
-    }
-    return real(fd, addr, len);
+    LIBC_BOUND(connect);
+    return libc.connect(fd, addr, len);
 }
 
 static ssize_t libc_sendmsg(int fd, const struct msghdr *msg, int flags)
 {
-    static sendmsg_fn real;
-    if (!real)
-        real = (sendmsg_fn)dlsym(RTLD_NEXT, "sendmsg");
-    if (!real) {
-        errno = ENOSYS;
-        return -1;
-    }
-    return real(fd, msg, flags);
+    LIBC_BOUND(sendmsg);
+    return libc.sendmsg(fd, msg, flags);
 }
 
+static int libc_open(const char *path, int flags, mode_t mode)
+{
+    LIBC_BOUND(open);
+    return libc.open(path, flags, mode);
+}
+
+static int libc_openat(int dirfd, const char *path, int flags, mode_t mode)
+{
+    LIBC_BOUND(openat);
+    return libc.openat(dirfd, path, flags, mode);
+}
+
+static int libc_sched_setaffinity(pid_t pid, size_t size, const cpu_set_t *mask)
+{
+    LIBC_BOUND(sched_setaffinity);
+    return libc.sched_setaffinity(pid, size, mask);
+}
+
+static int libc_sched_getaffinity(pid_t pid, size_t size, cpu_set_t *mask)
+{
+    LIBC_BOUND(sched_getaffinity);
+    return libc.sched_getaffinity(pid, size, mask);
+}
+
+/* One line to stderr, "PROGRAM[PID]: ...", when UDSPROXY_LOG=1: the shim runs
+ * in libvirtd and in every program it starts, so a line says whose it is.
+ * Never changes errno. */
 static void shim_log(const char *format, ...)
 {
     const char *enabled = getenv("UDSPROXY_LOG");
     char line[512];
     va_list args;
-    int len;
+    int saved = errno, prefix, len;
 
     if (!enabled || strcmp(enabled, "1") != 0)
         return;
+    prefix = snprintf(line, sizeof line, "%s[%ld]: ", program_invocation_short_name, (long)getpid());
+    if (prefix < 0 || (size_t)prefix >= sizeof line)
+        prefix = 0;
     va_start(args, format);
-    len = vsnprintf(line, sizeof line, format, args);
+    len = vsnprintf(line + prefix, sizeof line - (size_t)prefix, format, args);
     va_end(args);
-    if (len > 0)
-        (void)!write(2, line, (size_t)len < sizeof line ? (size_t)len : sizeof line - 1);
+    if (len >= 0) {
+        size_t total = (size_t)prefix + (size_t)len;
+        if (total >= sizeof line) { /* cut short: still one whole line */
+            total = sizeof line - 1;
+            line[total - 1] = '\n';
+        }
+        (void)!write(2, line, total);
+    }
+    errno = saved;
 }
 
 static char config_socket[sizeof(((struct sockaddr_un *)0)->sun_path)];
@@ -379,15 +468,15 @@ static int timeout_ms(void)
  * with atomics, since connect() and sendmsg() run in any thread.  An inode
  * stays unique while its socket is open; an old entry costs at most one
  * question to udsproxyd. */
-#define SHIM_CARRIED 1024
-static unsigned long carried[SHIM_CARRIED];
+#define SHIM_CARRIED_RING 1024
+static unsigned long carried[SHIM_CARRIED_RING];
 static unsigned int carried_next;
 
 static void remember_carried(int fd)
 {
     struct stat st;
     if (fstat(fd, &st) == 0) {
-        unsigned int slot = __atomic_fetch_add(&carried_next, 1, __ATOMIC_RELAXED) % SHIM_CARRIED;
+        unsigned int slot = __atomic_fetch_add(&carried_next, 1, __ATOMIC_RELAXED) % SHIM_CARRIED_RING;
         __atomic_store_n(&carried[slot], (unsigned long)st.st_ino, __ATOMIC_RELEASE);
     }
 }
@@ -397,7 +486,7 @@ static int is_carried(int fd)
     struct stat st;
     if (fstat(fd, &st) != 0 || !S_ISSOCK(st.st_mode))
         return 0;
-    for (unsigned int i = 0; i < SHIM_CARRIED; i++)
+    for (unsigned int i = 0; i < SHIM_CARRIED_RING; i++)
         if (__atomic_load_n(&carried[i], __ATOMIC_ACQUIRE) == (unsigned long)st.st_ino)
             return 1;
     return 0;
@@ -515,30 +604,41 @@ static int agent_answer(int fd, int type, int *received, int *left)
     return result;
 }
 
-/* Ask udsproxyd; on success return a new connected fd, else -1 with errno. */
-static int ask_proxy(const char *agent, const char *path, int socket_type)
+/* Ask udsproxyd to connect PATH for us.  SHIM_CARRIED: *CONNECTED is a new
+ * socket already connected to udsproxyd's relay; SHIM_FAILED: errno is the
+ * far side's or ours; SHIM_NOT_CARRIED: udsproxyd leaves PATH alone. */
+static enum shim_status ask_proxy(const char *agent, const char *path, int socket_type, int *connected)
 {
     unsigned char request[SHIM_FRAME_HEADER + 2 + sizeof(((struct sockaddr_un *)0)->sun_path)];
-    int fd, received = -1, left = timeout_ms(), len, result, saved;
+    int fd, received = -1, left = timeout_ms(), len, answer, saved;
+    enum shim_status status;
 
     len = shim_encode_request(request, sizeof request, socket_type, path);
     if (len < 0) {
         errno = ENAMETOOLONG;
-        return -1;
+        return SHIM_FAILED;
     }
     fd = agent_open(agent, &left);
     if (fd < 0)
-        return -1;
-    result = agent_send(fd, request, (size_t)len, NULL, 0, &left) < 0 ? -1
+        return SHIM_FAILED;
+    answer = agent_send(fd, request, (size_t)len, NULL, 0, &left) < 0 ? -1
              : agent_answer(fd, SHIM_T_CONNECTED, &received, &left);
     saved = errno;
     close(fd);
-    if (result == 0 && received >= 0)
-        return received;
+    status = answer < 0 ? SHIM_FAILED : shim_answer_status(answer);
+    if (status == SHIM_CARRIED && received >= 0) {
+        *connected = received;
+        return SHIM_CARRIED;
+    }
     if (received >= 0)
         close(received);
-    errno = result > 0 ? result : result == 0 ? EPROTO : saved;
-    return -1;
+    if (status == SHIM_CARRIED) { /* "connected" without a socket */
+        errno = EPROTO;
+        return SHIM_FAILED;
+    }
+    if (status == SHIM_FAILED)
+        errno = answer > 0 ? answer : saved;
+    return status;
 }
 
 int connect(int fd, const struct sockaddr *addr, socklen_t len)
@@ -546,7 +646,7 @@ int connect(int fd, const struct sockaddr *addr, socklen_t len)
     const struct sockaddr_un *un = (const struct sockaddr_un *)addr;
     const char *agent;
     char path[sizeof un->sun_path + 1];
-    int rc = libc_connect(fd, addr, len), saved = errno, type, fd_flags, status_flags, proxied;
+    int rc = libc_connect(fd, addr, len), saved = errno, type, fd_flags, status_flags, proxied = -1;
     socklen_t type_len = sizeof type;
     size_t path_len;
 
@@ -570,15 +670,14 @@ int connect(int fd, const struct sockaddr *addr, socklen_t len)
     }
     fd_flags = fcntl(fd, F_GETFD);
     status_flags = fcntl(fd, F_GETFL);
-    proxied = ask_proxy(agent, path, type);
-    if (proxied < 0 && errno == SHIM_NOT_CARRIED) {
+    switch (ask_proxy(agent, path, type, &proxied)) {
+    case SHIM_CARRIED:
+        break;
+    case SHIM_NOT_CARRIED:
         shim_log("udsproxy: %s: not carried by udsproxyd\n", path);
         goto original;
-    }
-    if (proxied < 0) {
-        saved = errno;
-        shim_log("udsproxy: %s: %s\n", path, strerror(saved));
-        errno = saved;
+    case SHIM_FAILED:
+        shim_log("udsproxy: %s: %s\n", path, strerror(errno));
         return -1;
     }
     if (dup3(proxied, fd, (fd_flags >= 0 && (fd_flags & FD_CLOEXEC)) ? O_CLOEXEC : 0) < 0) {
@@ -613,7 +712,7 @@ static int passes_fds(const struct msghdr *msg)
 /* Hand one sendmsg with fds to udsproxyd; return the bytes sent or -1 with errno. */
 static ssize_t send_through_proxy(const char *agent, int fd, const struct msghdr *msg)
 {
-    int fds[SHIM_MAX_FDS + 1], count, left = timeout_ms(), agent_fd = -1, result = -1, saved, type;
+    int fds[SHIM_MAX_FDS + 1], count, left = timeout_ms(), agent_fd = -1, result = -1, answer, saved, type;
     socklen_t type_len = sizeof type;
     size_t total = 0, at = SHIM_FRAME_HEADER, control_len;
     unsigned char *buf = NULL;
@@ -662,10 +761,19 @@ static ssize_t send_through_proxy(const char *agent, int fd, const struct msghdr
     agent_fd = agent_open(agent, &left);
     if (agent_fd < 0 || agent_send(agent_fd, buf, SHIM_FRAME_HEADER + total, control, control_len, &left) < 0)
         goto out;
-    result = agent_answer(agent_fd, SHIM_T_SENT, NULL, &left);
-    if (result > 0) {
-        errno = result;
-        result = -1;
+    answer = agent_answer(agent_fd, SHIM_T_SENT, NULL, &left);
+    if (answer < 0)
+        goto out;
+    switch (shim_answer_status(answer)) {
+    case SHIM_CARRIED:
+        result = 0;
+        break;
+    case SHIM_FAILED:
+        errno = answer;
+        break;
+    case SHIM_NOT_CARRIED: /* the socket is carried, so its fds must be: nothing was sent */
+        errno = EOPNOTSUPP;
+        break;
     }
 out:
     saved = errno;
@@ -712,44 +820,6 @@ ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
  *   The getter reads the host's mask.  pid 0 and the caller's own children
  *   (libvirt's child that has not yet exec'ed the stand-in) are local.
  */
-
-typedef int (*open_fn)(const char *, int, ...);
-typedef int (*openat_fn)(int, const char *, int, ...);
-typedef int (*setaffinity_fn)(pid_t, size_t, const cpu_set_t *);
-typedef int (*getaffinity_fn)(pid_t, size_t, cpu_set_t *);
-
-#define SHIM_NEXT(type, name)                                                                                 \
-    static type real_##name;                                                                                  \
-    if (!real_##name)                                                                                         \
-        real_##name = (type)dlsym(RTLD_NEXT, #name);                                                          \
-    if (!real_##name) {                                                                                       \
-        errno = ENOSYS;                                                                                       \
-        return -1;                                                                                            \
-    }
-
-static int libc_open(const char *path, int flags, mode_t mode)
-{
-    SHIM_NEXT(open_fn, open)
-    return real_open(path, flags, mode);
-}
-
-static int libc_openat(int dirfd, const char *path, int flags, mode_t mode)
-{
-    SHIM_NEXT(openat_fn, openat)
-    return real_openat(dirfd, path, flags, mode);
-}
-
-static int libc_sched_setaffinity(pid_t pid, size_t size, const cpu_set_t *mask)
-{
-    SHIM_NEXT(setaffinity_fn, sched_setaffinity)
-    return real_sched_setaffinity(pid, size, mask);
-}
-
-static int libc_sched_getaffinity(pid_t pid, size_t size, cpu_set_t *mask)
-{
-    SHIM_NEXT(getaffinity_fn, sched_getaffinity)
-    return real_sched_getaffinity(pid, size, mask);
-}
 
 static const char *host_proc(void)
 {
@@ -798,18 +868,22 @@ int open64(const char *path, int flags, ...);
 int openat(int dirfd, const char *path, int flags, ...);
 int openat64(int dirfd, const char *path, int flags, ...);
 
-/* Where to open PATH instead (into OUT), or 0 to open PATH itself. */
-static int host_proc_path(const char *path, char *out, size_t cap)
+/* Is PATH a stand-in's /proc file, read on the host?  SHIM_CARRIED: open OUT
+ * instead; SHIM_NOT_CARRIED: open PATH itself; SHIM_FAILED: fail the open
+ * (errno), never giving the stand-in's own figures in the host's place. */
+static enum shim_status host_proc_path(const char *path, char *out, size_t cap)
 {
     const char *root = host_proc(), *rest;
     long pid, remote;
 
-    if (!root || (pid = shim_proc_pid(path, &rest)) < 0 || (remote = standin_remote(pid)) < 0)
-        return 0;
-    if ((size_t)snprintf(out, cap, "%s/%ld/%s", root, remote, rest) >= cap)
-        return 0;
+    if (!root || !path || (pid = shim_proc_pid(path, &rest)) < 0 || (remote = standin_remote(pid)) < 0)
+        return SHIM_NOT_CARRIED;
+    if ((size_t)snprintf(out, cap, "%s/%ld/%s", root, remote, rest) >= cap) {
+        errno = ENAMETOOLONG;
+        return SHIM_FAILED;
+    }
     shim_log("offload: %s is read on the host as %s\n", path, out);
-    return 1;
+    return SHIM_CARRIED;
 }
 
 #define SHIM_MODE(flags, mode)                                                                                \
@@ -822,68 +896,79 @@ static int host_proc_path(const char *path, char *out, size_t cap)
         }                                                                                                     \
     } while (0)
 
-int open(const char *path, int flags, ...)
+/* open(), openat() and their 64 variants: PATH (relative to DIRFD, or to the
+ * working directory for AT_FDCWD), or the host's file in its place. */
+static int open_hooked(int dirfd, const char *path, int flags, mode_t mode)
 {
     char host[PATH_MAX];
+
+    switch (path && *path == '/' ? host_proc_path(path, host, sizeof host) : SHIM_NOT_CARRIED) {
+    case SHIM_CARRIED:
+        return libc_open(host, flags, mode);
+    case SHIM_FAILED:
+        return -1;
+    case SHIM_NOT_CARRIED:
+        break;
+    }
+    return dirfd == AT_FDCWD ? libc_open(path, flags, mode) : libc_openat(dirfd, path, flags, mode);
+}
+
+int open(const char *path, int flags, ...)
+{
     mode_t mode = 0;
 
     SHIM_MODE(flags, mode);
-    return libc_open(host_proc_path(path, host, sizeof host) ? host : path, flags, mode);
+    return open_hooked(AT_FDCWD, path, flags, mode);
 }
 
 int open64(const char *path, int flags, ...)
 {
-    char host[PATH_MAX];
     mode_t mode = 0;
 
     SHIM_MODE(flags, mode);
-    return libc_open(host_proc_path(path, host, sizeof host) ? host : path, flags, mode);
+    return open_hooked(AT_FDCWD, path, flags, mode);
 }
 
 int openat(int dirfd, const char *path, int flags, ...)
 {
-    char host[PATH_MAX];
     mode_t mode = 0;
 
     SHIM_MODE(flags, mode);
-    if (*path == '/' && host_proc_path(path, host, sizeof host))
-        return libc_open(host, flags, mode);
-    return libc_openat(dirfd, path, flags, mode);
+    return open_hooked(dirfd, path, flags, mode);
 }
 
 int openat64(int dirfd, const char *path, int flags, ...)
 {
-    char host[PATH_MAX];
     mode_t mode = 0;
 
     SHIM_MODE(flags, mode);
-    if (*path == '/' && host_proc_path(path, host, sizeof host))
-        return libc_open(host, flags, mode);
-    return libc_openat(dirfd, path, flags, mode);
+    return open_hooked(dirfd, path, flags, mode);
 }
 
-/* The host task PID names (a stand-in's program, or a thread the host serves
- * as one of its programs'); -1: PID is this machine's. */
-static long remote_task(pid_t pid)
+/* Which task PID is.  SHIM_CARRIED: the host's task *REMOTE (a stand-in's
+ * program, or a thread the host serves as one of its programs');
+ * SHIM_NOT_CARRIED: this machine's own. */
+static enum shim_status remote_task(pid_t pid, long *remote)
 {
     const char *root = host_proc();
     char path[PATH_MAX], stat_text[512];
     const char *close_paren;
-    long remote;
     int ppid = 0;
 
     if (!root || pid <= 0)
-        return -1;
-    if ((remote = standin_remote(pid)) > 0)
-        return remote;
+        return SHIM_NOT_CARRIED;
+    if ((*remote = standin_remote(pid)) > 0)
+        return SHIM_CARRIED;
     /* A child of ours (libvirt's, before it execs the stand-in) is local. */
     snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
     if (read_small(path, stat_text, sizeof stat_text) > 0 && (close_paren = strrchr(stat_text, ')')) &&
         sscanf(close_paren + 1, " %*c %d", &ppid) == 1 && ppid == getpid())
-        return -1;
-    if ((size_t)snprintf(path, sizeof path, "%s/%d/status", root, (int)pid) >= sizeof path)
-        return -1;
-    return access(path, R_OK) == 0 ? (long)pid : -1;
+        return SHIM_NOT_CARRIED;
+    if ((size_t)snprintf(path, sizeof path, "%s/%d/status", root, (int)pid) >= sizeof path ||
+        access(path, R_OK) != 0)
+        return SHIM_NOT_CARRIED;
+    *remote = pid;
+    return SHIM_CARRIED;
 }
 
 /* The host's mask of task REMOTE into BITS (CAP bytes); how many CPUs it covers, -1 on failure. */
@@ -901,10 +986,10 @@ static int host_affinity(long remote, unsigned char *bits, size_t cap)
 int sched_setaffinity(pid_t pid, size_t size, const cpu_set_t *mask)
 {
     unsigned char bits[1024];
-    long remote = remote_task(pid);
+    long remote = -1;
     int cpus, cpu;
 
-    if (remote < 0)
+    if (remote_task(pid, &remote) == SHIM_NOT_CARRIED)
         return libc_sched_setaffinity(pid, size, mask);
     if ((cpus = host_affinity(remote, bits, sizeof bits)) < 0) {
         errno = ESRCH;
@@ -923,10 +1008,10 @@ int sched_setaffinity(pid_t pid, size_t size, const cpu_set_t *mask)
 int sched_getaffinity(pid_t pid, size_t size, cpu_set_t *mask)
 {
     unsigned char bits[1024];
-    long remote = remote_task(pid);
+    long remote = -1;
     int cpus, cpu;
 
-    if (remote < 0)
+    if (remote_task(pid, &remote) == SHIM_NOT_CARRIED)
         return libc_sched_getaffinity(pid, size, mask);
     if ((cpus = host_affinity(remote, bits, sizeof bits)) < 0) {
         errno = ESRCH;

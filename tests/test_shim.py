@@ -231,6 +231,39 @@ def test_not_carried_keeps_the_callers_own_error(proxy: FakeProxy, tmp_path: Pat
     assert len(proxy.requests) == 1
 
 
+def test_answer_status_is_not_an_errno() -> None:
+    """udsproxyd's "not carried" (0xFFFF) is a status of its own, never handed out as errno."""
+    assert lib.shim_answer_status(0) == lib.SHIM_CARRIED
+    assert lib.shim_answer_status(0xFFFF) == lib.SHIM_NOT_CARRIED
+    for code in (errno.ENOENT, errno.ECONNREFUSED, errno.EOPNOTSUPP):
+        assert lib.shim_answer_status(code) == lib.SHIM_FAILED
+
+
+def test_log_lines_carry_program_and_pid(proxy: FakeProxy, tmp_path: Path) -> None:
+    program = textwrap.dedent(
+        """
+        import os, socket, sys
+        print(os.getpid(), flush=True)
+        for path in sys.argv[1:]:
+            with socket.socket(socket.AF_UNIX) as s:
+                try:
+                    s.connect(path)
+                except OSError:
+                    pass
+        """
+    )
+    name = Path(sys.executable).name  # what the program is called, as its argv[0] says
+    for answer, path, line in [
+        (0, str(tmp_path / "carried.sock"), "connected through udsproxyd"),
+        (errno.EACCES, str(tmp_path / "refused.sock"), os.strerror(errno.EACCES)),
+    ]:
+        proxy.answer = answer
+        env = preload_env(proxy, UDSPROXY_LOG="1")
+        result = proc.run([sys.executable, "-c", program, path], env=env, timeout=30)
+        pid = int(result.stdout.split()[0])
+        assert result.stderr.splitlines() == [f"{name}[{pid}]: udsproxy: {path}: {line}"]
+
+
 def test_local_fd_passing_is_untouched(proxy: FakeProxy) -> None:
     """sendmsg with SCM_RIGHTS on a socket the shim did not carry goes straight to libc."""
     program = textwrap.dedent(
