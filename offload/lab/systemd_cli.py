@@ -16,6 +16,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="the host and the DPU as two containers booted with systemd, the package installed with apt",
         description="The host and the DPU as two containers with systemd as PID 1 (see offload/lab/systemd_lab.py).",
     )
+    _actions(parser)
+
+
+def _actions(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     up = sub.add_parser("up", help="boot both containers, install the package, configure and enable the units")
     up.add_argument("--deb", type=Path, help="the package to install (default: built from this checkout)")
@@ -36,10 +40,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m offload.lab.systemd_cli demo`` (make demo-systemd)."""
-    parser = argparse.ArgumentParser(prog="offload lab")
+    """``python -m offload.lab.systemd_cli demo`` (make demo-systemd): ``offload lab systemd`` on its own."""
+    parser = argparse.ArgumentParser(prog="offload lab systemd")
     parser.add_argument("--name", help=f"lab name, at most 9 characters (default {DEFAULT_NAME})")
-    add_commands(parser.add_subparsers(dest="command", required=True))
+    _actions(parser)
+    parser.set_defaults(handler=_run)
     args = parser.parse_args(argv)
     return int(args.handler(args))
 

@@ -368,6 +368,8 @@ class SystemdLab:
 
     def up(self, deb: Path, say: Callable[[str], None] = print) -> None:
         """Boot both containers, install ``deb`` and configure and enable each side's units."""
+        if not deb.is_file():
+            raise LabError(f"{deb}: no such package (make deb builds one)")
         tarball = image(say)
         if self.dir.exists():
             raise LabError(f"{self.dir} exists: run 'offload lab systemd down --name {self.name}' first")
@@ -401,7 +403,7 @@ class SystemdLab:
             say(f"{side.role}: apt-get install ./{deb.name} ({time.monotonic() - started:.1f} s)")
         self._configure(say)
         started = time.monotonic()
-        self.systemctl("host", "enable", "--now", *HOST_UNITS)
+        self._enable("host", HOST_UNITS)
         say(f"host: systemctl enable --now {' '.join(HOST_UNITS)} ({time.monotonic() - started:.1f} s)")
         started = time.monotonic()
         self.run("dpu", "offload", "rootfs", "build", "--mode", "overlay", "--host", HOST_ADDRESS, ROOTFS, timeout=300)
@@ -411,8 +413,19 @@ class SystemdLab:
         # says for that case, libvirt makes no cgroups for its domains.
         self.run("dpu", "sed", "-i", r"s/^cgroup_controllers = .*/cgroup_controllers = [ ]/", QEMU_CONF)
         started = time.monotonic()
-        self.systemctl("dpu", "enable", "--now", *DPU_UNITS, timeout=240)
+        self._enable("dpu", DPU_UNITS)
         say(f"dpu: systemctl enable --now {' '.join(DPU_UNITS)} ({time.monotonic() - started:.1f} s)")
+
+    def _enable(self, role: str, units: Sequence[str]) -> None:
+        """systemctl enable --now; on failure the error carries the failed units' journal."""
+        result = self.run(role, "systemctl", "--no-pager", "enable", "--now", *units, check=False, timeout=240)
+        if result.returncode != 0:
+            failed = [u for u in units if unit_state(self, role, u).get("ActiveState") != "active"]
+            logs = self.run(role, "journalctl", "--no-pager", "-n", "40", *(f"--unit={u}" for u in failed), check=False)
+            raise LabError(
+                f"{role}: systemctl enable --now {' '.join(units)} failed ({', '.join(failed)}):\n"
+                f"{result.stderr.strip()}\n{logs.stdout}"
+            )
 
     def _configure(self, say: Callable[[str], None]) -> None:
         """PKI, addresses, whitelists and prepare.toml, written into each side's /etc."""
