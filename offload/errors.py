@@ -4,9 +4,25 @@ Every error the package raises on purpose derives from `OffloadError` and
 carries structured attributes, so callers and log lines can name the thing
 that failed without parsing messages.  Foreign exceptions (OSError from a
 socket, ssl.SSLError, ...) are translated once, at the I/O seam.
+Remote errno travels by name (numbers differ between architectures):
+`errno_name` and `errno_number` are the one conversion.
 """
 
 from __future__ import annotations
+
+import errno as errno_module
+
+
+def errno_name(number: int, unknown: str = "EIO") -> str:
+    """The symbolic name of ``number`` (ENOENT); ``unknown`` for a number this system does not name."""
+    return errno_module.errorcode.get(number, unknown)
+
+
+def errno_number(name: bytes | str) -> int:
+    """The number of the errno named ``name`` here; EIO for a name this system does not know."""
+    text = name.decode("ascii", "replace") if isinstance(name, bytes) else name
+    value = getattr(errno_module, text, None) if text.startswith("E") else None
+    return value if isinstance(value, int) else errno_module.EIO
 
 
 class OffloadError(Exception):
@@ -78,11 +94,9 @@ class MountError(OffloadError):
     """
 
     def __init__(self, message: str, *, path: str, errno: int | None = None) -> None:
-        import errno as errno_module
-
         self.path = path
         self.errno = errno
-        self.errno_name = errno_module.errorcode.get(errno, f"errno {errno}") if errno is not None else None
+        self.errno_name = errno_name(errno, f"errno {errno}") if errno is not None else None
         super().__init__(message)
 
 

@@ -39,6 +39,7 @@ from typing import Protocol
 
 from offload import fdinfo, users
 from offload.errors import UnsupportedFdError
+from offload.prefix import is_under
 from offload.protocol.fdpass import FdDescription
 from offload.rexecd.policy import is_shared
 from offload.udsproxy.prefixes import open_beneath
@@ -65,7 +66,7 @@ def prepare(fd: int, shared: tuple[str, ...], root: str = "/") -> tuple[FdDescri
     if kind == fdinfo.FILE:
         path = entry["path"]
         root = root.rstrip("/")
-        if root and path.startswith(root + "/"):
+        if root and is_under(path, root, strict=True):
             path = path[len(root) :]
         if entry["deleted"]:
             raise UnsupportedFdError(fd, f"a deleted or unnamed file ({path})")

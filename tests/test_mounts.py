@@ -14,6 +14,7 @@ from offload.errors import ConfigError
 from offload.mounts import config, mountinfo, paths, plan, syscalls
 from offload.mounts.machine import DeviceNode, Facts
 from offload.mounts.ops import BindOp, MakeDir, MakeLink, MakeNode, MountOp, QtfsMount, Skipped
+from offload.prefix import is_under
 
 # A cgroup v1 layout like this machine's (cpu and cpuacct apart, no
 # net_cls), a cgroup2 at unified, and an escaped path.
@@ -71,8 +72,8 @@ def test_bind_root_names_the_filesystem_and_directory_of_a_source() -> None:
 
 
 def test_is_under_matches_whole_components() -> None:
-    assert mountinfo.is_under("/a/b", "/a") and not mountinfo.is_under("/ab", "/a")
-    assert not mountinfo.is_under("/a", "/a") and mountinfo.is_under("/a", "/a", strict=False)
+    assert is_under("/a/b", "/a", strict=True) and not is_under("/ab", "/a", strict=True)
+    assert not is_under("/a", "/a", strict=True) and is_under("/a", "/a")
 
 
 def test_split_options_separates_flags_from_filesystem_data() -> None:
@@ -127,7 +128,7 @@ def test_every_step_comes_after_the_mounts_above_it() -> None:
             point = later.mountpoint
             covers_earlier = point and any(s.mountpoint == point for s in steps[: steps.index(later)])
             if point and not covers_earlier:
-                assert not mountinfo.is_under(step.path, point), f"{step.path} before its parent {point}"
+                assert not is_under(step.path, point, strict=True), f"{step.path} before its parent {point}"
 
 
 def test_cgroups_mirror_the_machine_layout_not_a_fixed_list() -> None:

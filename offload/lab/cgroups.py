@@ -19,6 +19,7 @@ from pathlib import Path
 
 from offload.errors import LabError
 from offload.mounts import mountinfo
+from offload.prefix import is_under
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 #: cgroup v1's cpu.shares of a group that nobody set.
@@ -44,7 +45,7 @@ def hierarchies() -> list[Hierarchy]:
     """The hierarchies mounted under /sys/fs/cgroup, at their roots, in mount order."""
     found = []
     for entry in mountinfo.read():
-        mounted_here = mountinfo.is_under(entry.mount_point, CGROUP_ROOT, strict=False)
+        mounted_here = is_under(entry.mount_point, CGROUP_ROOT)
         if entry.fstype in ("cgroup", "cgroup2") and entry.root == "/" and mounted_here:
             found.append(Hierarchy(entry.mount_point, entry.fstype, entry.filesystem_data))
     return found

@@ -12,6 +12,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from offload.prefix import is_under
+
 MOUNTINFO = "/proc/self/mountinfo"
 
 _ESCAPE = re.compile(r"\\([0-7]{3})")
@@ -67,13 +69,6 @@ def read(path: str = MOUNTINFO) -> tuple[MountEntry, ...]:
         return parse(file.read())
 
 
-def is_under(path: str, ancestor: str, *, strict: bool = True) -> bool:
-    """``path`` is ``ancestor`` or inside it (whole components only); not itself if strict."""
-    if path == ancestor:
-        return not strict
-    return path.startswith(ancestor.rstrip("/") + "/")
-
-
 def stack_at(entries: tuple[MountEntry, ...], path: str) -> list[MountEntry]:
     """The mounts at exactly ``path``, bottom first."""
     return [entry for entry in entries if entry.mount_point == path]
@@ -81,16 +76,14 @@ def stack_at(entries: tuple[MountEntry, ...], path: str) -> list[MountEntry]:
 
 def under(entries: tuple[MountEntry, ...], path: str) -> list[MountEntry]:
     """The mounts strictly below ``path``, in mount order."""
-    return [entry for entry in entries if is_under(entry.mount_point, path)]
+    return [entry for entry in entries if is_under(entry.mount_point, path, strict=True)]
 
 
 def containing(entries: tuple[MountEntry, ...], path: str) -> MountEntry | None:
     """The mount that ``path`` (already free of symlinks) lies on: the top one at the longest prefix."""
     best: MountEntry | None = None
     for entry in entries:
-        if is_under(path, entry.mount_point, strict=False) and (
-            best is None or len(entry.mount_point) >= len(best.mount_point)
-        ):
+        if is_under(path, entry.mount_point) and (best is None or len(entry.mount_point) >= len(best.mount_point)):
             best = entry
     return best
 

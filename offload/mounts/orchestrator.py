@@ -22,10 +22,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from offload.errors import MountBusy, MountError, OffloadError, StepFailed
+from offload.errors import MountBusy, MountError, OffloadError, StepFailed, errno_name
 from offload.mounts import mountinfo, ops, paths, records, syscalls
 from offload.mounts.mountinfo import MountEntry
 from offload.mounts.plan import Plan
+from offload.prefix import is_under
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,9 @@ def _as_mount_error(exc: BaseException, step: ops.Op) -> MountError:
     assert isinstance(exc, OSError)
     number = exc.errno or errno_module.EIO
     path = exc.filename if isinstance(exc.filename, str) else step.path
-    return MountError(f"{path}: {os.strerror(number)} ({syscalls.errno_name(number)})", path=path, errno=number)
+    return MountError(
+        f"{path}: {os.strerror(number)} ({errno_name(number, f'errno {number}')})", path=path, errno=number
+    )
 
 
 # Teardown -------------------------------------------------------------------
@@ -204,7 +207,7 @@ def targets_below(target: str, entries: tuple[MountEntry, ...]) -> list[MountEnt
     elsewhere is not left behind.
     """
     recorded = {e.mount_id for e in records.with_descendants(records.present(target, entries), entries)}
-    return [e for e in reversed(entries) if e.mount_id in recorded or mountinfo.is_under(e.mount_point, target)]
+    return [e for e in reversed(entries) if e.mount_id in recorded or is_under(e.mount_point, target, strict=True)]
 
 
 def unmount_exactly(entry: MountEntry, flags: int = 0) -> None:
@@ -267,7 +270,7 @@ def _teardown(target: str, force: bool, report: Report) -> TeardownSummary:
         blocked: set[str] = set()
         for entry in targets_below(target, mountinfo.read()):
             point = entry.mount_point
-            if any(mountinfo.is_under(b, point, strict=False) for b in blocked):
+            if any(is_under(b, point) for b in blocked):
                 continue  # a busy mount below it is still there
             try:
                 ended = _unmount_one(entry, summary)
@@ -349,14 +352,14 @@ def holders_of(point: str) -> list[str]:
     for process in psutil.process_iter(["pid", "name"]):
         uses: list[str] = []
         try:
-            if mountinfo.is_under(process.cwd(), point, strict=False):
+            if is_under(process.cwd(), point):
                 uses.append("cwd")
-            if mountinfo.is_under(os.readlink(f"/proc/{process.pid}/root"), point, strict=False):
+            if is_under(os.readlink(f"/proc/{process.pid}/root"), point):
                 uses.append("root")
             exe = process.exe()
-            if exe and mountinfo.is_under(exe, point, strict=False):
+            if exe and is_under(exe, point):
                 uses.append("exe")
-            if any(mountinfo.is_under(f.path, point, strict=False) for f in process.open_files()):
+            if any(is_under(f.path, point) for f in process.open_files()):
                 uses.append("open files")
         except (psutil.Error, OSError):
             pass  # gone, or a kernel thread

@@ -32,38 +32,8 @@ from offload.mounts import mountinfo
 from offload.mounts.config import MountSpec, PrepareConfig
 from offload.mounts.machine import Facts
 from offload.mounts.ops import BindOp, MakeDir, MakeLink, MakeNode, MountOp, Op, QtfsMount, Skipped
-
-# The host's /proc files and /sys directories shown in the target come from
-# the userspace qtfs package when it provides them; until then this local
-# list (the files LXCFS virtualises, and the /sys parts libvirt reads about
-# CPUs, NUMA nodes and huge pages) stands in.
-LOCAL_PROC_FILES: tuple[str, ...] = ("cpuinfo", "meminfo", "stat", "uptime", "loadavg", "swaps")
-LOCAL_SYS_DIRS: tuple[str, ...] = (
-    "devices/system/cpu",
-    "devices/system/node",
-    "kernel/mm/hugepages",
-    "kernel/mm/transparent_hugepage",
-)
-try:
-    from offload.qtfs.facts import PROC_FILES as _PROC_FILES
-    from offload.qtfs.facts import SYS_DIRS as _SYS_DIRS
-except ImportError:
-    _PROC_FILES, _SYS_DIRS = LOCAL_PROC_FILES, LOCAL_SYS_DIRS
-
-
-def _relative(names: object, prefix: str) -> tuple[str, ...]:
-    # Accept "meminfo", "/proc/meminfo" or "proc/meminfo" alike.
-    result = []
-    for name in names:  # type: ignore[attr-defined]
-        text = str(name).strip("/")
-        if text.startswith(prefix + "/"):
-            text = text[len(prefix) + 1 :]
-        result.append(text)
-    return tuple(result)
-
-
-PROC_FILES = _relative(_PROC_FILES, "proc")
-SYS_DIRS = _relative(_SYS_DIRS, "sys")
+from offload.prefix import is_under
+from offload.qtfs.facts import PROC_FILES, SYS_DIRS  # the host's /proc files and /sys directories qtfs serves
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 
@@ -111,9 +81,9 @@ def cgroup_steps(facts: Facts, target: str, resolve: Resolver) -> list[Op]:
     """This machine's mounts at and under /sys/fs/cgroup, the same way, in the same order."""
     tops: dict[str, tuple[int, mountinfo.MountEntry]] = {}
     for index, entry in enumerate(facts.mounts):
-        if mountinfo.is_under(entry.mount_point, target, strict=False):
+        if is_under(entry.mount_point, target):
             continue  # our own earlier work, not the machine's layout
-        if not mountinfo.is_under(entry.mount_point, CGROUP_ROOT, strict=False):
+        if not is_under(entry.mount_point, CGROUP_ROOT):
             continue
         if entry.fstype in ("cgroup", "cgroup2") or (entry.fstype == "tmpfs" and entry.mount_point == CGROUP_ROOT):
             tops[entry.mount_point] = (index, entry)  # a later mount at the same point covers an earlier one
@@ -279,9 +249,7 @@ def order(steps: list[Op]) -> tuple[Op, ...]:
         for i, point in mounts:
             if i == j or (i in covers and i > j):
                 continue
-            below = mountinfo.is_under(step.path, point) or any(
-                mountinfo.is_under(need, point, strict=False) for need in step.needs
-            )
+            below = is_under(step.path, point, strict=True) or any(is_under(need, point) for need in step.needs)
             if below or (step.mountpoint == point and i < j):
                 preds[j].add(i)
     succs: list[list[int]] = [[] for _ in steps]

@@ -14,7 +14,7 @@ import errno as errno_module
 import os
 import stat
 
-from offload.errors import MountError
+from offload.errors import MountError, errno_name
 
 # <linux/mount.h>
 MS_RDONLY = 1
@@ -86,12 +86,10 @@ def split_options(options: str) -> tuple[int, str]:
     return flags, ",".join(data)
 
 
-def errno_name(number: int) -> str:
-    return errno_module.errorcode.get(number, f"errno {number}")
-
-
 def _fail(what: str, path: str, number: int) -> MountError:
-    return MountError(f"{what}: {os.strerror(number)} ({errno_name(number)})", path=path, errno=number)
+    return MountError(
+        f"{what}: {os.strerror(number)} ({errno_name(number, f'errno {number}')})", path=path, errno=number
+    )
 
 
 def _b(value: str | None) -> bytes | None:

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from offload.prefix import is_under
 from offload.protocol import qtfs as wire
 from offload.qtfs import facts
 from offload.qtfs.programs import Programs, status_fields
@@ -102,7 +103,7 @@ class Export:
         return cls(os.fsencode(path.rstrip("/") or "/"), mode == "ro")
 
     def covers(self, path: bytes) -> bool:
-        return self.path == b"/" or path == self.path or path.startswith(self.path + b"/")
+        return is_under(path, self.path)
 
 
 class Handles:

@@ -23,6 +23,8 @@ peer's behalf, whichever path or mount root the peer names.
 
 from __future__ import annotations
 
+from offload.prefix import is_under
+
 #: /proc files (relative to /proc) whose host content replaces the DPU's.
 PROC_FILES: tuple[str, ...] = (
     "cpuinfo",  # virHostCPUGetInfo: model, MHz, flags
@@ -67,7 +69,7 @@ def allowed(served: tuple[bytes, ...], path: bytes) -> bool:
     """``path`` is one of ``served``, inside one, or a directory on the way to one (``b""``: the root)."""
     if not path:
         return True
-    return any(path == top or path.startswith(top + b"/") or top.startswith(path + b"/") for top in served)
+    return any(is_under(path, top) or is_under(top, path, strict=True) for top in served)
 
 
 def sys_visible(path: bytes) -> bool:

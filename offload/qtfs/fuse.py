@@ -31,6 +31,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from offload.mounts import mountinfo
 from offload.protocol import qtfs as wire
 from offload.protocol.qtfs.messages import ReplyT
 from offload.qtfs import facts, tasks
@@ -223,21 +224,14 @@ class Filesystem(pyfuse3.Operations):
         spared: set[bytes] = set()
         if not self.mountpoint:
             return spared
-        prefix = self.mountpoint + b"/"
+        top = os.fsdecode(self.mountpoint)
         try:
-            with open("/proc/self/mountinfo", "rb") as mountinfo:
-                lines = mountinfo.read().splitlines()
+            entries = mountinfo.read()
         except OSError:
             return spared
-        for line in lines:
-            fields = line.split(b" ")
-            if len(fields) < 5:
-                continue
-            # mountinfo escapes space, tab, newline and backslash as octal
-            where = fields[4].decode("unicode_escape").encode("latin-1")
-            if where.startswith(prefix):
-                parts = where[len(prefix) :].split(b"/")
-                spared.update(b"/".join(parts[: i + 1]) for i in range(len(parts)))
+        for entry in mountinfo.under(entries, top):
+            parts = os.fsencode(entry.mount_point)[len(self.mountpoint) + 1 :].split(b"/")
+            spared.update(b"/".join(parts[: i + 1]) for i in range(len(parts)))
         return spared
 
     @staticmethod

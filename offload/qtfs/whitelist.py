@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from offload.errors import ConfigError
+from offload.prefix import is_under
 
 SECTIONS = (
     "Open",
@@ -46,9 +47,7 @@ MAX_RULE = 4095
 
 def covers(rule: bytes, path: bytes) -> bool:
     """``path`` is ``rule`` or lies below it (component boundary)."""
-    if rule == b"/":
-        return True
-    return path == rule or (path.startswith(rule) and path[len(rule)] == 0x2F)
+    return is_under(path, rule)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from offload import fdinfo
 from offload.errors import ConfigError, RefusedError, UnsupportedFdError
+from offload.prefix import covered
 from offload.protocol.rexec import FdKind, FdSpec, check_path
 from offload.users import RemoteUser as RemoteUser  # shared with udsproxy; rexecd names it here
 from offload.users import map_user as map_user
@@ -137,7 +138,7 @@ def is_shared(path: str, prefixes: tuple[str, ...]) -> bool:
         check_path(path, "path")
     except ValueError:
         return False
-    return any(path == p.rstrip("/") or path.startswith(p.rstrip("/") + "/") for p in prefixes)
+    return covered(path, prefixes)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from offload import proc
 from offload.errors import ConfigError, OffloadError
+from offload.prefix import is_under
 from offload.rootfs_builder import chroot
 from offload.rootfs_builder.layout import machine_arch
 from offload.rootfs_builder.manifest import Entry, file_state, sha256
@@ -173,7 +174,7 @@ def inside(root: Path, path: str) -> Path:
     full = root / path.lstrip("/")
     real_root = os.path.realpath(root)
     parent = os.path.realpath(full.parent)
-    if parent != real_root and not parent.startswith(real_root + "/"):
+    if not is_under(parent, real_root):
         raise InstallError(f"{full.parent} leads out of the rootfs (to {parent}): refusing to write {path}")
     return full
 

@@ -19,6 +19,8 @@ from typing import IO, TYPE_CHECKING
 
 from offload import proc
 from offload.errors import OffloadError
+from offload.mounts import mountinfo
+from offload.prefix import is_under
 from offload.rootfs_builder import partitions
 from offload.rootfs_builder.copy import PSEUDO, Copier
 from offload.rootfs_builder.layout import EXCLUDED, Layout
@@ -45,23 +47,9 @@ class MountPoint:
 
 
 def read_mounts(text: str | None = None) -> list[MountPoint]:
-    """(mount point, fstype) of each line of /proc/self/mountinfo (or ``text``)."""
-    if text is None:
-        with open("/proc/self/mountinfo") as stream:
-            text = stream.read()
-    found = []
-    for line in text.splitlines():
-        before, _, after = line.partition(" - ")
-        fields = before.split()
-        if len(fields) < 5 or not after:
-            continue
-        path = fields[4].encode().decode("unicode_escape") if "\\" in fields[4] else fields[4]
-        found.append(MountPoint(path, after.split()[0]))
-    return found
-
-
-def _under(path: str, top: str) -> bool:
-    return path == top or path.startswith(top.rstrip("/") + "/")
+    """(mount point, fstype) of each mount in /proc/self/mountinfo (or ``text``)."""
+    entries = mountinfo.read() if text is None else mountinfo.parse(text)
+    return [MountPoint(entry.mount_point, entry.fstype) for entry in entries]
 
 
 def content_mounts(mounts: list[MountPoint], root: str, skip: list[str]) -> list[str]:
@@ -77,10 +65,10 @@ def content_mounts(mounts: list[MountPoint], root: str, skip: list[str]) -> list
         m.path
         for m in mounts
         if m.path != root
-        and _under(m.path, root)
+        and is_under(m.path, root)
         and m.fstype not in PSEUDO
         and not m.fstype.startswith("fuse")
-        and not any(_under(m.path, h) for h in hidden)
+        and not any(is_under(m.path, h) for h in hidden)
     }
     return sorted(points, key=lambda p: (p.count("/"), p))
 
@@ -160,7 +148,7 @@ def copy_root(source: Path, dest: Path, layout: Layout, say: Say, *, hardlinks: 
     skip |= {
         m.path
         for m in mounts
-        if _under(m.path, root) and m.path != root and (m.fstype in PSEUDO or m.fstype.startswith("fuse"))
+        if is_under(m.path, root) and m.path != root and (m.fstype in PSEUDO or m.fstype.startswith("fuse"))
     }
     say(f"copying {source} to {dest} (leaving out {', '.join('/' + n for n in EXCLUDED)} and the rootfs itself)")
     Copier(source, dest, frozenset(skip), hardlinks=hardlinks, progress=say).run()

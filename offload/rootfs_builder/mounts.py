@@ -15,7 +15,8 @@ from pathlib import Path
 
 from offload import proc
 from offload.errors import MountError
-from offload.mounts import syscalls
+from offload.mounts import mountinfo, syscalls
+from offload.prefix import is_under
 
 # Overlay's option parser splits on ',' and lowerdir on ':'; it knows '\' escapes
 # but mount(8) and humans do not agree on them, so such paths are refused.
@@ -88,13 +89,8 @@ def _probe_fstype(device: str) -> str:
 
 
 def mount_points() -> list[str]:
-    """Mount points of this mount namespace (the fifth field of /proc/self/mountinfo, unescaped)."""
-    points = []
-    with open("/proc/self/mountinfo") as stream:
-        for line in stream:
-            field = line.split()[4]
-            points.append(field.encode().decode("unicode_escape") if "\\" in field else field)
-    return points
+    """Mount points of this mount namespace."""
+    return [entry.mount_point for entry in mountinfo.read()]
 
 
 def is_mount_point(path: str | os.PathLike[str]) -> bool:
@@ -104,7 +100,7 @@ def is_mount_point(path: str | os.PathLike[str]) -> bool:
 def mounted_under(path: str | os.PathLike[str]) -> list[str]:
     """Mount points at or below ``path``, deepest first (the order to unmount them)."""
     top = os.path.abspath(path)
-    found = [p for p in mount_points() if p == top or p.startswith(top.rstrip("/") + "/")]
+    found = [p for p in mount_points() if is_under(p, top)]
     return sorted(set(found), key=lambda p: p.count("/"), reverse=True)
 
 

@@ -37,7 +37,15 @@ import trio
 
 from offload import aio, fdpass, users
 from offload import log as log_module
-from offload.errors import ConfigError, ProtocolError, RefusedError, TransportError, UnsupportedFdError
+from offload.errors import (
+    ConfigError,
+    ProtocolError,
+    RefusedError,
+    TransportError,
+    UnsupportedFdError,
+    errno_name,
+    errno_number,
+)
 from offload.net import (
     REQUEST_TIMEOUT,
     Address,
@@ -120,15 +128,6 @@ def shim_caller(sock: trio.socket.SocketType) -> tuple[users.RemoteUser, str]:
             raw = plain.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, _GROUPS_SPACE)
             groups = struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) - len(raw) % 4])
     return users.local_user(uid, gid, groups), fdpass.root_of(pid) if pid > 0 else "/"
-
-
-def errno_name(number: int) -> str:
-    return errno_module.errorcode.get(number, "EIO")
-
-
-def errno_number(name: str) -> int:
-    value = getattr(errno_module, name, None) if name.startswith("E") else None
-    return value if isinstance(value, int) else errno_module.EIO
 
 
 class PeerStream:

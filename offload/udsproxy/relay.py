@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import Protocol, cast
 
 from offload import fdpass, users
-from offload.errors import ProtocolError, RemoteProtocolError, UnsupportedFdError
+from offload.errors import ProtocolError, RemoteProtocolError, UnsupportedFdError, errno_name, errno_number
 from offload.fdpass import fds_of
 from offload.protocol import udsproxy as wire
 from offload.protocol.framing import HEADER, HEADER_SIZE, MAGIC, VERSION
@@ -598,7 +598,7 @@ class Relay:
                 if not self._awaiting:
                     raise RemoteProtocolError("an fd result nobody waits for")
                 submission = self._awaiting.popleft()
-                code = _errno_number(error) if error else 0
+                code = errno_number(error) if error else 0
                 if submission is not None:
                     submission.answer(code)
                 elif code:
@@ -647,7 +647,7 @@ class Relay:
                 os.close(app_fd)
                 if kept is not None:
                     os.close(kept)
-            reason = errno.errorcode.get(exc.errno or errno.EIO, "EIO")
+            reason = errno_name(exc.errno or errno.EIO)
             log.error("%s: cannot deliver passed fds here: %s", self.name, exc)
             self._send_link(wire.encode_fds_result(reason))
             self._discard_next = True
@@ -838,8 +838,3 @@ def close_all(passed: list[int]) -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     passed.clear()
-
-
-def _errno_number(name: str) -> int:
-    value = getattr(errno, name, None) if name.startswith("E") else None
-    return value if isinstance(value, int) else errno.EIO

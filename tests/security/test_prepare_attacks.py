@@ -23,6 +23,7 @@ from offload.mounts import config as config_module
 from offload.mounts import mountinfo, orchestrator
 from offload.mounts.cli import make_plan
 from offload.mounts.ops import QtfsMount
+from offload.prefix import is_under
 from tests.test_mounts_ns import in_private_namespace, needs_root
 from tests.test_mounts_qtfs import HAVE_QTFS, _end_clients, qtfs_serve
 
@@ -40,7 +41,7 @@ def _outside(target: str) -> set[tuple[int, str]]:
     return {
         (e.mount_id, e.mount_point)
         for e in mountinfo.read()
-        if not mountinfo.is_under(e.mount_point, target) and e.fstype != "fusectl"
+        if not is_under(e.mount_point, target, strict=True) and e.fstype != "fusectl"
     }
 
 

@@ -11,7 +11,6 @@ the errno's name (``b"ENOENT"``), since numbers differ between architectures.
 
 from __future__ import annotations
 
-import errno as errno_module
 import operator
 import struct
 from collections.abc import Callable
@@ -53,16 +52,6 @@ def check_absolute(path: bytes, what: str = "path") -> None:
 def check_name(name: bytes, what: str = "name") -> None:
     if not name or len(name) > MAX_NAME or b"\0" in name or b"/" in name or name in (b".", b".."):
         raise ValueError(f"{what}: {name!r} is not a file name")
-
-
-def errno_name(number: int) -> bytes:
-    return errno_module.errorcode.get(number, "EIO").encode()
-
-
-def errno_number(name: bytes | str) -> int:
-    text = name.decode("ascii", "replace") if isinstance(name, bytes) else name
-    value = getattr(errno_module, text, None) if text.startswith("E") else None
-    return value if isinstance(value, int) else errno_module.EIO
 
 
 # -- attributes -----------------------------------------------------------------------

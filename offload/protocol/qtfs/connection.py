@@ -19,10 +19,10 @@ import enum
 import struct
 from dataclasses import dataclass
 
-from offload.errors import LocalProtocolError, RemoteProtocolError
+from offload.errors import LocalProtocolError, RemoteProtocolError, errno_name, errno_number
 from offload.protocol import messages
 from offload.protocol.framing import NEED_DATA, Frame, FrameDecoder, encode_frame, encode_header
-from offload.protocol.qtfs.codec import MAX_ID, MAX_PAYLOAD, Message, check_relative, errno_name, errno_number
+from offload.protocol.qtfs.codec import MAX_ID, MAX_PAYLOAD, Message, check_relative
 from offload.protocol.qtfs.messages import REPLIES, REQUESTS, Op, Request
 
 T_HELLO = 0x80
@@ -176,7 +176,7 @@ class QtfsConnection:
         return encode_header(T_REPLY, id, length)
 
     def send_failure(self, id: int, error: int | str) -> bytes:
-        name = errno_name(error) if isinstance(error, int) else error.encode()
+        name = (errno_name(error) if isinstance(error, int) else error).encode()
         return encode_frame(T_ERROR, id, name)
 
     def send_invalidate(self, invalidate: Invalidate) -> bytes:

@@ -1,0 +1,30 @@
+"""Path prefixes matched on whole components: ``/a/b`` covers ``/a/b/c``, not ``/a/bc``.
+
+The one test of "this path lies under that one", for text and bytes
+alike: the mount code, the export and whitelist rules of qtfs, and the
+shared prefixes of rexec and udsproxy all ask it here.  A string match
+proves nothing about what the kernel reaches through a link: callers that
+open the path resolve it beneath the prefix (`offload.qtfs.resolve`).
+"""
+
+from __future__ import annotations
+
+from typing import AnyStr
+
+
+def is_under(path: AnyStr, ancestor: AnyStr, *, strict: bool = False) -> bool:
+    """``path`` is ``ancestor`` or lies inside it; not ``ancestor`` itself if ``strict``.
+
+    A trailing slash on ``ancestor`` does not matter, and ``/`` covers
+    every absolute path.
+    """
+    separator = "/" if isinstance(path, str) else b"/"
+    top = ancestor.rstrip(separator)
+    if path == ancestor or (top and path == top):
+        return not strict
+    return path.startswith(top + separator)
+
+
+def covered(path: AnyStr, prefixes: tuple[AnyStr, ...]) -> bool:
+    """``path`` is one of ``prefixes`` or lies inside one."""
+    return any(is_under(path, prefix) for prefix in prefixes)
