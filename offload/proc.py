@@ -5,7 +5,8 @@ Nothing else imports subprocess.  Remote programs are started through the
 their exact numbers and reports exec failures by stage and errno; lab
 daemons and tools are started with plain subprocess calls here.  A child is
 always reaped: `terminate` sends SIGTERM, waits a grace period, sends SIGKILL
-and waits again, also when the caller is being cancelled.
+and waits again, also when the caller is being cancelled; `end_pid` and
+`end_pidfd` do the same for a process that trio did not start.
 """
 
 from __future__ import annotations
@@ -93,9 +94,9 @@ class ProgramPlan:
 
 
 async def start_program(plan: ProgramPlan) -> trio.Process:
+    """Start ``plan``; raise ExecFailed if any step before the program runs fails."""
     import trio
 
-    """Start ``plan``; raise ExecFailed if any step before the program runs fails."""
     status_read, status_write = os.pipe2(os.O_CLOEXEC)
     specs = [f"dup:{ours}:{target}" for target, ours in sorted(plan.dups.items())]
     specs += [f"open:{target}:{flags}:{offset}:{path}" for target, path, flags, offset in plan.opens]
@@ -144,18 +145,18 @@ async def start_program(plan: ProgramPlan) -> trio.Process:
 
 
 async def reap(process: trio.Process) -> int:
+    """Wait for ``process`` even if the caller is being cancelled."""
     import trio
 
-    """Wait for ``process`` even if the caller is being cancelled."""
     with trio.CancelScope(shield=True):
         status = await process.wait()
     return status
 
 
 async def terminate(process: trio.Process, grace: float = 2.0, *, group: bool = True) -> int:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; always reaps (`end_pid` for a process trio did not start)."""
     import trio
 
-    """SIGTERM, then SIGKILL after ``grace`` seconds; always reaps."""
     with trio.CancelScope(shield=True):
         if process.returncode is None:
             _signal(process, signal.SIGTERM, group)
@@ -313,37 +314,40 @@ def with_hidden_dir(directory: str | os.PathLike[str], argv: Sequence[str]) -> l
 
 
 def end_pid(pid: int, grace: float = 3.0) -> bool:
-    """SIGTERM, then SIGKILL a process that is not our child; True once it has exited.
+    """SIGTERM, then SIGKILL a process that need not be our child; True once it has exited.
 
-    A process that exited but is not our child stays a zombie until its
-    parent (often pid 1) reaps it; for us it is gone, so zombies count as
-    exited (psutil's wait() would keep waiting for them).
+    If it is our own child (a daemon started by this process and left to
+    run), its status is collected so no zombie stays behind.
     """
-    import time
-
-    import psutil
-
-    def exited() -> bool:
-        try:
-            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
-    def reaped() -> bool:
-        # If it is our own child (a daemon started by this process and left
-        # to run), collect its status so no zombie stays behind.
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return end_pidfd(pidfd, grace)
+    finally:
+        os.close(pidfd)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        return True
 
+
+def end_pidfd(pidfd: int, grace: float = 3.0) -> bool:
+    """SIGTERM, then SIGKILL the process of ``pidfd`` (left open); True once it has exited.
+
+    A pidfd turns readable when its process exits, also when that process
+    is not our child and stays a zombie until its parent reaps it: for us
+    it is gone.  A pidfd, unlike a pid, cannot name a successor that reused
+    the number.  Blocking: async callers run it in a thread.
+    """
+    import select
+
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
     for signum in (signal.SIGTERM, signal.SIGKILL):
         try:
-            os.kill(pid, signum)
+            signal.pidfd_send_signal(pidfd, signum)
         except ProcessLookupError:
-            return reaped()
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            if exited():
-                return reaped()
-            time.sleep(0.02)
-    return exited() and reaped()
+            return True
+        if poller.poll(grace * 1000):
+            return True
+    return False

@@ -419,13 +419,8 @@ class Execution:
         assert self.daemon_pidfd is not None
         pidfd, self.daemon_pidfd = self.daemon_pidfd, None
         try:
-            for signum in (signal.SIGTERM, signal.SIGKILL):
-                signal.pidfd_send_signal(pidfd, signum)
-                with trio.move_on_after(self.config.kill_grace):
-                    await trio.lowlevel.wait_readable(pidfd)
-                    return
-        except ProcessLookupError:
-            pass
+            # In a thread that runs to its end even when we are cancelled: the daemon is always ended.
+            await trio.to_thread.run_sync(proc.end_pidfd, pidfd, self.config.kill_grace)
         finally:
             os.close(pidfd)
 

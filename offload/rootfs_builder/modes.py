@@ -173,12 +173,7 @@ def _spawn_logged(argv: list[str], log_file: IO[bytes]) -> Popen[bytes]:
 def _stop(child: Popen[bytes], grace: float = 10.0) -> None:
     """SIGTERM, SIGKILL after ``grace`` seconds; always reaped."""
     if child.poll() is None:
-        child.terminate()
-        deadline = time.monotonic() + grace
-        while child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if child.poll() is None:
-            child.kill()
+        proc.end_pid(child.pid, grace)
     child.wait()
 
 
