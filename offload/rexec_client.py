@@ -1,6 +1,6 @@
 """rexec: run a program on the other machine through a local stand-in.
 
-This process is the stand-in (see DESIGN.md): its parent sees it as the
+This process is the stand-in (ARCHITECTURE.md): its parent sees it as the
 program.  It describes its own file descriptors, hands the ones that carry
 bytes to the local rexec_server (the agent) over a UNIX socket, and then
 only waits: it forwards the signals it receives, holds the pidmap file's
