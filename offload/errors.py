@@ -2,8 +2,16 @@
 
 Every error the package raises on purpose derives from `OffloadError` and
 carries structured attributes, so callers and log lines can name the thing
-that failed without parsing messages.  Foreign exceptions (OSError from a
-socket, ssl.SSLError, ...) are translated once, at the I/O seam.
+that failed without parsing messages.  Foreign exceptions of a link
+(OSError from a socket, ssl.SSLError, trio's Broken/ClosedResourceError)
+are translated once, at the I/O seam (`offload.net.translate_errors`,
+around the trio stream calls of rexec, udsproxy and qtfs) into
+`TransportError`; udsproxy's threaded relay makes plain socket calls and
+handles their OSError and ssl errors where it makes them.  Two trio
+exceptions are not I/O failures and stay trio's: TooSlowError (a deadline
+of our own) and ClosedResourceError from waiting on an fd that another
+task of ours closed.
+
 Remote errno travels by name (numbers differ between architectures):
 `errno_name` and `errno_number` are the one conversion.
 """

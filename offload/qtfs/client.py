@@ -38,7 +38,7 @@ import trio
 
 from offload import aio
 from offload.errors import ProtocolError, RemoteProtocolError, TransportError
-from offload.net import Address, Transport
+from offload.net import Address, Transport, translate_errors
 from offload.protocol import qtfs as wire
 from offload.protocol.qtfs.messages import ReplyT
 
@@ -159,8 +159,9 @@ class Link:
             data = current.conn.send_call(id, request)
             try:
                 async with self._send_lock:
-                    await current.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    with translate_errors(self.address, "sending to"):
+                        await current.stream.send_all(data)
+            except TransportError as exc:
                 self._lose(current, f"send failed: {exc}")
             with trio.move_on_after(self.request_timeout):
                 await waiter.event.wait()
@@ -280,7 +281,8 @@ class Link:
         waiters = self._waiters
         try:
             while True:
-                data = await current.stream.receive_some(RECEIVE_SIZE)
+                with translate_errors(self.address, "receiving from"):
+                    data = await current.stream.receive_some(RECEIVE_SIZE)
                 current.last_seen = trio.current_time()
                 conn.receive_data(data)
                 while (event := conn.next_event()) is not None:
@@ -303,7 +305,7 @@ class Link:
                     elif isinstance(event, wire.Closed):
                         self._lose(current, "the server closed the connection")
                         return
-        except (TransportError, ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        except (TransportError, ProtocolError) as exc:
             self._lose(current, str(exc) or type(exc).__name__)
 
     async def _pinger(self, current: _Connection) -> None:
@@ -318,8 +320,9 @@ class Link:
             try:
                 with trio.move_on_after(interval) as scope:
                     async with self._send_lock:
-                        await current.stream.send_all(current.conn.send_ping(token))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                        with translate_errors(self.address, "pinging"):
+                            await current.stream.send_all(current.conn.send_ping(token))
+            except TransportError as exc:
                 self._lose(current, f"ping failed: {exc}")
                 return
             if scope.cancelled_caught:

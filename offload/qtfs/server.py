@@ -27,7 +27,7 @@ import trio
 
 from offload import aio
 from offload.errors import ConfigError, ProtocolError, TransportError
-from offload.net import Transport, listener_address, parse_address, remote_name, serve_listeners
+from offload.net import Transport, listener_address, parse_address, remote_name, serve_listeners, translate_errors
 from offload.protocol import qtfs as wire
 from offload.protocol.framing import HEADER_SIZE
 from offload.qtfs.backend import Backend, Export
@@ -266,8 +266,9 @@ async def _serve(config: ServerConfig, transport: Transport, task_status: trio.T
             return
         async with connected.stream:
             try:
-                await Session(config, connected.stream, connected.peer, epoch).run()
-            except (TransportError, ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                with translate_errors(connected.peer, "serving"):
+                    await Session(config, connected.stream, connected.peer, epoch).run()
+            except (TransportError, ProtocolError) as exc:
                 log.info("connection from %s ended: %s", connected.peer, exc or type(exc).__name__)
             except trio.TooSlowError:
                 log.info("connection from %s idle for %.0f s: closed", connected.peer, IDLE_TIMEOUT)

@@ -57,6 +57,7 @@ from offload.net import (
     parse_address,
     remote_name,
     serve_listeners,
+    translate_errors,
 )
 from offload.protocol import udsproxy as wire
 from offload.rexecd.policy import is_shared
@@ -360,14 +361,14 @@ class Daemon:
         if self.peer is None:
             return errno_module.EHOSTUNREACH, None
         try:
-            with trio.fail_after(CONNECT_TIMEOUT):
+            with trio.fail_after(CONNECT_TIMEOUT), translate_errors(self.peer, "carrying a connect to"):
                 connected = await self.transport.connect(self.peer)
                 peer = PeerStream(connected.stream, client=True)
                 await peer.send(wire.Hello(self.config.node_name))
                 await peer.next()
                 await peer.send(request)
                 answer = await peer.next()
-        except (TransportError, ProtocolError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+        except (TransportError, ProtocolError, trio.TooSlowError) as exc:
             log.warning("cannot carry %s to %s: %s", path, self.peer, exc or "timed out")
             return errno_module.EHOSTUNREACH, None
         if not isinstance(answer, wire.Connected) or answer.error:
@@ -386,31 +387,32 @@ class Daemon:
         async with connected.stream:
             peer = PeerStream(connected.stream, client=False)
             try:
-                with trio.fail_after(CONNECT_TIMEOUT):
-                    await peer.send(wire.Hello(self.config.node_name))
-                    await peer.next()
-                    request = await peer.next()
-                if not isinstance(request, wire.Connect):
-                    log.warning("%s sent %s instead of a connect request", connected.peer, type(request).__name__)
-                    return
-                try:
-                    user = users.map_user(request.user, self.config.users, self.config.node_name)
-                except RefusedError as exc:
-                    log.warning("%s asked for %s for user %s: %s", connected.peer, request.path, request.user, exc)
-                    await peer.send(wire.Connected("EACCES"))
-                    return
-                try:
-                    local = await self._connect_here(request, user)
-                except OSError as exc:
-                    await peer.send(wire.Connected(errno_name(exc.errno or errno_module.EIO)))
-                    return
-                try:
-                    await peer.send(wire.Connected())
-                    link, cipher, leftover = peer.detach()
-                except BaseException:
-                    local.close()
-                    raise
-            except (TransportError, ProtocolError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+                with translate_errors(connected.peer, "serving"):
+                    with trio.fail_after(CONNECT_TIMEOUT):
+                        await peer.send(wire.Hello(self.config.node_name))
+                        await peer.next()
+                        request = await peer.next()
+                    if not isinstance(request, wire.Connect):
+                        log.warning("%s sent %s instead of a connect request", connected.peer, type(request).__name__)
+                        return
+                    try:
+                        user = users.map_user(request.user, self.config.users, self.config.node_name)
+                    except RefusedError as exc:
+                        log.warning("%s asked for %s for user %s: %s", connected.peer, request.path, request.user, exc)
+                        await peer.send(wire.Connected("EACCES"))
+                        return
+                    try:
+                        local = await self._connect_here(request, user)
+                    except OSError as exc:
+                        await peer.send(wire.Connected(errno_name(exc.errno or errno_module.EIO)))
+                        return
+                    try:
+                        await peer.send(wire.Connected())
+                        link, cipher, leftover = peer.detach()
+                    except BaseException:
+                        local.close()
+                        raise
+            except (TransportError, ProtocolError, trio.TooSlowError) as exc:
                 log.warning("connection from %s ended: %s", connected.peer, exc or type(exc).__name__)
                 return
         relay = Relay(
