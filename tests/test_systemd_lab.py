@@ -97,6 +97,14 @@ def test_systemd_lab(deb: Path, lab: SystemdLab) -> None:
     assert "Active: active (running)" in status and "(rexec_server)" in status, status
     assert "rexec_server" in status.split("Main PID:")[1] and " ready: " in status, status
 
+    # The sandboxing of the units is in force (udsproxyd.service, qtfs-server.service).
+    for unit in ("udsproxyd", "qtfs-server"):
+        pid = systemd_lab.unit_state(lab, "host", unit)["MainPID"]
+        status = lab.run("host", "cat", f"/proc/{pid}/status").stdout
+        assert "NoNewPrivs:\t1" in status, (unit, status)
+        shown = lab.systemctl("host", "show", "--property=ProtectSystem,PrivateTmp,RestrictAddressFamilies", unit)
+        assert "ProtectSystem=full" in shown and "PrivateTmp=yes" in shown and "AF_VSOCK" in shown, shown
+
     vm = systemd_lab.domain(lab)
     timed("vm", systemd_lab.start_vm, lab, vm)
     where = timed("where", systemd_lab.where_qemu_runs, lab, vm.name)

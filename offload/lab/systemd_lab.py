@@ -701,15 +701,21 @@ def journal(lab: SystemdLab, role: str, unit: str = "rexec") -> list[dict[str, s
 
 
 def journal_priorities(lab: SystemdLab) -> str:
-    """Each side's rexec_server logs to journald with its priority (its startup line is info, 6)."""
+    """Each daemon logs to journald with its priority: ``journalctl -u UNIT`` has its entries, its start at info (6)."""
     said = []
-    for role in ("host", "dpu"):
-        entries = [e for e in journal(lab, role) if e.get("SYSLOG_IDENTIFIER") == "rexec_server"]
-        ready = [e for e in entries if e.get("PRIORITY") == "6" and "ready" in str(e.get("MESSAGE", ""))]
-        if not ready:
-            shown = lab.run(role, "journalctl", "--no-pager", "-o", "short", "-u", "rexec", check=False).stdout
-            raise LabError(f"{role}: no rexec_server 'ready' entry at priority 6 in journalctl -u rexec:\n{shown}")
-        said.append(f"{role}: {len(entries)} rexec_server entries, e.g. <{ready[0]['PRIORITY']}> {ready[0]['MESSAGE']}")
+    for role, units in NOTIFY_UNITS.items():
+        for unit in units:
+            entries = [e for e in journal(lab, role, unit) if e.get("SYSLOG_IDENTIFIER") not in (None, "systemd")]
+            ready = [e for e in entries if e.get("PRIORITY") == "6" and " ready" in str(e.get("MESSAGE", ""))]
+            unprioritised = [e for e in entries if not str(e.get("PRIORITY", "")).isdigit()]
+            if not ready or unprioritised:
+                shown = lab.run(role, "journalctl", "--no-pager", "-o", "verbose", "-u", unit, check=False).stdout
+                raise LabError(f"{role}: journalctl -u {unit} has no 'ready' entry at priority 6:\n{shown[-3000:]}")
+            first = ready[0]
+            said.append(
+                f"{role} {unit}: {len(entries)} entries, <{first['PRIORITY']}> {first['SYSLOG_IDENTIFIER']}: "
+                f"{first['MESSAGE']}"
+            )
     return "; ".join(said)
 
 
