@@ -66,7 +66,8 @@ def lab() -> Iterator[SystemdLab]:
 
 
 def _assert_nothing_left(lab: SystemdLab, state: dict[str, int]) -> None:
-    alive = [f"{key} {pid}" for key, pid in state.items() if key != "netns" and Path(f"/proc/{pid}").exists()]
+    started = [key for key in state if key.endswith(("-nspawn", "-init"))]
+    alive = [f"{key} {state[key]}" for key in started if Path(f"/proc/{state[key]}").exists()]
     assert alive == [], f"still running after down: {alive}"
     assert not {lab.host.netns, lab.dpu.netns} & set(netlink.namespaces())
     links = set(os.listdir("/sys/class/net"))

@@ -253,6 +253,7 @@ DPU_UNITS = ("rexec", "udsproxyd", "offload-prepare", "offload-libvirtd")
 HOST_WHITELIST = ("/usr/bin/qemu-system-x86_64",)
 BOOT_TIMEOUT = 120.0
 POWEROFF_TIMEOUT = 60.0
+NSPAWN_STATE = Path("/run/systemd/nspawn")
 
 
 def host_config() -> dict[str, tuple[str, int]]:
@@ -381,6 +382,10 @@ class SystemdLab:
             netlink.Side(self.dpu.netns, self.dpu.ifname, self.dpu.address),
         )
         self._record("netns", 1)
+        # systemd-nspawn keeps locks in /run/systemd/nspawn; made here, removed by down.
+        for made, directory in (("made-run-systemd", NSPAWN_STATE.parent), ("made-nspawn-state", NSPAWN_STATE)):
+            if not directory.exists():
+                self._record(made, 1)
         for side in (self.host, self.dpu):
             started = time.monotonic()
             root = self.root(side.role)
@@ -463,6 +468,7 @@ class SystemdLab:
         with log:
             child = proc.spawn(argv, stdin=proc.DEVNULL, stdout=log, stderr=proc.STDOUT, start_new_session=True)
         self._record(f"{side.role}-nspawn", child.pid)
+        self._record(f"{side.role}-nspawn-started", _started(child.pid))
         self._children[child.pid] = child
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -476,6 +482,7 @@ class SystemdLab:
             inits = [c.pid for c in children if _pidns(c.pid) not in (None, _pidns(os.getpid()))]
             if inits:
                 self._record(f"{side.role}-init", inits[0])
+                self._record(f"{side.role}-init-started", _started(inits[0]))
                 return
             time.sleep(0.05)
         raise LabError(f"systemd-nspawn for {side.role} started no container within 30 s")
@@ -531,35 +538,40 @@ class SystemdLab:
 
     # -- down
 
+    def _process(self, state: dict[str, int], key: str) -> psutil.Process | None:
+        """The process recorded under ``key``, if it still runs and is that process (not a reused pid)."""
+        pid, started = state.get(key), state.get(f"{key}-started")
+        if not pid or started is None:
+            return None
+        try:
+            process = psutil.Process(pid)
+            same = abs(process.create_time() * 1000 - started) < 20 and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return None
+        return process if same else None
+
     def down(self) -> list[str]:
         """Power both containers off and remove everything; idempotent, works after a failed up."""
         done = []
         state = self._state()
         for role in ("dpu", "host"):
-            nspawn, init = state.get(f"{role}-nspawn"), state.get(f"{role}-init")
-            if not nspawn:
-                continue
-            if init and _alive(init):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(init, signal.SIGRTMIN + 4)  # systemd: poweroff
-            try:
-                nspawn_process = psutil.Process(nspawn)
-                if Path(f"/proc/{nspawn}/exe").resolve().name != "systemd-nspawn":
-                    raise psutil.NoSuchProcess(nspawn)
-            except psutil.NoSuchProcess:
+            nspawn, init = self._process(state, f"{role}-nspawn"), self._process(state, f"{role}-init")
+            if init is not None:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    init.send_signal(signal.SIGRTMIN + 4)  # systemd: poweroff, as machinectl poweroff sends
+            waited = nspawn or init
+            if waited is None:
                 continue
             try:
-                self._wait_gone(nspawn_process, POWEROFF_TIMEOUT)
+                self._wait_gone(waited, POWEROFF_TIMEOUT)
                 done.append(f"{role} container powered off")
             except TimeoutError:
-                if init and _alive(init):
-                    os.kill(init, signal.SIGKILL)  # ends the container's pid namespace
-                with contextlib.suppress(TimeoutError):
-                    self._wait_gone(nspawn_process, 10)
-                if _alive(nspawn):
-                    nspawn_process.kill()
-                    with contextlib.suppress(TimeoutError):
-                        self._wait_gone(nspawn_process, 10)
+                # SIGKILL to the container's PID 1 ends its pid namespace; then nspawn exits.
+                for process in (init, nspawn):
+                    if process is not None:
+                        with contextlib.suppress(psutil.NoSuchProcess, TimeoutError):
+                            process.kill()  # psutil checks it is still the same process
+                            self._wait_gone(process, 10)
                 done.append(f"{role} container killed (no poweroff within {POWEROFF_TIMEOUT:.0f} s)")
         for role in ("dpu", "host"):
             root = self.root(role)
@@ -572,9 +584,21 @@ class SystemdLab:
         from offload.lab import netlink
 
         done += netlink.remove([self.host.netns, self.dpu.netns], [self.host.ifname, self.dpu.ifname])
+        if state.get("made-nspawn-state"):
+            for directory in (NSPAWN_STATE / "locks", NSPAWN_STATE / "propagate", NSPAWN_STATE):
+                with contextlib.suppress(OSError):  # not empty: another nspawn uses it now
+                    directory.rmdir()
+        if state.get("made-run-systemd"):
+            with contextlib.suppress(OSError):
+                NSPAWN_STATE.parent.rmdir()
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
         return done
+
+
+def _started(pid: int) -> int:
+    """A process's start time in ms since the epoch: with its pid, who it is."""
+    return int(psutil.Process(pid).create_time() * 1000)
 
 
 def _pidns(pid: int) -> str | None:
@@ -582,14 +606,6 @@ def _pidns(pid: int) -> str | None:
         return os.readlink(f"/proc/{pid}/ns/pid")
     except OSError:
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _tail(path: Path, lines: int = 15) -> str:
