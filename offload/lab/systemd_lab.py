@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import time
 import urllib.request
 import uuid
@@ -824,40 +823,38 @@ def demo(lab: SystemdLab, deb: Path | None = None, *, keep: bool = False) -> Non
     _step("lab down (leftovers)", lambda: ", ".join(lab.down()) or "nothing left over")
     _step("image", lambda: f"{image()} ({IMAGE.stat().st_size >> 20} MiB, cached)")
     packages = lab.dir.with_name(f"{lab.name}.deb")
-    if deb is None:
-
-        def build() -> str:
-            nonlocal deb
-            deb = build_deb(packages)
-            return f"{deb} from {CHECKOUT}"
-
-        _step("make deb", build)
-    assert deb is not None
     lines: list[str] = []
+    succeeded = False
+
+    def build() -> str:
+        nonlocal deb
+        deb = build_deb(packages)
+        return f"{deb} from {CHECKOUT}"
+
+    def up() -> str:
+        assert deb is not None
+        lab.up(deb, lines.append)
+        return "\n    " + "\n    ".join(lines)
+
     try:
-
-        def up() -> str:
-            assert deb is not None
-            lab.up(deb, lines.append)
-            return "\n    " + "\n    ".join(lines)
-
+        if deb is None:
+            _step("make deb", build)
         _step("lab up", up)
         _step("services ready (systemctl show)", lambda: services_ready(lab))
         vm = domain(lab)
         _step("virsh define and start (DPU container)", lambda: start_vm(lab, vm))
         _step("where qemu runs", lambda: where_qemu_runs(lab, vm.name))
-        _step("journalctl -u rexec (priorities)", lambda: journal_priorities(lab))
+        _step("journalctl -u UNIT (priorities)", lambda: journal_priorities(lab))
         _step("systemctl reload rexec (host)", lambda: reload_whitelist(lab))
         _step("virsh destroy and undefine", lambda: destroy_vm(lab, vm.name))
         _step("systemctl stop offload-prepare (DPU)", lambda: stop_prepare(lab))
-    except LabError:
-        if keep:
-            print(f"the lab stays up: offload lab --name {lab.name} systemd exec dpu -- systemctl status", flush=True)
-        raise
+        succeeded = True
     finally:
-        if not keep or sys.exc_info()[0] is None:
-            _step("lab down", lambda: ", ".join(lab.down()))
         shutil.rmtree(packages, ignore_errors=True)
+        if succeeded or not keep:
+            _step("lab down", lambda: ", ".join(lab.down()))
+        else:
+            print(f"the lab stays up: offload lab --name {lab.name} systemd exec dpu -- systemctl status", flush=True)
 
 
 def run_command(args: argparse.Namespace) -> int:
