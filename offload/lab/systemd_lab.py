@@ -53,10 +53,10 @@ IMAGE = CACHE / "bookworm-systemd.tar"
 SUITE = "bookworm"
 STATE_ROOT = Path("/run/offload-lab")
 #: Bump when PACKAGES or the image's preparation changes: an older tarball is rebuilt.
-IMAGE_VERSION = "1"
+IMAGE_VERSION = "2"
 #: systemd as PID 1, libvirt and qemu, and what the offload package depends
 #: on from Debian (debian/control), so that installing the .deb needs no
-#: network inside the containers.
+#: network inside the containers; qemu's firmware named, as recommends are not installed.
 PACKAGES = (
     "systemd",
     "systemd-sysv",
@@ -65,8 +65,11 @@ PACKAGES = (
     "iproute2",
     "procps",
     "libvirt-daemon-system",
+    "libvirt-daemon-driver-qemu",
     "libvirt-clients",
     "qemu-system-x86",
+    "seabios",
+    "ipxe-qemu",
     "qemu-utils",
     "python3",
     "python3-cryptography",
@@ -214,7 +217,8 @@ def image(say: Callable[[str], None] = print) -> Path:
             (work / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\nexit 101\n")
             (work / "usr/sbin/policy-rc.d").chmod(0o755)
             _nspawn_run(work, ["apt-get", "update", "-q"])
-            _nspawn_run(work, ["apt-get", "install", "-y", "-q", *PACKAGES], timeout=1200)
+            # Without recommends: qemu's would bring a desktop (GTK, mesa, LLVM: 700 MB).
+            _nspawn_run(work, ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES], timeout=1200)
             _nspawn_run(work, ["apt-get", "clean"])
             (work / "usr/sbin/policy-rc.d").unlink()
             # Units that would fail or linger in a container and slow the boot.
