@@ -596,6 +596,8 @@ class SystemdLab:
                 NSPAWN_STATE.parent.rmdir()
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # /var/lib/offload-lab, when no other lab is there
+            self.dir.parent.rmdir()
         return done
 
 
