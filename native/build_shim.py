@@ -25,6 +25,8 @@ ffibuilder.cdef(
     enum shim_status shim_answer_status(int answer);
     void shim_encode_send_header(unsigned char *buf, size_t length);
     long shim_proc_pid(const char *path, const char **rest);
+    long shim_proc_cgroup_pid(const char *path);
+    int shim_rewrite_cgroup(const char *text, const char *map, char *out, size_t cap);
     int shim_parse_cpumask(const char *hex, unsigned char *bits, size_t cap);
     int shim_parse_config(const char *text, char *socket_out, size_t socket_cap, char *prefixes_out,
                           size_t prefixes_cap);

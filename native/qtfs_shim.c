@@ -67,6 +67,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -315,6 +316,101 @@ int shim_parse_cpumask(const char *hex, unsigned char *bits, size_t cap)
     return digits ? (int)(digits * 4) : -1;
 }
 
+/* Is PATH "/proc/PID/cgroup"?  Its PID, or -1. */
+long shim_proc_cgroup_pid(const char *path)
+{
+    const char *at = path + 6;
+    long pid = 0;
+
+    if (strncmp(path, "/proc/", 6) != 0 || *at < '1' || *at > '9')
+        return -1;
+    while (*at >= '0' && *at <= '9' && pid < 100000000)
+        pid = pid * 10 + (*at++ - '0');
+    return strcmp(at, "/cgroup") == 0 ? pid : -1;
+}
+
+/* Does the partition list MAP ("CONTROLLER=HOSTPATH=LOCALPATH" items,
+ * separated by ';') place the host's cgroup PATH of a line naming
+ * CONTROLLERS (comma-separated) below a partition?  Writes the local path
+ * (LOCALPATH and what follows HOSTPATH in PATH) into OUT; 0 if it does, -1
+ * if not (or it does not fit).  Only whole path components match. */
+static int cgroup_local_path(const char *controllers, size_t controllers_len, const char *path, size_t path_len,
+                             const char *map, char *out, size_t cap)
+{
+    const char *item = map;
+
+    while (item && *item) {
+        const char *end = strchr(item, ';'), *eq1, *eq2, *c;
+        size_t len = end ? (size_t)(end - item) : strlen(item), name_len, host_len, local_len;
+
+        eq1 = memchr(item, '=', len);
+        eq2 = eq1 ? memchr(eq1 + 1, '=', len - (size_t)(eq1 + 1 - item)) : NULL;
+        if (eq1 && eq2 && eq1 > item) {
+            name_len = (size_t)(eq1 - item);
+            host_len = (size_t)(eq2 - eq1 - 1);
+            local_len = len - (size_t)(eq2 + 1 - item);
+            while (host_len > 1 && eq1[host_len] == '/')
+                host_len--;
+            for (c = controllers; c < controllers + controllers_len;) {
+                const char *comma = memchr(c, ',', (size_t)(controllers + controllers_len - c));
+                size_t one = comma ? (size_t)(comma - c) : (size_t)(controllers + controllers_len - c);
+                if (one == name_len && strncmp(c, item, one) == 0 && host_len > 1 && eq1[1] == '/' &&
+                    local_len > 0 && eq2[1] == '/' && path_len >= host_len &&
+                    strncmp(path, eq1 + 1, host_len) == 0 && (path_len == host_len || path[host_len] == '/')) {
+                    size_t rest = path_len - host_len;
+                    if (local_len + rest + 1 > cap)
+                        return -1;
+                    memcpy(out, eq2 + 1, local_len);
+                    memcpy(out + local_len, path + host_len, rest);
+                    out[local_len + rest] = '\0';
+                    return 0;
+                }
+                c = comma ? comma + 1 : controllers + controllers_len;
+            }
+        }
+        item = end ? end + 1 : NULL;
+    }
+    return -1;
+}
+
+/* Rewrite the host's /proc/PID/cgroup TEXT ("ID:CONTROLLERS:PATH" lines)
+ * for this machine: a path below a host partition of MAP becomes the
+ * partition's local path with the same rest; every other path becomes "/",
+ * so no host cgroup name is shown and libvirt finds no group of its own
+ * there.  Malformed lines are left out.  Returns the length written to OUT
+ * (NUL-terminated), -1 if it does not fit. */
+int shim_rewrite_cgroup(const char *text, const char *map, char *out, size_t cap)
+{
+    const char *line = text;
+    size_t at = 0;
+
+    if (!cap)
+        return -1;
+    out[0] = '\0';
+    while (line && *line) {
+        const char *end = strchr(line, '\n'), *colon1, *colon2;
+        size_t len = end ? (size_t)(end - line) : strlen(line), head;
+        char local[PATH_MAX];
+        const char *path = "/";
+
+        colon1 = memchr(line, ':', len);
+        colon2 = colon1 ? memchr(colon1 + 1, ':', len - (size_t)(colon1 + 1 - line)) : NULL;
+        if (colon1 && colon2 && colon1 > line && colon2[1] == '/') {
+            head = (size_t)(colon2 + 1 - line);
+            if (cgroup_local_path(colon1 + 1, (size_t)(colon2 - colon1 - 1), colon2 + 1, len - head, map ? map : "",
+                                  local, sizeof local) == 0)
+                path = local;
+            if (at + head + strlen(path) + 2 > cap)
+                return -1;
+            memcpy(out + at, line, head);
+            at += head;
+            at += (size_t)sprintf(out + at, "%s\n", path);
+        }
+        line = end ? end + 1 : NULL;
+    }
+    return (int)at;
+}
+
 #ifndef SHIM_NO_HOOKS
 
 /* The real functions, bound once for all under pthread_once: a hook may run
@@ -327,6 +423,8 @@ static struct {
     int (*openat)(int, const char *, int, ...);
     int (*sched_setaffinity)(pid_t, size_t, const cpu_set_t *);
     int (*sched_getaffinity)(pid_t, size_t, cpu_set_t *);
+    FILE *(*fopen)(const char *, const char *);
+    FILE *(*fopen64)(const char *, const char *);
 } libc;
 static pthread_once_t libc_once = PTHREAD_ONCE_INIT;
 
@@ -339,6 +437,8 @@ static void libc_bind(void)
     LIBC_BIND(openat);
     LIBC_BIND(sched_setaffinity);
     LIBC_BIND(sched_getaffinity);
+    LIBC_BIND(fopen);
+    LIBC_BIND(fopen64);
 #undef LIBC_BIND
 }
 
@@ -811,6 +911,13 @@ ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
  *   opens the host's /proc/HOSTPID/... instead: libvirt's RSS and CPU times
  *   are the host program's.  If the host's file cannot be opened the call
  *   fails; the stand-in's figures are never given in its place.
+ * - open() or fopen() of /proc/PID/cgroup, PID a stand-in, when
+ *   OFFLOAD_CGROUP_PARTITIONS names the host partitions
+ *   ("CONTROLLER=HOSTPATH=LOCALPATH;...", cgroup paths as /proc/PID/cgroup
+ *   shows them on each machine), gives the host's /proc/HOSTPID/cgroup with
+ *   each host partition's path replaced by the local path it is mounted
+ *   over, and "/" for every other group: libvirt, reconnecting to a running
+ *   domain, finds its groups in the partitions.
  * - sched_setaffinity() and sched_getaffinity() of a stand-in, or of a
  *   thread id the host serves (a thread qemu reported over QMP), never touch
  *   this machine's task of that number.  The host's affinity is set by the
@@ -896,12 +1003,61 @@ static enum shim_status host_proc_path(const char *path, char *out, size_t cap)
         }                                                                                                     \
     } while (0)
 
+/* /proc/PID/cgroup of a stand-in, when OFFLOAD_CGROUP_PARTITIONS names the
+ * host partitions: the host's /proc/HOSTPID/cgroup, rewritten by
+ * shim_rewrite_cgroup, in a memfd.  SHIM_CARRIED: *FD is it; SHIM_FAILED:
+ * fail the open (errno), never giving the stand-in's own cgroups in the
+ * host's place; SHIM_NOT_CARRIED: open PATH itself. */
+static enum shim_status host_cgroup(const char *path, int flags, int *fd)
+{
+    const char *root = host_proc(), *map = getenv("OFFLOAD_CGROUP_PARTITIONS");
+    char host[PATH_MAX], text[16384], rewritten[16384];
+    long pid, remote;
+    int len, saved;
+
+    if (!root || !map || !*map || (pid = shim_proc_cgroup_pid(path)) < 0 || (remote = standin_remote(pid)) < 0)
+        return SHIM_NOT_CARRIED;
+    if ((flags & O_ACCMODE) != O_RDONLY) {
+        errno = EACCES;
+        return SHIM_FAILED;
+    }
+    if ((size_t)snprintf(host, sizeof host, "%s/%ld/cgroup", root, remote) >= sizeof host) {
+        errno = ENAMETOOLONG;
+        return SHIM_FAILED;
+    }
+    if (read_small(host, text, sizeof text) < 0)
+        return SHIM_FAILED;
+    if ((len = shim_rewrite_cgroup(text, map, rewritten, sizeof rewritten)) < 0) {
+        errno = EFBIG;
+        return SHIM_FAILED;
+    }
+    if ((*fd = memfd_create("cgroup", (flags & O_CLOEXEC) ? MFD_CLOEXEC : 0)) < 0)
+        return SHIM_FAILED;
+    if (write(*fd, rewritten, (size_t)len) != len || lseek(*fd, 0, SEEK_SET) != 0) {
+        saved = errno;
+        close(*fd);
+        errno = saved ? saved : EIO;
+        return SHIM_FAILED;
+    }
+    shim_log("offload: %s is read on the host as %s\n", path, host);
+    return SHIM_CARRIED;
+}
+
 /* open(), openat() and their 64 variants: PATH (relative to DIRFD, or to the
  * working directory for AT_FDCWD), or the host's file in its place. */
 static int open_hooked(int dirfd, const char *path, int flags, mode_t mode)
 {
     char host[PATH_MAX];
+    int fd = -1;
 
+    switch (path && *path == '/' ? host_cgroup(path, flags, &fd) : SHIM_NOT_CARRIED) {
+    case SHIM_CARRIED:
+        return fd;
+    case SHIM_FAILED:
+        return -1;
+    case SHIM_NOT_CARRIED:
+        break;
+    }
     switch (path && *path == '/' ? host_proc_path(path, host, sizeof host) : SHIM_NOT_CARRIED) {
     case SHIM_CARRIED:
         return libc_open(host, flags, mode);
@@ -943,6 +1099,52 @@ int openat64(int dirfd, const char *path, int flags, ...)
 
     SHIM_MODE(flags, mode);
     return open_hooked(dirfd, path, flags, mode);
+}
+
+/* fopen() and fopen64(): libc opens the file without calling open(), and
+ * libvirt reads /proc/PID/cgroup with fopen. */
+static FILE *fopen_hooked(FILE *(*real)(const char *, const char *), const char *path, const char *mode)
+{
+    int fd = -1, flags = O_RDONLY, saved;
+    FILE *file;
+
+    pthread_once(&libc_once, libc_bind);
+    if (!real) {
+        errno = ENOSYS;
+        return NULL;
+    }
+    if (!path || *path != '/' || !mode)
+        return real(path, mode);
+    if (strpbrk(mode, "wa+"))
+        flags = O_RDWR;
+    if (strchr(mode, 'e'))
+        flags |= O_CLOEXEC;
+    switch (host_cgroup(path, flags, &fd)) {
+    case SHIM_CARRIED:
+        if (!(file = fdopen(fd, mode))) {
+            saved = errno;
+            close(fd);
+            errno = saved;
+        }
+        return file;
+    case SHIM_FAILED:
+        return NULL;
+    case SHIM_NOT_CARRIED:
+        break;
+    }
+    return real(path, mode);
+}
+
+FILE *fopen(const char *path, const char *mode)
+{
+    pthread_once(&libc_once, libc_bind);
+    return fopen_hooked(libc.fopen, path, mode);
+}
+
+FILE *fopen64(const char *path, const char *mode)
+{
+    pthread_once(&libc_once, libc_bind);
+    return fopen_hooked(libc.fopen64, path, mode);
 }
 
 /* Which task PID is.  SHIM_CARRIED: the host's task *REMOTE (a stand-in's

@@ -203,3 +203,17 @@ def test_a_host_process_the_dpu_did_not_start_is_out_of_reach(tlab: Lab, qemu: p
         assert str(qemu.pid) not in listed
     finally:
         proc.end_pid(bystander.pid)
+
+
+def test_tuning_reaches_a_running_domain_after_libvirtd_restarts(tlab: Lab, virsh: Virsh, qemu: psutil.Process) -> None:
+    # libvirt reconnecting finds the domain's groups through the host's /proc/<qemu>/cgroup, not the stand-in's.
+    dpu_libvirt.restart_libvirtd(tlab)
+    assert GUEST in virsh("list", "--name")
+    virsh("schedinfo", GUEST, "--live", "--set", "cpu_shares=768")
+    assert group(tlab, "cpu", "cpu.shares").read_text().strip() == "768"
+    assert re.search(r"cpu_shares\s*:\s*768", virsh("schedinfo", GUEST, "--live"))
+    cpus = sorted(os.sched_getaffinity(0))
+    tid = vcpu_tid(qemu)
+    virsh("vcpupin", GUEST, "0", str(cpus[0]), "--live")
+    assert os.sched_getaffinity(tid) == {cpus[0]}
+    assert group(tlab, "cpuset", "vcpu0", "cpuset.cpus").read_text().strip() == str(cpus[0])

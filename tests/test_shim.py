@@ -321,3 +321,86 @@ def test_socat_under_the_shim(proxy: FakeProxy, tmp_path: Path) -> None:
         ["socat", "-t", "2", "-", f"UNIX-CONNECT:{path}"], env=preload_env(proxy), input="hello", timeout=30
     )
     assert result.stdout == "echo:hello"
+
+
+HOST_CGROUP = (
+    "12:pids:/user.slice\n"
+    "5:cpu,cpuacct:/lab/offload-lab-x-machine/qemu-1-vm.libvirt-qemu/emulator\n"
+    "4:memory:/lab/offload-lab-x-machine/qemu-1-vm.libvirt-qemu\n"
+    "3:cpuset:/lab/offload-lab-x-machine-other/qemu-1-vm.libvirt-qemu\n"
+    "1:name=systemd:/lab\n"
+    "0::/lab\n"
+    "garbage\n"
+)
+PARTITIONS = "cpu=/lab/offload-lab-x-machine=/machine;memory=/lab/offload-lab-x-machine/=/machine;cpuset=/lab/offload-lab-x-machine=/machine"
+
+
+def rewrite_cgroup(text: str, partitions: str, cap: int = 4096) -> str | int:
+    out = ffi.new("char[]", cap)
+    length = lib.shim_rewrite_cgroup(text.encode(), partitions.encode(), out, cap)
+    return length if length < 0 else ffi.string(out).decode()
+
+
+def test_cgroup_paths_below_a_partition_become_the_local_ones_and_others_are_hidden() -> None:
+    assert rewrite_cgroup(HOST_CGROUP, PARTITIONS) == (
+        "12:pids:/\n"
+        "5:cpu,cpuacct:/machine/qemu-1-vm.libvirt-qemu/emulator\n"
+        "4:memory:/machine/qemu-1-vm.libvirt-qemu\n"
+        "3:cpuset:/\n"  # a sibling whose name starts alike is no part of the partition
+        "1:name=systemd:/\n"
+        "0::/\n"
+    )
+    assert (
+        rewrite_cgroup(HOST_CGROUP, "")
+        == "12:pids:/\n5:cpu,cpuacct:/\n4:memory:/\n3:cpuset:/\n1:name=systemd:/\n0::/\n"
+    )
+    assert rewrite_cgroup(HOST_CGROUP, "cpu=relative=/machine;=/lab=/machine;memory=/lab") == (
+        "12:pids:/\n5:cpu,cpuacct:/\n4:memory:/\n3:cpuset:/\n1:name=systemd:/\n0::/\n"
+    )
+    assert rewrite_cgroup(HOST_CGROUP, PARTITIONS, cap=40) == -1
+
+
+def test_only_proc_pid_cgroup_names_a_cgroup_file() -> None:
+    assert lib.shim_proc_cgroup_pid(b"/proc/123/cgroup") == 123
+    for path in (
+        b"/proc/self/cgroup",
+        b"/proc/0/cgroup",
+        b"/proc/123/cgroupx",
+        b"/proc/123/task/4/cgroup",
+        b"/sys/123/cgroup",
+    ):
+        assert lib.shim_proc_cgroup_pid(path) == -1
+
+
+def test_a_standins_cgroup_file_is_its_host_programs(tmp_path: Path) -> None:
+    host_proc, pidmap = tmp_path / "host-proc", tmp_path / "pids"
+    (host_proc / "4321").mkdir(parents=True)
+    (host_proc / "4321" / "cgroup").write_text(HOST_CGROUP)
+    pidmap.mkdir()
+    standin = os.getpid()  # any live pid of this machine stands in
+    (pidmap / str(standin)).write_text("4321")
+    env = {
+        "PATH": os.environ["PATH"],
+        "LD_PRELOAD": str(LIBRARY),
+        "OFFLOAD_HOST_PROC": str(host_proc),
+        "OFFLOAD_PIDMAP": str(pidmap),
+        "OFFLOAD_CGROUP_PARTITIONS": PARTITIONS,
+    }
+    shown = proc.run(["cat", f"/proc/{standin}/cgroup"], env=env).stdout
+    fopened = proc.run(
+        [
+            "python3",
+            "-c",
+            f'import ctypes; c = ctypes.CDLL(None); c.fopen.restype = ctypes.c_void_p; f = c.fopen(b"/proc/{standin}/cgroup", b"r"); b = ctypes.create_string_buffer(4096); c.fread(b, 1, 4095, ctypes.c_void_p(f)); print(b.value.decode(), end="")',
+        ],
+        env=env,
+    ).stdout
+    assert fopened == shown
+    assert "5:cpu,cpuacct:/machine/qemu-1-vm.libvirt-qemu/emulator\n" in shown and "offload-lab" not in shown
+    # Without the partitions, or for a pid that is no stand-in, the file is this machine's.
+    own = Path(f"/proc/{standin}/cgroup").read_text()
+    assert proc.run(["cat", f"/proc/{standin}/cgroup"], env={**env, "OFFLOAD_CGROUP_PARTITIONS": ""}).stdout == own
+    assert proc.run(["cat", "/proc/1/cgroup"], env=env).stdout == Path("/proc/1/cgroup").read_text()
+    # A stand-in whose host file cannot be read fails; its own cgroups are never given instead.
+    (host_proc / "4321" / "cgroup").unlink()
+    assert proc.run(["cat", f"/proc/{standin}/cgroup"], env=env, check=False).returncode != 0

@@ -78,7 +78,7 @@ CGROUP_FILESYSTEMS = frozenset({0x27E0EB, 0x63677270})
 #: The files of a cgroup that take a task: a tid (tasks) or a whole process (cgroup.procs).
 TASK_FILES = (b"tasks", b"cgroup.procs")
 #: Below /proc/PID of a program the DPU started, what its statistics and affinity are read from.
-PROGRAM_ENTRIES = re.compile(rb"[0-9]+(/(stat|status|task(/[0-9]+(/(stat|status))?)?))?")
+PROGRAM_ENTRIES = re.compile(rb"[0-9]+(/(stat|status|cgroup|task(/[0-9]+(/(stat|status))?)?))?")
 #: The inode number of a procfs or sysfs root (PROC_ROOT_INO; kernfs numbers its root 1 too).
 FS_ROOT_INO = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -224,7 +224,7 @@ class Backend:
 
     def _served(self, where: bytes) -> bool:
         """``where`` (relative to a facts export's root) is served: an allowlisted fact, or, in a procfs,
-        what libvirt reads of a program the DPU started (its stat and status, its threads')."""
+        what libvirt reads of a program the DPU started (its stat, status and cgroup, its threads' stat and status)."""
         assert self.facts is not None
         if facts.allowed(self.facts, where):
             return True

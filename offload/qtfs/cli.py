@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LOCKFILE",
         default="",
         help="the host rexec_server's lock file (RUN_DIR/rexec.lock): the programs it runs for the DPU may be "
-        "placed in exported cgroups, and their /proc/PID stat and status are served; no other process is",
+        "placed in exported cgroups, and their /proc/PID stat, status and cgroup are served; no other process is",
     )
     _security(serve, serving=True)
 
