@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -13,7 +14,9 @@ import psutil
 import pytest
 
 from offload import proc
+from offload.lab import SERVICES, guest
 from offload.lab.lab import Lab
+from offload.lab.libvirt import install_argv
 from offload.log import raise_fd_limit
 
 # The in-process daemons of one test can hold thousands of connections.
@@ -41,6 +44,24 @@ def lab() -> Iterator[Lab]:
     lab.down()  # whatever a crashed earlier run left
     lab.up(only=["rexec", "udsproxy"], allow=[PYTHON, MISSING])
     try:
+        yield lab
+    finally:
+        keep_logs(lab)
+        lab.down()
+
+
+@contextlib.contextmanager
+def libvirt_lab(suffix: str) -> Iterator[Lab]:
+    """A whole lab (every service, stock libvirtd on the DPU side) with the guest's images on the host side.
+
+    Named after the session's lab plus ``suffix``, so modules that need one each can run at once.
+    """
+    lab = Lab(os.environ.get("OFFLOAD_TEST_LAB", "offt")[:9] + suffix)
+    lab.down()
+    image = guest.build()
+    try:
+        lab.up(only=list(SERVICES))
+        proc.run(lab.command("host", install_argv(image)))
         yield lab
     finally:
         keep_logs(lab)

@@ -18,26 +18,18 @@ import psutil
 import pytest
 
 from offload import proc
-from offload.lab import SERVICES, dpu_libvirt, guest
+from offload.lab import dpu_libvirt, guest
 from offload.lab.lab import Lab
-from offload.lab.libvirt import Domain, Virsh, guest_domain, install_argv, qemu_processes, wait_for_marker
-from tests.conftest import keep_logs
+from offload.lab.libvirt import Domain, Virsh, guest_domain, qemu_processes, wait_for_marker
+from tests.conftest import libvirt_lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
 def vlab() -> Iterator[Lab]:
-    lab = Lab(os.environ.get("OFFLOAD_TEST_LAB", "offt")[:9] + "v")
-    lab.down()
-    image = guest.build()
-    try:
-        lab.up(only=list(SERVICES))
-        proc.run(lab.command("host", install_argv(image)))
+    with libvirt_lab("v") as lab:
         yield lab
-    finally:
-        keep_logs(lab)
-        lab.down()
 
 
 @pytest.fixture

@@ -20,10 +20,10 @@ import psutil
 import pytest
 
 from offload import proc
-from offload.lab import SERVICES, dpu_libvirt, guest
+from offload.lab import dpu_libvirt, guest
 from offload.lab.lab import Lab
-from offload.lab.libvirt import Domain, Virsh, guest_domain, install_argv, qemu_processes, wait_for_marker
-from tests.conftest import keep_logs
+from offload.lab.libvirt import Domain, Virsh, guest_domain, qemu_processes, wait_for_marker
+from tests.conftest import libvirt_lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(600)]
 
@@ -41,16 +41,8 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str) -> No
 
 @pytest.fixture(scope="module")
 def tlab() -> Iterator[Lab]:
-    lab = Lab(os.environ.get("OFFLOAD_TEST_LAB", "offt")[:8] + "n")
-    lab.down()
-    image = guest.build()
-    try:
-        lab.up(only=list(SERVICES))
-        proc.run(lab.command("host", install_argv(image)))
+    with libvirt_lab("n") as lab:
         yield lab
-    finally:
-        keep_logs(lab)
-        lab.down()
 
 
 @pytest.fixture(scope="module")

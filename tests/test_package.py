@@ -15,18 +15,15 @@ import shutil
 import signal
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from offload import proc
+from offload.lab import debian
 
 ROOT = Path(__file__).parent.parent
-CACHE = Path("/var/cache/offload-lab")
-BASE = CACHE / "bookworm-minbase.tar"
-SUITE = "bookworm"
 
 #: The package's programs, where debian/rules puts them (proc.PROGRAMS names them all).
 PROGRAMS = {
@@ -72,85 +69,12 @@ pytestmark = [
 ]
 
 
-def debian_mirror() -> str:
-    """The Debian mirror apt uses for bookworm here (one-line or deb822 sources)."""
-    sources = Path("/etc/apt/sources.list")
-    files = [sources, *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
-    for path in files:
-        if not path.is_file():
-            continue
-        text = path.read_text()
-        if path.suffix == ".sources":
-            for stanza in text.split("\n\n"):
-                fields = {}
-                for line in stanza.splitlines():
-                    key, sep, value = line.partition(":")
-                    if sep and not line.startswith(("#", " ")):
-                        fields[key.strip()] = value.split()
-                if "deb" in fields.get("Types", []) and SUITE in fields.get("Suites", []):
-                    return fields["URIs"][0]
-        else:
-            for line in text.splitlines():
-                words = [w for w in line.split("#", 1)[0].split() if not w.startswith("[")]
-                if len(words) >= 3 and words[0] == "deb" and words[2] == SUITE:
-                    return words[1]
-    return "http://deb.debian.org/debian"
-
-
-def unmount_beneath(path: Path) -> None:
-    """Unmount whatever is mounted at or below ``path`` (debootstrap mounts proc and sys in its target)."""
-    prefix = str(path.resolve())
-    mounts = [
-        line.split()[4]
-        for line in Path("/proc/self/mountinfo").read_text().splitlines()
-        if line.split()[4] == prefix or line.split()[4].startswith(prefix + "/")
-    ]
-    for mount in sorted(mounts, key=len, reverse=True):
-        proc.run(["umount", "--lazy", mount], check=False)
-
-
-def end_processes_in(root: Path) -> None:
-    """SIGKILL every process whose root is ``root`` (one a killed container left), by pid."""
-    target = str(root.resolve())
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if os.readlink(entry / "root") == target:
-                    os.kill(int(entry.name), signal.SIGKILL)
-
-
-def remove_tree(path: Path) -> None:
-    end_processes_in(path)
-    unmount_beneath(path)
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def base_tarball() -> Path:
-    """The cached minbase bookworm, made with debootstrap on first use; skips if no mirror answers."""
-    import fcntl
-
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / "bookworm-minbase.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if BASE.exists():
-            return BASE
-        mirror = debian_mirror()
-        try:
-            with urllib.request.urlopen(f"{mirror}/dists/{SUITE}/Release", timeout=30):
-                pass
-        except OSError as exc:
-            pytest.skip(f"debootstrap cannot reach the Debian mirror {mirror}: {exc}")
-        work = CACHE / "bookworm-minbase.new"
-        remove_tree(work)
-        try:
-            proc.run(["debootstrap", "--variant=minbase", SUITE, str(work), mirror], timeout=600)
-            unmount_beneath(work)
-            partial = BASE.with_suffix(".tar.partial")
-            proc.run(["tar", "-C", str(work), "--numeric-owner", "-cf", str(partial), "."])
-            partial.rename(BASE)
-        finally:
-            remove_tree(work)
-        return BASE
+    """The cached minbase bookworm (offload.lab.debian); skips if it must be made and no mirror answers."""
+    try:
+        return debian.minbase()
+    except debian.MirrorUnreachable as exc:
+        pytest.skip(f"debootstrap cannot reach the Debian mirror: {exc}")
 
 
 class Container:
@@ -234,7 +158,7 @@ def container(tmp_path: Path) -> Iterator[Container]:
         proc.run(["tar", "-C", str(root), "--numeric-owner", "-xpf", str(base)])
         yield Container(root)
     finally:
-        remove_tree(root)
+        debian.remove_tree(root)
         if nspawn_state in made:
             for directory in (nspawn_state / "locks", nspawn_state / "propagate", *reversed(made)):
                 with contextlib.suppress(OSError):

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from offload.errors import OffloadError
-from offload.lab import netlink, systemd_lab
+from offload.lab import debian, netlink, systemd_lab
 from offload.lab.systemd_lab import SystemdLab
 
 pytestmark = [
@@ -54,7 +54,7 @@ def deb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture
 def lab() -> Iterator[SystemdLab]:
     if not systemd_lab.IMAGE.exists():
-        why = systemd_lab.mirror_reachable()
+        why = debian.mirror_reachable()
         if why:
             pytest.skip(f"the systemd lab's image is not cached and {why}")
     lab = SystemdLab(NAME)

@@ -28,9 +28,9 @@ import trio
 from offload import proc, users
 from offload.errors import LocalProtocolError, RemoteProtocolError
 from offload.fdio import PassingSocketEnd
-from offload.lab import SERVICES, dpu_libvirt, guest
+from offload.lab import dpu_libvirt, guest
 from offload.lab.lab import Lab
-from offload.lab.libvirt import Domain, Virsh, guest_domain, install_argv, qemu_processes, wait_for_marker
+from offload.lab.libvirt import Domain, Virsh, guest_domain, qemu_processes, wait_for_marker
 from offload.net import Connected
 from offload.protocol import messages
 from offload.protocol.fdpass import FdDescription
@@ -50,7 +50,7 @@ from offload.protocol.rexec import (
     Started,
 )
 from offload.rexecd.link import Passing, SessionLink, running
-from tests.conftest import keep_logs
+from tests.conftest import libvirt_lab
 from tests.test_e2e_libvirt import cleanup, console_of, wait_until
 
 # -- the PassFds event, sans-io ---------------------------------------------------------------
@@ -318,16 +318,8 @@ MEMORY_MIB = 128
 
 @pytest.fixture(scope="module")
 def fdlab() -> Iterator[Lab]:
-    lab = Lab(os.environ.get("OFFLOAD_TEST_LAB", "offt")[:8] + "f")
-    lab.down()
-    image = guest.build()
-    try:
-        lab.up(only=list(SERVICES))
-        proc.run(lab.command("host", install_argv(image)))
+    with libvirt_lab("f") as lab:
         yield lab
-    finally:
-        keep_logs(lab)
-        lab.down()
 
 
 @pytest.fixture

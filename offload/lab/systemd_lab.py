@@ -30,7 +30,6 @@ import os
 import shutil
 import signal
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,16 +40,13 @@ import psutil
 
 from offload import proc
 from offload.errors import LabError
-from offload.lab import guest
+from offload.lab import debian, guest
 from offload.lab.libvirt import IMAGES, Domain, Virsh, guest_domain, wait_for_marker
 
 if TYPE_CHECKING:  # types only: processes are started through offload.proc
     from subprocess import CompletedProcess, Popen
 
-CACHE = Path("/var/cache/offload-lab")
-MINBASE = CACHE / "bookworm-minbase.tar"
-IMAGE = CACHE / "bookworm-systemd.tar"
-SUITE = "bookworm"
+IMAGE = debian.CACHE / f"{debian.SUITE}-systemd.tar"
 STATE_ROOT = Path("/run/offload-lab")
 #: Bump when PACKAGES or the image's preparation changes: an older tarball is rebuilt.
 IMAGE_VERSION = "2"
@@ -101,44 +97,6 @@ DISTRO_LIBVIRT_UNITS = (
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def debian_mirror() -> str:
-    """The Debian mirror apt uses for bookworm here (one-line or deb822 sources)."""
-    files = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
-    for path in files:
-        if not path.is_file():
-            continue
-        text = path.read_text()
-        if path.suffix == ".sources":
-            for stanza in text.split("\n\n"):
-                fields = {}
-                for line in stanza.splitlines():
-                    key, sep, value = line.partition(":")
-                    if sep and not line.startswith(("#", " ")):
-                        fields[key.strip()] = value.split()
-                if "deb" in fields.get("Types", []) and SUITE in fields.get("Suites", []):
-                    return fields["URIs"][0]
-        else:
-            for line in text.splitlines():
-                words = [w for w in line.split("#", 1)[0].split() if not w.startswith("[")]
-                if len(words) >= 3 and words[0] == "deb" and words[2] == SUITE:
-                    return words[1]
-    return "http://deb.debian.org/debian"
-
-
-class MirrorUnreachable(LabError):
-    """The image must be built and no Debian mirror answers."""
-
-
-def mirror_reachable() -> str | None:
-    """None if the mirror answers, else why not."""
-    mirror = debian_mirror()
-    try:
-        with urllib.request.urlopen(f"{mirror}/dists/{SUITE}/Release", timeout=30):
-            return None
-    except OSError as exc:
-        return f"the Debian mirror {mirror} does not answer: {exc}"
-
-
 def _nspawn_run(root: Path, argv: Sequence[str], timeout: float = 900) -> None:
     """One command in ``root`` under systemd-nspawn, no boot (its own mount and pid namespaces)."""
     command = [
@@ -156,62 +114,23 @@ def _nspawn_run(root: Path, argv: Sequence[str], timeout: float = 900) -> None:
     proc.run(command, timeout=timeout)
 
 
-def _unmount_beneath(path: Path) -> None:
-    prefix = str(path.resolve())
-    mounts = [
-        line.split()[4]
-        for line in Path("/proc/self/mountinfo").read_text().splitlines()
-        if line.split()[4] == prefix or line.split()[4].startswith(prefix + "/")
-    ]
-    for mount in sorted(mounts, key=len, reverse=True):
-        proc.run(["umount", "--lazy", mount], check=False)
-
-
-def _end_processes_in(root: Path) -> list[int]:
-    """SIGKILL every process whose root is ``root`` (left by a killed container), by pid."""
-    target = str(root.resolve())
-    ended = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if os.readlink(entry / "root") == target:
-                    os.kill(int(entry.name), signal.SIGKILL)
-                    ended.append(int(entry.name))
-    return ended
-
-
-def remove_tree(path: Path) -> None:
-    if not path.exists():
-        return
-    _end_processes_in(path)
-    _unmount_beneath(path)
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def image(say: Callable[[str], None] = print) -> Path:
     """The cached image tarball, built on first use (debootstrap minbase, then apt inside)."""
-    CACHE.mkdir(parents=True, exist_ok=True)
+    debian.CACHE.mkdir(parents=True, exist_ok=True)
     stamp = IMAGE.with_suffix(".version")
-    with open(CACHE / "bookworm-systemd.lock", "w") as lock:
+    with open(debian.CACHE / f"{debian.SUITE}-systemd.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if IMAGE.exists() and stamp.exists() and stamp.read_text().strip() == IMAGE_VERSION:
             return IMAGE
-        why = mirror_reachable()
+        why = debian.mirror_reachable()
         if why:
-            raise MirrorUnreachable(f"cannot build the systemd lab's image: {why}")
-        mirror = debian_mirror()
-        work = CACHE / "bookworm-systemd.new"
-        remove_tree(work)
+            raise debian.MirrorUnreachable(f"cannot build the systemd lab's image: {why}")
+        work = debian.CACHE / f"{debian.SUITE}-systemd.new"
+        debian.remove_tree(work)
         started = time.monotonic()
         try:
             work.mkdir()
-            if MINBASE.exists():
-                # The package test's minbase (tests/test_package.py), when it is there already.
-                proc.run(["tar", "-C", str(work), "--numeric-owner", "-xpf", str(MINBASE)])
-            else:
-                say(f"debootstrap --variant=minbase {SUITE} from {mirror}")
-                proc.run(["debootstrap", "--variant=minbase", SUITE, str(work), mirror], timeout=900)
-                _unmount_beneath(work)
+            proc.run(["tar", "-C", str(work), "--numeric-owner", "-xpf", str(debian.minbase())])
             say(f"apt-get install {' '.join(PACKAGES)}")
             # Nothing starts while apt runs (there is no systemd running in it anyway).
             (work / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\nexit 101\n")
@@ -224,13 +143,13 @@ def image(say: Callable[[str], None] = print) -> Path:
             # Units that would fail or linger in a container and slow the boot.
             _nspawn_run(work, ["systemctl", "mask", *DISTRO_LIBVIRT_UNITS, "systemd-networkd-wait-online.service"])
             (work / "etc/hostname").write_text("offload-lab\n")
-            _unmount_beneath(work)
+            debian.unmount_beneath(work)
             partial = IMAGE.with_suffix(".tar.partial")
             proc.run(["tar", "-C", str(work), "--numeric-owner", "-cf", str(partial), "."])
             partial.rename(IMAGE)
             stamp.write_text(IMAGE_VERSION + "\n")
         finally:
-            remove_tree(work)
+            debian.remove_tree(work)
         say(f"image {IMAGE} built in {time.monotonic() - started:.0f} s")
         return IMAGE
 
@@ -579,10 +498,10 @@ class SystemdLab:
         for role in ("dpu", "host"):
             root = self.root(role)
             if root.exists():
-                ended = _end_processes_in(root)
+                ended = debian.end_processes_in(root)
                 if ended:
                     done.append(f"{role}: processes left in the tree ended: {ended}")
-                remove_tree(root)
+                debian.remove_tree(root)
                 done.append(f"{role} tree removed")
         from offload.lab import netlink
 
