@@ -185,3 +185,21 @@ def test_tree_watch_reports_host_changes_by_relative_path(tmp_path: Path) -> Non
         assert out == [wire.Invalidate(change.ALL)]
     finally:
         tree.close()
+
+
+def test_a_tree_too_big_to_watch_in_time_is_served_uncached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from offload.qtfs import watch
+
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    in_time = watch.TreeWatch(os.fsencode(tmp_path))
+    try:
+        assert in_time.complete  # within the time: every directory watched
+    finally:
+        in_time.close()
+    monkeypatch.setattr(watch, "WATCH_SECONDS", -1.0)
+    late = watch.TreeWatch(os.fsencode(tmp_path))
+    try:
+        assert not late.complete  # the Mount is answered, without the coherent cache
+    finally:
+        late.close()

@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import struct
+import time
 
 from offload.protocol import qtfs as wire
 
@@ -116,6 +117,10 @@ def _join(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
 
 
+#: How long adding the watches of a mounted tree may take (well within the client's wait for its Mount).
+WATCH_SECONDS = 2.0
+
+
 class TreeWatch:
     """inotify watches on every directory below ``root`` (a host path); events as Invalidate messages."""
 
@@ -146,7 +151,19 @@ class TreeWatch:
     def _add_tree(self, top: bytes) -> None:
         """Watch ``top`` and the directories below it (watch first, then list: nothing created between is missed)."""
         pending = [top]
+        deadline = time.monotonic() + WATCH_SECONDS
         while pending:
+            if time.monotonic() > deadline:
+                # The client waits for the Mount's answer (qtfs.client's
+                # CONNECT_TIMEOUT): a tree too big to watch by then is served
+                # without the coherent cache rather than not at all.
+                log.warning(
+                    "%s has too many directories to watch within %.0f s; clients will not cache",
+                    os.fsdecode(self.root),
+                    WATCH_SECONDS,
+                )
+                self.complete = False
+                return
             relative = pending.pop()
             host = _join(self.root, relative) if relative else self.root
             wd = _libc.inotify_add_watch(self.fd, host, MASK)
