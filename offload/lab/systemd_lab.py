@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -369,6 +370,20 @@ class SystemdLab:
                 (root / path).chmod(mode)
             say(f"{side.role}: /etc/offload/pki, {', '.join('/' + p for p in files)}")
 
+    def _own_kvm(self) -> Path:
+        """A device node of the lab's own for /dev/kvm (the same device, another inode).
+
+        The container's packages set the owner and mode of their /dev/kvm to
+        their own kvm group; on the machine's node that would change the
+        machine's /dev/kvm, whose group number means another group here.
+        """
+        node = self.dir / "kvm"
+        if not node.exists():
+            machine = os.stat("/dev/kvm")
+            os.mknod(node, stat.S_IFCHR | stat.S_IMODE(machine.st_mode), machine.st_rdev)
+            os.chown(node, machine.st_uid, machine.st_gid)
+        return node
+
     def _boot(self, side: Side) -> None:
         root = self.root(side.role)
         log = open(self.dir / f"{side.role}-nspawn.log", "w")  # noqa: SIM115 - handed to the child
@@ -383,7 +398,7 @@ class SystemdLab:
             "--resolv-conf=off",
             "--console=passive",
             "--bind=/dev/fuse",
-            *(["--bind=/dev/kvm"] if side.role == "host" and Path("/dev/kvm").exists() else []),
+            *([f"--bind={self._own_kvm()}:/dev/kvm"] if side.role == "host" and Path("/dev/kvm").exists() else []),
             "-D",
             str(root),
         ]
