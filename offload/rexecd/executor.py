@@ -107,6 +107,8 @@ async def serve_session(link: SessionLink, state: ServerState) -> None:
         event = await link.control.receive()
         if isinstance(event, ConnectionClosed | LinkFailed):
             return  # an idle connection being retired, or a dead one
+        if isinstance(event, Signal):
+            continue  # sent for the last session as it ended (queued before our Exited went out)
         if not isinstance(event, Exec):
             raise TransportError(f"expected an exec request from {link.peer}, got {type(event).__name__}")
         await Execution(link, event.request, state).run()
