@@ -14,10 +14,19 @@
  *   SPEC is  dup:SRC:DST             dup2 SRC onto DST
  *            open:DST:FLAGS:OFFSET:PATH   open PATH (as the current user) at DST
  *            close:DST               make sure DST is closed
+ *            rlimit:NAME:SOFT:HARD   setrlimit RLIMIT_NAME (CORE, MEMLOCK, NOFILE,
+ *                                    NPROC); SOFT and HARD decimal or "unlimited"
  *
  * STATUS_FD is close-on-exec: the parent reads EOF when exec succeeded, or
- * "STAGE FD ERRNO\n" when a step failed (STAGE is open, dup or exec).
+ * "STAGE FD ERRNO\n" when a step failed (STAGE is open, dup, exec, or the
+ * RLIMIT_NAME that could not be set, with FD -1).
  * Exit status 127 after a reported failure.
+ *
+ * The limits are set last, once the fds are in place (a lower RLIMIT_NOFILE
+ * must not stop a move onto a high number), and as the user this helper
+ * runs as: rexec_server switches to the program's user before it starts us,
+ * so a hard limit above that user's own fails with EPERM here instead of
+ * being granted with root's privilege.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -26,19 +35,33 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #define MAX_SPECS 512
 
 struct spec {
-    enum { SPEC_DUP, SPEC_OPEN, SPEC_CLOSE } kind;
+    enum { SPEC_DUP, SPEC_OPEN, SPEC_CLOSE, SPEC_RLIMIT } kind;
     int src; /* dup: source fd; open: the opened fd once open */
     int orig; /* dup: the source's number as passed to us */
     int dst;
     int flags;
     long long offset;
     const char *path;
+    int resource; /* rlimit */
+    const char *name;
+    struct rlimit limit;
+};
+
+static const struct {
+    const char *name;
+    int resource;
+} limits[] = {
+    { "CORE", RLIMIT_CORE },
+    { "MEMLOCK", RLIMIT_MEMLOCK },
+    { "NOFILE", RLIMIT_NOFILE },
+    { "NPROC", RLIMIT_NPROC },
 };
 
 static int status_fd = -1;
@@ -88,6 +111,47 @@ static int parse_int(const char *text, long long *out)
     return errno == 0 && end != text && (*end == '\0' || *end == ':') ? 0 : -1;
 }
 
+/* One limit: "unlimited" or a decimal number below RLIM_INFINITY, then ':' or the end. */
+static int parse_limit(const char *text, rlim_t *out)
+{
+    char *end;
+    unsigned long long value;
+
+    if (strncmp(text, "unlimited", 9) == 0 && (text[9] == '\0' || text[9] == ':')) {
+        *out = RLIM_INFINITY;
+        return 0;
+    }
+    if (*text < '0' || *text > '9')
+        return -1;
+    errno = 0;
+    value = strtoull(text, &end, 10);
+    if (errno || (*end != '\0' && *end != ':') || value >= (unsigned long long)RLIM_INFINITY)
+        return -1;
+    *out = (rlim_t)value;
+    return 0;
+}
+
+static int parse_rlimit(const char *arg, struct spec *spec)
+{
+    const char *soft = strchr(arg, ':'), *hard;
+    size_t i, len;
+
+    if (!soft || !(hard = strchr(soft + 1, ':')) || strchr(hard + 1, ':'))
+        return -1;
+    len = (size_t)(soft - arg);
+    soft++;
+    hard++;
+    *spec = (struct spec){ .kind = SPEC_RLIMIT, .src = -1, .dst = -1 };
+    for (i = 0; i < sizeof limits / sizeof limits[0]; i++)
+        if (strlen(limits[i].name) == len && strncmp(arg, limits[i].name, len) == 0) {
+            spec->resource = limits[i].resource;
+            spec->name = limits[i].name;
+        }
+    if (!spec->name || parse_limit(soft, &spec->limit.rlim_cur) || parse_limit(hard, &spec->limit.rlim_max))
+        return -1;
+    return 0;
+}
+
 static int parse_spec(char *arg, struct spec *spec)
 {
     long long a, b, c;
@@ -105,6 +169,8 @@ static int parse_spec(char *arg, struct spec *spec)
         *spec = (struct spec){ .kind = SPEC_CLOSE, .src = -1, .dst = (int)a };
         return 0;
     }
+    if (strncmp(arg, "rlimit:", 7) == 0)
+        return parse_rlimit(arg + 7, spec);
     if (strncmp(arg, "open:", 5) == 0) {
         char *p = arg + 5, *q, *r;
         if (parse_int(p, &a) || !(q = strchr(p, ':')) || parse_int(q + 1, &b) ||
@@ -182,8 +248,17 @@ int main(int argc, char **argv)
         struct spec *s = &specs[i];
         if (s->kind == SPEC_CLOSE)
             close(s->dst);
-        else if (dup2(s->src, s->dst) < 0) /* the copy at dst is inheritable */
+        else if (s->kind != SPEC_RLIMIT && dup2(s->src, s->dst) < 0) /* the copy at dst is inheritable */
             report("dup", s->dst, errno);
+    }
+    for (i = 0; i < count; i++) {
+        char stage[32];
+        int err;
+        if (specs[i].kind != SPEC_RLIMIT || setrlimit(specs[i].resource, &specs[i].limit) == 0)
+            continue;
+        err = errno;
+        snprintf(stage, sizeof stage, "RLIMIT_%s", specs[i].name);
+        report(stage, -1, err);
     }
     reset_signals();
     execv(path, program_argv);

@@ -58,10 +58,19 @@ def exec_helper() -> str:
 class ExecFailed(OffloadError):
     """The program could not be started; ``stage`` says which step failed."""
 
-    def __init__(self, stage: str, fd: int, err: int, program: str) -> None:
+    def __init__(
+        self, stage: str, fd: int, err: int, program: str, limit: tuple[int | None, int | None] | None = None
+    ) -> None:
         self.stage, self.fd, self.errno, self.program = stage, fd, err, program
         reason = os.strerror(err)
-        message = f"{program}: {reason}" if stage == "exec" else f"{program}: cannot {stage} fd {fd}: {reason}"
+        if stage == "exec":
+            message = f"{program}: {reason}"
+        elif stage.startswith("RLIMIT_"):
+            # A resource limit its user may not have here (a hard limit above its own, say).
+            asked = f" to soft {_limit(limit[0])}, hard {_limit(limit[1])}" if limit else ""
+            message = f"{program}: cannot set {stage}{asked}: {reason}"
+        else:
+            message = f"{program}: cannot {stage} fd {fd}: {reason}"
         super().__init__(message)
 
     @property
@@ -91,6 +100,8 @@ class ProgramPlan:
     groups: Sequence[int] = ()
     dups: Mapping[int, int] = field(default_factory=dict)  # target fd -> our fd
     opens: Sequence[tuple[int, str, int, int]] = ()  # (target fd, path, flags, offset)
+    #: NAME (protocol.local.RLIMITS) -> (soft, hard), None for unlimited; set as the program's user.
+    rlimits: Mapping[str, tuple[int | None, int | None]] = field(default_factory=dict)
 
 
 async def start_program(plan: ProgramPlan) -> trio.Process:
@@ -102,6 +113,7 @@ async def start_program(plan: ProgramPlan) -> trio.Process:
     specs += [f"open:{target}:{flags}:{offset}:{path}" for target, path, flags, offset in plan.opens]
     targets = set(plan.dups) | {target for target, *_ in plan.opens}
     specs += [f"close:{fd}" for fd in (0, 1, 2) if fd not in targets]
+    specs += [f"rlimit:{name}:{_limit(soft)}:{_limit(hard)}" for name, (soft, hard) in sorted(plan.rlimits.items())]
     command = [exec_helper(), str(status_write), *specs, "--", plan.path, *plan.argv]
     as_root = plan.uid == 0
     global _starting
@@ -140,8 +152,14 @@ async def start_program(plan: ProgramPlan) -> trio.Process:
     if report:
         await reap(process)
         stage, fd, err = report.decode().split()
+        if stage.startswith("RLIMIT_"):
+            raise ExecFailed(stage, -1, int(err), plan.argv[0], plan.rlimits.get(stage.removeprefix("RLIMIT_")))
         raise ExecFailed(stage, int(fd), int(err), plan.argv[0])
     return process
+
+
+def _limit(value: int | None) -> str:
+    return "unlimited" if value is None else str(value)
 
 
 async def reap(process: trio.Process) -> int:

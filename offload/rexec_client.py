@@ -2,7 +2,8 @@
 
 This process is the stand-in (ARCHITECTURE.md): its parent sees it as the
 program.  It describes its own file descriptors, hands the ones that carry
-bytes to the local rexec_server (the agent) over a UNIX socket, and then
+bytes to the local rexec_server (the agent) over a UNIX socket with its
+resource limits (`local.RLIMITS`: the ones libvirt set for qemu), and then
 only waits: it forwards the signals it receives, holds the pidmap file's
 lock, and ends exactly as the remote program ended.  All byte relaying is
 done by the agent, which already has a warm, authenticated link; that keeps
@@ -23,6 +24,7 @@ import _signal
 import _socket
 import errno
 import os
+import resource
 import select
 import stat
 import sys
@@ -114,8 +116,6 @@ def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
 
 def die_by_signal(signum: int) -> NoReturn:
     """End this process with ``signum`` so waitpid() in the parent sees it."""
-    import resource  # only on this path: keep start-up imports small
-
     # The remote program may have dumped core; the stand-in must not.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if signum not in (_signal.SIGKILL, _signal.SIGSTOP):  # these have no handler to reset
@@ -177,6 +177,15 @@ def write_pidfile(path: str, pid: int) -> None:
         os.close(fd)
 
 
+def own_rlimits() -> dict[str, list[int | str]]:
+    """Our limits of `local.RLIMITS`: libvirt set them in its child before it exec'ed us, for the program."""
+    limits: dict[str, list[int | str]] = {}
+    for name in local.RLIMITS:
+        pair = resource.getrlimit(getattr(resource, f"RLIMIT_{name}"))
+        limits[name] = [local.UNLIMITED if v == resource.RLIM_INFINITY else v for v in pair]
+    return limits
+
+
 def build_request(program: list[str], pidfile: str | None) -> tuple[dict, list[int]]:
     descriptions = [fdinfo.describe(fd) for fd in fdinfo.open_fds()]
     passed = [
@@ -198,6 +207,7 @@ def build_request(program: list[str], pidfile: str | None) -> tuple[dict, list[i
         "umask": umask,
         "fds": descriptions,
         "daemon_pidfile": pidfile,
+        "rlimits": own_rlimits(),
     }
     return request, passed
 

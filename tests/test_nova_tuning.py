@@ -197,6 +197,27 @@ def test_a_host_process_the_dpu_did_not_start_is_out_of_reach(tlab: Lab, qemu: p
         proc.end_pid(bystander.pid)
 
 
+def test_qemu_has_the_resource_limits_libvirt_gave_its_stand_in(qemu: psutil.Process) -> None:
+    """libvirt sets qemu's limits in its child before exec (max_core is 0 by default): the host's qemu has them."""
+    (stand_in,) = [
+        p
+        for p in psutil.process_iter(["exe", "cmdline"])
+        if p.pid != qemu.pid
+        and f"guest={GUEST}," in " ".join(p.info["cmdline"] or [])
+        and "rexec" in str(p.info["cmdline"])
+    ]
+    carried = ("Max core file size", "Max locked memory", "Max open files", "Max processes")
+    wanted = {
+        line[:26].strip(): line[26:].split()[:2]
+        for line in Path(f"/proc/{stand_in.pid}/limits").read_text().splitlines()
+    }
+    shown = {
+        line[:26].strip(): line[26:].split()[:2] for line in Path(f"/proc/{qemu.pid}/limits").read_text().splitlines()
+    }
+    assert wanted["Max core file size"] == ["0", "0"]
+    assert {name: shown[name] for name in carried} == {name: wanted[name] for name in carried}
+
+
 def test_tuning_reaches_a_running_domain_after_libvirtd_restarts(tlab: Lab, virsh: Virsh, qemu: psutil.Process) -> None:
     # libvirt reconnecting finds the domain's groups through the host's /proc/<qemu>/cgroup, not the stand-in's.
     dpu_libvirt.restart_libvirtd(tlab)

@@ -46,6 +46,7 @@ REQUEST = ExecRequest(
         FdSpec(5, FdKind.FILE, path="/var/lib/libvirt/x", access="rw", append=True, offset=1 << 40),
         FdSpec(29, FdKind.LISTENER),
     ),
+    rlimits={"NOFILE": (1024, 8192), "CORE": (0, 0), "MEMLOCK": (65536, None), "NPROC": (None, None)},
 )
 
 
@@ -196,6 +197,39 @@ def test_bad_requests_refused_on_construction(change: dict) -> None:
     fields = REQUEST.to_json() | change
     with pytest.raises((RemoteProtocolError, ValueError)):
         ExecRequest.from_json(fields)
+
+
+def test_a_request_without_rlimits_sets_none() -> None:
+    document = REQUEST.to_json()
+    del document["rlimits"]
+    assert ExecRequest.from_json(document).rlimits == {}
+
+
+@pytest.mark.parametrize(
+    ("rlimits", "why"),
+    [
+        ({"AS": [1, 2]}, "'AS' is not one that is carried"),
+        ({"NOFILE": [2, 1]}, "RLIMIT_NOFILE: soft limit above the hard limit"),
+        ({"NOFILE": ["unlimited", 1]}, "soft limit above the hard limit"),
+        ({"NOFILE": [-1, 1]}, "'-1' is not a limit"),
+        ({"NOFILE": [1, 1 << 64]}, "is not a limit"),
+        ({"NOFILE": [1, 1 << 63]}, "is not a limit"),
+        ({"NOFILE": [True, 2]}, "'True' is not a limit"),
+        ({"NOFILE": [1.5, 2]}, "is not a limit"),
+        ({"NOFILE": ["infinity", "unlimited"]}, "'infinity' is not a limit"),
+        ({"NOFILE": [1]}, "expected \\[soft, hard\\]"),
+        ({"NOFILE": {"soft": 1}}, "expected"),
+        ([["NOFILE", 1, 2]], "rlimits must be an object"),
+    ],
+)
+def test_hostile_rlimits_are_the_peers_error(rlimits: object, why: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=why):
+        ExecRequest.from_json(REQUEST.to_json() | {"rlimits": rlimits})
+
+
+def test_malformed_rlimits_refused_on_construction() -> None:
+    with pytest.raises(ValueError, match=r"RLIMIT_NOFILE: expected \[soft, hard\]"):
+        ExecRequest(argv=("/bin/true",), rlimits={"NOFILE": (1, 2, 3)})  # type: ignore[dict-item]
 
 
 def test_file_spec_refuses_dotdot() -> None:

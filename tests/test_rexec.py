@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
+import resource
 import signal
 import socket
 import subprocess
@@ -462,4 +464,97 @@ def test_duplicate_fd_description_refused(lab: Lab) -> None:
         os.close(read_end)
         os.close(write_end)
     assert b"described an fd number twice" in reply
+    assert rexec(lab, "/bin/true").returncode == 0
+
+
+def host_limits(pid: int) -> dict[str, tuple[str, str]]:
+    """/proc/PID/limits on the host side: "Max open files" -> (soft, hard)."""
+    found = {}
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines()[1:]:
+        name, soft, hard = re.match(r"(.+?)\s{2,}(\S+)\s+(\S+)", line).groups()  # type: ignore[union-attr]
+        found[name] = (soft, hard)
+    return found
+
+
+def lowered(limit: int, hard: int) -> tuple[int, int]:
+    """A (soft, hard) pair below the current ``limit``'s hard, so that any user may set it."""
+    current = resource.getrlimit(limit)[1]
+    top = hard if current == resource.RLIM_INFINITY else min(hard, current)
+    return top // 2, top
+
+
+def test_the_stand_ins_resource_limits_are_the_programs(lab: Lab) -> None:
+    """libvirt sets qemu's limits in its child before exec, so on the stand-in: the host's program gets them."""
+    limits = {
+        "nofile": lowered(resource.RLIMIT_NOFILE, 200),
+        "nproc": lowered(resource.RLIMIT_NPROC, 3000),
+        "memlock": lowered(resource.RLIMIT_MEMLOCK, 1 << 20),
+        "core": (0, 0),
+    }
+    prlimit = ["prlimit", *(f"--{name}={soft}:{hard}" for name, (soft, hard) in limits.items()), "--"]
+    child = proc.spawn(
+        lab.command("dpu", [*prlimit, *proc.program("rexec"), "/bin/sleep", "30"]),
+        env=lab.env("dpu"),
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        remote = remote_pid_of(lab, child.pid)
+        assert psutil.Process(remote).cmdline() == ["/bin/sleep", "30"]
+        shown = host_limits(remote)
+        assert shown["Max open files"] == tuple(map(str, limits["nofile"]))
+        assert shown["Max processes"] == tuple(map(str, limits["nproc"]))
+        assert shown["Max locked memory"] == tuple(map(str, limits["memlock"]))
+        assert shown["Max core file size"] == ("0", "0")
+    finally:
+        child.kill()
+        child.wait()
+
+
+#: A stand-in that asks for more than it has: RLIMIT_NOFILE with an unlimited hard limit.
+GREEDY_STAND_IN = """\
+import sys
+from offload import rexec_client
+own = rexec_client.own_rlimits
+rexec_client.own_rlimits = lambda: {**own(), "NOFILE": [64, "unlimited"]}
+rexec_client.main(sys.argv[1:])
+"""
+
+
+def test_a_hard_limit_above_the_users_is_not_granted(lab: Lab) -> None:
+    """Limits are set as the program's user: a request above that user's hard limit runs nothing."""
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    script = ["/bin/sh", "-c", "echo ran; grep 'open files' /proc/self/limits"]
+    greedy = proc.run(
+        lab.command("dpu", [*nobody, PYTHON, "-P", "-c", GREEDY_STAND_IN, *script], cwd="/"),
+        env=lab.env("dpu"),
+        check=False,
+        timeout=30,
+        text=False,
+    )
+    assert greedy.stdout == b""  # the program never ran, with or without the limit
+    assert greedy.returncode == 126
+    assert b"cannot set RLIMIT_NOFILE to soft 64, hard unlimited: Operation not permitted" in greedy.stderr
+    # Lowering its own limits is any user's right: the same user's program gets them.
+    modest = proc.run(
+        lab.command("dpu", ["prlimit", "--nofile=64:128", "--", *nobody, *proc.program("rexec"), *script], cwd="/"),
+        env=lab.env("dpu"),
+        check=False,
+        timeout=30,
+        text=False,
+    )
+    assert modest.returncode == 0, modest.stderr
+    assert modest.stdout.split()[0] == b"ran"
+    assert modest.stdout.split()[-3:-1] == [b"64", b"128"]
+
+
+@pytest.mark.parametrize(
+    ("rlimits", "why"),
+    [({"NOFILE": [2, 1]}, b"soft limit above the hard limit"), ({"RTPRIO": [1, 1]}, b"is not one that is carried")],
+)
+def test_malformed_rlimits_refused_by_the_agent(lab: Lab, rlimits: dict, why: bytes) -> None:
+    from offload.protocol import local
+
+    request = {"target": None, "argv": ["/bin/true"], "env": {}, "cwd": "/", "umask": 18, "fds": [], "rlimits": rlimits}
+    reply = agent_exchange(lab, local.encode(local.L_REQUEST, request))
+    assert why in reply
     assert rexec(lab, "/bin/true").returncode == 0

@@ -32,6 +32,14 @@ AGENT_SOCKET_ENV = "REXEC_AGENT_SOCKET"
 #: The request carries argv and environment, so it may be large (ARG_MAX is 2 MiB).
 MAX_REQUEST = 3 << 20
 
+#: The resource limits a stand-in carries in its request (``"rlimits"``:
+#: NAME -> [soft, hard], each a number or ``"unlimited"``): those libvirt
+#: sets in the child it forks before it execs the emulator (memtune's
+#: hard_limit or locked memory; qemu.conf's max_files, max_processes and
+#: max_core).  The host applies them to the program as the program's user.
+RLIMITS = ("CORE", "MEMLOCK", "NOFILE", "NPROC")
+UNLIMITED = "unlimited"
+
 
 # The stand-in starts for every remote program, and `import json` costs it
 # more than the rest of its start-up (json imports re, which imports enum).

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from offload.errors import LocalProtocolError, RemoteProtocolError
-from offload.protocol import fdpass, messages
+from offload.protocol import fdpass, local, messages
 from offload.protocol.fdpass import MAX_FDS, FdDescription
 from offload.protocol.framing import CLOSED, NEED_DATA, Frame, FrameDecoder, encode_frame, encode_header
 from offload.protocol.messages import check_path
@@ -64,7 +64,49 @@ MAX_FD_NUMBER = 1 << 20
 #: Unix98 pty numbers are below this (the kernel's own limit is far lower).
 MAX_PTY_INDEX = 1 << 20
 
+#: A finite resource limit is below this (the kernel's RLIM_INFINITY is all ones).
+MAX_RLIMIT = 1 << 63
+
 _WINDOW = struct.Struct("!I")
+
+#: A resource limit: (soft, hard), None for unlimited.
+Rlimit = tuple[int | None, int | None]
+
+
+def parse_rlimits(value: object) -> dict[str, Rlimit]:
+    """The ``rlimits`` of a request (`offload.protocol.local.RLIMITS`), checked; ValueError names what is wrong.
+
+    Any local user's stand-in writes them: only the known names, numbers in
+    range or "unlimited", and a soft limit no higher than its hard one.
+    Whether the program's user may have them is the host kernel's to say.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError("rlimits must be an object")
+    limits: dict[str, Rlimit] = {}
+    for name, pair in value.items():
+        if name not in local.RLIMITS:
+            raise ValueError(f"resource limit {str(name)[:32]!r} is not one that is carried")
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise ValueError(f"RLIMIT_{name}: expected [soft, hard]")
+        soft, hard = (_rlimit_value(v, name) for v in pair)
+        if hard is not None and (soft is None or soft > hard):
+            raise ValueError(f"RLIMIT_{name}: soft limit above the hard limit")
+        limits[name] = (soft, hard)
+    return limits
+
+
+def _rlimit_value(value: object, name: str) -> int | None:
+    if value == local.UNLIMITED:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_RLIMIT:
+        raise ValueError(f"RLIMIT_{name}: {str(value)[:32]!r} is not a limit")
+    return value
+
+
+def rlimits_to_json(limits: Mapping[str, Rlimit]) -> dict[str, list[int | str]]:
+    return {name: [local.UNLIMITED if v is None else v for v in pair] for name, pair in limits.items()}
 
 
 class Role(enum.Enum):
@@ -154,6 +196,8 @@ class ExecRequest:
     user: str = "root"
     fds: tuple[FdSpec, ...] = ()
     daemon_pidfile: str | None = None
+    #: The caller's resource limits of `local.RLIMITS`, set on the program as its user.
+    rlimits: Mapping[str, Rlimit] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.argv or len(self.argv) > MAX_ARGC:
@@ -182,6 +226,8 @@ class ExecRequest:
             raise ValueError("a channel appears twice")
         if self.daemon_pidfile is not None:
             check_path(self.daemon_pidfile, "daemon pidfile")
+        if parse_rlimits(rlimits_to_json(self.rlimits)) != dict(self.rlimits):
+            raise ValueError("rlimits are malformed")
 
     @property
     def program(self) -> str:
@@ -196,6 +242,7 @@ class ExecRequest:
             "user": self.user,
             "fds": [spec.to_json() for spec in self.fds],
             "daemon_pidfile": self.daemon_pidfile,
+            "rlimits": rlimits_to_json(self.rlimits),
         }
 
     @classmethod
@@ -220,6 +267,7 @@ class ExecRequest:
                 user=messages.field(document, "user", str, what),
                 fds=tuple(FdSpec.from_json(entry) for entry in fds),
                 daemon_pidfile=pidfile,
+                rlimits=parse_rlimits(document.get("rlimits")),
             )
         except ValueError as exc:
             raise RemoteProtocolError(f"{what}: {exc}") from None

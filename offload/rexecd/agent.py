@@ -48,6 +48,7 @@ from offload.protocol.rexec import (
     Signal,
     Started,
     State,
+    parse_rlimits,
 )
 from offload.rexecd import console, policy
 from offload.rexecd.link import LinkFailed, Passing, SessionLink
@@ -268,6 +269,7 @@ class AgentSession:
             user=caller.user,
             fds=plan.specs,
             daemon_pidfile=document.get("daemon_pidfile"),
+            rlimits=parse_rlimits(document.get("rlimits")),
         )
         return request
 

@@ -5,7 +5,8 @@ other ends we relay, /dev/null, shared regular files re-opened as the
 program's user, and for every listening socket of the caller a private
 listener of ours to which each bridged connection is delivered.  The
 program runs as the caller's user (mapped), in its own process group, with
-an allowlisted environment.  If the caller goes away (the stand-in was
+an allowlisted environment and the caller's resource limits (set as that
+user, so never above what the user may have here).  If the caller goes away (the stand-in was
 killed, the link was lost) the program gets SIGTERM and, after a grace
 period, SIGKILL: no orphans on this machine.
 """
@@ -215,6 +216,7 @@ class Execution:
             groups=user.groups,
             dups=dups,
             opens=opens,
+            rlimits=request.rlimits,
         )
 
     def _add_end(self, channel: int, end: ByteEnd, *, inbound: bool, outbound: bool) -> None:
