@@ -914,7 +914,9 @@ ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
  * - open() or fopen() of /proc/PID/cgroup, PID a stand-in, when
  *   OFFLOAD_CGROUP_PARTITIONS names the host partitions
  *   ("CONTROLLER=HOSTPATH=LOCALPATH;...", cgroup paths as /proc/PID/cgroup
- *   shows them on each machine), gives the host's /proc/HOSTPID/cgroup with
+ *   shows them on each machine; when it is not set, the first line of
+ *   /run/offload/cgroup-partitions, which offload prepare writes into the
+ *   rootfs from its cgroup_partitions), gives the host's /proc/HOSTPID/cgroup with
  *   each host partition's path replaced by the local path it is mounted
  *   over, and "/" for every other group: libvirt, reconnecting to a running
  *   domain, finds its groups in the partitions.
@@ -1003,19 +1005,41 @@ static enum shim_status host_proc_path(const char *path, char *out, size_t cap)
         }                                                                                                     \
     } while (0)
 
-/* /proc/PID/cgroup of a stand-in, when OFFLOAD_CGROUP_PARTITIONS names the
- * host partitions: the host's /proc/HOSTPID/cgroup, rewritten by
+#define SHIM_PARTITIONS_FILE "/run/offload/cgroup-partitions"
+
+/* The partition map: OFFLOAD_CGROUP_PARTITIONS when set (empty: none), else
+ * the first line of SHIM_PARTITIONS_FILE, read into BUF (CAP bytes) each
+ * time, so that a new prepare is seen without restarting libvirtd.  NULL or
+ * "": no partitions. */
+static const char *partition_map(char *buf, size_t cap)
+{
+    const char *env = getenv("OFFLOAD_CGROUP_PARTITIONS");
+    char *newline;
+
+    if (env)
+        return env;
+    if (read_small(SHIM_PARTITIONS_FILE, buf, cap) <= 0)
+        return NULL;
+    if ((newline = strchr(buf, '\n')))
+        *newline = '\0';
+    return buf;
+}
+
+/* /proc/PID/cgroup of a stand-in, when the partition map names the host
+ * partitions: the host's /proc/HOSTPID/cgroup, rewritten by
  * shim_rewrite_cgroup, in a memfd.  SHIM_CARRIED: *FD is it; SHIM_FAILED:
  * fail the open (errno), never giving the stand-in's own cgroups in the
  * host's place; SHIM_NOT_CARRIED: open PATH itself. */
 static enum shim_status host_cgroup(const char *path, int flags, int *fd)
 {
-    const char *root = host_proc(), *map = getenv("OFFLOAD_CGROUP_PARTITIONS");
-    char host[PATH_MAX], text[16384], rewritten[16384];
+    const char *root = host_proc(), *map;
+    char host[PATH_MAX], text[16384], rewritten[16384], published[4096];
     long pid, remote;
     int len, saved;
 
-    if (!root || !map || !*map || (pid = shim_proc_cgroup_pid(path)) < 0 || (remote = standin_remote(pid)) < 0)
+    if (!root || !path || (pid = shim_proc_cgroup_pid(path)) < 0 || (remote = standin_remote(pid)) < 0)
+        return SHIM_NOT_CARRIED;
+    if (!(map = partition_map(published, sizeof published)) || !*map)
         return SHIM_NOT_CARRIED;
     if ((flags & O_ACCMODE) != O_RDONLY) {
         errno = EACCES;

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from offload import proc
 from offload.errors import ConfigError
 from offload.mounts import config, mountinfo, paths, plan, syscalls
 from offload.mounts.machine import DeviceNode, Facts
-from offload.mounts.ops import BindOp, MakeDir, MakeLink, MakeNode, MountOp, QtfsMount, Skipped
+from offload.mounts.ops import BindOp, MakeDir, MakeLink, MakeNode, MountOp, QtfsMount, Skipped, WriteFile
 from offload.prefix import is_under
 
 # A cgroup v1 layout like this machine's (cpu and cpuacct apart, no
@@ -192,6 +193,35 @@ def test_a_host_adds_userspace_qtfs_exports_and_the_host_facts() -> None:
     order = [s.path for s in steps]
     # the staging mount after the tmpfs /run it lives on, the binds after both it and /proc
     assert order.index("/t/run") < order.index("/t/run/offload/qtfs-proc") < order.index(facts_binds[0].path)
+
+
+def test_the_shims_partition_map_is_written_from_the_cgroup_partitions() -> None:
+    partitions = (
+        config.Export(remote="/sys/fs/cgroup/cpu,cpuacct/offload/machine", local="/sys/fs/cgroup/cpu/machine"),
+        config.Export(remote="/sys/fs/cgroup/memory/offload/machine", local="/sys/fs/cgroup/memory/machine"),
+        config.Export(remote="/sys/fs/cgroup/blkio/vms", local="/sys/fs/cgroup/net_cls,net_prio/machine"),
+        config.Export(remote="/sys/fs/cgroup/cpuset", local="/sys/fs/cgroup/cpuset/machine"),  # a hierarchy's root
+        config.Export(remote="/srv/cgroup/x", local="/sys/fs/cgroup/pids/machine"),  # not a cgroup mount's path
+    )
+    cfg = config.PrepareConfig(host="10.0.0.1:7003", cgroup_partitions=partitions)
+    steps = build(cfg).steps
+    (written,) = [s for s in steps if isinstance(s, WriteFile)]
+    assert written.path == "/t/run/offload/cgroup-partitions"
+    assert written.content == (
+        "cpu=/offload/machine=/machine;memory=/offload/machine=/machine;net_cls=/vms=/machine;net_prio=/vms=/machine"
+    )
+    order = [s.path for s in steps]
+    assert order.index("/t/run") < order.index(written.path)
+    # Without partitions, or without a host (nothing is mounted), nothing is written.
+    assert not [s for s in build(replace(cfg, cgroup_partitions=())).steps if isinstance(s, WriteFile)]
+    assert not [s for s in build(replace(cfg, host="")).steps if isinstance(s, WriteFile)]
+    # One cgroup2 hierarchy: the shim maps controller hierarchies only.
+    unified = Facts(
+        mounts=mountinfo.parse("31 23 0:28 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"),
+        filesystems=FACTS.filesystems,
+        devices=(),
+    )
+    assert plan.shim_partitions(cfg, unified) == ""
 
 
 def test_the_kernel_module_is_used_where_the_kernel_has_qtfs() -> None:

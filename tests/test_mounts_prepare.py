@@ -369,3 +369,54 @@ def test_prepare_and_teardown_are_fast_enough_to_count_in_the_bench_only(target:
 def test_errors_carry_the_errno_name() -> None:
     exc = MountError("x", path="/p", errno=errno.EBUSY)
     assert exc.errno_name == "EBUSY" and exc.path == "/p"
+
+
+def partitions_plan(target: str, *, run_tmpfs: bool) -> plan_module.Plan:
+    """The steps that publish the shim's partition map, with or without the target's /run tmpfs below it."""
+    path = paths.resolve(target, plan_module.CGROUP_PARTITIONS_FILE)
+    steps: list[ops.Op] = [ops.WriteFile(path=path, content="cpu=/offload/machine=/machine")]
+    if run_tmpfs:
+        steps.append(ops.MountOp(path=paths.resolve(target, "/run"), fstype="tmpfs", source="tmpfs"))
+    return plan_module.Plan(target, plan_module.order(steps))
+
+
+@pytest.mark.parametrize("run_tmpfs", [True, False], ids=["on-run-tmpfs", "on-the-rootfs"])
+def test_prepare_writes_the_shims_partition_map_and_teardown_removes_it(target: str, run_tmpfs: bool) -> None:
+    published = f"{target}{plan_module.CGROUP_PARTITIONS_FILE}"
+
+    def body() -> dict[str, object]:
+        plan = partitions_plan(target, run_tmpfs=run_tmpfs)
+        first = orchestrator.prepare(plan)
+        found = {"text": Path(published).read_text(), "mode": oct(os.stat(published).st_mode & 0o777)}
+        found["fs"] = [e.fstype for e in mountinfo.stack_at(mountinfo.read(), f"{target}/run")]
+        Path(published).write_text("stale\n")  # a different map: the next prepare replaces it
+        second = orchestrator.prepare(plan)
+        found["rewritten"] = Path(published).read_text()
+        found["done"] = (first.done, second.done, orchestrator.prepare(plan).already)
+        orchestrator.teardown(target)
+        found["after"] = os.path.exists(published)
+        return found
+
+    found = in_private_namespace(body)
+    assert found["text"] == "cpu=/offload/machine=/machine\n" and found["mode"] == "0o644"
+    assert found["fs"] == (["tmpfs"] if run_tmpfs else [])
+    assert found["rewritten"] == "cpu=/offload/machine=/machine\n"
+    assert found["done"] == ((2, 1, 2) if run_tmpfs else (1, 1, 1))
+    assert found["after"] is False
+
+
+def test_the_partition_map_is_never_written_through_a_symlink(target: str, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.makedirs(f"{target}/run")
+
+    def body() -> tuple[str, list[str]]:
+        plan = partitions_plan(target, run_tmpfs=False)
+        # Planted after the plan was made, as a peer's mount could show one.
+        os.symlink(os.path.relpath(outside, f"{target}/run"), f"{target}/run/offload")
+        with pytest.raises(StepFailed) as caught:
+            orchestrator.prepare(plan)
+        return str(caught.value), os.listdir(outside)
+
+    message, written = in_private_namespace(body)
+    assert written == [] and "symlink" in message

@@ -68,21 +68,6 @@ def prepare_config(lab: Lab) -> str:
     )
 
 
-def cgroup_partitions(lab: Lab) -> str:
-    """The shim's OFFLOAD_CGROUP_PARTITIONS: "CONTROLLER=HOST CGROUP=LOCAL CGROUP" items, ';'-separated.
-
-    The host cgroup is a partition's path as the host's /proc/PID/cgroup
-    shows it (below its hierarchy's mount, which the host side mounts at its
-    root); the local one is the rootfs's /machine that the partition is
-    mounted over.
-    """
-    items = []
-    for name, place in sorted(lab.host_partitions.items()):
-        hierarchy = Path(*place.parts[:5])  # /sys/fs/cgroup/<hierarchy>
-        items.append(f"{name}=/{place.relative_to(hierarchy)}=/machine")
-    return ";".join(items)
-
-
 def start(lab: Lab) -> list[str]:
     root = target(lab)
     done = []
@@ -130,8 +115,7 @@ def _start_libvirtd(lab: Lab, root: Path) -> None:
         "UDSPROXY_SOCKET": UDSPROXY_SOCKET_IN_ROOTFS,
         # The host's /proc, where the shim reads a remote program's statistics and affinity.
         "OFFLOAD_HOST_PROC": HOST_PROC_IN_ROOTFS,
-        # Where the host's cgroups of its programs are mounted here, for libvirt reconnecting to a running domain.
-        "OFFLOAD_CGROUP_PARTITIONS": cgroup_partitions(lab),
+        # No OFFLOAD_CGROUP_PARTITIONS: the shim reads the map prepare wrote into the rootfs.
     }
     _start_chrooted(lab, "dpu-libvirtd", root, ["/usr/sbin/libvirtd"], shim_env)
 

@@ -517,6 +517,95 @@ class MakeDir(Op):
 
 
 @dataclass(frozen=True, kw_only=True)
+class WriteFile(Op):
+    """A small file the target's programs read (the shim's cgroup partitions), written whole.
+
+    Written beneath the target without following a symlink, under a
+    temporary name and renamed into place, so a reader sees the old text or
+    the new.  It is prepare's own: a different text there is replaced.
+    """
+
+    content: str
+    mode: int = 0o644
+
+    @property
+    def what(self) -> str:
+        return f"write {os.path.basename(self.path)}"
+
+    def describe(self) -> list[str]:
+        return [f"mkdir -p {_q(os.path.dirname(self.path))}", f"printf '%s\\n' {_q(self.content)} > {_q(self.path)}"]
+
+    def check(self, entries: tuple[MountEntry, ...]) -> Check:
+        return self._compare(os.path.basename(self.path), None)
+
+    def _compare(self, name: str, folder: int | None) -> Check:
+        try:
+            fd = os.open(
+                self.path if folder is None else name,
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                dir_fd=folder,
+            )
+        except FileNotFoundError:
+            return Check(MISSING)
+        except OSError as exc:
+            return Check(WRONG, f"cannot be read: {exc.strerror}")
+        try:
+            found = os.read(fd, len(self.text) + 1)
+        finally:
+            os.close(fd)
+        return Check(PRESENT) if found == self.text else Check(WRONG, "holds other text")
+
+    @property
+    def text(self) -> bytes:
+        return f"{self.content}\n".encode()
+
+    def execute(self, ctx: Context) -> Result:
+        name = os.path.basename(self.path)
+        folder = paths.open_inside(ctx.target, os.path.dirname(self.path), make=paths.DIRECTORY)
+        try:
+            if self._compare(name, folder).state == PRESENT:
+                return Result(ALREADY)
+            temporary = f".{name}.new"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary, dir_fd=folder)
+            fd = os.open(
+                temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, self.mode, dir_fd=folder
+            )
+            try:
+                os.fchmod(fd, self.mode)
+                os.write(fd, self.text)
+            finally:
+                os.close(fd)
+            os.rename(temporary, name, src_dir_fd=folder, dst_dir_fd=folder)
+        finally:
+            os.close(folder)
+        target = ctx.target
+
+        def undo() -> None:
+            remove_inside(target, self.path)
+
+        ctx.on_undo(f"rm {self.path}", undo)
+        return Result(DONE)
+
+
+def remove_inside(target: str, path: str) -> bool:
+    """Remove the file ``path`` (a machine path below ``target``), its directory reached without a symlink; True if it was there."""
+    try:
+        folder = paths.open_inside(target, os.path.dirname(path))
+    except MountError as exc:
+        if exc.errno == errno_module.ENOENT:
+            return False
+        raise
+    try:
+        os.unlink(os.path.basename(path), dir_fd=folder)
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(folder)
+    return True
+
+
+@dataclass(frozen=True, kw_only=True)
 class Skipped(Op):
     """A step the plan cannot do on this machine, kept so that output says why."""
 

@@ -8,7 +8,7 @@ the kernel's errno).  Every mount it makes is recorded by its mount id
 whatever /proc/self/mountinfo shows below the target and whatever the
 record names (and everything mounted below those), newest mount first (so
 children before parents, and a covering mount before what it covers),
-and checks that nothing is left.  A userspace qtfs mount is taken down
+removes the files prepare wrote there, and checks that nothing is left.  A userspace qtfs mount is taken down
 with its client: teardown returns once the clients have ended.
 """
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from offload.errors import MountBusy, MountError, OffloadError, StepFailed, errno_name
 from offload.mounts import mountinfo, ops, paths, records, syscalls
 from offload.mounts.mountinfo import MountEntry
-from offload.mounts.plan import Plan
+from offload.mounts.plan import PUBLISHED_FILES, Plan
 from offload.prefix import is_under
 
 log = logging.getLogger(__name__)
@@ -259,10 +259,24 @@ def teardown(
         return _teardown(target, force, report)
 
 
+def _remove_published(target: str, report: Report) -> None:
+    """Remove the files prepare wrote into the target (`plan.PUBLISHED_FILES`), wherever they are now."""
+    for path in PUBLISHED_FILES:
+        try:
+            machine_path = paths.resolve(target, path)
+            if ops.remove_inside(target, machine_path):
+                report(f"removed {machine_path}")
+        except (OffloadError, OSError) as exc:
+            report(f"could not remove {path} in {target}: {exc}")
+
+
 def _teardown(target: str, force: bool, report: Report) -> TeardownSummary:
     summary = TeardownSummary()
     started = time.monotonic()
     busy: list[MountBusy] = []
+    # Before the mounts go (the file may be on the target's /run tmpfs) and
+    # after (one written while /run was not mounted there).
+    _remove_published(target, report)
     # Repeat while a pass makes progress: a mount that could not be reached
     # by its path (covered by another one that is gone now) gets its turn.
     for _ in range(8):
@@ -315,6 +329,7 @@ def _teardown(target: str, force: bool, report: Report) -> TeardownSummary:
     if left:
         listing = ", ".join(f"{e.mount_point} ({e.fstype})" for e in left)
         raise MountError(f"still mounted below {target} after teardown: {listing}", path=left[0].mount_point)
+    _remove_published(target, report)
     records.save(target, [])
     summary.seconds = time.monotonic() - started
     return summary

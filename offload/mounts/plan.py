@@ -17,7 +17,9 @@ virt_start.sh does (section 4.2 of the behaviour notes), without its faults:
 * with a qtfs host configured: the host's exported directories, and the
   host's /proc and /sys facts mounted whole in a staging directory and bound
   read-only over the target's own /proc files and /sys directories
-  (LXCFS-style, so /proc/self and the pids stay this machine's).
+  (LXCFS-style, so /proc/self and the pids stay this machine's);
+  with cgroup partitions, the shim's map of them (`shim_partitions`) in
+  the target's /run/offload/cgroup-partitions.
 """
 
 from __future__ import annotations
@@ -31,11 +33,16 @@ from offload.errors import ConfigError
 from offload.mounts import mountinfo
 from offload.mounts.config import MountSpec, PrepareConfig
 from offload.mounts.machine import Facts
-from offload.mounts.ops import BindOp, MakeDir, MakeLink, MakeNode, MountOp, Op, QtfsMount, Skipped
+from offload.mounts.ops import BindOp, MakeDir, MakeLink, MakeNode, MountOp, Op, QtfsMount, Skipped, WriteFile
 from offload.prefix import is_under
 from offload.qtfs.facts import PROC_FILES, SYS_DIRS  # the host's /proc files and /sys directories qtfs serves
 
 CGROUP_ROOT = "/sys/fs/cgroup"
+#: Inside the target: the udsproxy shim's map of the cgroup partitions (its
+#: OFFLOAD_CGROUP_PARTITIONS when that is not set; native/qtfs_shim.c).
+CGROUP_PARTITIONS_FILE = "/run/offload/cgroup-partitions"
+#: The files prepare writes into the target; teardown removes them.
+PUBLISHED_FILES = (CGROUP_PARTITIONS_FILE,)
 
 Resolver = Callable[[str], str]
 
@@ -203,6 +210,9 @@ def qtfs_steps(config: PrepareConfig, facts: Facts, resolve: Resolver) -> list[O
         )
         for partition in config.cgroup_partitions
     ]
+    partitions = shim_partitions(config, facts)
+    if partitions:
+        steps.append(WriteFile(path=resolve(CGROUP_PARTITIONS_FILE), content=partitions))
     for enabled, kind, names in ((config.proc_facts, "proc", PROC_FILES), (config.sys_facts, "sys", SYS_DIRS)):
         if not enabled:
             continue
@@ -226,6 +236,37 @@ def qtfs_steps(config: PrepareConfig, facts: Facts, resolve: Resolver) -> list[O
             for name in names
         ]
     return steps
+
+
+def shim_partitions(config: PrepareConfig, facts: Facts) -> str:
+    """The shim's map of the cgroup partitions: "CONTROLLER=HOST GROUP=LOCAL GROUP" items, ';'-separated.
+
+    A group is a path as /proc/PID/cgroup shows it on that machine: below
+    its hierarchy's mount, /sys/fs/cgroup/HIERARCHY on either side (the
+    partitions are v1 controller hierarchies; the hierarchy's name, or the
+    name of a link to it such as "cpu", gives the controllers).  With it,
+    libvirt reconnecting to a running domain finds the domain's groups in
+    the partitions it mounted.  Empty where there is nothing to map, or
+    where this machine's cgroups are one cgroup2 hierarchy (the shim maps
+    controller hierarchies only).
+    """
+    if any(entry.mount_point == CGROUP_ROOT and entry.fstype == "cgroup2" for entry in facts.mounts):
+        return ""
+    items: dict[str, None] = {}
+    for partition in config.cgroup_partitions:
+        local = os.path.relpath(partition.where, CGROUP_ROOT).split("/")
+        remote = os.path.relpath(partition.remote, CGROUP_ROOT).split("/")
+        if not is_under(partition.where, CGROUP_ROOT) or not is_under(partition.remote, CGROUP_ROOT):
+            continue
+        if len(local) < 2 or len(remote) < 2:
+            continue  # a hierarchy's root is no partition
+        host_group, local_group = "/" + "/".join(remote[1:]), "/" + "/".join(local[1:])
+        if any(c in host_group + local_group for c in "=;"):
+            continue  # the map has no way to write these
+        for controller in local[0].split(","):
+            if controller and "=" not in controller and ";" not in controller:
+                items[f"{controller}={host_group}={local_group}"] = None
+    return ";".join(items)
 
 
 def order(steps: list[Op]) -> tuple[Op, ...]:
