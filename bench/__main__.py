@@ -12,7 +12,9 @@ one section per part:
 - prepare: offload prepare / teardown of the default plan (bench/prepare_bench.py);
 - rootfs: each build mode against cp -a and debootstrap (bench/rootfs_bench.py);
 - libvirt: VM start, destroy, save and restore, offloaded against a local libvirtd
-  (bench/libvirt_bench.py).
+  (bench/libvirt_bench.py);
+- systemd: in the systemd lab, `systemctl start offload-libvirtd` until virsh
+  answers, against the distribution's libvirtd.service (bench/systemd_bench.py).
 
 Figures are reported as ratios, because these machines are shared and noisy.
 `--only SECTION,...` runs a subset; each section's module also runs alone.
@@ -111,7 +113,7 @@ def server_rss(lab: Lab, sessions: int) -> dict[str, float]:
     return peak
 
 
-SECTIONS = ("rexec", "udsproxy", "qtfs", "prepare", "rootfs", "libvirt")
+SECTIONS = ("rexec", "udsproxy", "qtfs", "prepare", "rootfs", "libvirt", "systemd")
 
 
 def rexec_rows(lab: Lab, work: Path, runs: int) -> list[tuple[str, str, str]]:
@@ -167,7 +169,7 @@ def main() -> None:
         "--only", default=",".join(SECTIONS), help=f"comma-separated sections (default all: {','.join(SECTIONS)})"
     )
     parser.add_argument("--quick", action="store_true", help="rootfs: skip the debootstrap builds (minutes)")
-    parser.add_argument("--rounds", type=int, default=3, help="libvirt: VM starts per side")
+    parser.add_argument("--rounds", type=int, default=3, help="libvirt: VM starts per side; systemd: unit starts")
     args = parser.parse_args()
     sections = [s for s in args.only.split(",") if s]
     unknown = set(sections) - set(SECTIONS)
@@ -182,6 +184,7 @@ def main() -> None:
     from bench.prepare_bench import prepare_rows
     from bench.qtfs_bench import qtfs_rows
     from bench.rootfs_bench import rootfs_rows
+    from bench.systemd_bench import systemd_rows
     from bench.udsproxy_bench import udsproxy_rows
 
     lab = Lab("offb")
@@ -199,6 +202,7 @@ def main() -> None:
                 "prepare": prepare_rows,
                 "rootfs": lambda: rootfs_rows(quick=args.quick),
                 "libvirt": lambda: libvirt_rows(lab, work, args.rounds),
+                "systemd": lambda: systemd_rows(args.rounds),
             }
             for section in sections:
                 print(f"bench: {section} ...", file=sys.stderr, flush=True)
