@@ -6,7 +6,7 @@ of a session owns a pty of its own for each such host pty
 (`allocate_in_root`, in the devpts instance the stand-in's root sees,
 which is libvirt's), and the host's side opens the other end of a pty only
 if the session's program holds its master (`program_pty_peer`); the two
-are relayed on a channel of the session.
+are relayed by a `PtyEnd` on each side, over a connection of their own.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import select
 import stat
 import struct
 import termios
+from collections.abc import Sequence
 
 from offload.qtfs.resolve import openat2
 
@@ -149,3 +150,129 @@ def hung_up(master: int) -> bool:
     poller = select.poll()
     poller.register(master, select.POLLOUT)
     return any(events & select.POLLHUP for _, events in poller.poll(0))
+
+
+IN_OPEN = 0x20
+IN_CLOSE = 0x18  # IN_CLOSE_WRITE | IN_CLOSE_NOWRITE
+#: Events were lost: an open among them cannot be ruled out.
+IN_Q_OVERFLOW = 0x4000
+
+
+def _watch_opens(master: int) -> int:
+    """An inotify fd that becomes readable when the pty of ``master`` is opened or closed."""
+    peer = fcntl.ioctl(master, TIOCGPTPEER, os.O_PATH | os.O_CLOEXEC)  # not an opener itself
+    try:
+        watch = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if watch < 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error))
+        if _libc.inotify_add_watch(watch, f"/proc/self/fd/{peer}".encode(), IN_OPEN | IN_CLOSE) < 0:
+            error = ctypes.get_errno()
+            os.close(watch)
+            raise OSError(error, os.strerror(error))
+        return watch
+    finally:
+        os.close(peer)
+
+
+def _masks(events: bytes) -> list[int]:
+    """The mask of each inotify event in ``events`` (struct inotify_event: wd, mask, cookie, len, name)."""
+    masks = []
+    offset = 0
+    while offset + 16 <= len(events):
+        _, mask, _, length = struct.unpack_from("iIII", events, offset)
+        masks.append(mask)
+        offset += 16 + length
+    return masks
+
+
+class PtyEnd:
+    """One pty fd as the local end of a relay thread (`offload.udsproxy.relay.Relay`), with the socket calls it makes.
+
+    Owns ``fd`` (and its inotify fd).  Two kinds:
+
+    - ``console=False``: the other end of a pty whose master a program holds
+      (qemu's, on the host).  EIO means the master closed: end of file.
+    - ``console=True``: the master of a pty that anyone may open, or nobody
+      (the DPU's stand-in for the host pty, which libvirt opens).  It
+      behaves as qemu's own pty: while nobody has the other end open, what
+      arrives for it is dropped, not queued (a guest must not stall on its
+      serial port because nobody reads the console, and a console opened
+      later must not start with stale output), and nothing is read.  The
+      master polls POLLHUP once the last opener closed it (a fresh pty's
+      does not, until its first opener); an inotify watch on the other
+      end's inode (``watch``) says when someone opens it again.
+    """
+
+    def __init__(self, fd: int, *, console: bool) -> None:
+        self.fd = fd
+        self.watch = -1
+        if console:
+            try:
+                self.watch = _watch_opens(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+        self.attached = not console  # a console's: until someone opens it
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def setblocking(self, flag: bool) -> None:
+        os.set_blocking(self.fd, flag)
+
+    def setsockopt(self, *_: object) -> None:
+        pass  # a pty has no socket options: its buffer is the line discipline's
+
+    def opened(self) -> None:
+        """The watch is readable: someone opened or closed the pty (a console's)."""
+        opened = False
+        with contextlib.suppress(BlockingIOError):
+            while events := os.read(self.watch, 4096):
+                opened |= any(mask & (IN_OPEN | IN_Q_OVERFLOW) for mask in _masks(events))
+        if opened and not hung_up(self.fd):
+            self.attached = True
+
+    def recvmsg_into(self, buffers: Sequence[memoryview], *_: object) -> tuple[int, list, int, None]:
+        if not self.attached:
+            raise BlockingIOError(errno.EAGAIN, "nobody has the console open")
+        try:
+            count = os.readv(self.fd, buffers)
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            if self.watch < 0:
+                count = 0  # the program closed its master
+            else:
+                self.attached = False  # the last opener closed it
+                raise BlockingIOError(errno.EAGAIN, "nobody has the console open") from None
+        return count, [], 0, None
+
+    def send(self, data: memoryview | bytes) -> int:
+        if self.watch >= 0 and (not self.attached or hung_up(self.fd)):
+            self.attached = False
+            return len(data)  # nobody reads this console: dropped, as qemu drops it
+        try:
+            return os.write(self.fd, data)
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            if self.watch < 0:
+                raise BrokenPipeError(errno.EPIPE, "the program closed its pty") from None
+            self.attached = False
+            return len(data)
+
+    def sendmsg(self, buffers: Sequence[memoryview | bytes], ancillary: object = ()) -> int:
+        if ancillary:
+            raise OSError(errno.EINVAL, "a pty carries no fds")
+        return self.send(b"".join(buffers))
+
+    def shutdown(self, _how: int) -> None:
+        pass  # a pty has no half close: its end is the relay's end
+
+    def close(self) -> None:
+        for name in ("fd", "watch"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                setattr(self, name, -1)
+                os.close(fd)

@@ -34,6 +34,7 @@ from offload.rexecd.executor import ServerState, serve_session
 from offload.rexecd.link import SessionLink, running
 from offload.rexecd.pidmap import PidmapDir
 from offload.rexecd.policy import Whitelist, ensure_private_dir
+from offload.rexecd.ptylink import serve_attach
 
 log = logging.getLogger("rexec_server")
 
@@ -57,7 +58,10 @@ async def _serve_peer(transport: Transport, state: ServerState, raw: trio.Socket
     link = SessionLink(connected, Role.SERVER, config.node_name, keepalive=config.keepalive)
     try:
         with trio.fail_after(10):
-            await link.handshake()
+            hello = await link.handshake()
+        if hello.attach:  # a console's connection (offload.rexecd.ptylink), not a session's
+            await serve_attach(link.stream, link.peer, link.conn, hello.attach, state.ptys)
+            return
         async with running(link):
             await serve_session(link, state)
     except (TransportError, ProtocolError, trio.TooSlowError) as exc:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pty
+import secrets
 import select
 import subprocess
 import sys
@@ -36,8 +37,11 @@ from offload.lab.lab import Lab
 from offload.lab.libvirt import IMAGES, QEMU_STATE, Virsh, install_argv, qemu_processes
 from offload.net import Transport, parse_address
 from offload.pki import TlsConfig
+from offload.protocol import udsproxy as udsproxy_wire
 from offload.protocol.rexec import (
     FIRST_BRIDGE_CHANNEL,
+    TICKET_BYTES,
+    ConnectionClosed,
     Data,
     Exec,
     ExecRequest,
@@ -45,6 +49,8 @@ from offload.protocol.rexec import (
     FdSpec,
     Hello,
     OpenPty,
+    PtyAttached,
+    PtyTicket,
     Reset,
     RexecConnection,
     Role,
@@ -335,6 +341,52 @@ def server_tree(tmp_path: Path) -> Path:
     return tmp_path
 
 
+class RawPeer:
+    """A DPU's connection to the in-process host server, speaking the raw rexec protocol."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.conn = RexecConnection(Role.CLIENT)
+        self.events: list = []
+
+    @classmethod
+    async def connect(cls, tree: Path, attach: str = "") -> RawPeer:
+        connected = await Transport(TlsConfig.load(tree / "pki" / "dpu")).connect(
+            parse_address(f"unix://{tree}/peer.sock")
+        )
+        peer = cls(connected.stream)
+        await peer.stream.send_all(peer.conn.send(Hello("dpu", attach=attach)))
+        await peer.next_of(Hello)
+        return peer
+
+    async def next_of(self, kind: type, channel: int | None = None, timeout: float = 20):  # type: ignore[no-untyped-def]
+        with trio.fail_after(timeout):
+            while True:
+                for event in self.events:
+                    if isinstance(event, kind) and (channel is None or getattr(event, "channel", None) == channel):
+                        self.events.remove(event)
+                        return event
+                if any(isinstance(event, ConnectionClosed) for event in self.events):
+                    raise EOFError(f"the server closed the connection before a {kind.__name__}")
+                try:
+                    data = bytes(await self.stream.receive_some())
+                except trio.BrokenResourceError:
+                    data = b""
+                self.conn.receive_data(data)
+                while (event := self.conn.next_event()) is not None:
+                    self.events.append(event)
+                    if isinstance(event, ConnectionClosed | PtyAttached):
+                        break
+
+    async def refused(self) -> bool:
+        """True when the server closes this pty connection without taking its ticket."""
+        try:
+            await self.next_of(PtyAttached)
+        except EOFError:
+            return True
+        return False
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the whitelist must be root-owned")
 async def test_the_dpu_gets_only_its_programs_ptys(server_tree: Path, nursery: trio.Nursery) -> None:
     config = RexecConfig(
@@ -351,51 +403,51 @@ async def test_the_dpu_gets_only_its_programs_ptys(server_tree: Path, nursery: t
     theirs, their_end = os.openpty()
     tty.setraw(their_end)
     os.set_blocking(theirs, False)
+    os.set_blocking(their_end, False)
     their_index = int(os.readlink(f"/proc/self/fd/{their_end}").rsplit("/", 1)[1])
-    connected = await Transport(TlsConfig.load(server_tree / "pki" / "dpu")).connect(
-        parse_address(f"unix://{server_tree}/peer.sock")
-    )
-    conn = RexecConnection(Role.CLIENT)
-    events: list = []
-
-    async def next_of(kind: type, channel: int | None = None, timeout: float = 20):  # type: ignore[no-untyped-def]
-        with trio.fail_after(timeout):
-            while True:
-                for event in events:
-                    if isinstance(event, kind) and (channel is None or getattr(event, "channel", None) == channel):
-                        events.remove(event)
-                        return event
-                conn.receive_data(bytes(await connected.stream.receive_some()))
-                while (event := conn.next_event()) is not None:
-                    events.append(event)
-
+    session = await RawPeer.connect(server_tree)
     try:
-        async with connected.stream as stream:
-            await stream.send_all(conn.send(Hello("dpu")))
-            with trio.fail_after(20):
-                while conn.peer_hello is None:
-                    conn.receive_data(bytes(await stream.receive_some()))
-                    while (event := conn.next_event()) is not None:
-                        events.append(event)
-            request = ExecRequest(
-                argv=(os.path.realpath(sys.executable), "-c", PROGRAM),
-                user="root",
-                fds=(FdSpec(fd=1, kind=FdKind.PIPE_OUT, channel=1),),
-            )
-            await stream.send_all(conn.send(Exec(request)))
-            await next_of(Started)
-            own = int((await next_of(Data, 1)).data.split()[0])
-            # Another process's pty: refused, and what we send for it reaches nobody.
-            refused, other = FIRST_BRIDGE_CHANNEL, FIRST_BRIDGE_CHANNEL + 1
-            await stream.send_all(conn.send(OpenPty(refused, their_index)) + conn.send(Data(refused, b"intruder\r")))
-            reset = await next_of(Reset, refused)
-            assert "pty" in reset.reason
-            # The program's own pty: its bytes reach the program.
-            await stream.send_all(conn.send(OpenPty(other, own)) + conn.send(Data(other, b"hello\r")))
-            got = await next_of(Data, 1)
-            assert got.data.decode().strip() == "got hello"
-            with pytest.raises(BlockingIOError):
-                os.read(theirs, 4096)
+        request = ExecRequest(
+            argv=(os.path.realpath(sys.executable), "-c", PROGRAM),
+            user="root",
+            fds=(FdSpec(fd=1, kind=FdKind.PIPE_OUT, channel=1),),
+        )
+        await session.stream.send_all(session.conn.send(Exec(request)))
+        await session.next_of(Started)
+        own = int((await session.next_of(Data, 1)).data.split()[0])
+        # Another process's pty: refused, no ticket.
+        refused, other, spare = FIRST_BRIDGE_CHANNEL, FIRST_BRIDGE_CHANNEL + 1, FIRST_BRIDGE_CHANNEL + 2
+        await session.stream.send_all(session.conn.send(OpenPty(refused, their_index)))
+        reset = await session.next_of(Reset, refused)
+        assert "pty" in reset.reason
+        # The program's own pty: a ticket, good for one connection by this peer.
+        await session.stream.send_all(session.conn.send(OpenPty(other, own)))
+        ticket = (await session.next_of(PtyTicket, other)).token
+        await session.stream.send_all(session.conn.send(OpenPty(spare, own)))
+        unused = (await session.next_of(PtyTicket, spare)).token
+        os.write(theirs, b"victim-secret\r")  # what a relay of their pty would read
+        # A guessed ticket opens nothing.
+        guessed = await RawPeer.connect(server_tree, attach=secrets.token_hex(TICKET_BYTES))
+        assert await guessed.refused()
+        # The ticket: the pty's bytes reach the program.
+        console = await RawPeer.connect(server_tree, attach=ticket)
+        await console.next_of(PtyAttached)
+        assert not console.conn.leftover()
+        await console.stream.send_all(udsproxy_wire.data_header(udsproxy_wire.DATA_CHANNEL, 6) + b"hello\r")
+        got = await session.next_of(Data, 1)
+        assert got.data.decode().strip() == "got hello"
+        # Used once: the same ticket again opens nothing.
+        again = await RawPeer.connect(server_tree, attach=ticket)
+        assert await again.refused()
+        # The session ends: its unused ticket opens nothing either.
+        await session.stream.aclose()
+        await trio.sleep(0.5)
+        late = await RawPeer.connect(server_tree, attach=unused)
+        assert await late.refused()
+        # Nothing of their pty was read by anyone: it still waits there.
+        assert os.read(their_end, 4096) == b"victim-secret\r"
+        with pytest.raises(BlockingIOError):
+            os.read(theirs, 4096)
     finally:
         os.close(theirs)
         os.close(their_end)

@@ -105,6 +105,14 @@ class FrameDecoder:
         """Bytes received but not yet returned as frames."""
         return len(self._buffer)
 
+    def take_buffered(self) -> bytes:
+        """The bytes received beyond the frames returned so far, for whoever reads the stream from here on."""
+        if self._header is not None:
+            raise LocalProtocolError("a frame is half received")
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the stream; ``b""`` means the peer closed it."""
         if self._eof:

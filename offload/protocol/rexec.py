@@ -44,6 +44,8 @@ T_OPEN = 0x23
 T_RESET = 0x24
 T_FDS = 0x25
 T_OPEN_PTY = 0x26
+T_PTY_TICKET = 0x27
+T_PTY_ATTACHED = 0x16
 
 CONTROL_CHANNEL = 0
 #: Channels at or above this number are bridged connections, allocated by
@@ -63,6 +65,8 @@ MAX_ENV = 1024
 MAX_FD_NUMBER = 1 << 20
 #: Unix98 pty numbers are below this (the kernel's own limit is far lower).
 MAX_PTY_INDEX = 1 << 20
+#: A pty ticket: this many random bytes, in hex.
+TICKET_BYTES = 32
 
 #: A finite resource limit is below this (the kernel's RLIM_INFINITY is all ones).
 MAX_RLIMIT = 1 << 63
@@ -280,6 +284,17 @@ class ExecRequest:
 class Hello:
     node: str
     service: str = "rexec"
+    #: A `PtyTicket`'s token: this connection carries that pty, not sessions.
+    attach: str = ""
+
+    def __post_init__(self) -> None:
+        if self.attach:
+            check_ticket(self.attach)
+
+
+def check_ticket(token: str) -> None:
+    if len(token) != 2 * TICKET_BYTES or token.strip("0123456789abcdef"):
+        raise ValueError("a pty ticket is not one this protocol makes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,6 +404,28 @@ class OpenPty:
 
 
 @dataclass(frozen=True, slots=True)
+class PtyTicket:
+    """The server's answer to `OpenPty`: a connection of its own whose Hello presents ``token`` carries the pty.
+
+    The token is random, for that pty of this session only, for one use,
+    by the peer the session's link authenticated.
+    """
+
+    channel: int
+    token: str
+
+    def __post_init__(self) -> None:
+        if not FIRST_BRIDGE_CHANNEL <= self.channel < FIRST_PASSED_CHANNEL:
+            raise ValueError(f"pty channel {self.channel} is not a bridged connection's")
+        check_ticket(self.token)
+
+
+@dataclass(frozen=True, slots=True)
+class PtyAttached:
+    """The server took a pty connection's ticket: from the next byte on, the connection is the pty's relay."""
+
+
+@dataclass(frozen=True, slots=True)
 class PassFds:
     """fds the program at one end of bridged connection ``channel`` passed with its next bytes.
 
@@ -440,6 +477,8 @@ Event = (
     | Window
     | Open
     | OpenPty
+    | PtyTicket
+    | PtyAttached
     | PassFds
     | Reset
     | ConnectionClosed
@@ -452,9 +491,10 @@ class State(enum.Enum):
     STARTING = "starting"  # Exec sent or received
     RUNNING = "running"  # the program runs; channels flow
     DONE = "done"  # the session ended
+    ATTACHED = "attached"  # a pty's connection: no more rexec frames either way
 
 
-SESSION_EVENTS = (Data, Eof, Window, Open, OpenPty, PassFds, Reset)
+SESSION_EVENTS = (Data, Eof, Window, Open, OpenPty, PtyTicket, PassFds, Reset)
 
 # The state machine: (role of the sender, event type, state) -> next state.
 # Ping and Pong are allowed everywhere and are not listed.  Channel events are
@@ -476,6 +516,7 @@ _TRANSITIONS: dict[tuple[Role, type, State], State] = {
     (Role.SERVER, Daemonized, State.RUNNING): State.RUNNING,
     (Role.CLIENT, Signal, State.RUNNING): State.RUNNING,
     (Role.CLIENT, Signal, State.DONE): State.DONE,
+    (Role.SERVER, PtyAttached, State.IDLE): State.ATTACHED,
 }
 
 
@@ -492,8 +533,12 @@ def _encode(event: Event) -> bytes:
             return encode_frame(T_PING, CONTROL_CHANNEL, token)
         case Pong(token):
             return encode_frame(T_PONG, CONTROL_CHANNEL, token)
-        case Hello(node, service):
-            return _control(T_HELLO, {"node": node, "service": service})
+        case Hello(node, service, attach):
+            return _control(T_HELLO, {"node": node, "service": service, **({"attach": attach} if attach else {})})
+        case PtyAttached():
+            return _control(T_PTY_ATTACHED, {})
+        case PtyTicket(channel, token):
+            return encode_frame(T_PTY_TICKET, channel, messages.dump({"token": token}))
         case Exec(request):
             return _control(T_EXEC, request.to_json())
         case Started(pid):
@@ -526,7 +571,7 @@ def _control(type: int, document: dict[str, Any]) -> bytes:
 def _decode(frame: Frame) -> Event:
     """The event one frame carries; anything malformed is the peer's error."""
     type, channel, payload = frame.type, frame.channel, frame.payload
-    if type in (T_DATA, T_EOF, T_WINDOW, T_OPEN, T_OPEN_PTY, T_RESET, T_FDS):
+    if type in (T_DATA, T_EOF, T_WINDOW, T_OPEN, T_OPEN_PTY, T_PTY_TICKET, T_RESET, T_FDS):
         if channel == CONTROL_CHANNEL:
             raise RemoteProtocolError(f"frame type {type:#x} on the control channel")
         if type == T_DATA:
@@ -550,6 +595,11 @@ def _decode(frame: Frame) -> Event:
                 return OpenPty(channel, messages.field(document, "index", int, "open pty"))
             except ValueError as exc:
                 raise RemoteProtocolError(f"open pty: {exc}") from None
+        if type == T_PTY_TICKET:
+            try:
+                return PtyTicket(channel, messages.field(document, "token", str, "pty ticket"))
+            except ValueError as exc:
+                raise RemoteProtocolError(f"pty ticket: {exc}") from None
         if type == T_FDS:
             fds = fdpass.decode(document.get("fds"), "passed fds", PASSED_CHANNELS)
             try:
@@ -572,10 +622,14 @@ def _decode(frame: Frame) -> Event:
 def _decode_control(type: int, payload: bytes) -> Event:
     if type == T_HELLO:
         document = messages.load(payload, "hello")
+        attach = document.get("attach", "")
         return Hello(
             node=messages.field(document, "node", str, "hello")[:256],
             service=messages.field(document, "service", str, "hello")[:64],
+            attach=attach if isinstance(attach, str) else str(attach)[:128],
         )
+    if type == T_PTY_ATTACHED:
+        return PtyAttached()
     if type == T_EXEC:
         return Exec(ExecRequest.from_json(messages.load(payload, "exec")))
     if type == T_STARTED:
@@ -682,7 +736,7 @@ class RexecConnection:
         self._check_channel_send(event)
         return encode_header(T_DATA, event.channel, len(event.data)), event.data
 
-    def _check_channel_send(self, event: Data | Eof | Window | Open | OpenPty | PassFds | Reset) -> None:
+    def _check_channel_send(self, event: Data | Eof | Window | Open | OpenPty | PtyTicket | PassFds | Reset) -> None:
         if self.state is not State.RUNNING:
             raise LocalProtocolError(f"{type(event).__name__} in state {self.state.value}")
         if isinstance(event, PassFds):
@@ -691,6 +745,9 @@ class RexecConnection:
             if self.role is not Role.CLIENT:
                 raise LocalProtocolError("only the client opens bridged connections")
             self.open_channel(event.channel)
+        elif isinstance(event, PtyTicket):
+            if self.role is not Role.SERVER or event.channel not in self._send_credit:
+                raise LocalProtocolError(f"a pty ticket on channel {event.channel}, which asked for none")
         elif isinstance(event, Data):
             credit = self._send_credit.get(event.channel)
             if credit is None:
@@ -711,6 +768,12 @@ class RexecConnection:
 
     def receive_data(self, data: bytes) -> None:
         self._decoder.receive_data(data)
+
+    def leftover(self) -> bytes:
+        """After `PtyAttached`: what was received beyond it, the pty relay's first bytes."""
+        if self.state is not State.ATTACHED:
+            raise LocalProtocolError(f"leftover bytes in state {self.state.value}")
+        return self._decoder.take_buffered()
 
     def next_event(self) -> Event | None:
         """Return the next event, or None when more bytes are needed.
@@ -777,7 +840,9 @@ class RexecConnection:
                 raise error(f"passed pipe channel {fd.channel} opened twice")
             self.open_channel(fd.channel)
 
-    def _receive_channel_event(self, event: Data | Eof | Window | Open | OpenPty | PassFds | Reset) -> Event | None:
+    def _receive_channel_event(
+        self, event: Data | Eof | Window | Open | OpenPty | PtyTicket | PassFds | Reset
+    ) -> Event | None:
         if self.state is State.DONE or event.channel in self._closed_channels:
             if isinstance(event, PassFds):
                 # Nobody will relay its pipes: their frames are dropped too.
@@ -795,6 +860,8 @@ class RexecConnection:
         if isinstance(event, PassFds):
             self._open_passed_pipes(event, self.peer_role, RemoteProtocolError)
             return event
+        if isinstance(event, PtyTicket) and self.role is not Role.CLIENT:
+            raise RemoteProtocolError("the client cannot issue pty tickets")
         if event.channel not in self._send_credit:
             raise RemoteProtocolError(f"{type(event).__name__} on unknown channel {event.channel}")
         if isinstance(event, Data):

@@ -23,7 +23,7 @@ from functools import partial
 import psutil
 import trio
 
-from offload import aio, fdpass, users
+from offload import aio, fdpass, ptys, users
 from offload.config import RexecConfig
 from offload.errors import ConfigError, OffloadError, ProtocolError, RefusedError, TransportError
 from offload.fdio import ByteEnd, PassingSocketEnd, borrow
@@ -50,7 +50,7 @@ from offload.protocol.rexec import (
     State,
     parse_rlimits,
 )
-from offload.rexecd import console, policy
+from offload.rexecd import console, policy, ptylink
 from offload.rexecd.link import LinkFailed, Passing, SessionLink
 from offload.rexecd.pidmap import PidmapDir
 
@@ -417,19 +417,32 @@ class AgentSession:
         if state.reset:
             log.info("a bridged connection to fd %d of remote pid %d was reset", target_fd, self.remote_pid)
 
-    async def _relay_pty(self, host_index: int, end: console.ConsoleEnd) -> None:
-        """Carry our pty standing for the program's pty ``host_index`` to it, for the session."""
-        assert self.link is not None
+    async def _relay_pty(self, host_index: int, end: ptys.PtyEnd) -> None:
+        """Carry our pty standing for the program's pty ``host_index`` to it, for the session.
+
+        The host answers with a ticket, and the pty goes on a connection of
+        its own, relayed by a thread (`offload.rexecd.ptylink`).
+        """
+        assert self.link is not None and self.address is not None
         try:
             channel = next(self.bridge_channels)
+            state = self.link.add_channel(channel)
             await self.link.send(OpenPty(channel, host_index))
+            while state.ticket is None and not state.reset:
+                await state.changed.wait()
+            self.link.drop_channel(channel)
         except BaseException:
-            await end.aclose()
+            end.close()
             raise
-        state = self.link.add_channel(channel)
-        await self.link.relay(channel, end, inbound=True, outbound=True)
-        if state.reset:
-            log.warning("pty %d of remote pid %d: the peer refused or ended it", host_index, self.remote_pid)
+        if state.ticket is None:
+            end.close()
+            log.warning("pty %d of remote pid %d: the peer refused it", host_index, self.remote_pid)
+            return
+        name = f"pty {host_index} of remote pid {self.remote_pid}"
+        try:
+            await ptylink.attach(self.pool.transport, self.address, self.config.node_name, state.ticket, end, name)
+        except (TransportError, trio.TooSlowError) as exc:
+            log.warning("%s: %s", name, exc or "no answer")
 
     async def _from_stand_in(self, nursery: trio.Nursery, caller: Caller) -> None:
         assert self.link is not None

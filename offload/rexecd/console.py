@@ -6,28 +6,21 @@ agent rewrites the monitor's replies (`offload.protocol.ptypaths`), and for
 each host pty it sees it allocates a pty in the stand-in's devpts instance
 (libvirt's) and asks the host, with `OpenPty`, for the other end of the
 host pty, which the host opens only if the session's program holds its
-master.  The mapping lives as long as the session, so libvirt finds the
-same path after a restart of its own (it keeps the path in its status XML).
+master; the two are relayed by a thread on each side, over a connection of
+their own (`offload.rexecd.ptylink`).  The mapping lives as long as the
+session, so libvirt finds the same path after a restart of its own (it
+keeps the path in its status XML).
 
 A pty nobody has opened behaves as qemu's own does: what the guest prints
-is dropped, not queued (a guest must not stall on its serial port because
-nobody reads the console, and a console opened later must not start with
-stale output).  The master tells us whether its other end is open
-(POLLHUP once the last opener closed it); an inotify watch on the other
-end's inode wakes us when someone opens it again.
+is dropped, not queued (`offload.ptys.PtyEnd`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
-import fcntl
 import itertools
 import json
 import logging
 import os
-import struct
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -40,117 +33,6 @@ log = logging.getLogger(__name__)
 
 #: Ptys one session may have (a guest has a few serial ports and consoles).
 MAX_PTYS = 16
-IN_OPEN = 0x20
-IN_CLOSE = 0x18  # IN_CLOSE_WRITE | IN_CLOSE_NOWRITE
-#: Events were lost: an open among them cannot be ruled out.
-IN_Q_OVERFLOW = 0x4000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _watch_opens(master: int) -> int:
-    """An inotify fd that becomes readable when the pty of ``master`` is opened or closed."""
-    peer = fcntl.ioctl(master, ptys.TIOCGPTPEER, os.O_PATH | os.O_CLOEXEC)  # not an opener itself
-    try:
-        watch = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if watch < 0:
-            error = ctypes.get_errno()
-            raise OSError(error, os.strerror(error))
-        if _libc.inotify_add_watch(watch, f"/proc/self/fd/{peer}".encode(), IN_OPEN | IN_CLOSE) < 0:
-            error = ctypes.get_errno()
-            os.close(watch)
-            raise OSError(error, os.strerror(error))
-        return watch
-    finally:
-        os.close(peer)
-
-
-class ConsoleEnd(ByteEnd):
-    """The master of a DPU pty: what libvirt (or anyone) writes into its other end, and what it reads there.
-
-    Owns ``master`` and the inotify fd.  Reading waits while nobody has the
-    pty open; writing drops what nobody would read.
-    """
-
-    def __init__(self, master: int) -> None:
-        self.master = master
-        self.watch = -1
-        try:
-            self.watch = _watch_opens(master)
-        except BaseException:
-            os.close(master)
-            raise
-        # Until someone opens it: a fresh pty's master does not poll POLLHUP.
-        self.attached = False
-        self._waiting = trio.Lock()
-
-    async def _until_attached(self) -> None:
-        async with self._waiting:
-            while not self.attached:
-                await trio.lowlevel.wait_readable(self.watch)
-                opened = False
-                with contextlib.suppress(BlockingIOError):
-                    while events := os.read(self.watch, 4096):
-                        opened |= any(mask & (IN_OPEN | IN_Q_OVERFLOW) for mask in _masks(events))
-                if opened and not ptys.hung_up(self.master):
-                    self.attached = True
-
-    async def read(self, max_bytes: int = CHUNK) -> bytes:
-        while True:
-            await self._until_attached()
-            await trio.lowlevel.wait_readable(self.master)
-            try:
-                data = os.read(self.master, max_bytes)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                if exc.errno != errno.EIO:
-                    raise
-                self.attached = False  # the last opener closed it
-                continue
-            if data:
-                return data
-
-    async def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            if not self.attached or ptys.hung_up(self.master):
-                self.attached = False
-                return  # nobody reads this console: dropped, as qemu drops it
-            try:
-                view = view[os.write(self.master, view) :]
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.master)
-            except OSError as exc:
-                if exc.errno != errno.EIO:
-                    raise
-                self.attached = False
-                return
-
-    async def shutdown_write(self) -> None:
-        pass  # the host's end closing means qemu ended: the session ends the pty with it
-
-    def close(self) -> None:
-        for name in ("master", "watch"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                setattr(self, name, -1)
-                trio.lowlevel.notify_closing(fd)
-                os.close(fd)
-
-    async def aclose(self) -> None:
-        self.close()
-        await trio.lowlevel.checkpoint()
-
-
-def _masks(events: bytes) -> list[int]:
-    """The mask of each inotify event in ``events`` (struct inotify_event: wd, mask, cookie, len, name)."""
-    masks = []
-    offset = 0
-    while offset + 16 <= len(events):
-        _, mask, _, length = struct.unpack_from("iIII", events, offset)
-        masks.append(mask)
-        offset += 16 + length
-    return masks
 
 
 class SessionConsoles:
@@ -161,7 +43,7 @@ class SessionConsoles:
     """
 
     def __init__(
-        self, stand_in: int, nursery: trio.Nursery, relay: Callable[[int, ConsoleEnd], Awaitable[None]]
+        self, stand_in: int, nursery: trio.Nursery, relay: Callable[[int, ptys.PtyEnd], Awaitable[None]]
     ) -> None:
         self.stand_in = stand_in
         self.nursery = nursery
@@ -191,7 +73,7 @@ class SessionConsoles:
             log.error("stand-in %d: no pty for host pty %d: %s", self.stand_in, host_index, exc)
             return None
         try:
-            end = ConsoleEnd(master)  # owns master from here, on failure too
+            end = ptys.PtyEnd(master, console=True)  # owns master from here, on failure too
         except OSError as exc:
             os.close(held)
             log.error("stand-in %d: cannot watch pty %d: %s", self.stand_in, index, exc)

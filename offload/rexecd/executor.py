@@ -21,7 +21,7 @@ import os
 import signal
 import socket
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -42,13 +42,15 @@ from offload.protocol.rexec import (
     FdKind,
     Open,
     OpenPty,
+    PtyTicket,
     Refused,
     Reset,
     Signal,
     Started,
 )
-from offload.rexecd import policy
+from offload.rexecd import policy, ptylink
 from offload.rexecd.link import LinkFailed, Passing, SessionLink
+from offload.rexecd.ptylink import PtyGrant, PtyGrants
 from offload.udsproxy.prefixes import open_beneath
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ class ServerState:
     config: RexecConfig
     whitelist: policy.Whitelist
     bridges: Path
+    ptys: PtyGrants = field(default_factory=PtyGrants)
 
 
 class CountingEnd(ByteEnd):
@@ -226,6 +229,7 @@ class Execution:
 
     async def _supervise(self) -> None:
         assert self.process is not None
+        self.state.ptys.open_session(self.id)
         async with aio.open_nursery() as nursery:
             for channel, (end, inbound, outbound) in self.ends.items():
                 nursery.start_soon(self._relay, channel, end, inbound, outbound, self._output(end))
@@ -329,29 +333,25 @@ class Execution:
         await self._relay(event.channel, end, True, True, self._output(end), passing)
 
     async def _pty(self, event: OpenPty) -> None:
-        """Relay the other end of a pty whose master the program holds (qemu's serial console).
+        """Answer with a ticket for a pty whose master the program holds (qemu's serial console).
 
         Only the program's own ptys: the peer names a number, and the end
         is opened from the master the program holds (`offload.ptys`), never
-        by path; any other number is refused with a log line.
+        by path; any other number is refused with a log line.  The pty is
+        relayed on a connection of its own (`offload.rexecd.ptylink`).
         """
         try:
             if self.process is None or self.process.returncode is not None:
                 raise PermissionError(errno.ESRCH, "the program has ended")
-            fd = ptys.program_pty_peer(self.process.pid, event.index)
+            os.close(ptys.program_pty_peer(self.process.pid, event.index))
         except OSError as exc:
             log.warning("session %d: refused pty %d to %s: %s", self.id, event.index, self.link.peer, exc)
             await self.link.send(Reset(event.channel, f"pty {event.index}: {exc.strerror or exc}"))
             self.link.drop_channel(event.channel)
             return
-        log.info("session %d: pty %d of pid %d relayed for %s", self.id, event.index, self.process.pid, self.link.peer)
-        try:
-            end = StreamEnd.from_fd(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        # Not among the outputs the exit status waits for: a console is never finished.
-        await self._relay(event.channel, end, True, True, None)
+        grant = PtyGrant(self.id, self.process.pid, event.index, ptylink.who(self.link.peer, self.link.stream))
+        await self.link.send(PtyTicket(event.channel, self.state.ptys.issue(grant)))
+        self.link.drop_channel(event.channel)
 
     async def _follow_daemon(self) -> Exited | Refused:
         """The foreground exited 0: follow the daemon its pidfile names, if the program started it.
@@ -407,6 +407,7 @@ class Execution:
         raise RefusedError(f"{path} holds no pid after the foreground exited")
 
     async def _cleanup(self) -> None:
+        self.state.ptys.revoke(self.id)
         if self.process is not None and self.process.returncode is None:
             log.info("session %d: caller gone; ending pid %d", self.id, self.process.pid)
             await proc.terminate(self.process, self.config.kill_grace)

@@ -44,6 +44,7 @@ from offload.protocol.rexec import (
     PassFds,
     Ping,
     Pong,
+    PtyTicket,
     Reset,
     RexecConnection,
     Role,
@@ -92,6 +93,8 @@ class ChannelState:
     drained: trio.Event = field(default_factory=trio.Event)  # pump_in delivered its last byte
     #: The outbound pump's read of its local source, while it waits.
     reading: trio.CancelScope | None = None
+    #: An OpenPty's answer: the ticket for the pty's own connection.
+    ticket: str | None = None
 
     def wake(self) -> None:
         self.changed.set()
@@ -273,6 +276,10 @@ class SessionLink:
                 state.wake()
             case Window(channel):
                 if channel in self._channels:
+                    self._channels[channel].wake()
+            case PtyTicket(channel, token):
+                if channel in self._channels:
+                    self._channels[channel].ticket = token
                     self._channels[channel].wake()
             case Reset(channel, reason):
                 log.debug("channel %d reset by peer: %s", channel, reason)

@@ -7,6 +7,13 @@ thread.  The data path was measured to cost several trio checkpoints,
 wakeups and copies per message; here a small message costs one poll, one
 receive, one seal and one send per hop.  Each connection has its own
 thread, so a slow program or peer only ever stalls its own connection.
+Measured over the lab's veth, a 64-byte round trip through two relays
+(udsproxy on both sides) took 229 us against 136 us for a socat relay.
+
+The same loop carries a console: the rexec daemons move a pty's
+connection (`offload.rexecd.ptylink`) to a Relay whose local end is the
+pty (`offload.ptys.PtyEnd`), not a socket, so a keystroke and its echo
+cost a poll, a read and a seal per hop instead of trio's turns.
 
 Buffers are preallocated: local reads land after room for the frame header
 so a Data frame is sealed in one TLS record without joining bytes; link
@@ -37,9 +44,12 @@ import threading
 from collections.abc import Callable
 from typing import Protocol, cast
 
-from offload import fdpass, users
+import trio
+
+from offload import fdpass, ptys, users
 from offload.errors import ProtocolError, RemoteProtocolError, UnsupportedFdError, errno_name, errno_number
 from offload.fdpass import fds_of
+from offload.net import TlsStream
 from offload.protocol import udsproxy as wire
 from offload.protocol.framing import HEADER, HEADER_SIZE, MAGIC, VERSION
 
@@ -209,16 +219,18 @@ class _Pipe:
 
 
 class Relay:
+    """One connection's data path; ``user`` None: the connection carries no fds (a pty's)."""
+
     def __init__(
         self,
         link: socket.socket,
         cipher: Cipher,
-        local: socket.socket,
+        local: socket.socket | ptys.PtyEnd,
         *,
         seqpacket: bool,
         client: bool,
         shared: tuple[str, ...],
-        user: users.RemoteUser,
+        user: users.RemoteUser | None,
         root: str = "/",
         leftover: bytes = b"",
         name: str = "",
@@ -272,6 +284,7 @@ class Relay:
         self._local_fd = local.fileno()
         self._link_fd = link.fileno()
         self._want(self._wake_r, _IN)
+        self._console = local if isinstance(local, ptys.PtyEnd) and local.watch >= 0 else None
 
     # -- called from other threads ---------------------------------------------------
 
@@ -341,6 +354,15 @@ class Relay:
         local_fd, link_fd = self._local_fd, self._link_fd
         link_room = self._link_out_bytes < HIGH_WATER
         local = (_IN if self._reading_local and link_room else 0) | (_OUT if self._local_out else 0)
+        console = self._console
+        if console is not None:
+            # Nobody has the console open: its master only polls POLLHUP, and
+            # what waits for it is dropped; the watch says when it is opened.
+            if not console.attached:
+                self._local_out.clear()
+                self._local_out_bytes = 0
+                local = 0
+            self._want(console.watch, 0 if console.attached else _IN)
         if self._masks.get(local_fd, 0) != local:
             self._want(local_fd, local)
         reading_link = self._reading_link and self._local_out_bytes < HIGH_WATER
@@ -377,6 +399,8 @@ class Relay:
                     self._read_link()
             elif fd == self._wake_r:
                 self._woken()
+            elif self._console is not None and fd == self._console.watch:
+                self._console.opened()
             else:
                 channel = next((c for c, p in self._pipes.items() if p.fd == fd), None)
                 if channel is not None:
@@ -632,6 +656,8 @@ class Relay:
             raise RemoteProtocolError(f"unknown frame type {kind:#x} on channel {channel}")
 
     def _receive_fds(self, descriptions: tuple[wire.FdDescription, ...]) -> None:
+        if self.user is None:
+            raise RemoteProtocolError("fds passed on a connection that carries none")
         if self._arriving_fds is not None:
             raise RemoteProtocolError("two fd messages without data between them")
         made: list[tuple[int, int | None]] = []
@@ -838,3 +864,43 @@ def close_all(passed: list[int]) -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     passed.clear()
+
+
+def detach(stream: trio.abc.Stream) -> tuple[socket.socket, Cipher]:
+    """The socket under an authenticated stream and its cipher, for a Relay; the stream must not be used again."""
+    cipher: Cipher
+    raw: trio.abc.Stream
+    if isinstance(stream, TlsStream):
+        # The session the handshake made continues in the relay thread.
+        cipher = TlsCipher(*stream.session())
+        raw = stream.raw
+    else:
+        cipher = PlainCipher()
+        raw = stream
+    assert isinstance(raw, trio.SocketStream)
+    link = socket.socket(fileno=raw.socket.detach())
+    if link.family in (socket.AF_INET, socket.AF_INET6):
+        link.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # An idle connection over a dead link ends within about a minute.
+        link.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        link.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+        link.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        link.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    return link, cipher
+
+
+async def run_in_thread(relay: Relay, limiter: trio.CapacityLimiter | None = None) -> None:
+    """Run ``relay`` in a thread of its own until it ends; cancelled, it is stopped and waited for."""
+    async with trio.open_nursery() as nursery:
+
+        async def stop_when_cancelled() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                relay.stop()
+
+        nursery.start_soon(stop_when_cancelled)
+        # Shielded: the thread always runs, so the relay always closes what it owns.
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(relay.run, limiter=limiter or trio.CapacityLimiter(1))
+        nursery.cancel_scope.cancel()
