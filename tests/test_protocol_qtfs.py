@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from offload.errors import LocalProtocolError, RemoteProtocolError, errno_number
+from offload.errors import LocalProtocolError, RemoteProtocolError, errno_name, errno_number
 from offload.protocol import qtfs as wire
 from offload.protocol.framing import encode_frame
 
@@ -71,8 +72,8 @@ REPLIES = [
 
 def pair() -> tuple[wire.QtfsConnection, wire.QtfsConnection]:
     client, server = wire.QtfsConnection(client=True), wire.QtfsConnection(client=False)
-    server.receive_data(client.send_hello(wire.Hello("dpu")))
-    client.receive_data(server.send_hello(wire.Hello("host", epoch=5)))
+    server.receive_data(client.send(wire.Hello("dpu")))
+    client.receive_data(server.send(wire.Hello("host", epoch=5)))
     assert server.next_event() == wire.Hello("dpu")
     assert client.next_event() == wire.Hello("host", epoch=5)
     return client, server
@@ -80,7 +81,7 @@ def pair() -> tuple[wire.QtfsConnection, wire.QtfsConnection]:
 
 def events(conn: wire.QtfsConnection) -> list:
     out = []
-    while (event := conn.next_event()) is not None:
+    while (event := conn.next_event()) is not wire.NEED_DATA:
         out.append(event)
     return out
 
@@ -88,7 +89,7 @@ def events(conn: wire.QtfsConnection) -> list:
 @pytest.mark.parametrize(("request_", "body"), REQUESTS)
 def test_request_bytes(request_: wire.Message, body: bytes) -> None:
     client, server = pair()
-    data = client.send_call(7, request_)
+    data = client.send(wire.Call(7, request_))
     assert data == encode_frame(wire.T_REQUEST, 7, body)
     # whole, byte by byte, and with trailing bytes of the next frame
     server.receive_data(data)
@@ -103,7 +104,7 @@ def test_request_bytes(request_: wire.Message, body: bytes) -> None:
 @pytest.mark.parametrize("request_", EVERY_REQUEST, ids=lambda r: type(r).__name__)
 def test_every_request_round_trips(request_: wire.Message) -> None:
     client, server = pair()
-    server.receive_data(client.send_call(1, request_))
+    server.receive_data(client.send(wire.Call(1, request_)))
     assert events(server) == [wire.Call(1, request_)]
 
 
@@ -111,25 +112,25 @@ def test_every_request_round_trips(request_: wire.Message) -> None:
 def test_reply_round_trip_byte_by_byte(op: wire.Op, reply: wire.Message) -> None:
     client, server = pair()
     request = next(r for r in EVERY_REQUEST if wire.OP_OF[type(r)] is op)
-    client.send_call(3, request)
-    data = server.send_result(3, reply)
+    client.send(wire.Call(3, request))
+    data = server.send(wire.Result(3, reply))
     for byte in data:
         client.receive_data(bytes([byte]))
     assert events(client) == [wire.Result(3, reply)]
-    assert client.pending == 0
+    assert not client.pending
 
 
 def test_read_reply_sent_without_copy() -> None:
     client, server = pair()
-    client.send_call(4, wire.Read(1, 0, 5))
-    client.receive_data(server.result_header(4, 5) + b"hello")
+    client.send(wire.Call(4, wire.Read(1, 0, 5)))
+    client.receive_data(server.send_header(wire.Result, 4, 5) + b"hello")
     assert events(client) == [wire.Result(4, wire.DataReply(b"hello"))]
 
 
 def test_errors_travel_by_name() -> None:
     client, server = pair()
-    client.send_call(9, wire.Lookup(b"missing"))
-    data = server.send_failure(9, 2)
+    client.send(wire.Call(9, wire.Lookup(b"missing")))
+    data = server.send(wire.Failure(9, errno_name(2)))
     assert data.endswith(b"ENOENT")
     client.receive_data(data)
     (failure,) = events(client)
@@ -139,10 +140,11 @@ def test_errors_travel_by_name() -> None:
 
 def test_ping_pong_and_entries() -> None:
     client, server = pair()
-    server.receive_data(client.send_ping(42))
-    assert events(server) == [wire.Ping(42)]
-    client.receive_data(server.send_pong(42))
-    assert events(client) == [wire.Pong(42)]
+    token = (42).to_bytes(8, "big")
+    server.receive_data(client.send(wire.Ping(token)))
+    assert events(server) == [wire.Ping(token)]
+    client.receive_data(server.send(wire.Pong(token)))
+    assert events(client) == [wire.Pong(token)]
     page = b"".join(wire.encode_entry(n, ATTR.encode()) for n in (b"a", b"bb"))
     assert wire.decode_entries(page) == [(b"a", ATTR), (b"bb", ATTR)]
     with pytest.raises(RemoteProtocolError):
@@ -157,7 +159,7 @@ def test_bad_paths_refused_on_both_sides(path: bytes) -> None:
         wire.Lookup(path)
     client, server = pair()
     body = b"\x02" + struct.pack("!I", len(path)) + path
-    server.receive_data(encode_frame(wire.T_REQUEST, 5, body) + client.send_call(6, wire.Lookup(b"ok")))
+    server.receive_data(encode_frame(wire.T_REQUEST, 5, body) + client.send(wire.Call(6, wire.Lookup(b"ok"))))
     # the bad request is refused alone; the stream stays in step
     bad, good = events(server)
     assert isinstance(bad, wire.BadCall) and bad.id == 5
@@ -170,28 +172,34 @@ def test_mount_path_must_be_absolute_without_dotdot() -> None:
             wire.Mount(path)
 
 
+def refused(conn: wire.QtfsConnection, error: type[Exception], action: Callable[[], object]) -> None:
+    """``action`` raises ``error``; the connection is in its ERROR state and every later call raises."""
+    with pytest.raises(error):
+        action()
+    assert conn.error is not None
+    for later in (lambda: conn.receive_data(b"x"), conn.next_event, lambda: conn.send(wire.Ping(bytes(8)))):
+        with pytest.raises(LocalProtocolError, match="failed earlier"):
+            later()
+
+
 def test_protocol_violations() -> None:
     client, server = pair()
-    with pytest.raises(LocalProtocolError):
-        server.send_call(1, wire.Lookup(b"a"))  # servers do not send requests
-    client.send_call(1, wire.Lookup(b"a"))
-    with pytest.raises(LocalProtocolError):
-        client.send_call(1, wire.Lookup(b"a"))  # id already pending
-    client.receive_data(server.send_result(2, wire.Empty()))
-    with pytest.raises(RemoteProtocolError):
-        events(client)  # a reply to nothing
+    refused(server, LocalProtocolError, lambda: server.send(wire.Call(1, wire.Lookup(b"a"))))  # servers do not ask
+    client, server = pair()
+    client.send(wire.Call(1, wire.Lookup(b"a")))
+    refused(client, LocalProtocolError, lambda: client.send(wire.Call(1, wire.Lookup(b"a"))))  # id already pending
+    client, server = pair()
+    client.receive_data(server.send(wire.Result(2, wire.Empty())))
+    refused(client, RemoteProtocolError, client.next_event)  # a reply to nothing
     fresh = wire.QtfsConnection(client=False)
     fresh.receive_data(encode_frame(wire.T_PING, 0, b"\x00" * 8))
-    with pytest.raises(RemoteProtocolError):
-        events(fresh)  # before Hello
+    refused(fresh, RemoteProtocolError, fresh.next_event)  # before Hello
     other = wire.QtfsConnection(client=False)
     other.receive_data(encode_frame(wire.T_HELLO, 0, b'{"node":"x","version":99}'))
-    with pytest.raises(RemoteProtocolError):
-        events(other)
+    refused(other, RemoteProtocolError, other.next_event)
     _, srv = pair()
     srv.receive_data(encode_frame(wire.T_REQUEST, 1, b"\xee"))
-    with pytest.raises(RemoteProtocolError):
-        events(srv)  # unknown op
+    refused(srv, RemoteProtocolError, srv.next_event)  # unknown op
     _, srv = pair()
     srv.receive_data(encode_frame(wire.T_REQUEST, 1, b"\x08\x00"))
     assert isinstance(events(srv)[0], wire.BadCall)  # truncated fields
@@ -211,7 +219,7 @@ paths = st.lists(names, max_size=5).map(lambda parts: b"/".join(parts))
 @given(path=paths, data=st.binary(max_size=3000), offset=st.integers(0, 2**63 - 1), split=st.integers(1, 50))
 def test_any_request_survives_any_split(path: bytes, data: bytes, offset: int, split: int) -> None:
     client, server = pair()
-    wire_bytes = client.send_call(1, wire.Lookup(path)) + client.send_call(2, wire.Write(3, offset, data))
+    wire_bytes = client.send(wire.Call(1, wire.Lookup(path))) + client.send(wire.Call(2, wire.Write(3, offset, data)))
     for at in range(0, len(wire_bytes), split):
         server.receive_data(wire_bytes[at : at + split])
     assert events(server) == [wire.Call(1, wire.Lookup(path)), wire.Call(2, wire.Write(3, offset, data))]
@@ -239,7 +247,7 @@ INVALIDATIONS = [
 @pytest.mark.parametrize(("invalidate", "payload"), INVALIDATIONS, ids=lambda i: repr(i))
 def test_invalidate_bytes(invalidate: wire.Invalidate, payload: bytes) -> None:
     client, server = pair()
-    data = server.send_invalidate(invalidate)
+    data = server.send(invalidate)
     assert data == encode_frame(wire.T_INVALIDATE, 0, payload)
     client.receive_data(data)
     assert events(client) == [invalidate]
@@ -247,16 +255,15 @@ def test_invalidate_bytes(invalidate: wire.Invalidate, payload: bytes) -> None:
         client.receive_data(bytes([byte]))
     assert events(client) == [invalidate]
     # between a request and its reply, and with trailing bytes of the next frame
-    client.send_call(8, wire.Lookup(b"x"))
-    reply = server.send_result(8, wire.AttrReply(ATTR.encode()))
+    client.send(wire.Call(8, wire.Lookup(b"x")))
+    reply = server.send(wire.Result(8, wire.AttrReply(ATTR.encode())))
     client.receive_data(data + reply + data[:3])
     assert events(client) == [invalidate, wire.Result(8, wire.AttrReply(ATTR.encode()))]
 
 
 def test_invalidate_violations() -> None:
     client, server = pair()
-    with pytest.raises(LocalProtocolError):
-        client.send_invalidate(wire.Invalidate(wire.Change.ALL))  # only the server sends them
+    refused(client, LocalProtocolError, lambda: client.send(wire.Invalidate(wire.Change.ALL)))  # the server's only
     for bad in (b"/abs", b"a/../b", b"a//b"):
         with pytest.raises(ValueError):
             wire.Invalidate(wire.Change.DATA, bad)
@@ -268,6 +275,5 @@ def test_invalidate_violations() -> None:
         with pytest.raises(RemoteProtocolError):
             events(fresh)
     server.receive_data(encode_frame(wire.T_INVALIDATE, 0, b"\x04"))
-    with pytest.raises(RemoteProtocolError):
-        events(server)  # a server never receives one
+    refused(server, RemoteProtocolError, server.next_event)  # a server never receives one
     assert wire.MountReply(ATTR.encode(), wire.MOUNT_WATCHED | wire.MOUNT_READONLY).flags == 3

@@ -649,12 +649,12 @@ def test_escapes_refused(lab: Lab, work: Path, server: Server) -> None:
             current = link._current
             assert current is not None
             body = b"\x02" + len(b"dir/../..").to_bytes(4, "big") + b"dir/../.."
-            current.conn._pending[99] = wire.Op.LOOKUP
+            current.conn.pending[99] = wire.Op.LOOKUP
             await current.stream.send_all(encode_frame(wire.T_REQUEST, 99, body))
             deadline = trio.current_time() + 5
-            while 99 in current.conn._pending and trio.current_time() < deadline:
+            while 99 in current.conn.pending and trio.current_time() < deadline:
                 await trio.sleep(0.05)
-            results[".."] = "answered" if 99 not in current.conn._pending else "no answer"
+            results[".."] = "answered" if 99 not in current.conn.pending else "no answer"
             try:
                 await link.call(wire.Lookup(b"dir"))
                 results["after"] = "connection alive"

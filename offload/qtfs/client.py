@@ -4,9 +4,10 @@ Any number of tasks call `Link.call` at once; each request gets an id, one
 reader task hands every reply to its caller, so a slow read never holds
 up a stat.  The link keeps itself alive:
 
-* a keepalive task pings every ``keepalive / 3`` seconds; when nothing has
-  arrived for ``keepalive`` seconds the link is declared lost (a pulled
-  cable is noticed in bounded time, never a hang);
+* a keepalive task pings when the connection says a ping is due (every
+  ``keepalive / 3`` seconds); when nothing has arrived for ``keepalive``
+  seconds the connection says the link is lost (a pulled cable is noticed
+  in bounded time, never a hang);
 * a lost link is re-established in the background (a restarted server is
   reconnected to, with backoff up to one second); calls made meanwhile wait
   for it up to ``reconnect_timeout`` and then fail with EIO;
@@ -74,7 +75,6 @@ class _Connection:
     conn: wire.QtfsConnection
     generation: int
     lost: trio.Event
-    last_seen: float
     next_id: int = 1
 
 
@@ -156,7 +156,11 @@ class Link:
         waiter = _Waiter()
         self._waiters[id] = waiter
         try:
-            data = current.conn.send_call(id, request)
+            try:
+                data = current.conn.send(wire.Call(id, request))
+            except ProtocolError as exc:  # the connection is in its ERROR state: no call goes on it
+                self._lose(current, f"could not send a {type(request).__name__}: {exc}")
+                raise OSError(errno.EIO, f"a {type(request).__name__} could not be sent: {exc}") from None
             try:
                 async with self._send_lock:
                     with translate_errors(self.address, "sending to"):
@@ -184,17 +188,17 @@ class Link:
             connected = await self.transport.connect(self.address, timeout=CONNECT_TIMEOUT)
         stream = connected.stream
         try:
-            conn = wire.QtfsConnection(client=True)
+            conn = wire.QtfsConnection(client=True, keepalive=self.keepalive, now=trio.current_time())
             with trio.fail_after(CONNECT_TIMEOUT):
                 await stream.send_all(
-                    conn.send_hello(wire.Hello(self.node)) + conn.send_call(1, wire.Mount(self.remote))
+                    conn.send(wire.Hello(self.node)) + conn.send(wire.Call(1, wire.Mount(self.remote)))
                 )
                 hello: wire.Hello | None = None
                 reply: wire.Event | None = None
                 while reply is None:
                     data = await stream.receive_some(RECEIVE_SIZE)
                     conn.receive_data(data)
-                    while (event := conn.next_event()) is not None:
+                    while (event := conn.next_event()) is not wire.NEED_DATA:
                         if isinstance(event, wire.Hello):
                             hello = event
                         elif isinstance(event, wire.Result | wire.Failure) and event.id == 1:
@@ -228,7 +232,8 @@ class Link:
         reconnected = self.mounted is not None
         self.mounted = mounted
         self.generation += 1
-        self._current = _Connection(stream, conn, self.generation, trio.Event(), trio.current_time(), 2)
+        conn.heard(trio.current_time())
+        self._current = _Connection(stream, conn, self.generation, trio.Event(), 2)
         if reconnected:
             self.on_reset()
         self._up.set()
@@ -283,9 +288,9 @@ class Link:
             while True:
                 with translate_errors(self.address, "receiving from"):
                     data = await current.stream.receive_some(RECEIVE_SIZE)
-                current.last_seen = trio.current_time()
+                conn.heard(trio.current_time())
                 conn.receive_data(data)
-                while (event := conn.next_event()) is not None:
+                while (event := conn.next_event()) is not wire.NEED_DATA:
                     if isinstance(event, wire.Result):
                         waiter = waiters.get(event.id)
                         if waiter is not None:
@@ -309,23 +314,17 @@ class Link:
             self._lose(current, str(exc) or type(exc).__name__)
 
     async def _pinger(self, current: _Connection) -> None:
-        interval = self.keepalive / 3
-        token = 0
+        conn = current.conn
         while True:
-            await trio.sleep(interval)
-            if trio.current_time() - current.last_seen > self.keepalive:
-                self._lose(current, f"nothing heard for {self.keepalive:g} s")
-                return
-            token += 1
+            await trio.sleep_until(conn.deadline)
             try:
-                with trio.move_on_after(interval) as scope:
-                    async with self._send_lock:
-                        with translate_errors(self.address, "pinging"):
-                            await current.stream.send_all(current.conn.send_ping(token))
-            except TransportError as exc:
-                self._lose(current, f"ping failed: {exc}")
-                return
-            if scope.cancelled_caught:
+                ping = conn.poll(trio.current_time())
+                if not ping:
+                    continue
                 # A send cut short leaves the stream unusable, and a send this slow means a dead link.
-                self._lose(current, f"a ping could not be sent in {interval:g} s")
+                with trio.fail_after(conn.ping_every), translate_errors(self.address, "pinging"):
+                    async with self._send_lock:
+                        await current.stream.send_all(ping)
+            except (ProtocolError, TransportError, trio.TooSlowError) as exc:
+                self._lose(current, str(exc) or f"a ping could not be sent in {conn.ping_every:g} s")
                 return

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import trio
 
 from offload import aio
-from offload.errors import ConfigError, ProtocolError, TransportError
+from offload.errors import ConfigError, ProtocolError, TransportError, errno_name
 from offload.net import Transport, listener_address, parse_address, remote_name, serve_listeners, translate_errors
 from offload.protocol import qtfs as wire
 from offload.protocol.framing import HEADER_SIZE
@@ -96,7 +96,7 @@ class Session:
     async def run(self) -> None:
         try:
             async with aio.open_nursery() as nursery:
-                await self.stream.send_all(self.conn.send_hello(wire.Hello(self.config.node_name, epoch=self.epoch)))
+                await self.stream.send_all(self.conn.send(wire.Hello(self.config.node_name, epoch=self.epoch)))
                 while True:
                     with trio.fail_after(IDLE_TIMEOUT):
                         data = await self.stream.receive_some(RECEIVE_SIZE)
@@ -125,7 +125,7 @@ class Session:
         runs in a thread, so other connections are served meanwhile.
         """
         try:
-            data = self.conn.send_result(id, await self._start_watch(reply, nursery))
+            data = self.conn.send(wire.Result(id, await self._start_watch(reply, nursery)))
         except OSError as exc:
             data = self._failure(id, wire.Op.MOUNT, request, exc)
         async with self.send_lock:
@@ -158,7 +158,7 @@ class Session:
 
     def _invalidations(self) -> list[bytes | memoryview]:
         assert self.watch is not None
-        return [self.conn.send_invalidate(item) for item in self.watch.read()]
+        return [self.conn.send(item) for item in self.watch.read()]
 
     async def _watching(self, watch: TreeWatch) -> None:
         while self.watch is watch:
@@ -177,7 +177,7 @@ class Session:
         conn = self.conn
         while True:
             event = conn.next_event()
-            if event is None:
+            if event is wire.NEED_DATA:
                 return False
             if isinstance(event, wire.Closed):
                 return True
@@ -185,9 +185,9 @@ class Session:
                 self._call(event, out, nursery)
             elif isinstance(event, wire.BadCall):
                 log.warning("refused a request from %s: %s", self.peer, event.reason)
-                out.append(conn.send_failure(event.id, errno.EACCES))
+                out.append(conn.send(wire.Failure(event.id, "EACCES")))
             elif isinstance(event, wire.Ping):
-                out.append(conn.send_pong(event.token))
+                out.append(conn.send(wire.Pong(event.token)))
 
     def _call(self, call: wire.Call, out: list[bytes | memoryview], nursery: trio.Nursery) -> None:
         request = call.request
@@ -209,7 +209,7 @@ class Session:
         except ABSURD as exc:
             out.append(self._failure(call.id, op, request, OSError(errno.EINVAL, str(exc))))
             return
-        out.append(self.conn.send_result(call.id, reply))
+        out.append(self.conn.send(wire.Result(call.id, reply)))
 
     def _read(self, id: int, request: wire.Read) -> memoryview:
         fd = self.backend.files.get(request.handle)
@@ -217,19 +217,19 @@ class Session:
         buffer = bytearray(HEADER_SIZE + size)
         view = memoryview(buffer)
         count = os.preadv(fd, [view[HEADER_SIZE:]], request.offset)
-        view[:HEADER_SIZE] = self.conn.result_header(id, count)
+        view[:HEADER_SIZE] = self.conn.send_header(wire.Result, id, count)
         return view[: HEADER_SIZE + count]
 
     def _failure(self, id: int, op: wire.Op, request: wire.Message, exc: OSError) -> bytes:
         number = exc.errno or errno.EIO
         if number not in (errno.ENOENT, errno.ENODATA, errno.EEXIST, errno.ENOTEMPTY):
             log.debug("%s %s from %s: %s", op.name, request, self.peer, os.strerror(number))
-        return self.conn.send_failure(id, number)
+        return self.conn.send(wire.Failure(id, errno_name(number)))
 
     async def _threaded(self, id: int, op: wire.Op, request: wire.Message) -> None:
         try:
             reply = await trio.to_thread.run_sync(self.handlers[op], request)
-            data = self.conn.send_result(id, reply)
+            data = self.conn.send(wire.Result(id, reply))
         except OSError as exc:
             data = self._failure(id, op, request, exc)
         except ABSURD as exc:

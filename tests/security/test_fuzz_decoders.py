@@ -27,7 +27,7 @@ from offload.protocol import local
 from offload.protocol import qtfs as qtfs_wire
 from offload.protocol import rexec as rexec_wire
 from offload.protocol import udsproxy as udsproxy_wire
-from offload.protocol.framing import HEADER, MAGIC, VERSION
+from offload.protocol.framing import HEADER, MAGIC, NEED_DATA, VERSION
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -92,7 +92,7 @@ def drive(connection: object, chunks: list[bytes], closed: tuple[type, ...]) -> 
             receive(chunk)
             for _ in range(10_000):
                 event = next_event()
-                if event is None or isinstance(event, closed):
+                if event is None or event is NEED_DATA or isinstance(event, closed):
                     break
     except ProtocolError:
         pass
@@ -155,7 +155,7 @@ QTFS_REQUESTS = [
 ]
 QTFS_TYPES = frame_types(qtfs_wire)
 QTFS_SAMPLES = [
-    qtfs_wire.QtfsConnection(client=True).send_hello(qtfs_wire.Hello("dpu"))[HEADER.size :],
+    qtfs_wire.QtfsConnection(client=True).send(qtfs_wire.Hello("dpu"))[HEADER.size :],
     *(bytes((qtfs_wire.OP_OF[type(request)],)) + request.encode() for request in QTFS_REQUESTS),
     b"ENOENT",
     bytes(104),  # the size of a stat reply's fields, zeros
@@ -166,10 +166,11 @@ QTFS_SAMPLES = [
 @given(client=st.booleans(), chunks=streams(QTFS_TYPES, QTFS_SAMPLES))
 def test_qtfs_decoder(client: bool, chunks: list[bytes]) -> None:
     connection = qtfs_wire.QtfsConnection(client=client)
+    connection.send(qtfs_wire.Hello("us"))
     if client:  # replies decode by the pending request of their id
         for number, request in enumerate(QTFS_REQUESTS, start=1):
-            connection.send_call(number, request)
-    hello = qtfs_wire.QtfsConnection(client=not client).send_hello(qtfs_wire.Hello("peer"))
+            connection.send(qtfs_wire.Call(number, request))
+    hello = qtfs_wire.QtfsConnection(client=not client).send(qtfs_wire.Hello("peer"))
     drive(connection, [hello, *chunks], (qtfs_wire.Closed,))
 
 

@@ -254,7 +254,7 @@ def qtfs_listener(path: Path, transport: Transport, export: Path) -> Listener:
     """The qtfs server's port, as a DPU's mount sees it.  Nothing here names the file the good client reads."""
     w = qtfs_wire
     client = w.QtfsConnection(client=True)
-    hello = client.send_hello(w.Hello("dpu"))
+    hello = client.send(w.Hello("dpu"))
     requests: list[qtfs_wire.Message] = [
         w.Mount(os.fsencode(export)),
         w.Mount(b"/"),
@@ -279,7 +279,7 @@ def qtfs_listener(path: Path, transport: Transport, export: Path) -> Listener:
         w.Unlink(b"fz/new"),
     ]
     samples = [hello, encode_frame(w.T_PING, 0, struct.pack("!Q", 7)), encode_frame(w.T_PONG, 0, struct.pack("!Q", 7))]
-    samples += [client.send_call(number, request) for number, request in enumerate(requests, start=1)]
+    samples += [client.send(w.Call(number, request)) for number, request in enumerate(requests, start=1)]
     samples.append(encode_frame(w.T_ERROR, 1, b"ENOENT"))
     return Listener(
         "qtfs server port", path, samples, frame_types(w), transport, hello=hello, max_payload=w.MAX_PAYLOAD

@@ -92,11 +92,11 @@ class FakeHost:
                 if not data:
                     return
                 conn.receive_data(data)
-                while (event := conn.next_event()) is not None:
+                while (event := conn.next_event()) is not wire.NEED_DATA:
                     if isinstance(event, wire.Hello):
-                        sock.sendall(conn.send_hello(wire.Hello("fake-host")))
+                        sock.sendall(conn.send(wire.Hello("fake-host")))
                     elif isinstance(event, wire.Ping):
-                        sock.sendall(conn.send_pong(event.token))
+                        sock.sendall(conn.send(wire.Pong(event.token)))
                     elif isinstance(event, wire.Call):
                         answer = self._answer(conn, event)
                         if answer:
@@ -105,22 +105,22 @@ class FakeHost:
     def _answer(self, conn: wire.QtfsConnection, call: wire.Call) -> bytes:
         request = call.request
         if isinstance(request, wire.Mount):
-            return conn.send_result(call.id, wire.MountReply(ROOT.encode(), 0))
+            return conn.send(wire.Result(call.id, wire.MountReply(ROOT.encode(), 0)))
         if isinstance(request, wire.Getattr) and request.path == b"":
-            return conn.send_result(call.id, wire.AttrReply(ROOT.encode()))
+            return conn.send(wire.Result(call.id, wire.AttrReply(ROOT.encode())))
         if isinstance(request, wire.Lookup | wire.Getattr):
             if request.path == b"good":
-                return conn.send_result(call.id, wire.AttrReply(GOOD.encode()))
+                return conn.send(wire.Result(call.id, wire.AttrReply(GOOD.encode())))
             if request.path == b"bad":
-                return conn.send_result(call.id, wire.AttrReply(b"short"))
+                return conn.send(wire.Result(call.id, wire.AttrReply(b"short")))
             if request.path == b"garbage":
                 return encode_frame(0x7F, call.id, b"not a qtfs frame")
             if request.path == b"silent":
                 return b""
         if isinstance(request, wire.Opendir) and request.path == b"":
             page = wire.encode_entry(b"good", GOOD.encode())
-            return conn.send_result(call.id, wire.DirReply(0, 1, page))
-        return conn.send_failure(call.id, errno.ENOENT)
+            return conn.send(wire.Result(call.id, wire.DirReply(0, 1, page)))
+        return conn.send(wire.Failure(call.id, "ENOENT"))
 
     def close(self) -> None:
         self.closed = True

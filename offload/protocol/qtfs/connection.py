@@ -1,4 +1,4 @@
-"""One side of a qtfs connection: bytes to events and events to bytes.
+"""One side of a qtfs connection: the qtfs table on the link core (`offload.protocol.link`).
 
 After Hello both ways the client sends requests, each in one Request frame
 whose channel is the request id; the server answers each id exactly once
@@ -16,12 +16,13 @@ peer's protocol error.
 from __future__ import annotations
 
 import enum
-import struct
 from dataclasses import dataclass
+from typing import Any
 
-from offload.errors import LocalProtocolError, RemoteProtocolError, errno_name, errno_number
+from offload.errors import LocalProtocolError, RemoteProtocolError, errno_number
 from offload.protocol import messages
-from offload.protocol.framing import NEED_DATA, Frame, FrameDecoder, encode_frame, encode_header
+from offload.protocol.link import NEED_DATA as NEED_DATA
+from offload.protocol.link import Closed, Connection, Ping, Pong, Registry, Role
 from offload.protocol.qtfs.codec import MAX_ID, MAX_PAYLOAD, Message, check_relative
 from offload.protocol.qtfs.messages import REPLIES, REQUESTS, Op, Request
 
@@ -83,9 +84,6 @@ class Change(enum.IntEnum):
     UNWATCHED = 5  # the server can no longer watch the whole tree: stop caching
 
 
-_INVALIDATE = struct.Struct("!B")
-
-
 @dataclass(frozen=True, slots=True)
 class Invalidate:
     """The host changed ``path`` (relative to the mount root; ``b""`` is the root) in the way ``change`` says.
@@ -104,156 +102,94 @@ class Invalidate:
             raise ValueError("Invalidate: an ENTRY change names an entry, not the root")
 
     def encode(self) -> bytes:
-        return _INVALIDATE.pack(self.change) + self.path
-
-
-@dataclass(frozen=True, slots=True)
-class Ping:
-    token: int
-
-
-@dataclass(frozen=True, slots=True)
-class Pong:
-    token: int
-
-
-class Closed:
-    """The peer ended the stream on a frame boundary."""
-
-    def __repr__(self) -> str:
-        return "Closed()"
+        return bytes((self.change,)) + self.path
 
 
 Event = Hello | Call | BadCall | Result | Failure | Ping | Pong | Invalidate | Closed
-_TOKEN = struct.Struct("!Q")
 
 
-class QtfsConnection:
+def _hello(conn: Any, channel: int, payload: bytes) -> Hello:
+    document = messages.load(payload, "Hello")
+    hello = Hello(str(document["node"]), int(document["version"]), int(document.get("epoch", 0)))
+    if hello.version != PROTOCOL_VERSION:
+        raise RemoteProtocolError(f"peer speaks qtfs protocol {hello.version}, we speak {PROTOCOL_VERSION}")
+    return hello
+
+
+def _call(conn: Any, channel: int, payload: bytes) -> Call | BadCall:
+    op = Op(payload[0])
+    if channel == 0:
+        raise RemoteProtocolError("request id 0")
+    try:
+        return Call(channel, REQUESTS[op].decode(memoryview(payload)[1:], op.name))
+    except RemoteProtocolError as exc:
+        # The frame is intact, so the stream stays in step: refuse this request only.
+        return BadCall(channel, str(exc))
+
+
+def _answered(conn: QtfsConnection, id: int) -> Op:
+    op = conn.pending.pop(id, None)
+    if op is None:
+        raise RemoteProtocolError(f"reply to request {id}, which is not pending")
+    return op
+
+
+def _result(conn: QtfsConnection, channel: int, payload: bytes) -> Result:
+    op = _answered(conn, channel)
+    return Result(channel, REPLIES[op].decode(payload, f"{op.name} reply"))
+
+
+def _failure(conn: QtfsConnection, channel: int, payload: bytes) -> Failure:
+    _answered(conn, channel)
+    if not 0 < len(payload) <= 32 or not payload.isascii():
+        raise RemoteProtocolError("malformed error reply")
+    return Failure(channel, payload.decode())
+
+
+QTFS = Registry("qtfs", max_payload=MAX_PAYLOAD, hello=Hello)
+QTFS.declare(
+    T_HELLO,
+    Hello,
+    encode=lambda e: (0, messages.dump({"node": e.node, "version": e.version, "epoch": e.epoch})),
+    decode=_hello,
+)
+QTFS.declare(
+    T_REQUEST,
+    Call,
+    sender=Role.CLIENT,
+    encode=lambda e: (e.id, bytes((e.request.OP,)) + e.request.encode()),
+    decode=_call,
+)
+QTFS.declare(T_REPLY, Result, sender=Role.SERVER, encode=lambda e: (e.id, e.reply.encode()), decode=_result)
+QTFS.declare(T_ERROR, Failure, sender=Role.SERVER, encode=lambda e: (e.id, e.error.encode()), decode=_failure)
+QTFS.declare_keepalive(T_PING, T_PONG, size=8)
+QTFS.declare(
+    T_INVALIDATE,
+    Invalidate,
+    sender=Role.SERVER,
+    encode=lambda e: (0, e.encode()),
+    decode=lambda conn, channel, payload: Invalidate(Change(payload[0]), payload[1:]),
+)
+
+
+class QtfsConnection(Connection):
     """Bytes to events and events to bytes for one side (``client`` or not).
 
-    The only state: whether the peer's Hello came, and on the client the op
-    of every pending request id (so replies decode to their type).
+    Beyond the core's, the only state: on the client, the op of every
+    pending request id (so replies decode to their type).
     """
 
-    def __init__(self, client: bool) -> None:
+    registry = QTFS
+
+    def __init__(self, client: bool, **keepalive: Any) -> None:
+        super().__init__(Role.CLIENT if client else Role.SERVER, **keepalive)
         self.client = client
-        self._decoder = FrameDecoder(MAX_PAYLOAD)
-        self._pending: dict[int, Op] = {}
-        self._hello_seen = False
+        self.pending: dict[int, Op] = {}
 
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
-    # outgoing
-
-    def send_hello(self, hello: Hello) -> bytes:
-        document = {"node": hello.node, "version": hello.version, "epoch": hello.epoch}
-        return encode_frame(T_HELLO, 0, messages.dump(document), max_payload=MAX_PAYLOAD)
-
-    def send_call(self, id: int, request: Request) -> bytes:
-        if not self.client:
-            raise LocalProtocolError("only the client sends requests")
-        if not 0 < id <= MAX_ID:
-            raise LocalProtocolError(f"request id {id} out of range")
-        if id in self._pending:
-            raise LocalProtocolError(f"request id {id} is already pending")
-        op = request.OP
-        body = request.encode()
-        if len(body) + 1 > MAX_PAYLOAD:
-            raise LocalProtocolError(f"{op.name} request of {len(body)} bytes is too large")
-        self._pending[id] = op
-        return encode_header(T_REQUEST, id, len(body) + 1) + bytes((op,)) + body
-
-    def send_result(self, id: int, reply: Message) -> bytes:
-        body = reply.encode()
-        return encode_frame(T_REPLY, id, body, max_payload=MAX_PAYLOAD)
-
-    def result_header(self, id: int, length: int) -> bytes:
-        """The header of a Reply whose payload the server sends as it is (a read's data)."""
-        if length > MAX_PAYLOAD:
-            raise LocalProtocolError(f"reply of {length} bytes is too large")
-        return encode_header(T_REPLY, id, length)
-
-    def send_failure(self, id: int, error: int | str) -> bytes:
-        name = (errno_name(error) if isinstance(error, int) else error).encode()
-        return encode_frame(T_ERROR, id, name)
-
-    def send_invalidate(self, invalidate: Invalidate) -> bytes:
-        if self.client:
-            raise LocalProtocolError("only the server sends Invalidate")
-        return encode_frame(T_INVALIDATE, 0, invalidate.encode(), max_payload=MAX_PAYLOAD)
-
-    def send_ping(self, token: int) -> bytes:
-        return encode_frame(T_PING, 0, _TOKEN.pack(token))
-
-    def send_pong(self, token: int) -> bytes:
-        return encode_frame(T_PONG, 0, _TOKEN.pack(token))
-
-    # incoming
-
-    def receive_data(self, data: bytes | bytearray) -> None:
-        self._decoder.receive_data(bytes(data) if isinstance(data, bytearray) else data)
-
-    def next_event(self) -> Event | None:
-        """The next event, or None when more bytes are needed."""
-        frame = self._decoder.next_frame()
-        if not isinstance(frame, Frame):
-            return None if frame is NEED_DATA else Closed()
-        kind, channel, payload = frame.type, frame.channel, frame.payload
-        if kind == T_HELLO:
-            return self._hello(payload)
-        if not self._hello_seen:
-            raise RemoteProtocolError(f"frame type {kind:#04x} before Hello")
-        if kind in (T_PING, T_PONG):
-            if len(payload) != _TOKEN.size:
-                raise RemoteProtocolError(f"ping of {len(payload)} bytes")
-            (token,) = _TOKEN.unpack(payload)
-            return Ping(token) if kind == T_PING else Pong(token)
-        if kind == T_INVALIDATE and self.client:
-            return self._invalidate(payload)
-        if kind == T_REQUEST and not self.client:
-            if not payload:
-                raise RemoteProtocolError("empty request")
-            try:
-                op = Op(payload[0])
-            except ValueError:
-                raise RemoteProtocolError(f"unknown op {payload[0]}") from None
-            if channel == 0:
-                raise RemoteProtocolError("request id 0")
-            try:
-                return Call(channel, REQUESTS[op].decode(memoryview(payload)[1:], op.name))
-            except RemoteProtocolError as exc:
-                # The frame is intact, so the stream stays in step: refuse this request only.
-                return BadCall(channel, str(exc))
-        if kind in (T_REPLY, T_ERROR) and self.client:
-            op_pending = self._pending.pop(channel, None)
-            if op_pending is None:
-                raise RemoteProtocolError(f"reply to request {channel}, which is not pending")
-            if kind == T_ERROR:
-                if not 0 < len(payload) <= 32 or not payload.isascii():
-                    raise RemoteProtocolError("malformed error reply")
-                return Failure(channel, payload.decode())
-            return Result(channel, REPLIES[op_pending].decode(payload, f"{op_pending.name} reply"))
-        raise RemoteProtocolError(f"unexpected frame type {kind:#04x} on the {'client' if self.client else 'server'}")
-
-    def _invalidate(self, payload: bytes) -> Invalidate:
-        try:
-            change = Change(payload[0])
-            return Invalidate(change, bytes(payload[1:]))
-        except (IndexError, ValueError) as exc:
-            raise RemoteProtocolError(f"malformed Invalidate: {exc}") from None
-
-    def _hello(self, payload: bytes) -> Hello:
-        if self._hello_seen:
-            raise RemoteProtocolError("a second Hello")
-        document = messages.load(bytes(payload), "Hello")
-        try:
-            hello = Hello(str(document["node"]), int(document["version"]), int(document.get("epoch", 0)))
-        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
-            # JSON's Infinity, a list for a document, nesting deeper than the stack: all the peer's fault.
-            raise RemoteProtocolError(f"malformed Hello: {exc}") from None
-        if hello.version != PROTOCOL_VERSION:
-            raise RemoteProtocolError(f"peer speaks qtfs protocol {hello.version}, we speak {PROTOCOL_VERSION}")
-        self._hello_seen = True
-        return hello
+    def _sending(self, event: Any) -> None:
+        if isinstance(event, Call):
+            if not 0 < event.id <= MAX_ID:
+                raise LocalProtocolError(f"request id {event.id} out of range")
+            if event.id in self.pending:
+                raise LocalProtocolError(f"request id {event.id} is already pending")
+            self.pending[event.id] = event.request.OP
