@@ -141,8 +141,11 @@ def test_setup_hands_over_what_came_after_connected() -> None:
     early = encode_frame(wire.T_DATA, 1, b"early")
     client.receive_data(server.send(wire.Connected()) + early[:5])
     assert client.next_event() == wire.Connected()
-    assert client.next_event() is None
+    assert client.next_event() is wire.NEED_DATA
     assert client.leftover() == early[:5]  # the relay continues from here
+    client.receive_data(early[:12])  # a whole header, read before the relay takes over: handed over too
+    assert client.next_event() is wire.NEED_DATA
+    assert client.leftover() == early[:12]
 
 
 def test_connect_names_the_callers_user() -> None:

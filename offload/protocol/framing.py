@@ -106,11 +106,15 @@ class FrameDecoder:
         return len(self._buffer)
 
     def take_buffered(self) -> bytes:
-        """The bytes received beyond the frames returned so far, for whoever reads the stream from here on."""
-        if self._header is not None:
-            raise LocalProtocolError("a frame is half received")
-        data = bytes(self._buffer)
+        """The bytes received beyond the frames returned so far, for whoever reads the stream from here on.
+
+        A header already read is given back as it came (its fields were checked, so encoding them
+        again yields the same bytes).
+        """
+        header = encode_header(*self._header) if self._header is not None else b""
+        data = header + bytes(self._buffer)
         self._buffer.clear()
+        self._header = None
         return data
 
     def receive_data(self, data: bytes) -> None:

@@ -276,6 +276,11 @@ class Connection:
         self.state = self._transition(self.peer_role, event, RemoteProtocolError)
         return event
 
+    def leftover(self) -> bytes:
+        """The bytes received beyond the events returned so far, handed to another reader (udsproxy's relay)."""
+        self._check()
+        return self._decoder.take_buffered()
+
     def _received(self, event: Any) -> Any:
         """What the protocol makes of a received event; None drops it (a frame that crossed ours)."""
         return event

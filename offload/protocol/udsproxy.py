@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 from offload.errors import LocalProtocolError, RemoteProtocolError
 from offload.protocol import fdpass, messages
 from offload.protocol.fdpass import MAX_FDS, FdDescription
-from offload.protocol.framing import HEADER, HEADER_SIZE, MAGIC, VERSION, Frame, encode_frame
+from offload.protocol.framing import HEADER, HEADER_SIZE, MAGIC, VERSION, encode_frame
+from offload.protocol.link import NEED_DATA as NEED_DATA
+from offload.protocol.link import Closed, Connection, Registry, Role
 from offload.protocol.messages import check_path
 
 T_HELLO = 0x01
@@ -98,11 +101,6 @@ class Data:
 
 @dataclass(frozen=True, slots=True)
 class Eof:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Closed:
     pass
 
 
@@ -189,115 +187,87 @@ Event = Hello | Connect | Connected | Data | Eof | Closed
 
 
 class State(enum.Enum):
-    HELLO = "hello"
     IDLE = "idle"
     CONNECTING = "connecting"
     OPEN = "open"
     DONE = "done"
 
 
-class UdsProxyConnection:
+def _hello(conn: Any, channel: int, payload: bytes) -> Hello:
+    document = messages.load(payload, "hello")
+    if document.get("service") != "udsproxy":
+        raise RemoteProtocolError(f"peer speaks {document.get('service')!r}, not udsproxy")
+    return Hello(str(document.get("node", "?"))[:256])
+
+
+def _connect(conn: Any, channel: int, payload: bytes) -> Connect:
+    document = messages.load(payload, "connect")
+    return Connect(*(messages.field(document, name, str, "connect") for name in ("path", "type", "user")))
+
+
+def _data(event: Data) -> tuple[int, bytes]:
+    if len(event.data) > MAX_DATA:
+        raise LocalProtocolError(f"data of {len(event.data)} bytes is too large")
+    return DATA_CHANNEL, event.data
+
+
+def _on_data_channel(channel: int, event: Data | Eof) -> Data | Eof:
+    if channel != DATA_CHANNEL:
+        raise RemoteProtocolError(f"data on channel {channel}")
+    return event
+
+
+UDSPROXY = Registry("udsproxy", max_payload=MAX_FRAME, hello=Hello)
+UDSPROXY.declare(
+    T_HELLO, Hello, encode=lambda e: (0, messages.dump({"node": e.node, "service": "udsproxy"})), decode=_hello
+)
+UDSPROXY.declare(
+    T_CONNECT,
+    Connect,
+    sender=Role.CLIENT,
+    encode=lambda e: (0, messages.dump({"path": e.path, "type": e.type, "user": e.user})),
+    decode=_connect,
+)
+UDSPROXY.declare(
+    T_CONNECTED,
+    Connected,
+    sender=Role.SERVER,
+    encode=lambda e: (0, messages.dump({"error": e.error})),
+    decode=lambda conn, channel, payload: Connected(
+        messages.field(messages.load(payload, "connected"), "error", str, "connected")[:32]
+    ),
+)
+UDSPROXY.declare(
+    T_DATA, Data, encode=_data, decode=lambda conn, channel, payload: _on_data_channel(channel, Data(payload))
+)
+UDSPROXY.declare(
+    T_EOF,
+    Eof,
+    encode=lambda e: (DATA_CHANNEL, b""),
+    decode=lambda conn, channel, payload: _on_data_channel(channel, Eof()),
+)
+
+
+class UdsProxyConnection(Connection):
+    """The setup of one udsproxy connection; then `leftover` hands the stream to the relay."""
+
+    registry = UDSPROXY
+    transitions = {
+        (Role.CLIENT, Connect, State.IDLE): State.CONNECTING,
+        (Role.SERVER, Connected, State.CONNECTING): State.OPEN,  # DONE if it names an error
+        **{(role, event, State.OPEN): State.OPEN for role in Role for event in (Data, Eof)},
+    }
+
     def __init__(self, client: bool) -> None:
+        super().__init__(Role.CLIENT if client else Role.SERVER, State.IDLE)
         self.client = client
-        self.state = State.HELLO
-        self._sent_hello = False
-        self._peer_hello = False
-        self._buffer = bytearray()
-        self._eof = False
 
-    def send(self, event: Event) -> bytes:
-        if isinstance(event, Hello):
-            if self._sent_hello:
-                raise LocalProtocolError("Hello sent twice")
-            self._sent_hello = True
-            return encode_frame(T_HELLO, 0, messages.dump({"node": event.node, "service": "udsproxy"}))
-        if self.state is State.HELLO and not self._peer_hello:
-            raise LocalProtocolError(f"{type(event).__name__} before Hello")
-        if isinstance(event, Connect):
-            self._expect(self.client and self.state is State.IDLE, event, LocalProtocolError)
-            self.state = State.CONNECTING
-            return encode_frame(
-                T_CONNECT, 0, messages.dump({"path": event.path, "type": event.type, "user": event.user})
-            )
-        if isinstance(event, Connected):
-            self._expect(not self.client and self.state is State.CONNECTING, event, LocalProtocolError)
-            self.state = State.DONE if event.error else State.OPEN
-            return encode_frame(T_CONNECTED, 0, messages.dump({"error": event.error}))
-        self._expect(self.state is State.OPEN, event, LocalProtocolError)
-        if isinstance(event, Data):
-            if len(event.data) > MAX_DATA:
-                raise LocalProtocolError(f"data of {len(event.data)} bytes is too large")
-            return encode_frame(T_DATA, DATA_CHANNEL, event.data, max_payload=MAX_DATA)
-        if isinstance(event, Eof):
-            return encode_frame(T_EOF, DATA_CHANNEL)
-        raise LocalProtocolError(f"cannot send {event!r}")
+    def _sending(self, event: Any) -> None:
+        if not isinstance(event, Hello) and self.peer_hello is None:
+            raise LocalProtocolError(f"{type(event).__name__} before the peer's Hello")
+        self._received(event)
 
-    def _expect(self, condition: bool, event: Event, error: type[Exception]) -> None:
-        if not condition:
-            side = "client" if self.client else "server"
-            raise error(f"{type(event).__name__} not allowed for the {side} in state {self.state.value}")
-
-    def receive_data(self, data: bytes) -> None:
-        """Bytes from the peer; ``b""`` means it closed the stream."""
-        if data:
-            self._buffer += data
-        else:
-            self._eof = True
-
-    def next_event(self) -> Event | None:
-        with memoryview(self._buffer) as view:
-            frames, _ = split_frames(view[: HEADER_SIZE + MAX_FRAME])
-            frame = Frame(frames[0][0], frames[0][1], frames[0][2].tobytes()) if frames else None
-            for _, _, payload in frames:
-                payload.release()
-        if frame is None:
-            if not self._eof:
-                return None
-            if self._buffer:
-                raise RemoteProtocolError("stream ended inside a frame (truncated)")
-            return Closed()
-        del self._buffer[: HEADER_SIZE + len(frame.payload)]
-        return self._receive(frame)
-
-    def leftover(self) -> bytes:
-        """What was received beyond the frames returned so far: the relay takes it over."""
-        data = bytes(self._buffer)
-        self._buffer.clear()
-        return data
-
-    def _receive(self, frame: Frame) -> Event:
-        if frame.type == T_HELLO:
-            if self._peer_hello:
-                raise RemoteProtocolError("Hello received twice")
-            document = messages.load(frame.payload, "hello")
-            if document.get("service") != "udsproxy":
-                raise RemoteProtocolError(f"peer speaks {document.get('service')!r}, not udsproxy")
-            self._peer_hello = True
-            self.state = State.IDLE
-            return Hello(str(document.get("node", "?"))[:256])
-        if not self._peer_hello:
-            raise RemoteProtocolError("frame before Hello")
-        if frame.type == T_CONNECT:
-            self._expect(not self.client and self.state is State.IDLE, Connect("/x"), RemoteProtocolError)
-            document = messages.load(frame.payload, "connect")
-            try:
-                event: Event = Connect(
-                    messages.field(document, "path", str, "connect"),
-                    messages.field(document, "type", str, "connect"),
-                    messages.field(document, "user", str, "connect"),
-                )
-            except ValueError as exc:
-                raise RemoteProtocolError(f"connect: {exc}") from None
-            self.state = State.CONNECTING
-            return event
-        if frame.type == T_CONNECTED:
-            self._expect(self.client and self.state is State.CONNECTING, Connected(), RemoteProtocolError)
-            error = messages.field(messages.load(frame.payload, "connected"), "error", str, "connected")
-            self.state = State.DONE if error else State.OPEN
-            return Connected(error[:32])
-        if frame.type in (T_DATA, T_EOF):
-            self._expect(self.state is State.OPEN, Data(b""), RemoteProtocolError)
-            if frame.channel != DATA_CHANNEL:
-                raise RemoteProtocolError(f"data on channel {frame.channel}")
-            return Data(frame.payload) if frame.type == T_DATA else Eof()
-        raise RemoteProtocolError(f"unknown frame type {frame.type:#x}")
+    def _received(self, event: Any) -> Any:
+        if isinstance(event, Connected) and event.error:
+            self.state = State.DONE
+        return event

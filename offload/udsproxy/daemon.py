@@ -142,7 +142,7 @@ class PeerStream:
         await self.stream.send_all(self.conn.send(event))
 
     async def next(self) -> wire.Event:
-        while (event := self.conn.next_event()) is None:
+        while (event := self.conn.next_event()) is wire.NEED_DATA:
             self.conn.receive_data(bytes(await self.stream.receive_some(64 << 10)))
         return event
 

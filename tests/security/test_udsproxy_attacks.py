@@ -324,7 +324,7 @@ async def test_a_peer_ignoring_the_pipe_window_is_cut_off(
                 setup.receive_data(bytes(await stream.receive_some(65536)))
             await stream.send_all(setup.send(wire.Connect(str(tree.allowed / "sink.sock"), user="nobody")))
             while not isinstance(event := setup.next_event(), wire.Connected):
-                if event is None:
+                if event is wire.NEED_DATA:
                     setup.receive_data(bytes(await stream.receive_some(65536)))
             assert event.error == ""
             # A pipe for the far program to read, then Data frames on its channel, ignoring the window.
