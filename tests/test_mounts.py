@@ -169,7 +169,7 @@ def test_missing_hugetlbfs_is_skipped_with_a_note() -> None:
 
 def test_a_host_adds_userspace_qtfs_exports_and_the_host_facts() -> None:
     cfg = config.PrepareConfig(
-        host="169.254.77.1:7003", pki="/pki", exports=(config.Export("/var/lib/libvirt"),), sys_facts=False
+        host="169.254.77.1:7003", pki="/pki", exports=(config.HostDir("/var/lib/libvirt"),), sys_facts=False
     )
     steps = build(cfg).steps
     qtfs = [s for s in steps if isinstance(s, QtfsMount)]
@@ -197,11 +197,11 @@ def test_a_host_adds_userspace_qtfs_exports_and_the_host_facts() -> None:
 
 def test_the_shims_partition_map_is_written_from_the_cgroup_partitions() -> None:
     partitions = (
-        config.Export(remote="/sys/fs/cgroup/cpu,cpuacct/offload/machine", local="/sys/fs/cgroup/cpu/machine"),
-        config.Export(remote="/sys/fs/cgroup/memory/offload/machine", local="/sys/fs/cgroup/memory/machine"),
-        config.Export(remote="/sys/fs/cgroup/blkio/vms", local="/sys/fs/cgroup/net_cls,net_prio/machine"),
-        config.Export(remote="/sys/fs/cgroup/cpuset", local="/sys/fs/cgroup/cpuset/machine"),  # a hierarchy's root
-        config.Export(remote="/srv/cgroup/x", local="/sys/fs/cgroup/pids/machine"),  # not a cgroup mount's path
+        config.HostDir(remote="/sys/fs/cgroup/cpu,cpuacct/offload/machine", local="/sys/fs/cgroup/cpu/machine"),
+        config.HostDir(remote="/sys/fs/cgroup/memory/offload/machine", local="/sys/fs/cgroup/memory/machine"),
+        config.HostDir(remote="/sys/fs/cgroup/blkio/vms", local="/sys/fs/cgroup/net_cls,net_prio/machine"),
+        config.HostDir(remote="/sys/fs/cgroup/cpuset", local="/sys/fs/cgroup/cpuset/machine"),  # a hierarchy's root
+        config.HostDir(remote="/srv/cgroup/x", local="/sys/fs/cgroup/pids/machine"),  # not a cgroup mount's path
     )
     cfg = config.PrepareConfig(host="10.0.0.1:7003", cgroup_partitions=partitions)
     steps = build(cfg).steps
@@ -226,7 +226,7 @@ def test_the_shims_partition_map_is_written_from_the_cgroup_partitions() -> None
 
 def test_the_kernel_module_is_used_where_the_kernel_has_qtfs() -> None:
     facts = Facts(mounts=FACTS.mounts, filesystems=FACTS.filesystems | {"qtfs"}, devices=())
-    cfg = config.PrepareConfig(host="10.0.0.1:7003", exports=(config.Export("/home/VMs"),), sys_facts=False)
+    cfg = config.PrepareConfig(host="10.0.0.1:7003", exports=(config.HostDir("/home/VMs"),), sys_facts=False)
     qtfs = [s for s in build(cfg, facts).steps if isinstance(s, MountOp) and s.fstype == "qtfs"]
     assert [(s.source, s.path, s.options) for s in qtfs] == [
         ("/home/VMs", "/t/home/VMs", ""),
@@ -238,7 +238,7 @@ def test_the_kernel_module_is_used_where_the_kernel_has_qtfs() -> None:
 def test_configured_mounts_move_before_the_steps_they_would_hide() -> None:
     cfg = config.PrepareConfig(
         host="h:1",
-        exports=(config.Export("/var/lib/libvirt"),),
+        exports=(config.HostDir("/var/lib/libvirt"),),
         proc_facts=False,
         sys_facts=False,
         mount=(config.MountSpec(type="tmpfs", target="/var/lib"),),
@@ -288,7 +288,7 @@ def test_config_round_trips_through_toml_and_json(tmp_path: Path) -> None:
         host="169.254.77.1:7003",
         pki="/etc/offload/pki",
         insecure=True,
-        exports=(config.Export("/var/lib/libvirt"), config.Export("/srv/images", "/home/VMs")),
+        exports=(config.HostDir("/var/lib/libvirt"), config.HostDir("/srv/images", "/home/VMs")),
         devices=("null", "kvm"),
         hugetlbfs=False,
         bind=(config.MountSpec(source="/var/run/rexec", missing="create"),),
@@ -307,7 +307,7 @@ def test_config_accepts_short_forms_and_names_bad_keys(tmp_path: Path) -> None:
     file = tmp_path / "prepare.toml"
     file.write_text('host = "169.254.77.1:7003"\nexports = ["/var/lib/libvirt", { remote = "/a", local = "/b" }]\n')
     loaded = config.load(file)
-    assert loaded.exports == (config.Export("/var/lib/libvirt"), config.Export("/a", "/b"))
+    assert loaded.exports == (config.HostDir("/var/lib/libvirt"), config.HostDir("/a", "/b"))
     for text, message in (
         ('hots = "x:1"\n', "unknown key hots"),
         ("hugetlbfs = 1\n", "hugetlbfs: expected true or false"),

@@ -374,7 +374,7 @@ def test_errors_carry_the_errno_name() -> None:
 def partitions_plan(target: str, *, run_tmpfs: bool) -> plan_module.Plan:
     """The steps that publish the shim's partition map, with or without the target's /run tmpfs below it."""
     path = paths.resolve(target, plan_module.CGROUP_PARTITIONS_FILE)
-    steps: list[ops.Op] = [ops.WriteFile(path=path, content="cpu=/offload/machine=/machine")]
+    steps: list[ops.Step] = [ops.WriteFile(path=path, content="cpu=/offload/machine=/machine")]
     if run_tmpfs:
         steps.append(ops.MountOp(path=paths.resolve(target, "/run"), fstype="tmpfs", source="tmpfs"))
     return plan_module.Plan(target, plan_module.order(steps))

@@ -110,7 +110,7 @@ DEFAULT_BINDS: tuple[MountSpec, ...] = (
 
 
 @dataclass(frozen=True)
-class Export:
+class HostDir:
     """A host directory served by qtfs, mounted at ``local`` in the target (default: the same path)."""
 
     remote: str
@@ -122,7 +122,7 @@ class Export:
                 raise ConfigError(f"export path {path!r} must be absolute, without '..'")
 
     @classmethod
-    def from_string(cls, value: str) -> Export:
+    def from_string(cls, value: str) -> HostDir:
         return cls(remote=value)
 
     @property
@@ -137,7 +137,7 @@ class PrepareConfig:
     host: str = ""  # the host's qtfs server, as `qtfs mount` takes it: HOST:PORT or tcp://HOST:PORT
     pki: str = "/etc/offload/pki"  # this machine's ca.pem, cert.pem and key.pem
     insecure: bool = False  # plaintext qtfs (tests only)
-    exports: tuple[Export, ...] = (Export("/var/lib/libvirt"), Export("/home/VMs"))
+    exports: tuple[HostDir, ...] = (HostDir("/var/lib/libvirt"), HostDir("/home/VMs"))
     proc_facts: bool = True  # the host's /proc facts (meminfo, cpuinfo, ...) over the target's /proc files
     sys_facts: bool = True  # the host's /sys directories over the target's /sys
     qtfs_staging: str = "/run/offload"  # inside the target: where the host's /proc and /sys are mounted whole
@@ -145,7 +145,7 @@ class PrepareConfig:
     qtfs_kernel: str = "auto"  # the qtfs kernel module: "auto" (when /proc/filesystems lists it), "yes", "no"
     # Host cgroup directories (the host's /machine of a controller) mounted over the target's, so that
     # libvirt's cgroups are made on the host and hold its programs: {remote = HOST DIR, local = TARGET DIR}.
-    cgroup_partitions: tuple[Export, ...] = ()
+    cgroup_partitions: tuple[HostDir, ...] = ()
     pidmap: str = "/var/run/rexec/pids"  # rexec's pidmap on this machine: stand-in pid -> host pid
     # Local mounts.
     devices: tuple[str, ...] = DEFAULT_DEVICES

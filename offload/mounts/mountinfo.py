@@ -56,7 +56,7 @@ def parse_line(line: str) -> MountEntry:
         optional=tuple(fields[6:separator]),
         fstype=fields[separator + 1],
         source=_unescape(fields[separator + 2]),
-        super_options=tuple(fields[separator + 3].split(",")) if len(fields) > separator + 3 else (),
+        super_options=tuple(map(_unescape, fields[separator + 3].split(","))) if len(fields) > separator + 3 else (),
     )
 
 
@@ -72,6 +72,11 @@ def read(path: str = MOUNTINFO) -> tuple[MountEntry, ...]:
 def stack_at(entries: tuple[MountEntry, ...], path: str) -> list[MountEntry]:
     """The mounts at exactly ``path``, bottom first."""
     return [entry for entry in entries if entry.mount_point == path]
+
+
+def is_mount_point(path: str | os.PathLike[str]) -> bool:
+    """Something is mounted at ``path`` (made absolute, not resolved) in this mount namespace."""
+    return bool(stack_at(read(), os.path.abspath(path)))
 
 
 def under(entries: tuple[MountEntry, ...], path: str) -> list[MountEntry]:

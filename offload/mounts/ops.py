@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from offload import proc
-from offload.errors import MountConflict, MountError
+from offload.errors import MountConflict, MountError, OffloadError
 from offload.mounts import mountinfo, paths, syscalls
 from offload.mounts.mountinfo import MountEntry
 
@@ -74,6 +74,31 @@ class Context(Protocol):
     def run(self, argv: list[str]) -> tuple[int, str]: ...
 
 
+class Direct:
+    """The `Context` of steps run on their own (the rootfs builder's): paths below /, nothing recorded or undone."""
+
+    target = "/"
+
+    def entries(self) -> tuple[MountEntry, ...]:
+        return mountinfo.read()
+
+    def attach(self, mount_fd: int, target_fd: int, path: str) -> None:
+        syscalls.attach(mount_fd, target_fd, path)
+
+    def record(self, entry: MountEntry) -> None:
+        pass
+
+    def on_undo(self, what: str, undo: Callable[[], None]) -> None:
+        pass
+
+    def run(self, argv: list[str]) -> tuple[int, str]:
+        try:
+            result = proc.run(argv, check=False)
+        except OffloadError as exc:  # the program is not there
+            return 127, str(exc)
+        return result.returncode, (result.stderr or "") + (result.stdout or "")
+
+
 @dataclass(frozen=True)
 class Check:
     state: str
@@ -98,7 +123,7 @@ def _conflict(path: str, detail: str) -> MountConflict:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Op:
+class Step:
     path: str
     layer: int = 0
     layers: int = 1  # how many of the plan's mounts stack at this path
@@ -127,7 +152,7 @@ class Op:
         raise NotImplementedError
 
 
-class _MountStep(Op):
+class _MountStep(Step):
     """Shared logic of the steps that mount something at ``path``."""
 
     @property
@@ -405,8 +430,24 @@ def _qtfs_umount(path: str) -> None:
     unmount.umount(path)
 
 
+class _MadeStep(Step):
+    """Shared logic of the steps that make a file at ``path``: nothing over something else, once."""
+
+    def make(self, ctx: Context) -> None:
+        raise NotImplementedError
+
+    def execute(self, ctx: Context) -> Result:
+        found = self.check(())
+        if found.state == WRONG:
+            raise _conflict(self.path, found.detail)
+        if found.state == PRESENT:
+            return Result(ALREADY)
+        self.make(ctx)
+        return Result(DONE)
+
+
 @dataclass(frozen=True, kw_only=True)
-class MakeNode(Op):
+class MakeNode(_MadeStep):
     """mknod PATH c MAJOR MINOR, with the machine's mode and owner."""
 
     major: int
@@ -436,21 +477,15 @@ class MakeNode(Op):
             return Check(PRESENT)
         return Check(WRONG, f"is not the character device {self.major}:{self.minor}")
 
-    def execute(self, ctx: Context) -> Result:
-        found = self.check(())
-        if found.state == WRONG:
-            raise _conflict(self.path, found.detail)
-        if found.state == PRESENT:
-            return Result(ALREADY)
+    def make(self, ctx: Context) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         syscalls.mknod_char(self.path, self.major, self.minor, self.mode)
         ctx.on_undo(f"rm {self.path}", lambda: os.unlink(self.path))
         os.chown(self.path, self.uid, self.gid)
-        return Result(DONE)
 
 
 @dataclass(frozen=True, kw_only=True)
-class MakeLink(Op):
+class MakeLink(_MadeStep):
     """ln -s LINK PATH."""
 
     link: str
@@ -471,19 +506,13 @@ class MakeLink(Op):
             return Check(WRONG, "is not a symlink")
         return Check(PRESENT) if current == self.link else Check(WRONG, f"points to {current}, expected {self.link}")
 
-    def execute(self, ctx: Context) -> Result:
-        found = self.check(())
-        if found.state == WRONG:
-            raise _conflict(self.path, found.detail)
-        if found.state == PRESENT:
-            return Result(ALREADY)
+    def make(self, ctx: Context) -> None:
         os.symlink(self.link, self.path)
         ctx.on_undo(f"rm {self.path}", lambda: os.unlink(self.path))
-        return Result(DONE)
 
 
 @dataclass(frozen=True, kw_only=True)
-class MakeDir(Op):
+class MakeDir(_MadeStep):
     """mkdir -m MODE PATH (a directory programs expect in a fresh tmpfs, such as /run/lock)."""
 
     mode: int
@@ -504,20 +533,14 @@ class MakeDir(Op):
             return Check(WRONG, "is not a directory")
         return Check(PRESENT)
 
-    def execute(self, ctx: Context) -> Result:
-        found = self.check(())
-        if found.state == WRONG:
-            raise _conflict(self.path, found.detail)
-        if found.state == PRESENT:
-            return Result(ALREADY)
+    def make(self, ctx: Context) -> None:
         os.mkdir(self.path)
         os.chmod(self.path, self.mode)  # mkdir's mode passes through the umask
         ctx.on_undo(f"rmdir {self.path}", lambda: os.rmdir(self.path))
-        return Result(DONE)
 
 
 @dataclass(frozen=True, kw_only=True)
-class WriteFile(Op):
+class WriteFile(Step):
     """A small file the target's programs read (the shim's cgroup partitions), written whole.
 
     Written beneath the target without following a symlink, under a
@@ -606,7 +629,7 @@ def remove_inside(target: str, path: str) -> bool:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Skipped(Op):
+class Skipped(Step):
     """A step the plan cannot do on this machine, kept so that output says why."""
 
     name: str

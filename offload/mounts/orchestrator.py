@@ -37,8 +37,8 @@ def _quiet(line: str) -> None:
     pass
 
 
-class _Run:
-    """The `ops.Context` of one prepare run."""
+class _Run(ops.Direct):
+    """The `ops.Context` of one prepare run: its mounts recorded, its changes undone on failure."""
 
     def __init__(self, stack: contextlib.ExitStack, report: Report, target: str) -> None:
         self.stack = stack
@@ -48,9 +48,6 @@ class _Run:
         self.undo_failures: list[str] = []
         # What earlier runs made and is still there stays recorded.
         self.made = records.present(target, mountinfo.read())
-
-    def entries(self) -> tuple[MountEntry, ...]:
-        return mountinfo.read()
 
     def attach(self, mount_fd: int, target_fd: int, path: str) -> None:
         mount_id = syscalls.mount_id(mount_fd)
@@ -84,15 +81,6 @@ class _Run:
                 self.report(f"rollback: {what}")
 
         self.stack.callback(guarded)
-
-    def run(self, argv: list[str]) -> tuple[int, str]:
-        from offload import proc  # imports trio: only qtfs steps pay for it
-
-        try:
-            result = proc.run(argv, check=False)
-        except OffloadError as exc:  # the program is not there
-            return 127, str(exc)
-        return result.returncode, (result.stderr or "") + (result.stdout or "")
 
 
 @dataclass
@@ -176,7 +164,7 @@ def prepare(plan: Plan, *, report: Report = _quiet, fail_at: int | None = None) 
     return summary
 
 
-def _as_mount_error(exc: BaseException, step: ops.Op) -> MountError:
+def _as_mount_error(exc: BaseException, step: ops.Step) -> MountError:
     if isinstance(exc, MountError):
         return exc
     assert isinstance(exc, OSError)
@@ -389,7 +377,7 @@ def holders_of(point: str) -> list[str]:
 
 @dataclass(frozen=True)
 class StepStatus:
-    step: ops.Op | None  # None for a mount below the target that no step accounts for
+    step: ops.Step | None  # None for a mount below the target that no step accounts for
     state: str
     detail: str = ""
     path: str = ""

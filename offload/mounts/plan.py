@@ -33,7 +33,7 @@ from offload.errors import ConfigError
 from offload.mounts import mountinfo
 from offload.mounts.config import MountSpec, PrepareConfig
 from offload.mounts.machine import Facts
-from offload.mounts.ops import BindOp, MakeDir, MakeLink, MakeNode, MountOp, Op, QtfsMount, Skipped, WriteFile
+from offload.mounts.ops import BindOp, MakeDir, MakeLink, MakeNode, MountOp, QtfsMount, Skipped, Step, WriteFile
 from offload.prefix import is_under
 from offload.qtfs.facts import PROC_FILES, SYS_DIRS  # the host's /proc files and /sys directories qtfs serves
 
@@ -50,7 +50,7 @@ Resolver = Callable[[str], str]
 @dataclass(frozen=True)
 class Plan:
     target: str
-    steps: tuple[Op, ...]
+    steps: tuple[Step, ...]
 
     def describe(self) -> list[str]:
         lines = [f"# offload prepare --target {self.target}: {len(self.steps)} steps"]
@@ -61,7 +61,7 @@ class Plan:
 
 
 def build(config: PrepareConfig, target: str, facts: Facts, resolve: Resolver) -> Plan:
-    steps: list[Op] = [
+    steps: list[Step] = [
         MountOp(path=resolve("/proc"), fstype="proc", source="proc", options="nosuid,nodev,noexec"),
         MountOp(path=resolve("/sys"), fstype="sysfs", source="sysfs", options="nosuid,nodev,noexec"),
     ]
@@ -84,7 +84,7 @@ def _flag_words(entry: mountinfo.MountEntry) -> list[str]:
     return [o for o in entry.options if o in FLAG_WORDS and o != "rw"]
 
 
-def cgroup_steps(facts: Facts, target: str, resolve: Resolver) -> list[Op]:
+def cgroup_steps(facts: Facts, target: str, resolve: Resolver) -> list[Step]:
     """This machine's mounts at and under /sys/fs/cgroup, the same way, in the same order."""
     tops: dict[str, tuple[int, mountinfo.MountEntry]] = {}
     for index, entry in enumerate(facts.mounts):
@@ -98,7 +98,7 @@ def cgroup_steps(facts: Facts, target: str, resolve: Resolver) -> list[Op]:
     children = sorted(
         {os.path.relpath(e.mount_point, CGROUP_ROOT).split("/")[0] for e in chosen if e.mount_point != CGROUP_ROOT}
     )
-    steps: list[Op] = []
+    steps: list[Step] = []
     for entry in chosen:
         data = list(entry.filesystem_data)
         steps.append(
@@ -116,9 +116,9 @@ def cgroup_steps(facts: Facts, target: str, resolve: Resolver) -> list[Op]:
     return steps
 
 
-def dev_steps(config: PrepareConfig, facts: Facts, resolve: Resolver) -> list[Op]:
+def dev_steps(config: PrepareConfig, facts: Facts, resolve: Resolver) -> list[Step]:
     dev = resolve("/dev")
-    steps: list[Op] = [MountOp(path=dev, fstype="tmpfs", source="tmpfs", options="nosuid,mode=0755,size=4m")]
+    steps: list[Step] = [MountOp(path=dev, fstype="tmpfs", source="tmpfs", options="nosuid,mode=0755,size=4m")]
     wanted = set(config.devices)
     for node in facts.devices:
         if node.name in wanted:
@@ -161,7 +161,7 @@ def dev_steps(config: PrepareConfig, facts: Facts, resolve: Resolver) -> list[Op
     return steps
 
 
-def _from_spec(spec: MountSpec, resolve: Resolver) -> Op:
+def _from_spec(spec: MountSpec, resolve: Resolver) -> Step:
     path = resolve(spec.where)
     if spec.is_bind:
         return BindOp(
@@ -174,10 +174,10 @@ def _from_spec(spec: MountSpec, resolve: Resolver) -> Op:
     return MountOp(path=path, fstype=spec.type, source=spec.source or spec.type, options=spec.options)
 
 
-def qtfs_steps(config: PrepareConfig, facts: Facts, resolve: Resolver) -> list[Op]:
+def qtfs_steps(config: PrepareConfig, facts: Facts, resolve: Resolver) -> list[Step]:
     kernel = config.qtfs_kernel == "yes" or (config.qtfs_kernel == "auto" and "qtfs" in facts.filesystems)
 
-    def qtfs(remote: str, path: str, mode: str = "") -> Op:
+    def qtfs(remote: str, path: str, mode: str = "") -> Step:
         if kernel:
             # The module's server address is a module parameter; the device
             # string is the remote path, and "-o proc" its proc mode.
@@ -269,7 +269,7 @@ def shim_partitions(config: PrepareConfig, facts: Facts) -> str:
     return ";".join(items)
 
 
-def order(steps: list[Op]) -> tuple[Op, ...]:
+def order(steps: list[Step]) -> tuple[Step, ...]:
     """Parents before children, otherwise the declared order; then number the layers.
 
     Step B must follow a mount A when B's path lies below A's mount point (B
@@ -300,7 +300,7 @@ def order(steps: list[Op]) -> tuple[Op, ...]:
     waiting = [len(before) for before in preds]
     ready = [j for j, count in enumerate(waiting) if count == 0]
     heapq.heapify(ready)
-    ordered: list[Op] = []
+    ordered: list[Step] = []
     while ready:
         i = heapq.heappop(ready)
         ordered.append(steps[i])

@@ -190,8 +190,15 @@ _ATTRS = {
     MS_NODIRATIME: MOUNT_ATTR_NODIRATIME,
     MS_NOSYMFOLLOW: MOUNT_ATTR_NOSYMFOLLOW,
 }
-#: MS_* flags of the superblock: fsconfig(2) takes them as flag keys.
-_SUPER_FLAGS = {MS_SYNCHRONOUS: "sync", MS_DIRSYNC: "dirsync", MS_LAZYTIME: "lazytime", MS_MANDLOCK: "mand"}
+#: MS_* flags of the superblock: fsconfig(2) takes them as flag keys.  "ro"
+#: is the superblock's too, as with mount(2): a read-only device needs it.
+_SUPER_FLAGS = {
+    MS_RDONLY: "ro",
+    MS_SYNCHRONOUS: "sync",
+    MS_DIRSYNC: "dirsync",
+    MS_LAZYTIME: "lazytime",
+    MS_MANDLOCK: "mand",
+}
 
 
 class _MountAttr(ctypes.Structure):

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from offload.errors import OffloadError
+from offload.mounts import ops, syscalls
+from offload.mounts.mountinfo import is_mount_point
 from offload.rootfs_builder import install, manifest, modes
 from offload.rootfs_builder.layout import Layout
-from offload.rootfs_builder.mounts import Overlay, Unmount, is_mount_point
 
 MODES = ("overlay", "copy", "debootstrap", "image")
 Say = Callable[[str], None]
@@ -134,12 +135,12 @@ def mount_overlay(layout: Layout, say: Say, lower: str | None = None) -> bool:
         layers = modes.overlay_layers(layout, lower or "/", [])
     layout.target.mkdir(parents=True, exist_ok=True)
     for layer in layers:
-        say(layer.describe())
-        layer.execute()
+        say(" && ".join(layer.describe()))
+        layer.execute(ops.Direct())
     return True
 
 
-def overlay_from_manifest(layout: Layout, recorded: manifest.Manifest) -> list[Overlay]:
+def overlay_from_manifest(layout: Layout, recorded: manifest.Manifest) -> list[ops.MountOp]:
     return modes.overlay_layers(
         layout, str(recorded.overlay.get("lower", "/")), list(recorded.overlay.get("nested", []))
     )
@@ -152,28 +153,23 @@ def _overlay_info(layout: Layout, lower: str, nested: list[str]) -> dict:
 def _fresh_overlay(request: Request, layout: Layout, say: Say) -> Result:
     lower = os.path.abspath(request.source)
     created_target = not layout.target.exists()
-    mounted: list[Overlay] = []
+    mounted: list[ops.MountOp] = []
     try:
         say(f"overlay rootfs: {lower} read-only below, changes in {layout.upper}")
-        layers = modes.prepare_overlay(layout, lower, say)
+        layers, nested = modes.prepare_overlay(layout, lower, say)
         layout.target.mkdir(parents=True, exist_ok=True)
         for layer in layers:
-            say(layer.describe())
-            layer.execute()
+            say(" && ".join(layer.describe()))
+            layer.execute(ops.Direct())
             mounted.append(layer)
-        info = {
-            "lower": lower,
-            "upper": str(layout.upper),
-            "work": str(layout.work),
-            "nested": [p.lower for p in layers[1:]],
-        }
+        info = _overlay_info(layout, lower, nested)
         changed, packages = _install(request, layout.target, say, None, overlay=info)
         return Result(True, changed, packages)
     except BaseException:
         say(f"build failed: unmounting {layout.target} and removing {layout.upper}")
         for layer in reversed(mounted):
             with contextlib.suppress(OffloadError):
-                Unmount(layer.target).execute()
+                syscalls.umount(layer.path)
         for path in (layout.upper, layout.work, layout.upper.with_name(layout.upper.name + ".mounts")):
             if path.exists():
                 with contextlib.suppress(OffloadError, OSError):

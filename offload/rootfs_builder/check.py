@@ -7,9 +7,9 @@ import stat
 from pathlib import Path
 
 from offload import proc
+from offload.mounts.mountinfo import is_mount_point
 from offload.rootfs_builder import install, manifest
 from offload.rootfs_builder.layout import Layout, machine_arch
-from offload.rootfs_builder.mounts import is_mount_point
 
 WRAPPERS = ("/usr/bin/qemu-kvm", "/usr/libexec/qemu-kvm")
 

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from offload import proc
-from offload.errors import OffloadError
-from offload.mounts import mountinfo
+from offload.errors import MountError, OffloadError
+from offload.mounts import mountinfo, ops, syscalls
 from offload.prefix import is_under
 from offload.rootfs_builder import partitions
 from offload.rootfs_builder.copy import PSEUDO, Copier
 from offload.rootfs_builder.layout import EXCLUDED, Layout
-from offload.rootfs_builder.mounts import Overlay, ReadOnly, loop_device, make_opaque, make_whiteout, mounted
 
 if TYPE_CHECKING:
     from subprocess import Popen
@@ -75,6 +74,40 @@ def content_mounts(mounts: list[MountPoint], root: str, skip: list[str]) -> list
 
 # -- overlay -----------------------------------------------------------------------
 
+# Overlay's option parser splits on ',' and lowerdir on ':'; it knows '\\' escapes
+# but mount(8) and humans do not agree on them, so such paths are refused.
+_OVERLAY_UNSAFE = (",", ":", "\\")
+
+
+def overlay(lower: str, upper: str, work: str, target: str) -> ops.MountOp:
+    """The step that mounts overlay on ``target``: read-only ``lower``, writable ``upper`` (``work`` on the same fs).
+
+    Its check knows the overlay by its upper layer.
+    """
+    for path in (lower, upper, work):
+        if any(c in path for c in _OVERLAY_UNSAFE):
+            raise MountError(f"overlay layer path {path!r} contains one of , : \\", path=path)
+    return ops.MountOp(
+        path=os.path.realpath(target),
+        fstype="overlay",
+        source="overlay",
+        options=f"lowerdir={lower},upperdir={upper},workdir={work}",
+        identity=(f"upperdir={upper}",),
+    )
+
+
+def make_opaque(directory: Path) -> None:
+    """An overlay upper directory that hides whatever the lower layer has there."""
+    directory.mkdir(parents=True, exist_ok=True)
+    os.setxattr(directory, "trusted.overlay.opaque", b"y")
+
+
+def make_whiteout(path: Path) -> None:
+    """An overlay whiteout (a 0/0 character device): ``path`` does not exist in the merged view."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        syscalls.mknod_char(str(path), 0, 0, 0o000)
+
 
 def _mirror_dirs(lower: Path, upper: Path, relative: Path) -> None:
     """Create ``upper/relative`` with each component's owner and mode taken from ``lower``."""
@@ -90,21 +123,26 @@ def _mirror_dirs(lower: Path, upper: Path, relative: Path) -> None:
             os.chmod(current_upper, info.st_mode & 0o7777)
 
 
-def overlay_layers(layout: Layout, lower: str, nested: list[str]) -> list[Overlay]:
-    """The root overlay on TARGET, then one per content filesystem below ``lower`` (parents first)."""
-    layers = [Overlay(lower, str(layout.upper), str(layout.work), str(layout.target))]
+def overlay_layers(layout: Layout, lower: str, nested: list[str], *, make: bool = False) -> list[ops.MountOp]:
+    """The root overlay on TARGET, then one per content filesystem below ``lower`` (parents first).
+
+    ``make``: create the upper and work directories (idempotent).
+    """
     base = layout.upper.with_name(layout.upper.name + ".mounts")
-    for point in nested:
+    layers = []
+    for point in [lower, *nested]:
         relative = os.path.relpath(point, lower)
-        key = relative.replace("/", "%")
-        layers.append(
-            Overlay(point, str(base / key / "upper"), str(base / key / "work"), str(layout.target / relative))
-        )
+        key = base / relative.replace("/", "%")
+        upper, work = (layout.upper, layout.work) if point == lower else (key / "upper", key / "work")
+        if make:
+            upper.mkdir(parents=True, exist_ok=True)
+            work.mkdir(parents=True, exist_ok=True)
+        layers.append(overlay(point, str(upper), str(work), os.path.normpath(layout.target / relative)))
     return layers
 
 
-def prepare_overlay(layout: Layout, lower: str, say: Say) -> list[Overlay]:
-    """Create the layers (idempotent) and return the overlays to mount, in order."""
+def prepare_overlay(layout: Layout, lower: str, say: Say) -> tuple[list[ops.MountOp], list[str]]:
+    """Create the layers (idempotent); the overlays to mount, in order, and the nested lower layers."""
     skip = [
         str(layout.target),
         str(layout.upper),
@@ -112,10 +150,7 @@ def prepare_overlay(layout: Layout, lower: str, say: Say) -> list[Overlay]:
         str(layout.upper.with_name(layout.upper.name + ".mounts")),
     ]
     nested = content_mounts(read_mounts(), lower, skip)
-    layers = overlay_layers(layout, lower, nested)
-    for layer in layers:
-        Path(layer.upper).mkdir(parents=True, exist_ok=True)
-        Path(layer.work).mkdir(parents=True, exist_ok=True)
+    layers = overlay_layers(layout, lower, nested, make=True)
     upper, root = layout.upper, Path(lower)
     # The directories copy mode leaves out are empty here too: the mount
     # orchestrator mounts proc, sys, a private /dev, /run and /tmp afresh.
@@ -133,7 +168,7 @@ def prepare_overlay(layout: Layout, lower: str, say: Say) -> list[Overlay]:
         make_whiteout(upper / relative)
     for point in nested:
         say(f"{point} is a filesystem of its own: it gets an overlay of its own in the rootfs")
-    return layers
+    return layers, nested
 
 
 # -- copy ---------------------------------------------------------------------------
@@ -254,10 +289,8 @@ def raw_view(image: Path, scratch: Path, say: Say) -> Iterator[str]:
         # SIGTERM: it ends the export and unmounts it; a FUSE mount left by
         # a daemon that died is unmounted here.
         _stop(daemon)
-        from offload.rootfs_builder.mounts import Unmount, is_mount_point
-
-        if is_mount_point(export):
-            Unmount(str(export), lazy=True).execute()
+        if mountinfo.is_mount_point(export):
+            syscalls.umount(str(export), syscalls.MNT_DETACH)
 
 
 def _qemu_escape(value: str) -> str:
@@ -282,17 +315,48 @@ def copy_image(image: Path, dest: Path, layout: Layout, say: Say, *, partition: 
             say(f"root filesystem of {image}: {what}")
             mount_point = scratch / "root"
             mount_point.mkdir()
-            with loop_device(raw, offset=offset, size=size) as device, mounted(ReadOnly(device, str(mount_point))):
-                say(f"{device} mounted read-only on {mount_point}")
-                Copier(mount_point, dest, frozenset(), hardlinks=False, progress=say).run()
+            with loop_device(raw, offset=offset, size=size) as device:
+                step = ops.MountOp(path=str(mount_point), fstype=_probe_fstype(device), source=device, options="ro")
+                step.execute(ops.Direct())
+                try:
+                    say(f"{device} mounted read-only on {mount_point}")
+                    Copier(mount_point, dest, frozenset(), hardlinks=False, progress=say).run()
+                finally:
+                    try:
+                        syscalls.umount(step.path)
+                    except MountError:
+                        syscalls.umount(step.path, syscalls.MNT_DETACH)
             return what
+
+
+@contextlib.contextmanager
+def loop_device(image: str, *, offset: int = 0, size: int | None = None) -> Iterator[str]:
+    """A read-only loop device over ``image`` (from ``offset``, ``size`` bytes); detached on exit."""
+    argv = ["losetup", "--find", "--show", "--read-only", "--offset", str(offset)]
+    if size is not None:
+        argv += ["--sizelimit", str(size)]
+    device = proc.run([*argv, image]).stdout.strip()
+    try:
+        yield device
+    finally:
+        proc.run(["losetup", "--detach", device], check=False)
+
+
+def _probe_fstype(device: str) -> str:
+    # -p probes the device itself: without it blkid may answer from its
+    # cache file, which remembers what an earlier user of the same loop
+    # device held.
+    result = proc.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device], check=False)
+    fstype = result.stdout.strip()
+    if result.returncode != 0 or not fstype:
+        raise MountError(f"no filesystem found on {device} (blkid)", path=device)
+    return fstype
 
 
 def remove_tree(path: Path) -> None:
     """rm -rf that refuses to cross into a mount (it would delete what is mounted there)."""
-    from offload.rootfs_builder.mounts import mounted_under
-
-    inside = mounted_under(path)
+    top = os.path.abspath(path)
+    inside = sorted({e.mount_point for e in mountinfo.read() if is_under(e.mount_point, top)})
     if inside:
         raise ModeError(f"cannot remove {path}: still mounted there: {', '.join(inside)}")
     shutil.rmtree(path, ignore_errors=False)
