@@ -39,9 +39,8 @@ from typing import Protocol
 
 from offload import fdinfo, users
 from offload.errors import UnsupportedFdError
-from offload.prefix import is_under
+from offload.prefix import is_shared, is_under
 from offload.protocol.fdpass import FdDescription
-from offload.rexecd.policy import is_shared
 from offload.udsproxy.prefixes import open_beneath
 
 _ACCESS_FLAGS = {"r": os.O_RDONLY, "w": os.O_WRONLY, "rw": os.O_RDWR}

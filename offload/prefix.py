@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import AnyStr
 
+from offload.protocol.messages import check_path
+
 
 def is_under(path: AnyStr, ancestor: AnyStr, *, strict: bool = False) -> bool:
     """``path`` is ``ancestor`` or lies inside it; not ``ancestor`` itself if ``strict``.
@@ -28,3 +30,12 @@ def is_under(path: AnyStr, ancestor: AnyStr, *, strict: bool = False) -> bool:
 def covered(path: AnyStr, prefixes: tuple[AnyStr, ...]) -> bool:
     """``path`` is one of ``prefixes`` or lies inside one."""
     return any(is_under(path, prefix) for prefix in prefixes)
+
+
+def is_shared(path: str, prefixes: tuple[str, ...]) -> bool:
+    """``path`` is one we carry (`check_path`: absolute, no NUL, no ``..``) and one of ``prefixes`` covers it."""
+    try:
+        check_path(path, "path")
+    except ValueError:
+        return False
+    return covered(path, prefixes)

@@ -14,10 +14,10 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from offload import fdinfo
+from offload import fdinfo, rexec_client
 from offload.errors import ConfigError, RefusedError, UnsupportedFdError
-from offload.prefix import covered
-from offload.protocol.rexec import FdKind, FdSpec, check_path
+from offload.prefix import is_shared as is_shared  # shared with udsproxy; rexecd names it here
+from offload.protocol.rexec import FdKind, FdSpec
 from offload.users import RemoteUser as RemoteUser  # shared with udsproxy; rexecd names it here
 from offload.users import map_user as map_user
 
@@ -31,23 +31,9 @@ ENV_PREFIXES = ("LC_", "XDG_")
 #: Never passed, whatever the configuration says: they change what runs.
 ENV_FORBIDDEN = frozenset({"PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "PYTHONPATH", "IFS"})
 #: Signals a caller may have delivered to its program: those the stand-in
-#: forwards (rexec_client.FORWARDED_SIGNALS, which keeps its own copy to stay
-#: quick to start), and SIGKILL to end it.  A peer asking for any other
-#: (SIGSTOP, SIGSEGV, ...) is refused.
-FORWARDED_SIGNALS = frozenset(
-    {
-        signal.SIGTERM,
-        signal.SIGINT,
-        signal.SIGHUP,
-        signal.SIGQUIT,
-        signal.SIGUSR1,
-        signal.SIGUSR2,
-        signal.SIGWINCH,
-        signal.SIGCONT,
-        signal.SIGALRM,
-        signal.SIGKILL,
-    }
-)
+#: forwards, and SIGKILL to end it.  A peer asking for any other (SIGSTOP,
+#: SIGSEGV, ...) is refused.
+FORWARDED_SIGNALS = frozenset({*rexec_client.FORWARDED_SIGNALS, signal.SIGKILL})
 
 
 @dataclass(frozen=True)
@@ -130,15 +116,6 @@ def filter_environment(env: dict[str, str], extra: tuple[str, ...]) -> dict[str,
         if key in ENV_NAMES or key in extra or key.startswith(ENV_PREFIXES):
             allowed[key] = value
     return allowed
-
-
-def is_shared(path: str, prefixes: tuple[str, ...]) -> bool:
-    """Prefix match on whole path components (``/a/b`` covers ``/a/b/c``, not ``/a/bc``)."""
-    try:
-        check_path(path, "path")
-    except ValueError:
-        return False
-    return covered(path, prefixes)
 
 
 @dataclass(frozen=True)

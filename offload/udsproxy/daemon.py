@@ -59,8 +59,8 @@ from offload.net import (
     serve_listeners,
     translate_errors,
 )
+from offload.prefix import is_shared
 from offload.protocol import udsproxy as wire
-from offload.rexecd.policy import is_shared
 from offload.udsproxy.prefixes import open_beneath
 from offload.udsproxy.relay import (
     CONTROL_SPACE,

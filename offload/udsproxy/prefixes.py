@@ -18,8 +18,8 @@ import errno
 import os
 import posixpath
 
+from offload.prefix import is_shared
 from offload.qtfs.resolve import openat2
-from offload.rexecd.policy import is_shared
 
 
 def split(path: str, prefixes: tuple[str, ...]) -> tuple[str, str] | None:
