@@ -433,8 +433,20 @@ def _qtfs_umount(path: str) -> None:
 class _MadeStep(Step):
     """Shared logic of the steps that make a file at ``path``: nothing over something else, once."""
 
+    def wrong(self, info: os.stat_result) -> str | None:
+        """What is wrong with the file found at ``path``; None if it is the one this step makes."""
+        raise NotImplementedError
+
     def make(self, ctx: Context) -> None:
         raise NotImplementedError
+
+    def check(self, entries: tuple[MountEntry, ...]) -> Check:
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return Check(MISSING)
+        problem = self.wrong(info)
+        return Check(WRONG, problem) if problem else Check(PRESENT)
 
     def execute(self, ctx: Context) -> Result:
         found = self.check(())
@@ -468,14 +480,10 @@ class MakeNode(_MadeStep):
             lines.append(f"chown {self.uid}:{self.gid} {_q(self.path)}")
         return lines
 
-    def check(self, entries: tuple[MountEntry, ...]) -> Check:
-        try:
-            info = os.lstat(self.path)
-        except FileNotFoundError:
-            return Check(MISSING)
+    def wrong(self, info: os.stat_result) -> str | None:
         if stat.S_ISCHR(info.st_mode) and info.st_rdev == os.makedev(self.major, self.minor):
-            return Check(PRESENT)
-        return Check(WRONG, f"is not the character device {self.major}:{self.minor}")
+            return None
+        return f"is not the character device {self.major}:{self.minor}"
 
     def make(self, ctx: Context) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -497,14 +505,11 @@ class MakeLink(_MadeStep):
     def describe(self) -> list[str]:
         return [f"ln -s {_q(self.link)} {_q(self.path)}"]
 
-    def check(self, entries: tuple[MountEntry, ...]) -> Check:
-        try:
-            current = os.readlink(self.path)
-        except FileNotFoundError:
-            return Check(MISSING)
-        except OSError:
-            return Check(WRONG, "is not a symlink")
-        return Check(PRESENT) if current == self.link else Check(WRONG, f"points to {current}, expected {self.link}")
+    def wrong(self, info: os.stat_result) -> str | None:
+        if not stat.S_ISLNK(info.st_mode):
+            return "is not a symlink"
+        current = os.readlink(self.path)
+        return None if current == self.link else f"points to {current}, expected {self.link}"
 
     def make(self, ctx: Context) -> None:
         os.symlink(self.link, self.path)
@@ -524,14 +529,8 @@ class MakeDir(_MadeStep):
     def describe(self) -> list[str]:
         return [f"mkdir -m {self.mode:04o} {_q(self.path)}"]
 
-    def check(self, entries: tuple[MountEntry, ...]) -> Check:
-        try:
-            info = os.lstat(self.path)
-        except FileNotFoundError:
-            return Check(MISSING)
-        if not stat.S_ISDIR(info.st_mode):
-            return Check(WRONG, "is not a directory")
-        return Check(PRESENT)
+    def wrong(self, info: os.stat_result) -> str | None:
+        return None if stat.S_ISDIR(info.st_mode) else "is not a directory"
 
     def make(self, ctx: Context) -> None:
         os.mkdir(self.path)

@@ -11,8 +11,6 @@ from offload.mounts.mountinfo import is_mount_point
 from offload.rootfs_builder import install, manifest
 from offload.rootfs_builder.layout import Layout, machine_arch
 
-WRAPPERS = ("/usr/bin/qemu-kvm", "/usr/libexec/qemu-kvm")
-
 
 def check(target: str, state_dir: str | None = None, *, run: bool = True) -> tuple[list[str], list[str]]:
     """(problems, facts): an empty problem list means the rootfs is good.
