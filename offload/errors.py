@@ -91,7 +91,7 @@ class UnsupportedFdError(RefusedError):
 
 
 class LabError(OffloadError):
-    """Bringing the lab up or down failed."""
+    """Bringing the lab up or down, or a step of its demo, failed."""
 
 
 class MountError(OffloadError):

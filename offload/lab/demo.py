@@ -15,31 +15,16 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable
 
 import psutil
 
 from offload import proc
-from offload.errors import OffloadError
+from offload.errors import LabError, OffloadError
 from offload.lab import SERVICES, dpu_libvirt, guest
 from offload.lab.lab import Lab
-from offload.lab.libvirt import IMAGES, guest_domain, install_argv, qemu_processes, wait_for_marker
+from offload.lab.libvirt import IMAGES, guest_domain, install_argv, qemu_processes, step, wait_for_marker
 
 DOMAIN = "offload-demo"
-
-
-class DemoFailed(OffloadError):
-    pass
-
-
-def _step(title: str, action: Callable[[], str]) -> None:
-    start = time.monotonic()
-    try:
-        detail = action()
-    except Exception as exc:
-        print(f"[{time.monotonic() - start:6.2f} s] {title}: FAILED", flush=True)
-        raise DemoFailed(f"step '{title}' failed: {exc}") from exc
-    print(f"[{time.monotonic() - start:6.2f} s] {title}: {detail}", flush=True)
 
 
 def netns_of(pid: int) -> str:
@@ -50,18 +35,18 @@ def where_qemu_runs(lab: Lab, name: str) -> str:
     """Check the domain's qemu runs on the host side, under the host's rexec_server; describe it."""
     found = qemu_processes(name)
     if len(found) != 1:
-        raise DemoFailed(f"expected one qemu for {name}, found {len(found)}")
+        raise LabError(f"expected one qemu for {name}, found {len(found)}")
     qemu = found[0]
     host_net = lab.netns_id("host")
     if netns_of(qemu.pid) != host_net:
-        raise DemoFailed(f"qemu pid {qemu.pid} runs in {netns_of(qemu.pid)}, not the host side's {host_net}")
+        raise LabError(f"qemu pid {qemu.pid} runs in {netns_of(qemu.pid)}, not the host side's {host_net}")
     server = lab.pid_of("host-rexec")
     ancestors = [p.pid for p in qemu.parents()]
     if server not in ancestors:
-        raise DemoFailed(f"qemu pid {qemu.pid}'s parents {ancestors} do not include the host rexec_server {server}")
+        raise LabError(f"qemu pid {qemu.pid}'s parents {ancestors} do not include the host rexec_server {server}")
     libvirtd = lab.pid_of("dpu-libvirtd")
     if netns_of(libvirtd) != lab.netns_id("dpu"):
-        raise DemoFailed(f"libvirtd pid {libvirtd} is not on the DPU side")
+        raise LabError(f"libvirtd pid {libvirtd} is not on the DPU side")
     return f"qemu pid {qemu.pid} in {lab.host.netns}, child of the host's rexec_server (pid {server}); libvirtd pid {libvirtd} in {lab.dpu.netns}"
 
 
@@ -70,35 +55,35 @@ def run(lab: Lab, domain_type: str = "qemu") -> None:
     image = guest.build()
     domain = guest_domain(DOMAIN, image, domain_type)
 
-    _step("lab down (leftovers)", lambda: ", ".join(lab.down()) or "nothing left over")
-    _step("guest kernel and initramfs", lambda: f"{image.version} (cached in {image.kernel.parent})")
-    _step("lab up", lambda: "\n    " + "\n    ".join(lab.up(only=list(SERVICES))))
+    step("lab down (leftovers)", lambda: ", ".join(lab.down()) or "nothing left over")
+    step("guest kernel and initramfs", lambda: f"{image.version} (cached in {image.kernel.parent})")
+    step("lab up", lambda: "\n    " + "\n    ".join(lab.up(only=list(SERVICES))))
 
     def images() -> str:
         proc.run(lab.command("host", install_argv(image)))
         return f"{image.kernel.name} and {image.initrd.name} in {IMAGES} on the host side"
 
-    _step("images on the host", images)
+    step("images on the host", images)
 
     def define() -> str:
         virsh.define(domain)
         return f"{DOMAIN}, type {domain.type}, emulator {domain.emulator}"
 
-    _step("virsh define (DPU side)", define)
-    _step("virsh start (DPU side)", lambda: virsh("start", DOMAIN).strip() or f"{DOMAIN} started")
+    step("virsh define (DPU side)", define)
+    step("virsh start (DPU side)", lambda: virsh("start", DOMAIN).strip() or f"{DOMAIN} started")
     console = lab.path_on("host", domain.console_log)
-    _step(
+    step(
         "guest console (host side file)",
         lambda: wait_for_marker(lambda: console.read_text(errors="replace") if console.exists() else ""),
     )
-    _step("where it runs", lambda: where_qemu_runs(lab, DOMAIN))
-    _step("virsh list", lambda: " / ".join(line.strip() for line in virsh("list").splitlines() if line.strip()))
-    _step("virsh dominfo", lambda: _fields(virsh("dominfo", DOMAIN), ("State", "CPU(s)", "Max memory")))
-    _step(
+    step("where it runs", lambda: where_qemu_runs(lab, DOMAIN))
+    step("virsh list", lambda: " / ".join(line.strip() for line in virsh("list").splitlines() if line.strip()))
+    step("virsh dominfo", lambda: _fields(virsh("dominfo", DOMAIN), ("State", "CPU(s)", "Max memory")))
+    step(
         "virsh domstats",
         lambda: _fields(virsh("domstats", DOMAIN), ("state.state", "cpu.time", "balloon.current"), "="),
     )
-    _step(
+    step(
         "qemu-monitor-command query-status",
         lambda: " ".join(virsh("qemu-monitor-command", "--pretty", DOMAIN, '{"execute":"query-status"}').split()),
     )
@@ -108,13 +93,13 @@ def run(lab: Lab, domain_type: str = "qemu") -> None:
         deadline = time.monotonic() + 10
         while qemu_processes(DOMAIN):
             if time.monotonic() > deadline:
-                raise DemoFailed("qemu still runs on the host 10 s after destroy")
+                raise LabError("qemu still runs on the host 10 s after destroy")
             time.sleep(0.05)
         return f"state {virsh.state(DOMAIN)}; no qemu left on the host"
 
-    _step("virsh destroy", destroy)
-    _step("virsh undefine", lambda: virsh("undefine", DOMAIN).strip() or f"{DOMAIN} undefined")
-    _step("lab down", lambda: f"removed {len(lab.down())} things")
+    step("virsh destroy", destroy)
+    step("virsh undefine", lambda: virsh("undefine", DOMAIN).strip() or f"{DOMAIN} undefined")
+    step("lab down", lambda: f"removed {len(lab.down())} things")
 
 
 def _fields(text: str, names: tuple[str, ...], separator: str = ":") -> str:

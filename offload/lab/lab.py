@@ -349,6 +349,12 @@ class Lab:
             *extra,
         ]
 
+    @property
+    def shared(self) -> tuple[str, ...]:
+        """Paths that name the same file on both sides: the lab's shared directory, and what qtfs
+        serves (console logs, disks), for rexec's inherited fds and udsproxy's passed ones."""
+        return (str(self.dir / "shared"), *LIBVIRT_EXPORTS)
+
     def _start_rexec(self, side: LabSide) -> None:
         argv = self._daemon_argv(
             "offload.rexec_server",
@@ -359,11 +365,7 @@ class Lab:
             str(side.run_dir / "whitelist"),
             "--run-dir",
             str(side.run_dir),
-            "--shared-path",
-            str(self.dir / "shared"),
-            # Files libvirt opens there (console logs, disks) are the same
-            # files on both sides once qtfs serves them.
-            *(arg for export in LIBVIRT_EXPORTS for arg in ("--shared-path", export)),
+            *(arg for prefix in self.shared for arg in ("--shared-path", prefix)),
             "--keepalive",
             f"{REXEC_KEEPALIVE:g}",
             # libvirtd (root on the DPU side) runs qemu as root here, as
@@ -410,8 +412,7 @@ class Lab:
             "--run-dir",
             str(side.run_dir / "udsproxy"),
             *(arg for prefix in allowed for arg in ("--allow", prefix)),
-            # Files passed by SCM_RIGHTS from these are the same file on both sides.
-            *(arg for prefix in (str(self.dir / "shared"), *LIBVIRT_EXPORTS) for arg in ("--share", prefix)),
+            *(arg for prefix in self.shared for arg in ("--share", prefix)),
             # libvirtd runs as root on the DPU and its sockets on the host are
             # root's: root acts as root, as a libvirt deployment configures it.
             *("--user-map", "root=root"),

@@ -4,7 +4,7 @@ The offloaded libvirtd is started by the lab (``Lab.up``) chrooted in the DPU
 side's /another_rootfs; this module holds what both the lab, the demo, the
 end-to-end tests and the benchmarks need around it: the domain XML of the
 lab's guest, running virsh against a libvirtd socket, waiting for the
-guest's console marker, and finding a domain's qemu process.
+guest's console marker, finding a domain's qemu process, and the demos' steps.
 """
 
 from __future__ import annotations
@@ -122,6 +122,17 @@ class Virsh:
 
     def state(self, name: str) -> str:
         return self("domstate", name).strip()
+
+
+def step(title: str, action: Callable[[], str]) -> None:
+    """One step of a demo: run ``action``, print its answer and time; LabError naming the step if it fails."""
+    started = time.monotonic()
+    try:
+        detail = action()
+    except Exception as exc:
+        print(f"[{time.monotonic() - started:6.2f} s] {title}: FAILED", flush=True)
+        raise LabError(f"step '{title}' failed: {exc}") from exc
+    print(f"[{time.monotonic() - started:6.2f} s] {title}: {detail}", flush=True)
 
 
 def wait_for_marker(read: Callable[[], str], timeout: float = 120) -> str:

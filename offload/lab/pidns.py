@@ -33,14 +33,24 @@ import os
 import signal
 import sys
 
-from offload.rexec_client import FORWARDED_SIGNALS
-
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWPID = 0x20000000
 PR_SET_PDEATHSIG = 1
 #: The namespaces a command joins, in the order joined (mnt after the others:
 #: it changes the root the other /proc paths are opened from, so all are opened first).
 NAMESPACES = ("net", "cgroup", "pid", "mnt")
+#: What a caller may send the command through us (SIGKILL kills us, then it: PR_SET_PDEATHSIG).
+FORWARDED = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGWINCH,
+    signal.SIGCONT,
+)
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -76,11 +86,8 @@ def _fork_bound() -> int:
 
 
 def _relay_until_exit(child: int) -> int:
-    """Pass ``child`` what a caller may send rexec's stand-in until it ends; its status as an exit code.
-
-    SIGKILL kills us, then it (PR_SET_PDEATHSIG).
-    """
-    for signum in FORWARDED_SIGNALS:
+    """Pass the forwarded signals to ``child`` until it ends; its status as an exit code."""
+    for signum in FORWARDED:
         signal.signal(signum, lambda number, _frame: os.kill(child, number))
     while True:
         try:

@@ -42,13 +42,12 @@ import psutil
 from offload import proc
 from offload.errors import LabError
 from offload.lab import debian, guest
-from offload.lab.libvirt import IMAGES, Domain, Virsh, guest_domain, wait_for_marker
+from offload.lab.libvirt import IMAGES, Domain, Virsh, guest_domain, step, wait_for_marker
 
 if TYPE_CHECKING:  # types only: processes are started through offload.proc
     from subprocess import CompletedProcess, Popen
 
 IMAGE = debian.CACHE / f"{debian.SUITE}-systemd.tar"
-STATE_ROOT = Path("/run/offload-lab")
 #: Bump when PACKAGES or the image's preparation changes: an older tarball is rebuilt.
 IMAGE_VERSION = "2"
 #: systemd as PID 1, libvirt and qemu, and what the offload package depends
@@ -748,20 +747,10 @@ def build_deb(out: Path) -> Path:
     return Path(built.stdout.strip().splitlines()[-1])
 
 
-def _step(title: str, action: Callable[[], str]) -> None:
-    started = time.monotonic()
-    try:
-        detail = action()
-    except Exception as exc:
-        print(f"[{time.monotonic() - started:6.2f} s] {title}: FAILED", flush=True)
-        raise LabError(f"step '{title}' failed: {exc}") from exc
-    print(f"[{time.monotonic() - started:6.2f} s] {title}: {detail}", flush=True)
-
-
 def demo(lab: SystemdLab, deb: Path | None = None, *, keep: bool = False) -> None:
     """Everything issue 15 asks of the systemd lab, step by step, then down (also after a failure unless ``keep``)."""
-    _step("lab down (leftovers)", lambda: ", ".join(lab.down()) or "nothing left over")
-    _step("image", lambda: f"{image()} ({IMAGE.stat().st_size >> 20} MiB, cached)")
+    step("lab down (leftovers)", lambda: ", ".join(lab.down()) or "nothing left over")
+    step("image", lambda: f"{image()} ({IMAGE.stat().st_size >> 20} MiB, cached)")
     packages = lab.dir.with_name(f"{lab.name}.deb")
     lines: list[str] = []
     succeeded = False
@@ -778,21 +767,21 @@ def demo(lab: SystemdLab, deb: Path | None = None, *, keep: bool = False) -> Non
 
     try:
         if deb is None:
-            _step("make deb", build)
-        _step("lab up", up)
-        _step("services ready (systemctl show)", lambda: services_ready(lab))
+            step("make deb", build)
+        step("lab up", up)
+        step("services ready (systemctl show)", lambda: services_ready(lab))
         vm = domain(lab)
-        _step("virsh define and start (DPU container)", lambda: start_vm(lab, vm))
-        _step("where qemu runs", lambda: where_qemu_runs(lab, vm.name))
-        _step("journalctl -u UNIT (priorities)", lambda: journal_priorities(lab))
-        _step("systemctl reload rexec (host)", lambda: reload_whitelist(lab))
-        _step("virsh destroy and undefine", lambda: destroy_vm(lab, vm.name))
-        _step("systemctl stop offload-prepare (DPU)", lambda: stop_prepare(lab))
+        step("virsh define and start (DPU container)", lambda: start_vm(lab, vm))
+        step("where qemu runs", lambda: where_qemu_runs(lab, vm.name))
+        step("journalctl -u UNIT (priorities)", lambda: journal_priorities(lab))
+        step("systemctl reload rexec (host)", lambda: reload_whitelist(lab))
+        step("virsh destroy and undefine", lambda: destroy_vm(lab, vm.name))
+        step("systemctl stop offload-prepare (DPU)", lambda: stop_prepare(lab))
         succeeded = True
     finally:
         shutil.rmtree(packages, ignore_errors=True)
         if succeeded or not keep:
-            _step("lab down", lambda: ", ".join(lab.down()))
+            step("lab down", lambda: ", ".join(lab.down()))
         else:
             print(f"the lab stays up: offload lab --name {lab.name} systemd exec dpu -- systemctl status", flush=True)
 
