@@ -3,7 +3,7 @@
 Pure: it reads only its arguments (`resolve` maps a path inside the target
 to a machine path; the CLI passes offload.mounts.paths.resolve, tests a
 plain join).  The default plan does in effect what the reference's
-virt_start.sh does (section 4.2 of the behaviour notes), without its faults:
+virt_start.sh does, without its faults:
 
 * proc and sysfs of this machine, nosuid/nodev/noexec;
 * the cgroup hierarchies exactly as this machine mounts them under

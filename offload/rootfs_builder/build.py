@@ -130,20 +130,16 @@ def mount_overlay(layout: Layout, say: Say, lower: str | None = None) -> bool:
     if is_mount_point(layout.target):
         return False
     recorded = manifest.read(layout.manifest(layout.upper))
-    layers = overlay_from_manifest(layout, recorded) if recorded is not None and recorded.overlay else None
-    if layers is None:
-        layers = modes.overlay_layers(layout, lower or "/", [])
+    if recorded is not None and recorded.overlay:
+        lower, nested = str(recorded.overlay.get("lower", "/")), list(recorded.overlay.get("nested", []))
+    else:
+        lower, nested = lower or "/", []
+    layers = modes.overlay_layers(layout, lower, nested)
     layout.target.mkdir(parents=True, exist_ok=True)
     for layer in layers:
         say(" && ".join(layer.describe()))
         layer.execute(ops.Direct())
     return True
-
-
-def overlay_from_manifest(layout: Layout, recorded: manifest.Manifest) -> list[ops.MountOp]:
-    return modes.overlay_layers(
-        layout, str(recorded.overlay.get("lower", "/")), list(recorded.overlay.get("nested", []))
-    )
 
 
 def _overlay_info(layout: Layout, lower: str, nested: list[str]) -> dict:

@@ -12,14 +12,14 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from offload import proc
 from offload.errors import MountError, OffloadError
 from offload.mounts import mountinfo, ops, syscalls
+from offload.mounts.mountinfo import MountEntry
 from offload.prefix import is_under
 from offload.rootfs_builder import partitions
 from offload.rootfs_builder.copy import PSEUDO, Copier
@@ -39,19 +39,12 @@ class ModeError(OffloadError):
 # -- the machine's mounts --------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MountPoint:
-    path: str
-    fstype: str
+def _holds_no_system(entry: MountEntry) -> bool:
+    """A pseudo or run-time filesystem, or a FUSE mount: no part of the system lies there."""
+    return entry.fstype in PSEUDO or entry.fstype.startswith("fuse")
 
 
-def read_mounts(text: str | None = None) -> list[MountPoint]:
-    """(mount point, fstype) of each mount in /proc/self/mountinfo (or ``text``)."""
-    entries = mountinfo.read() if text is None else mountinfo.parse(text)
-    return [MountPoint(entry.mount_point, entry.fstype) for entry in entries]
-
-
-def content_mounts(mounts: list[MountPoint], root: str, skip: list[str]) -> list[str]:
+def content_mounts(entries: Iterable[MountEntry], root: str, skip: list[str]) -> list[str]:
     """Filesystems below ``root`` that hold part of the system (/usr, /var, /opt on their own disks).
 
     An overlay's lower layer, like a walk of one directory tree, sees only
@@ -61,13 +54,11 @@ def content_mounts(mounts: list[MountPoint], root: str, skip: list[str]) -> list
     """
     hidden = [os.path.join(root, name) for name in EXCLUDED] + skip
     points = {
-        m.path
-        for m in mounts
-        if m.path != root
-        and is_under(m.path, root)
-        and m.fstype not in PSEUDO
-        and not m.fstype.startswith("fuse")
-        and not any(is_under(m.path, h) for h in hidden)
+        e.mount_point
+        for e in entries
+        if is_under(e.mount_point, root, strict=True)
+        and not _holds_no_system(e)
+        and not any(is_under(e.mount_point, h) for h in hidden)
     }
     return sorted(points, key=lambda p: (p.count("/"), p))
 
@@ -149,7 +140,7 @@ def prepare_overlay(layout: Layout, lower: str, say: Say) -> tuple[list[ops.Moun
         str(layout.work),
         str(layout.upper.with_name(layout.upper.name + ".mounts")),
     ]
-    nested = content_mounts(read_mounts(), lower, skip)
+    nested = content_mounts(mountinfo.read(), lower, skip)
     layers = overlay_layers(layout, lower, nested, make=True)
     upper, root = layout.upper, Path(lower)
     # The directories copy mode leaves out are empty here too: the mount
@@ -176,15 +167,10 @@ def prepare_overlay(layout: Layout, lower: str, say: Say) -> tuple[list[ops.Moun
 
 def copy_root(source: Path, dest: Path, layout: Layout, say: Say, *, hardlinks: bool = True) -> None:
     """A copy of ``source`` at ``dest`` (see copy.py), without run-time state or the rootfs itself."""
-    mounts = read_mounts()
     root = str(source)
     skip = {os.path.join(root, name) for name in EXCLUDED}
     skip |= {str(layout.target), str(layout.staging), str(layout.upper), str(layout.work)}
-    skip |= {
-        m.path
-        for m in mounts
-        if is_under(m.path, root) and m.path != root and (m.fstype in PSEUDO or m.fstype.startswith("fuse"))
-    }
+    skip |= {e.mount_point for e in mountinfo.under(mountinfo.read(), root) if _holds_no_system(e)}
     say(f"copying {source} to {dest} (leaving out {', '.join('/' + n for n in EXCLUDED)} and the rootfs itself)")
     Copier(source, dest, frozenset(skip), hardlinks=hardlinks, progress=say).run()
 
