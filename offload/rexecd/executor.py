@@ -205,6 +205,9 @@ class Execution:
                 child_ends.callback(listener.close)
                 self.bridges[spec.fd] = bridge
                 dups[spec.fd] = listener.fileno()
+        rlimits, lowered = policy.grantable_rlimits(request.rlimits, user.uid)
+        for line in lowered:
+            log.warning("session %d: %s: lowered %s, above what %s may have here", self.id, path, line, user.name)
         env = policy.filter_environment(dict(request.env), self.config.env)
         env.setdefault("HOME", user.home)
         env.update(PATH=policy.REMOTE_PATH, USER=user.name, LOGNAME=user.name)
@@ -219,7 +222,7 @@ class Execution:
             groups=user.groups,
             dups=dups,
             opens=opens,
-            rlimits=request.rlimits,
+            rlimits=rlimits,
         )
 
     def _add_end(self, channel: int, end: ByteEnd, *, inbound: bool, outbound: bool) -> None:

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from offload import fdinfo, rexec_client
 from offload.errors import ConfigError, RefusedError, UnsupportedFdError
 from offload.prefix import is_shared as is_shared  # shared with udsproxy; rexecd names it here
-from offload.protocol.rexec import FdKind, FdSpec
+from offload.protocol.rexec import FdKind, FdSpec, Rlimit
 from offload.users import RemoteUser as RemoteUser  # shared with udsproxy; rexecd names it here
 from offload.users import map_user as map_user
 
@@ -184,3 +186,49 @@ def open_flags(spec: FdSpec) -> int:
 def ensure_private_dir(path: Path, mode: int = 0o700) -> None:
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, mode)
+
+
+#: CAP_SYS_RESOURCE: what lets root raise a hard resource limit.
+_CAP_SYS_RESOURCE = 24
+
+
+def _may_raise_hard_limits() -> bool:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> _CAP_SYS_RESOURCE & 1)
+    return False
+
+
+def grantable_rlimits(requested: Mapping[str, Rlimit], uid: int) -> tuple[dict[str, Rlimit], list[str]]:
+    """The limits a program of ``uid`` gets for ``requested``, and a line per limit that was lowered.
+
+    The stand-in sends the limits it runs under: those libvirt set for qemu,
+    but for a program run from a shell just that shell's.  A hard limit
+    above this daemon's (which the program inherits) is only raised for
+    root with CAP_SYS_RESOURCE, as the kernel would; for anyone else it is
+    lowered to the daemon's, never granted and never a reason to refuse the
+    program.  None is unlimited.
+    """
+    may_raise = uid == 0 and _may_raise_hard_limits()
+    granted: dict[str, Rlimit] = {}
+    lowered: list[str] = []
+    for name, (soft, hard) in requested.items():
+        ours = resource.getrlimit(getattr(resource, f"RLIMIT_{name}"))[1]
+        ceiling = None if ours == resource.RLIM_INFINITY else ours
+        if not may_raise and _above(hard, ceiling):
+            hard = ceiling
+            soft = hard if _above(soft, hard) else soft
+            lowered.append(
+                f"RLIMIT_{name} to soft {_shown(soft)}, hard {_shown(hard)} (asked {_shown(requested[name][0])}, {_shown(requested[name][1])})"
+            )
+        granted[name] = (soft, hard)
+    return granted, lowered
+
+
+def _above(limit: int | None, ceiling: int | None) -> bool:
+    return ceiling is not None and (limit is None or limit > ceiling)
+
+
+def _shown(limit: int | None) -> str:
+    return "unlimited" if limit is None else str(limit)
