@@ -11,7 +11,8 @@ the qemu process is gone, "save and restore" is `virsh save` of the running
 offloaded) followed by `virsh restore` of that file, which returns with the
 guest running again, and "console round trip" is a line typed into a pty
 console opened with virDomainOpenConsole (python-libvirt, as nova's serial
-proxy) until the guest's echo of it comes back.  Medians of several rounds; ratios matter, not
+proxy) until the guest's echo of it comes back, both domains running and the
+sides typing in turn.  Medians of several rounds; ratios matter, not
 absolutes, on these shared machines.
 
 Runnable alone: python -m bench.libvirt_bench [--rounds N] [--console]
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import statistics
 import subprocess
 import time
@@ -93,20 +95,21 @@ CONSOLE_CLIENT = Path(__file__).resolve().parent.parent / "tests" / "console_cli
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 
-def measure_console(
-    virsh: Virsh, domain: Domain, here: Callable[[str], Path], wrap: Callable[[list[str]], list[str]], rounds: int
-) -> float:
-    """Median seconds from a line typed into the console until the guest's echo of it arrives.
+@contextlib.contextmanager
+def open_console(
+    virsh: Virsh, domain: Domain, here: Callable[[str], Path], wrap: Callable[[list[str]], list[str]]
+) -> Iterator[Callable[[], float]]:
+    """``domain`` started with its pty console open (virDomainOpenConsole, as nova's serial proxy does).
 
-    The domain has a pty serial console; the client opens it with
-    virDomainOpenConsole, as nova's serial proxy does.
+    Yields a function that types one line and returns the seconds until the
+    guest's echo of it arrives.  The domain is destroyed and undefined after.
     """
     console = here(domain.console_log)
     if console.exists():
         console.write_text("")
-    took = []
     virsh.define(domain)
     client = None
+    lines = itertools.count()
     try:
         virsh("start", domain.name)
         wait_for_marker(_reader(console))
@@ -123,16 +126,18 @@ def measure_console(
             client.stdin.flush()
             return client.stdout.readline().strip()
 
-        if ask("open") != "opened":
-            raise SystemExit(f"bench: cannot open the console of {domain.name}")
-        for round_ in range(-1, rounds):  # round -1 warms the path up
-            line = f"bench{round_ + 1}x{time.monotonic_ns()}"
+        def round_trip() -> float:
+            line = f"bench{next(lines)}x{time.monotonic_ns()}"
             began = time.monotonic()
             ask(f"send {line}")
             if not ask(f"expect {guest.ECHO} {line}").startswith("found"):
                 raise SystemExit(f"bench: {domain.name} did not echo {line} on its console")
-            if round_ >= 0:
-                took.append(time.monotonic() - began)
+            return time.monotonic() - began
+
+        if ask("open") != "opened":
+            raise SystemExit(f"bench: cannot open the console of {domain.name}")
+        round_trip()  # warms the path up
+        yield round_trip
         ask("close")
     finally:
         if client is not None:
@@ -142,7 +147,16 @@ def measure_console(
             client.wait(5)
         proc.run(virsh.argv("destroy", domain.name), check=False)
         proc.run(virsh.argv("undefine", domain.name), check=False)
-    return statistics.median(took)
+
+
+def alternate(offloaded: Callable[[], float], local: Callable[[], float], rounds: int) -> tuple[float, float]:
+    """Medians of ``rounds`` measures of each side, taken in turn, so that a change in the machine's load
+    between two stretches of time weighs on both sides alike."""
+    off, loc = [], []
+    for _ in range(rounds):
+        off.append(offloaded())
+        loc.append(local())
+    return statistics.median(off), statistics.median(loc)
 
 
 def _reader(path: Path) -> Callable[[], str]:
@@ -173,8 +187,8 @@ def local_libvirtd(work: Path, qemu_conf: str, image: guest.GuestImage) -> Itera
         proc.end_pid(holder)
 
 
-#: Lines typed per console measure (each one echo).
-CONSOLE_ROUNDS = 20
+#: Lines typed per side (each one echo), the sides taking turns.
+CONSOLE_ROUNDS = 60
 
 
 def libvirt_rows(lab: Lab, work: Path, rounds: int = 3) -> list[tuple[str, str, str]]:
@@ -185,9 +199,6 @@ def libvirt_rows(lab: Lab, work: Path, rounds: int = 3) -> list[tuple[str, str, 
     on_host = lambda path: lab.path_on("host", path)  # noqa: E731
     off_start, off_destroy = measure(dpu_libvirt.virsh(lab), offloaded, lambda: on_host(offloaded.console_log), rounds)
     off_save = measure_save_restore(dpu_libvirt.virsh(lab), offloaded, on_host, rounds)
-    on_dpu = lambda argv: lab.command("dpu", argv, cwd="/")  # noqa: E731
-    with_console = guest_domain("bench-console", image, serial="pty")
-    off_console = measure_console(dpu_libvirt.virsh(lab), with_console, on_host, on_dpu, CONSOLE_ROUNDS)
     qemu_conf = (dpu_libvirt.target(lab) / "etc" / "libvirt" / "qemu.conf").as_posix()
     conf_text = lab.path_on("dpu", qemu_conf).read_text()
     local = guest_domain("bench-local", image)
@@ -195,9 +206,7 @@ def libvirt_rows(lab: Lab, work: Path, rounds: int = 3) -> list[tuple[str, str, 
         in_ns = lambda path: Path(f"/proc/{holder}/root") / path.lstrip("/")  # noqa: E731
         loc_start, loc_destroy = measure(virsh, local, lambda: in_ns(local.console_log), rounds)
         loc_save = measure_save_restore(virsh, local, in_ns, rounds)
-        enter = lambda argv: mountns.enter(holder, argv, "/")  # noqa: E731
-        local_console = guest_domain("bench-console-local", image, serial="pty")
-        loc_console = measure_console(virsh, local_console, in_ns, enter, CONSOLE_ROUNDS)
+        off_console, loc_console = _console_pair(lab, image, virsh, holder)
     return [
         ("`virsh start` until the guest's marker: offloaded", f"{off_start:.2f} s", ""),
         (
@@ -225,18 +234,25 @@ def console_rows(lab: Lab, work: Path) -> list[tuple[str, str, str]]:
     """The console round trip alone, offloaded and local."""
     image = guest.build()
     proc.run(lab.command("host", install_argv(image)))
-    on_host = lambda path: lab.path_on("host", path)  # noqa: E731
-    on_dpu = lambda argv: lab.command("dpu", argv, cwd="/")  # noqa: E731
-    with_console = guest_domain("bench-console", image, serial="pty")
-    off_console = measure_console(dpu_libvirt.virsh(lab), with_console, on_host, on_dpu, CONSOLE_ROUNDS)
     qemu_conf = (dpu_libvirt.target(lab) / "etc" / "libvirt" / "qemu.conf").as_posix()
     conf_text = lab.path_on("dpu", qemu_conf).read_text()
     with local_libvirtd(work, conf_text, image) as (virsh, holder):
-        in_ns = lambda path: Path(f"/proc/{holder}/root") / path.lstrip("/")  # noqa: E731
-        enter = lambda argv: mountns.enter(holder, argv, "/")  # noqa: E731
-        local_console = guest_domain("bench-console-local", image, serial="pty")
-        loc_console = measure_console(virsh, local_console, in_ns, enter, CONSOLE_ROUNDS)
-    return _console_rows(off_console, loc_console)
+        return _console_rows(*_console_pair(lab, image, virsh, holder))
+
+
+def _console_pair(lab: Lab, image: guest.GuestImage, local_virsh: Virsh, holder: int) -> tuple[float, float]:
+    """Console round trips, offloaded and under the local libvirtd (in ``holder``'s namespace), in turn."""
+    on_host = lambda path: lab.path_on("host", path)  # noqa: E731
+    on_dpu = lambda argv: lab.command("dpu", argv, cwd="/")  # noqa: E731
+    in_ns = lambda path: Path(f"/proc/{holder}/root") / path.lstrip("/")  # noqa: E731
+    enter = lambda argv: mountns.enter(holder, argv, "/")  # noqa: E731
+    offloaded = guest_domain("bench-console", image, serial="pty")
+    local = guest_domain("bench-console-local", image, serial="pty")
+    with (
+        open_console(dpu_libvirt.virsh(lab), offloaded, on_host, on_dpu) as offloaded_trip,
+        open_console(local_virsh, local, in_ns, enter) as local_trip,
+    ):
+        return alternate(offloaded_trip, local_trip, CONSOLE_ROUNDS)
 
 
 def _console_rows(offloaded: float, local: float) -> list[tuple[str, str, str]]:
