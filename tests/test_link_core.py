@@ -170,6 +170,7 @@ def fed(data: bytes, role: Role = Role.SERVER) -> Toy:
         (frame(4, 0, b"\x01"), "Done from the client"),  # the server's frame, from the client
         (frame(3, 7, b"x"), "Data from the client in state idle"),  # not in the transition table
         (frame(5, 0, b"short"), "Ping of 5 bytes"),
+        (frame(6, 2, bytes(8)), "Pong on channel 2"),
     ],
 )
 def test_bad_frames_end_in_the_error_state(data: bytes, match: str) -> None:

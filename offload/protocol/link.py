@@ -118,6 +118,8 @@ class Registry:
 
         def decoder(event: type[Ping | Pong]) -> Decoder:
             def decode(conn: Any, channel: int, payload: bytes) -> Ping | Pong:
+                if channel:
+                    raise RemoteProtocolError(f"{event.__name__} on channel {channel}")
                 if size is not None and len(payload) != size:
                     raise RemoteProtocolError(f"{event.__name__} of {len(payload)} bytes")
                 return event(payload[:64])
