@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from offload.errors import LinkLost, LocalProtocolError, RemoteProtocolError
-from offload.protocol.framing import HEADER, MAGIC, VERSION
+from offload.protocol.framing import HEADER, MAGIC, VERSION, split_frames
 from offload.protocol.link import NEED_DATA, Closed, Connection, Ping, Pong, Registry, Role, Window
 
 
@@ -273,3 +273,42 @@ def test_window() -> None:
     assert window.consumed(1) == 4 and window.allowance == 4
     with pytest.raises(RemoteProtocolError, match="2 GiB"):
         window.granted((1 << 31) + 1)
+
+
+def test_split_frames_gives_views_whole_byte_by_byte_and_with_trailing_bytes() -> None:
+    to_server = run_cases()
+    expected = _headers(to_server)
+    frames, used = split_frames(memoryview(to_server + frame(3, 7, b"xyz")[:5]), 64)
+    assert used == len(to_server)
+    assert [(t, c, bytes(p)) for t, c, p in frames] == expected
+    assert all(isinstance(p, memoryview) for _, _, p in frames)
+    buffer, seen = bytearray(), []
+    for byte in to_server:  # a frame appears exactly when its last byte arrives
+        buffer.append(byte)
+        frames, used = split_frames(memoryview(bytes(buffer)), 64)
+        seen += [(t, c, bytes(p)) for t, c, p in frames]
+        del buffer[:used]
+    assert seen == expected
+    for data, match in [
+        (b"XX\x01\x03" + bytes(8), "bad frame magic"),
+        (b"OF\x02\x03" + bytes(8), "unsupported protocol version"),
+        (HEADER.pack(MAGIC, VERSION, 3, 7, 65), "exceeds the limit of 64"),  # before its payload arrives
+    ]:
+        with pytest.raises(RemoteProtocolError, match=match):
+            split_frames(memoryview(data), 64)
+
+
+def _headers(data: bytes) -> list[tuple[int, int, bytes]]:
+    out, at = [], 0
+    while at < len(data):
+        _, _, type, channel, length = HEADER.unpack_from(data, at)
+        out.append((type, channel, data[at + HEADER.size : at + HEADER.size + length]))
+        at += HEADER.size + length
+    return out
+
+
+def test_event_of_a_frame_split_by_its_driver() -> None:
+    server = pair()[1]
+    assert server.event_of(2, 7, b"") == Open(7) and server.state is State.OPEN
+    assert server.event_of(3, 7, b"abc") == Data(7, b"abc")
+    refused(server, RemoteProtocolError, lambda: server.event_of(4, 0, b"\x01"), "Done from the client")

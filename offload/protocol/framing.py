@@ -2,7 +2,9 @@
 
 Sans-io: no sockets, no trio.  Bytes go in through `FrameDecoder.receive_data`
 (``b""`` means end of stream) and frames come out of `next_frame`; `encode_frame`
-turns a frame into bytes.  This module is imported by the rexec stand-in on
+turns a frame into bytes.  `split_frames` is the same splitting for a driver
+that keeps the bytes in a buffer of its own (udsproxy's relay): payloads come
+out as views into it, without a copy.  This module is imported by the rexec stand-in on
 every start, so it imports nothing heavier than `struct`.
 
 Wire format of one frame (network byte order)::
@@ -89,6 +91,37 @@ def encode_header(type: int, channel: int, length: int) -> bytes:
     return HEADER.pack(MAGIC, VERSION, type, channel, length)
 
 
+def read_header(buffer: bytes | bytearray | memoryview, at: int, max_payload: int) -> tuple[int, int, int]:
+    """The (type, channel, length) of the header at ``at``; a bad one is the peer's `RemoteProtocolError`."""
+    magic, version, type, channel, length = HEADER.unpack_from(buffer, at)
+    if magic != MAGIC:
+        raise RemoteProtocolError(f"bad frame magic {bytes(magic)!r}: peer is not speaking this protocol")
+    if version != VERSION:
+        raise RemoteProtocolError(f"unsupported protocol version {version} (we speak {VERSION})")
+    if length > max_payload:
+        raise RemoteProtocolError(f"frame of {length} bytes exceeds the limit of {max_payload}")
+    return type, channel, length
+
+
+def split_frames(buffer: memoryview, max_payload: int) -> tuple[list[tuple[int, int, memoryview]], int]:
+    """The complete frames at the start of ``buffer`` as (type, channel, payload), and how many bytes they use.
+
+    Payloads are views into ``buffer`` (no copy): the caller copies what it
+    keeps before it reuses the buffer.
+    """
+    frames = []
+    at = 0
+    end = len(buffer)
+    while end - at >= HEADER_SIZE:
+        type, channel, length = read_header(buffer, at, max_payload)
+        start = at + HEADER_SIZE
+        if end - start < length:
+            break
+        at = start + length
+        frames.append((type, channel, buffer[start:at]))
+    return frames, at
+
+
 class FrameDecoder:
     """Splits a byte stream into frames, validating each header as it arrives."""
 
@@ -138,13 +171,7 @@ class FrameDecoder:
         if self._header is None:
             if len(buffer) < HEADER_SIZE:
                 return self._end_or_need()
-            magic, version, type, channel, length = HEADER.unpack_from(buffer)
-            if magic != MAGIC:
-                raise RemoteProtocolError(f"bad frame magic {bytes(magic)!r}: peer is not speaking this protocol")
-            if version != VERSION:
-                raise RemoteProtocolError(f"unsupported protocol version {version} (we speak {VERSION})")
-            if length > self.max_payload:
-                raise RemoteProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_payload}")
+            type, channel, length = read_header(buffer, 0, self.max_payload)
             self._header = (type, channel, length)
             del buffer[:HEADER_SIZE]
         type, channel, length = self._header

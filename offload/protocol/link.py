@@ -278,6 +278,18 @@ class Connection:
         self.state = self._transition(self.peer_role, event, RemoteProtocolError)
         return event
 
+    def event_of(self, type: int, channel: int, payload: bytes) -> Any:
+        """The event of a frame its driver split itself (`framing.split_frames`), as `next_event` would return it.
+
+        Checked the same way; None when the protocol drops it.
+        """
+        self._check()
+        try:
+            return self._received(self._decode(Frame(type, channel, payload)))
+        except ProtocolError as exc:
+            self._fail(exc)
+            raise
+
     def leftover(self) -> bytes:
         """The bytes received beyond the events returned so far, handed to another reader (udsproxy's relay)."""
         self._check()
