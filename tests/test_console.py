@@ -40,8 +40,9 @@ from offload.pki import TlsConfig
 from offload.protocol import udsproxy as udsproxy_wire
 from offload.protocol.rexec import (
     FIRST_BRIDGE_CHANNEL,
+    NEED_DATA,
     TICKET_BYTES,
-    ConnectionClosed,
+    Closed,
     Data,
     Exec,
     ExecRequest,
@@ -366,16 +367,16 @@ class RawPeer:
                     if isinstance(event, kind) and (channel is None or getattr(event, "channel", None) == channel):
                         self.events.remove(event)
                         return event
-                if any(isinstance(event, ConnectionClosed) for event in self.events):
+                if any(isinstance(event, Closed) for event in self.events):
                     raise EOFError(f"the server closed the connection before a {kind.__name__}")
                 try:
                     data = bytes(await self.stream.receive_some())
                 except trio.BrokenResourceError:
                     data = b""
                 self.conn.receive_data(data)
-                while (event := self.conn.next_event()) is not None:
+                while (event := self.conn.next_event()) is not NEED_DATA:
                     self.events.append(event)
-                    if isinstance(event, ConnectionClosed | PtyAttached):
+                    if isinstance(event, Closed | PtyAttached):
                         break
 
     async def refused(self) -> bool:

@@ -13,7 +13,8 @@ from offload.protocol.framing import encode_frame
 from offload.protocol.rexec import (
     FIRST_BRIDGE_CHANNEL,
     INITIAL_WINDOW,
-    ConnectionClosed,
+    NEED_DATA,
+    Closed,
     Data,
     Eof,
     Exec,
@@ -60,9 +61,9 @@ def pair() -> tuple[RexecConnection, RexecConnection]:
 def feed(conn: RexecConnection, data: bytes) -> list:
     conn.receive_data(data)
     events = []
-    while (event := conn.next_event()) is not None:
+    while (event := conn.next_event()) is not NEED_DATA:
         events.append(event)
-        if isinstance(event, ConnectionClosed):
+        if isinstance(event, Closed):
             break
     return events
 
@@ -142,13 +143,13 @@ def test_flow_control_window() -> None:
     for _ in range(INITIAL_WINDOW // len(chunk)):
         feed(client, server.send(Data(2, chunk)))
     assert server.send_credit(2) == 0
-    with pytest.raises(LocalProtocolError, match="exceeds the credit"):
-        server.send(Data(2, b"y"))
     # The client's consumer takes half a window: a Window frame is due.
-    assert client.consumed(2, INITIAL_WINDOW // 4) == b""
-    window = client.consumed(2, INITIAL_WINDOW // 4)
-    assert feed(server, window) == [Window(2, INITIAL_WINDOW // 2)]
+    assert client.windows[2].consumed(INITIAL_WINDOW // 4) == 0
+    increment = client.windows[2].consumed(INITIAL_WINDOW // 4)
+    assert feed(server, client.send(Window(2, increment))) == [Window(2, INITIAL_WINDOW // 2)]
     assert server.send_credit(2) == INITIAL_WINDOW // 2
+    with pytest.raises(LocalProtocolError, match="exceed the credit"):
+        server.send(Data(2, b"y" * (INITIAL_WINDOW // 2 + 1)))
 
 
 def test_window_overrun_by_peer_detected() -> None:
@@ -171,10 +172,9 @@ def test_window_enforced_on_receive_after_it_was_granted_again() -> None:
     frame = encode_frame(0x20, 0x10000, b"x" * chunk)
     feed(server, frame * (INITIAL_WINDOW // chunk))  # the whole window
     half = INITIAL_WINDOW // 2
-    window = server.consumed(0x10000, half)
-    assert feed(client, window) == [Window(0x10000, half)]
+    assert feed(client, server.send(Window(0x10000, server.windows[0x10000].consumed(half)))) == [Window(0x10000, half)]
     feed(server, frame * (half // chunk))  # exactly what was granted again
-    with pytest.raises(RemoteProtocolError, match="overran the window of channel 65536"):
+    with pytest.raises(RemoteProtocolError, match="overran its window"):
         feed(server, encode_frame(0x20, 0x10000, b"y"))
 
 
@@ -248,7 +248,7 @@ def test_signal_by_name_unknown_refused() -> None:
 def test_peer_close_reported() -> None:
     client, _ = pair()
     client.receive_data(b"")
-    assert client.next_event() == ConnectionClosed()
+    assert client.next_event() == Closed()
 
 
 @settings(max_examples=300, deadline=None)
@@ -264,12 +264,12 @@ def test_server_on_arbitrary_frames(frames) -> None:
         pass
 
 
-def test_send_data_parts_are_the_frame() -> None:
+def test_a_header_and_its_payload_are_the_frame() -> None:
     client, server = pair()
     feed(server, client.send(Exec(REQUEST)))
     feed(client, server.send(Started(7)))
-    header, payload = server.send_data(Data(2, b"abc"))
-    assert feed(client, header + payload) == [Data(2, b"abc")]
+    server.window(2).sent(3)
+    assert feed(client, server.send_header(Data, 2, 3) + b"abc") == [Data(2, b"abc")]
     assert server.send_credit(2) == INITIAL_WINDOW - 3
 
 

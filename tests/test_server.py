@@ -20,7 +20,8 @@ from offload.net import Transport, parse_address
 from offload.pki import TlsConfig
 from offload.protocol.framing import HEADER, VERSION, encode_frame
 from offload.protocol.rexec import (
-    ConnectionClosed,
+    NEED_DATA,
+    Closed,
     Exec,
     ExecRequest,
     Exited,
@@ -72,12 +73,12 @@ async def exec_once(tree: Path, argv: tuple[str, ...], identity: str = "pki/dpu"
         await stream.send_all(conn.send(Hello("test")))
         while conn.peer_hello is None:
             conn.receive_data(await stream.receive_some())
-            while (event := conn.next_event()) is not None:
+            while (event := conn.next_event()) is not NEED_DATA:
                 pass
         await stream.send_all(conn.send(Exec(ExecRequest(argv=argv, user="root"))))
-        while not events or not isinstance(events[-1], Exited | Refused | ConnectionClosed):
+        while not events or not isinstance(events[-1], Exited | Refused | Closed):
             conn.receive_data(await stream.receive_some())
-            while (event := conn.next_event()) is not None:
+            while (event := conn.next_event()) is not NEED_DATA:
                 events.append(event)
     return events
 

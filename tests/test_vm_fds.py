@@ -38,6 +38,7 @@ from offload.protocol.framing import encode_frame
 from offload.protocol.rexec import (
     FIRST_BRIDGE_CHANNEL,
     FIRST_PASSED_CHANNEL,
+    NEED_DATA,
     T_FDS,
     Data,
     Exec,
@@ -73,7 +74,7 @@ def running_pair() -> tuple[RexecConnection, RexecConnection]:
 def _feed(conn: RexecConnection, data: bytes) -> list:
     conn.receive_data(data)
     events = []
-    while (event := conn.next_event()) is not None:
+    while (event := conn.next_event()) is not NEED_DATA:
         events.append(event)
     return events
 

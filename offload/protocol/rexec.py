@@ -6,11 +6,10 @@ program, then both relay the program's file descriptors as channels and the
 server reports how the program ended.  A connection may sit idle in a warm
 pool before its session starts; keepalives run in every state.
 
-Events are frozen dataclasses that validate on construction.  `RexecConnection`
-turns events into bytes (`send`) and bytes into events (`receive_data`,
-`next_event`), and enforces the session's order and each channel's flow
-control window.  Misuse by our own code raises `LocalProtocolError`;
-anything wrong that the peer sent raises `RemoteProtocolError`.
+Events are frozen dataclasses that validate on construction, each declared
+once in `REXEC`.  `RexecConnection` is rexec's table on the link core
+(`offload.protocol.link`): the session's order, and a credit `link.Window`
+for each channel.
 """
 
 from __future__ import annotations
@@ -22,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from offload.errors import LocalProtocolError, RemoteProtocolError
-from offload.protocol import fdpass, local, messages
+from offload.protocol import fdpass, link, local, messages
 from offload.protocol.fdpass import MAX_FDS, FdDescription
-from offload.protocol.framing import CLOSED, NEED_DATA, Frame, FrameDecoder, encode_frame, encode_header
+from offload.protocol.link import NEED_DATA as NEED_DATA
+from offload.protocol.link import Closed, Connection, Ping, Pong, Registry, Role
 from offload.protocol.messages import check_path
 
 # Frame types.  Control frames use channel 0.
@@ -111,11 +111,6 @@ def _rlimit_value(value: object, name: str) -> int | None:
 
 def rlimits_to_json(limits: Mapping[str, Rlimit]) -> dict[str, list[int | str]]:
     return {name: [local.UNLIMITED if v is None else v for v in pair] for name, pair in limits.items()}
-
-
-class Role(enum.Enum):
-    CLIENT = "client"  # asks for a program to run
-    SERVER = "server"  # runs it
 
 
 class FdKind(enum.Enum):
@@ -298,16 +293,6 @@ def check_ticket(token: str) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class Ping:
-    token: bytes = b""
-
-
-@dataclass(frozen=True, slots=True)
-class Pong:
-    token: bytes = b""
-
-
-@dataclass(frozen=True, slots=True)
 class Exec:
     request: ExecRequest
 
@@ -384,6 +369,10 @@ class Open:
     channel: int
     fd: int
 
+    def __post_init__(self) -> None:
+        if not FIRST_BRIDGE_CHANNEL <= self.channel < FIRST_PASSED_CHANNEL:
+            raise ValueError(f"bridge channel {self.channel} is not a bridged connection's")
+
 
 @dataclass(frozen=True, slots=True)
 class OpenPty:
@@ -457,11 +446,6 @@ class Reset:
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionClosed:
-    pass
-
-
 Event = (
     Hello
     | Ping
@@ -481,7 +465,139 @@ Event = (
     | PtyAttached
     | PassFds
     | Reset
-    | ConnectionClosed
+    | Closed
+)
+
+REXEC = Registry("rexec", max_payload=MAX_DATA_CHUNK, hello=Hello)
+
+
+def _control(code: int, event: type, sender: Role | None, to_json: Any, from_json: Any) -> None:
+    """Declare a control event: a JSON document on channel 0."""
+
+    def decode(conn: Any, channel: int, payload: bytes) -> Any:
+        if channel != CONTROL_CHANNEL:
+            raise RemoteProtocolError(f"{event.__name__} on channel {channel}")
+        return from_json(messages.load(payload, event.__name__))
+
+    REXEC.declare(
+        code, event, sender=sender, encode=lambda e: (CONTROL_CHANNEL, messages.dump(to_json(e))), decode=decode
+    )
+
+
+def _channel(code: int, event: type, sender: Role | None, to_payload: Any, from_payload: Any) -> None:
+    """Declare a channel event: it names its channel, never the control channel."""
+
+    def decode(conn: Any, channel: int, payload: bytes) -> Any:
+        if channel == CONTROL_CHANNEL:
+            raise RemoteProtocolError(f"{event.__name__} on the control channel")
+        return from_payload(channel, payload)
+
+    REXEC.declare(code, event, sender=sender, encode=lambda e: (e.channel, to_payload(e)), decode=decode)
+
+
+def _field(payload: bytes, name: str, kind: type, what: str) -> Any:
+    return messages.field(messages.load(payload, what), name, kind, what)
+
+
+def _hello(document: dict[str, Any]) -> Hello:
+    attach = document.get("attach", "")
+    return Hello(
+        node=messages.field(document, "node", str, "hello")[:256],
+        service=messages.field(document, "service", str, "hello")[:64],
+        attach=attach if isinstance(attach, str) else str(attach)[:128],
+    )
+
+
+def _exited(document: dict[str, Any]) -> Exited:
+    if "signal" in document:
+        return Exited(signal=messages.signal_number(document["signal"], "exited"))
+    return Exited(code=messages.field(document, "code", int, "exited"))
+
+
+_control(
+    T_HELLO,
+    Hello,
+    None,
+    lambda e: {"node": e.node, "service": e.service, **({"attach": e.attach} if e.attach else {})},
+    _hello,
+)
+REXEC.declare_keepalive(T_PING, T_PONG)
+_control(T_EXEC, Exec, Role.CLIENT, lambda e: e.request.to_json(), lambda d: Exec(ExecRequest.from_json(d)))
+_control(
+    T_STARTED,
+    Started,
+    Role.SERVER,
+    lambda e: {"pid": e.pid},
+    lambda d: Started(messages.field(d, "pid", int, "started")),
+)
+_control(
+    T_REFUSED,
+    Refused,
+    Role.SERVER,
+    lambda e: {"code": e.code, "reason": e.reason},
+    lambda d: Refused(messages.field(d, "code", int, "refused"), messages.field(d, "reason", str, "refused")[:4096]),
+)
+_control(
+    T_EXITED,
+    Exited,
+    Role.SERVER,
+    lambda e: {"code": e.code} if e.signal is None else {"signal": messages.signal_name(e.signal)},
+    _exited,
+)
+_control(
+    T_DAEMONIZED,
+    Daemonized,
+    Role.SERVER,
+    lambda e: {"code": e.code, "pid": e.pid},
+    lambda d: Daemonized(messages.field(d, "code", int, "daemonized"), messages.field(d, "pid", int, "daemonized")),
+)
+_control(
+    T_SIGNAL,
+    Signal,
+    Role.CLIENT,
+    lambda e: {"signal": messages.signal_name(e.signum)},
+    lambda d: Signal(messages.signal_number(d.get("signal"), "signal")),
+)
+_control(T_PTY_ATTACHED, PtyAttached, Role.SERVER, lambda e: {}, lambda d: PtyAttached())
+_channel(T_DATA, Data, None, lambda e: e.data, Data)
+_channel(T_EOF, Eof, None, lambda e: b"", lambda channel, p: Eof(channel))
+_channel(T_WINDOW, Window, None, lambda e: _WINDOW.pack(e.increment), lambda ch, p: Window(ch, *_WINDOW.unpack(p)))
+_channel(
+    T_OPEN,
+    Open,
+    Role.CLIENT,
+    lambda e: messages.dump({"fd": e.fd}),
+    lambda channel, p: Open(channel, _field(p, "fd", int, "open")),
+)
+_channel(
+    T_OPEN_PTY,
+    OpenPty,
+    Role.CLIENT,
+    lambda e: messages.dump({"index": e.index}),
+    lambda channel, p: OpenPty(channel, _field(p, "index", int, "open pty")),
+)
+_channel(
+    T_PTY_TICKET,
+    PtyTicket,
+    Role.SERVER,
+    lambda e: messages.dump({"token": e.token}),
+    lambda channel, p: PtyTicket(channel, _field(p, "token", str, "pty ticket")),
+)
+_channel(
+    T_RESET,
+    Reset,
+    None,
+    lambda e: messages.dump({"reason": e.reason}),
+    lambda channel, p: Reset(channel, str(messages.load(p, "reset").get("reason", ""))[:1024]),
+)
+_channel(
+    T_FDS,
+    PassFds,
+    None,
+    lambda e: messages.dump({"fds": [fd.to_json() for fd in e.fds]}),
+    lambda channel, p: PassFds(
+        channel, fdpass.decode(messages.load(p, "passed fds").get("fds"), "passed fds", PASSED_CHANNELS)
+    ),
 )
 
 
@@ -496,331 +612,126 @@ class State(enum.Enum):
 
 SESSION_EVENTS = (Data, Eof, Window, Open, OpenPty, PtyTicket, PassFds, Reset)
 
-# The state machine: (role of the sender, event type, state) -> next state.
-# Ping and Pong are allowed everywhere and are not listed.  Channel events are
-# allowed in RUNNING (and dropped after DONE, since they may cross Exited on
-# the wire).
-_TRANSITIONS: dict[tuple[Role, type, State], State] = {
-    (Role.CLIENT, Exec, State.IDLE): State.STARTING,
-    # A connection carries sessions one after another.  Frames of the last
-    # session that cross the new Exec on the wire arrive before it (TCP keeps
-    # order) and are dropped in DONE; each side finishes a session's tasks
-    # before it sends or accepts the next Exec.
-    (Role.CLIENT, Exec, State.DONE): State.STARTING,
-    (Role.SERVER, Started, State.STARTING): State.RUNNING,
-    (Role.SERVER, Refused, State.STARTING): State.DONE,
-    # After Started: the program ran, but what the caller asked for after it
-    # (following its daemon) was refused; the stand-in reports the reason.
-    (Role.SERVER, Refused, State.RUNNING): State.DONE,
-    (Role.SERVER, Exited, State.RUNNING): State.DONE,
-    (Role.SERVER, Daemonized, State.RUNNING): State.RUNNING,
-    (Role.CLIENT, Signal, State.RUNNING): State.RUNNING,
-    (Role.CLIENT, Signal, State.DONE): State.DONE,
-    (Role.SERVER, PtyAttached, State.IDLE): State.ATTACHED,
-}
 
+class RexecConnection(Connection):
+    """One side of a rexec connection: the session's order, and each channel's credit window."""
 
-def _encode(event: Event) -> bytes:
-    """The frame bytes of one event (no state checks)."""
-    match event:
-        case Data(channel, data):
-            return encode_frame(T_DATA, channel, data)
-        case Window(channel, increment):
-            return encode_frame(T_WINDOW, channel, _WINDOW.pack(increment))
-        case Eof(channel):
-            return encode_frame(T_EOF, channel)
-        case Ping(token):
-            return encode_frame(T_PING, CONTROL_CHANNEL, token)
-        case Pong(token):
-            return encode_frame(T_PONG, CONTROL_CHANNEL, token)
-        case Hello(node, service, attach):
-            return _control(T_HELLO, {"node": node, "service": service, **({"attach": attach} if attach else {})})
-        case PtyAttached():
-            return _control(T_PTY_ATTACHED, {})
-        case PtyTicket(channel, token):
-            return encode_frame(T_PTY_TICKET, channel, messages.dump({"token": token}))
-        case Exec(request):
-            return _control(T_EXEC, request.to_json())
-        case Started(pid):
-            return _control(T_STARTED, {"pid": pid})
-        case Refused(code, reason):
-            return _control(T_REFUSED, {"code": code, "reason": reason})
-        case Exited(code, signal):
-            if signal is not None:
-                return _control(T_EXITED, {"signal": messages.signal_name(signal)})
-            return _control(T_EXITED, {"code": code})
-        case Daemonized(code, pid):
-            return _control(T_DAEMONIZED, {"code": code, "pid": pid})
-        case Signal(signum):
-            return _control(T_SIGNAL, {"signal": messages.signal_name(signum)})
-        case Open(channel, fd):
-            return encode_frame(T_OPEN, channel, messages.dump({"fd": fd}))
-        case OpenPty(channel, index):
-            return encode_frame(T_OPEN_PTY, channel, messages.dump({"index": index}))
-        case Reset(channel, reason):
-            return encode_frame(T_RESET, channel, messages.dump({"reason": reason}))
-        case PassFds(channel, fds):
-            return encode_frame(T_FDS, channel, messages.dump({"fds": [fd.to_json() for fd in fds]}))
-    raise LocalProtocolError(f"cannot send {event!r}")
+    registry = REXEC
+    # Ping and Pong are allowed in every state.
+    transitions = {
+        (Role.CLIENT, Exec, State.IDLE): State.STARTING,
+        # A connection carries sessions one after another.  Frames of the last
+        # session that cross the new Exec on the wire arrive before it (TCP keeps
+        # order) and are dropped in DONE; each side finishes a session's tasks
+        # before it sends or accepts the next Exec.
+        (Role.CLIENT, Exec, State.DONE): State.STARTING,
+        (Role.SERVER, Started, State.STARTING): State.RUNNING,
+        (Role.SERVER, Refused, State.STARTING): State.DONE,
+        # After Started: the program ran, but what the caller asked for after it
+        # (following its daemon) was refused; the stand-in reports the reason.
+        (Role.SERVER, Refused, State.RUNNING): State.DONE,
+        (Role.SERVER, Exited, State.RUNNING): State.DONE,
+        (Role.SERVER, Daemonized, State.RUNNING): State.RUNNING,
+        (Role.CLIENT, Signal, State.RUNNING): State.RUNNING,
+        (Role.CLIENT, Signal, State.DONE): State.DONE,
+        (Role.SERVER, PtyAttached, State.IDLE): State.ATTACHED,
+        # Channel events flow while the program runs.  In DONE they are frames
+        # that crossed Exited on the wire: dropped when they arrive, never sent.
+        **{
+            (role, event, state): state
+            for role in Role
+            for event in SESSION_EVENTS
+            for state in (State.RUNNING, State.DONE)
+        },
+    }
 
-
-def _control(type: int, document: dict[str, Any]) -> bytes:
-    return encode_frame(type, CONTROL_CHANNEL, messages.dump(document))
-
-
-def _decode(frame: Frame) -> Event:
-    """The event one frame carries; anything malformed is the peer's error."""
-    type, channel, payload = frame.type, frame.channel, frame.payload
-    if type in (T_DATA, T_EOF, T_WINDOW, T_OPEN, T_OPEN_PTY, T_PTY_TICKET, T_RESET, T_FDS):
-        if channel == CONTROL_CHANNEL:
-            raise RemoteProtocolError(f"frame type {type:#x} on the control channel")
-        if type == T_DATA:
-            if len(payload) > MAX_DATA_CHUNK:
-                raise RemoteProtocolError(f"data frame of {len(payload)} bytes is too large")
-            return Data(channel, payload)
-        if type == T_EOF:
-            return Eof(channel)
-        if type == T_WINDOW:
-            if len(payload) != _WINDOW.size:
-                raise RemoteProtocolError("window frame of the wrong size")
-            (increment,) = _WINDOW.unpack(payload)
-            return Window(channel, increment)
-        document = messages.load(payload, "channel frame")
-        if type == T_OPEN:
-            if not FIRST_BRIDGE_CHANNEL <= channel < FIRST_PASSED_CHANNEL:
-                raise RemoteProtocolError(f"bridge channel {channel} is not a bridged connection's")
-            return Open(channel, messages.field(document, "fd", int, "open"))
-        if type == T_OPEN_PTY:
-            try:
-                return OpenPty(channel, messages.field(document, "index", int, "open pty"))
-            except ValueError as exc:
-                raise RemoteProtocolError(f"open pty: {exc}") from None
-        if type == T_PTY_TICKET:
-            try:
-                return PtyTicket(channel, messages.field(document, "token", str, "pty ticket"))
-            except ValueError as exc:
-                raise RemoteProtocolError(f"pty ticket: {exc}") from None
-        if type == T_FDS:
-            fds = fdpass.decode(document.get("fds"), "passed fds", PASSED_CHANNELS)
-            try:
-                return PassFds(channel, fds)
-            except ValueError as exc:
-                raise RemoteProtocolError(f"passed fds: {exc}") from None
-        return Reset(channel, str(document.get("reason", ""))[:1024])
-    if channel != CONTROL_CHANNEL:
-        raise RemoteProtocolError(f"control frame type {type:#x} on channel {channel}")
-    if type == T_PING:
-        return Ping(payload[:64])
-    if type == T_PONG:
-        return Pong(payload[:64])
-    try:
-        return _decode_control(type, payload)
-    except ValueError as exc:
-        raise RemoteProtocolError(f"frame type {type:#x}: {exc}") from None
-
-
-def _decode_control(type: int, payload: bytes) -> Event:
-    if type == T_HELLO:
-        document = messages.load(payload, "hello")
-        attach = document.get("attach", "")
-        return Hello(
-            node=messages.field(document, "node", str, "hello")[:256],
-            service=messages.field(document, "service", str, "hello")[:64],
-            attach=attach if isinstance(attach, str) else str(attach)[:128],
-        )
-    if type == T_PTY_ATTACHED:
-        return PtyAttached()
-    if type == T_EXEC:
-        return Exec(ExecRequest.from_json(messages.load(payload, "exec")))
-    if type == T_STARTED:
-        return Started(messages.field(messages.load(payload, "started"), "pid", int, "started"))
-    if type == T_REFUSED:
-        document = messages.load(payload, "refused")
-        return Refused(
-            code=messages.field(document, "code", int, "refused"),
-            reason=messages.field(document, "reason", str, "refused")[:4096],
-        )
-    if type == T_EXITED:
-        document = messages.load(payload, "exited")
-        if "signal" in document:
-            return Exited(signal=messages.signal_number(document["signal"], "exited"))
-        return Exited(code=messages.field(document, "code", int, "exited"))
-    if type == T_DAEMONIZED:
-        document = messages.load(payload, "daemonized")
-        return Daemonized(
-            code=messages.field(document, "code", int, "daemonized"),
-            pid=messages.field(document, "pid", int, "daemonized"),
-        )
-    if type == T_SIGNAL:
-        document = messages.load(payload, "signal")
-        return Signal(messages.signal_number(document.get("signal"), "signal"))
-    raise RemoteProtocolError(f"unknown frame type {type:#x}")
-
-
-class RexecConnection:
-    """Sans-io state of one rexec connection, seen from ``role``."""
-
-    def __init__(self, role: Role, *, initial_window: int = INITIAL_WINDOW) -> None:
-        self.role = role
-        self.peer_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
-        self.state = State.HELLO
-        self.peer_hello: Hello | None = None
-        self._sent_hello = False
-        self._decoder = FrameDecoder()
-        self._initial_window = initial_window
-        # Bytes we may still send per channel, and bytes the peer may still
-        # send to us before we grant more.
-        self._send_credit: dict[int, int] = {}
-        self._receive_allowance: dict[int, int] = {}
-        # Bytes our consumer has taken since the last Window we sent.
-        self._consumed: dict[int, int] = {}
+    def __init__(self, role: Role, **keepalive: Any) -> None:
+        super().__init__(role, State.HELLO, **keepalive)
+        self.windows: dict[int, link.Window] = {}
         self._closed_channels: set[int] = set()
 
     # -- channels -----------------------------------------------------------
 
     def open_channel(self, channel: int) -> None:
         """Start flow control for ``channel`` (both sides do this identically)."""
-        self._send_credit.setdefault(channel, self._initial_window)
-        self._receive_allowance.setdefault(channel, self._initial_window)
-        self._consumed.setdefault(channel, 0)
+        self.windows.setdefault(channel, link.Window(INITIAL_WINDOW))
 
     def close_channel(self, channel: int) -> None:
         """Forget ``channel``; late frames for it are dropped, not errors."""
-        for table in (self._send_credit, self._receive_allowance, self._consumed):
-            table.pop(channel, None)
+        self.windows.pop(channel, None)
         self._closed_channels.add(channel)
 
+    def window(self, channel: int) -> link.Window:
+        window = self.windows.get(channel)
+        if window is None:
+            raise LocalProtocolError(f"channel {channel} is not open")
+        return window
+
     def send_credit(self, channel: int) -> int:
-        return self._send_credit.get(channel, 0)
-
-    def consumed(self, channel: int, count: int) -> bytes:
-        """Record that ``count`` bytes of ``channel`` left our buffers.
-
-        Returns the bytes of a Window frame once enough has been consumed to
-        be worth telling the peer (half a window), else ``b""``.
-        """
-        if channel not in self._consumed:
-            return b""
-        total = self._consumed[channel] + count
-        if total < self._initial_window // 2:
-            self._consumed[channel] = total
-            return b""
-        self._consumed[channel] = 0
-        self._receive_allowance[channel] += total
-        return _encode(Window(channel, total))
-
-    # -- sending -------------------------------------------------------------
-
-    def send(self, event: Event) -> bytes:
-        if isinstance(event, Hello):
-            if self._sent_hello:
-                raise LocalProtocolError("Hello sent twice")
-            self._sent_hello = True
-            return _encode(event)
-        if not self._sent_hello:
-            raise LocalProtocolError(f"{type(event).__name__} before Hello")
-        if isinstance(event, Ping | Pong):
-            return _encode(event)
-        if isinstance(event, SESSION_EVENTS):
-            self._check_channel_send(event)
-            return _encode(event)
-        self.state = self._transition(self.role, event, LocalProtocolError)
-        if isinstance(event, Exec):
-            self._open_request_channels(event.request)
-        return _encode(event)
-
-    def send_data(self, event: Data) -> tuple[bytes, bytes]:
-        """Like send(Data), as (header, payload): the payload is not copied."""
-        if not self._sent_hello:
-            raise LocalProtocolError("Data before Hello")
-        self._check_channel_send(event)
-        return encode_header(T_DATA, event.channel, len(event.data)), event.data
-
-    def _check_channel_send(self, event: Data | Eof | Window | Open | OpenPty | PtyTicket | PassFds | Reset) -> None:
-        if self.state is not State.RUNNING:
-            raise LocalProtocolError(f"{type(event).__name__} in state {self.state.value}")
-        if isinstance(event, PassFds):
-            self._open_passed_pipes(event, self.role, LocalProtocolError)
-        elif isinstance(event, Open | OpenPty):
-            if self.role is not Role.CLIENT:
-                raise LocalProtocolError("only the client opens bridged connections")
-            self.open_channel(event.channel)
-        elif isinstance(event, PtyTicket):
-            if self.role is not Role.SERVER or event.channel not in self._send_credit:
-                raise LocalProtocolError(f"a pty ticket on channel {event.channel}, which asked for none")
-        elif isinstance(event, Data):
-            credit = self._send_credit.get(event.channel)
-            if credit is None:
-                raise LocalProtocolError(f"data on unknown channel {event.channel}")
-            if len(event.data) > min(credit, MAX_DATA_CHUNK):
-                raise LocalProtocolError(
-                    f"data of {len(event.data)} bytes exceeds the credit of channel {event.channel}"
-                )
-            self._send_credit[event.channel] = credit - len(event.data)
-
-    def _transition(self, sender: Role, event: Event, error: type[Exception]) -> State:
-        key = (sender, type(event), self.state)
-        if key not in _TRANSITIONS:
-            raise error(f"{type(event).__name__} from the {sender.value} in state {self.state.value}")
-        return _TRANSITIONS[key]
-
-    # -- receiving -----------------------------------------------------------
-
-    def receive_data(self, data: bytes) -> None:
-        self._decoder.receive_data(data)
+        window = self.windows.get(channel)
+        return window.credit if window is not None else 0
 
     def leftover(self) -> bytes:
         """After `PtyAttached`: what was received beyond it, the pty relay's first bytes."""
         if self.state is not State.ATTACHED:
             raise LocalProtocolError(f"leftover bytes in state {self.state.value}")
-        return self._decoder.take_buffered()
+        return super().leftover()
 
-    def next_event(self) -> Event | None:
-        """Return the next event, or None when more bytes are needed.
+    # -- the core's hooks -----------------------------------------------------
 
-        Channel events that arrive for a channel we already closed are
-        dropped here, so callers never see them.
-        """
-        while True:
-            frame = self._decoder.next_frame()
-            if frame is NEED_DATA:
-                return None
-            if frame is CLOSED:
-                return ConnectionClosed()
-            assert isinstance(frame, Frame)
-            event = self._receive(_decode(frame))
-            if event is not None:
-                return event
-
-    def _receive(self, event: Event) -> Event | None:
-        if isinstance(event, Hello):
-            if self.peer_hello is not None:
-                raise RemoteProtocolError("Hello received twice")
-            self.peer_hello = event
-            if self.state is State.HELLO:
-                self.state = State.IDLE
-            return event
-        if self.peer_hello is None:
-            raise RemoteProtocolError(f"{type(event).__name__} before Hello")
-        if isinstance(event, Ping | Pong):
-            return event
+    def _sending(self, event: Any) -> None:
         if isinstance(event, SESSION_EVENTS):
-            return self._receive_channel_event(event)
-        self.state = self._transition(self.peer_role, event, RemoteProtocolError)
-        if isinstance(event, Signal) and self.state is State.DONE:
+            if self.state is State.DONE:
+                raise LocalProtocolError(f"{type(event).__name__} after the session ended")
+            if isinstance(event, Data):
+                self.window(event.channel).sent(len(event.data))
+            elif isinstance(event, PassFds):
+                self._open_passed_pipes(event, self.role, LocalProtocolError)
+            elif isinstance(event, Open | OpenPty):
+                self.open_channel(event.channel)
+            elif isinstance(event, PtyTicket) and event.channel not in self.windows:
+                raise LocalProtocolError(f"a pty ticket on channel {event.channel}, which asked for none")
+        elif isinstance(event, Exec):
+            self._open_request_channels(event.request)
+
+    def _received(self, event: Any) -> Any:
+        if isinstance(event, SESSION_EVENTS):
+            return self._channel_event(event)
+        if isinstance(event, Hello):
+            self.state = State.IDLE
+        elif isinstance(event, Exec):
+            self._open_request_channels(event.request)
+        elif isinstance(event, Signal) and self.state is State.DONE:
             # It crossed our Exited on the wire (a stand-in's signal as the
             # program ended): nothing is left to signal, and the link goes
             # on to carry the next session.
             return None
-        if isinstance(event, Exec):
-            self._open_request_channels(event.request)
+        return event
+
+    def _channel_event(self, event: Data | Eof | Window | Open | OpenPty | PtyTicket | PassFds | Reset) -> Event | None:
+        if self.state is State.DONE or event.channel in self._closed_channels:
+            if isinstance(event, PassFds):
+                # Nobody will relay its pipes: their frames are dropped too.
+                self._closed_channels.update(fd.channel for fd in event.fds if fd.is_pipe)
+            return None  # crossed our Exited or our Reset on the wire
+        if isinstance(event, Open | OpenPty):
+            if event.channel in self.windows:
+                raise RemoteProtocolError(f"channel {event.channel} opened twice")
+            self.open_channel(event.channel)
+        elif isinstance(event, PassFds):
+            self._open_passed_pipes(event, self.peer_role, RemoteProtocolError)
+        elif event.channel not in self.windows:
+            raise RemoteProtocolError(f"{type(event).__name__} on unknown channel {event.channel}")
+        elif isinstance(event, Data):
+            self.windows[event.channel].received(len(event.data))
+        elif isinstance(event, Window):
+            self.windows[event.channel].granted(event.increment)
         return event
 
     def _open_request_channels(self, request: ExecRequest) -> None:
         # Both sides open the request's channels at the same point of the
         # exchange, so data may flow the moment the program starts.
-        for table in (self._send_credit, self._receive_allowance, self._consumed):
-            table.clear()
+        self.windows.clear()
         self._closed_channels.clear()
         for spec in request.fds:
             if spec.channel:
@@ -828,7 +739,7 @@ class RexecConnection:
 
     def _open_passed_pipes(self, event: PassFds, sender: Role, error: type[Exception]) -> None:
         """Open the channels of the pipes in ``event``, which ``sender`` numbered."""
-        if event.channel not in self._send_credit:
+        if event.channel not in self.windows:
             raise error(f"fds passed on unknown channel {event.channel}")
         parity = 0 if sender is Role.CLIENT else 1
         for fd in event.fds:
@@ -836,42 +747,6 @@ class RexecConnection:
                 continue
             if fd.channel % 2 != parity:
                 raise error(f"passed pipe channel {fd.channel} is not the {sender.value}'s to number")
-            if fd.channel in self._send_credit or fd.channel in self._closed_channels:
+            if fd.channel in self.windows or fd.channel in self._closed_channels:
                 raise error(f"passed pipe channel {fd.channel} opened twice")
             self.open_channel(fd.channel)
-
-    def _receive_channel_event(
-        self, event: Data | Eof | Window | Open | OpenPty | PtyTicket | PassFds | Reset
-    ) -> Event | None:
-        if self.state is State.DONE or event.channel in self._closed_channels:
-            if isinstance(event, PassFds):
-                # Nobody will relay its pipes: their frames are dropped too.
-                self._closed_channels.update(fd.channel for fd in event.fds if fd.is_pipe)
-            return None  # crossed our Exited or our Reset on the wire
-        if self.state is not State.RUNNING:
-            raise RemoteProtocolError(f"{type(event).__name__} in state {self.state.value}")
-        if isinstance(event, Open | OpenPty):
-            if self.role is not Role.SERVER:
-                raise RemoteProtocolError("the server cannot open bridged connections")
-            if event.channel in self._send_credit:
-                raise RemoteProtocolError(f"channel {event.channel} opened twice")
-            self.open_channel(event.channel)
-            return event
-        if isinstance(event, PassFds):
-            self._open_passed_pipes(event, self.peer_role, RemoteProtocolError)
-            return event
-        if isinstance(event, PtyTicket) and self.role is not Role.CLIENT:
-            raise RemoteProtocolError("the client cannot issue pty tickets")
-        if event.channel not in self._send_credit:
-            raise RemoteProtocolError(f"{type(event).__name__} on unknown channel {event.channel}")
-        if isinstance(event, Data):
-            allowance = self._receive_allowance[event.channel] - len(event.data)
-            if allowance < 0:
-                raise RemoteProtocolError(f"peer overran the window of channel {event.channel}")
-            self._receive_allowance[event.channel] = allowance
-        elif isinstance(event, Window):
-            credit = self._send_credit[event.channel] + event.increment
-            if credit > 1 << 31:
-                raise RemoteProtocolError(f"window of channel {event.channel} grew past 2 GiB")
-            self._send_credit[event.channel] = credit
-        return event

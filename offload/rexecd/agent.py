@@ -34,7 +34,7 @@ from offload.protocol.rexec import (
     FIRST_BRIDGE_CHANNEL,
     FIRST_PASSED_CHANNEL,
     MAX_FDS,
-    ConnectionClosed,
+    Closed,
     Daemonized,
     Exec,
     ExecRequest,
@@ -305,7 +305,7 @@ class AgentSession:
         if isinstance(reply, Refused):
             raise RefusedError(reply.reason, exit_code=reply.code)
         if not isinstance(reply, Started):
-            # LinkFailed or ConnectionClosed: the state machine admits nothing else.
+            # LinkFailed or Closed: the state machine admits nothing else.
             raise RefusedError(f"link to {self.address.display_host} lost", exit_code=EXIT_FAILURE)
         self.remote_pid = reply.pid
         await self._publish_pidmap(caller.pid)
@@ -498,7 +498,7 @@ class AgentSession:
                 self.remote_pid = event.pid
                 await self._drain_inbound()
                 await self.tell(local.L_DAEMONIZED, {"code": event.code, "pid": event.pid})
-            elif isinstance(event, LinkFailed | ConnectionClosed):
+            elif isinstance(event, LinkFailed | Closed):
                 await self.tell(local.L_LINK_LOST, {"message": f"link to {self.address.display_host} lost"})
                 return
 

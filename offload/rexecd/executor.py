@@ -34,7 +34,7 @@ from offload.errors import OffloadError, RefusedError, TransportError
 from offload.fdio import ByteEnd, PassingSocketEnd, StreamEnd, grow_pipe
 from offload.net import bind_unix
 from offload.protocol.rexec import (
-    ConnectionClosed,
+    Closed,
     Daemonized,
     Exec,
     ExecRequest,
@@ -109,7 +109,7 @@ async def serve_session(link: SessionLink, state: ServerState) -> None:
     """Run the sessions an authenticated link asks for, one after another."""
     while True:
         event = await link.control.receive()
-        if isinstance(event, ConnectionClosed | LinkFailed):
+        if isinstance(event, Closed | LinkFailed):
             return  # an idle connection being retired, or a dead one
         if isinstance(event, Signal):
             continue  # sent for the last session as it ended (queued before our Exited went out)
@@ -300,7 +300,7 @@ class Execution:
                     nursery.start_soon(self._bridge, event, nursery)
                 elif isinstance(event, OpenPty):
                     nursery.start_soon(self._pty, event)
-                elif isinstance(event, ConnectionClosed | LinkFailed):
+                elif isinstance(event, Closed | LinkFailed):
                     raise TransportError(f"session {self.id}: {_why_gone(event)}")
 
     def _signal(self, signum: int) -> None:
@@ -496,7 +496,7 @@ def _check_started_by(pid: int, program: int | None, since: float, user: policy.
         raise RefusedError(f"pid {pid} cannot be inspected") from None
 
 
-def _why_gone(event: ConnectionClosed | LinkFailed) -> str:
+def _why_gone(event: Closed | LinkFailed) -> str:
     if isinstance(event, LinkFailed):
         return str(event.error)
     return "the caller closed the session (the stand-in is gone)"

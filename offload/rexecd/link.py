@@ -5,8 +5,9 @@ task receives and never blocks on a local consumer: channel data goes into
 per-channel buffers bounded by the flow-control window, so a stalled reader
 of one channel (a slow virtlogd, a QMP client that stopped reading) never
 stalls another channel or the keepalives.  Control events are queued for the
-session logic.  A keepalive task sends a ping every quarter of the timeout
-and declares the link lost when nothing at all has arrived for the timeout.
+session logic.  A keepalive task sends the pings the connection asks for (a
+quarter of the timeout apart) and ends the link when the connection says it
+is lost (nothing at all arrived for the timeout).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from offload.net import Connected, TlsStream, translate_errors
 from offload.protocol.rexec import (
     FIRST_PASSED_CHANNEL,
     MAX_DATA_CHUNK,
+    NEED_DATA,
     SESSION_EVENTS,
-    ConnectionClosed,
+    Closed,
     Data,
     Eof,
     Event,
@@ -114,7 +116,7 @@ class SessionLink:
         self.stream = connected.stream
         self.peer = connected.peer
         self.node = node
-        self.conn = RexecConnection(role)
+        self.conn = RexecConnection(role, keepalive=keepalive, ping_every=keepalive / 4, now=trio.current_time())
         self.keepalive = keepalive
         self._send_lock = trio.Lock()
         self._channels: dict[int, ChannelState] = {}
@@ -126,7 +128,6 @@ class SessionLink:
         # cleanup when the next Exec arrives; the generation keeps it from
         # touching the new session's channels.
         self.generation = 0
-        self._last_receive = trio.current_time()
         self._passed_channels = itertools.count(FIRST_PASSED_CHANNEL + (0 if role is Role.CLIENT else 1), 2)
 
     # -- plumbing --------------------------------------------------------------
@@ -137,20 +138,28 @@ class SessionLink:
         Channel events never raise transport errors: a broken link is
         reported once, by `run`, as LinkFailed on ``control``; the pumps just
         stop.  After the session ended they are not sent at all (the peer
-        would drop them).
+        would drop them).  A control event on a failed connection is a
+        TransportError, as on a broken stream.
         """
         if isinstance(event, SESSION_EVENTS):
             async with self._send_lock:
                 # Checked under the lock: Exited may arrive while we wait for it.
-                if self.conn.state is not State.RUNNING or self.failure is not None:
+                if self.conn.state is not State.RUNNING or self.failure or self.conn.error:
                     return
-                parts = self.conn.send_data(event) if isinstance(event, Data) else (self.conn.send(event),)
+                parts: tuple[bytes, ...]
+                if isinstance(event, Data):  # the payload goes as it is, not copied into a frame
+                    self.conn.window(event.channel).sent(len(event.data))
+                    parts = (self.conn.send_header(Data, event.channel, len(event.data)), event.data)
+                else:
+                    parts = (self.conn.send(event),)
                 with contextlib.suppress(TransportError):
                     await self._send_bytes(*parts)
             return
         if isinstance(event, Exec):
             self._new_session()
         async with self._send_lock:
+            if self.conn.error is not None:
+                raise TransportError(f"link to {self.peer} failed: {self.conn.error}", address=self.peer)
             await self._send_bytes(self.conn.send(event))
 
     async def _send_bytes(self, *parts: bytes) -> None:
@@ -175,17 +184,17 @@ class SessionLink:
     async def _receive_once(self) -> bool:
         with translate_errors(self.peer, "receiving from"):
             data = await self.stream.receive_some(MAX_DATA_CHUNK + 64)
-        self._last_receive = trio.current_time()
-        self.conn.receive_data(bytes(data))
-        while (event := self.conn.next_event()) is not None:
+        self.conn.heard(trio.current_time())
+        self.conn.receive_data(data)
+        while (event := self.conn.next_event()) is not NEED_DATA:
             await self._dispatch(event)
-            if isinstance(event, ConnectionClosed):
+            if isinstance(event, Closed):
                 return False
         return True
 
     @property
     def alive(self) -> bool:
-        return self.failure is None and not self.closed
+        return self.failure is None and self.conn.error is None and not self.closed
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Receive and keep alive until the link ends; never raises (but Cancelled).
@@ -207,7 +216,7 @@ class SessionLink:
             if self.conn.state is State.DONE:
                 # The session is over; the peer may drop the stream without
                 # ceremony (no TLS close_notify).  Nothing was lost.
-                self._control_send.send_nowait(ConnectionClosed())
+                self._control_send.send_nowait(Closed())
             elif not self.closed:
                 log.warning("link to %s: %s", self.peer, exc)
                 self._fail(exc)
@@ -222,21 +231,20 @@ class SessionLink:
         self._control_send.send_nowait(LinkFailed(exc))
 
     async def _keepalive(self) -> None:
-        interval = self.keepalive / 4
         while True:
-            await trio.sleep(interval)
-            silent = trio.current_time() - self._last_receive
-            if silent > self.keepalive:
-                raise LinkLost(
-                    f"link to {self.peer} lost: nothing received for {silent:.1f} s",
-                    address=self.peer,
-                )
+            await trio.sleep_until(self.conn.deadline)
+            try:
+                ping = self.conn.poll(trio.current_time())
+            except LinkLost as exc:
+                raise LinkLost(f"link to {self.peer} lost: {exc}", address=self.peer) from None
+            if not ping:
+                continue
             # A send cancelled halfway leaves part of a TLS record on the
             # stream, and the peer would fail the link later on a bad record:
             # the ping gets the whole period, and a link that cannot take it
             # in that time is lost (then nothing more is sent on it).
             with trio.move_on_after(self.keepalive) as waited:
-                await self.send(Ping(b"k"))
+                await self.send_raw(ping)
             if waited.cancelled_caught:
                 raise LinkLost(
                     f"link to {self.peer} lost: a keepalive could not be sent for {self.keepalive:.1f} s",
@@ -302,10 +310,10 @@ class SessionLink:
     async def _give_back(self, channel: int, count: int, generation: int | None = None) -> None:
         if generation is not None and generation != self.generation:
             return  # a window for a session that is over
-        window = self.conn.consumed(channel, count)
-        if window and self.conn.state is not State.DONE:
-            with contextlib.suppress(TransportError):
-                await self.send_raw(window)
+        window = self.conn.windows.get(channel)
+        increment = window.consumed(count) if window is not None else 0
+        if increment:
+            await self.send(Window(channel, increment))
 
     # -- channels ----------------------------------------------------------------
 

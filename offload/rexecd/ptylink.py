@@ -29,14 +29,7 @@ import trio
 from offload import ptys
 from offload.errors import TransportError
 from offload.net import Address, TlsStream, Transport, translate_errors
-from offload.protocol.rexec import (
-    TICKET_BYTES,
-    ConnectionClosed,
-    Hello,
-    PtyAttached,
-    RexecConnection,
-    Role,
-)
+from offload.protocol.rexec import NEED_DATA, TICKET_BYTES, Closed, Hello, PtyAttached, RexecConnection, Role
 from offload.udsproxy.relay import Relay, detach, run_in_thread
 
 log = logging.getLogger(__name__)
@@ -162,11 +155,11 @@ async def attach(transport: Transport, address: Address, node: str, token: str, 
                 await stream.send_all(conn.send(Hello(node, attach=token)))
                 while True:
                     event = conn.next_event()
-                    if event is None:
-                        conn.receive_data(bytes(await stream.receive_some(64 << 10)))
+                    if event is NEED_DATA:
+                        conn.receive_data(await stream.receive_some(64 << 10))
                     elif isinstance(event, PtyAttached):
                         break
-                    elif isinstance(event, ConnectionClosed):
+                    elif isinstance(event, Closed):
                         raise TransportError(f"{address} refused the pty ticket", address=str(address))
             leftover = conn.leftover()
             link, cipher = detach(stream)

@@ -124,7 +124,7 @@ def test_rexec_decoder(role: rexec_wire.Role, chunks: list[bytes]) -> None:
     connection = rexec_wire.RexecConnection(role)
     connection.send(rexec_wire.Hello("us"))
     hello = rexec_wire.RexecConnection(peer_role).send(rexec_wire.Hello("peer"))
-    drive(connection, [hello, *chunks], (rexec_wire.ConnectionClosed,))
+    drive(connection, [hello, *chunks], (rexec_wire.Closed,))
 
 
 UDSPROXY_TYPES = frame_types(udsproxy_wire)

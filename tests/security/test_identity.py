@@ -35,7 +35,7 @@ from offload.net import Transport, parse_address
 from offload.pki import Identity, TlsConfig
 from offload.protocol import qtfs as qtfs_wire
 from offload.protocol import udsproxy as uds_wire
-from offload.protocol.rexec import ConnectionClosed, Exec, ExecRequest, Exited, Hello, Refused, RexecConnection, Role
+from offload.protocol.rexec import NEED_DATA, Closed, Exec, ExecRequest, Exited, Hello, Refused, RexecConnection, Role
 from offload.qtfs.backend import Export
 from offload.qtfs.client import Link
 from offload.qtfs.server import ServerConfig
@@ -112,13 +112,13 @@ async def try_exec(transport: Transport, address: str, marker: Path) -> str:
                 if not data:
                     return "refused"
                 conn.receive_data(bytes(data))
-                while conn.next_event() is not None:
+                while conn.next_event() is not NEED_DATA:
                     pass
             await stream.send_all(conn.send(Exec(ExecRequest(argv=("/bin/sh", "-c", f"touch {marker}"), user="root"))))
-            while not events or not isinstance(events[-1], Exited | Refused | ConnectionClosed):
+            while not events or not isinstance(events[-1], Exited | Refused | Closed):
                 data = await stream.receive_some()
                 conn.receive_data(bytes(data))
-                while (event := conn.next_event()) is not None:
+                while (event := conn.next_event()) is not NEED_DATA:
                     events.append(event)
     except (TransportError, trio.BrokenResourceError):
         return "refused"
