@@ -123,7 +123,6 @@ class FdKind(enum.Enum):
 
 
 RELAYED_KINDS = frozenset({FdKind.PIPE_IN, FdKind.PIPE_OUT, FdKind.SOCKET})
-ACCESS_MODES = frozenset({"r", "w", "rw"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +145,7 @@ class FdSpec:
                 raise ValueError(f"fd {self.fd}: channel {self.channel} out of range")
         elif self.channel:
             raise ValueError(f"fd {self.fd}: a {self.kind.value} fd has no channel")
-        if self.access not in ACCESS_MODES:
+        if self.access not in fdpass.ACCESS:
             raise ValueError(f"fd {self.fd}: access mode {self.access!r}")
         if self.kind is FdKind.FILE:
             check_path(self.path, f"fd {self.fd}")
