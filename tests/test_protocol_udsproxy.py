@@ -7,54 +7,15 @@ import pytest
 from offload.errors import LocalProtocolError, RemoteProtocolError
 from offload.protocol import messages
 from offload.protocol import udsproxy as wire
-from offload.protocol.framing import encode_frame
-
-FRAMES = [
-    encode_frame(wire.T_DATA, 1, b"hello"),
-    encode_frame(wire.T_EOF, 1),
-    wire.encode_window(4, 65536),
-    wire.data_header(2, 3) + b"abc",
-]
+from offload.protocol.framing import encode_frame, split_frames
 
 
-def test_split_frames_whole_byte_by_byte_and_with_trailing_bytes() -> None:
-    stream = b"".join(FRAMES)
-    frames, used = wire.split_frames(memoryview(stream + b"OF\x01"))
-    assert used == len(stream)
-    assert [(k, c, bytes(p)) for k, c, p in frames] == [
-        (wire.T_DATA, 1, b"hello"),
-        (wire.T_EOF, 1, b""),
-        (wire.T_WINDOW, 4, (65536).to_bytes(4, "big")),
-        (wire.T_DATA, 2, b"abc"),
-    ]
-    # Fed byte by byte, a frame appears exactly when its last byte arrives.
-    buffer = bytearray()
-    seen = []
-    for byte in stream:
-        buffer.append(byte)
-        frames, used = wire.split_frames(memoryview(bytes(buffer)))
-        seen += [bytes(p) for _, _, p in frames]
-        del buffer[:used]
-    assert seen == [b"hello", b"", (65536).to_bytes(4, "big"), b"abc"]
+def opened() -> tuple[wire.UdsProxyConnection, wire.UdsProxyConnection]:
+    return wire.UdsProxyConnection.opened(client=True), wire.UdsProxyConnection.opened(client=False)
 
 
-@pytest.mark.parametrize(
-    "data",
-    [b"XX\x01\x20\x00\x00\x00\x01\x00\x00\x00\x00", b"OF\x02\x20\x00\x00\x00\x01\x00\x00\x00\x00"],
-    ids=["magic", "version"],
-)
-def test_bad_headers_are_the_peers_fault(data: bytes) -> None:
-    with pytest.raises(RemoteProtocolError):
-        wire.split_frames(memoryview(data))
-
-
-def test_oversized_frame_is_refused_before_its_payload_arrives() -> None:
-    header = wire.data_header(1, wire.MAX_FRAME + 1)
-    with pytest.raises(RemoteProtocolError, match="exceeds"):
-        wire.split_frames(memoryview(header))
-
-
-def test_fd_descriptions_round_trip() -> None:
+def test_the_relays_frames_round_trip() -> None:
+    client, server = opened()
     fds = (
         wire.FdDescription(
             "file", path="/var/lib/libvirt/images/a.img", access="rw", append=False, offset=4096, dev=2049, ino=77
@@ -63,10 +24,51 @@ def test_fd_descriptions_round_trip() -> None:
         wire.FdDescription("pipe_r", channel=2),
         wire.FdDescription("pipe_w", channel=4),
     )
-    frames, _ = wire.split_frames(memoryview(wire.encode_fds(fds)))
-    kind, channel, payload = frames[0]
-    assert (kind, channel) == (wire.T_FDS, wire.DATA_CHANNEL)
-    assert wire.decode_fds(payload) == fds
+    events = [
+        wire.Data(b"hello"),
+        wire.Eof(),
+        wire.Fds(fds),
+        wire.FdsResult("EACCES"),
+        wire.FdsResult(),
+        wire.Window(4, 65536),
+        wire.Data(b"abc", 2),
+        wire.Eof(2),
+    ]
+    stream = b"".join(client.send(event) for event in events)
+    assert stream.startswith(encode_frame(wire.T_DATA, 1, b"hello") + encode_frame(wire.T_EOF, 1))
+    frames, used = split_frames(memoryview(stream), wire.MAX_FRAME)
+    assert used == len(stream)
+    assert [server.event_of(kind, channel, bytes(payload)) for kind, channel, payload in frames] == events
+    server.receive_data(stream)
+    assert [server.next_event() for _ in events] == events
+
+
+@pytest.mark.parametrize(
+    ("frame", "match"),
+    [
+        (encode_frame(wire.T_WINDOW, 2, b"\x00\x05"), "window of 2 bytes"),
+        (encode_frame(wire.T_WINDOW, 1, bytes(4)), "Window on channel 1"),
+        (encode_frame(wire.T_FDS_RESULT, 2, messages.dump({"error": ""})), "FdsResult on channel 2"),
+        (encode_frame(wire.T_HELLO, 0, messages.dump({"node": "x", "service": "udsproxy"})), "a second Hello"),
+        (encode_frame(wire.T_CONNECT, 0, messages.dump({"path": "/a", "type": "stream", "user": "u"})), "in state"),
+        (encode_frame(0x77, 1, b""), "unknown udsproxy frame type 0x77"),
+    ],
+)
+def test_bad_frames_in_the_open_state_are_the_peers_fault(frame: bytes, match: str) -> None:
+    _, server = opened()
+    [(kind, channel, payload)], _ = split_frames(memoryview(frame), wire.MAX_FRAME)
+    with pytest.raises(RemoteProtocolError, match=match):
+        server.event_of(kind, channel, bytes(payload))
+    assert server.error is not None
+
+
+def test_the_relays_frames_wait_for_the_setup() -> None:
+    client = wire.UdsProxyConnection(client=True)
+    client.send(wire.Hello("dpu"))
+    client.receive_data(wire.UdsProxyConnection(client=False).send(wire.Hello("host")))
+    client.next_event()
+    with pytest.raises(LocalProtocolError, match="Window from the client in state idle"):
+        client.send(wire.Window(2, 1))
 
 
 def file_entry(**changes: object) -> dict:
@@ -95,21 +97,14 @@ def file_entry(**changes: object) -> dict:
     ],
 )
 def test_bad_fd_descriptions_are_the_peers_fault(document: dict) -> None:
+    _, server = opened()
     with pytest.raises(RemoteProtocolError):
-        wire.decode_fds(messages.dump(document))
+        server.event_of(wire.T_FDS, wire.DATA_CHANNEL, messages.dump(document))
 
 
 def test_a_pipe_without_a_channel_is_never_sent() -> None:
     with pytest.raises(LocalProtocolError):
-        wire.encode_fds([wire.FdDescription("pipe_r")])
-
-
-def test_results_and_windows() -> None:
-    assert wire.decode_fds_result(messages.dump({"error": "EACCES"})) == "EACCES"
-    assert wire.decode_fds_result(messages.dump({"error": ""})) == ""
-    assert wire.decode_window((5).to_bytes(4, "big")) == 5
-    with pytest.raises(RemoteProtocolError):
-        wire.decode_window(b"\x00\x05")
+        opened()[0].send(wire.Fds((wire.FdDescription("pipe_r"),)))
 
 
 @pytest.mark.parametrize(

@@ -538,7 +538,7 @@ async def test_garbage_on_an_open_connection_ends_only_that_connection(
     )
     with trio.fail_after(20):
         await speak_to_peer_listener(pair, [connect, encode_frame(0x99, 1, b"??")])
-        assert "unknown frame type 0x99" in caplog.text
+        assert "unknown udsproxy frame type 0x99" in caplog.text
         error, sock = await ask(pair, str(pair / "remote" / "echo.sock"))
         assert error == 0 and sock is not None
         with sock:

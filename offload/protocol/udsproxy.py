@@ -34,7 +34,7 @@ from typing import Any
 from offload.errors import LocalProtocolError, RemoteProtocolError
 from offload.protocol import fdpass, messages
 from offload.protocol.fdpass import MAX_FDS, FdDescription
-from offload.protocol.framing import HEADER, HEADER_SIZE, MAGIC, VERSION, encode_frame
+from offload.protocol.framing import encode_frame, encode_header
 from offload.protocol.link import NEED_DATA as NEED_DATA
 from offload.protocol.link import Closed, Connection, Registry, Role
 from offload.protocol.messages import check_path
@@ -97,73 +97,39 @@ class Connected:
 @dataclass(frozen=True, slots=True)
 class Data:
     data: bytes
+    channel: int = DATA_CHANNEL
 
 
 @dataclass(frozen=True, slots=True)
 class Eof:
-    pass
+    channel: int = DATA_CHANNEL
 
 
-def encode_fds(fds: tuple[FdDescription, ...] | list[FdDescription]) -> bytes:
-    if not 0 < len(fds) <= MAX_FDS:
-        raise LocalProtocolError(f"{len(fds)} fds in one message")
-    if any(fd.kind.startswith("pipe") and not fd.channel for fd in fds):
-        raise LocalProtocolError("a pipe without a channel")
-    return encode_frame(T_FDS, DATA_CHANNEL, messages.dump({"fds": [fd.to_json() for fd in fds]}))
+@dataclass(frozen=True, slots=True)
+class Fds:
+    """The fds passed with the next Data frame on the data channel."""
+
+    fds: tuple[FdDescription, ...]
 
 
-def decode_fds(payload: bytes | memoryview) -> tuple[FdDescription, ...]:
-    entries = messages.field(messages.load(bytes(payload), "fds"), "fds", list, "fds")
-    return fdpass.decode(entries, "fds", range(DATA_CHANNEL + 1, MAX_CHANNEL))
+@dataclass(frozen=True, slots=True)
+class FdsResult:
+    """The answer to one Fds: an errno name, or empty when they were delivered."""
+
+    error: str = ""
 
 
-def encode_fds_result(error: str = "") -> bytes:
-    return encode_frame(T_FDS_RESULT, DATA_CHANNEL, messages.dump({"error": error}))
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Credit for ``increment`` more bytes on pipe channel ``channel``."""
 
-
-def decode_fds_result(payload: bytes | memoryview) -> str:
-    error = messages.field(messages.load(bytes(payload), "fds result"), "error", str, "fds result")
-    return error[:32]
-
-
-def encode_window(channel: int, count: int) -> bytes:
-    return encode_frame(T_WINDOW, channel, count.to_bytes(4, "big"))
-
-
-def decode_window(payload: bytes | memoryview) -> int:
-    if len(payload) != 4:
-        raise RemoteProtocolError(f"window of {len(payload)} bytes")
-    return int.from_bytes(payload, "big")
+    channel: int
+    increment: int
 
 
 def data_header(channel: int, length: int) -> bytes:
     """The header of a Data frame whose payload the caller already holds (no copy)."""
-    return HEADER.pack(MAGIC, VERSION, T_DATA, channel, length)
-
-
-def split_frames(buffer: memoryview, max_payload: int = MAX_FRAME) -> tuple[list[tuple[int, int, memoryview]], int]:
-    """The complete frames at the start of ``buffer`` and how many bytes they use.
-
-    Payloads are views into ``buffer`` (no copy): the caller copies what it
-    keeps before it reuses the buffer.  A bad header is the peer's error.
-    """
-    frames = []
-    at = 0
-    end = len(buffer)
-    while end - at >= HEADER_SIZE:
-        magic, version, kind, channel, length = HEADER.unpack_from(buffer, at)
-        if magic != MAGIC:
-            raise RemoteProtocolError(f"bad frame magic {bytes(magic)!r}: peer is not speaking this protocol")
-        if version != VERSION:
-            raise RemoteProtocolError(f"unsupported protocol version {version} (we speak {VERSION})")
-        if length > max_payload:
-            raise RemoteProtocolError(f"frame of {length} bytes exceeds the limit of {max_payload}")
-        if end - at - HEADER_SIZE < length:
-            break
-        start = at + HEADER_SIZE
-        frames.append((kind, channel, buffer[start : start + length]))
-        at = start + length
-    return frames, at
+    return encode_header(T_DATA, channel, length)
 
 
 def shim_connect_request(payload: bytes) -> tuple[int, str]:
@@ -183,7 +149,7 @@ def shim_reply(kind: int, error: int) -> bytes:
     return encode_frame(kind, 0, error.to_bytes(4, "big"))
 
 
-Event = Hello | Connect | Connected | Data | Eof | Closed
+Event = Hello | Connect | Connected | Data | Eof | Fds | FdsResult | Window | Closed
 
 
 class State(enum.Enum):
@@ -208,13 +174,32 @@ def _connect(conn: Any, channel: int, payload: bytes) -> Connect:
 def _data(event: Data) -> tuple[int, bytes]:
     if len(event.data) > MAX_DATA:
         raise LocalProtocolError(f"data of {len(event.data)} bytes is too large")
-    return DATA_CHANNEL, event.data
+    return event.channel, event.data
 
 
-def _on_data_channel(channel: int, event: Data | Eof) -> Data | Eof:
-    if channel != DATA_CHANNEL:
-        raise RemoteProtocolError(f"data on channel {channel}")
+def _fds(event: Fds) -> tuple[int, bytes]:
+    if not 0 < len(event.fds) <= MAX_FDS:
+        raise LocalProtocolError(f"{len(event.fds)} fds in one message")
+    if any(fd.is_pipe and not fd.channel for fd in event.fds):
+        raise LocalProtocolError("a pipe without a channel")
+    return DATA_CHANNEL, messages.dump({"fds": [fd.to_json() for fd in event.fds]})
+
+
+def _fds_of(conn: Any, channel: int, payload: bytes) -> Fds:
+    entries = messages.field(messages.load(payload, "fds"), "fds", list, "fds")
+    return _on(channel, True, Fds(fdpass.decode(entries, "fds", range(DATA_CHANNEL + 1, MAX_CHANNEL))))
+
+
+def _on(channel: int, data_channel: bool, event: Any) -> Any:
+    if (channel == DATA_CHANNEL) != data_channel:
+        raise RemoteProtocolError(f"{type(event).__name__} on channel {channel}")
     return event
+
+
+def _window(conn: Any, channel: int, payload: bytes) -> Window:
+    if len(payload) != 4:
+        raise RemoteProtocolError(f"window of {len(payload)} bytes")
+    return _on(channel, False, Window(channel, int.from_bytes(payload, "big")))
 
 
 UDSPROXY = Registry("udsproxy", max_payload=MAX_FRAME, hello=Hello)
@@ -237,30 +222,42 @@ UDSPROXY.declare(
         messages.field(messages.load(payload, "connected"), "error", str, "connected")[:32]
     ),
 )
+UDSPROXY.declare(T_DATA, Data, encode=_data, decode=lambda conn, channel, payload: Data(payload, channel))
+UDSPROXY.declare(T_EOF, Eof, encode=lambda e: (e.channel, b""), decode=lambda conn, channel, payload: Eof(channel))
+UDSPROXY.declare(T_FDS, Fds, encode=_fds, decode=_fds_of)
 UDSPROXY.declare(
-    T_DATA, Data, encode=_data, decode=lambda conn, channel, payload: _on_data_channel(channel, Data(payload))
+    T_FDS_RESULT,
+    FdsResult,
+    encode=lambda e: (DATA_CHANNEL, messages.dump({"error": e.error})),
+    decode=lambda conn, channel, payload: _on(
+        channel, True, FdsResult(messages.field(messages.load(payload, "fds result"), "error", str, "fds result")[:32])
+    ),
 )
-UDSPROXY.declare(
-    T_EOF,
-    Eof,
-    encode=lambda e: (DATA_CHANNEL, b""),
-    decode=lambda conn, channel, payload: _on_data_channel(channel, Eof()),
-)
+UDSPROXY.declare(T_WINDOW, Window, encode=lambda e: (e.channel, e.increment.to_bytes(4, "big")), decode=_window)
 
 
 class UdsProxyConnection(Connection):
-    """The setup of one udsproxy connection; then `leftover` hands the stream to the relay."""
+    """One udsproxy connection: its setup, driven in trio; then the relay continues it (`opened`, `leftover`)."""
 
     registry = UDSPROXY
     transitions = {
         (Role.CLIENT, Connect, State.IDLE): State.CONNECTING,
         (Role.SERVER, Connected, State.CONNECTING): State.OPEN,  # DONE if it names an error
-        **{(role, event, State.OPEN): State.OPEN for role in Role for event in (Data, Eof)},
+        **{(role, event, State.OPEN): State.OPEN for role in Role for event in (Data, Eof, Fds, FdsResult, Window)},
     }
 
     def __init__(self, client: bool) -> None:
         super().__init__(Role.CLIENT if client else Role.SERVER, State.IDLE)
         self.client = client
+
+    @classmethod
+    def opened(cls, client: bool) -> UdsProxyConnection:
+        """A connection past its setup, as the relay continues it (or a console's pty, which has none)."""
+        conn = cls(client)
+        conn.sent_hello = True
+        conn.peer_hello = Hello("")
+        conn.state = State.OPEN
+        return conn
 
     def _sending(self, event: Any) -> None:
         if not isinstance(event, Hello) and self.peer_hello is None:

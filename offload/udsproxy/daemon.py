@@ -49,7 +49,6 @@ from offload.errors import (
 from offload.net import (
     REQUEST_TIMEOUT,
     Address,
-    TlsStream,
     Transport,
     first_request,
     listen_unix,
@@ -61,16 +60,17 @@ from offload.net import (
 )
 from offload.prefix import is_shared
 from offload.protocol import udsproxy as wire
+from offload.protocol.framing import Frame, FrameDecoder
 from offload.udsproxy.prefixes import open_beneath
 from offload.udsproxy.relay import (
     CONTROL_SPACE,
     LOCAL_BUFFER,
     Cipher,
-    PlainCipher,
     Relay,
     Submission,
-    TlsCipher,
     close_all,
+    detach,
+    run_in_thread,
 )
 
 log = logging.getLogger("udsproxyd")
@@ -148,26 +148,7 @@ class PeerStream:
 
     def detach(self) -> tuple[socket.socket, Cipher, bytes]:
         """The link socket, its cipher and the bytes received beyond setup, for a Relay."""
-        stream = self.stream
-        cipher: Cipher
-        raw: trio.abc.Stream
-        if isinstance(stream, TlsStream):
-            # The session the handshake made continues in the relay thread.
-            cipher = TlsCipher(*stream.session())
-            raw = stream.raw
-        else:
-            cipher = PlainCipher()
-            raw = stream
-        assert isinstance(raw, trio.SocketStream)
-        link = socket.socket(fileno=raw.socket.detach())
-        if link.family in (socket.AF_INET, socket.AF_INET6):
-            link.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # An idle proxied connection over a dead link ends within about a minute.
-            link.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            link.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
-            link.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-            link.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-        return link, cipher, self.conn.leftover()
+        return (*detach(self.stream), self.conn.leftover())
 
 
 class Daemon:
@@ -185,17 +166,7 @@ class Daemon:
         if key is not None:
             self.relays[key] = relay
         try:
-            async with aio.open_nursery() as nursery:
-
-                async def stop_when_cancelled() -> None:
-                    try:
-                        await trio.sleep_forever()
-                    finally:
-                        relay.stop()
-
-                nursery.start_soon(stop_when_cancelled)
-                await trio.to_thread.run_sync(relay.run, limiter=self.threads)
-                nursery.cancel_scope.cancel()
+            await run_in_thread(relay, self.threads)
         finally:
             if key is not None:
                 self.relays.pop(key, None)
@@ -226,7 +197,8 @@ class Daemon:
 
     async def _shim_request(self, sock: trio.socket.SocketType, passed: list[int]) -> tuple[int, bytes] | None:
         """One request frame (and the fds that came with it), or None after logging why not."""
-        buffer = bytearray()
+        decoder = FrameDecoder(MAX_SHIM_REQUEST + 1024)
+        received = 0
         while True:
             data, ancillary, flags, _ = await sock.recvmsg(64 << 10, CONTROL_SPACE, socket.MSG_CMSG_CLOEXEC)
             passed.extend(fdpass.fds_of(ancillary))
@@ -234,18 +206,13 @@ class Daemon:
                 log.warning("bad request from the shim: too many fds")
                 return None
             if not data:
-                log.warning("bad request from the shim: it ended after %d bytes", len(buffer))
+                log.warning("bad request from the shim: it ended after %d bytes", received)
                 return None
-            buffer += data
+            received += len(data)
             try:
-                with memoryview(buffer) as view:
-                    frames, _ = wire.split_frames(view, MAX_SHIM_REQUEST + 1024)
-                    if frames:
-                        kind, _, payload = frames[0]
-                        result = (kind, payload.tobytes())
-                        for frame in frames:
-                            frame[2].release()
-                        return result
+                decoder.receive_data(data)
+                if isinstance(frame := decoder.next_frame(), Frame):
+                    return frame.type, frame.payload
             except ProtocolError as exc:
                 log.warning("bad request from the shim: %s", exc)
                 return None

@@ -1,9 +1,12 @@
-"""The data path of one carried connection, in a thread of its own.
+"""The threaded driver of the link core: one carried connection's data path, in a thread of its own.
 
-Connection setup (TLS handshake, Hello, Connect, the allowlists) runs in
-trio; once a connection is open, its link socket, its TLS session and the
-local UNIX socket move to a `Relay`, a small poll loop in a dedicated
-thread.  The data path was measured to cost several trio checkpoints,
+The link core (`offload.protocol.link`) has two drivers: the trio one (qtfs,
+rexec, and udsproxy's connection setup in `offload.udsproxy.daemon`) and
+this one.  Connection setup (TLS handshake, Hello, Connect, the allowlists)
+runs in trio; once a connection is open, its link socket, its TLS session
+and the local UNIX socket move to a `Relay`, a small poll loop in a
+dedicated thread, which drives a `UdsProxyConnection` in its OPEN state
+from there on.  The data path was measured to cost several trio checkpoints,
 wakeups and copies per message; here a small message costs one poll, one
 receive, one seal and one send per hop.  Each connection has its own
 thread, so a slow program or peer only ever stalls its own connection.
@@ -16,15 +19,17 @@ pty (`offload.ptys.PtyEnd`), not a socket, so a keystroke and its echo
 cost a poll, a read and a seal per hop instead of trio's turns.
 
 Buffers are preallocated: local reads land after room for the frame header
-so a Data frame is sealed in one TLS record without joining bytes; link
-reads are decrypted straight into a frame buffer whose payloads are sent
-to the local socket as views.  Flow control: a side stops reading from
-where data comes while more than HIGH_WATER bytes wait to go out; pipe
-channels additionally use credit windows (see offload.protocol.udsproxy).
-A peer is never trusted to keep to either: a pipe channel's bytes beyond
-the window it was granted, or a peer that leaves more than LINK_OUT_LIMIT
-of our frames unread, end that connection, so a bad peer cannot grow the
-daemon's memory.
+(`data_header`, as cheap as packing it in place), so a Data frame is sealed
+in one TLS record without joining bytes; link reads are decrypted straight
+into a buffer that `framing.split_frames` splits in place.  A Data frame's
+payload goes to the local socket as a view, without an event; every other
+frame becomes its event through the connection (`event_of`), and every
+other frame sent is the connection's `send`.  Flow control: a side stops
+reading from where data comes while more than HIGH_WATER bytes wait to go
+out; each pipe channel also has a credit `Window`.  A peer is never trusted
+to keep to either: a pipe channel's bytes beyond the window it was granted,
+or a peer that leaves more than LINK_OUT_LIMIT of our frames unread, end
+that connection, so a bad peer cannot grow the daemon's memory.
 """
 
 from __future__ import annotations
@@ -46,12 +51,13 @@ from typing import Protocol, cast
 
 import trio
 
-from offload import fdpass, ptys, users
+from offload import aio, fdpass, ptys, users
 from offload.errors import ProtocolError, RemoteProtocolError, UnsupportedFdError, errno_name, errno_number
 from offload.fdpass import fds_of
 from offload.net import TlsStream
 from offload.protocol import udsproxy as wire
-from offload.protocol.framing import HEADER, HEADER_SIZE, MAGIC, VERSION
+from offload.protocol.framing import HEADER_SIZE, split_frames
+from offload.protocol.link import Window
 
 log = logging.getLogger("udsproxyd")
 
@@ -205,16 +211,15 @@ class Submission:
 class _Pipe:
     """One pipe channel: this side reads ``fd`` and sends, or receives and writes into it."""
 
-    __slots__ = ("credit", "ending", "fd", "pending", "queued", "reading")
+    __slots__ = ("ending", "fd", "pending", "reading", "window")
 
     def __init__(self, fd: int, reading: bool) -> None:
         self.fd = fd
         self.reading = reading
-        self.credit = WINDOW  # reader: bytes it may still send
+        # The reader spends its credit and is granted more; the writer counts
+        # what arrived against what it allowed, so pending never exceeds WINDOW.
+        self.window = Window(WINDOW)
         self.pending: collections.deque[bytes] = collections.deque()  # writer: not yet written
-        # writer: bytes in pending.  Credit goes back as soon as bytes are
-        # written, so a peer keeping to its window never makes this exceed WINDOW.
-        self.queued = 0
         self.ending = False  # writer: close once pending is written
 
 
@@ -243,6 +248,7 @@ class Relay:
         self.user = user  # whose credentials re-open the files the peer passes
         self.root = root  # of the program on the local socket: its files' paths are relative to it
         self.name = name
+        self._conn = wire.UdsProxyConnection.opened(client)
         link.setblocking(False)
         local.setblocking(False)
         # A UNIX socket queues at most its sender's SO_SNDBUF (about 200 kB by
@@ -372,7 +378,7 @@ class Relay:
         if self._pipes:
             for pipe in self._pipes.values():
                 if pipe.reading:
-                    self._want(pipe.fd, _IN if pipe.credit > 0 and link_room else 0)
+                    self._want(pipe.fd, _IN if pipe.window.credit > 0 and link_room else 0)
                 else:
                     self._want(pipe.fd, _OUT if pipe.pending else 0)
         # Plaintext already decrypted (or records already received) does not
@@ -434,9 +440,9 @@ class Relay:
             self._carry_passed(passed)
         if not count and not passed:
             self._reading_local = False
-            self._send_link(wire.encode_frame(wire.T_EOF, wire.DATA_CHANNEL))
+            self._send_link(self._conn.send(wire.Eof()))
             return True
-        HEADER.pack_into(self._out, 0, MAGIC, VERSION, wire.T_DATA, wire.DATA_CHANNEL, count)
+        self._out[:HEADER_SIZE] = wire.data_header(wire.DATA_CHANNEL, count)
         self._send_link(self._out_view[: HEADER_SIZE + count])
         if count > BUSY:
             self._busy = True
@@ -472,7 +478,7 @@ class Relay:
                 self._pipes[channel] = _Pipe(kept, reading=description.kind == "pipe_r")
                 description = dataclasses.replace(description, channel=channel)
             descriptions.append(description)
-        self._send_link(wire.encode_fds(descriptions))
+        self._send_link(self._conn.send(wire.Fds(tuple(descriptions))))
         self._awaiting.append(submission)
 
     def _woken(self) -> None:
@@ -497,8 +503,7 @@ class Relay:
         submission.prepared = []
         data = submission.data
         for at in range(0, len(data), wire.MAX_DATA):
-            chunk = data[at : at + wire.MAX_DATA]
-            self._send_link(wire.data_header(wire.DATA_CHANNEL, len(chunk)) + chunk)
+            self._send_link(self._conn.send(wire.Data(data[at : at + wire.MAX_DATA])))
 
     def _send_link(self, data: memoryview | bytes) -> None:
         if not self._sending:
@@ -595,7 +600,7 @@ class Relay:
     def _frames(self) -> None:
         # The payload views need no release: the buffer is a mapping that is
         # never resized, and _close tolerates views still alive.
-        frames, used = wire.split_frames(self._in_view[self._in_start : self._in_end])
+        frames, used = split_frames(self._in_view[self._in_start : self._in_end], wire.MAX_FRAME)
         for kind, channel, payload in frames:
             self._frame(kind, channel, payload)
         self._in_start += used
@@ -603,8 +608,8 @@ class Relay:
             self._in_start = self._in_end = 0
 
     def _frame(self, kind: int, channel: int, payload: memoryview) -> None:
-        if channel == wire.DATA_CHANNEL:
-            if kind == wire.T_DATA:
+        if kind == wire.T_DATA:  # the data path: the payload stays a view, without an event
+            if channel == wire.DATA_CHANNEL:
                 if self._peer_eof:
                     raise RemoteProtocolError("data after end of file")
                 if self._discard_next:
@@ -612,48 +617,40 @@ class Relay:
                     return
                 passed, self._arriving_fds = self._arriving_fds or [], None
                 self._write_local(payload, passed)
-            elif kind == wire.T_EOF:
-                self._peer_eof = True
-                self._flush_local()
-            elif kind == wire.T_FDS:
-                self._receive_fds(wire.decode_fds(payload))
-            elif kind == wire.T_FDS_RESULT:
-                error = wire.decode_fds_result(payload)
-                if not self._awaiting:
-                    raise RemoteProtocolError("an fd result nobody waits for")
-                submission = self._awaiting.popleft()
-                code = errno_number(error) if error else 0
-                if submission is not None:
-                    submission.answer(code)
-                elif code:
-                    log.error("%s: the peer could not deliver passed fds: %s", self.name, error)
-            else:
-                raise RemoteProtocolError(f"unknown frame type {kind:#x}")
-            return
-        pipe = self._pipes.get(channel)
-        if kind == wire.T_WINDOW:
-            if pipe is not None and pipe.reading:
-                pipe.credit += wire.decode_window(payload)
-        elif kind == wire.T_DATA:
+                return
+            pipe = self._pipes.get(channel)
             if pipe is not None and not pipe.reading and not pipe.ending:
-                pipe.queued += len(payload)
-                if pipe.queued > WINDOW:
-                    raise RemoteProtocolError(
-                        f"pipe channel {channel}: {pipe.queued} bytes are more than the window of {WINDOW}"
-                    )
+                pipe.window.received(len(payload))
                 pipe.pending.append(bytes(payload))
                 self._write_pipe(channel, pipe)
             # else: a channel this side already ended; its bytes have nowhere to go
-        elif kind == wire.T_EOF:
-            if pipe is None:
-                return
-            if pipe.reading:  # the far program closed its end: stop reading ours
-                self._end_pipe(channel, tell=False)
-            else:
-                pipe.ending = True
-                self._write_pipe(channel, pipe)
+            return
+        # Any other frame (a Hello, a Connect, an unknown type) is refused here.
+        event = self._conn.event_of(kind, channel, bytes(payload))
+        if isinstance(event, wire.Eof) and channel == wire.DATA_CHANNEL:
+            self._peer_eof = True
+            self._flush_local()
+        elif isinstance(event, wire.Fds):
+            self._receive_fds(event.fds)
+        elif isinstance(event, wire.FdsResult):
+            if not self._awaiting:
+                raise RemoteProtocolError("an fd result nobody waits for")
+            submission = self._awaiting.popleft()
+            code = errno_number(event.error) if event.error else 0
+            if submission is not None:
+                submission.answer(code)
+            elif code:
+                log.error("%s: the peer could not deliver passed fds: %s", self.name, event.error)
+        elif (pipe := self._pipes.get(channel)) is None:
+            return
+        elif isinstance(event, wire.Window):
+            if pipe.reading:
+                pipe.window.granted(event.increment)
+        elif pipe.reading:  # Eof: the far program closed its end: stop reading ours
+            self._end_pipe(channel, tell=False)
         else:
-            raise RemoteProtocolError(f"unknown frame type {kind:#x} on channel {channel}")
+            pipe.ending = True
+            self._write_pipe(channel, pipe)
 
     def _receive_fds(self, descriptions: tuple[wire.FdDescription, ...]) -> None:
         if self.user is None:
@@ -675,14 +672,14 @@ class Relay:
                     os.close(kept)
             reason = errno_name(exc.errno or errno.EIO)
             log.error("%s: cannot deliver passed fds here: %s", self.name, exc)
-            self._send_link(wire.encode_fds_result(reason))
+            self._send_link(self._conn.send(wire.FdsResult(reason)))
             self._discard_next = True
             return
         for description, (_, kept) in zip(descriptions, made, strict=True):
             if kept is not None:
                 self._pipes[description.channel] = _Pipe(kept, reading=description.kind == "pipe_w")
         self._arriving_fds = [app_fd for app_fd, _ in made]
-        self._send_link(wire.encode_fds_result())
+        self._send_link(self._conn.send(wire.FdsResult()))
 
     def _write_local(self, data: memoryview | bytes, passed: list[int]) -> None:
         if self._local_shut:
@@ -757,7 +754,7 @@ class Relay:
         if not pipe.reading:
             self._write_pipe(channel, pipe)
             return
-        limit = min(pipe.credit, wire.MAX_DATA)
+        limit = min(pipe.window.credit, wire.MAX_DATA)
         try:
             count = os.readv(pipe.fd, [self._out_view[HEADER_SIZE : HEADER_SIZE + limit]])
         except BlockingIOError:
@@ -768,8 +765,8 @@ class Relay:
         if not count:
             self._end_pipe(channel, tell=True)
             return
-        pipe.credit -= count
-        HEADER.pack_into(self._out, 0, MAGIC, VERSION, wire.T_DATA, channel, count)
+        pipe.window.sent(count)
+        self._out[:HEADER_SIZE] = wire.data_header(channel, count)
         self._send_link(self._out_view[: HEADER_SIZE + count])
 
     def _write_pipe(self, channel: int, pipe: _Pipe) -> None:
@@ -784,13 +781,12 @@ class Relay:
                 self._end_pipe(channel, tell=True)
                 return
             written += count
-            pipe.queued -= count
             if count < len(head):
                 pipe.pending[0] = head[count:]
                 break
             pipe.pending.popleft()
-        if written:
-            self._send_link(wire.encode_window(channel, written))
+        if written and (increment := pipe.window.consumed(written)):
+            self._send_link(self._conn.send(wire.Window(channel, increment)))
         if pipe.ending and not pipe.pending:
             self._end_pipe(channel, tell=False)
 
@@ -799,7 +795,7 @@ class Relay:
         self._want(pipe.fd, 0)
         os.close(pipe.fd)
         if tell:
-            self._send_link(wire.encode_frame(wire.T_EOF, channel))
+            self._send_link(self._conn.send(wire.Eof(channel)))
 
     # -- the end ---------------------------------------------------------------------------------
 
@@ -891,7 +887,7 @@ def detach(stream: trio.abc.Stream) -> tuple[socket.socket, Cipher]:
 
 async def run_in_thread(relay: Relay, limiter: trio.CapacityLimiter | None = None) -> None:
     """Run ``relay`` in a thread of its own until it ends; cancelled, it is stopped and waited for."""
-    async with trio.open_nursery() as nursery:
+    async with aio.open_nursery() as nursery:
 
         async def stop_when_cancelled() -> None:
             try:

@@ -220,16 +220,17 @@ def udsproxy_listener(path: Path, transport: Transport, echo: Path) -> Listener:
     w = udsproxy_wire
     hello = w.UdsProxyConnection(client=True).send(w.Hello("dpu"))
     connect = w.Connect(str(echo), "stream", "root")
+    opened = w.UdsProxyConnection.opened(client=True)
     samples = [
         hello,
         control(w.T_CONNECT, {"path": connect.path, "type": connect.type, "user": connect.user}),
         control(w.T_CONNECT, {"path": str(echo), "type": "seqpacket", "user": "nobody"}),
         encode_frame(w.T_DATA, w.DATA_CHANNEL, b"hello"),
         encode_frame(w.T_EOF, w.DATA_CHANNEL),
-        w.encode_fds([w.FdDescription("null", access="r"), w.FdDescription("pipe_r", channel=2)]),
-        w.encode_fds([w.FdDescription("file", path=str(echo.parent / "fz"), access="r", dev=1, ino=2)]),
-        w.encode_fds_result(""),
-        w.encode_window(2, 4096),
+        opened.send(w.Fds((w.FdDescription("null", access="r"), w.FdDescription("pipe_r", channel=2)))),
+        opened.send(w.Fds((w.FdDescription("file", path=str(echo.parent / "fz"), access="r", dev=1, ino=2),))),
+        opened.send(w.FdsResult()),
+        opened.send(w.Window(2, 4096)),
         control(w.T_CONNECTED, {"error": ""}),
     ]
     return Listener(

@@ -31,7 +31,6 @@ import trio
 from offload import pki
 from offload.pki import TlsConfig
 from offload.protocol import udsproxy as wire
-from offload.protocol.framing import encode_frame
 from offload.udsproxy.daemon import ProxyConfig, serve
 from offload.udsproxy.relay import fds_of
 
@@ -329,9 +328,9 @@ async def test_a_peer_ignoring_the_pipe_window_is_cut_off(
             assert event.error == ""
             # A pipe for the far program to read, then Data frames on its channel, ignoring the window.
             await stream.send_all(
-                wire.encode_fds([wire.FdDescription("pipe_r", channel=2)]) + encode_frame(wire.T_DATA, 1, b"x")
+                setup.send(wire.Fds((wire.FdDescription("pipe_r", channel=2),))) + setup.send(wire.Data(b"x"))
             )
-            chunk = encode_frame(wire.T_DATA, 2, b"f" * wire.MAX_DATA, max_payload=wire.MAX_DATA)
+            chunk = setup.send(wire.Data(b"f" * wire.MAX_DATA, 2))
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 while sent < FLOOD:
                     await stream.send_all(chunk)
