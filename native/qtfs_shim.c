@@ -927,7 +927,17 @@ ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
  *   makes are the host's, see offload.qtfs.tasks); the setter checks that
  *   the host's mask is the one asked for, and fails with EPERM otherwise.
  *   The getter reads the host's mask.  pid 0 and the caller's own children
- *   (libvirt's child that has not yet exec'ed the stand-in) are local.
+ *   are local.
+ * - sched_setaffinity() of a fork of the caller that has not exec'ed yet (a
+ *   process of this machine running the caller's own executable, as in
+ *   offload.qtfs.tasks): libvirt pins qemu's process between fork and exec
+ *   (an <emulatorpin>, a strict <numatune>'s node CPUs), and that process
+ *   becomes the stand-in, daemonized and so no child of the caller.  The
+ *   mask names the host's CPUs, which this machine may not have; the
+ *   stand-in is not the VM.  The call succeeds and changes nothing: qemu's
+ *   affinity on the host is its cgroup's cpuset, which libvirt writes right
+ *   after.  Checked before the host's numbers, so a host tid of the same
+ *   number is never touched in its place either.
  */
 
 static const char *host_proc(void)
@@ -1171,6 +1181,25 @@ FILE *fopen64(const char *path, const char *mode)
     return fopen_hooked(libc.fopen64, path, mode);
 }
 
+/* PID is a process of this machine other than the caller running the
+ * caller's executable: a fork of the caller that has not exec'ed yet. */
+static int is_unexeced_fork(pid_t pid)
+{
+    char path[64], status[4096], *line;
+    struct stat mine, theirs;
+
+    if (pid == getpid() || stat("/proc/self/exe", &mine) != 0)
+        return 0;
+    snprintf(path, sizeof path, "/proc/%d/exe", (int)pid);
+    if (stat(path, &theirs) != 0 || mine.st_dev != theirs.st_dev || mine.st_ino != theirs.st_ino)
+        return 0;
+    /* A process, not a thread of the caller's (/proc/TID is there for threads too). */
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    if (read_small(path, status, sizeof status) <= 0 || !(line = strstr(status, "\nTgid:")))
+        return 0;
+    return strtol(line + strlen("\nTgid:"), NULL, 10) == (long)pid;
+}
+
 /* Which task PID is.  SHIM_CARRIED: the host's task *REMOTE (a stand-in's
  * program, or a thread the host serves as one of its programs');
  * SHIM_NOT_CARRIED: this machine's own. */
@@ -1215,6 +1244,10 @@ int sched_setaffinity(pid_t pid, size_t size, const cpu_set_t *mask)
     long remote = -1;
     int cpus, cpu;
 
+    if (host_proc() && pid > 0 && standin_remote(pid) < 0 && is_unexeced_fork(pid)) {
+        shim_log("offload: task %d is qemu's process before exec: its affinity is its host cgroup's\n", (int)pid);
+        return 0;
+    }
     if (remote_task(pid, &remote) == SHIM_NOT_CARRIED)
         return libc_sched_setaffinity(pid, size, mask);
     if ((cpus = host_affinity(remote, bits, sizeof bits)) < 0) {

@@ -404,3 +404,37 @@ def test_a_standins_cgroup_file_is_its_host_programs(tmp_path: Path) -> None:
     # A stand-in whose host file cannot be read fails; its own cgroups are never given instead.
     (host_proc / "4321" / "cgroup").unlink()
     assert proc.run(["cat", f"/proc/{standin}/cgroup"], env=env, check=False).returncode != 0
+
+
+def test_affinity_of_an_unexeced_fork_is_left_and_a_host_task_is_never_this_machines(tmp_path: Path) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs to tell a pinned task from an unpinned one")
+    host_proc = tmp_path / "host-proc"
+    fork = proc.spawn([sys.executable, "-c", "import time; time.sleep(60)"])  # the caller's own executable
+    other = proc.spawn(["sleep", "60"])
+    try:
+        for pid in (fork.pid, other.pid):  # the host serves a task of each number, on every CPU
+            (host_proc / str(pid)).mkdir(parents=True)
+            (host_proc / str(pid) / "status").write_text(f"Name:\tqemu\nCpus_allowed:\t{(1 << len(cpus)) - 1:x}\n")
+        env = {"PATH": os.environ["PATH"], "LD_PRELOAD": str(LIBRARY), "OFFLOAD_HOST_PROC": str(host_proc)}
+
+        def pin(pid: int, cpu: int) -> int:
+            code = f"import os\ntry:\n    os.sched_setaffinity({pid}, {{{cpu}}})\nexcept OSError as e:\n    print(e.errno)\nelse:\n    print(0)"
+            return int(proc.run([sys.executable, "-c", code], env=env).stdout)
+
+        # libvirt pinning qemu's process before exec: the call succeeds, and neither this machine's
+        # process nor the host's task of that number changes (the host task's mask would refuse it).
+        assert pin(fork.pid, cpus[0]) == 0
+        assert os.sched_getaffinity(fork.pid) == set(cpus)
+        # Another program's number that the host serves is the host's: checked there (its mask is
+        # all CPUs, so one CPU is refused), and this machine's process of that number is untouched.
+        assert pin(other.pid, cpus[0]) == errno.EPERM
+        assert os.sched_getaffinity(other.pid) == set(cpus)
+        # A number the host does not serve is this machine's own.
+        (host_proc / str(other.pid) / "status").unlink()
+        assert pin(other.pid, cpus[0]) == 0
+        assert os.sched_getaffinity(other.pid) == {cpus[0]}
+    finally:
+        proc.end_pid(fork.pid)
+        proc.end_pid(other.pid)
