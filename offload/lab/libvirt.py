@@ -42,6 +42,16 @@ class Domain:
     #: "file": the serial port writes the console log only; "pty": a pty
     #: serial port with the same log and a console on it, as nova defines one.
     serial: str = "file"
+    #: How many iothreads qemu runs (``<iothreads>``); 0: none.
+    iothreads: int = 0
+    #: ``<cputune><iothreadpin>`` of iothread 1 at start (a cpuset such as "1"); "": no pin.
+    iothread_pin: str = ""
+    #: ``<cputune><emulatorpin>`` at start; "": no pin.
+    emulator_pin: str = ""
+    #: ``<numatune><memory>``'s nodeset at start (such as "0"); "": no numatune.
+    numa_nodeset: str = ""
+    #: ``<numatune><memory>``'s mode: "strict", "restrictive", "preferred" or "interleave".
+    numa_mode: str = "strict"
 
     @property
     def console_log(self) -> str:
@@ -53,7 +63,7 @@ class Domain:
   <name>{name}</name>
   <memory unit='MiB'>{self.memory_mib}</memory>
   <vcpu>1</vcpu>
-  <os>
+  {self._tuning_xml()}<os>
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{escape(self.kernel)}</kernel>
     <initrd>{escape(self.initrd)}</initrd>
@@ -67,6 +77,20 @@ class Domain:
   </devices>
 </domain>
 """
+
+    def _tuning_xml(self) -> str:
+        """``<iothreads>``, ``<cputune>`` and ``<numatune>`` as asked for, each ending its line; "" for none."""
+        parts = []
+        if self.iothreads:
+            parts.append(f"<iothreads>{self.iothreads}</iothreads>")
+        pins = [f"<iothreadpin iothread='1' cpuset='{escape(self.iothread_pin)}'/>"] if self.iothread_pin else []
+        pins += [f"<emulatorpin cpuset='{escape(self.emulator_pin)}'/>"] if self.emulator_pin else []
+        if pins:
+            parts.append(f"<cputune>{''.join(pins)}</cputune>")
+        if self.numa_nodeset:
+            mode, nodeset = escape(self.numa_mode), escape(self.numa_nodeset)
+            parts.append(f"<numatune><memory mode='{mode}' nodeset='{nodeset}'/></numatune>")
+        return "".join(f"{part}\n  " for part in parts)
 
     def _serial_xml(self) -> str:
         log = escape(self.console_log)
