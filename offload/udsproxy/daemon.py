@@ -295,9 +295,7 @@ class Daemon:
         finally:
             close_all(passed)
         if error or relay is None:
-            for _, kept in prepared:
-                if kept is not None:
-                    os.close(kept)
+            close_all([kept for _, kept in prepared if kept is not None])
             await sock.send(wire.shim_reply(wire.SHIM_SENT, error or errno_module.EPIPE))
             return
         # The relay thread answers once the far side has delivered the fds.

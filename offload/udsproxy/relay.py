@@ -201,9 +201,7 @@ class Submission:
     answer: Callable[[int], None]
 
     def fail(self, code: int) -> None:
-        for _, kept in self.prepared:
-            if kept is not None:
-                os.close(kept)
+        close_all([kept for _, kept in self.prepared if kept is not None])
         self.prepared = []
         self.answer(code)
 
@@ -455,9 +453,7 @@ class Relay:
             for fd in passed:
                 prepared.append(fdpass.prepare(fd, self.shared, self.root))
         except UnsupportedFdError as exc:
-            for _, kept in prepared:
-                if kept is not None:
-                    os.close(kept)
+            close_all([kept for _, kept in prepared if kept is not None])
             log.error(
                 "%s: the program passed fd %d, %s, which cannot be carried; ending the connection",
                 self.name,
@@ -666,10 +662,7 @@ class Relay:
                     raise RemoteProtocolError(f"pipe channel {description.channel} is not the peer's to open")
                 made.append(fdpass.materialize(description, self.shared, self.user))
         except OSError as exc:
-            for app_fd, kept in made:
-                os.close(app_fd)
-                if kept is not None:
-                    os.close(kept)
+            close_all([fd for pair in made for fd in pair if fd is not None])
             reason = errno_name(exc.errno or errno.EIO)
             log.error("%s: cannot deliver passed fds here: %s", self.name, exc)
             self._send_link(self._conn.send(wire.FdsResult(reason)))
@@ -833,8 +826,6 @@ class Relay:
         self._pipes.clear()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
-        self._out_view.release()
-        self._in_view.release()
         self.local.close()
         self.link.close()
         # Unmap now rather than whenever the relay object is collected.
