@@ -494,8 +494,27 @@ def _channel(code: int, event: type, sender: Role | None, to_payload: Any, from_
     REXEC.declare(code, event, sender=sender, encode=lambda e: (e.channel, to_payload(e)), decode=decode)
 
 
-def _field(payload: bytes, name: str, kind: type, what: str) -> Any:
-    return messages.field(messages.load(payload, what), name, kind, what)
+def _object(code: int, event: type, sender: Role, *fields: tuple[str, type]) -> None:
+    """Declare an event that is the JSON object of ``fields`` (strings kept to 4 KiB), on its channel if it has one."""
+    what = event.__name__
+
+    def to_json(e: Any) -> dict[str, Any]:
+        return {name: getattr(e, name) for name, _ in fields}
+
+    def values(document: dict[str, Any]) -> list[Any]:
+        found = (messages.field(document, name, kind, what) for name, kind in fields)
+        return [value[:4096] if isinstance(value, str) else value for value in found]
+
+    if hasattr(event, "channel"):
+        _channel(
+            code,
+            event,
+            sender,
+            lambda e: messages.dump(to_json(e)),
+            lambda ch, p: event(ch, *values(messages.load(p, what))),
+        )
+    else:
+        _control(code, event, sender, to_json, lambda document: event(*values(document)))
 
 
 def _hello(document: dict[str, Any]) -> Hello:
@@ -522,20 +541,8 @@ _control(
 )
 REXEC.declare_keepalive(T_PING, T_PONG)
 _control(T_EXEC, Exec, Role.CLIENT, lambda e: e.request.to_json(), lambda d: Exec(ExecRequest.from_json(d)))
-_control(
-    T_STARTED,
-    Started,
-    Role.SERVER,
-    lambda e: {"pid": e.pid},
-    lambda d: Started(messages.field(d, "pid", int, "started")),
-)
-_control(
-    T_REFUSED,
-    Refused,
-    Role.SERVER,
-    lambda e: {"code": e.code, "reason": e.reason},
-    lambda d: Refused(messages.field(d, "code", int, "refused"), messages.field(d, "reason", str, "refused")[:4096]),
-)
+_object(T_STARTED, Started, Role.SERVER, ("pid", int))
+_object(T_REFUSED, Refused, Role.SERVER, ("code", int), ("reason", str))
 _control(
     T_EXITED,
     Exited,
@@ -543,13 +550,7 @@ _control(
     lambda e: {"code": e.code} if e.signal is None else {"signal": messages.signal_name(e.signal)},
     _exited,
 )
-_control(
-    T_DAEMONIZED,
-    Daemonized,
-    Role.SERVER,
-    lambda e: {"code": e.code, "pid": e.pid},
-    lambda d: Daemonized(messages.field(d, "code", int, "daemonized"), messages.field(d, "pid", int, "daemonized")),
-)
+_object(T_DAEMONIZED, Daemonized, Role.SERVER, ("code", int), ("pid", int))
 _control(
     T_SIGNAL,
     Signal,
@@ -561,27 +562,9 @@ _control(T_PTY_ATTACHED, PtyAttached, Role.SERVER, lambda e: {}, lambda d: PtyAt
 _channel(T_DATA, Data, None, lambda e: e.data, Data)
 _channel(T_EOF, Eof, None, lambda e: b"", lambda channel, p: Eof(channel))
 _channel(T_WINDOW, Window, None, lambda e: _WINDOW.pack(e.increment), lambda ch, p: Window(ch, *_WINDOW.unpack(p)))
-_channel(
-    T_OPEN,
-    Open,
-    Role.CLIENT,
-    lambda e: messages.dump({"fd": e.fd}),
-    lambda channel, p: Open(channel, _field(p, "fd", int, "open")),
-)
-_channel(
-    T_OPEN_PTY,
-    OpenPty,
-    Role.CLIENT,
-    lambda e: messages.dump({"index": e.index}),
-    lambda channel, p: OpenPty(channel, _field(p, "index", int, "open pty")),
-)
-_channel(
-    T_PTY_TICKET,
-    PtyTicket,
-    Role.SERVER,
-    lambda e: messages.dump({"token": e.token}),
-    lambda channel, p: PtyTicket(channel, _field(p, "token", str, "pty ticket")),
-)
+_object(T_OPEN, Open, Role.CLIENT, ("fd", int))
+_object(T_OPEN_PTY, OpenPty, Role.CLIENT, ("index", int))
+_object(T_PTY_TICKET, PtyTicket, Role.SERVER, ("token", str))
 _channel(
     T_RESET,
     Reset,
