@@ -43,7 +43,10 @@ from offload.prefix import is_shared, is_under
 from offload.protocol.fdpass import FdDescription
 from offload.udsproxy.prefixes import open_beneath
 
-_ACCESS_FLAGS = {"r": os.O_RDONLY, "w": os.O_WRONLY, "rw": os.O_RDWR}
+
+def open_flags(access: str, append: bool = False) -> int:
+    """open(2)'s flags for an access mode as the wire says it ("r", "w", "rw"), and O_APPEND."""
+    return {"r": os.O_RDONLY, "w": os.O_WRONLY, "rw": os.O_RDWR}[access] | (os.O_APPEND if append else 0)
 
 
 def prepare(fd: int, shared: tuple[str, ...], root: str = "/") -> tuple[FdDescription, int | None]:
@@ -122,13 +125,10 @@ def materialize(description: FdDescription, shared: tuple[str, ...], user: users
     ``user`` is whom the connection acts for on this side: a file is
     re-opened with that user's credentials, never the daemon's.
     """
-    access = _ACCESS_FLAGS[description.access]
     if description.kind == "null":
-        return os.open("/dev/null", access | os.O_CLOEXEC), None
+        return os.open("/dev/null", open_flags(description.access) | os.O_CLOEXEC), None
     if description.kind == "file":
-        flags = access | os.O_NOCTTY | os.O_NONBLOCK
-        if description.append:
-            flags |= os.O_APPEND
+        flags = open_flags(description.access, description.append) | os.O_NOCTTY | os.O_NONBLOCK
         # O_NONBLOCK so that a FIFO or device at that path cannot block us;
         # only a regular file is what the sender had.
         fd = users.run_as(user, lambda: open_beneath(description.path, shared, flags))

@@ -179,12 +179,12 @@ class Execution:
         opens: list[tuple[int, str, int, int]] = []
         for spec in request.fds:
             if spec.kind is FdKind.NULL:
-                opens.append((spec.fd, os.devnull, policy.open_flags(spec), 0))
+                opens.append((spec.fd, os.devnull, fdpass.open_flags(spec.access), 0))
             elif spec.kind is FdKind.FILE:
                 # The agent chose to carry it; we still decide what we open.
                 if not policy.is_shared(spec.path, self.config.shared_path):
                     raise RefusedError(f"fd {spec.fd}: {spec.path} is not a shared path on {self.node}")
-                opens.append((spec.fd, spec.path, policy.open_flags(spec), spec.offset))
+                opens.append((spec.fd, spec.path, fdpass.open_flags(spec.access, spec.append), spec.offset))
             elif spec.kind in (FdKind.PIPE_IN, FdKind.PIPE_OUT):
                 read_end, write_end = os.pipe2(os.O_CLOEXEC)
                 grow_pipe(read_end)

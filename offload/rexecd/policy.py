@@ -175,14 +175,6 @@ def plan_fds(descriptions: list[dict], shared: tuple[str, ...], leave_behind: tu
     return FdPlan(tuple(specs), relayed, tuple(local_only))
 
 
-def open_flags(spec: FdSpec) -> int:
-    """Symbolic access from the wire to this machine's open(2) flags."""
-    flags = {"r": os.O_RDONLY, "w": os.O_WRONLY, "rw": os.O_RDWR}[spec.access]
-    if spec.append:
-        flags |= os.O_APPEND
-    return flags
-
-
 def ensure_private_dir(path: Path, mode: int = 0o700) -> None:
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, mode)
