@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from offload.errors import LocalProtocolError, RemoteProtocolError
+from offload.protocol import messages
 from offload.protocol.framing import encode_frame
 from offload.protocol.rexec import (
     FIRST_BRIDGE_CHANNEL,
@@ -223,8 +224,9 @@ def test_a_request_without_rlimits_sets_none() -> None:
     ],
 )
 def test_hostile_rlimits_are_the_peers_error(rlimits: object, why: str) -> None:
+    _, server = pair()
     with pytest.raises(RemoteProtocolError, match=why):
-        ExecRequest.from_json(REQUEST.to_json() | {"rlimits": rlimits})
+        feed(server, encode_frame(0x10, 0, messages.dump(REQUEST.to_json() | {"rlimits": rlimits})))
 
 
 def test_malformed_rlimits_refused_on_construction() -> None:

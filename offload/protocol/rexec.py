@@ -164,25 +164,19 @@ class FdSpec:
 
     @classmethod
     def from_json(cls, document: object) -> FdSpec:
-        what = "fd entry"
+        """The spec in a peer's request; ValueError says what is wrong (the peer's error, once decoded)."""
         if not isinstance(document, dict):
-            raise RemoteProtocolError(f"{what}: not an object")
-        try:
-            kind = FdKind(messages.field(document, "kind", str, what))
-        except ValueError:
-            raise RemoteProtocolError(f"{what}: unknown kind {document.get('kind')!r}") from None
-        try:
-            return cls(
-                fd=messages.field(document, "fd", int, what),
-                kind=kind,
-                channel=document.get("channel", 0) if kind in RELAYED_KINDS else 0,
-                path=document.get("path", ""),
-                access=document.get("access", "r"),
-                append=bool(document.get("append", False)),
-                offset=document.get("offset", 0),
-            )
-        except (TypeError, ValueError) as exc:
-            raise RemoteProtocolError(f"{what}: {exc}") from None
+            raise ValueError("an fd entry is not an object")
+        kind = FdKind(messages.field(document, "kind", str, "fd entry"))
+        return cls(
+            fd=messages.field(document, "fd", int, "fd entry"),
+            kind=kind,
+            channel=document.get("channel", 0) if kind in RELAYED_KINDS else 0,
+            path=document.get("path", ""),
+            access=document.get("access", "r"),
+            append=bool(document.get("append", False)),
+            offset=document.get("offset", 0),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,19 +250,16 @@ class ExecRequest:
         pidfile = document.get("daemon_pidfile")
         if pidfile is not None and not isinstance(pidfile, str):
             raise RemoteProtocolError(f"{what}: daemon_pidfile must be a string")
-        try:
-            return cls(
-                argv=tuple(argv),
-                env=env,
-                cwd=messages.field(document, "cwd", str, what),
-                umask=messages.field(document, "umask", int, what),
-                user=messages.field(document, "user", str, what),
-                fds=tuple(FdSpec.from_json(entry) for entry in fds),
-                daemon_pidfile=pidfile,
-                rlimits=parse_rlimits(document.get("rlimits")),
-            )
-        except ValueError as exc:
-            raise RemoteProtocolError(f"{what}: {exc}") from None
+        return cls(
+            argv=tuple(argv),
+            env=env,
+            cwd=messages.field(document, "cwd", str, what),
+            umask=messages.field(document, "umask", int, what),
+            user=messages.field(document, "user", str, what),
+            fds=tuple(FdSpec.from_json(entry) for entry in fds),
+            daemon_pidfile=pidfile,
+            rlimits=parse_rlimits(document.get("rlimits")),
+        )
 
 
 # Events ---------------------------------------------------------------------
