@@ -2,7 +2,7 @@
 
 Two carriers use it: udsproxy's carried connections (`offload.udsproxy.relay`,
 `offload.udsproxy.daemon`) and rexec's bridged connections
-(`offload.rexecd.link`; libvirt's QMP monitor, where ``getfd`` and
+(`offload.rexec.link`; libvirt's QMP monitor, where ``getfd`` and
 ``add-fd`` pass the pipes of save, restore and dump).  Each carrier frames
 the descriptions its own way (`offload.protocol.fdpass`).
 

@@ -57,7 +57,7 @@ from offload.protocol.rexec import (
     Role,
     Started,
 )
-from offload.rexec_server import serve
+from offload.rexec.server import serve
 from tests.conftest import keep_logs, wait_for
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from offload.errors import ConfigError
 from offload.net import Transport
 from offload.pki import TlsConfig
 from offload.protocol import local
-from offload.rexec_server import serve as serve_rexec
+from offload.rexec.server import serve as serve_rexec
 from offload.udsproxy.daemon import ProxyConfig
 from offload.udsproxy.daemon import serve as serve_udsproxy
 

@@ -513,10 +513,10 @@ def test_the_stand_ins_resource_limits_are_the_programs(lab: Lab) -> None:
 #: A stand-in that asks for more than it has: RLIMIT_NOFILE with an unlimited hard limit.
 GREEDY_STAND_IN = """\
 import sys
-from offload import rexec_client
-own = rexec_client.own_rlimits
-rexec_client.own_rlimits = lambda: {**own(), "NOFILE": [64, "unlimited"]}
-rexec_client.main(sys.argv[1:])
+from offload.rexec import standin
+own = standin.own_rlimits
+standin.own_rlimits = lambda: {**own(), "NOFILE": [64, "unlimited"]}
+standin.main(sys.argv[1:])
 """
 
 

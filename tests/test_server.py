@@ -31,8 +31,8 @@ from offload.protocol.rexec import (
     Role,
     Started,
 )
-from offload.rexec_server import serve
-from offload.rexecd.policy import Whitelist
+from offload.rexec.policy import Whitelist
+from offload.rexec.server import serve
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the whitelist must be root-owned")
 

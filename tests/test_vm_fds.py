@@ -50,7 +50,7 @@ from offload.protocol.rexec import (
     Role,
     Started,
 )
-from offload.rexecd.link import Passing, SessionLink, running
+from offload.rexec.link import Passing, SessionLink, running
 from tests.conftest import libvirt_lab
 from tests.test_e2e_libvirt import cleanup, console_of, wait_until
 

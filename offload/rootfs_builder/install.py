@@ -43,6 +43,8 @@ STAND_IN_MODULES = (
     "errors.py",
     "fdinfo.py",
     "rexec_client.py",
+    "rexec/__init__.py",
+    "rexec/standin.py",
     "protocol/__init__.py",
     "protocol/framing.py",
     "protocol/local.py",

@@ -14,7 +14,7 @@ Measured over the lab's veth, a 64-byte round trip through two relays
 (udsproxy on both sides) took 229 us against 136 us for a socat relay.
 
 The same loop carries a console: the rexec daemons move a pty's
-connection (`offload.rexecd.ptylink`) to a Relay whose local end is the
+connection (`offload.rexec.ptylink`) to a Relay whose local end is the
 pty (`offload.ptys.PtyEnd`), not a socket, so a keystroke and its echo
 cost a poll, a read and a seal per hop instead of trio's turns.
 

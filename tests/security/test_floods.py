@@ -31,7 +31,7 @@ from offload.protocol import qtfs as qtfs_wire
 from offload.protocol.framing import FrameDecoder, encode_frame
 from offload.protocol.local import AGENT_SOCKET_ENV
 from offload.qtfs.client import Link
-from offload.rexec_server import serve as serve_rexec
+from offload.rexec.server import serve as serve_rexec
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the whitelist must be root-owned")

@@ -40,7 +40,7 @@ from offload.qtfs.backend import Export
 from offload.qtfs.client import Link
 from offload.qtfs.server import ServerConfig
 from offload.qtfs.server import serve as serve_qtfs
-from offload.rexec_server import serve as serve_rexec
+from offload.rexec.server import serve as serve_rexec
 from offload.udsproxy.daemon import PeerStream, ProxyConfig
 from offload.udsproxy.daemon import serve as serve_udsproxy
 

@@ -50,9 +50,9 @@ from offload.protocol.rexec import (
     State,
     parse_rlimits,
 )
-from offload.rexecd import console, policy, ptylink
-from offload.rexecd.link import LinkFailed, Passing, SessionLink
-from offload.rexecd.pidmap import PidmapDir
+from offload.rexec import console, policy, ptylink
+from offload.rexec.link import LinkFailed, Passing, SessionLink
+from offload.rexec.pidmap import PidmapDir
 
 log = logging.getLogger(__name__)
 
@@ -421,7 +421,7 @@ class AgentSession:
         """Carry our pty standing for the program's pty ``host_index`` to it, for the session.
 
         The host answers with a ticket, and the pty goes on a connection of
-        its own, relayed by a thread (`offload.rexecd.ptylink`).
+        its own, relayed by a thread (`offload.rexec.ptylink`).
         """
         assert self.link is not None and self.address is not None
         try:

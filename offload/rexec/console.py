@@ -7,7 +7,7 @@ each host pty it sees it allocates a pty in the stand-in's devpts instance
 (libvirt's) and asks the host, with `OpenPty`, for the other end of the
 host pty, which the host opens only if the session's program holds its
 master; the two are relayed by a thread on each side, over a connection of
-their own (`offload.rexecd.ptylink`).  The mapping lives as long as the
+their own (`offload.rexec.ptylink`).  The mapping lives as long as the
 session, so libvirt finds the same path after a restart of its own (it
 keeps the path in its status XML).
 

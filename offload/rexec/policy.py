@@ -16,11 +16,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from offload import fdinfo, rexec_client
+from offload import fdinfo
 from offload.errors import ConfigError, RefusedError, UnsupportedFdError
-from offload.prefix import is_shared as is_shared  # shared with udsproxy; rexecd names it here
+from offload.prefix import is_shared as is_shared  # shared with udsproxy; rexec names it here
 from offload.protocol.rexec import FdKind, FdSpec, Rlimit
-from offload.users import RemoteUser as RemoteUser  # shared with udsproxy; rexecd names it here
+from offload.rexec import standin
+from offload.users import RemoteUser as RemoteUser  # shared with udsproxy; rexec names it here
 from offload.users import map_user as map_user
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ ENV_FORBIDDEN = frozenset({"PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", 
 #: Signals a caller may have delivered to its program: those the stand-in
 #: forwards, and SIGKILL to end it.  A peer asking for any other (SIGSTOP,
 #: SIGSEGV, ...) is refused.
-FORWARDED_SIGNALS = frozenset({*rexec_client.FORWARDED_SIGNALS, signal.SIGKILL})
+FORWARDED_SIGNALS = frozenset({*standin.FORWARDED_SIGNALS, signal.SIGKILL})
 
 
 @dataclass(frozen=True)

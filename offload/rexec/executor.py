@@ -48,9 +48,9 @@ from offload.protocol.rexec import (
     Signal,
     Started,
 )
-from offload.rexecd import policy, ptylink
-from offload.rexecd.link import LinkFailed, Passing, SessionLink
-from offload.rexecd.ptylink import PtyGrant, PtyGrants
+from offload.rexec import policy, ptylink
+from offload.rexec.link import LinkFailed, Passing, SessionLink
+from offload.rexec.ptylink import PtyGrant, PtyGrants
 from offload.udsproxy.prefixes import open_beneath
 
 log = logging.getLogger(__name__)
@@ -341,7 +341,7 @@ class Execution:
         Only the program's own ptys: the peer names a number, and the end
         is opened from the master the program holds (`offload.ptys`), never
         by path; any other number is refused with a log line.  The pty is
-        relayed on a connection of its own (`offload.rexecd.ptylink`).
+        relayed on a connection of its own (`offload.rexec.ptylink`).
         """
         try:
             if self.process is None or self.process.returncode is not None:

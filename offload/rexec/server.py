@@ -1,0 +1,208 @@
+"""rexec_server: runs on both machines.
+
+As a server it accepts authenticated links from its peer and runs the
+programs the peer asks for (whitelisted, as the caller's user).  As an
+agent it serves local stand-ins (``rexec``) on ``<run dir>/rexec.sock`` and
+carries their sessions to the peer over warm links.
+
+Signals: SIGHUP reloads the whitelist (a bad new file keeps the old list);
+SIGTERM and SIGINT stop the server, ending the programs it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from offload import aio, proc, sd
+from offload import config as config_module
+from offload import log as log_module
+from offload.config import RexecConfig
+from offload.errors import ConfigError, ProtocolError, TransportError
+from offload.net import Transport, listener_address, parse_address, remote_name, serve_listeners
+from offload.protocol.rexec import Role
+from offload.rexec.agent import PeerPool, serve_stand_ins
+from offload.rexec.executor import ServerState, serve_session
+from offload.rexec.link import SessionLink, running
+from offload.rexec.pidmap import PidmapDir
+from offload.rexec.policy import Whitelist, ensure_private_dir
+from offload.rexec.ptylink import serve_attach
+
+log = logging.getLogger("rexec_server")
+
+
+def _take_singleton_lock(run_dir: Path) -> int:
+    """One rexec_server per run directory (the reference's rexec_uds.lock)."""
+    fd = os.open(run_dir / "rexec.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"another rexec_server already runs with run directory {run_dir}") from None
+    return fd
+
+
+async def _serve_peer(transport: Transport, state: ServerState, raw: trio.SocketStream) -> None:
+    config = state.config
+    connected = await transport.admit(raw, remote_name(raw), log)
+    if connected is None:
+        return
+    link = SessionLink(connected, Role.SERVER, config.node_name, keepalive=config.keepalive)
+    try:
+        with trio.fail_after(10):
+            hello = await link.handshake()
+        if hello.attach:  # a console's connection (offload.rexec.ptylink), not a session's
+            await serve_attach(link.stream, link.peer, link.conn, hello.attach, state.ptys)
+            return
+        async with running(link):
+            await serve_session(link, state)
+    except (TransportError, ProtocolError, trio.TooSlowError) as exc:
+        log.warning("session with %s ended: %s", connected.peer, exc or type(exc).__name__)
+    finally:
+        await link.aclose()
+
+
+#: The process-wide jobs a serve() of this process already does.
+_process_jobs: set[str] = set()
+
+
+async def _once_per_process(
+    job: Callable[..., Awaitable[None]], *args: object, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run ``job`` unless another serve() of this process runs it already.
+
+    Signal handling and orphan adoption belong to the process.  trio
+    restores a signal's handler correctly only when the receivers of one
+    signal close in the reverse order of their opening, and two servers in
+    one process (tests) need not end so: a handler of a finished trio.run
+    left behind would raise in whatever the process runs next.
+    """
+    name = job.__name__
+    if name in _process_jobs:
+        task_status.started()
+        await trio.sleep_forever()
+    _process_jobs.add(name)
+    try:
+        await job(*args, task_status=task_status)
+    finally:
+        _process_jobs.discard(name)
+
+
+async def _reap_orphans(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Adopt our programs' orphans for as long as we serve, and collect each as it exits.
+
+    Adopted, a program's daemon stays our child: that is how a daemon
+    pidfile is checked to name a process the program started (see
+    `proc.adopt_orphans`).
+    """
+    with trio.open_signal_receiver(signal.SIGCHLD) as exits:
+        proc.adopt_orphans(True)
+        try:
+            task_status.started()
+            proc.reap_orphans()
+            async for _ in exits:
+                proc.reap_orphans()
+        finally:
+            proc.adopt_orphans(False)
+
+
+async def _handle_signals(
+    state: ServerState, cancel: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                sd.notify("RELOADING=1")
+                try:
+                    state.whitelist = Whitelist.load(state.config.whitelist)
+                    log.info(
+                        "reloaded the whitelist %s: %d programs",
+                        state.config.whitelist,
+                        len(state.whitelist.programs),
+                    )
+                except ConfigError as exc:
+                    log.error("whitelist not reloaded, keeping the old one: %s", exc)
+                sd.notify("READY=1")
+            else:
+                log.info("stopping on %s", signal.Signals(signum).name)
+                sd.notify("STOPPING=1")
+                cancel.cancel()
+                return
+
+
+async def serve(
+    config: RexecConfig,
+    transport: Transport,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until cancelled; ``task_status.started`` gets the bound addresses."""
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(run_dir, 0o755)
+    lock = _take_singleton_lock(run_dir)
+    try:
+        state = ServerState(config, Whitelist.load(config.whitelist), run_dir / "bridges")
+        ensure_private_dir(state.bridges)
+        pidmaps = PidmapDir(run_dir / "pids")
+        pidmaps.prepare()
+        addresses = [parse_address(text) for text in config.listen]
+        listeners = []
+        for address in addresses:
+            listeners.extend(await transport.listen(address))
+        async with aio.open_nursery() as nursery:
+            await nursery.start(_once_per_process, _reap_orphans)
+            pool = PeerPool(transport, config, nursery)
+            agent_socket = await nursery.start(serve_stand_ins, config, pool, pidmaps)
+            bound = [listener_address(listener) for listener in listeners]
+            nursery.start_soon(
+                serve_listeners, listeners, partial(_serve_peer, transport, state), log, "peer", transport.limits
+            )
+            log.info(
+                "rexec_server %s ready: peers on %s, stand-ins on %s, %d whitelisted programs%s",
+                config.node_name,
+                ", ".join(bound) or "(no listener)",
+                agent_socket,
+                len(state.whitelist.programs),
+                "" if transport.tls else " (INSECURE: no authentication)",
+            )
+            task_status.started(bound)
+            nursery.start_soon(_once_per_process, _handle_signals, state, nursery.cancel_scope)
+    finally:
+        os.close(lock)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rexec_server",
+        description="Run whitelisted programs for the peer machine, and carry local rexec stand-ins to it.",
+    )
+    config_module.add_arguments(parser)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    log_module.setup("rexec_server", args.log_level)
+    log_module.raise_fd_limit()
+
+    def build() -> tuple[RexecConfig, Transport]:
+        config = config_module.from_arguments(args)
+        transport = Transport.from_options(config.pki or None, config.insecure, config.peer_name, config.limits)
+        return config, transport
+
+    aio.run_service(log, serve, build)
+
+
+if __name__ == "__main__":
+    main()
