@@ -7,16 +7,16 @@ bytes behind); the pty helpers with real ptys of this machine.
 from __future__ import annotations
 
 import os
+import select
 import tty
 
 import pytest
-import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
 from offload import proc, ptys
 from offload.protocol.ptypaths import PtyPathRewriter
-from offload.rexecd import console
+from offload.rexec import console
 
 QUERY = b'{"return": [{"frontend-open": false, "filename": "pty:/dev/pts/3", "label": "charserial0"}]}\r\n'
 ADDED = b'{"return": {"pty": "/dev/pts/12"}, "id": "libvirt-9"}\r\n'
@@ -121,32 +121,33 @@ def test_only_a_pty_whose_master_the_process_holds_is_opened() -> None:
         os.close(slave)
 
 
-async def test_console_end_drops_output_nobody_reads_and_delivers_to_an_opener() -> None:
+def _readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 10)[0])
+
+
+def test_console_end_drops_output_nobody_reads_and_delivers_to_an_opener() -> None:
     master, index = ptys.allocate_in_root(os.getpid())
-    end = console.ConsoleEnd(master)
+    end = ptys.PtyEnd(master, console=True)
     try:
-        await end.write(b"before anyone opened it\n")  # dropped, never queued
+        assert end.send(b"before anyone opened it\n") == 24  # dropped, never queued
         opener = os.open(f"/dev/pts/{index}", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         try:
-            with trio.fail_after(10):
-                typed = trio.Event()
-
-                async def read_keys() -> None:
-                    assert await end.read() == b"keys"
-                    typed.set()
-
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(read_keys)
-                    await trio.sleep(0)
-                    os.write(opener, b"keys")
-                    await typed.wait()
-                await end.write(b"guest output\n")
-                await trio.lowlevel.wait_readable(opener)
-                # Only what was written while someone had it open.
-                assert os.read(opener, 100) == b"guest output\n"
+            assert _readable(end.watch)
+            end.opened()
+            assert end.attached
+            os.write(opener, b"keys")
+            assert _readable(end.fd)
+            buffer = bytearray(100)
+            count, _, _, _ = end.recvmsg_into([memoryview(buffer)])
+            assert bytes(buffer[:count]) == b"keys"
+            end.send(b"guest output\n")
+            assert _readable(opener)
+            # Only what was written while someone had it open.
+            assert os.read(opener, 100) == b"guest output\n"
         finally:
             os.close(opener)
-        await end.write(b"after the last opener left\n")
+        end.send(b"after the last opener left\n")
+        assert not end.attached
         again = os.open(f"/dev/pts/{index}", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         try:
             with pytest.raises(BlockingIOError):
@@ -154,7 +155,7 @@ async def test_console_end_drops_output_nobody_reads_and_delivers_to_an_opener()
         finally:
             os.close(again)
     finally:
-        await end.aclose()
+        end.close()
 
 
 @given(cuts=st.lists(st.integers(min_value=0, max_value=len(QUERY + ADDED)), max_size=12))
