@@ -74,7 +74,7 @@ class PeerPool:
     def give_back(self, address: Address, link: SessionLink) -> bool:
         """Keep a link whose session ended cleanly for the next session."""
         idle = self._idle[address]
-        if not link.alive or link.conn.state is not State.DONE or len(idle) >= self.config.warm + 2:
+        if link.conn.state is not State.DONE or len(idle) >= self.config.warm + 2 or not link.ready_for_session():
             return False
         idle.append(link)
         return True
@@ -83,9 +83,10 @@ class PeerPool:
         idle = self._idle[address]
         while idle:
             link = idle.popleft()
-            if link.alive:
+            if link.ready_for_session():
                 self._refill(address)
                 return link
+            await link.aclose()
         link = await self._connect(address)
         self._refill(address)
         return link

@@ -196,6 +196,27 @@ class SessionLink:
     def alive(self) -> bool:
         return self.failure is None and self.conn.error is None and not self.closed
 
+    def ready_for_session(self) -> bool:
+        """Whether a new session may start on this link: alive, between sessions, nothing of the last left.
+
+        What the last session's owner did not read from ``control`` goes
+        here: an Exited that arrived as its stand-in went away (the session
+        was cancelled before it read it) would otherwise be taken by the
+        next session for the answer to its own Exec.  Nothing else can be
+        queued between sessions (the connection drops a session's late
+        frames in DONE) but the link's end: a Closed queued before ``run``
+        has finished, which makes the link unfit too.
+        """
+        if not self.alive or self.conn.state not in (State.IDLE, State.DONE):
+            return False
+        while True:
+            try:
+                event = self.control.receive_nowait()
+            except trio.WouldBlock:
+                return True
+            if isinstance(event, Closed | LinkFailed):
+                return False
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Receive and keep alive until the link ends; never raises (but Cancelled).
 
