@@ -296,6 +296,10 @@ class AgentSession:
         return peer
 
     async def _run_remote(self, caller: Caller, request: ExecRequest) -> None:
+        with self.pidmaps.claim(caller.pid):
+            await self._run_claimed(caller, request)
+
+    async def _run_claimed(self, caller: Caller, request: ExecRequest) -> None:
         assert self.address is not None
         try:
             self.link = link = await self.pool.take(self.address)

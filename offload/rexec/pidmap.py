@@ -15,7 +15,10 @@ import contextlib
 import fcntl
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+from offload.errors import RefusedError
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +26,24 @@ log = logging.getLogger(__name__)
 class PidmapDir:
     def __init__(self, path: Path) -> None:
         self.path = path
+        #: Stand-in pids with a session in progress in this agent.
+        self._claimed: set[int] = set()
+
+    @contextlib.contextmanager
+    def claim(self, standin_pid: int) -> Iterator[None]:
+        """Reserve ``standin_pid`` for one session, before its program is asked for.
+
+        A stand-in runs one program; a second request from the same process
+        while its first runs is refused here, before the peer starts
+        anything, not when its pidmap file turns out to be locked.
+        """
+        if standin_pid in self._claimed:
+            raise RefusedError(f"the stand-in {standin_pid} already has a session running")
+        self._claimed.add(standin_pid)
+        try:
+            yield
+        finally:
+            self._claimed.discard(standin_pid)
 
     def prepare(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -64,6 +85,9 @@ class PidmapDir:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, 0)
             os.write(fd, str(remote_pid).encode())
+        except BlockingIOError:
+            os.close(fd)
+            raise RefusedError(f"the stand-in {standin_pid} already holds its pidmap {path}") from None
         except BaseException:
             os.close(fd)
             raise
