@@ -524,13 +524,13 @@ def test_a_hard_limit_above_the_users_is_not_granted(lab: Lab) -> None:
     """A hard limit above what the program's user may have is lowered to the host daemon's, never granted."""
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     script = ["/bin/sh", "-c", "echo ran; grep 'open files' /proc/self/limits"]
-    greedy = proc.run(
-        lab.command("dpu", [*nobody, PYTHON, "-P", "-c", GREEDY_STAND_IN, *script], cwd="/"),
-        env=lab.env("dpu"),
-        check=False,
-        timeout=30,
-        text=False,
-    )
+
+    def on_dpu(*argv: str) -> subprocess.CompletedProcess:
+        return proc.run(
+            lab.command("dpu", list(argv), cwd="/"), env=lab.env("dpu"), check=False, timeout=30, text=False
+        )
+
+    greedy = on_dpu(*nobody, PYTHON, "-P", "-c", GREEDY_STAND_IN, *script)
     assert greedy.returncode == 0, greedy.stderr
     assert greedy.stdout.split()[0] == b"ran"
     daemon = Path(f"/proc/{lab.pid_of('host-rexec')}/limits").read_text()
@@ -538,13 +538,7 @@ def test_a_hard_limit_above_the_users_is_not_granted(lab: Lab) -> None:
     assert daemons_hard != "unlimited"
     assert greedy.stdout.split()[-3:-1] == [b"64", daemons_hard.encode()]
     # Lowering its own limits is any user's right: the same user's program gets them.
-    modest = proc.run(
-        lab.command("dpu", ["prlimit", "--nofile=64:128", "--", *nobody, *proc.program("rexec"), *script], cwd="/"),
-        env=lab.env("dpu"),
-        check=False,
-        timeout=30,
-        text=False,
-    )
+    modest = on_dpu("prlimit", "--nofile=64:128", "--", *nobody, *proc.program("rexec"), *script)
     assert modest.returncode == 0, modest.stderr
     assert modest.stdout.split()[0] == b"ran"
     assert modest.stdout.split()[-3:-1] == [b"64", b"128"]
