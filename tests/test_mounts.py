@@ -389,3 +389,18 @@ def _group_exists(gid: int) -> bool:
     except KeyError:
         return False
     return True
+
+
+@pytest.mark.parametrize("path", ["/sys/fs/cgroup/cpu/mach\nine", "/var/lib/\x1blibvirt"])
+def test_a_control_character_in_a_directory_path_is_refused(path: str) -> None:
+    # The shim's cgroup map is one line of these paths: a newline would cut it short.
+    with pytest.raises(ConfigError):
+        config.HostDir(remote=path)
+    with pytest.raises(ConfigError):
+        config.HostDir(remote="/sys/fs/cgroup/cpu/machine", local=path)
+
+
+def test_a_directory_where_the_cgroup_map_goes_is_wrong_not_a_crash(tmp_path: Path) -> None:
+    (tmp_path / "run" / "offload" / "cgroup-partitions").mkdir(parents=True)
+    step = WriteFile(path=str(tmp_path / "run" / "offload" / "cgroup-partitions"), content="cpu=/a=/b")
+    assert step.check(()).detail == "is not a regular file"

@@ -120,6 +120,9 @@ class HostDir:
         for path in (self.remote, self.local):
             if path and (not path.startswith("/") or ".." in path.split("/")):
                 raise ConfigError(f"export path {path!r} must be absolute, without '..'")
+            if not path.isprintable():
+                # The shim's map of cgroup partitions is one line of these paths.
+                raise ConfigError(f"export path {path!r} has a control character")
 
     @classmethod
     def from_string(cls, value: str) -> HostDir:

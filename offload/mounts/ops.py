@@ -572,7 +572,11 @@ class WriteFile(Step):
         except OSError as exc:
             return Check(WRONG, f"cannot be read: {exc.strerror}")
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return Check(WRONG, "is not a regular file")
             found = os.read(fd, len(self.text) + 1)
+        except OSError as exc:
+            return Check(WRONG, f"cannot be read: {exc.strerror}")
         finally:
             os.close(fd)
         return Check(PRESENT) if found == self.text else Check(WRONG, "holds other text")
