@@ -19,7 +19,9 @@ import urllib.request
 from pathlib import Path
 
 from offload import proc
-from offload.errors import LabError
+from offload.errors import LabError, OffloadError
+from offload.mounts import mountinfo, syscalls
+from offload.prefix import is_under
 
 CACHE = Path("/var/cache/offload-lab")
 SUITE = "bookworm"
@@ -65,14 +67,12 @@ def mirror_reachable() -> str | None:
 
 
 def unmount_beneath(path: Path) -> None:
-    prefix = str(path.resolve())
-    mounts = [
-        line.split()[4]
-        for line in Path("/proc/self/mountinfo").read_text().splitlines()
-        if line.split()[4] == prefix or line.split()[4].startswith(prefix + "/")
-    ]
-    for mount in sorted(mounts, key=len, reverse=True):
-        proc.run(["umount", "--lazy", mount], check=False)
+    """Detach every mount at or below ``path``, deepest first (debootstrap's and nspawn's binds)."""
+    top = str(path.resolve())
+    inside = {e.mount_point for e in mountinfo.read() if is_under(e.mount_point, top)}
+    for mount in sorted(inside, key=len, reverse=True):
+        with contextlib.suppress(OffloadError):
+            syscalls.umount(mount, syscalls.MNT_DETACH)
 
 
 def end_processes_in(root: Path) -> list[int]:
@@ -93,6 +93,11 @@ def remove_tree(path: Path) -> None:
         return
     end_processes_in(path)
     unmount_beneath(path)
+    top = str(path.resolve())
+    left = sorted(e.mount_point for e in mountinfo.read() if is_under(e.mount_point, top))
+    if left:
+        # rm -rf would delete through them (a bound /dev, the machine's files).
+        raise LabError(f"cannot remove {path}: still mounted there: {', '.join(left)}")
     shutil.rmtree(path, ignore_errors=True)
 
 
