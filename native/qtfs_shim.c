@@ -1030,8 +1030,11 @@ static const char *partition_map(char *buf, size_t cap)
         return env;
     if (read_small(SHIM_PARTITIONS_FILE, buf, cap) <= 0)
         return NULL;
-    if ((newline = strchr(buf, '\n')))
-        *newline = '\0';
+    /* prepare ends the map with a newline: without one it was cut short
+     * (longer than BUF), and a cut item would name a wrong partition. */
+    if (!(newline = strchr(buf, '\n')))
+        return NULL;
+    *newline = '\0';
     return buf;
 }
 
@@ -1040,7 +1043,7 @@ static const char *partition_map(char *buf, size_t cap)
  * shim_rewrite_cgroup, in a memfd.  SHIM_CARRIED: *FD is it; SHIM_FAILED:
  * fail the open (errno), never giving the stand-in's own cgroups in the
  * host's place; SHIM_NOT_CARRIED: open PATH itself. */
-static enum shim_status host_cgroup(const char *path, int flags, int *fd)
+static __attribute__((noinline)) enum shim_status host_cgroup_file(const char *path, int flags, int *fd)
 {
     const char *root = host_proc(), *map;
     char host[PATH_MAX], text[16384], rewritten[16384], published[4096];
@@ -1075,6 +1078,15 @@ static enum shim_status host_cgroup(const char *path, int flags, int *fd)
     }
     shim_log("offload: %s is read on the host as %s\n", path, host);
     return SHIM_CARRIED;
+}
+
+/* host_cgroup_file for /proc/PID/cgroup only: every other open (all of
+ * them but a few) pays one string test, not the stack of its buffers. */
+static enum shim_status host_cgroup(const char *path, int flags, int *fd)
+{
+    if (!path || shim_proc_cgroup_pid(path) < 0)
+        return SHIM_NOT_CARRIED;
+    return host_cgroup_file(path, flags, fd);
 }
 
 /* open(), openat() and their 64 variants: PATH (relative to DIRFD, or to the
