@@ -43,6 +43,7 @@ from offload import proc
 from offload.errors import LabError
 from offload.lab import debian, guest
 from offload.lab.libvirt import IMAGES, Domain, Virsh, guest_domain, step, wait_for_marker
+from offload.lab.systemd_cli import DEFAULT_NAME
 
 if TYPE_CHECKING:  # types only: processes are started through offload.proc
     from subprocess import CompletedProcess, Popen
@@ -227,7 +228,7 @@ def dpu_config() -> dict[str, tuple[str, int]]:
 class SystemdLab:
     """Two booted containers, host and DPU; ``up`` and ``down`` own everything they make."""
 
-    def __init__(self, name: str = "offsd") -> None:
+    def __init__(self, name: str = DEFAULT_NAME) -> None:
         if not name.isidentifier() or len(name) > 9:
             raise LabError(f"lab name {name!r}: letters, digits and _ only, at most 9 characters")
         self.name = name
@@ -734,7 +735,6 @@ def stop_prepare(lab: SystemdLab) -> str:
 
 # -- the demo (make demo-systemd) and the command line (offload lab systemd)
 
-DEFAULT_NAME = "offsd"
 CHECKOUT = Path(__file__).resolve().parent.parent.parent
 
 
