@@ -152,10 +152,13 @@ def open_console(
 def alternate(offloaded: Callable[[], float], local: Callable[[], float], rounds: int) -> tuple[float, float]:
     """Medians of ``rounds`` measures of each side, taken in turn, so that a change in the machine's load
     between two stretches of time weighs on both sides alike."""
-    off, loc = [], []
-    for _ in range(rounds):
-        off.append(offloaded())
-        loc.append(local())
+    off: list[float] = []
+    loc: list[float] = []
+    for round_ in range(rounds):
+        # Each side goes first in every other round: neither always follows the other's wake-ups.
+        pair = ((off, offloaded), (loc, local)) if round_ % 2 == 0 else ((loc, local), (off, offloaded))
+        for figures, measure_once in pair:
+            figures.append(measure_once())
     return statistics.median(off), statistics.median(loc)
 
 
