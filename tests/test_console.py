@@ -46,6 +46,7 @@ from offload.protocol.rexec import (
     Data,
     Exec,
     ExecRequest,
+    Exited,
     FdKind,
     FdSpec,
     Hello,
@@ -332,6 +333,23 @@ while True:
     print("got", data.decode().strip(), flush=True)
 """
 
+#: A program that says its pty's number and exits a second later, leaving a child
+#: that keeps writing to the session's output, so the session outlives the program.
+SHORT_PROGRAM = r"""
+import fcntl, os, struct, sys, time
+master, slave = os.openpty()
+number = struct.unpack("I", fcntl.ioctl(master, 0x80045430, b"\0" * 4))[0]
+print(number, flush=True)
+if os.fork() == 0:
+    os.close(master)
+    os.close(slave)
+    for _ in range(60):
+        print("tick", flush=True)
+        time.sleep(0.1)
+    os._exit(0)
+time.sleep(1)
+"""
+
 
 @pytest.fixture
 def server_tree(tmp_path: Path) -> Path:
@@ -452,3 +470,40 @@ async def test_the_dpu_gets_only_its_programs_ptys(server_tree: Path, nursery: t
     finally:
         os.close(theirs)
         os.close(their_end)
+
+
+def _server_config(server_tree: Path) -> RexecConfig:
+    return RexecConfig(
+        listen=(f"unix://{server_tree}/peer.sock",),
+        whitelist=str(server_tree / "whitelist"),
+        run_dir=str(server_tree / "run"),
+        node="host",
+        keepalive=5.0,
+        user_map=("root=root",),
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the whitelist must be root-owned")
+async def test_a_ticket_opens_nothing_once_its_program_has_exited(server_tree: Path, nursery: trio.Nursery) -> None:
+    await nursery.start(serve, _server_config(server_tree), Transport(TlsConfig.load(server_tree / "pki" / "host")))
+    session = await RawPeer.connect(server_tree)
+    try:
+        request = ExecRequest(
+            argv=(os.path.realpath(sys.executable), "-c", SHORT_PROGRAM),
+            user="root",
+            fds=(FdSpec(fd=1, kind=FdKind.PIPE_OUT, channel=1),),
+        )
+        await session.stream.send_all(session.conn.send(Exec(request)))
+        pid = (await session.next_of(Started)).pid
+        own = int((await session.next_of(Data, 1)).data.split()[0])
+        await session.stream.send_all(session.conn.send(OpenPty(FIRST_BRIDGE_CHANNEL, own)))
+        ticket = (await session.next_of(PtyTicket, FIRST_BRIDGE_CHANNEL)).token
+        # The program exits and is reaped; its child keeps the session open.
+        with trio.fail_after(10):
+            while os.path.exists(f"/proc/{pid}"):
+                await trio.sleep(0.05)
+        late = await RawPeer.connect(server_tree, attach=ticket)
+        assert await late.refused()
+        assert not any(isinstance(event, Exited) for event in session.events)
+    finally:
+        await session.stream.aclose()

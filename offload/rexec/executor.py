@@ -240,6 +240,8 @@ class Execution:
             control = trio.CancelScope()
             nursery.start_soon(self._control_loop, nursery, control)
             status = await self.process.wait()
+            # Its pid may name another process from now on: no ticket may open a pty by it.
+            self.state.ptys.revoke_tickets(self.id)
             await self._await_output()
             exited: Exited | Refused = _exited(status)
             if self.request.daemon_pidfile and status == 0:
@@ -352,7 +354,7 @@ class Execution:
             await self.link.send(Reset(event.channel, f"pty {event.index}: {exc.strerror or exc}"))
             self.link.drop_channel(event.channel)
             return
-        grant = PtyGrant(self.id, self.process.pid, event.index, ptylink.who(self.link.peer, self.link.stream))
+        grant = PtyGrant(self.id, self.process, event.index, ptylink.who(self.link.peer, self.link.stream))
         await self.link.send(PtyTicket(event.channel, self.state.ptys.issue(grant)))
         self.link.drop_channel(event.channel)
 

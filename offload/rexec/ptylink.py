@@ -40,12 +40,23 @@ ATTACH_TIMEOUT = 10.0
 
 @dataclasses.dataclass(eq=False)
 class PtyGrant:
-    """What a ticket opens: pty ``index`` of the program ``pid`` of session ``session``, for ``peer`` only."""
+    """What a ticket opens: pty ``index`` of the program ``process`` of session ``session``, for ``peer`` only.
+
+    Only while that program runs: once reaped, its pid may name another process.
+    """
 
     session: int
-    pid: int
+    process: trio.Process
     index: int
     peer: str
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def program_exited(self) -> bool:
+        """True once the program was reaped, or is reaped by this check (`trio.Process.returncode` polls)."""
+        return self.process.returncode is not None
 
 
 class PtyGrants:
@@ -64,11 +75,15 @@ class PtyGrants:
         """The grant of ``token``, which is used up by this (None if there is none)."""
         return self._tickets.pop(token, None)
 
-    def revoke(self, session: int) -> None:
-        """Session ``session`` ended: its tickets open nothing, and its relays stop."""
+    def revoke_tickets(self, session: int) -> None:
+        """Session ``session``'s unused tickets open nothing from now on (its program has exited)."""
         for token, grant in list(self._tickets.items()):
             if grant.session == session:
                 del self._tickets[token]
+
+    def revoke(self, session: int) -> None:
+        """Session ``session`` ended: its tickets open nothing, and its relays stop."""
+        self.revoke_tickets(session)
         for relay in self._relays.pop(session, set()):
             relay.stop()
 
@@ -106,6 +121,10 @@ async def serve_attach(
         return
     if who(peer, stream) != grant.peer:
         log.warning("pty connection from %s: the ticket was issued to %s; refused", peer, grant.peer)
+        return
+    # No await from this check to the open: the pid cannot be reaped and reused in between.
+    if grant.program_exited():
+        log.warning("session %d: pty %d not opened for %s: the program has exited", grant.session, grant.index, peer)
         return
     try:
         fd = ptys.program_pty_peer(grant.pid, grant.index)
