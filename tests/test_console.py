@@ -58,6 +58,7 @@ from offload.protocol.rexec import (
     Role,
     Started,
 )
+from offload.rexec import ptylink
 from offload.rexec.server import serve
 from tests.conftest import keep_logs, wait_for
 
@@ -505,5 +506,33 @@ async def test_a_ticket_opens_nothing_once_its_program_has_exited(server_tree: P
         late = await RawPeer.connect(server_tree, attach=ticket)
         assert await late.refused()
         assert not any(isinstance(event, Exited) for event in session.events)
+    finally:
+        await session.stream.aclose()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the whitelist must be root-owned")
+async def test_a_session_holds_a_bounded_number_of_unused_tickets(server_tree: Path, nursery: trio.Nursery) -> None:
+    await nursery.start(serve, _server_config(server_tree), Transport(TlsConfig.load(server_tree / "pki" / "host")))
+    session = await RawPeer.connect(server_tree)
+    try:
+        request = ExecRequest(
+            argv=(os.path.realpath(sys.executable), "-c", PROGRAM),
+            user="root",
+            fds=(FdSpec(fd=1, kind=FdKind.PIPE_OUT, channel=1),),
+        )
+        await session.stream.send_all(session.conn.send(Exec(request)))
+        await session.next_of(Started)
+        own = int((await session.next_of(Data, 1)).data.split()[0])
+        channels = range(FIRST_BRIDGE_CHANNEL, FIRST_BRIDGE_CHANNEL + ptylink.MAX_TICKETS + 1)
+        for channel in channels:
+            await session.stream.send_all(session.conn.send(OpenPty(channel, own)))
+        tickets = [(await session.next_of(PtyTicket, channel)).token for channel in channels[:-1]]
+        reset = await session.next_of(Reset, channels[-1])
+        assert "too many" in reset.reason
+        # A ticket used frees its place.
+        console = await RawPeer.connect(server_tree, attach=tickets[0])
+        await console.next_of(PtyAttached)
+        await session.stream.send_all(session.conn.send(OpenPty(channels[-1] + 1, own)))
+        await session.next_of(PtyTicket, channels[-1] + 1)
     finally:
         await session.stream.aclose()

@@ -355,7 +355,14 @@ class Execution:
             self.link.drop_channel(event.channel)
             return
         grant = PtyGrant(self.id, self.process, event.index, ptylink.who(self.link.peer, self.link.stream))
-        await self.link.send(PtyTicket(event.channel, self.state.ptys.issue(grant)))
+        token = self.state.ptys.issue(grant)
+        if token is None:
+            log.warning(
+                "session %d: refused pty %d to %s: too many unused tickets", self.id, event.index, self.link.peer
+            )
+            await self.link.send(Reset(event.channel, f"pty {event.index}: too many unused tickets"))
+        else:
+            await self.link.send(PtyTicket(event.channel, token))
         self.link.drop_channel(event.channel)
 
     async def _follow_daemon(self) -> Exited | Refused:

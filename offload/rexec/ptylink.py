@@ -30,12 +30,15 @@ from offload import ptys
 from offload.errors import TransportError
 from offload.net import Address, TlsStream, Transport, translate_errors
 from offload.protocol.rexec import NEED_DATA, TICKET_BYTES, Closed, Hello, PtyAttached, RexecConnection, Role
+from offload.rexec.console import MAX_PTYS
 from offload.udsproxy.relay import Relay, detach, run_in_thread
 
 log = logging.getLogger(__name__)
 
 #: How long the agent waits for the host to take its ticket.
 ATTACH_TIMEOUT = 10.0
+#: Unused tickets one session may hold at once: one for each pty the agent maps.
+MAX_TICKETS = MAX_PTYS
 
 
 @dataclasses.dataclass(eq=False)
@@ -66,7 +69,10 @@ class PtyGrants:
         self._tickets: dict[str, PtyGrant] = {}
         self._relays: dict[int, set[Relay]] = {}
 
-    def issue(self, grant: PtyGrant) -> str:
+    def issue(self, grant: PtyGrant) -> str | None:
+        """A ticket for ``grant``; None if its session already holds `MAX_TICKETS` unused ones."""
+        if sum(1 for held in self._tickets.values() if held.session == grant.session) >= MAX_TICKETS:
+            return None
         token = secrets.token_hex(TICKET_BYTES)
         self._tickets[token] = grant
         return token
