@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from offload import proc, ptys
-from offload.protocol.ptypaths import PtyPathRewriter
+from offload.protocol.ptypaths import MAX_PTY_INDEX, PtyPathRewriter
 from offload.rexec import console
 
 QUERY = b'{"return": [{"frontend-open": false, "filename": "pty:/dev/pts/3", "label": "charserial0"}]}\r\n'
@@ -55,6 +55,25 @@ def test_rewriter_holds_only_an_unfinished_path() -> None:
 
 def test_rewriter_leaves_an_unmapped_pty_as_it_is() -> None:
     assert PtyPathRewriter(lambda index: None).feed(QUERY) == QUERY
+
+
+def test_rewriter_leaves_a_pty_number_no_pty_can_have_as_it_is() -> None:
+    asked: list[int] = []
+
+    def translate(index: int) -> int:
+        asked.append(index)
+        return 40
+
+    for index in (MAX_PTY_INDEX, 2000000, 9999999):
+        reply = QUERY.replace(b"/dev/pts/3", b"/dev/pts/%d" % index)
+        assert PtyPathRewriter(translate).feed(reply) == reply
+        reply = ADDED.replace(b"/dev/pts/12", b"/dev/pts/%d" % index)
+        assert PtyPathRewriter(translate).feed(reply) == reply
+    assert asked == []
+    # The last number a pty may have is still translated.
+    below = QUERY.replace(b"/dev/pts/3", b"/dev/pts/%d" % (MAX_PTY_INDEX - 1))
+    assert PtyPathRewriter(translate).feed(below) == CASES[0][1]
+    assert asked == [MAX_PTY_INDEX - 1]
 
 
 def test_monitor_fds_from_libvirts_command_line() -> None:

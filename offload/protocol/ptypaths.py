@@ -21,6 +21,9 @@ from collections.abc import Callable
 #: How the two replies begin the path, as qemu's JSON writer spells them.
 _PREFIXES = (b'"pty:/dev/pts/', b'"pty": "/dev/pts/')
 _MAX_DIGITS = 7
+#: Unix98 pty numbers are below this (the kernel's own limit is far lower).
+#: A path naming a number at or above it is left as it is: no pty stands for it.
+MAX_PTY_INDEX = 1 << 20
 _PATH = re.compile(rb'("pty:/dev/pts/|"pty": "/dev/pts/)(\d{1,7})"')
 
 
@@ -47,7 +50,10 @@ class PtyPathRewriter:
         return _PATH.sub(self._replace, buffer[:cut])
 
     def _replace(self, match: re.Match[bytes]) -> bytes:
-        local = self._translate(int(match.group(2)))
+        index = int(match.group(2))
+        if index >= MAX_PTY_INDEX:
+            return match.group(0)
+        local = self._translate(index)
         if local is None:
             return match.group(0)
         return match.group(1) + str(local).encode() + b'"'

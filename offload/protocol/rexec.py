@@ -26,6 +26,7 @@ from offload.protocol.fdpass import MAX_FDS, FdDescription
 from offload.protocol.link import NEED_DATA as NEED_DATA
 from offload.protocol.link import Closed, Connection, Ping, Pong, Registry, Role
 from offload.protocol.messages import check_path
+from offload.protocol.ptypaths import MAX_PTY_INDEX as MAX_PTY_INDEX
 
 # Frame types.  Control frames use channel 0.
 T_HELLO = 0x01
@@ -63,8 +64,9 @@ MAX_DATA_CHUNK = 1 << 20
 MAX_ARGC = 16384
 MAX_ENV = 1024
 MAX_FD_NUMBER = 1 << 20
-#: Unix98 pty numbers are below this (the kernel's own limit is far lower).
-MAX_PTY_INDEX = 1 << 20
+#: Pipes a session's peer may pass on channels already closed (each is
+#: remembered, to drop its frames, until the next Exec).
+MAX_DROPPED_PIPES = 4096
 #: A pty ticket: this many random bytes, in hex.
 TICKET_BYTES = 32
 
@@ -622,6 +624,7 @@ class RexecConnection(Connection):
         super().__init__(role, State.HELLO, **keepalive)
         self.windows: dict[int, link.Window] = {}
         self._closed_channels: set[int] = set()
+        self._dropped_pipes = 0
 
     # -- channels -----------------------------------------------------------
 
@@ -682,11 +685,19 @@ class RexecConnection(Connection):
         return event
 
     def _channel_event(self, event: Data | Eof | Window | Open | OpenPty | PtyTicket | PassFds | Reset) -> Event | None:
-        if self.state is State.DONE or event.channel in self._closed_channels:
+        if self.state is State.DONE:
+            # It crossed our Exited on the wire.  Frames for its pipes are
+            # dropped by this same test, and the next Exec forgets them all.
+            return None
+        if event.channel in self._closed_channels:
             if isinstance(event, PassFds):
                 # Nobody will relay its pipes: their frames are dropped too.
-                self._closed_channels.update(fd.channel for fd in event.fds if fd.is_pipe)
-            return None  # crossed our Exited or our Reset on the wire
+                pipes = [fd.channel for fd in event.fds if fd.is_pipe]
+                self._dropped_pipes += len(pipes)
+                if self._dropped_pipes > MAX_DROPPED_PIPES:
+                    raise RemoteProtocolError(f"more than {MAX_DROPPED_PIPES} pipes passed on closed channels")
+                self._closed_channels.update(pipes)
+            return None  # crossed our Reset on the wire
         if isinstance(event, Open | OpenPty):
             if event.channel in self.windows:
                 raise RemoteProtocolError(f"channel {event.channel} opened twice")
@@ -706,6 +717,7 @@ class RexecConnection(Connection):
         # exchange, so data may flow the moment the program starts.
         self.windows.clear()
         self._closed_channels.clear()
+        self._dropped_pipes = 0
         for spec in request.fds:
             if spec.channel:
                 self.open_channel(spec.channel)

@@ -22,6 +22,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass, field
+from stat import S_ISREG
 
 import trio
 
@@ -41,6 +42,9 @@ log = logging.getLogger("qtfs")
 #: and its open files are closed.
 IDLE_TIMEOUT = 60.0
 RECEIVE_SIZE = 1 << 20
+#: Replies held at once before they are sent: one receive may carry tens of
+#: thousands of small Reads, each answered with up to `wire.MAX_IO` bytes.
+PENDING_REPLIES = 16 << 20
 #: Operations that may block for long run in a thread.
 THREADED = frozenset({wire.Op.FSYNC})
 #: What a request's well-formed but absurd fields make the os module raise (an offset
@@ -101,13 +105,16 @@ class Session:
                     with trio.fail_after(IDLE_TIMEOUT):
                         data = await self.stream.receive_some(RECEIVE_SIZE)
                     self.conn.receive_data(data)
-                    out: list[bytes | memoryview] = []
-                    closed = self._drain(out, nursery)
-                    if out and self.watch is not None:
-                        out[:0] = self._invalidations()
-                    if out:
-                        async with self.send_lock:
-                            await send_parts(self.stream, out)
+                    while True:
+                        out: list[bytes | memoryview] = []
+                        closed = self._drain(out, nursery)
+                        if out and self.watch is not None:
+                            out[:0] = self._invalidations()
+                        if out:
+                            async with self.send_lock:
+                                await send_parts(self.stream, out)
+                        if closed is not None:
+                            break
                     if closed:
                         break
                 nursery.cancel_scope.cancel()
@@ -173,9 +180,13 @@ class Session:
                 async with self.send_lock:
                     await send_parts(self.stream, out)
 
-    def _drain(self, out: list[bytes | memoryview], nursery: trio.Nursery) -> bool:
+    def _drain(self, out: list[bytes | memoryview], nursery: trio.Nursery) -> bool | None:
+        """Answer the requests received: True once the peer has closed, False when
+        more data is needed, None when ``out`` is full and must be sent first."""
         conn = self.conn
-        while True:
+        pending = 0
+        while pending < PENDING_REPLIES:
+            held = len(out)
             event = conn.next_event()
             if event is wire.NEED_DATA:
                 return False
@@ -188,6 +199,8 @@ class Session:
                 out.append(conn.send(wire.Failure(event.id, "EACCES")))
             elif isinstance(event, wire.Ping):
                 out.append(conn.send(wire.Pong(event.token)))
+            pending += sum(len(part) for part in out[held:])
+        return None
 
     def _call(self, call: wire.Call, out: list[bytes | memoryview], nursery: trio.Nursery) -> None:
         request = call.request
@@ -214,10 +227,17 @@ class Session:
     def _read(self, id: int, request: wire.Read) -> memoryview:
         fd = self.backend.files.get(request.handle)
         size = min(request.size, wire.MAX_IO)
+        stat = os.fstat(fd)
+        if stat.st_size > 0 and S_ISREG(stat.st_mode):
+            # No more than the file holds (procfs and sysfs files say 0 and hold more).
+            size = min(size, max(0, stat.st_size - request.offset))
         buffer = bytearray(HEADER_SIZE + size)
         view = memoryview(buffer)
         count = os.preadv(fd, [view[HEADER_SIZE:]], request.offset)
         view[:HEADER_SIZE] = self.conn.send_header(wire.Result, id, count)
+        if count < size:
+            # A short read: the reply keeps only what it carries, not the whole buffer.
+            return memoryview(bytes(view[: HEADER_SIZE + count]))
         return view[: HEADER_SIZE + count]
 
     def _failure(self, id: int, op: wire.Op, request: wire.Message, exc: OSError) -> bytes:
