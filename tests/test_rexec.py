@@ -8,7 +8,6 @@ import re
 import resource
 import signal
 import socket
-import struct
 import subprocess
 import textwrap
 import time
@@ -18,9 +17,7 @@ import psutil
 import pytest
 
 from offload import proc
-from offload.errors import RefusedError
 from offload.lab.lab import Lab
-from offload.rexec.agent import AgentSession
 from tests.conftest import (
     MISSING,
     PYTHON,
@@ -558,21 +555,3 @@ def test_malformed_rlimits_refused_by_the_agent(lab: Lab, rlimits: dict, why: by
     reply = agent_exchange(lab, local.encode(local.L_REQUEST, request))
     assert why in reply
     assert rexec(lab, "/bin/true").returncode == 0
-
-
-class _PeerCredSocket:
-    """A stand-in connection whose SO_PEERCRED says what the kernel says of a peer in another pid namespace."""
-
-    def __init__(self, pid: int) -> None:
-        self.creds = struct.pack("3i", pid, 0, 0)
-
-    def getsockopt(self, level: int, option: int, size: int) -> bytes:
-        assert (level, option) == (socket.SOL_SOCKET, socket.SO_PEERCRED)
-        return self.creds
-
-
-@pytest.mark.parametrize("pid", [0, -1])
-def test_the_agent_refuses_a_caller_whose_pid_it_cannot_see(pid: int) -> None:
-    session = AgentSession(_PeerCredSocket(pid), None, None, None)  # type: ignore[arg-type]
-    with pytest.raises(RefusedError, match="pid is not visible"):
-        session._caller()
