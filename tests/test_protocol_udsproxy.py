@@ -102,6 +102,18 @@ def test_bad_fd_descriptions_are_the_peers_fault(document: dict) -> None:
         server.event_of(wire.T_FDS, wire.DATA_CHANNEL, messages.dump(document))
 
 
+def test_two_pipes_on_one_channel_are_the_peers_fault() -> None:
+    _, server = opened()
+    one = b'{"fds":[{"kind":"pipe_r","channel":2},{"kind":"pipe_w","channel":4}]}'
+    event = server.event_of(wire.T_FDS, wire.DATA_CHANNEL, one)
+    assert event == wire.Fds((wire.FdDescription("pipe_r", channel=2), wire.FdDescription("pipe_w", channel=4)))
+    _, server = opened()
+    two = b'{"fds":[{"kind":"pipe_r","channel":2},{"kind":"null","access":"r"},{"kind":"pipe_w","channel":2}]}'
+    with pytest.raises(RemoteProtocolError, match="two pipes on channel 2"):
+        server.event_of(wire.T_FDS, wire.DATA_CHANNEL, two)
+    assert server.error is not None
+
+
 def test_a_pipe_without_a_channel_is_never_sent() -> None:
     with pytest.raises(LocalProtocolError):
         opened()[0].send(wire.Fds((wire.FdDescription("pipe_r"),)))

@@ -17,6 +17,7 @@ import trio
 
 from offload import pki, proc
 from offload.pki import TlsConfig
+from offload.protocol.fdpass import MAX_FDS
 from offload.protocol.framing import FrameDecoder, encode_frame
 from offload.protocol.udsproxy import SHIM_NOT_CARRIED
 from offload.udsproxy.daemon import ProxyConfig, serve
@@ -460,6 +461,41 @@ async def test_malformed_shim_requests(
         sock.close()
 
 
+async def test_a_request_sent_a_byte_at_a_time_with_fds_is_cut_off(
+    pair: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The daemon holds no more fds than one sendmsg carries while a request arrives in pieces."""
+    request = encode_frame(0x52, 0, b"x" * 1000)
+    read_end, write_end = os.pipe()
+    try:
+        with trio.fail_after(20), trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            await sock.connect(str(pair / "a" / "udsproxy.sock"))
+            before = open_fds()
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", read_end))]
+            sent = 0
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                for at in range(MAX_FDS + 50):
+                    await sock.sendmsg([request[at : at + 1]], rights)
+                    sent += 1
+            assert sent > MAX_FDS
+            # Refused well before the request timeout (closed with our bytes unread: a reset),
+            # with every fd it received closed.
+            try:
+                answer = await sock.recv(100)
+            except ConnectionResetError:
+                answer = b""
+            assert answer == b""
+            assert "too many fds" in caplog.text
+            while open_fds() - before:
+                await trio.sleep(0.05)
+            error, carried = await ask(pair, str(pair / "remote" / "echo.sock"))
+            assert error == 0 and carried is not None
+            carried.close()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 async def test_fd_request_for_a_socket_that_was_never_carried(pair: Path) -> None:
     one, other = socket.socketpair()
     read_end, write_end = os.pipe()
@@ -715,6 +751,29 @@ async def test_fds_passed_by_the_far_program_reach_the_caller(pair: Path, nurser
         for fd in received:
             os.close(fd)
     giver.join(5)
+
+
+def test_fds_in_an_empty_packet_are_closed_once_sent() -> None:
+    """A zero-length SOCK_SEQPACKET message delivers its fds: the relay closes its copies though it sent no byte."""
+    from types import SimpleNamespace
+
+    from offload.udsproxy.relay import Relay
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    read_end, write_end = os.pipe()
+    passed = [os.dup(read_end)]
+    kept = passed[0]
+    with ours, theirs:
+        relay = SimpleNamespace(local=ours, _program_gone=lambda: None)
+        assert Relay._send_local(relay, b"", passed) == 0  # type: ignore[arg-type]
+        assert passed == []
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            os.fstat(kept)
+        _, fds, _, _ = socket.recv_fds(theirs, 10, 1)
+        assert len(fds) == 1
+        os.close(fds[0])
+    os.close(read_end)
+    os.close(write_end)
 
 
 def test_materialize_checks_the_receiving_sides_share(tmp_path: Path) -> None:

@@ -82,14 +82,15 @@ class FdDescription:
 def decode(entries: object, what: str, channels: range) -> tuple[FdDescription, ...]:
     """The descriptions a peer sent; a pipe's channel must lie in ``channels``.
 
-    Anything malformed, too many fds, or a pipe channel outside the range
-    is the peer's error.
+    Anything malformed, too many fds, a pipe channel outside the range, or
+    two pipes on one channel is the peer's error.
     """
     if not isinstance(entries, list):
         raise RemoteProtocolError(f"{what}: fds is not a list")
     if not 0 < len(entries) <= MAX_FDS:
         raise RemoteProtocolError(f"{what}: {len(entries)} fds in one message")
     result = []
+    pipe_channels: set[int] = set()
     for entry in entries:
         if not isinstance(entry, dict):
             raise RemoteProtocolError(f"{what}: an entry is not an object")
@@ -111,6 +112,9 @@ def decode(entries: object, what: str, channels: range) -> tuple[FdDescription, 
                 channel = messages.field(entry, "channel", int, what)
                 if channel not in channels:
                     raise ValueError(f"pipe channel {channel} out of range")
+                if channel in pipe_channels:
+                    raise ValueError(f"two pipes on channel {channel}")
+                pipe_channels.add(channel)
                 fd = FdDescription(kind, channel=channel)
         except ValueError as exc:
             raise RemoteProtocolError(f"{what}: {exc}") from None

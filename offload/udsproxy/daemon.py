@@ -202,7 +202,9 @@ class Daemon:
         while True:
             data, ancillary, flags, _ = await sock.recvmsg(64 << 10, CONTROL_SPACE, socket.MSG_CMSG_CLOEXEC)
             passed.extend(fdpass.fds_of(ancillary))
-            if flags & socket.MSG_CTRUNC:
+            # Each piece may bring fds: a shim that sends its request a byte at
+            # a time must not make us hold more than one sendmsg can carry.
+            if flags & socket.MSG_CTRUNC or len(passed) > wire.MAX_FDS:
                 log.warning("bad request from the shim: too many fds")
                 return None
             if not data:

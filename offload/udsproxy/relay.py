@@ -519,7 +519,10 @@ class Relay:
             sent = 0
         # TLS output is a fresh object: keep a view of what is left.  Plain
         # frames are views of our reused buffer: keep a copy.
-        rest = memoryview(sealed)[sent:] if isinstance(sealed, bytes) else bytes(sealed[sent:])
+        self._queue_link(memoryview(sealed)[sent:] if isinstance(sealed, bytes) else bytes(sealed[sent:]))
+
+    def _queue_link(self, rest: memoryview | bytes) -> None:
+        """Keep ``rest`` to go out on the link when it can take it, within LINK_OUT_LIMIT."""
         self._link_out.append(rest)
         self._link_out_bytes += len(rest)
         if self._link_out_bytes > LINK_OUT_LIMIT:
@@ -588,8 +591,7 @@ class Relay:
             return
         output = self.cipher.output()
         if output and self._sending:  # e.g. a TLS key update answer
-            self._link_out.append(output)
-            self._link_out_bytes += len(output)
+            self._queue_link(output)
         self._in_end += count
         self._frames()
 
@@ -691,9 +693,6 @@ class Relay:
                     self._program_gone()
             if sent is None:
                 return
-            if passed and sent:
-                close_all(passed)
-                passed = []
             if sent == len(data):
                 return
             data = data[sent:]
@@ -702,11 +701,18 @@ class Relay:
         self._local_out_bytes += len(rest)
 
     def _send_local(self, data: memoryview | bytes, passed: list[int]) -> int | None:
-        """Bytes the program's socket took; None if the program is gone (the data is dropped)."""
+        """Bytes the program's socket took; None if the program is gone (the data is dropped).
+
+        Once sendmsg returns, our copies of ``passed`` are closed and the list
+        emptied, even if it took no bytes: a zero-length SOCK_SEQPACKET message
+        delivers its fds and returns 0.
+        """
         try:
             if passed:
                 rights = array.array("i", passed).tobytes()
-                return self.local.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+                sent = self.local.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+                close_all(passed)
+                return sent
             return self.local.send(data)
         except BlockingIOError:
             return 0
@@ -728,9 +734,6 @@ class Relay:
             sent = self._send_local(data, passed)
             if sent is None:
                 return
-            if passed and sent:
-                close_all(passed)
-                passed = []
             self._local_out_bytes -= sent
             if sent < len(data):
                 self._local_out[0] = (data[sent:], passed)
