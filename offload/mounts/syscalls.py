@@ -109,9 +109,10 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, d
         raise _fail(what, target, number)
 
 
-def umount(target: str, flags: int = 0) -> None:
-    """umount2(2), never following a symlink at ``target`` (it may point out of the rootfs)."""
-    if _libc.umount2(_b(target), flags | UMOUNT_NOFOLLOW) != 0:
+def umount(target: str, flags: int = 0, *, name: str = "") -> None:
+    """umount2(2) of ``target`` (or of the path ``name``, which errors call ``target``), never following a symlink
+    there (it may point out of the rootfs)."""
+    if _libc.umount2(_b(name or target), flags | UMOUNT_NOFOLLOW) != 0:
         number = ctypes.get_errno()
         lazy = " (lazy)" if flags & MNT_DETACH else ""
         raise _fail(f"umount{lazy} {target}", target, number)
@@ -259,19 +260,8 @@ def new_mount(source: str, fstype: str, flags: int = 0, data: str = "", *, at: s
         ]
         settings += [(key, None) for flag, key in _SUPER_FLAGS.items() if flags & flag]
         for key, value in settings:
-            if value is None:
-                _call(f"{what}: option {key}", path, _SYS_FSCONFIG, fs, FSCONFIG_SET_FLAG, key.encode(), None, 0)
-            else:
-                _call(
-                    f"{what}: option {key}={value}",
-                    path,
-                    _SYS_FSCONFIG,
-                    fs,
-                    FSCONFIG_SET_STRING,
-                    key.encode(),
-                    os.fsencode(value),
-                    0,
-                )
+            option, command = (key, FSCONFIG_SET_FLAG) if value is None else (f"{key}={value}", FSCONFIG_SET_STRING)
+            _call(f"{what}: option {option}", path, _SYS_FSCONFIG, fs, command, key.encode(), _b(value), 0)
         _call(what, path, _SYS_FSCONFIG, fs, FSCONFIG_CMD_CREATE, None, None, 0)
         return _call(what, path, _SYS_FSMOUNT, fs, FSMOUNT_CLOEXEC, mount_attributes(flags))
     finally:
@@ -290,30 +280,14 @@ def set_attributes(mount_fd: int, attributes: int, *, recursive: bool = False) -
     attr = _MountAttr(attributes, 0, 0, 0)
     flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
     path = fd_path(mount_fd)
-    _call(
-        f"mount -o remount,bind{' -R' if recursive else ''} {path}",
-        path,
-        _SYS_MOUNT_SETATTR,
-        mount_fd,
-        b"",
-        flags,
-        ctypes.byref(attr),
-        ctypes.sizeof(attr),
-    )
+    what = f"mount -o remount,bind{' -R' if recursive else ''} {path}"
+    _call(what, path, _SYS_MOUNT_SETATTR, mount_fd, b"", flags, ctypes.byref(attr), ctypes.sizeof(attr))
 
 
 def attach(mount_fd: int, target_fd: int, shown: str) -> None:
     """move_mount(2) the detached mount ``mount_fd`` onto the directory or file ``target_fd``."""
-    _call(
-        f"move_mount onto {shown}",
-        shown,
-        _SYS_MOVE_MOUNT,
-        mount_fd,
-        b"",
-        target_fd,
-        b"",
-        MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
-    )
+    flags = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
+    _call(f"move_mount onto {shown}", shown, _SYS_MOVE_MOUNT, mount_fd, b"", target_fd, b"", flags)
 
 
 def umount_at(parent_fd: int, name: str, shown: str, flags: int = 0) -> None:
@@ -324,7 +298,4 @@ def umount_at(parent_fd: int, name: str, shown: str, flags: int = 0) -> None:
     and only the last component is looked up, with UMOUNT_NOFOLLOW.  An fd
     of the mount itself would not do: it keeps the mount busy.
     """
-    if _libc.umount2(_b(f"/proc/self/fd/{parent_fd}/{name}"), flags | UMOUNT_NOFOLLOW) != 0:
-        number = ctypes.get_errno()
-        lazy = " (lazy)" if flags & MNT_DETACH else ""
-        raise _fail(f"umount{lazy} {shown}", shown, number)
+    umount(shown, flags, name=f"/proc/self/fd/{parent_fd}/{name}")
