@@ -111,16 +111,15 @@ class Lab:
         except (OSError, ValueError):
             return {"pids": {}}
 
-    def record(self, key: str, pid: int) -> None:
-        """Note a process the lab started, by key, for status, restart and down."""
+    def _save(self, key: str, value: object, within: str = "") -> None:
+        """Set ``key`` in the state file (in its table ``within``)."""
         state = self._state()
-        state["pids"][key] = pid
+        (state.setdefault(within, {}) if within else state)[key] = value
         self.state_file.write_text(json.dumps(state, indent=1))
 
-    def _record_cgroups(self, places: list[Path]) -> None:
-        state = self._state()
-        state["cgroups"] = [str(place) for place in places]
-        self.state_file.write_text(json.dumps(state, indent=1))
+    def record(self, key: str, pid: int) -> None:
+        """Note a process the lab started, by key, for status, restart and down."""
+        self._save(key, pid, within="pids")
 
     @property
     def host_partitions(self) -> dict[str, Path]:
@@ -139,9 +138,7 @@ class Lab:
             for name in TUNED_CONTROLLERS:
                 if name in controllers and name not in places:
                     places[name] = place
-        state = self._state()
-        state["host_partitions"] = {name: str(place) for name, place in places.items()}
-        self.state_file.write_text(json.dumps(state, indent=1))
+        self._save("host_partitions", {name: str(place) for name, place in places.items()})
         cgroups.create(sorted(set(places.values())))
         return places
 
@@ -174,15 +171,12 @@ class Lab:
         return self.dir / "dpu-rootfs"
 
     def rexec_address(self, side: LabSide) -> str:
-        return f"tcp://{side.link.address}:{REXEC_PORT}"
+        return _address(side, REXEC_PORT)
 
     @property
     def sockets(self) -> Path:
         """Where the lab's UNIX sockets for udsproxy live (allowed on both sides)."""
         return self.dir / "sockets"
-
-    def udsproxy_address(self, side: LabSide) -> str:
-        return f"tcp://{side.link.address}:{UDSPROXY_PORT}"
 
     def env(self, role: str) -> dict[str, str]:
         """What an operator's unit file would give a program on that side."""
@@ -195,18 +189,19 @@ class Lab:
             PATH=f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}",
         )
         if "udsproxy" in self._state().get("services", ()):
-            env.update(
-                UDSPROXY_SOCKET=str(side.run_dir / "udsproxy" / "udsproxy.sock"),
-                LD_PRELOAD=str(SHIM),
-            )
+            env.update(UDSPROXY_SOCKET=str(side.run_dir / "udsproxy" / "udsproxy.sock"), LD_PRELOAD=str(SHIM))
         return env
 
-    def command(self, role: str, argv: list[str], cwd: str | os.PathLike[str] | None = None) -> list[str]:
-        """``argv`` run on that side: in its network and mount namespaces, in ``cwd`` (default: ours)."""
+    def _holder(self, role: str) -> int:
+        """The pid holding that side's namespaces."""
         holder = self._state()["pids"].get(f"{role}-ns")
         if holder is None:
             raise LabError(f"lab {self.name} has no {role} side (offload lab up first)")
-        return mountns.enter(holder, argv, str(cwd) if cwd is not None else None)
+        return holder
+
+    def command(self, role: str, argv: list[str], cwd: str | os.PathLike[str] | None = None) -> list[str]:
+        """``argv`` run on that side: in its network and mount namespaces, in ``cwd`` (default: ours)."""
+        return mountns.enter(self._holder(role), argv, str(cwd) if cwd is not None else None)
 
     def pid_of(self, key: str) -> int:
         """The pid of a process the lab started, by its key (e.g. host-rexec, dpu-libvirtd)."""
@@ -236,10 +231,7 @@ class Lab:
 
     def pid_here(self, role: str, pid: int) -> int:
         """The number here of the process that ``role``'s side numbers ``pid`` (a pidfile's, a pidmap's)."""
-        holder = self._state()["pids"].get(f"{role}-ns")
-        if holder is None:
-            raise LabError(f"lab {self.name} has no {role} side (offload lab up first)")
-        found = mountns.pid_outside(holder, pid)
+        found = mountns.pid_outside(self._holder(role), pid)
         if found is None:
             raise LabError(f"no process {pid} on the {role} side of lab {self.name}")
         return found
@@ -256,10 +248,7 @@ class Lab:
 
     def path_on(self, role: str, path: str | os.PathLike[str]) -> Path:
         """``path`` as that side's mount namespace shows it, reachable from here."""
-        holder = self._state()["pids"].get(f"{role}-ns")
-        if holder is None:
-            raise LabError(f"lab {self.name} has no {role} side (offload lab up first)")
-        return Path(f"/proc/{holder}/root") / Path(path).relative_to("/")
+        return Path(f"/proc/{self._holder(role)}/root") / Path(path).relative_to("/")
 
     # -- up and down ---------------------------------------------------------------
 
@@ -299,7 +288,7 @@ class Lab:
                 own_cgroups = None
                 if side.role == "dpu":
                     own_cgroups = cgroups.subtree(f"offload-lab-{self.name}-dpu")
-                    self._record_cgroups(own_cgroups)
+                    self._save("cgroups", [str(place) for place in own_cgroups])
                     cgroups.create(own_cgroups)
                 pid = mountns.start_holder(side.netns, steps, self.dir / f"{side.role}-ns.log", own_cgroups)
                 self.record(f"{side.role}-ns", pid)
@@ -314,7 +303,7 @@ class Lab:
                 self.sockets.mkdir(exist_ok=True)
                 for side in (self.host, self.dpu):
                     self._start_udsproxy(side)
-                    done.append(f"udsproxyd on {side.role} at {self.udsproxy_address(side)}")
+                    done.append(f"udsproxyd on {side.role} at {_address(side, UDSPROXY_PORT)}")
             if "qtfs" in services:
                 self._start_qtfs_server()
                 done.append(f"qtfs server on host at {self.qtfs_address} exporting {', '.join(LIBVIRT_EXPORTS)}")
@@ -334,20 +323,15 @@ class Lab:
         path.write_text("".join(f"{p}\n" for p in dict.fromkeys([*DEFAULT_ALLOW, *allow])))
         os.chmod(path, 0o400)
 
-    def _daemon_argv(self, module: str, side: LabSide, address: str, peer: str, *extra: str) -> list[str]:
-        """The command line both lab daemons share: node, addresses, credentials."""
-        return [
+    def _start_daemon(self, name: str, module: str, side: LabSide, port: int, *extra: str) -> None:
+        """Start one of the two lab daemons with what both share: node, addresses, credentials."""
+        argv = [
             *proc.run_module(module),
-            "--node",
-            side.role,
-            "--listen",
-            address,
-            "--peer",
-            peer,
-            "--pki",
-            str(self.dir / "pki" / side.role),
+            *("--node", side.role, "--listen", _address(side, port), "--peer", _address(self.other(side), port)),
+            *("--pki", str(self.dir / "pki" / side.role)),
             *extra,
         ]
+        self.start_service(f"{side.role}-{name}", side, argv)
 
     @property
     def shared(self) -> tuple[str, ...]:
@@ -356,23 +340,18 @@ class Lab:
         return (str(self.dir / "shared"), *LIBVIRT_EXPORTS)
 
     def _start_rexec(self, side: LabSide) -> None:
-        argv = self._daemon_argv(
+        self._start_daemon(
+            "rexec",
             "offload.rexec_server",
             side,
-            self.rexec_address(side),
-            self.rexec_address(self.other(side)),
-            "--whitelist",
-            str(side.run_dir / "whitelist"),
-            "--run-dir",
-            str(side.run_dir),
+            REXEC_PORT,
+            *("--whitelist", str(side.run_dir / "whitelist"), "--run-dir", str(side.run_dir)),
             *(arg for prefix in self.shared for arg in ("--shared-path", prefix)),
-            "--keepalive",
-            f"{REXEC_KEEPALIVE:g}",
+            *("--keepalive", f"{REXEC_KEEPALIVE:g}"),
             # libvirtd (root on the DPU side) runs qemu as root here, as
             # qemu.conf says; rexec_server squashes root callers otherwise.
             *("--user-map", "root=root"),
         )
-        self.start_service(f"{side.role}-rexec", side, argv)
 
     @property
     def qtfs_address(self) -> str:
@@ -381,11 +360,7 @@ class Lab:
     def _start_qtfs_server(self) -> None:
         argv = [
             *proc.program("qtfs"),
-            "serve",
-            "--listen",
-            self.qtfs_address,
-            "--pki",
-            str(self.dir / "pki" / "host"),
+            *("serve", "--listen", self.qtfs_address, "--pki", str(self.dir / "pki" / "host")),
             *(arg for export in LIBVIRT_EXPORTS for arg in ("--export", export)),
             # libvirtd is root on the DPU side and owns its state directories
             # here (it chowns its files back to root): the lab loosens the
@@ -404,26 +379,22 @@ class Lab:
 
     def _start_udsproxy(self, side: LabSide) -> None:
         allowed = [str(self.sockets), "/var/lib/libvirt", "/run/libvirt"]
-        argv = self._daemon_argv(
+        self._start_daemon(
+            "udsproxy",
             "offload.udsproxy.daemon",
             side,
-            self.udsproxy_address(side),
-            self.udsproxy_address(self.other(side)),
-            "--run-dir",
-            str(side.run_dir / "udsproxy"),
+            UDSPROXY_PORT,
+            *("--run-dir", str(side.run_dir / "udsproxy")),
             *(arg for prefix in allowed for arg in ("--allow", prefix)),
             *(arg for prefix in self.shared for arg in ("--share", prefix)),
             # libvirtd runs as root on the DPU and its sockets on the host are
             # root's: root acts as root, as a libvirt deployment configures it.
             *("--user-map", "root=root"),
         )
-        self.start_service(f"{side.role}-udsproxy", side, argv)
 
     def start_service(self, key: str, side: LabSide, argv: list[str]) -> int:
         """Start a daemon in ``side``'s namespace and wait for its READY=1."""
-        state = self._state()
-        state.setdefault("argv", {})[key] = [side.role, argv]
-        self.state_file.write_text(json.dumps(state, indent=1))
+        self._save(key, [side.role, argv], within="argv")
         notify_path = self.dir / f"{key}.notify"
         log_path = self.dir / f"{key}.log"
         with contextlib.suppress(FileNotFoundError):
@@ -486,16 +457,8 @@ class Lab:
             with contextlib.suppress(LabError):
                 inits.add(mountns.init_of(pid))
         namespaces = self._namespace_ids()
-
-        def belongs(pid: int, cmdline: list[str] | None = None) -> bool:
-            # Started from the lab's directory, or running in its namespaces
-            # (chrooted daemons, VMs, stand-ins, FUSE servers); a pid number
-            # alone may have been reused by now.
-            in_lab = (mountns.namespace_ids(pid) or ("",))[0] in namespaces
-            return in_lab or self._is_ours(pid, cmdline)
-
         for key, pid in pids.items():
-            if key not in holders and belongs(pid):
+            if key not in holders and self._belongs(pid, namespaces):
                 proc.end_pid(pid)
                 removed.append(f"{key} (pid {pid})")
         # Everything else of the lab (a state file lost in a crash, what the
@@ -505,11 +468,11 @@ class Lab:
             pid = process.info["pid"]
             if pid in pids.values() or pid in inits or pid == os.getpid():
                 continue
-            if belongs(pid, process.info["cmdline"]):
+            if self._belongs(pid, namespaces, process.info["cmdline"]):
                 proc.end_pid(pid)
                 removed.append(f"leftover pid {pid} ({' '.join((process.info['cmdline'] or ['?'])[:2])})")
         for key, pid in holders.items():
-            if belongs(pid):
+            if self._belongs(pid, namespaces):
                 proc.end_pid(pid)
                 removed.append(f"{key} (pid {pid}) and its mounts")
         made = self._state().get("cgroups", []) + sorted(set(self._state().get("host_partitions", {}).values()))
@@ -517,10 +480,7 @@ class Lab:
         removed += [f"cgroup {place}" for place in made if place not in left]
         if left:
             log.warning("cgroups of the lab still hold processes, left in place: %s", ", ".join(left))
-        removed += netlink.remove(
-            [self.host.netns, self.dpu.netns],
-            [self.host.link.ifname, self.dpu.link.ifname],
-        )
+        removed += netlink.remove([self.host.netns, self.dpu.netns], [self.host.link.ifname, self.dpu.link.ifname])
         if self.dir.exists():
             shutil.rmtree(self.dir)
             removed.append(str(self.dir))
@@ -533,6 +493,13 @@ class Lab:
             with contextlib.suppress(OSError):
                 ids.add(self.netns_id(role))
         return ids
+
+    def _belongs(self, pid: int, namespaces: set[str], cmdline: list[str] | None = None) -> bool:
+        # Started from the lab's directory, or running in its namespaces
+        # (chrooted daemons, VMs, stand-ins, FUSE servers); a pid number
+        # alone may have been reused by now.
+        in_lab = (mountns.namespace_ids(pid) or ("",))[0] in namespaces
+        return in_lab or self._is_ours(pid, cmdline)
 
     def _is_ours(self, pid: int, cmdline: list[str] | None = None) -> bool:
         try:
@@ -549,15 +516,18 @@ class Lab:
         for side in (self.host, self.dpu):
             state = "present" if side.netns in present else "MISSING"
             lines.append(f"  {side.role}: netns {side.netns} {state}, {side.link.ifname} {side.link.address}")
+        namespaces = self._namespace_ids()
         for key, pid in self._state()["pids"].items():
-            in_lab = (mountns.namespace_ids(pid) or ("",))[0] in self._namespace_ids()
-            alive = "running" if in_lab or self._is_ours(pid) else "NOT RUNNING"
-            lines.append(f"  {key}: pid {pid} {alive}")
+            lines.append(f"  {key}: pid {pid} {'running' if self._belongs(pid, namespaces) else 'NOT RUNNING'}")
         return lines
 
     def set_link(self, up: bool) -> None:
         """Cut (or restore) the link between the sides, as a pulled cable would."""
         netlink.set_link(self.dpu.link, up)
+
+
+def _address(side: LabSide, port: int) -> str:
+    return f"tcp://{side.link.address}:{port}"
 
 
 def _describe(step: mountns.Step) -> str:
