@@ -110,14 +110,11 @@ def _existing(request: Request, layout: Layout) -> manifest.Manifest | None:
         return found or manifest.Manifest(mode="overlay", arch="", host="")
     if not layout.target.exists():
         return None
-    if is_mount_point(layout.target) and request.mode != "overlay":
-        found = manifest.read(layout.manifest())
-        if found is not None:
-            return found
-        raise BuildError(f"{layout.target} is a mount point without a rootfs manifest; unmount it first")
     found = manifest.read(layout.manifest())
     if found is not None:
         return found
+    if is_mount_point(layout.target) and request.mode != "overlay":
+        raise BuildError(f"{layout.target} is a mount point without a rootfs manifest; unmount it first")
     if layout.marker().exists():
         return manifest.Manifest(mode=request.mode, arch="", host="")
     if any(layout.target.iterdir()):
@@ -134,12 +131,17 @@ def mount_overlay(layout: Layout, say: Say, lower: str | None = None) -> bool:
         lower, nested = str(recorded.overlay.get("lower", "/")), list(recorded.overlay.get("nested", []))
     else:
         lower, nested = lower or "/", []
-    layers = modes.overlay_layers(layout, lower, nested)
+    _mount_layers(layout, modes.overlay_layers(layout, lower, nested), say, [])
+    return True
+
+
+def _mount_layers(layout: Layout, layers: list[ops.MountOp], say: Say, mounted: list[ops.MountOp]) -> None:
+    """Mount ``layers`` on TARGET in order, each added to ``mounted`` once it is."""
     layout.target.mkdir(parents=True, exist_ok=True)
     for layer in layers:
         say(" && ".join(layer.describe()))
         layer.execute(ops.Direct())
-    return True
+        mounted.append(layer)
 
 
 def _overlay_info(layout: Layout, lower: str, nested: list[str]) -> dict:
@@ -153,13 +155,8 @@ def _fresh_overlay(request: Request, layout: Layout, say: Say) -> Result:
     try:
         say(f"overlay rootfs: {lower} read-only below, changes in {layout.upper}")
         layers, nested = modes.prepare_overlay(layout, lower, say)
-        layout.target.mkdir(parents=True, exist_ok=True)
-        for layer in layers:
-            say(" && ".join(layer.describe()))
-            layer.execute(ops.Direct())
-            mounted.append(layer)
-        info = _overlay_info(layout, lower, nested)
-        changed, packages = _install(request, layout.target, say, None, overlay=info)
+        _mount_layers(layout, layers, say, mounted)
+        changed, packages = _install(request, layout.target, say, None, overlay=_overlay_info(layout, lower, nested))
         return Result(True, changed, packages)
     except BaseException:
         say(f"build failed: unmounting {layout.target} and removing {layout.upper}")
