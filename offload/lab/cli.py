@@ -86,17 +86,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     sub = lab.add_subparsers(dest="lab_command", required=True, metavar="COMMAND")
     up = sub.add_parser("up", help="create namespaces, PKI and services; return when all are ready")
     up.add_argument(
-        "--only",
-        action="append",
-        metavar="SERVICES",
-        help=f"comma-separated subset of: {', '.join(SERVICES)}",
+        "--only", action="append", metavar="SERVICES", help=f"comma-separated subset of: {', '.join(SERVICES)}"
     )
-    up.add_argument(
-        "--allow",
-        action="append",
-        metavar="PROGRAM",
-        help="add PROGRAM to both sides' rexec whitelists",
-    )
+    up.add_argument("--allow", action="append", metavar="PROGRAM", help="add PROGRAM to both sides' rexec whitelists")
     up.set_defaults(handler=_up)
     down = sub.add_parser("down", help="remove every process, namespace and veth of the lab (idempotent)")
     down.set_defaults(handler=_down)

@@ -86,10 +86,7 @@ def start(lab: Lab) -> list[str]:
     config = lab.dir / "prepare.toml"
     config.write_text(prepare_config(lab))
     started = time.monotonic()
-    proc.run(
-        lab.command("dpu", [*offload_cli, "prepare", "--target", str(root), "--config", str(config)]),
-        timeout=120,
-    )
+    proc.run(lab.command("dpu", [*offload_cli, "prepare", "--target", str(root), "--config", str(config)]), timeout=120)
     done.append(f"{root} prepared ({time.monotonic() - started:.1f} s)")
 
     _start_chrooted(lab, "dpu-virtlogd", root, ["/usr/sbin/virtlogd"], {})

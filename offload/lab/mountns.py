@@ -76,12 +76,7 @@ class Bind:
 
     def script(self, index: int) -> str:
         fd = 3 + index
-        return "\n".join(
-            [
-                f"exec {fd}<{shlex.quote(self.source)}",
-                f'__binds="$__binds {fd}:{shlex.quote(self.path)}"',
-            ]
-        )
+        return "\n".join([f"exec {fd}<{shlex.quote(self.source)}", f'__binds="$__binds {fd}:{shlex.quote(self.path)}"'])
 
 
 @dataclass(frozen=True)

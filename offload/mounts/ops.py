@@ -117,8 +117,7 @@ def _q(value: str) -> str:
 
 def _conflict(path: str, detail: str) -> MountConflict:
     return MountConflict(
-        f"{path}: {detail}; unmount it first (offload teardown, or umount {_q(path)}) or change the plan",
-        path=path,
+        f"{path}: {detail}; unmount it first (offload teardown, or umount {_q(path)}) or change the plan", path=path
     )
 
 

@@ -227,12 +227,7 @@ def teardown_commands(target: str) -> list[str]:
     return [f"umount {shlex.quote(e.mount_point)}" for e in targets_below(target, mountinfo.read())]
 
 
-def teardown(
-    target: str,
-    *,
-    force: bool = False,
-    report: Report = _quiet,
-) -> TeardownSummary:
+def teardown(target: str, *, force: bool = False, report: Report = _quiet) -> TeardownSummary:
     """Unmount everything below ``target`` and check that nothing is left.
 
     A busy mount is an error naming the processes that hold it, unless
