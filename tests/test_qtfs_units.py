@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from offload.errors import ConfigError
+from offload.mounts.machine import filesystems
 from offload.protocol import qtfs as wire
-from offload.qtfs import facts, kernel_qtfs_available
+from offload.qtfs import facts
 from offload.qtfs.backend import Backend, Export
 from offload.qtfs.cli import split_source
 from offload.qtfs.inodes import InodeTable
@@ -52,8 +53,7 @@ def test_whitelist_errors(text: str) -> None:
 def test_facts() -> None:
     assert "cpuinfo" in facts.PROC_FILES and "meminfo" in facts.PROC_FILES
     assert "devices/system" in facts.SYS_DIRS
-    assert all(facts.is_per_process(n) for n in (b"1", b"4242", b"self", b"thread-self"))
-    assert not facts.is_per_process(b"cpuinfo")
+    assert {b"self", b"thread-self"} == facts.PER_PROCESS
     assert facts.sys_visible(b"devices") and facts.sys_visible(b"devices/system/cpu/online")
     assert not facts.sys_visible(b"devices/pci0000:00") and not facts.sys_visible(b"fs/cgroup")
 
@@ -61,11 +61,10 @@ def test_facts() -> None:
 def test_kernel_module_detection(tmp_path: Path) -> None:
     listing = tmp_path / "filesystems"
     listing.write_text("nodev\tsysfs\nnodev\tproc\n\text4\n")
-    assert not kernel_qtfs_available(str(listing))
+    assert "qtfs" not in filesystems(str(listing))
     listing.write_text("nodev\tsysfs\nnodev\tqtfs\n")
-    assert kernel_qtfs_available(str(listing))
-    assert not kernel_qtfs_available(str(tmp_path / "missing"))
-    assert kernel_qtfs_available() == ("qtfs" in Path("/proc/filesystems").read_text().split())
+    assert "qtfs" in filesystems(str(listing))
+    assert ("qtfs" in filesystems()) == ("qtfs" in Path("/proc/filesystems").read_text().split())
 
 
 @pytest.mark.parametrize(

@@ -60,11 +60,6 @@ PROC_SERVED: tuple[bytes, ...] = tuple(f.encode() for f in PROC_FILES)
 SYS_SERVED: tuple[bytes, ...] = tuple(d.encode() for d in SYS_DIRS)
 
 
-def is_per_process(name: bytes) -> bool:
-    """A top-level /proc entry describing a process (a pid, self, thread-self)."""
-    return name.isdigit() or name in PER_PROCESS
-
-
 def allowed(served: tuple[bytes, ...], path: bytes) -> bool:
     """``path`` is one of ``served``, inside one, or a directory on the way to one (``b""``: the root)."""
     if not path:

@@ -41,12 +41,6 @@ class InodeTable:
     def __len__(self) -> int:
         return len(self._nodes)
 
-    def set_root_key(self, key: tuple[int, int]) -> None:
-        if key != self.root.key:
-            self._by_key.pop(self.root.key, None)
-            self.root.key = key
-            self._by_key[key] = self.root
-
     def path(self, inode: int) -> bytes:
         node = self._nodes.get(inode)
         if node is None or node.path is None:

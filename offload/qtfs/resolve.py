@@ -109,13 +109,6 @@ def open_parent(root: int, path: bytes) -> tuple[int, bytes]:
     return openat2(root, head, _DIR_FLAGS), name
 
 
-def open_path(root: int, path: bytes) -> int:
-    """An O_PATH fd of ``path`` itself (a symlink stays a symlink)."""
-    if not path:
-        return os.dup(root)
-    return openat2(root, path, os.O_PATH | os.O_NOFOLLOW)
-
-
 def fs_type(fd: int) -> int:
     """fstatfs(2)'s f_type of the filesystem holding ``fd`` (os.statvfs has none)."""
     # struct statfs begins with f_type, a C long; 256 bytes hold the whole struct on every ABI.

@@ -61,7 +61,7 @@ class Attr(NamedTuple):
     """What lstat said about a host file (host inode and device numbers).
 
     The one list of the stat fields carried: the wire layout (`ATTR_LAYOUT`,
-    in this order), `from_stat` and the FUSE entry are all derived from it;
+    in this order), `pack_stat` and the FUSE entry are all derived from it;
     each field is ``st_<name>`` of an os.stat_result.
     """
 
@@ -78,10 +78,6 @@ class Attr(NamedTuple):
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
-
-    @classmethod
-    def from_stat(cls, st: Any) -> Attr:
-        return cls._make(_stat_fields(st))
 
     def encode(self) -> bytes:
         return ATTR_LAYOUT.pack(*self)
