@@ -28,8 +28,11 @@ from __future__ import annotations
 import errno
 import os
 
+from offload.qtfs.programs import status_fields
+
 #: At most this many digits make a task id (pid_max is at most 2^22).
 MAX_DIGITS = 10
+#: The files of a cgroup that take a task: a tid (tasks) or a whole process (cgroup.procs).
 TASK_FILES = (b"tasks", b"cgroup.procs")
 #: How long a fork libvirt placed may take to become a mapped stand-in, and how often that is looked at.
 PLACEMENT_WAIT = 60.0
@@ -77,27 +80,28 @@ def process_of(task: int) -> int:
     FUSE names the calling thread, and libvirt writes from one of its many.
     """
     try:
-        with open(f"/proc/{task}/status", "rb") as status:
-            for line in status:
-                if line.startswith(b"Tgid:"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
+        return int(status_fields(task, "Tgid")["Tgid"])
+    except (FileNotFoundError, ProcessLookupError, KeyError):
+        return 0
+
+
+def task_id(data: bytes) -> int:
+    """The one task id a write to a tasks file carries (EINVAL for anything else)."""
+    text = data.strip()
+    if not text.isdigit() or len(text) > MAX_DIGITS:
+        raise OSError(errno.EINVAL, "expected one task id")
+    return int(text)
 
 
 def outgoing(pidmap: str, writer: int, data: bytes) -> bytes | None:
     """What a write of ``data`` by process ``writer`` says to the host; None: nothing to carry."""
-    text = data.strip()
-    if not text.isdigit() or len(text) > MAX_DIGITS:
-        raise OSError(errno.EINVAL, "expected one task id")
-    pid = int(text)
+    pid = task_id(data)
     remote = host_pid(pidmap, pid)
     if remote is not None:
         return b"%d" % remote
     if writer and same_program(pid, writer):
         return None
-    return text
+    return data.strip()
 
 
 def incoming(pidmap: str, data: bytes) -> bytes:

@@ -27,6 +27,8 @@ import struct
 import time
 
 from offload.protocol import qtfs as wire
+from offload.qtfs.inodes import join
+from offload.qtfs.resolve import fs_type
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +49,10 @@ IN_ISDIR = 0x40000000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 
-MASK = (
-    IN_MODIFY
-    | IN_ATTRIB
-    | IN_CLOSE_WRITE
-    | IN_MOVED_FROM
-    | IN_MOVED_TO
-    | IN_CREATE
-    | IN_DELETE
-    | IN_DELETE_SELF
-    | IN_MOVE_SELF
-    | IN_ONLYDIR
-    | IN_DONT_FOLLOW
-)
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (native: the kernel's struct inotify_event)
 _ENTRY_EVENTS = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO
+_SELF_EVENTS = IN_DELETE_SELF | IN_MOVE_SELF
+MASK = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | _ENTRY_EVENTS | _SELF_EVENTS | IN_ONLYDIR | IN_DONT_FOLLOW
 
 # statfs(2) f_type of filesystems whose changes all pass through the local
 # kernel's VFS (inotify sees them).  Anything else (procfs, sysfs, cgroupfs,
@@ -82,7 +73,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.inotify_init1.argtypes = [ctypes.c_int]
 _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 _libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
-_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
 
 
 def _fail(what: str) -> OSError:
@@ -90,17 +80,10 @@ def _fail(what: str) -> OSError:
     return OSError(number, f"{what}: {os.strerror(number)}")
 
 
-def filesystem_type(fd: int) -> int:
-    buffer = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
-    if _libc.fstatfs(fd, buffer) != 0:
-        raise _fail("fstatfs")
-    return int(ctypes.c_long.from_buffer(buffer).value) & 0xFFFFFFFF
-
-
 def watchable(fd: int) -> bool:
     """Does inotify see every change to the tree at ``fd``?"""
     try:
-        return filesystem_type(fd) in LOCAL_FILESYSTEMS
+        return fs_type(fd) in LOCAL_FILESYSTEMS
     except OSError:
         return False
 
@@ -111,10 +94,6 @@ def _change(change: wire.Change, path: bytes) -> wire.Invalidate:
     except ValueError:
         # A path the protocol cannot carry (longer than MAX_PATH): say "everything".
         return wire.Invalidate(wire.Change.ALL)
-
-
-def _join(parent: bytes, name: bytes) -> bytes:
-    return parent + b"/" + name if parent else name
 
 
 #: How long adding the watches of a mounted tree may take (well within the client's wait for its Mount).
@@ -165,7 +144,7 @@ class TreeWatch:
                 self.complete = False
                 return
             relative = pending.pop()
-            host = _join(self.root, relative) if relative else self.root
+            host = join(self.root, relative) if relative else self.root
             wd = _libc.inotify_add_watch(self.fd, host, MASK)
             if wd < 0:
                 number = ctypes.get_errno()
@@ -189,7 +168,7 @@ class TreeWatch:
                 with os.scandir(host) as entries:
                     for entry in entries:
                         if entry.is_dir(follow_symlinks=False):
-                            pending.append(_join(relative, os.fsencode(entry.name)))
+                            pending.append(join(relative, os.fsencode(entry.name)))
             except (FileNotFoundError, NotADirectoryError):
                 continue
 
@@ -257,12 +236,12 @@ class TreeWatch:
                 continue
             if not name:
                 # An event on a watched directory itself.
-                if mask & (IN_DELETE_SELF | IN_MOVE_SELF) and not directory:
+                if mask & _SELF_EVENTS and not directory:
                     out.append(wire.Invalidate(wire.Change.ALL))  # the root went: everything is stale
                 elif mask & IN_ATTRIB:
                     out.append(_change(wire.Change.ATTR, directory))
                 continue
-            path = _join(directory, name)
+            path = join(directory, name)
             if mask & _ENTRY_EVENTS:
                 out.append(_change(wire.Change.ENTRY, path))
                 if mask & IN_ISDIR:

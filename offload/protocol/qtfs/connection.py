@@ -21,7 +21,7 @@ from typing import Any
 
 from offload.errors import LocalProtocolError, RemoteProtocolError, errno_number
 from offload.protocol import messages
-from offload.protocol.link import NEED_DATA as NEED_DATA
+from offload.protocol.framing import NEED_DATA as NEED_DATA
 from offload.protocol.link import Closed, Connection, Ping, Pong, Registry, Role
 from offload.protocol.qtfs.codec import MAX_ID, MAX_PAYLOAD, Message, check_relative
 from offload.protocol.qtfs.messages import REPLIES, REQUESTS, Op, Request

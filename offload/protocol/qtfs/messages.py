@@ -33,33 +33,12 @@ MOUNT_WATCHED = 2
 MOUNT_OPEN_CHECKED = 4
 
 
-class Op(enum.IntEnum):
-    MOUNT = 1
-    LOOKUP = 2
-    GETATTR = 3
-    SETATTR = 4
-    READLINK = 5
-    OPEN = 6
-    CREATE = 7
-    READ = 8
-    WRITE = 9
-    RELEASE = 10
-    FSYNC = 11
-    MKDIR = 12
-    MKNOD = 13
-    SYMLINK = 14
-    LINK = 15
-    UNLINK = 16
-    RMDIR = 17
-    RENAME = 18
-    OPENDIR = 19
-    READDIR = 20
-    RELEASEDIR = 21
-    STATFS = 22
-    GETXATTR = 23
-    SETXATTR = 24
-    LISTXATTR = 25
-    REMOVEXATTR = 26
+#: The op byte on the wire: MOUNT is 1 and the rest follow in this order (append, never reorder).
+Op = enum.IntEnum(
+    "Op",
+    "MOUNT LOOKUP GETATTR SETATTR READLINK OPEN CREATE READ WRITE RELEASE FSYNC MKDIR MKNOD SYMLINK LINK UNLINK "
+    "RMDIR RENAME OPENDIR READDIR RELEASEDIR STATFS GETXATTR SETXATTR LISTXATTR REMOVEXATTR",
+)
 
 
 #: Ops that may be sent again after a reconnect without changing the outcome.
@@ -75,7 +54,6 @@ class Request(Message, Generic[ReplyT]):
     """A client's request; ``ReplyT`` is what the server answers it with."""
 
     OP: ClassVar[Op]
-    REPLY: ClassVar[type[Message]]
 
 
 REQUESTS: dict[Op, type[Request]] = {}
@@ -91,7 +69,7 @@ def request(layout: str) -> Callable[[type[_R]], type[_R]]:
         bases = cls.__dict__["__orig_bases__"]  # what the class statement wrote: Request[ReplyT]
         (reply,) = next(get_args(base) for base in bases if get_origin(base) is Request)
         made = message(layout)(cls)
-        made.OP, made.REPLY = Op[cls.__name__.upper()], reply
+        made.OP = Op[cls.__name__.upper()]
         REQUESTS[made.OP], REPLIES[made.OP], OP_OF[made] = made, reply, made.OP
         return made
 
