@@ -40,7 +40,7 @@ import re
 import stat
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from offload.prefix import is_under
@@ -48,6 +48,7 @@ from offload.protocol import qtfs as wire
 from offload.qtfs import facts
 from offload.qtfs.programs import Programs, status_fields
 from offload.qtfs.resolve import PROC_SUPER_MAGIC, SYSFS_MAGIC, fs_type, open_parent, openat2, real_path
+from offload.qtfs.tasks import TASK_FILES, task_id
 from offload.qtfs.whitelist import Whitelist
 
 log = logging.getLogger(__name__)
@@ -75,13 +76,21 @@ PRIVILEGED_XATTRS = (b"security.", b"trusted.")
 FACT_FILESYSTEMS = {PROC_SUPER_MAGIC: facts.PROC_SERVED, SYSFS_MAGIC: facts.SYS_SERVED}
 #: cgroup v1 and v2: served only by a cgroup export, where placing a task is checked.
 CGROUP_FILESYSTEMS = frozenset({0x27E0EB, 0x63677270})
-#: The files of a cgroup that take a task: a tid (tasks) or a whole process (cgroup.procs).
-TASK_FILES = (b"tasks", b"cgroup.procs")
 #: Below /proc/PID of a program the DPU started, what its statistics and affinity are read from.
 PROGRAM_ENTRIES = re.compile(rb"[0-9]+(/(stat|status|cgroup|task(/[0-9]+(/(stat|status))?)?))?")
 #: The inode number of a procfs or sysfs root (PROC_ROOT_INO; kernfs numbers its root 1 too).
 FS_ROOT_INO = 1
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+@contextlib.contextmanager
+def _closed_on_error(fd: int) -> Iterator[int]:
+    """Close ``fd`` if the block fails; otherwise it stays the caller's."""
+    try:
+        yield fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _refused(what: str, path: bytes) -> PermissionError:
@@ -316,14 +325,11 @@ class Backend:
             root = openat2(export_fd, rest, os.O_PATH | os.O_DIRECTORY) if rest else os.dup(export_fd)
         finally:
             os.close(export_fd)
-        try:
+        with _closed_on_error(root):
             served = _facts_of(root)
             if served is None and fs_type(root) in FACT_FILESYSTEMS:
                 raise _refused_mount(path, "procfs and sysfs are mounted at their roots only")
             root_real = real_path(root)
-        except BaseException:
-            os.close(root)
-            raise
         if self.root >= 0:
             os.close(self.root)
         self.root, self.base, self._root_real = root, path, root_real
@@ -408,14 +414,11 @@ class Backend:
         procs = -1
         with self._at(request.path, *sections) as (parent, name):
             fd = os.open(name, flags | OPEN_ALWAYS, dir_fd=parent)
-            try:
-                if self.cgroup and name in TASK_FILES and access != os.O_RDONLY:
-                    # A process is placed whole (cgroup.procs) when a tid named in
-                    # `tasks` is its leader: see `_place`.
+            if self.cgroup and name in TASK_FILES and access != os.O_RDONLY:
+                # A process is placed whole (cgroup.procs) when a tid named in
+                # `tasks` is its leader: see `_place`.
+                with _closed_on_error(fd):
                     procs = os.open(b"cgroup.procs", os.O_WRONLY | OPEN_ALWAYS, dir_fd=parent)
-            except BaseException:
-                os.close(fd)
-                raise
         try:
             self._no_facts_below(fd, request.path)
             if writes:
@@ -443,25 +446,16 @@ class Backend:
                     raise
                 # Someone's existing file: opened as it is, never handed to the caller.
                 fd = os.open(name, flags, dir_fd=parent)
-                try:
+                with _closed_on_error(fd):
                     _drop_privileges(fd, os.fstat(fd).st_mode)
-                except BaseException:
-                    os.close(fd)
-                    raise
                 return fd
-            try:
+            with _closed_on_error(fd):
                 self._give(parent, name, request.uid, request.gid)
-            except BaseException:
-                os.close(fd)
-                raise
             return fd
 
         fd = self._in_parent(request.path, sections, create)
-        try:
+        with _closed_on_error(fd):
             attr = wire.pack_stat(os.fstat(fd))
-        except BaseException:
-            os.close(fd)
-            raise
         return wire.HandleReply(self.files.add(fd), attr)
 
     def read(self, request: wire.Read) -> wire.DataReply:
@@ -485,10 +479,7 @@ class Backend:
         process, and its vcpu threads are moved out again by their own writes.
         """
         name, procs = task_file
-        text = data.strip()
-        if not text.isdigit() or len(text) > 10:
-            raise OSError(errno.EINVAL, "expected one task id")
-        task = int(text)
+        task = task_id(data)
         if self.programs is None:
             log.warning("refused placing host task %d: this server has no --programs-of", task)
             raise PermissionError(errno.EPERM, "this server places no tasks")
@@ -512,16 +503,23 @@ class Backend:
     def _made(self, path: bytes) -> wire.AttrReply:
         return wire.AttrReply(wire.pack_stat(self._lstat(path)))
 
-    def mkdir(self, request: wire.Mkdir) -> wire.AttrReply:
+    def _make(
+        self, request: wire.Mkdir | wire.Mknod | wire.Symlink, section: str, make: Callable[[int, bytes], None]
+    ) -> wire.AttrReply:
+        """``make(parent, name)`` the new entry ``request.path`` and hand it to the calling user."""
         self._writable(request.path)
 
-        def make(parent: int, name: bytes) -> None:
-            # The kernel gives a new directory its parent's setgid bit itself; the peer gives none.
-            os.mkdir(name, stat.S_IMODE(request.mode) & ~PRIVILEGE_BITS, dir_fd=parent)
+        def make_and_give(parent: int, name: bytes) -> None:
+            make(parent, name)
             self._give(parent, name, request.uid, request.gid)
 
-        self._in_parent(request.path, ("Mkdir",), make)
+        self._in_parent(request.path, (section,), make_and_give)
         return self._made(request.path)
+
+    def mkdir(self, request: wire.Mkdir) -> wire.AttrReply:
+        # The kernel gives a new directory its parent's setgid bit itself; the peer gives none.
+        mode = stat.S_IMODE(request.mode) & ~PRIVILEGE_BITS
+        return self._make(request, "Mkdir", lambda parent, name: os.mkdir(name, mode, dir_fd=parent))
 
     def mknod(self, request: wire.Mknod) -> wire.AttrReply:
         self._writable(request.path)
@@ -530,23 +528,11 @@ class Backend:
         # files; device nodes made from the DPU would open host devices.
         if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
             raise PermissionError(errno.EPERM, "device nodes are not made through qtfs")
-
-        def make(parent: int, name: bytes) -> None:
-            os.mknod(name, kind | (stat.S_IMODE(request.mode) & ~PRIVILEGE_BITS), 0, dir_fd=parent)
-            self._give(parent, name, request.uid, request.gid)
-
-        self._in_parent(request.path, ("Create",), make)
-        return self._made(request.path)
+        mode = kind | (stat.S_IMODE(request.mode) & ~PRIVILEGE_BITS)
+        return self._make(request, "Create", lambda parent, name: os.mknod(name, mode, 0, dir_fd=parent))
 
     def symlink(self, request: wire.Symlink) -> wire.AttrReply:
-        self._writable(request.path)
-
-        def make(parent: int, name: bytes) -> None:
-            os.symlink(request.target, name, dir_fd=parent)
-            self._give(parent, name, request.uid, request.gid)
-
-        self._in_parent(request.path, ("Create",), make)
-        return self._made(request.path)
+        return self._make(request, "Create", lambda parent, name: os.symlink(request.target, name, dir_fd=parent))
 
     def link(self, request: wire.Link) -> wire.AttrReply:
         self._writable(request.path)
@@ -658,9 +644,7 @@ class Backend:
             st = os.statvfs(fd)
         finally:
             os.close(fd)
-        return wire.StatfsReply(
-            st.f_bsize, st.f_frsize, st.f_blocks, st.f_bfree, st.f_bavail, st.f_files, st.f_ffree, st.f_namemax
-        )
+        return wire.StatfsReply(*(getattr(st, "f_" + field.name) for field in fields(wire.StatfsReply)))
 
     def _xattr_path(self, path: bytes, sections: tuple[str, ...], action):
         # The parent through its /proc/self/fd link, the entry itself not followed.

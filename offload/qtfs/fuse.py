@@ -18,6 +18,7 @@ Handlers fail the caller's syscall through `errors`, never the mount.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import itertools
@@ -25,7 +26,6 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -55,6 +55,15 @@ MAX_LISTING = 1 << 20
 KERNEL_LISTINGS = hasattr(pyfuse3.FileInfo, "cache_readdir")
 #: The host's attributes the kernel is given: all but the host's inode and device numbers.
 ENTRY_FIELDS = tuple(name for name in wire.Attr._fields if name not in ("ino", "dev"))
+#: pyfuse3's SetattrFields flags, and the SETATTR ``valid`` bit of each.
+SET_BITS = {
+    "update_mode": wire.SET_MODE,
+    "update_uid": wire.SET_UID,
+    "update_gid": wire.SET_GID,
+    "update_size": wire.SET_SIZE,
+    "update_atime": wire.SET_ATIME,
+    "update_mtime": wire.SET_MTIME,
+}
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -86,7 +95,7 @@ def errors(function: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, An
     return wrapper
 
 
-@dataclass
+@dataclasses.dataclass
 class OpenFile:
     inode: int
     path: bytes
@@ -95,7 +104,7 @@ class OpenFile:
     generation: int
 
 
-@dataclass
+@dataclasses.dataclass
 class OpenDir:
     path: bytes
     entries: list[tuple[bytes, wire.Attr]]
@@ -352,19 +361,7 @@ class Filesystem(pyfuse3.Operations):
     async def setattr(
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        valid = 0
-        if fields.update_mode:
-            valid |= wire.SET_MODE
-        if fields.update_uid:
-            valid |= wire.SET_UID
-        if fields.update_gid:
-            valid |= wire.SET_GID
-        if fields.update_size:
-            valid |= wire.SET_SIZE
-        if fields.update_atime:
-            valid |= wire.SET_ATIME
-        if fields.update_mtime:
-            valid |= wire.SET_MTIME
+        valid = sum(bit for flag, bit in SET_BITS.items() if getattr(fields, flag))
         path = self.table.path(inode)
 
         def request(handle: int = 0) -> wire.Setattr:
@@ -697,15 +694,9 @@ class Filesystem(pyfuse3.Operations):
     async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
         reply = await self.host.call(wire.Statfs(b""))
         data = pyfuse3.StatvfsData()
-        data.f_bsize = reply.bsize
-        data.f_frsize = reply.frsize
-        data.f_blocks = reply.blocks
-        data.f_bfree = reply.bfree
-        data.f_bavail = reply.bavail
-        data.f_files = reply.files
-        data.f_ffree = reply.ffree
+        for field in dataclasses.fields(reply):
+            setattr(data, "f_" + field.name, getattr(reply, field.name))
         data.f_favail = reply.ffree
-        data.f_namemax = reply.namemax
         return data
 
     @errors

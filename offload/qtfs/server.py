@@ -73,15 +73,6 @@ class ServerConfig:
         return self.node or os.uname().nodename
 
 
-async def send_parts(stream: trio.abc.Stream, parts: list[bytes | memoryview]) -> None:
-    if len(parts) == 1:
-        await stream.send_all(parts[0])
-    elif hasattr(stream, "send_parts"):
-        await stream.send_parts(tuple(parts))
-    else:
-        await stream.send_all(b"".join(parts))
-
-
 class Session:
     """One client connection: its backend (mount root, handles) and its request loop."""
 
@@ -111,8 +102,7 @@ class Session:
                         if out and self.watch is not None:
                             out[:0] = self._invalidations()
                         if out:
-                            async with self.send_lock:
-                                await send_parts(self.stream, out)
+                            await self._send(out)
                         if closed is not None:
                             break
                     if closed:
@@ -124,7 +114,7 @@ class Session:
             self.backend.close()
 
     async def _watch_and_answer(
-        self, id: int, request: wire.Message, reply: wire.MountReply, nursery: trio.Nursery
+        self, id: int, request: wire.Request, reply: wire.MountReply, nursery: trio.Nursery
     ) -> None:
         """Answer a Mount once its tree is watched (or found unwatchable).
 
@@ -134,9 +124,8 @@ class Session:
         try:
             data = self.conn.send(wire.Result(id, await self._start_watch(reply, nursery)))
         except OSError as exc:
-            data = self._failure(id, wire.Op.MOUNT, request, exc)
-        async with self.send_lock:
-            await self.stream.send_all(data)
+            data = self._failure(id, request, exc)
+        await self._send([data])
 
     async def _start_watch(self, reply: wire.MountReply, nursery: trio.Nursery) -> wire.MountReply:
         """Watch the mounted tree if inotify can see its changes; the reply says whether it is watched."""
@@ -177,8 +166,16 @@ class Session:
                 return
             out = self._invalidations()
             if out:
-                async with self.send_lock:
-                    await send_parts(self.stream, out)
+                await self._send(out)
+
+    async def _send(self, parts: list[bytes | memoryview]) -> None:
+        async with self.send_lock:
+            if len(parts) == 1:
+                await self.stream.send_all(parts[0])
+            elif hasattr(self.stream, "send_parts"):
+                await self.stream.send_parts(tuple(parts))
+            else:
+                await self.stream.send_all(b"".join(parts))
 
     def _drain(self, out: list[bytes | memoryview], nursery: trio.Nursery) -> bool | None:
         """Answer the requests received: True once the peer has closed, False when
@@ -210,17 +207,14 @@ class Session:
                 out.append(self._read(call.id, request))
                 return
             if op in THREADED:
-                nursery.start_soon(self._threaded, call.id, op, request)
+                nursery.start_soon(self._threaded, call.id, request)
                 return
             reply = self.handlers[op](request)
             if isinstance(reply, wire.MountReply):
                 nursery.start_soon(self._watch_and_answer, call.id, request, reply, nursery)
                 return
-        except OSError as exc:
-            out.append(self._failure(call.id, op, request, exc))
-            return
-        except ABSURD as exc:
-            out.append(self._failure(call.id, op, request, OSError(errno.EINVAL, str(exc))))
+        except (OSError, *ABSURD) as exc:
+            out.append(self._failure(call.id, request, exc))
             return
         out.append(self.conn.send(wire.Result(call.id, reply)))
 
@@ -240,22 +234,20 @@ class Session:
             return memoryview(bytes(view[: HEADER_SIZE + count]))
         return view[: HEADER_SIZE + count]
 
-    def _failure(self, id: int, op: wire.Op, request: wire.Message, exc: OSError) -> bytes:
-        number = exc.errno or errno.EIO
+    def _failure(self, id: int, request: wire.Request, exc: Exception) -> bytes:
+        """The Failure answering ``request``: the OSError's errno, EINVAL for an `ABSURD` field."""
+        number = (exc.errno or errno.EIO) if isinstance(exc, OSError) else errno.EINVAL
         if number not in (errno.ENOENT, errno.ENODATA, errno.EEXIST, errno.ENOTEMPTY):
-            log.debug("%s %s from %s: %s", op.name, request, self.peer, os.strerror(number))
+            log.debug("%s %s from %s: %s", request.OP.name, request, self.peer, os.strerror(number))
         return self.conn.send(wire.Failure(id, errno_name(number)))
 
-    async def _threaded(self, id: int, op: wire.Op, request: wire.Message) -> None:
+    async def _threaded(self, id: int, request: wire.Request) -> None:
         try:
-            reply = await trio.to_thread.run_sync(self.handlers[op], request)
+            reply = await trio.to_thread.run_sync(self.handlers[request.OP], request)
             data = self.conn.send(wire.Result(id, reply))
-        except OSError as exc:
-            data = self._failure(id, op, request, exc)
-        except ABSURD as exc:
-            data = self._failure(id, op, request, OSError(errno.EINVAL, str(exc)))
-        async with self.send_lock:
-            await self.stream.send_all(data)
+        except (OSError, *ABSURD) as exc:
+            data = self._failure(id, request, exc)
+        await self._send([data])
 
 
 async def serve(
