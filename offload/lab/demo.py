@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import psutil
 
@@ -22,7 +21,7 @@ from offload import proc
 from offload.errors import LabError, OffloadError
 from offload.lab import SERVICES, dpu_libvirt, guest
 from offload.lab.lab import Lab
-from offload.lab.libvirt import IMAGES, guest_domain, install_argv, qemu_processes, step, wait_for_marker
+from offload.lab.libvirt import IMAGES, guest_domain, install_argv, qemu_processes, step, wait_for_marker, wait_until
 
 DOMAIN = "offload-demo"
 
@@ -90,11 +89,7 @@ def run(lab: Lab, domain_type: str = "qemu") -> None:
 
     def destroy() -> str:
         virsh("destroy", DOMAIN)
-        deadline = time.monotonic() + 10
-        while qemu_processes(DOMAIN):
-            if time.monotonic() > deadline:
-                raise LabError("qemu still runs on the host 10 s after destroy")
-            time.sleep(0.05)
+        wait_until(lambda: not qemu_processes(DOMAIN), 10, "qemu still runs on the host 10 s after destroy")
         return f"state {virsh.state(DOMAIN)}; no qemu left on the host"
 
     step("virsh destroy", destroy)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from offload import proc
 from offload.errors import LabError
 from offload.lab import LIBVIRT_EXPORTS
-from offload.lab.libvirt import Virsh
+from offload.lab.libvirt import Virsh, wait_until
 
 if TYPE_CHECKING:  # the lab starts this part; this part only uses the lab it is given
     from offload.lab.lab import Lab
@@ -90,7 +90,9 @@ def start(lab: Lab) -> list[str]:
     done.append(f"{root} prepared ({time.monotonic() - started:.1f} s)")
 
     _start_chrooted(lab, "dpu-virtlogd", root, ["/usr/sbin/virtlogd"], {})
-    _wait_for(lab.path_on("dpu", root / "run" / "libvirt" / "virtlogd-sock"), "virtlogd", lab.dir / "dpu-virtlogd.log")
+    socket = lab.path_on("dpu", root / "run" / "libvirt" / "virtlogd-sock")
+    failure = f"virtlogd did not create {socket} in {READY_TIMEOUT:.0f} s (see {lab.dir / 'dpu-virtlogd.log'})"
+    wait_until(socket.exists, READY_TIMEOUT, failure)
     done.append("virtlogd on dpu, chrooted")
     _start_libvirtd(lab, root)
     virsh(lab).wait_ready(READY_TIMEOUT)
@@ -144,11 +146,3 @@ def _start_chrooted(lab: Lab, key: str, root: Path, argv: list[str], env: dict[s
     if child.poll() is not None:
         raise LabError(f"{key} exited with status {child.returncode} at start: see {log_path}")
     child.returncode = 0  # it runs on; the lab ends it by pid
-
-
-def _wait_for(path: Path, what: str, log_path: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise LabError(f"{what} did not create {path} in {READY_TIMEOUT:.0f} s (see {log_path})")
-        time.sleep(0.05)

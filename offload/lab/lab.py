@@ -44,6 +44,7 @@ import psutil
 from offload import pki, proc
 from offload.errors import LabError
 from offload.lab import LIBVIRT_EXPORTS, SERVICES, cgroups, dpu_libvirt, mountns, netlink
+from offload.lab.libvirt import tail
 
 log = logging.getLogger(__name__)
 
@@ -423,10 +424,10 @@ class Lab:
                     pass
                 if child.poll() is not None:
                     raise LabError(
-                        f"{key} exited with status {child.returncode} before it was ready:\n{_tail(log_path)}"
+                        f"{key} exited with status {child.returncode} before it was ready:\n{tail(log_path, '(no log)')}"
                     )
                 if time.monotonic() > deadline:
-                    raise LabError(f"{key} was not ready after {READY_TIMEOUT:.0f} s:\n{_tail(log_path)}")
+                    raise LabError(f"{key} was not ready after {READY_TIMEOUT:.0f} s:\n{tail(log_path, '(no log)')}")
         # It runs on after we return; it is ours to end in down(), by pid.
         child.returncode = 0
         return child.pid
@@ -536,10 +537,3 @@ def _describe(step: mountns.Step) -> str:
     if isinstance(step, mountns.Bind):
         return f"{step.path} (bound)" if step.source == step.path else f"{step.source} at {step.path}"
     return f"private {step.path}"
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"

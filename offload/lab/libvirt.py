@@ -172,6 +172,23 @@ def wait_for_marker(read: Callable[[], str], timeout: float = 120) -> str:
         time.sleep(0.05)
 
 
+def wait_until(done: Callable[[], object], timeout: float, failure: str, interval: float = 0.05) -> None:
+    """Poll ``done`` until it is true; LabError(``failure``) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise LabError(failure)
+        time.sleep(interval)
+
+
+def tail(path: Path, missing: str = "", lines: int = 15) -> str:
+    """The last ``lines`` lines of a log file; ``missing`` if it cannot be read."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return missing
+
+
 def qemu_processes(guest: str) -> list[psutil.Process]:
     """qemu processes (not stand-ins) running the named guest, anywhere on the machine."""
     found = []

@@ -42,7 +42,7 @@ import psutil
 from offload import proc
 from offload.errors import LabError
 from offload.lab import debian, guest
-from offload.lab.libvirt import IMAGES, Domain, Virsh, guest_domain, step, wait_for_marker
+from offload.lab.libvirt import IMAGES, Domain, Virsh, guest_domain, step, tail, wait_for_marker, wait_until
 from offload.lab.systemd_cli import DEFAULT_NAME
 
 if TYPE_CHECKING:  # types only: processes are started through offload.proc
@@ -413,7 +413,7 @@ class SystemdLab:
                 children = psutil.Process(child.pid).children()
             except psutil.NoSuchProcess:
                 raise LabError(
-                    f"systemd-nspawn for {side.role} exited: {_tail(self.dir / f'{side.role}-nspawn.log')}"
+                    f"systemd-nspawn for {side.role} exited: {tail(self.dir / f'{side.role}-nspawn.log')}"
                 ) from None
             # The container's PID 1 is nspawn's child in a pid namespace of its own.
             inits = [c.pid for c in children if _pidns(c.pid) not in (None, _pidns(os.getpid()))]
@@ -545,13 +545,6 @@ def _pidns(pid: int) -> str | None:
         return os.readlink(f"/proc/{pid}/ns/pid")
     except OSError:
         return None
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 @contextlib.contextmanager
@@ -705,11 +698,8 @@ def reload_whitelist(lab: SystemdLab, program: str = "/usr/bin/true") -> str:
 
 def destroy_vm(lab: SystemdLab, name: str) -> str:
     virsh(lab)("destroy", name)
-    deadline = time.monotonic() + 15
-    while qemu_in_host(lab, name):
-        if time.monotonic() > deadline:
-            raise LabError("qemu still runs in the host container 15 s after virsh destroy")
-        time.sleep(0.1)
+    failure = "qemu still runs in the host container 15 s after virsh destroy"
+    wait_until(lambda: not qemu_in_host(lab, name), 15, failure, interval=0.1)
     virsh(lab)("undefine", name)
     return "destroyed and undefined; no qemu left in the host container"
 
