@@ -14,12 +14,10 @@ from offload.mounts import plan as plan_module
 NOT_PREPARED = 3
 
 
-def _config(args: argparse.Namespace) -> config_module.PrepareConfig:
-    return config_module.load(args.config)
-
-
-def _target(args: argparse.Namespace, config: config_module.PrepareConfig) -> str:
-    return os.path.realpath(args.target or config.target)
+def _config(args: argparse.Namespace) -> tuple[config_module.PrepareConfig, str]:
+    """The configuration and the target (--target, else the configuration's), resolved."""
+    config = config_module.load(args.config)
+    return config, os.path.realpath(args.target or config.target)
 
 
 def make_plan(config: config_module.PrepareConfig, target: str) -> plan_module.Plan:
@@ -39,8 +37,7 @@ def _interrupted(signum: int, frame: object) -> None:
 
 def _prepare(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupted)
-    config = _config(args)
-    target = _target(args, config)
+    config, target = _config(args)
     plan = make_plan(config, target)
     if args.dry_run:
         for line in plan.describe():
@@ -55,8 +52,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _teardown(args: argparse.Namespace) -> int:
-    config = _config(args)
-    target = _target(args, config)
+    _, target = _config(args)
     if args.dry_run:
         for line in orchestrator.teardown_commands(target):
             print(line)
@@ -76,8 +72,7 @@ def _teardown(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    config = _config(args)
-    target = _target(args, config)
+    config, target = _config(args)
     rows = orchestrator.status(make_plan(config, target))
     width = max((len(row.what) for row in rows), default=0)
     counts: dict[str, int] = {}

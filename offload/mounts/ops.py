@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_module
+import functools
 import os
 import shlex
 import stat
@@ -69,7 +70,7 @@ class Context(Protocol):
     def record(self, entry: MountEntry) -> None:
         """Record a mount a program made (teardown finds it by its id)."""
 
-    def on_undo(self, what: str, undo: Callable[[], None]) -> None: ...
+    def on_undo(self, what: str, undo: Callable[[], object]) -> None: ...
 
     def run(self, argv: list[str]) -> tuple[int, str]: ...
 
@@ -88,7 +89,7 @@ class Direct:
     def record(self, entry: MountEntry) -> None:
         pass
 
-    def on_undo(self, what: str, undo: Callable[[], None]) -> None:
+    def on_undo(self, what: str, undo: Callable[[], object]) -> None:
         pass
 
     def run(self, argv: list[str]) -> tuple[int, str]:
@@ -111,8 +112,7 @@ class Result:
     detail: str = ""
 
 
-def _q(value: str) -> str:
-    return shlex.quote(value)
+_q = shlex.quote
 
 
 def _conflict(path: str, detail: str) -> MountConflict:
@@ -560,24 +560,19 @@ class WriteFile(Step):
         return self._compare(os.path.basename(self.path), None)
 
     def _compare(self, name: str, folder: int | None) -> Check:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            fd = os.open(
-                self.path if folder is None else name,
-                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                dir_fd=folder,
-            )
+            fd = os.open(self.path if folder is None else name, flags, dir_fd=folder)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    return Check(WRONG, "is not a regular file")
+                found = os.read(fd, len(self.text) + 1)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             return Check(MISSING)
         except OSError as exc:
             return Check(WRONG, f"cannot be read: {exc.strerror}")
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return Check(WRONG, "is not a regular file")
-            found = os.read(fd, len(self.text) + 1)
-        except OSError as exc:
-            return Check(WRONG, f"cannot be read: {exc.strerror}")
-        finally:
-            os.close(fd)
         return Check(PRESENT) if found == self.text else Check(WRONG, "holds other text")
 
     @property
@@ -604,12 +599,7 @@ class WriteFile(Step):
             os.rename(temporary, name, src_dir_fd=folder, dst_dir_fd=folder)
         finally:
             os.close(folder)
-        target = ctx.target
-
-        def undo() -> None:
-            remove_inside(target, self.path)
-
-        ctx.on_undo(f"rm {self.path}", undo)
+        ctx.on_undo(f"rm {self.path}", functools.partial(remove_inside, ctx.target, self.path))
         return Result(DONE)
 
 

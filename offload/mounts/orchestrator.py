@@ -68,7 +68,7 @@ class _Run(ops.Direct):
         self.made.append(entry)
         records.save(self.target, self.made)
 
-    def on_undo(self, what: str, undo: Callable[[], None]) -> None:
+    def on_undo(self, what: str, undo: Callable[[], object]) -> None:
         def guarded() -> None:
             try:
                 undo()

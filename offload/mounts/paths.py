@@ -125,11 +125,8 @@ def _make(root_fd: int, parts: list[str], make: str, path: str) -> int:
                 # mkdirat and O_CREAT|O_NOFOLLOW never follow a symlink at the name itself.
                 with contextlib.suppress(FileExistsError):
                     if last and make == FILE:
-                        os.close(
-                            os.open(
-                                part, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=current
-                            )
-                        )
+                        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                        os.close(os.open(part, flags, 0o644, dir_fd=current))
                     else:
                         os.mkdir(part, 0o755, dir_fd=current)
                 fd = _open_one(current, name, directory=not last or make == DIRECTORY)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import heapq
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -177,39 +178,31 @@ def _from_spec(spec: MountSpec, resolve: Resolver) -> Step:
 def qtfs_steps(config: PrepareConfig, facts: Facts, resolve: Resolver) -> list[Step]:
     kernel = config.qtfs_kernel == "yes" or (config.qtfs_kernel == "auto" and "qtfs" in facts.filesystems)
 
-    def qtfs(remote: str, path: str, mode: str = "") -> Step:
-        if kernel:
-            # The module's server address is a module parameter; the device
-            # string is the remote path, and "-o proc" its proc mode.
-            return MountOp(path=path, fstype="qtfs", source=remote, options="proc" if mode == "proc" else "")
+    def userspace(remote: str, path: str, mode: str = "", pidmap: str = "") -> Step:
         return QtfsMount(
             path=path,
             address=config.host,
             remote=remote,
             mode=mode,
+            pidmap=pidmap,
             pki=config.pki,
             insecure=config.insecure,
             command=config.qtfs_command,
         )
+
+    def qtfs(remote: str, path: str, mode: str = "") -> Step:
+        if kernel:
+            # The module's server address is a module parameter; the device
+            # string is the remote path, and "-o proc" its proc mode.
+            return MountOp(path=path, fstype="qtfs", source=remote, options="proc" if mode == "proc" else "")
+        return userspace(remote, path, mode)
 
     steps = [qtfs(export.remote, resolve(export.where)) for export in config.exports]
     # Over this machine's own cgroup mounts (libvirt finds its controllers in
     # /proc/mounts, where only a real cgroup mount counts), the directory
     # libvirt makes its groups in is the host's: placement and limits reach
     # the host's programs, with stand-in pids translated (offload.qtfs.tasks).
-    steps += [
-        QtfsMount(
-            path=resolve(partition.where),
-            address=config.host,
-            remote=partition.remote,
-            mode="cgroup",
-            pidmap=config.pidmap,
-            pki=config.pki,
-            insecure=config.insecure,
-            command=config.qtfs_command,
-        )
-        for partition in config.cgroup_partitions
-    ]
+    steps += [userspace(p.remote, resolve(p.where), "cgroup", config.pidmap) for p in config.cgroup_partitions]
     partitions = shim_partitions(config, facts)
     if partitions:
         steps.append(WriteFile(path=resolve(CGROUP_PARTITIONS_FILE), content=partitions))
@@ -311,10 +304,7 @@ def order(steps: list[Step]) -> tuple[Step, ...]:
     if len(ordered) != len(steps):
         stuck = ", ".join(steps[j].path for j, count in enumerate(waiting) if count)
         raise ConfigError(f"the mounts cannot be ordered (they depend on each other): {stuck}")
-    totals: dict[str, int] = {}
-    for step in ordered:
-        if step.mountpoint:
-            totals[step.mountpoint] = totals.get(step.mountpoint, 0) + 1
+    totals = Counter(step.mountpoint for step in ordered if step.mountpoint)
     layers: dict[str, int] = {}
     result = []
     for step in ordered:

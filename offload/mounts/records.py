@@ -28,10 +28,6 @@ def path_of(target: str) -> Path:
     return RECORDS_DIR / f"{name}.mounts"
 
 
-def _key(entry: MountEntry) -> tuple[int, str, str, str]:
-    return entry.mount_id, entry.device, entry.root, entry.fstype
-
-
 def load(target: str) -> list[tuple[int, str, str, str]]:
     try:
         lines = path_of(target).read_text().splitlines()
@@ -66,7 +62,7 @@ def save(target: str, entries: list[MountEntry]) -> None:
 def present(target: str, entries: tuple[MountEntry, ...]) -> list[MountEntry]:
     """The recorded mounts still there (same id, device, root and type), in mount order."""
     wanted = set(load(target))
-    return [entry for entry in entries if _key(entry) in wanted]
+    return [e for e in entries if (e.mount_id, e.device, e.root, e.fstype) in wanted]
 
 
 def with_descendants(roots: list[MountEntry], entries: tuple[MountEntry, ...]) -> list[MountEntry]:
