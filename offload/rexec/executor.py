@@ -49,7 +49,7 @@ from offload.protocol.rexec import (
     Started,
 )
 from offload.rexec import policy, ptylink
-from offload.rexec.link import LinkFailed, Passing, SessionLink
+from offload.rexec.link import ChannelState, LinkFailed, Passing, SessionLink
 from offload.rexec.ptylink import PtyGrant, PtyGrants
 from offload.udsproxy.prefixes import open_beneath
 
@@ -73,36 +73,6 @@ class ServerState:
     whitelist: policy.Whitelist
     bridges: Path
     ptys: PtyGrants = field(default_factory=PtyGrants)
-
-
-class CountingEnd(ByteEnd):
-    """Counts bytes read through it, so a watchdog can tell progress from a stall."""
-
-    def __init__(self, inner: ByteEnd) -> None:
-        self.inner = inner
-        self.count = 0
-
-    async def read(self, max_bytes: int = 1 << 18) -> bytes:
-        data = await self.inner.read(max_bytes)
-        self.count += len(data)
-        return data
-
-    async def read_message(self, max_bytes: int = 1 << 18) -> tuple[bytes, list[int]]:
-        data, fds = await self.inner.read_message(max_bytes)
-        self.count += len(data)
-        return data, fds
-
-    async def write(self, data: bytes) -> None:
-        await self.inner.write(data)
-
-    async def write_message(self, data: bytes, fds: list[int]) -> None:
-        await self.inner.write_message(data, fds)
-
-    async def shutdown_write(self) -> None:
-        await self.inner.shutdown_write()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def serve_session(link: SessionLink, state: ServerState) -> None:
@@ -134,7 +104,7 @@ class Execution:
         self.daemon_pidfd: int | None = None
         self.ends: dict[int, tuple[ByteEnd, bool, bool]] = {}  # channel -> (end, inbound, outbound)
         self.bridges: dict[int, str] = {}  # fd -> path of our private listener
-        self.outputs: list[tuple[CountingEnd, trio.Event]] = []
+        self.outputs: list[tuple[ChannelState, trio.Event]] = []
 
     async def run(self) -> None:
         request = self.request
@@ -192,12 +162,12 @@ class Execution:
                 child_ends.callback(os.close, theirs)
                 dups[spec.fd] = theirs
                 outbound = spec.kind is FdKind.PIPE_OUT
-                self._add_end(spec.channel, StreamEnd.from_fd(ours), inbound=not outbound, outbound=outbound)
+                self.ends[spec.channel] = (StreamEnd.from_fd(ours), not outbound, outbound)
             elif spec.kind is FdKind.SOCKET:
                 ours_sock, theirs_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 child_ends.callback(theirs_sock.close)
                 dups[spec.fd] = theirs_sock.fileno()
-                self._add_end(spec.channel, StreamEnd.from_fd(ours_sock.detach()), inbound=True, outbound=True)
+                self.ends[spec.channel] = (StreamEnd.from_fd(ours_sock.detach()), True, True)
             elif spec.kind is FdKind.LISTENER:
                 bridge = str(self.state.bridges / f"{self.id}-{spec.fd}.sock")
                 # A plain blocking listener: the program accepts on it, not us.
@@ -225,17 +195,15 @@ class Execution:
             rlimits=rlimits,
         )
 
-    def _add_end(self, channel: int, end: ByteEnd, *, inbound: bool, outbound: bool) -> None:
-        if outbound:
-            end = CountingEnd(end)
-        self.ends[channel] = (end, inbound, outbound)
-
     async def _supervise(self) -> None:
         assert self.process is not None
         self.state.ptys.open_session(self.id)
         async with aio.open_nursery() as nursery:
             for channel, (end, inbound, outbound) in self.ends.items():
-                nursery.start_soon(self._relay, channel, end, inbound, outbound, self._output(end))
+                done = self._output(channel, outbound)
+                nursery.start_soon(
+                    partial(self.link.relay, channel, end, inbound=inbound, outbound=outbound, outbound_done=done)
+                )
             self.ends.clear()  # the relays own them now
             control = trio.CancelScope()
             nursery.start_soon(self._control_loop, nursery, control)
@@ -254,24 +222,13 @@ class Execution:
             await self.link.send(exited)
             nursery.cancel_scope.cancel()
 
-    def _output(self, end: ByteEnd) -> trio.Event | None:
-        """For an end the program writes to: the event set once all it wrote was sent."""
-        if not isinstance(end, CountingEnd):
+    def _output(self, channel: int, outbound: bool) -> trio.Event | None:
+        """For a channel the program writes to: the event set once all it wrote was sent."""
+        if not outbound:
             return None
         done = trio.Event()
-        self.outputs.append((end, done))
+        self.outputs.append((self.link.add_channel(channel), done))
         return done
-
-    async def _relay(
-        self,
-        channel: int,
-        end: ByteEnd,
-        inbound: bool,
-        outbound: bool,
-        done: trio.Event | None,
-        passing: Passing | None = None,
-    ) -> None:
-        await self.link.relay(channel, end, inbound=inbound, outbound=outbound, outbound_done=done, passing=passing)
 
     async def _await_output(self) -> None:
         """Wait until what the program wrote (pipes, sockets, bridged connections) was sent, unless it stalls.
@@ -280,16 +237,14 @@ class Execution:
         our ends; Exited must follow them, and ending the session cancels
         every relay.
         """
-        for end, done in self.outputs:
+        for output, done in self.outputs:
             while not done.is_set():
-                before = end.count
+                before = output.read
                 with trio.move_on_after(OUTPUT_LINGER):
                     await done.wait()
-                if not done.is_set() and end.count == before:
+                if not done.is_set() and output.read == before:
                     log.info(
-                        "session %d: output still open %.0f s after exit; not waiting for it",
-                        self.id,
-                        OUTPUT_LINGER,
+                        "session %d: output still open %.0f s after exit; not waiting for it", self.id, OUTPUT_LINGER
                     )
                     return
 
@@ -334,8 +289,9 @@ class Execution:
         # user; its own are named from its root.  Passed pipes are relayed
         # for the session: qemu writes a save image long after getfd.
         passing = Passing(self.config.shared_path, self.user, fdpass.root_of(self.process.pid), nursery)
-        end = CountingEnd(PassingSocketEnd(stream))
-        await self._relay(event.channel, end, True, True, self._output(end), passing)
+        end = PassingSocketEnd(stream)
+        done = self._output(event.channel, True)
+        await self.link.relay(event.channel, end, inbound=True, outbound=True, outbound_done=done, passing=passing)
 
     async def _pty(self, event: OpenPty) -> None:
         """Answer with a ticket for a pty whose master the program holds (qemu's serial console).

@@ -25,7 +25,7 @@ from functools import partial
 
 import trio
 
-from offload import aio, fdpass, users
+from offload import aio, users
 from offload.errors import LinkLost, RemoteProtocolError, TransportError, UnsupportedFdError
 from offload.fdio import CHUNK, ByteEnd, StreamEnd
 from offload.net import Connected, TlsStream, translate_errors
@@ -53,6 +53,7 @@ from offload.protocol.rexec import (
     State,
     Window,
 )
+from offload.udsproxy.relay import materialize_all, prepare_all
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class ChannelState:
     reading: trio.CancelScope | None = None
     #: An OpenPty's answer: the ticket for the pty's own connection.
     ticket: str | None = None
+    #: Bytes the outbound pump took from its local source: progress, as a watchdog sees it.
+    read: int = 0
 
     def wake(self) -> None:
         self.changed.set()
@@ -360,46 +363,45 @@ class SessionLink:
         With ``passing``, fds the program passes along with its bytes cross too.
         """
         try:
-            await self._pump_out(channel, self._channels[channel], source, passing)
+            state = self._channels[channel]
+            while True:
+                while not state.reset and self.conn.send_credit(channel) <= 0:
+                    await state.changed.wait()
+                if state.reset:
+                    return
+                fds: list[int] = []
+                with trio.CancelScope() as state.reading:
+                    try:
+                        limit = min(self.conn.send_credit(channel), CHUNK)
+                        if passing is None:
+                            data = await source.read(limit)
+                        else:
+                            data, fds = await source.read_message(limit)
+                        state.read += len(data)
+                    except OSError as exc:
+                        await self.send(Reset(channel, f"read failed: {os.strerror(exc.errno or 0)}"))
+                        return
+                    finally:
+                        state.reading = None
+                if fds:
+                    assert passing is not None
+                    try:
+                        if not state.reset:
+                            await self._pass_out(channel, fds, passing)
+                    finally:
+                        for fd in fds:
+                            os.close(fd)
+                if state.reset:
+                    return
+                if not data:
+                    if fds:
+                        continue  # fds without bytes: they go with what follows
+                    await self.send(Eof(channel))
+                    return
+                await self.send(Data(channel, data))
         finally:
             if done is not None:
                 done.set()
-
-    async def _pump_out(self, channel: int, state: ChannelState, source: ByteEnd, passing: Passing | None) -> None:
-        while True:
-            while not state.reset and self.conn.send_credit(channel) <= 0:
-                await state.changed.wait()
-            if state.reset:
-                return
-            fds: list[int] = []
-            with trio.CancelScope() as state.reading:
-                try:
-                    limit = min(self.conn.send_credit(channel), CHUNK)
-                    if passing is None:
-                        data = await source.read(limit)
-                    else:
-                        data, fds = await source.read_message(limit)
-                except OSError as exc:
-                    await self.send(Reset(channel, f"read failed: {os.strerror(exc.errno or 0)}"))
-                    return
-                finally:
-                    state.reading = None
-            if fds:
-                assert passing is not None
-                try:
-                    if not state.reset:
-                        await self._pass_out(channel, fds, passing)
-                finally:
-                    for fd in fds:
-                        os.close(fd)
-            if state.reset:
-                return
-            if not data:
-                if fds:
-                    continue  # fds without bytes: they go with what follows
-                await self.send(Eof(channel))
-                return
-            await self.send(Data(channel, data))
 
     async def _pass_out(self, channel: int, fds: list[int], passing: Passing) -> None:
         """Describe the fds the program here passed on ``channel`` and send them ahead of its bytes.
@@ -408,19 +410,10 @@ class SessionLink:
         logged naming it, and the bytes go on alone (a monitor command then
         fails with qemu's own error; the connection and the VM stay up).
         """
-        prepared: list[tuple[FdDescription, int | None]] = []
-
-        def prepare_all() -> None:
-            for fd in fds:
-                prepared.append(fdpass.prepare(fd, passing.shared, passing.root))
-
         try:
             # A file's fstat may go to a network or FUSE filesystem.
-            await trio.to_thread.run_sync(prepare_all)
+            prepared = await trio.to_thread.run_sync(prepare_all, fds, passing.shared, passing.root)
         except (UnsupportedFdError, OSError) as exc:
-            for _, kept in prepared:
-                if kept is not None:
-                    os.close(kept)
             what = f"fd {exc.fd}, {exc.kind}," if isinstance(exc, UnsupportedFdError) else f"an fd ({exc}),"
             log.error(
                 "link to %s: channel %d: the program passed %s which cannot be carried; its message goes on without fds",
@@ -468,19 +461,9 @@ class SessionLink:
             log.error("link to %s: channel %d carries no fds; the peer passed %d", self.peer, channel, len(fds))
             await self._refuse_pipes(fds, "this connection carries no fds")
             return []
-        made: list[tuple[int, int | None]] = []
-
-        def materialize_all() -> None:
-            for description in fds:
-                made.append(fdpass.materialize(description, passing.shared, passing.user))
-
         try:
-            await trio.to_thread.run_sync(materialize_all)
+            made = await trio.to_thread.run_sync(materialize_all, fds, passing.shared, passing.user)
         except OSError as exc:
-            for app_fd, kept in made:
-                os.close(app_fd)
-                if kept is not None:
-                    os.close(kept)
             log.error("link to %s: channel %d: cannot deliver passed fds here: %s", self.peer, channel, exc)
             await self._refuse_pipes(fds, f"not delivered: {exc}")
             return []
@@ -492,9 +475,44 @@ class SessionLink:
     async def pump_in(self, channel: int, sink: ByteEnd, passing: Passing | None = None) -> None:
         """Peer -> local sink, granting window as the sink takes the bytes (and the fds passed with them)."""
         state = self._channels[channel]
+        generation = self.generation
+        passed: list[int] = []  # made here, delivered with the next bytes
         try:
-            await self._pump_in(channel, state, sink, self.generation, passing)
+            while True:
+                if state.chunks:
+                    data = state.chunks.popleft()
+                    if isinstance(data, tuple):
+                        passed.extend(await self._deliver_in(channel, data, passing))
+                        continue
+                    try:
+                        if passed and data:
+                            await sink.write_message(data, passed)
+                            # The program has its copies now; ours go.
+                            for fd in passed:
+                                os.close(fd)
+                            passed.clear()
+                        else:
+                            await sink.write(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        state.kill()
+                        for leftover in state.chunks:
+                            if isinstance(leftover, tuple):
+                                await self._refuse_pipes(leftover, "reader closed")
+                        state.chunks.clear()
+                        await self.send(Reset(channel, "reader closed"))
+                        return
+                    await self._give_back(channel, len(data), generation)
+                elif state.eof:
+                    with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                        await sink.shutdown_write()
+                    return
+                elif state.reset:
+                    return
+                else:
+                    await state.changed.wait()
         finally:
+            for fd in passed:
+                os.close(fd)
             state.drained.set()
 
     async def wait_drained(self, channel: int) -> None:
@@ -502,58 +520,6 @@ class SessionLink:
         state = self._channels.get(channel)
         if state is not None:
             await state.drained.wait()
-
-    async def _pump_in(
-        self, channel: int, state: ChannelState, sink: ByteEnd, generation: int, passing: Passing | None
-    ) -> None:
-        passed: list[int] = []  # made here, delivered with the next bytes
-        try:
-            await self._pump_in_chunks(channel, state, sink, generation, passing, passed)
-        finally:
-            for fd in passed:
-                os.close(fd)
-
-    async def _pump_in_chunks(
-        self,
-        channel: int,
-        state: ChannelState,
-        sink: ByteEnd,
-        generation: int,
-        passing: Passing | None,
-        passed: list[int],
-    ) -> None:
-        while True:
-            if state.chunks:
-                data = state.chunks.popleft()
-                if isinstance(data, tuple):
-                    passed.extend(await self._deliver_in(channel, data, passing))
-                    continue
-                try:
-                    if passed and data:
-                        await sink.write_message(data, passed)
-                        # The program has its copies now; ours go.
-                        for fd in passed:
-                            os.close(fd)
-                        passed.clear()
-                    else:
-                        await sink.write(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    state.kill()
-                    for leftover in state.chunks:
-                        if isinstance(leftover, tuple):
-                            await self._refuse_pipes(leftover, "reader closed")
-                    state.chunks.clear()
-                    await self.send(Reset(channel, "reader closed"))
-                    return
-                await self._give_back(channel, len(data), generation)
-            elif state.eof:
-                with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                    await sink.shutdown_write()
-                return
-            elif state.reset:
-                return
-            else:
-                await state.changed.wait()
 
     async def relay(
         self,

@@ -53,14 +53,6 @@ class PtyGrant:
     index: int
     peer: str
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def program_exited(self) -> bool:
-        """True once the program was reaped, or is reaped by this check (`trio.Process.returncode` polls)."""
-        return self.process.returncode is not None
-
 
 class PtyGrants:
     """The host's outstanding tickets and the relays they became, by session."""
@@ -129,11 +121,12 @@ async def serve_attach(
         log.warning("pty connection from %s: the ticket was issued to %s; refused", peer, grant.peer)
         return
     # No await from this check to the open: the pid cannot be reaped and reused in between.
-    if grant.program_exited():
+    # `trio.Process.returncode` polls: the program is reaped by this check if it has exited.
+    if grant.process.returncode is not None:
         log.warning("session %d: pty %d not opened for %s: the program has exited", grant.session, grant.index, peer)
         return
     try:
-        fd = ptys.program_pty_peer(grant.pid, grant.index)
+        fd = ptys.program_pty_peer(grant.process.pid, grant.index)
     except OSError as exc:
         log.warning("session %d: pty %d no longer opens for %s: %s", grant.session, grant.index, peer, exc)
         return
@@ -143,22 +136,13 @@ async def serve_attach(
         with translate_errors(peer, "sending to"):
             await stream.send_all(conn.send(PtyAttached()))
         link, cipher = detach(stream)
-        relay = Relay(
-            link,
-            cipher,
-            end,
-            seqpacket=False,
-            client=False,
-            shared=(),
-            user=None,
-            name=f"session {grant.session} pty {grant.index}",
-        )
+        relay = Relay(link, cipher, end, client=False, name=f"session {grant.session} pty {grant.index}")
     finally:
         if relay is None:
             end.close()
     if not grants.add(grant.session, relay):
         relay.stop()  # the session ended meanwhile; run() still closes everything
-    log.info("session %d: pty %d of pid %d relayed for %s", grant.session, grant.index, grant.pid, peer)
+    log.info("session %d: pty %d of pid %d relayed for %s", grant.session, grant.index, grant.process.pid, peer)
     try:
         await run_in_thread(relay)
     finally:
@@ -192,9 +176,7 @@ async def attach(transport: Transport, address: Address, node: str, token: str, 
             await trio.aclose_forcefully(stream)
             raise
         try:
-            relay = Relay(
-                link, cipher, end, seqpacket=False, client=True, shared=(), user=None, leftover=leftover, name=name
-            )
+            relay = Relay(link, cipher, end, client=True, leftover=leftover, name=name)
         except BaseException:
             link.close()
             raise

@@ -66,10 +66,12 @@ from offload.udsproxy.relay import (
     CONTROL_SPACE,
     LOCAL_BUFFER,
     Cipher,
+    Prepared,
     Relay,
     Submission,
     close_all,
     detach,
+    prepare_all,
     run_in_thread,
 )
 
@@ -268,7 +270,7 @@ class Daemon:
     async def _shim_send_fds(self, sock: trio.socket.SocketType, payload: bytes, passed: list[int]) -> None:
         """A sendmsg with SCM_RIGHTS on a carried socket: the fds travel in order with its bytes."""
         error = 0
-        prepared: list[tuple[wire.FdDescription, int | None]] = []
+        prepared: Prepared = []
         relay = None
         try:
             if len(passed) < 2:
@@ -283,8 +285,7 @@ class Daemon:
                     plain = socket.socket(fileno=os.dup(sock.fileno()))
                     with plain:
                         root = fdpass.peer_root(plain)
-                    for fd in passed[1:]:
-                        prepared.append(fdpass.prepare(fd, self.config.share, root))
+                    prepared = prepare_all(passed[1:], self.config.share, root)
                 except UnsupportedFdError as exc:
                     log.error(
                         "%s: refused a sendmsg passing fd #%d of %d: it is %s, which cannot be carried",

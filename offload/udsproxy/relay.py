@@ -1,35 +1,23 @@
 """The threaded driver of the link core: one carried connection's data path, in a thread of its own.
 
-The link core (`offload.protocol.link`) has two drivers: the trio one (qtfs,
-rexec, and udsproxy's connection setup in `offload.udsproxy.daemon`) and
-this one.  Connection setup (TLS handshake, Hello, Connect, the allowlists)
-runs in trio; once a connection is open, its link socket, its TLS session
-and the local UNIX socket move to a `Relay`, a small poll loop in a
-dedicated thread, which drives a `UdsProxyConnection` in its OPEN state
-from there on.  The data path was measured to cost several trio checkpoints,
-wakeups and copies per message; here a small message costs one poll, one
-receive, one seal and one send per hop.  Each connection has its own
-thread, so a slow program or peer only ever stalls its own connection.
-Measured over the lab's veth, a 64-byte round trip through two relays
-(udsproxy on both sides) took 229 us against 136 us for a socat relay.
+Connection setup (TLS handshake, Hello, Connect, the allowlists) runs in trio
+(`offload.udsproxy.daemon`); once open, the link socket, its TLS session and the
+local socket move to a `Relay`, a poll loop in a dedicated thread that drives a
+`UdsProxyConnection` in its OPEN state.  Through trio a message cost several
+checkpoints, wakeups and copies; here a small one costs one poll, one receive,
+one seal and one send per hop, and a slow program or peer stalls only its own
+connection.  Measured over the lab's veth, a 64-byte round trip through two
+relays (udsproxy on both sides) took 229 us against 136 us for a socat relay.
+The same loop carries a console (`offload.rexec.ptylink`) with a pty
+(`offload.ptys.PtyEnd`) as its local end: a keystroke skips trio's turns too.
 
-The same loop carries a console: the rexec daemons move a pty's
-connection (`offload.rexec.ptylink`) to a Relay whose local end is the
-pty (`offload.ptys.PtyEnd`), not a socket, so a keystroke and its echo
-cost a poll, a read and a seal per hop instead of trio's turns.
-
-Buffers are preallocated: local reads land after room for the frame header
-(`data_header`, as cheap as packing it in place), so a Data frame is sealed
-in one TLS record without joining bytes; link reads are decrypted straight
-into a buffer that `framing.split_frames` splits in place.  A Data frame's
-payload goes to the local socket as a view, without an event; every other
-frame becomes its event through the connection (`event_of`), and every
-other frame sent is the connection's `send`.  Flow control: a side stops
-reading from where data comes while more than HIGH_WATER bytes wait to go
-out; each pipe channel also has a credit `Window`.  A peer is never trusted
-to keep to either: a pipe channel's bytes beyond the window it was granted,
-or a peer that leaves more than LINK_OUT_LIMIT of our frames unread, end
-that connection, so a bad peer cannot grow the daemon's memory.
+Local reads land after room for the frame header, so a Data frame is sealed in
+one TLS record without joining bytes; link reads are split in place
+(ARCHITECTURE.md).  Flow control: a side stops reading from where data comes
+while more than HIGH_WATER bytes wait to go out; each pipe channel also has a
+credit `Window`.  A peer is never trusted to keep to either: a pipe channel's
+bytes beyond its window, or a peer that leaves more than LINK_OUT_LIMIT of our
+frames unread, end that connection, so a bad peer cannot grow the daemon's memory.
 """
 
 from __future__ import annotations
@@ -46,7 +34,7 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol, cast
 
 import trio
@@ -197,7 +185,7 @@ class Submission:
     """
 
     data: bytes
-    prepared: list[tuple[wire.FdDescription, int | None]]
+    prepared: Prepared
     answer: Callable[[int], None]
 
     def fail(self, code: int) -> None:
@@ -230,10 +218,10 @@ class Relay:
         cipher: Cipher,
         local: socket.socket | ptys.PtyEnd,
         *,
-        seqpacket: bool,
         client: bool,
-        shared: tuple[str, ...],
-        user: users.RemoteUser | None,
+        seqpacket: bool = False,
+        shared: tuple[str, ...] = (),
+        user: users.RemoteUser | None = None,
         root: str = "/",
         leftover: bytes = b"",
         name: str = "",
@@ -448,12 +436,9 @@ class Relay:
 
     def _carry_passed(self, passed: list[int]) -> None:
         """fds that arrived on the local socket itself (not through the shim's request)."""
-        prepared: list[tuple[wire.FdDescription, int | None]] = []
         try:
-            for fd in passed:
-                prepared.append(fdpass.prepare(fd, self.shared, self.root))
+            prepared = prepare_all(passed, self.shared, self.root)
         except UnsupportedFdError as exc:
-            close_all([kept for _, kept in prepared if kept is not None])
             log.error(
                 "%s: the program passed fd %d, %s, which cannot be carried; ending the connection",
                 self.name,
@@ -465,7 +450,7 @@ class Relay:
             close_all(passed)
         self._send_fds(prepared, None)
 
-    def _send_fds(self, prepared: list[tuple[wire.FdDescription, int | None]], submission: Submission | None) -> None:
+    def _send_fds(self, prepared: Prepared, submission: Submission | None) -> None:
         descriptions = []
         for description, kept in prepared:
             if kept is not None:
@@ -564,6 +549,10 @@ class Relay:
             log.warning("%s: the link ended before the far program's end of stream (%s)", self.name, why)
         self._send_failed(why)
         self._reading_link = False
+        self._unanswered()
+
+    def _unanswered(self) -> None:
+        """fds sent that the peer will never answer for: their senders get ECONNRESET."""
         for waiting in self._awaiting:
             if waiting is not None:
                 waiting.answer(errno.ECONNRESET)
@@ -655,16 +644,14 @@ class Relay:
             raise RemoteProtocolError("fds passed on a connection that carries none")
         if self._arriving_fds is not None:
             raise RemoteProtocolError("two fd messages without data between them")
-        made: list[tuple[int, int | None]] = []
+        for description in descriptions:
+            if description.channel and (
+                description.channel % 2 == self._next_channel % 2 or description.channel in self._pipes
+            ):
+                raise RemoteProtocolError(f"pipe channel {description.channel} is not the peer's to open")
         try:
-            for description in descriptions:
-                if description.channel and (
-                    description.channel % 2 == self._next_channel % 2 or description.channel in self._pipes
-                ):
-                    raise RemoteProtocolError(f"pipe channel {description.channel} is not the peer's to open")
-                made.append(fdpass.materialize(description, self.shared, self.user))
+            made = materialize_all(descriptions, self.shared, self.user)
         except OSError as exc:
-            close_all([fd for pair in made for fd in pair if fd is not None])
             reason = errno_name(exc.errno or errno.EIO)
             log.error("%s: cannot deliver passed fds here: %s", self.name, exc)
             self._send_link(self._conn.send(wire.FdsResult(reason)))
@@ -817,10 +804,7 @@ class Relay:
             self._submissions.clear()
         for submission in pending:
             submission.fail(errno.EPIPE)
-        for waiting in self._awaiting:
-            if waiting is not None:
-                waiting.answer(errno.ECONNRESET)
-        self._awaiting.clear()
+        self._unanswered()
         close_all(self._arriving_fds or [])
         for _, passed in self._local_out:
             close_all(passed)
@@ -854,6 +838,35 @@ def close_all(passed: list[int]) -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     passed.clear()
+
+
+Prepared = list[tuple[wire.FdDescription, int | None]]
+
+
+def prepare_all(fds: Iterable[int], shared: tuple[str, ...], root: str) -> Prepared:
+    """`fdpass.prepare` for every fd, all or none: on failure the pipe ends kept so far are closed."""
+    prepared: Prepared = []
+    try:
+        for fd in fds:
+            prepared.append(fdpass.prepare(fd, shared, root))
+    except BaseException:
+        close_all([kept for _, kept in prepared if kept is not None])
+        raise
+    return prepared
+
+
+def materialize_all(
+    descriptions: Iterable[wire.FdDescription], shared: tuple[str, ...], user: users.RemoteUser
+) -> list[tuple[int, int | None]]:
+    """`fdpass.materialize` for every description, all or none: on failure what was made is closed."""
+    made: list[tuple[int, int | None]] = []
+    try:
+        for description in descriptions:
+            made.append(fdpass.materialize(description, shared, user))
+    except BaseException:
+        close_all([fd for pair in made for fd in pair if fd is not None])
+        raise
+    return made
 
 
 def detach(stream: trio.abc.Stream) -> tuple[socket.socket, Cipher]:
