@@ -323,6 +323,10 @@ class Exited:
         if self.code is not None and not 0 <= self.code <= 255:
             raise ValueError(f"exit code {self.code} out of range")
 
+    def to_json(self) -> dict[str, Any]:
+        """As the peer and the stand-in both carry it: the signal by name."""
+        return {"code": self.code} if self.signal is None else {"signal": messages.signal_name(self.signal)}
+
 
 @dataclass(frozen=True, slots=True)
 class Daemonized:
@@ -536,13 +540,7 @@ REXEC.declare_keepalive(T_PING, T_PONG)
 _control(T_EXEC, Exec, Role.CLIENT, lambda e: e.request.to_json(), lambda d: Exec(ExecRequest.from_json(d)))
 _object(T_STARTED, Started, Role.SERVER, ("pid", int))
 _object(T_REFUSED, Refused, Role.SERVER, ("code", int), ("reason", str))
-_control(
-    T_EXITED,
-    Exited,
-    Role.SERVER,
-    lambda e: {"code": e.code} if e.signal is None else {"signal": messages.signal_name(e.signal)},
-    _exited,
-)
+_control(T_EXITED, Exited, Role.SERVER, Exited.to_json, _exited)
 _object(T_DAEMONIZED, Daemonized, Role.SERVER, ("code", int), ("pid", int))
 _control(
     T_SIGNAL,

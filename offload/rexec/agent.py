@@ -170,8 +170,7 @@ class AgentSession:
         with contextlib.suppress(OSError):
             if fds:
                 await self.sock.sendmsg(
-                    [data],
-                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))],
+                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
                 )
             else:
                 await self.sock.send(data)
@@ -192,15 +191,12 @@ class AgentSession:
             data, ancdata, flags, _ = await self.sock.recvmsg(
                 65536, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
             )
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    usable = len(payload) - len(payload) % 4
-                    fds = struct.unpack(f"{usable // 4}i", payload[:usable])
-                    if self.accepting_fds:
-                        self.fds.extend(fds)
-                    else:
-                        for fd in fds:  # only the request may carry fds
-                            os.close(fd)
+            fds = fdpass.fds_of(ancdata)
+            if self.accepting_fds:
+                self.fds.extend(fds)
+            else:
+                for fd in fds:  # only the request may carry fds
+                    os.close(fd)
             if flags & socket.MSG_CTRUNC:
                 raise RefusedError("the stand-in passed more file descriptors than one message can carry")
             self.decoder.receive_data(data)
@@ -220,7 +216,8 @@ class AgentSession:
             if type != local.L_REQUEST:
                 raise RefusedError(f"expected a request, got message {type:#x}", exit_code=EXIT_FAILURE)
             request = self._request(document, caller)
-            await self._run_remote(caller, request)
+            with self.pidmaps.claim(caller.pid):
+                await self._run_remote(caller, request)
         except RefusedError as exc:
             await self.refuse(exc.exit_code, str(exc))
         except TransportError as exc:
@@ -296,10 +293,6 @@ class AgentSession:
         return peer
 
     async def _run_remote(self, caller: Caller, request: ExecRequest) -> None:
-        with self.pidmaps.claim(caller.pid):
-            await self._run_claimed(caller, request)
-
-    async def _run_claimed(self, caller: Caller, request: ExecRequest) -> None:
         assert self.address is not None
         try:
             self.link = link = await self.pool.take(self.address)
@@ -490,10 +483,7 @@ class AgentSession:
         async for event in self.link.control:
             if isinstance(event, Exited):
                 await self._drain_inbound()
-                if event.signal is not None:
-                    await self.tell(local.L_EXITED, {"signal": messages.signal_name(event.signal)})
-                else:
-                    await self.tell(local.L_EXITED, {"code": event.code})
+                await self.tell(local.L_EXITED, event.to_json())
                 return
             if isinstance(event, Refused):  # the program ran, its daemon was not followed
                 await self._drain_inbound()

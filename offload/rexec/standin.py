@@ -57,32 +57,12 @@ environment:
 EXIT_REFUSED = 126
 EXIT_FAILURE = 255
 
-#: Signals a caller may send to the stand-in that the remote program receives.
-FORWARDED_SIGNALS = (
-    _signal.SIGTERM,
-    _signal.SIGINT,
-    _signal.SIGHUP,
-    _signal.SIGQUIT,
-    _signal.SIGUSR1,
-    _signal.SIGUSR2,
-    _signal.SIGWINCH,
-    _signal.SIGCONT,
-    _signal.SIGALRM,
-)
+#: Signals a caller may send to the stand-in that the remote program receives, by number and name.
 SIGNAL_NAMES = {
-    number: f"SIG{name}"
-    for name, number in (
-        ("TERM", _signal.SIGTERM),
-        ("INT", _signal.SIGINT),
-        ("HUP", _signal.SIGHUP),
-        ("QUIT", _signal.SIGQUIT),
-        ("USR1", _signal.SIGUSR1),
-        ("USR2", _signal.SIGUSR2),
-        ("WINCH", _signal.SIGWINCH),
-        ("CONT", _signal.SIGCONT),
-        ("ALRM", _signal.SIGALRM),
-    )
+    getattr(_signal, name): name
+    for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH", "SIGCONT", "SIGALRM")
 }
+FORWARDED_SIGNALS = tuple(SIGNAL_NAMES)
 
 
 def signal_number(name: str) -> int:
@@ -95,13 +75,7 @@ def signal_number(name: str) -> int:
 
 # fd types whose fd travels to the agent (it relays their bytes).
 _PASSED_TYPES = frozenset(
-    {
-        fdinfo.PIPE_READ,
-        fdinfo.PIPE_WRITE,
-        fdinfo.UNIX_STREAM,
-        fdinfo.UNIX_LISTENER,
-        fdinfo.STREAM,
-    }
+    {fdinfo.PIPE_READ, fdinfo.PIPE_WRITE, fdinfo.UNIX_STREAM, fdinfo.UNIX_LISTENER, fdinfo.STREAM}
 )
 
 
