@@ -49,11 +49,7 @@ class Frame:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Frame):
             return NotImplemented
-        return (self.type, self.channel, self.payload) == (
-            other.type,
-            other.channel,
-            other.payload,
-        )
+        return (self.type, self.channel, self.payload) == (other.type, other.channel, other.payload)
 
     def __repr__(self) -> str:
         return f"Frame(type={self.type:#04x}, channel={self.channel}, {len(self.payload)} bytes)"

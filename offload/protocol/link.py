@@ -1,32 +1,14 @@
 """The one link core under rexec, udsproxy and qtfs, sans-io in the manner of h11.
 
-A protocol is a table on top of it:
-
-* a `Registry` declares each frame type once: its code, its event class, who
-  may send it, and how its payload is encoded and decoded.  A code or an
-  event declared twice is refused when it is declared;
-* a `Connection` subclass names its registry, its states and its
-  transitions (``(sender, event type, state) -> state``), and keeps what
-  else it must remember in two hooks (`Connection._sending`,
-  `Connection._received`).
-
-The core does the rest, once for all of them: ``send(event) -> bytes``;
-``receive_data(bytes)`` (``b""`` is the end of the stream) and
-``next_event()``, which returns an event, `NEED_DATA`, or `Closed` at a
-clean end; Hello first both ways and once; frames of an unknown type or
-from the wrong side refused; and the ERROR state: after any violation (ours,
-`LocalProtocolError`; the peer's, `RemoteProtocolError`; a lost link,
-`LinkLost`) `error` holds it and every later call raises
-`LocalProtocolError` naming it.  Whatever a decoder raises on the peer's
-bytes (a ValueError of an event's own checks, a struct.error of a short
-field) is the peer's protocol error, never a crash.
-
-The keepalive is part of the connection: give it a clock value and it says
-when a Ping is due (`poll` returns its bytes) and when the link is lost
-(`poll` raises `LinkLost`); `deadline` is when to ask again.  Every byte
-received counts as a sign of life, so a busy link needs no Pong in time.
-
-`Window` is the credit window of one flow-controlled channel.
+A protocol is a table on top of it (ARCHITECTURE.md): a `Registry` declares each
+frame type once, and a `Connection` subclass names its states, its transitions
+(``(sender, event type, state) -> state``) and two hooks (`Connection._sending`,
+`Connection._received`).  The core does the rest, once for all of them: the
+send/receive API, Hello first and once, the ERROR state after any violation, and
+the keepalive (`poll`, `deadline`, `heard`).  Whatever a decoder raises on the
+peer's bytes (a ValueError of an event's own checks, a struct.error of a short
+field) is the peer's protocol error, never a crash.  Every byte received counts
+as a sign of life, so a busy link needs no Pong in time.
 """
 
 from __future__ import annotations
@@ -38,14 +20,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from offload.errors import LinkLost, LocalProtocolError, ProtocolError, RemoteProtocolError
-from offload.protocol.framing import (
-    ABSOLUTE_MAX_PAYLOAD,
-    NEED_DATA,
-    Frame,
-    FrameDecoder,
-    encode_frame,
-    encode_header,
-)
+from offload.protocol.framing import ABSOLUTE_MAX_PAYLOAD, NEED_DATA, Frame, FrameDecoder, encode_frame, encode_header
 
 __all__ = ["NEED_DATA", "Closed", "Connection", "Phase", "Ping", "Pong", "Registry", "Role", "Window"]
 

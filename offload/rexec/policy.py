@@ -66,10 +66,7 @@ class Whitelist:
             raise ConfigError("the whitelist is not a regular file", path=path)
         with os.fdopen(fd) as stream:
             if st.st_uid != 0:
-                raise ConfigError(
-                    f"the whitelist must be owned by root (it is owned by uid {st.st_uid})",
-                    path=path,
-                )
+                raise ConfigError(f"the whitelist must be owned by root (it is owned by uid {st.st_uid})", path=path)
             if st.st_mode & 0o022:
                 raise ConfigError(
                     f"the whitelist must not be group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o}); chmod 0400 it",
@@ -82,12 +79,7 @@ class Whitelist:
             if not entry or entry.startswith("#"):
                 continue
             if not entry.startswith("/") or ".." in entry.split("/"):
-                log.warning(
-                    "%s:%d: ignoring %r: entries must be absolute paths without '..'",
-                    path,
-                    number,
-                    entry,
-                )
+                log.warning("%s:%d: ignoring %r: entries must be absolute paths without '..'", path, number, entry)
                 continue
             programs.add(entry)
         return cls(path, frozenset(programs))
@@ -99,10 +91,7 @@ class Whitelist:
             if not path.startswith("/"):
                 raise RefusedError(f"{program}: relative program paths are not allowed on {node}", exit_code=126)
         else:
-            path = next(
-                (f"{d}/{program}" for d in REMOTE_PATH.split(":") if os.access(f"{d}/{program}", os.X_OK)),
-                "",
-            )
+            path = next((f"{d}/{program}" for d in REMOTE_PATH.split(":") if os.access(f"{d}/{program}", os.X_OK)), "")
             if not path:
                 raise RefusedError(f"{program}: not found on {node}", exit_code=127)
         if path not in self.programs:
@@ -143,12 +132,7 @@ def plan_fds(descriptions: list[dict], shared: tuple[str, ...], leave_behind: tu
         elif kind == fdinfo.FILE and not passed:
             if not d.get("deleted") and is_shared(d["path"], shared):
                 spec = FdSpec(
-                    fd,
-                    FdKind.FILE,
-                    path=d["path"],
-                    access=d["access"],
-                    append=d["append"],
-                    offset=d["offset"],
+                    fd, FdKind.FILE, path=d["path"], access=d["access"], append=d["append"], offset=d["offset"]
                 )
             else:
                 local_only.append(fd)  # e.g. libvirt's locked pidfile: it stays here

@@ -125,9 +125,7 @@ async def _handle_signals(
                 try:
                     state.whitelist = Whitelist.load(state.config.whitelist)
                     log.info(
-                        "reloaded the whitelist %s: %d programs",
-                        state.config.whitelist,
-                        len(state.whitelist.programs),
+                        "reloaded the whitelist %s: %d programs", state.config.whitelist, len(state.whitelist.programs)
                     )
                 except ConfigError as exc:
                     log.error("whitelist not reloaded, keeping the old one: %s", exc)
@@ -140,10 +138,7 @@ async def _handle_signals(
 
 
 async def serve(
-    config: RexecConfig,
-    transport: Transport,
-    *,
-    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    config: RexecConfig, transport: Transport, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Run until cancelled; ``task_status.started`` gets the bound addresses."""
     run_dir = Path(config.run_dir)
