@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -39,14 +39,15 @@ from offload.qtfs.cache import CachePolicy
 from offload.qtfs.client import Link, LinkDown, Mounted
 from offload.qtfs.inodes import InodeTable, Node, join
 
+if TYPE_CHECKING:
+    from offload.qtfs.mount import MountOptions
+
 MODES = ("", "proc", "sys", "cgroup")
 #: Re-opens after a lost link before a read or write gives up with EIO.
 ATTEMPTS = 3
 _REOPEN_MASK = ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
 #: How long a LOOKUP's attributes may answer the GETATTR that follows it (see getattr).
 LOOKUP_REUSE = 0.001
-#: Default lifetime of the kernel's caches when the host announces its changes.
-COHERENT_TIMEOUT = 10.0
 #: The generation of a file opened for reading without asking the host yet (see open).
 LAZY = -1
 #: Entries one directory listing may hold: a bound on what a host's pages may fill.
@@ -125,31 +126,22 @@ class Filesystem(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(
-        self,
-        link: Link,
-        mounted: Mounted,
-        mode: str = "",
-        timeout: float = 0.0,
-        dir_attr_timeout: float = 1.0,
-        coherent_timeout: float = COHERENT_TIMEOUT,
-        mountpoint: str = "",
-        pidmap: str = "",
-    ) -> None:
+    def __init__(self, link: Link, mounted: Mounted, options: MountOptions) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode {mode!r}")
+        if options.mode not in MODES:
+            raise ValueError(f"mode {options.mode!r}")
         self.host = link
-        self.mode = mode
+        self.mode = options.mode
         #: cgroup mode: rexec's pidmap directory, and the open tasks files -> the pid that opened each.
-        self.pidmap = pidmap
+        self.pidmap = options.pidmap
         self.task_files: dict[int, int] = {}
         #: Placements of libvirt's fork before it execs the stand-in: (tasks file, pid), carried once mapped.
         self._placements_in, self._placements_out = trio.open_memory_channel[tuple[bytes, int]](256)
-        self.mountpoint = os.fsencode(mountpoint.rstrip("/"))
-        coherent = mounted.watched and not mode and coherent_timeout > 0
+        self.mountpoint = os.fsencode(options.mountpoint.rstrip("/"))
+        coherent = mounted.watched and not options.mode and options.coherent_timeout > 0
+        timeout, dir_attr_timeout = options.cache_timeout, options.dir_attr_timeout
         if coherent:
-            timeout = dir_attr_timeout = coherent_timeout
+            timeout = dir_attr_timeout = options.coherent_timeout
         self.cache = CachePolicy[list[CachedEntry]](coherent, timeout, dir_attr_timeout, KERNEL_LISTINGS)
         #: Opens for reading need no round trip (the host's file is opened at
         #: the first read the page cache cannot answer), unless the host
@@ -395,11 +387,10 @@ class Filesystem(pyfuse3.Operations):
     # -- files -------------------------------------------------------------------------------------
 
     def _file_info(self, fh: int, since: int) -> pyfuse3.FileInfo:
-        if not self.cache.coherent:
-            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=False)
-        # The pages cached stay valid unless the host changed something since
-        # the open was sent (the kernel then drops them now, in open(2)).
-        return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=self.cache.keeps_pages(since), nonseekable=False)
+        # Cached pages stay valid unless the host changed something since the
+        # open was sent (the kernel then drops them now, in open(2)).
+        coherent, keep = self.cache.coherent, self.cache.keeps_pages(since)
+        return pyfuse3.FileInfo(fh=fh, direct_io=not coherent, keep_cache=keep, nonseekable=False)
 
     @errors
     async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
@@ -638,23 +629,17 @@ class Filesystem(pyfuse3.Operations):
     # -- changing the namespace ------------------------------------------------------------------
 
     @errors
-    async def mkdir(
-        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
         path = self._child(parent_inode, name)
         return await self._made(path, wire.Mkdir(path, mode, ctx.uid, ctx.gid))
 
     @errors
-    async def mknod(
-        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
         path = self._child(parent_inode, name)
         return await self._made(path, wire.Mknod(path, mode, rdev, ctx.uid, ctx.gid))
 
     @errors
-    async def symlink(
-        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         path = self._child(parent_inode, name)
         return await self._made(path, wire.Symlink(path, target, ctx.uid, ctx.gid))
 

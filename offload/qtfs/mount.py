@@ -14,11 +14,9 @@ wait until the background process has ended (offload.qtfs.unmount).
 SIGTERM, SIGINT and SIGHUP unmount and end the process; an end for any
 other reason (an error no call could absorb) leaves the mount in place,
 dead, so that the DPU's own directory below it never shows.  However the
-process ends, it aborts its FUSE connection on the way out, and a guard
-process (offload.qtfs.guard) does it when the process is killed: a thread
-stuck in a kernel call on the connection would otherwise keep it open,
-the process a zombie and every caller waiting on the mount in D state.
-A mount left dead some other way ("Transport endpoint is not connected")
+process ends, it aborts its FUSE connection on the way out (offload.qtfs.fusectl
+says why), and a guard process (offload.qtfs.guard) does it when the process
+is killed.  A mount left dead some other way ("Transport endpoint is not connected")
 is detached by the next mount on the same directory.
 """
 
@@ -122,16 +120,7 @@ async def run_mount(options: MountOptions, transport: Transport, ready: Callable
             mounted = await nursery.start(link.run)
         except OSError as exc:
             raise QtfsMountError(f"{options.source}: {exc.strerror or exc}") from None
-        filesystem = Filesystem(
-            link,
-            mounted,
-            options.mode,
-            options.cache_timeout,
-            options.dir_attr_timeout,
-            options.coherent_timeout,
-            options.mountpoint,
-            options.pidmap,
-        )
+        filesystem = Filesystem(link, mounted, options)
         try:
             pyfuse3.init(filesystem, options.mountpoint, fuse_options(options, mounted))
         except RuntimeError as exc:
