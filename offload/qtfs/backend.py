@@ -9,17 +9,8 @@ acts on the entry in that very directory, so check and use meet the same
 object.  An operation by handle is judged by the handle's own file.  Each
 refusal raises OSError whose errno the server sends back by name: EACCES
 for the whitelist (as the reference's), ENOENT for what a facts export does
-not serve, EROFS for a write to a read-only export.
-
-The peer is not trusted with privileges on the host (the DPU may be
-compromised): no setuid or setgid bit and no file capability is ever set
-or kept on its behalf (a directory still inherits its parent's setgid bit,
-as the kernel does it), nothing is given to uid 0 by chown, and by default
-uid and gid 0 of a request are squashed to nobody/nogroup (NFS's
-root_squash).  The /proc and /sys facts exports serve only the allowlists
-of `offload.qtfs.facts`, are mounted at their roots only, and are
-read-only.  A connection holds at most `MAX_HANDLES` open files and as many
-directory listings (`MAX_LISTING_BYTES` of them in all); beyond, EMFILE.
+not serve, EROFS for a write to a read-only export.  README.md ("qtfs",
+Security) says what the peer, which may be compromised, is never given.
 
 The process runs as root with umask 0 (the client's kernel has applied the
 caller's umask already); new files are given to the calling DPU user (uid
@@ -288,9 +279,10 @@ class Backend:
         with self._at(path, *sections) as (parent, name):
             return action(parent, name)
 
-    def _lstat(self, path: bytes) -> os.stat_result:
+    def _stat(self, path: bytes) -> wire.AttrReply:
+        """The attributes of ``path`` itself (a symlink is not followed)."""
         with self._at(path) as (parent, name):
-            return os.stat(name, dir_fd=parent, follow_symlinks=False)
+            return wire.AttrReply(wire.pack_stat(os.stat(name, dir_fd=parent, follow_symlinks=False)))
 
     def _owner(self, uid: int, gid: int) -> tuple[int, int]:
         """The host owner for a peer's uid and gid: root squashed to nobody/nogroup unless told otherwise."""
@@ -340,12 +332,12 @@ class Backend:
         return wire.MountReply(wire.pack_stat(os.stat(root)), wire.MOUNT_READONLY if self.readonly else 0)
 
     def lookup(self, request: wire.Lookup) -> wire.AttrReply:
-        return wire.AttrReply(wire.pack_stat(self._lstat(request.path)))
+        return self._stat(request.path)
 
     def getattr(self, request: wire.Getattr) -> wire.AttrReply:
         if request.handle:
             return wire.AttrReply(wire.pack_stat(os.fstat(self.files.get(request.handle))))
-        return wire.AttrReply(wire.pack_stat(self._lstat(request.path)))
+        return self._stat(request.path)
 
     def setattr(self, request: wire.Setattr) -> wire.AttrReply:
         self._writable(request.path)
@@ -500,9 +492,6 @@ class Backend:
         (os.fdatasync if request.datasync else os.fsync)(fd)
         return wire.Empty()
 
-    def _made(self, path: bytes) -> wire.AttrReply:
-        return wire.AttrReply(wire.pack_stat(self._lstat(path)))
-
     def _make(
         self, request: wire.Mkdir | wire.Mknod | wire.Symlink, section: str, make: Callable[[int, bytes], None]
     ) -> wire.AttrReply:
@@ -514,7 +503,7 @@ class Backend:
             self._give(parent, name, request.uid, request.gid)
 
         self._in_parent(request.path, (section,), make_and_give)
-        return self._made(request.path)
+        return self._stat(request.path)
 
     def mkdir(self, request: wire.Mkdir) -> wire.AttrReply:
         # The kernel gives a new directory its parent's setgid bit itself; the peer gives none.
@@ -549,7 +538,7 @@ class Backend:
             )
 
         self._in_parent(request.source, ("Create",), link_from)
-        return self._made(request.path)
+        return self._stat(request.path)
 
     def unlink(self, request: wire.Unlink) -> wire.Empty:
         self._writable(request.path)

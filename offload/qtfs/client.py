@@ -32,7 +32,7 @@ import logging
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import trio
@@ -61,12 +61,10 @@ class LinkDown(OSError):
         super().__init__(errno.EIO, "link to the qtfs server lost")
 
 
+@dataclass(slots=True)
 class _Waiter:
-    __slots__ = ("event", "outcome")
-
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.outcome: wire.Message | OSError | None = None
+    event: trio.Event = field(default_factory=trio.Event)
+    outcome: wire.Message | OSError | None = None
 
 
 @dataclass

@@ -205,15 +205,7 @@ class TreeWatch:
             if not data:
                 break
             self._parse(data, out)
-        if not out:
-            return out
-        seen: set[wire.Invalidate] = set()
-        unique = []
-        for item in out:
-            if item not in seen:
-                seen.add(item)
-                unique.append(item)
-        return unique
+        return list(dict.fromkeys(out))
 
     def _parse(self, data: bytes, out: list[wire.Invalidate]) -> None:
         at = 0

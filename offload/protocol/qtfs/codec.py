@@ -103,7 +103,6 @@ def pack_stat(st: Any) -> bytes:
 # a absolute path, n file name, d the rest of the payload.  Numbers come
 # first on the wire (one struct), then the strings in order.
 
-_NUMERIC = {"Q": "Q", "q": "q", "I": "I", "B": "B"}
 _LIMITS = {"Q": (0, (1 << 64) - 1), "q": (-(1 << 63), (1 << 63) - 1), "I": (0, MAX_ID), "B": (0, 255)}
 _PATH_CHECKS = {"p": check_relative, "a": check_absolute, "n": check_name}
 _U32 = struct.Struct("!I")
@@ -125,9 +124,9 @@ class Message:
         kinds = list(zip(names, cls.LAYOUT, strict=True))
         if "d" in cls.LAYOUT[:-1]:
             raise TypeError(f"{cls.__name__}: trailing data must be the last field")
-        cls._number_fields = tuple(n for n, k in kinds if k in _NUMERIC)
-        cls._numbers = struct.Struct("!" + "".join(_NUMERIC[k] for _, k in kinds if k in _NUMERIC))
-        cls._string_fields = tuple((n, k) for n, k in kinds if k not in _NUMERIC)
+        cls._number_fields = tuple(n for n, k in kinds if k in _LIMITS)
+        cls._numbers = struct.Struct("!" + "".join(k for _, k in kinds if k in _LIMITS))
+        cls._string_fields = tuple((n, k) for n, k in kinds if k not in _LIMITS)
 
     def validate(self) -> None:
         for name, kind in zip((f.name for f in fields(self)), self.LAYOUT, strict=True):

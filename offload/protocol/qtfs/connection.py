@@ -183,7 +183,6 @@ class QtfsConnection(Connection):
 
     def __init__(self, client: bool, **keepalive: Any) -> None:
         super().__init__(Role.CLIENT if client else Role.SERVER, **keepalive)
-        self.client = client
         self.pending: dict[int, Op] = {}
 
     def _sending(self, event: Any) -> None:
