@@ -1,14 +1,11 @@
 """The guard of a qtfs mount: when its client dies, however, abort the connection and detach the mount.
 
-A client that is killed while one of its threads is stuck in a kernel call
-on its FUSE connection cannot end the connection itself (see
-offload.qtfs.fusectl): it stays a zombie, and every caller waiting on the
-mount stays in D state.  So the client starts this small process once its
-mount answers, hands it the connection's held control files, and the
-guard waits for the client's death: then it aborts the connection (every
-waiting caller gets an error, the stuck thread returns and the zombie is
-freed) and detaches the mount if it is still there (the next prepare or
-mount finds the path free).
+A client killed while one of its threads is stuck in a kernel call on its
+FUSE connection cannot end the connection itself (offload.qtfs.fusectl).
+So the client starts this small process once its mount answers, hands it
+the connection's held control files, and the guard waits for the client's
+death: then it aborts the connection and detaches the mount if it is still
+there (the next prepare or mount finds the path free).
 
 The client's death is noticed by PR_SET_PDEATHSIG, which the kernel sends
 when the thread that started the guard exits: the client's main thread,

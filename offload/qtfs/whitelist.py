@@ -1,20 +1,12 @@
 """The reference's /etc/qtfs/whitelist, accepted as the server's rule set.
 
-The file is a GLib key file: sections [Open] [Write] [Read] [Readdir]
-[Mkdir] [Rmdir] [Create] [Unlink] [Rename] [Setattr] [Setxattr] [Mount]
-(the reference's [Kill] and [Udsconnect] are accepted and ignored: other
-parts of this project own those jobs), each with ``Path=a;b``.  A rule
-matches a path equal to it or below it on a component boundary
-(``/var/lib/libvirt`` covers ``/var/lib/libvirt/qemu`` but not
-``/var/lib/libvirtX``).  With a whitelist loaded, an operation whose
-section is missing or has no matching rule is refused; without one,
-everything inside the exports is allowed.  lookup, getattr, readlink,
-statfs and xattr reads are never gated, as in the reference.
-
-The server (`offload.qtfs.backend`) asks about the path an operation
-really touches, after symlinks, never the path as the peer spelled it; a
-link is asked about both names ([Create]), a rename too ([Rename]), and an
-operation by handle about the handle's own file.
+The file is a GLib key file: the `SECTIONS` (the reference's [Kill] and
+[Udsconnect] are accepted and ignored: other parts of this project own
+those jobs), each with ``Path=a;b``.  A rule matches a path equal to it or
+below it on a component boundary.  With a whitelist loaded, an operation
+whose section is missing or has no matching rule is refused; without one,
+everything inside the exports is allowed.  README.md ("qtfs", Security)
+says which operations are gated and on which path (`offload.qtfs.backend`).
 """
 
 from __future__ import annotations
