@@ -134,12 +134,8 @@ def overlay_layers(layout: Layout, lower: str, nested: list[str], *, make: bool 
 
 def prepare_overlay(layout: Layout, lower: str, say: Say) -> tuple[list[ops.MountOp], list[str]]:
     """Create the layers (idempotent); the overlays to mount, in order, and the nested lower layers."""
-    skip = [
-        str(layout.target),
-        str(layout.upper),
-        str(layout.work),
-        str(layout.upper.with_name(layout.upper.name + ".mounts")),
-    ]
+    nested_layers = layout.upper.with_name(layout.upper.name + ".mounts")
+    skip = [str(path) for path in (layout.target, layout.upper, layout.work, nested_layers)]
     nested = content_mounts(mountinfo.read(), lower, skip)
     layers = overlay_layers(layout, lower, nested, make=True)
     upper, root = layout.upper, Path(lower)
