@@ -4,17 +4,11 @@ The lab's two sides share one machine, so without this they would share
 /var/lib/libvirt, /run and /etc/libvirt and the offload machinery would be
 proved by accident.  Each side gets a private mount namespace (made by
 util-linux ``unshare`` inside that side's network namespace) in which the
-directories the design says differ are fresh tmpfs instances:
-
-- host: /var/lib/libvirt and /run/libvirt, so the lab's VMs and their state
-  never touch the machine's own libvirt directories;
-- DPU: /run (with the lab's own directory bound back at the same path, so
-  both sides keep seeing the lab's sockets and logs), /var/lib/libvirt and
-  /etc/libvirt (a copy of the machine's configuration).
-
-On the DPU side the lab's rexec and udsproxy state directories are also
-bound at the default paths (/run/rexec, /run/udsproxy), where a deployed
-DPU has them and where the rootfs configuration looks for them.
+directories the design says differ are fresh tmpfs instances (`plan`): the
+lab's VMs never touch the machine's own libvirt directories, the lab's own
+directory is bound back under the DPU's fresh /run so both sides see its
+sockets and logs, and the DPU's rexec and udsproxy state sits at the default
+paths (/run/rexec, /run/udsproxy), where a deployed DPU has it.
 
 Last, each side's namespace hides what is the other side's alone (``Hide``
 steps, which the lab names: the other side's key, run directory and, on the

@@ -4,11 +4,9 @@ Every step works on a machine path already resolved inside the target
 (offload/mounts/paths.py), and opens it again when it runs, beneath the
 target without following any symlink, to mount onto that fd
 (`Context.attach`): what was planned is where the mount lands, or the step
-fails.  `check(entries)` compares the step with
-reality (/proc/self/mountinfo, the filesystem) without changing anything;
-`execute(ctx)` does the step unless it is already done, and registers how
-to undo exactly what it did; `describe()` gives the equivalent shell
-commands for ``--dry-run``.
+fails.  `check` compares it with mountinfo and the filesystem, changing
+nothing; `execute` does what is not done yet and registers the undo of
+exactly that; `describe()` is the shell equivalent (``--dry-run``).
 
 ``layer`` is the step's position among the plan's ``layers`` mounts at the
 same path (0 for the first): a later mount may cover an earlier one on
