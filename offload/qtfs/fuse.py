@@ -56,15 +56,15 @@ MAX_LISTING = 1 << 20
 KERNEL_LISTINGS = hasattr(pyfuse3.FileInfo, "cache_readdir")
 #: The host's attributes the kernel is given: all but the host's inode and device numbers.
 ENTRY_FIELDS = tuple(name for name in wire.Attr._fields if name not in ("ino", "dev"))
-#: pyfuse3's SetattrFields flags, and the SETATTR ``valid`` bit of each.
-SET_BITS = {
-    "update_mode": wire.SET_MODE,
-    "update_uid": wire.SET_UID,
-    "update_gid": wire.SET_GID,
-    "update_size": wire.SET_SIZE,
-    "update_atime": wire.SET_ATIME,
-    "update_mtime": wire.SET_MTIME,
-}
+#: SETATTR's fields: pyfuse3's SetattrFields flag, the ``valid`` bit, the field it sets (``st_<name>``).
+SET_FIELDS = (
+    ("update_mode", wire.SET_MODE, "mode"),
+    ("update_uid", wire.SET_UID, "uid"),
+    ("update_gid", wire.SET_GID, "gid"),
+    ("update_size", wire.SET_SIZE, "size"),
+    ("update_atime", wire.SET_ATIME, "atime_ns"),
+    ("update_mtime", wire.SET_MTIME, "mtime_ns"),
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -353,21 +353,15 @@ class Filesystem(pyfuse3.Operations):
     async def setattr(
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        valid = sum(bit for flag, bit in SET_BITS.items() if getattr(fields, flag))
+        chosen = [(bit, name) for flag, bit, name in SET_FIELDS if getattr(fields, flag)]
+        valid = sum(bit for bit, _ in chosen)
+        values = {name: getattr(attr, "st_" + name) for _, name in chosen}  # the others stay 0
+        if "mode" in values:
+            values["mode"] &= 0o7777
         path = self.table.path(inode)
 
         def request(handle: int = 0) -> wire.Setattr:
-            return wire.Setattr(
-                path,
-                handle,
-                valid,
-                attr.st_mode & 0o7777 if valid & wire.SET_MODE else 0,
-                attr.st_uid if valid & wire.SET_UID else 0,
-                attr.st_gid if valid & wire.SET_GID else 0,
-                attr.st_size if valid & wire.SET_SIZE else 0,
-                attr.st_atime_ns if valid & wire.SET_ATIME else 0,
-                attr.st_mtime_ns if valid & wire.SET_MTIME else 0,
-            )
+            return wire.Setattr(path, handle, valid, **values)
 
         since = self.cache.changes
         if fh is not None and fh in self.files:
