@@ -102,9 +102,6 @@ class Export:
             raise ValueError(f"export {text!r}: expected an absolute path without '..' (PATH or PATH:ro)")
         return cls(os.fsencode(path.rstrip("/") or "/"), mode == "ro")
 
-    def covers(self, path: bytes) -> bool:
-        return is_under(path, self.path)
-
 
 class Handles:
     """Open fds of one connection by number.  Numbers start at a random point, so a
@@ -131,9 +128,8 @@ class Handles:
             raise OSError(errno.EBADF, "no such handle") from None
 
     def close(self, handle: int) -> None:
-        fd = self._fds.pop(handle, None)
-        if fd is None:
-            raise OSError(errno.EBADF, "no such handle")
+        fd = self.get(handle)
+        del self._fds[handle]
         os.close(fd)
 
     def close_all(self) -> None:
@@ -302,7 +298,7 @@ class Backend:
 
     def mount(self, request: wire.Mount) -> wire.MountReply:
         path = request.path.rstrip(b"/") or b"/"
-        export = max((e for e in self.exports if e.covers(path)), key=lambda e: len(e.path), default=None)
+        export = max((e for e in self.exports if is_under(path, e.path)), key=lambda e: len(e.path), default=None)
         if export is None:
             log.warning("refused a mount of %s: not exported", os.fsdecode(path))
             raise PermissionError(errno.EACCES, "not exported", os.fsdecode(path))

@@ -194,8 +194,7 @@ class Link:
                 hello: wire.Hello | None = None
                 reply: wire.Event | None = None
                 while reply is None:
-                    data = await stream.receive_some(RECEIVE_SIZE)
-                    conn.receive_data(data)
+                    conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
                     while (event := conn.next_event()) is not wire.NEED_DATA:
                         if isinstance(event, wire.Hello):
                             hello = event

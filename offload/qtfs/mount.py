@@ -152,7 +152,10 @@ async def run_mount(options: MountOptions, transport: Transport, ready: Callable
 
             async def stop_on_signal() -> None:
                 nonlocal stop_requested
-                await _signals()
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                    async for signum in signals:
+                        log.info("%s: unmounting", signal.Signals(signum).name)
+                        break
                 stop_requested = True
                 nursery.cancel_scope.cancel()
 
@@ -241,14 +244,6 @@ def _set_readahead(dev: int, kib: int) -> None:
         log.debug("readahead left as it is: %s", exc)
 
 
-async def _signals() -> None:
-    """Return at the first SIGTERM, SIGINT or SIGHUP."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("%s: unmounting", signal.Signals(signum).name)
-            return
-
-
 def _no_symlinks_followed(mountpoint: str) -> None:
     """Set MOUNT_ATTR_NOSYMFOLLOW on our new mount at ``mountpoint``.
 
@@ -278,7 +273,6 @@ def background(run: Callable[[Callable[[], None]], None], log_file: str | None) 
     pid = os.fork()
     if pid:
         os.close(write_end)
-        report = b""
         with os.fdopen(read_end, "rb") as pipe:
             report = pipe.read()
         if report.startswith(b"ok"):

@@ -28,12 +28,8 @@ def status_fields(pid: int, *names: str) -> dict[str, str]:
     """Fields of /proc/PID/status (FileNotFoundError or ProcessLookupError once the task is gone)."""
     with open(f"/proc/{pid}/status", "rb") as status:
         text = status.read().decode("ascii", "replace")
-    fields = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key in names:
-            fields[key] = value.strip()
-    return fields
+    pairs = (line.partition(":") for line in text.splitlines())
+    return {key: value.strip() for key, _, value in pairs if key in names}
 
 
 def lock_holder(lock_path: str) -> int | None:

@@ -261,36 +261,32 @@ async def serve(
     # process that goes on.)
     umask = os.umask(0)
     try:
-        await _serve(config, transport, task_status)
+        epoch = random.getrandbits(63) or 1
+        listeners = []
+        for text in config.listen:
+            listeners.extend(await transport.listen(parse_address(text)))
+
+        async def session(raw: trio.SocketStream) -> None:
+            connected = await transport.admit(raw, remote_name(raw), log)
+            if connected is None:
+                return
+            async with connected.stream:
+                try:
+                    with translate_errors(connected.peer, "serving"):
+                        await Session(config, connected.stream, connected.peer, epoch).run()
+                except (TransportError, ProtocolError) as exc:
+                    log.info("connection from %s ended: %s", connected.peer, exc or type(exc).__name__)
+                except trio.TooSlowError:
+                    log.info("connection from %s idle for %.0f s: closed", connected.peer, IDLE_TIMEOUT)
+
+        async with aio.open_nursery() as nursery:
+            nursery.start_soon(serve_listeners, listeners, session, log, "qtfs", transport.limits)
+            bound = [listener_address(listener) for listener in listeners]
+            log.info(
+                "qtfs ready on %s, exporting %s",
+                ", ".join(bound),
+                ", ".join(os.fsdecode(e.path) + (" (ro)" if e.readonly else "") for e in config.exports),
+            )
+            task_status.started(bound)
     finally:
         os.umask(umask)
-
-
-async def _serve(config: ServerConfig, transport: Transport, task_status: trio.TaskStatus[list[str]]) -> None:
-    epoch = random.getrandbits(63) or 1
-    listeners = []
-    for text in config.listen:
-        listeners.extend(await transport.listen(parse_address(text)))
-
-    async def session(raw: trio.SocketStream) -> None:
-        connected = await transport.admit(raw, remote_name(raw), log)
-        if connected is None:
-            return
-        async with connected.stream:
-            try:
-                with translate_errors(connected.peer, "serving"):
-                    await Session(config, connected.stream, connected.peer, epoch).run()
-            except (TransportError, ProtocolError) as exc:
-                log.info("connection from %s ended: %s", connected.peer, exc or type(exc).__name__)
-            except trio.TooSlowError:
-                log.info("connection from %s idle for %.0f s: closed", connected.peer, IDLE_TIMEOUT)
-
-    async with aio.open_nursery() as nursery:
-        nursery.start_soon(serve_listeners, listeners, session, log, "qtfs", transport.limits)
-        bound = [listener_address(listener) for listener in listeners]
-        log.info(
-            "qtfs ready on %s, exporting %s",
-            ", ".join(bound),
-            ", ".join(os.fsdecode(e.path) + (" (ro)" if e.readonly else "") for e in config.exports),
-        )
-        task_status.started(bound)

@@ -51,17 +51,12 @@ def host_pid(pidmap: str, pid: int) -> int | None:
 
 def standins(pidmap: str) -> dict[int, int]:
     """Host pid -> stand-in pid for every live mapping in ``pidmap``."""
-    result: dict[int, int] = {}
     try:
         names = os.listdir(pidmap)
     except FileNotFoundError:
-        return result
-    for name in names:
-        if name.isdigit():
-            remote = host_pid(pidmap, int(name))
-            if remote is not None:
-                result[remote] = int(name)
-    return result
+        return {}
+    mapped = {int(name): host_pid(pidmap, int(name)) for name in names if name.isdigit()}
+    return {remote: pid for pid, remote in mapped.items() if remote is not None}
 
 
 def same_program(pid: int, writer: int) -> bool:

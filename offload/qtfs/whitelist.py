@@ -37,11 +37,6 @@ MAX_RULES = 64
 MAX_RULE = 4095
 
 
-def covers(rule: bytes, path: bytes) -> bool:
-    """``path`` is ``rule`` or lies below it (component boundary)."""
-    return is_under(path, rule)
-
-
 @dataclass(frozen=True)
 class Whitelist:
     rules: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
@@ -50,7 +45,7 @@ class Whitelist:
     def allows(self, section: str, path: bytes) -> bool:
         if not self.enforced:
             return True
-        return any(covers(rule, path) for rule in self.rules.get(section, ()))
+        return any(is_under(path, rule) for rule in self.rules.get(section, ()))
 
 
 def parse(text: str, source: str = "whitelist") -> Whitelist:
