@@ -240,9 +240,7 @@ class Backend:
     def _at(self, path: bytes, *sections: str) -> Iterator[tuple[int, bytes]]:
         """(directory fd, name) of ``path`` (the root is (root, b".")), once the policy allowed ``sections`` there.
 
-        The directory is opened beneath the mount root and judged by where the
-        kernel resolved it; the caller acts on ``name`` in that same directory
-        without following it.
+        The caller acts on ``name`` in that very directory, not following it (see the module's docstring).
         """
         if self.root < 0:
             raise OSError(errno.EPROTO, "not mounted")

@@ -16,9 +16,7 @@ skipped by the orchestrator.
 
 The server serves exactly these (`PROC_SERVED`, `SYS_SERVED`: the files,
 what lies below the /sys directories, and the directories on the way) of
-an exported procfs or sysfs, and nothing else: /proc/PID/environ, maps
-and mem of the host's processes, and the rest of /sys, are never read on a
-peer's behalf, whichever path or mount root the peer names.
+an exported procfs or sysfs, and nothing else, whatever path the peer names.
 """
 
 from __future__ import annotations

@@ -375,8 +375,7 @@ class Filesystem(pyfuse3.Operations):
 
     @errors
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
-        reply = await self.host.call(wire.Readlink(self.table.path(inode)))
-        return reply.data
+        return (await self.host.call(wire.Readlink(self.table.path(inode)))).data
 
     # -- files -------------------------------------------------------------------------------------
 
@@ -680,8 +679,7 @@ class Filesystem(pyfuse3.Operations):
 
     @errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
-        reply = await self.host.call(wire.Getxattr(self.table.path(inode), name))
-        return reply.data
+        return (await self.host.call(wire.Getxattr(self.table.path(inode), name))).data
 
     @errors
     async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
