@@ -97,9 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cache lifetime where the host announces its changes (default 10; see README: caching)",
     )
     cache.add_argument(
-        "--no-cache",
-        action="store_true",
-        help="cache nothing: every stat, lookup, read and write asks the host",
+        "--no-cache", action="store_true", help="cache nothing: every stat, lookup, read and write asks the host"
     )
     mount.add_argument(
         "--cache-timeout",

@@ -251,10 +251,7 @@ class Session:
 
 
 async def serve(
-    config: ServerConfig,
-    transport: Transport,
-    *,
-    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    config: ServerConfig, transport: Transport, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
 ) -> None:
     # The client's kernel applied the caller's umask already; ours must not
     # apply a second one.  (Given back when serving ends: serve may run in a
