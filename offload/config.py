@@ -1,18 +1,18 @@
 """rexec_server configuration: one table of settings, one frozen object.
 
-Each setting is declared once (`SETTINGS`) and feeds both the command line
-and the TOML file (``/etc/offload/rexec.toml`` by default; keys are the
-long option names with dashes as underscores).  The command line wins over
-the file, the file over the defaults.  Library code raises ConfigError; the
-entry point prints it and exits.
-"""
+Each setting is declared once, as a `RexecConfig` field (type, default,
+help), and feeds both the command line and the TOML file
+(``/etc/offload/rexec.toml`` by default; keys are the long option names
+with dashes as underscores).  The command line wins over the file, the
+file over the defaults.  Library code raises ConfigError; the entry point
+prints it and exits."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,100 +22,45 @@ from offload.net import REQUEST_TIMEOUT, ConnectionLimits
 DEFAULT_CONFIG = Path("/etc/offload/rexec.toml")
 
 
-@dataclass(frozen=True)
-class Setting:
-    name: str  # attribute and TOML key; its default is RexecConfig's
-    kind: type  # str, int, float, bool, or list (of str)
-    help: str
-    metavar: str | None = None
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "listen",
-        list,
-        "address to accept peer links on (repeatable); default: $CMD_NET_ADDR",
-        "ADDR",
-    ),
-    Setting("peer", str, "default remote rexec_server for stand-ins without CMD_NET_ADDR", "ADDR"),
-    Setting(
-        "whitelist",
-        str,
-        "programs peers may run here, one absolute path per line",
-        "FILE",
-    ),
-    Setting(
-        "pki",
-        str,
-        "directory with ca.pem, cert.pem and key.pem (default /etc/offload/pki)",
-        "DIR",
-    ),
-    Setting(
-        "insecure",
-        bool,
-        "plaintext links without authentication (tests only; warns at start)",
-    ),
-    Setting("node", str, "this machine's name in messages (default: the host name)", "NAME"),
-    Setting("run_dir", str, "state directory: agent socket, pids/, bridges/", "DIR"),
-    Setting(
-        "shared_path",
-        list,
-        "prefix of paths that are the same file on both machines (repeatable)",
-        "PREFIX",
-    ),
-    Setting("env", list, "extra environment variable passed to remote programs (repeatable)", "NAME"),
-    Setting(
-        "leave_behind",
-        list,
-        "fd type left behind instead of refused, e.g. 'anon_inode:[eventfd]' (repeatable)",
-        "TYPE",
-    ),
-    Setting("user_map", list, "CALLER=REMOTE user mapping (repeatable)", "MAP"),
-    Setting("keepalive", float, "seconds without traffic after which a link is lost", "SECONDS"),
-    Setting(
-        "kill_grace",
-        float,
-        "seconds between SIGTERM and SIGKILL when a session's caller is gone",
-        "SECONDS",
-    ),
-    Setting(
-        "request_timeout",
-        float,
-        "seconds a stand-in has to send its request on the agent socket before it is closed",
-        "SECONDS",
-    ),
-    Setting("warm", int, "idle authenticated connections kept open to each peer", "N"),
-    Setting(
-        "peer_name",
-        list,
-        "the only peer node accepted or connected to (repeatable; default: any of the other role)",
-        "NAME",
-    ),
-    Setting("max_connections", int, "peer links, and stand-ins, served at once", "N"),
-    Setting("max_peer_connections", int, "links served at once per peer address (stand-ins: per uid)", "N"),
-)
+def _setting(default: Any, text: str, metavar: str | None = None) -> Any:
+    """A field of RexecConfig: its default (whose type is the setting's), its help text and metavar."""
+    return field(default=default, metadata={"help": text, "metavar": metavar})
 
 
 @dataclass(frozen=True)
 class RexecConfig:
-    listen: tuple[str, ...] = ()
-    peer: str = ""
-    whitelist: str = "/etc/rexec/whitelist"
-    pki: str = ""
-    insecure: bool = False
-    node: str = ""
-    run_dir: str = "/var/run/rexec"
-    shared_path: tuple[str, ...] = ()
-    env: tuple[str, ...] = ()
-    leave_behind: tuple[str, ...] = ()
-    user_map: tuple[str, ...] = ()
-    keepalive: float = 10.0
-    kill_grace: float = 2.0
-    request_timeout: float = REQUEST_TIMEOUT
-    warm: int = 2
-    peer_name: tuple[str, ...] = ()
-    max_connections: int = ConnectionLimits.total
-    max_peer_connections: int = ConnectionLimits.per_peer
+    listen: tuple[str, ...] = _setting(
+        (), "address to accept peer links on (repeatable); default: $CMD_NET_ADDR", "ADDR"
+    )
+    peer: str = _setting("", "default remote rexec_server for stand-ins without CMD_NET_ADDR", "ADDR")
+    whitelist: str = _setting("/etc/rexec/whitelist", "programs peers may run here, one absolute path per line", "FILE")
+    pki: str = _setting("", "directory with ca.pem, cert.pem and key.pem (default /etc/offload/pki)", "DIR")
+    insecure: bool = _setting(False, "plaintext links without authentication (tests only; warns at start)")
+    node: str = _setting("", "this machine's name in messages (default: the host name)", "NAME")
+    run_dir: str = _setting("/var/run/rexec", "state directory: agent socket, pids/, bridges/", "DIR")
+    shared_path: tuple[str, ...] = _setting(
+        (), "prefix of paths that are the same file on both machines (repeatable)", "PREFIX"
+    )
+    env: tuple[str, ...] = _setting((), "extra environment variable passed to remote programs (repeatable)", "NAME")
+    leave_behind: tuple[str, ...] = _setting(
+        (), "fd type left behind instead of refused, e.g. 'anon_inode:[eventfd]' (repeatable)", "TYPE"
+    )
+    user_map: tuple[str, ...] = _setting((), "CALLER=REMOTE user mapping (repeatable)", "MAP")
+    keepalive: float = _setting(10.0, "seconds without traffic after which a link is lost", "SECONDS")
+    kill_grace: float = _setting(2.0, "seconds between SIGTERM and SIGKILL when a session's caller is gone", "SECONDS")
+    request_timeout: float = _setting(
+        REQUEST_TIMEOUT,
+        "seconds a stand-in has to send its request on the agent socket before it is closed",
+        "SECONDS",
+    )
+    warm: int = _setting(2, "idle authenticated connections kept open to each peer", "N")
+    peer_name: tuple[str, ...] = _setting(
+        (), "the only peer node accepted or connected to (repeatable; default: any of the other role)", "NAME"
+    )
+    max_connections: int = _setting(ConnectionLimits.total, "peer links, and stand-ins, served at once", "N")
+    max_peer_connections: int = _setting(
+        ConnectionLimits.per_peer, "links served at once per peer address (stand-ins: per uid)", "N"
+    )
 
     def __post_init__(self) -> None:
         _ = self.limits  # ConnectionLimits raises ConfigError for limits out of range
@@ -158,42 +103,39 @@ class RexecConfig:
         known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
         for key, value in document.items():
-            setting = next((s for s in SETTINGS if s.name == key), None)
-            if key not in known or setting is None:
+            if key not in known:
                 raise ConfigError(f"unknown setting {key!r}", path=source)
-            values[key] = _coerce(setting, value, source)
+            values[key] = _coerce(known[key], value, source)
         return cls(**values)
 
 
-def _coerce(setting: Setting, value: Any, source: str) -> Any:
-    if setting.kind is list:
+def _coerce(setting: Field, value: Any, source: str) -> Any:
+    kind = type(setting.default)
+    if kind is tuple:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{setting.name} must be a list of strings", path=source)
         return tuple(value)
-    if setting.kind is float and isinstance(value, int) and not isinstance(value, bool):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, setting.kind) or (setting.kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{setting.name} must be of type {setting.kind.__name__}", path=source)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{setting.name} must be of type {kind.__name__}", path=source)
     return value
-
-
-_DEFAULTS = RexecConfig()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help=f"TOML settings file (default {DEFAULT_CONFIG} if present)")
-    for setting in SETTINGS:
+    for setting in fields(RexecConfig):
         flag = "--" + setting.name.replace("_", "-")
-        default = getattr(_DEFAULTS, setting.name)
-        shown = f"{setting.help} (default: {default})" if default not in ((), "", False) else setting.help
-        if setting.kind is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=setting.help)
-        elif setting.kind is list:
-            parser.add_argument(flag, action="append", metavar=setting.metavar, help=shown)
+        text, metavar = setting.metadata["help"], setting.metadata["metavar"]
+        shown = f"{text} (default: {setting.default})" if setting.default not in ((), "", False) else text
+        if isinstance(setting.default, bool):
+            parser.add_argument(flag, action="store_true", default=None, help=text)
+        elif isinstance(setting.default, tuple):
+            parser.add_argument(flag, action="append", metavar=metavar, help=shown)
         else:
-            parser.add_argument(flag, type=setting.kind, metavar=setting.metavar, help=shown)
+            parser.add_argument(flag, type=type(setting.default), metavar=metavar, help=shown)
 
 
 def from_arguments(args: argparse.Namespace, environ: dict[str, str] | None = None) -> RexecConfig:
@@ -207,7 +149,7 @@ def from_arguments(args: argparse.Namespace, environ: dict[str, str] | None = No
             raise ConfigError(f"cannot read: {exc.strerror}", path=str(path)) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"not valid TOML: {exc}", path=str(path)) from None
-    for setting in SETTINGS:
+    for setting in fields(RexecConfig):
         value = getattr(args, setting.name, None)
         if value is not None:
             document[setting.name] = value
