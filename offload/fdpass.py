@@ -1,29 +1,23 @@
 """Carrying an fd passed by SCM_RIGHTS to the other machine: the one implementation.
 
-Two carriers use it: udsproxy's carried connections (`offload.udsproxy.relay`,
-`offload.udsproxy.daemon`) and rexec's bridged connections
-(`offload.rexec.link`; libvirt's QMP monitor, where ``getfd`` and
-``add-fd`` pass the pipes of save, restore and dump).  Each carrier frames
-the descriptions its own way (`offload.protocol.fdpass`).
+udsproxy's carried connections and rexec's bridged connections (libvirt's
+QMP monitor, where ``getfd`` and ``add-fd`` pass the pipes of save,
+restore and dump) use it; each frames the descriptions its own way
+(`offload.protocol.fdpass`).
 
-The sender's side turns each passed fd into an `FdDescription` (classified
-with `offload.fdinfo`, as rexec does for inherited fds): a regular file
-under a shared prefix travels by path, access mode, O_APPEND and offset;
-/dev/null by access; a pipe end stays here and its bytes travel on a
-flow-controlled channel of its own.  Anything else (sockets, ttys, devices,
-eventfds, deleted files, files outside the shared prefixes) is refused, and
-the caller decides what refusing means (the shim's sendmsg fails, a
-connection ends, a monitor command goes without its fd), so no fd is ever
-dropped quietly.
+The sender describes each fd (`prepare`): a regular file under a shared
+prefix travels by path, access mode, O_APPEND and offset; /dev/null by
+access; a pipe end stays here and its bytes travel on a flow-controlled
+channel of its own.  Anything else is refused, and the caller decides what
+refusing means (the shim's sendmsg fails, a monitor command goes without
+its fd), so no fd is ever dropped quietly.
 
-The receiver's side makes the fd its program gets from a description: a
-file is re-opened with the credentials of the user the connection acts
-for (`offload.users.run_as`), resolved beneath its own shared prefix
-(`offload.udsproxy.prefixes`), and delivered only if it is the very file
-the sender had (st_dev and st_ino).  A path string names nothing for sure:
-a sender in a mount namespace of its own can put any file of its own at
-a shared path, and re-opening that path as root would hand over whatever
-root-only file lies there on this side.  The side that acts decides.
+The receiver re-creates it (`materialize`): a file is re-opened as the
+user the connection acts for, beneath its own shared prefix, and delivered
+only if it is the very file the sender had (st_dev and st_ino).  A path
+string names nothing for sure: a sender in a mount namespace of its own
+can put any file of its own at a shared path, and re-opening that path as
+root would hand over whatever root-only file lies there on this side.
 """
 
 from __future__ import annotations
@@ -34,8 +28,6 @@ import fcntl
 import os
 import socket
 import stat
-import struct
-from typing import Protocol
 
 from offload import fdinfo, users
 from offload.errors import UnsupportedFdError
@@ -106,14 +98,10 @@ def root_of(pid: int) -> str:
         return "/"
 
 
-class _Socket(Protocol):
-    def getsockopt(self, level: int, option: int, buflen: int, /) -> bytes: ...
-
-
-def peer_root(sock: _Socket) -> str:
+def peer_root(sock: users.Socket) -> str:
     """The root directory of the process at the other end of a UNIX socket."""
     try:
-        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        pid, _, _ = users.peer_credentials(sock)
     except OSError:
         return "/"
     return root_of(pid) if pid > 0 else "/"

@@ -2,15 +2,10 @@
 
 Addresses: ``tcp://HOST:PORT`` (also bare ``HOST:PORT``, as the reference's
 CMD_NET_ADDR allows), ``vsock://CID:PORT`` and ``unix:///PATH``.  Links are
-mutual TLS 1.3 with certificates from `offload.pki` unless the operator asks
-for ``--insecure``.  Who may be at the other end is decided here, once, at
-every handshake on both sides (`Transport`): a peer of the other role
-than ours (a host talks only to DPUs and a DPU only to hosts), and, when
-the configuration names peers (``--peer-name``), one of those.  Every
-listener of every daemon is served by one accept loop (`serve_listeners`),
-which outlives running out of fds and bounds connections per peer and in
-total.  Foreign exceptions (OSError, ssl.SSLError, trio's
-BrokenResourceError) are translated here, once, into `TransportError` and
+mutual TLS 1.3 (`offload.pki`) unless the operator asks for ``--insecure``;
+`Transport` decides at every handshake, on both sides, who may be at the
+other end.  `serve_listeners` is every daemon's one accept loop, and
+`translate_errors` turns foreign exceptions into `TransportError` and
 `AuthenticationError`, naming the address.
 """
 
@@ -24,7 +19,6 @@ import math
 import os
 import socket
 import ssl
-import struct
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +29,7 @@ import trio
 from offload import aio
 from offload.errors import AuthenticationError, ConfigError, TransportError
 from offload.pki import Identity, TlsConfig, peer_identity
+from offload.users import peer_credentials
 
 log = logging.getLogger(__name__)
 
@@ -134,19 +129,14 @@ def translate_errors(address: Address | str, action: str) -> Iterator[None]:
     """Turn foreign I/O exceptions into TransportError naming ``address``."""
     try:
         yield
-    except ssl.SSLError as exc:
-        raise AuthenticationError(
-            f"{action} {address}: TLS failed: {exc.reason or exc}", address=str(address)
-        ) from None
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        cause = exc.__cause__
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        cause = exc if isinstance(exc, OSError) else exc.__cause__
         if isinstance(cause, ssl.SSLError):
             raise AuthenticationError(
                 f"{action} {address}: TLS failed: {cause.reason or cause}", address=str(address)
             ) from None
-        raise TransportError(f"{action} {address}: connection broken ({cause or exc})", address=str(address)) from None
-    except OSError as exc:
-        raise TransportError(f"{action} {address}: {exc.strerror or exc}", address=str(address)) from None
+        detail = exc.strerror or exc if isinstance(exc, OSError) else f"connection broken ({cause or exc})"
+        raise TransportError(f"{action} {address}: {detail}", address=str(address)) from None
 
 
 class TlsStream(trio.abc.Stream):
@@ -188,20 +178,13 @@ class TlsStream(trio.abc.Stream):
                     break
                 except ssl.SSLWantReadError:
                     await stream._flush()
-                    await stream._fill_handshake()
+                    # An unauthenticated peer must not make us hold more than a record at a time.
+                    await stream._fill(HANDSHAKE_CHUNK)
             await stream._flush()
         except BaseException:
             await trio.aclose_forcefully(raw)
             raise
         return stream
-
-    async def _fill_handshake(self) -> None:
-        """`_fill` in small steps: what an unauthenticated peer sends is held a record at a time."""
-        data = await self.raw.receive_some(HANDSHAKE_CHUNK)
-        if data:
-            self._incoming.write(data)
-        else:
-            self._incoming.write_eof()
 
     async def _flush(self) -> None:
         """Send whatever the TLS engine has produced."""
@@ -210,10 +193,10 @@ class TlsStream(trio.abc.Stream):
             if data:
                 await self.raw.send_all(data)
 
-    async def _fill(self) -> None:
+    async def _fill(self, size: int = RAW_CHUNK) -> None:
         # A fresh buffer per read, sized by what arrived: a long-lived 1 MiB
         # buffer per connection would cost 100 MiB at 100 sessions.
-        data = await self.raw.receive_some(self.RAW_CHUNK)
+        data = await self.raw.receive_some(size)
         if data:
             self._incoming.write(data)
         else:
@@ -245,13 +228,9 @@ class TlsStream(trio.abc.Stream):
         return b"".join(chunks)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            self._ssl.write(data)
-        except ssl.SSLError as exc:
-            raise trio.BrokenResourceError(exc) from exc
-        await self._flush()
+        await self.send_parts((data,))
 
-    async def send_parts(self, parts: tuple[bytes, ...]) -> None:
+    async def send_parts(self, parts: tuple[bytes | bytearray | memoryview, ...]) -> None:
         """Encrypt several buffers and send them with one flush (no joining copy)."""
         try:
             for part in parts:
@@ -338,22 +317,13 @@ class Transport:
             metavar="NAME",
             help="the only peer node accepted or connected to (repeatable; default: any of the other role)",
         )
-        if serving:
-            defaults = ConnectionLimits()
-            parser.add_argument(
-                "--max-connections",
-                type=int,
-                default=defaults.total,
-                metavar="N",
-                help=f"connections served at once per listener set (default {defaults.total})",
-            )
-            parser.add_argument(
-                "--max-peer-connections",
-                type=int,
-                default=defaults.per_peer,
-                metavar="N",
-                help=f"connections served at once per peer address or local uid (default {defaults.per_peer})",
-            )
+        limits = (
+            ("--max-connections", ConnectionLimits.total, "listener set"),
+            ("--max-peer-connections", ConnectionLimits.per_peer, "peer address or local uid"),
+        )
+        for flag, default, per in limits if serving else ():
+            text = f"connections served at once per {per} (default {default})"
+            parser.add_argument(flag, type=int, default=default, metavar="N", help=text)
 
     @classmethod
     def from_arguments(cls, args: argparse.Namespace) -> Transport:
@@ -363,12 +333,11 @@ class Transport:
         return cls.from_options(args.pki, args.insecure, args.peer_name, limits)
 
     async def connect(self, address: Address, *, timeout: float = HANDSHAKE_TIMEOUT) -> Connected:
-        with translate_errors(address, "connecting to"):
-            with trio.fail_after(timeout):
-                raw = await _open_raw(address)
-                if self._client_context is None:
-                    return Connected(raw, str(address))
-                stream = await TlsStream.wrap(raw, self._client_context, server_side=False)
+        with translate_errors(address, "connecting to"), trio.fail_after(timeout):
+            raw = await _open_raw(address)
+            if self._client_context is None:
+                return Connected(raw, str(address))
+            stream = await TlsStream.wrap(raw, self._client_context, server_side=False)
         try:
             return await self._authorize(stream, str(address))
         except AuthenticationError as exc:
@@ -376,23 +345,18 @@ class Transport:
             raise
 
     async def admit(self, raw: trio.abc.Stream, where: str, logger: logging.Logger) -> Connected | None:
-        """``accept``, or refuse: log why, close the connection and return None."""
+        """Authenticate a connection a listener accepted, or refuse it: log why, close it and return None."""
+        if self._server_context is None:
+            return Connected(raw, where)
+        assert isinstance(raw, trio.SocketStream)
         try:
-            return await self.accept(raw, where)
+            with translate_errors(where, "handshake with"), trio.fail_after(HANDSHAKE_TIMEOUT):
+                stream = await TlsStream.wrap(raw, self._server_context, server_side=True)
+            return await self._authorize(stream, where)
         except (TransportError, trio.TooSlowError) as exc:
             logger.warning("refused a connection from %s: %s", where, exc)
             await trio.aclose_forcefully(raw)
             return None
-
-    async def accept(self, raw: trio.abc.Stream, where: str) -> Connected:
-        """Authenticate a connection a listener accepted."""
-        if self._server_context is None:
-            return Connected(raw, where)
-        assert isinstance(raw, trio.SocketStream)
-        with translate_errors(where, "handshake with"):
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                stream = await TlsStream.wrap(raw, self._server_context, server_side=True)
-        return await self._authorize(stream, where)
 
     async def _authorize(self, stream: TlsStream, where: str) -> Connected:
         """Who the handshake proved is at ``where``, if this node deals with them; else AuthenticationError.
@@ -451,78 +415,68 @@ async def serve_listeners(
     means a listener itself broke, and propagates.  A connection beyond
     ``limits`` is closed at once, unserved.
     """
-    admission = _Admission(limits, logger, what)
+    acceptor = _Acceptor(handle, logger, what, limits)
     async with aio.open_nursery() as nursery:
         for listener in listeners:
-            nursery.start_soon(_accept_loop, listener, handle, logger, what, admission)
+            nursery.start_soon(acceptor.accept_loop, listener)
 
 
-async def _accept_loop(
-    listener: trio.SocketListener,
-    handle: Callable[[trio.SocketStream], Awaitable[object]],
-    logger: logging.Logger,
-    what: str,
-    admission: _Admission,
-) -> None:
-    pause = ACCEPT_PAUSE
-    async with aio.open_nursery() as nursery:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in ACCEPT_RETRY_ERRNOS:
-                    raise
-                if pause == ACCEPT_PAUSE:
-                    logger.error(
-                        "cannot accept %s connections: %s; pausing until resources are freed",
-                        what,
-                        exc.strerror or exc,
-                    )
-                await trio.sleep(pause)
-                pause = min(pause * 2, ACCEPT_PAUSE_MAX)
-                continue
-            if pause != ACCEPT_PAUSE:
-                logger.warning("accepting %s connections again", what)
-                pause = ACCEPT_PAUSE
-            key = peer_key(stream.socket)
-            if not admission.enter(key):
-                stream.socket.close()
-                continue
-            nursery.start_soon(
-                _handle_one, handle, stream, logger, f"{what} connection from {remote_name(stream)}", admission, key
-            )
-
-
-async def _handle_one(
-    handle: Callable[[trio.SocketStream], Awaitable[object]],
-    stream: trio.SocketStream,
-    logger: logging.Logger,
-    what: str,
-    admission: _Admission,
-    key: str,
-) -> None:
-    try:
-        await aio.guarded(logger, what, partial(handle, stream))
-    finally:
-        admission.leave(key)
-
-
-class _Admission:
-    """Counts the connections being served, per peer and in all.
+class _Acceptor:
+    """The accept loop of one listener set, and the connections it serves, per peer and in all.
 
     Refusals are logged at most once per REFUSAL_LOG_PAUSE, with how many
     there were: a flood must not turn into a flood of log lines.  Only peers
     with open connections are remembered, so memory is bounded by the limits.
     """
 
-    def __init__(self, limits: ConnectionLimits, logger: logging.Logger, what: str) -> None:
-        self.limits = limits
+    def __init__(
+        self,
+        handle: Callable[[trio.SocketStream], Awaitable[object]],
+        logger: logging.Logger,
+        what: str,
+        limits: ConnectionLimits,
+    ) -> None:
+        self.handle = handle
         self.logger = logger
         self.what = what
+        self.limits = limits
         self.open: Counter[str] = Counter()
         self.total = 0
         self.unlogged = 0  # refusals since the last log line
         self.quiet_until = -math.inf
+
+    async def accept_loop(self, listener: trio.SocketListener) -> None:
+        pause = ACCEPT_PAUSE
+        async with aio.open_nursery() as nursery:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in ACCEPT_RETRY_ERRNOS:
+                        raise
+                    if pause == ACCEPT_PAUSE:
+                        self.logger.error(
+                            "cannot accept %s connections: %s; pausing until resources are freed",
+                            self.what,
+                            exc.strerror or exc,
+                        )
+                    await trio.sleep(pause)
+                    pause = min(pause * 2, ACCEPT_PAUSE_MAX)
+                    continue
+                if pause != ACCEPT_PAUSE:
+                    self.logger.warning("accepting %s connections again", self.what)
+                    pause = ACCEPT_PAUSE
+                key = peer_key(stream.socket)
+                if self.enter(key):
+                    nursery.start_soon(self.serve, stream, key, f"{self.what} connection from {remote_name(stream)}")
+                else:
+                    stream.socket.close()
+
+    async def serve(self, stream: trio.SocketStream, key: str, what: str) -> None:
+        try:
+            await aio.guarded(self.logger, what, partial(self.handle, stream))
+        finally:
+            self.leave(key)
 
     def enter(self, key: str) -> bool:
         if self.total < self.limits.total and self.open[key] < self.limits.per_peer:
@@ -556,15 +510,12 @@ class _Admission:
 
 @contextlib.contextmanager
 def first_request(timeout: float, logger: logging.Logger, what: str) -> Iterator[trio.CancelScope]:
-    """Bound the time a local client takes to send its first request.
+    """Bound the time a local client takes to send its first request, read inside this block.
 
-    The accept loop of a local socket hands each connection to its handler
-    at once; a client that connects and never speaks, or stops in the middle
-    of its request, would hold its slot (`ConnectionLimits`) for ever.  The
-    handler reads its request inside this block; when ``timeout`` passes
-    first, the read is cancelled, it is logged, and the scope's
-    ``cancelled_caught`` tells the handler to close the connection.  What
-    follows the request (a session that waits for days) is not bounded.
+    A client that connects and never speaks, or stops in the middle of its
+    request, would hold its slot (`ConnectionLimits`) for ever.  When
+    ``timeout`` passes first, the read is cancelled and logged, and the
+    scope's ``cancelled_caught`` tells the handler to close the connection.
     """
     with trio.move_on_after(timeout) as scope:
         yield scope
@@ -576,9 +527,7 @@ def peer_key(sock: trio.socket.SocketType) -> str:
     """Whose a connection is, for the per-peer limit: an IP address, a vsock CID, a local uid."""
     try:
         if sock.family == socket.AF_UNIX:
-            # SO_PEERCRED is struct ucred: pid, uid, gid (socket(7)).
-            _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-            return f"uid {uid}"
+            return f"uid {peer_credentials(sock)[1]}"
         name = sock.getpeername()
     except OSError:
         return "?"  # already gone: counted together with the others that went
@@ -636,7 +585,6 @@ async def listen_unix(path: str, mode: int, backlog: int = 512) -> trio.SocketLi
 
 def listener_address(listener: trio.SocketListener) -> str:
     name = listener.socket.getsockname()
-    if isinstance(name, tuple):
-        host = name[0]
-        return f"tcp://[{host}]:{name[1]}" if ":" in str(host) else f"tcp://{host}:{name[1]}"
-    return f"unix://{name}"
+    return str(
+        Address("tcp", host=str(name[0]), port=name[1]) if isinstance(name, tuple) else Address("unix", path=name)
+    )

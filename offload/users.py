@@ -13,10 +13,12 @@ import ctypes
 import os
 import platform
 import pwd
-import threading
+import socket
+import struct
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from offload.errors import RefusedError
 
@@ -51,6 +53,16 @@ def map_user(caller: str, users: Mapping[str, str], node: str) -> RemoteUser:
 def squashing_root(users: Mapping[str, str]) -> dict[str, str]:
     """A user map where root maps to `SQUASHED` unless the operator's map names root itself."""
     return {"root": SQUASHED, **users}
+
+
+class Socket(Protocol):
+    def getsockopt(self, level: int, option: int, buflen: int, /) -> bytes: ...
+
+
+def peer_credentials(sock: Socket) -> tuple[int, int, int]:
+    """The pid, uid and gid of the process at the other end of a UNIX socket (SO_PEERCRED, struct ucred)."""
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid, uid, gid
 
 
 def local_user(uid: int, gid: int, groups: tuple[int, ...] | None = None) -> RemoteUser:
@@ -111,19 +123,11 @@ def run_as(user: RemoteUser, work: Callable[[], T]) -> T:
     lookup, the write permission connect(2) needs on a socket file, open(2),
     and the credentials a server reads with SO_PEERCRED.
     """
-    outcome: list[T] = []
-    failure: list[BaseException] = []
 
-    def body() -> None:
-        try:
-            _become(user)
-            outcome.append(work())
-        except BaseException as exc:  # handed to the caller's thread
-            failure.append(exc)
+    def body() -> T:
+        _become(user)
+        return work()
 
-    thread = threading.Thread(target=body, name=f"as-{user.name}")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return outcome[0]
+    # A pool of one thread, for this call only: its result or exception comes back to the caller's thread.
+    with ThreadPoolExecutor(1, thread_name_prefix=f"as-{user.name}") as pool:
+        return pool.submit(body).result()

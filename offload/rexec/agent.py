@@ -231,8 +231,7 @@ class AgentSession:
                 await self._cleanup()
 
     def _caller(self) -> Caller:
-        creds = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, gid = struct.unpack("3i", creds)
+        pid, uid, gid = users.peer_credentials(self.sock)
         try:
             user = pwd.getpwuid(uid).pw_name
         except KeyError:

@@ -126,7 +126,7 @@ def shim_caller(sock: trio.socket.SocketType) -> tuple[users.RemoteUser, str]:
     """The program that asked the shim: its account (SO_PEERCRED, SO_PEERGROUPS) and its root directory."""
     groups: tuple[int, ...] | None = None
     with socket.socket(fileno=os.dup(sock.fileno())) as plain:
-        pid, uid, gid = struct.unpack("3i", plain.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        pid, uid, gid = users.peer_credentials(plain)
         with contextlib.suppress(OSError):
             raw = plain.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, _GROUPS_SPACE)
             groups = struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) - len(raw) % 4])
