@@ -1,14 +1,11 @@
 """Certificates for mutual TLS between the two machines (`offload pki init`).
 
-One CA signs a certificate per node, as libvirt's own TLS set-up does.
-Every certificate names who holds it: the node's name is the subject's
-CN, and its role, ``host`` or ``dpu``, is a SubjectAltName URI
-``offload:role=host`` / ``offload:role=dpu``.  A service accepts only
-peers of the other role (`Transport` checks it at every handshake), so a
-second DPU's certificate from the same CA never runs programs on the first
-DPU, and the host's certificate never passes for a DPU.  Certificates made
-before roles existed name none; they are refused, and ``offload pki init
---force`` re-issues them.  Layout of DIR after ``init``::
+One CA signs a certificate per node, as libvirt's own TLS set-up does.  The
+node's name is the subject's CN, and its role a SubjectAltName URI
+``offload:role=host`` or ``offload:role=dpu``.  `Transport` accepts only
+peers of the other role, so a second DPU's certificate from the same CA
+never runs programs on the first DPU.  Certificates that name no role are
+refused; ``offload pki init --force`` re-issues them.  Layout of DIR::
 
     DIR/ca.pem, DIR/ca-key.pem            the CA (keep ca-key.pem off the nodes)
     DIR/NODE/{ca.pem,cert.pem,key.pem}    what node NODE needs: copy this
@@ -116,24 +113,29 @@ def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
     return cert, key
 
 
-def _make_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _issue(
+    subject: str, issuer: x509.Name | None, signer: ec.EllipticCurvePrivateKey | None, extensions: list
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A new key and its certificate for ``subject``; self-signed when ``signer`` is None."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(_name("offload CA"))
-        .issuer_name(_name("offload CA"))
+        .subject_name(_name(subject))
+        .issuer_name(issuer or _name(subject))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + _VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
     )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(signer or key, hashes.SHA256()), key
+
+
+def _make_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    usage = x509.KeyUsage(False, False, False, False, False, True, True, False, False)
+    cert, key = _issue("offload CA", None, None, [(x509.BasicConstraints(ca=True, path_length=0), True), (usage, True)])
     _write(directory / "ca-key.pem", _key_pem(key), 0o600)
     _write(directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert, key
@@ -141,30 +143,19 @@ def _make_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
 
 def _make_node(directory: Path, identity: Identity, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey) -> None:
     node = identity.node
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
     names: list[x509.GeneralName] = [
         x509.UniformResourceIdentifier(ROLE_URI + identity.role),
         x509.DNSName(node),
     ]
     with contextlib.suppress(ValueError):
         names.append(x509.IPAddress(ipaddress.ip_address(node)))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(node))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + _VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+    extensions = [
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (x509.SubjectAlternativeName(names), False),
+        (usage, False),
+    ]
+    cert, key = _issue(node, ca.subject, ca_key, extensions)
     node_dir = directory / node
     node_dir.mkdir(mode=0o700, exist_ok=True)
     _write(node_dir / "key.pem", _key_pem(key), 0o600)
@@ -220,8 +211,10 @@ def certificate_identity(cert: x509.Certificate, where: str) -> Identity:
 
 def peer_identity(certificate: dict | None, where: str) -> Identity:
     """`certificate_identity` of a peer certificate as SSLObject.getpeercert() returns it."""
-    uris = [value for kind, value in (certificate or {}).get("subjectAltName", ()) if kind == "URI"]
-    return _identity(peer_name(certificate), uris, where)
+    certificate = certificate or {}
+    uris = [value for kind, value in certificate.get("subjectAltName", ()) if kind == "URI"]
+    names = [value for rdn in certificate.get("subject", ()) for key, value in rdn if key == "commonName"]
+    return _identity(str(names[0]) if names else "?", uris, where)
 
 
 def _identity(node: str, uris: Iterable[str], where: str) -> Identity:
@@ -258,8 +251,7 @@ class TlsConfig:
             raise ConfigError(f"cannot read the certificate: {exc}", path=str(path)) from None
         return cls(directory, certificate_identity(cert, str(path)))
 
-    def _context(self, purpose: int) -> ssl.SSLContext:
-        side = ssl.PROTOCOL_TLS_SERVER if purpose == 0 else ssl.PROTOCOL_TLS_CLIENT
+    def _context(self, side: int) -> ssl.SSLContext:
         context = ssl.SSLContext(side)
         context.minimum_version = ssl.TLSVersion.TLSv1_3
         try:
@@ -274,16 +266,7 @@ class TlsConfig:
         return context
 
     def server_context(self) -> ssl.SSLContext:
-        return self._context(0)
+        return self._context(ssl.PROTOCOL_TLS_SERVER)
 
     def client_context(self) -> ssl.SSLContext:
-        return self._context(1)
-
-
-def peer_name(certificate: dict | None) -> str:
-    """The CN of a peer certificate as returned by SSLObject.getpeercert()."""
-    for rdn in (certificate or {}).get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
-    return "?"
+        return self._context(ssl.PROTOCOL_TLS_CLIENT)
