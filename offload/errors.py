@@ -1,19 +1,12 @@
-"""The project's one exception tree.
+"""The project's one exception tree, rooted at `OffloadError`, with structured attributes.
 
-Every error the package raises on purpose derives from `OffloadError` and
-carries structured attributes, so callers and log lines can name the thing
-that failed without parsing messages.  Foreign exceptions of a link
-(OSError from a socket, ssl.SSLError, trio's Broken/ClosedResourceError)
-are translated once, at the I/O seam (`offload.net.translate_errors`,
-around the trio stream calls of rexec, udsproxy and qtfs) into
-`TransportError`; udsproxy's threaded relay makes plain socket calls and
-handles their OSError and ssl errors where it makes them.  Two trio
-exceptions are not I/O failures and stay trio's: TooSlowError (a deadline
-of our own) and ClosedResourceError from waiting on an fd that another
-task of ours closed.
-
-Remote errno travels by name (numbers differ between architectures):
-`errno_name` and `errno_number` are the one conversion.
+Foreign exceptions of a link are translated once, at the I/O seam
+(`offload.net.translate_errors`), into `TransportError`; udsproxy's
+threaded relay handles its socket and ssl errors where it makes the calls.
+trio's TooSlowError (a deadline of our own) and ClosedResourceError from
+waiting on an fd another task of ours closed are not I/O failures and stay
+trio's.  Remote errno travels by name (numbers differ between
+architectures): `errno_name` and `errno_number` are the one conversion.
 """
 
 from __future__ import annotations

@@ -150,7 +150,8 @@ async def start_program(plan: ProgramPlan) -> trio.Process:
         while chunk := await status.receive_some(256):
             report += chunk
     if report:
-        await reap(process)
+        with trio.CancelScope(shield=True):
+            await process.wait()  # the helper exits at once: reap it even if we are being cancelled
         stage, fd, err = report.decode().split()
         if stage.startswith("RLIMIT_"):
             raise ExecFailed(stage, -1, int(err), plan.argv[0], plan.rlimits.get(stage.removeprefix("RLIMIT_")))
@@ -162,26 +163,20 @@ def _limit(value: int | None) -> str:
     return "unlimited" if value is None else str(value)
 
 
-async def reap(process: trio.Process) -> int:
-    """Wait for ``process`` even if the caller is being cancelled."""
-    import trio
+async def terminate(process: trio.Process, grace: float = 2.0) -> int:
+    """SIGTERM, then SIGKILL after ``grace`` seconds, to its process group too; always reaps.
 
-    with trio.CancelScope(shield=True):
-        status = await process.wait()
-    return status
-
-
-async def terminate(process: trio.Process, grace: float = 2.0, *, group: bool = True) -> int:
-    """SIGTERM, then SIGKILL after ``grace`` seconds; always reaps (`end_pid` for a process trio did not start)."""
+    (`end_pid` for a process trio did not start.)
+    """
     import trio
 
     with trio.CancelScope(shield=True):
         if process.returncode is None:
-            _signal(process, signal.SIGTERM, group)
+            _signal(process, signal.SIGTERM)
             with trio.move_on_after(grace):
                 await process.wait()
             if process.returncode is None:
-                _signal(process, signal.SIGKILL, group)
+                _signal(process, signal.SIGKILL)
         status = await process.wait()
     return status
 
@@ -241,13 +236,10 @@ def reap_orphans() -> list[int]:
     return reaped
 
 
-def _signal(process: trio.Process, signum: int, group: bool) -> None:
-    try:
-        if group:
-            os.killpg(process.pid, signum)
+def _signal(process: trio.Process, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signum)
         process.send_signal(signum)
-    except ProcessLookupError:
-        pass
 
 
 # Plain commands and daemons (lab, tests, benchmarks) ---------------------------

@@ -95,8 +95,8 @@ def allocate_in_root(pid: int) -> tuple[int, int]:
         raise
 
 
-def _pidfd_getfd(pidfd: int, fd: int) -> int:
-    result = _libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+def _checked(result: int) -> int:
+    """A libc call's result; OSError with its errno if it failed."""
     if result < 0:
         error = ctypes.get_errno()
         raise OSError(error, os.strerror(error))
@@ -128,7 +128,7 @@ def program_pty_peer(pid: int, index: int) -> int:
     try:
         for number in _ptmx_fds(pid, index):
             try:
-                master = _pidfd_getfd(pidfd, number)
+                master = _checked(_libc.syscall(SYS_PIDFD_GETFD, pidfd, number, 0))
             except OSError:
                 continue
             try:
@@ -162,14 +162,12 @@ def _watch_opens(master: int) -> int:
     """An inotify fd that becomes readable when the pty of ``master`` is opened or closed."""
     peer = fcntl.ioctl(master, TIOCGPTPEER, os.O_PATH | os.O_CLOEXEC)  # not an opener itself
     try:
-        watch = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if watch < 0:
-            error = ctypes.get_errno()
-            raise OSError(error, os.strerror(error))
-        if _libc.inotify_add_watch(watch, f"/proc/self/fd/{peer}".encode(), IN_OPEN | IN_CLOSE) < 0:
-            error = ctypes.get_errno()
+        watch = _checked(_libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+        try:
+            _checked(_libc.inotify_add_watch(watch, f"/proc/self/fd/{peer}".encode(), IN_OPEN | IN_CLOSE))
+        except OSError:
             os.close(watch)
-            raise OSError(error, os.strerror(error))
+            raise
         return watch
     finally:
         os.close(peer)
