@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from offload import proc
@@ -101,24 +102,37 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def minbase() -> Path:
-    """The cached minbase tarball, made with debootstrap on first use (MirrorUnreachable if it cannot be)."""
+def cached(tarball: Path, what: str, make: Callable[[Path], None], version: str = "") -> Path:
+    """``tarball`` of a tree ``make`` fills in a work directory, made on first use and again when ``version``
+    changes (MirrorUnreachable if it must be made and cannot be); ``what`` names it in that error."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / f"{SUITE}-minbase.lock", "w") as lock:
+    stamp = tarball.with_suffix(".version")
+    with open(tarball.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if MINBASE.exists():
-            return MINBASE
+        if tarball.exists() and (not version or (stamp.exists() and stamp.read_text().strip() == version)):
+            return tarball
         why = mirror_reachable()
         if why:
-            raise MirrorUnreachable(f"cannot make the {SUITE} minbase: {why}")
-        work = CACHE / f"{SUITE}-minbase.new"
+            raise MirrorUnreachable(f"cannot {what}: {why}")
+        work = tarball.with_suffix(".new")
         remove_tree(work)
         try:
-            proc.run(["debootstrap", "--variant=minbase", SUITE, str(work), mirror()], timeout=900)
+            make(work)
             unmount_beneath(work)
-            partial = MINBASE.with_suffix(".tar.partial")
+            partial = tarball.with_suffix(".tar.partial")
             proc.run(["tar", "-C", str(work), "--numeric-owner", "-cf", str(partial), "."])
-            partial.rename(MINBASE)
+            partial.rename(tarball)
+            if version:
+                stamp.write_text(version + "\n")
         finally:
             remove_tree(work)
-        return MINBASE
+        return tarball
+
+
+def minbase() -> Path:
+    """The cached minbase tarball, made with debootstrap on first use (MirrorUnreachable if it cannot be)."""
+    return cached(MINBASE, f"make the {SUITE} minbase", _debootstrap)
+
+
+def _debootstrap(work: Path) -> None:
+    proc.run(["debootstrap", "--variant=minbase", SUITE, str(work), mirror()], timeout=900)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -117,42 +116,26 @@ def _nspawn_run(root: Path, argv: Sequence[str], timeout: float = 900) -> None:
 
 def image(say: Callable[[str], None] = print) -> Path:
     """The cached image tarball, built on first use (debootstrap minbase, then apt inside)."""
-    debian.CACHE.mkdir(parents=True, exist_ok=True)
-    stamp = IMAGE.with_suffix(".version")
-    with open(debian.CACHE / f"{debian.SUITE}-systemd.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if IMAGE.exists() and stamp.exists() and stamp.read_text().strip() == IMAGE_VERSION:
-            return IMAGE
-        why = debian.mirror_reachable()
-        if why:
-            raise debian.MirrorUnreachable(f"cannot build the systemd lab's image: {why}")
-        work = debian.CACHE / f"{debian.SUITE}-systemd.new"
-        debian.remove_tree(work)
+
+    def make(work: Path) -> None:
         started = time.monotonic()
-        try:
-            work.mkdir()
-            proc.run(["tar", "-C", str(work), "--numeric-owner", "-xpf", str(debian.minbase())])
-            say(f"apt-get install {' '.join(PACKAGES)}")
-            # Nothing starts while apt runs (there is no systemd running in it anyway).
-            (work / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\nexit 101\n")
-            (work / "usr/sbin/policy-rc.d").chmod(0o755)
-            _nspawn_run(work, ["apt-get", "update", "-q"])
-            # Without recommends: qemu's would bring a desktop (GTK, mesa, LLVM: 700 MB).
-            _nspawn_run(work, ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES], timeout=1200)
-            _nspawn_run(work, ["apt-get", "clean"])
-            (work / "usr/sbin/policy-rc.d").unlink()
-            # Units that would fail or linger in a container and slow the boot.
-            _nspawn_run(work, ["systemctl", "mask", *DISTRO_LIBVIRT_UNITS, "systemd-networkd-wait-online.service"])
-            (work / "etc/hostname").write_text("offload-lab\n")
-            debian.unmount_beneath(work)
-            partial = IMAGE.with_suffix(".tar.partial")
-            proc.run(["tar", "-C", str(work), "--numeric-owner", "-cf", str(partial), "."])
-            partial.rename(IMAGE)
-            stamp.write_text(IMAGE_VERSION + "\n")
-        finally:
-            debian.remove_tree(work)
+        work.mkdir()
+        proc.run(["tar", "-C", str(work), "--numeric-owner", "-xpf", str(debian.minbase())])
+        say(f"apt-get install {' '.join(PACKAGES)}")
+        # Nothing starts while apt runs (there is no systemd running in it anyway).
+        (work / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\nexit 101\n")
+        (work / "usr/sbin/policy-rc.d").chmod(0o755)
+        _nspawn_run(work, ["apt-get", "update", "-q"])
+        # Without recommends: qemu's would bring a desktop (GTK, mesa, LLVM: 700 MB).
+        _nspawn_run(work, ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES], timeout=1200)
+        _nspawn_run(work, ["apt-get", "clean"])
+        (work / "usr/sbin/policy-rc.d").unlink()
+        # Units that would fail or linger in a container and slow the boot.
+        _nspawn_run(work, ["systemctl", "mask", *DISTRO_LIBVIRT_UNITS, "systemd-networkd-wait-online.service"])
+        (work / "etc/hostname").write_text("offload-lab\n")
         say(f"image {IMAGE} built in {time.monotonic() - started:.0f} s")
-        return IMAGE
+
+    return debian.cached(IMAGE, "build the systemd lab's image", make, IMAGE_VERSION)
 
 
 @dataclass(frozen=True)
