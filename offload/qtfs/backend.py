@@ -37,6 +37,7 @@ from typing import Any
 from offload.prefix import is_under
 from offload.protocol import qtfs as wire
 from offload.qtfs import facts
+from offload.qtfs.inodes import join
 from offload.qtfs.programs import Programs, status_fields
 from offload.qtfs.resolve import PROC_SUPER_MAGIC, SYSFS_MAGIC, fs_type, open_parent, openat2, real_path
 from offload.qtfs.tasks import TASK_FILES, task_id
@@ -254,7 +255,7 @@ class Backend:
                 self._no_facts_below(parent, path)
             if self._judged:
                 where = self._relative(real_path(parent), path) if parent != self.root else b""
-                self._allow(where + b"/" + name if where else name, sections, path)
+                self._allow(join(where, name), sections, path)
             yield parent, name
         finally:
             if parent != self.root:
@@ -569,7 +570,7 @@ class Backend:
             with os.scandir(fd) as listing:
                 for entry in listing:
                     name = os.fsencode(entry.name)
-                    if self.facts is not None and not facts.allowed(self.facts, where + b"/" + name if where else name):
+                    if self.facts is not None and not facts.allowed(self.facts, join(where, name)):
                         continue
                     try:
                         st = entry.stat(follow_symlinks=False)
