@@ -43,30 +43,21 @@ CLONE_NEWNS = 0x00020000
 # clears a flag (rw, suid, ...) maps to 0: it is the default.
 FLAG_WORDS: dict[str, int] = {
     "ro": MS_RDONLY,
-    "rw": 0,
     "nosuid": MS_NOSUID,
-    "suid": 0,
     "nodev": MS_NODEV,
-    "dev": 0,
     "noexec": MS_NOEXEC,
-    "exec": 0,
     "sync": MS_SYNCHRONOUS,
-    "async": 0,
     "mand": MS_MANDLOCK,
-    "nomand": 0,
     "dirsync": MS_DIRSYNC,
     "nosymfollow": MS_NOSYMFOLLOW,
     "noatime": MS_NOATIME,
-    "atime": 0,
     "nodiratime": MS_NODIRATIME,
-    "diratime": 0,
     "relatime": MS_RELATIME,
-    "norelatime": 0,
     "strictatime": MS_STRICTATIME,
     "lazytime": MS_LAZYTIME,
-    "nolazytime": 0,
-    "defaults": 0,
-}
+} | dict.fromkeys(
+    ("rw", "suid", "dev", "exec", "async", "nomand", "atime", "diratime", "norelatime", "nolazytime", "defaults"), 0
+)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
