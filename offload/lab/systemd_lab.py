@@ -241,6 +241,11 @@ class SystemdLab:
         state[key] = pid
         self.state_file.write_text(json.dumps(state))
 
+    def _record_process(self, key: str, pid: int) -> None:
+        """Note ``pid`` and its start time in ms since the epoch: with its pid, who it is (`_process`)."""
+        self._record(key, pid)
+        self._record(f"{key}-started", int(psutil.Process(pid).create_time() * 1000))
+
     def leader(self, role: str) -> int:
         """The container's PID 1, as this machine numbers it."""
         pid = self._state().get(f"{role}-init")
@@ -313,9 +318,7 @@ class SystemdLab:
             self.run(side.role, "apt-get", "install", "-y", "-q", f"/srv/{deb.name}", timeout=300)
             say(f"{side.role}: apt-get install ./{deb.name} ({time.monotonic() - started:.1f} s)")
         self._configure(say)
-        started = time.monotonic()
-        self._enable("host", HOST_UNITS)
-        say(f"host: systemctl enable --now {' '.join(HOST_UNITS)} ({time.monotonic() - started:.1f} s)")
+        self._enable("host", HOST_UNITS, say)
         started = time.monotonic()
         self.run("dpu", "offload", "rootfs", "build", "--mode", "overlay", "--host", HOST_ADDRESS, ROOTFS, timeout=300)
         say(f"dpu: offload rootfs build --mode overlay {ROOTFS} ({time.monotonic() - started:.1f} s)")
@@ -323,12 +326,11 @@ class SystemdLab:
         # cgroup v1 hierarchies read-only), so, as the rootfs's qemu.conf
         # says for that case, libvirt makes no cgroups for its domains.
         self.run("dpu", "sed", "-i", r"s/^cgroup_controllers = .*/cgroup_controllers = [ ]/", QEMU_CONF)
-        started = time.monotonic()
-        self._enable("dpu", DPU_UNITS)
-        say(f"dpu: systemctl enable --now {' '.join(DPU_UNITS)} ({time.monotonic() - started:.1f} s)")
+        self._enable("dpu", DPU_UNITS, say)
 
-    def _enable(self, role: str, units: Sequence[str]) -> None:
+    def _enable(self, role: str, units: Sequence[str], say: Callable[[str], None]) -> None:
         """systemctl enable --now; on failure the error carries the failed units' journal."""
+        started = time.monotonic()
         result = self.run(role, "systemctl", "--no-pager", "enable", "--now", *units, check=False, timeout=240)
         if result.returncode != 0:
             failed = [u for u in units if unit_state(self, role, u).get("ActiveState") != "active"]
@@ -337,6 +339,7 @@ class SystemdLab:
                 f"{role}: systemctl enable --now {' '.join(units)} failed ({', '.join(failed)}):\n"
                 f"{result.stderr.strip()}\n{logs.stdout}"
             )
+        say(f"{role}: systemctl enable --now {' '.join(units)} ({time.monotonic() - started:.1f} s)")
 
     def _configure(self, say: Callable[[str], None]) -> None:
         """PKI, addresses, whitelists and prepare.toml, written into each side's /etc."""
@@ -387,8 +390,7 @@ class SystemdLab:
         ]
         with log:
             child = proc.spawn(argv, stdin=proc.DEVNULL, stdout=log, stderr=proc.STDOUT, start_new_session=True)
-        self._record(f"{side.role}-nspawn", child.pid)
-        self._record(f"{side.role}-nspawn-started", _started(child.pid))
+        self._record_process(f"{side.role}-nspawn", child.pid)
         self._children[child.pid] = child
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -401,8 +403,7 @@ class SystemdLab:
             # The container's PID 1 is nspawn's child in a pid namespace of its own.
             inits = [c.pid for c in children if _pidns(c.pid) not in (None, _pidns(os.getpid()))]
             if inits:
-                self._record(f"{side.role}-init", inits[0])
-                self._record(f"{side.role}-init-started", _started(inits[0]))
+                self._record_process(f"{side.role}-init", inits[0])
                 return
             time.sleep(0.05)
         raise LabError(f"systemd-nspawn for {side.role} started no container within 30 s")
@@ -516,11 +517,6 @@ class SystemdLab:
         with contextlib.suppress(OSError):  # /var/lib/offload-lab, when no other lab is there
             self.dir.parent.rmdir()
         return done
-
-
-def _started(pid: int) -> int:
-    """A process's start time in ms since the epoch: with its pid, who it is."""
-    return int(psutil.Process(pid).create_time() * 1000)
 
 
 def _pidns(pid: int) -> str | None:
