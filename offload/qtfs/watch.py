@@ -7,14 +7,11 @@ tree's root.  No I/O loop here: the server waits for the fd to be readable
 and calls `read`, and also calls it before every batch of replies, so a
 reply never overtakes the news of a change made before it was computed.
 
-What inotify does and does not see (inotify(7)): watches are per inode,
-so a change made through another path to the same directory (a bind
-mount, a second mount of the filesystem) is seen.  A file's IN_MODIFY and
-IN_ATTRIB go to the watch of the directory the writer named it by, so a
-write through a hard link whose name lies outside the tree is not seen.
-Writes through a shared mmap raise no event.  Pseudo and network
-filesystems (/proc, /sys, NFS, FUSE) change without events: `watchable`
-refuses them and they are served uncached.
+What inotify does and does not see is in README.md ("qtfs", Caching): a
+file's IN_MODIFY and IN_ATTRIB go to the watch of the directory the writer
+named it by, so a write through a hard link named outside the tree is not
+seen.  Pseudo and network filesystems (/proc, /sys, NFS, FUSE) change
+without events: `watchable` refuses them and they are served uncached.
 """
 
 from __future__ import annotations
