@@ -21,15 +21,20 @@ import socket
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from offload import aio
 from offload.errors import AuthenticationError, ConfigError, TransportError
-from offload.pki import Identity, TlsConfig, peer_identity
+from offload.pki import DEFAULT_PKI_DIR, TlsConfig, peer_identity
 from offload.users import peer_credentials
+
+if TYPE_CHECKING:
+    from offload.config import RexecConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +61,7 @@ class ConnectionLimits:
     """How many connections one listener set serves at once: per peer and in total.
 
     A peer is an IP address, a vsock CID, or on a UNIX socket the caller's
-    uid.  Each rexec session, udsproxy connection and qtfs mount is one
-    connection, so ``per_peer`` is also how many programs, carried sockets
-    and mounts one peer may have at once.
+    uid.  A rexec session, udsproxy connection or qtfs mount is one connection.
     """
 
     total: int = 4096
@@ -90,37 +93,36 @@ class Address:
 
 def parse_address(text: str) -> Address:
     """Parse an address; raise ConfigError naming what is wrong with it."""
-    original = text
     scheme, sep, rest = text.partition("://")
     if not sep:
         scheme, rest = "tcp", text  # reference CMD_NET_ADDR also allows HOST:PORT
     if scheme == "unix":
         if not rest.startswith("/"):
-            raise ConfigError(f"address {original!r}: a unix address needs an absolute path (unix:///run/x.sock)")
+            raise ConfigError(f"address {text!r}: a unix address needs an absolute path (unix:///run/x.sock)")
         return Address("unix", path=rest)
     if scheme not in ("tcp", "vsock"):
-        raise ConfigError(f"address {original!r}: unknown scheme {scheme!r} (use tcp://, vsock:// or unix://)")
+        raise ConfigError(f"address {text!r}: unknown scheme {scheme!r} (use tcp://, vsock:// or unix://)")
     if rest.startswith("["):
         host, bracket, port_text = rest[1:].partition("]")
         if not bracket or not port_text.startswith(":"):
-            raise ConfigError(f"address {original!r}: expected [IPv6]:PORT")
+            raise ConfigError(f"address {text!r}: expected [IPv6]:PORT")
         port_text = port_text[1:]
     else:
         host, colon, port_text = rest.rpartition(":")
         if not colon:
-            raise ConfigError(f"address {original!r}: missing :PORT")
+            raise ConfigError(f"address {text!r}: missing :PORT")
     if not host:
-        raise ConfigError(f"address {original!r}: missing host")
+        raise ConfigError(f"address {text!r}: missing host")
     if "/" in host:
-        raise ConfigError(f"address {original!r}: host {host!r} contains '/' (the form is tcp://HOST:PORT)")
+        raise ConfigError(f"address {text!r}: host {host!r} contains '/' (the form is tcp://HOST:PORT)")
     try:
         port = int(port_text)
     except ValueError:
-        raise ConfigError(f"address {original!r}: port {port_text!r} is not a number") from None
+        raise ConfigError(f"address {text!r}: port {port_text!r} is not a number") from None
     if not 0 <= port <= 0xFFFFFFFF if scheme == "vsock" else not 0 <= port <= 65535:
-        raise ConfigError(f"address {original!r}: port {port} out of range")
+        raise ConfigError(f"address {text!r}: port {port} out of range")
     if scheme == "vsock" and not host.isdigit():
-        raise ConfigError(f"address {original!r}: a vsock address needs a numeric CID")
+        raise ConfigError(f"address {text!r}: a vsock address needs a numeric CID")
     return Address(scheme, host=host, port=port)
 
 
@@ -161,11 +163,7 @@ class TlsStream(trio.abc.Stream):
         self._send_lock = trio.Lock()  # the raw stream allows one sender at a time
 
     def session(self) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
-        """The TLS session and its two memory BIOs, for code that carries it on without trio.
-
-        The caller takes over: this stream must not be used afterwards
-        (udsproxyd's relay thread continues a connection this way).
-        """
+        """The TLS session and its two memory BIOs, for a caller that takes over (udsproxyd's relay thread)."""
         return self._ssl, self._incoming, self._outgoing
 
     @classmethod
@@ -255,7 +253,6 @@ class Connected:
 
     stream: trio.abc.Stream
     peer: str  # the node its certificate names, or the address when insecure
-    identity: Identity | None = None  # None when insecure
 
 
 class Transport:
@@ -263,15 +260,10 @@ class Transport:
 
     ``peer_names``: when not empty, the only nodes accepted or connected to
     (besides being of the other role, which is always required).
-    ``limits``: what `serve_listeners` allows the daemon's listeners.
     """
 
     def __init__(
-        self,
-        tls: TlsConfig | None,
-        *,
-        peer_names: Iterable[str] = (),
-        limits: ConnectionLimits = ConnectionLimits(),
+        self, tls: TlsConfig | None, *, peer_names: Iterable[str] = (), limits: ConnectionLimits = ConnectionLimits()
     ) -> None:
         self.tls = tls
         self.peer_names = frozenset(peer_names)
@@ -295,11 +287,7 @@ class Transport:
                 "running with --insecure: links are neither authenticated nor encrypted; anyone who can reach the listening address can run whitelisted programs"
             )
             return cls(None, peer_names=peer_names, limits=limits)
-        from pathlib import Path
-
-        from offload.pki import DEFAULT_PKI_DIR
-
-        if pki is None and not DEFAULT_PKI_DIR.exists():
+        if not pki and not DEFAULT_PKI_DIR.exists():
             raise ConfigError(
                 f"no TLS credentials: {DEFAULT_PKI_DIR} does not exist; create them with 'offload pki init', pass --pki DIR, or run with --insecure"
             )
@@ -307,7 +295,7 @@ class Transport:
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser, *, serving: bool) -> None:
-        """The options of `from_arguments`, for the daemons that take no config file (rexec's is SETTINGS)."""
+        """The options of `from_arguments`, for daemons without a config file (rexec's RexecConfig has them)."""
         parser.add_argument("--pki", metavar="DIR", help="TLS credentials of this node (default /etc/offload/pki)")
         parser.add_argument("--insecure", action="store_true", help="plaintext, unauthenticated (tests only)")
         parser.add_argument(
@@ -326,7 +314,8 @@ class Transport:
             parser.add_argument(flag, type=int, default=default, metavar="N", help=text)
 
     @classmethod
-    def from_arguments(cls, args: argparse.Namespace) -> Transport:
+    def from_arguments(cls, args: argparse.Namespace | RexecConfig) -> Transport:
+        """The transport of the options `add_arguments` adds, or of rexec_server's settings."""
         limits = ConnectionLimits()
         if hasattr(args, "max_connections"):
             limits = ConnectionLimits(args.max_connections, args.max_peer_connections)
@@ -384,7 +373,7 @@ class Transport:
         if why:
             await trio.aclose_forcefully(stream)
             raise AuthenticationError(why, address=where)
-        return Connected(stream, peer.node, peer)
+        return Connected(stream, peer.node)
 
     async def listen(self, address: Address) -> list[trio.SocketListener]:
         with translate_errors(address, "listening on"):
@@ -407,12 +396,10 @@ async def serve_listeners(
 ) -> None:
     """The accept loop of every daemon: accept on ``listeners`` until cancelled.
 
-    Each connection is handled in a task of its own, and whatever its
-    ``handle`` raises ends that connection only (`aio.guarded` logs it).
-    Running out of fds or memory (the errnos trio's serve_listeners
-    retries) pauses accepting, longer while it lasts, logged once per
-    shortage, so a flood never ends the daemon; any other accept error
-    means a listener itself broke, and propagates.  A connection beyond
+    Whatever ``handle`` raises ends that connection only (`aio.guarded` logs
+    it).  Running out of fds or memory (the errnos trio's serve_listeners
+    retries) pauses accepting, longer while it lasts, so a flood never ends
+    the daemon; any other accept error propagates.  A connection beyond
     ``limits`` is closed at once, unserved.
     """
     acceptor = _Acceptor(handle, logger, what, limits)
@@ -421,6 +408,7 @@ async def serve_listeners(
             nursery.start_soon(acceptor.accept_loop, listener)
 
 
+@dataclass
 class _Acceptor:
     """The accept loop of one listener set, and the connections it serves, per peer and in all.
 
@@ -429,21 +417,14 @@ class _Acceptor:
     with open connections are remembered, so memory is bounded by the limits.
     """
 
-    def __init__(
-        self,
-        handle: Callable[[trio.SocketStream], Awaitable[object]],
-        logger: logging.Logger,
-        what: str,
-        limits: ConnectionLimits,
-    ) -> None:
-        self.handle = handle
-        self.logger = logger
-        self.what = what
-        self.limits = limits
-        self.open: Counter[str] = Counter()
-        self.total = 0
-        self.unlogged = 0  # refusals since the last log line
-        self.quiet_until = -math.inf
+    handle: Callable[[trio.SocketStream], Awaitable[object]]
+    logger: logging.Logger
+    what: str
+    limits: ConnectionLimits
+    open: Counter[str] = field(default_factory=Counter)
+    total: int = 0
+    unlogged: int = 0  # refusals since the last log line
+    quiet_until: float = -math.inf
 
     async def accept_loop(self, listener: trio.SocketListener) -> None:
         pause = ACCEPT_PAUSE

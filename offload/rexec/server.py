@@ -193,8 +193,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def build() -> tuple[RexecConfig, Transport]:
         config = config_module.from_arguments(args)
-        transport = Transport.from_options(config.pki or None, config.insecure, config.peer_name, config.limits)
-        return config, transport
+        return config, Transport.from_arguments(config)
 
     aio.run_service(log, serve, build)
 
