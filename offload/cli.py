@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -47,32 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     init = pki_commands.add_parser("init", help="create a CA and one certificate per node")
     init.add_argument("--dir", required=True, help="where to write the CA and node directories")
     nodes = init.add_argument_group("nodes (at least one; each option repeatable)")
-    nodes.add_argument(
-        "--node",
-        action="append",
-        dest="identities",
-        type=_identity(None),
-        metavar="host|dpu",
-        help="a node named after its role: 'host' or 'dpu'",
-    )
-    nodes.add_argument(
-        "--host", action="append", dest="identities", type=_identity("host"), metavar="NAME", help="a host named NAME"
-    )
-    nodes.add_argument(
-        "--dpu", action="append", dest="identities", type=_identity("dpu"), metavar="NAME", help="a DPU named NAME"
-    )
+    for flag, role, metavar, text in (
+        ("--node", None, "host|dpu", "a node named after its role: 'host' or 'dpu'"),
+        ("--host", "host", "NAME", "a host named NAME"),
+        ("--dpu", "dpu", "NAME", "a DPU named NAME"),
+    ):
+        nodes.add_argument(flag, action="append", dest="identities", type=_identity(role), metavar=metavar, help=text)
     init.add_argument("--force", action="store_true", help="replace existing node certificates")
     init.set_defaults(handler=_pki_init, identities=None)
 
-    from offload.lab import cli as lab_cli
-
-    lab_cli.add_commands(commands)
-    from offload.rootfs_builder import cli as rootfs_cli
-
-    rootfs_cli.add_commands(commands)
-    from offload.mounts import cli as mounts_cli
-
-    mounts_cli.add_commands(commands)
+    for package in ("lab", "rootfs_builder", "mounts"):
+        importlib.import_module(f"offload.{package}.cli").add_commands(commands)
     return parser
 
 
