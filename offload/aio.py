@@ -29,16 +29,13 @@ def _leaves(error: BaseException) -> list[BaseException]:
 
 @contextlib.asynccontextmanager
 async def open_nursery() -> AsyncIterator[trio.Nursery]:
-    """A nursery whose failure surfaces as itself, not as a group.
+    """A nursery whose failure surfaces as itself, not as an ExceptionGroup.
 
-    trio wraps whatever a nursery's tasks raise in an ExceptionGroup.  Most
-    of our nurseries are "one job and its helpers", where the one failure
-    that ended them is what the caller wants to catch (LinkLost,
-    TransportError).  When a link breaks, every task using it may fail in
-    the same scheduling step (the receiver finds the stream broken while the
-    keepalive finds it silent): that is still one failure, surfaced as the
-    first of them.  A group with any other mix of real failures stays a
-    group.
+    Most of our nurseries are "one job and its helpers", where the failure
+    that ended them is what the caller catches (LinkLost, TransportError).
+    When a link breaks, every task using it may fail in the same step (the
+    receiver finds the stream broken, the keepalive finds it silent): still
+    one failure, surfaced as the first.  Any other mix stays a group.
     """
     try:
         async with trio.open_nursery() as nursery:
@@ -67,9 +64,7 @@ async def guarded(log: logging.Logger, what: str, job: Callable[[], Awaitable[ob
 
 
 def run_service(
-    log: logging.Logger,
-    serve: Callable[..., Awaitable[object]],
-    build: Callable[[], tuple[object, ...]],
+    log: logging.Logger, serve: Callable[..., Awaitable[object]], build: Callable[[], tuple[object, ...]]
 ) -> None:
     """Entry point of a daemon: ``serve(*build())`` under trio, READY=1 once it started.
 

@@ -49,9 +49,7 @@ class RexecConfig:
     keepalive: float = _setting(10.0, "seconds without traffic after which a link is lost", "SECONDS")
     kill_grace: float = _setting(2.0, "seconds between SIGTERM and SIGKILL when a session's caller is gone", "SECONDS")
     request_timeout: float = _setting(
-        REQUEST_TIMEOUT,
-        "seconds a stand-in has to send its request on the agent socket before it is closed",
-        "SECONDS",
+        REQUEST_TIMEOUT, "seconds a stand-in has to send its request on the agent socket before it is closed", "SECONDS"
     )
     warm: int = _setting(2, "idle authenticated connections kept open to each peer", "N")
     peer_name: tuple[str, ...] = _setting(

@@ -13,6 +13,7 @@ Imported by the stand-in on every start: stdlib only, nothing heavy.
 from __future__ import annotations
 
 import _socket  # not socket: its enums cost the stand-in start-up time
+import contextlib
 import fcntl
 import os
 import stat
@@ -31,8 +32,7 @@ _DEV_NULL = os.makedev(1, 3)
 
 
 def _access(flags: int) -> str:
-    mode = flags & os.O_ACCMODE
-    return {os.O_RDONLY: "r", os.O_WRONLY: "w"}.get(mode, "rw")
+    return {os.O_RDONLY: "r", os.O_WRONLY: "w"}.get(flags & os.O_ACCMODE, "rw")
 
 
 def _link(fd: int) -> str:
@@ -60,8 +60,7 @@ def describe(fd: int) -> dict:
             offset=os.lseek(fd, 0, os.SEEK_CUR),
         )
     elif stat.S_ISFIFO(mode):
-        access = entry["access"]
-        entry["type"] = {"r": PIPE_READ, "w": PIPE_WRITE}.get(access, OTHER)
+        entry["type"] = {"r": PIPE_READ, "w": PIPE_WRITE}.get(entry["access"], OTHER)
         if entry["type"] == OTHER:
             entry["what"] = "a FIFO opened read-write"
     elif stat.S_ISSOCK(mode):
@@ -105,10 +104,7 @@ def open_fds() -> list[int]:
     """
     fds = []
     for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        try:
-            os.fstat(fd)
-        except OSError:
-            continue
-        fds.append(fd)
+        with contextlib.suppress(OSError):
+            os.fstat(int(name))
+            fds.append(int(name))
     return sorted(fds)

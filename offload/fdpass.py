@@ -67,7 +67,7 @@ def prepare(fd: int, shared: tuple[str, ...], root: str = "/") -> tuple[FdDescri
         if not is_shared(path, shared):
             raise UnsupportedFdError(fd, f"the file {path}, which is not under a --share prefix")
         st = os.fstat(fd)
-        description = FdDescription(
+        return FdDescription(
             "file",
             path=path,
             access=entry["access"],
@@ -75,8 +75,7 @@ def prepare(fd: int, shared: tuple[str, ...], root: str = "/") -> tuple[FdDescri
             offset=entry["offset"],
             dev=st.st_dev,
             ino=st.st_ino,
-        )
-        return description, None
+        ), None
     if kind in (fdinfo.PIPE_READ, fdinfo.PIPE_WRITE):
         reading = kind == fdinfo.PIPE_READ
         # Opening the pipe again through /proc gives this side its own open

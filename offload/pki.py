@@ -95,10 +95,7 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _name(common_name: str) -> x509.Name:
     return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "offload"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "offload"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
     )
 
 
@@ -143,10 +140,7 @@ def _make_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
 
 def _make_node(directory: Path, identity: Identity, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey) -> None:
     node = identity.node
-    names: list[x509.GeneralName] = [
-        x509.UniformResourceIdentifier(ROLE_URI + identity.role),
-        x509.DNSName(node),
-    ]
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(ROLE_URI + identity.role), x509.DNSName(node)]
     with contextlib.suppress(ValueError):
         names.append(x509.IPAddress(ipaddress.ip_address(node)))
     usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
@@ -164,12 +158,10 @@ def _make_node(directory: Path, identity: Identity, ca: x509.Certificate, ca_key
 
 
 def init(directory: Path, nodes: Sequence[Identity], *, force: bool = False) -> list[str]:
-    """Create the CA (unless present) and a certificate for each node.
+    """Create the CA (unless present) and a certificate for each node; what was done, a line per item.
 
-    Returns what was done, one line per item, for the caller to print.
     Existing node certificates are kept unless ``force``; a kept one that
-    names no role (made before roles existed) is an error that says to
-    re-issue it.
+    names no role (made before roles existed) is an error that says to re-issue it.
     """
     done = []
     names = [identity.node for identity in nodes]

@@ -1,12 +1,10 @@
-"""Every child process the package starts goes through this module.
+"""Every child process the package starts goes through this module; nothing else imports subprocess.
 
-Nothing else imports subprocess.  Remote programs are started through the
-``rexec-exec`` helper (native/rexec_exec.c), which puts inherited fds at
-their exact numbers and reports exec failures by stage and errno; lab
-daemons and tools are started with plain subprocess calls here.  A child is
-always reaped: `terminate` sends SIGTERM, waits a grace period, sends SIGKILL
-and waits again, also when the caller is being cancelled; `end_pid` and
-`end_pidfd` do the same for a process that trio did not start.
+Remote programs are started through the ``rexec-exec`` helper
+(native/rexec_exec.c), which puts inherited fds at their exact numbers and
+reports exec failures by stage and errno.  A child is always reaped, also
+when the caller is being cancelled (`terminate`; `end_pid` for a process
+trio did not start).
 """
 
 from __future__ import annotations
@@ -164,10 +162,7 @@ def _limit(value: int | None) -> str:
 
 
 async def terminate(process: trio.Process, grace: float = 2.0) -> int:
-    """SIGTERM, then SIGKILL after ``grace`` seconds, to its process group too; always reaps.
-
-    (`end_pid` for a process trio did not start.)
-    """
+    """SIGTERM, then SIGKILL after ``grace`` seconds, to its process group too; always reaps."""
     import trio
 
     with trio.CancelScope(shield=True):
@@ -259,11 +254,9 @@ def program(name: str) -> list[str]:
     """The command line that starts this package's program ``name``, never looked up through PATH.
 
     The running interpreter runs the program's module, so the program is the
-    one installed with the code that starts it, whatever PATH holds (a venv
-    that is not activated, a unit's or sudo's minimal PATH, a system install
-    whose scripts are not next to the interpreter).  ``-P``: the caller's
-    working directory stays out of ``sys.path``, so a directory named
-    ``offload`` there cannot stand in for the package.
+    one installed with the code that starts it, whatever PATH holds.
+    ``-P``: the caller's working directory stays out of ``sys.path``, so a
+    directory named ``offload`` there cannot stand in for the package.
     """
     return run_module(PROGRAMS[name])
 
@@ -284,12 +277,7 @@ def run(argv: Sequence[str], *, check: bool = True, capture: bool = True, **opti
     try:
         if "input" not in options:
             options.setdefault("stdin", subprocess.DEVNULL)
-        result = subprocess.run(
-            list(argv),
-            capture_output=capture,
-            text=options.pop("text", True),
-            **options,
-        )
+        result = subprocess.run(list(argv), capture_output=capture, text=options.pop("text", True), **options)
     except FileNotFoundError:
         raise OffloadError(f"{argv[0]}: command not found (while running: {describe(argv)})") from None
     if check and result.returncode != 0:
@@ -314,10 +302,9 @@ def in_netns(netns: str | None, argv: Sequence[str]) -> list[str]:
 
 
 def with_hidden_dir(directory: str | os.PathLike[str], argv: Sequence[str]) -> list[str]:
-    """``argv`` in a private mount namespace where ``directory`` is an empty tmpfs.
+    """``argv`` in a private mount namespace where ``directory`` is an empty tmpfs (util-linux unshare).
 
-    The lab's sides share one filesystem; this is how a test or benchmark
-    makes a socket that exists "only on the other side" (util-linux unshare).
+    How a test or benchmark makes a socket exist "only on the other side" of the lab.
     """
     script = f'mount -t tmpfs none "{directory}" && exec "$@"'
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv]

@@ -79,8 +79,7 @@ def allocate_in_root(pid: int) -> tuple[int, int]:
     """
     root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        flags = os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK
-        master = openat2(root, b"dev/pts/ptmx", flags, no_symlinks=True)
+        master = openat2(root, b"dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK, no_symlinks=True)
     finally:
         os.close(root)
     try:
@@ -135,9 +134,7 @@ def program_pty_peer(pid: int, index: int) -> int:
                 info = os.fstat(master)
                 if not stat.S_ISCHR(info.st_mode) or info.st_rdev != PTMX_DEVICE or pty_index(master) != index:
                     continue
-                flags = os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
-                peer = fcntl.ioctl(master, TIOCGPTPEER, flags)
-                return int(peer)
+                return int(fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC))
             finally:
                 os.close(master)
     finally:

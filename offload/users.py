@@ -119,15 +119,13 @@ def run_as(user: RemoteUser, work: Callable[[], T]) -> T:
     and saved ids) and then ends, so nothing it does can regain root and no
     other work ever runs with its credentials.  A fresh thread costs tens
     of microseconds, paid once per connect or re-opened file, never per
-    message.  Every permission check the kernel makes sees the user: path
-    lookup, the write permission connect(2) needs on a socket file, open(2),
-    and the credentials a server reads with SO_PEERCRED.
+    message.  Every permission check the kernel makes (path lookup,
+    connect(2), open(2), SO_PEERCRED) sees the user.
     """
 
     def body() -> T:
         _become(user)
         return work()
 
-    # A pool of one thread, for this call only: its result or exception comes back to the caller's thread.
     with ThreadPoolExecutor(1, thread_name_prefix=f"as-{user.name}") as pool:
         return pool.submit(body).result()
