@@ -125,6 +125,19 @@ def test_backend_contains_paths(tmp_path: Path) -> None:
         backend.close()
 
 
+def test_a_procfs_inside_an_ordinary_export_is_refused_without_leaking_fds() -> None:
+    backend = Backend((Export(b"/"),), Whitelist())
+    try:
+        backend.mount(wire.Mount(b"/"))
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(50):
+            with pytest.raises(PermissionError):
+                backend.open(wire.Open(b"proc/self/status", os.O_RDONLY))
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        backend.close()
+
+
 def test_export_syntax() -> None:
     assert Export.parse("/a/b:ro") == Export(b"/a/b", True)
     assert Export.parse("/a/b/") == Export(b"/a/b", False)

@@ -407,10 +407,11 @@ class Backend:
                 with _closed_on_error(fd):
                     procs = os.open(b"cgroup.procs", os.O_WRONLY | OPEN_ALWAYS, dir_fd=parent)
         try:
-            self._no_facts_below(fd, request.path)
-            if writes:
-                _drop_privileges(fd, os.fstat(fd).st_mode)
-            handle = self.files.add(fd)
+            with _closed_on_error(fd):
+                self._no_facts_below(fd, request.path)
+                if writes:
+                    _drop_privileges(fd, os.fstat(fd).st_mode)
+            handle = self.files.add(fd)  # which closes fd when it refuses
         except BaseException:
             if procs >= 0:
                 os.close(procs)
