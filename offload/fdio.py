@@ -18,7 +18,6 @@ Every class here owns the fd it wraps and closes it exactly once.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import errno
 import os
@@ -26,9 +25,6 @@ import socket
 import stat
 
 import trio
-
-from offload import fdpass
-from offload.protocol.fdpass import MAX_FDS as MAX_PASSED_FDS
 
 CHUNK = 1 << 20
 
@@ -48,16 +44,6 @@ class ByteEnd:
 
     async def aclose(self) -> None:
         raise NotImplementedError
-
-    async def read_message(self, max_bytes: int = CHUNK) -> tuple[bytes, list[int]]:
-        """Bytes and the fds passed with them (the caller owns those); only a socket passes any."""
-        return await self.read(max_bytes), []
-
-    async def write_message(self, data: bytes, fds: list[int]) -> None:
-        """Write ``data`` with ``fds`` passed alongside (they stay the caller's to close)."""
-        if fds:
-            raise OSError(errno.EOPNOTSUPP, "only a UNIX socket carries fds")
-        await self.write(data)
 
 
 class StreamEnd(ByteEnd):
@@ -92,41 +78,6 @@ class StreamEnd(ByteEnd):
 
     async def aclose(self) -> None:
         await self.stream.aclose()
-
-
-class PassingSocketEnd(StreamEnd):
-    """A UNIX stream socket of ours whose messages may carry fds (SCM_RIGHTS) both ways."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        super().__init__(stream)
-        self.socket = stream.socket
-
-    async def read_message(self, max_bytes: int = CHUNK) -> tuple[bytes, list[int]]:
-        try:
-            data, ancillary, flags, _ = await self.socket.recvmsg(
-                max_bytes, socket.CMSG_SPACE(MAX_PASSED_FDS * 4), socket.MSG_CMSG_CLOEXEC
-            )
-        except (ConnectionResetError, BrokenPipeError):
-            return b"", []  # as read(): the same as end of file here
-        fds = fdpass.fds_of(ancillary)
-        if flags & socket.MSG_CTRUNC:
-            for fd in fds:
-                os.close(fd)
-            raise OSError(errno.EMSGSIZE, "more fds than one message carries")
-        return data, fds
-
-    async def write_message(self, data: bytes, fds: list[int]) -> None:
-        if not fds:
-            await self.write(data)
-            return
-        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        try:
-            sent = await self.socket.sendmsg([data], rights)
-        except OSError as exc:
-            raise trio.BrokenResourceError(exc) from exc
-        # The fds went with the first byte; the rest is plain bytes.
-        if sent < len(data):
-            await self.write(data[sent:])
 
 
 class BorrowedSocketEnd(ByteEnd):

@@ -42,6 +42,7 @@ from offload.protocol.rexec import (
     FIRST_BRIDGE_CHANNEL,
     NEED_DATA,
     TICKET_BYTES,
+    Attached,
     Closed,
     Data,
     Exec,
@@ -51,14 +52,13 @@ from offload.protocol.rexec import (
     FdSpec,
     Hello,
     OpenPty,
-    PtyAttached,
-    PtyTicket,
     Reset,
     RexecConnection,
     Role,
     Started,
+    Ticket,
 )
-from offload.rexec import ptylink
+from offload.rexec import attached
 from offload.rexec.server import serve
 from tests.conftest import keep_logs, wait_for
 
@@ -395,13 +395,13 @@ class RawPeer:
                 self.conn.receive_data(data)
                 while (event := self.conn.next_event()) is not NEED_DATA:
                     self.events.append(event)
-                    if isinstance(event, Closed | PtyAttached):
+                    if isinstance(event, Closed | Attached):
                         break
 
     async def refused(self) -> bool:
         """True when the server closes this pty connection without taking its ticket."""
         try:
-            await self.next_of(PtyAttached)
+            await self.next_of(Attached)
         except EOFError:
             return True
         return False
@@ -442,16 +442,16 @@ async def test_the_dpu_gets_only_its_programs_ptys(server_tree: Path, nursery: t
         assert "pty" in reset.reason
         # The program's own pty: a ticket, good for one connection by this peer.
         await session.stream.send_all(session.conn.send(OpenPty(other, own)))
-        ticket = (await session.next_of(PtyTicket, other)).token
+        ticket = (await session.next_of(Ticket, other)).token
         await session.stream.send_all(session.conn.send(OpenPty(spare, own)))
-        unused = (await session.next_of(PtyTicket, spare)).token
+        unused = (await session.next_of(Ticket, spare)).token
         os.write(theirs, b"victim-secret\r")  # what a relay of their pty would read
         # A guessed ticket opens nothing.
         guessed = await RawPeer.connect(server_tree, attach=secrets.token_hex(TICKET_BYTES))
         assert await guessed.refused()
         # The ticket: the pty's bytes reach the program.
         console = await RawPeer.connect(server_tree, attach=ticket)
-        await console.next_of(PtyAttached)
+        await console.next_of(Attached)
         assert not console.conn.leftover()
         await console.stream.send_all(udsproxy_wire.data_header(udsproxy_wire.DATA_CHANNEL, 6) + b"hello\r")
         got = await session.next_of(Data, 1)
@@ -498,7 +498,7 @@ async def test_a_ticket_opens_nothing_once_its_program_has_exited(server_tree: P
         pid = (await session.next_of(Started)).pid
         own = int((await session.next_of(Data, 1)).data.split()[0])
         await session.stream.send_all(session.conn.send(OpenPty(FIRST_BRIDGE_CHANNEL, own)))
-        ticket = (await session.next_of(PtyTicket, FIRST_BRIDGE_CHANNEL)).token
+        ticket = (await session.next_of(Ticket, FIRST_BRIDGE_CHANNEL)).token
         # The program exits and is reaped; its child keeps the session open.
         with trio.fail_after(10):
             while os.path.exists(f"/proc/{pid}"):
@@ -523,16 +523,16 @@ async def test_a_session_holds_a_bounded_number_of_unused_tickets(server_tree: P
         await session.stream.send_all(session.conn.send(Exec(request)))
         await session.next_of(Started)
         own = int((await session.next_of(Data, 1)).data.split()[0])
-        channels = range(FIRST_BRIDGE_CHANNEL, FIRST_BRIDGE_CHANNEL + ptylink.MAX_TICKETS + 1)
+        channels = range(FIRST_BRIDGE_CHANNEL, FIRST_BRIDGE_CHANNEL + attached.MAX_TICKETS + 1)
         for channel in channels:
             await session.stream.send_all(session.conn.send(OpenPty(channel, own)))
-        tickets = [(await session.next_of(PtyTicket, channel)).token for channel in channels[:-1]]
+        tickets = [(await session.next_of(Ticket, channel)).token for channel in channels[:-1]]
         reset = await session.next_of(Reset, channels[-1])
         assert "too many" in reset.reason
         # A ticket used frees its place.
         console = await RawPeer.connect(server_tree, attach=tickets[0])
-        await console.next_of(PtyAttached)
+        await console.next_of(Attached)
         await session.stream.send_all(session.conn.send(OpenPty(channels[-1] + 1, own)))
-        await session.next_of(PtyTicket, channels[-1] + 1)
+        await session.next_of(Ticket, channels[-1] + 1)
     finally:
         await session.stream.aclose()

@@ -22,7 +22,7 @@ from typing import Any
 
 from offload.errors import LocalProtocolError, RemoteProtocolError
 from offload.protocol import fdpass, link, local, messages
-from offload.protocol.fdpass import MAX_FDS, FdDescription
+from offload.protocol.fdpass import MAX_FDS
 from offload.protocol.link import NEED_DATA as NEED_DATA
 from offload.protocol.link import Closed, Connection, Ping, Pong, Registry, Role
 from offload.protocol.messages import check_path
@@ -43,20 +43,15 @@ T_EOF = 0x21
 T_WINDOW = 0x22
 T_OPEN = 0x23
 T_RESET = 0x24
-T_FDS = 0x25
 T_OPEN_PTY = 0x26
-T_PTY_TICKET = 0x27
-T_PTY_ATTACHED = 0x16
+T_TICKET = 0x27
+T_ATTACHED = 0x16
 
 CONTROL_CHANNEL = 0
 #: Channels at or above this number are bridged connections, allocated by
 #: the client as its listeners accept; below it they name inherited fds.
 FIRST_BRIDGE_CHANNEL = 0x10000
-#: Channels from here up carry pipes passed over bridged connections
-#: (`PassFds`): each side numbers its own, the client even, the server odd,
-#: so the two never pick the same number.
-FIRST_PASSED_CHANNEL = 1 << 31
-PASSED_CHANNELS = range(FIRST_PASSED_CHANNEL, 1 << 32)
+BRIDGE_CHANNELS = range(FIRST_BRIDGE_CHANNEL, 1 << 32)
 #: Bytes a sender may have in flight on one channel before the receiver
 #: grants more.  It bounds what one stalled consumer can make a peer buffer.
 INITIAL_WINDOW = 4 << 20
@@ -64,9 +59,6 @@ MAX_DATA_CHUNK = 1 << 20
 MAX_ARGC = 16384
 MAX_ENV = 1024
 MAX_FD_NUMBER = 1 << 20
-#: Pipes a session's peer may pass on channels already closed (each is
-#: remembered, to drop its frames, until the next Exec).
-MAX_DROPPED_PIPES = 4096
 #: A pty ticket: this many random bytes, in hex.
 TICKET_BYTES = 32
 
@@ -271,7 +263,7 @@ class ExecRequest:
 class Hello:
     node: str
     service: str = "rexec"
-    #: A `PtyTicket`'s token: this connection carries that pty, not sessions.
+    #: A `Ticket`'s token: this connection carries that pty or bridged connection, not sessions.
     attach: str = ""
 
     def __post_init__(self) -> None:
@@ -360,13 +352,17 @@ class Window:
 
 @dataclass(frozen=True, slots=True)
 class Open:
-    """The client accepted a connection on its listener for ``fd``."""
+    """The client accepted a connection on its listener for ``fd``; the server answers with a `Ticket`.
+
+    The server refuses with Reset (``fd`` is not one of the program's
+    bridged listeners).
+    """
 
     channel: int
     fd: int
 
     def __post_init__(self) -> None:
-        if not FIRST_BRIDGE_CHANNEL <= self.channel < FIRST_PASSED_CHANNEL:
+        if self.channel not in BRIDGE_CHANNELS:
             raise ValueError(f"bridge channel {self.channel} is not a bridged connection's")
 
 
@@ -382,15 +378,16 @@ class OpenPty:
     index: int
 
     def __post_init__(self) -> None:
-        if not FIRST_BRIDGE_CHANNEL <= self.channel < FIRST_PASSED_CHANNEL:
+        if self.channel not in BRIDGE_CHANNELS:
             raise ValueError(f"pty channel {self.channel} is not a bridged connection's")
         if not 0 <= self.index < MAX_PTY_INDEX:
             raise ValueError(f"pty index {self.index} out of range")
 
 
 @dataclass(frozen=True, slots=True)
-class PtyTicket:
-    """The server's answer to `OpenPty`: a connection of its own whose Hello presents ``token`` carries the pty.
+class Ticket:
+    """The server's answer to `Open` or `OpenPty`: a connection of its own whose Hello presents ``token``
+    carries that bridged connection or that pty.
 
     The token is random, for that pty of this session only, for one use,
     by the peer the session's link authenticated.
@@ -400,38 +397,14 @@ class PtyTicket:
     token: str
 
     def __post_init__(self) -> None:
-        if not FIRST_BRIDGE_CHANNEL <= self.channel < FIRST_PASSED_CHANNEL:
-            raise ValueError(f"pty channel {self.channel} is not a bridged connection's")
+        if self.channel not in BRIDGE_CHANNELS:
+            raise ValueError(f"ticket channel {self.channel} is not a bridged connection's")
         check_ticket(self.token)
 
 
 @dataclass(frozen=True, slots=True)
-class PtyAttached:
-    """The server took a pty connection's ticket: from the next byte on, the connection is the pty's relay."""
-
-
-@dataclass(frozen=True, slots=True)
-class PassFds:
-    """fds the program at one end of bridged connection ``channel`` passed with its next bytes.
-
-    They belong to the next Data of that channel (libvirt's ``getfd``
-    command, say); a passed pipe's bytes travel on a channel of its own,
-    numbered by the sender and opened by this event.
-    """
-
-    channel: int
-    fds: tuple[FdDescription, ...]
-
-    def __post_init__(self) -> None:
-        if not FIRST_BRIDGE_CHANNEL <= self.channel < FIRST_PASSED_CHANNEL:
-            raise ValueError(f"fds passed on channel {self.channel}, which is not a bridged connection")
-        if not 0 < len(self.fds) <= MAX_FDS:
-            raise ValueError(f"{len(self.fds)} fds in one message")
-        for fd in self.fds:
-            if fd.is_pipe and fd.channel not in PASSED_CHANNELS:
-                raise ValueError(f"passed pipe on channel {fd.channel}, outside the passed pipes' channels")
-            if not fd.is_pipe and fd.channel:
-                raise ValueError(f"a passed {fd.kind} has no channel")
+class Attached:
+    """The server took a connection's ticket: from the next byte on, the connection is its relay."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,9 +430,8 @@ Event = (
     | Window
     | Open
     | OpenPty
-    | PtyTicket
-    | PtyAttached
-    | PassFds
+    | Ticket
+    | Attached
     | Reset
     | Closed
 )
@@ -549,28 +521,19 @@ _control(
     lambda e: {"signal": messages.signal_name(e.signum)},
     lambda d: Signal(messages.signal_number(d.get("signal"), "signal")),
 )
-_control(T_PTY_ATTACHED, PtyAttached, Role.SERVER, lambda e: {}, lambda d: PtyAttached())
+_control(T_ATTACHED, Attached, Role.SERVER, lambda e: {}, lambda d: Attached())
 _channel(T_DATA, Data, None, lambda e: e.data, Data)
 _channel(T_EOF, Eof, None, lambda e: b"", lambda channel, p: Eof(channel))
 _channel(T_WINDOW, Window, None, lambda e: _WINDOW.pack(e.increment), lambda ch, p: Window(ch, *_WINDOW.unpack(p)))
 _object(T_OPEN, Open, Role.CLIENT, ("fd", int))
 _object(T_OPEN_PTY, OpenPty, Role.CLIENT, ("index", int))
-_object(T_PTY_TICKET, PtyTicket, Role.SERVER, ("token", str))
+_object(T_TICKET, Ticket, Role.SERVER, ("token", str))
 _channel(
     T_RESET,
     Reset,
     None,
     lambda e: messages.dump({"reason": e.reason}),
     lambda channel, p: Reset(channel, str(messages.load(p, "reset").get("reason", ""))[:1024]),
-)
-_channel(
-    T_FDS,
-    PassFds,
-    None,
-    lambda e: messages.dump({"fds": [fd.to_json() for fd in e.fds]}),
-    lambda channel, p: PassFds(
-        channel, fdpass.decode(messages.load(p, "passed fds").get("fds"), "passed fds", PASSED_CHANNELS)
-    ),
 )
 
 
@@ -583,7 +546,7 @@ class State(enum.Enum):
     ATTACHED = "attached"  # a pty's connection: no more rexec frames either way
 
 
-SESSION_EVENTS = (Data, Eof, Window, Open, OpenPty, PtyTicket, PassFds, Reset)
+SESSION_EVENTS = (Data, Eof, Window, Open, OpenPty, Ticket, Reset)
 
 
 class RexecConnection(Connection):
@@ -607,7 +570,7 @@ class RexecConnection(Connection):
         (Role.SERVER, Daemonized, State.RUNNING): State.RUNNING,
         (Role.CLIENT, Signal, State.RUNNING): State.RUNNING,
         (Role.CLIENT, Signal, State.DONE): State.DONE,
-        (Role.SERVER, PtyAttached, State.IDLE): State.ATTACHED,
+        (Role.SERVER, Attached, State.IDLE): State.ATTACHED,
         # Channel events flow while the program runs.  In DONE they are frames
         # that crossed Exited on the wire: dropped when they arrive, never sent.
         **{
@@ -622,7 +585,6 @@ class RexecConnection(Connection):
         super().__init__(role, State.HELLO, **keepalive)
         self.windows: dict[int, link.Window] = {}
         self._closed_channels: set[int] = set()
-        self._dropped_pipes = 0
 
     # -- channels -----------------------------------------------------------
 
@@ -646,7 +608,7 @@ class RexecConnection(Connection):
         return window.credit if window is not None else 0
 
     def leftover(self) -> bytes:
-        """After `PtyAttached`: what was received beyond it, the pty relay's first bytes."""
+        """After `Attached`: what was received beyond it, the relay's first bytes."""
         if self.state is not State.ATTACHED:
             raise LocalProtocolError(f"leftover bytes in state {self.state.value}")
         return super().leftover()
@@ -659,12 +621,10 @@ class RexecConnection(Connection):
                 raise LocalProtocolError(f"{type(event).__name__} after the session ended")
             if isinstance(event, Data):
                 self.window(event.channel).sent(len(event.data))
-            elif isinstance(event, PassFds):
-                self._open_passed_pipes(event, self.role, LocalProtocolError)
             elif isinstance(event, Open | OpenPty):
                 self.open_channel(event.channel)
-            elif isinstance(event, PtyTicket) and event.channel not in self.windows:
-                raise LocalProtocolError(f"a pty ticket on channel {event.channel}, which asked for none")
+            elif isinstance(event, Ticket) and event.channel not in self.windows:
+                raise LocalProtocolError(f"a ticket on channel {event.channel}, which asked for none")
         elif isinstance(event, Exec):
             self._open_request_channels(event.request)
 
@@ -682,26 +642,15 @@ class RexecConnection(Connection):
             return None
         return event
 
-    def _channel_event(self, event: Data | Eof | Window | Open | OpenPty | PtyTicket | PassFds | Reset) -> Event | None:
+    def _channel_event(self, event: Data | Eof | Window | Open | OpenPty | Ticket | Reset) -> Event | None:
         if self.state is State.DONE:
-            # It crossed our Exited on the wire.  Frames for its pipes are
-            # dropped by this same test, and the next Exec forgets them all.
-            return None
+            return None  # it crossed our Exited on the wire; the next Exec forgets the channels
         if event.channel in self._closed_channels:
-            if isinstance(event, PassFds):
-                # Nobody will relay its pipes: their frames are dropped too.
-                pipes = [fd.channel for fd in event.fds if fd.is_pipe]
-                self._dropped_pipes += len(pipes)
-                if self._dropped_pipes > MAX_DROPPED_PIPES:
-                    raise RemoteProtocolError(f"more than {MAX_DROPPED_PIPES} pipes passed on closed channels")
-                self._closed_channels.update(pipes)
             return None  # crossed our Reset on the wire
         if isinstance(event, Open | OpenPty):
             if event.channel in self.windows:
                 raise RemoteProtocolError(f"channel {event.channel} opened twice")
             self.open_channel(event.channel)
-        elif isinstance(event, PassFds):
-            self._open_passed_pipes(event, self.peer_role, RemoteProtocolError)
         elif event.channel not in self.windows:
             raise RemoteProtocolError(f"{type(event).__name__} on unknown channel {event.channel}")
         elif isinstance(event, Data):
@@ -715,21 +664,6 @@ class RexecConnection(Connection):
         # exchange, so data may flow the moment the program starts.
         self.windows.clear()
         self._closed_channels.clear()
-        self._dropped_pipes = 0
         for spec in request.fds:
             if spec.channel:
                 self.open_channel(spec.channel)
-
-    def _open_passed_pipes(self, event: PassFds, sender: Role, error: type[Exception]) -> None:
-        """Open the channels of the pipes in ``event``, which ``sender`` numbered."""
-        if event.channel not in self.windows:
-            raise error(f"fds passed on unknown channel {event.channel}")
-        parity = 0 if sender is Role.CLIENT else 1
-        for fd in event.fds:
-            if not fd.is_pipe:
-                continue
-            if fd.channel % 2 != parity:
-                raise error(f"passed pipe channel {fd.channel} is not the {sender.value}'s to number")
-            if fd.channel in self.windows or fd.channel in self._closed_channels:
-                raise error(f"passed pipe channel {fd.channel} opened twice")
-            self.open_channel(fd.channel)

@@ -16,9 +16,10 @@ import os
 import pwd
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import psutil
 import trio
@@ -26,13 +27,13 @@ import trio
 from offload import aio, fdpass, ptys, users
 from offload.config import RexecConfig
 from offload.errors import ConfigError, OffloadError, ProtocolError, RefusedError, TransportError
-from offload.fdio import ByteEnd, PassingSocketEnd, borrow
+from offload.fdio import borrow
 from offload.net import Address, Transport, first_request, listen_unix, parse_address, serve_listeners
 from offload.protocol import local, messages
 from offload.protocol.framing import CLOSED, NEED_DATA, Frame, FrameDecoder
+from offload.protocol.ptypaths import PtyPathRewriter
 from offload.protocol.rexec import (
-    FIRST_BRIDGE_CHANNEL,
-    FIRST_PASSED_CHANNEL,
+    BRIDGE_CHANNELS,
     MAX_FDS,
     Closed,
     Daemonized,
@@ -50,15 +51,18 @@ from offload.protocol.rexec import (
     State,
     parse_rlimits,
 )
-from offload.rexec import console, policy, ptylink
-from offload.rexec.link import LinkFailed, Passing, SessionLink
+from offload.rexec import attached, console, policy
+from offload.rexec.link import LinkFailed, SessionLink
 from offload.rexec.pidmap import PidmapDir
+from offload.udsproxy.relay import Relay, run_in_thread
 
 log = logging.getLogger(__name__)
 
 EXIT_FAILURE = 255
 #: How long an Exec may go unanswered before it is logged (again).
 SLOW_ANSWER = 10.0
+#: How long the exit waits for a bridged connection's last bytes to reach the caller's program.
+DELIVERY_WAIT = 2.0
 
 
 class PeerPool:
@@ -159,8 +163,9 @@ class AgentSession:
         self.pidmap_pids: list[int] = []
         self.remote_pid = 0
         self.inbound_channels: list[int] = []
-        self.bridge_channels = iter(range(FIRST_BRIDGE_CHANNEL, FIRST_PASSED_CHANNEL))
+        self.bridge_channels = iter(BRIDGE_CHANNELS)
         self.monitors: set[int] = set()  # fd numbers of the program's QMP monitor listeners
+        self.delivering: set[Relay] = set()  # bridged connections' relays: their last bytes precede the exit
         self.consoles: console.SessionConsoles | None = None
 
     # -- talking to the stand-in -------------------------------------------------
@@ -380,66 +385,86 @@ class AgentSession:
     async def _bridge_one(
         self, target_fd: int, nursery: trio.Nursery, caller: Caller, stream: trio.SocketStream
     ) -> None:
-        """One connection to the caller's listener (libvirt's monitor), fds passed on it included.
+        """One connection to the caller's listener (libvirt's monitor), on a connection of its own.
 
         Files passed back by the remote program are re-opened as the
         caller; paths of files the program here passes are named as it
-        sees them (libvirtd runs chrooted).
+        sees them (libvirtd runs chrooted).  A monitor's replies name the
+        program's ptys: libvirt opens them, so they must be ours.
         """
-        assert self.link is not None
-        end: ByteEnd = PassingSocketEnd(stream)
+        sock = socket.socket(fileno=stream.socket.detach())
+        name = f"bridged fd {target_fd} of remote pid {self.remote_pid}"
+        token = await self._ticket(lambda channel: Open(channel, target_fd), name, sock.close)
+        if token is None:
+            return
+        rewrite = None
         if target_fd in self.monitors and self.consoles is not None:
-            # libvirt opens the ptys qemu names there: they must be ours.
-            end = console.PtyPathsEnd(end, self.consoles)
-        try:
-            passing = Passing(
-                shared=self.config.shared_path,
-                user=users.local_user(caller.uid, caller.gid),
-                root=fdpass.peer_root(stream.socket),
-                nursery=nursery,
-            )
-            channel = next(self.bridge_channels)
-            await self.link.send(Open(channel, target_fd))
-        except BaseException:
-            await end.aclose()
-            raise
-        state = self.link.add_channel(channel)
-        self.inbound_channels.append(channel)  # its last bytes, too, arrive before the exit status
-        try:
-            await self.link.relay(channel, end, inbound=True, outbound=True, passing=passing)
-        finally:
-            # A session lives for days and libvirt connects for every command.
-            with contextlib.suppress(ValueError):
-                self.inbound_channels.remove(channel)
-        if state.reset:
-            log.info("a bridged connection to fd %d of remote pid %d was reset", target_fd, self.remote_pid)
+            rewrite = PtyPathRewriter(partial(_from_trio, self.consoles.translate)).feed
+        await self._attach(
+            token,
+            sock,
+            name,
+            delivered_before_exit=True,
+            shared=self.config.shared_path,
+            user=users.local_user(caller.uid, caller.gid),
+            root=fdpass.peer_root(sock),
+            rewrite=rewrite,
+        )
 
     async def _relay_pty(self, host_index: int, end: ptys.PtyEnd) -> None:
         """Carry our pty standing for the program's pty ``host_index`` to it, for the session.
 
         The host answers with a ticket, and the pty goes on a connection of
-        its own, relayed by a thread (`offload.rexec.ptylink`).
+        its own, relayed by a thread (`offload.rexec.attached`).
         """
-        assert self.link is not None and self.address is not None
+        name = f"pty {host_index} of remote pid {self.remote_pid}"
+        token = await self._ticket(lambda channel: OpenPty(channel, host_index), name, end.close)
+        if token is not None:
+            await self._attach(token, end, name)
+
+    async def _ticket(
+        self, request: Callable[[int], Open | OpenPty], name: str, close: Callable[[], object]
+    ) -> str | None:
+        """Ask the peer for a ticket on a new channel; None (``close`` called) if it refused."""
+        assert self.link is not None
         try:
             channel = next(self.bridge_channels)
             state = self.link.add_channel(channel)
-            await self.link.send(OpenPty(channel, host_index))
+            await self.link.send(request(channel))
             while state.ticket is None and not state.reset:
                 await state.changed.wait()
             self.link.drop_channel(channel)
         except BaseException:
-            end.close()
+            close()
             raise
         if state.ticket is None:
-            end.close()
-            log.warning("pty %d of remote pid %d: the peer refused it", host_index, self.remote_pid)
-            return
-        name = f"pty {host_index} of remote pid {self.remote_pid}"
+            close()
+            log.warning("%s: the peer refused it", name)
+        return state.ticket
+
+    async def _attach(
+        self,
+        token: str,
+        local: ptys.PtyEnd | socket.socket,
+        name: str,
+        delivered_before_exit: bool = False,
+        **options: Any,
+    ) -> None:
+        """Relay ``local`` on the connection ``token`` opens until either ends (`attached.attach`'s ``options``)."""
+        assert self.address is not None
         try:
-            await ptylink.attach(self.pool.transport, self.address, self.config.node_name, state.ticket, end, name)
+            relay = await attached.attach(
+                self.pool.transport, self.address, self.config.node_name, token, local, name, **options
+            )
         except (TransportError, trio.TooSlowError) as exc:
             log.warning("%s: %s", name, exc or "no answer")
+            return
+        if delivered_before_exit:
+            self.delivering.add(relay)
+        try:
+            await run_in_thread(relay)
+        finally:
+            self.delivering.discard(relay)
 
     async def _from_stand_in(self, nursery: trio.Nursery, caller: Caller) -> None:
         assert self.link is not None
@@ -503,6 +528,12 @@ class AgentSession:
         for channel in list(self.inbound_channels):
             await self.link.wait_drained(channel)
         self.inbound_channels.clear()
+        # Its bridged connections' last bytes (qemu's SHUTDOWN event), too: libvirt tells a
+        # shutdown from a crash by them.  A relay that the peer never ends is not waited for long.
+        for relay in list(self.delivering):
+            if not await trio.to_thread.run_sync(relay.delivered.wait, DELIVERY_WAIT, abandon_on_cancel=True):
+                log.info("%s: not delivered %.0f s after the exit; not waiting for it", relay.name, DELIVERY_WAIT)
+                break
 
     async def _cleanup(self) -> None:
         if self.consoles is not None:
@@ -543,3 +574,11 @@ async def serve_stand_ins(
         listener.socket.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(config.agent_socket)
+
+
+def _from_trio(function: Callable[[int], int | None], argument: int) -> int | None:
+    """``function(argument)`` run by trio, for a relay thread; None once trio has ended."""
+    try:
+        return trio.from_thread.run_sync(function, argument)
+    except trio.RunFinishedError:
+        return None

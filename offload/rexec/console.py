@@ -7,7 +7,7 @@ each host pty it sees it allocates a pty in the stand-in's devpts instance
 (libvirt's) and asks the host, with `OpenPty`, for the other end of the
 host pty, which the host opens only if the session's program holds its
 master; the two are relayed by a thread on each side, over a connection of
-their own (`offload.rexec.ptylink`).  The mapping lives as long as the
+their own (`offload.rexec.attached`).  The mapping lives as long as the
 session, so libvirt finds the same path after a restart of its own (it
 keeps the path in its status XML).
 
@@ -26,8 +26,6 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from offload import ptys
-from offload.fdio import CHUNK, ByteEnd
-from offload.protocol.ptypaths import PtyPathRewriter
 
 log = logging.getLogger(__name__)
 
@@ -93,41 +91,6 @@ class SessionConsoles:
         for fd in self._held:
             os.close(fd)
         self._held.clear()
-
-
-class PtyPathsEnd(ByteEnd):
-    """A bridged monitor connection's libvirt end: qemu's replies reach it with pty paths made ours."""
-
-    def __init__(self, inner: ByteEnd, consoles: SessionConsoles) -> None:
-        self.inner = inner
-        self.rewriter = PtyPathRewriter(consoles.translate)
-
-    async def read(self, max_bytes: int = CHUNK) -> bytes:
-        return await self.inner.read(max_bytes)
-
-    async def read_message(self, max_bytes: int = CHUNK) -> tuple[bytes, list[int]]:
-        return await self.inner.read_message(max_bytes)
-
-    async def write(self, data: bytes) -> None:
-        data = self.rewriter.feed(data)
-        if data:
-            await self.inner.write(data)
-
-    async def write_message(self, data: bytes, fds: list[int]) -> None:
-        data = self.rewriter.feed(data)
-        if fds and not data:
-            data = self.rewriter.feed(b"")  # fds travel with bytes: release what was held for them
-        if data:
-            await self.inner.write_message(data, fds)
-
-    async def shutdown_write(self) -> None:
-        rest = self.rewriter.feed(b"")
-        if rest:
-            await self.inner.write(rest)
-        await self.inner.shutdown_write()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 def monitor_fds(argv: tuple[str, ...]) -> set[int]:

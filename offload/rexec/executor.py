@@ -31,7 +31,7 @@ import trio
 from offload import aio, fdpass, proc, ptys, users
 from offload.config import RexecConfig
 from offload.errors import OffloadError, RefusedError, TransportError
-from offload.fdio import ByteEnd, PassingSocketEnd, StreamEnd, grow_pipe
+from offload.fdio import ByteEnd, StreamEnd, grow_pipe
 from offload.net import bind_unix
 from offload.protocol.rexec import (
     Closed,
@@ -42,15 +42,15 @@ from offload.protocol.rexec import (
     FdKind,
     Open,
     OpenPty,
-    PtyTicket,
     Refused,
     Reset,
     Signal,
     Started,
+    Ticket,
 )
-from offload.rexec import policy, ptylink
-from offload.rexec.link import ChannelState, LinkFailed, Passing, SessionLink
-from offload.rexec.ptylink import PtyGrant, PtyGrants
+from offload.rexec import attached, policy
+from offload.rexec.attached import Grant, Grants
+from offload.rexec.link import ChannelState, LinkFailed, SessionLink
 from offload.udsproxy.prefixes import open_beneath
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class ServerState:
     config: RexecConfig
     whitelist: policy.Whitelist
     bridges: Path
-    ptys: PtyGrants = field(default_factory=PtyGrants)
+    grants: Grants = field(default_factory=Grants)
 
 
 async def serve_session(link: SessionLink, state: ServerState) -> None:
@@ -197,7 +197,7 @@ class Execution:
 
     async def _supervise(self) -> None:
         assert self.process is not None
-        self.state.ptys.open_session(self.id)
+        self.state.grants.open_session(self.id)
         async with aio.open_nursery() as nursery:
             for channel, (end, inbound, outbound) in self.ends.items():
                 done = self._output(channel, outbound)
@@ -208,9 +208,10 @@ class Execution:
             control = trio.CancelScope()
             nursery.start_soon(self._control_loop, nursery, control)
             status = await self.process.wait()
-            # Its pid may name another process from now on: no ticket may open a pty by it.
-            self.state.ptys.revoke_tickets(self.id)
+            # Its pid may name another process from now on: no ticket may open anything by it.
+            self.state.grants.revoke_tickets(self.id)
             await self._await_output()
+            await self._await_bridged()
             exited: Exited | Refused = _exited(status)
             if self.request.daemon_pidfile and status == 0:
                 exited = await self._follow_daemon()
@@ -221,6 +222,18 @@ class Execution:
             control.cancel()
             await self.link.send(exited)
             nursery.cancel_scope.cancel()
+
+    async def _await_bridged(self) -> None:
+        """Wait until what the program wrote on bridged connections was sent (each relay's `sent`)."""
+        for relay in self.state.grants.relays(self.id):
+            if not await trio.to_thread.run_sync(relay.sent.wait, OUTPUT_LINGER, abandon_on_cancel=True):
+                log.info(
+                    "session %d: %s still open %.0f s after exit; not waiting for it",
+                    self.id,
+                    relay.name,
+                    OUTPUT_LINGER,
+                )
+                return
 
     def _output(self, channel: int, outbound: bool) -> trio.Event | None:
         """For a channel the program writes to: the event set once all it wrote was sent."""
@@ -254,7 +267,7 @@ class Execution:
                 if isinstance(event, Signal):
                     self._signal(event.signum)
                 elif isinstance(event, Open):
-                    nursery.start_soon(self._bridge, event, nursery)
+                    nursery.start_soon(self._bridge, event)
                 elif isinstance(event, OpenPty):
                     nursery.start_soon(self._pty, event)
                 elif isinstance(event, Closed | LinkFailed):
@@ -273,25 +286,27 @@ class Execution:
             elif self.process is not None and self.process.returncode is None:
                 self.process.send_signal(signum)
 
-    async def _bridge(self, event: Open, nursery: trio.Nursery) -> None:
-        path = self.bridges.get(event.fd)
-        try:
-            if path is None:
-                raise OSError(f"fd {event.fd} is not a bridged listener")
-            stream = await trio.open_unix_socket(path)
-        except OSError as exc:
-            log.info("session %d: bridged connection for fd %d failed: %s", self.id, event.fd, exc)
-            await self.link.send(Reset(event.channel, str(exc)))
-            self.link.drop_channel(event.channel)
-            return
+    async def _bridge(self, event: Open) -> None:
+        """Answer with a ticket for a connection to the program's bridged listener ``event.fd``.
+
+        The connection goes on a connection of its own (`offload.rexec.attached`),
+        carrying the fds its programs pass: files re-opened as the program's user.
+        """
         assert self.user is not None and self.process is not None
-        # Files the caller's program passes are re-opened as the program's
-        # user; its own are named from its root.  Passed pipes are relayed
-        # for the session: qemu writes a save image long after getfd.
-        passing = Passing(self.config.shared_path, self.user, fdpass.root_of(self.process.pid), nursery)
-        end = PassingSocketEnd(stream)
-        done = self._output(event.channel, True)
-        await self.link.relay(event.channel, end, inbound=True, outbound=True, outbound_done=done, passing=passing)
+        path = self.bridges.get(event.fd)
+        if path is None:
+            log.warning("session %d: refused a bridged connection for fd %d: not a bridged listener", self.id, event.fd)
+            await self._refuse(event.channel, f"fd {event.fd} is not a bridged listener")
+            return
+        grant = Grant(
+            self.id,
+            self.process,
+            attached.who(self.link.peer, self.link.stream),
+            bridge=path,
+            user=self.user,
+            shared=self.config.shared_path,
+        )
+        await self._grant(event.channel, grant)
 
     async def _pty(self, event: OpenPty) -> None:
         """Answer with a ticket for a pty whose master the program holds (qemu's serial console).
@@ -299,7 +314,7 @@ class Execution:
         Only the program's own ptys: the peer names a number, and the end
         is opened from the master the program holds (`offload.ptys`), never
         by path; any other number is refused with a log line.  The pty is
-        relayed on a connection of its own (`offload.rexec.ptylink`).
+        relayed on a connection of its own (`offload.rexec.attached`).
         """
         try:
             if self.process is None or self.process.returncode is not None:
@@ -307,19 +322,23 @@ class Execution:
             os.close(ptys.program_pty_peer(self.process.pid, event.index))
         except OSError as exc:
             log.warning("session %d: refused pty %d to %s: %s", self.id, event.index, self.link.peer, exc)
-            await self.link.send(Reset(event.channel, f"pty {event.index}: {exc.strerror or exc}"))
-            self.link.drop_channel(event.channel)
+            await self._refuse(event.channel, f"pty {event.index}: {exc.strerror or exc}")
             return
-        grant = PtyGrant(self.id, self.process, event.index, ptylink.who(self.link.peer, self.link.stream))
-        token = self.state.ptys.issue(grant)
+        grant = Grant(self.id, self.process, attached.who(self.link.peer, self.link.stream), pty=event.index)
+        await self._grant(event.channel, grant)
+
+    async def _grant(self, channel: int, grant: Grant) -> None:
+        token = self.state.grants.issue(grant)
         if token is None:
-            log.warning(
-                "session %d: refused pty %d to %s: too many unused tickets", self.id, event.index, self.link.peer
-            )
-            await self.link.send(Reset(event.channel, f"pty {event.index}: too many unused tickets"))
+            log.warning("session %d: refused %s to %s: too many unused tickets", self.id, grant.what, self.link.peer)
+            await self._refuse(channel, f"{grant.what}: too many unused tickets")
         else:
-            await self.link.send(PtyTicket(event.channel, token))
-        self.link.drop_channel(event.channel)
+            await self.link.send(Ticket(channel, token))
+            self.link.drop_channel(channel)
+
+    async def _refuse(self, channel: int, why: str) -> None:
+        await self.link.send(Reset(channel, why))
+        self.link.drop_channel(channel)
 
     async def _follow_daemon(self) -> Exited | Refused:
         """The foreground exited 0: follow the daemon its pidfile names, if the program started it.
@@ -375,7 +394,7 @@ class Execution:
         raise RefusedError(f"{path} holds no pid after the foreground exited")
 
     async def _cleanup(self) -> None:
-        self.state.ptys.revoke(self.id)
+        self.state.grants.revoke(self.id)
         if self.process is not None and self.process.returncode is None:
             log.info("session %d: caller gone; ending pid %d", self.id, self.process.pid)
             await proc.terminate(self.process, self.config.kill_grace)

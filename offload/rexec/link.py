@@ -14,23 +14,19 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
-import itertools
 import logging
 import math
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from functools import partial
 
 import trio
 
-from offload import aio, users
-from offload.errors import LinkLost, RemoteProtocolError, TransportError, UnsupportedFdError
-from offload.fdio import CHUNK, ByteEnd, StreamEnd
+from offload import aio
+from offload.errors import LinkLost, RemoteProtocolError, TransportError
+from offload.fdio import CHUNK, ByteEnd
 from offload.net import Connected, TlsStream, translate_errors
 from offload.protocol.rexec import (
-    FIRST_PASSED_CHANNEL,
     MAX_DATA_CHUNK,
     NEED_DATA,
     SESSION_EVENTS,
@@ -39,21 +35,18 @@ from offload.protocol.rexec import (
     Eof,
     Event,
     Exec,
-    FdDescription,
     Hello,
     Open,
     OpenPty,
-    PassFds,
     Ping,
     Pong,
-    PtyTicket,
     Reset,
     RexecConnection,
     Role,
     State,
+    Ticket,
     Window,
 )
-from offload.udsproxy.relay import materialize_all, prepare_all
 
 log = logging.getLogger(__name__)
 
@@ -68,35 +61,16 @@ class LinkFailed:
     error: Exception
 
 
-@dataclass(frozen=True)
-class Passing:
-    """How a bridged connection carries the fds its programs pass (`offload.fdpass`'s rules).
-
-    ``shared``: the prefixes of files both machines see; ``user``: whose
-    credentials re-open the files the peer passes; ``root``: the root
-    directory of the program on this side, whose files' paths are named
-    relative to it; ``nursery``: where passed pipes are relayed, since a
-    pipe outlives the message that passed it (and may outlive the
-    connection: qemu writes a save image long after ``getfd``).
-    """
-
-    shared: tuple[str, ...]
-    user: users.RemoteUser
-    root: str
-    nursery: trio.Nursery
-
-
 @dataclass
 class ChannelState:
-    #: Bytes, and the fds (described) the peer passed with the bytes after them.
-    chunks: collections.deque[bytes | tuple[FdDescription, ...]] = field(default_factory=collections.deque)
+    chunks: collections.deque[bytes] = field(default_factory=collections.deque)
     eof: bool = False  # the peer will send no more
     reset: bool = False  # dead both ways
     changed: trio.Event = field(default_factory=trio.Event)
     drained: trio.Event = field(default_factory=trio.Event)  # pump_in delivered its last byte
     #: The outbound pump's read of its local source, while it waits.
     reading: trio.CancelScope | None = None
-    #: An OpenPty's answer: the ticket for the pty's own connection.
+    #: The answer to Open or OpenPty: the ticket for a connection of its own.
     ticket: str | None = None
     #: Bytes the outbound pump took from its local source: progress, as a watchdog sees it.
     read: int = 0
@@ -131,7 +105,6 @@ class SessionLink:
         # cleanup when the next Exec arrives; the generation keeps it from
         # touching the new session's channels.
         self.generation = 0
-        self._passed_channels = itertools.count(FIRST_PASSED_CHANNEL + (0 if role is Role.CLIENT else 1), 2)
 
     # -- plumbing --------------------------------------------------------------
 
@@ -283,16 +256,6 @@ class SessionLink:
                 await self.send(Pong(token))
             case Pong():
                 pass
-            case PassFds(channel, fds):
-                if len(self._channels) >= MAX_OPEN_CHANNELS:
-                    raise RemoteProtocolError(f"more than {MAX_OPEN_CHANNELS} channels open")
-                state = self._channels.setdefault(channel, ChannelState())
-                if state.reset:
-                    # Nobody will deliver them: the sender's pipe ends must not wait forever.
-                    await self._refuse_pipes(fds, "the connection they were passed on is gone")
-                else:
-                    state.chunks.append(fds)
-                    state.wake()
             case Data(channel, data):
                 # Data may arrive before our relay for the channel starts.
                 state = self._channels.setdefault(channel, ChannelState())
@@ -309,7 +272,7 @@ class SessionLink:
             case Window(channel):
                 if channel in self._channels:
                     self._channels[channel].wake()
-            case PtyTicket(channel, token):
+            case Ticket(channel, token):
                 if channel in self._channels:
                     self._channels[channel].ticket = token
                     self._channels[channel].wake()
@@ -355,13 +318,8 @@ class SessionLink:
         self._channels.pop(channel, None)
         self.conn.close_channel(channel)
 
-    async def pump_out(
-        self, channel: int, source: ByteEnd, done: trio.Event | None = None, passing: Passing | None = None
-    ) -> None:
-        """Local source -> peer, within the channel's window, then Eof (or Reset); sets ``done`` after.
-
-        With ``passing``, fds the program passes along with its bytes cross too.
-        """
+    async def pump_out(self, channel: int, source: ByteEnd, done: trio.Event | None = None) -> None:
+        """Local source -> peer, within the channel's window, then Eof (or Reset); sets ``done`` after."""
         try:
             state = self._channels[channel]
             while True:
@@ -369,33 +327,18 @@ class SessionLink:
                     await state.changed.wait()
                 if state.reset:
                     return
-                fds: list[int] = []
                 with trio.CancelScope() as state.reading:
                     try:
-                        limit = min(self.conn.send_credit(channel), CHUNK)
-                        if passing is None:
-                            data = await source.read(limit)
-                        else:
-                            data, fds = await source.read_message(limit)
+                        data = await source.read(min(self.conn.send_credit(channel), CHUNK))
                         state.read += len(data)
                     except OSError as exc:
                         await self.send(Reset(channel, f"read failed: {os.strerror(exc.errno or 0)}"))
                         return
                     finally:
                         state.reading = None
-                if fds:
-                    assert passing is not None
-                    try:
-                        if not state.reset:
-                            await self._pass_out(channel, fds, passing)
-                    finally:
-                        for fd in fds:
-                            os.close(fd)
                 if state.reset:
                     return
                 if not data:
-                    if fds:
-                        continue  # fds without bytes: they go with what follows
                     await self.send(Eof(channel))
                     return
                 await self.send(Data(channel, data))
@@ -403,101 +346,18 @@ class SessionLink:
             if done is not None:
                 done.set()
 
-    async def _pass_out(self, channel: int, fds: list[int], passing: Passing) -> None:
-        """Describe the fds the program here passed on ``channel`` and send them ahead of its bytes.
-
-        All or none: if one cannot be carried, none is, the refusal is
-        logged naming it, and the bytes go on alone (a monitor command then
-        fails with qemu's own error; the connection and the VM stay up).
-        """
-        try:
-            # A file's fstat may go to a network or FUSE filesystem.
-            prepared = await trio.to_thread.run_sync(prepare_all, fds, passing.shared, passing.root)
-        except (UnsupportedFdError, OSError) as exc:
-            what = f"fd {exc.fd}, {exc.kind}," if isinstance(exc, UnsupportedFdError) else f"an fd ({exc}),"
-            log.error(
-                "link to %s: channel %d: the program passed %s which cannot be carried; its message goes on without fds",
-                self.peer,
-                channel,
-                what,
-            )
-            return
-        descriptions: list[FdDescription] = []
-        pipes: list[tuple[int, int, bool]] = []
-        for description, kept in prepared:
-            if kept is not None:
-                number = next(self._passed_channels)
-                description = dataclasses.replace(description, channel=number)
-                pipes.append((number, kept, description.kind == "pipe_r"))
-            descriptions.append(description)
-        try:
-            await self.send(PassFds(channel, tuple(descriptions)))
-        except BaseException:
-            for _, kept, _ in pipes:
-                os.close(kept)
-            raise
-        for number, kept, reading in pipes:
-            self._relay_pipe(passing, number, kept, outbound=reading)
-
-    def _relay_pipe(self, passing: Passing, channel: int, fd: int, *, outbound: bool) -> None:
-        """Relay our end of a passed pipe: we read it (``outbound``) or write into it what arrives."""
-        try:
-            end = StreamEnd.from_fd(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        passing.nursery.start_soon(partial(self.relay, channel, end, inbound=not outbound, outbound=outbound))
-
-    async def _refuse_pipes(self, fds: tuple[FdDescription, ...], why: str) -> None:
-        for description in fds:
-            if description.is_pipe:
-                self.conn.open_channel(description.channel)
-                await self.send(Reset(description.channel, why))
-                self.drop_channel(description.channel)
-
-    async def _deliver_in(self, channel: int, fds: tuple[FdDescription, ...], passing: Passing | None) -> list[int]:
-        """The fds the peer passed, made here for the program; [] (logged) if they cannot be."""
-        if passing is None:
-            log.error("link to %s: channel %d carries no fds; the peer passed %d", self.peer, channel, len(fds))
-            await self._refuse_pipes(fds, "this connection carries no fds")
-            return []
-        try:
-            made = await trio.to_thread.run_sync(materialize_all, fds, passing.shared, passing.user)
-        except OSError as exc:
-            log.error("link to %s: channel %d: cannot deliver passed fds here: %s", self.peer, channel, exc)
-            await self._refuse_pipes(fds, f"not delivered: {exc}")
-            return []
-        for description, (_, kept) in zip(fds, made, strict=True):
-            if kept is not None:
-                self._relay_pipe(passing, description.channel, kept, outbound=description.kind == "pipe_w")
-        return [app_fd for app_fd, _ in made]
-
-    async def pump_in(self, channel: int, sink: ByteEnd, passing: Passing | None = None) -> None:
-        """Peer -> local sink, granting window as the sink takes the bytes (and the fds passed with them)."""
+    async def pump_in(self, channel: int, sink: ByteEnd) -> None:
+        """Peer -> local sink, granting window as the sink takes the bytes."""
         state = self._channels[channel]
         generation = self.generation
-        passed: list[int] = []  # made here, delivered with the next bytes
         try:
             while True:
                 if state.chunks:
                     data = state.chunks.popleft()
-                    if isinstance(data, tuple):
-                        passed.extend(await self._deliver_in(channel, data, passing))
-                        continue
                     try:
-                        if passed and data:
-                            await sink.write_message(data, passed)
-                            # The program has its copies now; ours go.
-                            for fd in passed:
-                                os.close(fd)
-                            passed.clear()
-                        else:
-                            await sink.write(data)
+                        await sink.write(data)
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         state.kill()
-                        for leftover in state.chunks:
-                            if isinstance(leftover, tuple):
-                                await self._refuse_pipes(leftover, "reader closed")
                         state.chunks.clear()
                         await self.send(Reset(channel, "reader closed"))
                         return
@@ -511,8 +371,6 @@ class SessionLink:
                 else:
                     await state.changed.wait()
         finally:
-            for fd in passed:
-                os.close(fd)
             state.drained.set()
 
     async def wait_drained(self, channel: int) -> None:
@@ -529,22 +387,20 @@ class SessionLink:
         inbound: bool,
         outbound: bool,
         outbound_done: trio.Event | None = None,
-        passing: Passing | None = None,
     ) -> None:
         """Run the pumps of one channel and close ``end`` when they are done.
 
         ``outbound_done`` is set once everything read from ``end`` was sent,
         with the Eof behind it: the session's end must not overtake it.
-        ``passing``: fds passed by SCM_RIGHTS on ``end`` cross both ways.
         """
         generation = self.generation
         self.add_channel(channel)
         try:
             async with aio.open_nursery() as nursery:
                 if outbound:
-                    nursery.start_soon(self.pump_out, channel, end, outbound_done, passing)
+                    nursery.start_soon(self.pump_out, channel, end, outbound_done)
                 if inbound:
-                    nursery.start_soon(self.pump_in, channel, end, passing)
+                    nursery.start_soon(self.pump_in, channel, end)
         finally:
             with (
                 trio.CancelScope(shield=True),

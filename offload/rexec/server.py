@@ -30,11 +30,11 @@ from offload.errors import ConfigError, ProtocolError, TransportError
 from offload.net import Transport, listener_address, parse_address, remote_name, serve_listeners
 from offload.protocol.rexec import Role
 from offload.rexec.agent import PeerPool, serve_stand_ins
+from offload.rexec.attached import serve_attach
 from offload.rexec.executor import ServerState, serve_session
 from offload.rexec.link import SessionLink, running
 from offload.rexec.pidmap import PidmapDir
 from offload.rexec.policy import Whitelist, ensure_private_dir
-from offload.rexec.ptylink import serve_attach
 
 log = logging.getLogger("rexec_server")
 
@@ -59,8 +59,8 @@ async def _serve_peer(transport: Transport, state: ServerState, raw: trio.Socket
     try:
         with trio.fail_after(10):
             hello = await link.handshake()
-        if hello.attach:  # a console's connection (offload.rexec.ptylink), not a session's
-            await serve_attach(link.stream, link.peer, link.conn, hello.attach, state.ptys)
+        if hello.attach:  # a pty's or bridged connection's (offload.rexec.attached), not a session's
+            await serve_attach(link.stream, link.peer, link.conn, hello.attach, state.grants)
             return
         async with running(link):
             await serve_session(link, state)

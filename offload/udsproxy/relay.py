@@ -8,7 +8,7 @@ checkpoints, wakeups and copies; here a small one costs one poll, one receive,
 one seal and one send per hop, and a slow program or peer stalls only its own
 connection.  Measured over the lab's veth, a 64-byte round trip through two
 relays (udsproxy on both sides) took 229 us against 136 us for a socat relay.
-The same loop carries a console (`offload.rexec.ptylink`) with a pty
+The same loop carries a console (`offload.rexec.attached`) with a pty
 (`offload.ptys.PtyEnd`) as its local end: a keystroke skips trio's turns too.
 
 Local reads land after room for the frame header, so a Data frame is sealed in
@@ -210,7 +210,19 @@ class _Pipe:
 
 
 class Relay:
-    """One connection's data path; ``user`` None: the connection carries no fds (a pty's)."""
+    """One connection's data path; ``user`` None: the connection carries no fds (a pty's).
+
+    ``rewrite`` edits what the peer sends before the local program reads it
+    (``b""``: the peer's stream ended, release what it held back).  An fd
+    the local program passes that cannot be carried ends the connection,
+    unless ``drop_uncarried``: then its message goes on without fds (a QMP
+    monitor command then fails with qemu's own error, and the monitor, on
+    which libvirt's view of the guest hangs, stays up).  Two
+    events tell other threads how far the relay got: `sent`, everything
+    the local program wrote went out, with the end of its stream behind
+    it; `delivered`, everything the peer sent reached the local program.
+    Both are set when the relay ends, however it ends.
+    """
 
     def __init__(
         self,
@@ -225,6 +237,8 @@ class Relay:
         root: str = "/",
         leftover: bytes = b"",
         name: str = "",
+        rewrite: Callable[[bytes], bytes] | None = None,
+        drop_uncarried: bool = False,
     ) -> None:
         self.link = link
         self.cipher = cipher
@@ -234,6 +248,10 @@ class Relay:
         self.user = user  # whose credentials re-open the files the peer passes
         self.root = root  # of the program on the local socket: its files' paths are relative to it
         self.name = name
+        self.rewrite = rewrite
+        self.drop_uncarried = drop_uncarried
+        self.sent = threading.Event()
+        self.delivered = threading.Event()
         self._conn = wire.UdsProxyConnection.opened(client)
         link.setblocking(False)
         local.setblocking(False)
@@ -423,10 +441,12 @@ class Relay:
             close_all(passed)
             raise OSError(errno.EMSGSIZE, "a message or its fds were truncated; ending the connection")
         if passed:
-            self._carry_passed(passed)
-        if not count and not passed:
+            self._carry_passed(passed)  # empties the list
+        if not count and not ancillary:  # a message of no bytes but fds is not the end
             self._reading_local = False
             self._send_link(self._conn.send(wire.Eof()))
+            if not self._link_out:
+                self.sent.set()
             return True
         self._out[:HEADER_SIZE] = wire.data_header(wire.DATA_CHANNEL, count)
         self._send_link(self._out_view[: HEADER_SIZE + count])
@@ -439,12 +459,12 @@ class Relay:
         try:
             prepared = prepare_all(passed, self.shared, self.root)
         except UnsupportedFdError as exc:
+            outcome = "its message goes on without fds" if self.drop_uncarried else "ending the connection"
             log.error(
-                "%s: the program passed fd %d, %s, which cannot be carried; ending the connection",
-                self.name,
-                exc.fd,
-                exc.kind,
+                "%s: the program passed fd %d, %s, which cannot be carried; %s", self.name, exc.fd, exc.kind, outcome
             )
+            if self.drop_uncarried:
+                return
             raise
         finally:
             close_all(passed)
@@ -528,6 +548,8 @@ class Relay:
                 self._link_out[0] = memoryview(head)[sent:]
                 return
             self._link_out.popleft()
+        if not self._reading_local:
+            self.sent.set()
 
     def _send_failed(self, why: str) -> None:
         """Nothing more can go out; what the peer sent before it closed is still read."""
@@ -603,7 +625,13 @@ class Relay:
                     self._discard_next = False
                     return
                 passed, self._arriving_fds = self._arriving_fds or [], None
-                self._write_local(payload, passed)
+                if self.rewrite is None:
+                    self._write_local(payload, passed)
+                    return
+                data = self.rewrite(bytes(payload))
+                if passed and not data:
+                    data = self.rewrite(b"")  # fds travel with bytes: release what was held for them
+                self._write_local(data, passed)
                 return
             pipe = self._pipes.get(channel)
             if pipe is not None and not pipe.reading and not pipe.ending:
@@ -615,6 +643,8 @@ class Relay:
         # Any other frame (a Hello, a Connect, an unknown type) is refused here.
         event = self._conn.event_of(kind, channel, bytes(payload))
         if isinstance(event, wire.Eof) and channel == wire.DATA_CHANNEL:
+            if self.rewrite is not None and (rest := self.rewrite(b"")):
+                self._write_local(rest, [])
             self._peer_eof = True
             self._flush_local()
         elif isinstance(event, wire.Fds):
@@ -730,6 +760,8 @@ class Relay:
             self._local_shut = True
             with contextlib.suppress(OSError):
                 self.local.shutdown(socket.SHUT_WR)
+        if self._peer_eof and not self._local_out:
+            self.delivered.set()
 
     # -- pipe channels ----------------------------------------------------------------------
 
@@ -798,6 +830,8 @@ class Relay:
                     return
 
     def _close(self) -> None:
+        self.sent.set()
+        self.delivered.set()
         with self._lock:
             self._closed = True
             pending = list(self._submissions)

@@ -1,0 +1,265 @@
+"""Connections of their own beside a session's link, relayed by a thread on each side.
+
+Two things of a session do not go on its link, where every message costs
+several trio turns in both daemons: a program's pty (a console's keystroke
+and its echo) and a connection to a listener the program was handed (qemu's
+QMP monitor: libvirt issues hundreds of commands to start or restore a
+guest, each a round trip).  The DPU's agent asks on the session's link
+(`OpenPty` for a pty the program holds, `Open` for a connection it accepted
+on the program's listener); the host checks the request against the
+session's program and answers with a ticket (`Ticket`): a random token, for
+that pty or bridged listener of that session, for one use, by the peer
+that session's link authenticated.  The agent opens a connection of its own
+to the host's rexec_server and presents the ticket in its Hello; the host
+opens the local end (the pty again from the program's master,
+`ptys.program_pty_peer`; or a connection to the bridged listener), answers
+`Attached`, and from then on both sides hand the connection to a `Relay`
+thread.  A bridged connection carries the fds its programs pass by the
+udsproxy rules (`offload.fdpass`), and a monitor's replies have their pty
+paths made the DPU's (`offload.rexec.console`).
+
+Ownership: the host's grants live in `Grants`, one per rexec_server; a
+session's unused tickets are revoked and its relays stopped when it ends.
+The relay threads run in the task that serves the connection, so a stopped
+daemon stops them too; each relay closes its local end and its connection
+itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import secrets
+import socket
+from collections.abc import Callable
+
+import trio
+
+from offload import fdpass, ptys, users
+from offload.errors import TransportError
+from offload.net import Address, TlsStream, Transport, translate_errors
+from offload.protocol.rexec import NEED_DATA, TICKET_BYTES, Attached, Closed, Hello, RexecConnection, Role
+from offload.rexec.console import MAX_PTYS
+from offload.udsproxy.relay import Relay, detach, run_in_thread
+
+log = logging.getLogger(__name__)
+
+#: How long the agent waits for the host to take its ticket.
+ATTACH_TIMEOUT = 10.0
+#: Unused tickets one session may hold at once: one for each pty the agent maps, and as
+#: many bridged connections being attached.
+MAX_TICKETS = 2 * MAX_PTYS
+
+
+@dataclasses.dataclass(eq=False)
+class Grant:
+    """What a ticket opens, for ``peer`` only: pty ``pty`` of the program ``process`` of session
+    ``session``, or a connection to its bridged listener at ``bridge`` (ours), carrying fds as ``user``.
+
+    Only while that program runs: once reaped, its pid may name another process.
+    """
+
+    session: int
+    process: trio.Process
+    peer: str
+    pty: int = -1
+    bridge: str = ""
+    user: users.RemoteUser | None = None
+    shared: tuple[str, ...] = ()
+
+    @property
+    def what(self) -> str:
+        return f"pty {self.pty}" if self.bridge == "" else f"bridged listener {self.bridge}"
+
+
+class Grants:
+    """The host's outstanding tickets and the relays they became, by session."""
+
+    def __init__(self) -> None:
+        self._tickets: dict[str, Grant] = {}
+        self._relays: dict[int, set[Relay]] = {}
+
+    def issue(self, grant: Grant) -> str | None:
+        """A ticket for ``grant``; None if its session already holds `MAX_TICKETS` unused ones."""
+        if sum(1 for held in self._tickets.values() if held.session == grant.session) >= MAX_TICKETS:
+            return None
+        token = secrets.token_hex(TICKET_BYTES)
+        self._tickets[token] = grant
+        return token
+
+    def take(self, token: str) -> Grant | None:
+        """The grant of ``token``, which is used up by this (None if there is none)."""
+        return self._tickets.pop(token, None)
+
+    def revoke_tickets(self, session: int) -> None:
+        """Session ``session``'s unused tickets open nothing from now on (its program has exited)."""
+        for token, grant in list(self._tickets.items()):
+            if grant.session == session:
+                del self._tickets[token]
+
+    def revoke(self, session: int) -> None:
+        """Session ``session`` ended: its tickets open nothing, and its relays stop."""
+        self.revoke_tickets(session)
+        for relay in self._relays.pop(session, set()):
+            relay.stop()
+
+    def open_session(self, session: int) -> None:
+        """Tickets of ``session`` may be issued and used from now until `revoke`."""
+        self._relays.setdefault(session, set())
+
+    def alive(self, session: int) -> bool:
+        return session in self._relays
+
+    def relays(self, session: int) -> list[Relay]:
+        return list(self._relays.get(session, ()))
+
+    def add(self, session: int, relay: Relay) -> bool:
+        """Stop ``relay`` with ``session``; False if the session already ended."""
+        relays = self._relays.get(session)
+        if relays is None:
+            return False
+        relays.add(relay)
+        return True
+
+    def discard(self, session: int, relay: Relay) -> None:
+        self._relays.get(session, set()).discard(relay)
+
+
+def who(peer: str, stream: object) -> str:
+    """The peer as a ticket binds it: the node its certificate names (without TLS, the address's host)."""
+    return peer if isinstance(stream, TlsStream) else peer.rsplit(":", 1)[0]
+
+
+def _open_local(grant: Grant) -> ptys.PtyEnd | socket.socket:
+    """The host's end of what ``grant`` opens; OSError says why not."""
+    if grant.bridge == "":
+        return ptys.PtyEnd(ptys.program_pty_peer(grant.process.pid, grant.pty), console=False)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    try:
+        # Non-blocking: a program that stopped accepting (its backlog full) refuses, it does not stall us.
+        sock.connect(grant.bridge)
+    except BlockingIOError:
+        sock.close()
+        raise OSError(errno.EAGAIN, "the program does not accept connections", grant.bridge) from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve_attach(stream: trio.abc.Stream, peer: str, conn: RexecConnection, token: str, grants: Grants) -> None:
+    """The host's side: the connection whose Hello presented ``token`` becomes that relay, or is closed."""
+    grant = grants.take(token)
+    if grant is None or not grants.alive(grant.session):
+        log.warning("attached connection from %s: its ticket opens nothing (used, revoked, or never issued)", peer)
+        return
+    if who(peer, stream) != grant.peer:
+        log.warning("attached connection from %s: the ticket was issued to %s; refused", peer, grant.peer)
+        return
+    # No await from this check to the open: the pid cannot be reaped and reused in between.
+    # `trio.Process.returncode` polls: the program is reaped by this check if it has exited.
+    if grant.process.returncode is not None:
+        log.warning("session %d: %s not opened for %s: the program has exited", grant.session, grant.what, peer)
+        return
+    try:
+        local = _open_local(grant)
+    except OSError as exc:
+        log.warning("session %d: %s no longer opens for %s: %s", grant.session, grant.what, peer, exc)
+        return
+    relay: Relay | None = None
+    try:
+        with translate_errors(peer, "sending to"):
+            await stream.send_all(conn.send(Attached()))
+        link, cipher = detach(stream)
+        name = f"session {grant.session} {grant.what}"
+        if grant.bridge == "":
+            relay = Relay(link, cipher, local, client=False, name=name)
+        else:
+            # Files the caller's program passes are re-opened as the program's user; its own are
+            # named from its root.
+            root = fdpass.root_of(grant.process.pid)
+            relay = Relay(
+                link,
+                cipher,
+                local,
+                client=False,
+                name=name,
+                shared=grant.shared,
+                user=grant.user,
+                root=root,
+                drop_uncarried=True,
+            )
+    finally:
+        if relay is None:
+            local.close()
+    if not grants.add(grant.session, relay):
+        relay.stop()  # the session ended meanwhile; run() still closes everything
+    log.info("session %d: %s of pid %d relayed for %s", grant.session, grant.what, grant.process.pid, peer)
+    try:
+        await run_in_thread(relay)
+    finally:
+        grants.discard(grant.session, relay)
+
+
+async def attach(
+    transport: Transport,
+    address: Address,
+    node: str,
+    token: str,
+    local: ptys.PtyEnd | socket.socket,
+    name: str,
+    *,
+    shared: tuple[str, ...] = (),
+    user: users.RemoteUser | None = None,
+    root: str = "/",
+    rewrite: Callable[[bytes], bytes] | None = None,
+) -> Relay:
+    """The DPU's side: present ``token`` on a connection of its own; the Relay of ``local`` on it, to run.
+
+    Owns ``local`` from the call on, on every path (then the relay does).
+    The keywords are the Relay's: which fds a bridged connection carries
+    and as whom, and how a monitor's replies are rewritten.
+    """
+    relay: Relay | None = None
+    try:
+        connected = await transport.connect(address)
+        stream = connected.stream
+        try:
+            conn = RexecConnection(Role.CLIENT)
+            with trio.fail_after(ATTACH_TIMEOUT), translate_errors(address, "attaching a connection at"):
+                await stream.send_all(conn.send(Hello(node, attach=token)))
+                while True:
+                    event = conn.next_event()
+                    if event is NEED_DATA:
+                        conn.receive_data(await stream.receive_some(64 << 10))
+                    elif isinstance(event, Attached):
+                        break
+                    elif isinstance(event, Closed):
+                        raise TransportError(f"{address} refused the ticket", address=str(address))
+            leftover = conn.leftover()
+            link, cipher = detach(stream)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        try:
+            relay = Relay(
+                link,
+                cipher,
+                local,
+                client=True,
+                leftover=leftover,
+                name=name,
+                shared=shared,
+                user=user,
+                root=root,
+                rewrite=rewrite,
+                drop_uncarried=user is not None,
+            )
+        except BaseException:
+            link.close()
+            raise
+    finally:
+        if relay is None:
+            local.close()
+    return relay
