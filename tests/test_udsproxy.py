@@ -823,3 +823,47 @@ def test_a_chrooted_senders_files_are_named_as_it_sees_them(tmp_path: Path) -> N
         )
     finally:
         os.close(fd)
+
+
+def test_a_peer_cannot_make_a_connection_hold_more_pipes_than_its_cap() -> None:
+    """Each pipe a peer passes holds an fd of the daemon's: past MAX_PIPES they are refused, and the connection goes on."""
+    from offload import users
+    from offload.protocol import udsproxy as wire
+    from offload.protocol.fdpass import FdDescription
+    from offload.udsproxy.relay import MAX_PIPES, PlainCipher, Relay, fds_of
+
+    link, peer_link = socket.socketpair()
+    local, program = socket.socketpair()
+    relay = Relay(link, PlainCipher(), local, client=False, user=users.local_user(os.getuid(), os.getgid()), name="t")
+    thread = threading.Thread(target=relay.run)
+    thread.start()
+    peer = wire.UdsProxyConnection.opened(client=True)
+    before = len(os.listdir("/proc/self/fd"))
+    answers: list[str] = []
+    try:
+        per_message = 8
+        for message in range(MAX_PIPES // per_message + 3):
+            first = 2 + 2 * per_message * message  # the client numbers even channels
+            pipes = tuple(FdDescription("pipe_r", channel=first + 2 * i) for i in range(per_message))
+            peer_link.sendall(peer.send(wire.Fds(pipes)) + peer.send(wire.Data(b"x")))
+            while True:
+                event = peer.next_event()
+                if event is wire.NEED_DATA:
+                    peer.receive_data(peer_link.recv(65536))
+                elif isinstance(event, wire.FdsResult):
+                    answers.append(event.error)
+                    break
+            if not answers[-1]:  # delivered: the program takes its read ends and closes them
+                _, ancillary, _, _ = program.recvmsg(16, socket.CMSG_SPACE(4 * per_message))
+                for fd in fds_of(ancillary):
+                    os.close(fd)
+        during = len(os.listdir("/proc/self/fd"))
+        peer_link.sendall(peer.send(wire.Data(b"still here")))
+        assert program.recv(64) == b"still here"
+    finally:
+        relay.stop()
+        thread.join(10)
+        for sock in (peer_link, program):
+            sock.close()
+    assert answers == [""] * (MAX_PIPES // per_message) + ["EMFILE"] * 3
+    assert during - before <= MAX_PIPES

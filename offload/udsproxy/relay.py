@@ -58,6 +58,9 @@ IDLE_MS = 1000
 LINGER_MS = 2000
 #: Bytes a pipe channel's reader may send before the writer returns credit.
 WINDOW = 1 << 20
+#: Pipe channels one connection may have open at once: each holds an fd of the
+#: daemon's, and passing pipes is no way to run a daemon out of them.
+MAX_PIPES = 64
 #: Frames waiting for the peer to read them: local reads stop at HIGH_WATER,
 #: so only answers (credits, fd results) to a peer that keeps sending but
 #: never reads can pile up beyond a frame or two past it.
@@ -459,16 +462,22 @@ class Relay:
         try:
             prepared = prepare_all(passed, self.shared, self.root)
         except UnsupportedFdError as exc:
-            outcome = "its message goes on without fds" if self.drop_uncarried else "ending the connection"
-            log.error(
-                "%s: the program passed fd %d, %s, which cannot be carried; %s", self.name, exc.fd, exc.kind, outcome
-            )
-            if self.drop_uncarried:
+            code, why = errno.EOPNOTSUPP, f"fd {exc.fd}, {exc.kind}, which cannot be carried"
+        else:
+            if self._room_for(sum(1 for _, kept in prepared if kept is not None)):
+                self._send_fds(prepared, None)
                 return
-            raise
+            close_all([kept for _, kept in prepared if kept is not None])
+            code, why = errno.EMFILE, f"more pipes than the {MAX_PIPES} a connection carries at once"
         finally:
             close_all(passed)
-        self._send_fds(prepared, None)
+        outcome = "its message goes on without fds" if self.drop_uncarried else "ending the connection"
+        log.error("%s: the program passed %s; %s", self.name, why, outcome)
+        if not self.drop_uncarried:
+            raise OSError(code, why)
+
+    def _room_for(self, pipes: int) -> bool:
+        return len(self._pipes) + pipes <= MAX_PIPES
 
     def _send_fds(self, prepared: Prepared, submission: Submission | None) -> None:
         descriptions = []
@@ -499,6 +508,12 @@ class Relay:
             pass
         if not self._reading_local or not self._sending:
             submission.fail(errno.EPIPE)
+            return
+        if not self._room_for(sum(1 for _, kept in submission.prepared if kept is not None)):
+            log.warning(
+                "%s: the program passed more pipes than the %d a connection carries at once", self.name, MAX_PIPES
+            )
+            submission.fail(errno.EMFILE)
             return
         self._send_fds(submission.prepared, submission)
         submission.prepared = []
@@ -680,6 +695,8 @@ class Relay:
             ):
                 raise RemoteProtocolError(f"pipe channel {description.channel} is not the peer's to open")
         try:
+            if not self._room_for(sum(1 for description in descriptions if description.channel)):
+                raise OSError(errno.EMFILE, f"more pipes than the {MAX_PIPES} a connection carries at once")
             made = materialize_all(descriptions, self.shared, self.user)
         except OSError as exc:
             reason = errno_name(exc.errno or errno.EIO)
