@@ -75,6 +75,8 @@ class Identity:
 
 #: The two certificates of the usual pair (the lab, the README's steps).
 HOST_AND_DPU = (Identity("host", "host"), Identity("dpu", "dpu"))
+#: A certificate and its key (the CA's, or one just issued).
+_CA = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
@@ -87,19 +89,13 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
 def _name(common_name: str) -> x509.Name:
     return x509.Name(
         [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "offload"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
     )
 
 
-def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
+def _load_ca(directory: Path) -> _CA | None:
     cert_path, key_path = directory / "ca.pem", directory / "ca-key.pem"
     if not cert_path.exists():
         return None
@@ -110,16 +106,14 @@ def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
     return cert, key
 
 
-def _issue(
-    subject: str, issuer: x509.Name | None, signer: ec.EllipticCurvePrivateKey | None, extensions: list
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A new key and its certificate for ``subject``; self-signed when ``signer`` is None."""
+def _issue(key_path: Path, cert_path: Path, subject: str, ca: _CA | None, extensions: list) -> _CA:
+    """Write a new key and its certificate for ``subject``, signed by ``ca`` (None: by itself)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(subject))
-        .issuer_name(issuer or _name(subject))
+        .issuer_name(ca[0].subject if ca else _name(subject))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -127,18 +121,20 @@ def _issue(
     )
     for extension, critical in extensions:
         builder = builder.add_extension(extension, critical=critical)
-    return builder.sign(signer or key, hashes.SHA256()), key
-
-
-def _make_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    usage = x509.KeyUsage(False, False, False, False, False, True, True, False, False)
-    cert, key = _issue("offload CA", None, None, [(x509.BasicConstraints(ca=True, path_length=0), True), (usage, True)])
-    _write(directory / "ca-key.pem", _key_pem(key), 0o600)
-    _write(directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    cert = builder.sign(ca[1] if ca else key, hashes.SHA256())
+    pem = serialization.Encoding.PEM
+    _write(key_path, key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
+    _write(cert_path, cert.public_bytes(pem), 0o644)
     return cert, key
 
 
-def _make_node(directory: Path, identity: Identity, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey) -> None:
+def _make_ca(directory: Path) -> _CA:
+    usage = x509.KeyUsage(False, False, False, False, False, True, True, False, False)
+    extensions = [(x509.BasicConstraints(ca=True, path_length=0), True), (usage, True)]
+    return _issue(directory / "ca-key.pem", directory / "ca.pem", "offload CA", None, extensions)
+
+
+def _make_node(directory: Path, identity: Identity, ca: _CA) -> None:
     node = identity.node
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(ROLE_URI + identity.role), x509.DNSName(node)]
     with contextlib.suppress(ValueError):
@@ -149,12 +145,10 @@ def _make_node(directory: Path, identity: Identity, ca: x509.Certificate, ca_key
         (x509.SubjectAlternativeName(names), False),
         (usage, False),
     ]
-    cert, key = _issue(node, ca.subject, ca_key, extensions)
     node_dir = directory / node
     node_dir.mkdir(mode=0o700, exist_ok=True)
-    _write(node_dir / "key.pem", _key_pem(key), 0o600)
-    _write(node_dir / "cert.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write(node_dir / "ca.pem", ca.public_bytes(serialization.Encoding.PEM), 0o644)
+    _issue(node_dir / "key.pem", node_dir / "cert.pem", node, ca, extensions)
+    _write(node_dir / "ca.pem", ca[0].public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def init(directory: Path, nodes: Sequence[Identity], *, force: bool = False) -> list[str]:
@@ -169,13 +163,12 @@ def init(directory: Path, nodes: Sequence[Identity], *, force: bool = False) -> 
         raise ConfigError(f"a node name is given twice: {', '.join(names)}")
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
-    loaded = _load_ca(directory)
-    if loaded is None:
-        loaded = _make_ca(directory)
+    ca = _load_ca(directory)
+    if ca is None:
+        ca = _make_ca(directory)
         done.append(f"created CA {directory / 'ca.pem'}")
     else:
         done.append(f"kept CA {directory / 'ca.pem'}")
-    ca, ca_key = loaded
     for identity in nodes:
         cert_path = directory / identity.node / "cert.pem"
         if cert_path.exists() and not force:
@@ -184,7 +177,7 @@ def init(directory: Path, nodes: Sequence[Identity], *, force: bool = False) -> 
                 raise ConfigError(f"{cert_path} is for {kept}, not {identity}: {REISSUE}")
             done.append(f"kept {cert_path}")
             continue
-        _make_node(directory, identity, ca, ca_key)
+        _make_node(directory, identity, ca)
         done.append(f"created {cert_path} for {identity}")
     return done
 
