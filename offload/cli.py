@@ -9,14 +9,13 @@ import sys
 from pathlib import Path
 
 from offload import log as log_module
-from offload.errors import OffloadError
+from offload.errors import ConfigError, OffloadError
 
 log = logging.getLogger("offload")
 
 
 def _pki_init(args: argparse.Namespace) -> int:
     from offload import pki
-    from offload.errors import ConfigError
 
     if not args.identities:
         raise ConfigError("name at least one node: --node host|dpu, --host NAME or --dpu NAME")

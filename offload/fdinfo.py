@@ -86,12 +86,8 @@ def _describe_socket(fd: int) -> dict:
         sock.close()
     if family == _socket.AF_UNIX and kind == _socket.SOCK_STREAM:
         return {"type": UNIX_LISTENER if listening else UNIX_STREAM}
-    names: dict[int, str] = {_socket.AF_INET: "AF_INET", _socket.AF_INET6: "AF_INET6", _socket.AF_UNIX: "AF_UNIX"}
-    kinds: dict[int, str] = {
-        _socket.SOCK_STREAM: "stream",
-        _socket.SOCK_DGRAM: "datagram",
-        _socket.SOCK_SEQPACKET: "seqpacket",
-    }
+    names = {_socket.AF_INET: "AF_INET", _socket.AF_INET6: "AF_INET6", _socket.AF_UNIX: "AF_UNIX"}
+    kinds = {_socket.SOCK_STREAM: "stream", _socket.SOCK_DGRAM: "datagram", _socket.SOCK_SEQPACKET: "seqpacket"}
     what = f"a {names.get(family, f'family {family}')} {kinds.get(kind, f'type {kind}')} socket"
     return {"type": OTHER, "what": what}
 

@@ -7,6 +7,7 @@ call ``logging.getLogger(__name__)`` with lazy ``%s`` arguments.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -34,19 +35,16 @@ def raise_fd_limit() -> None:
 
 
 def setup(program: str, level: str = "INFO") -> None:
-    root = logging.getLogger()
-    root.setLevel(level.upper())
-    handler: logging.Handler
+    handler: logging.Handler = logging.StreamHandler()
+    form = f"%(asctime)s {program}[%(process)d] %(levelname)s %(message)s"
     if _under_journal():
-        try:
+        form = "<%(levelno)s>%(message)s"
+        with contextlib.suppress(ImportError):
             from systemd.journal import JournalHandler
 
             handler = JournalHandler(SYSLOG_IDENTIFIER=program)
-            handler.setFormatter(logging.Formatter("%(message)s"))
-        except ImportError:
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("<%(levelno)s>%(message)s"))
-    else:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {program}[%(process)d] %(levelname)s %(message)s"))
+            form = "%(message)s"
+    handler.setFormatter(logging.Formatter(form))
+    root = logging.getLogger()
+    root.setLevel(level.upper())
     root.handlers[:] = [handler]

@@ -187,15 +187,13 @@ class TlsStream(trio.abc.Stream):
     async def _flush(self) -> None:
         """Send whatever the TLS engine has produced."""
         async with self._send_lock:
-            data = self._outgoing.read()
-            if data:
+            if data := self._outgoing.read():
                 await self.raw.send_all(data)
 
     async def _fill(self, size: int = RAW_CHUNK) -> None:
         # A fresh buffer per read, sized by what arrived: a long-lived 1 MiB
         # buffer per connection would cost 100 MiB at 100 sessions.
-        data = await self.raw.receive_some(size)
-        if data:
+        if data := await self.raw.receive_some(size):
             self._incoming.write(data)
         else:
             self._incoming.write_eof()

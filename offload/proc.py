@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     # programs should not pay its import time at start.
     import trio
 
+    from offload.protocol.rexec import Rlimit
+
 log = logging.getLogger(__name__)
 
 _PACKAGE_HELPER = Path(__file__).parent / "_native" / "rexec-exec"
@@ -56,9 +58,7 @@ def exec_helper() -> str:
 class ExecFailed(OffloadError):
     """The program could not be started; ``stage`` says which step failed."""
 
-    def __init__(
-        self, stage: str, fd: int, err: int, program: str, limit: tuple[int | None, int | None] | None = None
-    ) -> None:
+    def __init__(self, stage: str, fd: int, err: int, program: str, limit: Rlimit | None = None) -> None:
         self.stage, self.fd, self.errno, self.program = stage, fd, err, program
         reason = os.strerror(err)
         if stage == "exec":
@@ -99,7 +99,7 @@ class ProgramPlan:
     dups: Mapping[int, int] = field(default_factory=dict)  # target fd -> our fd
     opens: Sequence[tuple[int, str, int, int]] = ()  # (target fd, path, flags, offset)
     #: NAME (protocol.local.RLIMITS) -> (soft, hard), None for unlimited; set as the program's user.
-    rlimits: Mapping[str, tuple[int | None, int | None]] = field(default_factory=dict)
+    rlimits: Mapping[str, Rlimit] = field(default_factory=dict)
 
 
 async def start_program(plan: ProgramPlan) -> trio.Process:
