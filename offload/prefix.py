@@ -27,15 +27,10 @@ def is_under(path: AnyStr, ancestor: AnyStr, *, strict: bool = False) -> bool:
     return path.startswith(top + separator)
 
 
-def covered(path: AnyStr, prefixes: tuple[AnyStr, ...]) -> bool:
-    """``path`` is one of ``prefixes`` or lies inside one."""
-    return any(is_under(path, prefix) for prefix in prefixes)
-
-
 def is_shared(path: str, prefixes: tuple[str, ...]) -> bool:
     """``path`` is one we carry (`check_path`: absolute, no NUL, no ``..``) and one of ``prefixes`` covers it."""
     try:
         check_path(path, "path")
     except ValueError:
         return False
-    return covered(path, prefixes)
+    return any(is_under(path, prefix) for prefix in prefixes)
