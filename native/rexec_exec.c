@@ -16,17 +16,21 @@
  *            close:DST               make sure DST is closed
  *            rlimit:NAME:SOFT:HARD   setrlimit RLIMIT_NAME (CORE, MEMLOCK, NOFILE,
  *                                    NPROC); SOFT and HARD decimal or "unlimited"
+ *            cwd:PATH                the program's working directory
  *
  * STATUS_FD is close-on-exec: the parent reads EOF when exec succeeded, or
- * "STAGE FD ERRNO\n" when a step failed (STAGE is open, dup, exec, or the
- * RLIMIT_NAME that could not be set, with FD -1).
+ * "STAGE FD ERRNO\n" when a step failed (STAGE is open, dup, cwd, exec, or
+ * the RLIMIT_NAME that could not be set, with FD -1).
  * Exit status 127 after a reported failure.
  *
  * The limits are set last, once the fds are in place (a lower RLIMIT_NOFILE
  * must not stop a move onto a high number), and as the user this helper
  * runs as: rexec_server switches to the program's user before it starts us,
  * so a hard limit above that user's own fails with EPERM here instead of
- * being granted with root's privilege.
+ * being granted with root's privilege.  The working directory is entered
+ * here for the same reason: subprocess changes it before it drops root, so
+ * a directory the user may not search (/root) would be entered anyway, and
+ * everything below it reachable through ".".
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -188,6 +192,7 @@ int main(int argc, char **argv)
     static struct spec specs[MAX_SPECS];
     int count = 0, i, top = 2;
     long long value;
+    const char *cwd = NULL;
 
     if (argc < 4 || parse_int(argv[1], &value)) {
         fprintf(stderr, "usage: rexec-exec STATUS_FD SPEC... -- PATH ARGV0 [ARGS...]\n");
@@ -195,6 +200,10 @@ int main(int argc, char **argv)
     }
     status_fd = (int)value;
     for (i = 2; i < argc && strcmp(argv[i], "--") != 0; i++) {
+        if (strncmp(argv[i], "cwd:", 4) == 0) {
+            cwd = argv[i] + 4;
+            continue;
+        }
         if (count == MAX_SPECS || parse_spec(argv[i], &specs[count]) != 0) {
             fprintf(stderr, "rexec-exec: bad spec %s\n", argv[i]);
             return 2;
@@ -260,6 +269,8 @@ int main(int argc, char **argv)
         snprintf(stage, sizeof stage, "RLIMIT_%s", specs[i].name);
         report(stage, -1, err);
     }
+    if (cwd && chdir(cwd) < 0)
+        report("cwd", -1, errno);
     reset_signals();
     execv(path, program_argv);
     report("exec", -1, errno);

@@ -58,11 +58,13 @@ def exec_helper() -> str:
 class ExecFailed(OffloadError):
     """The program could not be started; ``stage`` says which step failed."""
 
-    def __init__(self, stage: str, fd: int, err: int, program: str, limit: Rlimit | None = None) -> None:
+    def __init__(self, stage: str, fd: int, err: int, program: str, limit: Rlimit | None = None, cwd: str = "") -> None:
         self.stage, self.fd, self.errno, self.program = stage, fd, err, program
         reason = os.strerror(err)
         if stage == "exec":
             message = f"{program}: {reason}"
+        elif stage == "cwd":
+            message = f"{program}: cannot enter its working directory {cwd}: {reason}"
         elif stage.startswith("RLIMIT_"):
             # A resource limit its user may not have here (a hard limit above its own, say).
             asked = f" to soft {_limit(limit[0])}, hard {_limit(limit[1])}" if limit else ""
@@ -112,6 +114,8 @@ async def start_program(plan: ProgramPlan) -> trio.Process:
     targets = set(plan.dups) | {target for target, *_ in plan.opens}
     specs += [f"close:{fd}" for fd in (0, 1, 2) if fd not in targets]
     specs += [f"rlimit:{name}:{_limit(soft)}:{_limit(hard)}" for name, (soft, hard) in sorted(plan.rlimits.items())]
+    # Entered by the helper, as the user: subprocess would enter it as root, before it drops root.
+    specs.append(f"cwd:{plan.cwd}")
     command = [exec_helper(), str(status_write), *specs, "--", plan.path, *plan.argv]
     as_root = plan.uid == 0
     global _starting
@@ -125,7 +129,7 @@ async def start_program(plan: ProgramPlan) -> trio.Process:
             pass_fds=(status_write, *plan.dups.values()),
             close_fds=True,
             env=dict(plan.env),
-            cwd=plan.cwd,
+            cwd="/",
             umask=plan.umask,
             user=None if as_root else plan.uid,
             group=None if as_root else plan.gid,
@@ -153,7 +157,7 @@ async def start_program(plan: ProgramPlan) -> trio.Process:
         stage, fd, err = report.decode().split()
         if stage.startswith("RLIMIT_"):
             raise ExecFailed(stage, -1, int(err), plan.argv[0], plan.rlimits.get(stage.removeprefix("RLIMIT_")))
-        raise ExecFailed(stage, int(fd), int(err), plan.argv[0])
+        raise ExecFailed(stage, int(fd), int(err), plan.argv[0], cwd=plan.cwd)
     return process
 
 

@@ -555,3 +555,30 @@ def test_malformed_rlimits_refused_by_the_agent(lab: Lab, rlimits: dict, why: by
     reply = agent_exchange(lab, local.encode(local.L_REQUEST, request))
     assert why in reply
     assert rexec(lab, "/bin/true").returncode == 0
+
+
+#: A stand-in that starts in a directory its user may not search: it entered as root, then dropped root.
+STAND_IN_IN_A_CLOSED_DIRECTORY = """\
+import os, sys
+from offload.rexec import standin
+os.chdir(sys.argv[1])
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+standin.main(sys.argv[2:])
+"""
+
+
+def test_a_working_directory_the_user_may_not_search_is_not_entered_for_it(lab: Lab, shared: Path) -> None:
+    """The host enters the program's working directory as its user: root's search right opens nothing below it."""
+    closed = shared / "root-only"
+    closed.mkdir(mode=0o700)
+    below = closed / "open"  # searchable by anyone, but only through a directory they may not search
+    below.mkdir(mode=0o755)
+    (below / "secret").write_text("root's secret\n")
+    (below / "secret").chmod(0o644)
+    argv = [PYTHON, "-P", "-c", STAND_IN_IN_A_CLOSED_DIRECTORY, str(below), "/bin/cat", "secret"]
+    result = proc.run(lab.command("dpu", argv, cwd="/"), env=lab.env("dpu"), check=False, timeout=30, text=False)
+    assert b"secret" not in result.stdout
+    assert result.returncode == 126, result.stderr
+    assert str(below).encode() in result.stderr and b"Permission denied" in result.stderr
