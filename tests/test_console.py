@@ -536,3 +536,17 @@ async def test_a_session_holds_a_bounded_number_of_unused_tickets(server_tree: P
         await session.next_of(Ticket, channels[-1] + 1)
     finally:
         await session.stream.aclose()
+
+
+def test_a_ticket_nobody_presents_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attach that failed on the way must not hold one of its session's tickets for good."""
+    monkeypatch.setattr(attached, "TICKET_LIFETIME", 0.05)
+    grants = attached.Grants()
+    grants.open_session(1)
+    grant = attached.Grant(1, None, "dpu", pty=0)  # no program: nothing is opened here
+    tokens = [grants.issue(grant) for _ in range(attached.MAX_TICKETS)]
+    assert all(tokens)
+    assert grants.issue(grant) is None  # the session holds all it may
+    time.sleep(0.1)
+    assert grants.take(tokens[0]) is None  # expired: opens nothing
+    assert grants.issue(grant) is not None  # and the session may ask again

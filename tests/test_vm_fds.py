@@ -25,71 +25,106 @@ from offload import proc
 from offload.lab import dpu_libvirt, guest
 from offload.lab.lab import Lab
 from offload.lab.libvirt import Domain, Virsh, guest_domain, qemu_processes, wait_for_marker
+from offload.rexec.agent import MAX_BRIDGED
 from tests.conftest import libvirt_lab
 from tests.test_e2e_libvirt import cleanup, console_of, wait_until
 
 # -- one bridged connection across the lab, without libvirt -------------------------------------
 
 #: The host's program: accepts on its bridged listener (fd 29, as qemu's monitor) and answers each
-#: message with what came with it; into a passed pipe it writes.
+#: message with what came with it; into a passed pipe it writes; "quit" ends it.
 HOST_PROGRAM = r"""
-import array, os, socket
+import array, os, socket, threading
+def serve(conn):
+    while True:
+        data, ancillary, _, _ = conn.recvmsg(1024, socket.CMSG_SPACE(64))
+        if not data:
+            return
+        if data == b"quit":
+            os._exit(0)
+        fds = array.array("i")
+        for _, _, payload in ancillary:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        if data == b"pipe" and len(fds) == 1:
+            os.write(fds[0], b"through the pipe")
+        for fd in fds:
+            os.close(fd)
+        conn.sendall(data + b": %d fds" % len(fds))
 listener = socket.socket(fileno=29)
-conn, _ = listener.accept()
 while True:
-    data, ancillary, _, _ = conn.recvmsg(1024, socket.CMSG_SPACE(64))
-    if not data:
-        break
-    fds = array.array("i")
-    for _, _, payload in ancillary:
-        fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    if data == b"pipe" and len(fds) == 1:
-        os.write(fds[0], b"through the pipe")
-    for fd in fds:
-        os.close(fd)
-    conn.sendall(data + b": %d fds" % len(fds))
+    threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
 """
 
 #: The DPU's side: hands the host's program a listener, connects to it, and passes fds on the connection.
 DPU_PROGRAM = r"""
-import json, os, socket, subprocess, sys, tempfile
+import json, os, socket, subprocess, sys, tempfile, time
 path = os.path.join(tempfile.mkdtemp(), "bridged.sock")
 listener = socket.socket(socket.AF_UNIX)
 listener.bind(path)
-listener.listen(1)
+listener.listen(64)
 os.dup2(listener.fileno(), 29)
 listener.close()
 program = subprocess.Popen(["rexec", "/usr/bin/env", "python3", "-c", sys.argv[1]], pass_fds=(29,))
 os.close(29)
-conn = socket.socket(socket.AF_UNIX)
-conn.connect(path)
-def ask(data, fds=()):
+def connect():
+    conn = socket.socket(socket.AF_UNIX)
+    conn.connect(path)
+    conn.settimeout(20)
+    return conn
+def ask(conn, data, fds=()):
     socket.send_fds(conn, [data], list(fds))
-    return conn.recv(1024).decode()
-read_end, write_end = os.pipe()
-answers = {"pipe": ask(b"pipe", [write_end])}
-os.close(write_end)
-answers["through"] = os.read(read_end, 100).decode()
-mine, theirs = socket.socketpair()
-answers["socket"] = ask(b"socket", [theirs.fileno()])
-answers["after"] = ask(b"after")
-conn.close()
-answers["status"] = program.wait(30)
+    try:
+        return conn.recv(1024).decode()
+    except ConnectionResetError:
+        return ""
+try:
+    conn = connect()
+    read_end, write_end = os.pipe()
+    answers = {"pipe": ask(conn, b"pipe", [write_end])}
+    os.close(write_end)
+    answers["through"] = os.read(read_end, 100).decode()
+    mine, theirs = socket.socketpair()
+    answers["socket"] = ask(conn, b"socket", [theirs.fileno()])
+    os.makedirs(sys.argv[2], exist_ok=True)
+    with open(os.path.join(sys.argv[2], "only-here"), "w") as only_here:
+        answers["file"] = ask(conn, b"file", [only_here.fileno()])
+    answers["after"] = ask(conn, b"after")
+    more = [connect() for _ in range(int(sys.argv[3]))]
+    answers["more"] = [ask(extra, b"more") for extra in more[:-1]]
+    answers["one too many"] = more[-1].recv(1024).decode()
+    more[0].close()
+    deadline = time.monotonic() + 20
+    while not (again := ask(connect(), b"again")) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the place is free once the closed connection's relays have ended
+    answers["again"] = again
+    socket.send_fds(conn, [b"quit"], [])
+    answers["status"] = program.wait(30)
+finally:
+    if program.poll() is None:
+        program.kill()
 print(json.dumps(answers))
 """
 
 
 @pytest.mark.lab
-def test_a_bridged_connection_carries_a_pipe_and_survives_an_fd_it_cannot_carry(fdlab: Lab) -> None:
-    """qemu's monitor gets libvirt's pipes; a socket (not carried) drops from its message, the connection stays."""
-    argv = [sys.executable, "-c", DPU_PROGRAM, HOST_PROGRAM]
-    result = proc.run(fdlab.command("dpu", argv, cwd="/"), env=fdlab.env("dpu"), timeout=60)
+def test_a_bridged_connection_carries_a_pipe_and_survives_fds_it_cannot_carry(fdlab: Lab) -> None:
+    """qemu's monitor gets libvirt's pipes.  A socket (not carried) or a file the host cannot re-open drops
+    from its message, whose bytes go on: qemu answers, the connection stays.  A session's bridged
+    connections are bounded: the one past MAX_BRIDGED is closed, and a place that frees is taken again."""
+    only_on_dpu = "/var/lib/libvirt/only-on-the-dpu"  # under a shared prefix, but the DPU's own directory
+    argv = [sys.executable, "-c", DPU_PROGRAM, HOST_PROGRAM, only_on_dpu, str(MAX_BRIDGED)]
+    result = proc.run(fdlab.command("dpu", argv, cwd="/"), env=fdlab.env("dpu"), timeout=120)
     answers = json.loads(result.stdout)
     assert answers["pipe"] == "pipe: 1 fds"
     assert answers["through"] == "through the pipe"
     assert answers["socket"] == "socket: 0 fds"
+    assert answers["file"] == "file: 0 fds"
     assert answers["after"] == "after: 0 fds"
+    assert answers["more"] == ["more: 0 fds"] * (MAX_BRIDGED - 1)
+    assert answers["one too many"] == ""
+    assert answers["again"] == "again: 0 fds"
     assert answers["status"] == 0
+    assert not fdlab.path_on("host", only_on_dpu).exists()  # the host never had that file
 
 
 # -- the real thing: libvirt on the DPU side, qemu on the host side ------------------------------

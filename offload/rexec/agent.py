@@ -63,6 +63,9 @@ EXIT_FAILURE = 255
 SLOW_ANSWER = 10.0
 #: How long the exit waits for a bridged connection's last bytes to reach the caller's program.
 DELIVERY_WAIT = 2.0
+#: Connections one session's bridged listeners may have relayed at once (libvirt keeps one per
+#: monitor): each is a connection to the peer's rexec_server, from a budget its peers share.
+MAX_BRIDGED = 16
 
 
 class PeerPool:
@@ -166,6 +169,7 @@ class AgentSession:
         self.bridge_channels = iter(BRIDGE_CHANNELS)
         self.monitors: set[int] = set()  # fd numbers of the program's QMP monitor listeners
         self.delivering: set[Relay] = set()  # bridged connections' relays: their last bytes precede the exit
+        self.bridged = 0  # connections to the program's bridged listeners being relayed
         self.consoles: console.SessionConsoles | None = None
 
     # -- talking to the stand-in -------------------------------------------------
@@ -394,7 +398,18 @@ class AgentSession:
         """
         sock = socket.socket(fileno=stream.socket.detach())
         name = f"bridged fd {target_fd} of remote pid {self.remote_pid}"
-        token = await self._ticket(lambda channel: Open(channel, target_fd), name, sock.close)
+        if self.bridged >= MAX_BRIDGED:
+            log.warning("%s: more than %d connections relayed at once; this one is closed", name, MAX_BRIDGED)
+            attached.close_local(sock)
+            return
+        self.bridged += 1
+        try:
+            await self._bridge_through(target_fd, caller, sock, name)
+        finally:
+            self.bridged -= 1
+
+    async def _bridge_through(self, target_fd: int, caller: Caller, sock: socket.socket, name: str) -> None:
+        token = await self._ticket(lambda channel: Open(channel, target_fd), name, partial(attached.close_local, sock))
         if token is None:
             return
         rewrite = None
@@ -515,13 +530,13 @@ class AgentSession:
                 return
             if isinstance(event, Daemonized):
                 self.remote_pid = event.pid
-                await self._drain_inbound()
+                await self._drain_inbound(bridged=False)  # the daemon goes on with them
                 await self.tell(local.L_DAEMONIZED, {"code": event.code, "pid": event.pid})
             elif isinstance(event, LinkFailed | Closed):
                 await self.tell(local.L_LINK_LOST, {"message": f"link to {self.address.display_host} lost"})
                 return
 
-    async def _drain_inbound(self) -> None:
+    async def _drain_inbound(self, bridged: bool = True) -> None:
         """Deliver every byte the program wrote before reporting how it ended."""
         assert self.link is not None
         self.link.finish_inbound()
@@ -530,8 +545,9 @@ class AgentSession:
         self.inbound_channels.clear()
         # Its bridged connections' last bytes (qemu's SHUTDOWN event), too: libvirt tells a
         # shutdown from a crash by them.  A relay that the peer never ends is not waited for long.
-        for relay in list(self.delivering):
-            if not await trio.to_thread.run_sync(relay.delivered.wait, DELIVERY_WAIT, abandon_on_cancel=True):
+        for relay in list(self.delivering) if bridged else ():
+            waited = partial(relay.delivered.wait, DELIVERY_WAIT)
+            if not await trio.to_thread.run_sync(waited, abandon_on_cancel=True, limiter=trio.CapacityLimiter(1)):
                 log.info("%s: not delivered %.0f s after the exit; not waiting for it", relay.name, DELIVERY_WAIT)
                 break
 

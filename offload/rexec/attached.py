@@ -27,11 +27,13 @@ itself.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
 import secrets
 import socket
+import time
 from collections.abc import Callable
 
 import trio
@@ -50,6 +52,9 @@ ATTACH_TIMEOUT = 10.0
 #: Unused tickets one session may hold at once: one for each pty the agent maps, and as
 #: many bridged connections being attached.
 MAX_TICKETS = 2 * MAX_PTYS
+#: A ticket not presented within this long opens nothing: an attach that failed on the way
+#: (a timeout, a refused connection) must not hold one of its session's tickets for good.
+TICKET_LIFETIME = 2 * ATTACH_TIMEOUT
 
 
 @dataclasses.dataclass(eq=False)
@@ -77,24 +82,29 @@ class Grants:
     """The host's outstanding tickets and the relays they became, by session."""
 
     def __init__(self) -> None:
-        self._tickets: dict[str, Grant] = {}
+        self._tickets: dict[str, tuple[Grant, float]] = {}  # token -> grant, when it expires
         self._relays: dict[int, set[Relay]] = {}
 
     def issue(self, grant: Grant) -> str | None:
         """A ticket for ``grant``; None if its session already holds `MAX_TICKETS` unused ones."""
-        if sum(1 for held in self._tickets.values() if held.session == grant.session) >= MAX_TICKETS:
+        now = time.monotonic()
+        for token, (_, expires) in list(self._tickets.items()):
+            if expires <= now:
+                del self._tickets[token]
+        if sum(1 for held, _ in self._tickets.values() if held.session == grant.session) >= MAX_TICKETS:
             return None
         token = secrets.token_hex(TICKET_BYTES)
-        self._tickets[token] = grant
+        self._tickets[token] = (grant, now + TICKET_LIFETIME)
         return token
 
     def take(self, token: str) -> Grant | None:
-        """The grant of ``token``, which is used up by this (None if there is none)."""
-        return self._tickets.pop(token, None)
+        """The grant of ``token``, which is used up by this (None if there is none, or it expired)."""
+        grant, expires = self._tickets.pop(token, (None, 0.0))
+        return grant if expires > time.monotonic() else None
 
     def revoke_tickets(self, session: int) -> None:
         """Session ``session``'s unused tickets open nothing from now on (its program has exited)."""
-        for token, grant in list(self._tickets.items()):
+        for token, (grant, _) in list(self._tickets.items()):
             if grant.session == session:
                 del self._tickets[token]
 
@@ -111,8 +121,9 @@ class Grants:
     def alive(self, session: int) -> bool:
         return session in self._relays
 
-    def relays(self, session: int) -> list[Relay]:
-        return list(self._relays.get(session, ()))
+    def bridged(self, session: int) -> list[Relay]:
+        """Session ``session``'s relays of bridged connections (those carry fds; a pty's does not)."""
+        return [relay for relay in self._relays.get(session, ()) if relay.user is not None]
 
     def add(self, session: int, relay: Relay) -> bool:
         """Stop ``relay`` with ``session``; False if the session already ended."""
@@ -129,6 +140,18 @@ class Grants:
 def who(peer: str, stream: object) -> str:
     """The peer as a ticket binds it: the node its certificate names (without TLS, the address's host)."""
     return peer if isinstance(stream, TlsStream) else peer.rsplit(":", 1)[0]
+
+
+def close_local(local: ptys.PtyEnd | socket.socket) -> None:
+    """Close a local end that will not be relayed.  A socket's client reads an end of file:
+    closed with bytes unread, it would read a reset instead."""
+    if isinstance(local, socket.socket):
+        with contextlib.suppress(OSError):
+            local.shutdown(socket.SHUT_WR)
+            local.setblocking(False)
+            while local.recv(1 << 16):
+                pass
+    local.close()
 
 
 def _open_local(grant: Grant) -> ptys.PtyEnd | socket.socket:
@@ -159,7 +182,8 @@ async def serve_attach(stream: trio.abc.Stream, peer: str, conn: RexecConnection
         return
     # No await from this check to the open: the pid cannot be reaped and reused in between.
     # `trio.Process.returncode` polls: the program is reaped by this check if it has exited.
-    if grant.process.returncode is not None:
+    # (A bridged listener is a path of ours, named by no pid: a daemon the program left holds it.)
+    if grant.bridge == "" and grant.process.returncode is not None:
         log.warning("session %d: %s not opened for %s: the program has exited", grant.session, grant.what, peer)
         return
     try:
@@ -173,23 +197,27 @@ async def serve_attach(stream: trio.abc.Stream, peer: str, conn: RexecConnection
             await stream.send_all(conn.send(Attached()))
         link, cipher = detach(stream)
         name = f"session {grant.session} {grant.what}"
-        if grant.bridge == "":
-            relay = Relay(link, cipher, local, client=False, name=name)
-        else:
-            # Files the caller's program passes are re-opened as the program's user; its own are
-            # named from its root.
-            root = fdpass.root_of(grant.process.pid)
-            relay = Relay(
-                link,
-                cipher,
-                local,
-                client=False,
-                name=name,
-                shared=grant.shared,
-                user=grant.user,
-                root=root,
-                drop_uncarried=True,
-            )
+        try:
+            if grant.bridge == "":
+                relay = Relay(link, cipher, local, client=False, name=name)
+            else:
+                # Files the caller's program passes are re-opened as the program's user; its own
+                # are named from its root.
+                root = fdpass.root_of(grant.process.pid)
+                relay = Relay(
+                    link,
+                    cipher,
+                    local,
+                    client=False,
+                    name=name,
+                    shared=grant.shared,
+                    user=grant.user,
+                    root=root,
+                    drop_uncarried=True,
+                )
+        except BaseException:
+            link.close()
+            raise
     finally:
         if relay is None:
             local.close()
@@ -261,5 +289,5 @@ async def attach(
             raise
     finally:
         if relay is None:
-            local.close()
+            close_local(local)
     return relay

@@ -211,7 +211,8 @@ class Execution:
             # Its pid may name another process from now on: no ticket may open anything by it.
             self.state.grants.revoke_tickets(self.id)
             await self._await_output()
-            await self._await_bridged()
+            if not (self.request.daemon_pidfile and status == 0):  # else a daemon goes on with them
+                await self._await_bridged()
             exited: Exited | Refused = _exited(status)
             if self.request.daemon_pidfile and status == 0:
                 exited = await self._follow_daemon()
@@ -225,8 +226,9 @@ class Execution:
 
     async def _await_bridged(self) -> None:
         """Wait until what the program wrote on bridged connections was sent (each relay's `sent`)."""
-        for relay in self.state.grants.relays(self.id):
-            if not await trio.to_thread.run_sync(relay.sent.wait, OUTPUT_LINGER, abandon_on_cancel=True):
+        for relay in self.state.grants.bridged(self.id):
+            waited = partial(relay.sent.wait, OUTPUT_LINGER)
+            if not await trio.to_thread.run_sync(waited, abandon_on_cancel=True, limiter=trio.CapacityLimiter(1)):
                 log.info(
                     "session %d: %s still open %.0f s after exit; not waiting for it",
                     self.id,

@@ -463,6 +463,8 @@ class Relay:
             prepared = prepare_all(passed, self.shared, self.root)
         except UnsupportedFdError as exc:
             code, why = errno.EOPNOTSUPP, f"fd {exc.fd}, {exc.kind}, which cannot be carried"
+        except OSError as exc:  # an fstat that failed (a FUSE file, say)
+            code, why = exc.errno or errno.EIO, f"an fd that cannot be described ({exc})"
         else:
             if self._room_for(sum(1 for _, kept in prepared if kept is not None)):
                 self._send_fds(prepared, None)
@@ -702,7 +704,9 @@ class Relay:
             reason = errno_name(exc.errno or errno.EIO)
             log.error("%s: cannot deliver passed fds here: %s", self.name, exc)
             self._send_link(self._conn.send(wire.FdsResult(reason)))
-            self._discard_next = True
+            # Without drop_uncarried the sender's program learns of it and its bytes are dropped with
+            # the fds; with it, they go on alone, as a refusal on the sending side would have them.
+            self._discard_next = not self.drop_uncarried
             return
         for description, (_, kept) in zip(descriptions, made, strict=True):
             if kept is not None:
