@@ -59,6 +59,12 @@ class RexecConfig:
     max_peer_connections: int = _setting(
         ConnectionLimits.per_peer, "links served at once per peer address (stand-ins: per uid)", "N"
     )
+    max_user_links: int = _setting(
+        64,
+        "connections to peers one unprivileged user's sessions may hold at once (their links, bridged"
+        " connections and ptys; root's, libvirt's, are not counted)",
+        "N",
+    )
 
     def __post_init__(self) -> None:
         _ = self.limits  # ConnectionLimits raises ConfigError for limits out of range
@@ -68,6 +74,8 @@ class RexecConfig:
             raise ConfigError(f"request timeout {self.request_timeout} must be positive")
         if self.kill_grace < 0:
             raise ConfigError("kill_grace must not be negative")
+        if self.max_user_links < 1:
+            raise ConfigError(f"max_user_links {self.max_user_links} must be at least 1")
         if not 0 <= self.warm <= 64:
             raise ConfigError(f"warm {self.warm} out of range 0..64")
         for prefix in self.shared_path:

@@ -65,7 +65,8 @@ class ConnectionLimits:
     """
 
     total: int = 4096
-    per_peer: int = 256
+    #: A VM holds about four: its session's link, its monitor's and console's connections, a spare.
+    per_peer: int = 1024
 
     def __post_init__(self) -> None:
         if not 1 <= self.per_peer <= self.total:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -17,6 +18,7 @@ import psutil
 import pytest
 
 from offload import proc
+from offload.lab import mountns
 from offload.lab.lab import Lab
 from tests.conftest import (
     MISSING,
@@ -582,3 +584,35 @@ def test_a_working_directory_the_user_may_not_search_is_not_entered_for_it(lab: 
     assert b"secret" not in result.stdout
     assert result.returncode == 126, result.stderr
     assert str(below).encode() in result.stderr and b"Permission denied" in result.stderr
+
+
+def test_an_unprivileged_user_holds_a_bounded_share_of_the_links(lab: Lab) -> None:
+    """The host's connection budget is libvirt's too: one user's sessions past its share are refused, root's are not."""
+    from offload.lab.lab import LAB_USER_LINKS
+
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    sleeper = [*nobody, *proc.program("rexec"), "/bin/sleep", "60"]
+    held = []
+    try:
+        for _ in range(LAB_USER_LINKS):
+            held.append(proc.spawn(lab.command("dpu", sleeper, cwd="/"), env=lab.env("dpu")))
+        for standin in held:
+            remote_pid_of(lab, standin.pid)  # running on the host: it holds its link
+        refused = proc.run(lab.command("dpu", sleeper, cwd="/"), env=lab.env("dpu"), check=False, timeout=30)
+        assert refused.returncode == 255
+        assert f"uid 65534 holds {LAB_USER_LINKS} connections to peers already" in refused.stderr
+        assert rexec(lab, "/bin/true").returncode == 0  # root's are not counted
+        victim = held.pop()
+        os.kill(mountns.entered_program(victim.pid), signal.SIGKILL)  # the stand-in, in the DPU's namespace
+        victim.wait()
+        again = [*nobody, *proc.program("rexec"), "/bin/true"]
+        assert wait_for(
+            lambda: proc.run(lab.command("dpu", again, cwd="/"), env=lab.env("dpu"), check=False).returncode == 0,
+            20,
+            "a place freed by the user's ended session",
+        )
+    finally:
+        for standin in held:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(mountns.entered_program(standin.pid), signal.SIGKILL)
+            standin.wait()

@@ -52,6 +52,8 @@ LAB_ROOT = Path("/run/offload-lab")
 REXEC_PORT = 7001
 #: Seconds of silence after which the lab's rexec_servers declare a link lost.
 REXEC_KEEPALIVE = 6.0
+#: Connections to the other side one unprivileged user's rexec sessions may hold at once.
+LAB_USER_LINKS = 8
 UDSPROXY_PORT = 7002
 SHIM = Path(__file__).resolve().parent.parent / "_native" / "libudsproxy.so"
 READY_TIMEOUT = 30.0
@@ -349,6 +351,8 @@ class Lab:
             *("--whitelist", str(side.run_dir / "whitelist"), "--run-dir", str(side.run_dir)),
             *(arg for prefix in self.shared for arg in ("--shared-path", prefix)),
             *("--keepalive", f"{REXEC_KEEPALIVE:g}"),
+            # Small, so that a test reaches it.
+            *("--max-user-links", str(LAB_USER_LINKS)),
             # libvirtd (root on the DPU side) runs qemu as root here, as
             # qemu.conf says; rexec_server squashes root callers otherwise.
             *("--user-map", "root=root"),

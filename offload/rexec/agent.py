@@ -16,7 +16,7 @@ import os
 import pwd
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -77,6 +77,24 @@ class PeerPool:
         self.nursery = nursery
         self._idle: dict[Address, collections.deque[SessionLink]] = collections.defaultdict(collections.deque)
         self._filling: set[Address] = set()
+        #: Connections to peers each unprivileged uid holds through its sessions: the peers'
+        #: budget (max_peer_connections) is shared with libvirt's, which runs as root.
+        self._held: collections.Counter[int] = collections.Counter()
+
+    def hold(self, uid: int) -> bool:
+        """Count one more connection of ``uid``'s; False if it holds max_user_links already."""
+        if uid == 0:
+            return True
+        if self._held[uid] >= self.config.max_user_links:
+            return False
+        self._held[uid] += 1
+        return True
+
+    def release(self, uid: int) -> None:
+        if uid != 0:
+            self._held[uid] -= 1
+            if self._held[uid] <= 0:
+                del self._held[uid]
 
     def give_back(self, address: Address, link: SessionLink) -> bool:
         """Keep a link whose session ended cleanly for the next session."""
@@ -170,6 +188,7 @@ class AgentSession:
         self.monitors: set[int] = set()  # fd numbers of the program's QMP monitor listeners
         self.delivering: set[Relay] = set()  # bridged connections' relays: their last bytes precede the exit
         self.bridged = 0  # connections to the program's bridged listeners being relayed
+        self.uid = 0  # the caller's, once known
         self.consoles: console.SessionConsoles | None = None
 
     # -- talking to the stand-in -------------------------------------------------
@@ -225,7 +244,7 @@ class AgentSession:
             if type != local.L_REQUEST:
                 raise RefusedError(f"expected a request, got message {type:#x}", exit_code=EXIT_FAILURE)
             request = self._request(document, caller)
-            with self.pidmaps.claim(caller.pid):
+            with self.pidmaps.claim(caller.pid), self._holding(caller.uid, "session"):
                 await self._run_remote(caller, request)
         except RefusedError as exc:
             await self.refuse(exc.exit_code, str(exc))
@@ -300,8 +319,22 @@ class AgentSession:
             raise RefusedError(f"{asked} is not a configured peer", exit_code=EXIT_FAILURE)
         return peer
 
+    @contextlib.contextmanager
+    def _holding(self, uid: int, what: str) -> Iterator[None]:
+        """One of ``uid``'s connections to peers for the block; RefusedError past max_user_links."""
+        if not self.pool.hold(uid):
+            limit = self.config.max_user_links
+            raise RefusedError(
+                f"uid {uid} holds {limit} connections to peers already; no {what}", exit_code=EXIT_FAILURE
+            )
+        try:
+            yield
+        finally:
+            self.pool.release(uid)
+
     async def _run_remote(self, caller: Caller, request: ExecRequest) -> None:
         assert self.address is not None
+        self.uid = caller.uid
         try:
             self.link = link = await self.pool.take(self.address)
         except (TransportError, ProtocolError, trio.TooSlowError) as exc:
@@ -398,8 +431,8 @@ class AgentSession:
         """
         sock = socket.socket(fileno=stream.socket.detach())
         name = f"bridged fd {target_fd} of remote pid {self.remote_pid}"
-        if self.bridged >= MAX_BRIDGED:
-            log.warning("%s: more than %d connections relayed at once; this one is closed", name, MAX_BRIDGED)
+        if self.bridged >= MAX_BRIDGED or not self.pool.hold(caller.uid):
+            log.warning("%s: over the session's or the user's connection limit; this one is closed", name)
             attached.close_local(sock)
             return
         self.bridged += 1
@@ -407,6 +440,7 @@ class AgentSession:
             await self._bridge_through(target_fd, caller, sock, name)
         finally:
             self.bridged -= 1
+            self.pool.release(caller.uid)
 
     async def _bridge_through(self, target_fd: int, caller: Caller, sock: socket.socket, name: str) -> None:
         token = await self._ticket(lambda channel: Open(channel, target_fd), name, partial(attached.close_local, sock))
@@ -433,9 +467,16 @@ class AgentSession:
         its own, relayed by a thread (`offload.rexec.attached`).
         """
         name = f"pty {host_index} of remote pid {self.remote_pid}"
-        token = await self._ticket(lambda channel: OpenPty(channel, host_index), name, end.close)
-        if token is not None:
-            await self._attach(token, end, name)
+        if not self.pool.hold(self.uid):
+            log.warning("%s: over the user's connection limit; not relayed", name)
+            end.close()
+            return
+        try:
+            token = await self._ticket(lambda channel: OpenPty(channel, host_index), name, end.close)
+            if token is not None:
+                await self._attach(token, end, name)
+        finally:
+            self.pool.release(self.uid)
 
     async def _ticket(
         self, request: Callable[[int], Open | OpenPty], name: str, close: Callable[[], object]
