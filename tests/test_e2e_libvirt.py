@@ -13,6 +13,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from functools import partial
 
 import psutil
 import pytest
@@ -177,5 +178,42 @@ def test_host_rexec_server_restart(vlab: Lab, virsh: Virsh) -> None:
         proc.run(vlab.command("host", ["truncate", "-s", "0", domain.console_log]))
         virsh("start", name)
         wait_for_marker(lambda: console_of(vlab, domain))
+    finally:
+        cleanup(virsh, name)
+
+
+def counted(lab: Lab, domain: Domain) -> int:
+    """The guest's last counter value on its console."""
+    return guest.ticks(console_of(lab, domain))[-1]
+
+
+def counts_past(lab: Lab, domain: Domain, value: int) -> bool:
+    return counted(lab, domain) > value
+
+
+def test_a_running_guest_outlives_restarts_of_udsproxyd_and_the_qtfs_server(vlab: Lab, virsh: Virsh) -> None:
+    """Stopped (SIGTERM, as systemctl) or crashed (SIGKILL), udsproxyd on either side and the host's qtfs
+    server come back under a running guest: it goes on counting, libvirt still calls it running, and its
+    monitor still answers.  (rexec_server's restarts are another matter: test_host_rexec_server_restart.)"""
+    name = "e2e-restarts"
+    try:
+        domain = start_guest(vlab, virsh, name)
+        wait_until(lambda: guest.ticks(console_of(vlab, domain)), 60, "the guest counts")
+        qemu = qemu_processes(name)
+        (cpu_group,) = vlab.host_partitions["cpu"].glob(f"qemu-*-{name}.libvirt-qemu")
+        shares = 100
+        for service in ("host-udsproxy", "dpu-udsproxy", "host-qtfs"):
+            for crash in (False, True):
+                vlab.restart_service(service, crash=crash)
+                what = f"after {service} {'crashed' if crash else 'stopped'} and came back"
+                wait_until(partial(counts_past, vlab, domain, counted(vlab, domain) + 1), 20, f"counting {what}")
+                assert virsh.state(name) == "running", what
+                status = virsh("qemu-monitor-command", "--pretty", name, '{"execute":"query-status"}')
+                assert '"running": true' in status, what
+                assert qemu_processes(name) == qemu, what  # the same qemu, never restarted
+                # And libvirt still tunes it: through qtfs, into the host's cgroup.
+                shares += 1
+                virsh("schedinfo", name, "--live", "--set", f"cpu_shares={shares}")
+                assert (cpu_group / "cpu.shares").read_text().strip() == str(shares), what
     finally:
         cleanup(virsh, name)
