@@ -54,6 +54,8 @@ REXEC_PORT = 7001
 REXEC_KEEPALIVE = 6.0
 #: Connections to the other side one unprivileged user's rexec sessions may hold at once.
 LAB_USER_LINKS = 8
+#: Connections each daemon serves at once per peer (below the default, so that a flood test reaches it).
+LAB_PEER_LIMIT = 256
 UDSPROXY_PORT = 7002
 SHIM = Path(__file__).resolve().parent.parent / "_native" / "libudsproxy.so"
 READY_TIMEOUT = 30.0
@@ -332,6 +334,7 @@ class Lab:
             *proc.run_module(module),
             *("--node", side.role, "--listen", _address(side, port), "--peer", _address(self.other(side), port)),
             *("--pki", str(self.dir / "pki" / side.role)),
+            *("--max-peer-connections", str(LAB_PEER_LIMIT)),
             *extra,
         ]
         self.start_service(f"{side.role}-{name}", side, argv)
@@ -366,6 +369,7 @@ class Lab:
         argv = [
             *proc.program("qtfs"),
             *("serve", "--listen", self.qtfs_address, "--pki", str(self.dir / "pki" / "host")),
+            *("--max-peer-connections", str(LAB_PEER_LIMIT)),
             *(arg for export in LIBVIRT_EXPORTS for arg in ("--export", export)),
             # libvirtd is root on the DPU side and owns its state directories
             # here (it chowns its files back to root): the lab loosens the

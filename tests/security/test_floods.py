@@ -25,7 +25,7 @@ import trio
 
 from offload import proc
 from offload.config import RexecConfig
-from offload.net import Transport, parse_address
+from offload.net import ConnectionLimits, Transport, parse_address
 from offload.pki import TlsConfig
 from offload.protocol import qtfs as qtfs_wire
 from offload.protocol.framing import FrameDecoder, encode_frame
@@ -316,7 +316,7 @@ async def test_one_peer_address_gets_256_connections_and_others_are_still_served
         node="host",
         user_map=("root=root",),
     )
-    transport = Transport(TlsConfig.load(tree / "pki" / "host"))
+    transport = Transport(TlsConfig.load(tree / "pki" / "host"), limits=ConnectionLimits(per_peer=256))
     address = (await nursery.start(serve_rexec, config, transport))[0]
     port = parse_address(address).port
 

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from offload import proc
-from offload.lab.lab import QTFS_PORT, REXEC_PORT, UDSPROXY_PORT, Lab
+from offload.lab.lab import LAB_PEER_LIMIT, QTFS_PORT, REXEC_PORT, UDSPROXY_PORT, Lab
 from offload.lab.libvirt import Virsh, qemu_processes, wait_for_marker
 from tests.conftest import rexec, wait_for
 from tests.test_e2e_libvirt import cleanup, console_of, start_guest, virsh, vlab
@@ -132,10 +132,11 @@ def test_daemons_and_a_running_vm_outlive_floods_from_the_network_and_a_local_us
             assert from_network[target] >= 100, from_network
         for target in local:
             assert from_nobody[target] >= 100, from_nobody
-        # ... and pressed every daemon to its per-peer limit (256).
+        # ... and pressed every daemon to its per-peer limit (the lab's).
+        at_limit = f"{LAB_PEER_LIMIT} open from it"
         for key in ("host-rexec", "host-udsproxy", "host-qtfs", "dpu-rexec", "dpu-udsproxy"):
             log = vlab.dir / f"{key}.log"
-            wait_for(lambda log=log: "256 open from it" in log.read_text(errors="replace"), 30, f"{key} at its limit")
+            wait_for(lambda log=log: at_limit in log.read_text(errors="replace"), 30, f"{key} at its limit")
 
         dead = [key for key, process in daemons.items() if not alive(process)]
         assert dead == [], f"ended by the flood: {dead}"
