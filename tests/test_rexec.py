@@ -419,17 +419,48 @@ def test_remote_program_runs_as_the_callers_user(lab: Lab) -> None:
     assert result.stdout.split() == [b"65534", b"65534"]
 
 
-def agent_exchange(lab: Lab, data: bytes, fds: list[int] = ()) -> bytes:  # type: ignore[assignment]
-    """Talk to the DPU agent's socket directly, as a misbehaving stand-in would."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+#: A misbehaving stand-in: sends its stdin to the agent's socket (with N copies of a pipe's read
+#: end), prints the answer.  Run on the DPU side: the agent serves no caller it cannot see.
+EXCHANGE = r"""
+import os, socket, sys
+data = sys.stdin.buffer.read()
+read_end, _ = os.pipe()
+fds = [read_end] * int(sys.argv[2])
+with socket.socket(socket.AF_UNIX) as sock:
+    sock.settimeout(20)
+    sock.connect(sys.argv[1])
+    socket.send_fds(sock, [data], fds) if fds else sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+    while chunk := sock.recv(65536):
+        sys.stdout.buffer.write(chunk)
+"""
+
+
+def agent_exchange(lab: Lab, data: bytes, pipe_copies: int = 0) -> bytes:
+    """Talk to the DPU agent's socket directly, as a misbehaving stand-in on the DPU side would."""
+    argv = [PYTHON, "-c", EXCHANGE, str(lab.dpu.run_dir / "rexec.sock"), str(pipe_copies)]
+    return proc.run(lab.command("dpu", argv, cwd="/"), env=lab.env("dpu"), input=data, text=False, timeout=30).stdout
+
+
+def test_a_caller_outside_the_agents_pid_namespace_is_refused(lab: Lab) -> None:
+    """From outside the DPU's pid namespace SO_PEERCRED names no process: nothing runs for such a caller."""
+    from offload.protocol import local
+
+    marker = lab.dir / "shared" / "ran-for-an-invisible-caller"
+    request = {"target": None, "argv": ["/bin/sh", "-c", f"touch {marker}"], "env": {}, "cwd": "/", "umask": 18}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:  # from here: the host's pid namespace
         sock.settimeout(20)
         sock.connect(str(lab.dpu.run_dir / "rexec.sock"))
-        socket.send_fds(sock, [data], list(fds)) if fds else sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(BrokenPipeError):  # the agent may have refused it before it read it
+            sock.sendall(local.encode(local.L_REQUEST, {**request, "fds": []}))
+            sock.shutdown(socket.SHUT_WR)
         reply = b""
-        while chunk := sock.recv(65536):
-            reply += chunk
-        return reply
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                reply += chunk
+    assert b"pid is not visible" in reply
+    assert not marker.exists()
+    assert rexec(lab, "/bin/true").returncode == 0
 
 
 @pytest.mark.parametrize(
@@ -449,7 +480,6 @@ def test_bad_stand_in_messages_leave_the_agent_serving(lab: Lab, data: bytes) ->
 def test_duplicate_fd_description_refused(lab: Lab) -> None:
     from offload.protocol import local
 
-    read_end, write_end = os.pipe()
     entry = {"fd": 0, "type": "pipe_r", "access": "r", "passed": True}
     request = {
         "target": None,
@@ -460,11 +490,7 @@ def test_duplicate_fd_description_refused(lab: Lab) -> None:
         "fds": [entry, entry],
         "daemon_pidfile": None,
     }
-    try:
-        reply = agent_exchange(lab, local.encode(local.L_REQUEST, request), [read_end, read_end])
-    finally:
-        os.close(read_end)
-        os.close(write_end)
+    reply = agent_exchange(lab, local.encode(local.L_REQUEST, request), pipe_copies=2)
     assert b"described an fd number twice" in reply
     assert rexec(lab, "/bin/true").returncode == 0
 

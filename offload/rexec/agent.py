@@ -260,6 +260,10 @@ class AgentSession:
 
     def _caller(self) -> Caller:
         pid, uid, gid = users.peer_credentials(self.sock)
+        if pid <= 0:
+            # 0: the caller is outside our pid namespace.  No process of its can be named: not
+            # for its pidmap, its ptys or its root, and not as the parent a daemon is adopted by.
+            raise RefusedError(f"the caller's pid is not visible here (SO_PEERCRED gave {pid})")
         try:
             user = pwd.getpwuid(uid).pw_name
         except KeyError:
