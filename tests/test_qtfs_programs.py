@@ -57,3 +57,35 @@ def test_a_program_counts_under_the_lock_holder_and_after_the_holder_changed(tmp
                 server.wait()
         for pid in spawned:  # orphaned by the kill
             proc.end_pid(pid)
+
+
+#: In a pid namespace of its own, where the next pid can be chosen (ns_last_pid): the holder's pid is
+#: given, once it has ended, to an unrelated process.  Prints whether that one's child counts as the DPU's.
+REUSE = r"""
+import os, subprocess, sys, time
+sys.path[:0] = [sys.argv[3]]
+from offload.qtfs.programs import Programs
+programs = Programs(sys.argv[1])
+server = subprocess.Popen([sys.executable, "-c", sys.argv[2], sys.argv[1]], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+program = int(server.stdout.readline())
+assert programs.started(program)  # the holder is known from here on
+server.kill(); server.wait()
+subprocess.run(["kill", str(program)])
+with open("/proc/sys/kernel/ns_last_pid", "w") as last:
+    last.write(str(server.pid - 1))
+impostor = subprocess.Popen(["sh", "-c", "sleep 300 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
+child = int(impostor.stdout.readline())
+print(impostor.pid == server.pid, programs.started(child), flush=True)
+impostor.kill()
+subprocess.run(["kill", str(child)])
+"""
+
+
+def test_a_pid_the_holder_left_behind_names_nobody_when_reused(tmp_path: Path) -> None:
+    """After rexec_server ends, its pid may be reused by any process: that one's children are not the DPU's."""
+    lock = tmp_path / "rexec.lock"
+    repo = str(Path(__file__).resolve().parents[1])
+    argv = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", REUSE, str(lock), SERVER, repo]
+    reused, counted = proc.run(argv, timeout=60).stdout.split()
+    assert reused == "True"  # the impostor does have the holder's pid
+    assert counted == "False"

@@ -6,7 +6,8 @@ process is one of the DPU's programs exactly when rexec_server is among its
 ancestors.  rexec_server is found by the singleton lock it holds for its
 whole life (``<run dir>/rexec.lock``, an flock): /proc/locks names the
 holder's pid beside the lock file's device and inode.  Nothing is cached
-across calls but the holder, which is looked up again when it has gone.
+across calls but the holder, by its pid and start time: a pid the holder
+left behind names another process once it is reused.
 
 A thread is judged by its thread group: a tid is the DPU's when the process
 it belongs to is.
@@ -49,18 +50,29 @@ def lock_holder(lock_path: str) -> int | None:
     return None
 
 
+def start_time(pid: int) -> str:
+    """The start time of process ``pid`` in clock ticks since boot ("" once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rpartition(b")")[2].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+    return fields[19].decode() if len(fields) > 19 else ""  # field 22 of proc(5), after pid and comm
+
+
 class Programs:
     """``started(pid)``: ``pid`` (a process or thread id of this machine) belongs to a program rexec_server runs."""
 
     def __init__(self, lock_path: str) -> None:
         self.lock_path = lock_path
-        self._server: int | None = None
+        self._server: tuple[int, str] | None = None  # the holder's pid and start time
 
     def _rexec_server(self) -> int | None:
-        if self._server is not None and os.path.exists(f"/proc/{self._server}"):
-            return self._server
-        self._server = lock_holder(self.lock_path)
-        return self._server
+        if self._server is not None and start_time(self._server[0]) == self._server[1]:
+            return self._server[0]
+        holder = lock_holder(self.lock_path)
+        self._server = (holder, start_time(holder)) if holder is not None else None
+        return holder
 
     def started(self, pid: int) -> bool:
         if pid <= 1:
