@@ -47,6 +47,9 @@ RECEIVE_SIZE = 1 << 20
 PENDING_REPLIES = 16 << 20
 #: Operations that may block for long run in a thread.
 THREADED = frozenset({wire.Op.FSYNC})
+#: Such calls one connection may have waiting at once; beyond, EAGAIN at once.  Each waits as
+#: a task of ours: a peer sending them faster than the disk syncs must not grow us without end.
+MAX_THREADED = 64
 #: What a request's well-formed but absurd fields make the os module raise (an offset
 #: past 2**63, a NUL inside a name or a link target): that request fails with EINVAL.
 ABSURD = (ValueError, OverflowError)
@@ -87,6 +90,8 @@ class Session:
         self.handlers = self.backend.handlers()
         self.send_lock = trio.Lock()
         self.watch: TreeWatch | None = None
+        self.threaded = 0  # calls of THREADED operations waiting or running
+        self.mounting = False  # a Mount's tree watch is being set up (in a thread)
 
     async def run(self) -> None:
         try:
@@ -125,6 +130,8 @@ class Session:
             data = self.conn.send(wire.Result(id, await self._start_watch(reply, nursery)))
         except OSError as exc:
             data = self._failure(id, request, exc)
+        finally:
+            self.mounting = False
         await self._send([data])
 
     async def _start_watch(self, reply: wire.MountReply, nursery: trio.Nursery) -> wire.MountReply:
@@ -207,10 +214,16 @@ class Session:
                 out.append(self._read(call.id, request))
                 return
             if op in THREADED:
+                if self.threaded >= MAX_THREADED:
+                    raise OSError(errno.EAGAIN, f"{MAX_THREADED} calls already wait for a thread")
+                self.threaded += 1
                 nursery.start_soon(self._threaded, call.id, request)
                 return
+            if op is wire.Op.MOUNT and self.mounting:  # each walks the whole tree in a thread
+                raise OSError(errno.EBUSY, "the last Mount's tree is still being watched")
             reply = self.handlers[op](request)
             if isinstance(reply, wire.MountReply):
+                self.mounting = True
                 nursery.start_soon(self._watch_and_answer, call.id, request, reply, nursery)
                 return
         except (OSError, *ABSURD) as exc:
@@ -247,6 +260,8 @@ class Session:
             data = self.conn.send(wire.Result(id, reply))
         except (OSError, *ABSURD) as exc:
             data = self._failure(id, request, exc)
+        finally:
+            self.threaded -= 1
         await self._send([data])
 
 

@@ -451,6 +451,32 @@ def test_directory_listings_are_bounded_per_connection(lab: Lab, work: Path, ser
     assert held < 600
 
 
+def test_calls_waiting_for_a_thread_are_bounded_per_connection(lab: Lab, work: Path, server: Server) -> None:
+    """A peer sending fsyncs faster than they finish gets EAGAIN past MAX_THREADED, not a server that grows."""
+    from offload.qtfs.server import MAX_THREADED
+
+    (work / "export" / "f").write_text("x")
+
+    async def flood(link: Link) -> tuple[list[Any], Any]:
+        opened = await link.call(wire.Open(b"f", os.O_RDWR))
+        assert isinstance(opened, wire.HandleReply)
+        replies: list[Any] = []
+
+        async def fsync() -> None:
+            replies.append(await outcome(link, wire.Fsync(opened.handle)))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20 * MAX_THREADED):
+                nursery.start_soon(fsync)
+        return replies, await outcome(link, wire.Lookup(b"f"))
+
+    replies, after = peer(lab, work, work / "export", flood)
+    assert "EAGAIN" in replies  # the excess was refused at once...
+    assert any(isinstance(reply, wire.Empty) for reply in replies)  # ...and the rest synced
+    assert set(map(type, replies)) <= {wire.Empty, str}
+    assert isinstance(after, wire.AttrReply)  # the connection still works
+
+
 # -- 5. a peer's malformed frames fail its call or end its link, never the server -----------------------
 
 
