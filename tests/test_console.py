@@ -370,12 +370,12 @@ class RawPeer:
         self.events: list = []
 
     @classmethod
-    async def connect(cls, tree: Path, attach: str = "") -> RawPeer:
-        connected = await Transport(TlsConfig.load(tree / "pki" / "dpu")).connect(
+    async def connect(cls, tree: Path, attach: str = "", node: str = "dpu") -> RawPeer:
+        connected = await Transport(TlsConfig.load(tree / "pki" / node)).connect(
             parse_address(f"unix://{tree}/peer.sock")
         )
         peer = cls(connected.stream)
-        await peer.stream.send_all(peer.conn.send(Hello("dpu", attach=attach)))
+        await peer.stream.send_all(peer.conn.send(Hello(node, attach=attach)))
         await peer.next_of(Hello)
         return peer
 
@@ -550,3 +550,31 @@ def test_a_ticket_nobody_presents_expires(monkeypatch: pytest.MonkeyPatch) -> No
     time.sleep(0.1)
     assert grants.take(tokens[0]) is None  # expired: opens nothing
     assert grants.issue(grant) is not None  # and the session may ask again
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the whitelist must be root-owned")
+async def test_a_ticket_opens_nothing_for_another_peer(server_tree: Path, nursery: trio.Nursery) -> None:
+    """A ticket is bound to the peer whose session asked for it: another DPU that learned it gets nothing."""
+    pki.init(server_tree / "pki", [pki.Identity("dpu", "dpu2")])  # another DPU, with a valid certificate
+    await nursery.start(serve, _server_config(server_tree), Transport(TlsConfig.load(server_tree / "pki" / "host")))
+    session = await RawPeer.connect(server_tree)
+    try:
+        request = ExecRequest(
+            argv=(os.path.realpath(sys.executable), "-c", PROGRAM),
+            user="root",
+            fds=(FdSpec(fd=1, kind=FdKind.PIPE_OUT, channel=1),),
+        )
+        await session.stream.send_all(session.conn.send(Exec(request)))
+        await session.next_of(Started)
+        own = int((await session.next_of(Data, 1)).data.split()[0])
+        await session.stream.send_all(session.conn.send(OpenPty(FIRST_BRIDGE_CHANNEL, own)))
+        ticket = (await session.next_of(Ticket, FIRST_BRIDGE_CHANNEL)).token
+        thief = await RawPeer.connect(server_tree, attach=ticket, node="dpu2")
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            # Typed into the pty, were it relayed: the program would answer on the session.
+            await thief.stream.send_all(udsproxy_wire.data_header(udsproxy_wire.DATA_CHANNEL, 6) + b"stolen\r")
+        assert await thief.refused()
+        with pytest.raises(trio.TooSlowError):
+            await session.next_of(Data, 1, timeout=2)  # the program read nothing
+    finally:
+        await session.stream.aclose()
