@@ -107,6 +107,14 @@ def test_systemd_lab(deb: Path, lab: SystemdLab) -> None:
         assert "NoNewPrivs:\t1" in status, (unit, status)
         shown = lab.systemctl("host", "show", "--property=ProtectSystem,PrivateTmp,RestrictAddressFamilies", unit)
         assert "ProtectSystem=full" in shown and "PrivateTmp=yes" in shown and "AF_VSOCK" in shown, shown
+        # ... and by its effect, in the service's own mount namespace: /usr is read-only to it,
+        # its /tmp is its own, and a seccomp filter (the address families) is on it.
+        inside = ["nsenter", f"--target={pid}", "--mount", "--"]
+        probe = lab.run("host", *inside, "touch", "/usr/lib/offload-probe", check=False)
+        assert probe.returncode != 0 and "Read-only file system" in probe.stderr, (unit, probe.stderr)
+        lab.run("host", "touch", "/tmp/offload-probe")
+        assert lab.run("host", *inside, "test", "-e", "/tmp/offload-probe", check=False).returncode == 1, unit
+        assert "Seccomp:\t2" in status, (unit, status)
 
     vm = systemd_lab.domain(lab)
     timed("vm", systemd_lab.start_vm, lab, vm)

@@ -72,10 +72,10 @@ def connect():
     conn.settimeout(20)
     return conn
 def ask(conn, data, fds=()):
-    socket.send_fds(conn, [data], list(fds))
     try:
+        socket.send_fds(conn, [data], list(fds))
         return conn.recv(1024).decode()
-    except ConnectionResetError:
+    except (BrokenPipeError, ConnectionResetError):  # closed: over the session's limit
         return ""
 try:
     conn = connect()
