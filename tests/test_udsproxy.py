@@ -867,3 +867,43 @@ def test_a_peer_cannot_make_a_connection_hold_more_pipes_than_its_cap() -> None:
             sock.close()
     assert answers == [""] * (MAX_PIPES // per_message) + ["EMFILE"] * 3
     assert during - before <= MAX_PIPES
+
+
+def test_a_message_of_no_bytes_that_carries_fds_is_not_the_end_of_the_stream() -> None:
+    """On a SOCK_SEQPACKET socket an empty message may carry fds; what the program sends after it still goes."""
+    from offload import users
+    from offload.protocol import udsproxy as wire
+    from offload.udsproxy.relay import PlainCipher, Relay
+
+    link, peer_link = socket.socketpair()
+    local, program = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    user = users.local_user(os.getuid(), os.getgid())
+    relay = Relay(link, PlainCipher(), local, client=True, seqpacket=True, user=user, name="t")
+    thread = threading.Thread(target=relay.run)
+    thread.start()
+    peer = wire.UdsProxyConnection.opened(client=False)
+    read_end, write_end = os.pipe()
+    events: list = []
+    try:
+        program.sendmsg([b""], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", read_end))])
+        program.send(b"after")
+        peer_link.settimeout(10)
+        while not any(isinstance(e, wire.Data) and bytes(e.data) == b"after" for e in events):
+            if any(isinstance(e, wire.Eof) for e in events):
+                break
+            event = peer.next_event()
+            if event is wire.NEED_DATA:
+                peer.receive_data(peer_link.recv(65536))
+            else:
+                events.append(event)
+    finally:
+        relay.stop()
+        thread.join(10)
+        for fd in (read_end, write_end):
+            os.close(fd)
+        for sock in (peer_link, program):
+            sock.close()
+    kinds = [type(e).__name__ for e in events]
+    assert not any(isinstance(e, wire.Eof) for e in events), kinds
+    assert isinstance(events[0], wire.Fds) and events[0].fds[0].kind == "pipe_r", kinds
+    assert bytes(events[-1].data) == b"after", kinds
