@@ -19,6 +19,8 @@ import errno
 import logging
 import os
 
+import psutil
+
 log = logging.getLogger(__name__)
 
 #: Parent links followed before giving up: deeper than any real process tree.
@@ -50,29 +52,23 @@ def lock_holder(lock_path: str) -> int | None:
     return None
 
 
-def start_time(pid: int) -> str:
-    """The start time of process ``pid`` in clock ticks since boot ("" once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rpartition(b")")[2].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return ""
-    return fields[19].decode() if len(fields) > 19 else ""  # field 22 of proc(5), after pid and comm
-
-
 class Programs:
     """``started(pid)``: ``pid`` (a process or thread id of this machine) belongs to a program rexec_server runs."""
 
     def __init__(self, lock_path: str) -> None:
         self.lock_path = lock_path
-        self._server: tuple[int, str] | None = None  # the holder's pid and start time
+        #: The holder; psutil knows it by pid and start time (`is_running` is False once the pid is reused).
+        self._server: psutil.Process | None = None
 
     def _rexec_server(self) -> int | None:
-        if self._server is not None and start_time(self._server[0]) == self._server[1]:
-            return self._server[0]
+        if self._server is not None and self._server.is_running():
+            return self._server.pid
         holder = lock_holder(self.lock_path)
-        self._server = (holder, start_time(holder)) if holder is not None else None
-        return holder
+        try:
+            self._server = psutil.Process(holder) if holder is not None else None
+        except psutil.NoSuchProcess:
+            self._server = None
+        return self._server.pid if self._server is not None else None
 
     def started(self, pid: int) -> bool:
         if pid <= 1:
