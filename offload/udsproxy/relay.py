@@ -466,7 +466,7 @@ class Relay:
         except OSError as exc:  # an fstat that failed (a FUSE file, say)
             code, why = exc.errno or errno.EIO, f"an fd that cannot be described ({exc})"
         else:
-            if self._room_for(sum(1 for _, kept in prepared if kept is not None)):
+            if self._room_for(description for description, _ in prepared):
                 self._send_fds(prepared, None)
                 return
             close_all([kept for _, kept in prepared if kept is not None])
@@ -478,8 +478,9 @@ class Relay:
         if not self.drop_uncarried:
             raise OSError(code, why)
 
-    def _room_for(self, pipes: int) -> bool:
-        return len(self._pipes) + pipes <= MAX_PIPES
+    def _room_for(self, passed: Iterable[wire.FdDescription]) -> bool:
+        """Whether the pipes among ``passed`` fit beside this connection's open ones (MAX_PIPES)."""
+        return len(self._pipes) + sum(1 for description in passed if description.is_pipe) <= MAX_PIPES
 
     def _send_fds(self, prepared: Prepared, submission: Submission | None) -> None:
         descriptions = []
@@ -511,7 +512,7 @@ class Relay:
         if not self._reading_local or not self._sending:
             submission.fail(errno.EPIPE)
             return
-        if not self._room_for(sum(1 for _, kept in submission.prepared if kept is not None)):
+        if not self._room_for(description for description, _ in submission.prepared):
             log.warning(
                 "%s: the program passed more pipes than the %d a connection carries at once", self.name, MAX_PIPES
             )
@@ -697,7 +698,7 @@ class Relay:
             ):
                 raise RemoteProtocolError(f"pipe channel {description.channel} is not the peer's to open")
         try:
-            if not self._room_for(sum(1 for description in descriptions if description.channel)):
+            if not self._room_for(descriptions):
                 raise OSError(errno.EMFILE, f"more pipes than the {MAX_PIPES} a connection carries at once")
             made = materialize_all(descriptions, self.shared, self.user)
         except OSError as exc:
