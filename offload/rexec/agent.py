@@ -81,17 +81,19 @@ class PeerPool:
         #: budget (max_peer_connections) is shared with libvirt's, which runs as root.
         self._held: collections.Counter[int] = collections.Counter()
 
-    def hold(self, uid: int) -> bool:
-        """Count one more connection of ``uid``'s; False if it holds max_user_links already."""
+    @contextlib.contextmanager
+    def held(self, uid: int) -> Iterator[bool]:
+        """One more connection of ``uid``'s for the block; False (nothing counted) past max_user_links."""
         if uid == 0:
-            return True
+            yield True
+            return
         if self._held[uid] >= self.config.max_user_links:
-            return False
+            yield False
+            return
         self._held[uid] += 1
-        return True
-
-    def release(self, uid: int) -> None:
-        if uid != 0:
+        try:
+            yield True
+        finally:
             self._held[uid] -= 1
             if self._held[uid] <= 0:
                 del self._held[uid]
@@ -326,15 +328,13 @@ class AgentSession:
     @contextlib.contextmanager
     def _holding(self, uid: int, what: str) -> Iterator[None]:
         """One of ``uid``'s connections to peers for the block; RefusedError past max_user_links."""
-        if not self.pool.hold(uid):
-            limit = self.config.max_user_links
-            raise RefusedError(
-                f"uid {uid} holds {limit} connections to peers already; no {what}", exit_code=EXIT_FAILURE
-            )
-        try:
+        with self.pool.held(uid) as held:
+            if not held:
+                limit = self.config.max_user_links
+                raise RefusedError(
+                    f"uid {uid} holds {limit} connections to peers already; no {what}", exit_code=EXIT_FAILURE
+                )
             yield
-        finally:
-            self.pool.release(uid)
 
     async def _run_remote(self, caller: Caller, request: ExecRequest) -> None:
         assert self.address is not None
@@ -435,16 +435,16 @@ class AgentSession:
         """
         sock = socket.socket(fileno=stream.socket.detach())
         name = f"bridged fd {target_fd} of remote pid {self.remote_pid}"
-        if self.bridged >= MAX_BRIDGED or not self.pool.hold(caller.uid):
-            log.warning("%s: over the session's or the user's connection limit; this one is closed", name)
-            attached.close_local(sock)
-            return
-        self.bridged += 1
-        try:
-            await self._bridge_through(target_fd, caller, sock, name)
-        finally:
-            self.bridged -= 1
-            self.pool.release(caller.uid)
+        with self.pool.held(caller.uid) as held:
+            if self.bridged >= MAX_BRIDGED or not held:
+                log.warning("%s: over the session's or the user's connection limit; this one is closed", name)
+                attached.close_local(sock)
+                return
+            self.bridged += 1
+            try:
+                await self._bridge_through(target_fd, caller, sock, name)
+            finally:
+                self.bridged -= 1
 
     async def _bridge_through(self, target_fd: int, caller: Caller, sock: socket.socket, name: str) -> None:
         token = await self._ticket(lambda channel: Open(channel, target_fd), name, partial(attached.close_local, sock))
@@ -471,16 +471,14 @@ class AgentSession:
         its own, relayed by a thread (`offload.rexec.attached`).
         """
         name = f"pty {host_index} of remote pid {self.remote_pid}"
-        if not self.pool.hold(self.uid):
-            log.warning("%s: over the user's connection limit; not relayed", name)
-            end.close()
-            return
-        try:
+        with self.pool.held(self.uid) as held:
+            if not held:
+                log.warning("%s: over the user's connection limit; not relayed", name)
+                end.close()
+                return
             token = await self._ticket(lambda channel: OpenPty(channel, host_index), name, end.close)
             if token is not None:
                 await self._attach(token, end, name)
-        finally:
-            self.pool.release(self.uid)
 
     async def _ticket(
         self, request: Callable[[int], Open | OpenPty], name: str, close: Callable[[], object]
