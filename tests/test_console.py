@@ -398,6 +398,17 @@ class RawPeer:
                     if isinstance(event, Closed | Attached):
                         break
 
+    async def run_pty_program(self, program: str) -> tuple[int, int]:
+        """Run ``program`` (which prints the number of a pty it holds) on this session: its pid and that number."""
+        request = ExecRequest(
+            argv=(os.path.realpath(sys.executable), "-c", program),
+            user="root",
+            fds=(FdSpec(fd=1, kind=FdKind.PIPE_OUT, channel=1),),
+        )
+        await self.stream.send_all(self.conn.send(Exec(request)))
+        pid = (await self.next_of(Started)).pid
+        return pid, int((await self.next_of(Data, 1)).data.split()[0])
+
     async def refused(self) -> bool:
         """True when the server closes this pty connection without taking its ticket."""
         try:
@@ -427,14 +438,7 @@ async def test_the_dpu_gets_only_its_programs_ptys(server_tree: Path, nursery: t
     their_index = int(os.readlink(f"/proc/self/fd/{their_end}").rsplit("/", 1)[1])
     session = await RawPeer.connect(server_tree)
     try:
-        request = ExecRequest(
-            argv=(os.path.realpath(sys.executable), "-c", PROGRAM),
-            user="root",
-            fds=(FdSpec(fd=1, kind=FdKind.PIPE_OUT, channel=1),),
-        )
-        await session.stream.send_all(session.conn.send(Exec(request)))
-        await session.next_of(Started)
-        own = int((await session.next_of(Data, 1)).data.split()[0])
+        _, own = await session.run_pty_program(PROGRAM)
         # Another process's pty: refused, no ticket.
         refused, other, spare = FIRST_BRIDGE_CHANNEL, FIRST_BRIDGE_CHANNEL + 1, FIRST_BRIDGE_CHANNEL + 2
         await session.stream.send_all(session.conn.send(OpenPty(refused, their_index)))
@@ -489,14 +493,7 @@ async def test_a_ticket_opens_nothing_once_its_program_has_exited(server_tree: P
     await nursery.start(serve, _server_config(server_tree), Transport(TlsConfig.load(server_tree / "pki" / "host")))
     session = await RawPeer.connect(server_tree)
     try:
-        request = ExecRequest(
-            argv=(os.path.realpath(sys.executable), "-c", SHORT_PROGRAM),
-            user="root",
-            fds=(FdSpec(fd=1, kind=FdKind.PIPE_OUT, channel=1),),
-        )
-        await session.stream.send_all(session.conn.send(Exec(request)))
-        pid = (await session.next_of(Started)).pid
-        own = int((await session.next_of(Data, 1)).data.split()[0])
+        pid, own = await session.run_pty_program(SHORT_PROGRAM)
         await session.stream.send_all(session.conn.send(OpenPty(FIRST_BRIDGE_CHANNEL, own)))
         ticket = (await session.next_of(Ticket, FIRST_BRIDGE_CHANNEL)).token
         # The program exits and is reaped; its child keeps the session open.
@@ -515,14 +512,7 @@ async def test_a_session_holds_a_bounded_number_of_unused_tickets(server_tree: P
     await nursery.start(serve, _server_config(server_tree), Transport(TlsConfig.load(server_tree / "pki" / "host")))
     session = await RawPeer.connect(server_tree)
     try:
-        request = ExecRequest(
-            argv=(os.path.realpath(sys.executable), "-c", PROGRAM),
-            user="root",
-            fds=(FdSpec(fd=1, kind=FdKind.PIPE_OUT, channel=1),),
-        )
-        await session.stream.send_all(session.conn.send(Exec(request)))
-        await session.next_of(Started)
-        own = int((await session.next_of(Data, 1)).data.split()[0])
+        _, own = await session.run_pty_program(PROGRAM)
         channels = range(FIRST_BRIDGE_CHANNEL, FIRST_BRIDGE_CHANNEL + attached.MAX_TICKETS + 1)
         for channel in channels:
             await session.stream.send_all(session.conn.send(OpenPty(channel, own)))
@@ -559,14 +549,7 @@ async def test_a_ticket_opens_nothing_for_another_peer(server_tree: Path, nurser
     await nursery.start(serve, _server_config(server_tree), Transport(TlsConfig.load(server_tree / "pki" / "host")))
     session = await RawPeer.connect(server_tree)
     try:
-        request = ExecRequest(
-            argv=(os.path.realpath(sys.executable), "-c", PROGRAM),
-            user="root",
-            fds=(FdSpec(fd=1, kind=FdKind.PIPE_OUT, channel=1),),
-        )
-        await session.stream.send_all(session.conn.send(Exec(request)))
-        await session.next_of(Started)
-        own = int((await session.next_of(Data, 1)).data.split()[0])
+        _, own = await session.run_pty_program(PROGRAM)
         await session.stream.send_all(session.conn.send(OpenPty(FIRST_BRIDGE_CHANNEL, own)))
         ticket = (await session.next_of(Ticket, FIRST_BRIDGE_CHANNEL)).token
         thief = await RawPeer.connect(server_tree, attach=ticket, node="dpu2")
