@@ -420,15 +420,7 @@ class RawPeer:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the whitelist must be root-owned")
 async def test_the_dpu_gets_only_its_programs_ptys(server_tree: Path, nursery: trio.Nursery) -> None:
-    config = RexecConfig(
-        listen=(f"unix://{server_tree}/peer.sock",),
-        whitelist=str(server_tree / "whitelist"),
-        run_dir=str(server_tree / "run"),
-        node="host",
-        keepalive=5.0,
-        user_map=("root=root",),
-    )
-    await nursery.start(serve, config, Transport(TlsConfig.load(server_tree / "pki" / "host")))
+    await nursery.start(serve, _server_config(server_tree), Transport(TlsConfig.load(server_tree / "pki" / "host")))
     # A pty of the host that the DPU's program does not hold: the test's own,
     # its other end held open so that anything written there would wait to be read.
     theirs, their_end = os.openpty()
