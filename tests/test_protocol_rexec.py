@@ -10,11 +10,14 @@ from hypothesis import strategies as st
 
 from offload.errors import LocalProtocolError, RemoteProtocolError
 from offload.protocol import messages
+from offload.protocol.fdpass import MAX_FDS
 from offload.protocol.framing import encode_frame
 from offload.protocol.rexec import (
     FIRST_BRIDGE_CHANNEL,
     INITIAL_WINDOW,
     NEED_DATA,
+    SESSION_BYTES,
+    TICKET_BYTES,
     Closed,
     Data,
     Eof,
@@ -23,15 +26,19 @@ from offload.protocol.rexec import (
     Exited,
     FdKind,
     FdSpec,
+    Hangup,
     Hello,
     Open,
     OpenPty,
     Refused,
+    Resume,
+    Resumed,
     RexecConnection,
     Role,
     Signal,
     Started,
     State,
+    Ticket,
     Window,
 )
 
@@ -324,3 +331,230 @@ def test_fds_never_travel_on_the_session_link() -> None:
     passed = messages.dump({"fds": [{"kind": "pipe_r", "channel": 1 << 31}]})
     with pytest.raises(RemoteProtocolError):
         feed(server, encode_frame(0x25, FIRST_BRIDGE_CHANNEL, passed))
+
+
+# -- sessions that outlive their link ------------------------------------------------------------
+
+SESSION = "5e" * SESSION_BYTES
+SECRET = "c0" * TICKET_BYTES
+T_STARTED, T_EXITED, T_RESUME, T_RESUMED, T_HANGUP, T_OPEN, T_TICKET = 0x11, 0x13, 0x17, 0x18, 0x19, 0x23, 0x27
+
+
+RESUMABLE = Started(7, SESSION, SECRET)
+
+
+def running(started: Started = RESUMABLE) -> tuple[RexecConnection, RexecConnection]:
+    """A pair whose session runs (``REQUEST``: channels 2 and 3)."""
+    client, server = pair()
+    feed(server, client.send(Exec(REQUEST)))
+    assert feed(client, server.send(started)) == [started]
+    return client, server
+
+
+def lost_elsewhere() -> tuple[RexecConnection, RexecConnection]:
+    """A fresh pair, as a new link to the peer is: IDLE both ways, no channel open."""
+    return pair()
+
+
+def test_started_names_a_resumable_session_on_the_wire() -> None:
+    client, server = pair()
+    feed(server, client.send(Exec(REQUEST)))
+    frame = server.send(Started(4242, SESSION, SECRET))
+    events: list = []
+    for byte in frame:  # byte by byte: the event comes whole once, at the last byte
+        events += feed(client, bytes([byte]))
+    assert events == [Started(4242, SESSION, SECRET)]
+    assert client.state is State.RUNNING
+
+
+def test_started_without_a_session_ends_with_its_link() -> None:
+    client, server = running(Started(9))  # decoded as sent, both fields empty
+    assert Started(9).session == Started(9).secret == ""
+    assert feed(client, server.send(Exited(code=0))) == [Exited(code=0)]
+
+
+@pytest.mark.parametrize(
+    ("session", "secret"),
+    [
+        (SESSION, ""),  # a name without its secret
+        ("", SECRET),  # a secret without a name
+        (SESSION.upper(), SECRET),  # not the protocol's lower-case hex
+        (SESSION[:-2], SECRET),  # a byte short
+        (SESSION + "00", SECRET),  # a byte long
+        (SESSION, SECRET[:-1] + "g"),  # not hex
+        (SESSION, SESSION),  # a secret of a session name's size
+    ],
+)
+def test_started_with_a_bad_session_is_refused(session: str, secret: str) -> None:
+    with pytest.raises(ValueError):
+        Started(1, session, secret)
+    client, server = pair()
+    feed(server, client.send(Exec(REQUEST)))
+    payload = messages.dump({"pid": 1, "session": session, "secret": secret})
+    with pytest.raises(RemoteProtocolError, match="malformed Started"):
+        feed(client, encode_frame(T_STARTED, 0, payload))
+    assert client.error is not None
+
+
+@pytest.mark.parametrize("state", ["idle", "done"])
+def test_resume_is_taken_between_sessions(state: str) -> None:
+    """On a new link (IDLE) or one whose last session ended (DONE); the resumed channels start from fresh windows."""
+    if state == "idle":
+        client, server = lost_elsewhere()
+    else:
+        client, server = running()
+        feed(client, server.send(Data(2, b"x" * 1000)))
+        feed(client, server.send(Exited(code=0)))
+        assert client.state is server.state is State.DONE
+    resume = Resume(SESSION, SECRET, (2, 5))
+    assert feed(server, client.send(resume)) == [resume]
+    assert client.state is server.state is State.RESUMING
+    assert feed(client, server.send(Resumed(4242))) == [Resumed(4242)]
+    assert client.state is server.state is State.RUNNING
+    assert server.send_credit(2) == server.send_credit(5) == INITIAL_WINDOW
+    assert feed(client, server.send(Data(5, b"out"))) == [Data(5, b"out")]
+    assert feed(server, client.send(Data(2, b"in"))) == [Data(2, b"in")]
+    # Channel 3 of the request was not resumed: neither side has it open.
+    assert 3 not in server.windows and 3 not in client.windows
+    assert feed(client, server.send(Exited(code=3))) == [Exited(code=3)]
+    assert client.state is server.state is State.DONE
+
+
+def test_resume_refused_ends_in_done_and_the_link_serves_on() -> None:
+    client, server = lost_elsewhere()
+    feed(server, client.send(Resume(SESSION, SECRET)))
+    assert feed(client, server.send(Refused(255, "no session to resume"))) == [Refused(255, "no session to resume")]
+    assert client.state is server.state is State.DONE
+    assert feed(server, client.send(Exec(REQUEST))) == [Exec(REQUEST)]
+
+
+def test_resume_not_in_a_running_session() -> None:
+    client, server = running()
+    with pytest.raises(LocalProtocolError):
+        client.send(Resume(SESSION, SECRET))
+    payload = messages.dump({"session": SESSION, "secret": SECRET, "channels": []})
+    with pytest.raises(RemoteProtocolError):
+        feed(server, encode_frame(T_RESUME, 0, payload))
+    assert server.error is not None
+
+
+def test_resume_only_from_the_client() -> None:
+    client, server = lost_elsewhere()
+    with pytest.raises(LocalProtocolError, match="only the client"):
+        server.send(Resume(SESSION, SECRET))
+    payload = messages.dump({"session": SESSION, "secret": SECRET, "channels": [2]})
+    with pytest.raises(RemoteProtocolError, match="Resume from the server"):
+        feed(client, encode_frame(T_RESUME, 0, payload))
+    assert client.error is not None
+    with pytest.raises(LocalProtocolError):
+        client.send(Signal(signal.SIGTERM))  # a connection in error stays there
+
+
+@pytest.mark.parametrize(
+    "channels",
+    [
+        (0,),  # the control channel
+        (FIRST_BRIDGE_CHANNEL,),  # a bridged connection's: those are attached again with Open
+        (-1,),
+        tuple(range(1, MAX_FDS + 2)),  # more than a program has fds
+    ],
+)
+def test_resume_channels_are_bounded(channels: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match="channels out of range"):
+        Resume(SESSION, SECRET, channels)
+    _, server = lost_elsewhere()
+    payload = messages.dump({"session": SESSION, "secret": SECRET, "channels": list(channels)})
+    with pytest.raises(RemoteProtocolError):
+        feed(server, encode_frame(T_RESUME, 0, payload))
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"session": SESSION, "secret": SECRET, "channels": [True]},
+        {"session": SESSION, "secret": SECRET, "channels": ["2"]},
+        {"session": SESSION, "secret": SECRET, "channels": 2},
+        {"session": SESSION, "secret": SECRET},
+        {"session": SESSION, "secret": SECRET[:-2], "channels": []},
+        {"session": SESSION + "00", "secret": SECRET, "channels": []},
+        {"session": SESSION, "secret": SECRET + "0" * 4096, "channels": []},
+    ],
+)
+def test_malformed_resume_is_the_peers_error(document: dict) -> None:
+    _, server = lost_elsewhere()
+    with pytest.raises(RemoteProtocolError):
+        feed(server, encode_frame(T_RESUME, 0, messages.dump(document)))
+    assert server.state is not State.RESUMING
+
+
+def test_resumed_only_answers_a_resume() -> None:
+    client, _ = lost_elsewhere()
+    with pytest.raises(RemoteProtocolError):
+        feed(client, encode_frame(T_RESUMED, 0, b'{"pid": 7}'))
+    client, server = running()
+    with pytest.raises(LocalProtocolError):
+        server.send(Resumed(7))
+    with pytest.raises(LocalProtocolError, match="only the server"):
+        RexecConnection(Role.CLIENT).send(Resumed(7))
+
+
+def test_hangup_ends_a_running_session() -> None:
+    client, server = running()
+    assert feed(server, client.send(Hangup())) == [Hangup()]
+    assert client.state is server.state is State.DONE
+    # The link serves the next session, as after Exited.
+    assert feed(server, client.send(Exec(REQUEST))) == [Exec(REQUEST)]
+
+
+def test_hangup_only_from_the_client_of_a_running_session() -> None:
+    client, server = lost_elsewhere()
+    with pytest.raises(LocalProtocolError):
+        client.send(Hangup())  # no session to hang up
+    with pytest.raises(RemoteProtocolError):
+        feed(server, encode_frame(T_HANGUP, 0, b"{}"))
+    client, server = running()
+    with pytest.raises(LocalProtocolError):
+        server.send(Hangup())
+    with pytest.raises(RemoteProtocolError, match="Hangup from the server"):
+        feed(client, encode_frame(T_HANGUP, 0, b"{}"))
+
+
+def test_a_lost_exit_status_travels_as_lost() -> None:
+    client, server = running()
+    frame = server.send(Exited(lost=True))
+    assert feed(client, frame) == [Exited(lost=True)]
+    assert b'"lost"' in frame and b'"code"' not in frame and b'"signal"' not in frame
+    assert Exited(lost=True).to_json() == {"lost": True}
+    assert client.state is State.DONE
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"lost": True, "code": 0}, {"lost": True, "signal": signal.SIGKILL}, {"lost": False}, {}],
+)
+def test_an_exit_status_is_lost_or_known_not_both(fields: dict) -> None:
+    with pytest.raises(ValueError):
+        Exited(**fields)
+
+
+@pytest.mark.parametrize(
+    "document",
+    [{"lost": False}, {"lost": "yes"}, {"lost": 1}, {}],
+)
+def test_only_a_true_lost_is_a_lost_status_on_the_wire(document: dict) -> None:
+    client, _ = running()
+    with pytest.raises(RemoteProtocolError):
+        feed(client, encode_frame(T_EXITED, 0, messages.dump(document)))
+
+
+def test_bridged_connection_numbers_round_trip() -> None:
+    client, server = running()
+    channel = FIRST_BRIDGE_CHANNEL + 4
+    assert feed(server, client.send(Open(channel, 29, conn=12))) == [Open(channel, 29, conn=12)]
+    assert feed(client, server.send(Ticket(channel, "ab" * TICKET_BYTES, conn=12))) == [
+        Ticket(channel, "ab" * TICKET_BYTES, conn=12)
+    ]
+    # A new connection is numbered 0 by the client; the server names its own number.
+    assert feed(server, client.send(Open(channel + 1, 29))) == [Open(channel + 1, 29, conn=0)]
+    with pytest.raises(RemoteProtocolError):
+        feed(server, encode_frame(T_OPEN, channel + 2, b'{"fd": 29, "conn": "12"}'))
