@@ -4,8 +4,10 @@
 pair, creates a PKI for both nodes, and starts each side's services with
 their own state directory under /run/offload-lab/NAME.  Every process it
 starts is recorded in the lab's state file before ``up`` waits for it, so
-``down`` can remove everything after a failed ``up`` too.  Services report
-readiness over sd_notify to a socket of the lab, as they would to systemd.
+``down`` can remove everything after a failed ``up`` too.  Each service runs
+under a service manager of its own (offload.lab.manager), which plays
+systemd's part: readiness over sd_notify, passed on to a socket of the lab,
+and the fd store that a daemon finds again after `Lab.restart_service`.
 
 The two sides cannot see each other's private files: each side's mount
 namespace hides the other side's key (pki/NODE/key.pem with all of
@@ -36,6 +38,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +62,12 @@ LAB_PEER_LIMIT = 256
 UDSPROXY_PORT = 7002
 SHIM = Path(__file__).resolve().parent.parent / "_native" / "libudsproxy.so"
 READY_TIMEOUT = 30.0
+#: A service's fd store size, as rexec.service's FileDescriptorStoreMax=.
+STORE_MAX = 4096
+#: Seconds a stopping service has before SIGKILL, as proc.end_pid gives a daemon.
+STOP_TIMEOUT = 3.0
+#: The key of what the lab started for a service: its manager (offload.lab.manager).
+MANAGER_SUFFIX = "-manager"
 QTFS_PORT = 7003
 #: The controllers whose cgroups libvirt on the DPU side makes on the host side (the rootfs's qemu.conf).
 TUNED_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "blkio")
@@ -402,59 +411,90 @@ class Lab:
         )
 
     def start_service(self, key: str, side: LabSide, argv: list[str]) -> int:
-        """Start a daemon in ``side``'s namespace and wait for its READY=1."""
+        """Start a daemon in ``side``'s namespace under a service manager of its own; wait for its READY=1.
+
+        The manager (offload.lab.manager) plays systemd's part: it keeps the
+        daemon's fd store across `restart_service`.  ``key`` names the daemon
+        itself (its pid here, returned); ``KEY-manager`` what the lab started
+        for it, which `down` ends first.
+        """
         self._save(key, [side.role, argv], within="argv")
-        notify_path = self.dir / f"{key}.notify"
+        managed = [
+            *proc.run_module("offload.lab.manager"),
+            *("--notify-socket", str(side.run_dir / f"{key}.notify")),
+            *("--ready-socket", str(self._notify_path(key))),
+            *("--store-max", str(STORE_MAX), "--stop-timeout", f"{STOP_TIMEOUT:g}"),
+            "--",
+            *argv,
+        ]
         log_path = self.dir / f"{key}.log"
-        with contextlib.suppress(FileNotFoundError):
-            notify_path.unlink()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
-            notify.bind(str(notify_path))
+        with self._readiness(key) as notify:
             env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
-            env["NOTIFY_SOCKET"] = str(notify_path)
             with open(log_path, "ab") as log_file:
                 child = proc.spawn(
-                    self.command(side.role, argv),
+                    self.command(side.role, managed),
                     stdin=proc.DEVNULL,
                     stdout=log_file,
                     stderr=proc.STDOUT,
                     env=env,
                     start_new_session=True,
                 )
-            self.record(key, child.pid)
-            deadline = time.monotonic() + READY_TIMEOUT
-            notify.settimeout(0.2)
-            while True:
-                try:
-                    if b"READY=1" in notify.recv(4096):
-                        break
-                except TimeoutError:
-                    pass
-                if child.poll() is not None:
-                    raise LabError(
-                        f"{key} exited with status {child.returncode} before it was ready:\n{tail(log_path, '(no log)')}"
-                    )
-                if time.monotonic() > deadline:
-                    raise LabError(f"{key} was not ready after {READY_TIMEOUT:.0f} s:\n{tail(log_path, '(no log)')}")
+            self.record(_manager_key(key), child.pid)
+            pid = self._await_ready(key, side, notify, child.poll)
         # It runs on after we return; it is ours to end in down(), by pid.
         child.returncode = 0
-        return child.pid
+        return pid
 
     def restart_service(self, key: str, *, crash: bool = False) -> int:
         """Stop a service the lab started and start it again; the new pid.
 
         It stops on SIGTERM, as systemctl would stop it, or with ``crash`` on
         SIGKILL, as a crash or the OOM killer would end it: no cleanup at all.
+        Its manager restarts it (SIGUSR1, SIGUSR2) and keeps its fd store; a
+        service whose manager is gone (the daemon exited) starts afresh.
         """
         role, argv = self._state().get("argv", {}).get(key, (None, None))
         if argv is None:
             raise LabError(f"lab {self.name} has no service {key} to restart")
-        pid = self.pid_of(key)
-        if self._is_ours(pid):
-            if crash:
-                os.kill(pid, signal.SIGKILL)
-            proc.end_pid(pid)  # waits until it is gone (and reaps it if it is our child)
-        return self.start_service(key, self.side(role), argv)
+        manager = self._state()["pids"].get(_manager_key(key))
+        if manager is None or not _running(manager) or not self._is_ours(manager):
+            return self.start_service(key, self.side(role), argv)
+        with self._readiness(key) as notify:
+            os.kill(manager, signal.SIGUSR2 if crash else signal.SIGUSR1)
+            return self._await_ready(key, self.side(role), notify, lambda: None if _running(manager) else -1)
+
+    def _notify_path(self, key: str) -> Path:
+        return self.dir / f"{key}.notify"
+
+    @contextlib.contextmanager
+    def _readiness(self, key: str) -> Iterator[socket.socket]:
+        """The lab's notify socket for ``key``, bound afresh: what it receives is news."""
+        path = self._notify_path(key)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
+            notify.bind(str(path))
+            notify.settimeout(0.2)
+            yield notify
+
+    def _await_ready(self, key: str, side: LabSide, notify: socket.socket, exited: Callable[[], int | None]) -> int:
+        """Wait for the manager's READY=1 and record the daemon's pid (its MAINPID=, numbered here)."""
+        log_path = self.dir / f"{key}.log"
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            try:
+                fields = dict(line.split("=", 1) for line in notify.recv(4096).decode().split("\n") if "=" in line)
+            except TimeoutError:
+                fields = {}
+            if fields.get("READY") == "1" and fields.get("MAINPID", "").isdigit():
+                pid = self.pid_here(side.role, int(fields["MAINPID"]))
+                self.record(key, pid)
+                return pid
+            status = exited()
+            if status is not None:
+                raise LabError(f"{key} exited with status {status} before it was ready:\n{tail(log_path, '(no log)')}")
+            if time.monotonic() > deadline:
+                raise LabError(f"{key} was not ready after {READY_TIMEOUT:.0f} s:\n{tail(log_path, '(no log)')}")
 
     def down(self) -> list[str]:
         removed = []
@@ -466,9 +506,13 @@ class Lab:
             with contextlib.suppress(LabError):
                 inits.add(mountns.init_of(pid))
         namespaces = self._namespace_ids()
-        for key, pid in pids.items():
+        # Managers first: each stops its daemon and flushes its store, as
+        # systemctl stop does (a daemon ended under its manager is a crash).
+        managers = [key for key in pids if key.endswith(MANAGER_SUFFIX)]
+        for key in [*managers, *(key for key in pids if key not in managers)]:
+            pid = pids[key]
             if key not in holders and self._belongs(pid, namespaces):
-                proc.end_pid(pid)
+                proc.end_pid(pid, grace=STOP_TIMEOUT + 2 if key in managers else 3.0)
                 removed.append(f"{key} (pid {pid})")
         # Everything else of the lab (a state file lost in a crash, what the
         # daemons started) is ours too.  The holders go last: their
@@ -533,6 +577,18 @@ class Lab:
     def set_link(self, up: bool) -> None:
         """Cut (or restore) the link between the sides, as a pulled cable would."""
         netlink.set_link(self.dpu.link, up)
+
+
+def _manager_key(key: str) -> str:
+    return f"{key}{MANAGER_SUFFIX}"
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet collected, does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _address(side: LabSide, port: int) -> str:
