@@ -48,6 +48,12 @@ class RexecConfig:
     user_map: tuple[str, ...] = _setting((), "CALLER=REMOTE user mapping (repeatable)", "MAP")
     keepalive: float = _setting(10.0, "seconds without traffic after which a link is lost", "SECONDS")
     kill_grace: float = _setting(2.0, "seconds between SIGTERM and SIGKILL when a session's caller is gone", "SECONDS")
+    resume_window: float = _setting(
+        60.0,
+        "seconds a session whose link was lost (a restart of either rexec_server, a network outage) waits to be"
+        " resumed before its program is ended",
+        "SECONDS",
+    )
     request_timeout: float = _setting(
         REQUEST_TIMEOUT, "seconds a stand-in has to send its request on the agent socket before it is closed", "SECONDS"
     )
@@ -74,6 +80,8 @@ class RexecConfig:
             raise ConfigError(f"request timeout {self.request_timeout} must be positive")
         if self.kill_grace < 0:
             raise ConfigError("kill_grace must not be negative")
+        if self.resume_window < 0:
+            raise ConfigError("resume_window must not be negative")
         if self.max_user_links < 1:
             raise ConfigError(f"max_user_links {self.max_user_links} must be at least 1")
         if not 0 <= self.warm <= 64:

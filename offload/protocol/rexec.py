@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,9 @@ T_RESET = 0x24
 T_OPEN_PTY = 0x26
 T_TICKET = 0x27
 T_ATTACHED = 0x16
+T_RESUME = 0x17
+T_RESUMED = 0x18
+T_HANGUP = 0x19
 
 CONTROL_CHANNEL = 0
 #: Channels at or above this number are bridged connections, allocated by
@@ -61,6 +64,8 @@ MAX_ENV = 1024
 MAX_FD_NUMBER = 1 << 20
 #: A pty ticket: this many random bytes, in hex.
 TICKET_BYTES = 32
+#: A resumable session's name: this many random bytes, in hex (its secret is a ticket's size).
+SESSION_BYTES = 16
 
 #: A finite resource limit is below this (the kernel's RLIM_INFINITY is all ones).
 MAX_RLIMIT = 1 << 63
@@ -271,9 +276,9 @@ class Hello:
             check_ticket(self.attach)
 
 
-def check_ticket(token: str) -> None:
-    if len(token) != 2 * TICKET_BYTES or token.strip("0123456789abcdef"):
-        raise ValueError("a pty ticket is not one this protocol makes")
+def check_ticket(token: str, size: int = TICKET_BYTES) -> None:
+    if len(token) != 2 * size or token.strip("0123456789abcdef"):
+        raise ValueError("a ticket or session name is not one this protocol makes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,11 +288,47 @@ class Exec:
 
 @dataclass(frozen=True, slots=True)
 class Started:
+    """The program runs as ``pid``.  A session that outlives its link is named by ``session``, and resumed
+    on another link by whoever knows ``secret`` (both empty: it ends with its link)."""
+
     pid: int
+    session: str = ""
+    secret: str = ""
 
     def __post_init__(self) -> None:
         if self.pid <= 0:
             raise ValueError(f"pid {self.pid} out of range")
+        if bool(self.session) != bool(self.secret):
+            raise ValueError("a resumable session has both a name and a secret")
+        if self.session:
+            check_ticket(self.session, SESSION_BYTES)
+            check_ticket(self.secret)
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """The client's first word on a new link: carry on session ``session``, whose link was lost.
+
+    ``channels`` are the channels it relays again, from fresh windows: what
+    was on the old link when it broke is lost.
+    """
+
+    session: str
+    secret: str
+    channels: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_ticket(self.session, SESSION_BYTES)
+        check_ticket(self.secret)
+        if len(self.channels) > MAX_FDS or not all(0 < c < FIRST_BRIDGE_CHANNEL for c in self.channels):
+            raise ValueError("resumed channels out of range")
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """The server carries on the session on this link; its program is ``pid``."""
+
+    pid: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,19 +345,26 @@ class Refused:
 
 @dataclass(frozen=True, slots=True)
 class Exited:
-    """Exactly one of ``code`` (normal exit) and ``signal`` (killed) is set."""
+    """Exactly one of ``code`` (normal exit) and ``signal`` (killed) is set, or neither with ``lost``:
+    the program ended while it was no child of the server (after a restart), so how is not known."""
 
     code: int | None = None
     signal: int | None = None
+    lost: bool = False
 
     def __post_init__(self) -> None:
-        if (self.code is None) == (self.signal is None):
+        if self.lost:
+            if self.code is not None or self.signal is not None:
+                raise ValueError("a lost exit status has no code or signal")
+        elif (self.code is None) == (self.signal is None):
             raise ValueError("exactly one of code and signal must be set")
         if self.code is not None and not 0 <= self.code <= 255:
             raise ValueError(f"exit code {self.code} out of range")
 
     def to_json(self) -> dict[str, Any]:
         """As the peer and the stand-in both carry it: the signal by name."""
+        if self.lost:
+            return {"lost": True}
         return {"code": self.code} if self.signal is None else {"signal": messages.signal_name(self.signal)}
 
 
@@ -331,6 +379,14 @@ class Daemonized:
 @dataclass(frozen=True, slots=True)
 class Signal:
     signum: int
+
+
+@dataclass(frozen=True, slots=True)
+class Hangup:
+    """The caller is gone (its stand-in ended without being told the program's end): end the program.
+
+    Said, not left to the link's end: a session outlives its link.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,12 +410,15 @@ class Window:
 class Open:
     """The client accepted a connection on its listener for ``fd``; the server answers with a `Ticket`.
 
-    The server refuses with Reset (``fd`` is not one of the program's
-    bridged listeners).
+    ``conn`` not 0: the server's connection of that number (a `Ticket`
+    named it), whose link was lost, is attached again.  The server refuses
+    with Reset (``fd`` is not one of the program's bridged listeners, or
+    ``conn`` is not one of its connections to it).
     """
 
     channel: int
     fd: int
+    conn: int = 0
 
     def __post_init__(self) -> None:
         if self.channel not in BRIDGE_CHANNELS:
@@ -395,6 +454,8 @@ class Ticket:
 
     channel: int
     token: str
+    #: For a bridged connection: the server's number for its end, by which it is attached again.
+    conn: int = 0
 
     def __post_init__(self) -> None:
         if self.channel not in BRIDGE_CHANNELS:
@@ -433,6 +494,9 @@ Event = (
     | Ticket
     | Attached
     | Reset
+    | Resume
+    | Resumed
+    | Hangup
     | Closed
 )
 
@@ -495,7 +559,15 @@ def _hello(document: dict[str, Any]) -> Hello:
     )
 
 
+def _channel_numbers(values: list[Any]) -> list[int]:
+    if len(values) > MAX_FDS or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise RemoteProtocolError("resume: channels must be at most MAX_FDS numbers")
+    return values
+
+
 def _exited(document: dict[str, Any]) -> Exited:
+    if document.get("lost") is True:
+        return Exited(lost=True)
     if "signal" in document:
         return Exited(signal=messages.signal_number(document["signal"], "exited"))
     return Exited(code=messages.field(document, "code", int, "exited"))
@@ -510,7 +582,20 @@ _control(
 )
 REXEC.declare_keepalive(T_PING, T_PONG)
 _control(T_EXEC, Exec, Role.CLIENT, lambda e: e.request.to_json(), lambda d: Exec(ExecRequest.from_json(d)))
-_object(T_STARTED, Started, Role.SERVER, ("pid", int))
+_object(T_STARTED, Started, Role.SERVER, ("pid", int), ("session", str), ("secret", str))
+_control(
+    T_RESUME,
+    Resume,
+    Role.CLIENT,
+    lambda e: {"session": e.session, "secret": e.secret, "channels": list(e.channels)},
+    lambda d: Resume(
+        messages.field(d, "session", str, "resume")[:64],
+        messages.field(d, "secret", str, "resume")[:128],
+        tuple(_channel_numbers(messages.field(d, "channels", list, "resume"))),
+    ),
+)
+_object(T_RESUMED, Resumed, Role.SERVER, ("pid", int))
+_control(T_HANGUP, Hangup, Role.CLIENT, lambda e: {}, lambda d: Hangup())
 _object(T_REFUSED, Refused, Role.SERVER, ("code", int), ("reason", str))
 _control(T_EXITED, Exited, Role.SERVER, Exited.to_json, _exited)
 _object(T_DAEMONIZED, Daemonized, Role.SERVER, ("code", int), ("pid", int))
@@ -525,9 +610,9 @@ _control(T_ATTACHED, Attached, Role.SERVER, lambda e: {}, lambda d: Attached())
 _channel(T_DATA, Data, None, lambda e: e.data, Data)
 _channel(T_EOF, Eof, None, lambda e: b"", lambda channel, p: Eof(channel))
 _channel(T_WINDOW, Window, None, lambda e: _WINDOW.pack(e.increment), lambda ch, p: Window(ch, *_WINDOW.unpack(p)))
-_object(T_OPEN, Open, Role.CLIENT, ("fd", int))
+_object(T_OPEN, Open, Role.CLIENT, ("fd", int), ("conn", int))
 _object(T_OPEN_PTY, OpenPty, Role.CLIENT, ("index", int))
-_object(T_TICKET, Ticket, Role.SERVER, ("token", str))
+_object(T_TICKET, Ticket, Role.SERVER, ("token", str), ("conn", int))
 _channel(
     T_RESET,
     Reset,
@@ -541,6 +626,7 @@ class State(enum.Enum):
     HELLO = "hello"  # waiting for the peer's Hello
     IDLE = "idle"  # authenticated, no session yet (warm pool)
     STARTING = "starting"  # Exec sent or received
+    RESUMING = "resuming"  # Resume sent or received
     RUNNING = "running"  # the program runs; channels flow
     DONE = "done"  # the session ended
     ATTACHED = "attached"  # a pty's connection: no more rexec frames either way
@@ -562,6 +648,11 @@ class RexecConnection(Connection):
         # before it sends or accepts the next Exec.
         (Role.CLIENT, Exec, State.DONE): State.STARTING,
         (Role.SERVER, Started, State.STARTING): State.RUNNING,
+        # A session whose link was lost goes on on another link, between that link's sessions.
+        (Role.CLIENT, Resume, State.IDLE): State.RESUMING,
+        (Role.CLIENT, Resume, State.DONE): State.RESUMING,
+        (Role.SERVER, Resumed, State.RESUMING): State.RUNNING,
+        (Role.SERVER, Refused, State.RESUMING): State.DONE,
         (Role.SERVER, Refused, State.STARTING): State.DONE,
         # After Started: the program ran, but what the caller asked for after it
         # (following its daemon) was refused; the stand-in reports the reason.
@@ -569,6 +660,7 @@ class RexecConnection(Connection):
         (Role.SERVER, Exited, State.RUNNING): State.DONE,
         (Role.SERVER, Daemonized, State.RUNNING): State.RUNNING,
         (Role.CLIENT, Signal, State.RUNNING): State.RUNNING,
+        (Role.CLIENT, Hangup, State.RUNNING): State.DONE,
         (Role.CLIENT, Signal, State.DONE): State.DONE,
         (Role.SERVER, Attached, State.IDLE): State.ATTACHED,
         # Channel events flow while the program runs.  In DONE they are frames
@@ -627,6 +719,8 @@ class RexecConnection(Connection):
                 raise LocalProtocolError(f"a ticket on channel {event.channel}, which asked for none")
         elif isinstance(event, Exec):
             self._open_request_channels(event.request)
+        elif isinstance(event, Resume):
+            self._open_channels(event.channels)
 
     def _received(self, event: Any) -> Any:
         if isinstance(event, SESSION_EVENTS):
@@ -635,6 +729,8 @@ class RexecConnection(Connection):
             self.state = State.IDLE
         elif isinstance(event, Exec):
             self._open_request_channels(event.request)
+        elif isinstance(event, Resume):
+            self._open_channels(event.channels)
         elif isinstance(event, Signal) and self.state is State.DONE:
             # It crossed our Exited on the wire (a stand-in's signal as the
             # program ended): nothing is left to signal, and the link goes
@@ -660,10 +756,12 @@ class RexecConnection(Connection):
         return event
 
     def _open_request_channels(self, request: ExecRequest) -> None:
-        # Both sides open the request's channels at the same point of the
-        # exchange, so data may flow the moment the program starts.
+        self._open_channels(spec.channel for spec in request.fds if spec.channel)
+
+    def _open_channels(self, channels: Iterable[int]) -> None:
+        # Both sides open the session's channels at the same point of the
+        # exchange, so data may flow the moment the program starts (or resumes).
         self.windows.clear()
         self._closed_channels.clear()
-        for spec in request.fds:
-            if spec.channel:
-                self.open_channel(spec.channel)
+        for channel in channels:
+            self.open_channel(channel)

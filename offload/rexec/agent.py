@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import pwd
@@ -27,7 +28,7 @@ import trio
 from offload import aio, fdpass, ptys, users
 from offload.config import RexecConfig
 from offload.errors import ConfigError, OffloadError, ProtocolError, RefusedError, TransportError
-from offload.fdio import borrow
+from offload.fdio import ByteEnd, borrow
 from offload.net import Address, Transport, first_request, listen_unix, parse_address, serve_listeners
 from offload.protocol import local, messages
 from offload.protocol.framing import CLOSED, NEED_DATA, Frame, FrameDecoder
@@ -42,16 +43,19 @@ from offload.protocol.rexec import (
     Exited,
     FdKind,
     FdSpec,
+    Hangup,
     Open,
     OpenPty,
     Refused,
+    Resume,
+    Resumed,
     Role,
     Signal,
     Started,
     State,
     parse_rlimits,
 )
-from offload.rexec import attached, console, policy
+from offload.rexec import attached, console, keep, policy
 from offload.rexec.link import LinkFailed, SessionLink
 from offload.rexec.pidmap import PidmapDir
 from offload.udsproxy.relay import Relay, run_in_thread
@@ -181,7 +185,11 @@ class AgentSession:
         self.fds: list[int] = []  # received from the stand-in, not yet paired with a spec
         self.accepting_fds = True  # until the request has been read
         self._relayed: dict[int, tuple[FdSpec, int]] = {}  # paired, not yet owned by a relay
+        self.carried: dict[int, tuple[FdSpec, int]] = {}  # channel -> its fd: each link's relays get a copy
         self.link: SessionLink | None = None
+        self.resume: tuple[str, str] | None = None  # (name, secret): how the session is carried on
+        self._relinked = trio.Event()  # set (and replaced) when another link carries the session
+        self._unsent: list[Signal] = []  # signals for a link that was lost, sent on the next
         self.address: Address | None = None
         self.pidmap_pids: list[int] = []
         self.remote_pid = 0
@@ -192,6 +200,10 @@ class AgentSession:
         self.bridged = 0  # connections to the program's bridged listeners being relayed
         self.uid = 0  # the caller's, once known
         self.consoles: console.SessionConsoles | None = None
+        self.caller: Caller | None = None  # an adopted session's; a new one's is SO_PEERCRED's
+        self.keep: keep.Keep | None = None  # what of the session outlives this server
+        self.adopted: keep.Kept | None = None  # what the server before a restart kept, until taken over
+        self._leaving = False  # this server stops: a kept session is left as it is for the next
 
     # -- talking to the stand-in -------------------------------------------------
 
@@ -256,6 +268,62 @@ class AgentSession:
             await self.tell(local.L_LINK_LOST, {"message": f"link to {host} lost"})
         except (ValueError, KeyError, TypeError, OffloadError) as exc:
             await self.refuse(EXIT_FAILURE, f"bad request: {exc}")
+        except trio.Cancelled:
+            self._leaving = True
+            raise
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._cleanup()
+
+    @classmethod
+    def adopt(cls, kept: keep.Kept, pool: PeerPool, config: RexecConfig, pidmaps: PidmapDir) -> AgentSession | None:
+        """A session the server before a restart carried, to carry on (`carry_on`); takes ``kept``'s fds.
+
+        None (its fds closed, the session forgotten) if it cannot be carried on.
+        """
+        facts = kept.facts
+        names = kept.names()  # what the store holds of it, before the fds are taken
+        standin = kept.take("standin").get("")
+        try:
+            if standin is None:
+                raise ValueError("no stand-in connection")
+            caller = Caller(**facts["caller"])
+            address = parse_address(str(facts["address"]))
+            resume = (str(facts["name"]), str(facts["secret"]))
+            specs = {int(c): FdSpec.from_json(spec) for c, spec in facts["channels"].items()}
+            remote_pid, monitors = int(facts["remote_pid"]), {int(fd) for fd in facts["monitors"]}
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
+            log.warning("stand-in session %s: its facts do not read (%s); not carried on", kept.name, exc)
+            if standin is not None:
+                os.close(standin)
+            kept.close()
+            keep.Keep("agent", kept.name, kept=names).forget()
+            return None
+        session = cls(trio.socket.from_stdlib_socket(socket.socket(fileno=standin)), pool, config, pidmaps)
+        session.accepting_fds = False
+        session.caller, session.address, session.resume = caller, address, resume
+        session.remote_pid, session.monitors, session.uid = remote_pid, monitors, caller.uid
+        session.pidmap_pids = [caller.pid]
+        session.keep = keep.Keep("agent", kept.name, kept=names)
+        channels = {int(c): fd for c, fd in kept.take("ch").items()}
+        session.carried = {c: (specs[c], fd) for c, fd in channels.items() if c in specs}
+        for c in channels.keys() - specs.keys():
+            os.close(channels[c])
+        session.adopted = kept
+        log.info("carrying on the session of stand-in %d (remote pid %d)", caller.pid, remote_pid)
+        return session
+
+    async def carry_on(self) -> None:
+        """Run an adopted session: resume it on a new link, then as any other."""
+        assert self.caller is not None
+        try:
+            with self.pidmaps.claim(self.caller.pid), self._holding(self.caller.uid, "session"):
+                await self._follow(self.caller, None)
+        except RefusedError as exc:
+            await self.refuse(exc.exit_code, str(exc))
+        except trio.Cancelled:
+            self._leaving = True
+            raise
         finally:
             with trio.CancelScope(shield=True):
                 await self._cleanup()
@@ -353,14 +421,135 @@ class AgentSession:
         self.remote_pid = reply.pid
         await self._publish_pidmap(caller.pid)
         self.monitors = console.monitor_fds(request.argv)
+        if reply.session:
+            self.resume = (reply.session, reply.secret)
+        await self._follow(caller, link)
+
+    async def _follow(self, caller: Caller, link: SessionLink | None) -> None:
+        """Relay the session until its end is told: on ``link``, then on each that replaces a lost one
+        (an adopted session starts without one)."""
         async with aio.open_nursery() as nursery:
             self.consoles = console.SessionConsoles(caller.pid, nursery, self._relay_pty)
-            for spec, fd in self._relayed.values():
-                self._start_relay(nursery, spec, fd, caller)
+            listeners = {spec.fd: fd for spec, fd in self._relayed.values() if spec.kind is FdKind.LISTENER}
+            self.carried.update((s.channel, (s, fd)) for s, fd in self._relayed.values() if s.channel)
             self._relayed = {}
+            if self.adopted is None:
+                self._keep(caller, listeners)
+            else:
+                listeners = {int(fd): held for fd, held in self.adopted.take("l").items()}
+                self._take_over(self.adopted, nursery, caller)
+            for target_fd, fd in listeners.items():
+                nursery.start_soon(self._bridge_listener, target_fd, fd, nursery, caller)
             nursery.start_soon(self._from_stand_in, nursery, caller)
-            await self._from_peer()
+            lost = link is None
+            while not lost or await self._resumed():
+                lost = await self._attend()
+                if not lost:
+                    break
             nursery.cancel_scope.cancel()
+
+    def _keep(self, caller: Caller, listeners: dict[int, int]) -> None:
+        """Keep what the session needs to outlive this server in the fd store (`offload.rexec.keep`)."""
+        if self.resume is None or self.address is None:
+            return  # daemon mode: it ends with its link
+        self.keep = keep.Keep("agent", self.resume[0])
+        try:
+            started_at = psutil.Process(caller.pid).create_time()
+        except psutil.NoSuchProcess:
+            return
+        self.keep.record(
+            {
+                "name": self.resume[0],
+                "secret": self.resume[1],
+                "pid": caller.pid,
+                "started_at": started_at,
+                "caller": dataclasses.asdict(caller),
+                "address": str(self.address),
+                "remote_pid": self.remote_pid,
+                "monitors": sorted(self.monitors),
+                "channels": {channel: spec.to_json() for channel, (spec, _) in self.carried.items()},
+            }
+        )
+        self.keep.keep("standin", self.sock.fileno())
+        for channel, (_, fd) in self.carried.items():
+            self.keep.keep(f"ch{channel}", fd)
+        for target_fd, fd in listeners.items():
+            self.keep.keep(f"l{target_fd}", fd)
+        if self.consoles is not None:
+            self.consoles.keep = self.keep
+
+    def _take_over(self, adopted: keep.Kept, nursery: trio.Nursery, caller: Caller) -> None:
+        """An adopted session's connections from libvirt and its ptys go on where they were."""
+        assert self.consoles is not None
+        self.consoles.keep = self.keep
+        for host_index, master in adopted.take("p").items():
+            self.consoles.adopt(int(host_index), master)
+        for name, fd in adopted.take("b").items():
+            target_fd, conn = (int(part) for part in name.split("x"))
+            sock = socket.socket(fileno=fd)
+            nursery.start_soon(self._bridge_one_adopted, target_fd, conn, caller, sock)
+        adopted.close()
+        self.adopted = None
+
+    async def _attend(self) -> bool:
+        """Carry the session on ``self.link`` until its end was told (False) or the link was lost (True)."""
+        assert self.link is not None
+        async with aio.open_nursery() as nursery:
+            self.inbound_channels = []
+            for spec, fd in self.carried.values():
+                self._start_relay(nursery, spec, os.dup(fd))
+            for event in self._unsent:
+                await self.link.send(event)
+            self._unsent.clear()
+            lost = await self._from_peer()
+            nursery.cancel_scope.cancel()
+        return lost
+
+    async def _resumed(self) -> bool:
+        """Carry the session on over another link, within the resume window; False (the stand-in told) if not."""
+        assert self.address is not None and self.resume is not None
+        if self.link is not None:
+            await self.link.aclose()
+        host = self.address.display_host
+        log.info(
+            "link to %s lost under remote pid %d; resuming it for up to %.0f s",
+            host,
+            self.remote_pid,
+            self.config.resume_window,
+        )
+        delay = 0.05
+        with trio.move_on_after(self.config.resume_window):
+            while True:
+                link = None
+                try:
+                    link = await self.pool.take(self.address)
+                    await link.send(Resume(*self.resume, tuple(sorted(self.carried))))
+                    reply = await link.control.receive()
+                except (TransportError, ProtocolError, trio.TooSlowError) as exc:
+                    reply = LinkFailed(exc)
+                if isinstance(reply, Resumed):
+                    log.info("session of remote pid %d resumed on a new link to %s", self.remote_pid, host)
+                    self.link = link
+                    self._relinked.set()
+                    self._relinked = trio.Event()
+                    return True
+                if link is not None:
+                    await link.aclose()
+                if isinstance(reply, Refused):
+                    log.warning("session of remote pid %d not resumed: %s", self.remote_pid, reply.reason)
+                    break
+                await trio.sleep(delay)
+                delay = min(2 * delay, 0.5)
+        await self.tell(local.L_LINK_LOST, {"message": f"link to {host} lost"})
+        return False
+
+    async def _carried_on(self, link: SessionLink | None) -> bool:
+        """After ``link`` failed a relay: True once another link carries the session, False if none will."""
+        if self.resume is None or (link is not None and link.alive):
+            return False
+        while self.link is link or self.link is None:
+            await self._relinked.wait()
+        return True
 
     async def _answer_to(self, link: SessionLink, request: ExecRequest) -> object:
         """The peer's answer to our Exec (Started, Refused, or the link's end), however long it takes.
@@ -392,18 +581,24 @@ class AgentSession:
         finally:
             os.close(fd)  # the stand-in's copy holds the lock from here on
 
-    def _start_relay(self, nursery: trio.Nursery, spec: FdSpec, fd: int, caller: Caller) -> None:
+    def _start_relay(self, nursery: trio.Nursery, spec: FdSpec, fd: int) -> None:
         assert self.link is not None
-        if spec.kind is FdKind.LISTENER:
-            nursery.start_soon(self._bridge_listener, spec.fd, fd, nursery, caller)
-            return
         inbound = spec.kind in (FdKind.PIPE_OUT, FdKind.SOCKET)
         outbound = spec.kind in (FdKind.PIPE_IN, FdKind.SOCKET)
         end = borrow(fd, writing=inbound)
         if inbound:
             self.inbound_channels.append(spec.channel)
         self.link.add_channel(spec.channel)
-        nursery.start_soon(partial(self.link.relay, spec.channel, end, inbound=inbound, outbound=outbound))
+        nursery.start_soon(self._relay, self.link, spec.channel, end, inbound, outbound)
+
+    async def _relay(self, link: SessionLink, channel: int, end: ByteEnd, inbound: bool, outbound: bool) -> None:
+        """One channel on ``link``; once both ways ended (not when the link is lost) our fd is let go: the
+        caller's reader sees its end of file only once no copy of ours is left."""
+        with contextlib.suppress(TransportError):
+            await link.relay(channel, end, inbound=inbound, outbound=outbound)
+            if link.alive or link.conn.state is State.DONE:
+                _, fd = self.carried.pop(channel)
+                os.close(fd)
 
     async def _bridge_listener(self, target_fd: int, fd: int, nursery: trio.Nursery, caller: Caller) -> None:
         """Carry each connection accepted on the caller's listener to the remote one.
@@ -433,7 +628,13 @@ class AgentSession:
         sees them (libvirtd runs chrooted).  A monitor's replies name the
         program's ptys: libvirt opens them, so they must be ours.
         """
-        sock = socket.socket(fileno=stream.socket.detach())
+        await self._bridge_held(target_fd, caller, socket.socket(fileno=stream.socket.detach()), 0)
+
+    async def _bridge_one_adopted(self, target_fd: int, conn: int, caller: Caller, sock: socket.socket) -> None:
+        """A connection to the caller's listener the server before a restart relayed as the host's ``conn``."""
+        await self._bridge_held(target_fd, caller, sock, conn)
+
+    async def _bridge_held(self, target_fd: int, caller: Caller, sock: socket.socket, conn: int) -> None:
         name = f"bridged fd {target_fd} of remote pid {self.remote_pid}"
         with self.pool.held(caller.uid) as held:
             if self.bridged >= MAX_BRIDGED or not held:
@@ -442,33 +643,54 @@ class AgentSession:
                 return
             self.bridged += 1
             try:
-                await self._bridge_through(target_fd, caller, sock, name)
+                await self._bridge_through(target_fd, caller, sock, name, conn)
             finally:
                 self.bridged -= 1
 
-    async def _bridge_through(self, target_fd: int, caller: Caller, sock: socket.socket, name: str) -> None:
-        token = await self._ticket(lambda channel: Open(channel, target_fd), name, partial(attached.close_local, sock))
-        if token is None:
-            return
+    async def _bridge_through(self, target_fd: int, caller: Caller, sock: socket.socket, name: str, conn: int) -> None:
+        """Relay ``sock`` (owned) to the program's listener (as the host's connection ``conn``, once it has a
+        number), attached again each time a lost link is replaced."""
         rewrite = None
         if target_fd in self.monitors and self.consoles is not None:
             rewrite = PtyPathRewriter(partial(_from_trio, self.consoles.translate)).feed
-        await self._attach(
-            token,
-            sock,
-            name,
-            delivered_before_exit=True,
-            shared=self.config.shared_path,
-            user=users.local_user(caller.uid, caller.gid),
-            root=fdpass.peer_root(sock),
-            rewrite=rewrite,
-        )
+        try:
+            while True:
+                link = self.link
+                ticket = await self._ticket(partial(Open, fd=target_fd, conn=conn), name)
+                if ticket is not None:
+                    if not conn:
+                        conn = ticket[1]
+                        if self.keep is not None:
+                            self.keep.keep(f"b{target_fd}x{conn}", sock.fileno())
+                    token = ticket[0]
+                    relay = await self._attach(
+                        token,
+                        sock.dup(),
+                        name,
+                        delivered_before_exit=True,
+                        shared=self.config.shared_path,
+                        user=users.local_user(caller.uid, caller.gid),
+                        root=fdpass.peer_root(sock),
+                        rewrite=rewrite,
+                    )
+                    if relay is not None and not relay.link_lost:
+                        return
+                if not await self._carried_on(link):
+                    return
+        finally:
+            if self._leaving:
+                sock.close()  # the store's copy waits for the next server: libvirt must not see an end
+            else:
+                attached.close_local(sock)
+                if self.keep is not None and conn:
+                    self.keep.drop(f"b{target_fd}x{conn}")
 
     async def _relay_pty(self, host_index: int, end: ptys.PtyEnd) -> None:
         """Carry our pty standing for the program's pty ``host_index`` to it, for the session.
 
         The host answers with a ticket, and the pty goes on a connection of
-        its own, relayed by a thread (`offload.rexec.attached`).
+        its own, relayed by a thread (`offload.rexec.attached`); a lost link
+        is replaced by the session's next.
         """
         name = f"pty {host_index} of remote pid {self.remote_pid}"
         with self.pool.held(self.uid) as held:
@@ -476,29 +698,49 @@ class AgentSession:
                 log.warning("%s: over the user's connection limit; not relayed", name)
                 end.close()
                 return
-            token = await self._ticket(lambda channel: OpenPty(channel, host_index), name, end.close)
-            if token is not None:
-                await self._attach(token, end, name)
+            while True:
+                link = self.link
+                ticket = await self._ticket(lambda channel: OpenPty(channel, host_index), name, end.close)
+                if ticket is not None:
+                    relay = await self._attach(ticket[0], end, name)
+                    if relay is not None and not relay.link_lost:
+                        return
+                if not await self._carried_on(link) or self.consoles is None:
+                    return
+                reopened = self.consoles.reopen(host_index)
+                if reopened is None:
+                    return
+                end = reopened
 
     async def _ticket(
-        self, request: Callable[[int], Open | OpenPty], name: str, close: Callable[[], object]
-    ) -> str | None:
-        """Ask the peer for a ticket on a new channel; None (``close`` called) if it refused."""
-        assert self.link is not None
+        self, request: Callable[[int], Open | OpenPty], name: str, close: Callable[[], object] | None = None
+    ) -> tuple[str, int] | None:
+        """Ask the peer for a ticket on a new channel: (token, the peer's number for the connection), or
+        None (``close`` called) if it refused or the link was lost."""
+        while self.link is None:  # an adopted session, not resumed yet
+            await self._relinked.wait()
+        link = self.link
         try:
             channel = next(self.bridge_channels)
-            state = self.link.add_channel(channel)
-            await self.link.send(request(channel))
+            state = link.add_channel(channel)
+            try:
+                await link.send(request(channel))
+            except TransportError:
+                state.reset = True
             while state.ticket is None and not state.reset:
                 await state.changed.wait()
-            self.link.drop_channel(channel)
+            link.drop_channel(channel)
         except BaseException:
-            close()
+            if close is not None:
+                close()
             raise
         if state.ticket is None:
-            close()
-            log.warning("%s: the peer refused it", name)
-        return state.ticket
+            if close is not None:
+                close()
+            if link.alive:
+                log.warning("%s: the peer refused it", name)
+            return None
+        return state.ticket, state.conn
 
     async def _attach(
         self,
@@ -507,8 +749,11 @@ class AgentSession:
         name: str,
         delivered_before_exit: bool = False,
         **options: Any,
-    ) -> None:
-        """Relay ``local`` on the connection ``token`` opens until either ends (`attached.attach`'s ``options``)."""
+    ) -> Relay | None:
+        """Relay ``local`` on the connection ``token`` opens until either ends (`attached.attach`'s ``options``).
+
+        The relay, once it ended; None if the connection could not be made.
+        """
         assert self.address is not None
         try:
             relay = await attached.attach(
@@ -516,34 +761,48 @@ class AgentSession:
             )
         except (TransportError, trio.TooSlowError) as exc:
             log.warning("%s: %s", name, exc or "no answer")
-            return
+            return None
         if delivered_before_exit:
             self.delivering.add(relay)
         try:
             await run_in_thread(relay)
         finally:
             self.delivering.discard(relay)
+        return relay
 
     async def _from_stand_in(self, nursery: trio.Nursery, caller: Caller) -> None:
-        assert self.link is not None
         while True:
             try:
                 message = await self.next_message()
             except OSError:
                 message = None
             if message is None:
-                # The stand-in is gone (killed, perhaps by SIGKILL): closing the
-                # link tells the peer to end the program.  (After Exited it is
-                # just the stand-in exiting as told.)
-                if self.link.conn.state is not State.DONE:
+                # The stand-in is gone (killed, perhaps by SIGKILL): the peer ends the
+                # program.  (After Exited it is just the stand-in exiting as told.)
+                if self.link is None or self.link.conn.state is not State.DONE:
                     log.info("stand-in %d for remote pid %d is gone; ending the session", caller.pid, self.remote_pid)
+                if self.link is not None and self.link.alive and self.link.conn.state is State.RUNNING:
+                    with contextlib.suppress(TransportError):
+                        # Said, not left to the link's end: a session outlives its link.  During
+                        # an outage the peer ends the program once its resume window is over.
+                        await self.link.send(Hangup())
                 nursery.cancel_scope.cancel()
                 return
             type, document = message
             if type == local.L_SIGNAL:
-                await self.link.send(Signal(messages.signal_number(document.get("signal"), "stand-in")))
+                await self._signal(Signal(messages.signal_number(document.get("signal"), "stand-in")))
             elif type == local.L_ADOPT:
                 await self._adopt(int(document.get("pid", 0)), caller)
+
+    async def _signal(self, event: Signal) -> None:
+        """Forward a signal; one for a lost link goes on the link that replaces it."""
+        if self.link is not None and self.link.alive:
+            with contextlib.suppress(TransportError):
+                await self.link.send(event)
+                return
+        if self.resume is None:
+            return  # nothing will carry it: the session ends with its link
+        self._unsent.append(event)
 
     async def _adopt(self, pid: int, caller: Caller) -> None:
         """Daemon mode: the detached stand-in (a child of the first) takes over the pidmap."""
@@ -560,24 +819,28 @@ class AgentSession:
         self.pidmap_pids.clear()
         await self._publish_pidmap(pid)
 
-    async def _from_peer(self) -> None:
+    async def _from_peer(self) -> bool:
+        """Follow the session on its link until its end was told (False) or the link was lost (True)."""
         assert self.link is not None and self.address is not None
         async for event in self.link.control:
             if isinstance(event, Exited):
                 await self._drain_inbound()
                 await self.tell(local.L_EXITED, event.to_json())
-                return
+                return False
             if isinstance(event, Refused):  # the program ran, its daemon was not followed
                 await self._drain_inbound()
                 await self.refuse(event.code, event.reason)
-                return
+                return False
             if isinstance(event, Daemonized):
                 self.remote_pid = event.pid
                 await self._drain_inbound(bridged=False)  # the daemon goes on with them
                 await self.tell(local.L_DAEMONIZED, {"code": event.code, "pid": event.pid})
             elif isinstance(event, LinkFailed | Closed):
+                if self.resume is not None:
+                    return True
                 await self.tell(local.L_LINK_LOST, {"message": f"link to {self.address.display_host} lost"})
-                return
+                return False
+        return False
 
     async def _drain_inbound(self, bridged: bool = True) -> None:
         """Deliver every byte the program wrote before reporting how it ended."""
@@ -595,18 +858,38 @@ class AgentSession:
                 break
 
     async def _cleanup(self) -> None:
+        if self.adopted is not None:
+            self.adopted.close()
+        if self._leaving and self.keep is not None and self.keep.enabled:
+            # Kept for the next server: nothing is said to anyone, no file removed.
+            log.info("session of remote pid %d kept for the next rexec_server", self.remote_pid)
+            self._close_fds()
+            if self.link is not None:
+                await self.link.aclose()
+            return
+        if self.link is not None and self.link.alive and self.link.conn.state is State.RUNNING:
+            # This server stops under a running session: its stand-in reads the end of our
+            # connection as a lost link, so the program must not wait to be resumed.
+            with trio.move_on_after(1), contextlib.suppress(TransportError):
+                await self.link.send(Hangup())
+        self._close_fds()
+        for pid in self.pidmap_pids:
+            self.pidmaps.remove(pid)
+        if self.keep is not None:
+            self.keep.forget()
+        if self.link is not None and not (self.address and self.pool.give_back(self.address, self.link)):
+            await self.link.aclose()
+
+    def _close_fds(self) -> None:
         if self.consoles is not None:
             self.consoles.close()
         for fd in self.fds:
             os.close(fd)
         self.fds = []
-        for _, fd in self._relayed.values():
+        for _, fd in (*self._relayed.values(), *self.carried.values()):
             os.close(fd)
         self._relayed = {}
-        for pid in self.pidmap_pids:
-            self.pidmaps.remove(pid)
-        if self.link is not None and not (self.address and self.pool.give_back(self.address, self.link)):
-            await self.link.aclose()
+        self.carried = {}
         with contextlib.suppress(OSError):
             self.sock.close()
 

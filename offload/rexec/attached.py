@@ -30,11 +30,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import itertools
 import logging
 import secrets
 import socket
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
@@ -43,6 +45,7 @@ from offload.errors import TransportError
 from offload.net import Address, TlsStream, Transport, translate_errors
 from offload.protocol.rexec import NEED_DATA, TICKET_BYTES, Attached, Closed, Hello, RexecConnection, Role
 from offload.rexec.console import MAX_PTYS
+from offload.rexec.keep import Keep
 from offload.udsproxy.relay import Relay, detach, run_in_thread
 
 log = logging.getLogger(__name__)
@@ -57,21 +60,77 @@ MAX_TICKETS = 2 * MAX_PTYS
 TICKET_LIFETIME = 2 * ATTACH_TIMEOUT
 
 
+class Program(Protocol):
+    """A session's program as a grant sees it (`trio.Process`, or one a restarted server adopted)."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def returncode(self) -> int | None: ...
+
+
+class BridgedEnds:
+    """A session's connections to its program's bridged listeners, by number, held across lost links.
+
+    Each relay gets a copy: a relay whose link was lost leaves the
+    connection open for the next (qemu never sees its monitor client go),
+    and the fd store keeps it across a restart of the server (``keep``).
+    """
+
+    def __init__(self, keeping: Keep, held: dict[int, int] | None = None) -> None:
+        self.keep = keeping
+        self._held = {conn: socket.socket(fileno=fd) for conn, fd in (held or {}).items()}
+        self._numbers = itertools.count(max(self._held, default=0) + 1)
+
+    def number(self) -> int:
+        """A number for a new connection."""
+        return next(self._numbers)
+
+    def holds(self, conn: int) -> bool:
+        return conn in self._held
+
+    def open(self, conn: int, path: str) -> socket.socket:
+        """A copy of connection ``conn``, made to ``path`` if it is new; OSError says why not."""
+        held = self._held.get(conn)
+        if held is None:
+            held = _connect(path)
+            self._held[conn] = held
+            self.keep.keep(f"b{conn}", held.fileno())
+        return held.dup()
+
+    def ended(self, conn: int, *, again: bool) -> None:
+        """The relay of ``conn`` ended; unless it may be ``again`` attached, the connection is closed."""
+        held = self._held.get(conn)
+        if held is not None and not again:
+            del self._held[conn]
+            held.close()
+            self.keep.drop(f"b{conn}")
+
+    def close(self) -> None:
+        """Our copies go; the fd store's, if any, stay for the next server."""
+        for held in self._held.values():
+            held.close()
+        self._held.clear()
+
+
 @dataclasses.dataclass(eq=False)
 class Grant:
     """What a ticket opens, for ``peer`` only: pty ``pty`` of the program ``process`` of session
-    ``session``, or a connection to its bridged listener at ``bridge`` (ours), carrying fds as ``user``.
+    ``session``, or connection ``conn`` (of ``ends``) to its bridged listener at ``bridge`` (ours),
+    carrying fds as ``user``.
 
     Only while that program runs: once reaped, its pid may name another process.
     """
 
     session: int
-    process: trio.Process
+    process: Program
     peer: str
     pty: int = -1
     bridge: str = ""
     user: users.RemoteUser | None = None
     shared: tuple[str, ...] = ()
+    conn: int = 0
+    ends: BridgedEnds | None = None
 
     @property
     def what(self) -> str:
@@ -158,13 +217,19 @@ def _open_local(grant: Grant) -> ptys.PtyEnd | socket.socket:
     """The host's end of what ``grant`` opens; OSError says why not."""
     if grant.bridge == "":
         return ptys.PtyEnd(ptys.program_pty_peer(grant.process.pid, grant.pty), console=False)
+    if grant.ends is not None:
+        return grant.ends.open(grant.conn, grant.bridge)
+    return _connect(grant.bridge)
+
+
+def _connect(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     try:
         # Non-blocking: a program that stopped accepting (its backlog full) refuses, it does not stall us.
-        sock.connect(grant.bridge)
+        sock.connect(path)
     except BlockingIOError:
         sock.close()
-        raise OSError(errno.EAGAIN, "the program does not accept connections", grant.bridge) from None
+        raise OSError(errno.EAGAIN, "the program does not accept connections", path) from None
     except BaseException:
         sock.close()
         raise
@@ -228,6 +293,8 @@ async def serve_attach(stream: trio.abc.Stream, peer: str, conn: RexecConnection
         await run_in_thread(relay)
     finally:
         grants.discard(grant.session, relay)
+        if grant.ends is not None:
+            grant.ends.ended(grant.conn, again=relay.link_lost or relay.stopped)
 
 
 async def attach(

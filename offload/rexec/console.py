@@ -22,12 +22,16 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import trio
 
 from offload import ptys
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from offload.rexec.keep import Keep
 
 #: Ptys one session may have (a guest has a few serial ports and consoles).
 MAX_PTYS = 16
@@ -49,8 +53,11 @@ class SessionConsoles:
         self.local: dict[int, int] = {}  # host pty number -> ours
         # A dup of each master, held for the session: our number must not
         # name another session's pty while libvirt may still open it, even
-        # after its relay ended (the host refused it).
-        self._held: list[int] = []
+        # after its relay ended (the host refused it); and a relay that lost its link is
+        # given another end of the same pty.
+        self._held: dict[int, int] = {}
+        #: Where each pty is kept for the next server (`offload.rexec.keep`), once the session may outlive us.
+        self.keep: Keep | None = None
 
     def translate(self, host_index: int) -> int | None:
         """Our pty for host pty ``host_index``, made at its first mention; None if none can be made."""
@@ -82,13 +89,40 @@ class SessionConsoles:
             end.close()
             os.close(held)
             raise
-        self._held.append(held)
+        self._held[host_index] = held
+        if self.keep is not None:
+            self.keep.keep(f"p{host_index}", held)
         self.local[host_index] = index
         log.info("stand-in %d: host pty %d is /dev/pts/%d here", self.stand_in, host_index, index)
         return index
 
+    def adopt(self, host_index: int, held: int) -> None:
+        """Take over our pty for host pty ``host_index`` that the server before a restart made (``held``)."""
+        try:
+            index = ptys.pty_index(held)
+        except OSError as exc:
+            os.close(held)
+            log.error("stand-in %d: the kept pty for host pty %d is no pty: %s", self.stand_in, host_index, exc)
+            return
+        self._held[host_index] = held
+        self.local[host_index] = index
+        end = self.reopen(host_index)
+        if end is not None:
+            self.nursery.start_soon(self.relay, host_index, end)
+
+    def reopen(self, host_index: int) -> ptys.PtyEnd | None:
+        """Another end for the relay of host pty ``host_index`` (its last one lost its link); None if none."""
+        try:
+            end = ptys.PtyEnd(os.dup(self._held[host_index]), console=True)
+        except (KeyError, OSError) as exc:
+            log.error("stand-in %d: pty for host pty %d not relayed again: %s", self.stand_in, host_index, exc)
+            return None
+        # Not a fresh pty: whoever has it open (a console) keeps it open across the relays.
+        end.attached = not ptys.hung_up(end.fd)
+        return end
+
     def close(self) -> None:
-        for fd in self._held:
+        for fd in self._held.values():
             os.close(fd)
         self._held.clear()
 

@@ -6,49 +6,64 @@ program's user, and for every listening socket of the caller a private
 listener of ours to which each bridged connection is delivered.  The
 program runs as the caller's user (mapped), in its own process group, with
 an allowlisted environment and the caller's resource limits (set as that
-user, so never above what the user may have here).  If the caller goes away (the stand-in was
-killed, the link was lost) the program gets SIGTERM and, after a grace
-period, SIGKILL: no orphans on this machine.
+user, so never above what the user may have here).
+
+A session outlives its link (`Execution`): a lost link, or a restart of
+this server, leaves the program running for the peer to resume.  If the
+caller goes away (its stand-in ended: `Hangup`), or nobody resumes the
+session in time, the program gets SIGTERM and, after a grace period,
+SIGKILL: no orphans on this machine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import hmac
 import itertools
 import logging
 import os
+import secrets
+import select
 import signal
 import socket
 import stat
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import psutil
 import trio
 
 from offload import aio, fdpass, proc, ptys, users
 from offload.config import RexecConfig
-from offload.errors import OffloadError, RefusedError, TransportError
-from offload.fdio import ByteEnd, StreamEnd, grow_pipe
+from offload.errors import OffloadError, ProtocolError, RefusedError, TransportError
+from offload.fdio import StreamEnd, grow_pipe
 from offload.net import bind_unix
 from offload.protocol.rexec import (
+    SESSION_BYTES,
+    TICKET_BYTES,
     Closed,
     Daemonized,
     Exec,
     ExecRequest,
     Exited,
     FdKind,
+    Hangup,
     Open,
     OpenPty,
     Refused,
     Reset,
+    Resume,
+    Resumed,
     Signal,
     Started,
     Ticket,
 )
-from offload.rexec import attached, policy
+from offload.rexec import attached, keep, policy
 from offload.rexec.attached import Grant, Grants
 from offload.rexec.link import ChannelState, LinkFailed, SessionLink
 from offload.udsproxy.prefixes import open_beneath
@@ -64,6 +79,9 @@ MAX_PIDFILE = 32
 
 _session_ids = itertools.count(1)
 
+#: A refusal's exit status for the stand-in: the session to resume is not here (any more).
+EXIT_NOT_RESUMED = 255
+
 
 @dataclass
 class ServerState:
@@ -72,41 +90,204 @@ class ServerState:
     config: RexecConfig
     whitelist: policy.Whitelist
     bridges: Path
+    sessions_dir: Path
+    #: Where sessions run: a session outlives the link that started it.
+    nursery: trio.Nursery
     grants: Grants = field(default_factory=Grants)
+    #: Sessions that may be resumed, by name, while their programs are ours.
+    resumable: dict[str, Execution] = field(default_factory=dict)
 
 
 async def serve_session(link: SessionLink, state: ServerState) -> None:
-    """Run the sessions an authenticated link asks for, one after another."""
+    """Run the sessions an authenticated link asks for (or carries on), one after another."""
     while True:
         event = await link.control.receive()
         if isinstance(event, Closed | LinkFailed):
             return  # an idle connection being retired, or a dead one
         if isinstance(event, Signal):
             continue  # sent for the last session as it ended (queued before our Exited went out)
-        if not isinstance(event, Exec):
+        if isinstance(event, Exec):
+            execution = Execution(state, event.request)
+            state.nursery.start_soon(execution.run)
+            await execution.carry(link)
+        elif isinstance(event, Resume):
+            resumed = state.resumable.get(event.session)
+            if resumed is None or not resumed.may_resume(event, link):
+                log.warning("%s asked to resume session %s, which is not here to resume", link.peer, event.session)
+                await link.send(
+                    Refused(EXIT_NOT_RESUMED, f"no session {event.session} to resume on {state.config.node_name}")
+                )
+            elif not await resumed.carry(link, supersede=True):
+                await link.send(Refused(EXIT_NOT_RESUMED, f"session {event.session} has ended"))
+        else:
             raise TransportError(f"expected an exec request from {link.peer}, got {type(event).__name__}")
-        await Execution(link, event.request, state).run()
         if not link.alive:
             return
 
 
+class AdoptedProgram:
+    """The program of a session a restarted server carries on: no child of ours, so how it ends is not known."""
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.ended = False
+
+    @property
+    def returncode(self) -> int | None:
+        """None while it runs; then not None, but not its status."""
+        if not self.ended and select.select([self.pidfd], [], [], 0)[0]:
+            self.ended = True
+        return 0 if self.ended else None
+
+    async def wait(self) -> None:
+        await trio.lowlevel.wait_readable(self.pidfd)
+        self.ended = True
+
+    def send_signal(self, signum: int) -> None:
+        signal.pidfd_send_signal(self.pidfd, signum)
+
+
 class Execution:
-    def __init__(self, link: SessionLink, request: ExecRequest, state: ServerState) -> None:
-        self.link = link
-        self.request = request
+    """One session: its program, and its share of whichever link carries it.
+
+    A session that may be resumed (all but daemon mode's) outlives its
+    link: when the link is lost, the program runs on and the session waits
+    `resume_window` for its peer to carry it on over another
+    (`Resume`), with a fresh share of each channel; its fds are held here
+    (relays get copies) and kept in the fd store (`offload.rexec.keep`),
+    so that a restart of this server does not end it either.
+    """
+
+    def __init__(self, state: ServerState, request: ExecRequest | None) -> None:
         self.state = state
+        self.request = request
         self.config = state.config
         self.node = state.config.node_name
         self.id = next(_session_ids)
-        self.process: trio.Process | None = None
+        self.name = secrets.token_hex(SESSION_BYTES)
+        self.secret = ""  # set once the session may be resumed
+        self.peer = ""  # the node that may resume it (`attached.who`)
+        self.process: trio.Process | AdoptedProgram | None = None
         self.user: policy.RemoteUser | None = None
+        self.program = request.argv[0] if request is not None and request.argv else "?"
         self.started_at = 0.0  # the program's start time, in psutil's clock
         self.daemon_pidfd: int | None = None
-        self.ends: dict[int, tuple[ByteEnd, bool, bool]] = {}  # channel -> (end, inbound, outbound)
+        self.ends: dict[int, tuple[int, bool, bool]] = {}  # channel -> (our fd, inbound, outbound)
         self.bridges: dict[int, str] = {}  # fd -> path of our private listener
-        self.outputs: list[tuple[ChannelState, trio.Event]] = []
+        self.status: int | None = None  # the program's, once it ended (None after: not known)
+        self.ended = trio.Event()
+        self.keep = keep.Keep("rexec", self.name, state.sessions_dir / self.name)
+        self.bridged = attached.BridgedEnds(self.keep)
+        self.link: SessionLink | None = None
+        self._released = trio.Event()
+        self._lost = trio.CancelScope()  # the current link's share ends when cancelled
+        self._links_send, self._links = trio.open_memory_channel[tuple[SessionLink, trio.Event]](0)
+        self._leaving = False  # the server stops: a kept session's program runs on
+
+    @classmethod
+    def adopt(cls, state: ServerState, kept: keep.Kept) -> Execution | None:
+        """A session of the server before a restart, to carry on (`run` waits for it to be resumed).
+
+        Takes ``kept``'s fds; None (they are closed, the session forgotten) if it cannot be carried on.
+        """
+        facts = kept.facts
+        marker = state.sessions_dir / kept.name
+        execution = cls(state, None)
+        try:
+            execution.secret, execution.peer = str(facts["secret"]), str(facts["peer"])
+            execution.user = policy.RemoteUser(**{**facts["user"], "groups": tuple(facts["user"]["groups"])})
+            execution.program = str(facts["program"])
+            execution.started_at = float(facts["started_at"])
+            execution.bridges = {int(fd): str(path) for fd, path in facts["bridges"].items()}
+            directions = {int(c): (bool(i), bool(o)) for c, (i, o) in facts["channels"].items()}
+            pid = int(facts["pid"])
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("session %s: its facts do not read (%s); not carried on", kept.name, exc)
+            pid = 0
+        pidfd = keep.open_pidfd(pid, execution.started_at) if pid else None
+        if pidfd is None:
+            kept.close()
+            keep.Keep("rexec", kept.name, marker, kept.names()).forget()
+            return None
+        execution.name = kept.name
+        execution.process = AdoptedProgram(pid, pidfd)
+        execution.keep = keep.Keep("rexec", kept.name, marker, kept.names())
+        channels = {int(c): fd for c, fd in kept.take("ch").items()}
+        execution.ends = {c: (fd, *directions.get(c, (False, False))) for c, fd in channels.items()}
+        execution.bridged = attached.BridgedEnds(execution.keep, {int(n): fd for n, fd in kept.take("b").items()})
+        kept.close()  # nothing else of a host session is kept
+        state.resumable[execution.name] = execution
+        log.info(
+            "session %d: carrying on session %s of pid %d (%s) for %s",
+            execution.id,
+            kept.name,
+            pid,
+            execution.program,
+            execution.peer,
+        )
+        return execution
+
+    # -- links ---------------------------------------------------------------------
+
+    async def carry(self, link: SessionLink, *, supersede: bool = False) -> bool:
+        """Lend ``link`` to this session until it is done with it; False if the session has ended.
+
+        ``supersede``: the peer resumes the session on ``link``, so the link
+        that carries it now is lost, whether or not this side has noticed.
+        """
+        if supersede:
+            self._lost.cancel()
+        released = trio.Event()
+        try:
+            await self._links_send.send((link, released))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        await released.wait()
+        return True
+
+    def may_resume(self, event: Resume, link: SessionLink) -> bool:
+        return (
+            bool(self.secret)
+            and hmac.compare_digest(event.secret, self.secret)
+            and attached.who(link.peer, link.stream) == self.peer
+        )
+
+    async def _take_link(self) -> None:
+        self._released.set()
+        self.link, self._released = await self._links.receive()
+
+    # -- the session ------------------------------------------------------------------
 
     async def run(self) -> None:
+        """The whole session; never raises (but Cancelled): what ends it is logged."""
+        try:
+            with self._links:
+                if self.process is None and not await self._start():
+                    return
+                async with aio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch_program)
+                    resumed = self.link is not None
+                    while resumed:
+                        if not await self._attend():
+                            break
+                        resumed = await self._await_resume()
+                    nursery.cancel_scope.cancel()
+        except (TransportError, ProtocolError) as exc:
+            log.warning("session %d with %s ended: %s", self.id, self.peer or "the peer", exc)
+        except trio.Cancelled:
+            self._leaving = True
+            raise
+        finally:
+            self.state.resumable.pop(self.name, None)
+            self._released.set()
+            with trio.CancelScope(shield=True):
+                await self._cleanup()
+
+    async def _start(self) -> bool:
+        """Take the first link and start the program; False if it was refused."""
+        await self._take_link()
+        assert self.link is not None and self.request is not None
         request = self.request
         try:
             path = self.state.whitelist.resolve(request.program, self.node)
@@ -115,7 +296,7 @@ class Execution:
         except RefusedError as exc:
             log.warning("session %d from %s: refused %s: %s", self.id, self.link.peer, request.program, exc)
             await self.link.send(Refused(exc.exit_code, str(exc)))
-            return
+            return False
         try:
             with contextlib.ExitStack() as child_ends:
                 plan = await self._plan(path, user, child_ends)
@@ -123,28 +304,52 @@ class Execution:
                     self.process = await proc.start_program(plan)
                 except proc.ExecFailed as exc:
                     raise RefusedError(f"{exc} on {self.node}", exit_code=exc.exit_code) from None
-            self.user = user
-            with contextlib.suppress(psutil.NoSuchProcess):
-                self.started_at = psutil.Process(self.process.pid).create_time()
-            log.info(
-                "session %d from %s: %s runs as pid %d (user %s)",
-                self.id,
-                self.link.peer,
-                path,
-                self.process.pid,
-                user.name,
-            )
-            await self.link.send(Started(self.process.pid))
-            await self._supervise()
         except RefusedError as exc:
             log.warning("session %d from %s: %s", self.id, self.link.peer, exc)
             await self.link.send(Refused(exc.exit_code, str(exc)))
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._cleanup()
+            return False
+        self.user = user
+        self.peer = attached.who(self.link.peer, self.link.stream)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            self.started_at = psutil.Process(self.process.pid).create_time()
+        log.info(
+            "session %d from %s: %s runs as pid %d (user %s)",
+            self.id,
+            self.link.peer,
+            path,
+            self.process.pid,
+            user.name,
+        )
+        if request.daemon_pidfile:
+            await self.link.send(Started(self.process.pid))  # it ends with its link
+            return True
+        self.secret = secrets.token_hex(TICKET_BYTES)
+        self.state.resumable[self.name] = self
+        self._keep(path, user)
+        await self.link.send(Started(self.process.pid, self.name, self.secret))
+        return True
+
+    def _keep(self, path: str, user: policy.RemoteUser) -> None:
+        assert self.process is not None
+        self.keep.record(
+            {
+                "name": self.name,
+                "secret": self.secret,
+                "peer": self.peer,
+                "pid": self.process.pid,
+                "started_at": self.started_at,
+                "user": dataclasses.asdict(user),
+                "program": path,
+                "channels": {channel: [inbound, outbound] for channel, (_, inbound, outbound) in self.ends.items()},
+                "bridges": self.bridges,
+            }
+        )
+        for channel, (fd, _, _) in self.ends.items():
+            self.keep.keep(f"ch{channel}", fd)
 
     async def _plan(self, path: str, user: policy.RemoteUser, child_ends: contextlib.ExitStack) -> proc.ProgramPlan:
         request = self.request
+        assert request is not None
         dups: dict[int, int] = {}
         opens: list[tuple[int, str, int, int]] = []
         for spec in request.fds:
@@ -162,14 +367,14 @@ class Execution:
                 child_ends.callback(os.close, theirs)
                 dups[spec.fd] = theirs
                 outbound = spec.kind is FdKind.PIPE_OUT
-                self.ends[spec.channel] = (StreamEnd.from_fd(ours), not outbound, outbound)
+                self.ends[spec.channel] = (ours, not outbound, outbound)
             elif spec.kind is FdKind.SOCKET:
                 ours_sock, theirs_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 child_ends.callback(theirs_sock.close)
                 dups[spec.fd] = theirs_sock.fileno()
-                self.ends[spec.channel] = (StreamEnd.from_fd(ours_sock.detach()), True, True)
+                self.ends[spec.channel] = (ours_sock.detach(), True, True)
             elif spec.kind is FdKind.LISTENER:
-                bridge = str(self.state.bridges / f"{self.id}-{spec.fd}.sock")
+                bridge = str(self.state.bridges / f"{self.name}-{spec.fd}.sock")
                 # A plain blocking listener: the program accepts on it, not us.
                 listener = bind_unix(bridge, 0o600)
                 child_ends.callback(listener.close)
@@ -195,34 +400,93 @@ class Execution:
             rlimits=rlimits,
         )
 
-    async def _supervise(self) -> None:
+    async def _watch_program(self) -> None:
         assert self.process is not None
+        self.status = await self.process.wait()
+        # Its pid may name another process from now on: no ticket may open anything by it.
+        self.state.grants.revoke_tickets(self.id)
+        self.ended.set()
+
+    async def _attend(self) -> bool:
+        """Carry the session on ``self.link`` until its end is reported (False) or the link is lost (True)."""
+        link = self.link
+        assert link is not None and self.process is not None
         self.state.grants.open_session(self.id)
         async with aio.open_nursery() as nursery:
-            for channel, (end, inbound, outbound) in self.ends.items():
-                done = self._output(channel, outbound)
-                nursery.start_soon(
-                    partial(self.link.relay, channel, end, inbound=inbound, outbound=outbound, outbound_done=done)
-                )
-            self.ends.clear()  # the relays own them now
+            outputs: list[tuple[ChannelState, trio.Event]] = []
+            for channel, (fd, inbound, outbound) in self.ends.items():
+                done = None
+                if outbound:
+                    done = trio.Event()
+                    outputs.append((link.add_channel(channel), done))
+                end = StreamEnd.from_fd(os.dup(fd))
+                nursery.start_soon(self._relay, link, channel, end, inbound, outbound, done)
+            self._lost = lost = trio.CancelScope()
             control = trio.CancelScope()
-            nursery.start_soon(self._control_loop, nursery, control)
-            status = await self.process.wait()
-            # Its pid may name another process from now on: no ticket may open anything by it.
-            self.state.grants.revoke_tickets(self.id)
-            await self._await_output()
-            if not (self.request.daemon_pidfile and status == 0):  # else a daemon goes on with them
-                await self._await_bridged()
-            exited: Exited | Refused = _exited(status)
-            if self.request.daemon_pidfile and status == 0:
-                exited = await self._follow_daemon()
-            log.info("session %d: %s", self.id, _describe_exit(exited))
-            # Once the peer reads our last word it may send the next
-            # session's Exec on this link at once: our control loop must
-            # not be there to swallow it.
-            control.cancel()
-            await self.link.send(exited)
+            nursery.start_soon(self._control_loop, link, nursery, control, lost)
+            with lost:
+                await self.ended.wait()
+                await self._await_output(outputs)
+                daemonized = self.request is not None and self.request.daemon_pidfile and self.status == 0
+                if not daemonized:
+                    await self._await_bridged()  # else a daemon goes on with them
+                exited: Exited | Refused = _exited(self.status)
+                if daemonized:
+                    exited = await self._follow_daemon(link)
+                log.info("session %d: %s", self.id, _describe_exit(exited))
+                # Once the peer reads our last word it may send the next
+                # session's Exec on this link at once: our control loop must
+                # not be there to swallow it.
+                control.cancel()
+                try:
+                    await link.send(exited)
+                except TransportError:
+                    if not self.secret:
+                        raise
+                    lost.cancel()  # told on the next link
             nursery.cancel_scope.cancel()
+        return lost.cancelled_caught
+
+    @contextlib.contextmanager
+    def _link_may_fail(self) -> Iterator[None]:
+        """A send on a lost link ends only the task that sent, when the session may be resumed: the link's
+        loss reaches the control loop as LinkFailed."""
+        try:
+            yield
+        except TransportError:
+            if not self.secret:
+                raise
+
+    async def _relay(
+        self, link: SessionLink, channel: int, end: StreamEnd, inbound: bool, outbound: bool, done: trio.Event | None
+    ) -> None:
+        """One channel on ``link``; once both ways ended (not when the link is lost) our end is let go."""
+        with self._link_may_fail():
+            await link.relay(channel, end, inbound=inbound, outbound=outbound, outbound_done=done)
+            if not link.alive:
+                return
+        fd, _, _ = self.ends.pop(channel)
+        os.close(fd)  # the program reads its end of file only once no copy of ours is left
+        self.keep.drop(f"ch{channel}")
+
+    async def _await_resume(self) -> bool:
+        """Wait for the session to be carried on by another link, within the resume window."""
+        assert self.process is not None
+        log.info(
+            "session %d: link to %s lost; pid %d runs on, waiting %.0f s to be resumed",
+            self.id,
+            self.peer,
+            self.process.pid,
+            self.config.resume_window,
+        )
+        with trio.move_on_after(self.config.resume_window):
+            await self._take_link()
+            assert self.link is not None
+            log.info("session %d: resumed by %s", self.id, self.link.peer)
+            await self.link.send(Resumed(self.process.pid))
+            return True
+        log.warning("session %d: not resumed within %.0f s", self.id, self.config.resume_window)
+        return False
 
     async def _await_bridged(self) -> None:
         """Wait until what the program wrote on bridged connections was sent (each relay's `sent`)."""
@@ -237,22 +501,14 @@ class Execution:
                 )
                 return
 
-    def _output(self, channel: int, outbound: bool) -> trio.Event | None:
-        """For a channel the program writes to: the event set once all it wrote was sent."""
-        if not outbound:
-            return None
-        done = trio.Event()
-        self.outputs.append((self.link.add_channel(channel), done))
-        return done
-
-    async def _await_output(self) -> None:
+    async def _await_output(self, outputs: list[tuple[ChannelState, trio.Event]]) -> None:
         """Wait until what the program wrote (pipes, sockets, bridged connections) was sent, unless it stalls.
 
         A program that writes and exits at once leaves its last bytes in
         our ends; Exited must follow them, and ending the session cancels
         every relay.
         """
-        for output, done in self.outputs:
+        for output, done in outputs:
             while not done.is_set():
                 before = output.read
                 with trio.move_on_after(OUTPUT_LINGER):
@@ -263,23 +519,36 @@ class Execution:
                     )
                     return
 
-    async def _control_loop(self, nursery: trio.Nursery, scope: trio.CancelScope) -> None:
+    async def _control_loop(
+        self, link: SessionLink, nursery: trio.Nursery, scope: trio.CancelScope, lost: trio.CancelScope
+    ) -> None:
         with scope:
-            async for event in self.link.control:
+            async for event in link.control:
                 if isinstance(event, Signal):
-                    self._signal(event.signum)
+                    self._signal(link, event.signum)
                 elif isinstance(event, Open):
-                    nursery.start_soon(self._bridge, event)
+                    nursery.start_soon(self._answer, self._bridge, link, event)
                 elif isinstance(event, OpenPty):
-                    nursery.start_soon(self._pty, event)
+                    nursery.start_soon(self._answer, self._pty, link, event)
+                elif isinstance(event, Hangup):
+                    raise TransportError(f"session {self.id}: the caller is gone (its stand-in ended)")
                 elif isinstance(event, Closed | LinkFailed):
-                    raise TransportError(f"session {self.id}: {_why_gone(event)}")
+                    if not self.secret:
+                        raise TransportError(f"session {self.id}: {_why_gone(event)}")
+                    lost.cancel()
+                    return
 
-    def _signal(self, signum: int) -> None:
+    async def _answer(
+        self, answer: Callable[[SessionLink, Any], Awaitable[None]], link: SessionLink, event: Open | OpenPty
+    ) -> None:
+        with self._link_may_fail():
+            await answer(link, event)
+
+    def _signal(self, link: SessionLink, signum: int) -> None:
         name = signal.Signals(signum).name
         if signum not in policy.FORWARDED_SIGNALS:
             # A stand-in forwards only these; anything else (SIGSTOP, SIGSEGV...) is not a caller's.
-            log.warning("session %d: refused %s from %s: not a forwarded signal", self.id, name, self.link.peer)
+            log.warning("session %d: refused %s from %s: not a forwarded signal", self.id, name, link.peer)
             return
         log.debug("session %d: forwarding %s", self.id, name)
         with contextlib.suppress(ProcessLookupError):
@@ -288,29 +557,37 @@ class Execution:
             elif self.process is not None and self.process.returncode is None:
                 self.process.send_signal(signum)
 
-    async def _bridge(self, event: Open) -> None:
+    async def _bridge(self, link: SessionLink, event: Open) -> None:
         """Answer with a ticket for a connection to the program's bridged listener ``event.fd``.
 
         The connection goes on a connection of its own (`offload.rexec.attached`),
         carrying the fds its programs pass: files re-opened as the program's user.
+        ``event.conn`` names one whose link was lost, attached again.
         """
         assert self.user is not None and self.process is not None
         path = self.bridges.get(event.fd)
+        why = None
         if path is None:
-            log.warning("session %d: refused a bridged connection for fd %d: not a bridged listener", self.id, event.fd)
-            await self._refuse(event.channel, f"fd {event.fd} is not a bridged listener")
+            why = f"fd {event.fd} is not a bridged listener"
+        elif event.conn and not self.bridged.holds(event.conn):
+            why = f"fd {event.fd} has no connection {event.conn}"
+        if why is not None or path is None:
+            log.warning("session %d: refused a bridged connection: %s", self.id, why)
+            await self._refuse(link, event.channel, why or "")
             return
         grant = Grant(
             self.id,
             self.process,
-            attached.who(self.link.peer, self.link.stream),
+            attached.who(link.peer, link.stream),
             bridge=path,
             user=self.user,
             shared=self.config.shared_path,
+            conn=event.conn or self.bridged.number(),
+            ends=self.bridged,
         )
-        await self._grant(event.channel, grant)
+        await self._grant(link, event.channel, grant)
 
-    async def _pty(self, event: OpenPty) -> None:
+    async def _pty(self, link: SessionLink, event: OpenPty) -> None:
         """Answer with a ticket for a pty whose master the program holds (qemu's serial console).
 
         Only the program's own ptys: the peer names a number, and the end
@@ -323,40 +600,41 @@ class Execution:
                 raise PermissionError(errno.ESRCH, "the program has ended")
             os.close(ptys.program_pty_peer(self.process.pid, event.index))
         except OSError as exc:
-            log.warning("session %d: refused pty %d to %s: %s", self.id, event.index, self.link.peer, exc)
-            await self._refuse(event.channel, f"pty {event.index}: {exc.strerror or exc}")
+            log.warning("session %d: refused pty %d to %s: %s", self.id, event.index, link.peer, exc)
+            await self._refuse(link, event.channel, f"pty {event.index}: {exc.strerror or exc}")
             return
-        grant = Grant(self.id, self.process, attached.who(self.link.peer, self.link.stream), pty=event.index)
-        await self._grant(event.channel, grant)
+        grant = Grant(self.id, self.process, attached.who(link.peer, link.stream), pty=event.index)
+        await self._grant(link, event.channel, grant)
 
-    async def _grant(self, channel: int, grant: Grant) -> None:
+    async def _grant(self, link: SessionLink, channel: int, grant: Grant) -> None:
         token = self.state.grants.issue(grant)
         if token is None:
-            log.warning("session %d: refused %s to %s: too many unused tickets", self.id, grant.what, self.link.peer)
-            await self._refuse(channel, f"{grant.what}: too many unused tickets")
+            log.warning("session %d: refused %s to %s: too many unused tickets", self.id, grant.what, link.peer)
+            await self._refuse(link, channel, f"{grant.what}: too many unused tickets")
         else:
-            await self.link.send(Ticket(channel, token))
-            self.link.drop_channel(channel)
+            await link.send(Ticket(channel, token, grant.conn))
+            link.drop_channel(channel)
 
-    async def _refuse(self, channel: int, why: str) -> None:
-        await self.link.send(Reset(channel, why))
-        self.link.drop_channel(channel)
+    async def _refuse(self, link: SessionLink, channel: int, why: str) -> None:
+        await link.send(Reset(channel, why))
+        link.drop_channel(channel)
 
-    async def _follow_daemon(self) -> Exited | Refused:
+    async def _follow_daemon(self, link: SessionLink) -> Exited | Refused:
         """The foreground exited 0: follow the daemon its pidfile names, if the program started it.
 
         Anything else (a pid the program did not start, a pidfile we may not
         read) is refused: the stand-in reports it and no daemon is followed,
         so no signal of the caller's ever reaches that process.
         """
-        assert self.request.daemon_pidfile is not None
+        assert self.request is not None and self.request.daemon_pidfile is not None
+        pidfile = self.request.daemon_pidfile
         try:
-            pid, self.daemon_pidfd = await self._open_daemon(self.request.daemon_pidfile)
+            pid, self.daemon_pidfd = await self._open_daemon(pidfile)
         except RefusedError as exc:
-            log.warning("session %d from %s: no daemon followed: %s", self.id, self.link.peer, exc)
+            log.warning("session %d from %s: no daemon followed: %s", self.id, link.peer, exc)
             return Refused(exc.exit_code, f"no daemon followed on {self.node}: {exc}")
-        log.info("session %d: daemon pid %d from %s", self.id, pid, self.request.daemon_pidfile)
-        await self.link.send(Daemonized(0, pid))
+        log.info("session %d: daemon pid %d from %s", self.id, pid, pidfile)
+        await link.send(Daemonized(0, pid))
         await trio.lowlevel.wait_readable(self.daemon_pidfd)
         # The daemon is not the program, so its status is not the session's.
         return Exited(code=0)
@@ -397,17 +675,33 @@ class Execution:
 
     async def _cleanup(self) -> None:
         self.state.grants.revoke(self.id)
-        if self.process is not None and self.process.returncode is None:
+        running = self.process is not None and self.process.returncode is None
+        if self._leaving and running and self.secret and self.keep.enabled:
+            assert self.process is not None
+            log.info("session %d: pid %d runs on, kept for the next rexec_server", self.id, self.process.pid)
+            self._close_fds()
+            return
+        if self.process is not None and running:
             log.info("session %d: caller gone; ending pid %d", self.id, self.process.pid)
-            await proc.terminate(self.process, self.config.kill_grace)
+            if isinstance(self.process, AdoptedProgram):
+                await trio.to_thread.run_sync(proc.end_pidfd, self.process.pidfd, self.config.kill_grace)
+            else:
+                await proc.terminate(self.process, self.config.kill_grace)
         if self.daemon_pidfd is not None:
             await self._end_daemon()
-        for end, _, _ in self.ends.values():
-            with contextlib.suppress(OSError, trio.ClosedResourceError):
-                await end.aclose()
+        self._close_fds()
+        self.keep.forget()
         for path in self.bridges.values():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+    def _close_fds(self) -> None:
+        for fd, _, _ in self.ends.values():
+            os.close(fd)
+        self.ends.clear()
+        self.bridged.close()
+        if isinstance(self.process, AdoptedProgram):
+            os.close(self.process.pidfd)
 
     async def _end_daemon(self) -> None:
         assert self.daemon_pidfd is not None
@@ -488,7 +782,9 @@ def _why_gone(event: Closed | LinkFailed) -> str:
     return "the caller closed the session (the stand-in is gone)"
 
 
-def _exited(status: int) -> Exited:
+def _exited(status: int | None) -> Exited:
+    if status is None:
+        return Exited(lost=True)
     return Exited(signal=-status) if status < 0 else Exited(code=status & 0xFF)
 
 
@@ -497,6 +793,8 @@ def _describe_exit(event: Exited | Daemonized | Refused) -> str:
         return f"refused: {event.reason}"
     if isinstance(event, Daemonized):
         return f"daemonized as pid {event.pid}"
+    if event.lost:
+        return "ended (how is not known: it was no child of this server after a restart)"
     if event.signal is not None:
         return f"killed by {signal.Signals(event.signal).name}"
     return f"exited with status {event.code}"

@@ -70,8 +70,9 @@ class ChannelState:
     drained: trio.Event = field(default_factory=trio.Event)  # pump_in delivered its last byte
     #: The outbound pump's read of its local source, while it waits.
     reading: trio.CancelScope | None = None
-    #: The answer to Open or OpenPty: the ticket for a connection of its own.
+    #: The answer to Open or OpenPty: the ticket for a connection of its own, and the peer's number for it.
     ticket: str | None = None
+    conn: int = 0
     #: Bytes the outbound pump took from its local source: progress, as a watchdog sees it.
     read: int = 0
 
@@ -222,6 +223,9 @@ class SessionLink:
             self._fail(exc)
         finally:
             self.closed = True
+            # Nothing more arrives: a pump or a ticket waiting on a channel of this link ends.
+            for state in self._channels.values():
+                state.kill()
 
     def _fail(self, exc: Exception) -> None:
         self.failure = exc
@@ -272,9 +276,10 @@ class SessionLink:
             case Window(channel):
                 if channel in self._channels:
                     self._channels[channel].wake()
-            case Ticket(channel, token):
+            case Ticket(channel, token, conn):
                 if channel in self._channels:
                     self._channels[channel].ticket = token
+                    self._channels[channel].conn = conn
                     self._channels[channel].wake()
             case Reset(channel, reason):
                 log.debug("channel %d reset by peer: %s", channel, reason)
@@ -286,6 +291,9 @@ class SessionLink:
                 self._control_send.send_nowait(event)
             case Exec():
                 self._new_session()
+                self._control_send.send_nowait(event)
+            case Closed():
+                self.closed = True  # not alive from now, for whoever reads this first
                 self._control_send.send_nowait(event)
             case _:
                 self._control_send.send_nowait(event)

@@ -6,7 +6,9 @@ agent it serves local stand-ins (``rexec``) on ``<run dir>/rexec.sock`` and
 carries their sessions to the peer over warm links.
 
 Signals: SIGHUP reloads the whitelist (a bad new file keeps the old list);
-SIGTERM and SIGINT stop the server, ending the programs it runs.
+SIGTERM and SIGINT stop the server.  Under a service manager with an fd
+store the programs it runs go on, for the next server to carry on their
+sessions (`offload.rexec.keep`); without one, they are ended.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from offload.config import RexecConfig
 from offload.errors import ConfigError, ProtocolError, TransportError
 from offload.net import Transport, listener_address, parse_address, remote_name, serve_listeners
 from offload.protocol.rexec import Role
-from offload.rexec.agent import PeerPool, serve_stand_ins
+from offload.rexec import keep
+from offload.rexec.agent import AgentSession, PeerPool, serve_stand_ins
 from offload.rexec.attached import serve_attach
-from offload.rexec.executor import ServerState, serve_session
+from offload.rexec.executor import Execution, ServerState, serve_session
 from offload.rexec.link import SessionLink, running
 from offload.rexec.pidmap import PidmapDir
 from offload.rexec.policy import Whitelist, ensure_private_dir
@@ -146,8 +149,11 @@ async def serve(
     os.chmod(run_dir, 0o755)
     lock = _take_singleton_lock(run_dir)
     try:
-        state = ServerState(config, Whitelist.load(config.whitelist), run_dir / "bridges")
-        ensure_private_dir(state.bridges)
+        whitelist = Whitelist.load(config.whitelist)
+        ensure_private_dir(run_dir / "bridges")
+        sessions_dir = run_dir / "sessions"
+        ensure_private_dir(sessions_dir)
+        kept = keep.inherited()
         pidmaps = PidmapDir(run_dir / "pids")
         pidmaps.prepare()
         addresses = [parse_address(text) for text in config.listen]
@@ -155,8 +161,13 @@ async def serve(
         for address in addresses:
             listeners.extend(await transport.listen(address))
         async with aio.open_nursery() as nursery:
+            state = ServerState(config, whitelist, run_dir / "bridges", sessions_dir, nursery)
+            await _carry_on(state, kept)
             await nursery.start(_once_per_process, _reap_orphans)
             pool = PeerPool(transport, config, nursery)
+            for session in kept:
+                if session.role == "agent" and (adopted := AgentSession.adopt(session, pool, config, pidmaps)):
+                    nursery.start_soon(adopted.carry_on)
             agent_socket = await nursery.start(serve_stand_ins, config, pool, pidmaps)
             bound = [listener_address(listener) for listener in listeners]
             nursery.start_soon(
@@ -174,6 +185,16 @@ async def serve(
             nursery.start_soon(_once_per_process, _handle_signals, state, nursery.cancel_scope)
     finally:
         os.close(lock)
+
+
+async def _carry_on(state: ServerState, kept: list[keep.Kept]) -> None:
+    """Carry on the sessions of the server before us that its peers may resume; end the programs of the others."""
+    hosted = [session for session in kept if session.role == "rexec"]
+    adopted = [execution for session in hosted if (execution := Execution.adopt(state, session)) is not None]
+    for execution in adopted:
+        state.nursery.start_soon(execution.run)
+    names = {execution.name for execution in adopted}
+    await trio.to_thread.run_sync(keep.end_unreachable, state.sessions_dir, names, state.config.kill_grace)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -264,6 +264,8 @@ class StandIn:
         if type == local.L_LINK_LOST:
             fail(str(document.get("message", "link lost")))
         if type == local.L_EXITED:
+            if document.get("lost"):
+                fail("the remote program ended while its rexec_server restarted; how is not known")
             if "signal" in document:
                 die_by_signal(signal_number(str(document["signal"])))
             os._exit(int(document["code"]))

@@ -224,7 +224,9 @@ class Relay:
     events tell other threads how far the relay got: `sent`, everything
     the local program wrote went out, with the end of its stream behind
     it; `delivered`, everything the peer sent reached the local program.
-    Both are set when the relay ends, however it ends.
+    Both are set when the relay ends, however it ends.  `link_lost` says
+    that it ended because the link did, before the peer's end of stream: a
+    session that outlives its link attaches the local end again.
     """
 
     def __init__(
@@ -255,6 +257,7 @@ class Relay:
         self.drop_uncarried = drop_uncarried
         self.sent = threading.Event()
         self.delivered = threading.Event()
+        self.link_lost = False
         self._conn = wire.UdsProxyConnection.opened(client)
         link.setblocking(False)
         local.setblocking(False)
@@ -316,6 +319,11 @@ class Relay:
             if not self._closed:
                 self._wake()
 
+    @property
+    def stopped(self) -> bool:
+        """Told to `stop` (its owner ends it), rather than ended by either side."""
+        return self._stopping
+
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
@@ -335,6 +343,7 @@ class Relay:
                 self._linger()
         except (OSError, ProtocolError, ssl.SSLError, UnsupportedFdError) as exc:
             log.warning("%s: connection ended: %s", self.name, exc)
+            self.link_lost = not self._peer_eof and not self._stopping
         finally:
             self._close()
 
@@ -585,8 +594,10 @@ class Relay:
     def _link_down(self, why: str) -> None:
         """The link ended: what arrived is still delivered, nothing more is sent."""
         if not self._peer_eof:
-            # The program here will read an end of file the far program never sent.
+            # Unless its owner attaches it again, the program here will read an end of file the far
+            # program never sent.
             log.warning("%s: the link ended before the far program's end of stream (%s)", self.name, why)
+            self.link_lost = True
         self._send_failed(why)
         self._reading_link = False
         self._unanswered()

@@ -1,0 +1,213 @@
+"""What of a resumable session outlives the rexec_server that holds it: its fds and its facts.
+
+A restart of rexec_server (an upgrade, a crash) must not end the sessions
+it holds, as a restart of libvirtd never ends a guest.  The units let the
+programs live (KillMode=process); what the server holds for each session
+goes into the service manager's fd store (`offload.sd`: systemd's FDSTORE)
+as the session starts and changes, with a memfd of the facts needed to
+carry on.  A restarted server gets them back (`inherited`) and carries the
+sessions on.  Two roles keep sessions:
+
+- ``rexec``, the host's side (`offload.rexec.executor`): its ends of the
+  program's pipes and sockets (``ch<channel>``) and its connections to the
+  program's bridged listeners (``b<conn>``);
+- ``agent``, the DPU's side (`offload.rexec.agent`): the stand-in's
+  connection (``standin``), the fds the stand-in passed (``ch<channel>``,
+  listeners ``l<fd>``), the connections libvirt made to those listeners
+  (``b<fd>x<conn>``) and the ptys standing for the program's
+  (``p<host pty>``).
+
+A session is adopted only while the process whose life bounds it runs
+(the program; the stand-in), that same process and not a successor with
+its pid.  The host's programs are also named in ``<run dir>/sessions/``:
+when the store is gone (the unit was stopped, not restarted) a starting
+server ends the programs nobody can resume any more, instead of leaving
+them running unseen (`end_unreachable`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from offload import proc, sd
+
+log = logging.getLogger(__name__)
+
+ROLES = ("rexec", "agent")
+#: The fd-store names of one session's fds: <role>-<session>-<what>.
+_NAME = re.compile(r"(rexec|agent)-([0-9a-f]{32})-(state|standin|ch[0-9]+|l[0-9]+|b[0-9]+|b[0-9]+x[0-9]+|p[0-9]+)")
+#: The facts of a session are a few hundred bytes; a bigger memfd is not ours.
+MAX_FACTS = 64 << 10
+
+
+class Keep:
+    """One session's part of the fd store; a no-op where there is none (its session then ends with the server).
+
+    ``marker``: a file naming the session's bounding process, for `end_unreachable`.
+    """
+
+    def __init__(self, role: str, name: str, marker: Path | None = None, kept: Iterable[str] = ()) -> None:
+        self.prefix = f"{role}-{name}-"
+        self.name = name
+        self.enabled = sd.store_available()
+        self._marker = marker
+        self._kept: set[str] = set(kept)  # what the store holds of the session
+
+    def record(self, facts: dict[str, Any]) -> None:
+        """Keep the session's facts (with ``pid`` and ``started_at`` of the process that bounds it)."""
+        if not self.enabled:
+            return
+        if self._marker is not None:
+            self._marker.write_text(f"{facts['pid']} {facts['started_at']!r}\n")
+        fd = os.memfd_create(self.prefix + "state", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, json.dumps(facts).encode())
+            self.keep("state", fd)
+        finally:
+            os.close(fd)
+
+    def keep(self, what: str, fd: int) -> None:
+        """Keep ``fd`` (a copy: the caller keeps its own) as ``what`` of the session."""
+        if not self.enabled:
+            return
+        # Not polled: a session drops its fds itself, and a pipe whose writer closed may still hold bytes.
+        if sd.store_fds(self.prefix + what, [fd], poll=False):
+            self._kept.add(what)
+        else:
+            log.warning("session %s: %s not kept in the fd store; a restart will end the session", self.name, what)
+
+    def drop(self, what: str) -> None:
+        if what in self._kept:
+            self._kept.discard(what)
+            sd.remove_fds(self.prefix + what)
+
+    def forget(self) -> None:
+        """The session is over: nothing of it is kept."""
+        for what in list(self._kept):
+            self.drop(what)
+        if self._marker is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._marker.unlink()
+
+
+@dataclass
+class Kept:
+    """A session a restarted server found in the store: its facts, and its fds by what they are."""
+
+    role: str
+    name: str
+    facts: dict[str, Any]
+    fds: dict[str, int] = field(default_factory=dict)
+
+    def names(self) -> list[str]:
+        """What the store holds of the session (`Keep`'s ``kept``)."""
+        return ["state", *self.fds]
+
+    def take(self, prefix: str) -> dict[str, int]:
+        """The fds whose names start with ``prefix``, by the rest of the name; they are the caller's now."""
+        taken = {what[len(prefix) :]: fd for what, fd in self.fds.items() if what.startswith(prefix)}
+        for what in taken:
+            del self.fds[prefix + what]
+        return taken
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def inherited() -> list[Kept]:
+    """The sessions whose fds the service manager passed us at start; anything else it passed is closed
+    and dropped from the store.  Call once, before the server opens anything."""
+    found: dict[tuple[str, str], dict[str, int]] = {}
+    for name, fds in sd.inherited_fds().items():
+        match = _NAME.fullmatch(name)
+        if match is None or len(fds) != 1:
+            log.warning("closing %d inherited fds named %r: not a session's", len(fds), name)
+            for fd in fds:
+                os.close(fd)
+            sd.remove_fds(name)
+            continue
+        found.setdefault((match[1], match[2]), {})[match[3]] = fds[0]
+    sessions = []
+    for (role, session), named in found.items():
+        facts = _facts(role, session, named)
+        if facts is not None:
+            sessions.append(Kept(role, session, facts, named))
+            continue
+        for what, fd in named.items():
+            os.close(fd)
+            sd.remove_fds(f"{role}-{session}-{what}")
+    return sessions
+
+
+def _facts(role: str, session: str, fds: dict[str, int]) -> dict[str, Any] | None:
+    """The facts of a session that may be carried on (its state fd is closed); None if it may not."""
+    state = fds.get("state")
+    if state is None:
+        log.warning("%s session %s: inherited without its facts; its fds are closed", role, session)
+        return None
+    try:
+        facts = json.loads(os.pread(state, MAX_FACTS, 0))
+        if not isinstance(facts, dict) or facts.get("name") != session:
+            raise ValueError("the facts are another session's")
+        pid, started_at = int(facts["pid"]), float(facts["started_at"])
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        log.warning("%s session %s: its facts do not read (%s); its fds are closed", role, session, exc)
+        return None
+    if not runs(pid, started_at):
+        log.info("%s session %s: pid %d ended while no server ran; nothing to carry on", role, session, pid)
+        return None
+    os.close(fds.pop("state"))  # the store keeps its own copy
+    return facts
+
+
+def runs(pid: int, started_at: float) -> bool:
+    """Whether ``pid`` is the process that started at ``started_at`` (psutil's clock), and not a zombie."""
+    try:
+        process = psutil.Process(pid)
+        return process.create_time() == started_at and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def open_pidfd(pid: int, started_at: float) -> int | None:
+    """A pidfd of that process, checked after it was opened (so it names no successor); None if it is gone."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    if not runs(pid, started_at):
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+def end_unreachable(sessions_dir: Path, adopted: set[str], grace: float) -> None:
+    """End the programs of sessions named in ``sessions_dir`` that were not adopted: nobody can resume them."""
+    for marker in sessions_dir.iterdir():
+        if marker.name in adopted:
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            pid_text, started_text = marker.read_text().split()
+            pidfd = open_pidfd(int(pid_text), float(started_text))
+            if pidfd is not None:
+                log.warning(
+                    "pid %s of session %s cannot be resumed (no fd store kept it); ending it", pid_text, marker.name
+                )
+                try:
+                    proc.end_pidfd(pidfd, grace)
+                finally:
+                    os.close(pidfd)
+        with contextlib.suppress(FileNotFoundError):
+            marker.unlink()
