@@ -162,26 +162,6 @@ def test_libvirtd_restart_keeps_the_running_domain(vlab: Lab, virsh: Virsh) -> N
         cleanup(virsh, name)
 
 
-def test_host_rexec_server_restart(vlab: Lab, virsh: Virsh) -> None:
-    """Stopping the host's rexec_server ends the programs it runs (no orphans on the host).
-
-    What the operator sees: running domains on that host shut off (libvirt
-    logs that qemu ended); once rexec_server is back, domains start again.
-    """
-    name = "e2e-srv"
-    try:
-        domain = start_guest(vlab, virsh, name)
-        wait_for_marker(lambda: console_of(vlab, domain))
-        vlab.restart_service("host-rexec")
-        wait_until(lambda: not qemu_processes(name), 15, "qemu ended with its rexec_server")
-        wait_until(lambda: virsh.state(name) == "shut off", 30, "libvirt saw the domain end")
-        proc.run(vlab.command("host", ["truncate", "-s", "0", domain.console_log]))
-        virsh("start", name)
-        wait_for_marker(lambda: console_of(vlab, domain))
-    finally:
-        cleanup(virsh, name)
-
-
 def counted(lab: Lab, domain: Domain) -> int:
     """The guest's last counter value on its console."""
     return guest.ticks(console_of(lab, domain))[-1]
@@ -191,18 +171,23 @@ def counts_past(lab: Lab, domain: Domain, value: int) -> bool:
     return counted(lab, domain) > value
 
 
-def test_a_running_guest_outlives_restarts_of_udsproxyd_and_the_qtfs_server(vlab: Lab, virsh: Virsh) -> None:
-    """Stopped (SIGTERM, as systemctl) or crashed (SIGKILL), udsproxyd on either side and the host's qtfs
-    server come back under a running guest: it goes on counting, libvirt still calls it running, and its
-    monitor still answers.  (rexec_server's restarts are another matter: test_host_rexec_server_restart.)"""
+#: Every daemon of both sides that a guest's management goes through.
+DAEMONS = ("host-rexec", "dpu-rexec", "host-udsproxy", "dpu-udsproxy", "host-qtfs")
+
+
+def test_a_running_guest_outlives_restarts_of_every_daemon(vlab: Lab, virsh: Virsh) -> None:
+    """Stopped (SIGTERM, as systemctl) or crashed (SIGKILL), each daemon of either side comes back under a
+    running guest: it goes on counting, libvirt still calls it running, its monitor still answers, and
+    libvirt still tunes it.  Then `virsh destroy` still ends it, at once, and it starts again."""
     name = "e2e-restarts"
     try:
         domain = start_guest(vlab, virsh, name)
         wait_until(lambda: guest.ticks(console_of(vlab, domain)), 60, "the guest counts")
         qemu = qemu_processes(name)
+        [stand_in] = stand_ins(vlab, name)
         (cpu_group,) = vlab.host_partitions["cpu"].glob(f"qemu-*-{name}.libvirt-qemu")
         shares = 100
-        for service in ("host-udsproxy", "dpu-udsproxy", "host-qtfs"):
+        for service in DAEMONS:
             for crash in (False, True):
                 vlab.restart_service(service, crash=crash)
                 what = f"after {service} {'crashed' if crash else 'stopped'} and came back"
@@ -211,9 +196,19 @@ def test_a_running_guest_outlives_restarts_of_udsproxyd_and_the_qtfs_server(vlab
                 status = virsh("qemu-monitor-command", "--pretty", name, '{"execute":"query-status"}')
                 assert '"running": true' in status, what
                 assert qemu_processes(name) == qemu, what  # the same qemu, never restarted
+                assert stand_ins(vlab, name) == [stand_in], what  # libvirt's view of it: the same stand-in
                 # And libvirt still tunes it: through qtfs, into the host's cgroup.
                 shares += 1
                 virsh("schedinfo", name, "--live", "--set", f"cpu_shares={shares}")
                 assert (cpu_group / "cpu.shares").read_text().strip() == str(shares), what
+        # The signal path goes on too: libvirt ends the guest through its stand-in.
+        started = time.monotonic()
+        virsh("destroy", name)
+        wait_until(lambda: not qemu_processes(name), 15, "qemu ended by virsh destroy")
+        assert time.monotonic() - started < 10  # at once, not after a resume window
+        assert virsh.state(name) == "shut off"
+        proc.run(vlab.command("host", ["truncate", "-s", "0", domain.console_log]))
+        virsh("start", name)
+        wait_for_marker(lambda: console_of(vlab, domain))
     finally:
         cleanup(virsh, name)

@@ -81,6 +81,8 @@ class PeerPool:
         self.nursery = nursery
         self._idle: dict[Address, collections.deque[SessionLink]] = collections.defaultdict(collections.deque)
         self._filling: set[Address] = set()
+        #: The server stops (SIGTERM): sessions kept in the fd store are left as they are.
+        self.stopping = False
         #: Connections to peers each unprivileged uid holds through its sessions: the peers'
         #: budget (max_peer_connections) is shared with libvirt's, which runs as root.
         self._held: collections.Counter[int] = collections.Counter()
@@ -203,7 +205,6 @@ class AgentSession:
         self.caller: Caller | None = None  # an adopted session's; a new one's is SO_PEERCRED's
         self.keep: keep.Keep | None = None  # what of the session outlives this server
         self.adopted: keep.Kept | None = None  # what the server before a restart kept, until taken over
-        self._leaving = False  # this server stops: a kept session is left as it is for the next
 
     # -- talking to the stand-in -------------------------------------------------
 
@@ -268,9 +269,6 @@ class AgentSession:
             await self.tell(local.L_LINK_LOST, {"message": f"link to {host} lost"})
         except (ValueError, KeyError, TypeError, OffloadError) as exc:
             await self.refuse(EXIT_FAILURE, f"bad request: {exc}")
-        except trio.Cancelled:
-            self._leaving = True
-            raise
         finally:
             with trio.CancelScope(shield=True):
                 await self._cleanup()
@@ -321,9 +319,6 @@ class AgentSession:
                 await self._follow(self.caller, None)
         except RefusedError as exc:
             await self.refuse(exc.exit_code, str(exc))
-        except trio.Cancelled:
-            self._leaving = True
-            raise
         finally:
             with trio.CancelScope(shield=True):
                 await self._cleanup()
@@ -468,13 +463,13 @@ class AgentSession:
                 "remote_pid": self.remote_pid,
                 "monitors": sorted(self.monitors),
                 "channels": {channel: spec.to_json() for channel, (spec, _) in self.carried.items()},
-            }
+            },
+            {
+                "standin": self.sock.fileno(),
+                **{f"ch{channel}": fd for channel, (_, fd) in self.carried.items()},
+                **{f"l{target_fd}": fd for target_fd, fd in listeners.items()},
+            },
         )
-        self.keep.keep("standin", self.sock.fileno())
-        for channel, (_, fd) in self.carried.items():
-            self.keep.keep(f"ch{channel}", fd)
-        for target_fd, fd in listeners.items():
-            self.keep.keep(f"l{target_fd}", fd)
         if self.consoles is not None:
             self.consoles.keep = self.keep
 
@@ -678,7 +673,7 @@ class AgentSession:
                 if not await self._carried_on(link):
                     return
         finally:
-            if self._leaving:
+            if self._leaving():
                 sock.close()  # the store's copy waits for the next server: libvirt must not see an end
             else:
                 attached.close_local(sock)
@@ -860,7 +855,7 @@ class AgentSession:
     async def _cleanup(self) -> None:
         if self.adopted is not None:
             self.adopted.close()
-        if self._leaving and self.keep is not None and self.keep.enabled:
+        if self._leaving():
             # Kept for the next server: nothing is said to anyone, no file removed.
             log.info("session of remote pid %d kept for the next rexec_server", self.remote_pid)
             self._close_fds()
@@ -879,6 +874,10 @@ class AgentSession:
             self.keep.forget()
         if self.link is not None and not (self.address and self.pool.give_back(self.address, self.link)):
             await self.link.aclose()
+
+    def _leaving(self) -> bool:
+        """This server stops under a session it keeps for the next: it is left as it is."""
+        return self.pool.stopping and self.keep is not None and self.keep.enabled
 
     def _close_fds(self) -> None:
         if self.consoles is not None:

@@ -96,6 +96,8 @@ class ServerState:
     grants: Grants = field(default_factory=Grants)
     #: Sessions that may be resumed, by name, while their programs are ours.
     resumable: dict[str, Execution] = field(default_factory=dict)
+    #: The server stops (SIGTERM): a session kept in the fd store leaves its program running.
+    stopping: bool = False
 
 
 async def serve_session(link: SessionLink, state: ServerState) -> None:
@@ -183,7 +185,6 @@ class Execution:
         self._released = trio.Event()
         self._lost = trio.CancelScope()  # the current link's share ends when cancelled
         self._links_send, self._links = trio.open_memory_channel[tuple[SessionLink, trio.Event]](0)
-        self._leaving = False  # the server stops: a kept session's program runs on
 
     @classmethod
     def adopt(cls, state: ServerState, kept: keep.Kept) -> Execution | None:
@@ -267,17 +268,13 @@ class Execution:
                     return
                 async with aio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_program)
-                    resumed = self.link is not None
-                    while resumed:
-                        if not await self._attend():
-                            break
-                        resumed = await self._await_resume()
+                    # An adopted session starts without a link: its peer resumes it first.
+                    carried = self.link is not None or await self._await_resume()
+                    while carried and await self._attend():
+                        carried = await self._await_resume()
                     nursery.cancel_scope.cancel()
         except (TransportError, ProtocolError) as exc:
             log.warning("session %d with %s ended: %s", self.id, self.peer or "the peer", exc)
-        except trio.Cancelled:
-            self._leaving = True
-            raise
         finally:
             self.state.resumable.pop(self.name, None)
             self._released.set()
@@ -342,10 +339,9 @@ class Execution:
                 "program": path,
                 "channels": {channel: [inbound, outbound] for channel, (_, inbound, outbound) in self.ends.items()},
                 "bridges": self.bridges,
-            }
+            },
+            {f"ch{channel}": fd for channel, (fd, _, _) in self.ends.items()},
         )
-        for channel, (fd, _, _) in self.ends.items():
-            self.keep.keep(f"ch{channel}", fd)
 
     async def _plan(self, path: str, user: policy.RemoteUser, child_ends: contextlib.ExitStack) -> proc.ProgramPlan:
         request = self.request
@@ -676,7 +672,7 @@ class Execution:
     async def _cleanup(self) -> None:
         self.state.grants.revoke(self.id)
         running = self.process is not None and self.process.returncode is None
-        if self._leaving and running and self.secret and self.keep.enabled:
+        if self.state.stopping and running and self.secret and self.keep.enabled:
             assert self.process is not None
             log.info("session %d: pid %d runs on, kept for the next rexec_server", self.id, self.process.pid)
             self._close_fds()

@@ -28,6 +28,7 @@ them running unseen (`end_unreachable`).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -63,18 +64,36 @@ class Keep:
         self._marker = marker
         self._kept: set[str] = set(kept)  # what the store holds of the session
 
-    def record(self, facts: dict[str, Any]) -> None:
-        """Keep the session's facts (with ``pid`` and ``started_at`` of the process that bounds it)."""
+    def record(self, facts: dict[str, Any], fds: dict[str, int]) -> None:
+        """Keep the session's facts (with ``pid`` and ``started_at`` of the process that bounds it) and its
+        first ``fds`` (copies: the caller keeps its own).
+
+        The store keeps an open file once however often it is given (the
+        stand-in's stdout and stderr are one pipe): each is kept under its
+        first name, and the facts say which names are the same file.
+        """
         if not self.enabled:
             return
         if self._marker is not None:
             self._marker.write_text(f"{facts['pid']} {facts['started_at']!r}\n")
-        fd = os.memfd_create(self.prefix + "state", os.MFD_CLOEXEC)
+        first: dict[tuple[int, int, int], str] = {}
+        same: dict[str, str] = {}
+        for what, fd in fds.items():
+            st = os.fstat(fd)
+            identity = (st.st_dev, st.st_ino, fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE)
+            if identity in first:
+                same[what] = first[identity]
+            else:
+                first[identity] = what
+        state = os.memfd_create(self.prefix + "state", os.MFD_CLOEXEC)
         try:
-            os.write(fd, json.dumps(facts).encode())
-            self.keep("state", fd)
+            os.write(state, json.dumps({**facts, "same": same}).encode())
+            self.keep("state", state)
         finally:
-            os.close(fd)
+            os.close(state)
+        for what, fd in fds.items():
+            if what not in same:
+                self.keep(what, fd)
 
     def keep(self, what: str, fd: int) -> None:
         """Keep ``fd`` (a copy: the caller keeps its own) as ``what`` of the session."""
@@ -169,6 +188,9 @@ def _facts(role: str, session: str, fds: dict[str, int]) -> dict[str, Any] | Non
         log.info("%s session %s: pid %d ended while no server ran; nothing to carry on", role, session, pid)
         return None
     os.close(fds.pop("state"))  # the store keeps its own copy
+    for what, kept_as in dict(facts.get("same") or {}).items():
+        if _NAME.fullmatch(f"{role}-{session}-{what}") and kept_as in fds and what not in fds:
+            fds[what] = os.dup(fds[kept_as])
     return facts
 
 

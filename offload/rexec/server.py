@@ -118,7 +118,7 @@ async def _reap_orphans(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS
 
 
 async def _handle_signals(
-    state: ServerState, cancel: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    state: ServerState, stop: Callable[[], None], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         task_status.started()
@@ -136,7 +136,7 @@ async def _handle_signals(
             else:
                 log.info("stopping on %s", signal.Signals(signum).name)
                 sd.notify("STOPPING=1")
-                cancel.cancel()
+                stop()
                 return
 
 
@@ -182,7 +182,13 @@ async def serve(
                 "" if transport.tls else " (INSECURE: no authentication)",
             )
             task_status.started(bound)
-            nursery.start_soon(_once_per_process, _handle_signals, state, nursery.cancel_scope)
+
+            def stop() -> None:
+                # Sessions that outlive this server are told apart from those a caller ended.
+                state.stopping = pool.stopping = True
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(_once_per_process, _handle_signals, state, stop)
     finally:
         os.close(lock)
 
