@@ -1,4 +1,4 @@
-"""offload: the umbrella command (pki, lab; later issues add theirs)."""
+"""offload: the umbrella command (pki, lab, rootfs, prepare/teardown/status, guests)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="replace existing node certificates")
     init.set_defaults(handler=_pki_init, identities=None)
 
-    for package in ("lab", "rootfs_builder", "mounts"):
+    for package in ("lab", "rootfs_builder", "mounts", "rexec"):
         importlib.import_module(f"offload.{package}.cli").add_commands(commands)
     return parser
 

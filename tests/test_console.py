@@ -50,6 +50,7 @@ from offload.protocol.rexec import (
     Exited,
     FdKind,
     FdSpec,
+    Hangup,
     Hello,
     OpenPty,
     Reset,
@@ -317,6 +318,24 @@ def test_console_after_libvirtd_restart(clab: Lab, virsh: Virsh) -> None:
     assert [p.pid for p in qemu_processes(DOMAIN)] == [qemu.pid]
 
 
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_an_open_console_outlives_restarts_of_both_rexec_servers(clab: Lab, virsh: Virsh) -> None:
+    """A console stays open while rexec_server restarts under it, on either side, stopped or crashed:
+    the pty relays attach again, and output and keystrokes go on through the same console."""
+    [qemu] = qemu_processes(DOMAIN)
+    with client(clab) as console:
+        assert console("open") == "opened"
+        round_trip(console)
+        for service in ("host-rexec", "dpu-rexec"):
+            for crash in (False, True):
+                clab.restart_service(service, crash=crash)
+                round_trip(console)
+                assert virsh.state(DOMAIN) == "running", service
+        assert console("close") == "closed"
+    assert [p.pid for p in qemu_processes(DOMAIN)] == [qemu.pid]
+
+
 # -- the host's rule: only its own program's ptys -------------------------------------------
 
 #: The program the DPU runs: it makes a pty, says its number, and reports what arrives on it.
@@ -455,7 +474,8 @@ async def test_the_dpu_gets_only_its_programs_ptys(server_tree: Path, nursery: t
         # Used once: the same ticket again opens nothing.
         again = await RawPeer.connect(server_tree, attach=ticket)
         assert await again.refused()
-        # The session ends: its unused ticket opens nothing either.
+        # The session ends (its caller is gone): its unused ticket opens nothing either.
+        await session.stream.send_all(session.conn.send(Hangup()))
         await session.stream.aclose()
         await trio.sleep(0.5)
         late = await RawPeer.connect(server_tree, attach=unused)

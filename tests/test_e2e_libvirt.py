@@ -212,3 +212,33 @@ def test_a_running_guest_outlives_restarts_of_every_daemon(vlab: Lab, virsh: Vir
         wait_for_marker(lambda: console_of(vlab, domain))
     finally:
         cleanup(virsh, name)
+
+
+def test_guests_stop_ends_the_guests_and_libvirt_sees_them_shut_off(vlab: Lab, virsh: Virsh) -> None:
+    """What rexec-guests.service does at the host's shutdown: `offload guests stop` ends the programs
+    rexec_server keeps, while it runs; libvirt on the DPU sees the guest shut off (not a lost link)."""
+    name = "e2e-guests"
+    try:
+        domain = start_guest(vlab, virsh, name)
+        wait_for_marker(lambda: console_of(vlab, domain))
+        run_dir = str(vlab.host.run_dir)
+        listed = proc.run(
+            vlab.command("host", [*proc.run_module("offload.cli"), "guests", "list", "--run-dir", run_dir])
+        )
+        [qemu] = qemu_processes(name)
+        assert f"pid {qemu.pid} running" in listed.stdout, listed.stdout
+        stopped = proc.run(
+            vlab.command("host", [*proc.run_module("offload.cli"), "guests", "stop", "--run-dir", run_dir])
+        )
+        assert f"pid {qemu.pid} " in stopped.stdout and "ended on SIGTERM" in stopped.stdout, stopped.stdout
+        assert not qemu_processes(name)
+        wait_until(lambda: virsh.state(name) == "shut off", 15, "libvirt saw the guest end")
+        wait_until(lambda: not stand_ins(vlab, name), 15, "the stand-in exited")
+        assert (
+            "no sessions kept"
+            in proc.run(
+                vlab.command("host", [*proc.run_module("offload.cli"), "guests", "list", "--run-dir", run_dir])
+            ).stdout
+        )
+    finally:
+        cleanup(virsh, name)

@@ -110,7 +110,7 @@ async def serve_session(link: SessionLink, state: ServerState) -> None:
             continue  # sent for the last session as it ended (queued before our Exited went out)
         if isinstance(event, Exec):
             execution = Execution(state, event.request)
-            state.nursery.start_soon(execution.run)
+            state.nursery.start_soon(aio.guarded, log, f"session {execution.id}", execution.run)
             await execution.carry(link)
         elif isinstance(event, Resume):
             resumed = state.resumable.get(event.session)
@@ -296,7 +296,10 @@ class Execution:
             return False
         try:
             with contextlib.ExitStack() as child_ends:
-                plan = await self._plan(path, user, child_ends)
+                try:
+                    plan = await self._plan(path, user, child_ends)
+                except OSError as exc:
+                    raise RefusedError(f"cannot set up {path}'s fds on {self.node}: {exc}") from None
                 try:
                     self.process = await proc.start_program(plan)
                 except proc.ExecFailed as exc:
@@ -370,7 +373,9 @@ class Execution:
                 dups[spec.fd] = theirs_sock.fileno()
                 self.ends[spec.channel] = (ours_sock.detach(), True, True)
             elif spec.kind is FdKind.LISTENER:
-                bridge = str(self.state.bridges / f"{self.name}-{spec.fd}.sock")
+                # Named by the session, not by a counter of this process: a restarted server's
+                # sessions must not take the paths of those it carries on.
+                bridge = str(self.state.bridges / f"{self.name[:16]}-{spec.fd}.sock")
                 # A plain blocking listener: the program accepts on it, not us.
                 listener = bind_unix(bridge, 0o600)
                 child_ends.callback(listener.close)

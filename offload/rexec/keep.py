@@ -33,6 +33,9 @@ import json
 import logging
 import os
 import re
+import select
+import signal
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,3 +236,51 @@ def end_unreachable(sessions_dir: Path, adopted: set[str], grace: float) -> None
                     os.close(pidfd)
         with contextlib.suppress(FileNotFoundError):
             marker.unlink()
+
+
+def end_programs(sessions_dir: Path, timeout: float) -> list[str]:
+    """End the programs of every session named in ``sessions_dir``: SIGTERM to all, SIGKILL to those left
+    after ``timeout``; a line for each.  Their server, if it runs, tells the peer how each ended."""
+    running: dict[str, tuple[int, int]] = {}
+    for marker in sorted(sessions_dir.iterdir()):
+        with contextlib.suppress(OSError, ValueError):
+            pid_text, started_text = marker.read_text().split()
+            pidfd = open_pidfd(int(pid_text), float(started_text))
+            if pidfd is not None:
+                running[marker.name] = (int(pid_text), pidfd)
+    lines = []
+    try:
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            for _, pidfd in running.values():
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signum)
+            deadline = time.monotonic() + timeout
+            poller = select.poll()
+            for _, pidfd in running.values():
+                poller.register(pidfd, select.POLLIN)
+            left = {pidfd for _, pidfd in running.values()}
+            while left and (wait := deadline - time.monotonic()) > 0:
+                left -= {fd for fd, _ in poller.poll(wait * 1000)}
+            for session, (pid, pidfd) in list(running.items()):
+                if pidfd not in left:
+                    lines.append(f"pid {pid} (session {session}) ended on {signal.Signals(signum).name}")
+                    os.close(pidfd)
+                    del running[session]
+            if not running:
+                break
+        lines.extend(f"pid {pid} (session {session}) did not end" for session, (pid, _) in running.items())
+    finally:
+        for _, pidfd in running.values():
+            os.close(pidfd)
+    return lines or ["no programs were running"]
+
+
+def programs(sessions_dir: Path) -> list[str]:
+    """A line for each session named in ``sessions_dir``: its program's pid, and whether it runs."""
+    lines = []
+    for marker in sorted(sessions_dir.iterdir()) if sessions_dir.is_dir() else ():
+        with contextlib.suppress(OSError, ValueError):
+            pid_text, started_text = marker.read_text().split()
+            state = "running" if runs(int(pid_text), float(started_text)) else "gone"
+            lines.append(f"session {marker.name}: pid {pid_text} {state}")
+    return lines or [f"no sessions kept in {sessions_dir}"]

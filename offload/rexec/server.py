@@ -167,7 +167,7 @@ async def serve(
             pool = PeerPool(transport, config, nursery)
             for session in kept:
                 if session.role == "agent" and (adopted := AgentSession.adopt(session, pool, config, pidmaps)):
-                    nursery.start_soon(adopted.carry_on)
+                    nursery.start_soon(aio.guarded, log, "a stand-in's session", adopted.carry_on)
             agent_socket = await nursery.start(serve_stand_ins, config, pool, pidmaps)
             bound = [listener_address(listener) for listener in listeners]
             nursery.start_soon(
@@ -198,7 +198,7 @@ async def _carry_on(state: ServerState, kept: list[keep.Kept]) -> None:
     hosted = [session for session in kept if session.role == "rexec"]
     adopted = [execution for session in hosted if (execution := Execution.adopt(state, session)) is not None]
     for execution in adopted:
-        state.nursery.start_soon(execution.run)
+        state.nursery.start_soon(aio.guarded, log, f"session {execution.id}", execution.run)
     names = {execution.name for execution in adopted}
     await trio.to_thread.run_sync(keep.end_unreachable, state.sessions_dir, names, state.config.kill_grace)
 
