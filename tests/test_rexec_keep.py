@@ -158,24 +158,39 @@ class Inheritor:
         assert self.child.wait(DEADLINE) == 0
 
 
-def test_recorded_facts_are_what_a_restarted_server_reads(
+def test_recorded_facts_and_fds_are_what_a_restarted_server_gets(
     manager: socket.socket, sleeper: subprocess.Popen, tmp_path: Path
 ) -> None:
+    """Facts read back as recorded; each fd is the same file, one given under two names (a stand-in's
+    stdout and stderr, one pipe) kept once and found under both."""
     facts = facts_of(KEPT, sleeper.pid, started_at(sleeper.pid))
     marker = tmp_path / KEPT
-    keep.Keep("rexec", KEPT, marker).record(facts)
-    # The program is named for a server that finds no store (end_unreachable).
-    assert marker.read_text().split() == [str(sleeper.pid), repr(facts["started_at"])]
-    message, fds = receive(manager)
-    assert (message, len(fds)) == (f"FDSTORE=1\nFDNAME=rexec-{KEPT}-state", 1)
+    output, other = os.pipe(), os.pipe()
     try:
-        inheritor = Inheritor(fds, [f"rexec-{KEPT}-state"])
+        keep.Keep("rexec", KEPT, marker).record(facts, {"ch1": output[1], "ch2": output[1], "ch3": other[1]})
+        # The program is named for a server that finds no store (end_unreachable).
+        assert marker.read_text().split() == [str(sleeper.pid), repr(facts["started_at"])]
+        stored = [receive(manager) for _ in range(3)]
+        assert [(message, len(fds)) for message, fds in stored] == [
+            (f"FDSTORE=1\nFDNAME=rexec-{KEPT}-{what}\nFDPOLL=0", 1) for what in ("state", "ch1", "ch3")
+        ]
+        fds = [fd for _, passed in stored for fd in passed]
+        try:
+            inheritor = Inheritor(fds, [f"rexec-{KEPT}-{what}" for what in ("state", "ch1", "ch3")])
+        finally:
+            for fd in fds:
+                os.close(fd)
+        inheritor.close()
+        (found,) = inheritor.report["kept"]
+        assert (found["role"], found["name"], found["facts"]) == ("rexec", KEPT, {**facts, "same": {"ch2": "ch1"}})
+        assert sorted(found["fds"]) == ["ch1", "ch2", "ch3"]
+        # By effect: what the restarted server writes through each reaches the pipe it was recorded as.
+        assert os.read(output[0], 100) == f"ch1 of {KEPT}\nch2 of {KEPT}\n".encode()
+        assert os.read(other[0], 100) == f"ch3 of {KEPT}\n".encode()
+        assert pending(manager) == []  # nothing of a kept session is dropped from the store
     finally:
-        os.close(fds[0])
-    inheritor.close()
-    assert inheritor.report["kept"] == [{"role": "rexec", "name": KEPT, "facts": facts, "fds": {}}]
-    assert inheritor.report["open"] == []  # the state's fd: the store keeps its own copy
-    assert pending(manager) == []  # nothing of a kept session is dropped from the store
+        for fd in (*output, *other):
+            os.close(fd)
 
 
 def test_a_session_forgotten_leaves_nothing_in_the_store(
@@ -183,7 +198,7 @@ def test_a_session_forgotten_leaves_nothing_in_the_store(
 ) -> None:
     marker = tmp_path / KEPT
     kept = keep.Keep("agent", KEPT, marker)
-    kept.record(facts_of(KEPT, sleeper.pid, started_at(sleeper.pid)))
+    kept.record(facts_of(KEPT, sleeper.pid, started_at(sleeper.pid)), {})
     read_end, write_end = os.pipe()
     try:
         kept.keep("ch2", write_end)
@@ -195,8 +210,8 @@ def test_a_session_forgotten_leaves_nothing_in_the_store(
         for fd in fds:
             os.close(fd)
     assert [message for message, _ in stored] == [
-        f"FDSTORE=1\nFDNAME=agent-{KEPT}-state",
-        f"FDSTORE=1\nFDNAME=agent-{KEPT}-ch2",
+        f"FDSTORE=1\nFDNAME=agent-{KEPT}-state\nFDPOLL=0",
+        f"FDSTORE=1\nFDNAME=agent-{KEPT}-ch2\nFDPOLL=0",
     ]
     kept.drop("ch2")
     kept.drop("ch2")  # dropped once: the store is told once
@@ -218,7 +233,7 @@ def test_without_a_store_nothing_is_kept(
         monkeypatch.delenv("FDSTORE", raising=False)  # a manager without a store
         kept = keep.Keep("rexec", KEPT, tmp_path / KEPT)
         assert not kept.enabled
-        kept.record(facts_of(KEPT, sleeper.pid, started_at(sleeper.pid)))
+        kept.record(facts_of(KEPT, sleeper.pid, started_at(sleeper.pid)), {"ch1": 0})
         kept.keep("ch1", 0)
         kept.forget()
         assert pending(sock) == []
