@@ -19,7 +19,7 @@ import pytest
 
 from offload import proc
 from offload.lab import mountns
-from offload.lab.lab import Lab
+from offload.lab.lab import LAB_RESUME_WINDOW, REXEC_KEEPALIVE, Lab
 from tests.conftest import (
     MISSING,
     PYTHON,
@@ -33,6 +33,7 @@ from tests.conftest import (
     start_rexec,
     wait_for,
 )
+from tests.test_rexec_restart import read_line
 
 pytestmark = pytest.mark.lab
 
@@ -389,21 +390,58 @@ def test_hundred_concurrent_sessions_and_no_fd_leak(lab: Lab) -> None:
         assert after[role] <= before[role] + 4, (role, before, after)
 
 
-def test_link_cut_detected(lab: Lab) -> None:
-    child = start_rexec(lab, "/bin/sleep", "60", stderr=subprocess.PIPE)
+#: A cut of the link that both sides notice (each declares the link lost after the keepalive), within the
+#: resume window.
+NOTICED_CUT = REXEC_KEEPALIVE + 2
+
+
+def test_a_session_outlives_a_link_cut_shorter_than_the_resume_window(lab: Lab) -> None:
+    assert NOTICED_CUT < LAB_RESUME_WINDOW
+    child = start_rexec(lab, "/bin/cat", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+    try:
+        remote = remote_pid_of(lab, child.pid)
+        started = psutil.Process(remote).create_time()
+        child.stdin.write(b"before\n")
+        child.stdin.flush()
+        assert read_line(child.stdout, 10) == b"before\n"
+        lab.set_link(up=False)
+        try:
+            time.sleep(NOTICED_CUT)
+            assert child.poll() is None, child.stderr.read()
+        finally:
+            lab.set_link(up=True)
+        child.stdin.write(b"after the cut\n")
+        child.stdin.flush()
+        assert read_line(child.stdout, LAB_RESUME_WINDOW + 10) == b"after the cut\n"
+        assert psutil.Process(remote).create_time() == started  # the same program all along
+        child.stdin.close()
+        assert child.wait(timeout=10) == 0, child.stderr.read()
+        wait_for(lambda: gone(remote), 10, "the host's program to end with its input")
+    finally:
+        lab.set_link(up=True)
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.timeout(REXEC_KEEPALIVE + 3 * LAB_RESUME_WINDOW + 60)
+def test_a_link_cut_longer_than_the_resume_window_ends_the_session(lab: Lab) -> None:
+    child = start_rexec(lab, "/bin/sleep", "600", stderr=subprocess.PIPE)
     try:
         remote = remote_pid_of(lab, child.pid)
         lab.set_link(up=False)
-        start = time.monotonic()
-        _, err = child.communicate(timeout=30)
-        elapsed = time.monotonic() - start
-        assert child.returncode == 255
-        assert err == f"rexec: link to {lab.host.link.address} lost\n".encode()
-        assert elapsed < 10 + 2
-        # The host side noticed too and ended the program by policy.
-        wait_for(lambda: gone(remote), 15, "the host side to end the program")
+        try:
+            start = time.monotonic()
+            _, err = child.communicate(timeout=REXEC_KEEPALIVE + LAB_RESUME_WINDOW + 15)
+            elapsed = time.monotonic() - start
+            assert (child.returncode, err) == (255, f"rexec: link to {lab.host.link.address} lost\n".encode())
+            # It was waited for: the link is given up once the resume window is over, not at its loss.
+            assert LAB_RESUME_WINDOW <= elapsed < REXEC_KEEPALIVE + LAB_RESUME_WINDOW + 5
+            # The host side's window ends too, and with it the program.
+            wait_for(lambda: gone(remote), REXEC_KEEPALIVE + LAB_RESUME_WINDOW + 5, "the host side to end the program")
+        finally:
+            lab.set_link(up=True)
     finally:
-        lab.set_link(up=True)
         child.kill()
         child.wait()
     # A new session works once the link is back.

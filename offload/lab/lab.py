@@ -55,6 +55,9 @@ LAB_ROOT = Path("/run/offload-lab")
 REXEC_PORT = 7001
 #: Seconds of silence after which the lab's rexec_servers declare a link lost.
 REXEC_KEEPALIVE = 6.0
+#: Seconds the lab's rexec_servers wait for a session whose link was lost to be resumed (short, so a
+#: test outlasts it).
+LAB_RESUME_WINDOW = 15.0
 #: Connections to the other side one unprivileged user's rexec sessions may hold at once.
 LAB_USER_LINKS = 8
 #: Connections each daemon serves at once per peer (below the default, so that a flood test reaches it).
@@ -363,6 +366,7 @@ class Lab:
             *("--whitelist", str(side.run_dir / "whitelist"), "--run-dir", str(side.run_dir)),
             *(arg for prefix in self.shared for arg in ("--shared-path", prefix)),
             *("--keepalive", f"{REXEC_KEEPALIVE:g}"),
+            *("--resume-window", f"{LAB_RESUME_WINDOW:g}"),
             # Small, so that a test reaches it.
             *("--max-user-links", str(LAB_USER_LINKS)),
             # libvirtd (root on the DPU side) runs qemu as root here, as
