@@ -203,6 +203,7 @@ class AgentSession:
         self.uid = 0  # the caller's, once known
         self.consoles: console.SessionConsoles | None = None
         self.caller: Caller | None = None  # an adopted session's; a new one's is SO_PEERCRED's
+        self._hung_up = False  # the session was cut short: its link is not reused
         self.keep: keep.Keep | None = None  # what of the session outlives this server
         self.adopted: keep.Kept | None = None  # what the server before a restart kept, until taken over
 
@@ -781,6 +782,7 @@ class AgentSession:
                         # Said, not left to the link's end: a session outlives its link.  During
                         # an outage the peer ends the program once its resume window is over.
                         await self.link.send(Hangup())
+                    self._hung_up = True
                 nursery.cancel_scope.cancel()
                 return
             type, document = message
@@ -872,7 +874,10 @@ class AgentSession:
             self.pidmaps.remove(pid)
         if self.keep is not None:
             self.keep.forget()
-        if self.link is not None and not (self.address and self.pool.give_back(self.address, self.link)):
+        # A link whose session was cut short (Hangup: its relays were cancelled, perhaps halfway
+        # through a TLS record) is never given to another session.
+        reusable = self.link is not None and self.link.conn.state is State.DONE and not self._hung_up
+        if self.link is not None and not (reusable and self.address and self.pool.give_back(self.address, self.link)):
             await self.link.aclose()
 
     def _leaving(self) -> bool:
