@@ -4,15 +4,18 @@ Two containers booted with ``systemd-nspawn -b`` (offload/lab/systemd_lab.py)
 get the package with apt and each side's configuration in /etc; the units
 are enabled as an operator does; virsh in the DPU container starts a VM
 whose qemu runs in the host container's rexec.service.  Then the journal,
-``systemctl reload rexec``, ``systemctl stop offload-prepare``, and a
-teardown that leaves no process, veth, namespace or tree behind, also when
-a step fails (a second test makes ``up`` fail after both containers booted).
+``systemctl reload rexec``, each daemon of either side restarted and killed
+under the running guest (which runs on, the same qemu, its monitor
+answering), ``systemctl stop offload-prepare``, and a teardown that leaves
+no process, veth, namespace or tree behind, also when a step fails (a
+second test makes ``up`` fail after both containers booted).
 
 The image is built once (apt into the minbase: 25 s here, plus debootstrap's
 30 s to a minute when tests/test_package.py has not cached the minbase) and
 kept in /var/cache/offload-lab/; with it cached the two tests take under
-2 minutes, most of it building the package (45 s), each lab's up (20 s) and
-the guest's boot under TCG (12 s).
+3 minutes, most of it building the package (45 s), each lab's up (20 to
+30 s), the guest's boot under TCG (12 s) and the ten restarts under it
+(15 s).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import pytest
 
 from offload.errors import OffloadError
 from offload.lab import debian, netlink, systemd_lab
+from offload.lab.libvirt import wait_until
 from offload.lab.systemd_lab import SystemdLab
 
 pytestmark = [
@@ -131,6 +135,17 @@ def test_systemd_lab(deb: Path, lab: SystemdLab) -> None:
     assert "refused /usr/bin/true" in warnings
     reloads = [e for e in systemd_lab.journal(lab, "host") if "Reloaded" in str(e.get("MESSAGE"))]
     assert reloads, "systemd logged no reload of rexec.service"
+
+    # Each daemon of either side restarted by an operator and killed as by a crash (systemd restarts
+    # it): the guest runs on, the same qemu, its monitor answering (restart_under_guest checks each).
+    wait_until(lambda: systemd_lab.console_ticks(lab, vm), 60, "the guest counts")
+    for role, unit in systemd_lab.RESTARTED:
+        for crash in (False, True):
+            title = f"{'kill' if crash else 'restart'} {role} {unit}"
+            timed(title, systemd_lab.restart_under_guest, lab, vm, role, unit, crash)
+    # The restarted rexec_servers said so, at info: the host carried the session on, the DPU resumed it.
+    carried = timed("carried on", systemd_lab.sessions_carried_on, lab)
+    assert "carrying on session" in carried and "resumed on a new link" in carried
 
     timed("destroy", systemd_lab.destroy_vm, lab, vm.name)
     timed("stop offload-prepare", systemd_lab.stop_prepare, lab)

@@ -33,6 +33,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -675,6 +676,103 @@ def reload_whitelist(lab: SystemdLab, program: str = "/usr/bin/true") -> str:
     )
 
 
+#: How long a monitor command may take after a restart: a relay that never came back hangs libvirt's monitor.
+MONITOR_TIMEOUT = 30
+#: The daemons a running guest outlives, each restarted by an operator and killed as by a crash.
+RESTARTED = (("host", "rexec"), ("host", "udsproxyd"), ("host", "qtfs-server"), ("dpu", "rexec"), ("dpu", "udsproxyd"))
+
+
+def console_ticks(lab: SystemdLab, vm: Domain) -> list[int]:
+    """The guest's counter as its console log on the host side has it so far."""
+    console = lab.root("host") / vm.console_log.lstrip("/")
+    return guest.ticks(console.read_text(errors="replace")) if console.exists() else []
+
+
+def _kill_main(lab: SystemdLab, role: str, unit: str) -> None:
+    """SIGKILL to the unit's main process only, as a crash: its cgroup also holds what it runs (qemu on the host)."""
+    # An older systemctl knows the option only as --kill-who.
+    whom = "--kill-whom=main" if "--kill-whom" in lab.systemctl(role, "--help") else "--kill-who=main"
+    lab.systemctl(role, "kill", "--signal=SIGKILL", whom, unit)
+
+
+def _back_with_new_pid(lab: SystemdLab, role: str, unit: str, before: str) -> bool:
+    state = unit_state(lab, role, unit)
+    return (state["ActiveState"], state["SubState"]) == ("active", "running") and state["MainPID"] not in ("0", before)
+
+
+def _query_status(lab: SystemdLab, name: str) -> str:
+    """The guest's answer to query-status through libvirt's monitor connection, on one line."""
+    # Bounded inside the container: virsh waits as long as libvirt does for a monitor that never answers.
+    bounded = Virsh(LIBVIRT_SOCKET, wrap=lambda argv: lab.command("dpu", ["timeout", str(MONITOR_TIMEOUT), *argv]))
+    try:
+        return " ".join(bounded("qemu-monitor-command", name, '{"execute":"query-status"}').split())
+    except LabError as exc:
+        raise LabError(f"query-status failed or took over {MONITOR_TIMEOUT} s: {exc}") from None
+
+
+def restart_under_guest(lab: SystemdLab, vm: Domain, role: str, unit: str, crash: bool) -> str:
+    """``systemctl restart`` (or a SIGKILL and systemd's Restart=on-failure) of one daemon under a running guest.
+
+    The guest must not notice: it counts on, libvirt calls it running, its
+    monitor answers through the rexec_servers, and it is the same qemu.
+    """
+    how = "SIGKILL to MainPID" if crash else "systemctl restart"
+    qemu = qemu_in_host(lab, vm.name)
+    before = unit_state(lab, role, unit)["MainPID"]
+    started = time.monotonic()
+    if crash:
+        _kill_main(lab, role, unit)
+    else:
+        lab.systemctl(role, "restart", unit)
+    failure = f"{role} {unit} not active with a new MainPID 30 s after {how}"
+    wait_until(lambda: _back_with_new_pid(lab, role, unit, before), 30, failure, interval=0.1)
+    back = time.monotonic() - started
+    after = unit_state(lab, role, unit)["MainPID"]
+    counted = max(console_ticks(lab, vm), default=-1)
+    failure = f"the guest's counter stayed at {counted} for 20 s after {how} of {role} {unit}"
+    wait_until(lambda: max(console_ticks(lab, vm), default=-1) > counted, 20, failure, interval=0.1)
+    state = virsh(lab).state(vm.name)
+    if state != "running":
+        raise LabError(f"virsh domstate {vm.name} says {state!r} after {how} of {role} {unit}")
+    status = _query_status(lab, vm.name)
+    if '"running":true' not in status:
+        raise LabError(f"query-status after {how} of {role} {unit}: {status}")
+    if qemu_in_host(lab, vm.name) != qemu:
+        raise LabError(f"qemu was {qemu} before {how} of {role} {unit}, is {qemu_in_host(lab, vm.name)} after")
+    return (
+        f"{role} {unit}: {how}, MainPID {before} -> {after} in {back:.1f} s; the guest counted past {counted}, "
+        f"domstate {state}, query-status {status}, qemu pid {qemu[0]} the same"
+    )
+
+
+def _logged(lab: SystemdLab, role: str, words: str) -> list[dict[str, str]]:
+    """rexec_server's own journal entries (not systemd's about the unit) that say ``words``."""
+    return [
+        e
+        for e in journal(lab, role)
+        if e.get("SYSLOG_IDENTIFIER") == "rexec_server" and words in str(e.get("MESSAGE", ""))
+    ]
+
+
+def sessions_carried_on(lab: SystemdLab) -> str:
+    """Each restarted rexec_server said, at info (6), that it carried the guest's session on, and the DPU resumed it."""
+    said = []
+    for role, words, at_least in (
+        ("host", "carrying on session", 2),  # the host's restart and its crash
+        ("dpu", "carrying on the session of stand-in", 2),  # the DPU's
+        ("dpu", "resumed on a new link", 4),  # after each of the four
+    ):
+        entries = _logged(lab, role, words)
+        if len(entries) < at_least or any(e.get("PRIORITY") != "6" for e in entries):
+            shown = lab.run(role, "journalctl", "--no-pager", "-u", "rexec", "-b", check=False).stdout
+            raise LabError(
+                f"{role}: journalctl -u rexec has {len(entries)} entries saying {words!r} (expected {at_least}"
+                f" or more, at priority 6):\n{shown[-4000:]}"
+            )
+        said.append(f"{role}: {len(entries)} x <{entries[-1]['PRIORITY']}> {entries[-1]['MESSAGE']}")
+    return "; ".join(said)
+
+
 def destroy_vm(lab: SystemdLab, name: str) -> str:
     virsh(lab)("destroy", name)
     failure = "qemu still runs in the host container 15 s after virsh destroy"
@@ -744,6 +842,11 @@ def demo(lab: SystemdLab, deb: Path | None = None, *, keep: bool = False) -> Non
         step("where qemu runs", lambda: where_qemu_runs(lab, vm.name))
         step("journalctl -u UNIT (priorities)", lambda: journal_priorities(lab))
         step("systemctl reload rexec (host)", lambda: reload_whitelist(lab))
+        for role, unit in RESTARTED:
+            for crash in (False, True):
+                title = f"{'SIGKILL' if crash else 'systemctl restart'} {unit} ({role}) under the guest"
+                step(title, partial(restart_under_guest, lab, vm, role, unit, crash))
+        step("journalctl -u rexec (sessions carried on)", lambda: sessions_carried_on(lab))
         step("virsh destroy and undefine", lambda: destroy_vm(lab, vm.name))
         step("systemctl stop offload-prepare (DPU)", lambda: stop_prepare(lab))
         succeeded = True
