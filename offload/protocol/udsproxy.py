@@ -47,6 +47,7 @@ T_EOF = 0x21
 T_FDS = 0x22
 T_FDS_RESULT = 0x23
 T_WINDOW = 0x24
+T_PAUSE = 0x25
 DATA_CHANNEL = 1
 MAX_DATA = 256 << 10
 #: Frames larger than a Data frame are never legitimate.
@@ -125,6 +126,17 @@ class Window:
 
     channel: int
     increment: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """The sender sends nothing more on this connection, and reads nothing more from its program: the
+    connection ends, without either program's end of stream, to be attached again on another.
+
+    Each side answers the other's with its own; once both were sent,
+    everything either sent before has arrived (a restart of a server loses
+    no byte of a monitor it carries).
+    """
 
 
 def data_header(channel: int, length: int) -> bytes:
@@ -234,6 +246,12 @@ UDSPROXY.declare(
     ),
 )
 UDSPROXY.declare(T_WINDOW, Window, encode=lambda e: (e.channel, e.increment.to_bytes(4, "big")), decode=_window)
+UDSPROXY.declare(
+    T_PAUSE,
+    Pause,
+    encode=lambda e: (DATA_CHANNEL, b""),
+    decode=lambda conn, channel, payload: _on(channel, True, Pause()),
+)
 
 
 class UdsProxyConnection(Connection):
@@ -243,7 +261,11 @@ class UdsProxyConnection(Connection):
     transitions = {
         (Role.CLIENT, Connect, State.IDLE): State.CONNECTING,
         (Role.SERVER, Connected, State.CONNECTING): State.OPEN,  # DONE if it names an error
-        **{(role, event, State.OPEN): State.OPEN for role in Role for event in (Data, Eof, Fds, FdsResult, Window)},
+        **{
+            (role, event, State.OPEN): State.OPEN
+            for role in Role
+            for event in (Data, Eof, Fds, FdsResult, Window, Pause)
+        },
     }
 
     def __init__(self, client: bool) -> None:

@@ -67,6 +67,10 @@ EXIT_FAILURE = 255
 SLOW_ANSWER = 10.0
 #: How long the exit waits for a bridged connection's last bytes to reach the caller's program.
 DELIVERY_WAIT = 2.0
+#: A relay that lost its connection while its session's link lives is attached again on that link
+#: after this long, at most this many times in a row.
+REATTACH_DELAY = 0.1
+MAX_REATTACH = 10
 #: Connections one session's bridged listeners may have relayed at once (libvirt keeps one per
 #: monitor): each is a connection to the peer's rexec_server, from a budget its peers share.
 MAX_BRIDGED = 16
@@ -83,6 +87,8 @@ class PeerPool:
         self._filling: set[Address] = set()
         #: The server stops (SIGTERM): sessions kept in the fd store are left as they are.
         self.stopping = False
+        #: The relays of bridged connections and ptys running now, paused when the server stops.
+        self.relays: set[Relay] = set()
         #: Connections to peers each unprivileged uid holds through its sessions: the peers'
         #: budget (max_peer_connections) is shared with libvirt's, which runs as root.
         self._held: collections.Counter[int] = collections.Counter()
@@ -539,10 +545,21 @@ class AgentSession:
         await self.tell(local.L_LINK_LOST, {"message": f"link to {host} lost"})
         return False
 
-    async def _carried_on(self, link: SessionLink | None) -> bool:
-        """After ``link`` failed a relay: True once another link carries the session, False if none will."""
-        if self.resume is None or (link is not None and link.alive):
+    async def _carried_on(self, link: SessionLink | None, tries: int) -> bool:
+        """A relay attached on ``link`` lost its connection (``tries`` times in a row on it): True when it
+        may be attached again, once a link carries the session; False if it may not.
+
+        While ``link`` lives the relay is attached again on it, after a
+        moment (the relay's connection may have gone before its link, whose
+        server stops), a few times at most.
+        """
+        if self.resume is None:
             return False
+        if link is not None and link.alive:
+            if tries >= MAX_REATTACH:
+                return False
+            await trio.sleep(REATTACH_DELAY)
+            return True
         while self.link is link or self.link is None:
             await self._relinked.wait()
         return True
@@ -650,9 +667,12 @@ class AgentSession:
         if target_fd in self.monitors and self.consoles is not None:
             rewrite = PtyPathRewriter(partial(_from_trio, self.consoles.translate)).feed
         try:
+            tries = 0
             while True:
                 link = self.link
                 ticket = await self._ticket(partial(Open, fd=target_fd, conn=conn), name)
+                if ticket is None and link is not None and link.alive:
+                    return  # refused
                 if ticket is not None:
                     if not conn:
                         conn = ticket[1]
@@ -671,7 +691,8 @@ class AgentSession:
                     )
                     if relay is not None and not relay.link_lost:
                         return
-                if not await self._carried_on(link):
+                tries = tries + 1 if link is self.link else 1
+                if not await self._carried_on(link, tries):
                     return
         finally:
             if self._leaving():
@@ -694,14 +715,18 @@ class AgentSession:
                 log.warning("%s: over the user's connection limit; not relayed", name)
                 end.close()
                 return
+            tries = 0
             while True:
                 link = self.link
                 ticket = await self._ticket(lambda channel: OpenPty(channel, host_index), name, end.close)
+                if ticket is None and link is not None and link.alive:
+                    return  # refused
                 if ticket is not None:
                     relay = await self._attach(ticket[0], end, name)
                     if relay is not None and not relay.link_lost:
                         return
-                if not await self._carried_on(link) or self.consoles is None:
+                tries = tries + 1 if link is self.link else 1
+                if not await self._carried_on(link, tries) or self.consoles is None:
                     return
                 reopened = self.consoles.reopen(host_index)
                 if reopened is None:
@@ -760,10 +785,12 @@ class AgentSession:
             return None
         if delivered_before_exit:
             self.delivering.add(relay)
+        self.pool.relays.add(relay)
         try:
             await run_in_thread(relay)
         finally:
             self.delivering.discard(relay)
+            self.pool.relays.discard(relay)
         return relay
 
     async def _from_stand_in(self, nursery: trio.Nursery, caller: Caller) -> None:

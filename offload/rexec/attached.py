@@ -35,7 +35,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import trio
@@ -194,6 +194,24 @@ class Grants:
 
     def discard(self, session: int, relay: Relay) -> None:
         self._relays.get(session, set()).discard(relay)
+
+    def relays(self) -> list[Relay]:
+        """Every relay of every session."""
+        return [relay for relays in self._relays.values() for relay in relays]
+
+
+async def pause_all(relays: Iterable[Relay], timeout: float) -> None:
+    """Pause each relay (`Relay.pause`: nothing in flight is lost) and wait for them to end, ``timeout`` at most."""
+    relays = list(relays)
+    for relay in relays:
+        relay.pause()
+    deadline = trio.current_time() + timeout
+    for relay in relays:
+        left = deadline - trio.current_time()
+        if left <= 0 or not await trio.to_thread.run_sync(
+            relay.ended.wait, left, abandon_on_cancel=True, limiter=trio.CapacityLimiter(1)
+        ):
+            log.warning("%s: not paused within %.1f s; it ends as it is", relay.name, timeout)
 
 
 def who(peer: str, stream: object) -> str:

@@ -314,7 +314,10 @@ class SessionLink:
 
     def add_channel(self, channel: int) -> ChannelState:
         self.conn.open_channel(channel)
-        return self._channels.setdefault(channel, ChannelState())
+        state = self._channels.setdefault(channel, ChannelState())
+        if self.closed:
+            state.kill()  # nothing will arrive on it: whoever waits on it must not wait forever
+        return state
 
     def finish_inbound(self) -> None:
         """The peer has said its last word: every channel's input ends after its buffer."""

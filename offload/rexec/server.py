@@ -31,7 +31,7 @@ from offload.config import RexecConfig
 from offload.errors import ConfigError, ProtocolError, TransportError
 from offload.net import Transport, listener_address, parse_address, remote_name, serve_listeners
 from offload.protocol.rexec import Role
-from offload.rexec import keep
+from offload.rexec import attached, keep
 from offload.rexec.agent import AgentSession, PeerPool, serve_stand_ins
 from offload.rexec.attached import serve_attach
 from offload.rexec.executor import Execution, ServerState, serve_session
@@ -40,6 +40,9 @@ from offload.rexec.pidmap import PidmapDir
 from offload.rexec.policy import Whitelist, ensure_private_dir
 
 log = logging.getLogger("rexec_server")
+
+#: How long a stopping server waits for its relays to pause (`attached.pause_all`).
+PAUSE_TIMEOUT = 2.0
 
 
 def _take_singleton_lock(run_dir: Path) -> int:
@@ -118,7 +121,10 @@ async def _reap_orphans(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS
 
 
 async def _handle_signals(
-    state: ServerState, stop: Callable[[], None], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    state: ServerState,
+    stop: Callable[[], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         task_status.started()
@@ -136,7 +142,7 @@ async def _handle_signals(
             else:
                 log.info("stopping on %s", signal.Signals(signum).name)
                 sd.notify("STOPPING=1")
-                stop()
+                await stop()
                 return
 
 
@@ -183,9 +189,12 @@ async def serve(
             )
             task_status.started(bound)
 
-            def stop() -> None:
+            async def stop() -> None:
                 # Sessions that outlive this server are told apart from those a caller ended.
                 state.stopping = pool.stopping = True
+                if sd.store_available():
+                    # They go on under the next server: their monitors and consoles lose no byte.
+                    await attached.pause_all([*state.grants.relays(), *pool.relays], PAUSE_TIMEOUT)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(_once_per_process, _handle_signals, state, stop)

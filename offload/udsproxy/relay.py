@@ -168,6 +168,10 @@ class TlsCipher:
                     break  # deliver what came before the end first
                 raise PeerClosed("the TLS session ended") from exc
             if not count:
+                if self.incoming.eof and not got:
+                    # A Python that ignores an unexpected EOF (Debian's OpenSSL option
+                    # OP_IGNORE_UNEXPECTED_EOF) reads 0 at the end instead of raising.
+                    raise PeerClosed("the TLS session ended")
                 break
             got += count
         return got
@@ -224,9 +228,10 @@ class Relay:
     events tell other threads how far the relay got: `sent`, everything
     the local program wrote went out, with the end of its stream behind
     it; `delivered`, everything the peer sent reached the local program.
-    Both are set when the relay ends, however it ends.  `link_lost` says
-    that it ended because the link did, before the peer's end of stream: a
-    session that outlives its link attaches the local end again.
+    Both are set when the relay ends, however it ends, and `ended` after
+    them.  `link_lost` says that it ended because the link did, before the
+    peer's end of stream, or was paused (`pause`): a session that outlives
+    its link attaches the local end again.
     """
 
     def __init__(
@@ -257,7 +262,11 @@ class Relay:
         self.drop_uncarried = drop_uncarried
         self.sent = threading.Event()
         self.delivered = threading.Event()
+        self.ended = threading.Event()
         self.link_lost = False
+        self._pause_asked = False  # by our owner: its server stops, and the connection is kept
+        self._paused = False  # we sent Pause: nothing more is read from the program, nor sent
+        self._peer_paused = False  # the peer's Pause arrived: everything it sent is here
         self._conn = wire.UdsProxyConnection.opened(client)
         link.setblocking(False)
         local.setblocking(False)
@@ -319,6 +328,13 @@ class Relay:
             if not self._closed:
                 self._wake()
 
+    def pause(self) -> None:
+        """End without losing a byte either way, to be attached again: the `Pause` handshake."""
+        with self._lock:
+            self._pause_asked = True
+            if not self._closed:
+                self._wake()
+
     @property
     def stopped(self) -> bool:
         """Told to `stop` (its owner ends it), rather than ended by either side."""
@@ -350,6 +366,9 @@ class Relay:
     def _finished(self) -> bool:
         if self._stopping:
             return True
+        if self._paused and self._peer_paused and not self._local_out and not self._link_out:
+            self.link_lost = True  # nothing is lost: everything either side sent arrived
+            return True
         if not self._reading_link:  # the link ended: deliver what arrived, then end
             return not self._local_out and not any(pipe.pending for pipe in self._pipes.values())
         data_done = not self._reading_local and self._peer_eof and not self._local_out
@@ -375,7 +394,8 @@ class Relay:
     def _turn(self) -> None:
         local_fd, link_fd = self._local_fd, self._link_fd
         link_room = self._link_out_bytes < HIGH_WATER
-        local = (_IN if self._reading_local and link_room else 0) | (_OUT if self._local_out else 0)
+        reading_local = self._reading_local and link_room and not self._paused
+        local = (_IN if reading_local else 0) | (_OUT if self._local_out else 0)
         console = self._console
         if console is not None:
             # Nobody has the console open: its master only polls POLLHUP, and
@@ -394,7 +414,7 @@ class Relay:
         if self._pipes:
             for pipe in self._pipes.values():
                 if pipe.reading:
-                    self._want(pipe.fd, _IN if pipe.window.credit > 0 and link_room else 0)
+                    self._want(pipe.fd, _IN if pipe.window.credit > 0 and link_room and not self._paused else 0)
                 else:
                     self._want(pipe.fd, _OUT if pipe.pending else 0)
         # Plaintext already decrypted (or records already received) does not
@@ -506,6 +526,8 @@ class Relay:
     def _woken(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_r, 4096)
+        if self._pause_asked:
+            self._pause()
         while True:
             with self._lock:
                 if not self._submissions:
@@ -514,6 +536,9 @@ class Relay:
             self._submit(submission)
 
     def _submit(self, submission: Submission) -> None:
+        if self._paused:
+            submission.fail(errno.EPIPE)
+            return
         # What the program wrote before its sendmsg is in the local socket
         # already (a write returns once the bytes are queued): send it first.
         while self._reading_local and self._read_local():
@@ -532,6 +557,12 @@ class Relay:
         data = submission.data
         for at in range(0, len(data), wire.MAX_DATA):
             self._send_link(self._conn.send(wire.Data(data[at : at + wire.MAX_DATA])))
+
+    def _pause(self) -> None:
+        """Read nothing more from the program and send nothing more after our Pause."""
+        if not self._paused:
+            self._send_link(self._conn.send(wire.Pause()))
+            self._paused = True
 
     def _send_link(self, data: memoryview | bytes) -> None:
         if not self._sending:
@@ -676,6 +707,9 @@ class Relay:
                 self._write_local(rest, [])
             self._peer_eof = True
             self._flush_local()
+        elif isinstance(event, wire.Pause):
+            self._peer_paused = True
+            self._pause()
         elif isinstance(event, wire.Fds):
             self._receive_fds(event.fds)
         elif isinstance(event, wire.FdsResult):
@@ -865,6 +899,12 @@ class Relay:
     def _close(self) -> None:
         self.sent.set()
         self.delivered.set()
+        try:
+            self._release()
+        finally:
+            self.ended.set()
+
+    def _release(self) -> None:
         with self._lock:
             self._closed = True
             pending = list(self._submissions)
