@@ -612,6 +612,8 @@ class AgentSession:
             if link.alive or link.conn.state is State.DONE:
                 _, fd = self.carried.pop(channel)
                 os.close(fd)
+                if self.keep is not None:
+                    self.keep.drop(f"ch{channel}")
 
     async def _bridge_listener(self, target_fd: int, fd: int, nursery: trio.Nursery, caller: Caller) -> None:
         """Carry each connection accepted on the caller's listener to the remote one.

@@ -464,11 +464,10 @@ class Execution:
         """One channel on ``link``; once both ways ended (not when the link is lost) our end is let go."""
         with self._link_may_fail():
             await link.relay(channel, end, inbound=inbound, outbound=outbound, outbound_done=done)
-            if not link.alive:
-                return
-        fd, _, _ = self.ends.pop(channel)
-        os.close(fd)  # the program reads its end of file only once no copy of ours is left
-        self.keep.drop(f"ch{channel}")
+            if link.alive:
+                fd, _, _ = self.ends.pop(channel)
+                os.close(fd)  # the program reads its end of file only once no copy of ours is left
+                self.keep.drop(f"ch{channel}")
 
     async def _await_resume(self) -> bool:
         """Wait for the session to be carried on by another link, within the resume window."""
