@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from offload import proc, sd
@@ -75,18 +74,20 @@ def sleeper() -> Iterator[subprocess.Popen]:
         child.wait()
 
 
-def started_at(pid: int) -> float:
-    return psutil.Process(pid).create_time()
+def started_at(pid: int) -> int:
+    start = keep.start_of(pid)
+    assert start is not None
+    return start
 
 
-def facts_of(name: str, pid: int, started: float) -> dict:
+def facts_of(name: str, pid: int, started: int) -> dict:
     """Facts as the host's server records them: what a restarted server reads back."""
     return {
         "name": name,
         "secret": "5e" * 32,
         "peer": "dpu.example",
         "pid": pid,
-        "started_at": started,
+        "start": started,
         "user": {"name": "qemu", "uid": 107, "gid": 107, "groups": [36, 107], "home": "/"},
         "program": "/usr/bin/qemu-kvm",
         "channels": {"1": [False, True], "2": [True, False]},
@@ -169,7 +170,7 @@ def test_recorded_facts_and_fds_are_what_a_restarted_server_gets(
     try:
         keep.Keep("rexec", KEPT, marker).record(facts, {"ch1": output[1], "ch2": output[1], "ch3": other[1]})
         # The program is named for a server that finds no store (end_unreachable).
-        assert marker.read_text().split() == [str(sleeper.pid), repr(facts["started_at"])]
+        assert marker.read_text().split() == [str(sleeper.pid), str(facts["start"])]
         stored = [receive(manager) for _ in range(3)]
         assert [(message, len(fds)) for message, fds in stored] == [
             (f"FDSTORE=1\nFDNAME=rexec-{KEPT}-{what}\nFDPOLL=0", 1) for what in ("state", "ch1", "ch3")
@@ -251,7 +252,7 @@ def test_inherited_keeps_a_running_sessions_fds_and_closes_the_rest(
         memfd_with(json.dumps(facts_of(KEPT, sleeper.pid, started_at(sleeper.pid))).encode()),
         memfd_with(json.dumps(facts_of(GONE, ended.pid, ended_at)).encode()),
         # The pid runs, but it is another process than the session's: a successor with its number.
-        memfd_with(json.dumps(facts_of(REUSED, sleeper.pid, started_at(sleeper.pid) - 1.0)).encode()),
+        memfd_with(json.dumps(facts_of(REUSED, sleeper.pid, started_at(sleeper.pid) - 1)).encode()),
     ]
     pipes = [os.pipe() for _ in range(4)]
     stray = memfd_with(b"not a session's")
@@ -300,9 +301,9 @@ def test_inherited_keeps_a_running_sessions_fds_and_closes_the_rest(
 # -- programs nobody can resume ------------------------------------------------------------------
 
 
-def mark(sessions: Path, name: str, pid: int, started: float) -> Path:
+def mark(sessions: Path, name: str, pid: int, started: int) -> Path:
     marker = sessions / name
-    marker.write_text(f"{pid} {started!r}\n")
+    marker.write_text(f"{pid} {started}\n")
     return marker
 
 
@@ -326,7 +327,7 @@ def test_a_program_named_but_not_adopted_is_ended(tmp_path: Path, sleeper: subpr
 
 
 def test_a_marker_of_a_reused_pid_ends_nothing(tmp_path: Path, sleeper: subprocess.Popen) -> None:
-    marker = mark(tmp_path, REUSED, sleeper.pid, started_at(sleeper.pid) - 1.0)
+    marker = mark(tmp_path, REUSED, sleeper.pid, started_at(sleeper.pid) - 1)
     keep.end_unreachable(tmp_path, set(), grace=0.1)
     time.sleep(0.3)  # beyond the grace: a SIGTERM and its SIGKILL would have landed
     assert sleeper.poll() is None

@@ -455,16 +455,15 @@ class AgentSession:
         if self.resume is None or self.address is None:
             return  # daemon mode: it ends with its link
         self.keep = keep.Keep("agent", self.resume[0])
-        try:
-            started_at = psutil.Process(caller.pid).create_time()
-        except psutil.NoSuchProcess:
+        start = keep.start_of(caller.pid)
+        if start is None:
             return
         self.keep.record(
             {
                 "name": self.resume[0],
                 "secret": self.resume[1],
                 "pid": caller.pid,
-                "started_at": started_at,
+                "start": start,
                 "caller": dataclasses.asdict(caller),
                 "address": str(self.address),
                 "remote_pid": self.remote_pid,
@@ -500,9 +499,10 @@ class AgentSession:
             self.inbound_channels = []
             for spec, fd in self.carried.values():
                 self._start_relay(nursery, spec, os.dup(fd))
-            for event in self._unsent:
-                await self.link.send(event)
-            self._unsent.clear()
+            with contextlib.suppress(TransportError):  # a link lost again: they wait for the next
+                for event in list(self._unsent):
+                    await self.link.send(event)
+                    self._unsent.remove(event)
             lost = await self._from_peer()
             nursery.cancel_scope.cancel()
         return lost
@@ -529,6 +529,13 @@ class AgentSession:
                     reply = await link.control.receive()
                 except (TransportError, ProtocolError, trio.TooSlowError) as exc:
                     reply = LinkFailed(exc)
+                except BaseException:
+                    # Cancelled (the stand-in went): a link the peer may resume the session on is
+                    # closed, so that the peer ends the program when its window is over.
+                    if link is not None:
+                        with trio.CancelScope(shield=True):
+                            await link.aclose()
+                    raise
                 if isinstance(reply, Resumed):
                     log.info("session of remote pid %d resumed on a new link to %s", self.remote_pid, host)
                     self.link = link
@@ -553,10 +560,11 @@ class AgentSession:
         moment (the relay's connection may have gone before its link, whose
         server stops), a few times at most.
         """
-        if self.resume is None:
-            return False
+        if self.resume is None or self.pool.stopping:
+            return False  # stopping: the next server attaches it
         if link is not None and link.alive:
             if tries >= MAX_REATTACH:
+                log.warning("session of remote pid %d: a relay could not be attached again", self.remote_pid)
                 return False
             await trio.sleep(REATTACH_DELAY)
             return True
@@ -673,8 +681,8 @@ class AgentSession:
             while True:
                 link = self.link
                 ticket = await self._ticket(partial(Open, fd=target_fd, conn=conn), name)
-                if ticket is None and link is not None and link.alive:
-                    return  # refused
+                if ticket is None and link is not None and link.alive and not conn:
+                    return  # refused; one attached before is tried again: libvirt must not read an end
                 if ticket is not None:
                     if not conn:
                         conn = ticket[1]
@@ -718,13 +726,15 @@ class AgentSession:
                 end.close()
                 return
             tries = 0
+            attached_once = False
             while True:
                 link = self.link
                 ticket = await self._ticket(lambda channel: OpenPty(channel, host_index), name, end.close)
-                if ticket is None and link is not None and link.alive:
+                if ticket is None and link is not None and link.alive and not attached_once:
                     return  # refused
                 if ticket is not None:
                     relay = await self._attach(ticket[0], end, name)
+                    attached_once |= relay is not None
                     if relay is not None and not relay.link_lost:
                         return
                 tries = tries + 1 if link is self.link else 1

@@ -143,6 +143,8 @@ class Grants:
     def __init__(self) -> None:
         self._tickets: dict[str, tuple[Grant, float]] = {}  # token -> grant, when it expires
         self._relays: dict[int, set[Relay]] = {}
+        #: The server stops and pauses its relays: no ticket opens anything from now on.
+        self.stopping = False
 
     def issue(self, grant: Grant) -> str | None:
         """A ticket for ``grant``; None if its session already holds `MAX_TICKETS` unused ones."""
@@ -159,7 +161,7 @@ class Grants:
     def take(self, token: str) -> Grant | None:
         """The grant of ``token``, which is used up by this (None if there is none, or it expired)."""
         grant, expires = self._tickets.pop(token, (None, 0.0))
-        return grant if expires > time.monotonic() else None
+        return grant if expires > time.monotonic() and not self.stopping else None
 
     def revoke_tickets(self, session: int) -> None:
         """Session ``session``'s unused tickets open nothing from now on (its program has exited)."""

@@ -119,7 +119,7 @@ async def serve_session(link: SessionLink, state: ServerState) -> None:
                 await link.send(
                     Refused(EXIT_NOT_RESUMED, f"no session {event.session} to resume on {state.config.node_name}")
                 )
-            elif not await resumed.carry(link, supersede=True):
+            elif not await resumed.carry(link, supersede=True, channels=event.channels):
                 await link.send(Refused(EXIT_NOT_RESUMED, f"session {event.session} has ended"))
         else:
             raise TransportError(f"expected an exec request from {link.peer}, got {type(event).__name__}")
@@ -184,6 +184,7 @@ class Execution:
         self.link: SessionLink | None = None
         self._released = trio.Event()
         self._lost = trio.CancelScope()  # the current link's share ends when cancelled
+        self._resumed_channels: set[int] = set()  # what the peer relays on the link that resumed us
         self._links_send, self._links = trio.open_memory_channel[tuple[SessionLink, trio.Event]](0)
 
     @classmethod
@@ -199,14 +200,14 @@ class Execution:
             execution.secret, execution.peer = str(facts["secret"]), str(facts["peer"])
             execution.user = policy.RemoteUser(**{**facts["user"], "groups": tuple(facts["user"]["groups"])})
             execution.program = str(facts["program"])
-            execution.started_at = float(facts["started_at"])
+            start = int(facts["start"])
             execution.bridges = {int(fd): str(path) for fd, path in facts["bridges"].items()}
             directions = {int(c): (bool(i), bool(o)) for c, (i, o) in facts["channels"].items()}
             pid = int(facts["pid"])
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("session %s: its facts do not read (%s); not carried on", kept.name, exc)
             pid = 0
-        pidfd = keep.open_pidfd(pid, execution.started_at) if pid else None
+        pidfd = keep.open_pidfd(pid, start) if pid else None
         if pidfd is None:
             kept.close()
             keep.Keep("rexec", kept.name, marker, kept.names()).forget()
@@ -231,14 +232,16 @@ class Execution:
 
     # -- links ---------------------------------------------------------------------
 
-    async def carry(self, link: SessionLink, *, supersede: bool = False) -> bool:
+    async def carry(self, link: SessionLink, *, supersede: bool = False, channels: tuple[int, ...] = ()) -> bool:
         """Lend ``link`` to this session until it is done with it; False if the session has ended.
 
         ``supersede``: the peer resumes the session on ``link``, so the link
-        that carries it now is lost, whether or not this side has noticed.
+        that carries it now is lost, whether or not this side has noticed;
+        it carries on ``channels``, the others it has finished.
         """
         if supersede:
             self._lost.cancel()
+            self._resumed_channels = set(channels)
         released = trio.Event()
         try:
             await self._links_send.send((link, released))
@@ -337,7 +340,7 @@ class Execution:
                 "secret": self.secret,
                 "peer": self.peer,
                 "pid": self.process.pid,
-                "started_at": self.started_at,
+                "start": keep.start_of(self.process.pid),
                 "user": dataclasses.asdict(user),
                 "program": path,
                 "channels": {channel: [inbound, outbound] for channel, (_, inbound, outbound) in self.ends.items()},
@@ -446,7 +449,7 @@ class Execution:
                         raise
                     lost.cancel()  # told on the next link
             nursery.cancel_scope.cancel()
-        return lost.cancelled_caught
+        return lost.cancel_called
 
     @contextlib.contextmanager
     def _link_may_fail(self) -> Iterator[None]:
@@ -480,13 +483,27 @@ class Execution:
             self.config.resume_window,
         )
         with trio.move_on_after(self.config.resume_window):
-            await self._take_link()
-            assert self.link is not None
-            log.info("session %d: resumed by %s", self.id, self.link.peer)
-            await self.link.send(Resumed(self.process.pid))
-            return True
+            while True:
+                await self._take_link()
+                assert self.link is not None
+                try:
+                    await self.link.send(Resumed(self.process.pid))
+                except TransportError as exc:
+                    log.info("session %d: the link that resumed it was lost at once (%s)", self.id, exc)
+                    continue
+                log.info("session %d: resumed by %s", self.id, self.link.peer)
+                self._finish_unlisted()
+                return True
         log.warning("session %d: not resumed within %.0f s", self.id, self.config.resume_window)
         return False
+
+    def _finish_unlisted(self) -> None:
+        """Channels the peer no longer relays ended on its side while the link was lost: so they do here
+        (a program reading its stdin reads the end the peer sent before the link broke)."""
+        for channel in [c for c in self.ends if c not in self._resumed_channels]:
+            fd, _, _ = self.ends.pop(channel)
+            os.close(fd)
+            self.keep.drop(f"ch{channel}")
 
     async def _await_bridged(self) -> None:
         """Wait until what the program wrote on bridged connections was sent (each relay's `sent`)."""
@@ -526,6 +543,8 @@ class Execution:
             async for event in link.control:
                 if isinstance(event, Signal):
                     self._signal(link, event.signum)
+                elif isinstance(event, Open | OpenPty) and self.state.stopping:
+                    continue  # paused for the next server, which answers when the peer asks again
                 elif isinstance(event, Open):
                     nursery.start_soon(self._answer, self._bridge, link, event)
                 elif isinstance(event, OpenPty):

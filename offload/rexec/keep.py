@@ -36,20 +36,23 @@ import re
 import select
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from offload import proc, sd
+from offload import sd
 
 log = logging.getLogger(__name__)
 
 ROLES = ("rexec", "agent")
 #: The fd-store names of one session's fds: <role>-<session>-<what>.
-_NAME = re.compile(r"(rexec|agent)-([0-9a-f]{32})-(state|standin|ch[0-9]+|l[0-9]+|b[0-9]+|b[0-9]+x[0-9]+|p[0-9]+)")
+_NAME = re.compile(r"(rexec|agent)-([0-9a-f]{32})-([a-z0-9]+)")
+#: What each role keeps of a session, by name.
+_WHAT = {
+    "rexec": re.compile(r"state|ch[0-9]+|b[0-9]+"),
+    "agent": re.compile(r"state|standin|ch[0-9]+|l[0-9]+|b[0-9]+x[0-9]+|p[0-9]+"),
+}
 #: The facts of a session are a few hundred bytes; a bigger memfd is not ours.
 MAX_FACTS = 64 << 10
 
@@ -68,7 +71,7 @@ class Keep:
         self._kept: set[str] = set(kept)  # what the store holds of the session
 
     def record(self, facts: dict[str, Any], fds: dict[str, int]) -> None:
-        """Keep the session's facts (with ``pid`` and ``started_at`` of the process that bounds it) and its
+        """Keep the session's facts (with ``pid`` and ``start``, `start_of`, of the process that bounds it) and its
         first ``fds`` (copies: the caller keeps its own).
 
         The store keeps an open file once however often it is given (the
@@ -78,7 +81,7 @@ class Keep:
         if not self.enabled:
             return
         if self._marker is not None:
-            self._marker.write_text(f"{facts['pid']} {facts['started_at']!r}\n")
+            self._marker.write_text(f"{facts['pid']} {facts['start']}\n")
         first: dict[tuple[int, int, int], str] = {}
         same: dict[str, str] = {}
         for what, fd in fds.items():
@@ -154,7 +157,7 @@ def inherited() -> list[Kept]:
     found: dict[tuple[str, str], dict[str, int]] = {}
     for name, fds in sd.inherited_fds().items():
         match = _NAME.fullmatch(name)
-        if match is None or len(fds) != 1:
+        if match is None or not _WHAT[match[1]].fullmatch(match[3]) or len(fds) != 1:
             log.warning("closing %d inherited fds named %r: not a session's", len(fds), name)
             for fd in fds:
                 os.close(fd)
@@ -183,71 +186,69 @@ def _facts(role: str, session: str, fds: dict[str, int]) -> dict[str, Any] | Non
         facts = json.loads(os.pread(state, MAX_FACTS, 0))
         if not isinstance(facts, dict) or facts.get("name") != session:
             raise ValueError("the facts are another session's")
-        pid, started_at = int(facts["pid"]), float(facts["started_at"])
+        pid, start = int(facts["pid"]), int(facts["start"])
     except (OSError, ValueError, TypeError, KeyError) as exc:
         log.warning("%s session %s: its facts do not read (%s); its fds are closed", role, session, exc)
         return None
-    if not runs(pid, started_at):
+    if not runs(pid, start):
         log.info("%s session %s: pid %d ended while no server ran; nothing to carry on", role, session, pid)
         return None
     os.close(fds.pop("state"))  # the store keeps its own copy
     for what, kept_as in dict(facts.get("same") or {}).items():
-        if _NAME.fullmatch(f"{role}-{session}-{what}") and kept_as in fds and what not in fds:
+        if isinstance(what, str) and _WHAT[role].fullmatch(what) and kept_as in fds and what not in fds:
             fds[what] = os.dup(fds[kept_as])
     return facts
 
 
-def runs(pid: int, started_at: float) -> bool:
-    """Whether ``pid`` is the process that started at ``started_at`` (psutil's clock), and not a zombie."""
+def start_of(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (/proc/PID/stat); None if it is gone or a zombie.
+
+    Not psutil's create_time: that adds the boot time as the wall clock
+    tells it now, so a clock stepped since (NTP at a DPU's boot) would make
+    a running program look like another.
+    """
     try:
-        process = psutil.Process(pid)
-        return process.create_time() == started_at and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            fields = file.read().rsplit(b")", 1)[1].split()  # the name may hold anything but its last ")"
+    except OSError:
+        return None
+    return None if fields[0] == b"Z" else int(fields[19])
 
 
-def open_pidfd(pid: int, started_at: float) -> int | None:
+def runs(pid: int, start: int) -> bool:
+    """Whether ``pid`` is the process that started at ``start`` (`start_of`), and not a zombie."""
+    return start_of(pid) == start
+
+
+def open_pidfd(pid: int, start: int) -> int | None:
     """A pidfd of that process, checked after it was opened (so it names no successor); None if it is gone."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
         return None
-    if not runs(pid, started_at):
+    if not runs(pid, start):
         os.close(pidfd)
         return None
     return pidfd
 
 
-def end_unreachable(sessions_dir: Path, adopted: set[str], grace: float) -> None:
-    """End the programs of sessions named in ``sessions_dir`` that were not adopted: nobody can resume them."""
-    for marker in sessions_dir.iterdir():
-        if marker.name in adopted:
-            continue
-        with contextlib.suppress(OSError, ValueError):
-            pid_text, started_text = marker.read_text().split()
-            pidfd = open_pidfd(int(pid_text), float(started_text))
-            if pidfd is not None:
-                log.warning(
-                    "pid %s of session %s cannot be resumed (no fd store kept it); ending it", pid_text, marker.name
-                )
-                try:
-                    proc.end_pidfd(pidfd, grace)
-                finally:
-                    os.close(pidfd)
-        with contextlib.suppress(FileNotFoundError):
-            marker.unlink()
-
-
-def end_programs(sessions_dir: Path, timeout: float) -> list[str]:
-    """End the programs of every session named in ``sessions_dir``: SIGTERM to all, SIGKILL to those left
-    after ``timeout``; a line for each.  Their server, if it runs, tells the peer how each ended."""
+def marked(sessions_dir: Path, skip: Collection[str] = ()) -> dict[str, tuple[int, int]]:
+    """The running programs of the sessions named in ``sessions_dir`` (but ``skip``): name -> (pid, pidfd)."""
     running: dict[str, tuple[int, int]] = {}
     for marker in sorted(sessions_dir.iterdir()):
+        if marker.name in skip:
+            continue
         with contextlib.suppress(OSError, ValueError):
-            pid_text, started_text = marker.read_text().split()
-            pidfd = open_pidfd(int(pid_text), float(started_text))
+            pid_text, start_text = marker.read_text().split()
+            pidfd = open_pidfd(int(pid_text), int(start_text))
             if pidfd is not None:
                 running[marker.name] = (int(pid_text), pidfd)
+    return running
+
+
+def end(running: dict[str, tuple[int, int]], timeout: float) -> list[str]:
+    """End the programs of `marked`: SIGTERM to all, SIGKILL to those left after ``timeout``; a line for each.
+    Their pidfds are closed.  Their server, if it runs, tells the peer how each ended."""
     lines = []
     try:
         for signum in (signal.SIGTERM, signal.SIGKILL):
@@ -272,7 +273,30 @@ def end_programs(sessions_dir: Path, timeout: float) -> list[str]:
     finally:
         for _, pidfd in running.values():
             os.close(pidfd)
-    return lines or ["no programs were running"]
+    return lines
+
+
+def end_programs(sessions_dir: Path, timeout: float) -> list[str]:
+    """End the programs of every session named in ``sessions_dir`` (`offload guests stop`)."""
+    return end(marked(sessions_dir), timeout) or ["no programs were running"]
+
+
+def unreachable(sessions_dir: Path, adopted: Collection[str]) -> dict[str, tuple[int, int]]:
+    """The running programs of sessions named in ``sessions_dir`` that were not adopted, for `end`: nobody can
+    resume them.  Their names are removed; call it before sessions start (they name theirs there)."""
+    found = marked(sessions_dir, adopted)
+    for marker in sessions_dir.iterdir():
+        if marker.name not in adopted:
+            with contextlib.suppress(FileNotFoundError):
+                marker.unlink()
+    for session, (pid, _) in found.items():
+        log.warning("pid %d of session %s cannot be resumed (no fd store kept it); ending it", pid, session)
+    return found
+
+
+def end_unreachable(sessions_dir: Path, adopted: Collection[str], grace: float) -> None:
+    """`end` what is `unreachable`."""
+    end(unreachable(sessions_dir, adopted), grace)
 
 
 def programs(sessions_dir: Path) -> list[str]:
@@ -280,7 +304,7 @@ def programs(sessions_dir: Path) -> list[str]:
     lines = []
     for marker in sorted(sessions_dir.iterdir()) if sessions_dir.is_dir() else ():
         with contextlib.suppress(OSError, ValueError):
-            pid_text, started_text = marker.read_text().split()
-            state = "running" if runs(int(pid_text), float(started_text)) else "gone"
+            pid_text, start_text = marker.read_text().split()
+            state = "running" if runs(int(pid_text), int(start_text)) else "gone"
             lines.append(f"session {marker.name}: pid {pid_text} {state}")
     return lines or [f"no sessions kept in {sessions_dir}"]

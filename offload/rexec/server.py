@@ -172,7 +172,7 @@ async def serve(
             await nursery.start(_once_per_process, _reap_orphans)
             pool = PeerPool(transport, config, nursery)
             for session in kept:
-                if session.role == "agent" and (adopted := AgentSession.adopt(session, pool, config, pidmaps)):
+                if session.role == "agent" and (adopted := _adopt_stand_in(session, pool, config, pidmaps)):
                     nursery.start_soon(aio.guarded, log, "a stand-in's session", adopted.carry_on)
             agent_socket = await nursery.start(serve_stand_ins, config, pool, pidmaps)
             bound = [listener_address(listener) for listener in listeners]
@@ -191,7 +191,7 @@ async def serve(
 
             async def stop() -> None:
                 # Sessions that outlive this server are told apart from those a caller ended.
-                state.stopping = pool.stopping = True
+                state.stopping = pool.stopping = state.grants.stopping = True
                 if sd.store_available():
                     # They go on under the next server: their monitors and consoles lose no byte.
                     await attached.pause_all([*state.grants.relays(), *pool.relays], PAUSE_TIMEOUT)
@@ -204,12 +204,34 @@ async def serve(
 
 async def _carry_on(state: ServerState, kept: list[keep.Kept]) -> None:
     """Carry on the sessions of the server before us that its peers may resume; end the programs of the others."""
-    hosted = [session for session in kept if session.role == "rexec"]
-    adopted = [execution for session in hosted if (execution := Execution.adopt(state, session)) is not None]
+    adopted = []
+    for session in kept:
+        if session.role != "rexec":
+            continue
+        try:
+            execution = Execution.adopt(state, session)
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("session %s not carried on: %s", session.name, exc)
+            session.close()
+            continue
+        if execution is not None:
+            adopted.append(execution)
     for execution in adopted:
         state.nursery.start_soon(aio.guarded, log, f"session {execution.id}", execution.run)
-    names = {execution.name for execution in adopted}
-    await trio.to_thread.run_sync(keep.end_unreachable, state.sessions_dir, names, state.config.kill_grace)
+    # Named before any session of ours names its program there; ended while we serve.
+    unreachable = keep.unreachable(state.sessions_dir, {execution.name for execution in adopted})
+    if unreachable:
+        ending = partial(trio.to_thread.run_sync, keep.end, unreachable, state.config.kill_grace)
+        state.nursery.start_soon(aio.guarded, log, "ending programs nobody can resume", ending)
+
+
+def _adopt_stand_in(kept: keep.Kept, pool: PeerPool, config: RexecConfig, pidmaps: PidmapDir) -> AgentSession | None:
+    try:
+        return AgentSession.adopt(kept, pool, config, pidmaps)
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("stand-in session %s not carried on: %s", kept.name, exc)
+        kept.close()
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
