@@ -42,6 +42,12 @@ def store_available() -> bool:
     return bool(os.environ.get("NOTIFY_SOCKET")) and size.isdigit() and int(size) > 0
 
 
+def store_size() -> int:
+    """How many fds the manager's store holds at most ($FDSTORE), 0 without one."""
+    size = os.environ.get("FDSTORE", "")
+    return int(size) if size.isdigit() else 0
+
+
 def store_fds(name: str, fds: Sequence[int], *, poll: bool = True) -> bool:
     """Keep ``fds`` in the manager's store under ``name``; False when no manager took the message.
 

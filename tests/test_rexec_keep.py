@@ -341,3 +341,29 @@ def test_an_unreadable_marker_ends_nothing(tmp_path: Path, sleeper: subprocess.P
     time.sleep(0.3)
     assert sleeper.poll() is None
     assert not (tmp_path / GONE).exists()
+
+
+def test_a_full_store_keeps_no_more_sessions_and_says_so(
+    manager: socket.socket, sleeper: subprocess.Popen, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store is shared and bounded: a session that would not fit is not kept (and ends with its server),
+    instead of being kept in part; one that fits afterwards, once room was given back, is kept."""
+    monkeypatch.setenv("FDSTORE", str(keep.Keep.used + 2 + keep.ROOM_AFTER_START))
+    first = keep.Keep("rexec", KEPT, tmp_path / KEPT)
+    first.record(facts_of(KEPT, sleeper.pid, started_at(sleeper.pid)), {"ch1": 0})
+    assert first.enabled
+    kept_first = [receive(manager) for _ in range(2)]
+    second = keep.Keep("rexec", GONE, tmp_path / GONE)
+    second.record(facts_of(GONE, sleeper.pid, started_at(sleeper.pid)), {"ch1": 0})
+    assert not second.enabled and not (tmp_path / GONE).exists()
+    manager.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        receive(manager)  # nothing of the second went to the store
+    first.forget()
+    for _, fds in kept_first:
+        for fd in fds:
+            os.close(fd)
+    third = keep.Keep("rexec", REUSED, tmp_path / REUSED)
+    third.record(facts_of(REUSED, sleeper.pid, started_at(sleeper.pid)), {"ch1": 0})
+    assert third.enabled
+    third.forget()

@@ -333,7 +333,10 @@ class Execution:
         return True
 
     def _keep(self, path: str, user: policy.RemoteUser) -> None:
-        assert self.process is not None
+        assert self.process is not None and self.request is not None
+        if self.request.user != "root":
+            self.keep.enabled = False  # the store is the VMs' (`keep.Keep`): a user's sessions end with us
+            return
         self.keep.record(
             {
                 "name": self.name,

@@ -57,11 +57,21 @@ _WHAT = {
 MAX_FACTS = 64 << 10
 
 
+#: Room a kept session may still take after its start (its monitor connections, its ptys).
+ROOM_AFTER_START = 8
+
+
 class Keep:
     """One session's part of the fd store; a no-op where there is none (its session then ends with the server).
 
-    ``marker``: a file naming the session's bounding process, for `end_unreachable`.
+    ``marker``: a file naming the session's bounding process, for `end_unreachable`.  The
+    store is shared by every session of the server and bounded ($FDSTORE): only sessions of
+    root callers (libvirt's, the VMs) are kept, and only while the store has room for them,
+    so that no user's sessions crowd the VMs out of it.
     """
+
+    #: The fds this process keeps in the store.
+    used = 0
 
     def __init__(self, role: str, name: str, marker: Path | None = None, kept: Iterable[str] = ()) -> None:
         self.prefix = f"{role}-{name}-"
@@ -69,6 +79,7 @@ class Keep:
         self.enabled = sd.store_available()
         self._marker = marker
         self._kept: set[str] = set(kept)  # what the store holds of the session
+        Keep.used += len(self._kept)
 
     def record(self, facts: dict[str, Any], fds: dict[str, int]) -> None:
         """Keep the session's facts (with ``pid`` and ``start``, `start_of`, of the process that bounds it) and its
@@ -79,6 +90,10 @@ class Keep:
         first name, and the facts say which names are the same file.
         """
         if not self.enabled:
+            return
+        if Keep.used + len(fds) + 1 + ROOM_AFTER_START > sd.store_size():
+            log.warning("session %s: the fd store is full; a restart of this server will end it", self.name)
+            self.enabled = False
             return
         if self._marker is not None:
             self._marker.write_text(f"{facts['pid']} {facts['start']}\n")
@@ -106,14 +121,16 @@ class Keep:
         if not self.enabled:
             return
         # Not polled: a session drops its fds itself, and a pipe whose writer closed may still hold bytes.
-        if sd.store_fds(self.prefix + what, [fd], poll=False):
+        if what not in self._kept and sd.store_fds(self.prefix + what, [fd], poll=False):
             self._kept.add(what)
+            Keep.used += 1
         else:
             log.warning("session %s: %s not kept in the fd store; a restart will end the session", self.name, what)
 
     def drop(self, what: str) -> None:
         if what in self._kept:
             self._kept.discard(what)
+            Keep.used -= 1
             sd.remove_fds(self.prefix + what)
 
     def forget(self) -> None:
