@@ -65,6 +65,12 @@ class RexecConfig:
     max_peer_connections: int = _setting(
         ConnectionLimits.per_peer, "links served at once per peer address (stand-ins: per uid)", "N"
     )
+    program_slice: str = _setting(
+        "",
+        "systemd slice in which each program gets a transient scope of its own, outside this service's cgroup,"
+        " as libvirt's machines do (e.g. machine.slice; default: none)",
+        "SLICE",
+    )
     max_user_links: int = _setting(
         64,
         "connections to peers one unprivileged user's sessions may hold at once (their links, bridged"

@@ -10,9 +10,11 @@ passed back at start (sd_listen_fds_with_names(3)).
 from __future__ import annotations
 
 import array
+import errno
 import logging
 import os
 import socket
+import subprocess
 from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,46 @@ def store_available() -> bool:
     """
     size = os.environ.get("FDSTORE", "")
     return bool(os.environ.get("NOTIFY_SOCKET")) and size.isdigit() and int(size) > 0
+
+
+def place_in_scope(pid: int, unit: str, slice_name: str, description: str) -> None:
+    """Move ``pid`` into a transient scope ``unit`` of its own in ``slice_name``, as `systemd-run --scope`
+    makes one: from then on it lives outside this service's cgroup, so stopping the service (or
+    `systemctl kill` of it) never touches it.  OSError says why not."""
+    properties = [
+        ("PIDs", "au", "1", str(pid)),
+        ("Slice", "s", slice_name),
+        ("Description", "s", description),
+        ("CollectMode", "s", "inactive-or-failed"),
+    ]
+    service = own_service()
+    if service:
+        # Stopped before this service at shutdown (units stop in reverse order): its program ends
+        # while this service still runs to report it.
+        properties.append(("After", "as", "1", service))
+    argv = [
+        *("busctl", "call", "--quiet", "org.freedesktop.systemd1", "/org/freedesktop/systemd1"),
+        *("org.freedesktop.systemd1.Manager", "StartTransientUnit", "ssa(sv)a(sa(sv))", unit, "fail"),
+        str(len(properties)),
+        *(word for words in properties for word in words),
+        "0",  # no auxiliary units
+    ]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise OSError(errno.EIO, f"busctl: {exc}") from None
+    if result.returncode:
+        raise OSError(errno.EIO, result.stderr.strip() or f"busctl exited with {result.returncode}")
+
+
+def own_service() -> str:
+    """The service unit whose cgroup we run in (``rexec.service``), or "" outside one."""
+    try:
+        with open("/proc/self/cgroup") as file:
+            name = file.read().strip().splitlines()[-1].rsplit("/", 1)[-1]
+    except (OSError, IndexError):
+        return ""
+    return name if name.endswith(".service") else ""
 
 
 def store_size() -> int:

@@ -3,7 +3,8 @@
 Two containers booted with ``systemd-nspawn -b`` (offload/lab/systemd_lab.py)
 get the package with apt and each side's configuration in /etc; the units
 are enabled as an operator does; virsh in the DPU container starts a VM
-whose qemu runs in the host container's rexec.service.  Then the journal,
+whose qemu runs in the host container, in a scope of its own in machine.slice
+that rexec_server made for it.  Then the journal,
 ``systemctl reload rexec``, each daemon of either side restarted and killed
 under the running guest (which runs on, the same qemu, its monitor
 answering), ``systemctl stop offload-prepare``, and a teardown that leaves
@@ -123,7 +124,7 @@ def test_systemd_lab(deb: Path, lab: SystemdLab) -> None:
     vm = systemd_lab.domain(lab)
     timed("vm", systemd_lab.start_vm, lab, vm)
     where = timed("where", systemd_lab.where_qemu_runs, lab, vm.name)
-    assert "rexec.service" in where and '"running":true' in where
+    assert "(machine.slice)" in where and '"running":true' in where
     # No qemu in the DPU container: only its stand-in.
     dpu_pidns = os.readlink(f"/proc/{lab.leader('dpu')}/ns/pid")
     assert all(os.readlink(f"/proc/{pid}/ns/pid") != dpu_pidns for pid in systemd_lab.qemu_in_host(lab, vm.name))

@@ -609,15 +609,18 @@ def where_qemu_runs(lab: SystemdLab, name: str) -> str:
     if len(found) != 1:
         raise LabError(f"expected one qemu for {name} in the host container, found {found}")
     cgroups = Path(f"/proc/{found[0]}/cgroup").read_text()
-    if "/system.slice/rexec.service" not in cgroups:
-        raise LabError(f"qemu pid {found[0]} is not in the host's rexec.service:\n{cgroups}")
+    # rexec_server moved it out of its own cgroup into a scope of its own (--program-slice), as
+    # libvirt's machines live: stopping rexec.service never touches it.
+    scope = next((line.rsplit("/", 1)[1] for line in cgroups.splitlines() if "/machine.slice/rexec-" in line), None)
+    if scope is None or "rexec.service" in cgroups:
+        raise LabError(f"qemu pid {found[0]} is not in a scope of its own in machine.slice:\n{cgroups}")
     libvirtd = int(unit_state(lab, "dpu", "offload-libvirtd")["MainPID"])
     state = virsh(lab).state(name)
     if state != "running":
         raise LabError(f"virsh domstate {name} says {state!r}")
     status = " ".join(virsh(lab)("qemu-monitor-command", name, '{"execute":"query-status"}').split())
     return (
-        f"qemu pid {found[0]} in the host container's rexec.service; libvirtd pid {libvirtd} (DPU container's "
+        f"qemu pid {found[0]} in the host container's {scope} (machine.slice); libvirtd pid {libvirtd} (DPU container's "
         f"numbering) in offload-libvirtd.service; domstate {state}; query-status {status}"
     )
 

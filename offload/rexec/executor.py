@@ -38,7 +38,7 @@ from typing import Any
 import psutil
 import trio
 
-from offload import aio, fdpass, proc, ptys, users
+from offload import aio, fdpass, proc, ptys, sd, users
 from offload.config import RexecConfig
 from offload.errors import OffloadError, ProtocolError, RefusedError, TransportError
 from offload.fdio import StreamEnd, grow_pipe
@@ -313,6 +313,8 @@ class Execution:
             return False
         self.user = user
         self.peer = attached.who(self.link.peer, self.link.stream)
+        if self.config.program_slice:
+            await self._own_scope(path)
         with contextlib.suppress(psutil.NoSuchProcess):
             self.started_at = psutil.Process(self.process.pid).create_time()
         log.info(
@@ -331,6 +333,17 @@ class Execution:
         self._keep(path, user)
         await self.link.send(Started(self.process.pid, self.name, self.secret))
         return True
+
+    async def _own_scope(self, path: str) -> None:
+        """The program leaves this service's cgroup for a scope of its own, as libvirt's machines do."""
+        assert self.process is not None
+        unit = f"rexec-{self.name[:16]}.scope"
+        try:
+            await trio.to_thread.run_sync(
+                sd.place_in_scope, self.process.pid, unit, self.config.program_slice, f"{path} for {self.peer}"
+            )
+        except OSError as exc:
+            log.warning("session %d: pid %d stays in this service's cgroup: %s", self.id, self.process.pid, exc)
 
     def _keep(self, path: str, user: policy.RemoteUser) -> None:
         assert self.process is not None and self.request is not None
