@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: What `run` raises past its ``timeout``: callers catch it without importing subprocess.
+TimeoutExpired = subprocess.TimeoutExpired
+
 _PACKAGE_HELPER = Path(__file__).parent / "_native" / "rexec-exec"
 #: Where the Debian package installs it (debian/offload.install).
 _SYSTEM_HELPER = Path("/usr/lib/offload/rexec-exec")

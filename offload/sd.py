@@ -14,8 +14,10 @@ import errno
 import logging
 import os
 import socket
-import subprocess
 from collections.abc import Sequence
+
+from offload import proc
+from offload.errors import OffloadError
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +69,9 @@ def place_in_scope(pid: int, unit: str, slice_name: str, description: str) -> No
         "0",  # no auxiliary units
     ]
     try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise OSError(errno.EIO, f"busctl: {exc}") from None
-    if result.returncode:
-        raise OSError(errno.EIO, result.stderr.strip() or f"busctl exited with {result.returncode}")
+        proc.run(argv, timeout=10)
+    except (OffloadError, proc.TimeoutExpired) as exc:
+        raise OSError(errno.EIO, str(exc)) from None
 
 
 def own_service() -> str:
