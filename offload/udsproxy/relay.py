@@ -432,7 +432,9 @@ class Relay:
             if fd == local_fd:
                 if events & _OUT or (events & _TROUBLE and self._local_out):
                     self._flush_local()
-                if events & ~_OUT and self._reading_local:
+                # Not once paused, even when the poll said readable before the pause in this turn:
+                # nothing goes out after our Pause.
+                if events & ~_OUT and self._reading_local and not self._paused:
                     self._read_local()
             elif fd == link_fd:
                 if events & _OUT:
@@ -835,6 +837,8 @@ class Relay:
     def _pipe_ready(self, channel: int, pipe: _Pipe) -> None:
         if not pipe.reading:
             self._write_pipe(channel, pipe)
+            return
+        if self._paused:
             return
         limit = min(pipe.window.credit, wire.MAX_DATA)
         try:
