@@ -434,6 +434,9 @@ class AgentSession:
             self.consoles = console.SessionConsoles(caller.pid, nursery, self._relay_pty)
             listeners = {spec.fd: fd for spec, fd in self._relayed.values() if spec.kind is FdKind.LISTENER}
             self.carried.update((s.channel, (s, fd)) for s, fd in self._relayed.values() if s.channel)
+            for spec, fd in self._relayed.values():
+                if spec.kind is not FdKind.LISTENER and not spec.channel:
+                    os.close(fd)  # /dev/null or a shared file: the peer opens its own, nothing is relayed
             self._relayed = {}
             if self.adopted is None:
                 self._keep(caller, listeners)
@@ -820,9 +823,10 @@ class AgentSession:
                 if self.link is None or self.link.conn.state is not State.DONE:
                     log.info("stand-in %d for remote pid %d is gone; ending the session", caller.pid, self.remote_pid)
                 if self.link is not None and self.link.alive and self.link.conn.state is State.RUNNING:
-                    with contextlib.suppress(TransportError):
-                        # Said, not left to the link's end: a session outlives its link.  During
-                        # an outage the peer ends the program once its resume window is over.
+                    # Said, not left to the link's end: a session outlives its link.  During an
+                    # outage the peer ends the program once its resume window is over.  The
+                    # program's end may cross it (the link is then DONE: nothing to say).
+                    with contextlib.suppress(TransportError, ProtocolError):
                         await self.link.send(Hangup())
                     self._hung_up = True
                 nursery.cancel_scope.cancel()
@@ -909,7 +913,7 @@ class AgentSession:
         if self.link is not None and self.link.alive and self.link.conn.state is State.RUNNING:
             # This server stops under a running session: its stand-in reads the end of our
             # connection as a lost link, so the program must not wait to be resumed.
-            with trio.move_on_after(1), contextlib.suppress(TransportError):
+            with trio.move_on_after(1), contextlib.suppress(TransportError, ProtocolError):
                 await self.link.send(Hangup())
         self._close_fds()
         for pid in self.pidmap_pids:

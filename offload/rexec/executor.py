@@ -185,6 +185,7 @@ class Execution:
         self._released = trio.Event()
         self._lost = trio.CancelScope()  # the current link's share ends when cancelled
         self._resumed_channels: set[int] = set()  # what the peer relays on the link that resumed us
+        self.suspended = False  # its link was lost and it waits for another
         self._links_send, self._links = trio.open_memory_channel[tuple[SessionLink, trio.Event]](0)
 
     @classmethod
@@ -491,6 +492,13 @@ class Execution:
     async def _await_resume(self) -> bool:
         """Wait for the session to be carried on by another link, within the resume window."""
         assert self.process is not None
+        waiting = sum(1 for other in self.state.resumable.values() if other.suspended and other.peer == self.peer)
+        if waiting >= self.config.max_peer_connections:
+            # A peer that starts sessions and drops them must not make us keep them without bound.
+            log.warning(
+                "session %d: %d sessions of %s wait to be resumed already; this one ends", self.id, waiting, self.peer
+            )
+            return False
         log.info(
             "session %d: link to %s lost; pid %d runs on, waiting %.0f s to be resumed",
             self.id,
@@ -498,14 +506,17 @@ class Execution:
             self.process.pid,
             self.config.resume_window,
         )
+        self.suspended = True
         with trio.move_on_after(self.config.resume_window):
             while True:
                 await self._take_link()
+                self.suspended = False
                 assert self.link is not None
                 try:
                     await self.link.send(Resumed(self.process.pid))
                 except TransportError as exc:
                     log.info("session %d: the link that resumed it was lost at once (%s)", self.id, exc)
+                    self.suspended = True
                     continue
                 log.info("session %d: resumed by %s", self.id, self.link.peer)
                 self._finish_unlisted()

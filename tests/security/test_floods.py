@@ -139,6 +139,9 @@ def rexec_args(tree: Path, role: str, peer: str) -> list[str]:
         str(tree / f"run-{role}"),
         "--user-map",
         "root=root",
+        # A session its peer dropped waits this long to be resumed (holding its fds), then ends.
+        "--resume-window",
+        "2",
     ]
 
 
