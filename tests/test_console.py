@@ -428,6 +428,12 @@ class RawPeer:
         pid = (await self.next_of(Started)).pid
         return pid, int((await self.next_of(Data, 1)).data.split()[0])
 
+    async def ticket_for_its_pty(self, program: str) -> tuple[int, str]:
+        """Run ``program`` and ask for a ticket for the pty it holds: its pid and the ticket."""
+        pid, own = await self.run_pty_program(program)
+        await self.stream.send_all(self.conn.send(OpenPty(FIRST_BRIDGE_CHANNEL, own)))
+        return pid, (await self.next_of(Ticket, FIRST_BRIDGE_CHANNEL)).token
+
     async def refused(self) -> bool:
         """True when the server closes this pty connection without taking its ticket."""
         try:
@@ -505,9 +511,7 @@ async def test_a_ticket_opens_nothing_once_its_program_has_exited(server_tree: P
     await nursery.start(serve, _server_config(server_tree), Transport(TlsConfig.load(server_tree / "pki" / "host")))
     session = await RawPeer.connect(server_tree)
     try:
-        pid, own = await session.run_pty_program(SHORT_PROGRAM)
-        await session.stream.send_all(session.conn.send(OpenPty(FIRST_BRIDGE_CHANNEL, own)))
-        ticket = (await session.next_of(Ticket, FIRST_BRIDGE_CHANNEL)).token
+        pid, ticket = await session.ticket_for_its_pty(SHORT_PROGRAM)
         # The program exits and is reaped; its child keeps the session open.
         with trio.fail_after(10):
             while os.path.exists(f"/proc/{pid}"):
@@ -561,9 +565,7 @@ async def test_a_ticket_opens_nothing_for_another_peer(server_tree: Path, nurser
     await nursery.start(serve, _server_config(server_tree), Transport(TlsConfig.load(server_tree / "pki" / "host")))
     session = await RawPeer.connect(server_tree)
     try:
-        _, own = await session.run_pty_program(PROGRAM)
-        await session.stream.send_all(session.conn.send(OpenPty(FIRST_BRIDGE_CHANNEL, own)))
-        ticket = (await session.next_of(Ticket, FIRST_BRIDGE_CHANNEL)).token
+        _, ticket = await session.ticket_for_its_pty(PROGRAM)
         thief = await RawPeer.connect(server_tree, attach=ticket, node="dpu2")
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             # Typed into the pty, were it relayed: the program would answer on the session.

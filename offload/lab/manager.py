@@ -51,11 +51,10 @@ import time
 from dataclasses import dataclass, field
 
 from offload import log as logs
-from offload import sd
+from offload import proc, sd
 
 log = logging.getLogger("offload.lab.manager")
 
-PR_SET_CHILD_SUBREAPER = 36
 #: What the manager waits for, through a signalfd (the sender's pid comes with each).
 SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 #: Signals Python ignores in every interpreter: not an inherited disposition to pass on (as subprocess restores them).
@@ -381,9 +380,7 @@ def main() -> None:
     logs.setup("offload.lab.manager")
     # Before anything changes them: what the daemon's first start inherits.
     ignored = _ignored_by(os.getpid())
-    if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(error)}")
+    proc.adopt_orphans(True)  # as PID 1 would: the programs of a daemon that died are ours to reap
     manager = Manager(args.argv, args.notify_socket, args.ready_socket, args.store_max, args.stop_timeout)
     manager.ignored = ignored
     manager.run()

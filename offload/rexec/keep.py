@@ -36,7 +36,7 @@ import re
 import select
 import signal
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -249,17 +249,20 @@ def open_pidfd(pid: int, start: int) -> int | None:
     return pidfd
 
 
+def _markers(sessions_dir: Path) -> Iterator[tuple[str, int, int]]:
+    """The sessions named in ``sessions_dir``: (name, pid, start) of each readable marker."""
+    for marker in sorted(sessions_dir.iterdir()) if sessions_dir.is_dir() else ():
+        with contextlib.suppress(OSError, ValueError):
+            pid_text, start_text = marker.read_text().split()
+            yield marker.name, int(pid_text), int(start_text)
+
+
 def marked(sessions_dir: Path, skip: Collection[str] = ()) -> dict[str, tuple[int, int]]:
     """The running programs of the sessions named in ``sessions_dir`` (but ``skip``): name -> (pid, pidfd)."""
     running: dict[str, tuple[int, int]] = {}
-    for marker in sorted(sessions_dir.iterdir()):
-        if marker.name in skip:
-            continue
-        with contextlib.suppress(OSError, ValueError):
-            pid_text, start_text = marker.read_text().split()
-            pidfd = open_pidfd(int(pid_text), int(start_text))
-            if pidfd is not None:
-                running[marker.name] = (int(pid_text), pidfd)
+    for name, pid, start in _markers(sessions_dir):
+        if name not in skip and (pidfd := open_pidfd(pid, start)) is not None:
+            running[name] = (pid, pidfd)
     return running
 
 
@@ -318,10 +321,8 @@ def end_unreachable(sessions_dir: Path, adopted: Collection[str], grace: float) 
 
 def programs(sessions_dir: Path) -> list[str]:
     """A line for each session named in ``sessions_dir``: its program's pid, and whether it runs."""
-    lines = []
-    for marker in sorted(sessions_dir.iterdir()) if sessions_dir.is_dir() else ():
-        with contextlib.suppress(OSError, ValueError):
-            pid_text, start_text = marker.read_text().split()
-            state = "running" if runs(int(pid_text), int(start_text)) else "gone"
-            lines.append(f"session {marker.name}: pid {pid_text} {state}")
+    lines = [
+        f"session {name}: pid {pid} {'running' if runs(pid, start) else 'gone'}"
+        for name, pid, start in _markers(sessions_dir)
+    ]
     return lines or [f"no sessions kept in {sessions_dir}"]
