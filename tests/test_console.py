@@ -53,7 +53,10 @@ from offload.protocol.rexec import (
     Hangup,
     Hello,
     OpenPty,
+    Refused,
     Reset,
+    Resume,
+    Resumed,
     RexecConnection,
     Role,
     Started,
@@ -61,7 +64,7 @@ from offload.protocol.rexec import (
 )
 from offload.rexec import attached
 from offload.rexec.server import serve
-from tests.conftest import keep_logs, wait_for
+from tests.conftest import gone, keep_logs, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENT = str(REPO / "tests" / "console_client.py")
@@ -387,6 +390,7 @@ class RawPeer:
         self.stream = stream
         self.conn = RexecConnection(Role.CLIENT)
         self.events: list = []
+        self.started: Started | None = None
 
     @classmethod
     async def connect(cls, tree: Path, attach: str = "", node: str = "dpu") -> RawPeer:
@@ -425,7 +429,8 @@ class RawPeer:
             fds=(FdSpec(fd=1, kind=FdKind.PIPE_OUT, channel=1),),
         )
         await self.stream.send_all(self.conn.send(Exec(request)))
-        pid = (await self.next_of(Started)).pid
+        self.started = await self.next_of(Started)
+        pid = self.started.pid
         return pid, int((await self.next_of(Data, 1)).data.split()[0])
 
     async def ticket_for_its_pty(self, program: str) -> tuple[int, str]:
@@ -575,3 +580,36 @@ async def test_a_ticket_opens_nothing_for_another_peer(server_tree: Path, nurser
             await session.next_of(Data, 1, timeout=2)  # the program read nothing
     finally:
         await session.stream.aclose()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the whitelist must be root-owned")
+async def test_a_session_is_resumed_only_by_its_peer_with_its_secret(server_tree: Path, nursery: trio.Nursery) -> None:
+    """A session whose link was lost waits for its own DPU: another DPU with a valid certificate that learned
+    its name and secret, or its own DPU with a wrong secret, get a refusal and leave it as it was; its own
+    DPU with its secret carries it on, and its Hangup then ends the program at once."""
+    pki.init(server_tree / "pki", [pki.Identity("dpu", "dpu2")])
+    await nursery.start(serve, _server_config(server_tree), Transport(TlsConfig.load(server_tree / "pki" / "host")))
+    session = await RawPeer.connect(server_tree)
+    pid, _ = await session.run_pty_program(PROGRAM)
+    assert session.started is not None and session.started.session and session.started.secret
+    name, secret = session.started.session, session.started.secret
+    await session.stream.aclose()  # the link is lost, without a word
+    wrong = "0" * len(secret) if secret != "0" * len(secret) else "1" * len(secret)
+    for node, given in (("dpu2", secret), ("dpu", wrong)):
+        intruder = await RawPeer.connect(server_tree, node=node)
+        await intruder.stream.send_all(intruder.conn.send(Resume(name, given, (1,))))
+        assert "no session" in (await intruder.next_of(Refused)).reason
+        await intruder.stream.aclose()
+        assert not gone(pid), node  # refused, and the program was left running
+    owner = await RawPeer.connect(server_tree)
+    await owner.stream.send_all(owner.conn.send(Resume(name, secret, (1,))))
+    assert (await owner.next_of(Resumed)).pid == pid
+    await owner.stream.send_all(owner.conn.send(Hangup()))
+    await wait_for_async(lambda: gone(pid))
+    await owner.stream.aclose()
+
+
+async def wait_for_async(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.05)
