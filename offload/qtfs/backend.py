@@ -261,6 +261,16 @@ class Backend:
             if parent != self.root:
                 os.close(parent)
 
+    @contextlib.contextmanager
+    def _opened(self, path: bytes, flags: int, *sections: str) -> Iterator[int]:
+        """``path`` itself (never followed) opened with ``flags`` once the policy allowed ``sections``."""
+        with self._at(path, *sections) as (parent, name):
+            fd = os.open(name, flags | OPEN_ALWAYS, dir_fd=parent)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
     def _allow_handle(self, fd: int, section: str) -> None:
         """An operation by handle is judged by the handle's own file, where it is now."""
         if self._judged:
@@ -341,14 +351,10 @@ class Backend:
             self._allow_handle(fd, "Setattr")
             self._set_on_fd(fd, request)
             return wire.AttrReply(wire.pack_stat(os.fstat(fd)))
-        with self._at(request.path, "Setattr") as (parent, name):
-            target = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-        try:
+        with self._opened(request.path, os.O_PATH, "Setattr") as target:
             self._no_facts_below(target, request.path)
             self._set_on_fd(target, request, by_path=True)
             return wire.AttrReply(wire.pack_stat(os.stat(target)))
-        finally:
-            os.close(target)
 
     def _set_on_fd(self, fd: int, request: wire.Setattr, by_path: bool = False) -> None:
         # An O_PATH fd allows no fchmod or ftruncate; its /proc/self/fd magic link
@@ -562,10 +568,8 @@ class Backend:
         return wire.Empty()
 
     def opendir(self, request: wire.Opendir) -> wire.DirReply:
-        with self._at(request.path, "Readdir") as (parent, name):
-            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | OPEN_ALWAYS, dir_fd=parent)
         entries = []
-        try:
+        with self._opened(request.path, os.O_RDONLY | os.O_DIRECTORY, "Readdir") as fd:
             self._no_facts_below(fd, request.path)
             where = self._relative(real_path(fd), request.path) if self.facts is not None else b""
             with os.scandir(fd) as listing:
@@ -578,8 +582,6 @@ class Backend:
                     except FileNotFoundError:
                         continue  # removed while we listed
                     entries.append(wire.encode_entry(name, wire.pack_stat(st)))
-        finally:
-            os.close(fd)
         return self._page(0, entries, 0)
 
     def _page(self, handle: int, entries: list[bytes], start: int) -> wire.DirReply:
@@ -623,12 +625,8 @@ class Backend:
         return wire.Empty()
 
     def statfs(self, request: wire.Statfs) -> wire.StatfsReply:
-        with self._at(request.path) as (parent, name):
-            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-        try:
+        with self._opened(request.path, os.O_PATH) as fd:
             st = os.statvfs(fd)
-        finally:
-            os.close(fd)
         return wire.StatfsReply(*(getattr(st, "f_" + field.name) for field in fields(wire.StatfsReply)))
 
     def _xattr_path(self, path: bytes, sections: tuple[str, ...], action):
