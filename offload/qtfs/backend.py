@@ -85,9 +85,9 @@ def _closed_on_error(fd: int) -> Iterator[int]:
         raise
 
 
-def _refused(what: str, path: bytes) -> PermissionError:
-    log.warning("refused %s of %s: not allowed by the whitelist", what, os.fsdecode(path))
-    return PermissionError(errno.EACCES, f"{what} not allowed", os.fsdecode(path))
+def _refused(path: bytes, why: str, what: str = "a mount") -> PermissionError:
+    log.warning("refused %s of %s: %s", what, os.fsdecode(path), why)
+    return PermissionError(errno.EACCES, why, os.fsdecode(path))
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,7 @@ class Backend:
         for section in sections:
             host = self.host_path(where)
             if not self.whitelist.allows(section, host):
-                raise _refused(section, host)
+                raise _refused(host, "not allowed by the whitelist", section)
 
     def _served(self, where: bytes) -> bool:
         """``where`` (relative to a facts export's root) is served: an allowlisted fact, or, in a procfs,
@@ -309,23 +309,22 @@ class Backend:
         path = request.path.rstrip(b"/") or b"/"
         export = max((e for e in self.exports if is_under(path, e.path)), key=lambda e: len(e.path), default=None)
         if export is None:
-            log.warning("refused a mount of %s: not exported", os.fsdecode(path))
-            raise PermissionError(errno.EACCES, "not exported", os.fsdecode(path))
+            raise _refused(path, "not exported")
         if not self.whitelist.allows("Mount", path):
-            raise _refused("Mount", path)
+            raise _refused(path, "not allowed by the whitelist", "Mount")
         export_fd = os.open(export.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             rest = path[len(export.path) :].lstrip(b"/")
             if rest and _facts_of(export_fd) is not None:
                 # Below its root, a procfs is the processes' own entries (/proc/1, /proc/self).
-                raise _refused_mount(path, "a facts export is mounted at its root only")
+                raise _refused(path, "a facts export is mounted at its root only")
             root = openat2(export_fd, rest, os.O_PATH | os.O_DIRECTORY) if rest else os.dup(export_fd)
         finally:
             os.close(export_fd)
         with _closed_on_error(root):
             served = _facts_of(root)
             if served is None and fs_type(root) in FACT_FILESYSTEMS:
-                raise _refused_mount(path, "procfs and sysfs are mounted at their roots only")
+                raise _refused(path, "procfs and sysfs are mounted at their roots only")
             root_real = real_path(root)
         if self.root >= 0:
             os.close(self.root)
@@ -669,11 +668,6 @@ class Backend:
     def handlers(self) -> dict[wire.Op, Callable[[Any], wire.Message]]:
         """The operation for each op, the method of its name (the server looks them up once per connection)."""
         return {op: getattr(self, op.name.lower()) for op in wire.Op}
-
-
-def _refused_mount(path: bytes, why: str) -> PermissionError:
-    log.warning("refused a mount of %s: %s", os.fsdecode(path), why)
-    return PermissionError(errno.EACCES, why, os.fsdecode(path))
 
 
 def _facts_of(fd: int) -> tuple[bytes, ...] | None:
