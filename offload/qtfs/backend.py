@@ -38,9 +38,9 @@ from offload.prefix import is_under
 from offload.protocol import qtfs as wire
 from offload.qtfs import facts
 from offload.qtfs.inodes import join
-from offload.qtfs.programs import Programs, status_fields
+from offload.qtfs.programs import Programs
 from offload.qtfs.resolve import PROC_SUPER_MAGIC, SYSFS_MAGIC, fs_type, open_parent, openat2, real_path
-from offload.qtfs.tasks import TASK_FILES, task_id
+from offload.qtfs.tasks import TASK_FILES, process_of, task_id
 from offload.qtfs.whitelist import Whitelist
 
 log = logging.getLogger(__name__)
@@ -477,7 +477,7 @@ class Backend:
             log.warning("refused placing host task %d: this server has no --programs-of", task)
             raise PermissionError(errno.EPERM, "this server places no tasks")
         self.programs.check(task, "placing")
-        leader = name == b"cgroup.procs" or _is_leader(task)
+        leader = name == b"cgroup.procs" or process_of(task) == task  # it leads its thread group
         os.write(procs if leader else fd, b"%d" % task)
         return wire.CountReply(len(data))
 
@@ -694,14 +694,6 @@ def _drop_privileges(where: int | str, mode: int) -> None:
     setgid = stat.S_ISGID | stat.S_IXGRP
     if stat.S_ISREG(mode) and (mode & stat.S_ISUID or mode & setgid == setgid):
         os.chmod(where, stat.S_IMODE(mode) & ~PRIVILEGE_BITS)
-
-
-def _is_leader(task: int) -> bool:
-    """``task`` leads its thread group (its tid is its process's pid)."""
-    try:
-        return int(status_fields(task, "Tgid")["Tgid"]) == task
-    except (OSError, KeyError, ValueError):
-        return False
 
 
 def _is_procfs(fd: int) -> bool:

@@ -76,7 +76,7 @@ def process_of(task: int) -> int:
     """
     try:
         return int(status_fields(task, "Tgid")["Tgid"])
-    except (FileNotFoundError, ProcessLookupError, KeyError):
+    except (OSError, KeyError, ValueError):
         return 0
 
 
