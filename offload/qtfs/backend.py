@@ -139,9 +139,6 @@ class Handles:
                 os.close(fd)
         self._fds.clear()
 
-    def __len__(self) -> int:
-        return len(self._fds)
-
 
 class Backend:
     """One connection's view: its mount root, its open files and directory listings."""

@@ -38,9 +38,6 @@ class InodeTable:
         self._by_path: dict[bytes, Node] = {b"": self.root}
         self._next = ROOT_INODE + 1
 
-    def __len__(self) -> int:
-        return len(self._nodes)
-
     def path(self, inode: int) -> bytes:
         node = self._nodes.get(inode)
         if node is None or node.path is None:
