@@ -37,7 +37,7 @@ from offload.protocol.qtfs.messages import ReplyT
 from offload.qtfs import facts, tasks
 from offload.qtfs.cache import CachePolicy
 from offload.qtfs.client import Link, LinkDown, Mounted
-from offload.qtfs.inodes import InodeTable, Node, join
+from offload.qtfs.inodes import InodeTable, join
 
 if TYPE_CHECKING:
     from offload.qtfs.mount import MountOptions
@@ -161,10 +161,10 @@ class Filesystem(pyfuse3.Operations):
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _entry(self, node: Node, attr: wire.Attr, since: int = -1) -> pyfuse3.EntryAttributes:
+    def _entry(self, inode: int, attr: wire.Attr, since: int = -1) -> pyfuse3.EntryAttributes:
         """The kernel's entry for ``attr``; ``since``: the cache's `changes` before the request was sent."""
         entry = pyfuse3.EntryAttributes()
-        entry.st_ino = node.inode
+        entry.st_ino = inode
         entry.generation = 0
         entry.entry_timeout, entry.attr_timeout = self.cache.timeouts(attr.mode, since)
         for name in ENTRY_FIELDS:
@@ -179,7 +179,7 @@ class Filesystem(pyfuse3.Operations):
 
     def _remember(self, path: bytes, attr_bytes: bytes, since: int) -> pyfuse3.EntryAttributes:
         attr = wire.Attr.decode_from(attr_bytes)
-        return self._entry(self.table.remember(path, (attr.dev, attr.ino)), attr, since)
+        return self._entry(self.table.remember(path, (attr.dev, attr.ino)).inode, attr, since)
 
     # -- the host's changes ----------------------------------------------------------------------
 
@@ -332,22 +332,19 @@ class Filesystem(pyfuse3.Operations):
         reply = await self.host.call(wire.Getattr(path))
         attr = wire.Attr.decode_from(reply.attr)
         key = (attr.dev, attr.ino)
-        known = self.table.get(inode)
-        if inode == pyfuse3.ROOT_INODE:
-            node = self.table.root
-        elif self.cache.coherent and known is not None and known.key != key:
-            # The host replaced the file at this path, and the kernel still
-            # maps the name to the old inode until the Invalidate already on
-            # its way lands.  Until then the old inode stands for the path
-            # (what the host has there now, uncached): moving the path to a
-            # new node would leave the kernel's entry naming a file we no
-            # longer know (ESTALE).
-            node, since = known, -2
-        else:
-            node = self.table.node_at(path, key)
-        entry = self._entry(node, attr, since)
-        entry.st_ino = inode  # the kernel asked about this inode
-        return entry
+        if inode != pyfuse3.ROOT_INODE:
+            known = self.table.get(inode)
+            if self.cache.coherent and known is not None and known.key != key:
+                # The host replaced the file at this path, and the kernel still
+                # maps the name to the old inode until the Invalidate already on
+                # its way lands.  Until then the old inode stands for the path
+                # (what the host has there now, uncached): moving the path to a
+                # new node would leave the kernel's entry naming a file we no
+                # longer know (ESTALE).
+                since = -2
+            else:
+                self.table.node_at(path, key)
+        return self._entry(inode, attr, since)  # the kernel asked about this inode
 
     @errors
     async def setattr(
@@ -368,10 +365,7 @@ class Filesystem(pyfuse3.Operations):
             reply = await self._on_file(fh, request, retry=True)
         else:
             reply = await self.host.call(request(), retry=True)
-        result = wire.Attr.decode_from(reply.attr)
-        entry = self._entry(self.table.root, result, since)
-        entry.st_ino = inode
-        return entry
+        return self._entry(inode, wire.Attr.decode_from(reply.attr), since)
 
     @errors
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
@@ -536,7 +530,7 @@ class Filesystem(pyfuse3.Operations):
             self._add_page(listing, page)
         cached = []
         for name, attr in listing.entries:
-            entry = self._entry(self.table.root, attr, since)
+            entry = self._entry(0, attr, since)  # its inode is set as it is listed
             cached.append((name, join(path, name), (attr.dev, attr.ino), entry))
         self.cache.keep_listing(path, cached, since)
         return cached
@@ -579,7 +573,7 @@ class Filesystem(pyfuse3.Operations):
                 continue
             name, attr = listing.entries[index]
             node = self.table.node_at(join(listing.path, name), (attr.dev, attr.ino))
-            if not pyfuse3.readdir_reply(token, name, self._entry(node, attr, listing.since), index + 1):
+            if not pyfuse3.readdir_reply(token, name, self._entry(node.inode, attr, listing.since), index + 1):
                 self.table.drop_unused(node)
                 return
             node.lookups += 1
