@@ -288,15 +288,13 @@ class Link:
                 conn.heard(trio.current_time())
                 conn.receive_data(data)
                 while (event := conn.next_event()) is not wire.NEED_DATA:
-                    if isinstance(event, wire.Result):
+                    if isinstance(event, (wire.Result, wire.Failure)):
                         waiter = waiters.get(event.id)
                         if waiter is not None:
-                            waiter.outcome = event.reply
-                            waiter.event.set()
-                    elif isinstance(event, wire.Failure):
-                        waiter = waiters.get(event.id)
-                        if waiter is not None:
-                            waiter.outcome = OSError(event.errno, os.strerror(event.errno))
+                            if isinstance(event, wire.Result):
+                                waiter.outcome = event.reply
+                            else:
+                                waiter.outcome = OSError(event.errno, os.strerror(event.errno))
                             waiter.event.set()
                     elif isinstance(event, wire.Invalidate):
                         try:
