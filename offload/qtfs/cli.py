@@ -14,6 +14,24 @@ from offload.net import Address, Transport, parse_address
 
 log = logging.getLogger("qtfs")
 
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+#: `qtfs mount`'s durations in seconds: flag, default, help.
+MOUNT_SECONDS = (
+    ("--keepalive", 6.0, "link loss is noticed after this"),
+    (
+        "--reconnect-timeout",
+        None,
+        "how long a call waits for a lost link to return before EIO (default: the keepalive)",
+    ),
+    (
+        "--cache-timeout",
+        0.0,
+        "kernel attribute/entry caching without the host's announcements (--no-cache, /proc, /sys): "
+        "default 0, always coherent",
+    ),
+    ("--dir-attr-timeout", 1.0, "how long directories' attributes (not their entries) are cached (default 1 s)"),
+)
+
 
 def split_source(text: str) -> tuple[Address, bytes]:
     """``ADDR:/PATH`` split at the first ``:/``: ``169.254.77.1:7003:/var/lib/libvirt``, ``tcp://h:1:/x``."""
@@ -31,7 +49,7 @@ def split_source(text: str) -> tuple[Address, bytes]:
 
 def _security(parser: argparse.ArgumentParser, *, serving: bool) -> None:
     Transport.add_arguments(parser, serving=serving)
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,14 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "rexec's pids/) is its host program's",
     )
     mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
-    mount.add_argument("--keepalive", type=float, default=6.0, metavar="SEC", help="link loss is noticed after this")
-    mount.add_argument(
-        "--reconnect-timeout",
-        type=float,
-        default=None,
-        metavar="SEC",
-        help="how long a call waits for a lost link to return before EIO (default: the keepalive)",
-    )
+    for flag, default, text in MOUNT_SECONDS:
+        mount.add_argument(flag, type=float, default=default, metavar="SEC", help=text)
     cache = mount.add_mutually_exclusive_group()
     cache.add_argument(
         "--coherent-cache",
@@ -99,21 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument(
         "--no-cache", action="store_true", help="cache nothing: every stat, lookup, read and write asks the host"
     )
-    mount.add_argument(
-        "--cache-timeout",
-        type=float,
-        default=0.0,
-        metavar="SEC",
-        help="kernel attribute/entry caching without the host's announcements (--no-cache, /proc, /sys): "
-        "default 0, always coherent",
-    )
-    mount.add_argument(
-        "--dir-attr-timeout",
-        type=float,
-        default=1.0,
-        metavar="SEC",
-        help="how long directories' attributes (not their entries) are cached (default 1 s)",
-    )
     mount.add_argument("--log-file", metavar="FILE", help="where the background process logs (default: nowhere)")
     mount.add_argument("--node", default="", metavar="NAME")
     mount.add_argument("source", metavar="ADDR:REMOTE_PATH")
@@ -122,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     umount = commands.add_parser("umount", help="unmount and end the background process")
     umount.add_argument("mountpoint", metavar="LOCAL_DIR")
-    umount.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    umount.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS)
     return parser
 
 
