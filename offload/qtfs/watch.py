@@ -133,13 +133,7 @@ class TreeWatch:
                 # The client waits for the Mount's answer (qtfs.client's
                 # CONNECT_TIMEOUT): a tree too big to watch by then is served
                 # without the coherent cache rather than not at all.
-                log.warning(
-                    "%s has too many directories to watch within %.0f s; clients will not cache",
-                    os.fsdecode(self.root),
-                    WATCH_SECONDS,
-                )
-                self.complete = False
-                return
+                return self._incomplete(self.root, f"has too many directories to watch within {WATCH_SECONDS:.0f} s")
             relative = pending.pop()
             host = join(self.root, relative) if relative else self.root
             wd = _libc.inotify_add_watch(self.fd, host, MASK)
@@ -149,9 +143,7 @@ class TreeWatch:
                     continue  # gone again, or replaced by a file: its own events say so
                 if not relative:
                     raise _fail(f"inotify_add_watch {os.fsdecode(host)}")
-                log.warning("cannot watch %s: %s; clients stop caching", os.fsdecode(host), os.strerror(number))
-                self.complete = False
-                return
+                return self._incomplete(host, f"cannot be watched: {os.strerror(number)}")
             old = self._paths.get(wd)
             if old is not None and self._wds.get(old) == wd:
                 del self._wds[old]
@@ -159,15 +151,17 @@ class TreeWatch:
             self._wds[relative] = wd
             try:
                 if not self._same_kind(host):
-                    log.warning("%s is on a filesystem inotify cannot watch; clients stop caching", os.fsdecode(host))
-                    self.complete = False
-                    return
+                    return self._incomplete(host, "is on a filesystem inotify cannot watch")
                 with os.scandir(host) as entries:
                     for entry in entries:
                         if entry.is_dir(follow_symlinks=False):
                             pending.append(join(relative, os.fsencode(entry.name)))
             except (FileNotFoundError, NotADirectoryError):
                 continue
+
+    def _incomplete(self, host: bytes, why: str) -> None:
+        log.warning("%s %s; clients stop caching", os.fsdecode(host), why)
+        self.complete = False
 
     def _same_kind(self, host: bytes) -> bool:
         """Is the directory ``host`` on a filesystem inotify can watch?  (Something may be mounted in the tree.)"""
