@@ -14,10 +14,11 @@ as a sign of life, so a busy link needs no Pong in time.
 from __future__ import annotations
 
 import enum
+import functools
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 from offload.errors import LinkLost, LocalProtocolError, ProtocolError, RemoteProtocolError
 from offload.protocol.framing import ABSOLUTE_MAX_PAYLOAD, NEED_DATA, Frame, FrameDecoder, encode_frame, encode_header
@@ -105,6 +106,27 @@ class Registry:
         self.declare(pong, Pong, encode=lambda e: (0, e.token), decode=decoder(Pong))
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _final_error(method: Callable[Concatenate[Connection, _P], _R]) -> Callable[Concatenate[Connection, _P], _R]:
+    """The ERROR state: after any violation `error` holds it, and every later call raises."""
+
+    @functools.wraps(method)
+    def guarded(self: Connection, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if self.error is not None:
+            raise LocalProtocolError(f"{self.registry.name} connection failed earlier: {self.error}") from self.error
+        try:
+            return method(self, *args, **kwargs)
+        except (ProtocolError, LinkLost) as exc:
+            if self.error is None:
+                self.error = exc
+            raise
+
+    return guarded
+
+
 class Phase(enum.Enum):
     """The state of a protocol without states of its own."""
 
@@ -142,49 +164,31 @@ class Connection:
         self._next_ping = now + self.ping_every
         self._pings = 0
 
-    # -- the ERROR state --------------------------------------------------------------------
-
-    def _check(self) -> None:
-        if self.error is not None:
-            raise LocalProtocolError(f"{self.registry.name} connection failed earlier: {self.error}") from self.error
-
-    def _fail(self, exc: Exception) -> None:
-        if self.error is None:
-            self.error = exc
-
     # -- sending ----------------------------------------------------------------------------
 
+    @_final_error
     def send(self, event: Any) -> bytes:
         """The bytes of ``event``; `LocalProtocolError` if this side may not send it now."""
-        self._check()
-        try:
-            kind = self._kind_to_send(type(event))
-            if isinstance(event, self.registry.hello):
-                if self.sent_hello:
-                    raise LocalProtocolError("Hello sent twice")
-                self.sent_hello = True
-            self.state = self._transition(self.role, event, LocalProtocolError)
-            self._sending(event)
-            channel, payload = kind.encode(event)
-            return encode_frame(kind.code, channel, payload, max_payload=self.registry.max_payload)
-        except ProtocolError as exc:
-            self._fail(exc)
-            raise
+        kind = self._kind_to_send(type(event))
+        if isinstance(event, self.registry.hello):
+            if self.sent_hello:
+                raise LocalProtocolError("Hello sent twice")
+            self.sent_hello = True
+        self.state = self._transition(self.role, event, LocalProtocolError)
+        self._sending(event)
+        channel, payload = kind.encode(event)
+        return encode_frame(kind.code, channel, payload, max_payload=self.registry.max_payload)
 
+    @_final_error
     def send_header(self, event: type, channel: int, length: int) -> bytes:
         """The header of a frame of ``event`` whose payload the caller sends as it is (no copy).
 
         Only for frames that change no state: a read's data, a relay's bytes.
         """
-        self._check()
-        try:
-            kind = self._kind_to_send(event)
-            if length > self.registry.max_payload:
-                raise LocalProtocolError(f"{event.__name__} of {length} bytes is too large")
-            return encode_header(kind.code, channel, length)
-        except ProtocolError as exc:
-            self._fail(exc)
-            raise
+        kind = self._kind_to_send(event)
+        if length > self.registry.max_payload:
+            raise LocalProtocolError(f"{event.__name__} of {length} bytes is too large")
+        return encode_header(kind.code, channel, length)
 
     def _kind_to_send(self, event: type) -> Kind:
         kind = self.registry.by_event.get(event)
@@ -209,29 +213,21 @@ class Connection:
 
     # -- receiving --------------------------------------------------------------------------
 
+    @_final_error
     def receive_data(self, data: bytes | bytearray) -> None:
         """Bytes from the peer; ``b""`` means it ended the stream."""
-        self._check()
-        try:
-            self._decoder.receive_data(bytes(data) if isinstance(data, bytearray) else data)
-        except ProtocolError as exc:
-            self._fail(exc)
-            raise
+        self._decoder.receive_data(bytes(data) if isinstance(data, bytearray) else data)
 
+    @_final_error
     def next_event(self) -> Any:
         """The next event, `NEED_DATA`, or `Closed` (again on every later call) at a clean end."""
-        self._check()
-        try:
-            while True:
-                frame = self._decoder.next_frame()
-                if not isinstance(frame, Frame):
-                    return NEED_DATA if frame is NEED_DATA else Closed()
-                event = self._received(self._decode(frame))
-                if event is not None:
-                    return event
-        except ProtocolError as exc:
-            self._fail(exc)
-            raise
+        while True:
+            frame = self._decoder.next_frame()
+            if not isinstance(frame, Frame):
+                return NEED_DATA if frame is NEED_DATA else Closed()
+            event = self._received(self._decode(frame))
+            if event is not None:
+                return event
 
     def _decode(self, frame: Frame) -> Any:
         kind = self.registry.by_code.get(frame.type)
@@ -253,21 +249,17 @@ class Connection:
         self.state = self._transition(self.peer_role, event, RemoteProtocolError)
         return event
 
+    @_final_error
     def event_of(self, type: int, channel: int, payload: bytes) -> Any:
         """The event of a frame its driver split itself (`framing.split_frames`), as `next_event` would return it.
 
         Checked the same way; None when the protocol drops it.
         """
-        self._check()
-        try:
-            return self._received(self._decode(Frame(type, channel, payload)))
-        except ProtocolError as exc:
-            self._fail(exc)
-            raise
+        return self._received(self._decode(Frame(type, channel, payload)))
 
+    @_final_error
     def leftover(self) -> bytes:
         """The bytes received beyond the events returned so far, handed to another reader (udsproxy's relay)."""
-        self._check()
         return self._decoder.take_buffered()
 
     def _received(self, event: Any) -> Any:
@@ -287,15 +279,13 @@ class Connection:
             return float("inf")
         return min(self._next_ping, self._heard + self.keepalive)
 
+    @_final_error
     def poll(self, now: float) -> bytes:
         """A Ping's bytes when one is due at ``now``, else ``b""``; `LinkLost` after ``keepalive`` of silence."""
-        self._check()
         if self.keepalive is None:
             return b""
         if now - self._heard >= self.keepalive:
-            lost = LinkLost(f"nothing heard for {now - self._heard:.1f} s")
-            self._fail(lost)
-            raise lost
+            raise LinkLost(f"nothing heard for {now - self._heard:.1f} s")
         if now < self._next_ping:
             return b""
         self._next_ping = now + self.ping_every

@@ -1,21 +1,16 @@
 """The server's file operations for one mounted connection: requests in, replies out, no I/O loop.
 
-Every operation resolves its path below the connection's mount root with
-`offload.qtfs.resolve` (never leaving the export), and the policy is
-checked on where the path really leads: the directory holding the entry is
-opened first, the kernel's name for it (after every symlink on the way) is
-what the whitelist and the facts allowlist judge, and the operation then
-acts on the entry in that very directory, so check and use meet the same
-object.  An operation by handle is judged by the handle's own file.  Each
-refusal raises OSError whose errno the server sends back by name: EACCES
-for the whitelist (as the reference's), ENOENT for what a facts export does
-not serve, EROFS for a write to a read-only export.  README.md ("qtfs",
-Security) says what the peer, which may be compromised, is never given.
+Every path resolves below the mount root (`offload.qtfs.resolve`), and the
+policy judges where it really leads: the directory holding the entry is
+opened first, the kernel's path of it is what the whitelist and the facts
+allowlist see, and the operation then acts on the entry in that very
+directory, so check and use meet the same object.  Refusals raise OSError:
+EACCES for the whitelist, ENOENT for what a facts export does not serve,
+EROFS for a write to a read-only export (README.md, "qtfs", Security).
 
-The process runs as root with umask 0 (the client's kernel has applied the
-caller's umask already); new files are given to the calling DPU user (uid
-and gid from the FUSE request), except that a setgid directory's group wins,
-as the kernel does it locally.
+The process runs with umask 0 (the client's kernel applied the caller's
+umask already); new files are given to the calling DPU user, except that a
+setgid directory's group wins, as the kernel does it locally.
 """
 
 from __future__ import annotations

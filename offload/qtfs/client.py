@@ -1,28 +1,18 @@
 """The DPU side's link to a qtfs server: one authenticated connection, requests multiplexed by id.
 
-Any number of tasks call `Link.call` at once; each request gets an id, one
-reader task hands every reply to its caller, so a slow read never holds
-up a stat.  The link keeps itself alive:
+One reader task hands every reply to its caller, so a slow read never
+holds up a stat.  The connection says when a ping is due and when silence
+means the link is lost (a pulled cable is noticed in bounded time, never a
+hang); a lost link is re-established in the background
+(backoff up to one second), and calls made meanwhile wait for it up to
+``reconnect_timeout``, then fail with EIO.  A request in flight when the
+link went down is sent again only if its op is idempotent
+(`offload.protocol.qtfs.IDEMPOTENT`) and path-based; otherwise its outcome
+is unknown.  Open file handles belong to one connection (`generation`).
 
-* a keepalive task pings when the connection says a ping is due (every
-  ``keepalive / 3`` seconds); when nothing has arrived for ``keepalive``
-  seconds the connection says the link is lost (a pulled cable is noticed
-  in bounded time, never a hang);
-* a lost link is re-established in the background (a restarted server is
-  reconnected to, with backoff up to one second); calls made meanwhile wait
-  for it up to ``reconnect_timeout`` and then fail with EIO;
-* a request in flight when the link went down is sent again only if the
-  op is idempotent (`offload.protocol.qtfs.IDEMPOTENT`) and path-based;
-  otherwise its outcome is unknown and the caller gets EIO.
-
-Open file handles belong to one connection (`generation`): the filesystem
-layer re-opens files by path after a reconnect.
-
-The server's Invalidate messages go to ``on_invalidate`` in the order they
-arrive among the replies (an Invalidate that arrived before a reply is
-handled before that reply's caller resumes); ``on_reset`` is called when
-the link is lost and when it is re-established, since changes made on the
-host meanwhile were never announced.
+``on_invalidate`` gets the server's Invalidates in wire order among the
+replies; ``on_reset`` is called when the link is lost and when it is back,
+since what the host changed meanwhile was never announced.
 """
 
 from __future__ import annotations

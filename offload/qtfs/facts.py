@@ -1,22 +1,11 @@
-"""Which of the host's /proc and /sys the DPU sees (LXCFS-style).
-
-`qtfs mount --proc HOST:/proc STAGING` shows the host's procfs minus every
-per-process entry; the mount orchestrator then binds ``STAGING/<f>`` over
-``TARGET/proc/<f>`` for each ``f`` in `PROC_FILES`, on top of the DPU's own
-procfs, so /proc/self, /proc/thread-self and /proc/PID stay the DPU's (the
-stand-in pids libvirt sees keep working) while the system-wide facts are
-the host's.  `qtfs mount --sys HOST:/sys STAGING` shows only the `SYS_DIRS`
-subtrees, bound the same way over ``TARGET/sys/<d>``; cgroups stay local.
+"""Which of the host's /proc and /sys the DPU sees (README.md, "/proc and /sys facts (LXCFS-style)").
 
 The lists are what libvirt 9 reads for node info and capabilities
 (virhostcpu.c, virhostmem.c, virnuma.c, the qemu capability probe; from the
-paths compiled into Debian's libvirt 9.0 and its qemu driver).
-Names are relative to /proc and /sys; a name missing on either side is
-skipped by the orchestrator.
-
-The server serves exactly these (`PROC_SERVED`, `SYS_SERVED`: the files,
-what lies below the /sys directories, and the directories on the way) of
-an exported procfs or sysfs, and nothing else, whatever path the peer names.
+paths compiled into Debian's libvirt 9.0 and its qemu driver).  Names are
+relative to /proc and /sys; a name missing on either side is skipped by the
+mount orchestrator.  The server serves exactly these of an exported procfs
+or sysfs (`PROC_SERVED`, `SYS_SERVED`), whatever path the peer names.
 """
 
 from __future__ import annotations

@@ -1,16 +1,12 @@
 """The FUSE filesystem of `qtfs mount`: kernel requests -> qtfs requests over the link.
 
-Two ways to cache (README.md, "qtfs", says what each promises):
-
-* coherent (the server watches the tree and sends an Invalidate per change
-  on the host): the kernel caches entries, attributes, pages and listings,
-  and `offload.qtfs.cache` decides what each Invalidate drops and which
-  reply may be cached; attributes are dropped in the link's reader, in wire
-  order, pages in a worker thread (that kernel call may wait for a request
-  we are serving);
-* none (``--no-cache``, /proc, /sys, an unwatchable tree): timeouts of 0
-  (a directory's attributes excepted, see `CachePolicy`) and direct_io, so
-  every read and write(2) reaches the host whole and as issued.
+README.md ("qtfs", Caching) says what each way to cache promises.  With the
+coherent cache, `offload.qtfs.cache` decides what each Invalidate drops and
+which reply may be kept; attributes are dropped in the link's reader, in
+wire order, pages in a worker thread (that kernel call may wait for a
+request we are serving).  Without it (``--no-cache``, /proc, /sys, an
+unwatchable tree) timeouts are 0 (see `CachePolicy`) and files direct_io,
+so every read and write(2) reaches the host whole and as issued.
 
 Handlers fail the caller's syscall through `errors`, never the mount.
 """

@@ -1,23 +1,18 @@
 """Mounting and unmounting: the FUSE session's life, in the foreground or in the background.
 
-`qtfs mount` first connects and mounts on the server (so an unreachable
+`qtfs mount` connects and mounts on the server first (so an unreachable
 host, a refused path or bad credentials fail the command with the reason),
-then mounts with FUSE, then checks that the mount answers (a stat of the
-mount point through the kernel), and only then reports success.  In the
-background (the default, like sshfs) the command forks before any of this;
-the parent waits for the child's one-line report on a pipe and exits 0 or
-non-zero with the reason; the child detaches (new session, stdio to
-/dev/null or --log-file) and serves until unmounted.
+mounts FUSE, checks that the mount answers, and only then reports success.
+In the background (the default, like sshfs) the command forks first and the
+parent waits for the child's one-line report on a pipe.
 
-A pid file, ``/run/qtfs/<st_dev of the mount>.pid``, lets `qtfs umount`
-wait until the background process has ended (offload.qtfs.unmount).
 SIGTERM, SIGINT and SIGHUP unmount and end the process; an end for any
-other reason (an error no call could absorb) leaves the mount in place,
-dead, so that the DPU's own directory below it never shows.  However the
-process ends, it aborts its FUSE connection on the way out (offload.qtfs.fusectl
-says why), and a guard process (offload.qtfs.guard) does it when the process
-is killed.  A mount left dead some other way ("Transport endpoint is not connected")
-is detached by the next mount on the same directory.
+other reason leaves the mount in place, dead, so that the DPU's own
+directory below it never shows.  However the process ends, it aborts its
+FUSE connection on the way out (offload.qtfs.fusectl says why), and a
+guard process (offload.qtfs.guard) does it when the process is killed.
+A mount left dead some other way is detached by the next mount on the
+same directory.
 """
 
 from __future__ import annotations

@@ -1,18 +1,15 @@
 """qtfs serve: the host side.  Serves exported directories to authenticated DPU clients.
 
-One connection is one mount.  Requests of a connection are read in
-batches and answered in order of completion: operations on local files
-run inline in the event loop (a stat, a page-cache read: microseconds, less
-than a thread hand-off costs), fsync runs in a thread so a slow flush never
-holds up the connection's other requests.  Replies of one batch leave in
-one send.  A read's data is read straight into the buffer that is sent,
-behind room for the frame header (no copy).
+One connection is one mount.  Requests are read in batches and answered in
+order of completion: local file operations run inline (a stat, a
+page-cache read: microseconds, less than a thread hand-off costs), fsync in
+a thread so that a slow flush never holds up the connection's other
+requests.  Replies of one batch leave in one send; a read's data is read
+straight into the buffer that is sent (no copy).
 
-When the mounted tree is on a local filesystem, the session watches it
-(`offload.qtfs.watch`) and tells its client of every change with an
-Invalidate, so the client may cache.  The watch is read before every
-batch of replies and its news sent first: a change made on the host before
-a request was answered is announced before that answer.
+A locally stored tree is watched (`offload.qtfs.watch`) and its changes
+sent as Invalidates, read before every batch of replies and sent first: a
+change made before a request was answered is announced before that answer.
 """
 
 from __future__ import annotations

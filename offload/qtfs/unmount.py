@@ -1,19 +1,14 @@
 """Taking a userspace qtfs mount down: unmount it, end the client that served it, wait for that.
 
-`umount` is the one way the package does it: ``qtfs umount``, ``offload
-teardown`` and prepare's rollback all call it, in-process (no program to
-find).  The mount is found in /proc/self/mountinfo, not by stat(2), which
-would be a request to the client (hung if the client is).  A lazy unmount
-(a busy mount that the operator forces down) leaves the superblock alive
-while it is used, and the client serving it: its connection is aborted
-then, so the client ends and the files still open there fail instead of
-being served by nobody knows what.  Either way the call returns once the
-client has exited, ending it (SIGTERM, then SIGKILL) if it has not after
-`UMOUNT_WAIT` seconds.
-
-The client writes its pid to ``/run/qtfs/<st_dev of the mount>.pid``; the
-guard (offload.qtfs.guard) detaches a mount whose client died with
-`detach_if_ours`.
+`umount` is the one way the package does it (``qtfs umount``, ``offload
+teardown``, prepare's rollback), in-process.  The mount is found in
+/proc/self/mountinfo, not by stat(2), which would be a request to the
+client (hung if the client is).  A lazy unmount leaves the superblock, and
+its client, alive while it is used: its connection is aborted then, so the
+files still open there fail instead of being served by nobody knows what.
+Either way the call returns once the client, known by its pid file
+``/run/qtfs/<st_dev of the mount>.pid``, has exited (ended after
+`UMOUNT_WAIT` seconds if need be).
 """
 
 from __future__ import annotations

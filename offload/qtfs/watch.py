@@ -1,17 +1,11 @@
 """Watching an exported tree with inotify(7), so clients may cache and be told of host changes.
 
-`TreeWatch` puts a watch on every directory of a tree (and on each new one
-as it appears), reads the events without blocking and turns them into
-`offload.protocol.qtfs.Invalidate` messages with paths relative to the
-tree's root.  No I/O loop here: the server waits for the fd to be readable
-and calls `read`, and also calls it before every batch of replies, so a
-reply never overtakes the news of a change made before it was computed.
-
-What inotify does and does not see is in README.md ("qtfs", Caching): a
-file's IN_MODIFY and IN_ATTRIB go to the watch of the directory the writer
-named it by, so a write through a hard link named outside the tree is not
-seen.  Pseudo and network filesystems (/proc, /sys, NFS, FUSE) change
-without events: `watchable` refuses them and they are served uncached.
+`TreeWatch` watches every directory of a tree (and each new one) and turns
+its events into `offload.protocol.qtfs.Invalidate` messages with paths
+relative to the tree's root; the server reads it when its fd is readable
+and before every batch of replies.  What inotify does not see is in
+README.md ("qtfs", Caching); filesystems that change without events
+(/proc, /sys, NFS, FUSE) fail `watchable` and are served uncached.
 """
 
 from __future__ import annotations
