@@ -65,7 +65,7 @@ from offload.udsproxy.prefixes import open_beneath
 from offload.udsproxy.relay import (
     CONTROL_SPACE,
     LOCAL_BUFFER,
-    Cipher,
+    PlainCipher,
     Prepared,
     Relay,
     Submission,
@@ -148,7 +148,7 @@ class PeerStream:
             self.conn.receive_data(bytes(await self.stream.receive_some(64 << 10)))
         return event
 
-    def detach(self) -> tuple[socket.socket, Cipher, bytes]:
+    def detach(self) -> tuple[socket.socket, PlainCipher, bytes]:
         """The link socket, its cipher and the bytes received beyond setup, for a Relay."""
         return (*detach(self.stream), self.conn.leftover())
 

@@ -35,7 +35,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterable
-from typing import Protocol, cast
+from typing import cast
 
 import trio
 
@@ -79,17 +79,8 @@ class PeerClosed(Exception):
     """The link ended (end of stream, reset, or the TLS session ended)."""
 
 
-class Cipher(Protocol):
-    scratch: mmap.mmap | None
-
-    def seal(self, data: memoryview | bytes) -> memoryview | bytes: ...
-    def fill(self, sock: socket.socket, into: memoryview) -> int: ...
-    def buffered(self) -> bool: ...
-    def output(self) -> bytes: ...
-
-
 class PlainCipher:
-    """--insecure: the link carries frames as they are."""
+    """--insecure: the link carries frames as they are.  The cipher a `Relay` drives; `TlsCipher` seals."""
 
     scratch: mmap.mmap | None = None
 
@@ -111,8 +102,11 @@ class PlainCipher:
     def output(self) -> bytes:
         return b""
 
+    def release(self) -> None:
+        pass
 
-class TlsCipher:
+
+class TlsCipher(PlainCipher):
     """The TLS session the handshake made, through its memory BIOs."""
 
     RAW = 512 << 10
@@ -122,7 +116,7 @@ class TlsCipher:
         self.incoming = incoming
         self.outgoing = outgoing
         raw = mmap.mmap(-1, self.RAW)
-        self.scratch: mmap.mmap | None = raw
+        self.scratch = raw
         self._raw_view = memoryview(raw)
 
     def release(self) -> None:
@@ -237,7 +231,7 @@ class Relay:
     def __init__(
         self,
         link: socket.socket,
-        cipher: Cipher,
+        cipher: PlainCipher,
         local: socket.socket | ptys.PtyEnd,
         *,
         client: bool,
@@ -656,10 +650,7 @@ class Relay:
             self._filled = count == len(into)
             if count > BUSY:
                 self._busy = True
-        except PeerClosed as exc:
-            self._link_down(str(exc))
-            return
-        except (ConnectionResetError, BrokenPipeError) as exc:
+        except (PeerClosed, ConnectionResetError, BrokenPipeError) as exc:
             self._link_down(str(exc))
             return
         output = self.cipher.output()
@@ -930,8 +921,7 @@ class Relay:
         with contextlib.suppress(BufferError):
             self._in_view.release()
             self._out_view.release()
-            if isinstance(self.cipher, TlsCipher):
-                self.cipher.release()
+            self.cipher.release()
             for buffer in self._scratch:
                 buffer.close()
 
@@ -980,9 +970,9 @@ def materialize_all(
     return made
 
 
-def detach(stream: trio.abc.Stream) -> tuple[socket.socket, Cipher]:
+def detach(stream: trio.abc.Stream) -> tuple[socket.socket, PlainCipher]:
     """The socket under an authenticated stream and its cipher, for a Relay; the stream must not be used again."""
-    cipher: Cipher
+    cipher: PlainCipher
     raw: trio.abc.Stream
     if isinstance(stream, TlsStream):
         # The session the handshake made continues in the relay thread.
