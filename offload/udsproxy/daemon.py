@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno as errno_module
 import logging
 import math
@@ -30,8 +31,8 @@ import os
 import socket
 import stat
 import struct
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -88,7 +89,7 @@ _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _GROUPS_SPACE = 1024
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ProxyConfig:
     listen: tuple[str, ...]
     peer: str
@@ -125,11 +126,10 @@ class ProxyConfig:
 def shim_caller(sock: trio.socket.SocketType) -> tuple[users.RemoteUser, str]:
     """The program that asked the shim: its account (SO_PEERCRED, SO_PEERGROUPS) and its root directory."""
     groups: tuple[int, ...] | None = None
-    with socket.socket(fileno=os.dup(sock.fileno())) as plain:
-        pid, uid, gid = users.peer_credentials(plain)
-        with contextlib.suppress(OSError):
-            raw = plain.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, _GROUPS_SPACE)
-            groups = struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) - len(raw) % 4])
+    pid, uid, gid = users.peer_credentials(sock)
+    with contextlib.suppress(OSError):
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, _GROUPS_SPACE)
+        groups = struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) - len(raw) % 4])
     return users.local_user(uid, gid, groups), fdpass.root_of(pid) if pid > 0 else "/"
 
 
@@ -269,27 +269,21 @@ class Daemon:
 
     async def _shim_send_fds(self, sock: trio.socket.SocketType, payload: bytes, passed: list[int]) -> None:
         """A sendmsg with SCM_RIGHTS on a carried socket: the fds travel in order with its bytes."""
-        error = 0
+        error = errno_module.EPIPE  # unless the connection is still carried
         prepared: Prepared = []
         relay = None
         try:
             if len(passed) < 2:
                 log.warning("bad fd request from the shim: %d fds", len(passed))
                 error = errno_module.EINVAL
-            else:
-                relay = self.relays.get(os.fstat(passed[0]).st_ino)
-                if relay is None:
-                    error = errno_module.EPIPE  # the connection has ended
-            if not error:
+            elif (relay := self.relays.get(os.fstat(passed[0]).st_ino)) is not None:
                 try:
-                    plain = socket.socket(fileno=os.dup(sock.fileno()))
-                    with plain:
-                        root = fdpass.peer_root(plain)
-                    prepared = prepare_all(passed[1:], self.config.share, root)
+                    prepared = prepare_all(passed[1:], self.config.share, fdpass.peer_root(sock))
+                    error = 0
                 except UnsupportedFdError as exc:
                     log.error(
                         "%s: refused a sendmsg passing fd #%d of %d: it is %s, which cannot be carried",
-                        relay.name if relay else "?",
+                        relay.name,
                         passed.index(exc.fd),
                         len(passed) - 1,
                         exc.kind,
@@ -298,8 +292,7 @@ class Daemon:
         finally:
             close_all(passed)
         if error or relay is None:
-            close_all([kept for _, kept in prepared if kept is not None])
-            await sock.send(wire.shim_reply(wire.SHIM_SENT, error or errno_module.EPIPE))
+            await sock.send(wire.shim_reply(wire.SHIM_SENT, error))
             return
         # The relay thread answers once the far side has delivered the fds.
         answer_to = socket.socket(fileno=sock.detach())
@@ -504,17 +497,10 @@ def main(argv: list[str] | None = None) -> None:
         args.peer = f"tcp://{peer_host}:{peer_port}"
 
     def build() -> tuple[ProxyConfig, Transport]:
-        config = ProxyConfig(
-            tuple(args.listen),
-            args.peer,
-            tuple(args.allow),
-            args.run_dir,
-            args.node,
-            tuple(args.share),
-            tuple(args.user_map),
-            args.request_timeout,
-        )
-        return config, Transport.from_arguments(args)
+        # Each option is named as the field it sets; a repeatable one arrives as a list.
+        settings = {name: tuple(value) if isinstance(value, list) else value for name, value in vars(args).items()}
+        fields: dict[str, Any] = {field.name: settings[field.name] for field in dataclasses.fields(ProxyConfig)}
+        return ProxyConfig(**fields), Transport.from_arguments(args)
 
     aio.run_service(log, serve, build)
 
