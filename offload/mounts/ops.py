@@ -228,21 +228,17 @@ class MountOp(_MountStep):
         if self._already(ctx):
             return Result(ALREADY)
         flags, data, late_ro = self._split()
-        target = self._open_target(ctx, paths.DIRECTORY)
-        try:
-            mount = syscalls.new_mount(self.source, self.fstype, flags, data, at=self.path)
-            try:
-                for sub in self.subdirs:
-                    # Made in the detached mount: nothing outside it can be reached from there.
-                    with contextlib.suppress(FileExistsError):
-                        os.mkdir(sub, 0o755, dir_fd=mount)
-                if late_ro:
-                    syscalls.set_attributes(mount, syscalls.MOUNT_ATTR_RDONLY)
-                ctx.attach(mount, target, self.path)
-            finally:
-                os.close(mount)
-        finally:
-            os.close(target)
+        with (
+            syscalls.closing(self._open_target(ctx, paths.DIRECTORY)) as target,
+            syscalls.closing(syscalls.new_mount(self.source, self.fstype, flags, data, at=self.path)) as mount,
+        ):
+            for sub in self.subdirs:
+                # Made in the detached mount: nothing outside it can be reached from there.
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(sub, 0o755, dir_fd=mount)
+            if late_ro:
+                syscalls.set_attributes(mount, syscalls.MOUNT_ATTR_RDONLY)
+            ctx.attach(mount, target, self.path)
         return Result(DONE)
 
 
@@ -334,7 +330,7 @@ class BindOp(_MountStep):
             return Result(SKIPPED, str(refused))
         if source is None:
             return Result(SKIPPED, f"{self.source} does not exist")
-        try:
+        with syscalls.closing(source):
             if self._already(ctx):
                 return Result(ALREADY)
             is_dir = stat.S_ISDIR(os.fstat(source).st_mode)
@@ -345,19 +341,14 @@ class BindOp(_MountStep):
                 if exc.errno == errno_module.ENOENT and not self.create_target:
                     return Result(SKIPPED, f"{self.path} does not exist here")
                 raise
-            try:
-                tree = syscalls.clone_tree(source, recursive=self.recursive)
-                try:
-                    if self.readonly:
-                        # Set on the detached bind: it is never writable, not even for an instant.
-                        syscalls.set_attributes(tree, syscalls.MOUNT_ATTR_RDONLY, recursive=self.recursive)
-                    ctx.attach(tree, target, self.path)
-                finally:
-                    os.close(tree)
-            finally:
-                os.close(target)
-        finally:
-            os.close(source)
+            with (
+                syscalls.closing(target),
+                syscalls.closing(syscalls.clone_tree(source, recursive=self.recursive)) as tree,
+            ):
+                if self.readonly:
+                    # Set on the detached bind: it is never writable, not even for an instant.
+                    syscalls.set_attributes(tree, syscalls.MOUNT_ATTR_RDONLY, recursive=self.recursive)
+                ctx.attach(tree, target, self.path)
         return Result(DONE)
 
 
@@ -400,8 +391,7 @@ class QtfsMount(_MountStep):
         # symlinks right before, and the mount found afterwards must sit on
         # the very directory checked.  Inside a qtfs mount no symlink is ever
         # followed (nosymfollow), so what the host serves cannot move it.
-        target = self._open_target(ctx, paths.DIRECTORY)
-        try:
+        with syscalls.closing(self._open_target(ctx, paths.DIRECTORY)) as target:
             status, output = ctx.run(self.argv())
             if status != 0:
                 raise MountError(
@@ -415,8 +405,6 @@ class QtfsMount(_MountStep):
             if self.check(entries).state != MOUNTED or stack[-1].parent_id != syscalls.mount_id(target):
                 raise MountError(f"qtfs returned but nothing is mounted at {self.path}", path=self.path)
             ctx.record(stack[-1])
-        finally:
-            os.close(target)
         return Result(DONE)
 
 
@@ -560,13 +548,10 @@ class WriteFile(Step):
     def _compare(self, name: str, folder: int | None) -> Check:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            fd = os.open(self.path if folder is None else name, flags, dir_fd=folder)
-            try:
+            with syscalls.closing(os.open(self.path if folder is None else name, flags, dir_fd=folder)) as fd:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     return Check(WRONG, "is not a regular file")
                 found = os.read(fd, len(self.text) + 1)
-            finally:
-                os.close(fd)
         except FileNotFoundError:
             return Check(MISSING)
         except OSError as exc:
@@ -579,24 +564,19 @@ class WriteFile(Step):
 
     def execute(self, ctx: Context) -> Result:
         name = os.path.basename(self.path)
-        folder = paths.open_inside(ctx.target, os.path.dirname(self.path), make=paths.DIRECTORY)
-        try:
+        with syscalls.closing(
+            paths.open_inside(ctx.target, os.path.dirname(self.path), make=paths.DIRECTORY)
+        ) as folder:
             if self._compare(name, folder).state == PRESENT:
                 return Result(ALREADY)
             temporary = f".{name}.new"
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary, dir_fd=folder)
-            fd = os.open(
-                temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, self.mode, dir_fd=folder
-            )
-            try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            with syscalls.closing(os.open(temporary, flags, self.mode, dir_fd=folder)) as fd:
                 os.fchmod(fd, self.mode)
                 os.write(fd, self.text)
-            finally:
-                os.close(fd)
             os.rename(temporary, name, src_dir_fd=folder, dst_dir_fd=folder)
-        finally:
-            os.close(folder)
         ctx.on_undo(f"rm {self.path}", functools.partial(remove_inside, ctx.target, self.path))
         return Result(DONE)
 
@@ -609,13 +589,10 @@ def remove_inside(target: str, path: str) -> bool:
         if exc.errno == errno_module.ENOENT:
             return False
         raise
-    try:
+    with syscalls.closing(folder), contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.basename(path), dir_fd=folder)
-    except FileNotFoundError:
-        return False
-    finally:
-        os.close(folder)
-    return True
+        return True
+    return False
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from offload.errors import MountBusy, MountError, OffloadError, StepFailed, errno_name
+from offload.errors import MountBusy, MountError, OffloadError, StepFailed
 from offload.mounts import mountinfo, ops, paths, records, syscalls
 from offload.mounts.mountinfo import MountEntry
 from offload.mounts.plan import PUBLISHED_FILES, Plan
@@ -168,11 +168,8 @@ def _as_mount_error(exc: BaseException, step: ops.Step) -> MountError:
     if isinstance(exc, MountError):
         return exc
     assert isinstance(exc, OSError)
-    number = exc.errno or errno_module.EIO
     path = exc.filename if isinstance(exc.filename, str) else step.path
-    return MountError(
-        f"{path}: {os.strerror(number)} ({errno_name(number, f'errno {number}')})", path=path, errno=number
-    )
+    return syscalls.failure(path, path, exc.errno or errno_module.EIO)
 
 
 # Teardown -------------------------------------------------------------------
@@ -204,21 +201,14 @@ def unmount_exactly(entry: MountEntry, flags: int = 0) -> None:
     EINVAL when another mount covers it now (the caller takes that one first).
     """
     point = entry.mount_point
-    name = os.path.basename(point)
-    parent = paths.open_inside("/", os.path.dirname(point))
-    try:
-        mount = paths.open_inside("/", point)
-        try:
+    with syscalls.closing(paths.open_inside("/", os.path.dirname(point))) as parent:
+        with syscalls.closing(paths.open_inside("/", point)) as mount:  # closed first: it would keep the mount busy
             covered = syscalls.mount_id(mount) != entry.mount_id
-        finally:
-            os.close(mount)  # an fd on the mount would keep it busy
         if covered:
             raise MountError(
                 f"{point}: another mount covers mount {entry.mount_id}", path=point, errno=errno_module.EINVAL
             )
-        syscalls.umount_at(parent, name, point, flags)
-    finally:
-        os.close(parent)
+        syscalls.umount_at(parent, os.path.basename(point), point, flags)
 
 
 def teardown_commands(target: str) -> list[str]:

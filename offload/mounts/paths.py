@@ -15,6 +15,7 @@ import os
 import stat
 
 from offload.errors import ConfigError, MountError
+from offload.mounts.syscalls import closing
 from offload.qtfs.resolve import Escape, openat2
 
 _MAX_LINKS = 40  # like the kernel's MAXSYMLINKS
@@ -99,8 +100,7 @@ def open_inside(root: str, path: str, *, make: str = "") -> int:
     rel = os.path.relpath(path, root)
     if rel == ".." or rel.startswith("../"):
         raise MountError(f"{path} is not below {root}", path=path, errno=errno.EXDEV)
-    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
+    with closing(os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) as root_fd:
         if rel == ".":
             return os.dup(root_fd)
         if not make:
@@ -109,8 +109,6 @@ def open_inside(root: str, path: str, *, make: str = "") -> int:
             except OSError as exc:
                 raise _refused(path, exc) from None
         return _make(root_fd, rel.split("/"), make, path)
-    finally:
-        os.close(root_fd)
 
 
 def _make(root_fd: int, parts: list[str], make: str, path: str) -> int:

@@ -9,10 +9,12 @@ decides policy.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno as errno_module
 import os
 import stat
+from collections.abc import Iterator
 
 from offload.errors import MountError, errno_name
 
@@ -77,10 +79,20 @@ def split_options(options: str) -> tuple[int, str]:
     return flags, ",".join(data)
 
 
-def _fail(what: str, path: str, number: int) -> MountError:
+def failure(what: str, path: str, number: int) -> MountError:
+    """The MountError of a failed call: ``what`` (a command line), the kernel's message and errno name."""
     return MountError(
         f"{what}: {os.strerror(number)} ({errno_name(number, f'errno {number}')})", path=path, errno=number
     )
+
+
+@contextlib.contextmanager
+def closing(fd: int) -> Iterator[int]:
+    """``fd``, closed when the block ends, however it ends."""
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _b(value: str | None) -> bytes | None:
@@ -97,7 +109,7 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, d
             what = f"mount -o remount {target}"
         else:
             what = f"mount -t {fstype} {source} {target}"
-        raise _fail(what, target, number)
+        raise failure(what, target, number)
 
 
 def umount(target: str, flags: int = 0, *, name: str = "") -> None:
@@ -106,7 +118,7 @@ def umount(target: str, flags: int = 0, *, name: str = "") -> None:
     if _libc.umount2(_b(name or target), flags | UMOUNT_NOFOLLOW) != 0:
         number = ctypes.get_errno()
         lazy = " (lazy)" if flags & MNT_DETACH else ""
-        raise _fail(f"umount{lazy} {target}", target, number)
+        raise failure(f"umount{lazy} {target}", target, number)
 
 
 def mknod_char(path: str, major: int, minor: int, mode: int) -> None:
@@ -115,7 +127,7 @@ def mknod_char(path: str, major: int, minor: int, mode: int) -> None:
         os.mknod(path, stat.S_IFCHR | mode, os.makedev(major, minor))
         os.chmod(path, mode)
     except OSError as exc:
-        raise _fail(f"mknod {path} c {major} {minor}", path, exc.errno or errno_module.EIO) from None
+        raise failure(f"mknod {path} c {major} {minor}", path, exc.errno or errno_module.EIO) from None
 
 
 def unshare_mount_namespace() -> None:
@@ -126,7 +138,7 @@ def unshare_mount_namespace() -> None:
     util-linux's ``unshare -m --propagation private`` does too.
     """
     if _libc.unshare(CLONE_NEWNS) != 0:
-        raise _fail("unshare --mount", "/", ctypes.get_errno())
+        raise failure("unshare --mount", "/", ctypes.get_errno())
     mount(None, "/", None, MS_REC | MS_PRIVATE)
 
 
@@ -209,7 +221,7 @@ _syscall.restype = ctypes.c_long
 def _call(what: str, path: str, number: int, *args: object) -> int:
     result = _syscall(number, *args)
     if result < 0:
-        raise _fail(what, path, ctypes.get_errno())
+        raise failure(what, path, ctypes.get_errno())
     return int(result)
 
 
@@ -244,8 +256,7 @@ def new_mount(source: str, fstype: str, flags: int = 0, data: str = "", *, at: s
     """
     what = f"mount -t {fstype} {source} {at}".rstrip()
     path = at or source
-    fs = _call(what, path, _SYS_FSOPEN, os.fsencode(fstype), FSOPEN_CLOEXEC)
-    try:
+    with closing(_call(what, path, _SYS_FSOPEN, os.fsencode(fstype), FSOPEN_CLOEXEC)) as fs:
         settings = [("source", source)] + [
             (key, value if sep else None) for key, sep, value in (w.partition("=") for w in data.split(",") if w)
         ]
@@ -255,8 +266,6 @@ def new_mount(source: str, fstype: str, flags: int = 0, data: str = "", *, at: s
             _call(f"{what}: option {option}", path, _SYS_FSCONFIG, fs, command, key.encode(), _b(value), 0)
         _call(what, path, _SYS_FSCONFIG, fs, FSCONFIG_CMD_CREATE, None, None, 0)
         return _call(what, path, _SYS_FSMOUNT, fs, FSMOUNT_CLOEXEC, mount_attributes(flags))
-    finally:
-        os.close(fs)
 
 
 def clone_tree(source_fd: int, *, recursive: bool = False) -> int:
