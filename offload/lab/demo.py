@@ -12,22 +12,17 @@ failed and why.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import psutil
 
 from offload import proc
 from offload.errors import LabError, OffloadError
-from offload.lab import SERVICES, dpu_libvirt, guest
+from offload.lab import SERVICES, dpu_libvirt, guest, libvirt, mountns
 from offload.lab.lab import Lab
 from offload.lab.libvirt import IMAGES, guest_domain, install_argv, qemu_processes, step, wait_for_marker, wait_until
 
 DOMAIN = "offload-demo"
-
-
-def netns_of(pid: int) -> str:
-    return os.readlink(f"/proc/{pid}/ns/net")
 
 
 def where_qemu_runs(lab: Lab, name: str) -> str:
@@ -37,14 +32,14 @@ def where_qemu_runs(lab: Lab, name: str) -> str:
         raise LabError(f"expected one qemu for {name}, found {len(found)}")
     qemu = found[0]
     host_net = lab.netns_id("host")
-    if netns_of(qemu.pid) != host_net:
-        raise LabError(f"qemu pid {qemu.pid} runs in {netns_of(qemu.pid)}, not the host side's {host_net}")
+    if mountns.namespace_of(qemu.pid) != host_net:
+        raise LabError(f"qemu pid {qemu.pid} runs in {mountns.namespace_of(qemu.pid)}, not the host side's {host_net}")
     server = lab.pid_of("host-rexec")
     ancestors = [p.pid for p in qemu.parents()]
     if server not in ancestors:
         raise LabError(f"qemu pid {qemu.pid}'s parents {ancestors} do not include the host rexec_server {server}")
     libvirtd = lab.pid_of("dpu-libvirtd")
-    if netns_of(libvirtd) != lab.netns_id("dpu"):
+    if mountns.namespace_of(libvirtd) != lab.netns_id("dpu"):
         raise LabError(f"libvirtd pid {libvirtd} is not on the DPU side")
     return f"qemu pid {qemu.pid} in {lab.host.netns}, child of the host's rexec_server (pid {server}); libvirtd pid {libvirtd} in {lab.dpu.netns}"
 
@@ -71,10 +66,7 @@ def run(lab: Lab, domain_type: str = "qemu") -> None:
     step("virsh define (DPU side)", define)
     step("virsh start (DPU side)", lambda: virsh("start", DOMAIN).strip() or f"{DOMAIN} started")
     console = lab.path_on("host", domain.console_log)
-    step(
-        "guest console (host side file)",
-        lambda: wait_for_marker(lambda: console.read_text(errors="replace") if console.exists() else ""),
-    )
+    step("guest console (host side file)", lambda: wait_for_marker(lambda: libvirt.console_text(console)))
     step("where it runs", lambda: where_qemu_runs(lab, DOMAIN))
     step("virsh list", lambda: " / ".join(line.strip() for line in virsh("list").splitlines() if line.strip()))
     step("virsh dominfo", lambda: _fields(virsh("dominfo", DOMAIN), ("State", "CPU(s)", "Max memory")))

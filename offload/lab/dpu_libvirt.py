@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from offload import proc
 from offload.errors import LabError
 from offload.lab import LIBVIRT_EXPORTS
-from offload.lab.libvirt import Virsh, wait_until
+from offload.lab.libvirt import UNIT_ENV, Virsh, spawn_logged, timed, wait_until
 
 if TYPE_CHECKING:  # the lab starts this part; this part only uses the lab it is given
     from offload.lab.lab import Lab
@@ -47,7 +47,7 @@ def libvirt_socket(lab: Lab) -> str:
 
 def virsh(lab: Lab) -> Virsh:
     """virsh on the DPU side, talking to the chrooted libvirtd."""
-    return Virsh(libvirt_socket(lab), wrap=lambda argv: lab.command("dpu", argv), env=_clean_env())
+    return Virsh(libvirt_socket(lab), wrap=lambda argv: lab.command("dpu", argv), env=UNIT_ENV)
 
 
 def prepare_config(lab: Lab) -> str:
@@ -70,24 +70,17 @@ def prepare_config(lab: Lab) -> str:
 
 def start(lab: Lab) -> list[str]:
     root = target(lab)
-    done = []
+    done: list[str] = []
     offload_cli = proc.program("offload")
-
-    started = time.monotonic()
-    proc.run(
-        lab.command(
-            "dpu",
-            [*offload_cli, "rootfs", "build", "--mode", "overlay", "--host", lab.rexec_address(lab.host), str(root)],
-        ),
-        timeout=600,
-    )
-    done.append(f"/another_rootfs built at {root} (overlay, {time.monotonic() - started:.1f} s)")
-
+    build = ["rootfs", "build", "--mode", "overlay", "--host", lab.rexec_address(lab.host), str(root)]
+    with timed(done.append, f"/another_rootfs built at {root}, overlay"):
+        proc.run(lab.command("dpu", [*offload_cli, *build]), timeout=600)
     config = lab.dir / "prepare.toml"
     config.write_text(prepare_config(lab))
-    started = time.monotonic()
-    proc.run(lab.command("dpu", [*offload_cli, "prepare", "--target", str(root), "--config", str(config)]), timeout=120)
-    done.append(f"{root} prepared ({time.monotonic() - started:.1f} s)")
+    with timed(done.append, f"{root} prepared"):
+        proc.run(
+            lab.command("dpu", [*offload_cli, "prepare", "--target", str(root), "--config", str(config)]), timeout=120
+        )
 
     _start_chrooted(lab, "dpu-virtlogd", root, ["/usr/sbin/virtlogd"], {})
     socket = lab.path_on("dpu", root / "run" / "libvirt" / "virtlogd-sock")
@@ -119,28 +112,12 @@ def _start_libvirtd(lab: Lab, root: Path) -> None:
     _start_chrooted(lab, "dpu-libvirtd", root, ["/usr/sbin/libvirtd"], shim_env)
 
 
-def _clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment a unit file would give: no LD_PRELOAD or lab variables leaking in."""
-    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-    env.update(extra or {})
-    return env
-
-
 def _start_chrooted(lab: Lab, key: str, root: Path, argv: list[str], env: dict[str, str]) -> None:
     log_path = lab.dir / f"{key}.log"
-    with open(log_path, "ab") as log_file:
-        child = proc.spawn(
-            # The environment is set inside the chroot: LD_PRELOAD names a
-            # path there, and `chroot` itself must not try to load it.
-            lab.command(
-                "dpu", ["chroot", str(root), "/usr/bin/env", *(f"{k}={v}" for k, v in env.items()), *argv], cwd="/"
-            ),
-            stdin=proc.DEVNULL,
-            stdout=log_file,
-            stderr=proc.STDOUT,
-            env=_clean_env(),
-            start_new_session=True,
-        )
+    # The environment is set inside the chroot: LD_PRELOAD names a
+    # path there, and `chroot` itself must not try to load it.
+    chrooted = ["chroot", str(root), "/usr/bin/env", *(f"{k}={v}" for k, v in env.items()), *argv]
+    child = spawn_logged(lab.command("dpu", chrooted, cwd="/"), log_path, env=UNIT_ENV)
     lab.record(key, child.pid)
     time.sleep(0.05)
     if child.poll() is not None:

@@ -47,7 +47,7 @@ import psutil
 from offload import pki, proc
 from offload.errors import LabError
 from offload.lab import LIBVIRT_EXPORTS, SERVICES, cgroups, dpu_libvirt, mountns, netlink
-from offload.lab.libvirt import tail
+from offload.lab.libvirt import spawn_logged, tail
 
 log = logging.getLogger(__name__)
 
@@ -310,22 +310,15 @@ class Lab:
                 pid = mountns.start_holder(side.netns, steps, self.dir / f"{side.role}-ns.log", own_cgroups)
                 self.record(f"{side.role}-ns", pid)
                 done.append(f"{side.role} mount namespace: " + ", ".join(_describe(step) for step in steps))
-            if "rexec" in services:
-                for side in (self.host, self.dpu):
-                    self._start_rexec(side)
-                    done.append(f"rexec_server on {side.role} at {self.rexec_address(side)}")
-            if "udsproxy" in services:
-                if not SHIM.exists():
-                    raise LabError(f"{SHIM} is missing (run make setup)")
-                self.sockets.mkdir(exist_ok=True)
-                for side in (self.host, self.dpu):
-                    self._start_udsproxy(side)
-                    done.append(f"udsproxyd on {side.role} at {_address(side, UDSPROXY_PORT)}")
-            if "qtfs" in services:
-                self._start_qtfs_server()
-                done.append(f"qtfs server on host at {self.qtfs_address} exporting {', '.join(LIBVIRT_EXPORTS)}")
-            if "libvirt" in services:
-                done += dpu_libvirt.start(self)
+            starters = {
+                "rexec": self._start_rexec,
+                "udsproxy": self._start_udsproxy,
+                "qtfs": self._start_qtfs_server,
+                "libvirt": lambda: dpu_libvirt.start(self),
+            }
+            for service in SERVICES:
+                if service in services:
+                    done += starters[service]()
         except BaseException:
             log.error("lab up failed; removing what was made")
             with contextlib.suppress(Exception):
@@ -340,16 +333,18 @@ class Lab:
         path.write_text("".join(f"{p}\n" for p in dict.fromkeys([*DEFAULT_ALLOW, *allow])))
         os.chmod(path, 0o400)
 
-    def _start_daemon(self, name: str, module: str, side: LabSide, port: int, *extra: str) -> None:
-        """Start one of the two lab daemons with what both share: node, addresses, credentials."""
-        argv = [
-            *proc.run_module(module),
-            *("--node", side.role, "--listen", _address(side, port), "--peer", _address(self.other(side), port)),
-            *("--pki", str(self.dir / "pki" / side.role)),
-            *("--max-peer-connections", str(LAB_PEER_LIMIT)),
-            *extra,
-        ]
-        self.start_service(f"{side.role}-{name}", side, argv)
+    def _start_daemons(self, name: str, what: str, port: int, argv: Callable[[LabSide], list[str]]) -> list[str]:
+        """Start one of the two lab daemons on both sides with what both share: node, addresses, credentials."""
+        done = []
+        for side in (self.host, self.dpu):
+            common = [
+                *("--node", side.role, "--listen", _address(side, port), "--peer", _address(self.other(side), port)),
+                *("--pki", str(self.dir / "pki" / side.role)),
+                *("--max-peer-connections", str(LAB_PEER_LIMIT)),
+            ]
+            self.start_service(f"{side.role}-{name}", side, [*proc.program(what), *common, *argv(side)])
+            done.append(f"{what} on {side.role} at {_address(side, port)}")
+        return done
 
     @property
     def shared(self) -> tuple[str, ...]:
@@ -357,28 +352,29 @@ class Lab:
         serves (console logs, disks), for rexec's inherited fds and udsproxy's passed ones."""
         return (str(self.dir / "shared"), *LIBVIRT_EXPORTS)
 
-    def _start_rexec(self, side: LabSide) -> None:
-        self._start_daemon(
+    def _start_rexec(self) -> list[str]:
+        return self._start_daemons(
             "rexec",
-            "offload.rexec_server",
-            side,
+            "rexec_server",
             REXEC_PORT,
-            *("--whitelist", str(side.run_dir / "whitelist"), "--run-dir", str(side.run_dir)),
-            *(arg for prefix in self.shared for arg in ("--shared-path", prefix)),
-            *("--keepalive", f"{REXEC_KEEPALIVE:g}"),
-            *("--resume-window", f"{LAB_RESUME_WINDOW:g}"),
-            # Small, so that a test reaches it.
-            *("--max-user-links", str(LAB_USER_LINKS)),
-            # libvirtd (root on the DPU side) runs qemu as root here, as
-            # qemu.conf says; rexec_server squashes root callers otherwise.
-            *("--user-map", "root=root"),
+            lambda side: [
+                *("--whitelist", str(side.run_dir / "whitelist"), "--run-dir", str(side.run_dir)),
+                *(arg for prefix in self.shared for arg in ("--shared-path", prefix)),
+                *("--keepalive", f"{REXEC_KEEPALIVE:g}"),
+                *("--resume-window", f"{LAB_RESUME_WINDOW:g}"),
+                # Small, so that a test reaches it.
+                *("--max-user-links", str(LAB_USER_LINKS)),
+                # libvirtd (root on the DPU side) runs qemu as root here, as
+                # qemu.conf says; rexec_server squashes root callers otherwise.
+                *("--user-map", "root=root"),
+            ],
         )
 
     @property
     def qtfs_address(self) -> str:
         return f"tcp://{self.host.link.address}:{QTFS_PORT}"
 
-    def _start_qtfs_server(self) -> None:
+    def _start_qtfs_server(self) -> list[str]:
         argv = [
             *proc.program("qtfs"),
             *("serve", "--listen", self.qtfs_address, "--pki", str(self.dir / "pki" / "host")),
@@ -398,20 +394,25 @@ class Lab:
         ]
         proc.run(self.command("host", ["mkdir", "-p", "/var/lib/libvirt/images", "/var/lib/libvirt/qemu"]))
         self.start_service("host-qtfs", self.host, argv)
+        return [f"qtfs server on host at {self.qtfs_address} exporting {', '.join(LIBVIRT_EXPORTS)}"]
 
-    def _start_udsproxy(self, side: LabSide) -> None:
+    def _start_udsproxy(self) -> list[str]:
+        if not SHIM.exists():
+            raise LabError(f"{SHIM} is missing (run make setup)")
+        self.sockets.mkdir(exist_ok=True)
         allowed = [str(self.sockets), "/var/lib/libvirt", "/run/libvirt"]
-        self._start_daemon(
+        return self._start_daemons(
             "udsproxy",
-            "offload.udsproxy.daemon",
-            side,
+            "udsproxyd",
             UDSPROXY_PORT,
-            *("--run-dir", str(side.run_dir / "udsproxy")),
-            *(arg for prefix in allowed for arg in ("--allow", prefix)),
-            *(arg for prefix in self.shared for arg in ("--share", prefix)),
-            # libvirtd runs as root on the DPU and its sockets on the host are
-            # root's: root acts as root, as a libvirt deployment configures it.
-            *("--user-map", "root=root"),
+            lambda side: [
+                *("--run-dir", str(side.run_dir / "udsproxy")),
+                *(arg for prefix in allowed for arg in ("--allow", prefix)),
+                *(arg for prefix in self.shared for arg in ("--share", prefix)),
+                # libvirtd runs as root on the DPU and its sockets on the host are
+                # root's: root acts as root, as a libvirt deployment configures it.
+                *("--user-map", "root=root"),
+            ],
         )
 
     def start_service(self, key: str, side: LabSide, argv: list[str]) -> int:
@@ -431,18 +432,9 @@ class Lab:
             "--",
             *argv,
         ]
-        log_path = self.dir / f"{key}.log"
         with self._readiness(key) as notify:
             env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
-            with open(log_path, "ab") as log_file:
-                child = proc.spawn(
-                    self.command(side.role, managed),
-                    stdin=proc.DEVNULL,
-                    stdout=log_file,
-                    stderr=proc.STDOUT,
-                    env=env,
-                    start_new_session=True,
-                )
+            child = spawn_logged(self.command(side.role, managed), self.dir / f"{key}.log", env=env)
             self.record(_manager_key(key), child.pid)
             pid = self._await_ready(key, side, notify, child.poll)
         # It runs on after we return; it is ours to end in down(), by pid.
@@ -555,7 +547,7 @@ class Lab:
         # Started from the lab's directory, or running in its namespaces
         # (chrooted daemons, VMs, stand-ins, FUSE servers); a pid number
         # alone may have been reused by now.
-        in_lab = (mountns.namespace_ids(pid) or ("",))[0] in namespaces
+        in_lab = mountns.namespace_of(pid) in namespaces
         return in_lab or self._is_ours(pid, cmdline)
 
     def _is_ours(self, pid: int, cmdline: list[str] | None = None) -> bool:

@@ -9,10 +9,12 @@ guest's console marker, finding a domain's qemu process, and the demos' steps.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from xml.sax.saxutils import escape
 
 import psutil
@@ -21,11 +23,16 @@ from offload import proc
 from offload.errors import LabError
 from offload.lab.guest import MARKER, GuestImage
 
+if TYPE_CHECKING:  # types only: processes are started through offload.proc
+    from subprocess import Popen
+
 #: Where images live on the host side (under the qtfs export /var/lib/libvirt).
 IMAGES = Path("/var/lib/libvirt/images")
 #: libvirt's own state directory, where serial console logs are kept.
 QEMU_STATE = Path("/var/lib/libvirt/qemu")
 QEMU_BINARY = "/usr/bin/qemu-system-x86_64"
+#: The environment a unit file gives a program: no LD_PRELOAD or lab variables leaking in.
+UNIT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,27 @@ def step(title: str, action: Callable[[], str]) -> None:
         print(f"[{time.monotonic() - started:6.2f} s] {title}: FAILED", flush=True)
         raise LabError(f"step '{title}' failed: {exc}") from exc
     print(f"[{time.monotonic() - started:6.2f} s] {title}: {detail}", flush=True)
+
+
+@contextlib.contextmanager
+def timed(say: Callable[[str], None], what: str) -> Iterator[None]:
+    """Say ``what`` and how long the block took, once it succeeded."""
+    started = time.monotonic()
+    yield
+    say(f"{what} ({time.monotonic() - started:.1f} s)")
+
+
+def console_text(path: Path) -> str:
+    """A guest's console log so far ("" before qemu made it)."""
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def spawn_logged(argv: list[str], log_path: Path, **options) -> Popen[bytes]:
+    """Start a daemon in a session of its own, its output appended to ``log_path``; the caller ends it by pid."""
+    with open(log_path, "ab") as log_file:
+        return proc.spawn(
+            argv, stdin=proc.DEVNULL, stdout=log_file, stderr=proc.STDOUT, start_new_session=True, **options
+        )
 
 
 def wait_for_marker(read: Callable[[], str], timeout: float = 120) -> str:

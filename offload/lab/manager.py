@@ -36,7 +36,6 @@ Only the standard library: it runs for every lab daemon.
 from __future__ import annotations
 
 import argparse
-import array
 import contextlib
 import ctypes
 import fcntl
@@ -50,8 +49,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from offload import fdpass, proc, sd
 from offload import log as logs
-from offload import proc, sd
+from offload.lab import pidns
 
 log = logging.getLogger("offload.lab.manager")
 
@@ -71,8 +71,6 @@ ANCILLARY = socket.CMSG_SPACE(sd.MAX_FDS_PER_MESSAGE * 4) + socket.CMSG_SPACE(st
 #: systemd's name for fds stored without a valid FDNAME=.
 DEFAULT_NAME = "stored"
 HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass
@@ -150,14 +148,7 @@ class Manager:
 
     def reap(self) -> None:
         """Collect every child that exited: the daemon, or a program its predecessor left to us."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            code = os.waitstatus_to_exitcode(status)
+        for pid, code in pidns.exited_children():
             if pid != self.daemon:
                 log.info("reaped pid %d (%s)", pid, _describe(code))
                 continue
@@ -304,25 +295,15 @@ def _signalfd(numbers: tuple[int, ...]) -> int:
     for number in numbers:
         mask[(number - 1) // bits] |= 1 << ((number - 1) % bits)
     signal.pthread_sigmask(signal.SIG_BLOCK, set(numbers))
-    fd = _libc.signalfd(-1, ctypes.byref(mask), os.O_CLOEXEC | os.O_NONBLOCK)
-    if fd < 0:
-        error = ctypes.get_errno()
-        raise OSError(error, f"signalfd: {os.strerror(error)}")
-    return fd
+    return pidns.check(pidns.libc.signalfd(-1, ctypes.byref(mask), os.O_CLOEXEC | os.O_NONBLOCK), "signalfd")
 
 
 def _unpack(ancillary: list[tuple[int, int, bytes]]) -> tuple[list[int], int | None]:
     """The fds a message carried and its sender's pid."""
-    fds: list[int] = []
-    sender = None
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            received = array.array("i")
-            received.frombytes(data[: len(data) - len(data) % received.itemsize])
-            fds += received
-        elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-            sender = struct.unpack_from("i", data)[0]
-    return fds, sender
+    credentials = [
+        data for level, kind, data in ancillary if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS)
+    ]
+    return fdpass.fds_of(ancillary), struct.unpack_from("i", credentials[0])[0] if credentials else None
 
 
 def _valid_name(name: str | None) -> str:
@@ -343,7 +324,7 @@ def _same_file(a: int, b: int) -> bool:
     if number is not None:
         pid = os.getpid()
         args = (ctypes.c_long(number), ctypes.c_long(pid), ctypes.c_long(pid), ctypes.c_long(KCMP_FILE))
-        result = _libc.syscall(*args, ctypes.c_long(a), ctypes.c_long(b))
+        result = pidns.libc.syscall(*args, ctypes.c_long(a), ctypes.c_long(b))
         if result >= 0:
             return result == 0
     first, second = os.fstat(a), os.fstat(b)

@@ -228,10 +228,10 @@ def init_of(holder_pid: int) -> int | None:
     return int(children[0])
 
 
-def namespace_ids(pid: int) -> tuple[str, str] | None:
-    """(net, mnt) namespace identities of a process, or None if it is gone."""
+def namespace_of(pid: int, kind: str = "net") -> str | None:
+    """The identity of a process's namespace of ``kind`` (net:[INODE]), or None if it is gone."""
     try:
-        return os.readlink(f"/proc/{pid}/ns/net"), os.readlink(f"/proc/{pid}/ns/mnt")
+        return os.readlink(f"/proc/{pid}/ns/{kind}")
     except OSError:
         return None
 

@@ -32,6 +32,7 @@ import ctypes
 import os
 import signal
 import sys
+from collections.abc import Iterator
 
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWPID = 0x20000000
@@ -51,13 +52,27 @@ FORWARDED = (
     signal.SIGCONT,
 )
 
-_libc = ctypes.CDLL(None, use_errno=True)
+libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _check(result: int, what: str) -> None:
-    if result != 0:
+def check(result: int, what: str) -> int:
+    """A libc call's result; OSError with its errno if it failed (-1)."""
+    if result < 0:
         error = ctypes.get_errno()
         raise OSError(error, f"{what}: {os.strerror(error)}")
+    return result
+
+
+def exited_children() -> Iterator[tuple[int, int]]:
+    """(pid, exit code) of each child that has exited, without waiting for the others."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, os.waitstatus_to_exitcode(status)
 
 
 def _fork_bound() -> int:
@@ -74,7 +89,7 @@ def _fork_bound() -> int:
         os.set_inheritable(held, False)  # held until we exit, by no child of ours
         return child
     os.close(held)
-    _check(_libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    check(libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
     os.set_blocking(alive, False)
     try:
         if os.read(alive, 1) == b"":
@@ -115,7 +130,7 @@ def enter(target: int, workdir: str, argv: list[str]) -> None:
     _join_cgroups_of(target)
     fds = {kind: os.open(f"/proc/{target}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC) for kind in NAMESPACES}
     for kind in NAMESPACES:
-        _check(_libc.setns(fds[kind], 0), f"setns to the {kind} namespace of pid {target}")
+        check(libc.setns(fds[kind], 0), f"setns to the {kind} namespace of pid {target}")
         os.close(fds[kind])
     child = _fork_bound()
     if child == 0:
@@ -139,19 +154,21 @@ def _join_cgroups_of(target: int) -> None:
     """
     base = f"/proc/{target}/root/sys/fs/cgroup"
     for name in sorted(os.listdir(base)):
-        procs = os.path.join(base, name, "cgroup.procs")
-        if os.path.isfile(procs):
-            with open(procs, "w") as file:
-                file.write(str(os.getpid()))
+        if os.path.isfile(os.path.join(base, name, "cgroup.procs")):
+            _join_cgroup(os.path.join(base, name))
+
+
+def _join_cgroup(directory: str) -> None:
+    with open(os.path.join(directory, "cgroup.procs"), "w") as procs:
+        procs.write(str(os.getpid()))
 
 
 def init(cgroups: list[str], argv: list[str]) -> None:
     """Join ``cgroups`` (the side's own, see offload.lab.cgroups), make a pid and a cgroup
     namespace rooted there, run ``argv`` (the set-up) in it, then be its pid 1."""
     for directory in cgroups:
-        with open(os.path.join(directory, "cgroup.procs"), "w") as procs:
-            procs.write(str(os.getpid()))
-    _check(_libc.unshare(CLONE_NEWPID | CLONE_NEWCGROUP), "unshare(CLONE_NEWPID | CLONE_NEWCGROUP)")
+        _join_cgroup(directory)
+    check(libc.unshare(CLONE_NEWPID | CLONE_NEWCGROUP), "unshare(CLONE_NEWPID | CLONE_NEWCGROUP)")
     first = _fork_bound()
     if first != 0:
         # Outside, the parent of pid 1: nothing to say on the lab's pipe
@@ -169,14 +186,8 @@ def init(cgroups: list[str], argv: list[str]) -> None:
     _to_dev_null(1)
     while True:
         signal.sigtimedwait({signal.SIGCHLD}, 60)
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            if pid == setup and os.waitstatus_to_exitcode(status) != 0:
+        for pid, code in exited_children():
+            if pid == setup and code != 0:
                 os._exit(1)  # the side was not set up: the namespace ends here
 
 

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import stat
@@ -41,12 +42,13 @@ import psutil
 
 from offload import proc
 from offload.errors import LabError
-from offload.lab import debian, guest
+from offload.lab import debian, guest, libvirt
 from offload.lab.libvirt import IMAGES, Domain, Virsh, guest_domain, step, tail, wait_for_marker, wait_until
+from offload.lab.mountns import namespace_of
 from offload.lab.systemd_cli import DEFAULT_NAME
 
 if TYPE_CHECKING:  # types only: processes are started through offload.proc
-    from subprocess import CompletedProcess, Popen
+    from subprocess import CompletedProcess
 
 IMAGE = debian.CACHE / f"{debian.SUITE}-systemd.tar"
 #: Bump when PACKAGES or the image's preparation changes: an older tarball is rebuilt.
@@ -95,7 +97,6 @@ DISTRO_LIBVIRT_UNITS = (
     "virtlockd-admin.socket",
     "libvirt-guests.service",
 )
-PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def _nspawn_run(root: Path, argv: Sequence[str], timeout: float = 900) -> None:
@@ -220,11 +221,6 @@ class SystemdLab:
         self.state_file = self.dir / "state.json"
         self.host = Side("host", f"{name}-host", f"{name}-h", HOST_ADDRESS)
         self.dpu = Side("dpu", f"{name}-dpu", f"{name}-d", DPU_ADDRESS)
-        #: The nspawn processes this object started (reaped by down; another process's are waited for by pid).
-        self._children: dict[int, Popen[bytes]] = {}
-
-    def side(self, role: str) -> Side:
-        return {"host": self.host, "dpu": self.dpu}[role]
 
     def root(self, role: str) -> Path:
         return self.dir / role
@@ -264,8 +260,7 @@ class SystemdLab:
             "--wd",  # the container PID 1's cwd, its /
             "env",
             "-i",
-            f"PATH={PATH}",
-            "LANG=C.UTF-8",
+            *(f"{name}={value}" for name, value in libvirt.UNIT_ENV.items()),
             "SYSTEMD_PAGER=",
             "SYSTEMD_COLORS=0",
             *argv,
@@ -299,30 +294,28 @@ class SystemdLab:
             if not directory.exists():
                 self._record(made, 1)
         for side in (self.host, self.dpu):
-            started = time.monotonic()
-            root = self.root(side.role)
-            root.mkdir()
-            proc.run(["tar", "-C", str(root), "--numeric-owner", "-xpf", str(tarball)], timeout=300)
-            (root / "etc/hostname").write_text(f"{self.name}-{side.role}\n")
-            # Two machines: each its own identity (the journal's, D-Bus's).
-            (root / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
-            shutil.copy(deb, root / "srv" / deb.name)
-            say(f"{side.role}: image unpacked ({time.monotonic() - started:.1f} s)")
+            with libvirt.timed(say, f"{side.role}: image unpacked"):
+                root = self.root(side.role)
+                root.mkdir()
+                proc.run(["tar", "-C", str(root), "--numeric-owner", "-xpf", str(tarball)], timeout=300)
+                (root / "etc/hostname").write_text(f"{self.name}-{side.role}\n")
+                # Two machines: each its own identity (the journal's, D-Bus's).
+                (root / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
+                shutil.copy(deb, root / "srv" / deb.name)
         for side in (self.host, self.dpu):
             self._boot(side)
         for side in (self.host, self.dpu):
-            started = time.monotonic()
-            self._wait_booted(side, say)
-            say(f"{side.role}: systemd is up ({time.monotonic() - started:.1f} s)")
+            with libvirt.timed(say, f"{side.role}: systemd is up"):
+                self._wait_booted(side, say)
         for side in (self.host, self.dpu):
-            started = time.monotonic()
-            self.run(side.role, "apt-get", "install", "-y", "-q", f"/srv/{deb.name}", timeout=300)
-            say(f"{side.role}: apt-get install ./{deb.name} ({time.monotonic() - started:.1f} s)")
+            with libvirt.timed(say, f"{side.role}: apt-get install ./{deb.name}"):
+                self.run(side.role, "apt-get", "install", "-y", "-q", f"/srv/{deb.name}", timeout=300)
         self._configure(say)
         self._enable("host", HOST_UNITS, say)
-        started = time.monotonic()
-        self.run("dpu", "offload", "rootfs", "build", "--mode", "overlay", "--host", HOST_ADDRESS, ROOTFS, timeout=300)
-        say(f"dpu: offload rootfs build --mode overlay {ROOTFS} ({time.monotonic() - started:.1f} s)")
+        with libvirt.timed(say, f"dpu: offload rootfs build --mode overlay {ROOTFS}"):
+            self.run(
+                "dpu", "offload", "rootfs", "build", "--mode", "overlay", "--host", HOST_ADDRESS, ROOTFS, timeout=300
+            )
         # The lab has no cgroup_partitions (nspawn mounts the containers'
         # cgroup v1 hierarchies read-only), so, as the rootfs's qemu.conf
         # says for that case, libvirt makes no cgroups for its domains.
@@ -331,16 +324,15 @@ class SystemdLab:
 
     def _enable(self, role: str, units: Sequence[str], say: Callable[[str], None]) -> None:
         """systemctl enable --now; on failure the error carries the failed units' journal."""
-        started = time.monotonic()
-        result = self.run(role, "systemctl", "--no-pager", "enable", "--now", *units, check=False, timeout=240)
-        if result.returncode != 0:
-            failed = [u for u in units if unit_state(self, role, u).get("ActiveState") != "active"]
-            logs = self.run(role, "journalctl", "--no-pager", "-n", "40", *(f"--unit={u}" for u in failed), check=False)
-            raise LabError(
-                f"{role}: systemctl enable --now {' '.join(units)} failed ({', '.join(failed)}):\n"
-                f"{result.stderr.strip()}\n{logs.stdout}"
-            )
-        say(f"{role}: systemctl enable --now {' '.join(units)} ({time.monotonic() - started:.1f} s)")
+        with libvirt.timed(say, f"{role}: systemctl enable --now {' '.join(units)}"):
+            result = self.run(role, "systemctl", "--no-pager", "enable", "--now", *units, check=False, timeout=240)
+            if result.returncode != 0:
+                failed = [u for u in units if unit_state(self, role, u).get("ActiveState") != "active"]
+                logs = _journal_text(self, role, "-n", "40", *(f"--unit={u}" for u in failed))
+                raise LabError(
+                    f"{role}: systemctl enable --now {' '.join(units)} failed ({', '.join(failed)}):\n"
+                    f"{result.stderr.strip()}\n{logs}"
+                )
 
     def _configure(self, say: Callable[[str], None]) -> None:
         """PKI, addresses, whitelists and prepare.toml, written into each side's /etc."""
@@ -372,8 +364,7 @@ class SystemdLab:
         return node
 
     def _boot(self, side: Side) -> None:
-        root = self.root(side.role)
-        log = open(self.dir / f"{side.role}-nspawn.log", "w")  # noqa: SIM115 - handed to the child
+        log = self.dir / f"{side.role}-nspawn.log"
         argv = [
             "systemd-nspawn",
             "--boot",
@@ -387,22 +378,20 @@ class SystemdLab:
             "--bind=/dev/fuse",
             *([f"--bind={self._own_kvm()}:/dev/kvm"] if side.role == "host" and Path("/dev/kvm").exists() else []),
             "-D",
-            str(root),
+            str(self.root(side.role)),
         ]
-        with log:
-            child = proc.spawn(argv, stdin=proc.DEVNULL, stdout=log, stderr=proc.STDOUT, start_new_session=True)
+        child = libvirt.spawn_logged(argv, log)
+        child.returncode = 0  # it runs on; down ends it by pid and reaps it
         self._record_process(f"{side.role}-nspawn", child.pid)
-        self._children[child.pid] = child
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
                 children = psutil.Process(child.pid).children()
             except psutil.NoSuchProcess:
-                raise LabError(
-                    f"systemd-nspawn for {side.role} exited: {tail(self.dir / f'{side.role}-nspawn.log')}"
-                ) from None
+                raise LabError(f"systemd-nspawn for {side.role} exited: {tail(log)}") from None
             # The container's PID 1 is nspawn's child in a pid namespace of its own.
-            inits = [c.pid for c in children if _pidns(c.pid) not in (None, _pidns(os.getpid()))]
+            ours = namespace_of(os.getpid(), "pid")
+            inits = [c.pid for c in children if namespace_of(c.pid, "pid") not in (None, ours)]
             if inits:
                 self._record_process(f"{side.role}-init", inits[0])
                 return
@@ -439,25 +428,6 @@ class SystemdLab:
                 raise LabError(f"{side.role} container booted degraded; failed units:\n{failed}")
             say(f"{side.role}: {', '.join(units)} failed at boot and succeeded on a restart")
 
-    def _wait_gone(self, process: psutil.Process, timeout: float) -> None:
-        """Wait for an nspawn process to end, reaping it if it is this process's child."""
-        child = self._children.get(process.pid)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if child is not None:
-                if child.poll() is not None:
-                    del self._children[process.pid]
-                    return
-                time.sleep(0.1)
-                continue
-            try:
-                if process.status() == psutil.STATUS_ZOMBIE:
-                    return  # another process's child, ended: its parent reaps it
-            except psutil.NoSuchProcess:
-                return
-            time.sleep(0.1)
-        raise TimeoutError(process.pid)
-
     # -- down
 
     def _process(self, state: dict[str, int], key: str) -> psutil.Process | None:
@@ -485,7 +455,7 @@ class SystemdLab:
             if waited is None:
                 continue
             try:
-                self._wait_gone(waited, POWEROFF_TIMEOUT)
+                _wait_exit(waited, POWEROFF_TIMEOUT)
                 done.append(f"{role} container powered off")
             except TimeoutError:
                 # SIGKILL to the container's PID 1 ends its pid namespace; then nspawn exits.
@@ -493,7 +463,7 @@ class SystemdLab:
                     if process is not None:
                         with contextlib.suppress(psutil.NoSuchProcess, TimeoutError):
                             process.kill()  # psutil checks it is still the same process
-                            self._wait_gone(process, 10)
+                            _wait_exit(process, 10)
                 done.append(f"{role} container killed (no poweroff within {POWEROFF_TIMEOUT:.0f} s)")
         for role in ("dpu", "host"):
             root = self.root(role)
@@ -520,11 +490,24 @@ class SystemdLab:
         return done
 
 
-def _pidns(pid: int) -> str | None:
+def _wait_exit(process: psutil.Process, timeout: float) -> None:
+    """Wait for an nspawn process to end (TimeoutError if it does not), reaping it if it is our child.
+
+    Its pidfd turns readable once it has exited, also as another process's zombie.
+    """
     try:
-        return os.readlink(f"/proc/{pid}/ns/pid")
-    except OSError:
-        return None
+        pidfd = os.pidfd_open(process.pid)
+    except ProcessLookupError:
+        return
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if not poller.poll(timeout * 1000):
+            raise TimeoutError(process.pid)
+    finally:
+        os.close(pidfd)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(process.pid, os.WNOHANG)
 
 
 @contextlib.contextmanager
@@ -587,19 +570,18 @@ def start_vm(lab: SystemdLab, vm: Domain) -> str:
     command.wait_ready(60)
     command.define(vm)
     command("start", vm.name)
-    console = lab.root("host") / vm.console_log.lstrip("/")
-    line = wait_for_marker(lambda: console.read_text(errors="replace") if console.exists() else "")
+    line = wait_for_marker(lambda: _console(lab, vm))
     return f"{vm.name} started from the DPU container; its console (host side): {line}"
 
 
 def qemu_in_host(lab: SystemdLab, name: str) -> list[int]:
     """The pids (this machine's numbers) of the guest's qemu processes in the host container."""
-    host_pidns = _pidns(lab.leader("host"))
+    host_pidns = namespace_of(lab.leader("host"), "pid")
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
         ours = cmdline and cmdline[0].endswith("qemu-system-x86_64") and f"guest={name}," in " ".join(cmdline)
-        if ours and _pidns(process.pid) == host_pidns:
+        if ours and namespace_of(process.pid, "pid") == host_pidns:
             found.append(process.pid)
     return found
 
@@ -631,6 +613,20 @@ def journal(lab: SystemdLab, role: str, unit: str = "rexec") -> list[dict[str, s
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def _journal_text(lab: SystemdLab, role: str, *options: str) -> str:
+    """journalctl's text in a container, to show in an error."""
+    return lab.run(role, "journalctl", "--no-pager", *options, check=False).stdout
+
+
+def _logged(lab: SystemdLab, role: str, words: str) -> list[dict[str, str]]:
+    """rexec_server's own journal entries (not systemd's about the unit) that say ``words``."""
+    return [
+        e
+        for e in journal(lab, role)
+        if e.get("SYSLOG_IDENTIFIER") == "rexec_server" and words in str(e.get("MESSAGE", ""))
+    ]
+
+
 def journal_priorities(lab: SystemdLab) -> str:
     """Each daemon logs to journald with its priority: ``journalctl -u UNIT`` has its entries, its start at info (6)."""
     said = []
@@ -640,7 +636,7 @@ def journal_priorities(lab: SystemdLab) -> str:
             ready = [e for e in entries if e.get("PRIORITY") == "6" and " ready" in str(e.get("MESSAGE", ""))]
             unprioritised = [e for e in entries if not str(e.get("PRIORITY", "")).isdigit()]
             if not ready or unprioritised:
-                shown = lab.run(role, "journalctl", "--no-pager", "-o", "verbose", "-u", unit, check=False).stdout
+                shown = _journal_text(lab, role, "-o", "verbose", "-u", unit)
                 raise LabError(f"{role}: journalctl -u {unit} has no 'ready' entry at priority 6:\n{shown[-3000:]}")
             first = ready[0]
             said.append(
@@ -655,13 +651,7 @@ def reload_whitelist(lab: SystemdLab, program: str = "/usr/bin/true") -> str:
     refused = lab.run("dpu", "rexec", program, check=False)
     if refused.returncode != 126:
         raise LabError(f"rexec {program} before the reload: exit {refused.returncode}, expected 126 (not allowed)")
-    warnings = [
-        e
-        for e in journal(lab, "host")
-        if e.get("SYSLOG_IDENTIFIER") == "rexec_server"
-        and e.get("PRIORITY") == "4"
-        and program in str(e.get("MESSAGE"))
-    ]
+    warnings = [e for e in _logged(lab, "host", program) if e.get("PRIORITY") == "4"]
     if not warnings:
         raise LabError(f"the host's journal has no warning (priority 4) about {program}")
     whitelist = lab.root("host") / "etc/rexec/whitelist"
@@ -685,10 +675,14 @@ MONITOR_TIMEOUT = 30
 RESTARTED = (("host", "rexec"), ("host", "udsproxyd"), ("host", "qtfs-server"), ("dpu", "rexec"), ("dpu", "udsproxyd"))
 
 
+def _console(lab: SystemdLab, vm: Domain) -> str:
+    """The guest's console log on the host side, so far."""
+    return libvirt.console_text(lab.root("host") / vm.console_log.lstrip("/"))
+
+
 def console_ticks(lab: SystemdLab, vm: Domain) -> list[int]:
     """The guest's counter as its console log on the host side has it so far."""
-    console = lab.root("host") / vm.console_log.lstrip("/")
-    return guest.ticks(console.read_text(errors="replace")) if console.exists() else []
+    return guest.ticks(_console(lab, vm))
 
 
 def _kill_main(lab: SystemdLab, role: str, unit: str) -> None:
@@ -748,15 +742,6 @@ def restart_under_guest(lab: SystemdLab, vm: Domain, role: str, unit: str, crash
     )
 
 
-def _logged(lab: SystemdLab, role: str, words: str) -> list[dict[str, str]]:
-    """rexec_server's own journal entries (not systemd's about the unit) that say ``words``."""
-    return [
-        e
-        for e in journal(lab, role)
-        if e.get("SYSLOG_IDENTIFIER") == "rexec_server" and words in str(e.get("MESSAGE", ""))
-    ]
-
-
 def sessions_carried_on(lab: SystemdLab) -> str:
     """Each restarted rexec_server said, at info (6), that it carried the guest's session on, and the DPU resumed it."""
     said = []
@@ -767,7 +752,7 @@ def sessions_carried_on(lab: SystemdLab) -> str:
     ):
         entries = _logged(lab, role, words)
         if len(entries) < at_least or any(e.get("PRIORITY") != "6" for e in entries):
-            shown = lab.run(role, "journalctl", "--no-pager", "-u", "rexec", "-b", check=False).stdout
+            shown = _journal_text(lab, role, "-u", "rexec", "-b")
             raise LabError(
                 f"{role}: journalctl -u rexec has {len(entries)} entries saying {words!r} (expected {at_least}"
                 f" or more, at priority 6):\n{shown[-4000:]}"
