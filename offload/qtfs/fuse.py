@@ -507,23 +507,26 @@ class Filesystem(pyfuse3.Operations):
             # here, at open, in order with the readdirs that follow.
             current = self.cache.kernel_current(path, cached)
             return pyfuse3.FileInfo(fh=fh, keep_cache=current, cache_readdir=True)
-        reply, generation = await self.host.call_on(wire.Opendir(path))
         fh = next(self._numbers)
-        listing = OpenDir(path, [], reply.handle, bool(reply.eof), generation, since)
-        self._add_page(listing, reply)
-        self.dirs[fh] = listing
+        self.dirs[fh] = await self._list(path, since, until=-1)
         return fh
 
-    async def _whole_listing(self, path: bytes, since: int) -> list[CachedEntry]:
-        """A directory's listing, kept unless the host changed something while it was read."""
+    async def _list(self, path: bytes, since: int, until: int = MAX_LISTING) -> OpenDir:
+        """The host's listing of ``path``, read on one connection until the host has sent more than ``until``
+        entries or all of them (-1: the first page only)."""
         reply, generation = await self.host.call_on(wire.Opendir(path))
         listing = OpenDir(path, [], reply.handle, bool(reply.eof), generation, since)
         self._add_page(listing, reply)
-        while not listing.eof:
+        while not listing.eof and listing.server_count <= until:
             page, generation = await self.host.call_on(wire.Readdir(listing.handle, listing.server_count))
             if generation != listing.generation:
                 raise OSError(errno.EIO, "the link was lost while listing a directory")
             self._add_page(listing, page)
+        return listing
+
+    async def _whole_listing(self, path: bytes, since: int) -> list[CachedEntry]:
+        """A directory's listing, kept unless the host changed something while it was read."""
+        listing = await self._list(path, since)
         cached = []
         for name, attr in listing.entries:
             entry = self._entry(0, attr, since)  # its inode is set as it is listed
@@ -590,15 +593,10 @@ class Filesystem(pyfuse3.Operations):
         if listing.generation != self.host.generation:
             # The host's listing went with the old connection: list again from
             # the start and keep what follows the entries already returned.
-            reply, generation = await self.host.call_on(wire.Opendir(listing.path))
-            fresh = OpenDir(listing.path, [], reply.handle, bool(reply.eof), generation, listing.since)
-            self._add_page(fresh, reply)
-            while not fresh.eof and fresh.server_count <= listing.server_count:
-                page = await self.host.call(wire.Readdir(fresh.handle, fresh.server_count))
-                self._add_page(fresh, page)
+            fresh = await self._list(listing.path, listing.since, until=listing.server_count)
             fresh.entries[: len(listing.entries)] = listing.entries
             listing.entries, listing.handle, listing.eof = fresh.entries, fresh.handle, fresh.eof
-            listing.generation, listing.server_count = generation, fresh.server_count
+            listing.generation, listing.server_count = fresh.generation, fresh.server_count
             return
         reply = await self.host.call(wire.Readdir(listing.handle, listing.server_count))
         self._add_page(listing, reply)
