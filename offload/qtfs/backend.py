@@ -395,26 +395,22 @@ class Backend:
             sections.append("Write")
         if access != os.O_WRONLY:
             sections.append("Read")
-        procs = -1
         with self._at(request.path, *sections) as (parent, name):
             fd = os.open(name, flags | OPEN_ALWAYS, dir_fd=parent)
-            if self.cgroup and name in TASK_FILES and access != os.O_RDONLY:
-                # A process is placed whole (cgroup.procs) when a tid named in
-                # `tasks` is its leader: see `_place`.
-                with _closed_on_error(fd):
-                    procs = os.open(b"cgroup.procs", os.O_WRONLY | OPEN_ALWAYS, dir_fd=parent)
-        try:
             with _closed_on_error(fd):
                 self._no_facts_below(fd, request.path)
                 if writes:
                     _drop_privileges(fd, os.fstat(fd).st_mode)
             handle = self.files.add(fd)  # which closes fd when it refuses
-        except BaseException:
-            if procs >= 0:
-                os.close(procs)
-            raise
-        if procs >= 0:
-            self._task_files[handle] = (name, procs)
+            if self.cgroup and name in TASK_FILES and access != os.O_RDONLY:
+                # A process is placed whole (cgroup.procs) when a tid named in
+                # `tasks` is its leader: see `_place`.
+                try:
+                    procs = os.open(b"cgroup.procs", os.O_WRONLY | OPEN_ALWAYS, dir_fd=parent)
+                except BaseException:
+                    self.files.close(handle)
+                    raise
+                self._task_files[handle] = (name, procs)
         return wire.HandleReply(handle, b"")
 
     def create(self, request: wire.Create) -> wire.HandleReply:
