@@ -127,7 +127,6 @@ class FrameDecoder:
         self.max_payload = max_payload
         self._buffer = bytearray()
         self._eof = False
-        self._header: tuple[int, int, int] | None = None
 
     @property
     def buffered(self) -> int:
@@ -135,15 +134,9 @@ class FrameDecoder:
         return len(self._buffer)
 
     def take_buffered(self) -> bytes:
-        """The bytes received beyond the frames returned so far, for whoever reads the stream from here on.
-
-        A header already read is given back as it came (its fields were checked, so encoding them
-        again yields the same bytes).
-        """
-        header = encode_header(*self._header) if self._header is not None else b""
-        data = header + bytes(self._buffer)
+        """The bytes received beyond the frames returned so far, for whoever reads the stream from here on."""
+        data = bytes(self._buffer)
         self._buffer.clear()
-        self._header = None
         return data
 
     def receive_data(self, data: bytes) -> None:
@@ -164,24 +157,16 @@ class FrameDecoder:
         payload, or a stream that ends inside a frame.
         """
         buffer = self._buffer
-        if self._header is None:
-            if len(buffer) < HEADER_SIZE:
-                return self._end_or_need()
+        if len(buffer) >= HEADER_SIZE:
             type, channel, length = read_header(buffer, 0, self.max_payload)
-            self._header = (type, channel, length)
-            del buffer[:HEADER_SIZE]
-        type, channel, length = self._header
-        if len(buffer) < length:
-            return self._end_or_need()
-        with memoryview(buffer) as view:
-            payload = view[:length].tobytes()  # one copy; slicing the bytearray would make two
-        del buffer[:length]
-        self._header = None
-        return Frame(type, channel, payload)
-
-    def _end_or_need(self) -> _Sentinel:
+            end = HEADER_SIZE + length
+            if len(buffer) >= end:
+                with memoryview(buffer) as view:
+                    payload = view[HEADER_SIZE:end].tobytes()  # one copy; slicing the bytearray would make two
+                del buffer[:end]
+                return Frame(type, channel, payload)
         if not self._eof:
             return NEED_DATA
-        if self._buffer or self._header is not None:
+        if buffer:
             raise RemoteProtocolError("stream ended inside a frame (truncated)")
         return CLOSED
