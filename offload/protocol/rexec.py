@@ -285,6 +285,11 @@ def check_ticket(token: str, size: int = TICKET_BYTES) -> None:
 class Exec:
     request: ExecRequest
 
+    @property
+    def channels(self) -> tuple[int, ...]:
+        """The channels of the request's relayed fds."""
+        return tuple(spec.channel for spec in self.request.fds if spec.channel)
+
 
 @dataclass(frozen=True, slots=True)
 class Started:
@@ -595,7 +600,7 @@ _control(
     ),
 )
 _object(T_RESUMED, Resumed, Role.SERVER, ("pid", int))
-_control(T_HANGUP, Hangup, Role.CLIENT, lambda e: {}, lambda d: Hangup())
+_object(T_HANGUP, Hangup, Role.CLIENT)
 _object(T_REFUSED, Refused, Role.SERVER, ("code", int), ("reason", str))
 _control(T_EXITED, Exited, Role.SERVER, Exited.to_json, _exited)
 _object(T_DAEMONIZED, Daemonized, Role.SERVER, ("code", int), ("pid", int))
@@ -606,7 +611,7 @@ _control(
     lambda e: {"signal": messages.signal_name(e.signum)},
     lambda d: Signal(messages.signal_number(d.get("signal"), "signal")),
 )
-_control(T_ATTACHED, Attached, Role.SERVER, lambda e: {}, lambda d: Attached())
+_object(T_ATTACHED, Attached, Role.SERVER)
 _channel(T_DATA, Data, None, lambda e: e.data, Data)
 _channel(T_EOF, Eof, None, lambda e: b"", lambda channel, p: Eof(channel))
 _channel(T_WINDOW, Window, None, lambda e: _WINDOW.pack(e.increment), lambda ch, p: Window(ch, *_WINDOW.unpack(p)))
@@ -717,9 +722,7 @@ class RexecConnection(Connection):
                 self.open_channel(event.channel)
             elif isinstance(event, Ticket) and event.channel not in self.windows:
                 raise LocalProtocolError(f"a ticket on channel {event.channel}, which asked for none")
-        elif isinstance(event, Exec):
-            self._open_request_channels(event.request)
-        elif isinstance(event, Resume):
+        elif isinstance(event, Exec | Resume):
             self._open_channels(event.channels)
 
     def _received(self, event: Any) -> Any:
@@ -727,9 +730,7 @@ class RexecConnection(Connection):
             return self._channel_event(event)
         if isinstance(event, Hello):
             self.state = State.IDLE
-        elif isinstance(event, Exec):
-            self._open_request_channels(event.request)
-        elif isinstance(event, Resume):
+        elif isinstance(event, Exec | Resume):
             self._open_channels(event.channels)
         elif isinstance(event, Signal) and self.state is State.DONE:
             # It crossed our Exited on the wire (a stand-in's signal as the
@@ -754,9 +755,6 @@ class RexecConnection(Connection):
         elif isinstance(event, Window):
             self.windows[event.channel].granted(event.increment)
         return event
-
-    def _open_request_channels(self, request: ExecRequest) -> None:
-        self._open_channels(spec.channel for spec in request.fds if spec.channel)
 
     def _open_channels(self, channels: Iterable[int]) -> None:
         # Both sides open the session's channels at the same point of the
