@@ -270,7 +270,6 @@ class UdsProxyConnection(Connection):
 
     def __init__(self, client: bool) -> None:
         super().__init__(Role.CLIENT if client else Role.SERVER, State.IDLE)
-        self.client = client
 
     @classmethod
     def opened(cls, client: bool) -> UdsProxyConnection:
