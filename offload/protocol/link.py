@@ -1,14 +1,9 @@
-"""The one link core under rexec, udsproxy and qtfs, sans-io in the manner of h11.
+"""The one link core under rexec, udsproxy and qtfs, sans-io in the manner of h11 (ARCHITECTURE.md).
 
-A protocol is a table on top of it (ARCHITECTURE.md): a `Registry` declares each
-frame type once, and a `Connection` subclass names its states, its transitions
-(``(sender, event type, state) -> state``) and two hooks (`Connection._sending`,
-`Connection._received`).  The core does the rest, once for all of them: the
-send/receive API, Hello first and once, the ERROR state after any violation, and
-the keepalive (`poll`, `deadline`, `heard`).  Whatever a decoder raises on the
-peer's bytes (a ValueError of an event's own checks, a struct.error of a short
-field) is the peer's protocol error, never a crash.  Every byte received counts
-as a sign of life, so a busy link needs no Pong in time.
+Whatever a decoder raises on the peer's bytes (a ValueError of an event's own
+checks, a struct.error of a short field) is the peer's protocol error, never a
+crash.  Every byte received counts as a sign of life, so a busy link needs no
+Pong in time.
 """
 
 from __future__ import annotations

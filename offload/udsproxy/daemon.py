@@ -9,14 +9,11 @@ come from there.  Both sides enforce their own ``--allow`` prefixes; one
 authenticated connection per proxied connection, so a slow reader only
 ever slows its own connection (TCP flow control).
 
-Nothing is done as root for anyone.  The Connect request names the user
-who called connect() (SO_PEERCRED on the shim's socket); the acting side
-maps that name to a local account (``--user-map``, as rexec does; root is
-squashed to nobody unless the map names root) and connects as that
-account (`offload.users.run_as`), to the socket file resolved beneath the
-prefix that allows it (`offload.udsproxy.prefixes`).  Files passed over
-the connection are re-opened as that account too; on the side that
-called, as the calling program's own user.
+Nothing is done as root for anyone (SECURITY.md).  The Connect request
+names the user who called connect() (SO_PEERCRED on the shim's socket);
+the acting side maps that name (``--user-map``, as rexec does) and
+connects, and re-opens passed files, as that account; on the side that
+called, passed files are re-opened as the calling program's own user.
 """
 
 from __future__ import annotations

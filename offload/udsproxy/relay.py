@@ -1,15 +1,11 @@
 """The threaded driver of the link core: one carried connection's data path, in a thread of its own.
 
-Connection setup (TLS handshake, Hello, Connect, the allowlists) runs in trio
-(`offload.udsproxy.daemon`); once open, the link socket, its TLS session and the
-local socket move to a `Relay`, a poll loop in a dedicated thread that drives a
-`UdsProxyConnection` in its OPEN state.  Through trio a message cost several
-checkpoints, wakeups and copies; here a small one costs one poll, one receive,
-one seal and one send per hop, and a slow program or peer stalls only its own
-connection.  Measured over the lab's veth, a 64-byte round trip through two
-relays (udsproxy on both sides) took 229 us against 136 us for a socat relay.
-The same loop carries a console (`offload.rexec.attached`) with a pty
-(`offload.ptys.PtyEnd`) as its local end: a keystroke skips trio's turns too.
+Where it takes over from trio, and what it carries, is in ARCHITECTURE.md.
+Through trio a message cost several checkpoints, wakeups and copies; here a
+small one costs one poll, one receive, one seal and one send per hop, and a
+slow program or peer stalls only its own connection.  Measured over the lab's
+veth, a 64-byte round trip through two relays (udsproxy on both sides) took
+229 us against 136 us for a socat relay; a console's keystroke skips trio too.
 
 Local reads land after room for the frame header, so a Data frame is sealed in
 one TLS record without joining bytes; link reads are split in place
