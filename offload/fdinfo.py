@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import os
 import stat
+from collections.abc import Iterator
 
 # Description types.
 NULL = "null"  # /dev/null
@@ -29,6 +30,15 @@ STREAM = "stream"  # stdio only: a tty or any other byte stream, relayed one way
 OTHER = "other"  # cannot be carried; "what" names it
 
 _DEV_NULL = os.makedev(1, 3)
+
+
+@contextlib.contextmanager
+def closing(fd: int) -> Iterator[int]:
+    """``fd``, closed when the block ends, however it ends: the one owner of an fd used in one block."""
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _access(flags: int) -> str:

@@ -22,6 +22,7 @@ import struct
 import termios
 from collections.abc import Sequence
 
+from offload.fdinfo import closing
 from offload.qtfs.resolve import openat2
 
 # <asm-generic/ioctls.h>: not in the termios module.
@@ -77,11 +78,8 @@ def allocate_in_root(pid: int) -> tuple[int, int]:
     another process's: its ``dev/pts/ptmx`` is opened without following any
     link and used only if it is a ptmx.
     """
-    root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
+    with closing(os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) as root:
         master = openat2(root, b"dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK, no_symlinks=True)
-    finally:
-        os.close(root)
     try:
         info = os.fstat(master)
         if not stat.S_ISCHR(info.st_mode) or info.st_rdev != PTMX_DEVICE:
@@ -123,22 +121,17 @@ def program_pty_peer(pid: int, index: int) -> int:
     ever opened.  The copy is checked again (the program may have closed
     that fd number and opened another since /proc was read).
     """
-    pidfd = os.pidfd_open(pid)
-    try:
+    with closing(os.pidfd_open(pid)) as pidfd:
         for number in _ptmx_fds(pid, index):
             try:
                 master = _checked(_libc.syscall(SYS_PIDFD_GETFD, pidfd, number, 0))
             except OSError:
                 continue
-            try:
+            with closing(master):
                 info = os.fstat(master)
                 if not stat.S_ISCHR(info.st_mode) or info.st_rdev != PTMX_DEVICE or pty_index(master) != index:
                     continue
                 return int(fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC))
-            finally:
-                os.close(master)
-    finally:
-        os.close(pidfd)
     raise PermissionError(errno.EPERM, f"pid {pid} holds no master of pty {index}")
 
 
@@ -157,8 +150,7 @@ IN_Q_OVERFLOW = 0x4000
 
 def _watch_opens(master: int) -> int:
     """An inotify fd that becomes readable when the pty of ``master`` is opened or closed."""
-    peer = fcntl.ioctl(master, TIOCGPTPEER, os.O_PATH | os.O_CLOEXEC)  # not an opener itself
-    try:
+    with closing(fcntl.ioctl(master, TIOCGPTPEER, os.O_PATH | os.O_CLOEXEC)) as peer:  # not an opener itself
         watch = _checked(_libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
         try:
             _checked(_libc.inotify_add_watch(watch, f"/proc/self/fd/{peer}".encode(), IN_OPEN | IN_CLOSE))
@@ -166,8 +158,6 @@ def _watch_opens(master: int) -> int:
             os.close(watch)
             raise
         return watch
-    finally:
-        os.close(peer)
 
 
 def _masks(events: bytes) -> list[int]:

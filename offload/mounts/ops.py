@@ -27,6 +27,7 @@ from typing import Protocol
 
 from offload import proc
 from offload.errors import MountConflict, MountError, OffloadError
+from offload.fdinfo import closing
 from offload.mounts import mountinfo, paths, syscalls
 from offload.mounts.mountinfo import MountEntry
 
@@ -229,8 +230,8 @@ class MountOp(_MountStep):
             return Result(ALREADY)
         flags, data, late_ro = self._split()
         with (
-            syscalls.closing(self._open_target(ctx, paths.DIRECTORY)) as target,
-            syscalls.closing(syscalls.new_mount(self.source, self.fstype, flags, data, at=self.path)) as mount,
+            closing(self._open_target(ctx, paths.DIRECTORY)) as target,
+            closing(syscalls.new_mount(self.source, self.fstype, flags, data, at=self.path)) as mount,
         ):
             for sub in self.subdirs:
                 # Made in the detached mount: nothing outside it can be reached from there.
@@ -330,7 +331,7 @@ class BindOp(_MountStep):
             return Result(SKIPPED, str(refused))
         if source is None:
             return Result(SKIPPED, f"{self.source} does not exist")
-        with syscalls.closing(source):
+        with closing(source):
             if self._already(ctx):
                 return Result(ALREADY)
             is_dir = stat.S_ISDIR(os.fstat(source).st_mode)
@@ -342,8 +343,8 @@ class BindOp(_MountStep):
                     return Result(SKIPPED, f"{self.path} does not exist here")
                 raise
             with (
-                syscalls.closing(target),
-                syscalls.closing(syscalls.clone_tree(source, recursive=self.recursive)) as tree,
+                closing(target),
+                closing(syscalls.clone_tree(source, recursive=self.recursive)) as tree,
             ):
                 if self.readonly:
                     # Set on the detached bind: it is never writable, not even for an instant.
@@ -391,7 +392,7 @@ class QtfsMount(_MountStep):
         # symlinks right before, and the mount found afterwards must sit on
         # the very directory checked.  Inside a qtfs mount no symlink is ever
         # followed (nosymfollow), so what the host serves cannot move it.
-        with syscalls.closing(self._open_target(ctx, paths.DIRECTORY)) as target:
+        with closing(self._open_target(ctx, paths.DIRECTORY)) as target:
             status, output = ctx.run(self.argv())
             if status != 0:
                 raise MountError(
@@ -548,7 +549,7 @@ class WriteFile(Step):
     def _compare(self, name: str, folder: int | None) -> Check:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            with syscalls.closing(os.open(self.path if folder is None else name, flags, dir_fd=folder)) as fd:
+            with closing(os.open(self.path if folder is None else name, flags, dir_fd=folder)) as fd:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     return Check(WRONG, "is not a regular file")
                 found = os.read(fd, len(self.text) + 1)
@@ -564,16 +565,14 @@ class WriteFile(Step):
 
     def execute(self, ctx: Context) -> Result:
         name = os.path.basename(self.path)
-        with syscalls.closing(
-            paths.open_inside(ctx.target, os.path.dirname(self.path), make=paths.DIRECTORY)
-        ) as folder:
+        with closing(paths.open_inside(ctx.target, os.path.dirname(self.path), make=paths.DIRECTORY)) as folder:
             if self._compare(name, folder).state == PRESENT:
                 return Result(ALREADY)
             temporary = f".{name}.new"
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary, dir_fd=folder)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            with syscalls.closing(os.open(temporary, flags, self.mode, dir_fd=folder)) as fd:
+            with closing(os.open(temporary, flags, self.mode, dir_fd=folder)) as fd:
                 os.fchmod(fd, self.mode)
                 os.write(fd, self.text)
             os.rename(temporary, name, src_dir_fd=folder, dst_dir_fd=folder)
@@ -589,7 +588,7 @@ def remove_inside(target: str, path: str) -> bool:
         if exc.errno == errno_module.ENOENT:
             return False
         raise
-    with syscalls.closing(folder), contextlib.suppress(FileNotFoundError):
+    with closing(folder), contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.basename(path), dir_fd=folder)
         return True
     return False

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from offload.errors import MountBusy, MountError, OffloadError, StepFailed
+from offload.fdinfo import closing
 from offload.mounts import mountinfo, ops, paths, records, syscalls
 from offload.mounts.mountinfo import MountEntry
 from offload.mounts.plan import PUBLISHED_FILES, Plan
@@ -201,8 +202,8 @@ def unmount_exactly(entry: MountEntry, flags: int = 0) -> None:
     EINVAL when another mount covers it now (the caller takes that one first).
     """
     point = entry.mount_point
-    with syscalls.closing(paths.open_inside("/", os.path.dirname(point))) as parent:
-        with syscalls.closing(paths.open_inside("/", point)) as mount:  # closed first: it would keep the mount busy
+    with closing(paths.open_inside("/", os.path.dirname(point))) as parent:
+        with closing(paths.open_inside("/", point)) as mount:  # closed first: it would keep the mount busy
             covered = syscalls.mount_id(mount) != entry.mount_id
         if covered:
             raise MountError(

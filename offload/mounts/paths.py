@@ -15,7 +15,7 @@ import os
 import stat
 
 from offload.errors import ConfigError, MountError
-from offload.mounts.syscalls import closing
+from offload.fdinfo import closing
 from offload.qtfs.resolve import Escape, openat2
 
 _MAX_LINKS = 40  # like the kernel's MAXSYMLINKS

@@ -9,14 +9,13 @@ decides policy.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno as errno_module
 import os
 import stat
-from collections.abc import Iterator
 
 from offload.errors import MountError, errno_name
+from offload.fdinfo import closing
 
 # <linux/mount.h>
 MS_RDONLY = 1
@@ -84,15 +83,6 @@ def failure(what: str, path: str, number: int) -> MountError:
     return MountError(
         f"{what}: {os.strerror(number)} ({errno_name(number, f'errno {number}')})", path=path, errno=number
     )
-
-
-@contextlib.contextmanager
-def closing(fd: int) -> Iterator[int]:
-    """``fd``, closed when the block ends, however it ends."""
-    try:
-        yield fd
-    finally:
-        os.close(fd)
 
 
 def _b(value: str | None) -> bytes | None:
