@@ -80,10 +80,8 @@ def _main_thread_gone(parent: int) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="qtfs-guard", description=__doc__)
-    parser.add_argument("--client", type=int, required=True, metavar="PID")
-    parser.add_argument("--device", type=int, required=True, metavar="ST_DEV")
-    parser.add_argument("--abort-fd", type=int, required=True, metavar="FD")
-    parser.add_argument("--waiting-fd", type=int, required=True, metavar="FD")
+    for flag, metavar in (("--client", "PID"), ("--device", "ST_DEV"), ("--abort-fd", "FD"), ("--waiting-fd", "FD")):
+        parser.add_argument(flag, type=int, required=True, metavar=metavar)
     parser.add_argument("mountpoint")
     args = parser.parse_args(argv)
     log_module.setup("qtfs-guard", "INFO")
