@@ -100,14 +100,8 @@ class Direct:
 
 
 @dataclass(frozen=True)
-class Check:
-    state: str
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class Result:
-    outcome: str  # DONE, ALREADY or SKIPPED
+class Outcome:
+    state: str  # check: MOUNTED, PRESENT, MISSING, WRONG or SKIPPED; execute: DONE, ALREADY or SKIPPED
     detail: str = ""
 
 
@@ -143,10 +137,10 @@ class Step:
     def describe(self) -> list[str]:
         raise NotImplementedError
 
-    def check(self, entries: tuple[MountEntry, ...]) -> Check:
+    def check(self, entries: tuple[MountEntry, ...]) -> Outcome:
         raise NotImplementedError
 
-    def execute(self, ctx: Context) -> Result:
+    def execute(self, ctx: Context) -> Outcome:
         raise NotImplementedError
 
 
@@ -160,17 +154,17 @@ class _MountStep(Step):
     def mismatch(self, entry: MountEntry, entries: tuple[MountEntry, ...]) -> str | None:
         raise NotImplementedError
 
-    def check(self, entries: tuple[MountEntry, ...]) -> Check:
+    def check(self, entries: tuple[MountEntry, ...]) -> Outcome:
         stack = mountinfo.stack_at(entries, self.path)
         if len(stack) > self.layers:
             # Something the plan does not make covers the plan's mounts here:
             # whatever is done below it would land on the wrong filesystem.
             top = stack[-1]
-            return Check(WRONG, f"{top.fstype} ({top.source}) is mounted there on top of the planned mounts")
+            return Outcome(WRONG, f"{top.fstype} ({top.source}) is mounted there on top of the planned mounts")
         if len(stack) <= self.layer:
-            return Check(MISSING)
+            return Outcome(MISSING)
         problem = self.mismatch(stack[self.layer], entries)
-        return Check(WRONG, problem) if problem else Check(MOUNTED)
+        return Outcome(WRONG, problem) if problem else Outcome(MOUNTED)
 
     def _already(self, ctx: Context) -> bool:
         """True when the mount is in place; raise when something else is."""
@@ -178,9 +172,6 @@ class _MountStep(Step):
         if found.state == WRONG:
             raise _conflict(self.path, found.detail)
         return found.state == MOUNTED
-
-    def _open_target(self, ctx: Context, make: str) -> int:
-        return paths.open_inside(ctx.target, self.path, make=make)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,12 +216,12 @@ class MountOp(_MountStep):
             return f"{entry.fstype} with {','.join(entry.filesystem_data)} is mounted there, expected {','.join(self.identity)}"
         return None
 
-    def execute(self, ctx: Context) -> Result:
+    def execute(self, ctx: Context) -> Outcome:
         if self._already(ctx):
-            return Result(ALREADY)
+            return Outcome(ALREADY)
         flags, data, late_ro = self._split()
         with (
-            closing(self._open_target(ctx, paths.DIRECTORY)) as target,
+            closing(paths.open_inside(ctx.target, self.path, make=paths.DIRECTORY)) as target,
             closing(syscalls.new_mount(self.source, self.fstype, flags, data, at=self.path)) as mount,
         ):
             for sub in self.subdirs:
@@ -240,7 +231,7 @@ class MountOp(_MountStep):
             if late_ro:
                 syscalls.set_attributes(mount, syscalls.MOUNT_ATTR_RDONLY)
             ctx.attach(mount, target, self.path)
-        return Result(DONE)
+        return Outcome(DONE)
 
 
 class _Refused(Exception):
@@ -297,10 +288,10 @@ class BindOp(_MountStep):
             return f"the bind of {self.source} there is read-write, expected read-only"
         return None
 
-    def check(self, entries: tuple[MountEntry, ...]) -> Check:
+    def check(self, entries: tuple[MountEntry, ...]) -> Outcome:
         found = super().check(entries)
         if found.state == MISSING and self.missing == "skip" and not os.path.exists(self.source):
-            return Check(SKIPPED, f"{self.source} does not exist")
+            return Outcome(SKIPPED, f"{self.source} does not exist")
         return found
 
     def _open_source(self) -> int | None:
@@ -324,23 +315,23 @@ class BindOp(_MountStep):
         os.makedirs(self.source, mode=0o755, exist_ok=True)
         return os.open(self.source, os.O_PATH | os.O_CLOEXEC)
 
-    def execute(self, ctx: Context) -> Result:
+    def execute(self, ctx: Context) -> Outcome:
         try:
             source = self._open_source()
         except _Refused as refused:
-            return Result(SKIPPED, str(refused))
+            return Outcome(SKIPPED, str(refused))
         if source is None:
-            return Result(SKIPPED, f"{self.source} does not exist")
+            return Outcome(SKIPPED, f"{self.source} does not exist")
         with closing(source):
             if self._already(ctx):
-                return Result(ALREADY)
+                return Outcome(ALREADY)
             is_dir = stat.S_ISDIR(os.fstat(source).st_mode)
             make = "" if not self.create_target else paths.DIRECTORY if is_dir else paths.FILE
             try:
-                target = self._open_target(ctx, make)
+                target = paths.open_inside(ctx.target, self.path, make=make)
             except MountError as exc:
                 if exc.errno == errno_module.ENOENT and not self.create_target:
-                    return Result(SKIPPED, f"{self.path} does not exist here")
+                    return Outcome(SKIPPED, f"{self.path} does not exist here")
                 raise
             with (
                 closing(target),
@@ -350,7 +341,7 @@ class BindOp(_MountStep):
                     # Set on the detached bind: it is never writable, not even for an instant.
                     syscalls.set_attributes(tree, syscalls.MOUNT_ATTR_RDONLY, recursive=self.recursive)
                 ctx.attach(tree, target, self.path)
-        return Result(DONE)
+        return Outcome(DONE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -385,14 +376,14 @@ class QtfsMount(_MountStep):
             return None
         return f"{entry.fstype} ({entry.source}) is mounted there, expected qtfs from {self.address}:{self.remote}"
 
-    def execute(self, ctx: Context) -> Result:
+    def execute(self, ctx: Context) -> Outcome:
         if self._already(ctx):
-            return Result(ALREADY)
+            return Outcome(ALREADY)
         # The client mounts by path (libfuse): the path is checked for
         # symlinks right before, and the mount found afterwards must sit on
         # the very directory checked.  Inside a qtfs mount no symlink is ever
         # followed (nosymfollow), so what the host serves cannot move it.
-        with closing(self._open_target(ctx, paths.DIRECTORY)) as target:
+        with closing(paths.open_inside(ctx.target, self.path, make=paths.DIRECTORY)) as target:
             status, output = ctx.run(self.argv())
             if status != 0:
                 raise MountError(
@@ -406,7 +397,7 @@ class QtfsMount(_MountStep):
             if self.check(entries).state != MOUNTED or stack[-1].parent_id != syscalls.mount_id(target):
                 raise MountError(f"qtfs returned but nothing is mounted at {self.path}", path=self.path)
             ctx.record(stack[-1])
-        return Result(DONE)
+        return Outcome(DONE)
 
 
 def _qtfs_umount(path: str) -> None:
@@ -426,22 +417,22 @@ class _MadeStep(Step):
     def make(self, ctx: Context) -> None:
         raise NotImplementedError
 
-    def check(self, entries: tuple[MountEntry, ...]) -> Check:
+    def check(self, entries: tuple[MountEntry, ...]) -> Outcome:
         try:
             info = os.lstat(self.path)
         except FileNotFoundError:
-            return Check(MISSING)
+            return Outcome(MISSING)
         problem = self.wrong(info)
-        return Check(WRONG, problem) if problem else Check(PRESENT)
+        return Outcome(WRONG, problem) if problem else Outcome(PRESENT)
 
-    def execute(self, ctx: Context) -> Result:
+    def execute(self, ctx: Context) -> Outcome:
         found = self.check(())
         if found.state == WRONG:
             raise _conflict(self.path, found.detail)
         if found.state == PRESENT:
-            return Result(ALREADY)
+            return Outcome(ALREADY)
         self.make(ctx)
-        return Result(DONE)
+        return Outcome(DONE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -543,31 +534,31 @@ class WriteFile(Step):
     def describe(self) -> list[str]:
         return [f"mkdir -p {_q(os.path.dirname(self.path))}", f"printf '%s\\n' {_q(self.content)} > {_q(self.path)}"]
 
-    def check(self, entries: tuple[MountEntry, ...]) -> Check:
+    def check(self, entries: tuple[MountEntry, ...]) -> Outcome:
         return self._compare(os.path.basename(self.path), None)
 
-    def _compare(self, name: str, folder: int | None) -> Check:
+    def _compare(self, name: str, folder: int | None) -> Outcome:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
             with closing(os.open(self.path if folder is None else name, flags, dir_fd=folder)) as fd:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    return Check(WRONG, "is not a regular file")
+                    return Outcome(WRONG, "is not a regular file")
                 found = os.read(fd, len(self.text) + 1)
         except FileNotFoundError:
-            return Check(MISSING)
+            return Outcome(MISSING)
         except OSError as exc:
-            return Check(WRONG, f"cannot be read: {exc.strerror}")
-        return Check(PRESENT) if found == self.text else Check(WRONG, "holds other text")
+            return Outcome(WRONG, f"cannot be read: {exc.strerror}")
+        return Outcome(PRESENT) if found == self.text else Outcome(WRONG, "holds other text")
 
     @property
     def text(self) -> bytes:
         return f"{self.content}\n".encode()
 
-    def execute(self, ctx: Context) -> Result:
+    def execute(self, ctx: Context) -> Outcome:
         name = os.path.basename(self.path)
         with closing(paths.open_inside(ctx.target, os.path.dirname(self.path), make=paths.DIRECTORY)) as folder:
             if self._compare(name, folder).state == PRESENT:
-                return Result(ALREADY)
+                return Outcome(ALREADY)
             temporary = f".{name}.new"
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary, dir_fd=folder)
@@ -577,7 +568,7 @@ class WriteFile(Step):
                 os.write(fd, self.text)
             os.rename(temporary, name, src_dir_fd=folder, dst_dir_fd=folder)
         ctx.on_undo(f"rm {self.path}", functools.partial(remove_inside, ctx.target, self.path))
-        return Result(DONE)
+        return Outcome(DONE)
 
 
 def remove_inside(target: str, path: str) -> bool:
@@ -608,8 +599,8 @@ class Skipped(Step):
     def describe(self) -> list[str]:
         return [f"# skipped {self.name} on {self.path}: {self.reason}"]
 
-    def check(self, entries: tuple[MountEntry, ...]) -> Check:
-        return Check(SKIPPED, self.reason)
+    def check(self, entries: tuple[MountEntry, ...]) -> Outcome:
+        return Outcome(SKIPPED, self.reason)
 
-    def execute(self, ctx: Context) -> Result:
-        return Result(SKIPPED, self.reason)
+    def execute(self, ctx: Context) -> Outcome:
+        return Outcome(SKIPPED, self.reason)

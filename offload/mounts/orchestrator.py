@@ -148,10 +148,10 @@ def prepare(plan: Plan, *, report: Report = _quiet, fail_at: int | None = None) 
                 if run.undo_failures:
                     message += "; could not undo: " + "; ".join(run.undo_failures)
                 raise StepFailed(message, path=failure.path, errno=failure.errno) from exc
-            if result.outcome == ops.DONE:
+            if result.state == ops.DONE:
                 summary.done += 1
                 verb = "mounted" if step.mountpoint else "created"
-            elif result.outcome == ops.ALREADY:
+            elif result.state == ops.ALREADY:
                 summary.already += 1
                 verb = "already"
             else:
