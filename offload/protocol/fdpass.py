@@ -18,8 +18,14 @@ from offload.protocol.messages import check_path
 
 #: SCM_MAX_FD in the kernel: no sendmsg carries more.
 MAX_FDS = 253
-FD_KINDS = ("file", "null", "pipe_r", "pipe_w")
 ACCESS = ("r", "w", "rw")
+#: The fields each kind carries on the wire, with their JSON types.
+_WIRE_FIELDS: dict[str, tuple[tuple[str, type], ...]] = {
+    "file": (("path", str), ("access", str), ("append", bool), ("offset", int), ("dev", int), ("ino", int)),
+    "null": (("access", str),),
+    "pipe_r": (("channel", int),),
+    "pipe_w": (("channel", int),),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +51,7 @@ class FdDescription:
     ino: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in FD_KINDS:
+        if self.kind not in _WIRE_FIELDS:
             raise ValueError(f"fd kind {self.kind!r} is not carried")
         if self.access not in ACCESS:
             raise ValueError(f"access {self.access!r}")
@@ -64,19 +70,7 @@ class FdDescription:
         return self.kind in ("pipe_r", "pipe_w")
 
     def to_json(self) -> dict:
-        if self.kind == "file":
-            return {
-                "kind": "file",
-                "path": self.path,
-                "access": self.access,
-                "append": self.append,
-                "offset": self.offset,
-                "dev": self.dev,
-                "ino": self.ino,
-            }
-        if self.kind == "null":
-            return {"kind": "null", "access": self.access}
-        return {"kind": self.kind, "channel": self.channel}
+        return {"kind": self.kind, **{name: getattr(self, name) for name, _ in _WIRE_FIELDS[self.kind]}}
 
 
 def decode(entries: object, what: str, channels: range) -> tuple[FdDescription, ...]:
@@ -95,27 +89,15 @@ def decode(entries: object, what: str, channels: range) -> tuple[FdDescription, 
         if not isinstance(entry, dict):
             raise RemoteProtocolError(f"{what}: an entry is not an object")
         kind = messages.field(entry, "kind", str, what)
+        values = {name: messages.field(entry, name, json_type, what) for name, json_type in _WIRE_FIELDS.get(kind, ())}
         try:
-            if kind == "file":
-                fd = FdDescription(
-                    "file",
-                    path=messages.field(entry, "path", str, what),
-                    access=messages.field(entry, "access", str, what),
-                    append=messages.field(entry, "append", bool, what),
-                    offset=messages.field(entry, "offset", int, what),
-                    dev=messages.field(entry, "dev", int, what),
-                    ino=messages.field(entry, "ino", int, what),
-                )
-            elif kind == "null":
-                fd = FdDescription("null", access=messages.field(entry, "access", str, what))
-            else:
-                channel = messages.field(entry, "channel", int, what)
-                if channel not in channels:
-                    raise ValueError(f"pipe channel {channel} out of range")
-                if channel in pipe_channels:
-                    raise ValueError(f"two pipes on channel {channel}")
-                pipe_channels.add(channel)
-                fd = FdDescription(kind, channel=channel)
+            fd = FdDescription(kind, **values)
+            if fd.is_pipe:
+                if fd.channel not in channels:
+                    raise ValueError(f"pipe channel {fd.channel} out of range")
+                if fd.channel in pipe_channels:
+                    raise ValueError(f"two pipes on channel {fd.channel}")
+                pipe_channels.add(fd.channel)
         except ValueError as exc:
             raise RemoteProtocolError(f"{what}: {exc}") from None
         result.append(fd)
