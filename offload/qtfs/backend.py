@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
+from offload.fdinfo import closing
 from offload.prefix import is_under
 from offload.protocol import qtfs as wire
 from offload.qtfs import facts
@@ -258,10 +259,8 @@ class Backend:
         """``path`` itself (never followed) opened with ``flags`` once the policy allowed ``sections``."""
         with self._at(path, *sections) as (parent, name):
             fd = os.open(name, flags | OPEN_ALWAYS, dir_fd=parent)
-        try:
+        with closing(fd):
             yield fd
-        finally:
-            os.close(fd)
 
     def _allow_handle(self, fd: int, section: str) -> None:
         """An operation by handle is judged by the handle's own file, where it is now."""
@@ -304,15 +303,12 @@ class Backend:
             raise _refused(path, "not exported")
         if not self.whitelist.allows("Mount", path):
             raise _refused(path, "not allowed by the whitelist", "Mount")
-        export_fd = os.open(export.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
+        with closing(os.open(export.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) as export_fd:
             rest = path[len(export.path) :].lstrip(b"/")
             if rest and _facts_of(export_fd) is not None:
                 # Below its root, a procfs is the processes' own entries (/proc/1, /proc/self).
                 raise _refused(path, "a facts export is mounted at its root only")
             root = openat2(export_fd, rest, os.O_PATH | os.O_DIRECTORY) if rest else os.dup(export_fd)
-        finally:
-            os.close(export_fd)
         with _closed_on_error(root):
             served = _facts_of(root)
             if served is None and fs_type(root) in FACT_FILESYSTEMS:

@@ -32,6 +32,7 @@ import trio
 
 from offload import aio, proc, sd
 from offload.errors import OffloadError
+from offload.fdinfo import closing
 from offload.mounts import syscalls
 from offload.net import Address, Transport
 from offload.qtfs import fusectl, guard, unmount
@@ -250,11 +251,8 @@ def _no_symlinks_followed(mountpoint: str) -> None:
     (mount_setattr(2), Linux 5.12; without it the mount fails).  Refusing
     such links in the client instead would change what readlink shows.
     """
-    fd = os.open(mountpoint, os.O_PATH | os.O_CLOEXEC)
-    try:
+    with closing(os.open(mountpoint, os.O_PATH | os.O_CLOEXEC)) as fd:
         syscalls.set_attributes(fd, syscalls.MOUNT_ATTR_NOSYMFOLLOW)
-    finally:
-        os.close(fd)
 
 
 def background(run: Callable[[Callable[[], None]], None], log_file: str | None) -> int:

@@ -17,6 +17,7 @@ import os
 import struct
 import time
 
+from offload.fdinfo import closing
 from offload.protocol import qtfs as wire
 from offload.qtfs.inodes import join
 from offload.qtfs.resolve import fs_type
@@ -159,8 +160,7 @@ class TreeWatch:
 
     def _same_kind(self, host: bytes) -> bool:
         """Is the directory ``host`` on a filesystem inotify can watch?  (Something may be mounted in the tree.)"""
-        fd = os.open(host, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
+        with closing(os.open(host, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)) as fd:
             device = os.fstat(fd).st_dev
             if device in self._devices:
                 return True
@@ -168,8 +168,6 @@ class TreeWatch:
                 return False
             self._devices.add(device)
             return True
-        finally:
-            os.close(fd)
 
     def _drop_tree(self, top: bytes) -> None:
         """Stop watching ``top`` and below (moved out of its place: re-added where it went, if in the tree)."""
