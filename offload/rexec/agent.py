@@ -895,8 +895,7 @@ class AgentSession:
         # Its bridged connections' last bytes (qemu's SHUTDOWN event), too: libvirt tells a
         # shutdown from a crash by them.  A relay that the peer never ends is not waited for long.
         for relay in list(self.delivering) if bridged else ():
-            waited = partial(relay.delivered.wait, DELIVERY_WAIT)
-            if not await trio.to_thread.run_sync(waited, abandon_on_cancel=True, limiter=trio.CapacityLimiter(1)):
+            if not await attached.waited(relay.delivered, DELIVERY_WAIT):
                 log.info("%s: not delivered %.0f s after the exit; not waiting for it", relay.name, DELIVERY_WAIT)
                 break
 

@@ -1,28 +1,17 @@
-"""Connections of their own beside a session's link, relayed by a thread on each side.
+"""Connections of their own beside a session's link, for a program's ptys and bridged connections.
 
-Two things of a session do not go on its link, where every message costs
-several trio turns in both daemons: a program's pty (a console's keystroke
-and its echo) and a connection to a listener the program was handed (qemu's
-QMP monitor: libvirt issues hundreds of commands to start or restore a
-guest, each a round trip).  The DPU's agent asks on the session's link
-(`OpenPty` for a pty the program holds, `Open` for a connection it accepted
-on the program's listener); the host checks the request against the
-session's program and answers with a ticket (`Ticket`): a random token, for
-that pty or bridged listener of that session, for one use, by the peer
-that session's link authenticated.  The agent opens a connection of its own
-to the host's rexec_server and presents the ticket in its Hello; the host
-opens the local end (the pty again from the program's master,
-`ptys.program_pty_peer`; or a connection to the bridged listener), answers
-`Attached`, and from then on both sides hand the connection to a `Relay`
-thread.  A bridged connection carries the fds its programs pass by the
-udsproxy rules (`offload.fdpass`), and a monitor's replies have their pty
-paths made the DPU's (`offload.rexec.console`).
+On the link every message costs several trio turns in both daemons, too many for a console's
+keystroke and its echo or for libvirt's hundreds of monitor round trips: each goes on a connection
+of its own, relayed by a thread on each side.  The agent asks on the session's link (`OpenPty`,
+`Open`); the host checks the request against the session's program and answers with a ticket
+(`Ticket`): a random token, for that pty or bridged listener of that session, for one use, by the
+peer that session's link authenticated.  The agent presents it in the Hello of a connection of its
+own; the host opens the local end (the pty again from the program's master,
+`ptys.program_pty_peer`; or a connection to the bridged listener) and answers `Attached`.
 
-Ownership: the host's grants live in `Grants`, one per rexec_server; a
-session's unused tickets are revoked and its relays stopped when it ends.
-The relay threads run in the task that serves the connection, so a stopped
-daemon stops them too; each relay closes its local end and its connection
-itself.
+Ownership: the host's grants live in `Grants`, one per rexec_server; a session's unused tickets are
+revoked and its relays stopped when it ends.  The relay threads run in the task that serves the
+connection, so a stopped daemon stops them too; each relay closes its local end and its connection.
 """
 
 from __future__ import annotations
@@ -34,9 +23,10 @@ import itertools
 import logging
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -210,10 +200,14 @@ async def pause_all(relays: Iterable[Relay], timeout: float) -> None:
     deadline = trio.current_time() + timeout
     for relay in relays:
         left = deadline - trio.current_time()
-        if left <= 0 or not await trio.to_thread.run_sync(
-            relay.ended.wait, left, abandon_on_cancel=True, limiter=trio.CapacityLimiter(1)
-        ):
+        if left <= 0 or not await waited(relay.ended, left):
             log.warning("%s: not paused within %.1f s; it ends as it is", relay.name, timeout)
+
+
+async def waited(event: threading.Event, timeout: float) -> bool:
+    """Whether a relay's thread set ``event`` within ``timeout``.  Waited for in a thread that is abandoned if
+    we are cancelled, with a limiter of its own: these waits take none of the threads trio's others share."""
+    return await trio.to_thread.run_sync(event.wait, timeout, abandon_on_cancel=True, limiter=trio.CapacityLimiter(1))
 
 
 def who(peer: str, stream: object) -> str:
@@ -276,33 +270,22 @@ async def serve_attach(stream: trio.abc.Stream, peer: str, conn: RexecConnection
     except OSError as exc:
         log.warning("session %d: %s no longer opens for %s: %s", grant.session, grant.what, peer, exc)
         return
+    bridged = grant.bridge != ""
     relay: Relay | None = None
     try:
         with translate_errors(peer, "sending to"):
             await stream.send_all(conn.send(Attached()))
-        link, cipher = detach(stream)
-        name = f"session {grant.session} {grant.what}"
-        try:
-            if grant.bridge == "":
-                relay = Relay(link, cipher, local, client=False, name=name)
-            else:
-                # Files the caller's program passes are re-opened as the program's user; its own
-                # are named from its root.
-                root = fdpass.root_of(grant.process.pid)
-                relay = Relay(
-                    link,
-                    cipher,
-                    local,
-                    client=False,
-                    name=name,
-                    shared=grant.shared,
-                    user=grant.user,
-                    root=root,
-                    drop_uncarried=True,
-                )
-        except BaseException:
-            link.close()
-            raise
+        # Files the caller's program passes are re-opened as the program's user; its own are named from its root.
+        relay = _relay(
+            stream,
+            local,
+            client=False,
+            name=f"session {grant.session} {grant.what}",
+            shared=grant.shared,
+            user=grant.user,
+            root=fdpass.root_of(grant.process.pid) if bridged else "/",
+            drop_uncarried=bridged,
+        )
     finally:
         if relay is None:
             local.close()
@@ -352,29 +335,32 @@ async def attach(
                         break
                     elif isinstance(event, Closed):
                         raise TransportError(f"{address} refused the ticket", address=str(address))
-            leftover = conn.leftover()
-            link, cipher = detach(stream)
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
-        try:
-            relay = Relay(
-                link,
-                cipher,
-                local,
-                client=True,
-                leftover=leftover,
-                name=name,
-                shared=shared,
-                user=user,
-                root=root,
-                rewrite=rewrite,
-                drop_uncarried=user is not None,
-            )
-        except BaseException:
-            link.close()
-            raise
+        relay = _relay(
+            stream,
+            local,
+            client=True,
+            leftover=conn.leftover(),
+            name=name,
+            shared=shared,
+            user=user,
+            root=root,
+            rewrite=rewrite,
+            drop_uncarried=user is not None,
+        )
     finally:
         if relay is None:
             close_local(local)
     return relay
+
+
+def _relay(stream: trio.abc.Stream, local: ptys.PtyEnd | socket.socket, **options: Any) -> Relay:
+    """The `Relay` of ``local`` on ``stream``'s connection, which it takes over (closed if the Relay cannot be made)."""
+    link, cipher = detach(stream)
+    try:
+        return Relay(link, cipher, local, **options)
+    except BaseException:
+        link.close()
+        raise

@@ -535,8 +535,7 @@ class Execution:
     async def _await_bridged(self) -> None:
         """Wait until what the program wrote on bridged connections was sent (each relay's `sent`)."""
         for relay in self.state.grants.bridged(self.id):
-            waited = partial(relay.sent.wait, OUTPUT_LINGER)
-            if not await trio.to_thread.run_sync(waited, abandon_on_cancel=True, limiter=trio.CapacityLimiter(1)):
+            if not await attached.waited(relay.sent, OUTPUT_LINGER):
                 log.info(
                     "session %d: %s still open %.0f s after exit; not waiting for it",
                     self.id,
