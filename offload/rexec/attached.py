@@ -133,7 +133,8 @@ class Grants:
     def __init__(self) -> None:
         self._tickets: dict[str, tuple[Grant, float]] = {}  # token -> grant, when it expires
         self._relays: dict[int, set[Relay]] = {}
-        #: The server stops and pauses its relays: no ticket opens anything from now on.
+        #: The server stops (SIGTERM) and pauses its relays: no ticket opens anything from now on, and
+        #: no request for one is answered; a session kept in the fd store leaves its program running.
         self.stopping = False
 
     def issue(self, grant: Grant) -> str | None:

@@ -96,8 +96,6 @@ class ServerState:
     grants: Grants = field(default_factory=Grants)
     #: Sessions that may be resumed, by name, while their programs are ours.
     resumable: dict[str, Execution] = field(default_factory=dict)
-    #: The server stops (SIGTERM): a session kept in the fd store leaves its program running.
-    stopping: bool = False
 
 
 async def serve_session(link: SessionLink, state: ServerState) -> None:
@@ -569,7 +567,7 @@ class Execution:
             async for event in link.control:
                 if isinstance(event, Signal):
                     self._signal(link, event.signum)
-                elif isinstance(event, Open | OpenPty) and self.state.stopping:
+                elif isinstance(event, Open | OpenPty) and self.state.grants.stopping:
                     continue  # paused for the next server, which answers when the peer asks again
                 elif isinstance(event, Open):
                     nursery.start_soon(self._answer, self._bridge, link, event)
@@ -721,7 +719,7 @@ class Execution:
     async def _cleanup(self) -> None:
         self.state.grants.revoke(self.id)
         running = self.process is not None and self.process.returncode is None
-        if self.state.stopping and running and self.secret and self.keep.enabled:
+        if self.state.grants.stopping and running and self.secret and self.keep.enabled:
             assert self.process is not None
             log.info("session %d: pid %d runs on, kept for the next rexec_server", self.id, self.process.pid)
             self._close_fds()

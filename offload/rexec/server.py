@@ -191,7 +191,7 @@ async def serve(
 
             async def stop() -> None:
                 # Sessions that outlive this server are told apart from those a caller ended.
-                state.stopping = pool.stopping = state.grants.stopping = True
+                pool.stopping = state.grants.stopping = True
                 if sd.store_available():
                     # They go on under the next server: their monitors and consoles lose no byte.
                     await attached.pause_all([*state.grants.relays(), *pool.relays], PAUSE_TIMEOUT)

@@ -163,7 +163,7 @@ def _fresh_overlay(request: Request, layout: Layout, say: Say) -> Result:
         for layer in reversed(mounted):
             with contextlib.suppress(OffloadError):
                 syscalls.umount(layer.path)
-        for path in (layout.upper, layout.work, layout.upper.with_name(layout.upper.name + ".mounts")):
+        for path in (layout.upper, layout.work, layout.nested):
             if path.exists():
                 with contextlib.suppress(OffloadError, OSError):
                     modes.remove_tree(path)

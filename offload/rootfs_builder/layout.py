@@ -53,6 +53,11 @@ class Layout:
             return self.state_dir / "work"
         return self.target.parent / f".{self.name}-work"
 
+    @property
+    def nested(self) -> Path:
+        """The layers of the overlays over content filesystems below the lower root, a directory each."""
+        return self.upper.with_name(self.upper.name + ".mounts")
+
     def manifest(self, root: Path | None = None) -> Path:
         return (root or self.target) / MANIFEST
 

@@ -87,19 +87,6 @@ def overlay(lower: str, upper: str, work: str, target: str) -> ops.MountOp:
     )
 
 
-def make_opaque(directory: Path) -> None:
-    """An overlay upper directory that hides whatever the lower layer has there."""
-    directory.mkdir(parents=True, exist_ok=True)
-    os.setxattr(directory, "trusted.overlay.opaque", b"y")
-
-
-def make_whiteout(path: Path) -> None:
-    """An overlay whiteout (a 0/0 character device): ``path`` does not exist in the merged view."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        syscalls.mknod_char(str(path), 0, 0, 0o000)
-
-
 def _mirror_dirs(lower: Path, upper: Path, relative: Path) -> None:
     """Create ``upper/relative`` with each component's owner and mode taken from ``lower``."""
     current_lower, current_upper = lower, upper
@@ -119,11 +106,10 @@ def overlay_layers(layout: Layout, lower: str, nested: list[str], *, make: bool 
 
     ``make``: create the upper and work directories (idempotent).
     """
-    base = layout.upper.with_name(layout.upper.name + ".mounts")
     layers = []
     for point in [lower, *nested]:
         relative = os.path.relpath(point, lower)
-        key = base / relative.replace("/", "%")
+        key = layout.nested / relative.replace("/", "%")
         upper, work = (layout.upper, layout.work) if point == lower else (key / "upper", key / "work")
         if make:
             upper.mkdir(parents=True, exist_ok=True)
@@ -134,8 +120,7 @@ def overlay_layers(layout: Layout, lower: str, nested: list[str], *, make: bool 
 
 def prepare_overlay(layout: Layout, lower: str, say: Say) -> tuple[list[ops.MountOp], list[str]]:
     """Create the layers (idempotent); the overlays to mount, in order, and the nested lower layers."""
-    nested_layers = layout.upper.with_name(layout.upper.name + ".mounts")
-    skip = [str(path) for path in (layout.target, layout.upper, layout.work, nested_layers)]
+    skip = [str(path) for path in (layout.target, layout.upper, layout.work, layout.nested)]
     nested = content_mounts(mountinfo.read(), lower, skip)
     layers = overlay_layers(layout, lower, nested, make=True)
     upper, root = layout.upper, Path(lower)
@@ -144,7 +129,7 @@ def prepare_overlay(layout: Layout, lower: str, say: Say) -> tuple[list[ops.Moun
     for name in EXCLUDED:
         if (root / name).is_dir() and not (upper / name).exists():
             _mirror_dirs(root, upper, Path(name))
-            make_opaque(upper / name)
+            os.setxattr(upper / name, "trusted.overlay.opaque", b"y")  # hides what the lower layer has there
     # The rootfs's own layers seen from inside it would be loops (ELOOP):
     # whiteouts hide them unless an excluded directory already does.
     for path in skip:
@@ -152,7 +137,8 @@ def prepare_overlay(layout: Layout, lower: str, say: Say) -> tuple[list[ops.Moun
         if relative.startswith("..") or relative.split("/")[0] in EXCLUDED or not os.path.lexists(path):
             continue
         _mirror_dirs(root, upper, Path(relative).parent)
-        make_whiteout(upper / relative)
+        with contextlib.suppress(FileExistsError):  # a 0/0 character device: absent from the merged view
+            syscalls.mknod_char(str(upper / relative), 0, 0, 0o000)
     for point in nested:
         say(f"{point} is a filesystem of its own: it gets an overlay of its own in the rootfs")
     return layers, nested
