@@ -1,12 +1,9 @@
 """The DPU side of the lab's libvirt: /another_rootfs, its mounts, and stock libvirtd in it.
 
-What an operator does on a DPU, done by the lab in the DPU side's
-namespaces: build the rootfs (overlay mode: seconds), prepare it (proc, sys,
-cgroups, a private /dev, the rexec and udsproxy state, and the host's
-/var/lib/libvirt through qtfs), then run Debian's own virtlogd and libvirtd
-chrooted there with the udsproxy shim preloaded into libvirtd.  Nothing here
-patches or reconfigures libvirt beyond the qemu.conf the rootfs builder
-writes.
+What an operator does on a DPU (README, "The lab"), done in the DPU side's
+namespaces: build and prepare the rootfs, then run Debian's own virtlogd
+and libvirtd chrooted there, the udsproxy shim preloaded into libvirtd.
+Nothing here reconfigures libvirt beyond the qemu.conf the rootfs builder writes.
 """
 
 from __future__ import annotations

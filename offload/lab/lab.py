@@ -328,8 +328,7 @@ class Lab:
 
     def _write_whitelist(self, side: LabSide, allow: list[str] | tuple[str, ...]) -> None:
         path = side.run_dir / "whitelist"
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        path.unlink(missing_ok=True)
         path.write_text("".join(f"{p}\n" for p in dict.fromkeys([*DEFAULT_ALLOW, *allow])))
         os.chmod(path, 0o400)
 
@@ -424,18 +423,18 @@ class Lab:
         for it, which `down` ends first.
         """
         self._save(key, [side.role, argv], within="argv")
-        managed = [
-            *proc.run_module("offload.lab.manager"),
-            *("--notify-socket", str(side.run_dir / f"{key}.notify")),
-            *("--ready-socket", str(self._notify_path(key))),
-            *("--store-max", str(STORE_MAX), "--stop-timeout", f"{STOP_TIMEOUT:g}"),
-            "--",
-            *argv,
-        ]
         with self._readiness(key) as notify:
+            managed = [
+                *proc.run_module("offload.lab.manager"),
+                *("--notify-socket", str(side.run_dir / f"{key}.notify")),
+                *("--ready-socket", notify.getsockname()),
+                *("--store-max", str(STORE_MAX), "--stop-timeout", f"{STOP_TIMEOUT:g}"),
+                "--",
+                *argv,
+            ]
             env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
             child = spawn_logged(self.command(side.role, managed), self.dir / f"{key}.log", env=env)
-            self.record(_manager_key(key), child.pid)
+            self.record(f"{key}{MANAGER_SUFFIX}", child.pid)
             pid = self._await_ready(key, side, notify, child.poll)
         # It runs on after we return; it is ours to end in down(), by pid.
         child.returncode = 0
@@ -452,22 +451,18 @@ class Lab:
         role, argv = self._state().get("argv", {}).get(key, (None, None))
         if argv is None:
             raise LabError(f"lab {self.name} has no service {key} to restart")
-        manager = self._state()["pids"].get(_manager_key(key))
+        manager = self._state()["pids"].get(f"{key}{MANAGER_SUFFIX}")
         if manager is None or not _running(manager) or not self._is_ours(manager):
             return self.start_service(key, self.side(role), argv)
         with self._readiness(key) as notify:
             os.kill(manager, signal.SIGUSR2 if crash else signal.SIGUSR1)
             return self._await_ready(key, self.side(role), notify, lambda: None if _running(manager) else -1)
 
-    def _notify_path(self, key: str) -> Path:
-        return self.dir / f"{key}.notify"
-
     @contextlib.contextmanager
     def _readiness(self, key: str) -> Iterator[socket.socket]:
         """The lab's notify socket for ``key``, bound afresh: what it receives is news."""
-        path = self._notify_path(key)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        path = self.dir / f"{key}.notify"
+        path.unlink(missing_ok=True)
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
             notify.bind(str(path))
             notify.settimeout(0.2)
@@ -573,10 +568,6 @@ class Lab:
     def set_link(self, up: bool) -> None:
         """Cut (or restore) the link between the sides, as a pulled cable would."""
         netlink.set_link(self.dpu.link, up)
-
-
-def _manager_key(key: str) -> str:
-    return f"{key}{MANAGER_SUFFIX}"
 
 
 def _running(pid: int) -> bool:

@@ -1,10 +1,8 @@
-"""Stock libvirt in the lab: domains, virsh, and a local libvirtd to compare with.
+"""What both labs, the demos, the end-to-end tests and the benchmarks share around stock libvirt.
 
-The offloaded libvirtd is started by the lab (``Lab.up``) chrooted in the DPU
-side's /another_rootfs; this module holds what both the lab, the demo, the
-end-to-end tests and the benchmarks need around it: the domain XML of the
-lab's guest, running virsh against a libvirtd socket, waiting for the
-guest's console marker, finding a domain's qemu process, and the demos' steps.
+The domain XML of the lab's guest, virsh against a libvirtd socket, the
+guest's console and its marker, a domain's qemu processes, a demo's steps,
+and starting a daemon with its log.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 from xml.sax.saxutils import escape
 
 import psutil
@@ -25,6 +23,8 @@ from offload.lab.guest import MARKER, GuestImage
 
 if TYPE_CHECKING:  # types only: processes are started through offload.proc
     from subprocess import Popen
+
+T = TypeVar("T")
 
 #: Where images live on the host side (under the qtfs export /var/lib/libvirt).
 IMAGES = Path("/var/lib/libvirt/images")
@@ -189,24 +189,23 @@ def spawn_logged(argv: list[str], log_path: Path, **options) -> Popen[bytes]:
 
 def wait_for_marker(read: Callable[[], str], timeout: float = 120) -> str:
     """Poll a console log (through ``read``) until the guest's marker line appears; return that line."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in read().splitlines():
-            if MARKER in line:
-                return line.strip()
-        if time.monotonic() > deadline:
-            tail = read()[-400:]
-            raise LabError(f"no {MARKER} on the guest's console after {timeout:.0f} s; console ends with: {tail!r}")
-        time.sleep(0.05)
+    return wait_until(
+        lambda: next((line.strip() for line in read().splitlines() if MARKER in line), None),
+        timeout,
+        lambda: f"no {MARKER} on the guest's console after {timeout:.0f} s; console ends with: {read()[-400:]!r}",
+    )
 
 
-def wait_until(done: Callable[[], object], timeout: float, failure: str, interval: float = 0.05) -> None:
-    """Poll ``done`` until it is true; LabError(``failure``) after ``timeout`` seconds."""
+def wait_until(
+    done: Callable[[], T | None], timeout: float, failure: str | Callable[[], str], interval: float = 0.05
+) -> T:
+    """Poll ``done`` until it is true, and return what it said; LabError(``failure``) after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while not done():
+    while not (result := done()):
         if time.monotonic() > deadline:
-            raise LabError(failure)
+            raise LabError(failure if isinstance(failure, str) else failure())
         time.sleep(interval)
+    return result
 
 
 def tail(path: Path, missing: str = "", lines: int = 15) -> str:

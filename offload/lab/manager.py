@@ -48,6 +48,7 @@ import struct
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from offload import fdpass, proc, sd
 from offload import log as logs
@@ -100,8 +101,7 @@ class Manager:
         self.poller = select.poll()
         self.signals = _signalfd(SIGNALS)
         self.poller.register(self.signals, select.POLLIN)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.notify_path)
+        Path(self.notify_path).unlink(missing_ok=True)
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.notify.bind(self.notify_path)
         # As NotifyAccess=main: the kernel tells each message's sender.
@@ -231,8 +231,7 @@ class Manager:
         for fd in list(self.store):
             self.drop(fd)
         self.notify.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.notify_path)
+        Path(self.notify_path).unlink(missing_ok=True)
 
     # -- the loop -------------------------------------------------------------------
 

@@ -1,25 +1,16 @@
 """Each lab side's own mount namespace, held open by one idle process.
 
-The lab's two sides share one machine, so without this they would share
-/var/lib/libvirt, /run and /etc/libvirt and the offload machinery would be
-proved by accident.  Each side gets a private mount namespace (made by
-util-linux ``unshare`` inside that side's network namespace) in which the
-directories the design says differ are fresh tmpfs instances (`plan`): the
-lab's VMs never touch the machine's own libvirt directories, the lab's own
-directory is bound back under the DPU's fresh /run so both sides see its
-sockets and logs, and the DPU's rexec and udsproxy state sits at the default
-paths (/run/rexec, /run/udsproxy), where a deployed DPU has it.
+Without it the two sides of one machine would share /var/lib/libvirt, /run
+and /etc/libvirt, and the offload machinery would be proved by accident.
+`plan` gives each side fresh tmpfs instances where the design says the
+machines differ, binds the lab's directory back under the DPU's fresh /run,
+puts the DPU's rexec and udsproxy state at the default paths (/run/rexec,
+/run/udsproxy) where a deployed DPU has it, and last hides (``Hide``) what
+is the other side's alone.
 
-Last, each side's namespace hides what is the other side's alone (``Hide``
-steps, which the lab names: the other side's key, run directory and, on the
-host side, the DPU's rootfs and its layers): an empty read-only tmpfs is
-mounted over a directory, /dev/null over a file.  Only the lab's
-controlling process, outside both namespaces, sees everything.
-
-A namespace lives as long as a process is in it: the holder runs ``sleep``
-after its set-up and is the first thing the lab starts on each side and the
-last thing it ends; every mount in the namespace goes with it, so no
-unmount list is needed.  Commands enter both namespaces with ``nsenter``.
+A namespace lives as long as a process is in it: the holder is the first
+thing the lab starts on each side and the last it ends; every mount in the
+namespace goes with it, so no unmount list is needed.
 """
 
 from __future__ import annotations

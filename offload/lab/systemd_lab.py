@@ -1,23 +1,11 @@
 """The systemd lab: the host side and the DPU side as two containers with systemd as PID 1.
 
-Where ``offload lab`` runs the daemons from this checkout in namespaces,
-this lab deploys the Debian package the way an operator does: each side is
-a Debian 12 booted by ``systemd-nspawn -b`` (systemd, journald and dbus
-inside), the package built from the checkout is installed there with apt,
-the configuration is written into each side's /etc, and the units are
-enabled with systemctl.  The two containers share nothing but a veth pair
-between two network namespaces this lab makes (169.254.78.1 host,
-169.254.78.2 DPU).
-
-The image (minbase + systemd, dbus, libvirt, qemu and the package's
-dependencies from Debian) is built once with debootstrap and apt and kept
-as a tarball under /var/cache/offload-lab/; each ``up`` unpacks it twice.
+It deploys the Debian package as an operator does (README, "The systemd lab").
 Nothing registers with machined (``--register=no``): the lab owns the
 nspawn processes it starts and records their pids, and a command runs in a
 container through ``nsenter`` into its PID 1's namespaces.  ``down``
 powers each container off (SIGRTMIN+4 to its PID 1, as ``machinectl
-poweroff`` does), waits for nspawn to exit, SIGKILLs the container's PID 1
-only if it does not, and removes the trees, the namespaces and the state.
+poweroff`` does) and SIGKILLs that PID 1 only if nspawn does not exit.
 """
 
 from __future__ import annotations
@@ -383,20 +371,18 @@ class SystemdLab:
         child = libvirt.spawn_logged(argv, log)
         child.returncode = 0  # it runs on; down ends it by pid and reaps it
         self._record_process(f"{side.role}-nspawn", child.pid)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+
+        def init() -> int | None:
             try:
                 children = psutil.Process(child.pid).children()
             except psutil.NoSuchProcess:
                 raise LabError(f"systemd-nspawn for {side.role} exited: {tail(log)}") from None
             # The container's PID 1 is nspawn's child in a pid namespace of its own.
             ours = namespace_of(os.getpid(), "pid")
-            inits = [c.pid for c in children if namespace_of(c.pid, "pid") not in (None, ours)]
-            if inits:
-                self._record_process(f"{side.role}-init", inits[0])
-                return
-            time.sleep(0.05)
-        raise LabError(f"systemd-nspawn for {side.role} started no container within 30 s")
+            return next((c.pid for c in children if namespace_of(c.pid, "pid") not in (None, ours)), None)
+
+        failure = f"systemd-nspawn for {side.role} started no container within 30 s"
+        self._record_process(f"{side.role}-init", wait_until(init, 30, failure))
 
     def _wait_booted(self, side: Side, say: Callable[[str], None]) -> None:
         deadline = time.monotonic() + BOOT_TIMEOUT
@@ -476,17 +462,14 @@ class SystemdLab:
         from offload.lab import netlink
 
         done += netlink.remove([self.host.netns, self.dpu.netns], [self.host.ifname, self.dpu.ifname])
-        if state.get("made-nspawn-state"):
-            for directory in (NSPAWN_STATE / "locks", NSPAWN_STATE / "propagate", NSPAWN_STATE):
-                with contextlib.suppress(OSError):  # not empty: another nspawn uses it now
-                    directory.rmdir()
-        if state.get("made-run-systemd"):
-            with contextlib.suppress(OSError):
-                NSPAWN_STATE.parent.rmdir()
-        if self.dir.exists():
-            shutil.rmtree(self.dir, ignore_errors=True)
-        with contextlib.suppress(OSError):  # /var/lib/offload-lab, when no other lab is there
-            self.dir.parent.rmdir()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        made = (
+            [NSPAWN_STATE / "locks", NSPAWN_STATE / "propagate", NSPAWN_STATE] if state.get("made-nspawn-state") else []
+        )
+        made += [NSPAWN_STATE.parent] if state.get("made-run-systemd") else []
+        for directory in [*made, self.dir.parent]:
+            with contextlib.suppress(OSError):  # not empty: another nspawn or lab uses it now
+                directory.rmdir()
         return done
 
 
@@ -597,13 +580,9 @@ def where_qemu_runs(lab: SystemdLab, name: str) -> str:
     if scope is None or "rexec.service" in cgroups:
         raise LabError(f"qemu pid {found[0]} is not in a scope of its own in machine.slice:\n{cgroups}")
     libvirtd = int(unit_state(lab, "dpu", "offload-libvirtd")["MainPID"])
-    state = virsh(lab).state(name)
-    if state != "running":
-        raise LabError(f"virsh domstate {name} says {state!r}")
-    status = " ".join(virsh(lab)("qemu-monitor-command", name, '{"execute":"query-status"}').split())
     return (
         f"qemu pid {found[0]} in the host container's {scope} (machine.slice); libvirtd pid {libvirtd} (DPU container's "
-        f"numbering) in offload-libvirtd.service; domstate {state}; query-status {status}"
+        f"numbering) in offload-libvirtd.service; {_guest_runs(lab, name)}"
     )
 
 
@@ -697,14 +676,20 @@ def _back_with_new_pid(lab: SystemdLab, role: str, unit: str, before: str) -> bo
     return (state["ActiveState"], state["SubState"]) == ("active", "running") and state["MainPID"] not in ("0", before)
 
 
-def _query_status(lab: SystemdLab, name: str) -> str:
-    """The guest's answer to query-status through libvirt's monitor connection, on one line."""
+def _guest_runs(lab: SystemdLab, name: str, after: str = "") -> str:
+    """libvirt calls the guest running, and so does its answer to query-status through libvirt's monitor connection."""
+    state = virsh(lab).state(name)
+    if state != "running":
+        raise LabError(f"virsh domstate {name} says {state!r}{after}")
     # Bounded inside the container: virsh waits as long as libvirt does for a monitor that never answers.
     bounded = Virsh(LIBVIRT_SOCKET, wrap=lambda argv: lab.command("dpu", ["timeout", str(MONITOR_TIMEOUT), *argv]))
     try:
-        return " ".join(bounded("qemu-monitor-command", name, '{"execute":"query-status"}').split())
+        status = " ".join(bounded("qemu-monitor-command", name, '{"execute":"query-status"}').split())
     except LabError as exc:
-        raise LabError(f"query-status failed or took over {MONITOR_TIMEOUT} s: {exc}") from None
+        raise LabError(f"query-status failed or took over {MONITOR_TIMEOUT} s{after}: {exc}") from None
+    if '"running":true' not in status:
+        raise LabError(f"query-status{after}: {status}")
+    return f"domstate {state}, query-status {status}"
 
 
 def restart_under_guest(lab: SystemdLab, vm: Domain, role: str, unit: str, crash: bool) -> str:
@@ -728,17 +713,12 @@ def restart_under_guest(lab: SystemdLab, vm: Domain, role: str, unit: str, crash
     counted = max(console_ticks(lab, vm), default=-1)
     failure = f"the guest's counter stayed at {counted} for 20 s after {how} of {role} {unit}"
     wait_until(lambda: max(console_ticks(lab, vm), default=-1) > counted, 20, failure, interval=0.1)
-    state = virsh(lab).state(vm.name)
-    if state != "running":
-        raise LabError(f"virsh domstate {vm.name} says {state!r} after {how} of {role} {unit}")
-    status = _query_status(lab, vm.name)
-    if '"running":true' not in status:
-        raise LabError(f"query-status after {how} of {role} {unit}: {status}")
+    runs = _guest_runs(lab, vm.name, f" after {how} of {role} {unit}")
     if qemu_in_host(lab, vm.name) != qemu:
         raise LabError(f"qemu was {qemu} before {how} of {role} {unit}, is {qemu_in_host(lab, vm.name)} after")
     return (
         f"{role} {unit}: {how}, MainPID {before} -> {after} in {back:.1f} s; the guest counted past {counted}, "
-        f"domstate {state}, query-status {status}, qemu pid {qemu[0]} the same"
+        f"{runs}, qemu pid {qemu[0]} the same"
     )
 
 
