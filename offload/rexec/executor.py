@@ -29,11 +29,10 @@ import select
 import signal
 import socket
 import stat
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import psutil
 import trio
@@ -570,22 +569,19 @@ class Execution:
                 elif isinstance(event, Open | OpenPty) and self.state.grants.stopping:
                     continue  # paused for the next server, which answers when the peer asks again
                 elif isinstance(event, Open):
-                    nursery.start_soon(self._answer, self._bridge, link, event)
+                    nursery.start_soon(self._bridge, link, event)
                 elif isinstance(event, OpenPty):
-                    nursery.start_soon(self._answer, self._pty, link, event)
+                    nursery.start_soon(self._pty, link, event)
                 elif isinstance(event, Hangup):
                     raise TransportError(f"session {self.id}: the caller is gone (its stand-in ended)")
                 elif isinstance(event, Closed | LinkFailed):
                     if not self.secret:
-                        raise TransportError(f"session {self.id}: {_why_gone(event)}")
+                        gone = "the caller closed the session (the stand-in is gone)"
+                        raise TransportError(
+                            f"session {self.id}: {event.error if isinstance(event, LinkFailed) else gone}"
+                        )
                     lost.cancel()
                     return
-
-    async def _answer(
-        self, answer: Callable[[SessionLink, Any], Awaitable[None]], link: SessionLink, event: Open | OpenPty
-    ) -> None:
-        with self._link_may_fail():
-            await answer(link, event)
 
     def _signal(self, link: SessionLink, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -654,13 +650,15 @@ class Execution:
         if token is None:
             log.warning("session %d: refused %s to %s: too many unused tickets", self.id, grant.what, link.peer)
             await self._refuse(link, channel, f"{grant.what}: too many unused tickets")
-        else:
+            return
+        with self._link_may_fail():
             await link.send(Ticket(channel, token, grant.conn))
             link.drop_channel(channel)
 
     async def _refuse(self, link: SessionLink, channel: int, why: str) -> None:
-        await link.send(Reset(channel, why))
-        link.drop_channel(channel)
+        with self._link_may_fail():
+            await link.send(Reset(channel, why))
+            link.drop_channel(channel)
 
     async def _follow_daemon(self, link: SessionLink) -> Exited | Refused:
         """The foreground exited 0: follow the daemon its pidfile names, if the program started it.
@@ -817,12 +815,6 @@ def _check_started_by(pid: int, program: int | None, since: float, user: policy.
         raise RefusedError(f"pid {pid} was not started by the program (a process on its way is gone)") from None
     except psutil.AccessDenied:
         raise RefusedError(f"pid {pid} cannot be inspected") from None
-
-
-def _why_gone(event: Closed | LinkFailed) -> str:
-    if isinstance(event, LinkFailed):
-        return str(event.error)
-    return "the caller closed the session (the stand-in is gone)"
 
 
 def _exited(status: int | None) -> Exited:
