@@ -16,7 +16,6 @@ setgid directory's group wins, as the kernel does it locally.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import itertools
 import logging
@@ -35,7 +34,7 @@ from offload.protocol import qtfs as wire
 from offload.qtfs import facts
 from offload.qtfs.inodes import join
 from offload.qtfs.programs import Programs
-from offload.qtfs.resolve import PROC_SUPER_MAGIC, SYSFS_MAGIC, fs_type, open_parent, openat2, real_path
+from offload.qtfs.resolve import PROC_SUPER_MAGIC, SYSFS_MAGIC, fs_type, open_parent, openat2, real_path, renameat2
 from offload.qtfs.tasks import TASK_FILES, process_of, task_id
 from offload.qtfs.whitelist import Whitelist
 
@@ -68,7 +67,6 @@ CGROUP_FILESYSTEMS = frozenset({0x27E0EB, 0x63677270})
 PROGRAM_ENTRIES = re.compile(rb"[0-9]+(/(stat|status|cgroup|task(/[0-9]+(/(stat|status))?)?))?")
 #: The inode number of a procfs or sysfs root (PROC_ROOT_INO; kernfs numbers its root 1 too).
 FS_ROOT_INO = 1
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @contextlib.contextmanager
@@ -541,7 +539,7 @@ class Backend:
         def move_from(old_dir: int, old_name: bytes) -> None:
             def move(parent: int, name: bytes) -> None:
                 if request.flags:
-                    _renameat2(old_dir, old_name, parent, name, request.flags)
+                    renameat2(old_dir, old_name, parent, name, request.flags)
                 else:
                     os.rename(old_name, name, src_dir_fd=old_dir, dst_dir_fd=parent)
 
@@ -687,9 +685,3 @@ def _is_procfs(fd: int) -> bool:
         return os.readlink("self", dir_fd=fd).isdigit()
     except OSError:
         return False
-
-
-def _renameat2(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int) -> None:
-    if _libc.renameat2(old_dir, old, new_dir, new, ctypes.c_uint(flags)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))

@@ -21,7 +21,6 @@ connection itself.  A client that ends normally ends and reaps its guard.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import signal
@@ -29,6 +28,7 @@ import sys
 
 from offload import log as log_module
 from offload.qtfs import fusectl
+from offload.qtfs.resolve import libc, libc_error
 from offload.qtfs.unmount import detach_if_ours
 
 log = logging.getLogger("qtfs")
@@ -53,9 +53,8 @@ def command(connection: fusectl.Connection, mountpoint: str) -> list[str]:
 def _watch_parent(parent: int) -> None:
     """Return once the main thread of ``parent`` (the client that started this process) has exited."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {DEATH_SIGNAL})
-    libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, int(DEATH_SIGNAL), 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+        raise libc_error("prctl(PR_SET_PDEATHSIG)")
     # Set after the client may already have died.
     if _main_thread_gone(parent):
         return

@@ -33,11 +33,18 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_fstatfs = _libc.fstatfs
+#: The C library, for the calls the os module lacks (failures set errno: see `libc_error`).
+libc = ctypes.CDLL(None, use_errno=True)
+_syscall = libc.syscall
+_fstatfs = libc.fstatfs
 _syscall.restype = ctypes.c_long
 _have_openat2: bool | None = None
+
+
+def libc_error(what: str = "") -> OSError:
+    """The OSError of the `libc` call that just failed, by its errno; ``what`` names the call."""
+    number = ctypes.get_errno()
+    return OSError(number, f"{what}: {os.strerror(number)}" if what else os.strerror(number))
 
 
 class Escape(PermissionError):
@@ -114,9 +121,14 @@ def fs_type(fd: int) -> int:
     # struct statfs begins with f_type, a C long; 256 bytes hold the whole struct on every ABI.
     buffer = (ctypes.c_long * 32)()
     if _fstatfs(fd, buffer) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+        raise libc_error()
     return int(buffer[0]) & 0xFFFFFFFF
+
+
+def renameat2(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int) -> None:
+    """rename(2) with flags (RENAME_NOREPLACE, RENAME_EXCHANGE), which os.rename lacks."""
+    if libc.renameat2(old_dir, old, new_dir, new, ctypes.c_uint(flags)) != 0:
+        raise libc_error()
 
 
 def real_path(fd: int) -> bytes:

@@ -20,7 +20,7 @@ import time
 from offload.fdinfo import closing
 from offload.protocol import qtfs as wire
 from offload.qtfs.inodes import join
-from offload.qtfs.resolve import fs_type
+from offload.qtfs.resolve import fs_type, libc, libc_error
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,9 @@ LOCAL_FILESYSTEMS = frozenset(
     }
 )
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.inotify_init1.argtypes = [ctypes.c_int]
-_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-_libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
-
-
-def _fail(what: str) -> OSError:
-    number = ctypes.get_errno()
-    return OSError(number, f"{what}: {os.strerror(number)}")
+libc.inotify_init1.argtypes = [ctypes.c_int]
+libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
 
 
 def watchable(fd: int) -> bool:
@@ -97,9 +91,9 @@ class TreeWatch:
 
     def __init__(self, root: bytes) -> None:
         self.root = root
-        self.fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        self.fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if self.fd < 0:
-            raise _fail("inotify_init1")
+            raise libc_error("inotify_init1")
         self._paths: dict[int, bytes] = {}  # wd -> directory relative to root
         self._wds: dict[bytes, int] = {}
         self._devices: set[int] = set()  # filesystems found watchable
@@ -131,13 +125,13 @@ class TreeWatch:
                 return self._incomplete(self.root, f"has too many directories to watch within {WATCH_SECONDS:.0f} s")
             relative = pending.pop()
             host = join(self.root, relative) if relative else self.root
-            wd = _libc.inotify_add_watch(self.fd, host, MASK)
+            wd = libc.inotify_add_watch(self.fd, host, MASK)
             if wd < 0:
                 number = ctypes.get_errno()
                 if number in (errno.ENOENT, errno.ENOTDIR):
                     continue  # gone again, or replaced by a file: its own events say so
                 if not relative:
-                    raise _fail(f"inotify_add_watch {os.fsdecode(host)}")
+                    raise libc_error(f"inotify_add_watch {os.fsdecode(host)}")
                 return self._incomplete(host, f"cannot be watched: {os.strerror(number)}")
             old = self._paths.get(wd)
             if old is not None and self._wds.get(old) == wd:
@@ -175,7 +169,7 @@ class TreeWatch:
         for relative in [p for p in self._wds if p == top or p.startswith(prefix)]:
             wd = self._wds.pop(relative)
             self._paths.pop(wd, None)
-            _libc.inotify_rm_watch(self.fd, wd)  # its IN_IGNORED finds no path: ignored
+            libc.inotify_rm_watch(self.fd, wd)  # its IN_IGNORED finds no path: ignored
 
     def read(self) -> list[wire.Invalidate]:
         """What changed since the last call, in order and without repeats; [] when nothing did."""
