@@ -287,10 +287,9 @@ class AgentSession:
         None (its fds closed, the session forgotten) if it cannot be carried on.
         """
         facts = kept.facts
-        names = kept.names()  # what the store holds of it, before the fds are taken
-        standin = kept.take("standin").get("")
+        keeping = keep.Keep("agent", kept.name, kept=kept.names())  # what the store holds, before fds are taken
         try:
-            if standin is None:
+            if "standin" not in kept.fds:
                 raise ValueError("no stand-in connection")
             caller = Caller(**facts["caller"])
             address = parse_address(str(facts["address"]))
@@ -299,17 +298,16 @@ class AgentSession:
             remote_pid, monitors = int(facts["remote_pid"]), {int(fd) for fd in facts["monitors"]}
         except (KeyError, TypeError, ValueError, ConfigError) as exc:
             log.warning("stand-in session %s: its facts do not read (%s); not carried on", kept.name, exc)
-            if standin is not None:
-                os.close(standin)
             kept.close()
-            keep.Keep("agent", kept.name, kept=names).forget()
+            keeping.forget()
             return None
-        session = cls(trio.socket.from_stdlib_socket(socket.socket(fileno=standin)), pool, config, pidmaps)
+        standin = socket.socket(fileno=kept.take("standin")[""])
+        session = cls(trio.socket.from_stdlib_socket(standin), pool, config, pidmaps)
         session.accepting_fds = False
         session.caller, session.address, session.resume = caller, address, resume
         session.remote_pid, session.monitors, session.uid = remote_pid, monitors, caller.uid
         session.pidmap_pids = [caller.pid]
-        session.keep = keep.Keep("agent", kept.name, kept=names)
+        session.keep = keeping
         channels = {int(c): fd for c, fd in kept.take("ch").items()}
         session.carried = {c: (specs[c], fd) for c, fd in channels.items() if c in specs}
         for c in channels.keys() - specs.keys():

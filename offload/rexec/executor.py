@@ -192,7 +192,7 @@ class Execution:
         Takes ``kept``'s fds; None (they are closed, the session forgotten) if it cannot be carried on.
         """
         facts = kept.facts
-        marker = state.sessions_dir / kept.name
+        keeping = keep.Keep("rexec", kept.name, state.sessions_dir / kept.name, kept.names())
         execution = cls(state, None)
         try:
             execution.secret, execution.peer = str(facts["secret"]), str(facts["peer"])
@@ -208,11 +208,11 @@ class Execution:
         pidfd = keep.open_pidfd(pid, start) if pid else None
         if pidfd is None:
             kept.close()
-            keep.Keep("rexec", kept.name, marker, kept.names()).forget()
+            keeping.forget()
             return None
         execution.name = kept.name
         execution.process = AdoptedProgram(pid, pidfd)
-        execution.keep = keep.Keep("rexec", kept.name, marker, kept.names())
+        execution.keep = keeping
         channels = {int(c): fd for c, fd in kept.take("ch").items()}
         execution.ends = {c: (fd, *directions.get(c, (False, False))) for c, fd in channels.items()}
         execution.bridged = attached.BridgedEnds(execution.keep, {int(n): fd for n, fd in kept.take("b").items()})

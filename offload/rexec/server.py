@@ -21,6 +21,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -40,6 +41,7 @@ from offload.rexec.pidmap import PidmapDir
 from offload.rexec.policy import Whitelist, ensure_private_dir
 
 log = logging.getLogger("rexec_server")
+T = TypeVar("T")
 
 #: How long a stopping server waits for its relays to pause (`attached.pause_all`).
 PAUSE_TIMEOUT = 2.0
@@ -171,9 +173,10 @@ async def serve(
             await _carry_on(state, kept)
             await nursery.start(_once_per_process, _reap_orphans)
             pool = PeerPool(transport, config, nursery)
-            for session in kept:
-                if session.role == "agent" and (adopted := _adopt_stand_in(session, pool, config, pidmaps)):
-                    nursery.start_soon(aio.guarded, log, "a stand-in's session", adopted.carry_on)
+            for session in _adopted(
+                kept, "agent", partial(AgentSession.adopt, pool=pool, config=config, pidmaps=pidmaps)
+            ):
+                nursery.start_soon(aio.guarded, log, "a stand-in's session", session.carry_on)
             agent_socket = await nursery.start(serve_stand_ins, config, pool, pidmaps)
             bound = [listener_address(listener) for listener in listeners]
             nursery.start_soon(
@@ -204,18 +207,7 @@ async def serve(
 
 async def _carry_on(state: ServerState, kept: list[keep.Kept]) -> None:
     """Carry on the sessions of the server before us that its peers may resume; end the programs of the others."""
-    adopted = []
-    for session in kept:
-        if session.role != "rexec":
-            continue
-        try:
-            execution = Execution.adopt(state, session)
-        except (OSError, ValueError, TypeError) as exc:
-            log.warning("session %s not carried on: %s", session.name, exc)
-            session.close()
-            continue
-        if execution is not None:
-            adopted.append(execution)
+    adopted = _adopted(kept, "rexec", partial(Execution.adopt, state))
     for execution in adopted:
         state.nursery.start_soon(aio.guarded, log, f"session {execution.id}", execution.run)
     # Named before any session of ours names its program there; ended while we serve.
@@ -225,13 +217,21 @@ async def _carry_on(state: ServerState, kept: list[keep.Kept]) -> None:
         state.nursery.start_soon(aio.guarded, log, "ending programs nobody can resume", ending)
 
 
-def _adopt_stand_in(kept: keep.Kept, pool: PeerPool, config: RexecConfig, pidmaps: PidmapDir) -> AgentSession | None:
-    try:
-        return AgentSession.adopt(kept, pool, config, pidmaps)
-    except (OSError, ValueError, TypeError) as exc:
-        log.warning("stand-in session %s not carried on: %s", kept.name, exc)
-        kept.close()
-        return None
+def _adopted(kept: list[keep.Kept], role: str, adopt: Callable[[keep.Kept], T | None]) -> list[T]:
+    """What ``adopt`` makes of each session of ``role`` the server before us kept; one it cannot carry on is closed."""
+    adopted = []
+    for session in kept:
+        if session.role != role:
+            continue
+        try:
+            carried = adopt(session)
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("%s session %s not carried on: %s", role, session.name, exc)
+            session.close()
+            continue
+        if carried is not None:
+            adopted.append(carried)
+    return adopted
 
 
 def build_parser() -> argparse.ArgumentParser:
