@@ -4,12 +4,8 @@ One connection carries one session: the client side (the machine where the
 stand-in runs) asks the server side (where the program will run) to start a
 program, then both relay the program's file descriptors as channels and the
 server reports how the program ended.  A connection may sit idle in a warm
-pool before its session starts; keepalives run in every state.
-
-Events are frozen dataclasses that validate on construction, each declared
-once in `REXEC`.  `RexecConnection` is rexec's table on the link core
-(`offload.protocol.link`): the session's order, and a credit `link.Window`
-for each channel.
+pool before its session starts; keepalives run in every state.  Events
+validate on construction; `RexecConnection` is rexec's table on the link core.
 """
 
 from __future__ import annotations
