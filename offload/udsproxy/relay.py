@@ -764,9 +764,7 @@ class Relay:
                 except (BrokenPipeError, ConnectionResetError):
                     sent = None
                     self._program_gone()
-            if sent is None:
-                return
-            if sent == len(data):
+            if sent is None or sent == len(data):  # the program is gone, or took it all
                 return
             data = data[sent:]
         rest = bytes(data)
