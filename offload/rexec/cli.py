@@ -27,7 +27,7 @@ def _stop(args: argparse.Namespace) -> int:
     if not sessions.is_dir():
         print(f"no sessions kept in {sessions}")
         return 0
-    for line in keep.end_programs(sessions, args.timeout):
+    for line in keep.end(keep.marked(sessions), args.timeout) or ["no programs were running"]:
         print(line, flush=True)
     return 0
 

@@ -1,12 +1,9 @@
 """What of a resumable session outlives the rexec_server that holds it: its fds and its facts.
 
-A restart of rexec_server (an upgrade, a crash) must not end the sessions
-it holds, as a restart of libvirtd never ends a guest.  The units let the
-programs live (KillMode=process); what the server holds for each session
-goes into the service manager's fd store (`offload.sd`: systemd's FDSTORE)
-as the session starts and changes, with a memfd of the facts needed to
-carry on.  A restarted server gets them back (`inherited`) and carries the
-sessions on.  Two roles keep sessions:
+A restart of rexec_server (an upgrade, a crash) must not end the sessions it holds, as a restart of
+libvirtd never ends a guest: the units let the programs live (KillMode=process), and what the server
+holds for each session goes into the service manager's fd store (`offload.sd`: systemd's FDSTORE), with
+a memfd of the facts, for the next server to carry on (`inherited`).  Two roles keep sessions:
 
 - ``rexec``, the host's side (`offload.rexec.executor`): its ends of the
   program's pipes and sockets (``ch<channel>``) and its connections to the
@@ -294,11 +291,6 @@ def end(running: dict[str, tuple[int, int]], timeout: float) -> list[str]:
         for _, pidfd in running.values():
             os.close(pidfd)
     return lines
-
-
-def end_programs(sessions_dir: Path, timeout: float) -> list[str]:
-    """End the programs of every session named in ``sessions_dir`` (`offload guests stop`)."""
-    return end(marked(sessions_dir), timeout) or ["no programs were running"]
 
 
 def unreachable(sessions_dir: Path, adopted: Collection[str]) -> dict[str, tuple[int, int]]:
