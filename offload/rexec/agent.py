@@ -442,7 +442,7 @@ class AgentSession:
                 listeners = {int(fd): held for fd, held in self.adopted.take("l").items()}
                 self._take_over(self.adopted, nursery, caller)
             for target_fd, fd in listeners.items():
-                nursery.start_soon(self._bridge_listener, target_fd, fd, nursery, caller)
+                nursery.start_soon(self._bridge_listener, target_fd, fd, caller)
             nursery.start_soon(self._from_stand_in, nursery, caller)
             lost = link is None
             while not lost or await self._resumed():
@@ -492,7 +492,7 @@ class AgentSession:
         for name, fd in adopted.take("b").items():
             target_fd, conn = (int(part) for part in name.split("x"))
             sock = socket.socket(fileno=fd)
-            nursery.start_soon(self._bridge_one_adopted, target_fd, conn, caller, sock)
+            nursery.start_soon(self._bridge, target_fd, caller, sock, conn)
         adopted.close()
         self.adopted = None
 
@@ -627,7 +627,7 @@ class AgentSession:
                 if self.keep is not None:
                     self.keep.drop(f"ch{channel}")
 
-    async def _bridge_listener(self, target_fd: int, fd: int, nursery: trio.Nursery, caller: Caller) -> None:
+    async def _bridge_listener(self, target_fd: int, fd: int, caller: Caller) -> None:
         """Carry each connection accepted on the caller's listener to the remote one.
 
         The daemons' one accept loop serves it: running out of fds pauses
@@ -640,14 +640,12 @@ class AgentSession:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
         try:
             what = f"bridged fd {target_fd} of remote pid {self.remote_pid}"
-            serve = partial(self._bridge_one, target_fd, nursery, caller)
+            serve = partial(self._bridge_one, target_fd, caller)
             await serve_listeners([listener], serve, log, what, self.config.limits)
         finally:
             listener.socket.close()
 
-    async def _bridge_one(
-        self, target_fd: int, nursery: trio.Nursery, caller: Caller, stream: trio.SocketStream
-    ) -> None:
+    async def _bridge_one(self, target_fd: int, caller: Caller, stream: trio.SocketStream) -> None:
         """One connection to the caller's listener (libvirt's monitor), on a connection of its own.
 
         Files passed back by the remote program are re-opened as the
@@ -655,14 +653,16 @@ class AgentSession:
         sees them (libvirtd runs chrooted).  A monitor's replies name the
         program's ptys: libvirt opens them, so they must be ours.
         """
-        await self._bridge_held(target_fd, caller, socket.socket(fileno=stream.socket.detach()), 0)
+        await self._bridge(target_fd, caller, socket.socket(fileno=stream.socket.detach()), 0)
 
-    async def _bridge_one_adopted(self, target_fd: int, conn: int, caller: Caller, sock: socket.socket) -> None:
-        """A connection to the caller's listener the server before a restart relayed as the host's ``conn``."""
-        await self._bridge_held(target_fd, caller, sock, conn)
-
-    async def _bridge_held(self, target_fd: int, caller: Caller, sock: socket.socket, conn: int) -> None:
+    async def _bridge(self, target_fd: int, caller: Caller, sock: socket.socket, conn: int) -> None:
+        """Relay ``sock`` (owned) to the program's listener as the host's connection ``conn`` (once it has a
+        number: one the server before a restart relayed has it already), attached again each time a lost link
+        is replaced."""
         name = f"bridged fd {target_fd} of remote pid {self.remote_pid}"
+        rewrite = None
+        if target_fd in self.monitors and self.consoles is not None:
+            rewrite = PtyPathRewriter(partial(_from_trio, self.consoles.translate)).feed
         with self.pool.held(caller.uid) as held:
             if self.bridged >= MAX_BRIDGED or not held:
                 log.warning("%s: over the session's or the user's connection limit; this one is closed", name)
@@ -670,51 +670,40 @@ class AgentSession:
                 return
             self.bridged += 1
             try:
-                await self._bridge_through(target_fd, caller, sock, name, conn)
+                tries = 0
+                while True:
+                    link = self.link
+                    ticket = await self._ticket(partial(Open, fd=target_fd, conn=conn), name)
+                    if ticket is None and link is not None and link.alive and not conn:
+                        return  # refused; one attached before is tried again: libvirt must not read an end
+                    if ticket is not None:
+                        if not conn:
+                            conn = ticket[1]
+                            if self.keep is not None:
+                                self.keep.keep(f"b{target_fd}x{conn}", sock.fileno())
+                        relay = await self._attach(
+                            ticket[0],
+                            sock.dup(),
+                            name,
+                            delivered_before_exit=True,
+                            shared=self.config.shared_path,
+                            user=users.local_user(caller.uid, caller.gid),
+                            root=fdpass.peer_root(sock),
+                            rewrite=rewrite,
+                        )
+                        if relay is not None and not relay.link_lost:
+                            return
+                    tries = tries + 1 if link is self.link else 1
+                    if not await self._carried_on(link, tries):
+                        return
             finally:
                 self.bridged -= 1
-
-    async def _bridge_through(self, target_fd: int, caller: Caller, sock: socket.socket, name: str, conn: int) -> None:
-        """Relay ``sock`` (owned) to the program's listener (as the host's connection ``conn``, once it has a
-        number), attached again each time a lost link is replaced."""
-        rewrite = None
-        if target_fd in self.monitors and self.consoles is not None:
-            rewrite = PtyPathRewriter(partial(_from_trio, self.consoles.translate)).feed
-        try:
-            tries = 0
-            while True:
-                link = self.link
-                ticket = await self._ticket(partial(Open, fd=target_fd, conn=conn), name)
-                if ticket is None and link is not None and link.alive and not conn:
-                    return  # refused; one attached before is tried again: libvirt must not read an end
-                if ticket is not None:
-                    if not conn:
-                        conn = ticket[1]
-                        if self.keep is not None:
-                            self.keep.keep(f"b{target_fd}x{conn}", sock.fileno())
-                    token = ticket[0]
-                    relay = await self._attach(
-                        token,
-                        sock.dup(),
-                        name,
-                        delivered_before_exit=True,
-                        shared=self.config.shared_path,
-                        user=users.local_user(caller.uid, caller.gid),
-                        root=fdpass.peer_root(sock),
-                        rewrite=rewrite,
-                    )
-                    if relay is not None and not relay.link_lost:
-                        return
-                tries = tries + 1 if link is self.link else 1
-                if not await self._carried_on(link, tries):
-                    return
-        finally:
-            if self._leaving():
-                sock.close()  # the store's copy waits for the next server: libvirt must not see an end
-            else:
-                attached.close_local(sock)
-                if self.keep is not None and conn:
-                    self.keep.drop(f"b{target_fd}x{conn}")
+                if self._leaving():
+                    sock.close()  # the store's copy waits for the next server: libvirt must not see an end
+                else:
+                    attached.close_local(sock)
+                    if self.keep is not None and conn:
+                        self.keep.drop(f"b{target_fd}x{conn}")
 
     async def _relay_pty(self, host_index: int, end: ptys.PtyEnd) -> None:
         """Carry our pty standing for the program's pty ``host_index`` to it, for the session.
