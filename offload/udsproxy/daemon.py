@@ -182,12 +182,10 @@ class Daemon:
                 return
             kind, payload = request
             if kind == wire.SHIM_CONNECT:
-                close_all(passed)
-                passed = []
+                close_all(passed)  # now: the connection may be carried for long
                 await self._shim_connect(sock, payload)
             elif kind == wire.SHIM_SEND_FDS:
                 await self._shim_send_fds(sock, payload, passed)
-                passed = []
             else:
                 log.warning("bad request from the shim: frame type %#x", kind)
         finally:
