@@ -110,16 +110,11 @@ class InodeTable:
     def moved(self, old: bytes, new: bytes) -> None:
         """A rename: the node at ``old`` and everything below it now live under ``new``."""
         self.removed(new)
-        node = self._by_path.pop(old, None)
-        if node is not None:
-            node.path = new
-            self._by_path[new] = node
         prefix = old + b"/"
-        below = [p for p in self._by_path if p.startswith(prefix)]
-        for path in below:
-            child = self._by_path.pop(path)
-            child.path = new + path[len(old) :]
-            self._by_path[child.path] = child
+        for path in [p for p in self._by_path if p == old or p.startswith(prefix)]:
+            node = self._by_path.pop(path)
+            node.path = new + path[len(old) :]
+            self._by_path[node.path] = node
 
     def exchanged(self, a: bytes, b: bytes) -> None:
         """RENAME_EXCHANGE: the two paths (and their subtrees) swap."""
