@@ -42,8 +42,7 @@ def store_available() -> bool:
     systemd >= 254 sets $FDSTORE to FileDescriptorStoreMax=; the unit sets it
     itself for older ones, next to that setting.
     """
-    size = os.environ.get("FDSTORE", "")
-    return bool(os.environ.get("NOTIFY_SOCKET")) and size.isdigit() and int(size) > 0
+    return bool(os.environ.get("NOTIFY_SOCKET")) and store_size() > 0
 
 
 def place_in_scope(pid: int, unit: str, slice_name: str, description: str) -> None:
