@@ -80,18 +80,16 @@ class RexecConfig:
 
     def __post_init__(self) -> None:
         _ = self.limits  # ConnectionLimits raises ConfigError for limits out of range
-        if self.keepalive < 0.5:
-            raise ConfigError(f"keepalive {self.keepalive} is below 0.5 seconds")
-        if not self.request_timeout > 0:
-            raise ConfigError(f"request timeout {self.request_timeout} must be positive")
-        if self.kill_grace < 0:
-            raise ConfigError("kill_grace must not be negative")
-        if self.resume_window < 0:
-            raise ConfigError("resume_window must not be negative")
-        if self.max_user_links < 1:
-            raise ConfigError(f"max_user_links {self.max_user_links} must be at least 1")
-        if not 0 <= self.warm <= 64:
-            raise ConfigError(f"warm {self.warm} out of range 0..64")
+        for wrong, message in (
+            (self.keepalive < 0.5, f"keepalive {self.keepalive} is below 0.5 seconds"),
+            (not self.request_timeout > 0, f"request timeout {self.request_timeout} must be positive"),
+            (self.kill_grace < 0, "kill_grace must not be negative"),
+            (self.resume_window < 0, "resume_window must not be negative"),
+            (self.max_user_links < 1, f"max_user_links {self.max_user_links} must be at least 1"),
+            (not 0 <= self.warm <= 64, f"warm {self.warm} out of range 0..64"),
+        ):
+            if wrong:
+                raise ConfigError(message)
         for prefix in self.shared_path:
             if not prefix.startswith("/") or ".." in prefix.split("/"):
                 raise ConfigError(f"shared path {prefix!r} must be absolute without '..'")
