@@ -164,11 +164,8 @@ def init(directory: Path, nodes: Sequence[Identity], *, force: bool = False) -> 
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     ca = _load_ca(directory)
-    if ca is None:
-        ca = _make_ca(directory)
-        done.append(f"created CA {directory / 'ca.pem'}")
-    else:
-        done.append(f"kept CA {directory / 'ca.pem'}")
+    done.append(f"{'kept' if ca else 'created'} CA {directory / 'ca.pem'}")
+    ca = ca or _make_ca(directory)
     for identity in nodes:
         cert_path = directory / identity.node / "cert.pem"
         if cert_path.exists() and not force:
