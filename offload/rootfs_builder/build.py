@@ -21,7 +21,7 @@ from offload.errors import OffloadError
 from offload.mounts import ops, syscalls
 from offload.mounts.mountinfo import is_mount_point
 from offload.rootfs_builder import install, manifest, modes
-from offload.rootfs_builder.layout import Layout
+from offload.rootfs_builder.layout import MANIFEST, Layout
 
 MODES = ("overlay", "copy", "debootstrap", "image")
 Say = Callable[[str], None]
@@ -226,9 +226,7 @@ def _install(
         source=source if source is not None else (previous.source if previous else ""),
         overlay=overlay if overlay is not None else (previous.overlay if previous else {}),
     )
-    document = install.Payload(
-        "/" + str(layout.manifest(Path("/")).relative_to("/")), manifest.render(record), 0o644, "the manifest"
-    )
+    document = install.Payload(f"/{MANIFEST}", manifest.render(record), 0o644, "the manifest")
     if install.write_file(root, document):
         changed.append(document.path)
     marker.unlink()
