@@ -59,11 +59,8 @@ def _teardown(args: argparse.Namespace) -> int:
         return 0
     summary = orchestrator.teardown(target, force=args.force, report=_print)
     lazily = f", {summary.lazily} detached lazily" if summary.lazily else ""
-    clients = (
-        f", {len(summary.clients)} qtfs client{'s' if len(summary.clients) != 1 else ''} ended"
-        if summary.clients
-        else ""
-    )
+    ended = len(summary.clients)
+    clients = f", {ended} qtfs client{'s' if ended != 1 else ''} ended" if ended else ""
     print(
         f"tore down {target}: {summary.unmounted} unmounted{lazily}{clients}, in {summary.seconds * 1000:.0f} ms; "
         "nothing is mounted below it"
