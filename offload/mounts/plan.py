@@ -2,24 +2,8 @@
 
 Pure: it reads only its arguments (`resolve` maps a path inside the target
 to a machine path; the CLI passes offload.mounts.paths.resolve, tests a
-plain join).  The default plan does in effect what the reference's
-virt_start.sh does, without its faults:
-
-* proc and sysfs of this machine, nosuid/nodev/noexec;
-* the cgroup hierarchies exactly as this machine mounts them under
-  /sys/fs/cgroup (read from mountinfo, never a hard-coded list: controllers
-  are combined differently from kernel to kernel, and naming a combination
-  the kernel did not make fails);
-* a private /dev: a tmpfs with the device nodes libvirt and qemu need made
-  by mknod, devpts with newinstance, /dev/shm, mqueue, hugetlbfs (devtmpfs
-  would be the machine's own /dev, shared);
-* a tmpfs /run, and binds of the rexec and udsproxy state;
-* with a qtfs host configured: the host's exported directories, and the
-  host's /proc and /sys facts mounted whole in a staging directory and bound
-  read-only over the target's own /proc files and /sys directories
-  (LXCFS-style, so /proc/self and the pids stay this machine's);
-  with cgroup partitions, the shim's map of them (`shim_partitions`) in
-  the target's /run/offload/cgroup-partitions.
+plain join).  README's "offload prepare" section lists what the default
+plan mounts; why each step is made its way is said beside it.
 """
 
 from __future__ import annotations
@@ -86,7 +70,12 @@ def _flag_words(entry: mountinfo.MountEntry) -> list[str]:
 
 
 def cgroup_steps(facts: Facts, target: str, resolve: Resolver) -> list[Step]:
-    """This machine's mounts at and under /sys/fs/cgroup, the same way, in the same order."""
+    """This machine's mounts at and under /sys/fs/cgroup, the same way, in the same order.
+
+    Read from mountinfo, never a hard-coded list: kernels combine the
+    controllers differently, and naming a combination the kernel did not
+    make fails.
+    """
     tops: dict[str, tuple[int, mountinfo.MountEntry]] = {}
     for index, entry in enumerate(facts.mounts):
         if is_under(entry.mount_point, target):
@@ -118,6 +107,7 @@ def cgroup_steps(facts: Facts, target: str, resolve: Resolver) -> list[Step]:
 
 
 def dev_steps(config: PrepareConfig, facts: Facts, resolve: Resolver) -> list[Step]:
+    # A tmpfs with nodes made by mknod: devtmpfs would be the machine's own /dev, shared.
     dev = resolve("/dev")
     steps: list[Step] = [MountOp(path=dev, fstype="tmpfs", source="tmpfs", options="nosuid,mode=0755,size=4m")]
     wanted = set(config.devices)

@@ -1,8 +1,5 @@
 """offload rootfs: build and check /another_rootfs, where libvirtd runs chrooted on the DPU.
 
-`build.build` assembles a base tree (`modes`: overlay, copy, debootstrap,
-image), installs what offload needs into it (`install`), records it in a
-manifest (`manifest`); `check.check` compares a rootfs with its manifest.
 `overlay_mount_spec` tells the mount orchestrator how an overlay rootfs is
 mounted again after a reboot.
 """
