@@ -444,11 +444,9 @@ class AgentSession:
             for target_fd, fd in listeners.items():
                 nursery.start_soon(self._bridge_listener, target_fd, fd, caller)
             nursery.start_soon(self._from_stand_in, nursery, caller)
-            lost = link is None
-            while not lost or await self._resumed():
-                lost = await self._attend()
-                if not lost:
-                    break
+            carried = link is not None or await self._resumed()
+            while carried and await self._attend():
+                carried = await self._resumed()
             nursery.cancel_scope.cancel()
 
     def _keep(self, caller: Caller, listeners: dict[int, int]) -> None:
@@ -809,13 +807,7 @@ class AgentSession:
                 # program.  (After Exited it is just the stand-in exiting as told.)
                 if self.link is None or self.link.conn.state is not State.DONE:
                     log.info("stand-in %d for remote pid %d is gone; ending the session", caller.pid, self.remote_pid)
-                if self.link is not None and self.link.alive and self.link.conn.state is State.RUNNING:
-                    # Said, not left to the link's end: a session outlives its link.  During an
-                    # outage the peer ends the program once its resume window is over.  The
-                    # program's end may cross it (the link is then DONE: nothing to say).
-                    with contextlib.suppress(TransportError, ProtocolError):
-                        await self.link.send(Hangup())
-                    self._hung_up = True
+                await self._hang_up()
                 nursery.cancel_scope.cancel()
                 return
             type, document = message
@@ -896,11 +888,9 @@ class AgentSession:
             if self.link is not None:
                 await self.link.aclose()
             return
-        if self.link is not None and self.link.alive and self.link.conn.state is State.RUNNING:
-            # This server stops under a running session: its stand-in reads the end of our
-            # connection as a lost link, so the program must not wait to be resumed.
-            with trio.move_on_after(1), contextlib.suppress(TransportError, ProtocolError):
-                await self.link.send(Hangup())
+        # This server stops under a running session: its stand-in reads the end of our
+        # connection as a lost link, so the program must not wait to be resumed.
+        await self._hang_up()
         self._close_fds()
         for pid in self.pidmap_pids:
             self.pidmaps.remove(pid)
@@ -911,6 +901,15 @@ class AgentSession:
         reusable = self.link is not None and self.link.conn.state is State.DONE and not self._hung_up
         if self.link is not None and not (reusable and self.address and self.pool.give_back(self.address, self.link)):
             await self.link.aclose()
+
+    async def _hang_up(self) -> None:
+        """Tell the peer the caller is gone, if the session runs on a live link: said, not left to the link's
+        end, since a session outlives its link (during an outage the peer ends the program once its resume
+        window is over).  The program's end may cross it (the link is then DONE: nothing to say)."""
+        if self.link is not None and self.link.alive and self.link.conn.state is State.RUNNING:
+            with trio.move_on_after(1), contextlib.suppress(TransportError, ProtocolError):
+                await self.link.send(Hangup())
+            self._hung_up = True
 
     def _leaving(self) -> bool:
         """This server stops under a session it keeps for the next: it is left as it is."""
