@@ -1,13 +1,11 @@
 """The DPU side's own cgroups: a subtree of every hierarchy, which its cgroup namespace makes its root.
 
-On two machines the DPU's libvirtd creates and tunes cgroups in the DPU's
-kernel and nowhere else.  On one kernel the lab gives the DPU side a
-directory of its own in each cgroup hierarchy this machine mounts (below
-the cgroup the lab runs in, so the machine's own limits still hold), puts
-the side's init there before it makes its cgroup namespace, and mounts each
-hierarchy again inside the side's mount namespace: there, /sys/fs/cgroup/*
-show that subtree as the root, and the host side's cgroups (where its qemu
-runs) cannot be seen or written from the DPU side.
+On two machines the DPU's libvirtd makes and tunes cgroups in the DPU's
+kernel only.  Here the side's subtree sits below the cgroup the lab runs in
+(so the machine's own limits still hold), its init joins it before making
+the cgroup namespace, and the side's mount namespace mounts each hierarchy
+again: the host side's cgroups (where its qemu runs) cannot be seen or
+written from the DPU side.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
 """What `make demo` runs: stock libvirt on the DPU side runs a VM on the host side.
 
-The lab comes up whole (both sides' daemons, /another_rootfs built and
-prepared, libvirtd chrooted in it on the DPU side); ``virsh`` on the DPU side
-defines and starts a small domain booting a Debian kernel, the guest's
-marker appears on its serial console, and the demo checks where everything
-runs before it destroys the domain and takes the lab down.  Each step prints
-its time; the last line says whether the demo succeeded or which step
-failed and why.
+Each step prints its time; the last line says whether the demo succeeded or
+which step failed and why (README, "The lab", says what each step shows).
 """
 
 from __future__ import annotations

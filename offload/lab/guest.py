@@ -63,8 +63,6 @@ def build(cache: Path = CACHE) -> GuestImage:
     # A changed /init is a new initramfs, whatever the cache holds.
     init_digest = hashlib.sha256(INIT.encode()).hexdigest()[:12]
     kernel, initrd = directory / "vmlinuz", directory / f"initrd-{init_digest}.gz"
-    if kernel.exists() and initrd.exists():
-        return GuestImage(kernel, initrd, package)
     directory.mkdir(parents=True, exist_ok=True)
     if not kernel.exists():
         _fetch_kernel(package, directory, kernel)

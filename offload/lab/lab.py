@@ -1,13 +1,10 @@
 """The lab: host and DPU as two network namespaces on one machine; the DPU's with its own pids and cgroups.
 
-``up`` makes the namespaces ``NAME-host`` and ``NAME-dpu`` joined by a veth
-pair, creates a PKI for both nodes, and starts each side's services with
-their own state directory under /run/offload-lab/NAME.  Every process it
-starts is recorded in the lab's state file before ``up`` waits for it, so
-``down`` can remove everything after a failed ``up`` too.  Each service runs
-under a service manager of its own (offload.lab.manager), which plays
-systemd's part: readiness over sd_notify, passed on to a socket of the lab,
-and the fd store that a daemon finds again after `Lab.restart_service`.
+Every process ``up`` starts is recorded in the lab's state file before
+``up`` waits for it, so ``down`` can remove everything after a failed ``up``
+too.  Each daemon runs under a service manager of its own
+(offload.lab.manager), which plays systemd's part: readiness, and the fd
+store a daemon finds again after `Lab.restart_service`.
 
 The two sides cannot see each other's private files: each side's mount
 namespace hides the other side's key (pki/NODE/key.pem with all of
@@ -295,8 +292,7 @@ class Lab:
             (self.dir / "shared").mkdir(exist_ok=True)
             self.rootfs_dir.mkdir(exist_ok=True)
             for side in (self.host, self.dpu):
-                side.run_dir.mkdir(parents=True, exist_ok=True)
-                (side.run_dir / "udsproxy").mkdir(exist_ok=True)
+                (side.run_dir / "udsproxy").mkdir(parents=True, exist_ok=True)
                 self._write_whitelist(side, allow)
             for side in (self.host, self.dpu):
                 hide = [*self.private(self.other(side).role), self.dir / "pki" / "ca-key.pem"]

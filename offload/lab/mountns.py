@@ -182,14 +182,13 @@ def start_holder(
                     f"{log_path.read_text(errors='replace').strip()[-600:]}"
                 )
             line += chunk
+        if line != READY_LINE:
+            raise LabError(f"mount namespace for {netns}: unexpected output {line!r}")
     except BaseException:
         proc.end_pid(holder.pid)
         raise
     finally:
         holder.stdout.close()
-    if line != READY_LINE:
-        proc.end_pid(holder.pid)
-        raise LabError(f"mount namespace for {netns}: unexpected output {line!r}")
     # ``sh`` exec'd ``sleep`` (or the init's parent runs on) through
     # ``unshare`` and ``nsenter``: the pid we started is now the holder itself.
     holder.returncode = 0  # it runs on after we return; the lab ends it by pid

@@ -87,21 +87,14 @@ DISTRO_LIBVIRT_UNITS = (
 )
 
 
+#: Every nspawn of the lab: a process the lab owns (no machined), in the caller's unit.
+NSPAWN = ("systemd-nspawn", "--quiet", "--register=no", "--keep-unit")
+
+
 def _nspawn_run(root: Path, argv: Sequence[str], timeout: float = 900) -> None:
     """One command in ``root`` under systemd-nspawn, no boot (its own mount and pid namespaces)."""
-    command = [
-        "systemd-nspawn",
-        "--quiet",
-        "--register=no",
-        "--keep-unit",
-        "--resolv-conf=replace-host",
-        "--setenv=DEBIAN_FRONTEND=noninteractive",
-        "-D",
-        str(root),
-        "--",
-        *argv,
-    ]
-    proc.run(command, timeout=timeout)
+    options = ["--resolv-conf=replace-host", "--setenv=DEBIAN_FRONTEND=noninteractive"]
+    proc.run([*NSPAWN, *options, "-D", str(root), "--", *argv], timeout=timeout)
 
 
 def image(say: Callable[[str], None] = print) -> Path:
@@ -222,9 +215,7 @@ class SystemdLab:
             return {}
 
     def _record(self, key: str, pid: int) -> None:
-        state = self._state()
-        state[key] = pid
-        self.state_file.write_text(json.dumps(state))
+        self.state_file.write_text(json.dumps({**self._state(), key: pid}))
 
     def _record_process(self, key: str, pid: int) -> None:
         """Note ``pid`` and its start time in ms since the epoch: with its pid, who it is (`_process`)."""
@@ -354,11 +345,8 @@ class SystemdLab:
     def _boot(self, side: Side) -> None:
         log = self.dir / f"{side.role}-nspawn.log"
         argv = [
-            "systemd-nspawn",
+            *NSPAWN,
             "--boot",
-            "--quiet",
-            "--register=no",
-            "--keep-unit",
             f"--machine={self.name}-{side.role}",
             f"--network-namespace-path=/run/netns/{side.netns}",
             "--resolv-conf=off",
