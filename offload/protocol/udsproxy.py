@@ -178,11 +178,6 @@ def _hello(conn: Any, channel: int, payload: bytes) -> Hello:
     return Hello(str(document.get("node", "?"))[:256])
 
 
-def _connect(conn: Any, channel: int, payload: bytes) -> Connect:
-    document = messages.load(payload, "connect")
-    return Connect(*(messages.field(document, name, str, "connect") for name in ("path", "type", "user")))
-
-
 def _data(event: Data) -> tuple[int, bytes]:
     if len(event.data) > MAX_DATA:
         raise LocalProtocolError(f"data of {len(event.data)} bytes is too large")
@@ -218,33 +213,33 @@ UDSPROXY = Registry("udsproxy", max_payload=MAX_FRAME, hello=Hello)
 UDSPROXY.declare(
     T_HELLO, Hello, encode=lambda e: (0, messages.dump({"node": e.node, "service": "udsproxy"})), decode=_hello
 )
-UDSPROXY.declare(
-    T_CONNECT,
-    Connect,
-    sender=Role.CLIENT,
-    encode=lambda e: (0, messages.dump({"path": e.path, "type": e.type, "user": e.user})),
-    decode=_connect,
-)
-UDSPROXY.declare(
-    T_CONNECTED,
-    Connected,
-    sender=Role.SERVER,
-    encode=lambda e: (0, messages.dump({"error": e.error})),
-    decode=lambda conn, channel, payload: Connected(
-        messages.field(messages.load(payload, "connected"), "error", str, "connected")[:32]
-    ),
-)
+
+
+def _strings(code: int, event: type, *names: str, sender: Role | None = None, channel: int = 0, limit: int = 0) -> None:
+    """Declare an event that is the JSON object of its string fields ``names`` (each kept to ``limit``, if any).
+
+    One sent on the data channel is refused on any other.
+    """
+    what = event.__name__
+
+    def decode(conn: Any, got: int, payload: bytes) -> Any:
+        if channel and got != channel:
+            raise RemoteProtocolError(f"{what} on channel {got}")
+        document = messages.load(payload, what)
+        return event(*(messages.field(document, name, str, what)[: limit or None] for name in names))
+
+    def encode(e: Any) -> tuple[int, bytes]:
+        return channel, messages.dump({name: getattr(e, name) for name in names})
+
+    UDSPROXY.declare(code, event, sender=sender, encode=encode, decode=decode)
+
+
+_strings(T_CONNECT, Connect, "path", "type", "user", sender=Role.CLIENT)
+_strings(T_CONNECTED, Connected, "error", sender=Role.SERVER, limit=32)
+_strings(T_FDS_RESULT, FdsResult, "error", channel=DATA_CHANNEL, limit=32)
 UDSPROXY.declare(T_DATA, Data, encode=_data, decode=lambda conn, channel, payload: Data(payload, channel))
 UDSPROXY.declare(T_EOF, Eof, encode=lambda e: (e.channel, b""), decode=lambda conn, channel, payload: Eof(channel))
 UDSPROXY.declare(T_FDS, Fds, encode=_fds, decode=_fds_of)
-UDSPROXY.declare(
-    T_FDS_RESULT,
-    FdsResult,
-    encode=lambda e: (DATA_CHANNEL, messages.dump({"error": e.error})),
-    decode=lambda conn, channel, payload: _on(
-        channel, True, FdsResult(messages.field(messages.load(payload, "fds result"), "error", str, "fds result")[:32])
-    ),
-)
 UDSPROXY.declare(T_WINDOW, Window, encode=lambda e: (e.channel, e.increment.to_bytes(4, "big")), decode=_window)
 UDSPROXY.declare(
     T_PAUSE,
