@@ -87,6 +87,10 @@ class LabError(OffloadError):
     """Bringing the lab up or down, or a step of its demo, failed."""
 
 
+class RootfsError(OffloadError):
+    """Building a rootfs failed: its base tree, a file installed into it, or apt inside it."""
+
+
 class MountError(OffloadError):
     """A mount, unmount or device-node step failed.
 

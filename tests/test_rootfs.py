@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from offload.errors import RootfsError
 from offload.mounts import mountinfo
 from offload.rootfs_builder import install, partitions
 from offload.rootfs_builder.layout import machine_arch
@@ -249,9 +250,9 @@ def test_the_root_partition_is_found() -> None:
     assert partitions.choose_root(gpt, 3).offset == 45056 * 512
     mbr = partitions.parse(SFDISK_MBR)
     assert partitions.choose_root(mbr).number == 2  # the reference's /dev/nbd0p2
-    with pytest.raises(partitions.PartitionError, match="no partition 9"):
+    with pytest.raises(RootfsError, match="no partition 9"):
         partitions.choose_root(mbr, 9)
-    with pytest.raises(partitions.PartitionError, match="cannot read"):
+    with pytest.raises(RootfsError, match="cannot read"):
         partitions.parse("{}")
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from offload.errors import OffloadError
+from offload.errors import OffloadError, RootfsError
 from offload.mounts import ops, syscalls
 from offload.mounts.mountinfo import is_mount_point
 from offload.rootfs_builder import install, manifest, modes
@@ -25,10 +25,6 @@ from offload.rootfs_builder.layout import MANIFEST, Layout
 
 MODES = ("overlay", "copy", "debootstrap", "image")
 Say = Callable[[str], None]
-
-
-class BuildError(OffloadError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -67,21 +63,21 @@ def build(request: Request, say: Say = print) -> Result:
     except OSError as exc:
         # Whatever step it was cleaned up after itself; name the file.
         where = f" {exc.filename}" if exc.filename else ""
-        raise BuildError(f"building {request.target} failed:{where}: {exc.strerror or exc}") from None
+        raise RootfsError(f"building {request.target} failed:{where}: {exc.strerror or exc}") from None
 
 
 def _build(request: Request, say: Say) -> Result:
     if request.mode not in MODES:
-        raise BuildError(f"unknown mode {request.mode!r}; one of {', '.join(MODES)}")
+        raise RootfsError(f"unknown mode {request.mode!r}; one of {', '.join(MODES)}")
     if request.mode == "image" and not request.image:
-        raise BuildError("--mode image needs --image FILE (a qcow2 or raw disk image)")
+        raise RootfsError("--mode image needs --image FILE (a qcow2 or raw disk image)")
     install.validate(request.options)
     layout = request.layout
     started = time.monotonic()
     existing = _existing(request, layout)
     if existing is not None:
         if existing.mode != request.mode:
-            raise BuildError(
+            raise RootfsError(
                 f"{layout.target} was built in {existing.mode} mode; remove it to build it in {request.mode} mode"
             )
         overlay = None
@@ -106,7 +102,7 @@ def _existing(request: Request, layout: Layout) -> manifest.Manifest | None:
     if request.mode == "overlay" and layout.upper.is_dir():
         found = manifest.read(layout.manifest(layout.upper))
         if found is None and not layout.marker(layout.upper).exists():
-            raise BuildError(f"{layout.upper} exists but holds no rootfs manifest: remove it or pass --state-dir")
+            raise RootfsError(f"{layout.upper} exists but holds no rootfs manifest: remove it or pass --state-dir")
         return found or manifest.Manifest(mode="overlay", arch="", host="")
     if not layout.target.exists():
         return None
@@ -114,11 +110,11 @@ def _existing(request: Request, layout: Layout) -> manifest.Manifest | None:
     if found is not None:
         return found
     if is_mount_point(layout.target) and request.mode != "overlay":
-        raise BuildError(f"{layout.target} is a mount point without a rootfs manifest; unmount it first")
+        raise RootfsError(f"{layout.target} is a mount point without a rootfs manifest; unmount it first")
     if layout.marker().exists():
         return manifest.Manifest(mode=request.mode, arch="", host="")
     if any(layout.target.iterdir()):
-        raise BuildError(f"{layout.target} exists, is not empty and was not built by offload rootfs build")
+        raise RootfsError(f"{layout.target} exists, is not empty and was not built by offload rootfs build")
     return None
 
 

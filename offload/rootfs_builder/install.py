@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from offload import proc
-from offload.errors import ConfigError, OffloadError
+from offload.errors import ConfigError, RootfsError
 from offload.prefix import is_under
 from offload.rootfs_builder import chroot
 from offload.rootfs_builder.layout import machine_arch
@@ -53,10 +53,6 @@ LIBVIRT_PACKAGES = ("libvirt-daemon-system", "libvirt-clients")
 LIBVIRT_FILES = ("usr/sbin/libvirtd", "usr/bin/virsh")
 
 Say = Callable[[str], None]
-
-
-class InstallError(OffloadError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -149,7 +145,7 @@ def render_rexec_launcher() -> bytes:
 
 def payloads(options: Options) -> list[Payload]:
     if not SHIM.is_file():
-        raise InstallError(f"{SHIM} is missing: build it with `make setup` (or `make native`)")
+        raise RootfsError(f"{SHIM} is missing: build it with `make setup` (or `make native`)")
     wrapper = render_wrapper(options)
     items = [Payload(REXEC, render_rexec_launcher(), 0o755, "the rexec stand-in")]
     for module in STAND_IN_MODULES:
@@ -177,7 +173,7 @@ def inside(root: Path, path: str) -> Path:
     real_root = os.path.realpath(root)
     parent = os.path.realpath(full.parent)
     if not is_under(parent, real_root):
-        raise InstallError(f"{full.parent} leads out of the rootfs (to {parent}): refusing to write {path}")
+        raise RootfsError(f"{full.parent} leads out of the rootfs (to {parent}): refusing to write {path}")
     return full
 
 
@@ -197,7 +193,7 @@ def write_file(root: Path, payload: Payload) -> bool:
         os.replace(temporary, full)  # a new inode: never written through a hard link
     except OSError as exc:
         temporary.unlink(missing_ok=True)
-        raise InstallError(f"cannot install {payload.path} ({payload.what}) in {root}: {exc.strerror}") from None
+        raise RootfsError(f"cannot install {payload.path} ({payload.what}) in {root}: {exc.strerror}") from None
     return True
 
 
@@ -248,11 +244,11 @@ def ensure_packages(root: Path, say: Say, *, apt: bool = True) -> list[str]:
         return []
     if not apt:
         if "python3" in needed:
-            raise InstallError(f"{root} has no {PYTHON}, which the rexec stand-in needs (and --no-apt was given)")
+            raise RootfsError(f"{root} has no {PYTHON}, which the rexec stand-in needs (and --no-apt was given)")
         say(f"libvirt is missing in {root} ({', '.join(LIBVIRT_FILES)}); --no-apt: not installing it")
         return []
     if not (root / "usr/bin/apt-get").exists():
-        raise InstallError(f"{root} lacks {', '.join(needed)} and has no apt-get to install them")
+        raise RootfsError(f"{root} lacks {', '.join(needed)} and has no apt-get to install them")
     policy = inside(root, "/usr/sbin/policy-rc.d")
     made_policy = not os.path.lexists(policy)
     if made_policy:
@@ -274,7 +270,7 @@ def ensure_packages(root: Path, say: Say, *, apt: bool = True) -> list[str]:
             policy.unlink(missing_ok=True)
     still = missing_packages(root)
     if still:
-        raise InstallError(f"apt ran but {', '.join(still)} still missing in {root}")
+        raise RootfsError(f"apt ran but {', '.join(still)} still missing in {root}")
     return needed
 
 
@@ -282,7 +278,7 @@ def _apt(root: Path, argv: list[str], env: dict[str, str], what: str) -> None:
     result = proc.run(chroot.command(root, argv), check=False, env=env)
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
-        raise InstallError(f"{what} in {root} failed with status {result.returncode}:\n{tail}")
+        raise RootfsError(f"{what} in {root} failed with status {result.returncode}:\n{tail}")
 
 
 def validate(options: Options) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from offload import proc
-from offload.errors import MountError, OffloadError
+from offload.errors import MountError, RootfsError
 from offload.mounts import mountinfo, ops, syscalls
 from offload.mounts.mountinfo import MountEntry
 from offload.prefix import is_under
@@ -30,10 +30,6 @@ if TYPE_CHECKING:
 
 Say = Callable[[str], None]
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
-
-
-class ModeError(OffloadError):
-    pass
 
 
 # -- the machine's mounts --------------------------------------------------------
@@ -198,7 +194,7 @@ def _run_with_progress(argv: list[str], say: Say, what: str, interval: float = 5
         if child.returncode != 0:
             output.seek(0)
             tail = "\n".join(output.read().decode(errors="replace").strip().splitlines()[-15:])
-            raise ModeError(f"{what} failed with status {child.returncode}: {proc.describe(argv)}\n{tail}")
+            raise RootfsError(f"{what} failed with status {child.returncode}: {proc.describe(argv)}\n{tail}")
 
 
 # -- image ------------------------------------------------------------------------------
@@ -246,11 +242,11 @@ def raw_view(image: Path, scratch: Path, say: Say) -> Iterator[str]:
         deadline = time.monotonic() + 15
         while os.stat(export).st_size != size:
             if daemon.poll() is not None:
-                raise ModeError(
+                raise RootfsError(
                     f"qemu-storage-daemon exited with status {daemon.returncode}: {log.read_text().strip()}"
                 )
             if time.monotonic() > deadline:
-                raise ModeError(f"qemu-storage-daemon did not export {image} within 15 s: {log.read_text().strip()}")
+                raise RootfsError(f"qemu-storage-daemon did not export {image} within 15 s: {log.read_text().strip()}")
             time.sleep(0.05)
         yield str(export)
     finally:
@@ -268,7 +264,7 @@ def _qemu_escape(value: str) -> str:
 def copy_image(image: Path, dest: Path, layout: Layout, say: Say, *, partition: int | None = None) -> str:
     """Copy the root filesystem of ``image`` to ``dest``; returns which partition it was."""
     if not image.is_file():
-        raise ModeError(f"--image {image}: no such file")
+        raise RootfsError(f"--image {image}: no such file")
     with tempfile.TemporaryDirectory(prefix=".offload-image-", dir=layout.target.parent) as scratch_name:
         scratch = Path(scratch_name)
         with raw_view(image, scratch, say) as raw:
@@ -277,7 +273,7 @@ def copy_image(image: Path, dest: Path, layout: Layout, say: Say, *, partition: 
                 part = partitions.choose_root(partitions.parse(table.stdout), partition)
                 offset, size, what = part.offset, part.size, part.describe()
             elif partition is not None:
-                raise ModeError(f"{image} has no partition table, so no partition {partition}")
+                raise RootfsError(f"{image} has no partition table, so no partition {partition}")
             else:
                 offset, size, what = 0, None, "the whole disk (no partition table)"
             say(f"root filesystem of {image}: {what}")
@@ -326,5 +322,5 @@ def remove_tree(path: Path) -> None:
     top = os.path.abspath(path)
     inside = sorted({e.mount_point for e in mountinfo.read() if is_under(e.mount_point, top)})
     if inside:
-        raise ModeError(f"cannot remove {path}: still mounted there: {', '.join(inside)}")
+        raise RootfsError(f"cannot remove {path}: still mounted there: {', '.join(inside)}")
     shutil.rmtree(path, ignore_errors=False)

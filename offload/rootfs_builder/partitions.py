@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from offload.errors import OffloadError
+from offload.errors import RootfsError
 
 # GPT partition type GUIDs (the Discoverable Partitions Specification).
 GPT_ROOT = {
@@ -26,10 +26,6 @@ GPT_NOT_ROOT = {
     "BC13C2FF-59E6-4262-A352-B275FD6F7172",  # extended boot loader
 }
 MBR_LINUX = "83"
-
-
-class PartitionError(OffloadError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -55,7 +51,7 @@ def parse(document: str) -> list[Partition]:
             parts.append(Partition(number, int(part["start"]) * sector, int(part["size"]) * sector, str(part["type"])))
         return parts
     except (ValueError, KeyError, TypeError) as exc:
-        raise PartitionError(f"cannot read the partition table (sfdisk --json): {exc}") from None
+        raise RootfsError(f"cannot read the partition table (sfdisk --json): {exc}") from None
 
 
 def choose_root(parts: list[Partition], number: int | None = None) -> Partition:
@@ -64,12 +60,12 @@ def choose_root(parts: list[Partition], number: int | None = None) -> Partition:
         for part in parts:
             if part.number == number:
                 return part
-        raise PartitionError(f"no partition {number}; the image has {', '.join(p.describe() for p in parts) or 'none'}")
+        raise RootfsError(f"no partition {number}; the image has {', '.join(p.describe() for p in parts) or 'none'}")
     roots = [p for p in parts if p.type.upper() in GPT_ROOT]
     if roots:
         return max(roots, key=lambda p: p.size)
     linux = [p for p in parts if p.type.upper() in (GPT_LINUX_DATA, MBR_LINUX)]
     candidates = linux or [p for p in parts if p.type.upper() not in GPT_NOT_ROOT and p.type not in ("5", "f", "82")]
     if not candidates:
-        raise PartitionError("no Linux partition in the image; name one with --partition N")
+        raise RootfsError("no Linux partition in the image; name one with --partition N")
     return max(candidates, key=lambda p: p.size)
