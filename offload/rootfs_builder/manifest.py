@@ -62,9 +62,6 @@ class Manifest:
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"malformed manifest: {exc}", path=source) from None
 
-    def entry(self, path: str) -> Entry | None:
-        return next((e for e in self.files if e.path == path), None)
-
 
 def read(path: Path) -> Manifest | None:
     """The manifest at ``path``; None when there is none."""
