@@ -1,10 +1,8 @@
 """Versioned, bounded frames: the one wire layer under rexec, udsproxy and qtfs.
 
-Sans-io: no sockets, no trio.  Bytes go in through `FrameDecoder.receive_data`
-(``b""`` means end of stream) and frames come out of `next_frame`; `encode_frame`
-turns a frame into bytes.  `split_frames` is the same splitting for a driver
-that keeps the bytes in a buffer of its own (udsproxy's relay): payloads come
-out as views into it, without a copy.  This module is imported by the rexec stand-in on
+Sans-io.  `split_frames` is `FrameDecoder`'s splitting for a driver that keeps
+the bytes in a buffer of its own (udsproxy's relay): payloads come out as views
+into it, without a copy.  This module is imported by the rexec stand-in on
 every start, so it imports nothing heavier than `struct`.
 
 Wire format of one frame (network byte order)::
