@@ -128,7 +128,7 @@ class Message:
         cls._numbers = struct.Struct("!" + "".join(k for _, k in kinds if k in _LIMITS))
         cls._string_fields = tuple((n, k) for n, k in kinds if k not in _LIMITS)
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         for name, kind in zip((f.name for f in fields(self)), self.LAYOUT, strict=True):
             value = getattr(self, name)
             what = f"{type(self).__name__}.{name}"
@@ -140,9 +140,6 @@ class Message:
                 raise ValueError(f"{what} must be bytes")
             elif kind in _PATH_CHECKS:
                 _PATH_CHECKS[kind](value, what)
-
-    def __post_init__(self) -> None:
-        self.validate()
 
     def encode(self) -> bytes:
         parts = [self._numbers.pack(*(getattr(self, n) for n in self._number_fields))]
