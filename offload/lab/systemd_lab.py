@@ -30,7 +30,7 @@ import psutil
 
 from offload import proc
 from offload.errors import LabError
-from offload.lab import debian, guest, libvirt
+from offload.lab import debian, guest, libvirt, netlink
 from offload.lab.libvirt import IMAGES, Domain, Virsh, guest_domain, step, tail, wait_for_marker, wait_until
 from offload.lab.mountns import namespace_of
 from offload.lab.systemd_cli import DEFAULT_NAME
@@ -122,11 +122,8 @@ def image(say: Callable[[str], None] = print) -> Path:
 
 
 @dataclass(frozen=True)
-class Side:
+class Side(netlink.Side):
     role: str  # "host" or "dpu"
-    netns: str
-    ifname: str
-    address: str
 
 
 HOST_ADDRESS = "169.254.78.1"
@@ -200,8 +197,8 @@ class SystemdLab:
         self.name = name
         self.dir = Path("/var/lib/offload-lab") / name
         self.state_file = self.dir / "state.json"
-        self.host = Side("host", f"{name}-host", f"{name}-h", HOST_ADDRESS)
-        self.dpu = Side("dpu", f"{name}-dpu", f"{name}-d", DPU_ADDRESS)
+        self.host = Side(f"{name}-host", f"{name}-h", HOST_ADDRESS, "host")
+        self.dpu = Side(f"{name}-dpu", f"{name}-d", DPU_ADDRESS, "dpu")
 
     def root(self, role: str) -> Path:
         return self.dir / role
@@ -261,12 +258,7 @@ class SystemdLab:
         if self.dir.exists():
             raise LabError(f"{self.dir} exists: run 'offload lab systemd down --name {self.name}' first")
         self.dir.mkdir(parents=True)
-        from offload.lab import netlink
-
-        netlink.create_pair(
-            netlink.Side(self.host.netns, self.host.ifname, self.host.address),
-            netlink.Side(self.dpu.netns, self.dpu.ifname, self.dpu.address),
-        )
+        netlink.create_pair(self.host, self.dpu)
         self._record("netns", 1)
         # systemd-nspawn keeps locks in /run/systemd/nspawn; made here, removed by down.
         for made, directory in (("made-run-systemd", NSPAWN_STATE.parent), ("made-nspawn-state", NSPAWN_STATE)):
@@ -447,8 +439,6 @@ class SystemdLab:
                     done.append(f"{role}: processes left in the tree ended: {ended}")
                 debian.remove_tree(root)
                 done.append(f"{role} tree removed")
-        from offload.lab import netlink
-
         done += netlink.remove([self.host.netns, self.dpu.netns], [self.host.ifname, self.dpu.ifname])
         shutil.rmtree(self.dir, ignore_errors=True)
         made = (
