@@ -291,11 +291,6 @@ class Execution:
             path = self.state.whitelist.resolve(request.program, self.node)
             # A root caller acts as nobody here unless the operator maps root.
             user = policy.map_user(request.user, users.squashing_root(self.config.users), self.node)
-        except RefusedError as exc:
-            log.warning("session %d from %s: refused %s: %s", self.id, self.link.peer, request.program, exc)
-            await self.link.send(Refused(exc.exit_code, str(exc)))
-            return False
-        try:
             with contextlib.ExitStack() as child_ends:
                 try:
                     plan = await self._plan(path, user, child_ends)
@@ -306,7 +301,7 @@ class Execution:
                 except proc.ExecFailed as exc:
                     raise RefusedError(f"{exc} on {self.node}", exit_code=exc.exit_code) from None
         except RefusedError as exc:
-            log.warning("session %d from %s: %s", self.id, self.link.peer, exc)
+            log.warning("session %d from %s: refused %s: %s", self.id, self.link.peer, request.program, exc)
             await self.link.send(Refused(exc.exit_code, str(exc)))
             return False
         self.user = user
@@ -605,14 +600,11 @@ class Execution:
         """
         assert self.user is not None and self.process is not None
         path = self.bridges.get(event.fd)
-        why = None
         if path is None:
-            why = f"fd {event.fd} is not a bridged listener"
-        elif event.conn and not self.bridged.holds(event.conn):
-            why = f"fd {event.fd} has no connection {event.conn}"
-        if why is not None or path is None:
-            log.warning("session %d: refused a bridged connection: %s", self.id, why)
-            await self._refuse(link, event.channel, why or "")
+            await self._refuse(link, event.channel, f"a connection to fd {event.fd}: not a bridged listener")
+            return
+        if event.conn and not self.bridged.holds(event.conn):
+            await self._refuse(link, event.channel, f"a connection to fd {event.fd}: it has no connection {event.conn}")
             return
         grant = Grant(
             self.id,
@@ -639,7 +631,6 @@ class Execution:
                 raise PermissionError(errno.ESRCH, "the program has ended")
             os.close(ptys.program_pty_peer(self.process.pid, event.index))
         except OSError as exc:
-            log.warning("session %d: refused pty %d to %s: %s", self.id, event.index, link.peer, exc)
             await self._refuse(link, event.channel, f"pty {event.index}: {exc.strerror or exc}")
             return
         grant = Grant(self.id, self.process, attached.who(link.peer, link.stream), pty=event.index)
@@ -648,7 +639,6 @@ class Execution:
     async def _grant(self, link: SessionLink, channel: int, grant: Grant) -> None:
         token = self.state.grants.issue(grant)
         if token is None:
-            log.warning("session %d: refused %s to %s: too many unused tickets", self.id, grant.what, link.peer)
             await self._refuse(link, channel, f"{grant.what}: too many unused tickets")
             return
         with self._link_may_fail():
@@ -656,6 +646,7 @@ class Execution:
             link.drop_channel(channel)
 
     async def _refuse(self, link: SessionLink, channel: int, why: str) -> None:
+        log.warning("session %d: refused to %s: %s", self.id, link.peer, why)
         with self._link_may_fail():
             await link.send(Reset(channel, why))
             link.drop_channel(channel)
