@@ -45,11 +45,12 @@ def _access(flags: int) -> str:
     return {os.O_RDONLY: "r", os.O_WRONLY: "w"}.get(flags & os.O_ACCMODE, "rw")
 
 
-def _link(fd: int) -> str:
+def readlink_or(path: str, default: str) -> str:
+    """Where the link ``path`` (a /proc magic link) points; ``default`` when it cannot be read."""
     try:
-        return os.readlink(f"/proc/self/fd/{fd}")
+        return os.readlink(path)
     except OSError:
-        return "?"
+        return default
 
 
 def describe(fd: int) -> dict:
@@ -61,7 +62,7 @@ def describe(fd: int) -> dict:
     if stat.S_ISCHR(mode) and st.st_rdev == _DEV_NULL:
         entry["type"] = NULL
     elif stat.S_ISREG(mode):
-        path = _link(fd)
+        path = readlink_or(f"/proc/self/fd/{fd}", "?")
         entry.update(
             type=FILE,
             path=path,
@@ -77,7 +78,7 @@ def describe(fd: int) -> dict:
         entry.update(_describe_socket(fd))
     else:
         entry["type"] = OTHER
-        entry["what"] = _link(fd)
+        entry["what"] = readlink_or(f"/proc/self/fd/{fd}", "?")
     if fd <= 2 and entry["type"] in (OTHER, UNIX_STREAM) and (stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)):
         # A terminal or a socket as stdio is carried as a one-way byte stream
         # in the direction stdio implies, as ssh does; the remote program

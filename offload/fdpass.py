@@ -91,10 +91,7 @@ def prepare(fd: int, shared: tuple[str, ...], root: str = "/") -> tuple[FdDescri
 
 def root_of(pid: int) -> str:
     """The root directory of process ``pid`` ("/" if it cannot be read)."""
-    try:
-        return os.readlink(f"/proc/{pid}/root")
-    except OSError:
-        return "/"
+    return fdinfo.readlink_or(f"/proc/{pid}/root", "/")
 
 
 def peer_root(sock: users.Socket) -> str:

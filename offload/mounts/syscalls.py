@@ -15,7 +15,7 @@ import os
 import stat
 
 from offload.errors import MountError, errno_name
-from offload.fdinfo import closing
+from offload.fdinfo import closing, readlink_or
 
 # <linux/mount.h>
 MS_RDONLY = 1
@@ -222,10 +222,7 @@ def mount_attributes(flags: int) -> int:
 
 def fd_path(fd: int) -> str:
     """The /proc/self/fd link of ``fd``: where the kernel says it is, for messages."""
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return f"fd {fd}"
+    return readlink_or(f"/proc/self/fd/{fd}", f"fd {fd}")
 
 
 def mount_id(fd: int) -> int:
