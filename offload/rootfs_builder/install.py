@@ -69,10 +69,6 @@ class Options:
     def remote(self) -> str:
         return self.remote_qemu or f"/usr/bin/qemu-system-{self.qemu_arch}"
 
-    @property
-    def cmd_net_addr(self) -> str:
-        return host_address(self.host) if self.host else ""
-
 
 @dataclass(frozen=True)
 class Payload:
@@ -113,7 +109,7 @@ def render_env(options: Options) -> bytes:
         "# Read by the qemu wrapper (/usr/bin/qemu-kvm): libvirt clears qemu's environment.",
         "# Written by `offload rootfs build --host ADDR`; rebuild to change it.",
         "# The host's rexec_server; empty: the DPU rexec_server's default peer (its --peer).",
-        f"CMD_NET_ADDR={shlex.quote(options.cmd_net_addr)}",
+        f"CMD_NET_ADDR={shlex.quote(host_address(options.host) if options.host else '')}",
         "# The DPU's rexec_server socket as this rootfs sees it (offload prepare binds /var/run/rexec).",
         f"REXEC_AGENT_SOCKET={AGENT_SOCKET}",
     ]
