@@ -14,7 +14,7 @@ import enum
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from offload.errors import LocalProtocolError, RemoteProtocolError
 from offload.protocol import fdpass, link, local, messages
@@ -477,6 +477,9 @@ class Reset:
     reason: str = ""
 
 
+#: The events of a session's channels.
+SessionEvent = Data | Eof | Window | Open | OpenPty | Ticket | Reset
+SESSION_EVENTS = get_args(SessionEvent)
 Event = (
     Hello
     | Ping
@@ -487,17 +490,11 @@ Event = (
     | Exited
     | Daemonized
     | Signal
-    | Data
-    | Eof
-    | Window
-    | Open
-    | OpenPty
-    | Ticket
     | Attached
-    | Reset
     | Resume
     | Resumed
     | Hangup
+    | SessionEvent
     | Closed
 )
 
@@ -633,9 +630,6 @@ class State(enum.Enum):
     ATTACHED = "attached"  # a pty's connection: no more rexec frames either way
 
 
-SESSION_EVENTS = (Data, Eof, Window, Open, OpenPty, Ticket, Reset)
-
-
 class RexecConnection(Connection):
     """One side of a rexec connection: the session's order, and each channel's credit window."""
 
@@ -735,7 +729,7 @@ class RexecConnection(Connection):
             return None
         return event
 
-    def _channel_event(self, event: Data | Eof | Window | Open | OpenPty | Ticket | Reset) -> Event | None:
+    def _channel_event(self, event: SessionEvent) -> Event | None:
         if self.state is State.DONE:
             return None  # it crossed our Exited on the wire; the next Exec forgets the channels
         if event.channel in self._closed_channels:
