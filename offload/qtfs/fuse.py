@@ -167,10 +167,13 @@ class Filesystem(pyfuse3.Operations):
             setattr(entry, "st_" + name, getattr(attr, name))
         return entry
 
-    async def _made(self, path: bytes, request: wire.Request[wire.AttrReply]) -> pyfuse3.EntryAttributes:
-        """The entry of ``path`` from the host's answer to ``request`` (a lookup, or what made it)."""
+    async def _made(
+        self, parent_inode: int, name: bytes, request: Callable[[bytes], wire.Request[wire.AttrReply]]
+    ) -> pyfuse3.EntryAttributes:
+        """The entry of ``name`` from the host's answer to ``request(its path)`` (a lookup, or what made it)."""
+        path = self._child(parent_inode, name)
         since = self.cache.changes
-        reply = await self.host.call(request)
+        reply = await self.host.call(request(path))
         return self._remember(path, reply.attr, since)
 
     def _remember(self, path: bytes, attr_bytes: bytes, since: int) -> pyfuse3.EntryAttributes:
@@ -299,8 +302,7 @@ class Filesystem(pyfuse3.Operations):
 
     @errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        path = self._child(parent_inode, name)
-        entry = await self._made(path, wire.Lookup(path))
+        entry = await self._made(parent_inode, name, wire.Lookup)
         if ctx is not None:
             self._just_looked_up[entry.st_ino] = (ctx.pid, time.monotonic(), entry)
         return entry
@@ -611,24 +613,20 @@ class Filesystem(pyfuse3.Operations):
 
     @errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
-        path = self._child(parent_inode, name)
-        return await self._made(path, wire.Mkdir(path, mode, ctx.uid, ctx.gid))
+        return await self._made(parent_inode, name, lambda path: wire.Mkdir(path, mode, ctx.uid, ctx.gid))
 
     @errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
-        path = self._child(parent_inode, name)
-        return await self._made(path, wire.Mknod(path, mode, rdev, ctx.uid, ctx.gid))
+        return await self._made(parent_inode, name, lambda path: wire.Mknod(path, mode, rdev, ctx.uid, ctx.gid))
 
     @errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
-        path = self._child(parent_inode, name)
-        return await self._made(path, wire.Symlink(path, target, ctx.uid, ctx.gid))
+        return await self._made(parent_inode, name, lambda path: wire.Symlink(path, target, ctx.uid, ctx.gid))
 
     @errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         source = self.table.path(inode)
-        path = self._child(new_parent_inode, new_name)
-        return await self._made(path, wire.Link(source, path))
+        return await self._made(new_parent_inode, new_name, lambda path: wire.Link(source, path))
 
     @errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
