@@ -353,16 +353,12 @@ class Filesystem(pyfuse3.Operations):
         values = {name: getattr(attr, "st_" + name) for _, name in chosen}  # the others stay 0
         if "mode" in values:
             values["mode"] &= 0o7777
-        path = self.table.path(inode)
-
-        def request(handle: int = 0) -> wire.Setattr:
-            return wire.Setattr(path, handle, valid, **values)
-
+        request = functools.partial(wire.Setattr, self.table.path(inode), valid=valid, **values)
         since = self.cache.changes
         if fh is not None and fh in self.files:
             reply = await self._on_file(fh, request, retry=True)
         else:
-            reply = await self.host.call(request(), retry=True)
+            reply = await self.host.call(request(handle=0), retry=True)
         return self._entry(inode, wire.Attr.decode_from(reply.attr), since)
 
     @errors
@@ -437,11 +433,7 @@ class Filesystem(pyfuse3.Operations):
         view = memoryview(buf)
         while written < len(buf):
             chunk = bytes(view[written : written + wire.MAX_IO]) if len(buf) > wire.MAX_IO else buf
-
-            def request(handle: int, chunk: bytes = chunk, at: int = off + written) -> wire.Write:
-                return wire.Write(handle, at, chunk)
-
-            reply = await self._on_file(fh, request, retry)
+            reply = await self._on_file(fh, functools.partial(wire.Write, offset=off + written, data=chunk), retry)
             count = reply.count
             written += count
             if count < len(chunk):
