@@ -90,7 +90,6 @@ class Summary:
     already: int = 0
     skipped: int = 0
     seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -156,7 +155,6 @@ def prepare(plan: Plan, *, report: Report = _quiet, fail_at: int | None = None) 
                 verb = "already"
             else:
                 summary.skipped += 1
-                summary.notes.append(f"{step.what} on {step.path}: {result.detail}")
                 verb = "skipped"
             detail = f": {result.detail}" if result.detail else ""
             report(f"{where} {verb:<8} {step.what} on {step.path}{detail}")
