@@ -33,25 +33,22 @@ class Layout:
         return cls(Path(os.path.abspath(target)), Path(os.path.abspath(state_dir)) if state_dir else None)
 
     @property
-    def name(self) -> str:
-        return self.target.name
-
-    @property
     def staging(self) -> Path:
         """Copy, debootstrap and image modes build here and rename to TARGET when done."""
-        return self.target.parent / f".{self.name}.partial"
+        return self.target.parent / f".{self.target.name}.partial"
 
     @property
     def upper(self) -> Path:
-        if self.state_dir is not None:
-            return self.state_dir / "upper"
-        return self.target.parent / f".{self.name}-upper"
+        return self._layer("upper")
 
     @property
     def work(self) -> Path:
+        return self._layer("work")
+
+    def _layer(self, name: str) -> Path:
         if self.state_dir is not None:
-            return self.state_dir / "work"
-        return self.target.parent / f".{self.name}-work"
+            return self.state_dir / name
+        return self.target.parent / f".{self.target.name}-{name}"
 
     @property
     def nested(self) -> Path:
