@@ -173,21 +173,13 @@ class PrepareConfig:
             raise ConfigError(f"qtfs_staging = {self.qtfs_staging!r} must be absolute, without '..'")
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return dataclasses.asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     def to_toml(self) -> str:
         return _to_toml(self.to_dict())
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 def from_dict(data: dict[str, Any], *, origin: str | None = None) -> PrepareConfig:
@@ -253,7 +245,7 @@ def _to_toml(data: dict[str, Any]) -> str:
             return "true" if value else "false"
         if isinstance(value, str):
             return json.dumps(value)  # a JSON string is a valid TOML basic string
-        if isinstance(value, list):
+        if isinstance(value, list | tuple):
             return "[" + ", ".join(scalar(v) for v in value) + "]"
         return str(value)
 
@@ -262,7 +254,7 @@ def _to_toml(data: dict[str, Any]) -> str:
     for key, value in data.items():
         if isinstance(value, dict):
             tail += ["", f"[{key}]", *(f"{k} = {scalar(v)}" for k, v in value.items())]
-        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        elif isinstance(value, tuple) and value and all(isinstance(v, dict) for v in value):
             for item in value:
                 tail += ["", f"[[{key}]]", *(f"{k} = {scalar(v)}" for k, v in item.items())]
         else:
