@@ -28,19 +28,6 @@ def path_of(target: str) -> Path:
     return RECORDS_DIR / f"{name}.mounts"
 
 
-def load(target: str) -> list[tuple[int, str, str, str]]:
-    try:
-        lines = path_of(target).read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    found = []
-    for line in lines:
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            item = json.loads(line)
-            found.append((int(item["id"]), str(item["device"]), str(item["root"]), str(item["fstype"])))
-    return found
-
-
 def save(target: str, entries: list[MountEntry]) -> None:
     """Replace the record of ``target`` with ``entries`` (atomically: a crash leaves the old or the new)."""
     path = path_of(target)
@@ -61,7 +48,15 @@ def save(target: str, entries: list[MountEntry]) -> None:
 
 def present(target: str, entries: tuple[MountEntry, ...]) -> list[MountEntry]:
     """The recorded mounts still there (same id, device, root and type), in mount order."""
-    wanted = set(load(target))
+    try:
+        lines = path_of(target).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    wanted = set()
+    for line in lines:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            item = json.loads(line)
+            wanted.add((int(item["id"]), str(item["device"]), str(item["root"]), str(item["fstype"])))
     return [e for e in entries if (e.mount_id, e.device, e.root, e.fstype) in wanted]
 
 
