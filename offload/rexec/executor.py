@@ -679,19 +679,16 @@ class Execution:
             # Opened before the checks: from here on it names this process,
             # whatever happens to the pid, and the checks are about it.
             pidfd = os.pidfd_open(pid)
+            try:
+                # Once reaped, the program's pid may name someone else's process.
+                program = self.process.pid if self.process.returncode is None else None
+                _check_started_by(pid, program, self.started_at, self.user)
+                signal.pidfd_send_signal(pidfd, 0)  # still alive: the checks saw this process, not a successor
+            except BaseException:
+                os.close(pidfd)
+                raise
         except ProcessLookupError:
             raise RefusedError(f"{path} names pid {pid}, which is not running") from None
-        try:
-            # Once reaped, the program's pid may name someone else's process.
-            program = self.process.pid if self.process.returncode is None else None
-            _check_started_by(pid, program, self.started_at, self.user)
-            signal.pidfd_send_signal(pidfd, 0)  # still alive: the checks saw this process, not a successor
-        except ProcessLookupError:
-            os.close(pidfd)
-            raise RefusedError(f"{path} names pid {pid}, which is not running") from None
-        except BaseException:
-            os.close(pidfd)
-            raise
         return pid, pidfd
 
     async def _read_daemon_pid(self, path: str, user: policy.RemoteUser) -> int:

@@ -60,16 +60,12 @@ class PidmapDir:
             except OSError:
                 continue
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue  # a live stand-in holds it
-            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live stand-in holds it
                 # Unlinked while we hold the lock: no new owner can appear
                 # between the check and the removal.
                 entry.unlink()
                 removed += 1
-            except FileNotFoundError:
+            except (BlockingIOError, FileNotFoundError):
                 pass
             finally:
                 os.close(fd)
@@ -85,11 +81,10 @@ class PidmapDir:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, 0)
             os.write(fd, str(remote_pid).encode())
-        except BlockingIOError:
+        except BaseException as exc:
             os.close(fd)
-            raise RefusedError(f"the stand-in {standin_pid} already holds its pidmap {path}") from None
-        except BaseException:
-            os.close(fd)
+            if isinstance(exc, BlockingIOError):
+                raise RefusedError(f"the stand-in {standin_pid} already holds its pidmap {path}") from None
             raise
         return fd
 
