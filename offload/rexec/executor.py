@@ -169,7 +169,6 @@ class Execution:
         self.peer = ""  # the node that may resume it (`attached.who`)
         self.process: trio.Process | AdoptedProgram | None = None
         self.user: policy.RemoteUser | None = None
-        self.program = request.argv[0] if request is not None and request.argv else "?"
         self.started_at = 0.0  # the program's start time, in psutil's clock
         self.daemon_pidfd: int | None = None
         self.ends: dict[int, tuple[int, bool, bool]] = {}  # channel -> (our fd, inbound, outbound)
@@ -197,7 +196,7 @@ class Execution:
         try:
             execution.secret, execution.peer = str(facts["secret"]), str(facts["peer"])
             execution.user = policy.RemoteUser(**{**facts["user"], "groups": tuple(facts["user"]["groups"])})
-            execution.program = str(facts["program"])
+            program = str(facts["program"])
             start = int(facts["start"])
             execution.bridges = {int(fd): str(path) for fd, path in facts["bridges"].items()}
             directions = {int(c): (bool(i), bool(o)) for c, (i, o) in facts["channels"].items()}
@@ -223,7 +222,7 @@ class Execution:
             execution.id,
             kept.name,
             pid,
-            execution.program,
+            program,
             execution.peer,
         )
         return execution

@@ -42,7 +42,6 @@ from offload import sd
 
 log = logging.getLogger(__name__)
 
-ROLES = ("rexec", "agent")
 #: The fd-store names of one session's fds: <role>-<session>-<what>.
 _NAME = re.compile(r"(rexec|agent)-([0-9a-f]{32})-([a-z0-9]+)")
 #: What each role keeps of a session, by name.

@@ -147,10 +147,6 @@ class SessionLink:
                 for part in parts:
                     await self.stream.send_all(part)
 
-    async def send_raw(self, data: bytes) -> None:
-        async with self._send_lock:
-            await self._send_bytes(data)
-
     async def handshake(self) -> Hello:
         """Exchange Hello frames; return the peer's."""
         await self.send(Hello(self.node))
@@ -245,7 +241,8 @@ class SessionLink:
             # the ping gets the whole period, and a link that cannot take it
             # in that time is lost (then nothing more is sent on it).
             with trio.move_on_after(self.keepalive) as waited:
-                await self.send_raw(ping)
+                async with self._send_lock:
+                    await self._send_bytes(ping)
             if waited.cancelled_caught:
                 raise LinkLost(
                     f"link to {self.peer} lost: a keepalive could not be sent for {self.keepalive:.1f} s",
