@@ -160,7 +160,7 @@ class Backend:
         #: The allowlist of a facts mount (its root is a procfs or sysfs root), None for any other.
         self.facts: tuple[bytes, ...] | None = None
         self.files = Handles()
-        self._dirs: dict[int, tuple[list[bytes], int, int]] = {}  # handle -> (encoded entries, next index, bytes)
+        self._dirs: dict[int, tuple[list[bytes], int]] = {}  # handle -> (encoded entries, their bytes)
         self._listing_bytes = 0
         self._dir_numbers = itertools.count(random.getrandbits(40) + 1)
 
@@ -576,9 +576,7 @@ class Backend:
             if handle:
                 self._forget_listing(handle)
             return wire.DirReply(0, 1, page)
-        if handle:
-            held = self._dirs[handle][2]
-        else:
+        if not handle:
             # A listing is held until its last page was read or it was released;
             # a peer that never does either is held to these bounds.
             held = sum(len(entry) for entry in entries)
@@ -586,17 +584,17 @@ class Backend:
                 raise OSError(errno.EMFILE, "too many directory listings held on this connection")
             handle = next(self._dir_numbers)
             self._listing_bytes += held
-        self._dirs[handle] = (entries, end, held)
+            self._dirs[handle] = (entries, held)
         return wire.DirReply(handle, 0, page)
 
     def _forget_listing(self, handle: int) -> None:
         listing = self._dirs.pop(handle, None)
         if listing is not None:
-            self._listing_bytes -= listing[2]
+            self._listing_bytes -= listing[1]
 
     def readdir(self, request: wire.Readdir) -> wire.DirReply:
         try:
-            entries, _, _ = self._dirs[request.handle]
+            entries, _ = self._dirs[request.handle]
         except KeyError:
             raise OSError(errno.EBADF, "no such directory handle") from None
         return self._page(request.handle, entries, request.index)
