@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -128,16 +129,19 @@ def main(argv: list[str] | None = None) -> None:
     log_module.setup("qtfs", args.log_level)
     if args.command == "serve":
         _serve(args)
-    elif args.command == "mount":
-        sys.exit(_mount(args))
-    else:
-        from offload.qtfs.unmount import umount
+        return
+    try:
+        sys.exit(_mount(args) if args.command == "mount" else _umount(args))
+    except OffloadError as exc:
+        print(f"qtfs {args.command}: {exc}", file=sys.stderr)
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)
 
-        try:
-            umount(os.path.abspath(args.mountpoint))
-        except OffloadError as exc:
-            print(f"qtfs umount: {exc}", file=sys.stderr)
-            sys.exit(1)
+
+def _umount(args: argparse.Namespace) -> int:
+    from offload.qtfs.unmount import umount
+
+    umount(os.path.abspath(args.mountpoint))
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -166,38 +170,29 @@ def _mount(args: argparse.Namespace) -> int:
 
     from offload.qtfs.mount import MountOptions, background, run_mount
 
-    try:
-        address, remote = split_source(args.source)
-        options = MountOptions(
-            address,
-            remote,
-            os.path.abspath(args.mountpoint),
-            "proc" if args.proc else "sys" if args.sys else "cgroup" if args.cgroup else "",
-            args.keepalive,
-            args.reconnect_timeout,
-            args.cache_timeout,
-            args.node,
-            args.dir_attr_timeout,
-            0.0 if args.no_cache else args.coherent_cache,
-            pidmap=os.path.abspath(args.cgroup) if args.cgroup else "",
-        )
-        transport = Transport.from_arguments(args)
-    except ConfigError as exc:
-        print(f"qtfs mount: {exc}", file=sys.stderr)
-        return 2
+    address, remote = split_source(args.source)
+    options = MountOptions(
+        address,
+        remote,
+        os.path.abspath(args.mountpoint),
+        "proc" if args.proc else "sys" if args.sys else "cgroup" if args.cgroup else "",
+        args.keepalive,
+        args.reconnect_timeout,
+        args.cache_timeout,
+        args.node,
+        args.dir_attr_timeout,
+        0.0 if args.no_cache else args.coherent_cache,
+        pidmap=os.path.abspath(args.cgroup) if args.cgroup else "",
+    )
+    transport = Transport.from_arguments(args)
 
     def run(ready) -> None:
         trio.run(run_mount, options, transport, ready)
 
     if not args.foreground:
         return background(run, args.log_file)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         run(lambda: None)
-    except OffloadError as exc:
-        print(f"qtfs mount: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        pass
     return 0
 
 
