@@ -29,7 +29,7 @@ import sys
 from offload import log as log_module
 from offload.qtfs import fusectl
 from offload.qtfs.resolve import libc, libc_error
-from offload.qtfs.unmount import detach_if_ours
+from offload.qtfs.unmount import detach_if_ours, state
 
 log = logging.getLogger("qtfs")
 
@@ -68,13 +68,7 @@ def _watch_parent(parent: int) -> None:
 
 
 def _main_thread_gone(parent: int) -> bool:
-    if os.getppid() != parent:
-        return True
-    try:
-        with open(f"/proc/{parent}/stat") as file:
-            return file.read().rpartition(")")[2].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return True
+    return os.getppid() != parent or state(parent) in ("", "Z", "X")
 
 
 def main(argv: list[str] | None = None) -> None:

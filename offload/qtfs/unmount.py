@@ -48,16 +48,23 @@ def write_pidfile(device: int) -> Path | None:
         return None
 
 
+def state(pid: int) -> str:
+    """The state letter in /proc/PID/stat ("Z": a zombie, "X": dead); "" once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 def alive(pid: int) -> bool:
     """``pid`` is still a running qtfs process (a stale pid file may name a reused pid)."""
     try:
-        with open(f"/proc/{pid}/stat") as file:
-            state = file.read().rpartition(")")[2].split()[0]
         with open(f"/proc/{pid}/cmdline", "rb") as file:
             ours = b"qtfs" in file.read()
-    except (OSError, IndexError):
+    except OSError:
         return False
-    return ours and state != "Z"
+    return ours and state(pid) not in ("", "Z")
 
 
 def device_on_top(path: str) -> tuple[int, str] | None:
