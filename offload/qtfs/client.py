@@ -1,18 +1,12 @@
 """The DPU side's link to a qtfs server: one authenticated connection, requests multiplexed by id.
 
-One reader task hands every reply to its caller, so a slow read never
-holds up a stat.  The connection says when a ping is due and when silence
-means the link is lost (a pulled cable is noticed in bounded time, never a
-hang); a lost link is re-established in the background
-(backoff up to one second), and calls made meanwhile wait for it up to
-``reconnect_timeout``, then fail with EIO.  A request in flight when the
-link went down is sent again only if its op is idempotent
-(`offload.protocol.qtfs.IDEMPOTENT`) and path-based; otherwise its outcome
-is unknown.  Open file handles belong to one connection (`generation`).
-
-``on_invalidate`` gets the server's Invalidates in wire order among the
-replies; ``on_reset`` is called when the link is lost and when it is back,
-since what the host changed meanwhile was never announced.
+README.md ("qtfs", Reliability) says what a lost link costs a caller.  A
+request in flight when the link went down is sent again only if its op is
+idempotent (`offload.protocol.qtfs.IDEMPOTENT`) and path-based; open file
+handles belong to one connection (`generation`).  ``on_invalidate`` gets the
+server's Invalidates in wire order among the replies; ``on_reset`` is called
+when the link is lost and when it is back: what the host changed meanwhile
+was never announced.
 """
 
 from __future__ import annotations

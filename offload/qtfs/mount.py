@@ -1,18 +1,12 @@
 """Mounting and unmounting: the FUSE session's life, in the foreground or in the background.
 
-`qtfs mount` connects and mounts on the server first (so an unreachable
-host, a refused path or bad credentials fail the command with the reason),
-mounts FUSE, checks that the mount answers, and only then reports success.
+README.md ("qtfs") says what `qtfs mount` checks before it reports success.
 In the background (the default, like sshfs) the command forks first and the
-parent waits for the child's one-line report on a pipe.
-
-SIGTERM, SIGINT and SIGHUP unmount and end the process; an end for any
-other reason leaves the mount in place, dead, so that the DPU's own
-directory below it never shows.  However the process ends, it aborts its
-FUSE connection on the way out (offload.qtfs.fusectl says why), and a
-guard process (offload.qtfs.guard) does it when the process is killed.
-A mount left dead some other way is detached by the next mount on the
-same directory.
+parent waits for the child's one-line report on a pipe.  However the process
+ends, it aborts its FUSE connection on the way out (offload.qtfs.fusectl
+says why), and a guard process (offload.qtfs.guard) does it when the process
+is killed.  A mount left dead is detached by the next mount on the same
+directory.
 """
 
 from __future__ import annotations
