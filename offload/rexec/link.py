@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 #: Bridged connections one session may have open at once.
 MAX_OPEN_CHANNELS = 1024
+#: What a local end raises once its other side is gone.
+_GONE = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 @dataclass(frozen=True)
@@ -364,14 +366,14 @@ class SessionLink:
                     data = state.chunks.popleft()
                     try:
                         await sink.write(data)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    except _GONE:
                         state.kill()
                         state.chunks.clear()
                         await self.send(Reset(channel, "reader closed"))
                         return
                     await self._give_back(channel, len(data), generation)
                 elif state.eof:
-                    with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    with contextlib.suppress(*_GONE):
                         await sink.shutdown_write()
                     return
                 elif state.reset:
@@ -410,17 +412,14 @@ class SessionLink:
                 if inbound:
                     nursery.start_soon(self.pump_in, channel, end)
         finally:
-            with (
-                trio.CancelScope(shield=True),
-                contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError),
-            ):
+            with trio.CancelScope(shield=True), contextlib.suppress(*_GONE):
                 await end.aclose()
             if generation == self.generation:
                 self.drop_channel(channel)
 
     async def aclose(self) -> None:
         self.closed = True
-        with contextlib.suppress(TransportError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        with contextlib.suppress(TransportError, *_GONE):
             await trio.aclose_forcefully(self.stream)
 
 
