@@ -51,7 +51,7 @@ class SessionConsoles:
         self.nursery = nursery
         self.relay = relay
         self.local: dict[int, int] = {}  # host pty number -> ours
-        # A dup of each master, held for the session: our number must not
+        # Each master, held for the session (its relays get copies): our number must not
         # name another session's pty while libvirt may still open it, even
         # after its relay ended (the host refused it); and a relay that lost its link is
         # given another end of the same pty.
@@ -68,30 +68,23 @@ class SessionConsoles:
             return None
         try:
             master, index = ptys.allocate_in_root(self.stand_in)
+            try:
+                end = ptys.PtyEnd(os.dup(master), console=True)
+            except BaseException:
+                os.close(master)
+                raise
         except OSError as exc:
             log.error("stand-in %d: no pty for host pty %d: %s", self.stand_in, host_index, exc)
-            return None
-        try:
-            held = os.dup(master)
-        except OSError as exc:
-            os.close(master)
-            log.error("stand-in %d: no pty for host pty %d: %s", self.stand_in, host_index, exc)
-            return None
-        try:
-            end = ptys.PtyEnd(master, console=True)  # owns master from here, on failure too
-        except OSError as exc:
-            os.close(held)
-            log.error("stand-in %d: cannot watch pty %d: %s", self.stand_in, index, exc)
             return None
         try:
             self.nursery.start_soon(self.relay, host_index, end)
         except BaseException:
             end.close()
-            os.close(held)
+            os.close(master)
             raise
-        self._held[host_index] = held
+        self._held[host_index] = master
         if self.keep is not None:
-            self.keep.keep(f"p{host_index}", held)
+            self.keep.keep(f"p{host_index}", master)
         self.local[host_index] = index
         log.info("stand-in %d: host pty %d is /dev/pts/%d here", self.stand_in, host_index, index)
         return index
