@@ -123,10 +123,10 @@ class PeerPool:
         while idle:
             link = idle.popleft()
             if link.ready_for_session():
-                self._refill(address)
-                return link
+                break
             await link.aclose()
-        link = await self._connect(address)
+        else:
+            link = await self._connect(address)
         self._refill(address)
         return link
 
@@ -216,14 +216,9 @@ class AgentSession:
     # -- talking to the stand-in -------------------------------------------------
 
     async def tell(self, type: int, document: dict, fds: Sequence[int] = ()) -> None:
-        data = local.encode(type, document)
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
         with contextlib.suppress(OSError):
-            if fds:
-                await self.sock.sendmsg(
-                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
-                )
-            else:
-                await self.sock.send(data)
+            await self.sock.sendmsg([local.encode(type, document)], rights)
 
     async def refuse(self, code: int, message: str) -> None:
         log.info("stand-in refused: %s", message)
@@ -266,7 +261,7 @@ class AgentSession:
             if type != local.L_REQUEST:
                 raise RefusedError(f"expected a request, got message {type:#x}", exit_code=EXIT_FAILURE)
             request = self._request(document, caller)
-            with self.pidmaps.claim(caller.pid), self._holding(caller.uid, "session"):
+            with self.pidmaps.claim(caller.pid), self._holding(caller.uid):
                 await self._run_remote(caller, request)
         except RefusedError as exc:
             await self.refuse(exc.exit_code, str(exc))
@@ -320,7 +315,7 @@ class AgentSession:
         """Run an adopted session: resume it on a new link, then as any other."""
         assert self.caller is not None
         try:
-            with self.pidmaps.claim(self.caller.pid), self._holding(self.caller.uid, "session"):
+            with self.pidmaps.claim(self.caller.pid), self._holding(self.caller.uid):
                 await self._follow(self.caller, None)
         except RefusedError as exc:
             await self.refuse(exc.exit_code, str(exc))
@@ -394,13 +389,13 @@ class AgentSession:
         return peer
 
     @contextlib.contextmanager
-    def _holding(self, uid: int, what: str) -> Iterator[None]:
-        """One of ``uid``'s connections to peers for the block; RefusedError past max_user_links."""
+    def _holding(self, uid: int) -> Iterator[None]:
+        """One of ``uid``'s connections to peers for the session; RefusedError past max_user_links."""
         with self.pool.held(uid) as held:
             if not held:
                 limit = self.config.max_user_links
                 raise RefusedError(
-                    f"uid {uid} holds {limit} connections to peers already; no {what}", exit_code=EXIT_FAILURE
+                    f"uid {uid} holds {limit} connections to peers already; no session", exit_code=EXIT_FAILURE
                 )
             yield
 
