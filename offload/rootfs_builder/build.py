@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +20,9 @@ from offload.errors import OffloadError, RootfsError
 from offload.mounts import ops, syscalls
 from offload.mounts.mountinfo import is_mount_point
 from offload.rootfs_builder import install, manifest, modes
-from offload.rootfs_builder.layout import MANIFEST, Layout
+from offload.rootfs_builder.layout import MANIFEST, Layout, Say
 
 MODES = ("overlay", "copy", "debootstrap", "image")
-Say = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -35,7 +33,7 @@ class Request:
     source: str = "/"  # overlay's lower layer, copy's source
     image: str = ""
     partition: int | None = None
-    suite: str = "bookworm"
+    suite: str = modes.DEBIAN_SUITE
     mirror: str = modes.DEBIAN_MIRROR
     state_dir: str | None = None
     apt: bool = True

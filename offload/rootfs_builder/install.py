@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from offload import proc
 from offload.errors import ConfigError, RootfsError
 from offload.prefix import is_under
 from offload.rootfs_builder import chroot
-from offload.rootfs_builder.layout import machine_arch
+from offload.rootfs_builder.layout import Say, machine_arch
 from offload.rootfs_builder.manifest import Entry, file_state, sha256
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # offload/
@@ -51,8 +50,6 @@ STAND_IN_MODULES = (
 )
 LIBVIRT_PACKAGES = ("libvirt-daemon-system", "libvirt-clients")
 LIBVIRT_FILES = ("usr/sbin/libvirtd", "usr/bin/virsh")
-
-Say = Callable[[str], None]
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+#: How the builder reports its progress, a line at a time.
+Say = Callable[[str], None]
 
 #: Inside the rootfs.
 MANIFEST = "etc/offload/rootfs-manifest.json"

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -23,12 +23,12 @@ from offload.mounts.mountinfo import MountEntry
 from offload.prefix import is_under
 from offload.rootfs_builder import partitions
 from offload.rootfs_builder.copy import PSEUDO, Copier
-from offload.rootfs_builder.layout import EXCLUDED, Layout
+from offload.rootfs_builder.layout import EXCLUDED, Layout, Say
 
 if TYPE_CHECKING:
     from subprocess import Popen
 
-Say = Callable[[str], None]
+DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 
 
@@ -156,7 +156,7 @@ def copy_root(source: Path, dest: Path, layout: Layout, say: Say, *, hardlinks: 
 # -- debootstrap ------------------------------------------------------------------
 
 
-def debootstrap(dest: Path, say: Say, *, suite: str = "bookworm", mirror: str = DEBIAN_MIRROR) -> None:
+def debootstrap(dest: Path, say: Say, *, suite: str = DEBIAN_SUITE, mirror: str = DEBIAN_MIRROR) -> None:
     """A clean Debian minbase; libvirt and python3 are installed afterwards (install.ensure_packages)."""
     argv = ["debootstrap", "--variant=minbase", suite, str(dest), mirror]
     say(f"running {proc.describe(argv)} (about 30 s)")
