@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from offload.rootfs_builder.build import MODES
+from offload.rootfs_builder.modes import DEBIAN_MIRROR, DEBIAN_SUITE
 
 
 def _say(line: str) -> None:
@@ -83,8 +84,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--source", default="/", metavar="DIR", help="the root to copy (copy) or to lay below (overlay); default /"
     )
     build.add_argument("--state-dir", metavar="DIR", help="overlay layers here (default: beside TARGET)")
-    build.add_argument("--suite", default="bookworm", help="Debian suite for debootstrap (default bookworm)")
-    build.add_argument("--mirror", default="http://deb.debian.org/debian", help="Debian mirror for debootstrap")
+    build.add_argument("--suite", default=DEBIAN_SUITE, help="Debian suite for debootstrap (default %(default)s)")
+    build.add_argument("--mirror", default=DEBIAN_MIRROR, help="Debian mirror for debootstrap")
     build.add_argument("--no-apt", action="store_true", help="do not install missing packages (libvirt, python3)")
     build.add_argument(
         "--no-hardlinks", action="store_true", help="copy mode: copy /usr and /lib* instead of hard-linking them"
