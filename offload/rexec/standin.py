@@ -240,16 +240,13 @@ class StandIn:
         while True:
             try:
                 frame = self.decoder.next_frame()
-            except Exception as exc:
-                fail(f"bad message from the local rexec_server: {exc}")
-            if frame is NEED_DATA:
-                return
-            if frame is CLOSED:
-                fail("the local rexec_server closed the connection")
-            assert isinstance(frame, Frame)
-            try:
+                if frame is NEED_DATA:
+                    return
+                if frame is CLOSED:
+                    fail("the local rexec_server closed the connection")
+                assert isinstance(frame, Frame)
                 document = local.decode(frame.payload)
-            except ValueError as exc:
+            except Exception as exc:
                 fail(f"bad message from the local rexec_server: {exc}")
             self.handle(frame.type, document)
 
