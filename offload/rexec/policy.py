@@ -110,6 +110,14 @@ def filter_environment(env: dict[str, str], extra: tuple[str, ...]) -> dict[str,
     return allowed
 
 
+#: What a passed fd of each type is to the program: a channel of its own (the channel is fd + 1).
+_CHANNEL_KINDS = {
+    fdinfo.PIPE_READ: FdKind.PIPE_IN,
+    fdinfo.PIPE_WRITE: FdKind.PIPE_OUT,
+    fdinfo.UNIX_STREAM: FdKind.SOCKET,
+}
+
+
 @dataclass(frozen=True)
 class FdPlan:
     """The agent's decision for the stand-in's fds."""
@@ -139,12 +147,8 @@ def plan_fds(descriptions: list[dict], shared: tuple[str, ...], leave_behind: tu
                 continue
         elif passed and kind in (fdinfo.FILE, fdinfo.STREAM):
             spec = FdSpec(fd, FdKind.PIPE_IN if fd == 0 else FdKind.PIPE_OUT, channel=fd + 1)
-        elif passed and kind == fdinfo.PIPE_READ:
-            spec = FdSpec(fd, FdKind.PIPE_IN, channel=fd + 1)
-        elif passed and kind == fdinfo.PIPE_WRITE:
-            spec = FdSpec(fd, FdKind.PIPE_OUT, channel=fd + 1)
-        elif passed and kind == fdinfo.UNIX_STREAM:
-            spec = FdSpec(fd, FdKind.SOCKET, channel=fd + 1)
+        elif passed and kind in _CHANNEL_KINDS:
+            spec = FdSpec(fd, _CHANNEL_KINDS[kind], channel=fd + 1)
         elif passed and kind == fdinfo.UNIX_LISTENER:
             spec = FdSpec(fd, FdKind.LISTENER)
         else:
