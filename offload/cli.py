@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from pathlib import Path
 
 from offload import log as log_module
 from offload.errors import ConfigError, OffloadError
-
-log = logging.getLogger("offload")
 
 
 def _pki_init(args: argparse.Namespace) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_module
-import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -28,8 +27,6 @@ from offload.mounts import mountinfo, ops, paths, records, syscalls
 from offload.mounts.mountinfo import MountEntry
 from offload.mounts.plan import PUBLISHED_FILES, Plan
 from offload.prefix import is_under
-
-log = logging.getLogger(__name__)
 
 Report = Callable[[str], None]
 
