@@ -1,10 +1,6 @@
-"""The agent: the local side of every session, serving stand-ins on a UNIX socket.
+"""The agent: the local side of every session, serving stand-ins on a UNIX socket (ARCHITECTURE.md).
 
-A stand-in connects, sends its request with its fds, and from then on only
-waits.  The agent takes a warm authenticated link to the target from its
-pool, asks the peer to start the program, writes the pidmap file, relays
-the fds, forwards signals, and finally tells the stand-in how the program
-ended.  The caller's identity is SO_PEERCRED, never what the stand-in says.
+The caller's identity is SO_PEERCRED, never what the stand-in says.
 """
 
 from __future__ import annotations
@@ -699,12 +695,7 @@ class AgentSession:
                         self.keep.drop(f"b{target_fd}x{conn}")
 
     async def _relay_pty(self, host_index: int, end: ptys.PtyEnd) -> None:
-        """Carry our pty standing for the program's pty ``host_index`` to it, for the session.
-
-        The host answers with a ticket, and the pty goes on a connection of
-        its own, relayed by a thread (`offload.rexec.attached`); a lost link
-        is replaced by the session's next.
-        """
+        """Carry our pty standing for the program's pty ``host_index`` to it, on each link that carries the session."""
         name = f"pty {host_index} of remote pid {self.remote_pid}"
         with self.pool.held(self.uid) as held:
             if not held:

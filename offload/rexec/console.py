@@ -1,18 +1,11 @@
 """The DPU's side of a remote program's ptys: one local pty per host pty, relayed on the session.
 
-libvirt learns a pty chardev's path from qemu's monitor and opens it itself
-(``virsh console``).  On the DPU that path must name a pty of the DPU: the
-agent rewrites the monitor's replies (`offload.protocol.ptypaths`), and for
-each host pty it sees it allocates a pty in the stand-in's devpts instance
-(libvirt's) and asks the host, with `OpenPty`, for the other end of the
-host pty, which the host opens only if the session's program holds its
-master; the two are relayed by a thread on each side, over a connection of
-their own (`offload.rexec.attached`).  The mapping lives as long as the
-session, so libvirt finds the same path after a restart of its own (it
-keeps the path in its status XML).
-
-A pty nobody has opened behaves as qemu's own does: what the guest prints
-is dropped, not queued (`offload.ptys.PtyEnd`).
+libvirt opens the pty path of a chardev that qemu's monitor names (``virsh console``), so the agent
+rewrites the monitor's replies (`offload.protocol.ptypaths`) to name ptys it allocates in the
+stand-in's devpts instance (libvirt's), each relayed to its host pty (`offload.rexec.attached`).  The
+mapping lives as long as the session: libvirt keeps the path in its status XML and finds it again after
+a restart of its own.  A pty nobody has opened behaves as qemu's own does: what the guest prints is
+dropped, not queued (`offload.ptys.PtyEnd`).
 """
 
 from __future__ import annotations

@@ -1,18 +1,12 @@
 """The server side of a session: run the program and be its caller's hands here.
 
-The program gets, at the caller's fd numbers: pipes and socketpairs whose
-other ends we relay, /dev/null, shared regular files re-opened as the
-program's user, and for every listening socket of the caller a private
-listener of ours to which each bridged connection is delivered.  The
-program runs as the caller's user (mapped), in its own process group, with
-an allowlisted environment and the caller's resource limits (set as that
-user, so never above what the user may have here).
-
-A session outlives its link (`Execution`): a lost link, or a restart of
-this server, leaves the program running for the peer to resume.  If the
-caller goes away (its stand-in ended: `Hangup`), or nobody resumes the
-session in time, the program gets SIGTERM and, after a grace period,
-SIGKILL: no orphans on this machine.
+The program gets, at the caller's fd numbers: pipes and socketpairs whose other ends we relay,
+/dev/null, shared regular files re-opened as the program's user, and for every listening socket of the
+caller a private listener of ours to which each bridged connection is delivered.  It runs as the
+caller's user (mapped), in its own process group, with an allowlisted environment and the caller's
+resource limits (set as that user, so never above what the user may have here).  If the caller goes
+away (its stand-in ended: `Hangup`), or nobody resumes its session in time (`Execution`), the program
+gets SIGTERM and, after a grace period, SIGKILL: no orphans on this machine.
 """
 
 from __future__ import annotations
@@ -150,12 +144,9 @@ class AdoptedProgram:
 class Execution:
     """One session: its program, and its share of whichever link carries it.
 
-    A session that may be resumed (all but daemon mode's) outlives its
-    link: when the link is lost, the program runs on and the session waits
-    `resume_window` for its peer to carry it on over another
-    (`Resume`), with a fresh share of each channel; its fds are held here
-    (relays get copies) and kept in the fd store (`offload.rexec.keep`),
-    so that a restart of this server does not end it either.
+    A session that may be resumed (all but daemon mode's) outlives its link and this server
+    (ARCHITECTURE.md): the program runs on while the session waits `resume_window` for its peer's
+    `Resume` on another link, which gets a fresh share of each channel.
     """
 
     def __init__(self, state: ServerState, request: ExecRequest | None) -> None:
@@ -591,12 +582,8 @@ class Execution:
                 self.process.send_signal(signum)
 
     async def _bridge(self, link: SessionLink, event: Open) -> None:
-        """Answer with a ticket for a connection to the program's bridged listener ``event.fd``.
-
-        The connection goes on a connection of its own (`offload.rexec.attached`),
-        carrying the fds its programs pass: files re-opened as the program's user.
-        ``event.conn`` names one whose link was lost, attached again.
-        """
+        """Answer with a ticket for a connection to the program's bridged listener ``event.fd``, carrying the
+        fds its programs pass as the program's user; ``event.conn`` names one whose link was lost, attached again."""
         assert self.user is not None and self.process is not None
         path = self.bridges.get(event.fd)
         if path is None:
@@ -622,8 +609,7 @@ class Execution:
 
         Only the program's own ptys: the peer names a number, and the end
         is opened from the master the program holds (`offload.ptys`), never
-        by path; any other number is refused with a log line.  The pty is
-        relayed on a connection of its own (`offload.rexec.attached`).
+        by path; any other number is refused with a log line.
         """
         try:
             if self.process is None or self.process.returncode is not None:

@@ -1,13 +1,8 @@
-"""One rexec connection at run time: keepalives, control events and channels.
+"""One rexec connection at run time: `SessionLink` drives a `RexecConnection` over an authenticated stream.
 
-`SessionLink` drives a `RexecConnection` over an authenticated stream.  One
-task receives and never blocks on a local consumer: channel data goes into
-per-channel buffers bounded by the flow-control window, so a stalled reader
-of one channel (a slow virtlogd, a QMP client that stopped reading) never
-stalls another channel or the keepalives.  Control events are queued for the
-session logic.  A keepalive task sends the pings the connection asks for (a
-quarter of the timeout apart) and ends the link when the connection says it
-is lost (nothing at all arrived for the timeout).
+Its receiving task never blocks on a local consumer (ARCHITECTURE.md): a stalled reader of one channel (a
+slow virtlogd, a QMP client that stopped reading) stalls neither another channel nor the keepalives, which
+go a quarter of the timeout apart.  Control events are queued for the session logic.
 """
 
 from __future__ import annotations
