@@ -30,7 +30,7 @@ those the manager itself inherited): the lab's restart used to start the
 daemon from its caller, and a test starts it as a shell's background job
 would.
 
-Only the standard library: it runs for every lab daemon.
+No trio and no psutil, only light modules: it runs for every lab daemon.
 """
 
 from __future__ import annotations

@@ -167,21 +167,17 @@ def start_holder(
     with open(log_path, "ab") as log_file:
         holder = proc.spawn(argv, stdin=proc.DEVNULL, stdout=proc.PIPE, stderr=log_file, start_new_session=True)
     assert holder.stdout is not None
-    deadline = time.monotonic() + READY_TIMEOUT
-    line = b""
     try:
-        while not line.endswith(b"\n"):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([holder.stdout], [], [], remaining)[0]:
-                raise LabError(f"mount namespace for {netns} not ready after {READY_TIMEOUT:.0f} s (see {log_path})")
-            chunk = os.read(holder.stdout.fileno(), 64)
-            if not chunk:
-                holder.wait(5)
-                raise LabError(
-                    f"mount namespace set-up for {netns} failed with status {holder.returncode}: "
-                    f"{log_path.read_text(errors='replace').strip()[-600:]}"
-                )
-            line += chunk
+        if not select.select([holder.stdout], [], [], READY_TIMEOUT)[0]:
+            raise LabError(f"mount namespace for {netns} not ready after {READY_TIMEOUT:.0f} s (see {log_path})")
+        # One printf, shorter than PIPE_BUF, writes the line: it arrives whole, or nothing does.
+        line = holder.stdout.readline()
+        if not line:
+            holder.wait(5)
+            raise LabError(
+                f"mount namespace set-up for {netns} failed with status {holder.returncode}: "
+                f"{log_path.read_text(errors='replace').strip()[-600:]}"
+            )
         if line != READY_LINE:
             raise LabError(f"mount namespace for {netns}: unexpected output {line!r}")
     except BaseException:
