@@ -39,10 +39,7 @@ class Manifest:
     version: int = VERSION
 
     def to_json(self) -> dict[str, Any]:
-        document = asdict(self)
-        document["files"] = [asdict(entry) for entry in self.files]
-        document["packages"] = list(self.packages)
-        return document
+        return asdict(self)
 
     @classmethod
     def from_json(cls, document: dict[str, Any], *, source: str = "manifest") -> Manifest:
