@@ -104,17 +104,17 @@ class OpenFile:
 @dataclasses.dataclass
 class OpenDir:
     path: bytes
-    entries: list[tuple[bytes, wire.Attr]]
+    entries: list[ListedEntry]
     handle: int
     eof: bool
     generation: int
     since: int  # `Filesystem.changes` before the listing was asked for
     server_count: int = 0  # entries the host has sent (before --proc/--sys filtering)
-    cached: list[CachedEntry] | None = None  # the coherent cache's listing (the host keeps nothing open)
+    coherent: bool = False  # ``entries`` is the coherent cache's listing (the host keeps nothing open)
 
 
-#: A directory entry as the coherent cache keeps it: name, path, host key, the kernel's entry.
-CachedEntry = tuple[bytes, bytes, tuple[int, int], pyfuse3.EntryAttributes]
+#: A directory entry as listed: name, path, host key, the kernel's entry (its inode set as it is listed).
+ListedEntry = tuple[bytes, bytes, tuple[int, int], pyfuse3.EntryAttributes]
 
 
 class Filesystem(pyfuse3.Operations):
@@ -138,7 +138,7 @@ class Filesystem(pyfuse3.Operations):
         timeout, dir_attr_timeout = options.cache_timeout, options.dir_attr_timeout
         if coherent:
             timeout = dir_attr_timeout = options.coherent_timeout
-        self.cache = CachePolicy[list[CachedEntry]](coherent, timeout, dir_attr_timeout, KERNEL_LISTINGS)
+        self.cache = CachePolicy[list[ListedEntry]](coherent, timeout, dir_attr_timeout, KERNEL_LISTINGS)
         #: Opens for reading need no round trip (the host's file is opened at
         #: the first read the page cache cannot answer), unless the host
         #: checks opens against a whitelist.
@@ -491,7 +491,7 @@ class Filesystem(pyfuse3.Operations):
             if cached is None:
                 cached = await self._whole_listing(path, since)
             fh = next(self._numbers)
-            self.dirs[fh] = OpenDir(path, [], 0, True, self.host.generation, since, cached=cached)
+            self.dirs[fh] = OpenDir(path, cached, 0, True, self.host.generation, since, coherent=True)
             if not KERNEL_LISTINGS:
                 return fh
             # The kernel keeps the listing in the directory's page cache.
@@ -518,15 +518,15 @@ class Filesystem(pyfuse3.Operations):
             self._add_page(listing, page)
         return listing
 
-    async def _whole_listing(self, path: bytes, since: int) -> list[CachedEntry]:
+    async def _whole_listing(self, path: bytes, since: int) -> list[ListedEntry]:
         """A directory's listing, kept unless the host changed something while it was read."""
         listing = await self._list(path, since)
-        cached = []
-        for name, attr in listing.entries:
-            entry = self._entry(0, attr, since)  # its inode is set as it is listed
-            cached.append((name, join(path, name), (attr.dev, attr.ino), entry))
-        self.cache.keep_listing(path, cached, since)
-        return cached
+        if self.cache.changed(since):
+            # Its entries were made as their pages came: after a change heard of since, none is cached.
+            for *_, entry in listing.entries:
+                entry.entry_timeout = entry.attr_timeout = 0.0
+        self.cache.keep_listing(path, listing.entries, since)
+        return listing.entries
 
     def _add_page(self, listing: OpenDir, reply: wire.DirReply) -> None:
         entries = wire.decode_entries(reply.entries)
@@ -535,9 +535,10 @@ class Filesystem(pyfuse3.Operations):
             raise OSError(errno.EIO, f"the host's listing of {listing.path!r} exceeds {MAX_LISTING} entries")
         listing.server_count += len(entries)
         listing.eof, listing.handle = bool(reply.eof), reply.handle
-        if self.mode:
-            entries = [(name, attr) for name, attr in entries if self._visible(listing.path, name)]
-        listing.entries += entries
+        for name, attr in entries:
+            if not self.mode or self._visible(listing.path, name):
+                entry = self._entry(0, attr, listing.since)
+                listing.entries.append((name, join(listing.path, name), (attr.dev, attr.ino), entry))
 
     @errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -545,34 +546,23 @@ class Filesystem(pyfuse3.Operations):
         if listing is None:
             raise OSError(errno.EBADF, "no such directory handle")
         log.debug("readdir %r from %d", listing.path, start_id)
-        if listing.cached is not None:
-            if start_id == 0 and self.cache.listing(listing.path) is not listing.cached:
+        if listing.coherent:
+            if start_id == 0 and self.cache.listing(listing.path) is not listing.entries:
                 # A new pass over a handle opened earlier (rewinddir) shows
                 # the directory as it is now, as POSIX asks.
                 fresh = self.cache.listing(listing.path)
                 if fresh is None:
                     fresh = await self._whole_listing(listing.path, self.cache.changes)
-                listing.cached = fresh
+                listing.entries = fresh
             if KERNEL_LISTINGS:
-                self.cache.kernel_filled(listing.path, listing.cached)
-            self._readdir_cached(listing.cached, start_id, token)
-            return
-        index = start_id
-        while True:
-            if index >= len(listing.entries):
-                if listing.eof:
-                    return
-                await self._more(listing)
-                continue
-            name, attr = listing.entries[index]
-            node = self.table.node_at(join(listing.path, name), (attr.dev, attr.ino))
-            if not pyfuse3.readdir_reply(token, name, self._entry(node.inode, attr, listing.since), index + 1):
-                self.table.drop_unused(node)
-                return
-            node.lookups += 1
-            index += 1
+                self.cache.kernel_filled(listing.path, listing.entries)
+        # Without the coherent cache the host's pages are asked for as the kernel takes the entries.
+        while self._reply_entries(listing.entries, start_id, token) and not listing.eof:
+            start_id = max(start_id, len(listing.entries))
+            await self._more(listing)
 
-    def _readdir_cached(self, entries: list[CachedEntry], start: int, token: pyfuse3.ReaddirToken) -> None:
+    def _reply_entries(self, entries: list[ListedEntry], start: int, token: pyfuse3.ReaddirToken) -> bool:
+        """Give the kernel ``entries`` from ``start`` on; False once its buffer is full."""
         node_at, reply = self.table.node_at, pyfuse3.readdir_reply
         for index in range(start, len(entries)):
             name, path, key, entry = entries[index]
@@ -580,8 +570,9 @@ class Filesystem(pyfuse3.Operations):
             entry.st_ino = node.inode  # the node may have been forgotten and made anew
             if not reply(token, name, entry, index + 1):
                 self.table.drop_unused(node)
-                return
+                return False
             node.lookups += 1
+        return True
 
     async def _more(self, listing: OpenDir) -> None:
         if listing.generation != self.host.generation:
