@@ -278,15 +278,11 @@ class Backend:
         with self._at(path) as (parent, name):
             return wire.AttrReply(wire.pack_stat(os.stat(name, dir_fd=parent, follow_symlinks=False)))
 
-    def _owner(self, uid: int, gid: int) -> tuple[int, int]:
-        """The host owner for a peer's uid and gid: root squashed to nobody/nogroup unless told otherwise."""
-        if self.root_squash:
-            return (SQUASHED if uid == 0 else uid), (SQUASHED if gid == 0 else gid)
-        return uid, gid
-
     def _give(self, parent: int, name: bytes, uid: int, gid: int) -> None:
-        """Hand a new entry to the calling user; a setgid parent's group wins."""
-        uid, gid = self._owner(uid, gid)
+        """Hand a new entry to the calling user (root squashed to nobody/nogroup unless told otherwise);
+        a setgid parent's group wins."""
+        if self.root_squash:
+            uid, gid = (SQUASHED if uid == 0 else uid), (SQUASHED if gid == 0 else gid)
         if os.stat(parent).st_mode & stat.S_ISGID:
             gid = -1
         if uid or gid:
@@ -656,7 +652,11 @@ def _facts_of(fd: int) -> tuple[bytes, ...] | None:
     served = FACT_FILESYSTEMS.get(fs_type(fd))
     if served is not None:
         return served if os.stat(fd).st_ino == FS_ROOT_INO else None
-    return facts.PROC_SERVED if _is_procfs(fd) else None
+    # A tree made to look like a procfs root has its "self": a symlink to the reader's pid.
+    with contextlib.suppress(OSError):
+        if os.readlink("self", dir_fd=fd).isdigit():
+            return facts.PROC_SERVED
+    return None
 
 
 def _peer_mode(mode: int, current: int) -> int:
@@ -674,12 +674,3 @@ def _drop_privileges(where: int | str, mode: int) -> None:
     setgid = stat.S_ISGID | stat.S_IXGRP
     if stat.S_ISREG(mode) and (mode & stat.S_ISUID or mode & setgid == setgid):
         os.chmod(where, stat.S_IMODE(mode) & ~PRIVILEGE_BITS)
-
-
-def _is_procfs(fd: int) -> bool:
-    # statvfs has no f_type; procfs is recognisable by its entry "self", a
-    # symlink to the reader's pid.
-    try:
-        return os.readlink("self", dir_fd=fd).isdigit()
-    except OSError:
-        return False
