@@ -36,7 +36,6 @@ class _OpenHow(ctypes.Structure):
 #: The C library, for the calls the os module lacks (failures set errno: see `libc_error`).
 libc = ctypes.CDLL(None, use_errno=True)
 _syscall = libc.syscall
-_fstatfs = libc.fstatfs
 _syscall.restype = ctypes.c_long
 _have_openat2: bool | None = None
 
@@ -120,7 +119,7 @@ def fs_type(fd: int) -> int:
     """fstatfs(2)'s f_type of the filesystem holding ``fd`` (os.statvfs has none)."""
     # struct statfs begins with f_type, a C long; 256 bytes hold the whole struct on every ABI.
     buffer = (ctypes.c_long * 32)()
-    if _fstatfs(fd, buffer) != 0:
+    if libc.fstatfs(fd, buffer) != 0:
         raise libc_error()
     return int(buffer[0]) & 0xFFFFFFFF
 

@@ -68,10 +68,6 @@ class ServerConfig:
             if not os.path.isdir(export.path):
                 raise ConfigError(f"export {os.fsdecode(export.path)} is not a directory")
 
-    @property
-    def node_name(self) -> str:
-        return self.node or os.uname().nodename
-
 
 class Session:
     """One client connection: its backend (mount root, handles) and its request loop."""
@@ -93,7 +89,9 @@ class Session:
     async def run(self) -> None:
         try:
             async with aio.open_nursery() as nursery:
-                await self.stream.send_all(self.conn.send(wire.Hello(self.config.node_name, epoch=self.epoch)))
+                await self.stream.send_all(
+                    self.conn.send(wire.Hello(self.config.node or os.uname().nodename, epoch=self.epoch))
+                )
                 while True:
                     with trio.fail_after(IDLE_TIMEOUT):
                         data = await self.stream.receive_some(RECEIVE_SIZE)

@@ -38,8 +38,6 @@ IN_IGNORED = 0x00008000
 IN_ONLYDIR = 0x01000000
 IN_DONT_FOLLOW = 0x02000000
 IN_ISDIR = 0x40000000
-IN_NONBLOCK = os.O_NONBLOCK
-IN_CLOEXEC = os.O_CLOEXEC
 
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (native: the kernel's struct inotify_event)
 _ENTRY_EVENTS = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO
@@ -91,7 +89,7 @@ class TreeWatch:
 
     def __init__(self, root: bytes) -> None:
         self.root = root
-        self.fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)  # IN_NONBLOCK, IN_CLOEXEC
         if self.fd < 0:
             raise libc_error("inotify_init1")
         self._paths: dict[int, bytes] = {}  # wd -> directory relative to root
