@@ -328,8 +328,8 @@ class Lab:
         path.write_text("".join(f"{p}\n" for p in dict.fromkeys([*DEFAULT_ALLOW, *allow])))
         os.chmod(path, 0o400)
 
-    def _start_daemons(self, name: str, what: str, port: int, argv: Callable[[LabSide], list[str]]) -> list[str]:
-        """Start one of the two lab daemons on both sides with what both share: node, addresses, credentials."""
+    def _start_daemons(self, name: str, what: str, port: int, extra: Callable[[LabSide], list[str]]) -> list[str]:
+        """Start a lab daemon on both sides: what both share (node, addresses, credentials), then ``extra``."""
         done = []
         for side in (self.host, self.dpu):
             common = [
@@ -337,7 +337,7 @@ class Lab:
                 *("--pki", str(self.dir / "pki" / side.role)),
                 *("--max-peer-connections", str(LAB_PEER_LIMIT)),
             ]
-            self.start_service(f"{side.role}-{name}", side, [*proc.program(what), *common, *argv(side)])
+            self.start_service(f"{side.role}-{name}", side, [*proc.program(what), *common, *extra(side)])
             done.append(f"{what} on {side.role} at {_address(side, port)}")
         return done
 
