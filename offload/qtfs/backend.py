@@ -266,12 +266,13 @@ class Backend:
             real = real_path(fd)
             self._allow(self._relative(real, real), (section,), real)
 
-    def _in_parent(self, path: bytes, sections: tuple[str, ...], action):
-        """``action(parent_fd, name)`` on the directory holding ``path`` (never the mount root itself)."""
+    @contextlib.contextmanager
+    def _in_parent(self, path: bytes, *sections: str) -> Iterator[tuple[int, bytes]]:
+        """`_at` for an entry in a directory: EBUSY for the mount root, which is never made, removed or renamed."""
         if not path:
             raise OSError(errno.EBUSY, "the mount root itself")
-        with self._at(path, *sections) as (parent, name):
-            return action(parent, name)
+        with self._at(path, *sections) as found:
+            yield found
 
     def _stat(self, path: bytes) -> wire.AttrReply:
         """The attributes of ``path`` itself (a symlink is not followed)."""
@@ -408,8 +409,7 @@ class Backend:
         flags = (request.flags & OPEN_FLAGS) | OPEN_ALWAYS
         sections = ("Create", "Write") if flags & os.O_ACCMODE != os.O_RDONLY else ("Create",)
         mode = stat.S_IMODE(request.mode) & ~PRIVILEGE_BITS
-
-        def create(parent: int, name: bytes) -> int:
+        with self._in_parent(request.path, *sections) as (parent, name):
             try:
                 fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, mode, dir_fd=parent)
             except FileExistsError:
@@ -419,12 +419,9 @@ class Backend:
                 fd = os.open(name, flags, dir_fd=parent)
                 with _closed_on_error(fd):
                     _drop_privileges(fd, os.fstat(fd).st_mode)
-                return fd
-            with _closed_on_error(fd):
-                self._give(parent, name, request.uid, request.gid)
-            return fd
-
-        fd = self._in_parent(request.path, sections, create)
+            else:
+                with _closed_on_error(fd):
+                    self._give(parent, name, request.uid, request.gid)
         with _closed_on_error(fd):
             attr = wire.pack_stat(os.fstat(fd))
         return wire.HandleReply(self.files.add(fd), attr)
@@ -476,12 +473,9 @@ class Backend:
     ) -> wire.AttrReply:
         """``make(parent, name)`` the new entry ``request.path`` and hand it to the calling user."""
         self._writable(request.path)
-
-        def make_and_give(parent: int, name: bytes) -> None:
+        with self._in_parent(request.path, section) as (parent, name):
             make(parent, name)
             self._give(parent, name, request.uid, request.gid)
-
-        self._in_parent(request.path, (section,), make_and_give)
         return self._stat(request.path)
 
     def mkdir(self, request: wire.Mkdir) -> wire.AttrReply:
@@ -504,44 +498,37 @@ class Backend:
 
     def link(self, request: wire.Link) -> wire.AttrReply:
         self._writable(request.path)
-
         # Both names are judged: a new name for a file the rules keep from the
         # peer would be a way around them.
-        def link_from(source_dir: int, source_name: bytes) -> None:
-            self._in_parent(
-                request.path,
-                ("Create",),
-                lambda parent, name: os.link(
-                    source_name, name, src_dir_fd=source_dir, dst_dir_fd=parent, follow_symlinks=False
-                ),
-            )
-
-        self._in_parent(request.source, ("Create",), link_from)
+        with (
+            self._in_parent(request.source, "Create") as (source_dir, source),
+            self._in_parent(request.path, "Create") as (parent, name),
+        ):
+            os.link(source, name, src_dir_fd=source_dir, dst_dir_fd=parent, follow_symlinks=False)
         return self._stat(request.path)
 
     def unlink(self, request: wire.Unlink) -> wire.Empty:
         self._writable(request.path)
-        self._in_parent(request.path, ("Unlink",), lambda parent, name: os.unlink(name, dir_fd=parent))
+        with self._in_parent(request.path, "Unlink") as (parent, name):
+            os.unlink(name, dir_fd=parent)
         return wire.Empty()
 
     def rmdir(self, request: wire.Rmdir) -> wire.Empty:
         self._writable(request.path)
-        self._in_parent(request.path, ("Rmdir",), lambda parent, name: os.rmdir(name, dir_fd=parent))
+        with self._in_parent(request.path, "Rmdir") as (parent, name):
+            os.rmdir(name, dir_fd=parent)
         return wire.Empty()
 
     def rename(self, request: wire.Rename) -> wire.Empty:
         self._writable(request.old)
-
-        def move_from(old_dir: int, old_name: bytes) -> None:
-            def move(parent: int, name: bytes) -> None:
-                if request.flags:
-                    renameat2(old_dir, old_name, parent, name, request.flags)
-                else:
-                    os.rename(old_name, name, src_dir_fd=old_dir, dst_dir_fd=parent)
-
-            self._in_parent(request.new, ("Rename",), move)
-
-        self._in_parent(request.old, ("Rename",), move_from)
+        with (
+            self._in_parent(request.old, "Rename") as (old_dir, old),
+            self._in_parent(request.new, "Rename") as (new_dir, new),
+        ):
+            if request.flags:
+                renameat2(old_dir, old, new_dir, new, request.flags)
+            else:
+                os.rename(old, new, src_dir_fd=old_dir, dst_dir_fd=new_dir)
         return wire.Empty()
 
     def opendir(self, request: wire.Opendir) -> wire.DirReply:
