@@ -278,7 +278,7 @@ class AgentSession:
         None (its fds closed, the session forgotten) if it cannot be carried on.
         """
         facts = kept.facts
-        keeping = keep.Keep("agent", kept.name, kept=kept.names())  # what the store holds, before fds are taken
+        keeping = kept.keeping()
         try:
             if "standin" not in kept.fds:
                 raise ValueError("no stand-in connection")

@@ -182,7 +182,7 @@ class Execution:
         Takes ``kept``'s fds; None (they are closed, the session forgotten) if it cannot be carried on.
         """
         facts = kept.facts
-        keeping = keep.Keep("rexec", kept.name, state.sessions_dir / kept.name, kept.names())
+        keeping = kept.keeping(state.sessions_dir / kept.name)
         execution = cls(state, None)
         try:
             execution.secret, execution.peer = str(facts["secret"]), str(facts["peer"])

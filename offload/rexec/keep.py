@@ -147,9 +147,9 @@ class Kept:
     facts: dict[str, Any]
     fds: dict[str, int] = field(default_factory=dict)
 
-    def names(self) -> list[str]:
-        """What the store holds of the session (`Keep`'s ``kept``)."""
-        return ["state", *self.fds]
+    def keeping(self, marker: Path | None = None) -> Keep:
+        """The session's `Keep` from here on, holding what the store holds of it: made before any fd is taken."""
+        return Keep(self.role, self.name, marker, ["state", *self.fds])
 
     def take(self, prefix: str) -> dict[str, int]:
         """The fds whose names start with ``prefix``, by the rest of the name; they are the caller's now."""
