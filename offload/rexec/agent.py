@@ -344,7 +344,6 @@ class AgentSession:
         if len(passed) != len(self.fds):
             raise RefusedError(f"the stand-in announced {len(passed)} fds but passed {len(self.fds)}")
         plan = policy.plan_fds(descriptions, self.config.shared_path, self.config.leave_behind)
-        # Pair each passed fd number with the fd we received for it.
         received = dict(zip(passed, self.fds, strict=True))
         self._relayed = {number: (spec, received[number]) for number, spec in plan.relayed.items()}
         for number in passed:
@@ -635,19 +634,15 @@ class AgentSession:
             listener.socket.close()
 
     async def _bridge_one(self, target_fd: int, caller: Caller, stream: trio.SocketStream) -> None:
-        """One connection to the caller's listener (libvirt's monitor), on a connection of its own.
-
-        Files passed back by the remote program are re-opened as the
-        caller; paths of files the program here passes are named as it
-        sees them (libvirtd runs chrooted).  A monitor's replies name the
-        program's ptys: libvirt opens them, so they must be ours.
-        """
+        """One connection to the caller's listener (libvirt's monitor), on a connection of its own."""
         await self._bridge(target_fd, caller, socket.socket(fileno=stream.socket.detach()), 0)
 
     async def _bridge(self, target_fd: int, caller: Caller, sock: socket.socket, conn: int) -> None:
         """Relay ``sock`` (owned) to the program's listener as the host's connection ``conn`` (once it has a
         number: one the server before a restart relayed has it already), attached again each time a lost link
-        is replaced."""
+        is replaced.  Files passed back by the remote program are re-opened as the caller; paths of files the
+        program here passes are named as it sees them (libvirtd runs chrooted).  A monitor's replies name the
+        program's ptys: libvirt opens them, so they must be ours."""
         name = f"bridged fd {target_fd} of remote pid {self.remote_pid}"
         rewrite = None
         if target_fd in self.monitors and self.consoles is not None:

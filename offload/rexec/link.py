@@ -248,12 +248,10 @@ class SessionLink:
 
     async def _dispatch(self, event: Event) -> None:
         match event:
-            case Hello():
-                pass  # recorded by the connection; the handshake waits for it
+            case Hello() | Pong():
+                pass  # a Hello is recorded by the connection, and the handshake waits for it
             case Ping(token):
                 await self.send(Pong(token))
-            case Pong():
-                pass
             case Data(channel, data):
                 # Data may arrive before our relay for the channel starts.
                 state = self._channels.setdefault(channel, ChannelState())
