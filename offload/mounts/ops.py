@@ -3,7 +3,7 @@
 Every step works on a machine path already resolved inside the target
 (offload/mounts/paths.py), and opens it again when it runs, beneath the
 target without following any symlink, to mount onto that fd
-(`Context.attach`): what was planned is where the mount lands, or the step
+(`Direct.attach`): what was planned is where the mount lands, or the step
 fails.  `check` compares it with mountinfo and the filesystem, changing
 nothing; `execute` does what is not done yet and registers the undo of
 exactly that; `describe()` is the shell equivalent (``--dry-run``).
@@ -23,7 +23,6 @@ import shlex
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from offload import proc
 from offload.errors import MountConflict, MountError, OffloadError
@@ -57,39 +56,28 @@ def is_userspace_qtfs(entry: MountEntry) -> bool:
     return entry.fstype.startswith("fuse") and is_qtfs(entry) and entry.root == "/"
 
 
-class Context(Protocol):
-    #: The target every step's path lies below.
-    target: str
-
-    def entries(self) -> tuple[MountEntry, ...]: ...
-
-    def attach(self, mount_fd: int, target_fd: int, path: str) -> None:
-        """Attach the detached mount ``mount_fd`` onto ``target_fd``, record its id, register its undo."""
-
-    def record(self, entry: MountEntry) -> None:
-        """Record a mount a program made (teardown finds it by its id)."""
-
-    def on_undo(self, what: str, undo: Callable[[], object]) -> None: ...
-
-    def run(self, argv: list[str]) -> tuple[int, str]: ...
-
-
 class Direct:
-    """The `Context` of steps run on their own (the rootfs builder's): paths below /, nothing recorded or undone."""
+    """What steps run in: on their own (the rootfs builder's), paths below /, nothing recorded or undone.
 
+    A prepare run (`orchestrator._Run`) is the other: it records every
+    mount by its id and registers the undo of each change.
+    """
+
+    #: The target every step's path lies below.
     target = "/"
 
     def entries(self) -> tuple[MountEntry, ...]:
         return mountinfo.read()
 
     def attach(self, mount_fd: int, target_fd: int, path: str) -> None:
+        """Attach the detached mount ``mount_fd`` onto ``target_fd`` (a prepare run records it and its undo)."""
         syscalls.attach(mount_fd, target_fd, path)
 
     def record(self, entry: MountEntry) -> None:
-        pass
+        """Record a mount a program made (teardown finds it by its id)."""
 
     def on_undo(self, what: str, undo: Callable[[], object]) -> None:
-        pass
+        """Register the undo of a change just made."""
 
     def run(self, argv: list[str]) -> tuple[int, str]:
         try:
@@ -140,7 +128,7 @@ class Step:
     def check(self, entries: tuple[MountEntry, ...]) -> Outcome:
         raise NotImplementedError
 
-    def execute(self, ctx: Context) -> Outcome:
+    def execute(self, ctx: Direct) -> Outcome:
         raise NotImplementedError
 
 
@@ -166,7 +154,7 @@ class _MountStep(Step):
         problem = self.mismatch(stack[self.layer], entries)
         return Outcome(WRONG, problem) if problem else Outcome(MOUNTED)
 
-    def _already(self, ctx: Context) -> bool:
+    def _already(self, ctx: Direct) -> bool:
         """True when the mount is in place; raise when something else is."""
         found = self.check(ctx.entries())
         if found.state == WRONG:
@@ -216,7 +204,7 @@ class MountOp(_MountStep):
             return f"{entry.fstype} with {','.join(entry.filesystem_data)} is mounted there, expected {','.join(self.identity)}"
         return None
 
-    def execute(self, ctx: Context) -> Outcome:
+    def execute(self, ctx: Direct) -> Outcome:
         if self._already(ctx):
             return Outcome(ALREADY)
         flags, data, late_ro = self._split()
@@ -315,7 +303,7 @@ class BindOp(_MountStep):
         os.makedirs(self.source, mode=0o755, exist_ok=True)
         return os.open(self.source, os.O_PATH | os.O_CLOEXEC)
 
-    def execute(self, ctx: Context) -> Outcome:
+    def execute(self, ctx: Direct) -> Outcome:
         try:
             source = self._open_source()
         except _Refused as refused:
@@ -376,7 +364,7 @@ class QtfsMount(_MountStep):
             return None
         return f"{entry.fstype} ({entry.source}) is mounted there, expected qtfs from {self.address}:{self.remote}"
 
-    def execute(self, ctx: Context) -> Outcome:
+    def execute(self, ctx: Direct) -> Outcome:
         if self._already(ctx):
             return Outcome(ALREADY)
         # The client mounts by path (libfuse): the path is checked for
@@ -414,7 +402,7 @@ class _MadeStep(Step):
         """What is wrong with the file found at ``path``; None if it is the one this step makes."""
         raise NotImplementedError
 
-    def make(self, ctx: Context) -> None:
+    def make(self, ctx: Direct) -> None:
         raise NotImplementedError
 
     def check(self, entries: tuple[MountEntry, ...]) -> Outcome:
@@ -425,7 +413,7 @@ class _MadeStep(Step):
         problem = self.wrong(info)
         return Outcome(WRONG, problem) if problem else Outcome(PRESENT)
 
-    def execute(self, ctx: Context) -> Outcome:
+    def execute(self, ctx: Direct) -> Outcome:
         found = self.check(())
         if found.state == WRONG:
             raise _conflict(self.path, found.detail)
@@ -462,7 +450,7 @@ class MakeNode(_MadeStep):
             return None
         return f"is not the character device {self.major}:{self.minor}"
 
-    def make(self, ctx: Context) -> None:
+    def make(self, ctx: Direct) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         syscalls.mknod_char(self.path, self.major, self.minor, self.mode)
         ctx.on_undo(f"rm {self.path}", lambda: os.unlink(self.path))
@@ -488,7 +476,7 @@ class MakeLink(_MadeStep):
         current = os.readlink(self.path)
         return None if current == self.link else f"points to {current}, expected {self.link}"
 
-    def make(self, ctx: Context) -> None:
+    def make(self, ctx: Direct) -> None:
         os.symlink(self.link, self.path)
         ctx.on_undo(f"rm {self.path}", lambda: os.unlink(self.path))
 
@@ -509,7 +497,7 @@ class MakeDir(_MadeStep):
     def wrong(self, info: os.stat_result) -> str | None:
         return None if stat.S_ISDIR(info.st_mode) else "is not a directory"
 
-    def make(self, ctx: Context) -> None:
+    def make(self, ctx: Direct) -> None:
         os.mkdir(self.path)
         os.chmod(self.path, self.mode)  # mkdir's mode passes through the umask
         ctx.on_undo(f"rmdir {self.path}", lambda: os.rmdir(self.path))
@@ -554,7 +542,7 @@ class WriteFile(Step):
     def text(self) -> bytes:
         return f"{self.content}\n".encode()
 
-    def execute(self, ctx: Context) -> Outcome:
+    def execute(self, ctx: Direct) -> Outcome:
         name = os.path.basename(self.path)
         with closing(paths.open_inside(ctx.target, os.path.dirname(self.path), make=paths.DIRECTORY)) as folder:
             if self._compare(name, folder).state == PRESENT:
@@ -602,5 +590,5 @@ class Skipped(Step):
     def check(self, entries: tuple[MountEntry, ...]) -> Outcome:
         return Outcome(SKIPPED, self.reason)
 
-    def execute(self, ctx: Context) -> Outcome:
+    def execute(self, ctx: Direct) -> Outcome:
         return Outcome(SKIPPED, self.reason)

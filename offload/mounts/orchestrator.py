@@ -36,7 +36,7 @@ def _quiet(line: str) -> None:
 
 
 class _Run(ops.Direct):
-    """The `ops.Context` of one prepare run: its mounts recorded, its changes undone on failure."""
+    """The context of one prepare run: its mounts recorded, its changes undone on failure."""
 
     def __init__(self, stack: contextlib.ExitStack, report: Report, target: str) -> None:
         self.stack = stack
