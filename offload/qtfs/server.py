@@ -18,7 +18,9 @@ import errno
 import logging
 import os
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from stat import S_ISREG
 
 import trio
@@ -113,36 +115,40 @@ class Session:
                 self.watch.close()
             self.backend.close()
 
-    async def _watch_and_answer(
-        self, id: int, request: wire.Request, reply: wire.MountReply, nursery: trio.Nursery
-    ) -> None:
-        """Answer a Mount once its tree is watched (or found unwatchable).
+    async def _answer_later(self, id: int, request: wire.Request, work: Callable[[], Awaitable[wire.Message]]) -> None:
+        """Answer ``request`` with what ``work()`` returns, from a task of its own (other requests go on)."""
+        try:
+            data = self.conn.send(wire.Result(id, await work()))
+        except (OSError, *ABSURD) as exc:
+            data = self._failure(id, request, exc)
+        await self._send([data])
+
+    async def _in_thread(self, request: wire.Request) -> wire.Message:
+        try:
+            return await trio.to_thread.run_sync(self.handlers[request.OP], request)
+        finally:
+            self.threaded -= 1
+
+    async def _start_watch(self, reply: wire.MountReply, nursery: trio.Nursery) -> wire.MountReply:
+        """Watch the mounted tree if inotify can see its changes; the reply says whether it is watched.
 
         Adding a watch on every directory of a big export takes a while: it
         runs in a thread, so other connections are served meanwhile.
         """
-        try:
-            data = self.conn.send(wire.Result(id, await self._start_watch(reply, nursery)))
-        except OSError as exc:
-            data = self._failure(id, request, exc)
-        finally:
-            self.mounting = False
-        await self._send([data])
-
-    async def _start_watch(self, reply: wire.MountReply, nursery: trio.Nursery) -> wire.MountReply:
-        """Watch the mounted tree if inotify can see its changes; the reply says whether it is watched."""
-        if self.watch is not None:
-            trio.lowlevel.notify_closing(self.watch.fd)
-            self.watch.close()
-            self.watch = None
-        if self.backend.facts is not None or not watchable(self.backend.root):
-            return reply
         base = self.backend.base
         try:
+            if self.watch is not None:
+                trio.lowlevel.notify_closing(self.watch.fd)
+                self.watch.close()
+                self.watch = None
+            if self.backend.facts is not None or not watchable(self.backend.root):
+                return reply
             watch = await trio.to_thread.run_sync(TreeWatch, base, abandon_on_cancel=False)
         except OSError as exc:
             log.warning("not watching %s (clients will not cache): %s", os.fsdecode(base), exc)
             return reply
+        finally:
+            self.mounting = False
         if not watch.complete or self.watch is not None:  # unwatchable, or a later Mount won
             watch.close()
             return reply
@@ -212,14 +218,14 @@ class Session:
                 if self.threaded >= MAX_THREADED:
                     raise OSError(errno.EAGAIN, f"{MAX_THREADED} calls already wait for a thread")
                 self.threaded += 1
-                nursery.start_soon(self._threaded, call.id, request)
+                nursery.start_soon(self._answer_later, call.id, request, partial(self._in_thread, request))
                 return
             if op is wire.Op.MOUNT and self.mounting:  # each walks the whole tree in a thread
                 raise OSError(errno.EBUSY, "the last Mount's tree is still being watched")
             reply = self.handlers[op](request)
             if isinstance(reply, wire.MountReply):
                 self.mounting = True
-                nursery.start_soon(self._watch_and_answer, call.id, request, reply, nursery)
+                nursery.start_soon(self._answer_later, call.id, request, partial(self._start_watch, reply, nursery))
                 return
         except (OSError, *ABSURD) as exc:
             out.append(self._failure(call.id, request, exc))
@@ -248,16 +254,6 @@ class Session:
         if number not in (errno.ENOENT, errno.ENODATA, errno.EEXIST, errno.ENOTEMPTY):
             log.debug("%s %s from %s: %s", request.OP.name, request, self.peer, os.strerror(number))
         return self.conn.send(wire.Failure(id, errno_name(number)))
-
-    async def _threaded(self, id: int, request: wire.Request) -> None:
-        try:
-            reply = await trio.to_thread.run_sync(self.handlers[request.OP], request)
-            data = self.conn.send(wire.Result(id, reply))
-        except (OSError, *ABSURD) as exc:
-            data = self._failure(id, request, exc)
-        finally:
-            self.threaded -= 1
-        await self._send([data])
 
 
 async def serve(
