@@ -291,8 +291,7 @@ class Filesystem(pyfuse3.Operations):
         for attempt in range(ATTEMPTS):
             handle = await self._handle(opened)
             try:
-                reply, _ = await self.host.call_on(make(handle), retry=False)
-                return reply
+                return await self.host.call(make(handle), retry=False)
             except LinkDown:
                 if not retry or attempt == ATTEMPTS - 1:
                     raise
@@ -454,7 +453,7 @@ class Filesystem(pyfuse3.Operations):
             if remote is None:
                 continue
             try:
-                reply, _ = await self.host.call_on(wire.Open(path, os.O_WRONLY), retry=True)
+                reply = await self.host.call(wire.Open(path, os.O_WRONLY), retry=True)
                 try:
                     await self.host.call(wire.Write(reply.handle, 0, b"%d" % remote), retry=False)
                 finally:
