@@ -168,13 +168,15 @@ def borrow(fd: int, writing: bool) -> ByteEnd:
         try:
             own = os.open(f"/proc/self/fd/{fd}", flags)
         except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                return BrokenEnd()  # a FIFO with no reader left
-            raise
+            if exc.errno != errno.ENXIO:
+                raise
+            own = -1  # a FIFO with no reader left
     except BaseException:
         os.close(fd)
         raise
     os.close(fd)
+    if own < 0:
+        return BrokenEnd()
     if writing and stat.S_ISFIFO(mode):
         # Writing 1 MiB into a 64 KiB pipe costs sixteen system calls and
         # wake-ups.  A larger pipe only lets more bytes wait in it; its

@@ -381,8 +381,12 @@ class Transport:
             if address.scheme == "unix":
                 return [await listen_unix(address.path, 0o600)]
             sock = trio.socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-            await sock.bind((int(address.host), address.port))
-            sock.listen(128)
+            try:
+                await sock.bind((int(address.host), address.port))
+                sock.listen(128)
+            except BaseException:
+                sock.close()
+                raise
             return [trio.SocketListener(sock)]
 
 

@@ -1,11 +1,15 @@
-"""Address parsing: the forms operators write, and clear errors for the rest."""
+"""Address parsing: the forms operators write, and clear errors for the rest; listeners and borrowed ends that fail leave no fd open."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from offload.errors import ConfigError
-from offload.net import Address, parse_address
+from offload import fdio
+from offload.errors import ConfigError, OffloadError
+from offload.net import Address, Transport, parse_address
 
 
 @pytest.mark.parametrize(
@@ -38,3 +42,27 @@ def test_parse(text: str, address: Address) -> None:
 def test_errors_name_the_problem(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_address(text)
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+async def test_a_vsock_listener_that_cannot_bind_leaves_no_socket_open() -> None:
+    # CID 99 is no CID of this machine: bind(2) fails with EADDRNOTAVAIL.
+    before = _open_fds()
+    with pytest.raises(OffloadError):
+        await Transport(None).listen(parse_address("vsock://99:7001"))
+    assert _open_fds() <= before
+
+
+def test_a_fifo_without_a_reader_is_borrowed_as_a_broken_end_and_its_fd_closed(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    os.close(reader)  # re-opening the writer's end now fails with ENXIO
+    before = _open_fds()
+    end = fdio.borrow(writer, writing=True)
+    assert isinstance(end, fdio.BrokenEnd)
+    assert _open_fds() == before - {str(writer)}

@@ -10,14 +10,15 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
 
 from offload.errors import RootfsError
 from offload.mounts import mountinfo
-from offload.rootfs_builder import install, partitions
-from offload.rootfs_builder.layout import machine_arch
+from offload.rootfs_builder import install, modes, partitions
+from offload.rootfs_builder.layout import Layout, machine_arch
 from offload.rootfs_builder.modes import content_mounts
 from tests.rootfs_helpers import ok, private
 
@@ -303,3 +304,15 @@ def test_the_rootfs_has_a_lock_directory_for_libvirts_consoles(tmp_path: Path) -
     (other / "var" / "lock").mkdir(parents=True)
     assert not install.ensure_lock_dir(other, said.append)
     assert (other / "var" / "lock").is_dir() and not (other / "var" / "lock").is_symlink()
+
+
+def test_overlay_layers_left_by_an_interrupted_build_are_prepared_again(tmp_path: Path) -> None:
+    # A build killed after its whiteouts were made leaves them in the upper
+    # layer; the next build must take them as they are.
+    lower = tmp_path / "lower"
+    (lower / "srv").mkdir(parents=True)
+    layout = Layout.of(lower / "srv" / "root")
+    for attempt in range(2):
+        modes.prepare_overlay(layout, str(lower), lambda line: None)
+        whiteout = os.lstat(layout.upper / "srv" / layout.upper.name)
+        assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0, attempt

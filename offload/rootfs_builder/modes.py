@@ -133,8 +133,8 @@ def prepare_overlay(layout: Layout, lower: str, say: Say) -> tuple[list[ops.Moun
         if relative.startswith("..") or relative.split("/")[0] in EXCLUDED or not os.path.lexists(path):
             continue
         _mirror_dirs(root, upper, Path(relative).parent)
-        with contextlib.suppress(FileExistsError):  # a 0/0 character device: absent from the merged view
-            syscalls.mknod_char(str(upper / relative), 0, 0, 0o000)
+        if not os.path.lexists(upper / relative):  # left by an interrupted build
+            syscalls.mknod_char(str(upper / relative), 0, 0, 0o000)  # a 0/0 character device: absent when merged
     for point in nested:
         say(f"{point} is a filesystem of its own: it gets an overlay of its own in the rootfs")
     return layers, nested
