@@ -366,7 +366,10 @@ class Filesystem(pyfuse3.Operations):
 
     # -- files -------------------------------------------------------------------------------------
 
-    def _file_info(self, fh: int, since: int) -> pyfuse3.FileInfo:
+    def _register(self, opened: OpenFile, since: int) -> pyfuse3.FileInfo:
+        """Number ``opened`` for the kernel, which is told how to treat the file's cached pages."""
+        fh = next(self._numbers)
+        self.files[fh] = opened
         # Cached pages stay valid unless the host changed something since the
         # open was sent (the kernel then drops them now, in open(2)).
         coherent, keep = self.cache.coherent, self.cache.keeps_pages(since)
@@ -380,16 +383,13 @@ class Filesystem(pyfuse3.Operations):
             # host: the kernel checked the (coherent) permissions and the
             # entry, and the pages it keeps are current.  The host's file is
             # opened when a read misses the page cache (`_handle`).
-            fh = next(self._numbers)
-            self.files[fh] = OpenFile(inode, path, flags, 0, LAZY)
-            return self._file_info(fh, self.cache.changes)
+            return self._register(OpenFile(inode, path, flags, 0, LAZY), self.cache.changes)
         since = self.cache.changes
         reply, generation = await self.host.call_on(wire.Open(path, flags), retry=not flags & os.O_TRUNC)
-        fh = next(self._numbers)
-        self.files[fh] = OpenFile(inode, path, flags, reply.handle, generation)
+        info = self._register(OpenFile(inode, path, flags, reply.handle, generation), since)
         if self.mode == "cgroup" and path.rpartition(b"/")[2] in tasks.TASK_FILES:
-            self.task_files[fh] = tasks.process_of(ctx.pid) if ctx is not None else 0
-        return self._file_info(fh, since)
+            self.task_files[info.fh] = tasks.process_of(ctx.pid) if ctx is not None else 0
+        return info
 
     @errors
     async def create(
@@ -399,9 +399,7 @@ class Filesystem(pyfuse3.Operations):
         since = self.cache.changes
         reply, generation = await self.host.call_on(wire.Create(path, flags, mode, ctx.uid, ctx.gid), retry=False)
         entry = self._remember(path, reply.attr, since)
-        fh = next(self._numbers)
-        self.files[fh] = OpenFile(entry.st_ino, path, flags, reply.handle, generation)
-        return self._file_info(fh, since), entry
+        return self._register(OpenFile(entry.st_ino, path, flags, reply.handle, generation), since), entry
 
     @errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
