@@ -202,9 +202,8 @@ class AgentSession:
         self.monitors: set[int] = set()  # fd numbers of the program's QMP monitor listeners
         self.delivering: set[Relay] = set()  # bridged connections' relays: their last bytes precede the exit
         self.bridged = 0  # connections to the program's bridged listeners being relayed
-        self.uid = 0  # the caller's, once known
         self.consoles: console.SessionConsoles | None = None
-        self.caller: Caller | None = None  # an adopted session's; a new one's is SO_PEERCRED's
+        self.caller: Caller | None = None  # SO_PEERCRED's, or an adopted session's from its facts
         self._hung_up = False  # the session was cut short: its link is not reused
         self.keep: keep.Keep | None = None  # what of the session outlives this server
         self.adopted: keep.Kept | None = None  # what the server before a restart kept, until taken over
@@ -246,7 +245,7 @@ class AgentSession:
 
     async def run(self) -> None:
         try:
-            caller = self._caller()
+            self.caller = caller = self._caller()
             message = None
             what = f"the stand-in connection of pid {caller.pid} (uid {caller.uid})"
             with first_request(self.config.request_timeout, log, what):
@@ -296,7 +295,7 @@ class AgentSession:
         session = cls(trio.socket.from_stdlib_socket(standin), pool, config, pidmaps)
         session.accepting_fds = False
         session.caller, session.address, session.resume = caller, address, resume
-        session.remote_pid, session.monitors, session.uid = remote_pid, monitors, caller.uid
+        session.remote_pid, session.monitors = remote_pid, monitors
         session.pidmap_pids = [caller.pid]
         session.keep = keeping
         channels = {int(c): fd for c, fd in kept.take("ch").items()}
@@ -396,7 +395,6 @@ class AgentSession:
 
     async def _run_remote(self, caller: Caller, request: ExecRequest) -> None:
         assert self.address is not None
-        self.uid = caller.uid
         try:
             self.link = link = await self.pool.take(self.address)
         except (TransportError, ProtocolError, trio.TooSlowError) as exc:
@@ -691,8 +689,9 @@ class AgentSession:
 
     async def _relay_pty(self, host_index: int, end: ptys.PtyEnd) -> None:
         """Carry our pty standing for the program's pty ``host_index`` to it, on each link that carries the session."""
+        assert self.caller is not None
         name = f"pty {host_index} of remote pid {self.remote_pid}"
-        with self.pool.held(self.uid) as held:
+        with self.pool.held(self.caller.uid) as held:
             if not held:
                 log.warning("%s: over the user's connection limit; not relayed", name)
                 end.close()
