@@ -431,11 +431,11 @@ class Execution:
                 await self.ended.wait()
                 await self._await_output(outputs)
                 daemonized = self.request is not None and self.request.daemon_pidfile and self.status == 0
-                if not daemonized:
-                    await self._await_bridged()  # else a daemon goes on with them
-                exited: Exited | Refused = _exited(self.status)
                 if daemonized:
                     exited = await self._follow_daemon(link)
+                else:
+                    await self._await_bridged()  # a daemon goes on with them
+                    exited = _exited(self.status)
                 log.info("session %d: %s", self.id, _describe_exit(exited))
                 # Once the peer reads our last word it may send the next
                 # session's Exec on this link at once: our control loop must
