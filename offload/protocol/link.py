@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 from offload.errors import LinkLost, LocalProtocolError, ProtocolError, RemoteProtocolError
+from offload.protocol import messages
 from offload.protocol.framing import ABSOLUTE_MAX_PAYLOAD, NEED_DATA, Frame, FrameDecoder, encode_frame, encode_header
 
 __all__ = ["NEED_DATA", "Closed", "Connection", "Phase", "Ping", "Pong", "Registry", "Role", "Window"]
@@ -83,6 +84,36 @@ class Registry:
         kind = Kind(code, event, sender, encode, decode)
         self.by_code[code] = kind
         self.by_event[event] = kind
+
+    def declare_object(
+        self,
+        code: int,
+        event: type,
+        *fields: tuple[str, type],
+        sender: Role | None = None,
+        channel: int | None = 0,
+        limit: int = 4096,
+    ) -> None:
+        """Declare an event that is the JSON object of ``fields`` (name, JSON type), strings kept to ``limit``.
+
+        It travels on ``channel`` and is refused on any other; with None, on
+        the channel its own ``channel`` field names, never the control channel 0.
+        """
+        what = event.__name__
+
+        def encode(e: Any) -> tuple[int, bytes]:
+            document = {name: getattr(e, name) for name, _ in fields}
+            return (e.channel if channel is None else channel), messages.dump(document)
+
+        def decode(conn: Any, got: int, payload: bytes) -> Any:
+            if got == 0 if channel is None else got != channel:
+                raise RemoteProtocolError(f"{what} on channel {got}")
+            document = messages.load(payload, what)
+            found = (messages.field(document, name, kind, what) for name, kind in fields)
+            values = [value[:limit] if isinstance(value, str) else value for value in found]
+            return event(*values) if channel is not None else event(got, *values)
+
+        self.declare(code, event, sender=sender, encode=encode, decode=decode)
 
     def declare_keepalive(self, ping: int, pong: int, *, size: int | None = None) -> None:
         """Ping and Pong at these codes on channel 0; tokens of exactly ``size`` bytes, or any kept to 64."""

@@ -525,29 +525,6 @@ def _channel(code: int, event: type, sender: Role | None, to_payload: Any, from_
     REXEC.declare(code, event, sender=sender, encode=lambda e: (e.channel, to_payload(e)), decode=decode)
 
 
-def _object(code: int, event: type, sender: Role, *fields: tuple[str, type]) -> None:
-    """Declare an event that is the JSON object of ``fields`` (strings kept to 4 KiB), on its channel if it has one."""
-    what = event.__name__
-
-    def to_json(e: Any) -> dict[str, Any]:
-        return {name: getattr(e, name) for name, _ in fields}
-
-    def values(document: dict[str, Any]) -> list[Any]:
-        found = (messages.field(document, name, kind, what) for name, kind in fields)
-        return [value[:4096] if isinstance(value, str) else value for value in found]
-
-    if hasattr(event, "channel"):
-        _channel(
-            code,
-            event,
-            sender,
-            lambda e: messages.dump(to_json(e)),
-            lambda ch, p: event(ch, *values(messages.load(p, what))),
-        )
-    else:
-        _control(code, event, sender, to_json, lambda document: event(*values(document)))
-
-
 def _hello(document: dict[str, Any]) -> Hello:
     attach = document.get("attach", "")
     return Hello(
@@ -580,7 +557,7 @@ _control(
 )
 REXEC.declare_keepalive(T_PING, T_PONG)
 _control(T_EXEC, Exec, Role.CLIENT, lambda e: e.request.to_json(), lambda d: Exec(ExecRequest.from_json(d)))
-_object(T_STARTED, Started, Role.SERVER, ("pid", int), ("session", str), ("secret", str))
+REXEC.declare_object(T_STARTED, Started, ("pid", int), ("session", str), ("secret", str), sender=Role.SERVER)
 _control(
     T_RESUME,
     Resume,
@@ -592,11 +569,11 @@ _control(
         tuple(_channel_numbers(messages.field(d, "channels", list, "resume"))),
     ),
 )
-_object(T_RESUMED, Resumed, Role.SERVER, ("pid", int))
-_object(T_HANGUP, Hangup, Role.CLIENT)
-_object(T_REFUSED, Refused, Role.SERVER, ("code", int), ("reason", str))
+REXEC.declare_object(T_RESUMED, Resumed, ("pid", int), sender=Role.SERVER)
+REXEC.declare_object(T_HANGUP, Hangup, sender=Role.CLIENT)
+REXEC.declare_object(T_REFUSED, Refused, ("code", int), ("reason", str), sender=Role.SERVER)
 _control(T_EXITED, Exited, Role.SERVER, Exited.to_json, _exited)
-_object(T_DAEMONIZED, Daemonized, Role.SERVER, ("code", int), ("pid", int))
+REXEC.declare_object(T_DAEMONIZED, Daemonized, ("code", int), ("pid", int), sender=Role.SERVER)
 _control(
     T_SIGNAL,
     Signal,
@@ -604,13 +581,13 @@ _control(
     lambda e: {"signal": messages.signal_name(e.signum)},
     lambda d: Signal(messages.signal_number(d.get("signal"), "signal")),
 )
-_object(T_ATTACHED, Attached, Role.SERVER)
+REXEC.declare_object(T_ATTACHED, Attached, sender=Role.SERVER)
 _channel(T_DATA, Data, None, lambda e: e.data, Data)
 _channel(T_EOF, Eof, None, lambda e: b"", lambda channel, p: Eof(channel))
 _channel(T_WINDOW, Window, None, lambda e: _WINDOW.pack(e.increment), lambda ch, p: Window(ch, *_WINDOW.unpack(p)))
-_object(T_OPEN, Open, Role.CLIENT, ("fd", int), ("conn", int))
-_object(T_OPEN_PTY, OpenPty, Role.CLIENT, ("index", int))
-_object(T_TICKET, Ticket, Role.SERVER, ("token", str), ("conn", int))
+REXEC.declare_object(T_OPEN, Open, ("fd", int), ("conn", int), sender=Role.CLIENT, channel=None)
+REXEC.declare_object(T_OPEN_PTY, OpenPty, ("index", int), sender=Role.CLIENT, channel=None)
+REXEC.declare_object(T_TICKET, Ticket, ("token", str), ("conn", int), sender=Role.SERVER, channel=None)
 _channel(
     T_RESET,
     Reset,

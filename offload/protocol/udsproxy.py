@@ -215,28 +215,9 @@ UDSPROXY.declare(
 )
 
 
-def _strings(code: int, event: type, *names: str, sender: Role | None = None, channel: int = 0, limit: int = 0) -> None:
-    """Declare an event that is the JSON object of its string fields ``names`` (each kept to ``limit``, if any).
-
-    One sent on the data channel is refused on any other.
-    """
-    what = event.__name__
-
-    def decode(conn: Any, got: int, payload: bytes) -> Any:
-        if channel and got != channel:
-            raise RemoteProtocolError(f"{what} on channel {got}")
-        document = messages.load(payload, what)
-        return event(*(messages.field(document, name, str, what)[: limit or None] for name in names))
-
-    def encode(e: Any) -> tuple[int, bytes]:
-        return channel, messages.dump({name: getattr(e, name) for name in names})
-
-    UDSPROXY.declare(code, event, sender=sender, encode=encode, decode=decode)
-
-
-_strings(T_CONNECT, Connect, "path", "type", "user", sender=Role.CLIENT)
-_strings(T_CONNECTED, Connected, "error", sender=Role.SERVER, limit=32)
-_strings(T_FDS_RESULT, FdsResult, "error", channel=DATA_CHANNEL, limit=32)
+UDSPROXY.declare_object(T_CONNECT, Connect, ("path", str), ("type", str), ("user", str), sender=Role.CLIENT)
+UDSPROXY.declare_object(T_CONNECTED, Connected, ("error", str), sender=Role.SERVER, limit=32)
+UDSPROXY.declare_object(T_FDS_RESULT, FdsResult, ("error", str), channel=DATA_CHANNEL, limit=32)
 UDSPROXY.declare(T_DATA, Data, encode=_data, decode=lambda conn, channel, payload: Data(payload, channel))
 UDSPROXY.declare(T_EOF, Eof, encode=lambda e: (e.channel, b""), decode=lambda conn, channel, payload: Eof(channel))
 UDSPROXY.declare(T_FDS, Fds, encode=_fds, decode=_fds_of)
