@@ -109,16 +109,15 @@ class CachePolicy(Generic[ListingT]):
 
     def heard(self, invalidate: wire.Invalidate) -> Drops:
         """What ``invalidate`` makes stale."""
-        self.changes += 1
         kind, path = invalidate.change, invalidate.path
         if kind is wire.Change.ALL or kind is wire.Change.UNWATCHED:
-            self._listings.clear()
-            self._kernel_filled.clear()
+            self.reset()
             if kind is wire.Change.UNWATCHED and self.coherent:
                 log.warning("the host can no longer watch the whole tree: caching stops")
                 self.coherent = False
                 self.timeout, self.dir_attr_timeout = 0.0, 0.0
             return Drops(everything=True)
+        self.changes += 1
         parent, _, name = path.rpartition(b"/")
         for listings in (self._listings, self._kernel_filled):
             # The parent's listing holds this entry's name and attributes.

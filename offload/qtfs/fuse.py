@@ -215,8 +215,7 @@ class Filesystem(pyfuse3.Operations):
             self._drop_pages(node.inode)
             if node.path and node.path not in spared:
                 parent_path, _, name = node.path.rpartition(b"/")
-                parent = self.table.find(parent_path)
-                if parent is not None:
+                if (parent := self.table.find(parent_path)) is not None:
                     pyfuse3.invalidate_entry_async(parent.inode, name, ignore_enoent=True)
 
     def _mounted_below(self) -> set[bytes]:
