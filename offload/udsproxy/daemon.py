@@ -1,19 +1,10 @@
 """udsproxyd: carry UNIX socket connections to the machine where the socket lives.
 
-Locally it answers the LD_PRELOAD shim (native/qtfs_shim.c) on
-``<run dir>/udsproxy.sock``: a request names a path that does not exist
-here; udsproxyd asks its peer to connect to that path there and, when the
-peer did, hands the shim one end of a socketpair whose other end it relays
-to the peer.  Towards the peer it is the acting side for requests that
-come from there.  Both sides enforce their own ``--allow`` prefixes; one
-authenticated connection per proxied connection, so a slow reader only
-ever slows its own connection (TCP flow control).
-
-Nothing is done as root for anyone (SECURITY.md).  The Connect request
-names the user who called connect() (SO_PEERCRED on the shim's socket);
-the acting side maps that name (``--user-map``, as rexec does) and
-connects, and re-opens passed files, as that account; on the side that
-called, passed files are re-opened as the calling program's own user.
+The shim (native/qtfs_shim.c) asks on ``<run dir>/udsproxy.sock`` for a path
+that does not exist here; udsproxyd asks its peer to connect to it there,
+as the caller's mapped user, and hands the shim one end of a socketpair
+whose other end a `Relay` carries.  What each side checks, and as whom it
+acts, is in README.md ("udsproxyd") and SECURITY.md.
 """
 
 from __future__ import annotations
@@ -172,7 +163,8 @@ class Daemon:
 
     # -- the shim's side ---------------------------------------------------------------
 
-    async def serve_shim(self, sock: trio.socket.SocketType) -> None:
+    async def serve_shim(self, stream: trio.SocketStream) -> None:
+        sock = stream.socket
         passed: list[int] = []
         try:
             request = None
@@ -336,8 +328,8 @@ class Daemon:
 
     # -- the peer's side ----------------------------------------------------------------
 
-    async def serve_peer(self, raw: trio.SocketStream, where: str) -> None:
-        connected = await self.transport.admit(raw, where, log)
+    async def serve_peer(self, raw: trio.SocketStream) -> None:
+        connected = await self.transport.admit(raw, remote_name(raw), log)
         if connected is None:
             return
         async with connected.stream:
@@ -353,12 +345,11 @@ class Daemon:
                         return
                     try:
                         user = users.map_user(request.user, self.config.users, self.config.node_name)
+                        local = await self._connect_here(request, user)
                     except RefusedError as exc:
                         log.warning("%s asked for %s for user %s: %s", connected.peer, request.path, request.user, exc)
                         await peer.send(wire.Connected("EACCES"))
                         return
-                    try:
-                        local = await self._connect_here(request, user)
                     except OSError as exc:
                         await peer.send(wire.Connected(errno_name(exc.errno or errno_module.EIO)))
                         return
@@ -431,15 +422,8 @@ async def serve(
     # have connected to had it lived here, and both sides check --allow.
     shim = await listen_unix(config.shim_socket, 0o666)
     async with aio.open_nursery() as nursery:
-
-        async def serve_peer(raw: trio.SocketStream) -> None:
-            await daemon.serve_peer(raw, remote_name(raw))
-
-        async def serve_shim(stream: trio.SocketStream) -> None:
-            await daemon.serve_shim(stream.socket)
-
-        nursery.start_soon(serve_listeners, listeners, serve_peer, log, "peer", transport.limits)
-        nursery.start_soon(serve_listeners, [shim], serve_shim, log, "shim", transport.limits)
+        nursery.start_soon(serve_listeners, listeners, daemon.serve_peer, log, "peer", transport.limits)
+        nursery.start_soon(serve_listeners, [shim], daemon.serve_shim, log, "shim", transport.limits)
         bound = [listener_address(listener) for listener in listeners]
         log.info("udsproxyd ready: peers on %s, shim on %s", ", ".join(bound) or "-", config.shim_socket)
         task_status.started(bound)
@@ -447,27 +431,22 @@ async def serve(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="udsproxyd", description="Carry UNIX socket connections to the peer machine.")
-    parser.add_argument(
-        "--listen", action="append", default=[], metavar="ADDR", help="address for the peer's connections"
-    )
+    for option, metavar, text in (
+        ("--listen", "ADDR", "address for the peer's connections"),
+        ("--allow", "PREFIX", "socket path prefix carried (repeatable)"),
+        (
+            "--share",
+            "PREFIX",
+            "path prefix of files that are the same on both machines: passed fds of such files are re-opened there",
+        ),
+        (
+            "--user-map",
+            "CALLER=LOCAL",
+            "the peer's user CALLER acts as LOCAL here (repeatable); root acts as nobody unless mapped, e.g. root=root",
+        ),
+    ):
+        parser.add_argument(option, action="append", default=[], metavar=metavar, help=text)
     parser.add_argument("--peer", default="", metavar="ADDR", help="the peer udsproxyd")
-    parser.add_argument(
-        "--allow", action="append", default=[], metavar="PREFIX", help="socket path prefix carried (repeatable)"
-    )
-    parser.add_argument(
-        "--share",
-        action="append",
-        default=[],
-        metavar="PREFIX",
-        help="path prefix of files that are the same on both machines: passed fds of such files are re-opened there",
-    )
-    parser.add_argument(
-        "--user-map",
-        action="append",
-        default=[],
-        metavar="CALLER=LOCAL",
-        help="the peer's user CALLER acts as LOCAL here (repeatable); root acts as nobody unless mapped, e.g. root=root",
-    )
     Transport.add_arguments(parser, serving=True)
     parser.add_argument("--run-dir", default="/var/run/udsproxy", metavar="DIR")
     parser.add_argument(
