@@ -902,8 +902,7 @@ class Relay:
             submission.fail(errno.EPIPE)
         self._unanswered()
         close_all(self._arriving_fds or [])
-        for _, passed in self._local_out:
-            close_all(passed)
+        self._program_gone()
         for pipe in self._pipes.values():
             os.close(pipe.fd)
         self._pipes.clear()
