@@ -242,9 +242,6 @@ class ExecRequest:
             raise RemoteProtocolError(f"{what}: too many entries")
         if not all(isinstance(v, str) for v in (*argv, *env.values())):
             raise RemoteProtocolError(f"{what}: argv and environment must be strings")
-        pidfile = document.get("daemon_pidfile")
-        if pidfile is not None and not isinstance(pidfile, str):
-            raise RemoteProtocolError(f"{what}: daemon_pidfile must be a string")
         return cls(
             argv=tuple(argv),
             env=env,
@@ -252,7 +249,7 @@ class ExecRequest:
             umask=messages.field(document, "umask", int, what),
             user=messages.field(document, "user", str, what),
             fds=tuple(FdSpec.from_json(entry) for entry in fds),
-            daemon_pidfile=pidfile,
+            daemon_pidfile=document.get("daemon_pidfile"),  # checked as a path
             rlimits=parse_rlimits(document.get("rlimits")),
         )
 
