@@ -44,12 +44,12 @@ import psutil
 from offload import pki, proc
 from offload.errors import LabError
 from offload.lab import LIBVIRT_EXPORTS, SERVICES, cgroups, dpu_libvirt, mountns, netlink
-from offload.lab.libvirt import spawn_logged, tail
+from offload.lab.libvirt import QEMU_BINARY, spawn_logged, tail
 
 log = logging.getLogger(__name__)
 
 LAB_ROOT = Path("/run/offload-lab")
-REXEC_PORT = 7001
+REXEC_PORT, UDSPROXY_PORT, QTFS_PORT = 7001, 7002, 7003
 #: Seconds of silence after which the lab's rexec_servers declare a link lost.
 REXEC_KEEPALIVE = 6.0
 #: Seconds the lab's rexec_servers wait for a session whose link was lost to be resumed (short, so a
@@ -59,7 +59,6 @@ LAB_RESUME_WINDOW = 15.0
 LAB_USER_LINKS = 8
 #: Connections each daemon serves at once per peer (below the default, so that a flood test reaches it).
 LAB_PEER_LIMIT = 256
-UDSPROXY_PORT = 7002
 SHIM = Path(__file__).resolve().parent.parent / "_native" / "libudsproxy.so"
 READY_TIMEOUT = 30.0
 #: A service's fd store size, as rexec.service's FileDescriptorStoreMax=.
@@ -68,7 +67,6 @@ STORE_MAX = 4096
 STOP_TIMEOUT = 3.0
 #: The key of what the lab started for a service: its manager (offload.lab.manager).
 MANAGER_SUFFIX = "-manager"
-QTFS_PORT = 7003
 #: The controllers whose cgroups libvirt on the DPU side makes on the host side (the rootfs's qemu.conf).
 TUNED_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "blkio")
 #: Programs each side's whitelist allows besides --allow ones.
@@ -274,7 +272,7 @@ class Lab:
         if "libvirt" in services and not set(SERVICES) <= set(services):
             raise LabError(f"libvirt in the lab needs all of {', '.join(SERVICES)}")
         if "libvirt" in services:
-            allow = (*allow, "/usr/bin/qemu-system-x86_64")
+            allow = (*allow, QEMU_BINARY)
         if self.is_up:
             raise LabError(f"lab {self.name} is already up (offload lab down first)")
         if os.geteuid() != 0:

@@ -45,7 +45,7 @@ class Domain:
     #: unless asked otherwise; the offload path is the same for both.
     type: str = "qemu"
     memory_mib: int = 256
-    emulator: str = "/usr/bin/qemu-system-x86_64"
+    emulator: str = QEMU_BINARY
     #: "file": the serial port writes the console log only; "pty": a pty
     #: serial port with the same log and a console on it, as nova defines one.
     serial: str = "file"

@@ -31,7 +31,8 @@ import psutil
 from offload import proc
 from offload.errors import LabError
 from offload.lab import debian, guest, libvirt, netlink
-from offload.lab.libvirt import IMAGES, Domain, Virsh, guest_domain, step, tail, wait_for_marker, wait_until
+from offload.lab.lab import QTFS_PORT, REXEC_PORT, UDSPROXY_PORT
+from offload.lab.libvirt import Domain, Virsh, guest_domain, step, tail, wait_for_marker, wait_until
 from offload.lab.mountns import namespace_of
 from offload.lab.systemd_cli import DEFAULT_NAME
 
@@ -128,7 +129,6 @@ class Side(netlink.Side):
 
 HOST_ADDRESS = "169.254.78.1"
 DPU_ADDRESS = "169.254.78.2"
-REXEC_PORT, UDSPROXY_PORT, QTFS_PORT = 7001, 7002, 7003
 ROOTFS = "/another_rootfs"
 #: The chrooted libvirtd's socket, seen from the DPU container.
 LIBVIRT_SOCKET = f"{ROOTFS}/run/libvirt/libvirt-sock"
@@ -136,7 +136,7 @@ QEMU_CONF = f"{ROOTFS}/etc/libvirt/qemu.conf"
 HOST_UNITS = ("rexec", "udsproxyd", "qtfs-server")
 DPU_UNITS = ("rexec", "udsproxyd", "offload-prepare", "offload-libvirtd")
 #: What the host lets the DPU run: qemu (the rootfs's wrapper runs the host's binary of that name).
-HOST_WHITELIST = ("/usr/bin/qemu-system-x86_64",)
+HOST_WHITELIST = (libvirt.QEMU_BINARY,)
 BOOT_TIMEOUT = 120.0
 POWEROFF_TIMEOUT = 60.0
 NSPAWN_STATE = Path("/run/systemd/nspawn")
@@ -518,7 +518,7 @@ def virsh(lab: SystemdLab) -> Virsh:
 def domain(lab: SystemdLab) -> Domain:
     """The lab's guest, its kernel and initramfs copied into the host's images directory."""
     image = guest.build()
-    images = lab.root("host") / IMAGES.relative_to("/")
+    images = lab.root("host") / libvirt.IMAGES.relative_to("/")
     images.mkdir(parents=True, exist_ok=True)
     for path in (image.kernel, image.initrd):
         shutil.copy(path, images / path.name)
