@@ -142,50 +142,41 @@ POWEROFF_TIMEOUT = 60.0
 NSPAWN_STATE = Path("/run/systemd/nspawn")
 
 
-def host_config() -> dict[str, tuple[str, int]]:
-    """The host's /etc files an operator writes (path inside the container: text, mode)."""
-    return {
-        "etc/offload/rexec.toml": (
-            "# The host: a listener for the DPU; root mapped to root (libvirt runs qemu as root).\n"
-            f'listen = ["tcp://{HOST_ADDRESS}:{REXEC_PORT}"]\n'
-            'shared_path = ["/var/lib/libvirt"]\n'
-            'user_map = ["root=root"]\n',
-            0o644,
-        ),
-        "etc/rexec/whitelist": ("".join(f"{p}\n" for p in HOST_WHITELIST), 0o400),
-        "etc/offload/udsproxyd.env": (
-            f"UDSPROXYD_ARGS=--listen tcp://{HOST_ADDRESS}:{UDSPROXY_PORT} --peer tcp://{DPU_ADDRESS}:{UDSPROXY_PORT}"
-            " --allow /var/lib/libvirt --share /var/lib/libvirt/images --user-map root=root\n",
-            0o644,
-        ),
-        "etc/offload/qtfs.env": (
-            f"QTFS_ARGS=--listen tcp://{HOST_ADDRESS}:{QTFS_PORT} --export /var/lib/libvirt"
-            " --export /proc:ro --export /sys:ro --no-root-squash --programs-of /run/rexec/rexec.lock\n",
-            0o644,
-        ),
-    }
-
-
-def dpu_config() -> dict[str, tuple[str, int]]:
-    return {
-        "etc/offload/rexec.toml": (
-            "# The DPU: only its peer, the host; no listener.\n"
-            f'peer = "tcp://{HOST_ADDRESS}:{REXEC_PORT}"\n'
-            'shared_path = ["/var/lib/libvirt"]\n',
-            0o644,
-        ),
-        "etc/offload/udsproxyd.env": (
-            f"UDSPROXYD_ARGS=--listen tcp://{DPU_ADDRESS}:{UDSPROXY_PORT} --peer tcp://{HOST_ADDRESS}:{UDSPROXY_PORT}"
-            " --allow /var/lib/libvirt --share /var/lib/libvirt/images\n",
-            0o644,
-        ),
-        "etc/offload/prepare.toml": (
-            "# The host's /var/lib/libvirt over qtfs, and its /proc and /sys facts.\n"
-            f'host = "{HOST_ADDRESS}:{QTFS_PORT}"\n'
-            'exports = ["/var/lib/libvirt"]\n',
-            0o644,
-        ),
-    }
+#: The /etc files an operator writes on each side (path inside the container: text), mode 0644 unless MODES says.
+HOST_CONFIG = {
+    "etc/offload/rexec.toml": (
+        "# The host: a listener for the DPU; root mapped to root (libvirt runs qemu as root).\n"
+        f'listen = ["tcp://{HOST_ADDRESS}:{REXEC_PORT}"]\n'
+        'shared_path = ["/var/lib/libvirt"]\n'
+        'user_map = ["root=root"]\n'
+    ),
+    "etc/rexec/whitelist": "".join(f"{p}\n" for p in HOST_WHITELIST),
+    "etc/offload/udsproxyd.env": (
+        f"UDSPROXYD_ARGS=--listen tcp://{HOST_ADDRESS}:{UDSPROXY_PORT} --peer tcp://{DPU_ADDRESS}:{UDSPROXY_PORT}"
+        " --allow /var/lib/libvirt --share /var/lib/libvirt/images --user-map root=root\n"
+    ),
+    "etc/offload/qtfs.env": (
+        f"QTFS_ARGS=--listen tcp://{HOST_ADDRESS}:{QTFS_PORT} --export /var/lib/libvirt"
+        " --export /proc:ro --export /sys:ro --no-root-squash --programs-of /run/rexec/rexec.lock\n"
+    ),
+}
+DPU_CONFIG = {
+    "etc/offload/rexec.toml": (
+        "# The DPU: only its peer, the host; no listener.\n"
+        f'peer = "tcp://{HOST_ADDRESS}:{REXEC_PORT}"\n'
+        'shared_path = ["/var/lib/libvirt"]\n'
+    ),
+    "etc/offload/udsproxyd.env": (
+        f"UDSPROXYD_ARGS=--listen tcp://{DPU_ADDRESS}:{UDSPROXY_PORT} --peer tcp://{HOST_ADDRESS}:{UDSPROXY_PORT}"
+        " --allow /var/lib/libvirt --share /var/lib/libvirt/images\n"
+    ),
+    "etc/offload/prepare.toml": (
+        "# The host's /var/lib/libvirt over qtfs, and its /proc and /sys facts.\n"
+        f'host = "{HOST_ADDRESS}:{QTFS_PORT}"\n'
+        'exports = ["/var/lib/libvirt"]\n'
+    ),
+}
+MODES = {"etc/rexec/whitelist": 0o400}
 
 
 class SystemdLab:
@@ -309,15 +300,15 @@ class SystemdLab:
         """PKI, addresses, whitelists and prepare.toml, written into each side's /etc."""
         self.run("host", "offload", "pki", "init", "--dir", "/root/pki", "--node", "host", "--node", "dpu")
         pki = self.root("host") / "root/pki"
-        for side, files in ((self.host, host_config()), (self.dpu, dpu_config())):
+        for side, files in ((self.host, HOST_CONFIG), (self.dpu, DPU_CONFIG)):
             root = self.root(side.role)
             target = root / "etc/offload/pki"
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(pki / side.role, target)
-            for path, (text, mode) in files.items():
+            for path, text in files.items():
                 (root / path).parent.mkdir(parents=True, exist_ok=True)
                 (root / path).write_text(text)
-                (root / path).chmod(mode)
+                (root / path).chmod(MODES.get(path, 0o644))
             say(f"{side.role}: /etc/offload/pki, {', '.join('/' + p for p in files)}")
 
     def _own_kvm(self) -> Path:
