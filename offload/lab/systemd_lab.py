@@ -356,20 +356,16 @@ class SystemdLab:
         self._record_process(f"{side.role}-init", wait_until(init, 30, failure))
 
     def _wait_booted(self, side: Side, say: Callable[[str], None]) -> None:
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        while True:
+        def answered() -> CompletedProcess[str] | None:
+            wait = ("timeout", str(int(BOOT_TIMEOUT)), "systemctl", "is-system-running", "--wait")
+            result = self.run(side.role, *wait, check=False, timeout=BOOT_TIMEOUT + 10)
             # Until PID 1 has made /run/systemd/system and its bus socket,
             # systemctl says "offline" or cannot connect, and exits at once.
-            result = self.run(
-                side.role,
-                *("timeout", str(int(BOOT_TIMEOUT)), "systemctl", "is-system-running", "--wait"),
-                check=False,
-                timeout=BOOT_TIMEOUT + 10,
-            )
             early = result.stdout.strip() in ("", "offline") or "Failed to connect to bus" in result.stderr
-            if not early or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+            return None if early else result
+
+        failure = f"{side.role} container did not boot: systemd not reachable in {BOOT_TIMEOUT:.0f} s"
+        result = wait_until(answered, BOOT_TIMEOUT, failure, interval=0.1)
         state = result.stdout.strip()
         if state not in ("running", "degraded"):
             raise LabError(f"{side.role} container did not boot: {state!r} {result.stderr.strip()}")
