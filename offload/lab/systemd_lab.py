@@ -472,7 +472,9 @@ def lab_up(lab: SystemdLab, deb: Path, say: Callable[[str], None] = print) -> It
 # -- what the demo and the test check, one step each; each raises LabError when it does not hold
 
 DOMAIN = "offload-sd-demo"
-NOTIFY_UNITS = {"host": ("rexec", "udsproxyd", "qtfs-server"), "dpu": ("rexec", "udsproxyd")}
+#: The Type=notify daemons; a running guest outlives each one's restart by an operator and its crash.
+NOTIFY_UNITS = (*(("host", unit) for unit in HOST_UNITS), ("dpu", "rexec"), ("dpu", "udsproxyd"))
+RESTARTED = NOTIFY_UNITS
 
 
 def unit_state(lab: SystemdLab, role: str, unit: str) -> dict[str, str]:
@@ -487,7 +489,7 @@ def services_ready(lab: SystemdLab) -> str:
         for unit in units:
             state = unit_state(lab, role, unit)
             expected = ("oneshot", "active", "exited") if unit == "offload-prepare" else (None, "active", "running")
-            if unit in NOTIFY_UNITS[role]:
+            if (role, unit) in NOTIFY_UNITS:
                 expected = ("notify", "active", "running")
             got = (state.get("Type") if expected[0] else None, state.get("ActiveState"), state.get("SubState"))
             if got != expected:
@@ -574,19 +576,18 @@ def _logged(lab: SystemdLab, role: str, words: str) -> list[dict[str, str]]:
 def journal_priorities(lab: SystemdLab) -> str:
     """Each daemon logs to journald with its priority: ``journalctl -u UNIT`` has its entries, its start at info (6)."""
     said = []
-    for role, units in NOTIFY_UNITS.items():
-        for unit in units:
-            entries = [e for e in journal(lab, role, unit) if e.get("SYSLOG_IDENTIFIER") not in (None, "systemd")]
-            ready = [e for e in entries if e.get("PRIORITY") == "6" and " ready" in str(e.get("MESSAGE", ""))]
-            unprioritised = [e for e in entries if not str(e.get("PRIORITY", "")).isdigit()]
-            if not ready or unprioritised:
-                shown = _journal_text(lab, role, "-o", "verbose", "-u", unit)
-                raise LabError(f"{role}: journalctl -u {unit} has no 'ready' entry at priority 6:\n{shown[-3000:]}")
-            first = ready[0]
-            said.append(
-                f"{role} {unit}: {len(entries)} entries, <{first['PRIORITY']}> {first['SYSLOG_IDENTIFIER']}: "
-                f"{first['MESSAGE']}"
-            )
+    for role, unit in NOTIFY_UNITS:
+        entries = [e for e in journal(lab, role, unit) if e.get("SYSLOG_IDENTIFIER") not in (None, "systemd")]
+        ready = [e for e in entries if e.get("PRIORITY") == "6" and " ready" in str(e.get("MESSAGE", ""))]
+        unprioritised = [e for e in entries if not str(e.get("PRIORITY", "")).isdigit()]
+        if not ready or unprioritised:
+            shown = _journal_text(lab, role, "-o", "verbose", "-u", unit)
+            raise LabError(f"{role}: journalctl -u {unit} has no 'ready' entry at priority 6:\n{shown[-3000:]}")
+        first = ready[0]
+        said.append(
+            f"{role} {unit}: {len(entries)} entries, <{first['PRIORITY']}> {first['SYSLOG_IDENTIFIER']}: "
+            f"{first['MESSAGE']}"
+        )
     return "; ".join(said)
 
 
@@ -615,8 +616,6 @@ def reload_whitelist(lab: SystemdLab, program: str = "/usr/bin/true") -> str:
 
 #: How long a monitor command may take after a restart: a relay that never came back hangs libvirt's monitor.
 MONITOR_TIMEOUT = 30
-#: The daemons a running guest outlives, each restarted by an operator and killed as by a crash.
-RESTARTED = (("host", "rexec"), ("host", "udsproxyd"), ("host", "qtfs-server"), ("dpu", "rexec"), ("dpu", "udsproxyd"))
 
 
 def _console(lab: SystemdLab, vm: Domain) -> str:
