@@ -35,6 +35,7 @@ from offload.lab.lab import QTFS_PORT, REXEC_PORT, UDSPROXY_PORT
 from offload.lab.libvirt import Domain, Virsh, guest_domain, step, tail, wait_for_marker, wait_until
 from offload.lab.mountns import namespace_of
 from offload.lab.systemd_cli import DEFAULT_NAME
+from offload.mounts import mountinfo
 
 if TYPE_CHECKING:  # types only: processes are started through offload.proc
     from subprocess import CompletedProcess
@@ -715,8 +716,8 @@ def destroy_vm(lab: SystemdLab, name: str) -> str:
 
 def mounts_below(lab: SystemdLab, path: str = ROOTFS) -> list[str]:
     """Mount points strictly below ``path`` in the DPU container's mount namespace."""
-    lines = Path(f"/proc/{lab.leader('dpu')}/mountinfo").read_text().splitlines()
-    return [line.split()[4] for line in lines if line.split()[4].startswith(path.rstrip("/") + "/")]
+    mounts = mountinfo.read(f"/proc/{lab.leader('dpu')}/mountinfo")
+    return [entry.mount_point for entry in mountinfo.under(mounts, path)]
 
 
 def stop_prepare(lab: SystemdLab) -> str:
