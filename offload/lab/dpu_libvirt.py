@@ -21,12 +21,16 @@ if TYPE_CHECKING:  # the lab starts this part; this part only uses the lab it is
     from offload.lab.lab import Lab
 
 READY_TIMEOUT = 60.0
-#: Inside the rootfs, where the rootfs builder installs the shim.
-SHIM_IN_ROOTFS = "/usr/lib/offload/libudsproxy.so"
-#: Inside the rootfs, where offload prepare mounts the host's /proc (its qtfs staging directory).
-HOST_PROC_IN_ROOTFS = "/run/offload/qtfs-proc"
-#: Inside the rootfs, where the prepared mounts put udsproxyd's socket.
-UDSPROXY_SOCKET_IN_ROOTFS = "/run/udsproxy/udsproxy.sock"
+#: libvirtd's environment, paths inside the rootfs.
+LIBVIRTD_ENV = {
+    # The shim where the rootfs builder installs it, udsproxyd's socket where the prepared mounts put it.
+    "LD_PRELOAD": "/usr/lib/offload/libudsproxy.so",
+    "UDSPROXY_SOCKET": "/run/udsproxy/udsproxy.sock",
+    # The host's /proc (offload prepare's qtfs staging directory), where the shim reads a remote
+    # program's statistics and affinity.
+    "OFFLOAD_HOST_PROC": "/run/offload/qtfs-proc",
+    # No OFFLOAD_CGROUP_PARTITIONS: the shim reads the map prepare wrote into the rootfs.
+}
 
 
 def target(lab: Lab) -> Path:
@@ -85,7 +89,6 @@ def start(lab: Lab) -> list[str]:
     wait_until(socket.exists, READY_TIMEOUT, failure)
     done.append("virtlogd on dpu, chrooted")
     _start_libvirtd(lab, root)
-    virsh(lab).wait_ready(READY_TIMEOUT)
     done.append(f"libvirtd on dpu, chrooted in {root}, shim preloaded; virsh: {virsh(lab).uri}")
     return done
 
@@ -94,19 +97,12 @@ def restart_libvirtd(lab: Lab) -> int:
     """Stop libvirtd (SIGTERM, as systemctl would) and start it again; the new pid."""
     proc.end_pid(lab.pid_of("dpu-libvirtd"))
     _start_libvirtd(lab, target(lab))
-    virsh(lab).wait_ready(READY_TIMEOUT)
     return lab.pid_of("dpu-libvirtd")
 
 
 def _start_libvirtd(lab: Lab, root: Path) -> None:
-    shim_env = {
-        "LD_PRELOAD": SHIM_IN_ROOTFS,
-        "UDSPROXY_SOCKET": UDSPROXY_SOCKET_IN_ROOTFS,
-        # The host's /proc, where the shim reads a remote program's statistics and affinity.
-        "OFFLOAD_HOST_PROC": HOST_PROC_IN_ROOTFS,
-        # No OFFLOAD_CGROUP_PARTITIONS: the shim reads the map prepare wrote into the rootfs.
-    }
-    _start_chrooted(lab, "dpu-libvirtd", root, ["/usr/sbin/libvirtd"], shim_env)
+    _start_chrooted(lab, "dpu-libvirtd", root, ["/usr/sbin/libvirtd"], LIBVIRTD_ENV)
+    virsh(lab).wait_ready(READY_TIMEOUT)
 
 
 def _start_chrooted(lab: Lab, key: str, root: Path, argv: list[str], env: dict[str, str]) -> None:
