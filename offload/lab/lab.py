@@ -327,13 +327,17 @@ class Lab:
         os.chmod(path, 0o400)
 
     def _start_daemons(self, name: str, what: str, port: int, extra: Callable[[LabSide], list[str]]) -> list[str]:
-        """Start a lab daemon on both sides: what both share (node, addresses, credentials), then ``extra``."""
+        """Start a lab daemon on both sides: what both share (node, addresses, credentials, users), then ``extra``."""
         done = []
         for side in (self.host, self.dpu):
             common = [
                 *("--node", side.role, "--listen", _address(side, port), "--peer", _address(self.other(side), port)),
                 *("--pki", str(self.dir / "pki" / side.role)),
                 *("--max-peer-connections", str(LAB_PEER_LIMIT)),
+                # libvirtd is root on the DPU side; on the host side qemu runs as root, as qemu.conf
+                # says, and libvirt's sockets are root's: root acts as root, as a libvirt deployment
+                # configures it (the daemons squash root callers otherwise).
+                *("--user-map", "root=root"),
             ]
             self.start_service(f"{side.role}-{name}", side, [*proc.program(what), *common, *extra(side)])
             done.append(f"{what} on {side.role} at {_address(side, port)}")
@@ -357,9 +361,6 @@ class Lab:
                 *("--resume-window", f"{LAB_RESUME_WINDOW:g}"),
                 # Small, so that a test reaches it.
                 *("--max-user-links", str(LAB_USER_LINKS)),
-                # libvirtd (root on the DPU side) runs qemu as root here, as
-                # qemu.conf says; rexec_server squashes root callers otherwise.
-                *("--user-map", "root=root"),
             ],
         )
 
@@ -402,9 +403,6 @@ class Lab:
                 *("--run-dir", str(side.run_dir / "udsproxy")),
                 *(arg for prefix in allowed for arg in ("--allow", prefix)),
                 *(arg for prefix in self.shared for arg in ("--share", prefix)),
-                # libvirtd runs as root on the DPU and its sockets on the host are
-                # root's: root acts as root, as a libvirt deployment configures it.
-                *("--user-map", "root=root"),
             ],
         )
 
