@@ -55,7 +55,6 @@ from offload.udsproxy.relay import (
     CONTROL_SPACE,
     LOCAL_BUFFER,
     PlainCipher,
-    Prepared,
     Relay,
     Submission,
     close_all,
@@ -255,43 +254,40 @@ class Daemon:
         await self.run_relay(relay, key)
 
     async def _shim_send_fds(self, sock: trio.socket.SocketType, payload: bytes, passed: list[int]) -> None:
-        """A sendmsg with SCM_RIGHTS on a carried socket: the fds travel in order with its bytes."""
-        error = errno_module.EPIPE  # unless the connection is still carried
-        prepared: Prepared = []
-        relay = None
-        try:
-            if len(passed) < 2:
-                log.warning("bad fd request from the shim: %d fds", len(passed))
-                error = errno_module.EINVAL
-            elif (relay := self.relays.get(os.fstat(passed[0]).st_ino)) is not None:
-                try:
-                    prepared = prepare_all(passed[1:], self.config.share, fdpass.peer_root(sock))
-                    error = 0
-                except UnsupportedFdError as exc:
-                    log.error(
-                        "%s: refused a sendmsg passing fd #%d of %d: it is %s, which cannot be carried",
-                        relay.name,
-                        passed.index(exc.fd),
-                        len(passed) - 1,
-                        exc.kind,
-                    )
-                    error = errno_module.EOPNOTSUPP
-        finally:
-            close_all(passed)
-        if error or relay is None:
-            await sock.send(wire.shim_reply(wire.SHIM_SENT, error))
-            return
-        # The relay thread answers once the far side has delivered the fds.
-        answer_to = socket.socket(fileno=sock.detach())
+        """A sendmsg with SCM_RIGHTS on a carried socket (the first of ``passed``): the fds travel in order with its bytes."""
+        if len(passed) < 2:
+            log.warning("bad fd request from the shim: %d fds", len(passed))
+            error = errno_module.EINVAL
+        elif (relay := self.relays.get(os.fstat(passed[0]).st_ino)) is None:
+            error = errno_module.EPIPE  # the connection is no longer carried
+        else:
+            try:
+                prepared = prepare_all(passed[1:], self.config.share, fdpass.peer_root(sock))
+            except UnsupportedFdError as exc:
+                log.error(
+                    "%s: refused a sendmsg passing fd #%d of %d: it is %s, which cannot be carried",
+                    relay.name,
+                    passed.index(exc.fd),
+                    len(passed) - 1,
+                    exc.kind,
+                )
+                error = errno_module.EOPNOTSUPP
+            else:
+                close_all(passed)
+                # The relay thread answers once the far side has delivered the fds.
+                answer_to = socket.socket(fileno=sock.detach())
 
-        def answer(code: int) -> None:
-            with answer_to, contextlib.suppress(OSError):
-                answer_to.setblocking(True)
-                answer_to.send(wire.shim_reply(wire.SHIM_SENT, code))
+                def answer(code: int) -> None:
+                    with answer_to, contextlib.suppress(OSError):
+                        answer_to.setblocking(True)
+                        answer_to.send(wire.shim_reply(wire.SHIM_SENT, code))
 
-        submission = Submission(payload, prepared, answer)
-        if not relay.submit(submission):
-            submission.fail(errno_module.EPIPE)
+                submission = Submission(payload, prepared, answer)
+                if not relay.submit(submission):
+                    submission.fail(errno_module.EPIPE)
+                return
+        close_all(passed)
+        await sock.send(wire.shim_reply(wire.SHIM_SENT, error))
 
     async def _open(self, path: str, kind: int, user: str) -> tuple[int, PeerStream | None]:
         """Ask the peer to connect to ``path`` for ``user``: (0, stream) or (errno, None)."""
