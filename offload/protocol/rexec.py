@@ -511,15 +511,15 @@ def _control(code: int, event: type, sender: Role | None, to_json: Any, from_jso
     )
 
 
-def _channel(code: int, event: type, sender: Role | None, to_payload: Any, from_payload: Any) -> None:
-    """Declare a channel event: it names its channel, never the control channel."""
+def _channel(code: int, event: type, to_payload: Any, from_payload: Any) -> None:
+    """Declare a channel event, which either side sends: it names its channel, never the control channel."""
 
     def decode(conn: Any, channel: int, payload: bytes) -> Any:
         if channel == CONTROL_CHANNEL:
             raise RemoteProtocolError(f"{event.__name__} on the control channel")
         return from_payload(channel, payload)
 
-    REXEC.declare(code, event, sender=sender, encode=lambda e: (e.channel, to_payload(e)), decode=decode)
+    REXEC.declare(code, event, encode=lambda e: (e.channel, to_payload(e)), decode=decode)
 
 
 def _hello(document: dict[str, Any]) -> Hello:
@@ -579,19 +579,13 @@ _control(
     lambda d: Signal(messages.signal_number(d.get("signal"), "signal")),
 )
 REXEC.declare_object(T_ATTACHED, Attached, sender=Role.SERVER)
-_channel(T_DATA, Data, None, lambda e: e.data, Data)
-_channel(T_EOF, Eof, None, lambda e: b"", lambda channel, p: Eof(channel))
-_channel(T_WINDOW, Window, None, lambda e: _WINDOW.pack(e.increment), lambda ch, p: Window(ch, *_WINDOW.unpack(p)))
+_channel(T_DATA, Data, lambda e: e.data, Data)
+_channel(T_EOF, Eof, lambda e: b"", lambda channel, p: Eof(channel))
+_channel(T_WINDOW, Window, lambda e: _WINDOW.pack(e.increment), lambda ch, p: Window(ch, *_WINDOW.unpack(p)))
 REXEC.declare_object(T_OPEN, Open, ("fd", int), ("conn", int), sender=Role.CLIENT, channel=None)
 REXEC.declare_object(T_OPEN_PTY, OpenPty, ("index", int), sender=Role.CLIENT, channel=None)
 REXEC.declare_object(T_TICKET, Ticket, ("token", str), ("conn", int), sender=Role.SERVER, channel=None)
-_channel(
-    T_RESET,
-    Reset,
-    None,
-    lambda e: messages.dump({"reason": e.reason}),
-    lambda channel, p: Reset(channel, str(messages.load(p, "reset").get("reason", ""))[:1024]),
-)
+REXEC.declare_object(T_RESET, Reset, ("reason", str), channel=None, limit=1024)
 
 
 class State(enum.Enum):
