@@ -923,10 +923,7 @@ def close_all(passed: list[int]) -> None:
     """Close the fds and empty the list, so that a list closed once is never closed again.
 
     A second close of the same numbers would close whatever the daemon opened
-    under them meanwhile (another connection's socket): serve_shim's cleanup
-    closed again the fds _shim_send_fds had closed when its answer to a shim
-    that had already left failed, and a relay flushing to a program that was
-    gone closed one queued message's fds twice.
+    under them meanwhile (another connection's socket).
     """
     for fd in passed:
         with contextlib.suppress(OSError):
