@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from offload.errors import OffloadError
+from offload.errors import RootfsError
 
 FICLONE = 0x40049409  # <linux/fs.h> _IOW(0x94, 9, int)
 LINKABLE = frozenset({"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"})
@@ -62,12 +62,6 @@ PSEUDO = frozenset(
         "overlay",
     ]
 )
-
-
-class CopyError(OffloadError):
-    def __init__(self, message: str, *, path: str) -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = path
 
 
 @dataclass
@@ -111,7 +105,7 @@ class Copier:
         try:
             entries = sorted(os.scandir(src), key=lambda e: e.name)
         except OSError as exc:
-            raise CopyError(f"cannot list: {exc.strerror}", path=src) from None
+            raise RootfsError(f"{src}: cannot list: {exc.strerror}") from None
         for entry in entries:
             path = entry.path
             target = os.path.join(dst, entry.name)
@@ -164,7 +158,7 @@ class Copier:
                 with open(dst, "wb") as fout:
                     _sendfile_all(fin.fileno(), fout.fileno(), info.st_size)
         except OSError as exc:
-            raise CopyError(f"cannot copy: {exc.strerror}", path=src) from None
+            raise RootfsError(f"{src}: cannot copy: {exc.strerror}") from None
         _metadata(src, dst, info)
         self._remember(key, info, dst)
 
@@ -220,7 +214,7 @@ def _metadata(src: str, dst: str, info: os.stat_result, xattrs: bool = True) -> 
                 os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
         except OSError as exc:
             if exc.errno not in (errno.ENOTSUP, errno.EPERM, errno.ENODATA):
-                raise CopyError(f"cannot copy extended attributes: {exc.strerror}", path=src) from None
+                raise RootfsError(f"{src}: cannot copy extended attributes: {exc.strerror}") from None
     if not stat.S_ISLNK(info.st_mode):
         os.chmod(dst, stat.S_IMODE(info.st_mode))
     os.utime(dst, ns=(info.st_atime_ns, info.st_mtime_ns), follow_symlinks=False)
