@@ -172,14 +172,11 @@ class PrepareConfig:
         if not self.qtfs_staging.startswith("/") or ".." in self.qtfs_staging.split("/"):
             raise ConfigError(f"qtfs_staging = {self.qtfs_staging!r} must be absolute, without '..'")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return json.dumps(dataclasses.asdict(self), indent=2)
 
     def to_toml(self) -> str:
-        return _to_toml(self.to_dict())
+        return _to_toml(dataclasses.asdict(self))
 
 
 def from_dict(data: dict[str, Any], *, origin: str | None = None) -> PrepareConfig:

@@ -38,9 +38,6 @@ class Manifest:
     overlay: dict[str, Any] = field(default_factory=dict)  # lower, upper, work, nested (overlay mode)
     version: int = VERSION
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_json(cls, document: dict[str, Any], *, source: str = "manifest") -> Manifest:
         try:
@@ -75,7 +72,7 @@ def read(path: Path) -> Manifest | None:
 
 
 def render(manifest: Manifest) -> bytes:
-    return (json.dumps(manifest.to_json(), indent=1, sort_keys=True) + "\n").encode()
+    return (json.dumps(asdict(manifest), indent=1, sort_keys=True) + "\n").encode()
 
 
 def sha256(data: bytes) -> str:
