@@ -94,16 +94,13 @@ def locked(target: str, report: Report = _quiet) -> Iterator[None]:
     """One prepare or teardown of ``target`` at a time (flock on the directory itself)."""
     import fcntl
 
-    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
+    with closing(os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)) as fd:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             report(f"waiting for another prepare or teardown of {target} to finish")
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
-    finally:
-        os.close(fd)
 
 
 def prepare(plan: Plan, *, report: Report = _quiet, fail_at: int | None = None) -> Summary:
