@@ -203,12 +203,10 @@ def adopt_orphans(enable: bool) -> None:
     machine (see prctl(2)).  Whoever enables this must call `reap_orphans`
     on every SIGCHLD.
     """
-    import ctypes
+    from offload.qtfs.resolve import libc, libc_error
 
-    libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_CHILD_SUBREAPER, int(enable), 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+        raise libc_error("prctl(PR_SET_CHILD_SUBREAPER)")
 
 
 def reap_orphans() -> list[int]:

@@ -12,7 +12,6 @@ are relayed by a `PtyEnd` on each side, over a connection of their own.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
@@ -23,7 +22,7 @@ import termios
 from collections.abc import Sequence
 
 from offload.fdinfo import closing
-from offload.qtfs.resolve import openat2
+from offload.qtfs.resolve import libc, libc_error, openat2
 
 # <asm-generic/ioctls.h>: not in the termios module.
 TIOCGPTN = 0x80045430
@@ -32,9 +31,6 @@ TIOCGPTPEER = 0x5441
 #: The major and minor numbers of /dev/ptmx and of each devpts instance's ptmx.
 PTMX_DEVICE = os.makedev(5, 2)
 SYS_PIDFD_GETFD = 438  # asm-generic, the same everywhere
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 def pty_index(master: int) -> int:
@@ -95,8 +91,7 @@ def allocate_in_root(pid: int) -> tuple[int, int]:
 def _checked(result: int) -> int:
     """A libc call's result; OSError with its errno if it failed."""
     if result < 0:
-        error = ctypes.get_errno()
-        raise OSError(error, os.strerror(error))
+        raise libc_error()
     return int(result)
 
 
@@ -124,7 +119,7 @@ def program_pty_peer(pid: int, index: int) -> int:
     with closing(os.pidfd_open(pid)) as pidfd:
         for number in _ptmx_fds(pid, index):
             try:
-                master = _checked(_libc.syscall(SYS_PIDFD_GETFD, pidfd, number, 0))
+                master = _checked(libc.syscall(SYS_PIDFD_GETFD, pidfd, number, 0))
             except OSError:
                 continue
             with closing(master):
@@ -151,9 +146,9 @@ IN_Q_OVERFLOW = 0x4000
 def _watch_opens(master: int) -> int:
     """An inotify fd that becomes readable when the pty of ``master`` is opened or closed."""
     with closing(fcntl.ioctl(master, TIOCGPTPEER, os.O_PATH | os.O_CLOEXEC)) as peer:  # not an opener itself
-        watch = _checked(_libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+        watch = _checked(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
         try:
-            _checked(_libc.inotify_add_watch(watch, f"/proc/self/fd/{peer}".encode(), IN_OPEN | IN_CLOSE))
+            _checked(libc.inotify_add_watch(watch, f"/proc/self/fd/{peer}".encode(), IN_OPEN | IN_CLOSE))
         except OSError:
             os.close(watch)
             raise

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from offload.errors import RefusedError
+from offload.qtfs.resolve import libc, libc_error
 
 T = TypeVar("T")
 
@@ -90,18 +91,14 @@ _SYSCALLS = {
     "aarch64": {"setgroups": 159, "setresuid": 147, "setresgid": 149},
     "riscv64": {"setgroups": 159, "setresuid": 147, "setresgid": 149},
 }
-_libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
 
 
 def _call(name: str, *args: object) -> None:
     numbers = _SYSCALLS.get(platform.machine())
     if numbers is None:
         raise OSError(0, f"acting as another user is not implemented on {platform.machine()}")
-    if _syscall(numbers[name], *args) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{name}: {os.strerror(err)}")
+    if libc.syscall(numbers[name], *args) != 0:
+        raise libc_error(name)
 
 
 def _become(user: RemoteUser) -> None:
