@@ -41,6 +41,16 @@ def closing(fd: int) -> Iterator[int]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def closed_on_error(fd: int) -> Iterator[int]:
+    """``fd``, closed if the block raises: its owner until the caller takes it over."""
+    try:
+        yield fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _access(flags: int) -> str:
     return {os.O_RDONLY: "r", os.O_WRONLY: "w"}.get(flags & os.O_ACCMODE, "rw")
 

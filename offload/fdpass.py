@@ -116,7 +116,7 @@ def materialize(description: FdDescription, shared: tuple[str, ...], user: users
         # O_NONBLOCK so that a FIFO or device at that path cannot block us;
         # only a regular file is what the sender had.
         fd = users.run_as(user, lambda: open_beneath(description.path, shared, flags))
-        try:
+        with fdinfo.closed_on_error(fd):
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EOPNOTSUPP, "not a regular file here", description.path)
@@ -130,9 +130,6 @@ def materialize(description: FdDescription, shared: tuple[str, ...], user: users
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
             if not description.append:
                 os.lseek(fd, description.offset, os.SEEK_SET)
-        except BaseException:
-            os.close(fd)
-            raise
         return fd, None
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     if description.kind == "pipe_r":  # the program reads what the channel brings

@@ -21,7 +21,7 @@ import struct
 import termios
 from collections.abc import Sequence
 
-from offload.fdinfo import closing
+from offload.fdinfo import closed_on_error, closing
 from offload.qtfs.resolve import libc, libc_error, openat2
 
 # <asm-generic/ioctls.h>: not in the termios module.
@@ -76,16 +76,13 @@ def allocate_in_root(pid: int) -> tuple[int, int]:
     """
     with closing(os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) as root:
         master = openat2(root, b"dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK, no_symlinks=True)
-    try:
+    with closed_on_error(master):
         info = os.fstat(master)
         if not stat.S_ISCHR(info.st_mode) or info.st_rdev != PTMX_DEVICE:
             raise OSError(errno.ENOTTY, f"/dev/pts/ptmx in the root of pid {pid} is not a ptmx")
         fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))  # unlockpt(3)
         make_raw(master)
         return master, pty_index(master)
-    except BaseException:
-        os.close(master)
-        raise
 
 
 def _checked(result: int) -> int:
@@ -147,11 +144,8 @@ def _watch_opens(master: int) -> int:
     """An inotify fd that becomes readable when the pty of ``master`` is opened or closed."""
     with closing(fcntl.ioctl(master, TIOCGPTPEER, os.O_PATH | os.O_CLOEXEC)) as peer:  # not an opener itself
         watch = _checked(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
-        try:
+        with closed_on_error(watch):
             _checked(libc.inotify_add_watch(watch, f"/proc/self/fd/{peer}".encode(), IN_OPEN | IN_CLOSE))
-        except OSError:
-            os.close(watch)
-            raise
         return watch
 
 
@@ -188,11 +182,8 @@ class PtyEnd:
         self.fd = fd
         self.watch = -1
         if console:
-            try:
+            with closed_on_error(fd):
                 self.watch = _watch_opens(fd)
-            except BaseException:
-                os.close(fd)
-                raise
         self.attached = not console  # a console's: until someone opens it
 
     def fileno(self) -> int:
