@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from offload import log as log_module
@@ -34,11 +35,7 @@ def _identity(role: str | None):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="offload", description="DPU offload runtime for libvirtd.")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def add_commands(commands: argparse._SubParsersAction) -> None:
     pki_parser = commands.add_parser("pki", help="certificates for mutual TLS between host and DPU")
     pki_commands = pki_parser.add_subparsers(dest="pki_command", required=True, metavar="COMMAND")
     init = pki_commands.add_parser("init", help="create a CA and one certificate per node")
@@ -55,15 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     for package in ("lab", "rootfs_builder", "mounts", "rexec"):
         importlib.import_module(f"offload.{package}.cli").add_commands(commands)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(build_parser(), argv)
+    run("DPU offload runtime for libvirtd.", add_commands, argv)
 
 
-def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None:
-    """Parse, set up logging, run the chosen command's handler; errors become exit statuses."""
+def run(description: str, add: Callable[[argparse._SubParsersAction], None], argv: list[str] | None = None) -> None:
+    """``offload`` with the subcommands ``add`` makes: parse, log, run the handler; errors become exit statuses."""
+    parser = argparse.ArgumentParser(prog="offload", description=description)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)
     log_module.setup("offload", args.log_level)
     try:

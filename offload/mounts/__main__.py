@@ -7,18 +7,12 @@ command-line code (the bench shows both).
 
 from __future__ import annotations
 
-import argparse
-
 from offload import cli as offload_cli
 from offload.mounts import cli
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="offload", description="mount orchestrator for /another_rootfs")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    cli.add_commands(commands)
-    offload_cli.run(parser, argv)
+    offload_cli.run("mount orchestrator for /another_rootfs", cli.add_commands, argv)
 
 
 if __name__ == "__main__":
