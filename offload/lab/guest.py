@@ -3,14 +3,10 @@
 The kernel comes from Debian's ``linux-image-*-cloud-amd64`` package (the
 smallest one with virtio and the 8250 serial console built in), fetched with
 ``apt-get download`` into a cache, so it is exactly what the distribution
-ships.  The initramfs is written here: busybox (static, from Debian's
-busybox-static) as /init's shell, and an /init that prints ``MARKER`` and
-the guest's uptime on the serial console, then ``TICK`` and a counter
-every second until it is stopped: a guest restored from a save image goes
-on counting from where it was, one that booted again starts over.  Each
-line typed on the serial console comes back as ``ECHO`` and the line.  The
-kernel is cached by package version, the initramfs by its /init as well;
-building them again is free.
+ships.  The initramfs is static busybox (Debian's busybox-static) and
+``INIT``, whose counter tells a guest restored from a save image (it counts
+on) from one that booted again (it starts over).  The kernel is cached by
+package version, the initramfs by its /init as well.
 """
 
 from __future__ import annotations
@@ -108,35 +104,22 @@ def _fetch_kernel(package: str, directory: Path, kernel: Path) -> None:
 def _initramfs() -> bytes:
     if not BUSYBOX.exists():
         raise LabError(f"{BUSYBOX} is missing (Debian package busybox-static; run make setup)")
-    archive = NewcArchive()
-    for directory in ("bin", "dev", "proc"):
-        archive.add(directory, stat.S_IFDIR | 0o755)
-    archive.add("bin/busybox", stat.S_IFREG | 0o755, BUSYBOX.read_bytes())
-    archive.add("init", stat.S_IFREG | 0o755, INIT.encode())
-    return gzip.compress(archive.finish(), compresslevel=1)
+    files = [(directory, stat.S_IFDIR | 0o755, b"") for directory in ("bin", "dev", "proc")]
+    files.append(("bin/busybox", stat.S_IFREG | 0o755, BUSYBOX.read_bytes()))
+    files.append(("init", stat.S_IFREG | 0o755, INIT.encode()))
+    return gzip.compress(_newc(files), compresslevel=1)
 
 
-class NewcArchive:
-    """The kernel's initramfs format: cpio "newc" (see the kernel's ramfs-rootfs-initramfs.rst)."""
-
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
-        self._inode = 1
-
-    def add(self, name: str, mode: int, data: bytes = b"") -> None:
-        self._entry(name, mode, data, nlink=2 if stat.S_ISDIR(mode) else 1)
-
-    def finish(self) -> bytes:
-        self._entry("TRAILER!!!", 0, b"", nlink=1)
-        return b"".join(self._parts)
-
-    def _entry(self, name: str, mode: int, data: bytes, nlink: int) -> None:
+def _newc(files: list[tuple[str, int, bytes]]) -> bytes:
+    """``files`` (name, mode, data) in the kernel's initramfs format: cpio "newc" (ramfs-rootfs-initramfs.rst)."""
+    parts = []
+    for inode, (name, mode, data) in enumerate([*files, ("TRAILER!!!", 0, b"")], start=1):
         encoded = name.encode() + b"\0"
-        fields = [self._inode, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
-        self._inode += 1
+        nlink = 2 if stat.S_ISDIR(mode) else 1
+        fields = [inode, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
         header = b"070701" + b"".join(b"%08X" % value for value in fields)
-        self._parts.append(_pad4(header + encoded))
-        self._parts.append(_pad4(data))
+        parts += [_pad4(header + encoded), _pad4(data)]
+    return b"".join(parts)
 
 
 def _pad4(data: bytes) -> bytes:
