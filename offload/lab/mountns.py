@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import select
 import shlex
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 from offload import proc
 from offload.errors import LabError
 from offload.lab import cgroups
+from offload.lab.libvirt import wait_until
 
 READY_LINE = b"offload-lab-namespace-ready\n"
 READY_TIMEOUT = 10.0
@@ -225,8 +225,8 @@ def namespace_of(pid: int, kind: str = "net") -> str | None:
 def entered_program(pid: int) -> int:
     """The program a process started by `enter` runs: its child where it entered a pid namespace
     (waited for while that process is still entering)."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
+
+    def program() -> int | None:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as file:
                 argv = file.read().split(b"\0")
@@ -236,13 +236,13 @@ def entered_program(pid: int) -> int:
             return pid
         # An empty command line: the process is still in execve (its
         # starter hears of the exec a moment before the arguments show).
-        if argv != [b""] and (b"offload.lab.pidns" not in argv or b"enter" not in argv):
+        if argv == [b""]:
+            return None
+        if b"offload.lab.pidns" not in argv or b"enter" not in argv:
             return pid
-        if children and argv != [b""]:
-            return int(children[0])
-        if time.monotonic() > deadline:
-            raise LabError(f"pid {pid} started no program in {READY_TIMEOUT:.0f} s")
-        time.sleep(0.005)
+        return int(children[0]) if children else None
+
+    return wait_until(program, READY_TIMEOUT, f"pid {pid} started no program in {READY_TIMEOUT:.0f} s", interval=0.005)
 
 
 def pid_in_namespace(pid: int) -> int:
