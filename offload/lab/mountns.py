@@ -15,6 +15,7 @@ namespace goes with it, so no unmount list is needed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shlex
@@ -264,11 +265,8 @@ def pid_outside(holder_pid: int, pid: int) -> int | None:
         return pid
     namespace = os.readlink(f"/proc/{init}/ns/pid")
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if os.readlink(f"/proc/{entry}/ns/pid") == namespace and pid_in_namespace(int(entry)) == pid:
-                return int(entry)
-        except (OSError, LabError):
-            continue
+        if entry.isdigit() and namespace_of(int(entry), "pid") == namespace:
+            with contextlib.suppress(LabError):  # it ended meanwhile
+                if pid_in_namespace(int(entry)) == pid:
+                    return int(entry)
     return None
