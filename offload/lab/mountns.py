@@ -159,8 +159,7 @@ def start_holder(
     own, the latter rooted at those cgroups; their init is the holder's only
     child (offload.lab.pidns).
     """
-    own_pids = own_cgroups is not None
-    setup = ["sh", "-c", script(steps, own_pids), "offload-lab-ns"]
+    setup = ["sh", "-c", script(steps, own_pids=own_cgroups is not None), "offload-lab-ns"]
     if own_cgroups is not None:
         joined = [arg for place in own_cgroups for arg in ("--cgroup", str(place))]
         setup = [*proc.run_module("offload.lab.pidns"), "init", *joined, "--", *setup]
