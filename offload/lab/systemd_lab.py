@@ -251,7 +251,6 @@ class SystemdLab:
             raise LabError(f"{self.dir} exists: run 'offload lab systemd down --name {self.name}' first")
         self.dir.mkdir(parents=True)
         netlink.create_pair(self.host, self.dpu)
-        self._record("netns", 1)
         # systemd-nspawn keeps locks in /run/systemd/nspawn; made here, removed by down.
         for made, directory in (("made-run-systemd", NSPAWN_STATE.parent), ("made-nspawn-state", NSPAWN_STATE)):
             if not directory.exists():
