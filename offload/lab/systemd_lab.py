@@ -220,19 +220,10 @@ class SystemdLab:
 
     def command(self, role: str, argv: Sequence[str]) -> list[str]:
         """``argv`` run inside the container: its namespaces and root, a clean environment."""
-        return [
-            "nsenter",
-            f"--target={self.leader(role)}",
-            "--all",
-            "--root",
-            "--wd",  # the container PID 1's cwd, its /
-            "env",
-            "-i",
-            *(f"{name}={value}" for name, value in libvirt.UNIT_ENV.items()),
-            "SYSTEMD_PAGER=",
-            "SYSTEMD_COLORS=0",
-            *argv,
-        ]
+        env = {**libvirt.UNIT_ENV, "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0"}
+        # --wd: the container PID 1's cwd, its /.
+        enter = ["nsenter", f"--target={self.leader(role)}", "--all", "--root", "--wd"]
+        return [*enter, "env", "-i", *(f"{name}={value}" for name, value in env.items()), *argv]
 
     def run(self, role: str, *argv: str, check: bool = True, timeout: float = 120) -> CompletedProcess[str]:
         return proc.run(self.command(role, argv), check=check, timeout=timeout)
