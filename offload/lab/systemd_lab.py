@@ -1,11 +1,6 @@
 """The systemd lab: the host side and the DPU side as two containers with systemd as PID 1.
 
 It deploys the Debian package as an operator does (README, "The systemd lab").
-Nothing registers with machined (``--register=no``): the lab owns the
-nspawn processes it starts and records their pids, and a command runs in a
-container through ``nsenter`` into its PID 1's namespaces.  ``down``
-powers each container off (SIGRTMIN+4 to its PID 1, as ``machinectl
-poweroff`` does) and SIGKILLs that PID 1 only if nspawn does not exit.
 """
 
 from __future__ import annotations
