@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="offload lab systemd")
     parser.add_argument("--name", help=f"lab name, at most 9 characters (default {DEFAULT_NAME})")
     _actions(parser)
-    parser.set_defaults(handler=_run)
     args = parser.parse_args(argv)
     return int(args.handler(args))
 
