@@ -52,10 +52,8 @@ def hierarchies() -> list[Hierarchy]:
 def subtree(name: str) -> list[Path]:
     """Where the side called ``name`` gets its cgroup in every hierarchy: below our own cgroup there."""
     places = []
-    with open("/proc/self/cgroup") as file:
-        lines = file.read().splitlines()
     known = hierarchies()
-    for line in lines:
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
         hierarchy = next((h for h in known if h.holds(controllers)), None)
         if hierarchy is not None:
