@@ -1,12 +1,8 @@
 """The DPU side's own pid namespace: its init, and how a command enters the side.
 
-On two machines the host's pids, thread ids and cgroups mean nothing on the
-DPU.  The lab's DPU side gets the same separation on one kernel: its
-namespace holder creates a pid namespace (and a cgroup namespace) whose
-init is this module's ``init``, so a DPU program sees the DPU's processes
-only, with the DPU's numbers, and a host pid that leaks across (a pidfile,
-a thread id from qemu's monitor) names nothing there, or the wrong thing,
-exactly as it would on real hardware.
+The DPU side's namespace holder creates a pid namespace (and a cgroup
+namespace) whose init is ``init``: a host pid that leaks across (a pidfile,
+a thread id from qemu's monitor) names nothing there, as on real hardware.
 
 ``init`` runs the side's set-up script as its first child, then stays pid 1
 of the namespace: it reaps every orphan (libvirt's daemonized children,
