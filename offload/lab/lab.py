@@ -2,9 +2,7 @@
 
 Every process ``up`` starts is recorded in the lab's state file before
 ``up`` waits for it, so ``down`` can remove everything after a failed ``up``
-too.  Each daemon runs under a service manager of its own
-(offload.lab.manager), which plays systemd's part: readiness, and the fd
-store a daemon finds again after `Lab.restart_service`.
+too.
 
 The two sides cannot see each other's private files: each side's mount
 namespace hides the other side's key (pki/NODE/key.pem with all of
@@ -223,22 +221,13 @@ class Lab:
         return int(pid)
 
     def program_pid(self, key: str) -> int:
-        """The pid of the program a process the lab started runs (e.g. the DPU's rexec_server itself).
-
-        `pid_of` names what the lab started and ends; on the DPU side that is
-        the process that entered the side's pid namespace, the parent of the
-        program (offload.lab.pidns), which lives exactly as long as it.
-        """
+        """The pid of the program (`_program`) a process the lab started runs (e.g. the DPU's rexec_server itself)."""
         pid = self.pid_of(key)
         role = key.split("-", 1)[0]
         return self._program(role, pid) if role in ("host", "dpu") else pid
 
     def pid_on(self, role: str, pid: int) -> int:
-        """The number ``role``'s side gives process ``pid`` (numbered here).
-
-        For a process started with `command`, the program it runs: on the
-        DPU side that is the entering process's child (offload.lab.pidns).
-        """
+        """The number ``role``'s side gives the program (`_program`) of process ``pid``, started with `command`."""
         return mountns.pid_in_namespace(self._program(role, pid))
 
     def pid_here(self, role: str, pid: int) -> int:
@@ -249,6 +238,8 @@ class Lab:
         return found
 
     def _program(self, role: str, pid: int) -> int:
+        """What process ``pid`` runs: on the DPU side, where it entered the side's pid namespace, its child
+        (offload.lab.pidns), which lives exactly as long as it; elsewhere the process itself."""
         holder = self._state()["pids"].get(f"{role}-ns")
         if holder is None or mountns.init_of(holder) is None:
             return pid
