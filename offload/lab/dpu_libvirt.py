@@ -34,11 +34,7 @@ LIBVIRTD_ENV = {
 
 
 def target(lab: Lab) -> Path:
-    """The DPU side's /another_rootfs (inside the lab's directory, so down removes it).
-
-    Its overlay layers are made beside it, in a directory the host side's
-    mount namespace hides (``Lab.rootfs_dir``).
-    """
+    """The DPU side's /another_rootfs, in ``Lab.rootfs_dir`` beside its overlay layers (so down removes it)."""
     return lab.rootfs_dir / "another_rootfs"
 
 
