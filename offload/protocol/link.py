@@ -94,7 +94,7 @@ class Registry:
         channel: int | None = 0,
         limit: int = 4096,
     ) -> None:
-        """Declare an event that is the JSON object of ``fields`` (name, JSON type), strings kept to ``limit``.
+        """Declare an event that is the JSON object of ``fields`` (name, JSON type): strings kept to ``limit``, lists as tuples.
 
         It travels on ``channel`` and is refused on any other; with None, on
         the channel its own ``channel`` field names, never the control channel 0.
@@ -110,7 +110,10 @@ class Registry:
                 raise RemoteProtocolError(f"{what} on channel {got}")
             document = messages.load(payload, what)
             found = (messages.field(document, name, kind, what) for name, kind in fields)
-            values = [value[:limit] if isinstance(value, str) else value for value in found]
+            values = [
+                value[:limit] if isinstance(value, str) else tuple(value) if isinstance(value, list) else value
+                for value in found
+            ]
             return event(*values) if channel is not None else event(got, *values)
 
         self.declare(code, event, sender=sender, encode=encode, decode=decode)
