@@ -962,15 +962,9 @@ def materialize_all(
 
 def detach(stream: trio.abc.Stream) -> tuple[socket.socket, PlainCipher]:
     """The socket under an authenticated stream and its cipher, for a Relay; the stream must not be used again."""
-    cipher: PlainCipher
-    raw: trio.abc.Stream
-    if isinstance(stream, TlsStream):
-        # The session the handshake made continues in the relay thread.
-        cipher = TlsCipher(*stream.session())
-        raw = stream.raw
-    else:
-        cipher = PlainCipher()
-        raw = stream
+    # The session the handshake made continues in the relay thread.
+    cipher = TlsCipher(*stream.session()) if isinstance(stream, TlsStream) else PlainCipher()
+    raw = stream.raw if isinstance(stream, TlsStream) else stream
     assert isinstance(raw, trio.SocketStream)
     link = socket.socket(fileno=raw.socket.detach())
     if link.family in (socket.AF_INET, socket.AF_INET6):
