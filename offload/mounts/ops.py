@@ -131,6 +131,13 @@ class Step:
     def execute(self, ctx: Direct) -> Outcome:
         raise NotImplementedError
 
+    def _in_place(self, entries: tuple[MountEntry, ...]) -> bool:
+        """True when what this step makes is there already; raise when something else is."""
+        found = self.check(entries)
+        if found.state == WRONG:
+            raise _conflict(self.path, found.detail)
+        return found.state in (MOUNTED, PRESENT)
+
 
 class _MountStep(Step):
     """Shared logic of the steps that mount something at ``path``."""
@@ -153,13 +160,6 @@ class _MountStep(Step):
             return Outcome(MISSING)
         problem = self.mismatch(stack[self.layer], entries)
         return Outcome(WRONG, problem) if problem else Outcome(MOUNTED)
-
-    def _already(self, ctx: Direct) -> bool:
-        """True when the mount is in place; raise when something else is."""
-        found = self.check(ctx.entries())
-        if found.state == WRONG:
-            raise _conflict(self.path, found.detail)
-        return found.state == MOUNTED
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -205,7 +205,7 @@ class MountOp(_MountStep):
         return None
 
     def execute(self, ctx: Direct) -> Outcome:
-        if self._already(ctx):
+        if self._in_place(ctx.entries()):
             return Outcome(ALREADY)
         flags, data, late_ro = self._split()
         with (
@@ -311,7 +311,7 @@ class BindOp(_MountStep):
         if source is None:
             return Outcome(SKIPPED, f"{self.source} does not exist")
         with closing(source):
-            if self._already(ctx):
+            if self._in_place(ctx.entries()):
                 return Outcome(ALREADY)
             is_dir = stat.S_ISDIR(os.fstat(source).st_mode)
             make = "" if not self.create_target else paths.DIRECTORY if is_dir else paths.FILE
@@ -365,7 +365,7 @@ class QtfsMount(_MountStep):
         return f"{entry.fstype} ({entry.source}) is mounted there, expected qtfs from {self.address}:{self.remote}"
 
     def execute(self, ctx: Direct) -> Outcome:
-        if self._already(ctx):
+        if self._in_place(ctx.entries()):
             return Outcome(ALREADY)
         # The client mounts by path (libfuse): the path is checked for
         # symlinks right before, and the mount found afterwards must sit on
@@ -414,10 +414,7 @@ class _MadeStep(Step):
         return Outcome(WRONG, problem) if problem else Outcome(PRESENT)
 
     def execute(self, ctx: Direct) -> Outcome:
-        found = self.check(())
-        if found.state == WRONG:
-            raise _conflict(self.path, found.detail)
-        if found.state == PRESENT:
+        if self._in_place(()):
             return Outcome(ALREADY)
         self.make(ctx)
         return Outcome(DONE)
