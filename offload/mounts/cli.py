@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+from collections import Counter
 
 from offload.mounts import config as config_module
 from offload.mounts import machine, ops, orchestrator, paths
@@ -72,9 +73,8 @@ def _status(args: argparse.Namespace) -> int:
     config, target = _config(args)
     rows = orchestrator.status(make_plan(config, target))
     width = max((len(row.what) for row in rows), default=0)
-    counts: dict[str, int] = {}
+    counts = Counter(row.state for row in rows)
     for row in rows:
-        counts[row.state] = counts.get(row.state, 0) + 1
         detail = f"  ({row.detail})" if row.detail else ""
         print(f"{row.state:<8} {row.what:<{width}}  {row.path}{detail}")
     print(f"{target}: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
