@@ -23,7 +23,6 @@ MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
 MS_SYNCHRONOUS = 16
-MS_REMOUNT = 32
 MS_MANDLOCK = 64
 MS_DIRSYNC = 128
 MS_NOSYMFOLLOW = 256
@@ -95,8 +94,6 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, d
         number = ctypes.get_errno()
         if flags & MS_BIND:
             what = f"mount --{'r' if flags & MS_REC else ''}bind {source} {target}"
-        elif flags & MS_REMOUNT:
-            what = f"mount -o remount {target}"
         else:
             what = f"mount -t {fstype} {source} {target}"
         raise failure(what, target, number)
