@@ -1,9 +1,4 @@
-"""Carrying an fd passed by SCM_RIGHTS to the other machine: the one implementation.
-
-udsproxy's carried connections and rexec's bridged connections (libvirt's
-QMP monitor, where ``getfd`` and ``add-fd`` pass the pipes of save,
-restore and dump) use it; each frames the descriptions its own way
-(`offload.protocol.fdpass`).
+"""Carrying an fd passed by SCM_RIGHTS to the other machine: the one implementation (ARCHITECTURE.md).
 
 The sender describes each fd (`prepare`): a regular file under a shared
 prefix travels by path, access mode, O_APPEND and offset; /dev/null by

@@ -2,11 +2,7 @@
 
 Addresses: ``tcp://HOST:PORT`` (also bare ``HOST:PORT``, as the reference's
 CMD_NET_ADDR allows), ``vsock://CID:PORT`` and ``unix:///PATH``.  Links are
-mutual TLS 1.3 (`offload.pki`) unless the operator asks for ``--insecure``;
-`Transport` decides at every handshake, on both sides, who may be at the
-other end.  `serve_listeners` is every daemon's one accept loop, and
-`translate_errors` turns foreign exceptions into `TransportError` and
-`AuthenticationError`, naming the address.
+mutual TLS 1.3 (`offload.pki`) unless the operator asks for ``--insecure``.
 """
 
 from __future__ import annotations

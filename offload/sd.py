@@ -1,10 +1,7 @@
 """The service manager's protocol, in one place: sd_notify states and the file descriptor store.
 
-`notify` sends READY, RELOADING and STOPPING for Type=notify units.  The
-store keeps fds across a restart of the daemon (systemd.service(5),
-FileDescriptorStoreMax=): `store_fds` hands fds to the manager under a name,
-`remove_fds` drops a name's fds, and `inherited_fds` takes what the manager
-passed back at start (sd_listen_fds_with_names(3)).
+The store keeps fds across a restart of the daemon (systemd.service(5),
+FileDescriptorStoreMax=; sd_listen_fds_with_names(3) for how they come back).
 """
 
 from __future__ import annotations

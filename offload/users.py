@@ -1,10 +1,7 @@
-"""Who a peer's request acts as on this machine, and acting as that user.
+"""Who a peer's request acts as on this machine (`map_user`), and acting as that user (`run_as`).
 
-The acting side of every service maps the requester's user name to a
-local account (`map_user`, with the operator's CALLER=REMOTE map) and does
-the work with that account's credentials, never simply as the daemon's
-root.  rexec execs its programs as that user; udsproxy connects sockets
-and re-opens passed files as that user through `run_as`.
+The acting side of every service does the work with the mapped account's
+credentials, never simply as the daemon's root.
 """
 
 from __future__ import annotations

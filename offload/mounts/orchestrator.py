@@ -4,12 +4,10 @@
 changed something registers its undo, and a failure anywhere unwinds
 exactly those, newest first, before the error goes up (naming the step and
 the kernel's errno).  Every mount it makes is recorded by its mount id
-(offload.mounts.records).  `teardown` does not trust any plan: it unmounts
-whatever /proc/self/mountinfo shows below the target and whatever the
-record names (and everything mounted below those), newest mount first (so
-children before parents, and a covering mount before what it covers),
-removes the files prepare wrote there, and checks that nothing is left.  A userspace qtfs mount is taken down
-with its client: teardown returns once the clients have ended.
+(offload.mounts.records).  `teardown` does not trust any plan: it takes
+down what `targets_below` finds, newest mount first (so children before
+parents, and a covering mount before what it covers), and a userspace qtfs
+mount with its client: it returns once the clients have ended.
 """
 
 from __future__ import annotations
