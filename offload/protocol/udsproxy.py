@@ -17,12 +17,6 @@ in order, with FdsResult (an errno name, or empty when it delivered them).
 A pipe channel carries Data and one Eof from the side that reads the local
 pipe to the side that writes into one; the writer returns Window credits
 as it writes, so a slow pipe reader never stalls the other channels.
-
-The local requests of the LD_PRELOAD shim (native/qtfs_shim.c) use the same
-frame header on the daemon's UNIX socket: Connect (0x50: u16 socket type,
-path), its answer (0x51: u32 errno; the connected socket by SCM_RIGHTS),
-SendFds (0x52: the bytes of one sendmsg; SCM_RIGHTS carries the proxied
-socket first, then the fds to pass) and its answer (0x53: u32 errno).
 """
 
 from __future__ import annotations
@@ -55,11 +49,11 @@ MAX_FRAME = MAX_DATA + 1024
 SOCKET_TYPES = ("stream", "seqpacket")
 MAX_CHANNEL = 1 << 31
 
-# The shim's requests to its local udsproxyd.
-SHIM_CONNECT = 0x50
-SHIM_CONNECTED = 0x51
-SHIM_SEND_FDS = 0x52
-SHIM_SENT = 0x53
+# The requests of the LD_PRELOAD shim (native/qtfs_shim.c) to its udsproxyd, in the same frames.
+SHIM_CONNECT = 0x50  # u16 socket type, then the path
+SHIM_CONNECTED = 0x51  # u32 errno; the connected socket by SCM_RIGHTS
+SHIM_SEND_FDS = 0x52  # the bytes of one sendmsg; SCM_RIGHTS: the carried socket first, then the fds to pass
+SHIM_SENT = 0x53  # u32 errno
 #: The answer to a Connect for a path this side does not carry (not under
 #: its --allow prefixes): the caller keeps the error its own connect() had,
 #: so, e.g., libvirt still sees ENOENT for a daemon it may start itself.
