@@ -553,10 +553,8 @@ class Execution:
                     self._signal(link, event.signum)
                 elif isinstance(event, Open | OpenPty) and self.state.grants.stopping:
                     continue  # paused for the next server, which answers when the peer asks again
-                elif isinstance(event, Open):
-                    nursery.start_soon(self._bridge, link, event)
-                elif isinstance(event, OpenPty):
-                    nursery.start_soon(self._pty, link, event)
+                elif isinstance(event, Open | OpenPty):
+                    nursery.start_soon(self._answer, link, event)
                 elif isinstance(event, Hangup):
                     raise TransportError(f"session {self.id}: the caller is gone (its stand-in ended)")
                 elif isinstance(event, Closed | LinkFailed):
@@ -581,60 +579,58 @@ class Execution:
             elif self.process is not None and self.process.returncode is None:
                 self.process.send_signal(signum)
 
-    async def _bridge(self, link: SessionLink, event: Open) -> None:
-        """Answer with a ticket for a connection to the program's bridged listener ``event.fd``, carrying the
-        fds its programs pass as the program's user; ``event.conn`` names one whose link was lost, attached again."""
+    async def _answer(self, link: SessionLink, event: Open | OpenPty) -> None:
+        """Answer with a ticket for a connection of its own (`attached`), or refuse it with a log line."""
+        assert self.process is not None
+        peer = attached.who(link.peer, link.stream)
+        try:
+            grant = self._bridge(peer, event) if isinstance(event, Open) else self._pty(peer, event)
+            token = self.state.grants.issue(grant)
+            if token is None:
+                raise RefusedError(f"{grant.what}: too many unused tickets")
+            answer: Ticket | Reset = Ticket(event.channel, token, grant.conn)
+        except RefusedError as exc:
+            log.warning("session %d: refused to %s: %s", self.id, link.peer, exc)
+            answer = Reset(event.channel, str(exc))
+        with self._link_may_fail():
+            await link.send(answer)
+            link.drop_channel(event.channel)
+
+    def _bridge(self, peer: str, event: Open) -> Grant:
+        """A connection to the program's bridged listener ``event.fd``, carrying the fds its programs pass as the
+        program's user; ``event.conn`` names one whose link was lost, attached again."""
         assert self.user is not None and self.process is not None
         path = self.bridges.get(event.fd)
         if path is None:
-            await self._refuse(link, event.channel, f"a connection to fd {event.fd}: not a bridged listener")
-            return
+            raise RefusedError(f"a connection to fd {event.fd}: not a bridged listener")
         if event.conn and not self.bridged.holds(event.conn):
-            await self._refuse(link, event.channel, f"a connection to fd {event.fd}: it has no connection {event.conn}")
-            return
-        grant = Grant(
+            raise RefusedError(f"a connection to fd {event.fd}: it has no connection {event.conn}")
+        return Grant(
             self.id,
             self.process,
-            attached.who(link.peer, link.stream),
+            peer,
             bridge=path,
             user=self.user,
             shared=self.config.shared_path,
             conn=event.conn or self.bridged.number(),
             ends=self.bridged,
         )
-        await self._grant(link, event.channel, grant)
 
-    async def _pty(self, link: SessionLink, event: OpenPty) -> None:
-        """Answer with a ticket for a pty whose master the program holds (qemu's serial console).
+    def _pty(self, peer: str, event: OpenPty) -> Grant:
+        """A pty whose master the program holds (qemu's serial console).
 
         Only the program's own ptys: the peer names a number, and the end
         is opened from the master the program holds (`offload.ptys`), never
-        by path; any other number is refused with a log line.
+        by path; any other number is refused.
         """
+        assert self.process is not None
         try:
-            if self.process is None or self.process.returncode is not None:
+            if self.process.returncode is not None:
                 raise PermissionError(errno.ESRCH, "the program has ended")
             os.close(ptys.program_pty_peer(self.process.pid, event.index))
         except OSError as exc:
-            await self._refuse(link, event.channel, f"pty {event.index}: {exc.strerror or exc}")
-            return
-        grant = Grant(self.id, self.process, attached.who(link.peer, link.stream), pty=event.index)
-        await self._grant(link, event.channel, grant)
-
-    async def _grant(self, link: SessionLink, channel: int, grant: Grant) -> None:
-        token = self.state.grants.issue(grant)
-        if token is None:
-            await self._refuse(link, channel, f"{grant.what}: too many unused tickets")
-            return
-        with self._link_may_fail():
-            await link.send(Ticket(channel, token, grant.conn))
-            link.drop_channel(channel)
-
-    async def _refuse(self, link: SessionLink, channel: int, why: str) -> None:
-        log.warning("session %d: refused to %s: %s", self.id, link.peer, why)
-        with self._link_may_fail():
-            await link.send(Reset(channel, why))
-            link.drop_channel(channel)
+            raise RefusedError(f"pty {event.index}: {exc.strerror or exc}") from None
+        return Grant(self.id, self.process, peer, pty=event.index)
 
     async def _follow_daemon(self, link: SessionLink) -> Exited | Refused:
         """The foreground exited 0: follow the daemon its pidfile names, if the program started it.
