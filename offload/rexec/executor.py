@@ -429,13 +429,9 @@ class Execution:
             nursery.start_soon(self._control_loop, link, nursery, control, lost)
             with lost:
                 await self.ended.wait()
-                await self._await_output(outputs)
                 daemonized = self.request is not None and self.request.daemon_pidfile and self.status == 0
-                if daemonized:
-                    exited = await self._follow_daemon(link)
-                else:
-                    await self._await_bridged()  # a daemon goes on with them
-                    exited = _exited(self.status)
+                await self._await_output(outputs, bridged=not daemonized)  # a daemon goes on with its connections
+                exited = await self._follow_daemon(link) if daemonized else _exited(self.status)
                 log.info("session %d: %s", self.id, _describe_exit(exited))
                 # Once the peer reads our last word it may send the next
                 # session's Exec on this link at once: our control loop must
@@ -514,9 +510,24 @@ class Execution:
             os.close(fd)
             self.keep.drop(f"ch{channel}")
 
-    async def _await_bridged(self) -> None:
-        """Wait until what the program wrote on bridged connections was sent (each relay's `sent`)."""
-        for relay in self.state.grants.bridged(self.id):
+    async def _await_output(self, outputs: list[tuple[ChannelState, trio.Event]], bridged: bool) -> None:
+        """Wait until what the program wrote (pipes, sockets, and if ``bridged`` its bridged connections: each
+        relay's `sent`) was sent, unless it stalls.
+
+        A program that writes and exits at once leaves its last bytes in
+        our ends; Exited must follow them, and ending the session cancels
+        every relay.
+        """
+        stalled = False
+        for output, done in outputs:
+            while not done.is_set() and not stalled:
+                before = output.read
+                with trio.move_on_after(OUTPUT_LINGER):
+                    await done.wait()
+                stalled = not done.is_set() and output.read == before
+        if stalled:
+            log.info("session %d: output still open %.0f s after exit; not waiting for it", self.id, OUTPUT_LINGER)
+        for relay in self.state.grants.bridged(self.id) if bridged else ():
             if not await attached.waited(relay.sent, OUTPUT_LINGER):
                 log.info(
                     "session %d: %s still open %.0f s after exit; not waiting for it",
@@ -525,24 +536,6 @@ class Execution:
                     OUTPUT_LINGER,
                 )
                 return
-
-    async def _await_output(self, outputs: list[tuple[ChannelState, trio.Event]]) -> None:
-        """Wait until what the program wrote (pipes, sockets, bridged connections) was sent, unless it stalls.
-
-        A program that writes and exits at once leaves its last bytes in
-        our ends; Exited must follow them, and ending the session cancels
-        every relay.
-        """
-        for output, done in outputs:
-            while not done.is_set():
-                before = output.read
-                with trio.move_on_after(OUTPUT_LINGER):
-                    await done.wait()
-                if not done.is_set() and output.read == before:
-                    log.info(
-                        "session %d: output still open %.0f s after exit; not waiting for it", self.id, OUTPUT_LINGER
-                    )
-                    return
 
     async def _control_loop(
         self, link: SessionLink, nursery: trio.Nursery, scope: trio.CancelScope, lost: trio.CancelScope
