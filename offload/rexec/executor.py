@@ -678,42 +678,34 @@ class Execution:
 
     async def _cleanup(self) -> None:
         self.state.grants.revoke(self.id)
-        running = self.process is not None and self.process.returncode is None
-        if self.state.grants.stopping and running and self.secret and self.keep.enabled:
-            assert self.process is not None
-            log.info("session %d: pid %d runs on, kept for the next rexec_server", self.id, self.process.pid)
-            self._close_fds()
-            return
-        if self.process is not None and running:
-            log.info("session %d: caller gone; ending pid %d", self.id, self.process.pid)
-            if isinstance(self.process, AdoptedProgram):
-                await trio.to_thread.run_sync(proc.end_pidfd, self.process.pidfd, self.config.kill_grace)
+        running = self.process if self.process is not None and self.process.returncode is None else None
+        kept = running is not None and self.state.grants.stopping and bool(self.secret) and self.keep.enabled
+        if running is not None and kept:
+            log.info("session %d: pid %d runs on, kept for the next rexec_server", self.id, running.pid)
+        elif running is not None:
+            log.info("session %d: caller gone; ending pid %d", self.id, running.pid)
+            if isinstance(running, AdoptedProgram):
+                await trio.to_thread.run_sync(proc.end_pidfd, running.pidfd, self.config.kill_grace)
             else:
-                await proc.terminate(self.process, self.config.kill_grace)
+                await proc.terminate(running, self.config.kill_grace)
         if self.daemon_pidfd is not None:
-            await self._end_daemon()
-        self._close_fds()
-        self.keep.forget()
-        for path in self.bridges.values():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-
-    def _close_fds(self) -> None:
+            try:
+                # In a thread that runs to its end even when we are cancelled: the daemon is always ended.
+                await trio.to_thread.run_sync(proc.end_pidfd, self.daemon_pidfd, self.config.kill_grace)
+            finally:
+                os.close(self.daemon_pidfd)
         for fd, _, _ in self.ends.values():
             os.close(fd)
         self.ends.clear()
         self.bridged.close()
         if isinstance(self.process, AdoptedProgram):
             os.close(self.process.pidfd)
-
-    async def _end_daemon(self) -> None:
-        assert self.daemon_pidfd is not None
-        pidfd, self.daemon_pidfd = self.daemon_pidfd, None
-        try:
-            # In a thread that runs to its end even when we are cancelled: the daemon is always ended.
-            await trio.to_thread.run_sync(proc.end_pidfd, pidfd, self.config.kill_grace)
-        finally:
-            os.close(pidfd)
+        if kept:
+            return  # the fd store's copies wait for the next server
+        self.keep.forget()
+        for path in self.bridges.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def _read_pidfile(path: str, shared: tuple[str, ...], node: str) -> int | None:
