@@ -648,7 +648,14 @@ class Execution:
     async def _open_daemon(self, path: str) -> tuple[int, int]:
         """The pid and a pidfd of the daemon ``path`` names, once it is known to be the program's; RefusedError otherwise."""
         assert self.user is not None and self.process is not None
-        pid = await self._read_daemon_pid(path, self.user)
+        read = partial(users.run_as, self.user, partial(_read_pidfile, path, self.config.shared_path, self.node))
+        for _ in range(50):  # qemu writes it before its foreground exits; allow a moment anyway
+            # In a thread: a file on a network or FUSE mount may take its time.
+            if (pid := await trio.to_thread.run_sync(read)) is not None:
+                break
+            await trio.sleep(0.02)
+        else:
+            raise RefusedError(f"{path} holds no pid after the foreground exited")
         try:
             # Opened before the checks: from here on it names this process,
             # whatever happens to the pid, and the checks are about it.
@@ -664,17 +671,6 @@ class Execution:
         except ProcessLookupError:
             raise RefusedError(f"{path} names pid {pid}, which is not running") from None
         return pid, pidfd
-
-    async def _read_daemon_pid(self, path: str, user: policy.RemoteUser) -> int:
-        """The pid in ``path``, read as ``user``; qemu writes it before its foreground exits, allow a moment anyway."""
-        read = partial(users.run_as, user, partial(_read_pidfile, path, self.config.shared_path, self.node))
-        for _ in range(50):
-            # In a thread: a file on a network or FUSE mount may take its time.
-            pid = await trio.to_thread.run_sync(read)
-            if pid is not None:
-                return pid
-            await trio.sleep(0.02)
-        raise RefusedError(f"{path} holds no pid after the foreground exited")
 
     async def _cleanup(self) -> None:
         self.state.grants.revoke(self.id)
