@@ -151,15 +151,6 @@ class Daemon:
         # make the 41st connection wait for another to end.
         self.threads = trio.CapacityLimiter(math.inf)
 
-    async def run_relay(self, relay: Relay, key: int | None = None) -> None:
-        if key is not None:
-            self.relays[key] = relay
-        try:
-            await run_in_thread(relay, self.threads)
-        finally:
-            if key is not None:
-                self.relays.pop(key, None)
-
     # -- the shim's side ---------------------------------------------------------------
 
     async def serve_shim(self, stream: trio.SocketStream) -> None:
@@ -251,7 +242,11 @@ class Daemon:
             leftover=leftover,
             name=path,
         )
-        await self.run_relay(relay, key)
+        self.relays[key] = relay
+        try:
+            await run_in_thread(relay, self.threads)
+        finally:
+            self.relays.pop(key, None)
 
     async def _shim_send_fds(self, sock: trio.socket.SocketType, payload: bytes, passed: list[int]) -> None:
         """A sendmsg with SCM_RIGHTS on a carried socket (the first of ``passed``): the fds travel in order with its bytes."""
@@ -370,7 +365,7 @@ class Daemon:
             leftover=leftover,
             name=request.path,
         )
-        await self.run_relay(relay)
+        await run_in_thread(relay, self.threads)
 
     async def _connect_here(self, request: wire.Connect, user: users.RemoteUser) -> socket.socket:
         """Connect to the requested socket on this machine as ``user``; OSError carries the errno to answer."""
