@@ -528,14 +528,11 @@ class Relay:
             self._submit(submission)
 
     def _submit(self, submission: Submission) -> None:
-        if self._paused:
-            submission.fail(errno.EPIPE)
-            return
         # What the program wrote before its sendmsg is in the local socket
         # already (a write returns once the bytes are queued): send it first.
-        while self._reading_local and self._read_local():
+        while self._reading_local and not self._paused and self._read_local():
             pass
-        if not self._reading_local or not self._sending:
+        if self._paused or not self._reading_local or not self._sending:
             submission.fail(errno.EPIPE)
             return
         if not self._room_for(description for description, _ in submission.prepared):
