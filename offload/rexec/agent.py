@@ -244,20 +244,35 @@ class AgentSession:
     # -- the session -------------------------------------------------------------------
 
     async def run(self) -> None:
+        """The stand-in's session, from its request, or one the server before a restart carried (`adopt`), from
+        its resumption on a new link."""
         try:
-            self.caller = caller = self._caller()
-            message = None
-            what = f"the stand-in connection of pid {caller.pid} (uid {caller.uid})"
-            with first_request(self.config.request_timeout, log, what):
-                message = await self.next_message()
-            if message is None:
-                return
-            type, document = message
-            if type != local.L_REQUEST:
-                raise RefusedError(f"expected a request, got message {type:#x}", exit_code=EXIT_FAILURE)
-            request = self._request(document, caller)
-            with self.pidmaps.claim(caller.pid), self._holding(caller.uid):
-                await self._run_remote(caller, request)
+            request = None
+            if self.adopted is None:
+                self.caller = self._caller()
+                message = None
+                what = f"the stand-in connection of pid {self.caller.pid} (uid {self.caller.uid})"
+                with first_request(self.config.request_timeout, log, what):
+                    message = await self.next_message()
+                if message is None:
+                    return
+                type, document = message
+                if type != local.L_REQUEST:
+                    raise RefusedError(f"expected a request, got message {type:#x}", exit_code=EXIT_FAILURE)
+                request = self._request(document, self.caller)
+            caller = self.caller
+            assert caller is not None
+            with self.pidmaps.claim(caller.pid), self.pool.held(caller.uid) as held:
+                if not held:
+                    limit = self.config.max_user_links
+                    raise RefusedError(
+                        f"uid {caller.uid} holds {limit} connections to peers already; no session",
+                        exit_code=EXIT_FAILURE,
+                    )
+                if request is None:
+                    await self._follow(caller, None)
+                else:
+                    await self._run_remote(caller, request)
         except RefusedError as exc:
             await self.refuse(exc.exit_code, str(exc))
         except TransportError as exc:
@@ -272,7 +287,7 @@ class AgentSession:
 
     @classmethod
     def adopt(cls, kept: keep.Kept, pool: PeerPool, config: RexecConfig, pidmaps: PidmapDir) -> AgentSession | None:
-        """A session the server before a restart carried, to carry on (`carry_on`); takes ``kept``'s fds.
+        """A session the server before a restart carried, to carry on (`run`); takes ``kept``'s fds.
 
         None (its fds closed, the session forgotten) if it cannot be carried on.
         """
@@ -305,18 +320,6 @@ class AgentSession:
         session.adopted = kept
         log.info("carrying on the session of stand-in %d (remote pid %d)", caller.pid, remote_pid)
         return session
-
-    async def carry_on(self) -> None:
-        """Run an adopted session: resume it on a new link, then as any other."""
-        assert self.caller is not None
-        try:
-            with self.pidmaps.claim(self.caller.pid), self._holding(self.caller.uid):
-                await self._follow(self.caller, None)
-        except RefusedError as exc:
-            await self.refuse(exc.exit_code, str(exc))
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._cleanup()
 
     def _caller(self) -> Caller:
         pid, uid, gid = users.peer_credentials(self.sock)
@@ -381,17 +384,6 @@ class AgentSession:
             log.warning("stand-in asked for %s, which is not a configured peer; refused", address)
             raise RefusedError(f"{asked} is not a configured peer", exit_code=EXIT_FAILURE)
         return peer
-
-    @contextlib.contextmanager
-    def _holding(self, uid: int) -> Iterator[None]:
-        """One of ``uid``'s connections to peers for the session; RefusedError past max_user_links."""
-        with self.pool.held(uid) as held:
-            if not held:
-                limit = self.config.max_user_links
-                raise RefusedError(
-                    f"uid {uid} holds {limit} connections to peers already; no session", exit_code=EXIT_FAILURE
-                )
-            yield
 
     async def _run_remote(self, caller: Caller, request: ExecRequest) -> None:
         assert self.address is not None

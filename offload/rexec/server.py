@@ -176,7 +176,7 @@ async def serve(
             for session in _adopted(
                 kept, "agent", partial(AgentSession.adopt, pool=pool, config=config, pidmaps=pidmaps)
             ):
-                nursery.start_soon(aio.guarded, log, "a stand-in's session", session.carry_on)
+                nursery.start_soon(aio.guarded, log, "a stand-in's session", session.run)
             agent_socket = await nursery.start(serve_stand_ins, config, pool, pidmaps)
             bound = [listener_address(listener) for listener in listeners]
             nursery.start_soon(
