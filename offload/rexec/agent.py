@@ -70,6 +70,8 @@ MAX_REATTACH = 10
 #: Connections one session's bridged listeners may have relayed at once (libvirt keeps one per
 #: monitor): each is a connection to the peer's rexec_server, from a budget its peers share.
 MAX_BRIDGED = 16
+#: The kinds of carried fd the program writes to: their bytes are delivered before its end is told.
+_INBOUND = (FdKind.PIPE_OUT, FdKind.SOCKET)
 
 
 class PeerPool:
@@ -186,8 +188,8 @@ class AgentSession:
         self.config = config
         self.pidmaps = pidmaps
         self.decoder = FrameDecoder(max_payload=local.MAX_REQUEST)
-        self.fds: list[int] = []  # received from the stand-in, not yet paired with a spec
-        self.accepting_fds = True  # until the request has been read
+        #: Received from the stand-in, not yet paired with a spec; None once the request was read (only it carries fds).
+        self.fds: list[int] | None = []
         self._relayed: dict[int, tuple[FdSpec, int]] = {}  # paired, not yet owned by a relay
         self.carried: dict[int, tuple[FdSpec, int]] = {}  # channel -> its fd: each link's relays get a copy
         self.link: SessionLink | None = None
@@ -197,7 +199,6 @@ class AgentSession:
         self.address: Address | None = None
         self.pidmap_pids: list[int] = []
         self.remote_pid = 0
-        self.inbound_channels: list[int] = []
         self.bridge_channels = iter(BRIDGE_CHANNELS)
         self.monitors: set[int] = set()  # fd numbers of the program's QMP monitor listeners
         self.delivering: set[Relay] = set()  # bridged connections' relays: their last bytes precede the exit
@@ -232,10 +233,10 @@ class AgentSession:
                 65536, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
             )
             fds = fdpass.fds_of(ancdata)
-            if self.accepting_fds:
+            if self.fds is not None:
                 self.fds.extend(fds)
             else:
-                for fd in fds:  # only the request may carry fds
+                for fd in fds:
                     os.close(fd)
             if flags & socket.MSG_CTRUNC:
                 raise RefusedError("the stand-in passed more file descriptors than one message can carry")
@@ -308,7 +309,7 @@ class AgentSession:
             return None
         standin = socket.socket(fileno=kept.take("standin")[""])
         session = cls(trio.socket.from_stdlib_socket(standin), pool, config, pidmaps)
-        session.accepting_fds = False
+        session.fds = None
         session.caller, session.address, session.resume = caller, address, resume
         session.remote_pid, session.monitors = remote_pid, monitors
         session.pidmap_pids = [caller.pid]
@@ -339,19 +340,19 @@ class AgentSession:
         # Any local user may send this: entries that are not objects are the request's fault (a refusal).
         if not isinstance(descriptions, list) or not all(isinstance(d, dict) for d in descriptions):
             raise ValueError("fds must be a list of objects")
-        self.accepting_fds = False
         passed = [d["fd"] for d in descriptions if d.get("passed")]
         if len(set(passed)) != len(passed):
             raise RefusedError("the stand-in described an fd number twice")
-        if len(passed) != len(self.fds):
-            raise RefusedError(f"the stand-in announced {len(passed)} fds but passed {len(self.fds)}")
+        fds = self.fds or []
+        if len(passed) != len(fds):
+            raise RefusedError(f"the stand-in announced {len(passed)} fds but passed {len(fds)}")
         plan = policy.plan_fds(descriptions, self.config.shared_path, self.config.leave_behind)
-        received = dict(zip(passed, self.fds, strict=True))
+        received = dict(zip(passed, fds, strict=True))
         self._relayed = {number: (spec, received[number]) for number, spec in plan.relayed.items()}
         for number in passed:
             if number not in plan.relayed:  # passed but left behind
                 os.close(received[number])
-        self.fds = []
+        self.fds = None
         request = ExecRequest(
             argv=tuple(document["argv"]),
             env=policy.filter_environment(dict(document["env"]), self.config.env),
@@ -478,9 +479,12 @@ class AgentSession:
         """Carry the session on ``self.link`` until its end was told (False) or the link was lost (True)."""
         assert self.link is not None
         async with aio.open_nursery() as nursery:
-            self.inbound_channels = []
             for spec, fd in self.carried.values():
-                self._start_relay(nursery, spec, os.dup(fd))
+                inbound = spec.kind in _INBOUND
+                end = borrow(os.dup(fd), writing=inbound)
+                self.link.add_channel(spec.channel)
+                outbound = spec.kind in (FdKind.PIPE_IN, FdKind.SOCKET)
+                nursery.start_soon(self._relay, self.link, spec.channel, end, inbound, outbound)
             with contextlib.suppress(TransportError):  # a link lost again: they wait for the next
                 for event in list(self._unsent):
                     await self.link.send(event)
@@ -583,16 +587,6 @@ class AgentSession:
             await self.tell(local.L_STARTED, {"pid": self.remote_pid}, [fd])
         finally:
             os.close(fd)  # the stand-in's copy holds the lock from here on
-
-    def _start_relay(self, nursery: trio.Nursery, spec: FdSpec, fd: int) -> None:
-        assert self.link is not None
-        inbound = spec.kind in (FdKind.PIPE_OUT, FdKind.SOCKET)
-        outbound = spec.kind in (FdKind.PIPE_IN, FdKind.SOCKET)
-        end = borrow(fd, writing=inbound)
-        if inbound:
-            self.inbound_channels.append(spec.channel)
-        self.link.add_channel(spec.channel)
-        nursery.start_soon(self._relay, self.link, spec.channel, end, inbound, outbound)
 
     async def _relay(self, link: SessionLink, channel: int, end: ByteEnd, inbound: bool, outbound: bool) -> None:
         """One channel on ``link``; once both ways ended (not when the link is lost) our fd is let go: the
@@ -840,9 +834,9 @@ class AgentSession:
         """Deliver every byte the program wrote before reporting how it ended."""
         assert self.link is not None
         self.link.finish_inbound()
-        for channel in list(self.inbound_channels):
-            await self.link.wait_drained(channel)
-        self.inbound_channels.clear()
+        for spec, _ in list(self.carried.values()):
+            if spec.kind in _INBOUND:
+                await self.link.wait_drained(spec.channel)
         # Its bridged connections' last bytes (qemu's SHUTDOWN event), too: libvirt tells a
         # shutdown from a crash by them.  A relay that the peer never ends is not waited for long.
         for relay in list(self.delivering) if bridged else ():
@@ -890,9 +884,9 @@ class AgentSession:
     def _close_fds(self) -> None:
         if self.consoles is not None:
             self.consoles.close()
-        for fd in self.fds:
+        for fd in self.fds or ():
             os.close(fd)
-        self.fds = []
+        self.fds = None
         for _, fd in (*self._relayed.values(), *self.carried.values()):
             os.close(fd)
         self._relayed = {}
