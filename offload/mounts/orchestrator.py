@@ -81,7 +81,7 @@ class _Run(ops.Direct):
 
 @dataclass
 class Summary:
-    done: int = 0
+    done: int = 0  # a count per outcome of Step.execute, named as ops names it
     already: int = 0
     skipped: int = 0
     seconds: float = 0.0
@@ -139,15 +139,8 @@ def prepare(plan: Plan, *, report: Report = _quiet, fail_at: int | None = None) 
                 if run.undo_failures:
                     message += "; could not undo: " + "; ".join(run.undo_failures)
                 raise StepFailed(message, path=failure.path, errno=failure.errno) from exc
-            if result.state == ops.DONE:
-                summary.done += 1
-                verb = "mounted" if step.mountpoint else "created"
-            elif result.state == ops.ALREADY:
-                summary.already += 1
-                verb = "already"
-            else:
-                summary.skipped += 1
-                verb = "skipped"
+            setattr(summary, result.state, getattr(summary, result.state) + 1)
+            verb = ("mounted" if step.mountpoint else "created") if result.state == ops.DONE else result.state
             detail = f": {result.detail}" if result.detail else ""
             report(f"{where} {verb:<8} {step.what} on {step.path}{detail}")
         stack.pop_all()  # success: the mounts stay
