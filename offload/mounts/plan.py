@@ -8,6 +8,7 @@ plan mounts; why each step is made its way is said beside it.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import os
 from collections import Counter
@@ -168,31 +169,26 @@ def _from_spec(spec: MountSpec, resolve: Resolver) -> Step:
 def qtfs_steps(config: PrepareConfig, facts: Facts, resolve: Resolver) -> list[Step]:
     kernel = config.qtfs_kernel == "yes" or (config.qtfs_kernel == "auto" and "qtfs" in facts.filesystems)
 
-    def userspace(remote: str, path: str, mode: str = "", pidmap: str = "") -> Step:
-        return QtfsMount(
-            path=path,
-            address=config.host,
-            remote=remote,
-            mode=mode,
-            pidmap=pidmap,
-            pki=config.pki,
-            insecure=config.insecure,
-            command=config.qtfs_command,
-        )
+    userspace = functools.partial(
+        QtfsMount, address=config.host, pki=config.pki, insecure=config.insecure, command=config.qtfs_command
+    )
 
     def qtfs(remote: str, path: str, mode: str = "") -> Step:
         if kernel:
             # The module's server address is a module parameter; the device
             # string is the remote path, and "-o proc" its proc mode.
             return MountOp(path=path, fstype="qtfs", source=remote, options="proc" if mode == "proc" else "")
-        return userspace(remote, path, mode)
+        return userspace(path=path, remote=remote, mode=mode)
 
     steps = [qtfs(export.remote, resolve(export.where)) for export in config.exports]
     # Over this machine's own cgroup mounts (libvirt finds its controllers in
     # /proc/mounts, where only a real cgroup mount counts), the directory
     # libvirt makes its groups in is the host's: placement and limits reach
     # the host's programs, with stand-in pids translated (offload.qtfs.tasks).
-    steps += [userspace(p.remote, resolve(p.where), "cgroup", config.pidmap) for p in config.cgroup_partitions]
+    steps += [
+        userspace(path=resolve(p.where), remote=p.remote, mode="cgroup", pidmap=config.pidmap)
+        for p in config.cgroup_partitions
+    ]
     partitions = shim_partitions(config, facts)
     if partitions:
         steps.append(WriteFile(path=resolve(CGROUP_PARTITIONS_FILE), content=partitions))
