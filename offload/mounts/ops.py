@@ -222,10 +222,6 @@ class MountOp(_MountStep):
         return Outcome(DONE)
 
 
-class _Refused(Exception):
-    """A bind source that must not be bound (a symlink a peer serves)."""
-
-
 @dataclass(frozen=True, kw_only=True)
 class BindOp(_MountStep):
     """mount --bind SOURCE PATH (``recursive``: --rbind), optionally read-only."""
@@ -282,8 +278,8 @@ class BindOp(_MountStep):
             return Outcome(SKIPPED, f"{self.source} does not exist")
         return found
 
-    def _open_source(self) -> int | None:
-        """An O_PATH fd of the source; None where it is missing (and may be)."""
+    def _open_source(self) -> int | str:
+        """An O_PATH fd of the source, or why the bind is skipped (missing and it may be, or refused)."""
         try:
             if self.beneath:
                 return paths.open_inside(self.beneath, self.source)
@@ -293,23 +289,20 @@ class BindOp(_MountStep):
             if self.beneath and exc.errno == errno_module.ELOOP:
                 # The host serves a symlink where a fact should be: not
                 # followed, not bound (the target keeps this machine's own).
-                raise _Refused(f"{self.source} is a symlink on the host: {exc}") from None
+                return f"{self.source} is a symlink on the host: {exc}"
             if exc.errno != errno_module.ENOENT:
                 raise
         if self.missing == "skip":
-            return None
+            return f"{self.source} does not exist"
         if self.missing == "error":
             raise MountError(f"bind source {self.source} does not exist", path=self.source, errno=errno_module.ENOENT)
         os.makedirs(self.source, mode=0o755, exist_ok=True)
         return os.open(self.source, os.O_PATH | os.O_CLOEXEC)
 
     def execute(self, ctx: Direct) -> Outcome:
-        try:
-            source = self._open_source()
-        except _Refused as refused:
-            return Outcome(SKIPPED, str(refused))
-        if source is None:
-            return Outcome(SKIPPED, f"{self.source} does not exist")
+        source = self._open_source()
+        if isinstance(source, str):
+            return Outcome(SKIPPED, source)
         with closing(source):
             if self._in_place(ctx.entries()):
                 return Outcome(ALREADY)
