@@ -50,10 +50,6 @@ class Result:
     changed: list[str]
     packages: list[str]
 
-    @property
-    def unchanged(self) -> bool:
-        return not self.fresh and not self.changed and not self.packages
-
 
 def build(request: Request, say: Say = print) -> Result:
     try:
@@ -88,7 +84,7 @@ def _build(request: Request, say: Say) -> Result:
     else:
         result = _fresh_staged(request, layout, say)
     elapsed = time.monotonic() - started
-    if result.unchanged:
+    if not (result.fresh or result.changed or result.packages):
         say(f"{layout.target} is up to date: nothing changed ({elapsed:.1f} s)")
     else:
         what = "built" if result.fresh else f"updated ({len(result.changed)} files)"

@@ -27,8 +27,7 @@ def check(target: str, state_dir: str | None = None, *, run: bool = True) -> tup
     if recorded is None and overlay_upper:
         recorded = manifest.read(layout.manifest(layout.upper))
         if recorded is not None and not is_mount_point(root):
-            problems.append(f"overlay not mounted on {root} (offload rootfs mount {root})")
-            return problems, facts
+            return [f"overlay not mounted on {root} (offload rootfs mount {root})"], facts
     if not root.is_dir():
         return [f"{root} does not exist"], facts
     if layout.marker().exists() or (overlay_upper and layout.marker(layout.upper).exists()):
