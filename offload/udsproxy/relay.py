@@ -191,19 +191,17 @@ class Submission:
         self.answer(code)
 
 
+@dataclasses.dataclass(slots=True, eq=False)
 class _Pipe:
     """One pipe channel: this side reads ``fd`` and sends, or receives and writes into it."""
 
-    __slots__ = ("ending", "fd", "pending", "reading", "window")
-
-    def __init__(self, fd: int, reading: bool) -> None:
-        self.fd = fd
-        self.reading = reading
-        # The reader spends its credit and is granted more; the writer counts
-        # what arrived against what it allowed, so pending never exceeds WINDOW.
-        self.window = Window(WINDOW)
-        self.pending: collections.deque[bytes] = collections.deque()  # writer: not yet written
-        self.ending = False  # writer: close once pending is written
+    fd: int
+    reading: bool
+    # The reader spends its credit and is granted more; the writer counts
+    # what arrived against what it allowed, so pending never exceeds WINDOW.
+    window: Window = dataclasses.field(default_factory=lambda: Window(WINDOW))
+    pending: collections.deque[bytes] = dataclasses.field(default_factory=collections.deque)  # writer: not yet written
+    ending: bool = False  # writer: close once pending is written
 
 
 class Relay:
