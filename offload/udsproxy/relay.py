@@ -555,18 +555,17 @@ class Relay:
         if not self._sending:
             return
         sealed = self.cipher.seal(data)
+        sent = 0
         if not self._link_out:
             try:
                 sent = self.link.send(sealed)
             except BlockingIOError:
-                sent = 0
+                pass
             except (BrokenPipeError, ConnectionResetError) as exc:
                 self._send_failed(str(exc))
                 return
             if sent == len(sealed):
                 return
-        else:
-            sent = 0
         # TLS output is a fresh object: keep a view of what is left.  Plain
         # frames are views of our reused buffer: keep a copy.
         self._queue_link(memoryview(sealed)[sent:] if isinstance(sealed, bytes) else bytes(sealed[sent:]))
