@@ -207,8 +207,6 @@ UDSPROXY = Registry("udsproxy", max_payload=MAX_FRAME, hello=Hello)
 UDSPROXY.declare(
     T_HELLO, Hello, encode=lambda e: (0, messages.dump({"node": e.node, "service": "udsproxy"})), decode=_hello
 )
-
-
 UDSPROXY.declare_object(T_CONNECT, Connect, ("path", str), ("type", str), ("user", str), sender=Role.CLIENT)
 UDSPROXY.declare_object(T_CONNECTED, Connected, ("error", str), sender=Role.SERVER, limit=32)
 UDSPROXY.declare_object(T_FDS_RESULT, FdsResult, ("error", str), channel=DATA_CHANNEL, limit=32)
