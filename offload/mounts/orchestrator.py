@@ -346,7 +346,6 @@ def holders_of(point: str) -> list[str]:
 
 @dataclass(frozen=True)
 class StepStatus:
-    step: ops.Step | None  # None for a mount below the target that no step accounts for
     state: str
     detail: str = ""
     path: str = ""
@@ -364,13 +363,11 @@ def status(plan: Plan) -> list[StepStatus]:
         found = step.check(entries)
         if step.mountpoint and found.state in (ops.MOUNTED, ops.WRONG):
             claimed.add((step.mountpoint, step.layer))
-        result.append(StepStatus(step, found.state, found.detail, step.path, step.what))
+        result.append(StepStatus(found.state, found.detail, step.path, step.what))
     layers: dict[str, int] = {}
     for entry in mountinfo.under(entries, plan.target):
         layer = layers.get(entry.mount_point, 0)
         layers[entry.mount_point] = layer + 1
         if (entry.mount_point, layer) not in claimed:
-            result.append(
-                StepStatus(None, EXTRA, "not in the plan", entry.mount_point, f"{entry.fstype} ({entry.source})")
-            )
+            result.append(StepStatus(EXTRA, "not in the plan", entry.mount_point, f"{entry.fstype} ({entry.source})"))
     return result
