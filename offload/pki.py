@@ -1,11 +1,8 @@
-"""Certificates for mutual TLS between the two machines (`offload pki init`).
+"""Certificates for mutual TLS between the two machines (`offload pki init`; README.md, "Deployment").
 
-One CA signs a certificate per node, as libvirt's own TLS set-up does.  The
-node's name is the subject's CN, and its role a SubjectAltName URI
-``offload:role=host`` or ``offload:role=dpu``.  `Transport` accepts only
-peers of the other role, so a second DPU's certificate from the same CA
-never runs programs on the first DPU.  Certificates that name no role are
-refused; ``offload pki init --force`` re-issues them.  Layout of DIR::
+One CA signs a certificate per node, as libvirt's own TLS set-up does: its
+name is the subject's CN, its role a SubjectAltName URI (`ROLE_URI`), and
+`Transport` accepts only peers of the other role.  Layout of DIR::
 
     DIR/ca.pem, DIR/ca-key.pem            the CA (keep ca-key.pem off the nodes)
     DIR/NODE/{ca.pem,cert.pem,key.pem}    what node NODE needs: copy this

@@ -2,20 +2,9 @@
 
 The dataclasses below are the one declaration of every setting: their
 fields are the TOML keys, their defaults the defaults, their types what the
-loader accepts.  A missing file means all defaults (no qtfs steps, since no
-host is named).  Library code raises ConfigError; the CLI prints it.
-
-    target = "/another_rootfs"
-    host = "169.254.77.1:7003"           # the host's qtfs server; no host: no qtfs steps
-    pki = "/etc/offload/pki"
-    exports = ["/var/lib/libvirt", { remote = "/srv/images", local = "/home/VMs" }]
-    devices = ["null", "zero", ...]      # device nodes copied from the machine's /dev
-    [[bind]]                             # replaces the default binds when present
-    source = "/var/run/rexec"
-    [[mount]]                            # extra mounts, after the defaults
-    type = "tmpfs"
-    target = "/var/cache/libvirt"
-    options = "mode=0755"
+loader accepts (systemd/prepare.toml.example shows them).  A missing file
+means all defaults (no qtfs steps, since no host is named).  Library code
+raises ConfigError; the CLI prints it.
 """
 
 from __future__ import annotations
