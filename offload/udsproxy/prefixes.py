@@ -1,15 +1,12 @@
 """Opening a peer's path beneath the prefix that allows it, never through a link out of it.
 
-A path from the peer (a socket to connect to, a passed file to re-open)
-is allowed by a prefix (``--allow``, ``--share``), but a string match
-proves nothing about what the kernel reaches: a symlink inside the prefix
-(which the DPU may plant through a shared qtfs tree) can point anywhere.
-So the prefix directory is opened first and the rest is resolved beneath
-it with openat2 RESOLVE_BENEATH (`offload.qtfs.resolve`, the same
-resolver qtfs serves its exports with): a link leading out is refused by
-the kernel, race-free, and the caller acts on the object it got.
-The prefix itself is the operator's configuration and is followed as
-written (``/var/run`` is often a link to ``/run``).
+A string match on a prefix (``--allow``, ``--share``) proves nothing about what
+the kernel reaches: a symlink inside the prefix (which the DPU may plant
+through a shared qtfs tree) can point anywhere.  So the rest of the path is
+resolved beneath the prefix directory with openat2 RESOLVE_BENEATH
+(`offload.qtfs.resolve`, as qtfs serves its exports): a link leading out is
+refused by the kernel, race-free.  The prefix itself is the operator's
+configuration and is followed as written (``/var/run`` is often a link to ``/run``).
 """
 
 from __future__ import annotations
