@@ -173,11 +173,7 @@ QTFS.declare(
 
 
 class QtfsConnection(Connection):
-    """Bytes to events and events to bytes for one side (``client`` or not).
-
-    Beyond the core's, the only state: on the client, the op of every
-    pending request id (so replies decode to their type).
-    """
+    """Bytes to events and events to bytes for one side (``client`` or not)."""
 
     registry = QTFS
 
