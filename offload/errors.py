@@ -1,12 +1,11 @@
 """The project's one exception tree, rooted at `OffloadError`, with structured attributes.
 
-Foreign exceptions of a link are translated once, at the I/O seam
-(`offload.net.translate_errors`), into `TransportError`; udsproxy's
-threaded relay handles its socket and ssl errors where it makes the calls.
-trio's TooSlowError (a deadline of our own) and ClosedResourceError from
-waiting on an fd another task of ours closed are not I/O failures and stay
-trio's.  Remote errno travels by name (numbers differ between
-architectures): `errno_name` and `errno_number` are the one conversion.
+Besides what `offload.net.translate_errors` translates (ARCHITECTURE.md,
+"Invariants"), udsproxy's threaded relay handles its socket and ssl errors
+where it makes the calls; trio's TooSlowError (a deadline of our own) and
+ClosedResourceError from waiting on an fd another task of ours closed are
+not I/O failures and stay trio's.  Remote errno travels by name (numbers
+differ between architectures).
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """Ptys for a remote program's consoles: the system calls, on either machine.
 
-qemu's ``-chardev pty`` holds a pty master on the host; libvirt on the DPU
-opens the pty's other end by path (``virsh console``).  So the DPU's side
-of a session owns a pty of its own for each such host pty
-(`allocate_in_root`, in the devpts instance the stand-in's root sees,
-which is libvirt's), and the host's side opens the other end of a pty only
-if the session's program holds its master (`program_pty_peer`); the two
-are relayed by a `PtyEnd` on each side, over a connection of their own.
+qemu holds a pty master on the host, libvirt opens a pty by path on the
+DPU: the DPU's side allocates one in libvirt's devpts (`allocate_in_root`),
+the host's opens the other end of the program's own (`program_pty_peer`),
+and a `PtyEnd` on each side relays them (ARCHITECTURE.md, "The data path").
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """The steps of a plan: small frozen objects that know how to do, check and describe themselves.
 
-Every step works on a machine path already resolved inside the target
-(offload/mounts/paths.py), and opens it again when it runs, beneath the
-target without following any symlink, to mount onto that fd
-(`Direct.attach`): what was planned is where the mount lands, or the step
-fails.  `check` compares it with mountinfo and the filesystem, changing
+Every step works on a machine path already resolved inside the target, and
+mounts onto an fd of it opened again when it runs (offload/mounts/paths.py
+says why).  `check` compares it with mountinfo and the filesystem, changing
 nothing; `execute` does what is not done yet and registers the undo of
 exactly that; `describe()` is the shell equivalent (``--dry-run``).
 

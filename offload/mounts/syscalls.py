@@ -138,10 +138,9 @@ def unshare_mount_namespace() -> None:
 # never resolve a path after it was checked: the new mount is made detached
 # (fsopen/fsmount for a filesystem, open_tree(OPEN_TREE_CLONE) for a bind),
 # with its per-mount flags already set (a read-only bind is never writable,
-# not even for an instant), and then attached with move_mount(2) onto a
-# directory fd that was opened beneath the target with openat2
-# RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS.  The detached mount's id is known
-# before it is attached: teardown finds the mount by that id wherever it is.
+# not even for an instant), and then attached with move_mount(2) onto an fd
+# opened beneath the target (offload.mounts.paths.open_inside).  Its id is
+# known before it is attached: teardown finds the mount by it wherever it is.
 
 _SYS_OPEN_TREE = 428  # asm-generic numbers: the same on every architecture
 _SYS_MOVE_MOUNT = 429
