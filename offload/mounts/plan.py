@@ -9,7 +9,6 @@ plan mounts; why each step is made its way is said beside it.
 from __future__ import annotations
 
 import functools
-import heapq
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -272,24 +271,16 @@ def order(steps: list[Step]) -> tuple[Step, ...]:
             below = is_under(step.path, point, strict=True) or any(is_under(need, point) for need in step.needs)
             if below or (step.mountpoint == point and i < j):
                 preds[j].add(i)
-    succs: list[list[int]] = [[] for _ in steps]
-    for j, before in enumerate(preds):
-        for i in before:
-            succs[i].append(j)
-    waiting = [len(before) for before in preds]
-    ready = [j for j, count in enumerate(waiting) if count == 0]
-    heapq.heapify(ready)
     ordered: list[Step] = []
-    while ready:
-        i = heapq.heappop(ready)
-        ordered.append(steps[i])
-        for j in succs[i]:
-            waiting[j] -= 1
-            if waiting[j] == 0:
-                heapq.heappush(ready, j)
-    if len(ordered) != len(steps):
-        stuck = ", ".join(steps[j].path for j, count in enumerate(waiting) if count)
-        raise ConfigError(f"the mounts cannot be ordered (they depend on each other): {stuck}")
+    placed: set[int] = set()
+    while len(placed) < len(steps):
+        # The first step, in declared order, whose predecessors are all placed.
+        ready = next((j for j, before in enumerate(preds) if j not in placed and before <= placed), None)
+        if ready is None:
+            stuck = ", ".join(step.path for j, step in enumerate(steps) if j not in placed)
+            raise ConfigError(f"the mounts cannot be ordered (they depend on each other): {stuck}")
+        placed.add(ready)
+        ordered.append(steps[ready])
     totals = Counter(step.mountpoint for step in ordered if step.mountpoint)
     layers: dict[str, int] = {}
     result = []
