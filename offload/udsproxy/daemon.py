@@ -54,7 +54,6 @@ from offload.udsproxy.prefixes import open_beneath
 from offload.udsproxy.relay import (
     CONTROL_SPACE,
     LOCAL_BUFFER,
-    PlainCipher,
     Relay,
     Submission,
     close_all,
@@ -125,6 +124,7 @@ class PeerStream:
 
     def __init__(self, stream: trio.abc.Stream, client: bool) -> None:
         self.stream = stream
+        self.client = client
         self.conn = wire.UdsProxyConnection(client)
 
     async def send(self, event: wire.Event) -> None:
@@ -134,10 +134,6 @@ class PeerStream:
         while (event := self.conn.next_event()) is wire.NEED_DATA:
             self.conn.receive_data(bytes(await self.stream.receive_some(64 << 10)))
         return event
-
-    def detach(self) -> tuple[socket.socket, PlainCipher, bytes]:
-        """The link socket, its cipher and the bytes received beyond setup, for a Relay."""
-        return (*detach(self.stream), self.conn.leftover())
 
 
 class Daemon:
@@ -150,6 +146,22 @@ class Daemon:
         # One thread per carried connection: trio's default limit (40) would
         # make the 41st connection wait for another to end.
         self.threads = trio.CapacityLimiter(math.inf)
+
+    def _relay(self, peer: PeerStream, local: socket.socket, user: users.RemoteUser, root: str, name: str) -> Relay:
+        """The `Relay` that carries on the connection ``peer`` set up (not used again), between its link and ``local``."""
+        link, cipher = detach(peer.stream)
+        return Relay(
+            link,
+            cipher,
+            local,
+            client=peer.client,
+            seqpacket=local.type == socket.SOCK_SEQPACKET,
+            shared=self.config.share,
+            user=user,
+            root=root,
+            leftover=peer.conn.leftover(),
+            name=name,
+        )
 
     # -- the shim's side ---------------------------------------------------------------
 
@@ -217,31 +229,19 @@ class Daemon:
         if peer is None:
             await sock.send(reply)
             return
-        link, cipher, leftover = peer.detach()
         ours, theirs = socket.socketpair(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
         try:
             # The program's end too: its writes reach the relay in bigger steps.
             theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_BUFFER)
             key = os.fstat(theirs.fileno()).st_ino
             await sock.sendmsg([reply], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", theirs.fileno()))])
+            relay = self._relay(peer, ours, caller, root, path)
         except BaseException:
             ours.close()
-            link.close()
+            await trio.aclose_forcefully(peer.stream)
             raise
         finally:
             theirs.close()
-        relay = Relay(
-            link,
-            cipher,
-            ours,
-            seqpacket=kind == socket.SOCK_SEQPACKET,
-            client=True,
-            shared=self.config.share,
-            user=caller,
-            root=root,
-            leftover=leftover,
-            name=path,
-        )
         self.relays[key] = relay
         try:
             await run_in_thread(relay, self.threads)
@@ -346,25 +346,13 @@ class Daemon:
                         return
                     try:
                         await peer.send(wire.Connected())
-                        link, cipher, leftover = peer.detach()
+                        relay = self._relay(peer, local, user, fdpass.peer_root(local), request.path)
                     except BaseException:
                         local.close()
                         raise
             except (TransportError, ProtocolError, trio.TooSlowError) as exc:
                 log.warning("connection from %s ended: %s", connected.peer, exc or type(exc).__name__)
                 return
-        relay = Relay(
-            link,
-            cipher,
-            local,
-            seqpacket=request.type == "seqpacket",
-            client=False,
-            shared=self.config.share,
-            user=user,
-            root=fdpass.peer_root(local),
-            leftover=leftover,
-            name=request.path,
-        )
         await run_in_thread(relay, self.threads)
 
     async def _connect_here(self, request: wire.Connect, user: users.RemoteUser) -> socket.socket:
