@@ -51,12 +51,8 @@ class PtyPathRewriter:
 
     def _replace(self, match: re.Match[bytes]) -> bytes:
         index = int(match.group(2))
-        if index >= MAX_PTY_INDEX:
-            return match.group(0)
-        local = self._translate(index)
-        if local is None:
-            return match.group(0)
-        return match.group(1) + str(local).encode() + b'"'
+        local = self._translate(index) if index < MAX_PTY_INDEX else None
+        return match.group(0) if local is None else match.group(1) + str(local).encode() + b'"'
 
 
 def _incomplete_tail(buffer: bytes, after: int) -> int:
