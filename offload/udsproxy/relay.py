@@ -57,6 +57,7 @@ WINDOW = 1 << 20
 #: Pipe channels one connection may have open at once: each holds an fd of the
 #: daemon's, and passing pipes is no way to run a daemon out of them.
 MAX_PIPES = 64
+_TOO_MANY_PIPES = f"more pipes than the {MAX_PIPES} a connection carries at once"
 #: Frames waiting for the peer to read them: local reads stop at HIGH_WATER,
 #: so only answers (credits, fd results) to a peer that keeps sending but
 #: never reads can pile up beyond a frame or two past it.
@@ -489,7 +490,7 @@ class Relay:
                 self._send_fds(prepared, None)
                 return
             close_all([kept for _, kept in prepared if kept is not None])
-            code, why = errno.EMFILE, f"more pipes than the {MAX_PIPES} a connection carries at once"
+            code, why = errno.EMFILE, _TOO_MANY_PIPES
         finally:
             close_all(passed)
         outcome = "its message goes on without fds" if self.drop_uncarried else "ending the connection"
@@ -534,9 +535,7 @@ class Relay:
             submission.fail(errno.EPIPE)
             return
         if not self._room_for(description for description, _ in submission.prepared):
-            log.warning(
-                "%s: the program passed more pipes than the %d a connection carries at once", self.name, MAX_PIPES
-            )
+            log.warning("%s: the program passed %s", self.name, _TOO_MANY_PIPES)
             submission.fail(errno.EMFILE)
             return
         self._send_fds(submission.prepared, submission)
@@ -727,7 +726,7 @@ class Relay:
                 raise RemoteProtocolError(f"pipe channel {description.channel} is not the peer's to open")
         try:
             if not self._room_for(descriptions):
-                raise OSError(errno.EMFILE, f"more pipes than the {MAX_PIPES} a connection carries at once")
+                raise OSError(errno.EMFILE, _TOO_MANY_PIPES)
             made = materialize_all(descriptions, self.shared, self.user)
         except OSError as exc:
             reason = errno_name(exc.errno or errno.EIO)
