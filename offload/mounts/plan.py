@@ -271,6 +271,8 @@ def order(steps: list[Step]) -> tuple[Step, ...]:
             below = is_under(step.path, point, strict=True) or any(is_under(need, point) for need in step.needs)
             if below or (step.mountpoint == point and i < j):
                 preds[j].add(i)
+    totals = Counter(point for _, point in mounts)
+    layers: Counter[str] = Counter()
     ordered: list[Step] = []
     placed: set[int] = set()
     while len(placed) < len(steps):
@@ -280,14 +282,9 @@ def order(steps: list[Step]) -> tuple[Step, ...]:
             stuck = ", ".join(step.path for j, step in enumerate(steps) if j not in placed)
             raise ConfigError(f"the mounts cannot be ordered (they depend on each other): {stuck}")
         placed.add(ready)
-        ordered.append(steps[ready])
-    totals = Counter(step.mountpoint for step in ordered if step.mountpoint)
-    layers: dict[str, int] = {}
-    result = []
-    for step in ordered:
-        if step.mountpoint:
-            layer = layers.get(step.mountpoint, 0)
-            layers[step.mountpoint] = layer + 1
-            step = replace(step, layer=layer, layers=totals[step.mountpoint])
-        result.append(step)
-    return tuple(result)
+        step = steps[ready]
+        if at := step.mountpoint:
+            step = replace(step, layer=layers[at], layers=totals[at])
+            layers[at] += 1
+        ordered.append(step)
+    return tuple(ordered)
