@@ -86,11 +86,8 @@ def under(entries: tuple[MountEntry, ...], path: str) -> list[MountEntry]:
 
 def containing(entries: tuple[MountEntry, ...], path: str) -> MountEntry | None:
     """The mount that ``path`` (already free of symlinks) lies on: the top one at the longest prefix."""
-    best: MountEntry | None = None
-    for entry in entries:
-        if is_under(path, entry.mount_point) and (best is None or len(entry.mount_point) >= len(best.mount_point)):
-            best = entry
-    return best
+    covering = (entry for entry in reversed(entries) if is_under(path, entry.mount_point))
+    return max(covering, key=lambda entry: len(entry.mount_point), default=None)
 
 
 def bind_root(entries: tuple[MountEntry, ...], source: str) -> tuple[str, str] | None:

@@ -16,6 +16,7 @@ import contextlib
 import errno as errno_module
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -364,10 +365,9 @@ def status(plan: Plan) -> list[StepStatus]:
         if step.mountpoint and found.state in (ops.MOUNTED, ops.WRONG):
             claimed.add((step.mountpoint, step.layer))
         result.append(StepStatus(found.state, found.detail, step.path, step.what))
-    layers: dict[str, int] = {}
+    layers: Counter[str] = Counter()
     for entry in mountinfo.under(entries, plan.target):
-        layer = layers.get(entry.mount_point, 0)
-        layers[entry.mount_point] = layer + 1
-        if (entry.mount_point, layer) not in claimed:
+        if (entry.mount_point, layers[entry.mount_point]) not in claimed:
             result.append(StepStatus(EXTRA, "not in the plan", entry.mount_point, f"{entry.fstype} ({entry.source})"))
+        layers[entry.mount_point] += 1
     return result
