@@ -12,7 +12,6 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import trio
@@ -414,15 +413,3 @@ class SessionLink:
         self.closed = True
         with contextlib.suppress(TransportError, *_GONE):
             await trio.aclose_forcefully(self.stream)
-
-
-@contextlib.asynccontextmanager
-async def running(link: SessionLink) -> AsyncIterator[trio.Nursery]:
-    """A nursery in which ``link`` receives and keeps alive; closes the link on exit."""
-    try:
-        async with aio.open_nursery() as nursery:
-            await nursery.start(link.run)
-            yield nursery
-            nursery.cancel_scope.cancel()
-    finally:
-        await link.aclose()

@@ -36,7 +36,7 @@ from offload.rexec import attached, keep
 from offload.rexec.agent import AgentSession, PeerPool, serve_stand_ins
 from offload.rexec.attached import serve_attach
 from offload.rexec.executor import Execution, ServerState, serve_session
-from offload.rexec.link import SessionLink, running
+from offload.rexec.link import SessionLink
 from offload.rexec.pidmap import PidmapDir
 from offload.rexec.policy import Whitelist, ensure_private_dir
 
@@ -70,8 +70,10 @@ async def _serve_peer(transport: Transport, state: ServerState, raw: trio.Socket
         if hello.attach:  # a pty's or bridged connection's (offload.rexec.attached), not a session's
             await serve_attach(link.stream, link.peer, link.conn, hello.attach, state.grants)
             return
-        async with running(link):
+        async with aio.open_nursery() as nursery:
+            await nursery.start(link.run)  # receives and keeps alive until the session is done with the link
             await serve_session(link, state)
+            nursery.cancel_scope.cancel()
     except (TransportError, ProtocolError, trio.TooSlowError) as exc:
         log.warning("session with %s ended: %s", connected.peer, exc or type(exc).__name__)
     finally:
