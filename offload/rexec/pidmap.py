@@ -48,9 +48,6 @@ class PidmapDir:
     def prepare(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         os.chmod(self.path, 0o755)  # readable by libvirt and tools; writable by root
-        self.clean_stale()
-
-    def clean_stale(self) -> int:
         removed = 0
         for entry in self.path.iterdir():
             if not entry.name.isdigit():
@@ -71,7 +68,6 @@ class PidmapDir:
                 os.close(fd)
         if removed:
             log.info("removed %d stale pidmap file(s) from %s", removed, self.path)
-        return removed
 
     def create(self, standin_pid: int, remote_pid: int) -> int:
         """Write and lock the mapping; return the locked fd for the stand-in to hold."""
