@@ -79,10 +79,6 @@ _PASSED_TYPES = frozenset(
 )
 
 
-def _ignore(signum: int, frame: object) -> None:
-    pass
-
-
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     os.write(2, f"rexec: {message}\n".encode(errors="surrogateescape"))
     os._exit(code)
@@ -193,13 +189,12 @@ class StandIn:
         self.decoder = FrameDecoder(max_payload=local.MAX_REQUEST)
         self.started = 0  # STARTED messages: the first, then one per adoption
         self.pidmap_fds: list[bytes] = []  # SCM_RIGHTS payloads; the fds stay open
-        wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.wake_read = wake_read
+        self.wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         _signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
         for signum in FORWARDED_SIGNALS:
             # The C-level handler writes the number to the wakeup fd; the
             # Python-level one has nothing left to do.
-            _signal.signal(signum, _ignore)
+            _signal.signal(signum, lambda *_: None)
 
     def run(self) -> NoReturn:
         poller = select.poll()
