@@ -508,28 +508,26 @@ class AgentSession:
         delay = 0.05
         with trio.move_on_after(self.config.resume_window):
             while True:
-                link = None
+                link: SessionLink | None = None
+                reply: object = None
                 try:
                     link = await self.pool.take(self.address)
                     await link.send(Resume(*self.resume, tuple(sorted(self.carried))))
                     reply = await link.control.receive()
                 except (TransportError, ProtocolError, trio.TooSlowError) as exc:
                     reply = LinkFailed(exc)
-                except BaseException:
-                    # Cancelled (the stand-in went): a link the peer may resume the session on is
-                    # closed, so that the peer ends the program when its window is over.
-                    if link is not None:
+                finally:
+                    # Also when cancelled (the stand-in went): a link the peer may resume the session on
+                    # is closed, so that the peer ends the program when its window is over.
+                    if link is not None and not isinstance(reply, Resumed):
                         with trio.CancelScope(shield=True):
                             await link.aclose()
-                    raise
                 if isinstance(reply, Resumed):
                     log.info("session of remote pid %d resumed on a new link to %s", self.remote_pid, host)
                     self.link = link
                     self._relinked.set()
                     self._relinked = trio.Event()
                     return True
-                if link is not None:
-                    await link.aclose()
                 if isinstance(reply, Refused):
                     log.warning("session of remote pid %d not resumed: %s", self.remote_pid, reply.reason)
                     break
