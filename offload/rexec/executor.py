@@ -308,13 +308,11 @@ class Execution:
             self.process.pid,
             user.name,
         )
-        if request.daemon_pidfile:
-            await self.link.send(Started(self.process.pid))  # it ends with its link
-            return True
-        self.secret = secrets.token_hex(TICKET_BYTES)
-        self.state.resumable[self.name] = self
-        self._keep(path, user)
-        await self.link.send(Started(self.process.pid, self.name, self.secret))
+        if not request.daemon_pidfile:  # a daemon's session ends with its link
+            self.secret = secrets.token_hex(TICKET_BYTES)
+            self.state.resumable[self.name] = self
+            self._keep(path, user)
+        await self.link.send(Started(self.process.pid, self.name if self.secret else "", self.secret))
         return True
 
     async def _own_scope(self, path: str) -> None:
