@@ -257,12 +257,8 @@ def order(steps: list[Step]) -> tuple[Step, ...]:
     on purpose, so it does not move before steps declared ahead of it.
     """
     mounts = [(i, step.mountpoint) for i, step in enumerate(steps) if step.mountpoint]
-    seen: set[str] = set()
-    covers: set[int] = set()
-    for i, point in mounts:
-        if point in seen:
-            covers.add(i)
-        seen.add(point)
+    first = {point: i for i, point in reversed(mounts)}  # the first mount at each point
+    covers = {i for i, point in mounts if first[point] != i}
     preds: list[set[int]] = [set() for _ in steps]
     for j, step in enumerate(steps):
         for i, point in mounts:
