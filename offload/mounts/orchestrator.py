@@ -272,16 +272,12 @@ def _teardown(target: str, force: bool, report: Report) -> TeardownSummary:
             progress = True
         if busy or not progress:
             break
-    if busy:
-        raise (
-            busy[0]
-            if len(busy) == 1
-            else MountBusy(
-                "; ".join(str(b) for b in busy),
-                path=busy[0].path,
-                errno=errno_module.EBUSY,
-                holders=tuple(h for b in busy for h in b.holders),
-            )
+    if busy:  # one error naming every busy mount (the first one's path)
+        raise MountBusy(
+            "; ".join(str(b) for b in busy),
+            path=busy[0].path,
+            errno=errno_module.EBUSY,
+            holders=tuple(h for b in busy for h in b.holders),
         )
     left = targets_below(target, mountinfo.read())
     if left:
