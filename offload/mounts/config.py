@@ -224,7 +224,7 @@ def _convert(kind: Any, value: Any, where: str) -> Any:
 
 
 def _to_toml(data: dict[str, Any]) -> str:
-    """Write what `load` reads back (scalars, lists, one level of tables and arrays of tables)."""
+    """Write what `load` reads back: scalars, lists and arrays of tables, all a PrepareConfig holds."""
 
     def scalar(value: Any) -> str:
         if isinstance(value, bool):
@@ -238,9 +238,7 @@ def _to_toml(data: dict[str, Any]) -> str:
     head: list[str] = []
     tail: list[str] = []
     for key, value in data.items():
-        if isinstance(value, dict):
-            tail += ["", f"[{key}]", *(f"{k} = {scalar(v)}" for k, v in value.items())]
-        elif isinstance(value, tuple) and value and all(isinstance(v, dict) for v in value):
+        if isinstance(value, tuple) and value and all(isinstance(v, dict) for v in value):
             for item in value:
                 tail += ["", f"[[{key}]]", *(f"{k} = {scalar(v)}" for k, v in item.items())]
         else:
