@@ -26,6 +26,8 @@ import stat
 
 import trio
 
+from offload.fdinfo import closed_on_error
+
 CHUNK = 1 << 20
 
 
@@ -158,7 +160,7 @@ class BrokenEnd(ByteEnd):
 
 def borrow(fd: int, writing: bool) -> ByteEnd:
     """Wrap an fd that shares its description with another process; takes ownership of ``fd``."""
-    try:
+    with closed_on_error(fd):
         mode = os.fstat(fd).st_mode
         if stat.S_ISSOCK(mode):
             return BorrowedSocketEnd(fd)
@@ -171,9 +173,6 @@ def borrow(fd: int, writing: bool) -> ByteEnd:
             if exc.errno != errno.ENXIO:
                 raise
             own = -1  # a FIFO with no reader left
-    except BaseException:
-        os.close(fd)
-        raise
     os.close(fd)
     if own < 0:
         return BrokenEnd()
