@@ -49,7 +49,7 @@ class _Run(ops.Direct):
     def attach(self, mount_fd: int, target_fd: int, path: str) -> None:
         mount_id = syscalls.mount_id(mount_fd)
         syscalls.attach(mount_fd, target_fd, path)
-        entry = records.find(mountinfo.read(), mount_id)
+        entry = next((entry for entry in mountinfo.read() if entry.mount_id == mount_id), None)
         if entry is None:  # cannot be: it was attached in our namespace a moment ago
             raise MountError(f"the mount on {path} (id {mount_id}) is not in mountinfo", path=path)
         self.record(entry)

@@ -71,7 +71,3 @@ def with_descendants(roots: list[MountEntry], entries: tuple[MountEntry, ...]) -
                 ids.add(entry.mount_id)
                 grew = True
     return [entry for entry in entries if entry.mount_id in ids]
-
-
-def find(entries: tuple[MountEntry, ...], mount_id: int) -> MountEntry | None:
-    return next((entry for entry in entries if entry.mount_id == mount_id), None)
