@@ -1,11 +1,7 @@
 """`offload rootfs build`: a base tree by mode, offload's files in it, a manifest; idempotent.
 
-A fresh copy, debootstrap or image build happens in a staging directory
-beside TARGET and is renamed to TARGET only when it is complete, so TARGET
-is either absent or whole.  An overlay build (and the install step of a
-rebuild) marks the rootfs with /etc/offload/rootfs-building while it works:
-`offload rootfs check` reports such a rootfs as half-built, and the next
-build finishes it.  A failed fresh build removes everything it made.
+TARGET is either absent or whole: README.md ("offload rootfs") says how
+(the staging directory, the rootfs-building marker, a failed build's cleanup).
 """
 
 from __future__ import annotations

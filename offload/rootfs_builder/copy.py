@@ -1,20 +1,11 @@
-"""Copy mode: the reference's `cp -r` of the DPU's root, done well.
+"""Copy mode: the reference's `cp -r` of the DPU's root, done well (README.md, "offload rootfs").
 
-A walk of the source root that preserves what `cp -a` preserves (owner,
-mode, times, extended attributes such as security.capability, hard links
-within the tree, device nodes, FIFOs, symlinks) and costs as little as the
-filesystem allows:
-
-- reflink (FICLONE) when the target filesystem can share extents with the
-  source: a private copy that costs no data;
-- otherwise hard links for the package-managed trees (/usr, /bin, /sbin,
-  /lib*), which dpkg and rpm only ever replace by rename, so a link is never
-  written through; every file the builder installs later is also written by
-  rename (install.write_file), never in place.  --no-hardlinks turns this off;
-- otherwise a plain copy (sendfile).
-
-It never descends into /proc /sys /dev /run /tmp, the target, its staging
-directory or overlay layers, or pseudo filesystems mounted below the source.
+A walk that keeps what `cp -a` keeps (capabilities are extended
+attributes) and costs as little as the filesystem allows: a reflink
+(FICLONE) is a private copy that costs no data; else the package-managed
+trees (`LINKABLE`) are hard-linked, since dpkg and rpm only ever replace
+those files by rename, as install.write_file does, so a link is never
+written through; else a plain copy (sendfile).
 """
 
 from __future__ import annotations

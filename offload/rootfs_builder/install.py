@@ -1,8 +1,5 @@
 """What every mode installs into a rootfs, and how (idempotently, by rename).
 
-`payloads` says what belongs in the rootfs (pure: bytes and modes);
-`apply` writes what differs and reports it; `ensure_packages` installs
-python3 and libvirt with apt inside the rootfs when they are missing.
 Files are always written to a temporary name and renamed over the old one,
 never in place: in copy mode /usr may be hard links to the DPU's own files,
 and writing through a link would change the DPU (or, in the lab, turn the
