@@ -705,10 +705,11 @@ class AgentSession:
     ) -> tuple[str, int] | None:
         """Ask the peer for a ticket on a new channel: (token, the peer's number for the connection), or
         None (``close`` called) if it refused or the link was lost."""
-        while self.link is None:  # an adopted session, not resumed yet
-            await self._relinked.wait()
-        link = self.link
+        ticket = None
         try:
+            while self.link is None:  # an adopted session, not resumed yet
+                await self._relinked.wait()
+            link = self.link
             channel = next(self.bridge_channels)
             state = link.add_channel(channel)
             try:
@@ -718,17 +719,14 @@ class AgentSession:
             while state.ticket is None and not state.reset:
                 await state.changed.wait()
             link.drop_channel(channel)
-        except BaseException:
-            if close is not None:
+            if state.ticket is not None:
+                ticket = state.ticket, state.conn
+        finally:
+            if ticket is None and close is not None:
                 close()
-            raise
-        if state.ticket is None:
-            if close is not None:
-                close()
-            if link.alive:
-                log.warning("%s: the peer refused it", name)
-            return None
-        return state.ticket, state.conn
+        if ticket is None and link.alive:
+            log.warning("%s: the peer refused it", name)
+        return ticket
 
     async def _attach(
         self,
