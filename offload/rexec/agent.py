@@ -651,7 +651,6 @@ class AgentSession:
                             ticket[0],
                             sock.dup(),
                             name,
-                            delivered_before_exit=True,
                             shared=self.config.shared_path,
                             user=users.local_user(caller.uid, caller.gid),
                             root=fdpass.peer_root(sock),
@@ -728,14 +727,7 @@ class AgentSession:
             log.warning("%s: the peer refused it", name)
         return ticket
 
-    async def _attach(
-        self,
-        token: str,
-        local: ptys.PtyEnd | socket.socket,
-        name: str,
-        delivered_before_exit: bool = False,
-        **options: Any,
-    ) -> Relay | None:
+    async def _attach(self, token: str, local: ptys.PtyEnd | socket.socket, name: str, **options: Any) -> Relay | None:
         """Relay ``local`` on the connection ``token`` opens until either ends (`attached.attach`'s ``options``).
 
         The relay, once it ended; None if the connection could not be made.
@@ -748,7 +740,7 @@ class AgentSession:
         except (TransportError, trio.TooSlowError) as exc:
             log.warning("%s: %s", name, exc or "no answer")
             return None
-        if delivered_before_exit:
+        if relay.user is not None:  # a bridged connection's, whose last bytes precede the exit
             self.delivering.add(relay)
         self.pool.relays.add(relay)
         try:
