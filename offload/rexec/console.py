@@ -1,11 +1,8 @@
-"""The DPU's side of a remote program's ptys: one local pty per host pty, relayed on the session.
+"""The DPU's side of a remote program's ptys: one local pty per host pty, relayed on the session (ARCHITECTURE.md).
 
-libvirt opens the pty path of a chardev that qemu's monitor names (``virsh console``), so the agent
-rewrites the monitor's replies (`offload.protocol.ptypaths`) to name ptys it allocates in the
-stand-in's devpts instance (libvirt's), each relayed to its host pty (`offload.rexec.attached`).  The
-mapping lives as long as the session: libvirt keeps the path in its status XML and finds it again after
-a restart of its own.  A pty nobody has opened behaves as qemu's own does: what the guest prints is
-dropped, not queued (`offload.ptys.PtyEnd`).
+The mapping lives as long as the session: libvirt keeps the path in its status XML and finds it again
+after a restart of its own.  A pty nobody has opened behaves as qemu's own does: what the guest prints
+is dropped, not queued (`offload.ptys.PtyEnd`).
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
 """rexec: run a program on the other machine through a local stand-in.
 
-This process is the stand-in (ARCHITECTURE.md): its parent sees it as the
-program.  It describes its own file descriptors, hands the ones that carry
-bytes to the local rexec_server (the agent) over a UNIX socket with its
-resource limits (`local.RLIMITS`: the ones libvirt set for qemu), and then
-only waits: it forwards the signals it receives, holds the pidmap file's
-lock, and ends exactly as the remote program ended.  All byte relaying is
-done by the agent, which already has a warm, authenticated link; that keeps
-this program small, synchronous and quick to start (no trio here).
+This process is the stand-in (ARCHITECTURE.md: what it sends and then only waits for).  All byte
+relaying is done by the agent, which already has a warm, authenticated link; that keeps this program
+small, synchronous and quick to start (no trio here).
 
 Exit status: the remote program's; death by the same signal when the remote
 program was killed; 126 when it may not run there (or an fd cannot be
