@@ -268,13 +268,12 @@ def end(running: dict[str, tuple[int, int]], timeout: float) -> list[str]:
     lines = []
     try:
         for signum in (signal.SIGTERM, signal.SIGKILL):
+            poller = select.poll()
             for _, pidfd in running.values():
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(pidfd, signum)
-            deadline = time.monotonic() + timeout
-            poller = select.poll()
-            for _, pidfd in running.values():
                 poller.register(pidfd, select.POLLIN)
+            deadline = time.monotonic() + timeout
             left = {pidfd for _, pidfd in running.values()}
             while left and (wait := deadline - time.monotonic()) > 0:
                 left -= {fd for fd, _ in poller.poll(wait * 1000)}
