@@ -90,8 +90,10 @@ def decode(payload: bytes) -> dict:
     try:
         text = payload.decode("ascii")
         document, end = _scan(text, 0)
-    except (UnicodeDecodeError, StopIteration) as exc:
+    except UnicodeDecodeError as exc:
         raise ValueError(f"payload is not JSON: {exc}") from None
+    except StopIteration as exc:
+        raise ValueError(f"payload is not JSON: no value at character {exc.value}") from None
     except RecursionError:
         # json's scanner recurses per level: any local user can nest deeply.
         raise ValueError("payload is nested too deeply") from None

@@ -15,6 +15,7 @@ import signal
 from typing import Any
 
 from offload.errors import RemoteProtocolError
+from offload.protocol import local
 
 #: The longest path any protocol carries (PATH_MAX).
 MAX_PATH = 4096
@@ -25,18 +26,11 @@ def dump(document: dict[str, Any]) -> bytes:
 
 
 def load(payload: bytes, what: str) -> dict[str, Any]:
-    """Parse one control payload; anything but a JSON object is the peer's error."""
+    """Parse one control payload as the stand-in's protocol does; anything but one JSON object is the peer's error."""
     try:
-        document = json.loads(payload.decode("ascii"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise RemoteProtocolError(f"{what}: payload is not JSON: {exc}") from None
-    except RecursionError:
-        # json's decoder recurses per level of nesting: a peer's "[[[[..."
-        # must end its own connection, not the daemon.
-        raise RemoteProtocolError(f"{what}: payload is nested too deeply") from None
-    if not isinstance(document, dict):
-        raise RemoteProtocolError(f"{what}: payload is not a JSON object")
-    return document
+        return local.decode(payload)
+    except ValueError as exc:
+        raise RemoteProtocolError(f"{what}: {exc}") from None
 
 
 def field(document: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
