@@ -17,6 +17,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,6 +88,10 @@ _programs: weakref.WeakValueDictionary[int, trio.Process] = weakref.WeakValueDic
 #: `start_program` calls between fork and registration (a reap now could steal a program's status).
 _starting = 0
 _reap_deferred = False
+#: Exited children nobody has collected yet, by pid: when a scan first found each (`reap_orphans`).
+_exited_since: dict[int, float] = {}
+#: Seconds an exited child is left to whoever waits for it before it counts as an orphan.
+ORPHAN_AFTER = 1.0
 
 
 @dataclass(frozen=True)
@@ -201,7 +206,7 @@ def adopt_orphans(enable: bool) -> None:
     nearest subreaper instead of pid 1.  So a daemon a program started stays
     our child, which is how we can tell it from any other process on this
     machine (see prctl(2)).  Whoever enables this must call `reap_orphans`
-    on every SIGCHLD.
+    on every SIGCHLD, and again when it says.
     """
     from offload.qtfs.resolve import libc, libc_error
 
@@ -209,31 +214,41 @@ def adopt_orphans(enable: bool) -> None:
         raise libc_error("prctl(PR_SET_CHILD_SUBREAPER)")
 
 
-def reap_orphans() -> list[int]:
-    """Collect exited children that are not programs trio waits for; their pids.
+def reap_orphans() -> float | None:
+    """Collect the orphans we adopted that have exited; seconds until a scan is due again (None: none waits).
 
-    Programs stay trio's to reap (their status is the session's result); the
-    orphans we adopted have nobody else.  While a program is being started
-    its pid is not registered yet, so the scan waits for the registration.
+    A child that exited counts as an orphan only after ORPHAN_AFTER
+    uncollected: a command this process runs and waits for (subprocess,
+    trio) is its waiter's to collect, with its status, also when another
+    child's SIGCHLD makes us scan first.  Programs stay trio's to reap
+    (their status is the session's result).  While a program is being
+    started its pid is not registered yet, so the scan waits for the
+    registration.
     """
     import psutil
 
-    global _reap_deferred
+    global _reap_deferred, _exited_since
     if _starting:
         _reap_deferred = True
-        return []
+        return ORPHAN_AFTER
     _reap_deferred = False
-    reaped = []
+    now = time.monotonic()
+    waiting: dict[int, float] = {}
     for child in psutil.Process().children():
         try:
             exited = child.status() == psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
             continue
-        if exited and not is_program(child.pid):
+        if not exited or is_program(child.pid):
+            continue
+        since = _exited_since.get(child.pid, now)
+        if now - since < ORPHAN_AFTER:
+            waiting[child.pid] = since
+        else:
             with contextlib.suppress(ChildProcessError):
-                if os.waitpid(child.pid, os.WNOHANG)[0]:
-                    reaped.append(child.pid)
-    return reaped
+                os.waitpid(child.pid, os.WNOHANG)
+    _exited_since = waiting
+    return min((since + ORPHAN_AFTER - now for since in waiting.values()), default=None)
 
 
 def _signal(process: trio.Process, signum: int) -> None:

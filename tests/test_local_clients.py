@@ -16,6 +16,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import psutil
 import pytest
 import trio
 
@@ -189,3 +190,30 @@ async def test_a_refused_bridged_connection_ends_only_itself(rexec_pair: Path, t
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_a_command_run_beside_the_server_keeps_its_exit_status(rexec_pair: Path) -> None:
+    # The server collects its programs' orphans in this process.  A command
+    # that something else here runs and waits for (subprocess, trio) is no
+    # orphan: its status is its waiter's, also when another child's exit
+    # makes the server look at its children meanwhile.
+    command = subprocess.Popen(["sh", "-c", "exit 7"])
+    await trio.sleep(0.2)
+    await trio.run_process(["true"])  # another child exits: a SIGCHLD, a scan
+    await trio.sleep(0.2)
+    assert await trio.to_thread.run_sync(command.wait) == 7
+
+
+async def test_an_orphan_of_a_program_is_collected(rexec_pair: Path) -> None:
+    # `sleep` outlives the shell that started it: the server, the subreaper
+    # here, adopts it and collects it once it has exited.
+    result = await trio.run_process(["sh", "-c", "sleep 0.3 & echo $!"], capture_stdout=True)
+    orphan = int(result.stdout)
+    assert orphan in {child.pid for child in psutil.Process().children()}, "the orphan was not adopted"
+    with trio.fail_after(10):
+        while True:
+            try:
+                os.waitid(os.P_PID, orphan, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return  # collected: no longer a child of this process, and no zombie left
+            await trio.sleep(0.1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import logging
+import math
 import os
 import signal
 from collections.abc import Awaitable, Callable
@@ -117,9 +118,10 @@ async def _reap_orphans(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS
         proc.adopt_orphans(True)
         try:
             task_status.started()
-            proc.reap_orphans()
-            async for _ in exits:
-                proc.reap_orphans()
+            while True:
+                due = proc.reap_orphans()
+                with trio.move_on_after(math.inf if due is None else due):
+                    await anext(exits)
         finally:
             proc.adopt_orphans(False)
 
