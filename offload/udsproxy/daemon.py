@@ -302,11 +302,15 @@ class Daemon:
         try:
             with trio.fail_after(CONNECT_TIMEOUT), translate_errors(self.peer, "carrying a connect to"):
                 connected = await self.transport.connect(self.peer)
-                peer = PeerStream(connected.stream, client=True)
-                await peer.send(wire.Hello(self.config.node_name))
-                await peer.next()
-                await peer.send(request)
-                answer = await peer.next()
+                try:
+                    peer = PeerStream(connected.stream, client=True)
+                    await peer.send(wire.Hello(self.config.node_name))
+                    await peer.next()
+                    await peer.send(request)
+                    answer = await peer.next()
+                except BaseException:
+                    await trio.aclose_forcefully(connected.stream)
+                    raise
         except (TransportError, ProtocolError, trio.TooSlowError) as exc:
             log.warning("cannot carry %s to %s: %s", path, self.peer, exc or "timed out")
             return errno_module.EHOSTUNREACH, None
