@@ -434,10 +434,7 @@ class AgentSession:
         """Keep what the session needs to outlive this server in the fd store (`offload.rexec.keep`)."""
         if self.resume is None or self.address is None:
             return  # daemon mode: it ends with its link
-        self.keep = keep.Keep("agent", self.resume[0])
-        if caller.uid != 0:
-            self.keep.enabled = False  # the store is the VMs' (`keep.Keep`): a user's sessions end with us
-            return
+        self.keep = keep.Keep("agent", self.resume[0], root=caller.uid == 0)
         start = keep.start_of(caller.pid)
         if start is None:
             return

@@ -1,12 +1,10 @@
-"""The server side of a session: run the program and be its caller's hands here.
+"""The server side of a session: run the program and be its caller's hands here (ARCHITECTURE.md).
 
-The program gets, at the caller's fd numbers: pipes and socketpairs whose other ends we relay,
-/dev/null, shared regular files re-opened as the program's user, and for every listening socket of the
-caller a private listener of ours to which each bridged connection is delivered.  It runs as the
-caller's user (mapped), in its own process group, with an allowlisted environment and the caller's
-resource limits (set as that user, so never above what the user may have here).  If the caller goes
-away (its stand-in ended: `Hangup`), or nobody resumes its session in time (`Execution`), the program
-gets SIGTERM and, after a grace period, SIGKILL: no orphans on this machine.
+The program gets its caller's fds as `_plan` makes them.  It runs as the caller's user (mapped), in its
+own process group, with an allowlisted environment and the caller's resource limits (set as that user,
+so never above what the user may have here).  If the caller goes away (its stand-in ended: `Hangup`),
+or nobody resumes its session in time (`Execution`), the program gets SIGTERM and, after a grace
+period, SIGKILL: no orphans on this machine.
 """
 
 from __future__ import annotations
@@ -166,7 +164,8 @@ class Execution:
         self.bridges: dict[int, str] = {}  # fd -> path of our private listener
         self.status: int | None = None  # the program's, once it ended (None after: not known)
         self.ended = trio.Event()
-        self.keep = keep.Keep("rexec", self.name, state.sessions_dir / self.name)
+        root = request is None or request.user == "root"  # an adopted session was a root caller's
+        self.keep = keep.Keep("rexec", self.name, state.sessions_dir / self.name, root=root)
         self.bridged = attached.BridgedEnds(self.keep)
         self.link: SessionLink | None = None
         self._released = trio.Event()
@@ -327,10 +326,7 @@ class Execution:
             log.warning("session %d: pid %d stays in this service's cgroup: %s", self.id, self.process.pid, exc)
 
     def _keep(self, path: str, user: policy.RemoteUser) -> None:
-        assert self.process is not None and self.request is not None
-        if self.request.user != "root":
-            self.keep.enabled = False  # the store is the VMs' (`keep.Keep`): a user's sessions end with us
-            return
+        assert self.process is not None
         self.keep.record(
             {
                 "name": self.name,
@@ -495,18 +491,15 @@ class Execution:
                     self.suspended = True
                     continue
                 log.info("session %d: resumed by %s", self.id, self.link.peer)
-                self._finish_unlisted()
+                # Channels the peer no longer relays ended on its side while the link was lost: so they do
+                # here (a program reading its stdin reads the end the peer sent before the link broke).
+                for channel in self.ends.keys() - self._resumed_channels:
+                    fd, _, _ = self.ends.pop(channel)
+                    os.close(fd)
+                    self.keep.drop(f"ch{channel}")
                 return True
         log.warning("session %d: not resumed within %.0f s", self.id, self.config.resume_window)
         return False
-
-    def _finish_unlisted(self) -> None:
-        """Channels the peer no longer relays ended on its side while the link was lost: so they do here
-        (a program reading its stdin reads the end the peer sent before the link broke)."""
-        for channel in [c for c in self.ends if c not in self._resumed_channels]:
-            fd, _, _ = self.ends.pop(channel)
-            os.close(fd)
-            self.keep.drop(f"ch{channel}")
 
     async def _await_output(self, outputs: list[tuple[ChannelState, trio.Event]], bridged: bool) -> None:
         """Wait until what the program wrote (pipes, sockets, and if ``bridged`` its bridged connections: each

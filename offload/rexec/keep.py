@@ -62,17 +62,19 @@ class Keep:
 
     ``marker``: a file naming the session's bounding process, for `end_unreachable`.  The
     store is shared by every session of the server and bounded ($FDSTORE): only sessions of
-    root callers (libvirt's, the VMs) are kept, and only while the store has room for them,
-    so that no user's sessions crowd the VMs out of it.
+    root callers (libvirt's, the VMs: ``root``) are kept, and only while the store has room
+    for them, so that no user's sessions crowd the VMs out of it.
     """
 
     #: The fds this process keeps in the store.
     used = 0
 
-    def __init__(self, role: str, name: str, marker: Path | None = None, kept: Iterable[str] = ()) -> None:
+    def __init__(
+        self, role: str, name: str, marker: Path | None = None, kept: Iterable[str] = (), *, root: bool = True
+    ) -> None:
         self.prefix = f"{role}-{name}-"
         self.name = name
-        self.enabled = sd.store_available()
+        self.enabled = root and sd.store_available()
         self._marker = marker
         self._kept: set[str] = set(kept)  # what the store holds of the session
         Keep.used += len(self._kept)
