@@ -232,9 +232,8 @@ def _open_local(grant: Grant) -> ptys.PtyEnd | socket.socket:
     """The host's end of what ``grant`` opens; OSError says why not."""
     if grant.bridge == "":
         return ptys.PtyEnd(ptys.program_pty_peer(grant.process.pid, grant.pty), console=False)
-    if grant.ends is not None:
-        return grant.ends.open(grant.conn, grant.bridge)
-    return _connect(grant.bridge)
+    assert grant.ends is not None  # a bridged listener's grant holds its connections
+    return grant.ends.open(grant.conn, grant.bridge)
 
 
 def _connect(path: str) -> socket.socket:
