@@ -4,7 +4,7 @@ The one test of "this path lies under that one", for text and bytes
 alike: the mount code, the export and whitelist rules of qtfs, and the
 shared prefixes of rexec and udsproxy all ask it here.  A string match
 proves nothing about what the kernel reaches through a link: callers that
-open the path resolve it beneath the prefix (`offload.qtfs.resolve`).
+open the path resolve it beneath the prefix (`offload.resolve`).
 """
 
 from __future__ import annotations

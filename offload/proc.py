@@ -208,7 +208,7 @@ def adopt_orphans(enable: bool) -> None:
     machine (see prctl(2)).  Whoever enables this must call `reap_orphans`
     on every SIGCHLD, and again when it says.
     """
-    from offload.qtfs.resolve import libc, libc_error
+    from offload.resolve import libc, libc_error
 
     if libc.prctl(_PR_SET_CHILD_SUBREAPER, int(enable), 0, 0, 0) != 0:
         raise libc_error("prctl(PR_SET_CHILD_SUBREAPER)")

@@ -19,7 +19,7 @@ import termios
 from collections.abc import Sequence
 
 from offload.fdinfo import closed_on_error, closing
-from offload.qtfs.resolve import libc, libc_error, openat2
+from offload.resolve import libc, libc_error, openat2
 
 # <asm-generic/ioctls.h>: not in the termios module.
 TIOCGPTN = 0x80045430

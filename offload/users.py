@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from offload.errors import RefusedError
-from offload.qtfs.resolve import libc, libc_error
+from offload.resolve import libc, libc_error
 
 T = TypeVar("T")
 

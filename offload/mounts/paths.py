@@ -16,7 +16,7 @@ import stat
 
 from offload.errors import ConfigError, MountError
 from offload.fdinfo import closing
-from offload.qtfs.resolve import Escape, openat2
+from offload.resolve import Escape, openat2
 
 _MAX_LINKS = 40  # like the kernel's MAXSYMLINKS
 

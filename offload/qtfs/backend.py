@@ -1,6 +1,6 @@
 """The server's file operations for one mounted connection: requests in, replies out, no I/O loop.
 
-Every path resolves below the mount root (`offload.qtfs.resolve`), and the
+Every path resolves below the mount root (`offload.resolve`), and the
 policy judges where it really leads: the directory holding the entry is
 opened first, the kernel's path of it is what the whitelist and the facts
 allowlist see, and the operation then acts on the entry in that very
@@ -34,9 +34,9 @@ from offload.protocol import qtfs as wire
 from offload.qtfs import facts
 from offload.qtfs.inodes import join
 from offload.qtfs.programs import Programs
-from offload.qtfs.resolve import PROC_SUPER_MAGIC, SYSFS_MAGIC, fs_type, open_parent, openat2, real_path, renameat2
 from offload.qtfs.tasks import TASK_FILES, process_of, task_id
 from offload.qtfs.whitelist import Whitelist
+from offload.resolve import PROC_SUPER_MAGIC, SYSFS_MAGIC, fs_type, open_parent, openat2, real_path, renameat2
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ import sys
 
 from offload import log as log_module
 from offload.qtfs import fusectl
-from offload.qtfs.resolve import libc, libc_error
 from offload.qtfs.unmount import detach_if_ours, state
+from offload.resolve import libc, libc_error
 
 log = logging.getLogger("qtfs")
 

@@ -20,7 +20,7 @@ import time
 from offload.fdinfo import closing
 from offload.protocol import qtfs as wire
 from offload.qtfs.inodes import join
-from offload.qtfs.resolve import fs_type, libc, libc_error
+from offload.resolve import fs_type, libc, libc_error
 
 log = logging.getLogger(__name__)
 

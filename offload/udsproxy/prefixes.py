@@ -4,7 +4,7 @@ A string match on a prefix (``--allow``, ``--share``) proves nothing about what
 the kernel reaches: a symlink inside the prefix (which the DPU may plant
 through a shared qtfs tree) can point anywhere.  So the rest of the path is
 resolved beneath the prefix directory with openat2 RESOLVE_BENEATH
-(`offload.qtfs.resolve`, as qtfs serves its exports): a link leading out is
+(`offload.resolve`, as qtfs serves its exports): a link leading out is
 refused by the kernel, race-free.  The prefix itself is the operator's
 configuration and is followed as written (``/var/run`` is often a link to ``/run``).
 """
@@ -16,7 +16,7 @@ import os
 import posixpath
 
 from offload.prefix import is_shared
-from offload.qtfs.resolve import openat2
+from offload.resolve import openat2
 
 
 def split(path: str, prefixes: tuple[str, ...]) -> tuple[str, str] | None:

@@ -1,6 +1,8 @@
-"""Opening paths below an export root without ever leaving it.
+"""Opening paths below a root without ever leaving it, and the C library calls the os module lacks.
 
-Every path a client sends is relative to its mount root and was checked
+Shared by every component that acts on a path a peer or a caller named:
+qtfs's exports, udsproxy's and rexec's prefixes, the mount steps, ptys.
+Every path a qtfs client sends is relative to its mount root and was checked
 for ``..`` and empty components by the protocol.  What remains is symlinks:
 a component that is a symlink pointing outside the root (absolute, or
 climbing with ``..``) must not be followed.  openat2(2) with
