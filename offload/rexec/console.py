@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from offload import ptys
+from offload.fdinfo import closed_on_error
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,8 @@ class SessionConsoles:
             return None
         try:
             master, index = ptys.allocate_in_root(self.stand_in)
-            try:
+            with closed_on_error(master):
                 end = ptys.PtyEnd(os.dup(master), console=True)
-            except BaseException:
-                os.close(master)
-                raise
         except OSError as exc:
             log.error("stand-in %d: no pty for host pty %d: %s", self.stand_in, host_index, exc)
             return None

@@ -32,6 +32,7 @@ import trio
 from offload import aio, fdpass, proc, ptys, sd, users
 from offload.config import RexecConfig
 from offload.errors import OffloadError, ProtocolError, RefusedError, TransportError
+from offload.fdinfo import closed_on_error
 from offload.fdio import StreamEnd, grow_pipe
 from offload.net import bind_unix
 from offload.protocol.rexec import (
@@ -650,15 +651,11 @@ class Execution:
         try:
             # Opened before the checks: from here on it names this process,
             # whatever happens to the pid, and the checks are about it.
-            pidfd = os.pidfd_open(pid)
-            try:
+            with closed_on_error(os.pidfd_open(pid)) as pidfd:
                 # Once reaped, the program's pid may name someone else's process.
                 program = self.process.pid if self.process.returncode is None else None
                 _check_started_by(pid, program, self.started_at, self.user)
                 signal.pidfd_send_signal(pidfd, 0)  # still alive: the checks saw this process, not a successor
-            except BaseException:
-                os.close(pidfd)
-                raise
         except ProcessLookupError:
             raise RefusedError(f"{path} names pid {pid}, which is not running") from None
         return pid, pidfd

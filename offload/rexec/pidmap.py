@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from offload.errors import RefusedError
+from offload.fdinfo import closed_on_error
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +75,12 @@ class PidmapDir:
         path = self.path / str(standin_pid)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.ftruncate(fd, 0)
-            os.write(fd, str(remote_pid).encode())
-        except BaseException as exc:
-            os.close(fd)
-            if isinstance(exc, BlockingIOError):
-                raise RefusedError(f"the stand-in {standin_pid} already holds its pidmap {path}") from None
-            raise
+            with closed_on_error(fd):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.ftruncate(fd, 0)
+                os.write(fd, str(remote_pid).encode())
+        except BlockingIOError:
+            raise RefusedError(f"the stand-in {standin_pid} already holds its pidmap {path}") from None
         return fd
 
     def remove(self, standin_pid: int) -> None:
