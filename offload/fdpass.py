@@ -26,9 +26,8 @@ import stat
 
 from offload import fdinfo, users
 from offload.errors import UnsupportedFdError
-from offload.prefix import is_shared, is_under
+from offload.prefix import is_shared, is_under, open_beneath
 from offload.protocol.fdpass import FdDescription
-from offload.udsproxy.prefixes import open_beneath
 
 
 def open_flags(access: str, append: bool = False) -> int:

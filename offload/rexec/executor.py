@@ -35,6 +35,7 @@ from offload.errors import OffloadError, ProtocolError, RefusedError, TransportE
 from offload.fdinfo import closed_on_error
 from offload.fdio import StreamEnd, grow_pipe
 from offload.net import bind_unix
+from offload.prefix import open_beneath
 from offload.protocol.rexec import (
     SESSION_BYTES,
     TICKET_BYTES,
@@ -58,7 +59,6 @@ from offload.protocol.rexec import (
 from offload.rexec import attached, keep, policy
 from offload.rexec.attached import Grant, Grants
 from offload.rexec.link import ChannelState, LinkFailed, SessionLink
-from offload.udsproxy.prefixes import open_beneath
 
 log = logging.getLogger(__name__)
 

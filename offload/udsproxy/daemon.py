@@ -47,10 +47,9 @@ from offload.net import (
     serve_listeners,
     translate_errors,
 )
-from offload.prefix import is_shared
+from offload.prefix import is_shared, open_beneath
 from offload.protocol import udsproxy as wire
 from offload.protocol.framing import Frame, FrameDecoder
-from offload.udsproxy.prefixes import open_beneath
 from offload.udsproxy.relay import (
     CONTROL_SPACE,
     LOCAL_BUFFER,
