@@ -36,7 +36,7 @@ def _actions(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from offload.lab import systemd_lab
 
-    return systemd_lab.run_command(args)
+    return systemd_lab.run_command(args, args.name or DEFAULT_NAME)
 
 
 def main(argv: list[str] | None = None) -> int:

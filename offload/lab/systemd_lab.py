@@ -29,7 +29,6 @@ from offload.lab import debian, guest, libvirt, netlink
 from offload.lab.lab import QTFS_PORT, REXEC_PORT, UDSPROXY_PORT
 from offload.lab.libvirt import Domain, Virsh, guest_domain, step, tail, wait_for_marker, wait_until
 from offload.lab.mountns import namespace_of
-from offload.lab.systemd_cli import DEFAULT_NAME
 from offload.mounts import mountinfo
 
 if TYPE_CHECKING:  # types only: processes are started through offload.proc
@@ -178,7 +177,7 @@ MODES = {"etc/rexec/whitelist": 0o400}
 class SystemdLab:
     """Two booted containers, host and DPU; ``up`` and ``down`` own everything they make."""
 
-    def __init__(self, name: str = DEFAULT_NAME) -> None:
+    def __init__(self, name: str) -> None:
         if not name.isidentifier() or len(name) > 9:
             raise LabError(f"lab name {name!r}: letters, digits and _ only, at most 9 characters")
         self.name = name
@@ -776,9 +775,9 @@ def demo(lab: SystemdLab, deb: Path | None = None, *, keep: bool = False) -> Non
             print(f"the lab stays up: offload lab --name {lab.name} systemd exec dpu -- systemctl status", flush=True)
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """What ``offload lab systemd ACTION`` does (offload/lab/systemd_cli.py parses it)."""
-    lab = SystemdLab(args.name or DEFAULT_NAME)
+def run_command(args: argparse.Namespace, name: str) -> int:
+    """What ``offload lab systemd ACTION`` does to the lab ``name`` (offload/lab/systemd_cli.py parses it)."""
+    lab = SystemdLab(name)
     if args.action == "down":
         for line in lab.down():
             print(f"down: {line}")
