@@ -177,6 +177,17 @@ async def serve(
             await _carry_on(state, kept)
             await nursery.start(_once_per_process, _reap_orphans)
             pool = PeerPool(transport, config, nursery)
+
+            async def stop() -> None:
+                # Sessions that outlive this server are told apart from those a caller ended.
+                pool.stopping = state.grants.stopping = True
+                if sd.store_available():
+                    # They go on under the next server: their monitors and consoles lose no byte.
+                    await attached.pause_all([*state.grants.relays(), *pool.relays], PAUSE_TIMEOUT)
+                nursery.cancel_scope.cancel()
+
+            # Before the agent socket exists: a SIGTERM from then on stops the server cleanly.
+            await nursery.start(_once_per_process, _handle_signals, state, stop)
             for session in _adopted(
                 kept, "agent", partial(AgentSession.adopt, pool=pool, config=config, pidmaps=pidmaps)
             ):
@@ -195,16 +206,6 @@ async def serve(
                 "" if transport.tls else " (INSECURE: no authentication)",
             )
             task_status.started(bound)
-
-            async def stop() -> None:
-                # Sessions that outlive this server are told apart from those a caller ended.
-                pool.stopping = state.grants.stopping = True
-                if sd.store_available():
-                    # They go on under the next server: their monitors and consoles lose no byte.
-                    await attached.pause_all([*state.grants.relays(), *pool.relays], PAUSE_TIMEOUT)
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(_once_per_process, _handle_signals, state, stop)
     finally:
         os.close(lock)
 
