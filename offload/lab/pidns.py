@@ -19,16 +19,17 @@ the signals a caller sends and exits with the command's status, so the lab
 and the tests treat it as the command itself; if it is killed, the command
 is killed too (PR_SET_PDEATHSIG).
 
-Only the standard library: this runs for every lab command.
+Only the standard library and `offload.resolve` (ctypes): this runs for every lab command.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
 from collections.abc import Iterator
+
+from offload.resolve import libc, libc_error
 
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWPID = 0x20000000
@@ -48,14 +49,11 @@ FORWARDED = (
     signal.SIGCONT,
 )
 
-libc = ctypes.CDLL(None, use_errno=True)
-
 
 def check(result: int, what: str) -> int:
-    """A libc call's result; OSError with its errno if it failed (-1)."""
+    """A `libc` call's result; OSError with its errno if it failed (-1)."""
     if result < 0:
-        error = ctypes.get_errno()
-        raise OSError(error, f"{what}: {os.strerror(error)}")
+        raise libc_error(what)
     return result
 
 

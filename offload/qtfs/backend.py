@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
-from offload.fdinfo import closing
+from offload.fdinfo import closed_on_error, closing
 from offload.prefix import is_under
 from offload.protocol import qtfs as wire
 from offload.qtfs import facts
@@ -67,16 +67,6 @@ CGROUP_FILESYSTEMS = frozenset({0x27E0EB, 0x63677270})
 PROGRAM_ENTRIES = re.compile(rb"[0-9]+(/(stat|status|cgroup|task(/[0-9]+(/(stat|status))?)?))?")
 #: The inode number of a procfs or sysfs root (PROC_ROOT_INO; kernfs numbers its root 1 too).
 FS_ROOT_INO = 1
-
-
-@contextlib.contextmanager
-def _closed_on_error(fd: int) -> Iterator[int]:
-    """Close ``fd`` if the block fails; otherwise it stays the caller's."""
-    try:
-        yield fd
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def _refused(path: bytes, why: str, what: str = "a mount") -> PermissionError:
@@ -304,7 +294,7 @@ class Backend:
                 # Below its root, a procfs is the processes' own entries (/proc/1, /proc/self).
                 raise _refused(path, "a facts export is mounted at its root only")
             root = openat2(export_fd, rest, os.O_PATH | os.O_DIRECTORY) if rest else os.dup(export_fd)
-        with _closed_on_error(root):
+        with closed_on_error(root):
             served = _facts_of(root)
             if served is None and fs_type(root) in FACT_FILESYSTEMS:
                 raise _refused(path, "procfs and sysfs are mounted at their roots only")
@@ -388,7 +378,7 @@ class Backend:
             sections.append("Read")
         with self._at(request.path, *sections) as (parent, name):
             fd = os.open(name, flags | OPEN_ALWAYS, dir_fd=parent)
-            with _closed_on_error(fd):
+            with closed_on_error(fd):
                 self._no_facts_below(fd, request.path)
                 if writes:
                     _drop_privileges(fd, os.fstat(fd).st_mode)
@@ -417,12 +407,12 @@ class Backend:
                     raise
                 # Someone's existing file: opened as it is, never handed to the caller.
                 fd = os.open(name, flags, dir_fd=parent)
-                with _closed_on_error(fd):
+                with closed_on_error(fd):
                     _drop_privileges(fd, os.fstat(fd).st_mode)
             else:
-                with _closed_on_error(fd):
+                with closed_on_error(fd):
                     self._give(parent, name, request.uid, request.gid)
-        with _closed_on_error(fd):
+        with closed_on_error(fd):
             attr = wire.pack_stat(os.fstat(fd))
         return wire.HandleReply(self.files.add(fd), attr)
 
