@@ -217,3 +217,21 @@ async def test_an_orphan_of_a_program_is_collected(rexec_pair: Path) -> None:
             except ChildProcessError:
                 return  # collected: no longer a child of this process, and no zombie left
             await trio.sleep(0.1)
+
+
+async def test_a_burst_of_orphans_is_all_collected_and_sessions_go_on(rexec_pair: Path) -> None:
+    # A program that leaves 200 orphans at once (a flood of daemons that exit
+    # at once): every one is collected, none stays a zombie of the server's
+    # process, and the server still runs sessions.
+    script = "for i in $(seq 200); do (sleep 0.3 & echo $!); done"
+    result = await trio.run_process(["sh", "-c", script], capture_stdout=True)
+    orphans = {int(pid) for pid in result.stdout.split()}
+    assert len(orphans) == 200
+    with trio.fail_after(20):
+        while orphans & {child.pid for child in psutil.Process().children()}:
+            await trio.sleep(0.2)
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [*proc.program("rexec"), "/bin/sh", "-c", "exit 7"], env=stand_in_env(rexec_pair), check=False, stdin=None
+        )
+    assert done.returncode == 7
